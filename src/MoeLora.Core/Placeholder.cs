@@ -1,0 +1,3 @@
+namespace MoeLora.Core;
+
+internal static class Placeholder { }

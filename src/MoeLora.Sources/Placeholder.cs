@@ -1,0 +1,3 @@
+namespace MoeLora.Sources;
+
+internal static class Placeholder { }
