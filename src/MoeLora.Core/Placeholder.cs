@@ -1,3 +1,0 @@
-namespace MoeLora.Core;
-
-internal static class Placeholder { }
