@@ -21,6 +21,9 @@ public static class SafetensorsHeaderParser
     {
         if (json.Length == 0 || json.Span[0] != (byte)'{')
             throw Error(source, "the header does not start with '{'");
+        // JsonDocument only decodes strings when they are read, so bad UTF-8 would surface later as another exception.
+        if (!System.Text.Unicode.Utf8.IsValid(json.Span))
+            throw Error(source, "the header is not valid UTF-8");
 
         JsonDocument document;
         try
@@ -30,11 +33,6 @@ public static class SafetensorsHeaderParser
         catch (JsonException ex)
         {
             throw Error(source, $"the header is not valid JSON ({FirstLine(ex.Message)})");
-        }
-        catch (ArgumentException ex)
-        {
-            // Invalid UTF-8 surfaces as ArgumentException from the transcoder in some paths.
-            throw Error(source, $"the header is not valid UTF-8 JSON ({FirstLine(ex.Message)})");
         }
 
         using (document)
