@@ -1,0 +1,98 @@
+using MoeLora.Core.Config;
+using MoeLora.Core.Modules;
+
+namespace MoeLora.Core.Architectures;
+
+/// <summary>
+/// DeepSeek-V2 and V3 (native transformers code): multi-head latent attention (MLA), the first
+/// <c>first_k_dense_replace</c> layers dense, the rest MoE with <c>n_shared_experts</c> shared experts fused into one
+/// MLP of <c>moe_intermediate_size * n_shared_experts</c>. V3's router also holds <c>e_score_correction_bias</c>, a
+/// persistent buffer that is not a parameter.
+/// </summary>
+internal sealed class DeepseekFamily : IArchitecture
+{
+    public IReadOnlyList<string> ModelTypes => ["deepseek_v2", "deepseek_v3"];
+
+    public ModelSpec Build(ModelConfig c, Layout layout)
+    {
+        var type = c.ModelType!;
+        var v3 = type == "deepseek_v3";
+        var p = v3 ? "DeepseekV3" : "DeepseekV2";
+        var vocab = c.Positive("vocab_size", v3 ? 129280 : 102400);
+        var hidden = c.Positive("hidden_size", v3 ? 7168 : 4096);
+        var inter = c.Positive("intermediate_size", v3 ? 18432 : 11008);
+        var moeInter = c.Positive("moe_intermediate_size", v3 ? 2048 : 1407);
+        var layers = c.Positive("num_hidden_layers", v3 ? 61 : 30);
+        var heads = c.Positive("num_attention_heads", v3 ? 128 : 32);
+        var kv = c.IntOrNull("num_key_value_heads", v3 ? 128 : 32) ?? heads;
+        var experts = c.FirstInt("n_routed_experts", "num_experts") ?? (v3 ? 256 : 64);
+        var shared = c.IntOrNull("n_shared_experts", v3 ? 1 : 2);
+        var topK = c.Int("num_experts_per_tok", v3 ? 8 : 6);
+        var firstDense = c.Int("first_k_dense_replace", v3 ? 3 : 0);
+        var qLoraRank = c.IntOrNull("q_lora_rank", 1536);
+        var kvLoraRank = c.Positive("kv_lora_rank", 512);
+        var rope = c.Positive("qk_rope_head_dim", 64);
+        var nope = c.Positive("qk_nope_head_dim", 128);
+        var vHead = c.Positive("v_head_dim", 128);
+        var attnBias = c.Bool("attention_bias", false);
+        var mlpBias = !v3 && c.Bool("mlp_bias", false);
+        var tie = c.Bool("tie_word_embeddings", false);
+        var act = c.String("hidden_act", "silu")!;
+        var actClass = Blocks.ActivationClass(act, layout);
+        var qkHead = nope + rope;
+        // v4 built the shared experts only when n_shared_experts was set; transformers 5 always builds them.
+        var hasShared = layout == Layout.V5 || shared is not null;
+        var sharedInter = moeInter * (shared ?? 0);
+
+        var (moeLayers, denseLayers) = Blocks.SplitLayers(layers, i => i >= firstDense);
+        var moeSet = moeLayers.ToHashSet();
+
+        var b = new TreeBuilder(p + "ForCausalLM", layout);
+        Blocks.CausalLm(b, p, vocab, hidden, layers, tie, i =>
+        {
+            using (b.Scope("self_attn", p + "Attention", ModuleLocation.Attention))
+            {
+                if (qLoraRank is null)
+                {
+                    b.Linear("q_proj", hidden, heads * qkHead);
+                }
+                else
+                {
+                    b.Linear("q_a_proj", hidden, qLoraRank.Value, attnBias);
+                    b.RmsNorm("q_a_layernorm", p + "RMSNorm", qLoraRank.Value);
+                    b.Linear("q_b_proj", qLoraRank.Value, heads * qkHead);
+                }
+                b.Linear("kv_a_proj_with_mqa", hidden, kvLoraRank + rope, attnBias);
+                b.RmsNorm("kv_a_layernorm", p + "RMSNorm", kvLoraRank);
+                b.Linear("kv_b_proj", kvLoraRank, heads * (nope + vHead));
+                b.Linear("o_proj", heads * vHead, hidden, attnBias);
+            }
+            if (moeSet.Contains(i))
+            {
+                using (b.Scope("mlp", v3 ? "DeepseekV3MoE" : "DeepseekV2Moe", ModuleLocation.Other))
+                {
+                    if (layout == Layout.V5) Blocks.FusedExperts(b, p + "Experts", experts, hidden, moeInter, actClass);
+                    else Blocks.PerExpertMlps(b, v3 ? "DeepseekV3NaiveMoe" : "DeepseekV2Experts", p + "MLP", experts, hidden, moeInter, actClass);
+
+                    if (v3 || layout == Layout.V5) Blocks.TopKRouter(b, "gate", p + "TopkRouter", experts, hidden);
+                    else b.Linear("gate", hidden, experts, location: ModuleLocation.Router);
+
+                    if (hasShared)
+                        Blocks.GatedMlp(b, "shared_experts", p + "MLP", hidden, sharedInter, mlpBias, actClass, ModuleLocation.SharedExpert);
+                }
+            }
+            else
+            {
+                Blocks.GatedMlp(b, "mlp", p + "MLP", hidden, inter, mlpBias, actClass, ModuleLocation.Mlp);
+            }
+            b.RmsNorm("input_layernorm", p + "RMSNorm", hidden, ModuleLocation.Norm);
+            b.RmsNorm("post_attention_layernorm", p + "RMSNorm", hidden, ModuleLocation.Norm);
+        });
+
+        var routing = v3
+            ? $"sigmoid scores + e_score_correction_bias, group-limited ({c.Int("n_group", 8)} groups, top {c.Int("topk_group", 4)}), top-{topK} of {experts}, scaled by {c.Double("routed_scaling_factor", 2.5)}"
+            : $"{c.String("scoring_func", "softmax")} over {experts} experts, {c.String("topk_method", "greedy")} top-{topK}";
+        var moe = new MoeFacts(experts, topK, shared ?? 0, moeInter, hasShared ? sharedInter : 0, moeLayers, denseLayers, routing);
+        return Blocks.Spec(c, type, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+    }
+}

@@ -1,0 +1,45 @@
+using MoeLora.Core.Config;
+using MoeLora.Core.Modules;
+
+namespace MoeLora.Core.Architectures;
+
+/// <summary>One transformers model family: how its config becomes a module tree.</summary>
+public interface IArchitecture
+{
+    /// <summary>The <c>model_type</c> values this family builds.</summary>
+    IReadOnlyList<string> ModelTypes { get; }
+
+    ModelSpec Build(ModelConfig config, Layout layout);
+}
+
+/// <summary>Finds the family for a <c>model_type</c> and builds it.</summary>
+public static class ArchitectureRegistry
+{
+    private static readonly IArchitecture[] Families =
+    [
+        new LlamaFamily(),
+        new MixtralFamily(),
+        new QwenMoeFamily(),
+        new OlmoeFamily(),
+        new DeepseekFamily(),
+        new Llama4Family(),
+        new GptOssFamily(),
+    ];
+
+    private static readonly Dictionary<string, IArchitecture> ByType =
+        Families.SelectMany(f => f.ModelTypes.Select(t => (t, f))).ToDictionary(x => x.t, x => x.f, StringComparer.Ordinal);
+
+    public static IReadOnlyList<string> SupportedModelTypes { get; } = ByType.Keys.Order(StringComparer.Ordinal).ToList();
+
+    public static bool IsSupported(string modelType) => ByType.ContainsKey(modelType);
+
+    /// <summary>Builds the model a config describes; unknown or missing model_type is a one-line error.</summary>
+    public static ModelSpec Build(ModelConfig config, Layout layout)
+    {
+        var type = config.ModelType
+            ?? throw new ConfigException("config.json has no 'model_type'; supported model types: " + string.Join(", ", SupportedModelTypes));
+        if (!ByType.TryGetValue(type, out var family))
+            throw new ConfigException($"model_type '{type}' is not supported; supported model types: {string.Join(", ", SupportedModelTypes)}");
+        return family.Build(config, layout);
+    }
+}

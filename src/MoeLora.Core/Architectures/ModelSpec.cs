@@ -1,0 +1,73 @@
+using MoeLora.Core.Config;
+using MoeLora.Core.Modules;
+
+namespace MoeLora.Core.Architectures;
+
+/// <summary>Mixture-of-Experts facts read from the config, as the modeling code interprets them.</summary>
+/// <param name="NumExperts">Routed experts per MoE layer (0 for dense models).</param>
+/// <param name="ExpertsPerToken">Top-k routing.</param>
+/// <param name="SharedExperts">Shared experts per MoE layer, as the config counts them (0 when none).</param>
+/// <param name="ExpertIntermediateSize">Intermediate size of one routed expert.</param>
+/// <param name="SharedExpertIntermediateSize">Intermediate size of the shared expert MLP (0 when none).</param>
+/// <param name="MoeLayers">Decoder layers whose feed-forward block is MoE.</param>
+/// <param name="DenseLayers">Decoder layers with a dense MLP.</param>
+/// <param name="Routing">How tokens are routed, in words.</param>
+public sealed record MoeFacts(
+    long NumExperts,
+    long ExpertsPerToken,
+    long SharedExperts,
+    long ExpertIntermediateSize,
+    long SharedExpertIntermediateSize,
+    IReadOnlyList<int> MoeLayers,
+    IReadOnlyList<int> DenseLayers,
+    string Routing)
+{
+    public bool IsMoe => NumExperts > 0 && MoeLayers.Count > 0;
+
+    public static MoeFacts Dense(long layers) =>
+        new(0, 0, 0, 0, 0, [], Enumerable.Range(0, (int)layers).ToList(), "none (dense)");
+}
+
+/// <summary>Everything the analysis knows about one model: its config, the built tree and its MoE facts.</summary>
+public sealed record ModelSpec
+{
+    public required string ModelType { get; init; }
+
+    /// <summary>The transformers class that was built (the root of the tree).</summary>
+    public required string Architecture { get; init; }
+
+    public required ModelConfig Config { get; init; }
+
+    /// <summary>The language model's config (<c>text_config</c> for multimodal models, else the config itself).</summary>
+    public required ModelConfig TextConfig { get; init; }
+
+    public required ModuleTree Tree { get; init; }
+
+    public required MoeFacts Moe { get; init; }
+
+    public required long HiddenSize { get; init; }
+
+    public required long NumHiddenLayers { get; init; }
+
+    public required long VocabSize { get; init; }
+
+    public required long NumAttentionHeads { get; init; }
+
+    public required long NumKeyValueHeads { get; init; }
+
+    /// <summary>Dotted path of the decoder layers' ModuleList, e.g. <c>model.layers</c>.</summary>
+    public required string DecoderLayersPath { get; init; }
+
+    /// <summary>Input embedding module name, e.g. <c>model.embed_tokens</c>.</summary>
+    public required string InputEmbeddings { get; init; }
+
+    /// <summary>Output embedding module name (<c>lm_head</c>), which PEFT's all-linear never targets.</summary>
+    public required string OutputEmbeddings { get; init; }
+
+    public required bool TieWordEmbeddings { get; init; }
+
+    /// <summary>Activation name of the MLPs (<c>hidden_act</c>).</summary>
+    public string HiddenAct { get; init; } = "silu";
+
+    public Layout Layout => Tree.Layout;
+}

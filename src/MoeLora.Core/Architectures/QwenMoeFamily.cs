@@ -1,0 +1,96 @@
+using MoeLora.Core.Config;
+using MoeLora.Core.Modules;
+
+namespace MoeLora.Core.Architectures;
+
+/// <summary>
+/// Qwen2-MoE and Qwen3-MoE. A layer is MoE when it is not in <c>mlp_only_layers</c>, there are experts, and
+/// <c>(i + 1) % decoder_sparse_step == 0</c>; other layers get a dense MLP of <c>intermediate_size</c>.
+/// Qwen2-MoE adds a shared expert and a sigmoid shared-expert gate; Qwen3-MoE has q/k norms and no shared expert.
+/// </summary>
+internal sealed class QwenMoeFamily : IArchitecture
+{
+    public IReadOnlyList<string> ModelTypes => ["qwen2_moe", "qwen3_moe"];
+
+    public ModelSpec Build(ModelConfig c, Layout layout)
+    {
+        var type = c.ModelType!;
+        var qwen3 = type == "qwen3_moe";
+        var p = qwen3 ? "Qwen3Moe" : "Qwen2Moe";
+        var vocab = c.Positive("vocab_size", 151936);
+        var hidden = c.Positive("hidden_size", 2048);
+        var inter = c.Positive("intermediate_size", qwen3 ? 6144 : 5632);
+        var layers = c.Positive("num_hidden_layers", 24);
+        var heads = c.Positive("num_attention_heads", qwen3 ? 32 : 16);
+        var kv = c.IntOrNull("num_key_value_heads", qwen3 ? 4 : 16) ?? heads;
+        var headDim = Blocks.HeadDim(c, hidden, heads);
+        var experts = c.Int("num_experts", qwen3 ? 128 : 60);
+        var topK = c.Int("num_experts_per_tok", qwen3 ? 8 : 4);
+        var moeInter = c.Positive("moe_intermediate_size", qwen3 ? 768 : 1408);
+        var sharedInter = qwen3 ? 0 : c.Int("shared_expert_intermediate_size", 5632);
+        var step = c.Int("decoder_sparse_step", 1);
+        var mlpOnly = new HashSet<long>(c.IntList("mlp_only_layers") ?? []);
+        var tie = c.Bool("tie_word_embeddings", false);
+        var act = c.String("hidden_act", "silu")!;
+        var actClass = Blocks.ActivationClass(act, layout);
+        // qwen2_moe: q/k/v bias from qkv_bias (default True; hard-coded True before 4.57). qwen3_moe: attention_bias.
+        var qkvBias = qwen3 ? c.Bool("attention_bias", false) : c.Bool("qkv_bias", true);
+        var oBias = qwen3 && c.Bool("attention_bias", false);
+
+        var (moeLayers, denseLayers) = Blocks.SplitLayers(layers,
+            i => !mlpOnly.Contains(i) && experts > 0 && step > 0 && (i + 1) % step == 0);
+        var moeSet = moeLayers.ToHashSet();
+
+        var b = new TreeBuilder(p + "ForCausalLM", layout);
+        Blocks.CausalLm(b, p, vocab, hidden, layers, tie, i =>
+        {
+            Blocks.Attention(b, p + "Attention", hidden, heads, kv, headDim, qkvBias, oBias, afterProjections: qwen3
+                ? bb =>
+                {
+                    bb.RmsNorm("q_norm", p + "RMSNorm", headDim);
+                    bb.RmsNorm("k_norm", p + "RMSNorm", headDim);
+                }
+                : null);
+            if (moeSet.Contains(i)) MoeBlock(b, p, qwen3, layout, experts, hidden, moeInter, sharedInter, actClass);
+            else Blocks.GatedMlp(b, "mlp", p + "MLP", hidden, inter, false, actClass, ModuleLocation.Mlp);
+            b.RmsNorm("input_layernorm", p + "RMSNorm", hidden, ModuleLocation.Norm);
+            b.RmsNorm("post_attention_layernorm", p + "RMSNorm", hidden, ModuleLocation.Norm);
+        });
+
+        var routing = $"softmax over {experts} experts, top-{topK}" + (c.Bool("norm_topk_prob", qwen3) ? ", renormalised" : "");
+        var moe = new MoeFacts(experts, topK, qwen3 ? 0 : 1, moeInter, sharedInter, moeLayers, denseLayers, routing);
+        return Blocks.Spec(c, type, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+    }
+
+    private static void MoeBlock(TreeBuilder b, string p, bool qwen3, Layout layout, long experts, long hidden,
+        long moeInter, long sharedInter, string actClass)
+    {
+        using (b.Scope("mlp", p + "SparseMoeBlock", ModuleLocation.Other))
+        {
+            if (layout == Layout.V5)
+            {
+                // transformers 5: Qwen3-MoE registers experts before the router; Qwen2-MoE the router first.
+                if (qwen3)
+                {
+                    Blocks.FusedExperts(b, p + "Experts", experts, hidden, moeInter, actClass);
+                    Blocks.TopKRouter(b, "gate", p + "TopKRouter", experts, hidden);
+                }
+                else
+                {
+                    Blocks.TopKRouter(b, "gate", p + "TopKRouter", experts, hidden);
+                    Blocks.FusedExperts(b, p + "Experts", experts, hidden, moeInter, actClass);
+                }
+            }
+            else
+            {
+                b.Linear("gate", hidden, experts, location: ModuleLocation.Router);
+                Blocks.PerExpertMlps(b, p + "Experts", p + "MLP", experts, hidden, moeInter, actClass);
+            }
+            if (!qwen3)
+            {
+                Blocks.GatedMlp(b, "shared_expert", p + "MLP", hidden, sharedInter, false, actClass, ModuleLocation.SharedExpert);
+                b.Linear("shared_expert_gate", hidden, 1, location: ModuleLocation.SharedExpert);
+            }
+        }
+    }
+}
