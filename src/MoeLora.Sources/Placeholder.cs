@@ -1,3 +1,0 @@
-namespace MoeLora.Sources;
-
-internal static class Placeholder { }
