@@ -459,7 +459,11 @@ def load_config(cfg_dict):
     with tempfile.TemporaryDirectory() as d:
         with open(os.path.join(d, "config.json"), "w") as f:
             json.dump(cfg_dict, f)
-        return AutoConfig.from_pretrained(d, trust_remote_code=False)
+        config = AutoConfig.from_pretrained(d, trust_remote_code=False)
+    # from_pretrained records the (temporary) folder as name_or_path; PEFT copies it into
+    # peft_config.base_model_name_or_path. Reset it, as for a config built in memory.
+    config.name_or_path = ""
+    return config
 
 
 def build_model(config):
@@ -526,6 +530,21 @@ def peft_record(model, kwargs, meta_context=False, full=True):
             rec["wrapped_count"] = len(wrapped)
             rec["wrapped"] = [n for n, _ in wrapped]
             rec["wrapped_class"] = [c for _, c in wrapped]
+            # per wrapped module: [r, lora_alpha, scaling] of the default adapter
+            lm = []
+            for n, m in pm.named_modules():
+                if hasattr(m, "lora_A"):
+                    try:
+                        lm.append(
+                            [
+                                jsonable(getattr(m, "r", {}).get("default")),
+                                jsonable(getattr(m, "lora_alpha", {}).get("default")),
+                                jsonable(getattr(m, "scaling", {}).get("default")),
+                            ]
+                        )
+                    except Exception as e:
+                        lm.append(err_str(e))
+            rec["wrapped_r_alpha_scaling"] = lm
             try:
                 from peft.utils.other import AuxiliaryTrainingWrapper
 
@@ -669,6 +688,47 @@ def tiny_variants():
         ),
     )
     add("all_linear_exclude_o", const(target_modules="all-linear", exclude_modules=["o_proj"]))
+    add("all_linear_layers_1", const(target_modules="all-linear", layers_to_transform=[1]))
+    add("regex_q_mlp", const(target_modules=r".*\.(q_proj|gate_proj|up_proj|down_proj)"))
+    add("dora_seed", const(target_modules=list(SEED), use_dora=True))
+    add("lora_bias_qv", const(target_modules=["q_proj", "v_proj"], lora_bias=True))
+    add("lora_bias_seed", const(target_modules=list(SEED), lora_bias=True))
+    add("exclude_everything", const(target_modules=["q_proj"], exclude_modules=["q_proj"]))
+    add(
+        "lm_head_modules_to_save_tying",
+        const(target_modules=["q_proj"], modules_to_save=["lm_head"], ensure_weight_tying=True),
+    )
+    add("embed_and_lm_head_tying", const(target_modules=["embed_tokens", "lm_head"], ensure_weight_tying=True))
+    add("embed_and_lm_head", const(target_modules=["embed_tokens", "lm_head"]))
+
+    def full_names_ltt1(model):
+        import torch
+
+        names = [
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and ".layers." in n and "vision" not in n
+        ]
+        if not names:
+            return None
+        # >= 20 entries triggers PEFT's _find_minimal_target_modules compression
+        return dict(r=4, lora_alpha=8, target_modules=names, layers_to_transform=[1])
+
+    add("full_names_all_layer_linears_ltt1", full_names_ltt1)
+
+    def full_names_q_ltt1(model):
+        import torch
+
+        names = [
+            n
+            for n, m in model.named_modules()
+            if isinstance(m, torch.nn.Linear) and n.endswith(".q_proj") and "vision" not in n
+        ]
+        if not names:
+            return None
+        return dict(r=4, lora_alpha=8, target_modules=names, layers_to_transform=[1])
+
+    add("full_names_q_proj_ltt1", full_names_q_ltt1)
     add("r64_seed", lambda model: dict(r=64, lora_alpha=128, target_modules=list(SEED)))
     return V
 
