@@ -17,7 +17,10 @@ public abstract class ExpertsBase : HfModule
 {
     readonly Dictionary<string, List<IParamDelta>> _deltas = [];
 
-    /// <summary>True for (E, in, out) layouts (gpt-oss, Llama4); false for transformers-v5 (E, out, in).</summary>
+    /// <summary>
+    /// The owner's <c>is_transposed</c> flag as PEFT sees it: true means (E, in, out) and no in/out swap (gpt-oss);
+    /// false means PEFT treats the parameter as (E, out, in) (transformers-v5 experts, and Llama4, see there).
+    /// </summary>
     public abstract bool IsTransposed { get; }
     public long NumExperts { get; protected init; }
 
@@ -34,7 +37,7 @@ public abstract class ExpertsBase : HfModule
     {
         Tensor w = Param(name);
         if (Linear.AdaptersDisabled || !_deltas.TryGetValue(name, out var l)) return w;
-        foreach (var d in l) w = w + d.Delta();
+        foreach (var d in l) w = w + d.Delta().to(w.dtype);
         return w;
     }
 

@@ -117,7 +117,10 @@ internal sealed class Llama4Moe : HfModule, IBlock
 internal sealed class Llama4Experts : ExpertsBase
 {
     readonly Activation _act;
-    public override bool IsTransposed => true;
+    // The layout is (E, in, out), but transformers 5.17's Llama4TextExperts does not declare is_transposed, so PEFT
+    // (>= 0.19.1) swaps in/out as for (E, out, in) layouts: lora_A is (r·E, 2I) for gate_up_proj [E, H, 2I].
+    // The fixture adapters prove it; we follow PEFT so adapters load and compute identically.
+    public override bool IsTransposed => false;
 
     public Llama4Experts(long experts, long hidden, long intermediate, string act, Init init)
     {
