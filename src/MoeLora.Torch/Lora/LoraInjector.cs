@@ -27,7 +27,7 @@ public static class LoraInjector
         var wrappers = new List<(string, LoraWrapper)>();
         var modules = model.NamedModules().ToList(); // snapshot before replacement, as PEFT
         var parents = new Dictionary<HfModule, (HfModule Parent, string Child)>(ReferenceEqualityComparer.Instance);
-        foreach (var (_, m) in modules) foreach (var (n, c) in ChildrenOf(m)) parents[c] = (m, n);
+        foreach (var (_, m) in modules) foreach (var (n, c) in m.Children) parents[c] = (m, n);
 
         if (config.TargetModules.Count > 0 || config.TargetModulesRegex is not null)
         {
@@ -79,9 +79,6 @@ public static class LoraInjector
             throw new InvalidOperationException("No module or parameter matched target_modules / target_parameters (PEFT raises the same).");
         return new InjectedAdapter(adapterName, config, wrappers);
     }
-
-    static IEnumerable<(string, HfModule)> ChildrenOf(HfModule m) =>
-        m.NamedModules().Skip(1).Where(t => !t.Name.Contains('.')).Select(t => (t.Name, t.Module));
 
     // PEFT: A, B are nn.Linear(in, r) / nn.Linear(r, out), fp32. init True: A kaiming-uniform(a=√5) = U(±1/√in), B = 0;
     // False: both keep nn.Linear's default U(±1/√fan_in); "gaussian": A ~ N(0, 1/r), B = 0.

@@ -50,7 +50,8 @@ public abstract class HfModule
         _children[i] = new(name, module);
     }
 
-    internal HfModule? Child(string name) => _children.FirstOrDefault(kv => kv.Key == name).Value;
+    internal IEnumerable<(string Name, HfModule Module)> Children =>
+        _children.Where(kv => kv.Value is not null).Select(kv => (kv.Key, kv.Value!));
 
     internal IReadOnlyList<KeyValuePair<string, Parameter>> DirectParameters => _params;
 

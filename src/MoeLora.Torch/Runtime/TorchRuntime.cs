@@ -1,4 +1,3 @@
-using System.Reflection;
 using System.Runtime.InteropServices;
 using TorchSharp;
 
@@ -109,5 +108,4 @@ public static class TorchRuntime
     public static string Describe() =>
         $"TorchSharp {typeof(torch).Assembly.GetName().Version}, libtorch {torch.__version__}, CUDA available: {torch.cuda.is_available()}";
 
-    internal static Assembly TorchSharpAssembly => typeof(torch).Assembly;
 }
