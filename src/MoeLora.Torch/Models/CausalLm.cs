@@ -24,7 +24,7 @@ public sealed class CausalLmOutput : IDisposable
 /// <c>XForCausalLM</c>: <c>model.embed_tokens</c>, <c>model.layers.{i}</c>, <c>model.norm</c>, <c>model.rotary_emb</c>,
 /// then <c>lm_head</c>. Families supply the decoder layers; this class runs the shared forward.
 /// </summary>
-public sealed class CausalLm : HfModule
+public sealed class CausalLm : HfModule, IDisposable
 {
     public ModelConfig Config { get; }
     public string ModelType => Config.ModelType;
@@ -51,6 +51,12 @@ public sealed class CausalLm : HfModule
     }
 
     public int NumLayers => _layers.Count;
+
+    /// <summary>Frees the native memory of every parameter and buffer (adapters included).</summary>
+    public void Dispose()
+    {
+        foreach (var (_, t) in StateDict()) t.Dispose();
+    }
 
     /// <summary>
     /// Forward like <c>model(input_ids, attention_mask, output_hidden_states=True)</c>. Positions are 0..S-1 for every

@@ -36,7 +36,7 @@ public abstract class ExpertsBase : HfModule
     protected Tensor Effective(string name)
     {
         Tensor w = Param(name);
-        if (Linear.AdaptersDisabled || !_deltas.TryGetValue(name, out var l)) return w;
+        if (!_deltas.TryGetValue(name, out var l)) return w;
         foreach (var d in l) w = w + d.Delta().to(w.dtype);
         return w;
     }

@@ -18,8 +18,6 @@ public sealed class Linear : HfModule
     public long InFeatures { get; }
     public long OutFeatures { get; }
     internal List<ILinearAdapter> Adapters { get; } = [];
-    /// <summary>Matches PEFT's <c>disable_adapter()</c>: base output only.</summary>
-    public static bool AdaptersDisabled { get; set; }
 
     public Linear(long inFeatures, long outFeatures, bool hasBias, Init init)
     {
@@ -32,7 +30,6 @@ public sealed class Linear : HfModule
     public Tensor Forward(Tensor x)
     {
         var y = nn.functional.linear(x, weight, bias);
-        if (AdaptersDisabled) return y;
         foreach (var a in Adapters) y = a.Apply(x, y, this);
         return y;
     }
