@@ -20,7 +20,7 @@ internal sealed class OlmoeFamily : IArchitecture
         var heads = c.Positive("num_attention_heads", 16);
         var kv = c.IntOrNull("num_key_value_heads", null) ?? heads;
         var headDim = hidden / heads;
-        var experts = c.Positive("num_experts", 64);
+        var experts = c.FirstInt("num_experts", "num_local_experts") ?? 64;
         var topK = c.Positive("num_experts_per_tok", 8);
         var bias = c.Bool("attention_bias", false);
         var tie = c.Bool("tie_word_embeddings", false);

@@ -24,7 +24,7 @@ internal sealed class QwenMoeFamily : IArchitecture
         var heads = c.Positive("num_attention_heads", qwen3 ? 32 : 16);
         var kv = c.IntOrNull("num_key_value_heads", qwen3 ? 4 : 16) ?? heads;
         var headDim = Blocks.HeadDim(c, hidden, heads);
-        var experts = c.Int("num_experts", qwen3 ? 128 : 60);
+        var experts = c.FirstInt("num_experts", "num_local_experts") ?? (qwen3 ? 128 : 60);
         var topK = c.Int("num_experts_per_tok", qwen3 ? 8 : 4);
         var moeInter = c.Positive("moe_intermediate_size", qwen3 ? 768 : 1408);
         var sharedInter = qwen3 ? 0 : c.Int("shared_expert_intermediate_size", 5632);

@@ -81,8 +81,9 @@ public static class AdapterPlanner
         var extras = new List<TrainableExtra>();
         var savedOnly = new List<AdapterTensor>();
         var depth = WrapDepths(targets);
-        AddBiasExtras(spec, cfg, targets, depth, extras, savedOnly);
-        AddModulesToSave(spec, cfg, version, extras);
+        AddBiasExtras(spec, cfg, version, targets, depth, extras, savedOnly);
+        AddEmbeddingBaseWeights(spec, cfg, targets, savedOnly);
+        AddModulesToSave(spec, cfg, version, extras, savedOnly);
 
         return new AdapterPlan
         {
@@ -99,15 +100,15 @@ public static class AdapterPlanner
         };
     }
 
-    /// <summary>PEFT's not-found errors (NoMatchingPeftModuleError / ValueError), with its wording.</summary>
+    /// <summary>PEFT's not-found errors (NoMatchingPeftModuleError, a ValueError subclass), with its wording.</summary>
     private static PeftInjectionException NothingMatched(LoraConfig cfg, bool anyExcluded, bool anyUnmatched)
     {
         if (anyExcluded && !anyUnmatched)
-            return new("ValueError", "All modules were excluded. This is likely unintended. Check your `target_modules`, `exclude_modules` and `modules_to_save` configuration.");
+            return new("NoMatchingPeftModuleError", "All modules were excluded. This is likely unintended. Check your `target_modules`, `exclude_modules` and `modules_to_save` configuration.");
         var tm = cfg.TargetModules;
         var noModuleTargets = tm is null || (tm.Names is { Count: 0 });
         if (!anyExcluded && noModuleTargets)
-            return new("ValueError", "No `target_modules` passed but also no `target_parameters` found. Please check the values for these arguments.");
+            return new("NoMatchingPeftModuleError", "No `target_modules` passed but also no `target_parameters` found. Please check the values for these arguments.");
         if (!anyExcluded)
         {
             var shown = tm!.Pattern ?? "{" + string.Join(", ", tm.Names!.Order(StringComparer.Ordinal).Select(n => $"'{n}'")) + "}";
@@ -117,7 +118,7 @@ public static class AdapterPlanner
             if (cfg.LayersPattern is not null) msg += $" You also specified 'layers_pattern': {string.Join(", ", cfg.LayersPattern)}.";
             return new("NoMatchingPeftModuleError", msg);
         }
-        return new("ValueError", "No modules were targeted for adaptation. This might be caused by a combination of mismatched target modules and excluded modules. Please check your `target_modules` and `exclude_modules` configuration. You may also have only targeted modules that are marked to be saved (`modules_to_save`).");
+        return new("NoMatchingPeftModuleError", "No modules were targeted for adaptation. This might be caused by a combination of mismatched target modules and excluded modules. Please check your `target_modules` and `exclude_modules` configuration. You may also have only targeted modules that are marked to be saved (`modules_to_save`).");
     }
 
     private static (int R, double Alpha, double Scaling) RankAndAlpha(LoraConfig cfg, string key)
@@ -303,6 +304,27 @@ public static class AdapterPlanner
         return tied;
     }
 
+    /// <summary>
+    /// <c>save_embedding_layers="auto"</c>: when target_modules names <c>embed_tokens</c> or <c>lm_head</c> (set membership,
+    /// or a substring of a regex), save_pretrained also writes the base weight of each embedding layer that carries LoRA.
+    /// After PEFT's tying rewrite the names are full (<c>model.embed_tokens</c>), so nothing extra is saved then.
+    /// </summary>
+    private static void AddEmbeddingBaseWeights(ModelSpec spec, LoraConfig cfg, List<AdapterTarget> targets, List<AdapterTensor> savedOnly)
+    {
+        var tm = cfg.TargetModules;
+        if (tm is null) return;
+        string[] names = ["embed_tokens", "lm_head"];
+        var named = tm.Pattern is not null ? names.Any(n => tm.Pattern.Contains(n, StringComparison.Ordinal)) : names.Any(n => tm.Names!.Contains(n));
+        if (!named) return;
+        foreach (var moduleName in new[] { spec.InputEmbeddings, spec.OutputEmbeddings })
+        {
+            if (targets.All(t => t.ModuleName != moduleName || t.Kind == AdapterKind.Parameter)) continue;
+            var weight = spec.Tree.Find(moduleName)!.Parameter("weight")!;
+            var key = $"{Prefix}{moduleName}.base_layer.weight";
+            savedOnly.Add(new AdapterTensor(key, key, weight.Shape));
+        }
+    }
+
     /// <summary>How many <c>.base_layer</c> levels sit between each wrapped module and its original parameters.</summary>
     private static Dictionary<string, int> WrapDepths(IEnumerable<AdapterTarget> targets) =>
         targets.GroupBy(t => t.ModuleName).ToDictionary(g => g.Key, g => g.Count(), StringComparer.Ordinal);
@@ -315,12 +337,15 @@ public static class AdapterPlanner
     }
 
     /// <summary>
-    /// <c>bias="all"</c>: every parameter whose name contains "bias" becomes trainable and every state_dict key with
-    /// "bias" is saved. <c>bias="lora_only"</c>: the bias of each adapted layer; PEFT looks for it under the
-    /// unwrapped name when saving, so it is trained but not written.
+    /// <c>bias="all"</c>: base biases become trainable and are saved; up to 0.20 every name containing "bias"
+    /// (gpt-oss <c>gate_up_proj_bias</c> too), from 0.21 only names ending in <c>.bias</c> (checked).
+    /// <c>bias="lora_only"</c>: the bias of each adapted layer, saved as <c>...base_layer.bias</c>.
     /// </summary>
-    private static void AddBiasExtras(ModelSpec spec, LoraConfig cfg, List<AdapterTarget> targets, Dictionary<string, int> depth,
-        List<TrainableExtra> extras, List<AdapterTensor> savedOnly)
+    private static bool IsBiasForAll(ParameterNode p, PeftVersion version) =>
+        version.BiasAllMatchesSuffixOnly ? p.LocalName == "bias" : p.Name.Contains("bias", StringComparison.Ordinal);
+
+    private static void AddBiasExtras(ModelSpec spec, LoraConfig cfg, PeftVersion version, List<AdapterTarget> targets,
+        Dictionary<string, int> depth, List<TrainableExtra> extras, List<AdapterTensor> savedOnly)
     {
         if (cfg.Bias == "none") return;
         var tree = spec.Tree;
@@ -329,7 +354,7 @@ public static class AdapterPlanner
             foreach (var module in tree.Modules)
             {
                 var d = depth.GetValueOrDefault(module.Name);
-                foreach (var p in module.Parameters.Where(p => !p.IsTied && p.Name.Contains("bias", StringComparison.Ordinal)))
+                foreach (var p in module.Parameters.Where(p => !p.IsTied && IsBiasForAll(p, version)))
                 {
                     var name = WrappedName(p, module.Name, d);
                     extras.Add(new TrainableExtra(name, name, p.Shape, "bias=all", CountsInTotal: false));
@@ -341,7 +366,10 @@ public static class AdapterPlanner
         {
             var module = tree.Find(moduleName)!;
             if (module.Parameter("bias") is { IsTied: false } bias)
-                extras.Add(new TrainableExtra(WrappedName(bias, module.Name, depth[module.Name]), null, bias.Shape, "bias=lora_only", CountsInTotal: false));
+            {
+                var name = WrappedName(bias, module.Name, depth[module.Name]);
+                extras.Add(new TrainableExtra(name, name, bias.Shape, "bias=lora_only", CountsInTotal: false));
+            }
         }
     }
 
@@ -349,7 +377,8 @@ public static class AdapterPlanner
     /// <c>modules_to_save</c>: every module whose name ends with an entry (plain endswith) gets a trainable deep copy,
     /// counted in both totals. With ensure_weight_tying (≥ 0.18) the tied embedding/LM-head copies share one weight.
     /// </summary>
-    private static void AddModulesToSave(ModelSpec spec, LoraConfig cfg, PeftVersion version, List<TrainableExtra> extras)
+    private static void AddModulesToSave(ModelSpec spec, LoraConfig cfg, PeftVersion version, List<TrainableExtra> extras,
+        List<AdapterTensor> savedOnly)
     {
         if (cfg.ModulesToSave is not { Count: > 0 } entries) return;
         var tree = spec.Tree;
@@ -366,8 +395,13 @@ public static class AdapterPlanner
         {
             foreach (var p in tree.SubtreeParameters(module))
             {
-                if (tying && p.IsTied && module.Name == spec.OutputEmbeddings) continue;
                 var sub = p.Name[(module.Name.Length + 1)..];
+                if (tying && p.IsTied && module.Name == spec.OutputEmbeddings)
+                {
+                    // The shared Parameter is counted once but saved under both wrappers' keys.
+                    savedOnly.Add(new AdapterTensor($"{Prefix}{module.Name}.modules_to_save.default.{sub}", $"{Prefix}{module.Name}.{sub}", p.Shape));
+                    continue;
+                }
                 var runtime = $"{Prefix}{module.Name}.modules_to_save.default.{sub}";
                 if (seen.Add(runtime))
                     extras.Add(new TrainableExtra(runtime, $"{Prefix}{module.Name}.{sub}", p.Shape, "modules_to_save", CountsInTotal: true));

@@ -52,6 +52,12 @@ public readonly record struct PeftVersion(int Major, int Minor, int Patch) : ICo
     /// <summary>Parameters on the root module raise (0.20, #3302).</summary>
     public bool RejectsRootParameters => this >= new PeftVersion(0, 20, 0);
 
+    /// <summary>
+    /// bias="all" trains only names ending in <c>.bias</c> (checked on 0.21: gpt-oss expert <c>*_proj_bias</c> stay frozen);
+    /// earlier releases matched the substring "bias".
+    /// </summary>
+    public bool BiasAllMatchesSuffixOnly => this >= new PeftVersion(0, 21, 0);
+
     /// <summary>How a 3-D expert parameter (E, d1, d2) maps to (in, out).</summary>
     public ExpertOrientation Orientation => this switch
     {

@@ -1,0 +1,93 @@
+using System.Text.Json.Nodes;
+using MoeLora.Core.Architectures;
+using MoeLora.Core.Config;
+using MoeLora.Core.Modules;
+using MoeLora.Core.Peft;
+using MoeLora.Core.Tests.Support;
+
+namespace MoeLora.Core.Tests;
+
+/// <summary>
+/// Golden tests against Data/oracle-extra (made with transformers 5.17 + peft 0.21 by tools/oracle/make_oracle.py):
+/// tiny configs of every supported model type with ~40 LoraConfig variants each, and every catalog config's tree.
+/// </summary>
+public class ExtraOracleTests
+{
+    private static readonly Lazy<JsonObject> TinyModels = new(() => OracleData.ReadGz("oracle-extra/tiny_models.json.gz")["models"]!.AsObject());
+    private static readonly Lazy<JsonObject> TinyPeft = new(() => OracleData.ReadGz("oracle-extra/tiny_peft.json.gz")["models"]!.AsObject());
+    private static readonly Lazy<JsonObject> Catalog = new(() => OracleData.ReadGz("oracle-extra/catalog.json.gz")["models"]!.AsObject());
+
+    public static TheoryData<string> TinyModelNames() => new(TinyModels.Value.Select(kv => kv.Key));
+
+    public static TheoryData<string> CatalogTrees() =>
+        new(Catalog.Value.Where(kv => kv.Value!["modules"] is not null).Select(kv => kv.Key));
+
+    public static TheoryData<string, string> PeftCases()
+    {
+        var data = new TheoryData<string, string>();
+        foreach (var (model, variants) in TinyPeft.Value)
+            foreach (var (variant, _) in variants!.AsObject()) data.Add(model, variant);
+        return data;
+    }
+
+    internal static ModelSpec Build(JsonObject entry) =>
+        ArchitectureRegistry.Build(new ModelConfig(entry["input_config"]!.DeepClone().AsObject()), Layout.V5);
+
+    [Theory]
+    [MemberData(nameof(TinyModelNames))]
+    public void Tiny_tree_matches(string name) => AssertTree(TinyModels.Value[name]!.AsObject());
+
+    [Theory]
+    [MemberData(nameof(CatalogTrees))]
+    public void Catalog_tree_matches(string key) => AssertTree(Catalog.Value[key]!.AsObject());
+
+    private static void AssertTree(JsonObject entry)
+    {
+        var spec = Build(entry);
+        Assert.Equal(entry["class"]!.GetValue<string>(), spec.Architecture);
+        ModuleTreeOracleTests.AssertSameSequence(
+            entry["modules"]!.AsArray().Select(m => $"{m![0]} {m[1]}").ToList(),
+            spec.Tree.Modules.Select(m => $"{m.Name} {m.ClassName}").ToList());
+        ModuleTreeOracleTests.AssertSameSequence(
+            entry["params"]!.AsArray().Select(p => $"{p![0]} {string.Join(",", OracleData.Shape(p[1]!))}").ToList(),
+            spec.Tree.Parameters.Select(p => $"{p.Name} {string.Join(",", p.Shape)}").ToList());
+        Assert.Equal(entry["num_params"]!.GetValue<long>(), spec.Tree.NumParameters);
+    }
+
+    [Theory]
+    [MemberData(nameof(PeftCases))]
+    public void Tiny_peft_variant_matches(string model, string variant)
+    {
+        var entry = TinyPeft.Value[model]![variant]!.AsObject();
+        if (entry["skipped"] is not null) return; // the generator found nothing to test for this model
+        var spec = Build(TinyModels.Value[model]!.AsObject());
+        LoraConfig config;
+        try
+        {
+            config = LoraConfig.FromJson(entry["kwargs"]!.DeepClone().AsObject(), variant);
+        }
+        catch (PeftConfigException) when (entry["error"] is not null)
+        {
+            return; // PEFT rejected the config before touching the model, and so do we.
+        }
+        if (entry["error"] is { } error)
+        {
+            var ex = Assert.ThrowsAny<PeftConfigException>(() => AdapterPlanner.Plan(spec, config));
+            var type = error.GetValue<string>().Split(':')[0].Split('(')[0];
+            if (ex is PeftInjectionException inj) Assert.Equal(type, inj.PeftErrorType);
+            return;
+        }
+        var plan = AdapterPlanner.Plan(spec, config);
+        Assert.Equal(entry["trainable"]!.GetValue<long>(), plan.TrainableParameters);
+        Assert.Equal(entry["total"]!.GetValue<long>(), plan.AllParameters);
+        Assert.Equal(
+            entry["wrapped"]!.AsArray().Select(w => w!.GetValue<string>()).Order(StringComparer.Ordinal),
+            plan.Targets.Select(t => "base_model.model." + t.WrapperPath).Distinct().Order(StringComparer.Ordinal));
+        Assert.Equal(
+            entry["trainable_shapes"]!.AsArray().Select(t => $"{t![0]} {string.Join(",", OracleData.Shape(t[1]!))}"),
+            plan.TrainableTensors.Select(t => $"{t.RuntimeName} {string.Join(",", t.Shape)}"));
+        Assert.Equal(
+            entry["saved"]!.AsArray().Select(t => $"{t![0]} {string.Join(",", OracleData.Shape(t[1]!))}").Order(StringComparer.Ordinal),
+            plan.SavedTensors.Select(t => $"{t.SavedKey} {string.Join(",", t.Shape)}").Order(StringComparer.Ordinal));
+    }
+}
