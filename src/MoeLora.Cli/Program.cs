@@ -16,6 +16,7 @@ public static class Program
         {
             config.SetApplicationName("moelora");
             config.PropagateExceptions();
+            config.UseStrictParsing();
             config.AddCommand<ReportCommand>("report")
                 .WithDescription("Config-only analysis: what LoRA target_modules/target_parameters match, adapter counts, memory, warnings")
                 .WithExample("report", "mistralai/Mixtral-8x7B-v0.1", "--format", "json");

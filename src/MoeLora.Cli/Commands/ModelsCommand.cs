@@ -20,13 +20,22 @@ public sealed class ModelsCommand : Command<ModelsCommand.Settings>
         public string Format { get; init; } = "text";
     }
 
+    /// <summary>Builds a catalog model, or null when its model_type is not supported by this build.</summary>
+    private static Core.Architectures.ModelSpec? TryBuild(CatalogEntry e)
+    {
+        try
+        {
+            return ArchitectureRegistry.Build(new ModelConfig(ModelCatalog.TryGetConfig(e.Id)!), MoeLora.Core.Modules.Layout.V5);
+        }
+        catch (ConfigException)
+        {
+            return null;
+        }
+    }
+
     public override int Execute(CommandContext context, Settings settings, CancellationToken cancellationToken)
     {
-        var rows = ModelCatalog.Entries.Select(e =>
-        {
-            var spec = ArchitectureRegistry.Build(new ModelConfig(ModelCatalog.TryGetConfig(e.Id)!), MoeLora.Core.Modules.Layout.V5);
-            return (Entry: e, Spec: spec);
-        }).ToList();
+        var rows = ModelCatalog.Entries.Select(e => (Entry: e, Spec: TryBuild(e))).ToList();
         if (settings.Format.Equals("json", StringComparison.OrdinalIgnoreCase))
         {
             Output.Json(new JsonObject
@@ -34,12 +43,13 @@ public sealed class ModelsCommand : Command<ModelsCommand.Settings>
                 ["models"] = new JsonArray(rows.Select(r => (JsonNode)new JsonObject
                 {
                     ["id"] = r.Entry.Id,
-                    ["model_type"] = r.Spec.ModelType,
-                    ["architecture"] = r.Spec.Architecture,
-                    ["num_parameters"] = r.Spec.Tree.NumParameters,
-                    ["is_moe"] = r.Spec.Moe.IsMoe,
-                    ["num_experts"] = r.Spec.Moe.NumExperts,
-                    ["experts_per_token"] = r.Spec.Moe.ExpertsPerToken,
+                    ["model_type"] = r.Spec?.ModelType,
+                    ["architecture"] = r.Spec?.Architecture,
+                    ["num_parameters"] = r.Spec?.Tree.NumParameters,
+                    ["is_moe"] = r.Spec?.Moe.IsMoe,
+                    ["num_experts"] = r.Spec?.Moe.NumExperts,
+                    ["experts_per_token"] = r.Spec?.Moe.ExpertsPerToken,
+                    ["supported"] = r.Spec is not null,
                     ["partial"] = r.Entry.Partial,
                     ["note"] = r.Entry.Note,
                 }).ToArray()),
@@ -52,6 +62,11 @@ public sealed class ModelsCommand : Command<ModelsCommand.Settings>
             .AddColumn("experts").AddColumn("note");
         foreach (var (e, s) in rows)
         {
+            if (s is null)
+            {
+                table.AddRow(Markup.Escape(e.Id), "[red]unsupported[/]", "", "", "");
+                continue;
+            }
             table.AddRow(Markup.Escape(e.Id), s.ModelType, $"{s.Tree.NumParameters / 1e9:0.00} B",
                 s.Moe.IsMoe ? $"{s.Moe.NumExperts} (top-{s.Moe.ExpertsPerToken})" : "dense",
                 e.Partial ? $"[yellow]partial:[/] {Markup.Escape(e.Note ?? "")}" : "");

@@ -20,7 +20,7 @@ public sealed record ExpertCoverage
     /// <summary><c>distinct modules</c> (v4 per-expert nn.Linear), <c>per-expert slices</c> (ParamWrapper), or <c>none</c>.</summary>
     public required string Mode { get; init; }
 
-    private static readonly Regex ExpertIndex = new(@"\.experts\.(\d+)\.", RegexOptions.CultureInvariant | RegexOptions.Compiled);
+    private static readonly Regex ExpertIndex = new(@"\.experts\.(\d+)\.", RegexOptions.CultureInvariant);
 
     public static ExpertCoverage Build(AdapterPlan plan)
     {

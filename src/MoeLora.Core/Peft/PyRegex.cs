@@ -40,7 +40,7 @@ public static class PyRegex
         {
             try
             {
-                return new Regex(p, RegexOptions.CultureInvariant | RegexOptions.Compiled);
+                return new Regex(p, RegexOptions.CultureInvariant);
             }
             catch (ArgumentException e)
             {

@@ -1,0 +1,91 @@
+namespace MoeLora.Cli.Tests;
+
+/// <summary>Every bad input: one line on stderr, a non-zero exit code, no stack trace, nothing half-written.</summary>
+public class BadInputTests
+{
+    private static string TempConfig(string json)
+    {
+        var dir = Directory.CreateTempSubdirectory().FullName;
+        File.WriteAllText(Path.Combine(dir, "config.json"), json);
+        return dir;
+    }
+
+    [Fact]
+    public void Malformed_config_json() =>
+        MoeloraProcess.AssertCleanError(MoeloraProcess.Run("report", TempConfig("{\"model_type\": \"llama\",")), 1, "not valid JSON");
+
+    [Fact]
+    public void Missing_model_type() =>
+        MoeloraProcess.AssertCleanError(MoeloraProcess.Run("report", TempConfig("{\"hidden_size\": 64}")), 1, "model_type");
+
+    [Fact]
+    public void Unknown_model_type_lists_supported_ones() =>
+        MoeloraProcess.AssertCleanError(MoeloraProcess.Run("report", TempConfig("{\"model_type\": \"bert\"}")), 1, "supported model types: ");
+
+    [Fact]
+    public void Wrong_field_type() =>
+        MoeloraProcess.AssertCleanError(MoeloraProcess.Run("report", TempConfig("{\"model_type\": \"llama\", \"hidden_size\": \"big\"}")), 1, "hidden_size");
+
+    [Fact]
+    public void Unknown_model_id() =>
+        MoeloraProcess.AssertCleanError(MoeloraProcess.Run("report", "nobody/no-such-model"), 1);
+
+    [Fact]
+    public void Bad_regex() =>
+        MoeloraProcess.AssertCleanError(MoeloraProcess.Run("report", "mistralai/Mixtral-8x7B-v0.1", "-t", ".*(q_proj"), 1, "regular expression");
+
+    [Fact]
+    public void Target_layer_out_of_range() =>
+        MoeloraProcess.AssertCleanError(MoeloraProcess.Run("report", "mistralai/Mixtral-8x7B-v0.1", "--cb-target-layers", "40"), 1, "does not exist");
+
+    [Fact]
+    public void Nothing_matched_is_peft_s_error() =>
+        MoeloraProcess.AssertCleanError(MoeloraProcess.Run("report", "mistralai/Mixtral-8x7B-v0.1", "-t", "w9"), 1, "not found in the base model");
+
+    [Fact]
+    public void Unsupported_module_type_is_peft_s_error() =>
+        MoeloraProcess.AssertCleanError(MoeloraProcess.Run("report", "Qwen/Qwen2-57B-A14B", "-t", "gate"), 1, "is not supported");
+
+    [Fact]
+    public void Unknown_option_is_a_usage_error() =>
+        MoeloraProcess.AssertCleanError(MoeloraProcess.Run("report", "--no-such-option"), 2);
+
+    [Fact]
+    public void Missing_lora_config_file() =>
+        MoeloraProcess.AssertCleanError(MoeloraProcess.Run("report", "--lora-config", "/nonexistent/adapter_config.json"), 1, "does not exist");
+
+    [Fact]
+    public void Malformed_lora_config()
+    {
+        var dir = Directory.CreateTempSubdirectory().FullName;
+        var file = Path.Combine(dir, "lora.json");
+        File.WriteAllText(file, "{\"r\": \"sixteen\"}");
+        MoeloraProcess.AssertCleanError(MoeloraProcess.Run("report", "--lora-config", file), 1, "'r'");
+    }
+
+    [Fact]
+    public void Non_positive_rank() =>
+        MoeloraProcess.AssertCleanError(MoeloraProcess.Run("report", "-r", "0"), 1, "positive");
+
+    [Fact]
+    public void Unknown_format() =>
+        MoeloraProcess.AssertCleanError(MoeloraProcess.Run("report", "--format", "xml"), 1, "format");
+
+    [Fact]
+    public void Unknown_layout() =>
+        MoeloraProcess.AssertCleanError(MoeloraProcess.Run("modules", "--layout", "v3"), 1, "layout");
+
+    [Fact]
+    public void Failed_run_leaves_an_existing_output_untouched()
+    {
+        var dir = Directory.CreateTempSubdirectory().FullName;
+        var file = Path.Combine(dir, "report.json");
+        File.WriteAllText(file, "previous");
+        MoeloraProcess.AssertCleanError(MoeloraProcess.Run("report", "-t", "w9", "--output", file), 1);
+        Assert.Equal("previous", File.ReadAllText(file));
+    }
+
+    [Fact]
+    public void Output_into_a_missing_folder() =>
+        MoeloraProcess.AssertCleanError(MoeloraProcess.Run("report", "--format", "json", "--output", "/nonexistent-dir/x.json"), 1, "does not exist");
+}

@@ -1,7 +1,0 @@
-namespace MoeLora.Cli.Tests;
-
-public class SmokeTests
-{
-    [Fact]
-    public void Builds() => Assert.True(true);
-}
