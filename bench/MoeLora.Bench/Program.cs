@@ -1,0 +1,89 @@
+using System.Diagnostics;
+using System.Globalization;
+using MoeLora.Core.Analysis;
+using MoeLora.Core.Architectures;
+using MoeLora.Core.Catalog;
+using MoeLora.Core.Config;
+using MoeLora.Core.Modules;
+using MoeLora.Core.Peft;
+
+// Usage: dotnet run -c Release --project bench/MoeLora.Bench -- [--moelora PATH] [--runs N]
+// PATH is a published moelora (bench/run.sh publishes a ReadyToRun build); without it only the in-process sweep runs.
+var moelora = Arg("--moelora");
+var runs = int.Parse(Arg("--runs") ?? "7", CultureInfo.InvariantCulture);
+
+Console.WriteLine($"# moelora config-only analysis benchmark ({DateTime.UtcNow:yyyy-MM-dd})");
+Console.WriteLine($"machine: {Environment.ProcessorCount} logical cores, {Cpu()}; .NET {Environment.Version}");
+Console.WriteLine();
+
+// In-process: every catalog model, tree + PEFT plan + full report (the seed's LoraConfig), as one sweep.
+var ids = ModelCatalog.Entries.Select(e => e.Id).ToList();
+Sweep(); // warm-up (JIT)
+var sweeps = Enumerable.Range(0, runs).Select(_ => Time(Sweep)).Order().ToList();
+Console.WriteLine($"in-process sweep of {ids.Count} catalog models (tree + plan + report): median {sweeps[sweeps.Count / 2]:F1} ms, min {sweeps[0]:F1} ms over {runs} runs");
+Console.WriteLine();
+
+if (moelora is not null)
+{
+    Console.WriteLine("| model | cold `report --format json`, median ms | min ms |");
+    Console.WriteLine("|---|---:|---:|");
+    foreach (var id in ids)
+    {
+        var times = Enumerable.Range(0, runs).Select(_ => Time(() => RunProcess(moelora, id))).Order().ToList();
+        Console.WriteLine($"| {id} | {times[times.Count / 2]:F0} | {times[0]:F0} |");
+    }
+}
+return 0;
+
+void Sweep()
+{
+    foreach (var id in ids)
+    {
+        try
+        {
+            var spec = ArchitectureRegistry.Build(new ModelConfig(ModelCatalog.TryGetConfig(id)!), Layout.V5);
+            _ = LoraReport.Build(spec, LoraConfig.SeedDefault, null, new ReportOptions { ModelId = id }).ToJson();
+        }
+        catch (ConfigException)
+        {
+            // a catalog model this build does not support is skipped, not timed
+        }
+    }
+}
+
+static double Time(Action a)
+{
+    var sw = Stopwatch.StartNew();
+    a();
+    return sw.Elapsed.TotalMilliseconds;
+}
+
+static void RunProcess(string exe, string id)
+{
+    var psi = new ProcessStartInfo(exe) { RedirectStandardOutput = true, RedirectStandardError = true, UseShellExecute = false };
+    foreach (var a in new[] { "report", id, "--format", "json" }) psi.ArgumentList.Add(a);
+    psi.Environment["HF_HUB_OFFLINE"] = "1";
+    using var p = Process.Start(psi)!;
+    p.StandardOutput.ReadToEnd();
+    p.StandardError.ReadToEnd();
+    p.WaitForExit();
+    if (p.ExitCode != 0) throw new InvalidOperationException($"moelora report {id} failed with exit code {p.ExitCode}");
+}
+
+string? Arg(string name)
+{
+    var i = Array.IndexOf(args, name);
+    return i >= 0 && i + 1 < args.Length ? args[i + 1] : null;
+}
+
+static string Cpu()
+{
+    try
+    {
+        return File.ReadLines("/proc/cpuinfo").FirstOrDefault(l => l.StartsWith("model name", StringComparison.Ordinal))?.Split(':', 2)[1].Trim() ?? "unknown CPU";
+    }
+    catch (IOException)
+    {
+        return "unknown CPU";
+    }
+}
