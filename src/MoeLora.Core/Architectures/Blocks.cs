@@ -109,9 +109,12 @@ internal static class Blocks
 
     /// <summary>
     /// The <c>XForCausalLM</c> skeleton: model.embed_tokens, model.layers.{i}, model.norm, model.rotary_emb, lm_head.
+    /// <paramref name="layerNormFinal"/>: model.norm is an nn.LayerNorm with bias (PhiMoE) instead of an RMSNorm;
+    /// <paramref name="lmHeadBias"/>: lm_head is built with a bias (PhiMoE's <c>lm_head_bias</c>).
     /// </summary>
     public static void CausalLm(TreeBuilder b, string prefix, long vocab, long hidden, long layers, bool tie,
-        Action<int> layer, string modelClass = "", string? normClass = null, bool rotary = true, string modelAttr = "model")
+        Action<int> layer, string modelClass = "", string? normClass = null, bool rotary = true, string modelAttr = "model",
+        bool layerNormFinal = false, bool lmHeadBias = false)
     {
         var modelName = modelAttr;
         using (b.Scope(modelName, modelClass.Length > 0 ? modelClass : prefix + "Model"))
@@ -124,10 +127,11 @@ internal static class Blocks
                     layer(i);
                 }
             });
-            b.RmsNorm("norm", normClass ?? prefix + "RMSNorm", hidden, ModuleLocation.Norm);
+            if (layerNormFinal) b.LayerNorm("norm", hidden, location: ModuleLocation.Norm);
+            else b.RmsNorm("norm", normClass ?? prefix + "RMSNorm", hidden, ModuleLocation.Norm);
             if (rotary) b.Leaf("rotary_emb", prefix + "RotaryEmbedding");
         }
-        b.Linear("lm_head", hidden, vocab, location: ModuleLocation.LmHead,
+        b.Linear("lm_head", hidden, vocab, lmHeadBias, location: ModuleLocation.LmHead,
             tiedWeightTo: tie ? $"{modelName}.embed_tokens.weight" : null);
     }
 

@@ -24,6 +24,10 @@ public static class ArchitectureRegistry
         new DeepseekFamily(),
         new Llama4Family(),
         new GptOssFamily(),
+        new Glm4MoeFamily(),
+        new PhimoeFamily(),
+        new GraniteMoeFamily(),
+        new Qwen3NextFamily(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =

@@ -306,7 +306,7 @@ public static class AdapterPlanner
 
     /// <summary>
     /// <c>save_embedding_layers="auto"</c>: when target_modules names <c>embed_tokens</c> or <c>lm_head</c> (set membership,
-    /// or a substring of a regex), save_pretrained also writes the base weight of each embedding layer that carries LoRA.
+    /// or a substring of a regex), save_pretrained also writes the base parameters (weight, bias if any) of each embedding layer that carries LoRA.
     /// After PEFT's tying rewrite the names are full (<c>model.embed_tokens</c>), so nothing extra is saved then.
     /// </summary>
     private static void AddEmbeddingBaseWeights(ModelSpec spec, LoraConfig cfg, List<AdapterTarget> targets, List<AdapterTensor> savedOnly)
@@ -319,9 +319,13 @@ public static class AdapterPlanner
         foreach (var moduleName in new[] { spec.InputEmbeddings, spec.OutputEmbeddings })
         {
             if (targets.All(t => t.ModuleName != moduleName || t.Kind == AdapterKind.Parameter)) continue;
-            var weight = spec.Tree.Find(moduleName)!.Parameter("weight")!;
-            var key = $"{Prefix}{moduleName}.base_layer.weight";
-            savedOnly.Add(new AdapterTensor(key, key, weight.Shape));
+            // PEFT saves every state_dict key under the layer's name, so a biased lm_head (PhiMoE's lm_head_bias)
+            // also writes base_layer.bias.
+            foreach (var param in spec.Tree.Find(moduleName)!.Parameters)
+            {
+                var key = $"{Prefix}{moduleName}.base_layer.{param.LocalName}";
+                savedOnly.Add(new AdapterTensor(key, key, param.Shape));
+            }
         }
     }
 

@@ -1,0 +1,94 @@
+using MoeLora.Core.Config;
+using MoeLora.Core.Modules;
+
+namespace MoeLora.Core.Architectures;
+
+/// <summary>
+/// Granite MoE (<c>granitemoe</c>) and Granite MoE with a shared MLP (<c>granitemoeshared</c>). Every layer is MoE
+/// under <c>block_sparse_moe</c>; experts of <c>intermediate_size</c> were already fused 3-D tensors in v4
+/// (GraniteMoeParallelExperts), so the v4 tree has no per-expert nn.Linear. head_dim is always hidden / heads.
+/// granitemoeshared adds <c>shared_mlp</c> (input_linear [2·Is, H], output_linear [H, Is]) when
+/// <c>shared_intermediate_size</c> &gt; 0. The Granite scalar multipliers have no parameters.
+/// <para>
+/// transformers 5.17 registers the norms before the MoE block (self_attn, input_layernorm, post_attention_layernorm,
+/// block_sparse_moe) and uses a TopK router (not an nn.Linear) plus the standard fused experts; 4.57 registered
+/// self_attn, block_sparse_moe, the norms, and named the tensors input_linear / output_linear / router.layer
+/// (transformers-moe-layouts §4.11).
+/// </para>
+/// </summary>
+internal sealed class GraniteMoeFamily : IArchitecture
+{
+    public IReadOnlyList<string> ModelTypes => ["granitemoe", "granitemoeshared"];
+
+    public ModelSpec Build(ModelConfig c, Layout layout)
+    {
+        var type = c.ModelType!;
+        var p = type == "granitemoeshared" ? "GraniteMoeShared" : "GraniteMoe";
+        // Defaults: GraniteMoeConfig / GraniteMoeSharedConfig.
+        var vocab = c.Positive("vocab_size", 32000);
+        var hidden = c.Positive("hidden_size", 4096);
+        var inter = c.Positive("intermediate_size", 11008);
+        var layers = c.Positive("num_hidden_layers", 32);
+        var heads = c.Positive("num_attention_heads", 32);
+        var kv = c.IntOrNull("num_key_value_heads", null) ?? heads;
+        // GraniteMoeAttention: head_dim = hidden_size // num_attention_heads (config.head_dim is not read).
+        var headDim = hidden / heads;
+        var experts = c.Positive("num_local_experts", 8);
+        var topK = c.Positive("num_experts_per_tok", 2);
+        var bias = c.Bool("attention_bias", false);
+        var sharedInter = type == "granitemoeshared" ? c.Int("shared_intermediate_size", 0) : 0;
+        var tie = c.Bool("tie_word_embeddings", false);
+        var act = c.String("hidden_act", "silu")!;
+        var actClass = Blocks.ActivationClass(act, layout);
+
+        var b = new TreeBuilder(p + "ForCausalLM", layout);
+        Blocks.CausalLm(b, p, vocab, hidden, layers, tie, _ =>
+        {
+            Blocks.Attention(b, p + "Attention", hidden, heads, kv, headDim, bias, bias);
+            if (layout == Layout.V5)
+            {
+                Norms(b, p, hidden);
+                using (b.Scope("block_sparse_moe", p + "MoE", ModuleLocation.Other))
+                {
+                    Blocks.TopKRouter(b, "router", p + "TopKRouter", experts, hidden);
+                    Blocks.FusedExperts(b, p + "Experts", experts, hidden, inter, actClass);
+                }
+            }
+            else
+            {
+                using (b.Scope("block_sparse_moe", p + "MoE", ModuleLocation.Other))
+                {
+                    b.Leaf("activation", actClass);
+                    // ParallelExperts hold one 3-D weight each, (out, in) per expert; first half of input_linear = gate.
+                    using (b.Scope("input_linear", p + "ParallelExperts", ModuleLocation.RoutedExpert, kind: ModuleKind.Experts, numExperts: experts))
+                        b.Param("weight", experts, 2 * inter, hidden);
+                    using (b.Scope("output_linear", p + "ParallelExperts", ModuleLocation.RoutedExpert, kind: ModuleKind.Experts, numExperts: experts))
+                        b.Param("weight", experts, hidden, inter);
+                    using (b.Scope("router", p + "TopKGating", ModuleLocation.Router))
+                        b.Linear("layer", hidden, experts);
+                }
+                Norms(b, p, hidden);
+            }
+            if (sharedInter > 0)
+            {
+                using (b.Scope("shared_mlp", p + "MLP", ModuleLocation.SharedExpert))
+                {
+                    b.Leaf("activation", actClass);
+                    b.Linear("input_linear", hidden, 2 * sharedInter);
+                    b.Linear("output_linear", sharedInter, hidden);
+                }
+            }
+        });
+
+        var all = Enumerable.Range(0, (int)layers).ToList();
+        var moe = new MoeFacts(experts, topK, sharedInter > 0 ? 1 : 0, inter, sharedInter, all, [],
+            $"top-{topK} of {experts} router logits, softmax over the selected");
+        return Blocks.Spec(c, type, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+    }
+
+    private static void Norms(TreeBuilder b, string p, long hidden)
+    {
+        b.RmsNorm("input_layernorm", p + "RMSNorm", hidden, ModuleLocation.Norm);
+        b.RmsNorm("post_attention_layernorm", p + "RMSNorm", hidden, ModuleLocation.Norm);
+    }
+}
