@@ -31,6 +31,7 @@ public static class ReportMarkdown
         }
         sb.AppendLine().AppendLine("## Module matching").AppendLine();
         sb.AppendLine(CultureInfo.InvariantCulture, $"LoraConfig: `{plan.Requested.Describe()}`").AppendLine();
+        if (ReportText.ConversionText(report) is { } conversion) sb.AppendLine(conversion).AppendLine();
         sb.AppendLine("| target | names | adapters | by location | unique shapes | note |").AppendLine("|---|---:|---:|---|---|---|");
         foreach (var r in report.Breakdown)
         {

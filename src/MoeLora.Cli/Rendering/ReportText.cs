@@ -47,12 +47,7 @@ public static class ReportText
 
         yield return new Rule("[bold]Module matching[/]").LeftJustified();
         yield return new Markup(Markup.Escape($"LoraConfig: {plan.Requested.Describe()}") + "\n");
-        if (plan.Conversion is { } conv)
-        {
-            var moved = string.Join(", ", conv.Moved.Select(m => $"{m.Key} → {m.Value}").Distinct());
-            yield return new Markup(Markup.Escape($"PEFT {plan.Version} rewrote the targets for transformers 5 ({conv.Pattern} rules): {moved}" +
-                (conv.DoubledGateUp ? "; gate_up_proj gets r and alpha doubled" : "") + ".") + "\n");
-        }
+        if (ConversionText(report) is { } conversion) yield return new Markup(Markup.Escape(conversion) + "\n");
         var match = new Table().Border(TableBorder.Rounded).AddColumn("target").AddColumn(new TableColumn("names").RightAligned())
             .AddColumn(new TableColumn("adapters").RightAligned());
         foreach (var c in Columns) match.AddColumn(new TableColumn(Short(c)).RightAligned());
@@ -111,6 +106,21 @@ public static class ReportText
             var trainable = r.TrainableParameters is null ? "" : $"\n   → trainable params: {Units.Count(r.TrainableParameters.Value)}";
             yield return new Markup($"{i++}. [bold]{Markup.Escape(r.Title)}[/]: {Markup.Escape(r.Detail)}{config}{trainable}\n");
         }
+    }
+
+    /// <summary>What PEFT's transformers-5 MoE rewrite did, in one sentence (null when it did not run).</summary>
+    public static string? ConversionText(LoraReport report)
+    {
+        var plan = report.Plan;
+        if (plan.Conversion is not { } conv) return null;
+        if (conv.Moved.Count == 0)
+        {
+            var rules = PeftModelTables.ConversionRules(report.Spec.ModelType)!;
+            return $"PEFT {plan.Version}'s transformers-5 rewrite ({conv.Pattern} rules) only maps {string.Join(", ", rules.Map.Select(kv => kv.Key))}: nothing here was moved onto the fused experts.";
+        }
+        var moved = string.Join(", ", conv.Moved.Select(m => $"{m.Key} → {m.Value}").Distinct());
+        return $"PEFT {plan.Version} rewrote the targets for transformers 5 ({conv.Pattern} rules): {moved}" +
+               (conv.DoubledGateUp ? "; gate_up_proj gets r and alpha doubled." : ".");
     }
 
     private static string Short(ModuleLocation c) => c switch
