@@ -19,7 +19,7 @@ public sealed class ReportCommand : Command<ReportCommand.Settings>
         {
             ModelId = resolved.Id,
             Source = resolved.Origin.ToString().ToLowerInvariant(),
-            SourceNote = resolved.Notes.Count > 0 ? string.Join(" ", resolved.Notes) : null,
+            SourceNote = resolved.Notes.Count > 0 ? string.Join("; ", resolved.Notes) : null,
             SourceSummary = ModelLoader.Summary(resolved),
             BatchSize = Positive(settings.BatchSize, "--batch-size"),
             SeqLength = Positive(settings.SeqLength, "--seq-length"),
