@@ -62,8 +62,10 @@ internal sealed class Llama4Family : IArchitecture
             {
                 using (b.Scope("feed_forward", "Llama4TextMoe", ModuleLocation.Other))
                 {
+                    // Stored (E, in, out), but Llama4TextExperts has no is_transposed attribute, so PEFT treats the
+                    // parameters as (E, out, in) and swaps: its LoRA for gate_up_proj gets in = 2I, out = H (checked, 0.21).
                     using (b.Scope("experts", "Llama4TextExperts", ModuleLocation.RoutedExpert, kind: ModuleKind.Experts,
-                        numExperts: experts, isTransposed: true))
+                        numExperts: experts))
                     {
                         b.Param("gate_up_proj", experts, hidden, 2 * inter);
                         b.Param("down_proj", experts, inter, hidden);

@@ -1,5 +1,6 @@
 using System.Text.Json;
 using System.Text.Json.Nodes;
+using MoeLora.Core.Util;
 
 namespace MoeLora.Core.Config;
 
@@ -85,7 +86,7 @@ public sealed class ModelConfig
     public double Double(string name, double @default)
     {
         if (!_json.TryGetPropertyValue(name, out var v) || v is null) return @default;
-        if (v is JsonValue jv && jv.TryGetValue<double>(out var d)) return d;
+        if (JsonNumbers.TryDouble(v, out var d)) return d;
         throw new ConfigException($"config field '{name}' must be a number, got {v.ToJsonString()}");
     }
 
@@ -121,7 +122,7 @@ public sealed class ModelConfig
         return arr.Select(x => x switch
         {
             JsonValue jv when jv.TryGetValue<bool>(out var b) => b,
-            JsonValue jv when jv.TryGetValue<double>(out var d) => d != 0,
+            JsonValue jv when JsonNumbers.TryDouble(jv, out var d) => d != 0,
             _ => throw new ConfigException($"config field '{name}' must hold booleans or integers"),
         }).ToList();
     }
@@ -136,12 +137,8 @@ public sealed class ModelConfig
 
     private static long ReadInt(string name, JsonNode v)
     {
-        if (v is JsonValue jv)
-        {
-            if (jv.TryGetValue<long>(out var l)) return l;
-            // transformers writes some integers as floats (e.g. 4096.0); accept exact integral values.
-            if (jv.TryGetValue<double>(out var d) && Math.Abs(d - Math.Round(d)) < 1e-9 && Math.Abs(d) < 9e15) return (long)Math.Round(d);
-        }
+        // transformers writes some integers as floats (e.g. 4096.0); accept exact integral values.
+        if (JsonNumbers.TryLong(v, out var l)) return l;
         throw new ConfigException($"config field '{name}' must be an integer, got {v.ToJsonString()}");
     }
 }

@@ -47,7 +47,10 @@ public sealed class ModuleNode
     /// <summary>For Linear: out_features; for Embedding: embedding_dim.</summary>
     public long OutFeatures { get; init; }
 
-    /// <summary>For a fused experts module: the parameters are stored (E, in, out) (gpt-oss, Llama 4).</summary>
+    /// <summary>
+    /// For a fused experts module: transformers marks it <c>is_transposed</c> (parameters stored (E, in, out)), which
+    /// decides PEFT's LoRA orientation. gpt-oss sets it; Llama 4 stores (E, in, out) too but has no such attribute.
+    /// </summary>
     public bool IsTransposed { get; init; }
 
     /// <summary>Number of routed experts held by an experts module (0 otherwise).</summary>

@@ -1,0 +1,135 @@
+using System.ComponentModel;
+using System.Globalization;
+using MoeLora.Core.Analysis;
+using MoeLora.Core.Peft;
+using Spectre.Console.Cli;
+
+namespace MoeLora.Cli.Commands;
+
+/// <summary>
+/// LoRA options with PEFT's meaning. Without <c>--lora-config</c> or target options the seed report's configuration
+/// is analysed (r=16, alpha=32, q/k/v/o/gate/up/down_proj); flags override fields of <c>--lora-config</c>.
+/// </summary>
+public class LoraSettings : ModelSettings
+{
+    [CommandOption("--lora-config <FILE>")]
+    [Description("A PEFT adapter_config.json, or a JSON object of LoraConfig keyword arguments (PEFT's names)")]
+    public string? LoraConfigFile { get; init; }
+
+    [CommandOption("-t|--target-modules <TARGETS>")]
+    [Description("Names (comma-separated or repeated; exact or dot-suffix), a regex (full match), or all-linear")]
+    public string[]? TargetModules { get; init; }
+
+    [CommandOption("--target-parameters <PARAMS>")]
+    [Description("nn.Parameter names for PEFT's ParamWrapper, e.g. mlp.experts.gate_up_proj (comma-separated or repeated)")]
+    public string[]? TargetParameters { get; init; }
+
+    [CommandOption("--exclude-modules <NAMES>")]
+    [Description("Names or a regex PEFT must not adapt")]
+    public string[]? ExcludeModules { get; init; }
+
+    [CommandOption("-r|--rank <R>")]
+    [Description("LoRA rank r (default 16)")]
+    public int? Rank { get; init; }
+
+    [CommandOption("--alpha <ALPHA>")]
+    [Description("lora_alpha (default 2r)")]
+    public double? Alpha { get; init; }
+
+    [CommandOption("--layers-to-transform <LAYERS>")]
+    [Description("Decoder layers PEFT adapts (comma-separated)")]
+    public string? LayersToTransform { get; init; }
+
+    [CommandOption("--layers-pattern <NAME>")]
+    [Description("The ModuleList name PEFT reads layer indices after (e.g. layers)")]
+    public string? LayersPattern { get; init; }
+
+    [CommandOption("--use-dora")]
+    [Description("Weight-decomposed LoRA (adds a magnitude vector per adapted Linear)")]
+    public bool UseDora { get; init; }
+
+    [CommandOption("--use-rslora")]
+    [Description("Scale by alpha/sqrt(r) instead of alpha/r")]
+    public bool UseRslora { get; init; }
+
+    [CommandOption("--bias <MODE>")]
+    [Description("Base biases to train: none, all or lora_only")]
+    public string? Bias { get; init; }
+
+    [CommandOption("--modules-to-save <NAMES>")]
+    [Description("Modules PEFT copies and trains fully (e.g. lm_head)")]
+    public string[]? ModulesToSave { get; init; }
+
+    [CommandOption("--peft-version <VERSION>")]
+    [Description("PEFT rules to reproduce (default 0.21; --layout v4 defaults to 0.17)")]
+    public string? PeftVersion { get; init; }
+
+    [CommandOption("--batch-size <N>")]
+    [Description("Batch size for memory figures (default 1)")]
+    public int BatchSize { get; init; } = 1;
+
+    [CommandOption("--seq-length <N>")]
+    [Description("Sequence length for memory figures (default 512)")]
+    public int SeqLength { get; init; } = 512;
+
+    [CommandOption("--dtype <DTYPE>")]
+    [Description("Activation/base dtype: fp32, bf16 or fp16 (default bf16)")]
+    public string DType { get; init; } = "bf16";
+
+    [CommandOption("--cb-target-layers <LAYERS>")]
+    [Description("Circuit-breaker target layers as hidden_states indices (default L/4 and L/2)")]
+    public string[]? CbTargetLayers { get; init; }
+
+    public PeftVersion? ParsedPeftVersion => PeftVersion is null ? null : Core.Peft.PeftVersion.Parse(PeftVersion);
+
+    public DType ParsedDType => DTypes.Parse(DType);
+
+    public IReadOnlyList<int>? ParsedTargetLayers => CbTargetLayers is null ? null : ParseInts(CbTargetLayers, "--cb-target-layers");
+
+    /// <summary>Builds the LoraConfig the flags describe (file first, then flags on top).</summary>
+    public LoraConfig BuildLoraConfig()
+    {
+        LoraConfig config;
+        if (LoraConfigFile is not null)
+        {
+            if (!File.Exists(LoraConfigFile)) throw new FileNotFoundException($"--lora-config {LoraConfigFile} does not exist");
+            config = LoraConfig.FromJson(File.ReadAllText(LoraConfigFile), LoraConfigFile);
+        }
+        else
+        {
+            config = LoraConfig.SeedDefault;
+            if (TargetModules is not null || TargetParameters is not null)
+                config = config with { TargetModules = TargetModules is null ? ModuleSelector.List([]) : config.TargetModules };
+        }
+        if (TargetModules is not null) config = config with { TargetModules = Selector(TargetModules) };
+        if (TargetParameters is not null) config = config with { TargetParameters = Split(TargetParameters) };
+        if (ExcludeModules is not null) config = config with { ExcludeModules = Selector(ExcludeModules) };
+        if (Rank is not null) config = config with { R = Rank.Value, LoraAlpha = Alpha ?? 2.0 * Rank.Value };
+        if (Alpha is not null) config = config with { LoraAlpha = Alpha.Value };
+        if (LayersToTransform is not null) config = config with { LayersToTransform = ParseInts([LayersToTransform], "--layers-to-transform") };
+        if (LayersPattern is not null) config = config with { LayersPattern = [LayersPattern] };
+        if (UseDora) config = config with { UseDora = true };
+        if (UseRslora) config = config with { UseRslora = true };
+        if (Bias is not null) config = config with { Bias = Bias };
+        if (ModulesToSave is not null) config = config with { ModulesToSave = Split(ModulesToSave) };
+        config.Validate();
+        return config;
+    }
+
+    private static readonly char[] RegexChars = ['\\', '^', '$', '*', '+', '?', '(', ')', '[', ']', '{', '}', '|'];
+
+    /// <summary>A single value with regex syntax (or all-linear) is a regex, as a str is for PEFT; otherwise names.</summary>
+    internal static ModuleSelector Selector(string[] values)
+    {
+        if (values.Length == 1 && (values[0].Equals("all-linear", StringComparison.OrdinalIgnoreCase) || values[0].IndexOfAny(RegexChars) >= 0))
+            return ModuleSelector.Regex(values[0]);
+        return ModuleSelector.List(Split(values));
+    }
+
+    internal static List<string> Split(IEnumerable<string> values) =>
+        values.SelectMany(v => v.Split([',', ' '], StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)).ToList();
+
+    internal static List<int> ParseInts(IEnumerable<string> values, string option) =>
+        Split(values).Select(v => int.TryParse(v, NumberStyles.Integer, CultureInfo.InvariantCulture, out var i)
+            ? i : throw new ArgumentException($"{option}: '{v}' is not an integer")).ToList();
+}

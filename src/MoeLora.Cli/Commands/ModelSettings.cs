@@ -1,0 +1,36 @@
+using System.ComponentModel;
+using MoeLora.Core.Catalog;
+using MoeLora.Core.Modules;
+using Spectre.Console.Cli;
+
+namespace MoeLora.Cli.Commands;
+
+/// <summary>Options shared by every command that analyses one model.</summary>
+public class ModelSettings : CommandSettings
+{
+    [CommandArgument(0, "[MODEL]")]
+    [Description("Hub id (catalog, HF cache or Hub), a folder with config.json, or a config.json path. Default: " + ModelCatalog.DefaultModelId)]
+    public string Model { get; init; } = ModelCatalog.DefaultModelId;
+
+    [CommandOption("--layout <LAYOUT>")]
+    [Description("Module layout: v5 (transformers 5, fused experts; default) or v4 (transformers 4.57, per-expert modules)")]
+    public string Layout { get; init; } = "v5";
+
+    [CommandOption("--revision <REV>")]
+    [Description("Hub branch, tag or commit (default main)")]
+    public string Revision { get; init; } = "main";
+
+    [CommandOption("--format <FORMAT>")]
+    [Description("Output format: text, json or markdown")]
+    public string Format { get; init; } = "text";
+
+    [CommandOption("-o|--output <FILE>")]
+    [Description("Write the output to FILE (atomically) instead of the terminal")]
+    public string? Output { get; init; }
+
+    public Layout ParsedLayout => LayoutNames.Parse(Layout);
+
+    public string ParsedFormat => Format.ToLowerInvariant() is "text" or "json" or "markdown" or "md"
+        ? Format.ToLowerInvariant().Replace("md", "markdown", StringComparison.Ordinal)
+        : throw new ArgumentException($"unknown format '{Format}': use text, json or markdown");
+}

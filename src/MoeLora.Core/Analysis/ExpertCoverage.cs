@@ -1,0 +1,56 @@
+using System.Text.RegularExpressions;
+using MoeLora.Core.Modules;
+using MoeLora.Core.Peft;
+
+namespace MoeLora.Core.Analysis;
+
+/// <summary>Which routed experts carry adapters, and how (distinct modules or slices of fused tensors).</summary>
+public sealed record ExpertCoverage
+{
+    public required long ExpertsPerLayer { get; init; }
+
+    public required int MoeLayers { get; init; }
+
+    /// <summary>MoE layers where at least one routed expert has an adapter.</summary>
+    public required int LayersWithExpertAdapters { get; init; }
+
+    /// <summary>Largest number of distinct experts with an adapter in any one MoE layer.</summary>
+    public required long ExpertsWithAdapters { get; init; }
+
+    /// <summary><c>distinct modules</c> (v4 per-expert nn.Linear), <c>per-expert slices</c> (ParamWrapper), or <c>none</c>.</summary>
+    public required string Mode { get; init; }
+
+    private static readonly Regex ExpertIndex = new(@"\.experts\.(\d+)\.", RegexOptions.CultureInvariant | RegexOptions.Compiled);
+
+    public static ExpertCoverage Build(AdapterPlan plan)
+    {
+        var experts = plan.Targets.Where(t => t.Location == ModuleLocation.RoutedExpert).ToList();
+        var perLayer = new Dictionary<int, HashSet<long>>();
+        foreach (var t in experts)
+        {
+            var layer = t.Layer ?? -1;
+            if (!perLayer.TryGetValue(layer, out var set)) perLayer[layer] = set = [];
+            if (t.Kind == AdapterKind.Parameter)
+            {
+                for (long e = 0; e < t.NumExperts; e++) set.Add(e);
+            }
+            else
+            {
+                var m = ExpertIndex.Match(t.ModuleName + ".");
+                if (m.Success) set.Add(long.Parse(m.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture));
+            }
+        }
+        var mode = experts.Count == 0 ? "none"
+            : experts.All(t => t.Kind == AdapterKind.Parameter) ? "per-expert slices of fused LoRA tensors"
+            : experts.All(t => t.Kind != AdapterKind.Parameter) ? "distinct LoRA modules per expert"
+            : "mixed";
+        return new ExpertCoverage
+        {
+            ExpertsPerLayer = plan.Spec.Moe.NumExperts,
+            MoeLayers = plan.Spec.Moe.MoeLayers.Count,
+            LayersWithExpertAdapters = perLayer.Count,
+            ExpertsWithAdapters = perLayer.Count == 0 ? 0 : perLayer.Values.Max(s => s.Count),
+            Mode = mode,
+        };
+    }
+}

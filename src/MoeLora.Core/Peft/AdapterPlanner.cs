@@ -1,0 +1,464 @@
+using MoeLora.Core.Architectures;
+using MoeLora.Core.Modules;
+
+namespace MoeLora.Core.Peft;
+
+/// <summary>
+/// Reproduces <c>get_peft_model(model, LoraConfig(...))</c> on a <see cref="ModuleTree"/>: PEFT's config rewrites,
+/// module matching, parameter targeting, wrapper nesting, tying, bias modes, modules_to_save and counting
+/// (peft-semantics §0-§4). Errors PEFT would raise become <see cref="PeftConfigException"/>s with PEFT's wording.
+/// </summary>
+public static class AdapterPlanner
+{
+    private const string Prefix = "base_model.model.";
+    private const int MinTargetModulesForOptimization = 20;
+
+    public static AdapterPlan Plan(ModelSpec spec, LoraConfig requested, PeftVersion? peftVersion = null)
+    {
+        var version = peftVersion ?? (spec.Layout == Layout.V4 ? PeftVersion.V0_17 : PeftVersion.Default);
+        requested.Validate();
+        var tree = spec.Tree;
+        var warnings = new List<string>();
+        var cfg = requested;
+
+        // Task-type heads are added to modules_to_save before injection (and so excluded from matching).
+        if (cfg.TaskType is "SEQ_CLS")
+            cfg = cfg with { ModulesToSave = [.. cfg.ModulesToSave ?? [], "classifier", "score"] };
+
+        cfg = MoeConversion.Apply(cfg, spec, version, out var conversion);
+
+        if (cfg.TargetModules is null)
+        {
+            var defaults = PeftModelTables.DefaultTargetModules(spec.ModelType);
+            if (defaults is not null) cfg = cfg with { TargetModules = ModuleSelector.List(defaults) };
+            else if (cfg.TargetParameters is null || cfg.TargetParameters.Count == 0)
+                throw new PeftInjectionException("ValueError", "Please specify `target_modules` or `target_parameters`in `peft_config`");
+        }
+
+        if (cfg.TargetModules is { IsAllLinear: true })
+            cfg = cfg with { TargetModules = ModuleSelector.List(AllLinear.FullNames(spec)) };
+
+        if (cfg.TargetModules?.Names is { Count: >= MinTargetModulesForOptimization } many)
+        {
+            var minimal = MinimalTargets.Find(many, tree.Modules.Select(m => m.Name));
+            if (minimal.Count < many.Count) cfg = cfg with { TargetModules = ModuleSelector.List(minimal) };
+        }
+
+        var tiedTargets = TieTargets(spec, version, ref cfg);
+
+        var matcher = new TargetMatcher(cfg, version);
+        var targets = new List<AdapterTarget>();
+        bool anyExcluded = false, anyUnmatched = false;
+        foreach (var module in tree.Modules)
+        {
+            if (module.Name.Length == 0 || tiedTargets.Contains(module.Name)) continue;
+            switch (matcher.Check(module.Name))
+            {
+                case MatchResult.Excluded: anyExcluded = true; break;
+                case MatchResult.NoMatch: anyUnmatched = true; break;
+                default: targets.Add(WrapModule(spec, cfg, module, tiedToEmbedding: false)); break;
+            }
+        }
+        var moduleTargetCount = targets.Count;
+
+        var wrappedModules = targets.Select(t => t.ModuleName).ToHashSet(StringComparer.Ordinal);
+        var parameterTargets = cfg.TargetParameters is { Count: > 0 } tp
+            ? WrapParameters(spec, cfg, version, tp, wrappedModules)
+            : [];
+        targets.AddRange(parameterTargets);
+
+        foreach (var name in tiedTargets)
+            targets.Add(WrapModule(spec, cfg, tree.Find(name)!, tiedToEmbedding: true));
+
+        if (targets.Count == 0) throw NothingMatched(cfg, anyExcluded, anyUnmatched);
+        if (cfg.ExcludeModules is not null && !anyExcluded)
+            warnings.Add($"You have passed exclude_modules={cfg.ExcludeModules} but no modules were excluded. Please check that exclude_modules was set correctly.");
+        if (cfg.TargetModules is { } tm && moduleTargetCount == 0 && parameterTargets.Count > 0 && (tm.IsPattern || tm.Names!.Count > 0))
+            warnings.Add($"target_modules={tm} were set but no module was matched.");
+        if (cfg.TargetParameters is { Count: > 0 } && parameterTargets.Count == 0)
+            warnings.Add($"target_parameters=[{string.Join(", ", cfg.TargetParameters)}] were set but no parameter was matched.");
+
+        var extras = new List<TrainableExtra>();
+        var savedOnly = new List<AdapterTensor>();
+        var depth = WrapDepths(targets);
+        AddBiasExtras(spec, cfg, targets, depth, extras, savedOnly);
+        AddModulesToSave(spec, cfg, version, extras);
+
+        return new AdapterPlan
+        {
+            Spec = spec,
+            Version = version,
+            Requested = requested,
+            Effective = cfg,
+            Conversion = conversion,
+            Targets = targets,
+            Extras = extras,
+            PeftWarnings = warnings,
+            TrainableTensors = OrderTrainable(tree, targets, extras),
+            SavedOnly = savedOnly,
+        };
+    }
+
+    /// <summary>PEFT's not-found errors (NoMatchingPeftModuleError / ValueError), with its wording.</summary>
+    private static PeftInjectionException NothingMatched(LoraConfig cfg, bool anyExcluded, bool anyUnmatched)
+    {
+        if (anyExcluded && !anyUnmatched)
+            return new("ValueError", "All modules were excluded. This is likely unintended. Check your `target_modules`, `exclude_modules` and `modules_to_save` configuration.");
+        var tm = cfg.TargetModules;
+        var noModuleTargets = tm is null || (tm.Names is { Count: 0 });
+        if (!anyExcluded && noModuleTargets)
+            return new("ValueError", "No `target_modules` passed but also no `target_parameters` found. Please check the values for these arguments.");
+        if (!anyExcluded)
+        {
+            var shown = tm!.Pattern ?? "{" + string.Join(", ", tm.Names!.Order(StringComparer.Ordinal).Select(n => $"'{n}'")) + "}";
+            var msg = $"Target modules {shown} not found in the base model. Please check the target modules and try again.";
+            if (cfg.LayersToTransform is not null)
+                msg += $" Note: You specified 'layers_to_transform': {(cfg.LayersToTransformIsInt ? cfg.LayersToTransform[0].ToString(System.Globalization.CultureInfo.InvariantCulture) : "[" + string.Join(", ", cfg.LayersToTransform) + "]")}.";
+            if (cfg.LayersPattern is not null) msg += $" You also specified 'layers_pattern': {string.Join(", ", cfg.LayersPattern)}.";
+            return new("NoMatchingPeftModuleError", msg);
+        }
+        return new("ValueError", "No modules were targeted for adaptation. This might be caused by a combination of mismatched target modules and excluded modules. Please check your `target_modules` and `exclude_modules` configuration. You may also have only targeted modules that are marked to be saved (`modules_to_save`).");
+    }
+
+    private static (int R, double Alpha, double Scaling) RankAndAlpha(LoraConfig cfg, string key)
+    {
+        var r = TargetMatcher.PatternValue(cfg.RankPattern, key) ?? cfg.R;
+        var alpha = TargetMatcher.PatternValue(cfg.AlphaPattern, key) ?? cfg.LoraAlpha;
+        var scaling = cfg.UseRslora ? alpha / Math.Sqrt(r) : alpha / r;
+        return (r, alpha, scaling);
+    }
+
+    /// <summary><c>dispatch_default</c> for a matched module: Linear or Embedding, anything else is unsupported.</summary>
+    private static AdapterTarget WrapModule(ModelSpec spec, LoraConfig cfg, ModuleNode module, bool tiedToEmbedding)
+    {
+        if (module.Kind is not (ModuleKind.Linear or ModuleKind.Embedding))
+        {
+            throw new PeftInjectionException("ValueError",
+                $"Target module {module.ClassName}() is not supported. Currently, only the following modules are supported: " +
+                "`torch.nn.Linear`, `torch.nn.Embedding`, `torch.nn.Conv1d`, `torch.nn.Conv2d`, `torch.nn.Conv3d`, " +
+                "`transformers.pytorch_utils.Conv1D`, `torch.nn.MultiheadAttention.`." +
+                $" (module '{module.Name}')");
+        }
+        var (r, alpha, scaling) = RankAndAlpha(cfg, module.Name);
+        var p = Prefix + module.Name;
+        var tensors = new List<AdapterTensor>();
+        long inF = module.InFeatures, outF = module.OutFeatures;
+        if (module.Kind == ModuleKind.Embedding)
+        {
+            if (cfg.LoraBias) throw new PeftInjectionException("ValueError", "lora_bias=True is not supported for Embedding.");
+            tensors.Add(new($"{p}.lora_embedding_A.default", $"{p}.lora_embedding_A", [r, inF]));
+            tensors.Add(new($"{p}.lora_embedding_B.default", $"{p}.lora_embedding_B", [outF, r]));
+        }
+        else
+        {
+            tensors.Add(new($"{p}.lora_A.default.weight", $"{p}.lora_A.weight", [r, inF]));
+            tensors.Add(new($"{p}.lora_B.default.weight", $"{p}.lora_B.weight", [outF, r]));
+            if (cfg.LoraBias) tensors.Add(new($"{p}.lora_B.default.bias", $"{p}.lora_B.bias", [outF]));
+        }
+        if (cfg.UseDora)
+            tensors.Add(new($"{p}.lora_magnitude_vector.default.weight", $"{p}.lora_magnitude_vector", [outF]));
+
+        return new AdapterTarget
+        {
+            Name = module.Name,
+            ModuleName = module.Name,
+            Kind = module.Kind == ModuleKind.Embedding ? AdapterKind.Embedding : AdapterKind.Linear,
+            BaseClass = module.ClassName,
+            Location = module.Location,
+            Layer = module.LayerIndex,
+            R = r,
+            Alpha = alpha,
+            Scaling = scaling,
+            InFeatures = inF,
+            OutFeatures = outF,
+            NumExperts = 1,
+            BaseShape = module.Parameter("weight")?.Shape ?? [outF, inF],
+            WrapperPath = module.Name,
+            Dora = cfg.UseDora,
+            TiedToEmbedding = tiedToEmbedding,
+            Tensors = tensors,
+        };
+    }
+
+    /// <summary>
+    /// <c>_inject_parameters</c>: exact or dot-suffix match on <c>module.param</c>, ignoring exclude_modules and the
+    /// layer filter. Several parameters of one module nest: the first registered is innermost.
+    /// </summary>
+    private static List<AdapterTarget> WrapParameters(ModelSpec spec, LoraConfig cfg, PeftVersion version,
+        IReadOnlyList<string> targetParameters, HashSet<string> wrappedModules)
+    {
+        var targets = targetParameters.Distinct(StringComparer.Ordinal).Order(StringComparer.Ordinal).ToList();
+        var result = new List<AdapterTarget>();
+        foreach (var module in spec.Tree.Modules)
+        {
+            var matched = module.Parameters.Where(p => !p.IsTied && TargetMatcher.IsExactOrSuffix(p.Name, targets)).ToList();
+            if (matched.Count == 0) continue;
+            if (module.Name.Length == 0 && version.RejectsRootParameters)
+                throw new PeftInjectionException("ValueError", $"Targeting the parameter '{matched[0].Name}' of the root module is not supported.");
+            if (wrappedModules.Contains(module.Name))
+                throw new PeftInjectionException("ValueError",
+                    $"Trying to wrap the parameter '{matched[0].LocalName}' of '{module.Name}', which target_modules already adapted; do not target it with both target_modules and target_parameters.");
+            if (cfg.LoraDropout != 0)
+                throw new PeftInjectionException("ValueError", $"lora.ParamWrapper does not work with lora_dropout != 0 (got {cfg.LoraDropout}).");
+            if (cfg.UseDora) throw new PeftInjectionException("ValueError", "lora.ParamWrapper does not work with DoRA (use_dora=True).");
+            if (cfg.LoraBias) throw new PeftInjectionException("ValueError", "lora.ParamWrapper does not work with lora_bias=True.");
+            if (cfg.FanInFanOut) throw new PeftInjectionException("ValueError", "lora.ParamWrapper does not work with fan_in_fan_out=True.");
+
+            for (var k = 0; k < matched.Count; k++)
+            {
+                var param = matched[k];
+                var wrapper = module.Name + string.Concat(Enumerable.Repeat(".base_layer", matched.Count - 1 - k));
+                result.Add(WrapParameter(spec, cfg, version, module, param, wrapper));
+            }
+        }
+        return result;
+    }
+
+    private static AdapterTarget WrapParameter(ModelSpec spec, LoraConfig cfg, PeftVersion version, ModuleNode module,
+        ParameterNode param, string wrapperPath)
+    {
+        long experts, inF, outF;
+        var s = param.Shape;
+        if (s.Length == 2)
+        {
+            (experts, inF, outF) = (1, s[1], s[0]);
+        }
+        else if (s.Length == 3)
+        {
+            experts = s[0];
+            var swap = version.Orientation switch
+            {
+                ExpertOrientation.SwapUnlessTransposed => !module.IsTransposed,
+                ExpertOrientation.SwapIfTransposed => module.IsTransposed,
+                // peft ≤ 0.18 under transformers 5: transformers patches update_layer to swap fused expert params.
+                _ => spec.Layout == Layout.V5 && PeftModelTables.HasCheckpointConversion(spec.ModelType)
+                     && param.LocalName is "gate_up_proj" or "down_proj",
+            };
+            (inF, outF) = swap ? (s[2], s[1]) : (s[1], s[2]);
+        }
+        else
+        {
+            throw new PeftInjectionException("ValueError",
+                $"lora.ParamWrapper only supports 2-D and 3-D parameters, but '{param.Name}' has shape {param.ShapeText}.");
+        }
+
+        var key = module.Name + "." + param.LocalName;
+        var (r, alpha, scaling) = RankAndAlpha(cfg, key);
+        var p = Prefix + wrapperPath;
+        return new AdapterTarget
+        {
+            Name = key,
+            ModuleName = module.Name,
+            ParameterName = param.LocalName,
+            Kind = AdapterKind.Parameter,
+            BaseClass = module.ClassName,
+            Location = module.Location,
+            Layer = module.LayerIndex,
+            R = r,
+            Alpha = alpha,
+            Scaling = scaling,
+            InFeatures = inF,
+            OutFeatures = outF,
+            NumExperts = experts,
+            BaseShape = s,
+            WrapperPath = wrapperPath,
+            Tensors =
+            [
+                new($"{p}.lora_A.default.weight", $"{p}.lora_A.weight", [r * experts, inF]),
+                new($"{p}.lora_B.default.weight", $"{p}.lora_B.weight", [outF, r * experts]),
+            ],
+        };
+    }
+
+    /// <summary>
+    /// <c>_add_targets_to_tie</c> (peft ≥ 0.19, ensure_weight_tying, tied embeddings): targeting embed_tokens or
+    /// lm_head adapts both, the LM head's adapter sharing the embedding adapter's storage (counted twice).
+    /// Returns the deferred (tied) module names.
+    /// </summary>
+    private static HashSet<string> TieTargets(ModelSpec spec, PeftVersion version, ref LoraConfig cfg)
+    {
+        var tied = new HashSet<string>(StringComparer.Ordinal);
+        var tm = cfg.TargetModules;
+        // PEFT compares the child attribute name with full names, so tying only works for a top-level head.
+        if (!version.TiesTargetModules || !cfg.EnsureWeightTying || !spec.TieWordEmbeddings || tm is null
+            || spec.OutputEmbeddings.Contains('.', StringComparison.Ordinal))
+            return tied;
+        string[] embeddingNames = ["embed_tokens", "lm_head"];
+        var hits = tm.Pattern is not null
+            ? embeddingNames.Any(n => PyRegex.FullMatch(tm.Pattern, n))
+            : tm.Names!.Any(n => embeddingNames.Contains(n[(n.LastIndexOf('.') + 1)..]));
+        if (!hits) return tied;
+
+        tied.Add(spec.OutputEmbeddings);
+        if (tm.Pattern is not null)
+        {
+            cfg = cfg with { TargetModules = ModuleSelector.Regex($"(?:{tm.Pattern}|^{System.Text.RegularExpressions.Regex.Escape(spec.InputEmbeddings)}$)") };
+        }
+        else
+        {
+            var names = tm.Names!.Where(n => n != spec.OutputEmbeddings && n != "lm_head").ToList();
+            names.Add(spec.InputEmbeddings);
+            cfg = cfg with { TargetModules = ModuleSelector.List(names) };
+        }
+        return tied;
+    }
+
+    /// <summary>How many <c>.base_layer</c> levels sit between each wrapped module and its original parameters.</summary>
+    private static Dictionary<string, int> WrapDepths(IEnumerable<AdapterTarget> targets) =>
+        targets.GroupBy(t => t.ModuleName).ToDictionary(g => g.Key, g => g.Count(), StringComparer.Ordinal);
+
+    /// <summary>The runtime name of a base parameter once its module is wrapped <paramref name="depth"/> times.</summary>
+    private static string WrappedName(ParameterNode p, string owner, int depth)
+    {
+        var local = owner.Length == 0 ? p.Name : p.Name[(owner.Length + 1)..];
+        return Prefix + (owner.Length == 0 ? "" : owner + ".") + string.Concat(Enumerable.Repeat("base_layer.", depth)) + local;
+    }
+
+    /// <summary>
+    /// <c>bias="all"</c>: every parameter whose name contains "bias" becomes trainable and every state_dict key with
+    /// "bias" is saved. <c>bias="lora_only"</c>: the bias of each adapted layer; PEFT looks for it under the
+    /// unwrapped name when saving, so it is trained but not written.
+    /// </summary>
+    private static void AddBiasExtras(ModelSpec spec, LoraConfig cfg, List<AdapterTarget> targets, Dictionary<string, int> depth,
+        List<TrainableExtra> extras, List<AdapterTensor> savedOnly)
+    {
+        if (cfg.Bias == "none") return;
+        var tree = spec.Tree;
+        if (cfg.Bias == "all")
+        {
+            foreach (var module in tree.Modules)
+            {
+                var d = depth.GetValueOrDefault(module.Name);
+                foreach (var p in module.Parameters.Where(p => !p.IsTied && p.Name.Contains("bias", StringComparison.Ordinal)))
+                {
+                    var name = WrappedName(p, module.Name, d);
+                    extras.Add(new TrainableExtra(name, name, p.Shape, "bias=all", CountsInTotal: false));
+                }
+            }
+            return;
+        }
+        foreach (var moduleName in targets.Select(t => t.ModuleName).Distinct(StringComparer.Ordinal))
+        {
+            var module = tree.Find(moduleName)!;
+            if (module.Parameter("bias") is { IsTied: false } bias)
+                extras.Add(new TrainableExtra(WrappedName(bias, module.Name, depth[module.Name]), null, bias.Shape, "bias=lora_only", CountsInTotal: false));
+        }
+    }
+
+    /// <summary>
+    /// <c>modules_to_save</c>: every module whose name ends with an entry (plain endswith) gets a trainable deep copy,
+    /// counted in both totals. With ensure_weight_tying (≥ 0.18) the tied embedding/LM-head copies share one weight.
+    /// </summary>
+    private static void AddModulesToSave(ModelSpec spec, LoraConfig cfg, PeftVersion version, List<TrainableExtra> extras)
+    {
+        if (cfg.ModulesToSave is not { Count: > 0 } entries) return;
+        var tree = spec.Tree;
+        var wrapped = tree.Modules.Where(m => m.Name.Length > 0 && entries.Any(e => m.Name.EndsWith(e, StringComparison.Ordinal))).ToList();
+        var tying = version.TiesModulesToSave && cfg.EnsureWeightTying && spec.TieWordEmbeddings;
+        if (tying && wrapped.Any(m => m.Name == spec.InputEmbeddings || m.Name == spec.OutputEmbeddings))
+        {
+            // Both ends get wrappers; the LM head's copy reuses the embedding copy's Parameter (counted once).
+            foreach (var name in new[] { spec.InputEmbeddings, spec.OutputEmbeddings })
+                if (wrapped.All(m => m.Name != name)) wrapped.Add(tree.Find(name)!);
+        }
+        var seen = new HashSet<string>(StringComparer.Ordinal);
+        foreach (var module in wrapped.OrderBy(m => IndexOf(tree, m)))
+        {
+            foreach (var p in tree.SubtreeParameters(module))
+            {
+                if (tying && p.IsTied && module.Name == spec.OutputEmbeddings) continue;
+                var sub = p.Name[(module.Name.Length + 1)..];
+                var runtime = $"{Prefix}{module.Name}.modules_to_save.default.{sub}";
+                if (seen.Add(runtime))
+                    extras.Add(new TrainableExtra(runtime, $"{Prefix}{module.Name}.{sub}", p.Shape, "modules_to_save", CountsInTotal: true));
+            }
+        }
+    }
+
+    private static int IndexOf(ModuleTree tree, ModuleNode m)
+    {
+        for (var i = 0; i < tree.Modules.Count; i++) if (ReferenceEquals(tree.Modules[i], m)) return i;
+        return int.MaxValue;
+    }
+
+    /// <summary>Trainable tensors in PeftModel.named_parameters() order: module by module, inner wrappers first.</summary>
+    private static List<AdapterTensor> OrderTrainable(ModuleTree tree, List<AdapterTarget> targets, List<TrainableExtra> extras)
+    {
+        var byModule = targets.GroupBy(t => t.ModuleName).ToDictionary(
+            g => g.Key, g => g.OrderByDescending(t => t.WrapperPath.Length).SelectMany(t => t.Tensors).ToList(), StringComparer.Ordinal);
+        var extraByModule = new Dictionary<string, List<AdapterTensor>>(StringComparer.Ordinal);
+        foreach (var e in extras)
+        {
+            var module = ExtraOwner(tree, e.RuntimeName);
+            if (!extraByModule.TryGetValue(module, out var list)) extraByModule[module] = list = [];
+            list.Add(new AdapterTensor(e.RuntimeName, e.SavedKey, e.Shape));
+        }
+        var ordered = new List<AdapterTensor>();
+        foreach (var m in tree.Modules)
+        {
+            if (extraByModule.TryGetValue(m.Name, out var ex)) ordered.AddRange(ex);
+            if (byModule.TryGetValue(m.Name, out var ts)) ordered.AddRange(ts);
+        }
+        return ordered;
+    }
+
+    /// <summary>The tree module an extra tensor belongs to (its runtime name without wrapper segments).</summary>
+    private static string ExtraOwner(ModuleTree tree, string runtimeName)
+    {
+        var name = runtimeName[Prefix.Length..];
+        var cut = name.IndexOf(".modules_to_save.", StringComparison.Ordinal);
+        if (cut >= 0) return name[..cut];
+        name = name.Replace(".base_layer", "", StringComparison.Ordinal);
+        var owner = name[..Math.Max(0, name.LastIndexOf('.'))];
+        return tree.Find(owner) is not null ? owner : "";
+    }
+}
+
+/// <summary>PEFT's <c>_find_minimal_target_modules</c>: the shortest dot-suffixes that match the targets only.</summary>
+public static class MinimalTargets
+{
+    public static IReadOnlyList<string> Find(IReadOnlyList<string> targets, IEnumerable<string> allModuleNames)
+    {
+        var targetSet = targets.ToHashSet(StringComparer.Ordinal);
+        // PEFT passes the module names that match no target (exactly or as a suffix).
+        var others = allModuleNames.Where(n => !TargetMatcher.IsExactOrSuffix(n, targets, targetSet)).ToList();
+        var otherSuffixes = new HashSet<string>(others.SelectMany(Suffixes), StringComparer.Ordinal);
+        var required = new HashSet<string>(StringComparer.Ordinal);
+        var ordered = targetSet.Select(t => (t, s: Suffixes(t))).OrderBy(x => x.s, SuffixListComparer.Instance);
+        foreach (var (_, suffixes) in ordered)
+        {
+            foreach (var suffix in suffixes)
+            {
+                if (required.Contains(suffix) || !otherSuffixes.Contains(suffix))
+                {
+                    required.Add(suffix);
+                    break;
+                }
+            }
+        }
+        return required.Count == 0 ? targetSet.ToList() : required.ToList();
+    }
+
+    /// <summary>Suffixes from shortest (last segment) to the full name.</summary>
+    private static List<string> Suffixes(string name)
+    {
+        var parts = name.Split('.');
+        return Enumerable.Range(0, parts.Length).Select(i => string.Join('.', parts[i..])).Reverse().ToList();
+    }
+
+    /// <summary>Python's ordering of lists of strings (lexicographic, code-point order).</summary>
+    private sealed class SuffixListComparer : IComparer<List<string>>
+    {
+        public static readonly SuffixListComparer Instance = new();
+
+        public int Compare(List<string>? x, List<string>? y)
+        {
+            for (var i = 0; i < Math.Min(x!.Count, y!.Count); i++)
+            {
+                var c = string.CompareOrdinal(x[i], y[i]);
+                if (c != 0) return c;
+            }
+            return x.Count.CompareTo(y.Count);
+        }
+    }
+}

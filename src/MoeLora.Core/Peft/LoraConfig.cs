@@ -1,0 +1,333 @@
+using System.Globalization;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using MoeLora.Core.Util;
+
+namespace MoeLora.Core.Peft;
+
+/// <summary>
+/// PEFT's <c>target_modules</c> / <c>exclude_modules</c>: either a regex string (full match) or a list of names
+/// matched exactly or as dot-suffixes. <c>"all-linear"</c> is a string, <c>["all-linear"]</c> is a list.
+/// </summary>
+public sealed record ModuleSelector
+{
+    private ModuleSelector(string? pattern, IReadOnlyList<string>? names)
+    {
+        Pattern = pattern;
+        Names = names;
+    }
+
+    /// <summary>The regex, when PEFT received a str.</summary>
+    public string? Pattern { get; }
+
+    /// <summary>The names, when PEFT received a list (kept in first-seen order, duplicates dropped like a set).</summary>
+    public IReadOnlyList<string>? Names { get; }
+
+    public bool IsPattern => Pattern is not null;
+
+    public bool IsAllLinear => Pattern is not null && Pattern.Equals("all-linear", StringComparison.OrdinalIgnoreCase);
+
+    public static ModuleSelector Regex(string pattern) => new(pattern, null);
+
+    public static ModuleSelector List(IEnumerable<string> names) => new(null, names.Distinct(StringComparer.Ordinal).ToList());
+
+    public JsonNode ToJson() => Pattern is not null ? JsonValue.Create(Pattern) : new JsonArray(Names!.Order(StringComparer.Ordinal).Select(n => (JsonNode)JsonValue.Create(n)).ToArray());
+
+    public override string ToString() => Pattern is not null ? $"\"{Pattern}\"" : "[" + string.Join(", ", Names!) + "]";
+}
+
+/// <summary>
+/// A LoRA configuration with PEFT's field names and defaults (<c>LoraConfig</c>). Parsed from a PEFT
+/// <c>adapter_config.json</c> or a JSON object of LoraConfig keyword arguments, and written back in PEFT's format.
+/// </summary>
+public sealed record LoraConfig
+{
+    public int R { get; init; } = 8;
+
+    public double LoraAlpha { get; init; } = 8;
+
+    public ModuleSelector? TargetModules { get; init; }
+
+    public IReadOnlyList<string>? TargetParameters { get; init; }
+
+    public ModuleSelector? ExcludeModules { get; init; }
+
+    /// <summary><c>layers_to_transform</c>: null, one int (equality) or a list (membership).</summary>
+    public IReadOnlyList<int>? LayersToTransform { get; init; }
+
+    /// <summary>True when <c>layers_to_transform</c> was a single int rather than a list.</summary>
+    public bool LayersToTransformIsInt { get; init; }
+
+    /// <summary><c>layers_pattern</c>: null, a str or a list (each entry inserted into the regex unescaped).</summary>
+    public IReadOnlyList<string>? LayersPattern { get; init; }
+
+    /// <summary>Ordered: PEFT takes the first pattern that matches.</summary>
+    public IReadOnlyList<KeyValuePair<string, int>> RankPattern { get; init; } = [];
+
+    public IReadOnlyList<KeyValuePair<string, double>> AlphaPattern { get; init; } = [];
+
+    public IReadOnlyList<string>? ModulesToSave { get; init; }
+
+    /// <summary><c>none</c>, <c>all</c> or <c>lora_only</c>.</summary>
+    public string Bias { get; init; } = "none";
+
+    public bool UseDora { get; init; }
+
+    public bool UseRslora { get; init; }
+
+    public bool LoraBias { get; init; }
+
+    public bool FanInFanOut { get; init; }
+
+    public double LoraDropout { get; init; }
+
+    public bool EnsureWeightTying { get; init; }
+
+    public string? TaskType { get; init; } = "CAUSAL_LM";
+
+    /// <summary><c>init_lora_weights</c> as written (true, false, or a method name such as "gaussian").</summary>
+    public JsonNode? InitLoraWeights { get; init; } = JsonValue.Create(true);
+
+    /// <summary>Keys the tool does not model (kept for the round trip, reported as warnings when they matter).</summary>
+    public IReadOnlyList<string> IgnoredKeys { get; init; } = [];
+
+    /// <summary>The seed report's target list.</summary>
+    public static IReadOnlyList<string> SeedTargets { get; } = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+    /// <summary>The seed report's configuration: r=16, alpha=32 on q,k,v,o,gate,up,down_proj.</summary>
+    public static LoraConfig SeedDefault { get; } = new()
+    {
+        R = 16,
+        LoraAlpha = 32,
+        TargetModules = ModuleSelector.List(SeedTargets),
+    };
+
+    private static readonly HashSet<string> Unsupported = new(StringComparer.Ordinal)
+    {
+        "layer_replication", "trainable_token_indices", "loftq_config", "megatron_config", "eva_config", "corda_config",
+        "use_qalora", "use_bdlora", "arrow_config", "alora_invocation_tokens",
+    };
+
+    // Every LoraConfig field PEFT 0.17-0.21 writes into adapter_config.json; others are ignored with a note.
+    private static readonly HashSet<string> Known = new(StringComparer.Ordinal)
+    {
+        "r", "lora_alpha", "target_modules", "target_parameters", "exclude_modules", "layers_to_transform",
+        "layers_pattern", "rank_pattern", "alpha_pattern", "modules_to_save", "bias", "use_dora", "use_rslora",
+        "lora_bias", "fan_in_fan_out", "lora_dropout", "ensure_weight_tying", "task_type", "init_lora_weights",
+        "peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
+        "layer_replication", "trainable_token_indices", "loftq_config", "megatron_config", "megatron_core",
+        "eva_config", "corda_config", "use_qalora", "qalora_group_size", "runtime_config", "alora_invocation_tokens",
+        "arrow_config", "use_bdlora", "lora_ga_config",
+    };
+
+    /// <summary>Parses a PEFT adapter_config.json, or a JSON object of LoraConfig keyword arguments.</summary>
+    public static LoraConfig FromJson(string json, string source)
+    {
+        JsonObject obj;
+        try
+        {
+            obj = JsonNode.Parse(json) as JsonObject ?? throw new PeftConfigException($"{source} must hold a JSON object");
+        }
+        catch (JsonException e)
+        {
+            throw new PeftConfigException($"{source} is not valid JSON: {e.Message}");
+        }
+        return FromJson(obj, source);
+    }
+
+    public static LoraConfig FromJson(JsonObject o, string source)
+    {
+        var peftType = Str(o, "peft_type", source);
+        if (peftType is not null && !peftType.Equals("LORA", StringComparison.OrdinalIgnoreCase))
+            throw new PeftConfigException($"{source}: peft_type is '{peftType}'; only LORA adapters are analysed");
+        foreach (var key in o.Select(kv => kv.Key))
+        {
+            if (Unsupported.Contains(key) && o[key] is not null && !IsEmpty(o[key]!))
+                throw new PeftConfigException($"{source}: '{key}' is not supported by moelora yet");
+        }
+
+        var ignored = o.Select(kv => kv.Key).Where(k => !Known.Contains(k)).ToList();
+        var config = new LoraConfig
+        {
+            R = (int)(Int(o, "r", source) ?? 8),
+            LoraAlpha = Num(o, "lora_alpha", source) ?? 8,
+            TargetModules = Selector(o, "target_modules", source),
+            TargetParameters = TargetParams(o, source),
+            ExcludeModules = Selector(o, "exclude_modules", source),
+            LayersToTransform = Layers(o, source, out var isInt),
+            LayersToTransformIsInt = isInt,
+            LayersPattern = StrOrList(o, "layers_pattern", source),
+            RankPattern = Pattern(o, "rank_pattern", source).Select(kv => new KeyValuePair<string, int>(kv.Key, checked((int)kv.Value))).ToList(),
+            AlphaPattern = Pattern(o, "alpha_pattern", source),
+            ModulesToSave = StrOrList(o, "modules_to_save", source),
+            Bias = Str(o, "bias", source) ?? "none",
+            UseDora = Bool(o, "use_dora", source),
+            UseRslora = Bool(o, "use_rslora", source),
+            LoraBias = Bool(o, "lora_bias", source),
+            FanInFanOut = Bool(o, "fan_in_fan_out", source),
+            LoraDropout = Num(o, "lora_dropout", source) ?? 0,
+            EnsureWeightTying = Bool(o, "ensure_weight_tying", source),
+            TaskType = o.ContainsKey("task_type") ? Str(o, "task_type", source) : "CAUSAL_LM",
+            InitLoraWeights = o.TryGetPropertyValue("init_lora_weights", out var init) ? init?.DeepClone() : JsonValue.Create(true),
+            IgnoredKeys = ignored,
+        };
+        config.Validate();
+        return config;
+    }
+
+    /// <summary>The checks of <c>LoraConfig.__post_init__</c> (and of update_layer that need no model).</summary>
+    public void Validate()
+    {
+        if (R <= 0) throw new PeftConfigException($"`r` should be a positive integer value but the value passed is {R}");
+        if (Bias is not ("none" or "all" or "lora_only")) throw new PeftConfigException($"Requested bias: {Bias}, is not implemented.");
+        if (TargetModules?.Pattern is { } p && !TargetModules.IsAllLinear) PyRegex.Validate(p, "target_modules");
+        if (ExcludeModules?.Pattern is { } e) PyRegex.Validate(e, "exclude_modules");
+        if (TargetModules?.IsPattern == true && LayersToTransform is not null)
+            throw new PeftConfigException("`layers_to_transform` cannot be used when `target_modules` is a str.");
+        if (TargetModules?.IsPattern == true && LayersPattern is { Count: > 0 })
+            throw new PeftConfigException("`layers_pattern` cannot be used when `target_modules` is a str.");
+        // PEFT tests truthiness: layers_to_transform=0 or [] counts as "not given" (fixed only after 0.21).
+        var layersGiven = LayersToTransform is { Count: > 0 } && !(LayersToTransformIsInt && LayersToTransform[0] == 0);
+        if (LayersPattern is { Count: > 0 } && !layersGiven)
+            throw new PeftConfigException("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ");
+        if (UseDora && LoraBias) throw new PeftConfigException("DoRA does not support lora_bias=True");
+        foreach (var kv in RankPattern) PyRegex.Validate(kv.Key, "rank_pattern key");
+        foreach (var kv in AlphaPattern) PyRegex.Validate(kv.Key, "alpha_pattern key");
+        if (RankPattern.Any(kv => kv.Value <= 0)) throw new PeftConfigException("rank_pattern values must be positive integers");
+    }
+
+    /// <summary>The adapter_config.json PEFT writes for this configuration (keys in PEFT's names).</summary>
+    public JsonObject ToAdapterConfigJson(string? baseModel)
+    {
+        var o = new JsonObject
+        {
+            ["alpha_pattern"] = new JsonObject(AlphaPattern.Select(kv => KeyValuePair.Create(kv.Key, (JsonNode?)JsonValue.Create(kv.Value)))),
+            ["base_model_name_or_path"] = baseModel,
+            ["bias"] = Bias,
+            ["ensure_weight_tying"] = EnsureWeightTying,
+            ["exclude_modules"] = ExcludeModules?.ToJson(),
+            ["fan_in_fan_out"] = FanInFanOut,
+            ["inference_mode"] = true,
+            ["init_lora_weights"] = InitLoraWeights?.DeepClone(),
+            ["layers_pattern"] = LayersPattern is null ? null : LayersPattern.Count == 1 ? LayersPattern[0] : new JsonArray(LayersPattern.Select(x => (JsonNode)JsonValue.Create(x)).ToArray()),
+            ["layers_to_transform"] = LayersToTransform is null ? null : LayersToTransformIsInt ? LayersToTransform[0] : new JsonArray(LayersToTransform.Select(x => (JsonNode)JsonValue.Create(x)).ToArray()),
+            ["lora_alpha"] = LoraAlpha % 1 == 0 ? JsonValue.Create((long)LoraAlpha) : JsonValue.Create(LoraAlpha),
+            ["lora_bias"] = LoraBias,
+            ["lora_dropout"] = LoraDropout,
+            ["modules_to_save"] = ModulesToSave is null ? null : new JsonArray(ModulesToSave.Select(x => (JsonNode)JsonValue.Create(x)).ToArray()),
+            ["peft_type"] = "LORA",
+            ["r"] = R,
+            ["rank_pattern"] = new JsonObject(RankPattern.Select(kv => KeyValuePair.Create(kv.Key, (JsonNode?)JsonValue.Create(kv.Value)))),
+            ["revision"] = null,
+            ["target_modules"] = TargetModules?.ToJson(),
+            ["target_parameters"] = TargetParameters is null ? null : new JsonArray(TargetParameters.Select(x => (JsonNode)JsonValue.Create(x)).ToArray()),
+            ["task_type"] = TaskType,
+            ["use_dora"] = UseDora,
+            ["use_rslora"] = UseRslora,
+        };
+        return o;
+    }
+
+    /// <summary>LoraConfig keyword arguments as a user would pass them (only non-default fields).</summary>
+    public JsonObject ToKwargsJson()
+    {
+        var full = ToAdapterConfigJson(null);
+        var o = new JsonObject { ["r"] = R, ["lora_alpha"] = full["lora_alpha"]!.DeepClone() };
+        if (TargetModules is not null) o["target_modules"] = TargetModules.ToJson();
+        if (TargetParameters is not null) o["target_parameters"] = full["target_parameters"]!.DeepClone();
+        foreach (var key in new[] { "exclude_modules", "layers_to_transform", "layers_pattern", "modules_to_save" })
+            if (full[key] is not null) o[key] = full[key]!.DeepClone();
+        if (RankPattern.Count > 0) o["rank_pattern"] = full["rank_pattern"]!.DeepClone();
+        if (AlphaPattern.Count > 0) o["alpha_pattern"] = full["alpha_pattern"]!.DeepClone();
+        if (Bias != "none") o["bias"] = Bias;
+        if (UseDora) o["use_dora"] = true;
+        if (UseRslora) o["use_rslora"] = true;
+        if (LoraBias) o["lora_bias"] = true;
+        if (LoraDropout != 0) o["lora_dropout"] = LoraDropout;
+        if (EnsureWeightTying) o["ensure_weight_tying"] = true;
+        o["task_type"] = TaskType;
+        return o;
+    }
+
+    private static bool IsEmpty(JsonNode n) => n is JsonArray { Count: 0 } || n is JsonObject { Count: 0 } || (n is JsonValue v && v.TryGetValue<bool>(out var b) && !b);
+
+    private static string Where(string source, string key) => $"{source}: '{key}'";
+
+    private static string? Str(JsonObject o, string key, string source)
+    {
+        if (!o.TryGetPropertyValue(key, out var v) || v is null) return null;
+        return v is JsonValue jv && jv.TryGetValue<string>(out var s) ? s : throw new PeftConfigException($"{Where(source, key)} must be a string");
+    }
+
+    private static bool Bool(JsonObject o, string key, string source)
+    {
+        if (!o.TryGetPropertyValue(key, out var v) || v is null) return false;
+        return v is JsonValue jv && jv.TryGetValue<bool>(out var b) ? b : throw new PeftConfigException($"{Where(source, key)} must be true or false");
+    }
+
+    private static long? Int(JsonObject o, string key, string source)
+    {
+        if (!o.TryGetPropertyValue(key, out var v) || v is null) return null;
+        if (JsonNumbers.TryLong(v, out var l)) return l;
+        throw new PeftConfigException($"{Where(source, key)} must be an integer");
+    }
+
+    private static double? Num(JsonObject o, string key, string source)
+    {
+        if (!o.TryGetPropertyValue(key, out var v) || v is null) return null;
+        return JsonNumbers.TryDouble(v, out var d) ? d : throw new PeftConfigException($"{Where(source, key)} must be a number");
+    }
+
+    private static ModuleSelector? Selector(JsonObject o, string key, string source)
+    {
+        if (!o.TryGetPropertyValue(key, out var v) || v is null) return null;
+        if (v is JsonValue jv && jv.TryGetValue<string>(out var s)) return ModuleSelector.Regex(s);
+        if (v is JsonArray arr)
+            return ModuleSelector.List(arr.Select(x => x is JsonValue xv && xv.TryGetValue<string>(out var n) ? n : throw new PeftConfigException($"{Where(source, key)} must be a string or a list of strings")));
+        throw new PeftConfigException($"{Where(source, key)} must be a string or a list of strings");
+    }
+
+    private static IReadOnlyList<string>? TargetParams(JsonObject o, string source)
+    {
+        if (!o.TryGetPropertyValue("target_parameters", out var v) || v is null) return null;
+        if (v is JsonValue jv && jv.TryGetValue<string>(out _))
+            throw new PeftConfigException("target_parameters must be a list of parameter names, not a str (PEFT raises TypeError; regexes are not supported)");
+        return StrOrList(o, "target_parameters", source);
+    }
+
+    private static IReadOnlyList<string>? StrOrList(JsonObject o, string key, string source)
+    {
+        if (!o.TryGetPropertyValue(key, out var v) || v is null) return null;
+        if (v is JsonValue jv && jv.TryGetValue<string>(out var s)) return [s];
+        if (v is JsonArray arr)
+            return arr.Select(x => x is JsonValue xv && xv.TryGetValue<string>(out var n) ? n : throw new PeftConfigException($"{Where(source, key)} must hold strings")).ToList();
+        throw new PeftConfigException($"{Where(source, key)} must be a string or a list of strings");
+    }
+
+    private static IReadOnlyList<int>? Layers(JsonObject o, string source, out bool isInt)
+    {
+        isInt = false;
+        if (!o.TryGetPropertyValue("layers_to_transform", out var v) || v is null) return null;
+        if (v is JsonValue && JsonNumbers.TryLong(v, out var l))
+        {
+            isInt = true;
+            return [checked((int)l)];
+        }
+        if (v is JsonArray arr)
+            return arr.Select(x => JsonNumbers.TryLong(x, out var n) ? checked((int)n) : throw new PeftConfigException($"{Where(source, "layers_to_transform")} must hold integers")).ToList();
+        throw new PeftConfigException($"{Where(source, "layers_to_transform")} must be an integer or a list of integers");
+    }
+
+    private static IReadOnlyList<KeyValuePair<string, double>> Pattern(JsonObject o, string key, string source)
+    {
+        if (!o.TryGetPropertyValue(key, out var v) || v is null) return [];
+        if (v is not JsonObject map) throw new PeftConfigException($"{Where(source, key)} must be an object of pattern -> value");
+        return map.Select(kv => JsonNumbers.TryDouble(kv.Value, out var d)
+            ? new KeyValuePair<string, double>(kv.Key, d)
+            : throw new PeftConfigException($"{Where(source, key)}['{kv.Key}'] must be a number")).ToList();
+    }
+
+    public string Describe() =>
+        FormattableString.Invariant($"r={R}, lora_alpha={LoraAlpha}, target_modules={TargetModules?.ToString() ?? "None"}") +
+        (TargetParameters is null ? "" : $", target_parameters=[{string.Join(", ", TargetParameters)}]");
+}

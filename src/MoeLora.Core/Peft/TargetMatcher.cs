@@ -1,0 +1,88 @@
+using System.Globalization;
+
+namespace MoeLora.Core.Peft;
+
+public enum MatchResult
+{
+    NoMatch,
+    Match,
+    /// <summary>Excluded by <c>exclude_modules</c> or because it lies in a <c>modules_to_save</c> module.</summary>
+    Excluded,
+}
+
+/// <summary>PEFT's <c>check_target_module_exists</c> (peft-semantics §1), for one LoraConfig and PEFT version.</summary>
+public sealed class TargetMatcher(LoraConfig config, PeftVersion version)
+{
+    private readonly HashSet<string>? _targetSet = config.TargetModules?.Names?.ToHashSet(StringComparer.Ordinal);
+    private readonly HashSet<string>? _excludeSet = config.ExcludeModules?.Names?.ToHashSet(StringComparer.Ordinal);
+
+    public MatchResult Check(string key)
+    {
+        if (config.ExcludeModules is { } ex)
+        {
+            if (ex.Pattern is not null ? PyRegex.FullMatch(ex.Pattern, key) : IsExactOrSuffix(key, ex.Names!, _excludeSet!))
+                return MatchResult.Excluded;
+        }
+        foreach (var m in config.ModulesToSave ?? [])
+        {
+            // PEFT does not escape the name: it is a regex fragment.
+            if (PyRegex.Match("(^|.*\\.)" + m + "($|\\..*)", key).Success) return MatchResult.Excluded;
+        }
+        var targets = config.TargetModules;
+        if (targets is null) return MatchResult.NoMatch;
+        if (targets.Pattern is not null) return PyRegex.FullMatch(targets.Pattern, key) ? MatchResult.Match : MatchResult.NoMatch;
+        if (_targetSet!.Contains(key)) return MatchResult.Match; // an exact full name bypasses the layer filter
+        var found = targets.Names!.Any(t => key.EndsWith("." + t, StringComparison.Ordinal));
+        if (found && LayerFilterActive) found = LayerSelected(key);
+        return found ? MatchResult.Match : MatchResult.NoMatch;
+    }
+
+    private bool LayerFilterActive =>
+        config.LayersToTransform is { } l && (config.LayersToTransformIsInt || l.Count > 0);
+
+    /// <summary>Extracts the layer index as PEFT does and tests it against layers_to_transform.</summary>
+    private bool LayerSelected(string key)
+    {
+        var index = LayerIndex(key, config.LayersPattern, version);
+        return index is not null && config.LayersToTransform!.Contains(index.Value);
+    }
+
+    /// <summary>
+    /// The index PEFT reads from a key: the first (≥ 0.20) or last (≤ 0.19) <c>.name.N.</c> group, or after one of the
+    /// <c>layers_pattern</c> entries (first entry that matches wins).
+    /// </summary>
+    public static int? LayerIndex(string key, IReadOnlyList<string>? layersPattern, PeftVersion version)
+    {
+        var lead = version.LazyLayerIndex ? ".*?" : ".*";
+        System.Text.RegularExpressions.Match? m = null;
+        if (layersPattern is null || layersPattern.Count == 0 || layersPattern.All(string.IsNullOrEmpty))
+        {
+            m = PyRegex.Match(lead + "\\.[^.]*\\.(\\d+)\\.", key);
+        }
+        else
+        {
+            foreach (var p in layersPattern)
+            {
+                m = PyRegex.Match(lead + "\\." + p + "\\.(\\d+)\\.", key);
+                if (m.Success) break;
+            }
+        }
+        return m is { Success: true } ? int.Parse(m.Groups[1].Value, CultureInfo.InvariantCulture) : null;
+    }
+
+    /// <summary>PEFT's list rule: equal to a target or ending with "." + target.</summary>
+    public static bool IsExactOrSuffix(string key, IReadOnlyList<string> names, HashSet<string>? set = null) =>
+        (set?.Contains(key) ?? names.Contains(key)) || names.Any(t => key.EndsWith("." + t, StringComparison.Ordinal));
+
+    /// <summary>
+    /// <c>get_pattern_key</c>: the first rank/alpha pattern whose regex matches a dot-bounded suffix of the key.
+    /// </summary>
+    public static T? PatternValue<T>(IReadOnlyList<KeyValuePair<string, T>> patterns, string key) where T : struct
+    {
+        foreach (var kv in patterns)
+        {
+            if (PyRegex.Match("(.*\\.)?(" + kv.Key + ")$", key).Success) return kv.Value;
+        }
+        return null;
+    }
+}

@@ -1,0 +1,130 @@
+using System.Buffers.Binary;
+using System.Text;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MoeLora.Torch.IO;
+
+/// <summary>
+/// Minimal safetensors reader/writer with tensor data: 8-byte little-endian header length, a JSON header
+/// (<c>{"name": {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}</c>), then raw
+/// little-endian data. MoeLora.Sources has its own header-only reader; the duplicated header parsing is small
+/// and kept on purpose so this project does not depend on the Sources engineer's types (for now).
+/// </summary>
+public static class Safetensors
+{
+    static readonly Dictionary<string, ScalarType> DTypes = new()
+    {
+        ["F64"] = ScalarType.Float64, ["F32"] = ScalarType.Float32, ["F16"] = ScalarType.Float16,
+        ["BF16"] = ScalarType.BFloat16, ["I64"] = ScalarType.Int64, ["I32"] = ScalarType.Int32,
+        ["I16"] = ScalarType.Int16, ["I8"] = ScalarType.Int8, ["U8"] = ScalarType.Byte, ["BOOL"] = ScalarType.Bool,
+    };
+
+    public sealed record Entry(string Name, string DType, long[] Shape, long Begin, long End);
+
+    /// <summary>Reads the header only; validates offsets against the file length.</summary>
+    public static (IReadOnlyList<Entry> Entries, Dictionary<string, string> Metadata, long DataStart) ReadHeader(string path)
+    {
+        using var fs = File.OpenRead(path);
+        Span<byte> len = stackalloc byte[8];
+        if (fs.Read(len) != 8) throw new InvalidDataException($"{path}: too short for a safetensors file.");
+        ulong n = BinaryPrimitives.ReadUInt64LittleEndian(len);
+        if (n > 100_000_000 || (long)n > fs.Length - 8) throw new InvalidDataException($"{path}: bad header length {n}.");
+        var json = new byte[n];
+        fs.ReadExactly(json);
+        var root = JsonNode.Parse(json)?.AsObject() ?? throw new InvalidDataException($"{path}: empty header.");
+        var entries = new List<Entry>();
+        var meta = new Dictionary<string, string>();
+        long dataLen = fs.Length - 8 - (long)n;
+        foreach (var (name, node) in root)
+        {
+            if (name == "__metadata__")
+            {
+                foreach (var (k, v) in node!.AsObject()) meta[k] = v!.GetValue<string>();
+                continue;
+            }
+            var o = node!.AsObject();
+            var dtype = o["dtype"]!.GetValue<string>();
+            var shape = o["shape"]!.AsArray().Select(x => x!.GetValue<long>()).ToArray();
+            var off = o["data_offsets"]!.AsArray();
+            long b = off[0]!.GetValue<long>(), e = off[1]!.GetValue<long>();
+            if (b < 0 || e < b || e > dataLen) throw new InvalidDataException($"{path}: tensor {name} offsets [{b},{e}) outside the data ({dataLen} bytes).");
+            if (!DTypes.TryGetValue(dtype, out var st)) throw new InvalidDataException($"{path}: tensor {name} has unsupported dtype {dtype}.");
+            long expected = shape.Aggregate(1L, (a, x) => a * x) * ElementSize(st);
+            if (expected != e - b) throw new InvalidDataException($"{path}: tensor {name} {dtype}{Fmt(shape)} needs {expected} bytes, header says {e - b}.");
+            entries.Add(new Entry(name, dtype, shape, b, e));
+        }
+        return (entries, meta, 8 + (long)n);
+    }
+
+    /// <summary>Loads every tensor (or those <paramref name="keep"/> accepts) onto the CPU in the file's dtype.</summary>
+    public static Dictionary<string, Tensor> Load(string path, Func<string, bool>? keep = null)
+    {
+        var (entries, _, start) = ReadHeader(path);
+        var result = new Dictionary<string, Tensor>(StringComparer.Ordinal);
+        using var fs = File.OpenRead(path);
+        foreach (var e in entries)
+        {
+            if (keep is not null && !keep(e.Name)) continue;
+            var buf = new byte[e.End - e.Begin];
+            fs.Position = start + e.Begin;
+            fs.ReadExactly(buf);
+            var t = empty(e.Shape, DTypes[e.DType]);
+            if (buf.Length > 0) t.bytes = buf;
+            result[e.Name] = t;
+        }
+        return result;
+    }
+
+    /// <summary>Writes tensors in the given order (sorted by name, as the Python library does, when unordered).</summary>
+    public static void Save(string path, IEnumerable<KeyValuePair<string, Tensor>> tensors, IReadOnlyDictionary<string, string>? metadata = null)
+    {
+        var list = tensors.OrderBy(kv => kv.Key, StringComparer.Ordinal).ToList();
+        var header = new JsonObject();
+        if (metadata is not null)
+        {
+            var m = new JsonObject();
+            foreach (var (k, v) in metadata) m[k] = v;
+            header["__metadata__"] = m;
+        }
+        long offset = 0;
+        var blobs = new List<byte[]>();
+        foreach (var (name, t) in list)
+        {
+            using var c = t.detach().cpu().contiguous();
+            var bytes = c.bytes.ToArray();
+            var dtype = DTypes.FirstOrDefault(kv => kv.Value == c.dtype).Key
+                ?? throw new NotSupportedException($"Tensor {name}: dtype {c.dtype} cannot be written to safetensors.");
+            header[name] = new JsonObject
+            {
+                ["dtype"] = dtype,
+                ["shape"] = new JsonArray(c.shape.Select(x => (JsonNode)x).ToArray()),
+                ["data_offsets"] = new JsonArray(offset, offset + bytes.Length),
+            };
+            offset += bytes.Length;
+            blobs.Add(bytes);
+        }
+        var json = Encoding.UTF8.GetBytes(header.ToJsonString(new JsonSerializerOptions { WriteIndented = false }));
+        // Pad the header with spaces to an 8-byte boundary, as the reference writer does, so data stays aligned.
+        int pad = (8 - json.Length % 8) % 8;
+        using var fs = File.Create(path);
+        Span<byte> len = stackalloc byte[8];
+        BinaryPrimitives.WriteUInt64LittleEndian(len, (ulong)(json.Length + pad));
+        fs.Write(len);
+        fs.Write(json);
+        for (int i = 0; i < pad; i++) fs.WriteByte((byte)' ');
+        foreach (var b in blobs) fs.Write(b);
+    }
+
+    public static long ElementSize(ScalarType t) => t switch
+    {
+        ScalarType.Float64 or ScalarType.Int64 => 8,
+        ScalarType.Float32 or ScalarType.Int32 => 4,
+        ScalarType.Float16 or ScalarType.BFloat16 or ScalarType.Int16 => 2,
+        _ => 1,
+    };
+
+    static string Fmt(long[] s) => "[" + string.Join(",", s) + "]";
+}

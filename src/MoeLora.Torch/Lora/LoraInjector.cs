@@ -1,0 +1,141 @@
+using System.Text.Json.Nodes;
+using MoeLora.Torch.IO;
+using MoeLora.Torch.Models;
+using MoeLora.Torch.Nn;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MoeLora.Torch.Lora;
+
+/// <summary>What one injection created, in PEFT's run-time names (<c>base_model.model.</c> prefix, adapter infix).</summary>
+public sealed record InjectedAdapter(string AdapterName, LoraConfig Config, IReadOnlyList<(string Module, LoraWrapper Wrapper)> Wrappers);
+
+/// <summary>
+/// Injects LoRA the way PEFT 0.21 does for a LoraConfig: modules matched by target_modules become <c>lora.Linear</c>
+/// wrappers (names gain <c>base_layer.</c>); 3-D expert parameters matched by target_parameters get nested
+/// <c>ParamWrapper</c>s in registration order (for v5 experts: <c>experts.base_layer.lora_*</c> = gate_up_proj,
+/// <c>experts.lora_*</c> = down_proj). Base weights stay frozen; only adapter weights require gradients.
+/// </summary>
+public static class LoraInjector
+{
+    public const string PeftPrefix = "base_model.model.";
+
+    public static InjectedAdapter Inject(CausalLm model, LoraConfig config, string adapterName = "default", long seed = 0)
+    {
+        if (config.UseDora) throw new NotSupportedException("use_dora=true is not supported yet by MoeLora.Torch.");
+        var gen = new Generator((ulong)seed);
+        var wrappers = new List<(string, LoraWrapper)>();
+        var modules = model.NamedModules().ToList(); // snapshot before replacement, as PEFT
+        var parents = new Dictionary<HfModule, (HfModule Parent, string Child)>(ReferenceEqualityComparer.Instance);
+        foreach (var (_, m) in modules) foreach (var (n, c) in m.Children) parents[c] = (m, n);
+
+        if (config.TargetModules.Count > 0 || config.TargetModulesRegex is not null)
+        {
+            foreach (var (key, module) in modules)
+            {
+                if (key.Length == 0 || !config.MatchesModule(key)) continue;
+                if (module is not Linear linear)
+                    throw new NotSupportedException($"Target module {key} ({module.GetType().Name}) is not supported: LoRA targets must be Linear layers (PEFT raises the same).");
+                int r = config.RankFor(key);
+                var (a, b) = InitFactors(config, r, linear.InFeatures, linear.OutFeatures, linear.weight.device, gen);
+                var w = new LoraLinear(linear, adapterName, a, b, config.Scaling(key), r, config.Dropout);
+                var (parent, child) = parents[module];
+                parent.ReplaceChild(child, w);
+                wrappers.Add((key, w));
+            }
+        }
+
+        if (config.TargetParameters.Count > 0)
+        {
+            if (config.Dropout != 0) throw new NotSupportedException("lora_dropout != 0 with target_parameters is rejected by PEFT (ParamWrapper).");
+            foreach (var (key, module) in modules)
+            {
+                if (module is not ExpertsBase experts) continue;
+                HfModule current = experts;
+                foreach (var (pname, p) in experts.DirectParameters)
+                {
+                    var pkey = $"{key}.{pname}";
+                    if (!config.MatchesParameter(pkey)) continue;
+                    if (p.dim() != 3) throw new NotSupportedException($"{pkey}: only 3-D expert parameters are supported as target_parameters.");
+                    int r = config.RankFor(pkey);
+                    var (inF, outF) = ParamLora.Features(p, experts.IsTransposed);
+                    var (a, b) = InitFactors(config, r * (int)experts.NumExperts, inF, outF, p.device, gen);
+                    var (parent, child) = parents[current];
+                    var w = new ParamLora(current, experts, pname, adapterName, a, b, config.Scaling(pkey), r);
+                    parent.ReplaceChild(child, w);
+                    parents[w] = (parent, child);
+                    current = w;
+                    wrappers.Add((key, w));
+                }
+            }
+            // Non-expert parameters (e.g. a router's gate.weight) would need a 2-D ParamWrapper: refuse rather than skip.
+            foreach (var (key, module) in modules)
+                if (module is not ExpertsBase && key.Length > 0)
+                    foreach (var (pname, _) in module.DirectParameters)
+                        if (config.MatchesParameter($"{key}.{pname}"))
+                            throw new NotSupportedException($"target_parameters on {key}.{pname} is not supported yet (expert parameters only).");
+        }
+        if (wrappers.Count == 0)
+            throw new InvalidOperationException("No module or parameter matched target_modules / target_parameters (PEFT raises the same).");
+        return new InjectedAdapter(adapterName, config, wrappers);
+    }
+
+    // PEFT: A, B are nn.Linear(in, r) / nn.Linear(r, out), fp32. init True: A kaiming-uniform(a=√5) = U(±1/√in), B = 0;
+    // False: both keep nn.Linear's default U(±1/√fan_in); "gaussian": A ~ N(0, 1/r), B = 0.
+    static (Tensor A, Tensor B) InitFactors(LoraConfig c, int rows, long inF, long outF, Device device, Generator gen)
+    {
+        Tensor Uniform(long o, long i) => (rand([o, i], generator: gen) * 2 - 1) / Math.Sqrt(i);
+        Tensor a = c.InitLoraWeights == "gaussian" ? normal(0, 1.0 / c.R, [rows, inF], generator: gen) : Uniform(rows, inF);
+        Tensor b = c.InitLoraWeights == "false" ? Uniform(outF, rows) : zeros(outF, rows);
+        return (a.to(device), b.to(device));
+    }
+
+    /// <summary>Run-time PEFT names of the adapter's trainable tensors, e.g. <c>base_model.model.…q_proj.lora_A.default.weight</c>.</summary>
+    public static IEnumerable<(string Name, Parameter Param)> PeftNamedParameters(CausalLm model) =>
+        model.NamedParameters().Where(p => p.Param.requires_grad).Select(p => (PeftPrefix + p.Name, p.Param));
+
+    /// <summary>Loads a PEFT adapter directory (adapter_config.json + adapter_model.safetensors) into <paramref name="model"/>.</summary>
+    public static InjectedAdapter LoadPeftAdapter(CausalLm model, string dir, string adapterName = "default")
+    {
+        var cfgPath = Path.Combine(dir, "adapter_config.json");
+        var weights = Path.Combine(dir, "adapter_model.safetensors");
+        if (!File.Exists(cfgPath)) throw new FileNotFoundException($"{cfgPath} not found.");
+        if (!File.Exists(weights)) throw new FileNotFoundException($"{weights} not found (adapter_model.bin is not supported).");
+        var config = LoraConfig.Parse(File.ReadAllText(cfgPath));
+        var injected = Inject(model, config, adapterName);
+        var tensors = Safetensors.Load(weights);
+        try
+        {
+            var expected = SavedNames(model, adapterName).ToDictionary(x => x.FileKey, x => x.Param);
+            var errors = new List<string>();
+            errors.AddRange(expected.Keys.Where(k => !tensors.ContainsKey(k)).Select(k => $"missing: {k}"));
+            errors.AddRange(tensors.Keys.Where(k => !expected.ContainsKey(k)).Select(k => $"unexpected: {k}"));
+            foreach (var (k, p) in expected)
+                if (tensors.TryGetValue(k, out var t) && !t.shape.SequenceEqual(p.shape))
+                    errors.Add($"shape mismatch: {k} file [{string.Join(",", t.shape)}] vs model [{string.Join(",", p.shape)}]");
+            if (errors.Count > 0) throw new InvalidDataException($"{weights} does not match the injected adapter:\n  " + string.Join("\n  ", errors.Take(40)));
+            using (no_grad()) foreach (var (k, p) in expected) p.copy_(tensors[k]);
+        }
+        finally { foreach (var t in tensors.Values) t.Dispose(); }
+        return injected;
+    }
+
+    /// <summary>Writes adapter_config.json and adapter_model.safetensors with PEFT's keys (prefix kept, adapter name removed).</summary>
+    public static void SavePeftAdapter(CausalLm model, InjectedAdapter adapter, string dir)
+    {
+        Directory.CreateDirectory(dir);
+        var tensors = SavedNames(model, adapter.AdapterName).Select(x => new KeyValuePair<string, Tensor>(x.FileKey, x.Param)).ToList();
+        Safetensors.Save(Path.Combine(dir, "adapter_model.safetensors"), tensors, new Dictionary<string, string> { ["format"] = "pt" });
+        var json = (JsonObject)adapter.Config.Json.DeepClone();
+        json["inference_mode"] = true; // PEFT sets this when saving
+        File.WriteAllText(Path.Combine(dir, "adapter_config.json"), json.ToJsonString(new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));
+    }
+
+    static IEnumerable<(string FileKey, Parameter Param)> SavedNames(CausalLm model, string adapter)
+    {
+        var infix = $".{adapter}.";
+        foreach (var (name, p) in model.NamedParameters())
+            if ((name.Contains(".lora_A" + infix) || name.Contains(".lora_B" + infix)))
+                yield return (PeftPrefix + name.Replace(infix, ".", StringComparison.Ordinal), p);
+    }
+}

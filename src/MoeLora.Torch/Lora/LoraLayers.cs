@@ -1,0 +1,85 @@
+using MoeLora.Torch.Nn;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MoeLora.Torch.Lora;
+
+/// <summary>A LoRA factor held as <c>lora_A.default</c> / <c>lora_B.default</c> (an nn.Linear without bias in PEFT).</summary>
+public sealed class LoraFactor : HfModule
+{
+    public Parameter weight { get; }
+    public LoraFactor(Tensor w) => weight = AddParameter("weight", w, requiresGrad: true);
+}
+
+/// <summary>Common PEFT wrapper structure: <c>base_layer</c>, <c>lora_dropout</c>, <c>lora_A</c>, <c>lora_B</c> dicts.</summary>
+public abstract class LoraWrapper : HfModule
+{
+    public string AdapterName { get; }
+    public LoraFactor A { get; }
+    public LoraFactor B { get; }
+    public double Scaling { get; }
+    public int Rank { get; }
+
+    protected LoraWrapper(HfModule baseLayer, string adapter, Tensor a, Tensor b, double scaling, int rank)
+    {
+        AdapterName = adapter; Scaling = scaling; Rank = rank;
+        AddChild("base_layer", baseLayer);
+        AddChild("lora_dropout", new Container()).Add(adapter, new Container());
+        A = AddChild("lora_A", new Container()).Add(adapter, new LoraFactor(a));
+        B = AddChild("lora_B", new Container()).Add(adapter, new LoraFactor(b));
+    }
+}
+
+/// <summary>PEFT <c>lora.Linear</c>: <c>y = base(x) + B(A(dropout(x))) * scaling</c>.</summary>
+public sealed class LoraLinear : LoraWrapper, ILinearAdapter
+{
+    readonly double _dropout;
+
+    public LoraLinear(Linear baseLayer, string adapter, Tensor a, Tensor b, double scaling, int rank, double dropout)
+        : base(baseLayer, adapter, a, b, scaling, rank)
+    {
+        _dropout = dropout;
+        baseLayer.Adapters.Add(this);
+    }
+
+    public Tensor Apply(Tensor x, Tensor baseOutput, Linear layer)
+    {
+        var h = x.to(A.weight.dtype);
+        if (_dropout > 0 && Training) h = nn.functional.dropout(h, _dropout, training: true);
+        var delta = nn.functional.linear(nn.functional.linear(h, A.weight), B.weight) * Scaling;
+        return baseOutput + delta.to(baseOutput.dtype);
+    }
+}
+
+/// <summary>
+/// PEFT <c>ParamWrapper</c> on a 3-D expert parameter. A is (r·E, in) with expert-major rows, B is (out, r·E) with
+/// rank-major columns; ΔW = einsum(B.reshape(out, r, E), A.reshape(E, r, in)) → (E, out, in) for transformers-v5
+/// (E, out, in) parameters (in/out swapped by PEFT ≥ 0.19.1) or (E, in, out) for <c>is_transposed</c> owners.
+/// </summary>
+public sealed class ParamLora : LoraWrapper, IParamDelta
+{
+    public string ParameterName { get; }
+    public long NumExperts { get; }
+    readonly bool _transposed;
+
+    public ParamLora(HfModule baseLayer, ExpertsBase owner, string parameterName, string adapter, Tensor a, Tensor b, double scaling, int rank)
+        : base(baseLayer, adapter, a, b, scaling, rank)
+    {
+        ParameterName = parameterName;
+        NumExperts = owner.NumExperts;
+        _transposed = owner.IsTransposed;
+        owner.AttachDelta(parameterName, this);
+    }
+
+    public Tensor Delta()
+    {
+        var a = A.weight.reshape(NumExperts, -1, A.weight.shape[^1]);      // (E, r, in)
+        var b = B.weight.reshape(B.weight.shape[0], -1, NumExperts);        // (out, r, E)
+        var d = einsum(_transposed ? "ore,eri->eio" : "ore,eri->eoi", b, a);
+        return d * Scaling;
+    }
+
+    /// <summary>(in, out) features as PEFT computes them for a 3-D parameter of this owner.</summary>
+    public static (long In, long Out) Features(Tensor param, bool isTransposed) =>
+        isTransposed ? (param.shape[1], param.shape[2]) : (param.shape[2], param.shape[1]);
+}

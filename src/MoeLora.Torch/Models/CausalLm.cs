@@ -1,0 +1,91 @@
+using MoeLora.Torch.Nn;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MoeLora.Torch.Models;
+
+/// <summary>Outputs of one forward. Hidden states use HF indexing: [0] embeddings, [i] block i-1, last normed.</summary>
+public sealed class CausalLmOutput : IDisposable
+{
+    public required Tensor Logits { get; init; }
+    public required IReadOnlyList<Tensor> HiddenStates { get; init; }
+    /// <summary>Router logits [B*S, E] per MoE layer, in layer order (as transformers' <c>router_logits</c>).</summary>
+    public required IReadOnlyList<Tensor> RouterLogits { get; init; }
+
+    public void Dispose()
+    {
+        Logits.Dispose();
+        foreach (var t in HiddenStates) t.Dispose();
+        foreach (var t in RouterLogits) t.Dispose();
+    }
+}
+
+/// <summary>
+/// <c>XForCausalLM</c>: <c>model.embed_tokens</c>, <c>model.layers.{i}</c>, <c>model.norm</c>, <c>model.rotary_emb</c>,
+/// then <c>lm_head</c>. Families supply the decoder layers; this class runs the shared forward.
+/// </summary>
+public sealed class CausalLm : HfModule, IDisposable
+{
+    public ModelConfig Config { get; }
+    public string ModelType => Config.ModelType;
+    public ScalarType DType { get; }
+    public Device Device { get; }
+    readonly Embedding _embed;
+    readonly List<DecoderLayer> _layers;
+    readonly RmsNorm _norm;
+    readonly Linear _lmHead;
+
+    internal CausalLm(ModelConfig config, Init init, Func<int, DecoderLayer> layer, RmsNorm norm)
+    {
+        Config = config; DType = init.DType; Device = init.Device;
+        var model = AddChild("model", new Container());
+        _embed = model.Add("embed_tokens", new Embedding(config.VocabSize, config.HiddenSize, init));
+        var layers = model.Add("layers", new Container());
+        _layers = [];
+        for (int i = 0; i < config.NumLayers; i++) _layers.Add(layers.Add(i.ToString(), layer(i)));
+        _norm = model.Add("norm", norm);
+        model.Add("rotary_emb", new Container()); // parameter-free, present in named_modules as in transformers
+        _lmHead = AddChild("lm_head", new Linear(config.HiddenSize, config.VocabSize, false, init));
+        if (config.TieWordEmbeddings)
+            throw new NotSupportedException("tie_word_embeddings=true is not supported yet by MoeLora.Torch.");
+    }
+
+    public int NumLayers => _layers.Count;
+
+    /// <summary>Frees the native memory of every parameter and buffer (adapters included).</summary>
+    public void Dispose()
+    {
+        foreach (var (_, t) in StateDict()) t.Dispose();
+    }
+
+    /// <summary>
+    /// Forward like <c>model(input_ids, attention_mask, output_hidden_states=True)</c>. Positions are 0..S-1 for every
+    /// row unless given (transformers does not shift them for left padding).
+    /// </summary>
+    public CausalLmOutput Forward(Tensor inputIds, Tensor? attentionMask = null, bool outputHiddenStates = false, Tensor? positionIds = null)
+    {
+        using var scope = NewDisposeScope();
+        long b = inputIds.shape[0], s = inputIds.shape[1];
+        var ids = inputIds.to(Device);
+        var mask = (attentionMask ?? ones(b, s, ScalarType.Int64)).to(Device);
+        var pos = (positionIds ?? arange(s, ScalarType.Int64).unsqueeze(0).expand(b, s)).to(Device);
+        var ctx = new ForwardContext { Positions = pos, AttentionMask = mask, DType = DType };
+        var h = _embed.Forward(ids);
+        var hidden = new List<Tensor>();
+        if (outputHiddenStates) hidden.Add(h);
+        foreach (var layer in _layers)
+        {
+            h = layer.Forward(h, ctx);
+            if (outputHiddenStates) hidden.Add(h);
+        }
+        h = _norm.Forward(h);
+        if (outputHiddenStates) hidden[^1] = h;
+        var logits = _lmHead.Forward(h);
+        return new CausalLmOutput
+        {
+            Logits = logits.MoveToOuterDisposeScope(),
+            HiddenStates = hidden.Select(t => t.MoveToOuterDisposeScope()).ToList(),
+            RouterLogits = ctx.RouterLogits.Select(t => t.MoveToOuterDisposeScope()).ToList(),
+        };
+    }
+}

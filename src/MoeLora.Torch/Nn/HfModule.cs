@@ -1,0 +1,115 @@
+using TorchSharp;
+using static TorchSharp.torch;
+using static TorchSharp.torch.nn;
+
+namespace MoeLora.Torch.Nn;
+
+/// <summary>
+/// A small module tree whose names and enumeration order mirror PyTorch's <c>named_modules()</c> /
+/// <c>named_parameters()</c>: direct parameters first (registration order), then children in assignment order.
+/// We do not use TorchSharp's reflection-based <c>nn.Module</c> registration because names must equal
+/// transformers' runtime names exactly (including PEFT's <c>base_layer</c> wrappers) and field order is not a
+/// reliable source of registration order.
+/// </summary>
+public abstract class HfModule
+{
+    readonly List<KeyValuePair<string, Parameter>> _params = [];
+    readonly List<KeyValuePair<string, Tensor>> _buffers = [];
+    readonly List<KeyValuePair<string, HfModule?>> _children = [];
+
+    /// <summary>Train mode enables dropout (as PyTorch's <c>module.train()</c>); base weights stay frozen regardless.</summary>
+    public bool Training { get; private set; }
+
+    protected Parameter AddParameter(string name, Tensor value, bool requiresGrad = false)
+    {
+        var p = new Parameter(value, requiresGrad);
+        p.DetachFromDisposeScope();
+        _params.Add(new(name, p));
+        return p;
+    }
+
+    /// <summary>A persistent buffer (in the state dict, not a parameter), e.g. DeepSeek's e_score_correction_bias.</summary>
+    protected Tensor AddBuffer(string name, Tensor value)
+    {
+        value.DetachFromDisposeScope();
+        _buffers.Add(new(name, value));
+        return value;
+    }
+
+    protected T AddChild<T>(string name, T module) where T : HfModule
+    {
+        _children.Add(new(name, module));
+        return module;
+    }
+
+    /// <summary>Swaps the child seen under <paramref name="name"/> (naming only: compute keeps its own references).</summary>
+    internal void ReplaceChild(string name, HfModule module)
+    {
+        int i = _children.FindIndex(kv => kv.Key == name);
+        if (i < 0) throw new KeyNotFoundException($"{GetType().Name} has no child '{name}'.");
+        _children[i] = new(name, module);
+    }
+
+    internal IEnumerable<(string Name, HfModule Module)> Children =>
+        _children.Where(kv => kv.Value is not null).Select(kv => (kv.Key, kv.Value!));
+
+    internal IReadOnlyList<KeyValuePair<string, Parameter>> DirectParameters => _params;
+
+    public IEnumerable<(string Name, HfModule Module)> NamedModules(string prefix = "")
+    {
+        var seen = new HashSet<HfModule>(ReferenceEqualityComparer.Instance);
+        return Walk(this, prefix, seen);
+
+        static IEnumerable<(string, HfModule)> Walk(HfModule m, string p, HashSet<HfModule> seen)
+        {
+            if (!seen.Add(m)) yield break; // PyTorch's remove_duplicate=True
+            yield return (p, m);
+            foreach (var (n, c) in m._children)
+                if (c is not null)
+                    foreach (var x in Walk(c, p.Length == 0 ? n : $"{p}.{n}", seen)) yield return x;
+        }
+    }
+
+    /// <summary>Parameters deduplicated by object identity, first path wins (as PyTorch).</summary>
+    public IEnumerable<(string Name, Parameter Param)> NamedParameters(string prefix = "")
+    {
+        var seen = new HashSet<Parameter>(ReferenceEqualityComparer.Instance);
+        foreach (var (mn, m) in NamedModules(prefix))
+            foreach (var (pn, p) in m._params)
+                if (seen.Add(p)) yield return (mn.Length == 0 ? pn : $"{mn}.{pn}", p);
+    }
+
+    /// <summary>State dict: parameters then persistent buffers per module, children after.</summary>
+    public IEnumerable<(string Name, Tensor Value)> StateDict(string prefix = "")
+    {
+        foreach (var (mn, m) in NamedModules(prefix))
+        {
+            foreach (var (pn, p) in m._params) yield return (mn.Length == 0 ? pn : $"{mn}.{pn}", p);
+            foreach (var (bn, b) in m._buffers) yield return (mn.Length == 0 ? bn : $"{mn}.{bn}", b);
+        }
+    }
+
+    public void Train(bool on = true)
+    {
+        foreach (var (_, m) in NamedModules()) m.Training = on;
+    }
+
+    public void Eval() => Train(false);
+}
+
+/// <summary>A parameter-less container node (<c>nn.ModuleList</c>, <c>nn.ModuleDict</c>, activation modules).</summary>
+public sealed class Container : HfModule
+{
+    public T Add<T>(string name, T m) where T : HfModule => AddChild(name, m);
+}
+
+/// <summary>Shared helpers for creating weights with a seeded generator or empty for loading.</summary>
+public sealed record Init(ScalarType DType, Device Device, double Std, Generator? Generator)
+{
+    /// <summary>normal(0, std) like transformers' <c>_init_weights</c> for Linear, Embedding and expert tensors.</summary>
+    public Tensor Normal(params long[] shape) =>
+        Generator is null ? empty(shape, DType, Device) : normal(0, Std, shape, generator: Generator).to(DType).to(Device);
+
+    public Tensor Ones(params long[] shape) => ones(shape, DType, Device);
+    public Tensor Zeros(params long[] shape) => zeros(shape, DType, Device);
+}

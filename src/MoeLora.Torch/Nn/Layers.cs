@@ -1,0 +1,110 @@
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MoeLora.Torch.Nn;
+
+/// <summary>Attached LoRA computation on a module (naming lives in the PEFT wrapper nodes, see Lora/).</summary>
+public interface ILinearAdapter
+{
+    /// <summary>Returns the adapted output given the input and the base output (y = base(x)).</summary>
+    Tensor Apply(Tensor x, Tensor baseOutput, Linear layer);
+}
+
+/// <summary><c>nn.Linear</c>: weight [out, in], optional bias [out].</summary>
+public sealed class Linear : HfModule
+{
+    public Parameter weight { get; }
+    public Parameter? bias { get; }
+    public long InFeatures { get; }
+    public long OutFeatures { get; }
+    internal List<ILinearAdapter> Adapters { get; } = [];
+
+    public Linear(long inFeatures, long outFeatures, bool hasBias, Init init)
+    {
+        InFeatures = inFeatures; OutFeatures = outFeatures;
+        weight = AddParameter("weight", init.Normal(outFeatures, inFeatures));
+        if (hasBias) bias = AddParameter("bias", init.Zeros(outFeatures));
+    }
+
+
+    public Tensor Forward(Tensor x)
+    {
+        var y = nn.functional.linear(x, weight, bias);
+        foreach (var a in Adapters) y = a.Apply(x, y, this);
+        return y;
+    }
+}
+
+/// <summary>RMSNorm as transformers computes it: statistics in fp32, cast back, then scale.</summary>
+public sealed class RmsNorm : HfModule
+{
+    public Parameter weight { get; }
+    readonly double _eps;
+    readonly bool _scaleInFp32;
+
+    /// <param name="scaleInFp32">gpt-oss multiplies by the weight before casting back; the others cast first.</param>
+    public RmsNorm(long size, double eps, Init init, bool scaleInFp32 = false)
+    {
+        _eps = eps; _scaleInFp32 = scaleInFp32;
+        weight = AddParameter("weight", init.Ones(size));
+    }
+
+
+    public Tensor Forward(Tensor x)
+    {
+        var dt = x.dtype;
+        var h = x.to(ScalarType.Float32);
+        var v = h.pow(2).mean([-1], keepdim: true);
+        h = h * rsqrt(v + _eps);
+        return _scaleInFp32 ? (weight * h).to(dt) : weight * h.to(dt);
+    }
+
+    /// <summary>Parameter-free RMS normalisation (Llama4's L2Norm on q/k).</summary>
+    public static Tensor Normalize(Tensor x, double eps)
+    {
+        var h = x.to(ScalarType.Float32);
+        return (h * rsqrt(h.pow(2).mean([-1], keepdim: true) + eps)).to(x.dtype);
+    }
+}
+
+public sealed class Embedding : HfModule
+{
+    public Parameter weight { get; }
+    public Embedding(long vocab, long dim, Init init) => weight = AddParameter("weight", init.Normal(vocab, dim));
+    public Tensor Forward(Tensor ids) => weight.index_select(0, ids.flatten()).view([.. ids.shape, weight.shape[1]]);
+}
+
+/// <summary>The activation module every HF MLP registers (parameter-free; present in named_modules).</summary>
+public sealed class Activation(string name) : HfModule
+{
+    public string Name { get; } = name;
+
+    public Tensor Forward(Tensor x) => Name switch
+    {
+        "silu" or "swish" => nn.functional.silu(x),
+        "gelu" => nn.functional.gelu(x),
+        "relu" => nn.functional.relu(x),
+        _ => throw new NotSupportedException($"hidden_act '{Name}' is not supported."),
+    };
+}
+
+/// <summary>Gated MLP <c>down(act(gate(x)) * up(x))</c> with HF child names gate_proj, up_proj, down_proj.</summary>
+public sealed class GatedMlp : HfModule, IBlock
+{
+    public Linear gate_proj { get; }
+    public Linear up_proj { get; }
+    public Linear down_proj { get; }
+    readonly Activation _act;
+
+    public GatedMlp(long hidden, long intermediate, string act, Init init, bool bias = false, string actName = "act_fn")
+    {
+        gate_proj = AddChild("gate_proj", new Linear(hidden, intermediate, bias, init));
+        up_proj = AddChild("up_proj", new Linear(hidden, intermediate, bias, init));
+        down_proj = AddChild("down_proj", new Linear(intermediate, hidden, bias, init));
+        _act = AddChild(actName, new Activation(act));
+    }
+
+    public Tensor Forward(Tensor x) => down_proj.Forward(_act.Forward(gate_proj.Forward(x)) * up_proj.Forward(x));
+
+    public Tensor Forward(Tensor x, ForwardContext ctx) => Forward(x);
+}

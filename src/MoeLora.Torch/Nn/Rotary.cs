@@ -1,0 +1,104 @@
+using static TorchSharp.torch;
+
+namespace MoeLora.Torch.Nn;
+
+/// <summary>
+/// Rotary position embeddings as transformers computes them: inverse frequencies in fp32 from
+/// <c>rope_parameters</c> (default and yarn), then cos/sin of positions x inv_freq, scaled by the attention factor.
+/// </summary>
+public sealed class Rotary
+{
+    public Tensor InvFreq { get; }
+    public double AttentionScaling { get; }
+
+    Rotary(Tensor invFreq, double scaling)
+    {
+        InvFreq = invFreq.DetachFromDisposeScope();
+        AttentionScaling = scaling;
+    }
+
+    public static Rotary FromConfig(Models.ModelConfig c, long dim)
+    {
+        var rope = c.RopeParameters;
+        double theta = rope.Theta;
+        return rope.Type switch
+        {
+            "default" => new Rotary(DefaultInvFreq(theta, dim), 1.0),
+            "yarn" => Yarn(rope, theta, dim),
+            _ => throw new NotSupportedException($"rope_type '{rope.Type}' is not supported (supported: default, yarn)."),
+        };
+    }
+
+    // 1 / base^(arange(0, dim, 2)/dim), in fp32 like torch: int64 arange cast to float, then pow.
+    static Tensor DefaultInvFreq(double theta, long dim) =>
+        1.0 / pow(theta, arange(0, dim, 2, ScalarType.Int64).to(ScalarType.Float32) / dim);
+
+    static Rotary Yarn(Models.RopeParameters rope, double theta, long dim)
+    {
+        double factor = rope.Factor ?? throw new InvalidDataException("yarn rope needs 'factor'.");
+        long original = rope.OriginalMaxPositionEmbeddings ?? throw new InvalidDataException("yarn rope needs 'original_max_position_embeddings'.");
+        static double MScale(double scale, double m = 1) => scale <= 1 ? 1.0 : 0.1 * m * Math.Log(scale) + 1.0;
+        double attention = rope.AttentionFactor
+            ?? (rope.MScale is { } ms && ms != 0 && rope.MScaleAllDim is { } mad && mad != 0 ? MScale(factor, ms) / MScale(factor, mad) : MScale(factor));
+        double betaFast = rope.BetaFast ?? 32, betaSlow = rope.BetaSlow ?? 1;
+        double CorrectionDim(double rotations) => dim * Math.Log(original / (rotations * 2 * Math.PI)) / (2 * Math.Log(theta));
+        double low = CorrectionDim(betaFast), high = CorrectionDim(betaSlow);
+        if (rope.Truncate) { low = Math.Floor(low); high = Math.Ceiling(high); }
+        low = Math.Max(low, 0); high = Math.Min(high, dim - 1);
+        if (low == high) high += 0.001;
+        var ramp = ((arange(dim / 2, ScalarType.Float32) - low) / (high - low)).clamp(0, 1);
+        var posFreqs = pow(theta, arange(0, dim, 2, ScalarType.Int64).to(ScalarType.Float32) / dim);
+        var extrapolation = 1.0 / posFreqs;
+        var interpolation = 1.0 / (factor * posFreqs);
+        var extraFactor = 1 - ramp;
+        var inv = interpolation * (1 - extraFactor) + extrapolation * extraFactor;
+        return new Rotary(inv, attention);
+    }
+
+    /// <summary>Angles [B, S, dim/2] for integer positions [B, S] (fp32).</summary>
+    public Tensor Freqs(Tensor positions) =>
+        positions.to(ScalarType.Float32).unsqueeze(-1) * InvFreq.to(positions.device).view(1, 1, -1);
+
+    /// <summary>(cos, sin) of cat(freqs, freqs) [B, S, dim], scaled, in <paramref name="dtype"/>.</summary>
+    public (Tensor Cos, Tensor Sin) CosSin(Tensor positions, ScalarType dtype, bool duplicate = true)
+    {
+        var f = Freqs(positions);
+        var emb = duplicate ? cat([f, f], -1) : f;
+        return ((emb.cos() * AttentionScaling).to(dtype), (emb.sin() * AttentionScaling).to(dtype));
+    }
+
+    static Tensor RotateHalf(Tensor x)
+    {
+        var halves = x.chunk(2, -1);
+        return cat([-halves[1], halves[0]], -1);
+    }
+
+    /// <summary>Llama-style: x*cos + rotate_half(x)*sin; x is [B, heads, S, d], cos/sin [B, S, d].</summary>
+    public static Tensor ApplyHalf(Tensor x, Tensor cos, Tensor sin) =>
+        x * cos.unsqueeze(1) + RotateHalf(x) * sin.unsqueeze(1);
+
+    /// <summary>DeepSeek rope_interleave: de-interleave pairs (view d/2,2 → transpose) before the llama rotation.</summary>
+    public static Tensor ApplyInterleaved(Tensor x, Tensor cos, Tensor sin)
+    {
+        var s = x.shape;
+        var y = x.view(s[0], s[1], s[2], s[3] / 2, 2).transpose(4, 3).reshape(s[0], s[1], s[2], s[3]);
+        return ApplyHalf(y, cos, sin);
+    }
+
+    /// <summary>
+    /// Llama4's complex rotation of adjacent pairs (x[2i], x[2i+1]) by angle f_i, in fp32 then cast back;
+    /// x is [B, S, heads, d] (before the transpose to heads-first), freqs [B, S, d/2].
+    /// </summary>
+    public static Tensor ApplyComplexPairs(Tensor x, Tensor freqs, double scaling)
+    {
+        var s = x.shape;
+        var xf = x.to(ScalarType.Float32).reshape(s[0], s[1], s[2], s[3] / 2, 2);
+        var a = xf[.., .., .., .., 0];
+        var b = xf[.., .., .., .., 1];
+        var c = (freqs.cos() * scaling).unsqueeze(2);
+        var si = (freqs.sin() * scaling).unsqueeze(2);
+        var re = a * c - b * si;
+        var im = a * si + b * c;
+        return stack([re, im], -1).flatten(3).to(x.dtype);
+    }
+}
