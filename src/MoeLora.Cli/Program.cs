@@ -1,3 +1,8 @@
+using MoeLora.Cli.Commands;
+using MoeLora.Cli.Infrastructure;
+using MoeLora.Core.Config;
+using MoeLora.Core.Peft;
+using MoeLora.Sources;
 using Spectre.Console.Cli;
 
 namespace MoeLora.Cli;
@@ -10,7 +15,45 @@ public static class Program
         app.Configure(config =>
         {
             config.SetApplicationName("moelora");
+            config.PropagateExceptions();
+            config.AddCommand<ReportCommand>("report")
+                .WithDescription("Config-only analysis: what LoRA target_modules/target_parameters match, adapter counts, memory, warnings")
+                .WithExample("report", "mistralai/Mixtral-8x7B-v0.1", "--format", "json");
+            config.AddCommand<ModulesCommand>("modules")
+                .WithDescription("named_modules() and named_parameters() as transformers builds the model");
+            config.AddCommand<ModelsCommand>("models")
+                .WithDescription("List the embedded catalog of real configs");
         });
-        return app.Run(args);
+        return Run(app, args);
     }
+
+    /// <summary>Runs the app and turns every failure into one line on stderr and a non-zero exit code.</summary>
+    public static int Run(ICommandApp app, string[] args)
+    {
+        try
+        {
+            return app.Run(args);
+        }
+        catch (Exception e) when (Classify(e) is { } code)
+        {
+            Consoles.Error.WriteLine($"moelora: error: {OneLine(Unwrap(e).Message)}");
+            return code;
+        }
+    }
+
+    private static Exception Unwrap(Exception e) =>
+        e is AggregateException { InnerExceptions.Count: 1 } a ? Unwrap(a.InnerExceptions[0])
+        : e is System.Reflection.TargetInvocationException { InnerException: { } inner } ? Unwrap(inner) : e;
+
+    private static int? Classify(Exception e) => Unwrap(e) switch
+    {
+        CommandParseException or CommandRuntimeException => ExitCodes.Usage,
+        ConfigException or PeftConfigException or ArgumentException or IOException or UnauthorizedAccessException
+            or ModelSourceException or InvalidOperationException or NotSupportedException or FormatException => ExitCodes.Error,
+        OperationCanceledException => ExitCodes.Interrupted,
+        _ => null,
+    };
+
+    private static string OneLine(string message) =>
+        string.Join(' ', message.Split(['\r', '\n'], StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries));
 }

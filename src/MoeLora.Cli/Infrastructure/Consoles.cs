@@ -14,12 +14,15 @@ public static class Consoles
     {
         var redirected = Console.IsOutputRedirected;
         var noColor = !string.IsNullOrEmpty(Environment.GetEnvironmentVariable("NO_COLOR"));
-        return AnsiConsole.Create(new AnsiConsoleSettings
+        var console = AnsiConsole.Create(new AnsiConsoleSettings
         {
             Ansi = redirected || noColor ? AnsiSupport.No : AnsiSupport.Detect,
             ColorSystem = redirected || noColor ? ColorSystemSupport.NoColors : ColorSystemSupport.Detect,
             Out = new AnsiConsoleOutput(Console.Out),
         });
+        // Piped output has no width; give tables room rather than wrapping every cell at 80 columns.
+        if (redirected) console.Profile.Width = 140;
+        return console;
     }
 
     /// <summary>A console that renders into a string without escape codes (for --output files).</summary>

@@ -109,12 +109,8 @@ public static class Findings
 
         if (codes.Contains("experts_missed") && ExpertTargetParameters(spec) is { Count: > 0 } tp)
         {
-            var kept = requested.TargetModules?.Names?.Where(n => !IsExpertOrMlpName(spec, n)).ToList();
-            var cfg = requested with
-            {
-                TargetModules = kept is null ? requested.TargetModules : ModuleSelector.List(kept),
-                TargetParameters = [.. requested.TargetParameters ?? [], .. tp],
-            };
+            // Keep every requested module target (they still reach attention, shared experts, dense MLPs).
+            var cfg = requested with { TargetParameters = [.. requested.TargetParameters ?? [], .. tp] };
             Add(recs, plan, "Reach the routed experts",
                 $"Add target_parameters=[{string.Join(", ", tp.Select(x => $"\"{x}\""))}]: PEFT wraps the fused expert tensors with a ParamWrapper, r per expert.", cfg);
         }
@@ -179,8 +175,6 @@ public static class Findings
         }
         return recs;
     }
-
-    private static bool IsExpertOrMlpName(ModelSpec spec, string name) => name is "gate_proj" or "up_proj" or "down_proj" or "w1" or "w2" or "w3";
 
     /// <summary>The exact target_parameters entries that reach this model's routed experts.</summary>
     public static IReadOnlyList<string> ExpertTargetParameters(ModelSpec spec)

@@ -15,6 +15,9 @@ public sealed record ReportOptions
 
     public string? SourceNote { get; init; }
 
+    /// <summary>A short form of the note for terminals (e.g. that a catalog copy is partial).</summary>
+    public string? SourceSummary { get; init; }
+
     public int BatchSize { get; init; } = 1;
 
     public int SeqLength { get; init; } = 512;

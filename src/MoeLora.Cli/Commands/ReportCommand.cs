@@ -1,0 +1,40 @@
+using MoeLora.Cli.Infrastructure;
+using MoeLora.Cli.Rendering;
+using MoeLora.Core.Analysis;
+using Spectre.Console.Cli;
+
+namespace MoeLora.Cli.Commands;
+
+/// <summary><c>moelora report [MODEL]</c>: the config-only analysis of LoRA on a model.</summary>
+public sealed class ReportCommand : Command<ReportCommand.Settings>
+{
+    public sealed class Settings : LoraSettings;
+
+    public override int Execute(CommandContext context, Settings settings, CancellationToken cancellationToken)
+    {
+        var format = settings.ParsedFormat;
+        var lora = settings.BuildLoraConfig();
+        var (spec, resolved) = ModelLoader.Load(settings.Model, settings.ParsedLayout, settings.Revision);
+        var report = LoraReport.Build(spec, lora, settings.ParsedPeftVersion, new ReportOptions
+        {
+            ModelId = resolved.Id,
+            Source = resolved.Origin.ToString().ToLowerInvariant(),
+            SourceNote = resolved.Notes.Count > 0 ? string.Join(" ", resolved.Notes) : null,
+            SourceSummary = ModelLoader.Summary(resolved),
+            BatchSize = Positive(settings.BatchSize, "--batch-size"),
+            SeqLength = Positive(settings.SeqLength, "--seq-length"),
+            DType = settings.ParsedDType,
+            TargetLayers = settings.ParsedTargetLayers,
+        });
+        switch (format)
+        {
+            case "json": Output.Json(report.ToJson(), settings.Output); break;
+            case "markdown": Output.Text(ReportMarkdown.Render(report), settings.Output); break;
+            default: Output.Renderables(ReportText.Render(report), settings.Output); break;
+        }
+        return ExitCodes.Ok;
+    }
+
+    internal static int Positive(int value, string option) =>
+        value > 0 ? value : throw new ArgumentException($"{option} must be a positive integer, got {value}");
+}
