@@ -130,6 +130,52 @@ public sealed class HubTests : IDisposable
     }
 
     [Fact]
+    public void A_renamed_gated_repo_redirects_on_the_same_host_and_keeps_the_token()
+    {
+        _hub.AddRepo("org/new-name").With("config.json", Config).Gated = true;
+        _hub.Rename("org/old-name", "org/new-name");
+        using ModelResolver resolver = Resolver(FakeHub.GoodToken);
+
+        Assert.Equal(Config, resolver.Resolve("org/old-name").ConfigJson);
+        Assert.Equal([307, 200], _hub.Requests.Select(r => r.Status));
+        Assert.All(_hub.Requests, r => Assert.Equal($"Bearer {FakeHub.GoodToken}", r.Authorization));
+    }
+
+    [Fact]
+    public void Large_downloads_report_progress_and_small_ones_do_not()
+    {
+        string big = "{\"pad\":\"" + new string('x', 300_000) + "\"}";
+        _hub.AddRepo("org/big").With("config.json", big);
+        _hub.AddRepo("org/small").With("config.json", Config);
+        var progress = new RecordingProgress();
+        using ModelResolver resolver = Resolver(tweak: s => s with { Progress = progress, ProgressThresholdBytes = 100_000 });
+
+        resolver.Resolve("org/small");
+        resolver.Resolve("org/big");
+
+        (string label, long? total, long advanced, bool disposed) = Assert.Single(progress.Bars);
+        Assert.Equal(("org/big: config.json", (long?)big.Length, (long)big.Length, true), (label, total, advanced, disposed));
+    }
+
+    private sealed class RecordingProgress : Progress.IDownloadProgress
+    {
+        public List<(string Label, long? Total, long Advanced, bool Disposed)> Bars { get; } = [];
+
+        public Progress.IProgressBar Start(string label, long? totalBytes)
+        {
+            Bars.Add((label, totalBytes, 0, false));
+            return new Bar(this, Bars.Count - 1);
+        }
+
+        private sealed class Bar(RecordingProgress owner, int index) : Progress.IProgressBar
+        {
+            public void Advance(long bytes) => owner.Bars[index] = owner.Bars[index] with { Advanced = owner.Bars[index].Advanced + bytes };
+
+            public void Dispose() => owner.Bars[index] = owner.Bars[index] with { Disposed = true };
+        }
+    }
+
+    [Fact]
     public void An_invalid_token_is_reported_as_such()
     {
         _hub.AddRepo("org/model").With("config.json", Config);

@@ -38,6 +38,7 @@ public sealed class FakeHub : IDisposable
     private readonly Server _hub;
     private readonly Server _cdn;
     private readonly ConcurrentDictionary<string, FakeRepo> _repos = new(StringComparer.Ordinal);
+    private readonly ConcurrentDictionary<string, string> _renamed = new(StringComparer.Ordinal);
     private readonly ConcurrentQueue<ServedRequest> _log = new();
     private readonly object _faultLock = new();
     private readonly List<Fault> _faults = [];
@@ -61,6 +62,9 @@ public sealed class FakeHub : IDisposable
         _repos[id] = repo;
         return repo;
     }
+
+    /// <summary>Like a renamed repository on the Hub: the old id answers with a relative 307 to the new one.</summary>
+    public void Rename(string oldId, string newId) => _renamed[oldId] = newId;
 
     /// <summary>Answers the next <paramref name="times"/> hub requests whose path contains <paramref name="pathPart"/> with a status.</summary>
     public void FailNext(string pathPart, int status, int times, string? retryAfter = null) =>
@@ -123,6 +127,12 @@ public sealed class FakeHub : IDisposable
         string file = string.Join('/', segments[(resolveAt + 2)..]);
         string? token = request.Headers["Authorization"] is { } auth && auth.StartsWith("Bearer ", StringComparison.Ordinal) ? auth[7..] : null;
 
+        if (_renamed.TryGetValue(repoId, out string? newId))
+        {
+            context.Response.Headers["Location"] = "/" + newId + path[(1 + repoId.Length)..];
+            await FinishAsync(context, "hub", 307, []);
+            return;
+        }
         if (token == InvalidToken)
         {
             await ErrorAsync(context, 401, null, "Invalid credentials in Authorization header");

@@ -1,0 +1,119 @@
+using System.Text.RegularExpressions;
+using MoeLora.Core.Modules;
+
+namespace MoeLora.Sources.Analysis;
+
+/// <summary>
+/// For each parameter of one layout's tree, the parameters of the other layout's tree that hold the same values.
+/// transformers 5 loads legacy checkpoints by renaming and by stacking per-expert <c>nn.Linear</c> weights into fused
+/// 3-D parameters (<c>gate_up_proj[e] = cat(gate_e, up_e)</c>, <c>down_proj[e] = down_e</c>), and saves them back
+/// the same way; this class rebuilds that correspondence from the two trees Core builds for one config, using only
+/// structure (layer, location, shape) and the projection roles of that conversion, never a model's name.
+/// </summary>
+internal sealed partial class LayoutCorrespondence
+{
+    private readonly Dictionary<string, Alternative> _alternatives = new(StringComparer.Ordinal);
+
+    /// <summary>The other layout's parameters that store this one, or null when none does.</summary>
+    public Alternative? For(string parameterName) => _alternatives.GetValueOrDefault(parameterName);
+
+    /// <param name="Parts">Parameters of the other layout, in stacking order (expert by expert, gate before up).</param>
+    /// <param name="IsSliceOfFused">True when this parameter is one expert's slice of a single fused parameter.</param>
+    internal sealed record Alternative(IReadOnlyList<ParameterNode> Parts, bool IsSliceOfFused);
+
+    private enum Role { Gate, Up, Down }
+
+    public static LayoutCorrespondence Build(ModuleTree runtime, ModuleTree other)
+    {
+        var result = new LayoutCorrespondence();
+        var otherByName = AllParameters(other).ToDictionary(p => p.Name, StringComparer.Ordinal);
+        var runtimeNames = AllParameters(runtime).Select(p => p.Name).ToHashSet(StringComparer.Ordinal);
+        var unpairedRuntime = AllParameters(runtime).Where(p => !otherByName.ContainsKey(p.Name)).ToList();
+        var unpairedOther = otherByName.Keys.Where(n => !runtimeNames.Contains(n)).ToHashSet(StringComparer.Ordinal);
+
+        result.PairExperts(runtime, other, unpairedRuntime, unpairedOther);
+        result.PairByStructure(runtime, other, unpairedRuntime, unpairedOther, otherByName);
+        return result;
+    }
+
+    // Fused runtime parameters take the other tree's per-expert weights of the same layer; per-expert runtime
+    // weights point at their slice of the other tree's fused parameter.
+    private void PairExperts(ModuleTree runtime, ModuleTree other, List<ParameterNode> unpairedRuntime, HashSet<string> unpairedOther)
+    {
+        var perExpertOther = PerExpertWeights(other, unpairedOther).ToList();
+        foreach (ParameterNode fused in unpairedRuntime.ToList())
+        {
+            ModuleNode owner = runtime.OwnerOf(fused);
+            if (owner.Kind != ModuleKind.Experts || owner.IsTransposed) continue;
+            Role[]? roles = fused.LocalName switch { "gate_up_proj" => [Role.Gate, Role.Up], "down_proj" => [Role.Down], _ => null };
+            if (roles is null) continue;
+            var candidates = perExpertOther.Where(w => w.Layer == owner.LayerIndex && roles.Contains(w.Role)).ToList();
+            var parts = new List<ParameterNode>();
+            for (int expert = 0; expert < owner.NumExperts; expert++)
+                foreach (Role role in roles)
+                    if (candidates.FirstOrDefault(w => w.Expert == expert && w.Role == role) is { } part) parts.Add(part.Parameter);
+            if (parts.Count != owner.NumExperts * roles.Length) continue;
+            _alternatives[fused.Name] = new Alternative(parts, IsSliceOfFused: false);
+            unpairedRuntime.Remove(fused);
+            foreach (ParameterNode part in parts) unpairedOther.Remove(part.Name);
+        }
+
+        var fusedOther = AllParameters(other).Where(p => other.OwnerOf(p) is { Kind: ModuleKind.Experts, IsTransposed: false }).ToList();
+        foreach (var weight in PerExpertWeights(runtime, unpairedRuntime.Select(p => p.Name).ToHashSet(StringComparer.Ordinal)).ToList())
+        {
+            string fusedName = weight.Role == Role.Down ? "down_proj" : "gate_up_proj";
+            ParameterNode? fused = fusedOther.FirstOrDefault(p => p.LocalName == fusedName && other.OwnerOf(p).LayerIndex == weight.Layer);
+            if (fused is null) continue;
+            _alternatives[weight.Parameter.Name] = new Alternative([fused], IsSliceOfFused: true);
+            unpairedRuntime.Remove(weight.Parameter);
+            unpairedOther.Remove(fused.Name);
+        }
+    }
+
+    // What is left was renamed between layouts (e.g. a MoE block or router attribute): pair parameters that are the
+    // only ones of their kind in their layer, judged by location, attribute name and shape.
+    private void PairByStructure(ModuleTree runtime, ModuleTree other, List<ParameterNode> unpairedRuntime, HashSet<string> unpairedOther,
+        Dictionary<string, ParameterNode> otherByName)
+    {
+        string Key(ModuleTree tree, ParameterNode p) =>
+            $"{tree.OwnerOf(p).LayerIndex}|{tree.OwnerOf(p).Location}|{p.LocalName}|{string.Join(',', p.Shape)}";
+
+        var otherGroups = unpairedOther.Select(n => otherByName[n]).GroupBy(p => Key(other, p)).ToDictionary(g => g.Key, g => g.ToList());
+        foreach (var group in unpairedRuntime.GroupBy(p => Key(runtime, p)))
+        {
+            if (group.Count() != 1 || !otherGroups.TryGetValue(group.Key, out var match) || match.Count != 1) continue;
+            _alternatives[group.Single().Name] = new Alternative([match[0]], IsSliceOfFused: false);
+        }
+    }
+
+    private sealed record ExpertWeight(ParameterNode Parameter, int? Layer, int Expert, Role Role);
+
+    private static IEnumerable<ExpertWeight> PerExpertWeights(ModuleTree tree, IReadOnlySet<string> names)
+    {
+        foreach (ParameterNode p in AllParameters(tree))
+        {
+            if (!names.Contains(p.Name) || p.LocalName != "weight") continue;
+            Match m = PerExpertModule().Match(tree.OwnerOf(p).Name);
+            if (!m.Success || !RoleOf(m.Groups[2].Value, out Role role)) continue;
+            yield return new ExpertWeight(p, tree.OwnerOf(p).LayerIndex, int.Parse(m.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture), role);
+        }
+    }
+
+    // The projection names transformers' conversion mapping merges (Mixtral's w1/w3/w2 and the gate/up/down_proj family).
+    private static bool RoleOf(string projection, out Role role)
+    {
+        (bool ok, role) = projection switch
+        {
+            "w1" or "gate_proj" => (true, Role.Gate),
+            "w3" or "up_proj" => (true, Role.Up),
+            "w2" or "down_proj" => (true, Role.Down),
+            _ => (false, Role.Gate),
+        };
+        return ok;
+    }
+
+    private static IEnumerable<ParameterNode> AllParameters(ModuleTree tree) => tree.Modules.SelectMany(m => m.Parameters);
+
+    [GeneratedRegex(@"\.experts\.(\d+)\.([A-Za-z0-9_]+)$")]
+    private static partial Regex PerExpertModule();
+}
