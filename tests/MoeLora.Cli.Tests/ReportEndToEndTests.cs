@@ -126,3 +126,35 @@ public class ReportEndToEndTests
         Assert.Contains(v4["modules"]!.AsArray(), m => m![0]!.GetValue<string>() == "model.layers.0.block_sparse_moe.experts.7.w3");
     }
 }
+
+/// <summary>Checkpoints on disk: the header cross-check and analysis of unknown model types from headers.</summary>
+public class CheckpointEndToEndTests
+{
+    private static string Tiny(string type) => Path.Combine(AppContext.BaseDirectory, "Data", "hf-tiny", type);
+
+    [Fact]
+    public void Local_checkpoint_is_cross_checked()
+    {
+        var r = MoeloraProcess.Run("report", Tiny("mixtral"), "--format", "json");
+        Assert.Equal(0, r.ExitCode);
+        var c = JsonNode.Parse(r.Stdout)!["checkpoint"]!;
+        Assert.True(c["clean"]!.GetValue<bool>());
+        Assert.Equal(1, c["files"]!.GetValue<int>());
+    }
+
+    [Fact]
+    public void Unknown_model_type_is_derived_from_headers_and_labelled()
+    {
+        var dir = Directory.CreateTempSubdirectory().FullName;
+        foreach (var f in Directory.GetFiles(Tiny("mixtral"))) File.Copy(f, Path.Combine(dir, Path.GetFileName(f)));
+        var config = Path.Combine(dir, "config.json");
+        File.WriteAllText(config, File.ReadAllText(config).Replace("\"mixtral\"", "\"mystery_moe\"", StringComparison.Ordinal));
+        var r = MoeloraProcess.Run("report", dir, "--format", "json", "-t", "q_proj,w1,w2,w3", "-r", "4");
+        Assert.Equal(0, r.ExitCode);
+        var j = JsonNode.Parse(r.Stdout)!;
+        Assert.True(j["checkpoint"]!["derived"]!.GetValue<bool>());
+        Assert.Equal("derived", j["model"]!["layout"]!.GetValue<string>());
+        // 3 layers: q_proj 4·(32+32) + 4 experts × (w1 4·(32+64) + w2 4·(64+32) + w3 4·(32+64))
+        Assert.Equal(3 * (256 + 4 * 3 * 384), j["lora"]!["trainable_parameters"]!.GetValue<long>());
+    }
+}

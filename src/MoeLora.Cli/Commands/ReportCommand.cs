@@ -1,3 +1,4 @@
+using System.ComponentModel;
 using MoeLora.Cli.Infrastructure;
 using MoeLora.Cli.Rendering;
 using MoeLora.Core.Analysis;
@@ -8,13 +9,19 @@ namespace MoeLora.Cli.Commands;
 /// <summary><c>moelora report [MODEL]</c>: the config-only analysis of LoRA on a model.</summary>
 public sealed class ReportCommand : Command<ReportCommand.Settings>
 {
-    public sealed class Settings : LoraSettings;
+    public sealed class Settings : LoraSettings
+    {
+        [CommandOption("--checkpoint-headers")]
+        [Description("Also read safetensors headers from the Hub (local and cached checkpoints are always checked)")]
+        public bool CheckpointHeaders { get; init; }
+    }
 
     public override int Execute(CommandContext context, Settings settings, CancellationToken cancellationToken)
     {
         var format = settings.ParsedFormat;
         var lora = settings.BuildLoraConfig();
-        var (spec, resolved) = ModelLoader.Load(settings.Model, settings.ParsedLayout, settings.Revision);
+        var loaded = ModelLoader.LoadChecked(settings.Model, settings.ParsedLayout, settings.Revision, settings.CheckpointHeaders);
+        var (spec, resolved) = (loaded.Spec, loaded.Resolved);
         var report = LoraReport.Build(spec, lora, settings.ParsedPeftVersion, new ReportOptions
         {
             ModelId = resolved.Id,
@@ -28,9 +35,13 @@ public sealed class ReportCommand : Command<ReportCommand.Settings>
         });
         switch (format)
         {
-            case "json": Output.Json(report.ToJson(), settings.Output); break;
+            case "json":
+                var json = report.ToJson();
+                json["checkpoint"] = CheckpointSection.ToJson(loaded);
+                Output.Json(json, settings.Output);
+                break;
             case "markdown": Output.Text(ReportMarkdown.Render(report), settings.Output); break;
-            default: Output.Renderables(ReportText.Render(report), settings.Output); break;
+            default: Output.Renderables(ReportText.Render(report).Concat(CheckpointSection.Render(loaded)), settings.Output); break;
         }
         return ExitCodes.Ok;
     }

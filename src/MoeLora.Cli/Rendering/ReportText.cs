@@ -31,7 +31,9 @@ public static class ReportText
         var model = new Grid().AddColumn().AddColumn();
         model.AddRow("Model type", $"{spec.ModelType} ({spec.Architecture})");
         model.AddRow("Source", Markup.Escape(report.Options.Source + (report.Options.SourceSummary is null ? "" : " — " + report.Options.SourceSummary)));
-        model.AddRow("Layout", $"{spec.Layout.Name()} (transformers {(spec.Layout == MoeLora.Core.Modules.Layout.V5 ? "5.x" : "4.57")}), PEFT {plan.Version}");
+        model.AddRow("Layout", spec.DerivedLabel is not null
+            ? $"[yellow]{Markup.Escape(spec.DerivedLabel)}[/], PEFT {plan.Version}"
+            : $"{spec.Layout.Name()} (transformers {(spec.Layout == MoeLora.Core.Modules.Layout.V5 ? "5.x" : "4.57")}), PEFT {plan.Version}");
         model.AddRow("Layers / hidden / vocab", $"{spec.NumHiddenLayers} / {spec.HiddenSize} / {Units.Count(spec.VocabSize)}");
         model.AddRow("Attention heads (kv)", $"{spec.NumAttentionHeads} ({spec.NumKeyValueHeads})");
         model.AddRow("Parameters", Units.Count(spec.Tree.NumParameters));

@@ -70,4 +70,7 @@ public sealed record ModelSpec
     public string HiddenAct { get; init; } = "silu";
 
     public Layout Layout => Tree.Layout;
+
+    /// <summary>Set when the tree was derived from checkpoint headers (unknown model_type): names are the checkpoint's.</summary>
+    public string? DerivedLabel { get; init; }
 }

@@ -15,7 +15,7 @@ public static class AdapterPlanner
 
     public static AdapterPlan Plan(ModelSpec spec, LoraConfig requested, PeftVersion? peftVersion = null)
     {
-        var version = peftVersion ?? (spec.Layout == Layout.V4 ? PeftVersion.V0_17 : PeftVersion.Default);
+        var version = peftVersion ?? (spec.Layout == Layout.V4 && spec.DerivedLabel is null ? PeftVersion.V0_17 : PeftVersion.Default);
         requested.Validate();
         var tree = spec.Tree;
         var warnings = new List<string>();
