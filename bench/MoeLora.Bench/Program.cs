@@ -23,6 +23,25 @@ var sweeps = Enumerable.Range(0, runs).Select(_ => Time(Sweep)).Order().ToList()
 Console.WriteLine($"in-process sweep of {ids.Count} catalog models (tree + plan + report): median {sweeps[sweeps.Count / 2]:F1} ms, min {sweeps[0]:F1} ms over {runs} runs");
 Console.WriteLine();
 
+if (args.Contains("--phases"))
+{
+    // Where the sweep's time goes, per model: tree, PEFT plan, full report (findings re-plan suggestions), JSON.
+    Console.WriteLine("| model | tree ms | plan ms | report ms | json ms |");
+    Console.WriteLine("|---|---:|---:|---:|---:|");
+    foreach (var id in ids)
+    {
+        var config = new ModelConfig(ModelCatalog.TryGetConfig(id)!);
+        ModelSpec? spec = null;
+        LoraReport? report = null;
+        var tree = Best(() => spec = ArchitectureRegistry.Build(config, Layout.V5));
+        var plan = Best(() => AdapterPlanner.Plan(spec!, LoraConfig.SeedDefault));
+        var rep = Best(() => report = LoraReport.Build(spec!, LoraConfig.SeedDefault, null, new ReportOptions { ModelId = id }));
+        var json = Best(() => report!.ToJson().ToJsonString());
+        Console.WriteLine($"| {id} | {tree:F2} | {plan:F2} | {rep:F2} | {json:F2} |");
+    }
+    Console.WriteLine();
+}
+
 if (moelora is not null)
 {
     Console.WriteLine("| model | cold `report --format json`, median ms | min ms |");
@@ -50,6 +69,8 @@ void Sweep()
         }
     }
 }
+
+double Best(Action a) => Enumerable.Range(0, runs).Select(_ => Time(a)).Min();
 
 static double Time(Action a)
 {
