@@ -106,8 +106,9 @@ public class MeasuredMemoryTests(ITestOutputHelper output)
             Assert.Equal(run["num_params"]!.GetValue<long>(), spec.Tree.NumParameters);
             var (q, st, plain) = WeightMemory.Bytes(spec, DType.BFloat16, Quantization.None);
             Assert.Equal(0, q + st);
-            // Buffers (rotary inv_freq) and the allocator's 512-byte rounding add a few hundred bytes.
-            Assert.InRange(run["weights_alloc"]!.GetValue<long>() - plain, 0, 1 << 20);
+            // Buffers (rotary inv_freq) and the allocator's 512-byte rounding add a few hundred bytes; the two
+            // grouped_mm MoE runs had already allocated both 32 MiB cuBLAS workspaces (+ ~2 MB) when weights_alloc was read.
+            Assert.InRange(run["weights_alloc"]!.GetValue<long>() - plain, 0, (64 << 20) + (4 << 20));
             var plan = AdapterPlanner.Plan(spec, LoraConfig.SeedDefault, null);
             Assert.Equal(run["after_lora_alloc"]!.GetValue<long>() - run["weights_alloc"]!.GetValue<long>(), 4 * plan.TrainableParameters);
         }
