@@ -12,8 +12,9 @@ public sealed class ReportCommand : Command<ReportCommand.Settings>
 
     public override int Execute(CommandContext context, Settings settings, CancellationToken cancellationToken)
     {
-        var format = settings.ParsedFormat;
+        var format = settings.Format.Equals("html", StringComparison.OrdinalIgnoreCase) ? "html" : settings.ParsedFormat;
         var lora = settings.BuildLoraConfig();
+        var training = settings.BuildTrainingSetup();
         var (spec, resolved) = ModelLoader.Load(settings.Model, settings.ParsedLayout, settings.Revision);
         var report = LoraReport.Build(spec, lora, settings.ParsedPeftVersion, new ReportOptions
         {
@@ -25,11 +26,13 @@ public sealed class ReportCommand : Command<ReportCommand.Settings>
             SeqLength = Positive(settings.SeqLength, "--seq-length"),
             DType = settings.ParsedDType,
             TargetLayers = settings.ParsedTargetLayers,
+            Training = training,
         });
         switch (format)
         {
             case "json": Output.Json(report.ToJson(), settings.Output); break;
             case "markdown": Output.Text(ReportMarkdown.Render(report), settings.Output); break;
+            case "html": Output.Text(HtmlReport.Render(report), settings.Output); break;
             default: Output.Renderables(ReportText.Render(report), settings.Output); break;
         }
         return ExitCodes.Ok;
