@@ -22,6 +22,8 @@ public static class Program
                 .WithExample("report", "mistralai/Mixtral-8x7B-v0.1", "--format", "json");
             config.AddCommand<ModulesCommand>("modules")
                 .WithDescription("named_modules() and named_parameters() as transformers builds the model");
+            config.AddCommand<PlanCommand>("plan").WithDescription("Training-memory verdict plus accelerate, DeepSpeed and PEFT files for the plan (--output DIR)");
+            config.AddCommand<DiffCommand>("diff").WithDescription("Two models (or two LoraConfigs) side by side: targets, adapters, experts, hidden states, memory, gradient flow");
             config.AddCommand<ModelsCommand>("models")
                 .WithDescription("List the embedded catalog of real configs");
         });

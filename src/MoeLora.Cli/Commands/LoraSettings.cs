@@ -80,6 +80,55 @@ public class LoraSettings : ModelSettings
     [Description("Circuit-breaker target layers as hidden_states indices (default L/4 and L/2)")]
     public string[]? CbTargetLayers { get; init; }
 
+    [CommandOption("--quantization <Q>")]
+    [Description("Base weights: none, int8 (LLM.int8) or nf4 (QLoRA 4-bit, double-quantised) (default none)")]
+    public string Quantization { get; init; } = "none";
+
+    [CommandOption("--gradient-checkpointing")]
+    [Description("Recompute each decoder layer in backward (keeps only layer inputs)")]
+    public bool GradientCheckpointing { get; init; }
+
+    [CommandOption("--gpus <N>")]
+    [Description("Data-parallel GPUs (default 1); --batch-size is per GPU")]
+    public int Gpus { get; init; } = 1;
+
+    [CommandOption("--gpu-memory <SIZE>")]
+    [Description("Memory of one GPU, e.g. 80GiB, 141GB (default 80GiB)")]
+    public string GpuMemory { get; init; } = "80GiB";
+
+    [CommandOption("--sharding <S>")]
+    [Description("ddp, zero2, zero3, fsdp or ep (expert parallel) (default ddp)")]
+    public string Sharding { get; init; } = "ddp";
+
+    [CommandOption("--mode <MODE>")]
+    [Description("lora (cross-entropy step) or circuit-breaker (the reference RR step) (default lora)")]
+    public string Mode { get; init; } = "lora";
+
+    [CommandOption("--attention <IMPL>")]
+    [Description("Attention implementation: sdpa (flash/efficient) or eager (default sdpa)")]
+    public string Attention { get; init; } = "sdpa";
+
+    [CommandOption("--cb-full-layers")]
+    [Description("Circuit breaker: keep every block (the reference's --full_layers) instead of truncating to max(target)+1")]
+    public bool CbFullLayers { get; init; }
+
+    /// <summary>The training-memory setup the flags describe (batch, seq, dtype and targets are filled by the report).</summary>
+    public Core.Memory.TrainingSetup BuildTrainingSetup() => new()
+    {
+        BatchSize = BatchSize,
+        SeqLength = SeqLength,
+        DType = ParsedDType,
+        Quantization = Core.Memory.TrainingSetup.ParseQuantization(Quantization),
+        GradientCheckpointing = GradientCheckpointing,
+        Gpus = Gpus > 0 ? Gpus : throw new ArgumentException($"--gpus must be a positive integer, got {Gpus}"),
+        GpuMemoryBytes = Core.Memory.TrainingSetup.ParseBytes(GpuMemory),
+        Sharding = Core.Memory.TrainingSetup.ParseSharding(Sharding),
+        Mode = Core.Memory.TrainingSetup.ParseMode(Mode),
+        Attention = Core.Memory.TrainingSetup.ParseAttention(Attention),
+        TargetLayers = ParsedTargetLayers,
+        CbFullLayers = CbFullLayers,
+    };
+
     public PeftVersion? ParsedPeftVersion => PeftVersion is null ? null : Core.Peft.PeftVersion.Parse(PeftVersion);
 
     public DType ParsedDType => DTypes.Parse(DType);

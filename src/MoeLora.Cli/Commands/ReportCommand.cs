@@ -18,8 +18,9 @@ public sealed class ReportCommand : Command<ReportCommand.Settings>
 
     public override int Execute(CommandContext context, Settings settings, CancellationToken cancellationToken)
     {
-        var format = settings.ParsedFormat;
+        var format = settings.Format.Equals("html", StringComparison.OrdinalIgnoreCase) ? "html" : settings.ParsedFormat;
         var lora = settings.BuildLoraConfig();
+        var training = settings.BuildTrainingSetup();
         var loaded = ModelLoader.LoadChecked(settings.Model, settings.ParsedLayout, settings.Revision, settings.CheckpointHeaders);
         var (spec, resolved) = (loaded.Spec, loaded.Resolved);
         var report = LoraReport.Build(spec, lora, settings.ParsedPeftVersion, new ReportOptions
@@ -32,6 +33,7 @@ public sealed class ReportCommand : Command<ReportCommand.Settings>
             SeqLength = Positive(settings.SeqLength, "--seq-length"),
             DType = settings.ParsedDType,
             TargetLayers = settings.ParsedTargetLayers,
+            Training = training,
         });
         switch (format)
         {
@@ -41,6 +43,7 @@ public sealed class ReportCommand : Command<ReportCommand.Settings>
                 Output.Json(json, settings.Output);
                 break;
             case "markdown": Output.Text(ReportMarkdown.Render(report), settings.Output); break;
+            case "html": Output.Text(HtmlReport.Render(report), settings.Output); break;
             default: Output.Renderables(ReportText.Render(report).Concat(CheckpointSection.Render(loaded)), settings.Output); break;
         }
         return ExitCodes.Ok;

@@ -51,6 +51,7 @@ public static class ReportMarkdown
         sb.AppendLine(CultureInfo.InvariantCulture, $"- Batch {h.BatchSize} × seq {h.SeqLength} × hidden {h.HiddenSize} ({h.DType.Name()}): {Units.Bytes(h.BytesPerState)} per state");
         sb.AppendLine(CultureInfo.InvariantCulture, $"- All {h.NumStates} states: {Units.Bytes(h.AllLayersBytes)}");
         sb.AppendLine(CultureInfo.InvariantCulture, $"- Target layers [{string.Join(", ", h.TargetLayers)}]: {Units.Bytes(h.TargetLayersBytes)} ({h.SavingPercent:F1}% less)");
+        sb.Append(TrainingMemoryView.Markdown(report.Training));
         if (report.Warnings.Count > 0)
         {
             sb.AppendLine().AppendLine("## Warnings").AppendLine();

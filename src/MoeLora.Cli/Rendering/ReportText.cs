@@ -94,6 +94,7 @@ public static class ReportText
         hs.AddRow(Markup.Escape($"Target layers [{string.Join(", ", h.TargetLayers)}]"), $"{Units.Bytes(h.TargetLayersBytes)} ([green]{h.SavingPercent:F1}% less[/])");
         hs.AddRow("Truncated model", $"{h.TruncatedLayers} blocks; all its states {Units.Bytes(h.TruncatedStatesBytes)}");
         yield return hs;
+        foreach (var r in TrainingMemoryView.Render(report.Training)) yield return r;
 
         if (report.Warnings.Count > 0)
         {

@@ -26,6 +26,9 @@ public sealed record ReportOptions
 
     /// <summary>Circuit-breaker target layers as hidden_states indices; null means [L/4, L/2].</summary>
     public IReadOnlyList<int>? TargetLayers { get; init; }
+
+    /// <summary>Training-memory setup (batch, sequence, dtype, target layers are taken from the fields above).</summary>
+    public Memory.TrainingSetup? Training { get; init; }
 }
 
 /// <summary>The whole config-only analysis: model facts, the adapter plan, memory, warnings, recommendations.</summary>
@@ -48,6 +51,9 @@ public sealed class LoraReport
     public required IReadOnlyList<Finding> Warnings { get; init; }
 
     public required IReadOnlyList<Recommendation> Recommendations { get; init; }
+
+    /// <summary>Per-GPU peak of one training step (<see cref="Memory.TrainingMemory"/>).</summary>
+    public Memory.TrainingMemory Training { get; private init; } = null!;
 
     /// <summary>Adapter weights as PEFT keeps them: fp32 (autocast_adapter_dtype upcasts bf16/fp16).</summary>
     public long AdapterMemoryBytes => Plan.LoraParameters * 4;
@@ -81,6 +87,10 @@ public sealed class LoraReport
             HiddenStates = hidden,
             Warnings = warnings,
             Recommendations = Findings.Recommend(plan, hidden, warnings),
+            Training = Memory.TrainingMemory.Estimate(plan, (options.Training ?? new Memory.TrainingSetup()) with
+            {
+                BatchSize = options.BatchSize, SeqLength = options.SeqLength, DType = options.DType, TargetLayers = targets,
+            }),
         };
     }
 
@@ -194,6 +204,7 @@ public sealed class LoraReport
                     ["truncated_layers"] = HiddenStates.TruncatedLayers,
                     ["truncated_all_states_bytes"] = HiddenStates.TruncatedStatesBytes,
                 },
+                ["training"] = Memory.TrainingMemoryJson.ToJson(Training),
             },
             ["warnings"] = new JsonArray(Warnings.Select(w => (JsonNode)new JsonObject { ["code"] = w.Code, ["message"] = w.Message }).ToArray()),
             ["recommendations"] = new JsonArray(Recommendations.Select(r => (JsonNode)new JsonObject

@@ -1,0 +1,91 @@
+using System.ComponentModel;
+using System.Text;
+using MoeLora.Cli.Infrastructure;
+using MoeLora.Cli.Rendering;
+using MoeLora.Core.Analysis;
+using MoeLora.Core.Peft;
+using Spectre.Console;
+using Spectre.Console.Cli;
+
+namespace MoeLora.Cli.Commands;
+
+/// <summary>
+/// <c>moelora diff MODEL_A MODEL_B</c>, or <c>moelora diff MODEL --lora-config A.json --lora-config-b B.json</c>:
+/// the seed report's "MoE vs Dense" comparison, side by side, from two real analyses under the same training setup.
+/// </summary>
+public sealed class DiffCommand : Command<DiffCommand.Settings>
+{
+    public sealed class Settings : LoraSettings
+    {
+        [CommandArgument(1, "[MODEL_B]")]
+        [Description("The second model (default: MODEL again, with --lora-config-b)")]
+        public string? ModelB { get; init; }
+
+        [CommandOption("--lora-config-b <FILE>")]
+        [Description("LoraConfig for the second side (default: the same LoRA options as the first)")]
+        public string? LoraConfigB { get; init; }
+    }
+
+    public override int Execute(CommandContext context, Settings settings, CancellationToken cancellationToken)
+    {
+        var format = settings.ParsedFormat;
+        if (settings.ModelB is null && settings.LoraConfigB is null)
+            throw new ArgumentException("diff needs MODEL_B or --lora-config-b (two models, or two LoraConfigs on one model)");
+        var loraA = settings.BuildLoraConfig();
+        LoraConfig loraB;
+        if (settings.LoraConfigB is null) loraB = loraA;
+        else
+        {
+            if (!File.Exists(settings.LoraConfigB)) throw new FileNotFoundException($"--lora-config-b {settings.LoraConfigB} does not exist");
+            loraB = LoraConfig.FromJson(File.ReadAllText(settings.LoraConfigB), settings.LoraConfigB);
+            loraB.Validate();
+        }
+        var a = Analyse(settings, settings.Model, loraA);
+        var b = Analyse(settings, settings.ModelB ?? settings.Model, loraB);
+        switch (format)
+        {
+            case "json": Output.Json(DiffRows.ToJson(a, b), settings.Output); break;
+            case "markdown": Output.Text(Markdown(a, b), settings.Output); break;
+            default: Output.Renderables(Text(a, b), settings.Output); break;
+        }
+        return ExitCodes.Ok;
+    }
+
+    private static LoraReport Analyse(Settings settings, string model, LoraConfig lora)
+    {
+        var (spec, resolved) = ModelLoader.Load(model, settings.ParsedLayout, settings.Revision);
+        return LoraReport.Build(spec, lora, settings.ParsedPeftVersion, new ReportOptions
+        {
+            ModelId = resolved.Id,
+            Source = resolved.Origin.ToString().ToLowerInvariant(),
+            BatchSize = ReportCommand.Positive(settings.BatchSize, "--batch-size"),
+            SeqLength = ReportCommand.Positive(settings.SeqLength, "--seq-length"),
+            DType = settings.ParsedDType,
+            TargetLayers = null, // each model gets its own default [L/4, L/2]
+            Training = settings.BuildTrainingSetup() with { TargetLayers = null },
+        });
+    }
+
+    private static string Label(LoraReport r, string side) => $"{side}: {r.Options.ModelId}";
+
+    private static IEnumerable<Spectre.Console.Rendering.IRenderable> Text(LoraReport a, LoraReport b)
+    {
+        yield return new Rule($"[bold]MoeLora diff[/]: {Markup.Escape(a.Options.ModelId)} vs {Markup.Escape(b.Options.ModelId)}").LeftJustified();
+        yield return new Markup(Markup.Escape(TrainingMemoryView.SetupLine(a.Training)) + "\n");
+        var t = new Table().Border(TableBorder.Rounded).AddColumn("aspect").AddColumn(Markup.Escape(Label(a, "A"))).AddColumn(Markup.Escape(Label(b, "B")));
+        foreach (var r in DiffRows.Build(a, b)) t.AddRow(Markup.Escape(r.Aspect), Markup.Escape(r.A), Markup.Escape(r.B));
+        yield return t;
+    }
+
+    private static string Markdown(LoraReport a, LoraReport b)
+    {
+        var sb = new StringBuilder();
+        sb.AppendLine($"# MoeLora diff: {a.Options.ModelId} vs {b.Options.ModelId}").AppendLine();
+        sb.AppendLine(TrainingMemoryView.SetupLine(a.Training) + ".").AppendLine();
+        sb.AppendLine($"| Aspect | A: {a.Options.ModelId} | B: {b.Options.ModelId} |").AppendLine("|---|---|---|");
+        foreach (var r in DiffRows.Build(a, b)) sb.AppendLine($"| {r.Aspect} | {E(r.A)} | {E(r.B)} |");
+        return sb.ToString();
+    }
+
+    private static string E(string s) => s.Replace("|", "\\|", StringComparison.Ordinal);
+}

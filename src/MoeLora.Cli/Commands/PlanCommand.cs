@@ -1,0 +1,42 @@
+using System.ComponentModel;
+using MoeLora.Cli.Infrastructure;
+using MoeLora.Cli.Plans;
+using MoeLora.Cli.Rendering;
+using MoeLora.Core.Analysis;
+using Spectre.Console;
+using Spectre.Console.Cli;
+
+namespace MoeLora.Cli.Commands;
+
+/// <summary><c>moelora plan MODEL --output DIR</c>: accelerate + DeepSpeed configs and the PEFT LoraConfig for a plan.</summary>
+public sealed class PlanCommand : Command<PlanCommand.Settings>
+{
+    public sealed class Settings : LoraSettings
+    {
+        [CommandOption("--output-dir <DIR>")]
+        [Description("Folder for accelerate_config.yaml, deepspeed_config.json, adapter_config.json, moelora_plan.json (also -o)")]
+        public string? OutputDir { get; init; }
+    }
+
+    public override int Execute(CommandContext context, Settings settings, CancellationToken cancellationToken)
+    {
+        var dir = settings.OutputDir ?? settings.Output ?? throw new ArgumentException("plan needs --output DIR (the folder to write the launch files into)");
+        var lora = settings.BuildLoraConfig();
+        var training = settings.BuildTrainingSetup();
+        var (spec, resolved) = ModelLoader.Load(settings.Model, settings.ParsedLayout, settings.Revision);
+        var report = LoraReport.Build(spec, lora, settings.ParsedPeftVersion, new ReportOptions
+        {
+            ModelId = resolved.Id,
+            Source = resolved.Origin.ToString().ToLowerInvariant(),
+            BatchSize = ReportCommand.Positive(settings.BatchSize, "--batch-size"),
+            SeqLength = ReportCommand.Positive(settings.SeqLength, "--seq-length"),
+            DType = settings.ParsedDType,
+            TargetLayers = settings.ParsedTargetLayers,
+            Training = training,
+        });
+        var paths = LaunchPlan.Write(report, dir);
+        foreach (var r in TrainingMemoryView.Render(report.Training)) Consoles.Out.Write(r);
+        foreach (var p in paths) Consoles.Out.MarkupLine($"wrote [bold]{Markup.Escape(p)}[/]");
+        return ExitCodes.Ok;
+    }
+}

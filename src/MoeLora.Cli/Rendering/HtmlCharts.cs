@@ -1,0 +1,69 @@
+using MoeLora.Core.Analysis;
+using MoeLora.Core.Memory;
+using MoeLora.Core.Modules;
+using ScottPlot;
+
+namespace MoeLora.Cli.Rendering;
+
+/// <summary>The HTML report's charts, drawn by ScottPlot and returned as SVG text.</summary>
+public static class HtmlCharts
+{
+    private const int Width = 900;
+    private const int Height = 420;
+
+    /// <summary>Horizontal bars: GiB per memory term at the per-GPU peak.</summary>
+    public static string MemoryBreakdown(TrainingMemory m) =>
+        HorizontalBars($"Per-GPU peak {Units.Bytes(m.PerGpuBytes)} ({m.Phase})", "GiB",
+            m.Terms.Select(t => (t.Name, t.Bytes / (double)(1L << 30))).ToList());
+
+    /// <summary>Bars: adapters per module location.</summary>
+    public static string AdaptersByLocation(LoraReport report)
+    {
+        var rows = report.ByLocation().Select(x => (x.Location.Label(), (double)x.Adapters)).ToList();
+        return VerticalBars("Adapters by location", "adapters", rows);
+    }
+
+    /// <summary>Bars: LoRA parameters per decoder layer (millions).</summary>
+    public static string ParametersPerLayer(LoraReport report)
+    {
+        var layers = (int)report.Spec.NumHiddenLayers;
+        var perLayer = new double[layers];
+        foreach (var t in report.Plan.Targets.Where(t => t.Layer is { } l && l < layers && t.Location != ModuleLocation.Vision && t.Location != ModuleLocation.Projector))
+            perLayer[t.Layer!.Value] += t.NumParameters / 1e6;
+        var plt = new Plot();
+        var bars = plt.Add.Bars(perLayer);
+        bars.Color = Colors.SteelBlue;
+        plt.Title("LoRA parameters per decoder layer");
+        plt.XLabel("layer");
+        plt.YLabel("parameters (M)");
+        plt.Axes.Margins(bottom: 0);
+        return plt.GetSvgXml(Width, Height);
+    }
+
+    private static string VerticalBars(string title, string yLabel, IReadOnlyList<(string Label, double Value)> rows)
+    {
+        var plt = new Plot();
+        var bars = rows.Select((r, i) => new Bar { Position = i, Value = r.Value, FillColor = Palette(i) }).ToList();
+        plt.Add.Bars(bars);
+        plt.Axes.Bottom.SetTicks(rows.Select((_, i) => (double)i).ToArray(), rows.Select(r => r.Label).ToArray());
+        plt.Title(title);
+        plt.YLabel(yLabel);
+        plt.Axes.Margins(bottom: 0);
+        return plt.GetSvgXml(Width, Height);
+    }
+
+    private static string HorizontalBars(string title, string xLabel, IReadOnlyList<(string Label, double Value)> rows)
+    {
+        var plt = new Plot();
+        var bars = rows.Select((r, i) => new Bar { Position = rows.Count - 1 - i, Value = r.Value, FillColor = Palette(i) }).ToList();
+        var plot = plt.Add.Bars(bars);
+        plot.Horizontal = true;
+        plt.Axes.Left.SetTicks(rows.Select((_, i) => (double)(rows.Count - 1 - i)).ToArray(), rows.Select(r => r.Label).ToArray());
+        plt.Title(title);
+        plt.XLabel(xLabel);
+        plt.Axes.Margins(left: 0);
+        return plt.GetSvgXml(Width, Math.Max(Height, 40 * rows.Count + 120));
+    }
+
+    private static Color Palette(int i) => new ScottPlot.Palettes.Category10().GetColor(i);
+}

@@ -1,0 +1,168 @@
+using MoeLora.Core.Architectures;
+using MoeLora.Core.Modules;
+using MoeLora.Core.Peft;
+
+namespace MoeLora.Core.Memory;
+
+/// <summary>
+/// Bytes that autograd keeps for backward in one decoder layer when the frozen base runs under LoRA, split into a
+/// per-token part and a per-layer constant. Counted tensor by tensor from what the transformers 5 modeling code and
+/// PEFT 0.21 do, using PyTorch's rule that an op saves an input only when the gradient of another input needs it
+/// (a frozen nn.Linear keeps its weight, not its input):
+/// <list type="bullet">
+/// <item>RMSNorm: <c>hidden.to(float32)</c> is kept by <c>pow</c>/<c>mul</c>: 4 B × width (q_norm/k_norm: × q/k width).</item>
+/// <item>Attention, sdpa/flash: q (after RoPE), k, v and the output, a B each (GQA: k/v are not repeated).
+/// Eager: q, k and v repeated to all heads, plus the scores: the fp32 softmax output and its cast (4 + a B per
+/// score; gpt-oss keeps its sink softmax in the compute dtype: a B per score), heads × S scores per token.</item>
+/// <item>Gated MLP: gate output (SiLU input), SiLU output and up output, a B × I each (3·a·I).</item>
+/// <item>Routed experts (per routed token, T·k of them): the gate_up output (2I, gate/up are views of it), the
+/// activation output (I) and the expert output that the routing weight multiplies (H): a·(3I + H). gpt-oss's
+/// clamped SwiGLU keeps gate_up (clamp's input), the clamped gate, the sigmoid, the GLU and up+1: a·(6I + H).</item>
+/// <item>Router: the fp32 softmax over E experts and top-k indices: 4E + 12k B per token.</item>
+/// <item>LoRA on an nn.Linear: PEFT casts the input to the adapter dtype (<c>_cast_input_dtype</c>, fp32) before
+/// <c>lora_A</c>, which keeps it: 4 B × in_features, per adapter (q, k and v each cast their own copy), plus the r-wide
+/// <c>lora_A</c> output (4r); dropout &gt; 0 adds a 1-byte mask per input element.</item>
+/// <item>LoRA on fused experts (<c>target_parameters</c>, PEFT's ParamWrapper): the per-expert delta
+/// <c>B@A</c> is materialised as an E × in × out weight on every forward and the merged weight (a B per element) is
+/// kept for backward, plus the grouped-matmul input (a B × in per routed token) for the weight gradient. The fp32
+/// delta (4 B per element) is a transient on top.</item>
+/// </list>
+/// </summary>
+public sealed record LayerActivations
+{
+    public required int Layer { get; init; }
+
+    /// <summary>Saved bytes per token (batch × sequence position).</summary>
+    public required long PerTokenBytes { get; init; }
+
+    /// <summary>Saved bytes per token per key position (eager attention scores; multiply by tokens × S).</summary>
+    public required long PerTokenPerKeyBytes { get; init; }
+
+    /// <summary>Saved bytes independent of tokens (materialised fused-expert LoRA weights).</summary>
+    public required long ConstantBytes { get; init; }
+
+    /// <summary>Largest transient of the layer's forward (fp32 fused-expert delta before the cast).</summary>
+    public required long TransientBytes { get; init; }
+
+    /// <summary>Whether any tensor entering this layer requires grad (a LoRA adapter here or below).</summary>
+    public required bool NeedsGrad { get; init; }
+
+    public long Bytes(int batch, int seq) => NeedsGrad
+        ? PerTokenBytes * batch * seq + PerTokenPerKeyBytes * batch * (long)seq * seq + ConstantBytes
+        : 0;
+
+    /// <summary>Per decoder layer, in order, for the first <paramref name="layers"/> blocks.</summary>
+    public static IReadOnlyList<LayerActivations> Build(AdapterPlan plan, int actBytes, AttentionImpl attention, long layers)
+    {
+        var spec = plan.Spec;
+        var moe = spec.Moe;
+        var hidden = spec.HiddenSize;
+        var heads = spec.NumAttentionHeads;
+        var byLayer = plan.Targets.Where(t => t.Layer is not null && t.Location != ModuleLocation.Vision && t.Location != ModuleLocation.Projector)
+            .GroupBy(t => t.Layer!.Value).ToDictionary(g => g.Key, g => g.ToList());
+        var firstTrained = byLayer.Count == 0 ? int.MaxValue : byLayer.Keys.Min();
+        // Adapters outside the decoder layers (embedding LoRA, modules_to_save embeddings) make every layer need grad.
+        if (plan.Targets.Any(t => t.Location == ModuleLocation.Embedding) ||
+            plan.Extras.Any(e => e.RuntimeName.Contains("embed", StringComparison.Ordinal)))
+            firstTrained = 0;
+        var result = new List<LayerActivations>();
+        var prefix = spec.DecoderLayersPath + ".";
+        var modules = spec.Tree.Modules.Where(m => m.LayerIndex is not null && m.Name.StartsWith(prefix, StringComparison.Ordinal))
+            .GroupBy(m => m.LayerIndex!.Value).ToDictionary(g => g.Key, g => g.ToList());
+        for (var i = 0; i < layers; i++)
+        {
+            var ms = modules.GetValueOrDefault(i) ?? [];
+            long a = actBytes;
+            long perToken = 0, perKey = 0, constant = 0, transient = 0;
+            ModuleNode? Leaf(string name, ModuleLocation? loc = null) =>
+                ms.FirstOrDefault(m => m.LeafName == name && m.Kind == ModuleKind.Linear && (loc is null || m.Location == loc));
+
+            // Attention widths from the projections (MLA: q_b_proj and o_proj; k is as wide as q, v as o's input).
+            var q = Leaf("q_proj", ModuleLocation.Attention) ?? Leaf("q_b_proj", ModuleLocation.Attention);
+            var k = Leaf("k_proj", ModuleLocation.Attention);
+            var v = Leaf("v_proj", ModuleLocation.Attention);
+            var o = Leaf("o_proj", ModuleLocation.Attention);
+            var qw = q?.OutFeatures ?? hidden;
+            var ow = o?.InFeatures ?? qw;
+            var kw = k?.OutFeatures ?? qw;
+            var vw = v?.OutFeatures ?? ow;
+            var headDim = heads == 0 ? 0 : qw / heads;
+
+            foreach (var n in ms.Where(m => m.Kind == ModuleKind.Norm && m.Location != ModuleLocation.Vision))
+            {
+                var width = n.LeafName switch
+                {
+                    "q_norm" => qw,
+                    "k_norm" => kw,
+                    _ => n.Parameter("weight")?.Shape[0] ?? hidden,
+                };
+                perToken += 4 * width;
+            }
+
+            if (attention == AttentionImpl.Sdpa)
+            {
+                perToken += a * (qw + kw + vw + ow);
+            }
+            else
+            {
+                var expanded = heads * Math.Max(headDim, 1);
+                perToken += a * (qw + expanded + Math.Max(expanded, vw));
+                var softmaxFp32 = spec.ModelType != "gpt_oss";
+                perKey += heads * (softmaxFp32 ? 4 + a : a);
+            }
+
+            // Dense MLP and shared experts: gated (gate_proj / up_proj / down_proj).
+            foreach (var gate in ms.Where(m => m.Kind == ModuleKind.Linear && m.LeafName == "gate_proj" &&
+                (m.Location == ModuleLocation.Mlp || m.Location == ModuleLocation.SharedExpert)))
+                perToken += 3 * a * gate.OutFeatures;
+            if (ms.Any(m => m.LeafName == "shared_expert_gate")) perToken += a * hidden + 4;
+
+            if (moe.IsMoe && moe.MoeLayers.Contains(i))
+            {
+                var e = moe.NumExperts;
+                var kTop = moe.ExpertsPerToken;
+                var inter = moe.ExpertIntermediateSize;
+                var perRouted = spec.ModelType == "gpt_oss" ? a * (6 * inter + hidden) : a * (3 * inter + hidden);
+                perToken += kTop * perRouted + 4 * e + 12 * kTop;
+            }
+
+            var dropoutMask = plan.Effective.LoraDropout > 0 ? 1 : 0;
+            foreach (var t in byLayer.GetValueOrDefault(i) ?? [])
+            {
+                switch (t.Kind)
+                {
+                    case AdapterKind.Linear:
+                    {
+                        var perCall = (4 + dropoutMask) * t.InFeatures + 4L * t.R;
+                        // A per-expert nn.Linear (transformers 4 layout) sees only the tokens routed to it: k/E of them.
+                        if (t.Location == ModuleLocation.RoutedExpert && moe.NumExperts > 0)
+                            perToken += perCall * moe.ExpertsPerToken / moe.NumExperts;
+                        else
+                            perToken += perCall;
+                        break;
+                    }
+                    case AdapterKind.Parameter:
+                    {
+                        var elems = t.BaseShape.Aggregate(1L, (x, y) => x * y);
+                        constant += a * elems;
+                        transient = Math.Max(transient, 4 * elems);
+                        var routed = t.NumExperts > 1 && moe.NumExperts > 0 ? moe.ExpertsPerToken : 1;
+                        perToken += routed * a * t.InFeatures;
+                        break;
+                    }
+                }
+            }
+
+            result.Add(new LayerActivations
+            {
+                Layer = i,
+                PerTokenBytes = perToken,
+                PerTokenPerKeyBytes = perKey,
+                ConstantBytes = constant,
+                TransientBytes = transient,
+                NeedsGrad = i >= firstTrained,
+            });
+        }
+        return result;
+    }
+}
