@@ -10,6 +10,8 @@ public static class Program
         app.Configure(config =>
         {
             config.SetApplicationName("moelora");
+            config.AddCommand<MoeLora.Cli.Commands.TrainCommand>("train").WithDescription("Circuit-breaker (representation rerouting) LoRA training");
+            config.AddCommand<MoeLora.Cli.Commands.EvalCommand>("eval").WithDescription("Rerouting and retain metrics with and without an adapter");
         });
         return app.Run(args);
     }

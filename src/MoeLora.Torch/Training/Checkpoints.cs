@@ -118,14 +118,16 @@ public static class Checkpoints
                 new Dictionary<string, string> { ["format"] = "pt", ["note"] = "full router weights trained with --train-router (runtime names)" });
     }
 
-    /// <summary>Writes the adapter into <paramref name="dir"/> via a temporary sibling directory and a rename.</summary>
+    /// <summary>Writes the adapter files into <paramref name="dir"/>: each file is written to a temporary sibling and renamed over the old one.</summary>
     public static void SaveAdapterAtomically(string dir, CausalLm model, InjectedAdapter adapter, IReadOnlyList<(string Name, Parameter Param)> extra)
     {
         var full = Path.GetFullPath(dir);
-        var tmp = full + $".tmp-{Environment.ProcessId}";
+        Directory.CreateDirectory(full);
+        var tmp = Path.Combine(full, $".adapter.tmp-{Environment.ProcessId}");
         if (Directory.Exists(tmp)) Directory.Delete(tmp, true);
         Directory.CreateDirectory(tmp);
         WriteAdapterFiles(tmp, model, adapter, extra);
-        ReplaceDirectory(tmp, full);
+        foreach (var f in Directory.GetFiles(tmp)) File.Move(f, Path.Combine(full, Path.GetFileName(f)), overwrite: true);
+        Directory.Delete(tmp, true);
     }
 }

@@ -22,7 +22,7 @@ public sealed record TrainPreset(string Name, string? ModelId, int[] TargetLayer
         ["qwen3-30b-a3b"] = new("qwen3-30b-a3b", "Qwen/Qwen3-30B-A3B", [16, 32], 5, 16, 150, 1e-4, new(), 16, 16, 0.0,
             ["q_proj", "k_proj", "v_proj", "o_proj"], ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
         ["llama-4-scout"] = new("llama-4-scout", "meta-llama/Llama-4-Scout-17B-16E-Instruct", [16, 32], 5, 16, 150, 1e-4, new(), 16, 16, 0.05, Seed7, []),
-        ["tiny"] = new("tiny", null, [2, 4], 5, 4, 60, 2e-3, new(80, 64, 96), 8, 16, 0.0,
+        ["tiny"] = new("tiny", null, [2, 4], 5, 4, 150, 1e-3, new(80, 64, 96), 8, 16, 0.0,
             ["q_proj", "k_proj", "v_proj", "o_proj"], ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]),
     };
 

@@ -16,9 +16,10 @@ public sealed class TinyRun : IDisposable
     public CircuitBreakerTrainer Trainer { get; }
     public TrainPreset Preset { get; } = TrainPreset.Get("tiny");
 
-    public TinyRun(string output, int totalSteps, int batchSize = 2, int accumulation = 1, int checkpointEvery = 0, long seed = 1)
+    public TinyRun(string output, int totalSteps, int batchSize = 2, int accumulation = 1, int checkpointEvery = 0, long seed = 1, double? lr = null)
     {
         TorchRuntime.EnsureInitialized();
+        set_num_threads(1); // as `moelora train --preset tiny`: more threads only contend on small tensors
         var p = Preset;
         int layers = CbModels.TruncatedLayers(p.TargetLayers, CbModels.ModelLayers(null), false);
         Model = CbModels.Load(null, layers, ScalarType.Float32, CPU);
@@ -29,7 +30,7 @@ public sealed class TinyRun : IDisposable
         Data = new CbDataset(cb, retain, batchSize, seed);
         Trainer = new CircuitBreakerTrainer(Model, Adapter, Data, new TrainOptions
         {
-            TargetLayers = p.TargetLayers, Alpha = p.Alpha, TotalSteps = totalSteps, LearningRate = p.LearningRate,
+            TargetLayers = p.TargetLayers, Alpha = p.Alpha, TotalSteps = totalSteps, LearningRate = lr ?? p.LearningRate,
             GradientAccumulation = accumulation, Seed = seed, CheckpointEvery = checkpointEvery, OutputDir = output,
         });
     }

@@ -12,7 +12,7 @@ public class TrainerTests(ITestOutputHelper log)
     public void TinyRunReroutesCbAndKeepsRetainSmall()
     {
         using var dir = new TempDir();
-        using var run = new TinyRun(dir.Path, totalSteps: 30, batchSize: 2);
+        using var run = new TinyRun(dir.Path, totalSteps: 30, batchSize: 2, lr: 2e-3);
         run.Trainer.Start();
         var metrics = new List<StepMetrics>();
         var sw = System.Diagnostics.Stopwatch.StartNew();
@@ -20,6 +20,14 @@ public class TrainerTests(ITestOutputHelper log)
         foreach (var m in metrics) log.WriteLine($"{m.Step} loss {m.Loss:F4} retain {m.RetainLoss:F4} cb {m.CbLoss:F4} cos {m.CbCosine:F4} gn {m.GradNorm:E2} ({m.Seconds:F2}s)");
         log.WriteLine($"total {sw.Elapsed.TotalSeconds:F1}s");
         Assert.True(metrics[^1].CbCosine < 0.5 * metrics[0].CbCosine, $"cosine {metrics[0].CbCosine} -> {metrics[^1].CbCosine}");
+        Assert.True(metrics[1].GradNorm > 0, "gradients stay zero after the first step (the zero-gradient start never escaped)");
+        // Held-out metrics: rerouted on CB examples, retain hidden states within 35% of their norm.
+        var loader = new CbDataLoader(CbModels.Tokenizer(null), ChatTemplate.Get("llama3"), run.Preset.Lengths);
+        var eval = CbEvaluator.Evaluate(run.Model, loader.LoadCircuitBreaker(Path.Combine(TinyRun.DataDir, "cb_eval.jsonl")),
+            loader.LoadRetain(Path.Combine(TinyRun.DataDir, "retain_eval.jsonl")), run.Preset.TargetLayers, 4, withAdapter: true);
+        log.WriteLine($"eval: cos {eval.CbCosine:F4} retain {eval.RetainDistance:F4} rel {eval.RetainRelativeDistance:F4}");
+        Assert.True(eval.CbCosine < 0.5, $"held-out CB cosine {eval.CbCosine}");
+        Assert.True(eval.RetainRelativeDistance < 0.35, $"held-out retain relative distance {eval.RetainRelativeDistance}");
     }
 }
 
