@@ -26,6 +26,8 @@ public static class Program
             config.AddCommand<DiffCommand>("diff").WithDescription("Two models (or two LoraConfigs) side by side: targets, adapters, experts, hidden states, memory, gradient flow");
             config.AddCommand<ModelsCommand>("models")
                 .WithDescription("List the embedded catalog of real configs");
+            config.AddCommand<TrainCommand>("train").WithDescription("Circuit-breaker (representation rerouting) LoRA training");
+            config.AddCommand<EvalCommand>("eval").WithDescription("Rerouting and retain metrics with and without an adapter");
         });
         return Run(app, args);
     }

@@ -90,6 +90,24 @@ public static class LoraInjector
         return (a.to(device), b.to(device));
     }
 
+    /// <summary>
+    /// PEFT's <c>with model.disable_adapter():</c> every LoRA wrapper computes its base layer only until the returned
+    /// handle is disposed (which restores each wrapper's previous state).
+    /// </summary>
+    public static IDisposable DisableAdapters(CausalLm model)
+    {
+        var wrappers = model.NamedModules().Select(m => m.Module).OfType<LoraWrapper>().ToList();
+        var previous = wrappers.Select(w => w.Enabled).ToList();
+        foreach (var w in wrappers) w.Enabled = false;
+        return new Restore(() => { for (int i = 0; i < wrappers.Count; i++) wrappers[i].Enabled = previous[i]; });
+    }
+
+    sealed class Restore(Action action) : IDisposable
+    {
+        bool _done;
+        public void Dispose() { if (!_done) { _done = true; action(); } }
+    }
+
     /// <summary>Run-time PEFT names of the adapter's trainable tensors, e.g. <c>base_model.model.…q_proj.lora_A.default.weight</c>.</summary>
     public static IEnumerable<(string Name, Parameter Param)> PeftNamedParameters(CausalLm model) =>
         model.NamedParameters().Where(p => p.Param.requires_grad).Select(p => (PeftPrefix + p.Name, p.Param));

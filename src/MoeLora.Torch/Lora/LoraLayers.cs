@@ -20,6 +20,9 @@ public abstract class LoraWrapper : HfModule
     public double Scaling { get; }
     public int Rank { get; }
 
+    /// <summary>False inside PEFT's <c>disable_adapter()</c>: the wrapper computes the base layer only.</summary>
+    public bool Enabled { get; set; } = true;
+
     protected LoraWrapper(HfModule baseLayer, string adapter, Tensor a, Tensor b, double scaling, int rank)
     {
         AdapterName = adapter; Scaling = scaling; Rank = rank;
@@ -44,6 +47,7 @@ public sealed class LoraLinear : LoraWrapper, ILinearAdapter
 
     public Tensor Apply(Tensor x, Tensor baseOutput, Linear layer)
     {
+        if (!Enabled) return baseOutput;
         var h = x.to(A.weight.dtype);
         if (_dropout > 0 && Training) h = nn.functional.dropout(h, _dropout, training: true);
         var delta = nn.functional.linear(nn.functional.linear(h, A.weight), B.weight) * Scaling;

@@ -7,6 +7,9 @@ namespace MoeLora.Torch.Nn;
 public interface IParamDelta
 {
     Tensor Delta();
+
+    /// <summary>False while adapters are disabled (the parameter is used unchanged).</summary>
+    bool Enabled { get; }
 }
 
 /// <summary>
@@ -37,7 +40,7 @@ public abstract class ExpertsBase : HfModule
     {
         Tensor w = Param(name);
         if (!_deltas.TryGetValue(name, out var l)) return w;
-        foreach (var d in l) w = w + d.Delta().to(w.dtype);
+        foreach (var d in l) if (d.Enabled) w = w + d.Delta().to(w.dtype);
         return w;
     }
 

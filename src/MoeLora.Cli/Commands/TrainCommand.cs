@@ -1,0 +1,284 @@
+using System.ComponentModel;
+using System.Globalization;
+using System.Text.Json.Nodes;
+using MoeLora.Cli.Infrastructure;
+using MoeLora.Torch.Lora;
+using MoeLora.Torch.Models;
+using MoeLora.Torch.Runtime;
+using MoeLora.Torch.Training;
+using Spectre.Console;
+using Spectre.Console.Cli;
+using TorchSharp;
+using ScalarType = TorchSharp.torch.ScalarType;
+using DeviceType = TorchSharp.DeviceType;
+using TorchLoraConfig = MoeLora.Torch.Lora.LoraConfig;
+
+namespace MoeLora.Cli.Commands;
+
+/// <summary>Options shared by <c>train</c> and <c>eval</c>: model, preset, target layers, data shaping, device.</summary>
+public class CbCommonSettings : CommandSettings
+{
+    [CommandOption("--model <DIR>")]
+    [Description("Local model folder (config.json, *.safetensors, tokenizer.json). Omit with --preset tiny")]
+    public string? Model { get; init; }
+
+    [CommandOption("--preset <NAME>")]
+    [Description("llama-4-scout, mixtral-8x7b, qwen3-30b-a3b, llama-3-8b or tiny (default tiny without --model)")]
+    public string? Preset { get; init; }
+
+    [CommandOption("--cb-target-layers <LAYERS>")]
+    [Description("Rerouting layers as hidden_states indices (0 = embeddings), comma-separated; default: the preset's")]
+    public string? CbTargetLayers { get; init; }
+
+    [CommandOption("--full-layers")]
+    [Description("Keep every block (default: truncate to max(target)+1 blocks, as the reference)")]
+    public bool FullLayers { get; init; }
+
+    [CommandOption("--chat-template <NAME>")]
+    [Description("llama3, llama4, qwen, mistral or plain (default: from model_type)")]
+    public string? ChatTemplate { get; init; }
+
+    [CommandOption("--request-length <N>")] [Description("CB request tokens, left-padded (default: preset, 512)")]
+    public int? RequestLength { get; init; }
+    [CommandOption("--response-length <N>")] [Description("CB response tokens, right-padded (default: preset, 512)")]
+    public int? ResponseLength { get; init; }
+    [CommandOption("--retain-length <N>")] [Description("Retain tokens, left-padded (default: preset, 1024)")]
+    public int? RetainLength { get; init; }
+
+    [CommandOption("--batch-size <N>")] [Description("Examples per micro-batch (default: preset)")]
+    public int? BatchSize { get; init; }
+
+    [CommandOption("--bf16")] [Description("Base model in bfloat16 (LoRA stays float32; norms in float32)")]
+    public bool Bf16 { get; init; }
+
+    [CommandOption("--device <DEVICE>")] [Description("cpu (default) or cuda[:N]")]
+    public string Device { get; init; } = "cpu";
+
+    public TrainPreset ResolvePreset() => TrainPreset.Get(Preset ?? (Model is null ? "tiny" : "llama-3-8b"));
+
+    public string? ModelDir(TrainPreset preset)
+    {
+        if (Model is null)
+        {
+            if (preset.Name == "tiny") return null;
+            throw new ArgumentException($"--preset {preset.Name} needs --model DIR: a local folder with the weights of {preset.ModelId} (config.json, *.safetensors, tokenizer.json).");
+        }
+        if (!Directory.Exists(Model)) throw new ArgumentException($"--model {Model}: not a folder (download the checkpoint first; training needs local weights).");
+        if (!File.Exists(Path.Combine(Model, "config.json"))) throw new ArgumentException($"--model {Model}: no config.json there.");
+        return Model;
+    }
+
+    public IReadOnlyList<int> TargetLayers(TrainPreset preset) =>
+        CbTargetLayers is null ? preset.TargetLayers : LoraSettings.ParseInts([CbTargetLayers], "--cb-target-layers");
+
+    public CbLengths Lengths(TrainPreset preset) =>
+        new(RequestLength ?? preset.Lengths.Request, ResponseLength ?? preset.Lengths.Response, RetainLength ?? preset.Lengths.Retain);
+
+    public string TemplateName(string? modelDir) => ChatTemplate ?? Torch.Training.ChatTemplate.ForModelType(CbModels.ModelType(modelDir));
+}
+
+public sealed class TrainSettings : CbCommonSettings
+{
+    [CommandOption("--output <DIR>")] [Description("Run folder: adapter, metrics.jsonl, loss_curves.png/svg, checkpoint/ (required)")]
+    public string? Output { get; init; }
+
+    [CommandOption("--cb-data <FILE>")] [Description("Circuit-breaker JSONL: {\"prompt\", \"output\"} (default for tiny: data/tiny/cb_train.jsonl)")]
+    public string? CbData { get; init; }
+    [CommandOption("--retain-data <FILE>")] [Description("Retain JSONL: {\"messages\"} or {\"prompt\", \"response\"}")]
+    public string? RetainData { get; init; }
+    [CommandOption("--refusal-data <FILE>")] [Description("Optional refusal JSONL {\"prompt\", \"refusal\"}, added to the retain set")]
+    public string? RefusalData { get; init; }
+    [CommandOption("--cb-drop-prompt <P>")] [Description("Share of CB examples trained without their prompt (upstream Llama-3: 0.5; default 0)")]
+    public double CbDropPrompt { get; init; }
+
+    [CommandOption("--lora-config <FILE>")] [Description("A PEFT adapter_config.json to train (overrides the LoRA flags)")]
+    public string? LoraConfig { get; init; }
+    [CommandOption("-r|--rank <R>")] public int? Rank { get; init; }
+    [CommandOption("--lora-alpha <A>")] public double? LoraAlpha { get; init; }
+    [CommandOption("--lora-dropout <P>")] public double? LoraDropout { get; init; }
+    [CommandOption("-t|--target-modules <NAMES>")] [Description("Comma-separated module names")]
+    public string? TargetModules { get; init; }
+    [CommandOption("--target-parameters <NAMES>")] [Description("Fused expert parameters, e.g. mlp.experts.gate_up_proj,mlp.experts.down_proj ('none' to clear)")]
+    public string? TargetParameters { get; init; }
+    [CommandOption("--layers-to-transform <LAYERS>")] [Description("Blocks LoRA adapts (default 0..max target)")]
+    public string? LayersToTransform { get; init; }
+    [CommandOption("--init-lora-weights <MODE>")] [Description("true (B=0, the default), gaussian or false")]
+    public string? InitLoraWeights { get; init; }
+    [CommandOption("--train-router")] [Description("Also train the router weights fully (saved as router.safetensors); default frozen")]
+    public bool TrainRouter { get; init; }
+
+    [CommandOption("--total-steps <N>")] public int? TotalSteps { get; init; }
+    [CommandOption("--gradient-accumulation <N>")] public int GradientAccumulation { get; init; } = 1;
+    [CommandOption("--lr <LR>")] public double? Lr { get; init; }
+    [CommandOption("--lr-schedule <KIND>")] [Description("constant (reference), linear or cosine")]
+    public string LrSchedule { get; init; } = "constant";
+    [CommandOption("--warmup-steps <N>")] public int WarmupSteps { get; init; }
+    [CommandOption("--weight-decay <WD>")] public double WeightDecay { get; init; }
+    [CommandOption("--max-grad-norm <N>")] [Description("Gradient clipping (default 1.0; 0 disables)")]
+    public double MaxGradNorm { get; init; } = 1.0;
+    [CommandOption("--loss-weighting <KIND>")] [Description("dual (reference: c_cb=a(1-t/2T), c_retain=a*t/2T), constant or linear")]
+    public string LossWeighting { get; init; } = "dual";
+    [CommandOption("--cb-alpha <A>")] [Description("Coefficient scale a (lorra_alpha; default: preset)")]
+    public double? CbAlpha { get; init; }
+    [CommandOption("--seed <N>")] public long Seed { get; init; } = 42;
+    [CommandOption("--checkpoint-every <N>")] public int CheckpointEvery { get; init; } = 50;
+    [CommandOption("--resume")] [Description("Continue from OUTPUT/checkpoint (same settings)")]
+    public bool Resume { get; init; }
+    [CommandOption("--max-memory-gb <GB>")] [Description("Memory available to the run (default: this machine's RAM on cpu; required on cuda)")]
+    public double? MaxMemoryGb { get; init; }
+    [CommandOption("--threads <N>")] [Description("CPU threads for torch (default 1 for tiny, where more threads only contend; else torch's choice)")]
+    public int? Threads { get; init; }
+    [CommandOption("--plan-only")] [Description("Print the plan and exit")]
+    public bool PlanOnly { get; init; }
+}
+
+public sealed class TrainCommand : Command<TrainSettings>
+{
+    public override int Execute(CommandContext context, TrainSettings s, CancellationToken cancellationToken)
+    {
+        var console = Consoles.Out;
+        if (s.Output is null) throw new ArgumentException("--output DIR is required.");
+        var preset = s.ResolvePreset();
+        var modelDir = s.ModelDir(preset);
+        var targets = s.TargetLayers(preset);
+        int modelLayers = CbModels.ModelLayers(modelDir);
+        int layers = CbModels.TruncatedLayers(targets, modelLayers, s.FullLayers);
+        var lengths = s.Lengths(preset);
+        int batch = s.BatchSize ?? preset.BatchSize;
+        int totalSteps = s.TotalSteps ?? preset.TotalSteps;
+        var dtype = s.Bf16 ? ScalarType.BFloat16 : ScalarType.Float32;
+        var weighting = CoefficientSchedule.Create(s.LossWeighting, s.CbAlpha ?? preset.Alpha, totalSteps);
+        Torch.Training.LrSchedule.Create(s.LrSchedule, s.Lr ?? preset.LearningRate, totalSteps, s.WarmupSteps);
+        var loraJson = BuildLoraJson(s, preset, modelDir, layers);
+
+        TorchRuntime.EnsureInitialized();
+        var device = DeviceSelector.Select(s.Device);
+        var sw = System.Diagnostics.Stopwatch.StartNew();
+        if (device.type == DeviceType.CPU && (s.Threads ?? (preset.Name == "tiny" ? 1 : null)) is { } threads) torch.set_num_threads(threads);
+        using var model = CbModels.Load(modelDir, layers, dtype, device);
+        var adapter = LoraInjector.Inject(model, TorchLoraConfig.Parse(loraJson), seed: s.Seed);
+        CbModels.CheckRouterFrozen(adapter, s.TrainRouter);
+        var routers = s.TrainRouter ? CbModels.UnfreezeRouters(model) : null;
+        var counts = Measurements.CountParameters(model);
+        var configJson = modelDir is null ? TrainPreset.TinyConfigJson() : File.ReadAllText(Path.Combine(modelDir, "config.json"));
+        var plan = MemoryEstimate.For(configJson, counts.Total - counts.Trainable, counts.Trainable, layers, batch,
+            lengths.Request + lengths.Response, lengths.Retain, s.Bf16 ? 2 : 4);
+        double availableGb = s.MaxMemoryGb ?? (device.type == DeviceType.CPU
+            ? GC.GetGCMemoryInfo().TotalAvailableMemoryBytes / (1024.0 * 1024 * 1024)
+            : throw new ArgumentException("--device cuda: pass --max-memory-gb (the GPU memory to plan against)."));
+
+        var grid = new Grid().AddColumn().AddColumn();
+        void Row(string k, string v) => grid.AddRow(new Markup($"[grey]{Markup.Escape(k)}[/]"), new Markup(Markup.Escape(v)));
+        Row("model", modelDir ?? "tiny (random Mixtral-style MoE, seed 0)");
+        Row("blocks", $"{layers} of {modelLayers} (hidden_states 0..{layers}; targets {string.Join(",", targets)})");
+        Row("LoRA", $"{adapter.Wrappers.Count} wrappers, {counts.Trainable.ToString("N0", CultureInfo.InvariantCulture)} trainable of {counts.Total.ToString("N0", CultureInfo.InvariantCulture)}; router {(s.TrainRouter ? "trained" : "frozen")}");
+        Row("schedule", $"{totalSteps} steps × batch {batch} × accumulation {s.GradientAccumulation}; lr {s.Lr ?? preset.LearningRate} {s.LrSchedule}; loss weighting {s.LossWeighting} (a={weighting.Alpha})");
+        Row("lengths", $"CB {lengths.Request}+{lengths.Response}, retain {lengths.Retain}; dtype {(s.Bf16 ? "bf16" : "fp32")}; device {s.Device}");
+        Row("memory plan", $"weights {MemoryEstimate.Gib(plan.WeightBytes)} + LoRA/optimizer {MemoryEstimate.Gib(plan.AdapterBytes)} + hidden stacks {MemoryEstimate.Gib(plan.HiddenStackBytes)} + activations {MemoryEstimate.Gib(plan.ActivationBytes)} = {MemoryEstimate.Gib(plan.Total)} (available {availableGb:F1} GiB)");
+        console.Write(grid);
+        if (plan.Total > availableGb * 1024 * 1024 * 1024)
+            throw new InvalidOperationException($"the run needs about {MemoryEstimate.Gib(plan.Total)} but {availableGb:F1} GiB is available: lower --batch-size or the lengths, use --bf16, or pass --max-memory-gb.");
+        if (s.PlanOnly) return ExitCodes.Ok;
+
+        var tokenizer = CbModels.Tokenizer(modelDir);
+        var loader = new CbDataLoader(tokenizer, Torch.Training.ChatTemplate.Get(s.TemplateName(modelDir)), lengths);
+        string DefaultData(string? given, string file, string flag) =>
+            given ?? (preset.Name == "tiny" ? FindTinyData(file) : throw new ArgumentException($"{flag} FILE is required."));
+        var cb = loader.LoadCircuitBreaker(DefaultData(s.CbData, "cb_train.jsonl", "--cb-data"), s.CbDropPrompt, s.Seed);
+        var retain = loader.LoadRetain(DefaultData(s.RetainData, "retain_train.jsonl", "--retain-data"));
+        var refusal = s.RefusalData ?? (preset.Name == "tiny" && s.RetainData is null ? FindTinyData("refusal.jsonl") : null);
+        if (refusal is not null) retain.AddRange(loader.LoadRetain(refusal));
+        var data = new CbDataset(cb, retain, batch, s.Seed);
+        console.MarkupLine($"[grey]data[/]      {cb.Count} circuit-breaker, {retain.Count} retain examples ({data.BatchesPerEpoch} batches per epoch)");
+
+        Directory.CreateDirectory(s.Output);
+        var trainer = new CircuitBreakerTrainer(model, adapter, data, new TrainOptions
+        {
+            TargetLayers = targets, Alpha = weighting.Alpha, LossWeighting = s.LossWeighting, TotalSteps = totalSteps,
+            LearningRate = s.Lr ?? preset.LearningRate, LrSchedule = s.LrSchedule, WarmupSteps = s.WarmupSteps,
+            WeightDecay = s.WeightDecay, MaxGradNorm = s.MaxGradNorm, GradientAccumulation = s.GradientAccumulation,
+            Seed = s.Seed, CheckpointEvery = s.CheckpointEvery, OutputDir = s.Output,
+        }, routers);
+        if (s.Resume) { trainer.Resume(); console.MarkupLine($"[grey]resumed[/]   at step {trainer.Step}"); }
+        else trainer.Start();
+
+        using var cts = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        ConsoleCancelEventHandler onCancel = (_, e) => { e.Cancel = true; cts.Cancel(); };
+        Console.CancelKeyPress += onCancel;
+        TrainOutcome outcome;
+        StepMetrics? first = null, last = null;
+        try
+        {
+            if (console.Profile.Capabilities.Interactive)
+            {
+                outcome = TrainOutcome.Completed;
+                console.Progress().Columns(new TaskDescriptionColumn { Alignment = Justify.Left }, new ProgressBarColumn(), new PercentageColumn(), new RemainingTimeColumn())
+                    .Start(ctx =>
+                    {
+                        var task = ctx.AddTask("training", maxValue: totalSteps);
+                        task.Value = trainer.Step;
+                        outcome = trainer.Run(m => { first ??= m; last = m; task.Value = m.Step; task.Description = Describe(m); }, cts.Token);
+                    });
+            }
+            else
+            {
+                int every = Math.Max(1, totalSteps / 15);
+                console.Profile.Width = Math.Max(console.Profile.Width, 140);
+                outcome = trainer.Run(m =>
+                {
+                    first ??= m; last = m;
+                    if (m.Step % every == 0 || m.Step == 1 || m.Step == totalSteps) console.WriteLine(Describe(m));
+                }, cts.Token);
+            }
+        }
+        finally { Console.CancelKeyPress -= onCancel; }
+
+        MetricsPlot.Write(trainer.MetricsPath, Path.Combine(s.Output, "loss_curves"));
+        if (outcome == TrainOutcome.Interrupted)
+        {
+            console.MarkupLine($"[yellow]interrupted[/] at step {trainer.Step}: checkpoint saved in {Markup.Escape(trainer.CheckpointDir)}; continue with --resume.");
+            return ExitCodes.Interrupted;
+        }
+        trainer.SaveAdapter(s.Output);
+        if (modelDir is null) File.WriteAllText(Path.Combine(s.Output, "tokenizer.json"), TrainPreset.TinyTokenizerJson());
+        console.MarkupLine($"[green]done[/] {totalSteps} steps in {sw.Elapsed.TotalSeconds:F1} s: adapter_config.json + adapter_model.safetensors in {Markup.Escape(s.Output)}" +
+            (first is null || last is null ? "" : $" (CB cosine {first.CbCosine:F3} → {last.CbCosine:F3}, retain loss {last.RetainLoss:F3})"));
+        return ExitCodes.Ok;
+    }
+
+    static string Describe(StepMetrics m) => string.Create(CultureInfo.InvariantCulture,
+        $"step {m.Step,4}/{m.TotalSteps}  loss {m.Loss:F4}  retain {m.RetainLoss:F4} (c {m.RetainCoeff:F2})  rr {m.CbLoss:F4} (c {m.CbCoeff:F2})  cos {m.CbCosine:F3}  |g| {m.GradNorm:F3}");
+
+    internal static string FindTinyData(string file)
+    {
+        foreach (var start in new[] { Directory.GetCurrentDirectory(), AppContext.BaseDirectory })
+            for (var d = new DirectoryInfo(start); d is not null; d = d.Parent)
+            {
+                var p = Path.Combine(d.FullName, "data", "tiny", file);
+                if (File.Exists(p)) return p;
+            }
+        throw new FileNotFoundException($"data/tiny/{file} not found (run from the repository or pass the data flags).");
+    }
+
+    /// <summary>The adapter_config.json to train: --lora-config, else the preset's LoRA with flags on top; layers_to_transform default 0..blocks-1.</summary>
+    static string BuildLoraJson(TrainSettings s, TrainPreset preset, string? modelDir, int layers)
+    {
+        JsonObject o;
+        if (s.LoraConfig is not null)
+        {
+            if (!File.Exists(s.LoraConfig)) throw new FileNotFoundException($"--lora-config {s.LoraConfig} does not exist.");
+            o = JsonNode.Parse(File.ReadAllText(s.LoraConfig))?.AsObject() ?? throw new InvalidDataException($"{s.LoraConfig} is empty.");
+        }
+        else o = JsonNode.Parse(preset.AdapterConfigJson(modelDir is null ? null : Path.GetFullPath(modelDir), Enumerable.Range(0, layers).ToList()))!.AsObject();
+        static JsonArray Arr(string v) => new(v.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(x => (JsonNode)x).ToArray());
+        if (s.Rank is { } r) { o["r"] = r; if (s.LoraAlpha is null) o["lora_alpha"] = 2 * r; }
+        if (s.LoraAlpha is { } a) o["lora_alpha"] = a;
+        if (s.LoraDropout is { } d) o["lora_dropout"] = d;
+        if (s.TargetModules is { } tm) o["target_modules"] = Arr(tm);
+        if (s.TargetParameters is { } tp) o["target_parameters"] = tp == "none" ? null : Arr(tp);
+        if (s.LayersToTransform is { } lt) o["layers_to_transform"] = new JsonArray(LoraSettings.ParseInts([lt], "--layers-to-transform").Select(x => (JsonNode)x).ToArray());
+        else o["layers_to_transform"] ??= new JsonArray(Enumerable.Range(0, layers).Select(x => (JsonNode)x).ToArray());
+        if (s.InitLoraWeights is { } iw) o["init_lora_weights"] = iw switch { "true" => true, "false" => false, "gaussian" => "gaussian", _ => throw new ArgumentException("--init-lora-weights: use true, false or gaussian.") };
+        return o.ToJsonString();
+    }
+}

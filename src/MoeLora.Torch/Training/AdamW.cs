@@ -1,0 +1,129 @@
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MoeLora.Torch.Training;
+
+/// <summary>
+/// torch.optim.AdamW (single-tensor, non-amsgrad, non-fused path) written out so its state is plain named tensors that
+/// checkpoints save and restore exactly: p ← p·(1−lr·wd); m ← lerp(m, g, 1−β1); v ← β2·v + (1−β2)·g²;
+/// p ← p − lr/(1−β1^t) · m / (√v/√(1−β2^t) + ε).
+/// </summary>
+public sealed class AdamW
+{
+    public IReadOnlyList<(string Name, Parameter Param)> Parameters { get; }
+    public double Beta1 { get; }
+    public double Beta2 { get; }
+    public double Eps { get; }
+    public double WeightDecay { get; }
+    public long StepCount { get; private set; }
+    readonly Dictionary<string, (Tensor M, Tensor V)> _state = [];
+
+    public AdamW(IEnumerable<(string Name, Parameter Param)> parameters, double beta1 = 0.9, double beta2 = 0.999, double eps = 1e-8, double weightDecay = 0.0)
+    {
+        Parameters = parameters.ToList();
+        if (Parameters.Count == 0) throw new InvalidOperationException("nothing to train: no parameter requires a gradient.");
+        Beta1 = beta1; Beta2 = beta2; Eps = eps; WeightDecay = weightDecay;
+        foreach (var (n, p) in Parameters)
+        {
+            var m = zeros_like(p).DetachFromDisposeScope();
+            var v = zeros_like(p).DetachFromDisposeScope();
+            _state[n] = (m, v);
+        }
+    }
+
+    public void Step(double lr)
+    {
+        StepCount++;
+        using var scope = NewDisposeScope();
+        using var _ = no_grad();
+        double bc1 = 1 - Math.Pow(Beta1, StepCount), bc2 = 1 - Math.Pow(Beta2, StepCount);
+        double stepSize = lr / bc1, bc2Sqrt = Math.Sqrt(bc2);
+        foreach (var (n, p) in Parameters)
+        {
+            var g = p.grad;
+            if (g is null) continue;
+            var (m, v) = _state[n];
+            if (WeightDecay != 0) p.mul_(1 - lr * WeightDecay);
+            m.lerp_(g, 1 - Beta1);
+            v.mul_(Beta2).addcmul_(g, g, 1 - Beta2);
+            var denom = (v.sqrt() / bc2Sqrt).add_(Eps);
+            p.addcdiv_(m, denom, -stepSize);
+        }
+    }
+
+    public void ZeroGrad()
+    {
+        foreach (var (_, p) in Parameters) p.grad?.zero_();
+    }
+
+    /// <summary>Optimizer state as named tensors (exp_avg.NAME, exp_avg_sq.NAME).</summary>
+    public IEnumerable<KeyValuePair<string, Tensor>> StateTensors()
+    {
+        foreach (var (n, p) in Parameters)
+        {
+            yield return new("exp_avg." + n, _state[n].M);
+            yield return new("exp_avg_sq." + n, _state[n].V);
+        }
+    }
+
+    public void LoadState(IReadOnlyDictionary<string, Tensor> tensors, long stepCount)
+    {
+        using var _ = no_grad();
+        foreach (var (n, _) in Parameters)
+        {
+            if (!tensors.TryGetValue("exp_avg." + n, out var m) || !tensors.TryGetValue("exp_avg_sq." + n, out var v))
+                throw new InvalidDataException($"checkpoint optimizer state has no entry for {n}: it was written for a different adapter.");
+            _state[n].M.copy_(m); _state[n].V.copy_(v);
+        }
+        StepCount = stepCount;
+    }
+}
+
+/// <summary>
+/// torch.nn.utils.clip_grad_norm_(params, max_norm): total = ‖(‖g_i‖₂)_i‖₂, gradients scaled by
+/// min(1, max_norm/(total+1e-6)). Returns the total norm before clipping (NaN/inf propagate).
+/// </summary>
+public static class GradClip
+{
+    public static double ClipGradNorm(IEnumerable<Parameter> parameters, double maxNorm)
+    {
+        using var scope = NewDisposeScope();
+        using var _ = no_grad();
+        var grads = parameters.Select(p => p.grad).Where(g => g is not null).Select(g => g!).ToList();
+        if (grads.Count == 0) return 0;
+        var total = stack(grads.Select(g => g.flatten().norm(0, false, 2)).ToArray()).norm(0, false, 2);
+        double t = total.item<float>();
+        if (maxNorm > 0 && double.IsFinite(t))
+        {
+            var coef = (maxNorm / (total + 1e-6)).clamp_max(1.0);
+            foreach (var g in grads) g.mul_(coef);
+        }
+        return t;
+    }
+}
+
+/// <summary>Learning rate per optimizer step (0-based), HF-style: constant (the reference), linear or cosine decay, with optional linear warmup.</summary>
+public sealed record LrSchedule(string Kind, double PeakLr, int TotalSteps, int WarmupSteps)
+{
+    public static readonly string[] Kinds = ["constant", "linear", "cosine"];
+
+    public static LrSchedule Create(string kind, double lr, int totalSteps, int warmup)
+    {
+        if (!Kinds.Contains(kind)) throw new ArgumentException($"--lr-schedule '{kind}' is unknown: use {string.Join(", ", Kinds)}.");
+        if (!(lr > 0)) throw new ArgumentException("--lr must be positive.");
+        if (warmup < 0 || warmup > totalSteps) throw new ArgumentException("--warmup-steps must be between 0 and --total-steps.");
+        return new LrSchedule(kind, lr, totalSteps, warmup);
+    }
+
+    public double At(int step)
+    {
+        if (step < WarmupSteps) return PeakLr * step / Math.Max(1, WarmupSteps);
+        double progress = (double)(step - WarmupSteps) / Math.Max(1, TotalSteps - WarmupSteps);
+        return Kind switch
+        {
+            "linear" => PeakLr * Math.Max(0, 1 - progress),
+            "cosine" => PeakLr * 0.5 * (1 + Math.Cos(Math.PI * progress)),
+            _ => PeakLr,
+        };
+    }
+}

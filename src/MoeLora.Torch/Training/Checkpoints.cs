@@ -1,0 +1,133 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using MoeLora.Torch.IO;
+using MoeLora.Torch.Lora;
+using MoeLora.Torch.Models;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MoeLora.Torch.Training;
+
+public sealed record CheckpointState(int Step, int TotalSteps, long Seed, long OptimizerSteps);
+
+/// <summary>
+/// A checkpoint is a directory: the PEFT adapter (adapter_config.json, adapter_model.safetensors), optional
+/// router.safetensors (--train-router), trainer_state.safetensors (AdamW moments, torch RNG state) and
+/// trainer_state.json (step, seed). It is written to a temporary sibling and renamed into place, so a crash or
+/// Ctrl-C at any moment leaves either the previous checkpoint or the new one (<c>checkpoint.old</c> is used if the
+/// crash fell between the two renames).
+/// </summary>
+public static class Checkpoints
+{
+    public const string RouterFile = "router.safetensors";
+
+    public static void Save(string dir, CausalLm model, InjectedAdapter adapter, AdamW optimizer,
+        IReadOnlyList<(string Name, Parameter Param)> extra, CheckpointState state)
+    {
+        var full = Path.GetFullPath(dir);
+        var tmp = full + $".tmp-{Environment.ProcessId}";
+        if (Directory.Exists(tmp)) Directory.Delete(tmp, true);
+        Directory.CreateDirectory(tmp);
+        WriteAdapterFiles(tmp, model, adapter, extra);
+        var tensors = optimizer.StateTensors().ToList();
+        using var rng = torch.get_rng_state();
+        tensors.Add(new("rng_state", rng));
+        Safetensors.Save(Path.Combine(tmp, "trainer_state.safetensors"), tensors);
+        var json = new JsonObject
+        {
+            ["step"] = state.Step, ["total_steps"] = state.TotalSteps, ["seed"] = state.Seed,
+            ["optimizer_steps"] = state.OptimizerSteps, ["format"] = "moelora-cb-checkpoint-1",
+        };
+        File.WriteAllText(Path.Combine(tmp, "trainer_state.json"), json.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+        ReplaceDirectory(tmp, full);
+    }
+
+    /// <summary>Moves <paramref name="source"/> onto <paramref name="target"/>: target → target.old, source → target, delete old.</summary>
+    public static void ReplaceDirectory(string source, string target)
+    {
+        var old = target + ".old";
+        if (Directory.Exists(old)) Directory.Delete(old, true);
+        if (Directory.Exists(target)) Directory.Move(target, old);
+        Directory.Move(source, target);
+        if (Directory.Exists(old)) Directory.Delete(old, true);
+    }
+
+    /// <summary>The usable checkpoint directory (<paramref name="dir"/> or its .old twin), or null.</summary>
+    public static string? Find(string dir)
+    {
+        if (File.Exists(Path.Combine(dir, "trainer_state.json"))) return dir;
+        var old = Path.GetFullPath(dir) + ".old";
+        return File.Exists(Path.Combine(old, "trainer_state.json")) ? old : null;
+    }
+
+    public static CheckpointState Load(string dir, CausalLm model, AdamW optimizer, IReadOnlyList<(string Name, Parameter Param)> extra)
+    {
+        var json = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "trainer_state.json")))!.AsObject();
+        var state = new CheckpointState(json["step"]!.GetValue<int>(), json["total_steps"]!.GetValue<int>(),
+            json["seed"]!.GetValue<long>(), json["optimizer_steps"]!.GetValue<long>());
+        CopyAdapterWeights(model, dir);
+        LoadExtra(dir, extra);
+        var t = Safetensors.Load(Path.Combine(dir, "trainer_state.safetensors"));
+        try
+        {
+            optimizer.LoadState(t, state.OptimizerSteps);
+            torch.set_rng_state(t["rng_state"]);
+        }
+        finally { foreach (var x in t.Values) x.Dispose(); }
+        return state;
+    }
+
+    /// <summary>Copies adapter_model.safetensors (PEFT keys) into an already injected adapter with the same config.</summary>
+    public static void CopyAdapterWeights(CausalLm model, string dir)
+    {
+        var tensors = Safetensors.Load(Path.Combine(dir, "adapter_model.safetensors"));
+        try
+        {
+            using var _ = no_grad();
+            int copied = 0;
+            foreach (var (name, p) in LoraInjector.PeftNamedParameters(model))
+            {
+                var key = name.Replace(".default.", ".", StringComparison.Ordinal);
+                if (!tensors.TryGetValue(key, out var src))
+                {
+                    if (name.Contains(".lora_")) throw new InvalidDataException($"{dir}: adapter_model.safetensors has no {key}.");
+                    continue;
+                }
+                p.copy_(src); copied++;
+            }
+            if (copied != tensors.Count) throw new InvalidDataException($"{dir}: adapter_model.safetensors holds {tensors.Count} tensors, the adapter {copied}.");
+        }
+        finally { foreach (var x in tensors.Values) x.Dispose(); }
+    }
+
+    static void LoadExtra(string dir, IReadOnlyList<(string Name, Parameter Param)> extra)
+    {
+        if (extra.Count == 0) return;
+        var path = Path.Combine(dir, RouterFile);
+        if (!File.Exists(path)) throw new InvalidDataException($"{dir} has no {RouterFile} but the run trains the router.");
+        var t = Safetensors.Load(path);
+        try { using var _ = no_grad(); foreach (var (n, p) in extra) p.copy_(t[n]); }
+        finally { foreach (var x in t.Values) x.Dispose(); }
+    }
+
+    static void WriteAdapterFiles(string dir, CausalLm model, InjectedAdapter adapter, IReadOnlyList<(string Name, Parameter Param)> extra)
+    {
+        LoraInjector.SavePeftAdapter(model, adapter, dir);
+        if (extra.Count > 0)
+            Safetensors.Save(Path.Combine(dir, RouterFile), extra.Select(e => new KeyValuePair<string, Tensor>(e.Name, e.Param)).ToList(),
+                new Dictionary<string, string> { ["format"] = "pt", ["note"] = "full router weights trained with --train-router (runtime names)" });
+    }
+
+    /// <summary>Writes the adapter files into <paramref name="dir"/>: each file is written to a temporary sibling and renamed over the old one.</summary>
+    public static void SaveAdapterAtomically(string dir, CausalLm model, InjectedAdapter adapter, IReadOnlyList<(string Name, Parameter Param)> extra)
+    {
+        var full = Path.GetFullPath(dir);
+        Directory.CreateDirectory(full);
+        var tmp = Path.Combine(full, $".adapter.tmp-{Environment.ProcessId}");
+        if (Directory.Exists(tmp)) Directory.Delete(tmp, true);
+        Directory.CreateDirectory(tmp);
+        WriteAdapterFiles(tmp, model, adapter, extra);
+        foreach (var f in Directory.GetFiles(tmp)) File.Move(f, Path.Combine(full, Path.GetFileName(f)), overwrite: true);
+        Directory.Delete(tmp, true);
+    }
+}

@@ -1,0 +1,122 @@
+using MoeLora.Torch.Lora;
+using MoeLora.Torch.Models;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MoeLora.Torch.Training;
+
+/// <summary>One batch: token ids [B,S] and attention mask [B,S] (int64, 1 = real token).</summary>
+public sealed record TokenBatch(Tensor InputIds, Tensor AttentionMask);
+
+/// <summary>The losses of one micro-batch and the coefficients they were weighted with.</summary>
+public sealed record CbLossResult(Tensor Total, double RetainLoss, double CbLoss, double RetainCoeff, double CbCoeff, double CbCosine)
+{
+    public double TotalValue => RetainCoeff * RetainLoss + CbCoeff * CbLoss;
+}
+
+/// <summary>
+/// Representation rerouting (circuit-breaker) losses exactly as <c>compute_loss</c> of GraySwanAI/circuit-breakers
+/// (reference: shared/reference/circuit-breakers.md §1–2).
+/// </summary>
+public static class CircuitBreakerLoss
+{
+    /// <summary>
+    /// L_rr = Σ ReLU(Σ_k n^lora·n^orig·m) / Σ m, over target layers × batch × positions; norms in fp32.
+    /// <paramref name="lora"/>/<paramref name="orig"/>: [T,B,S,H]; <paramref name="mask"/>: [B,S].
+    /// </summary>
+    public static Tensor Reroute(Tensor lora, Tensor orig, Tensor mask)
+    {
+        long t = lora.shape[0];
+        var m = mask.unsqueeze(0).repeat(t, 1, 1).unsqueeze(-1);                          // [T,B,S,1]
+        var nl = lora / lora.to(ScalarType.Float32).norm(-1, keepdim: true, p: 2);
+        var no = orig / orig.to(ScalarType.Float32).norm(-1, keepdim: true, p: 2);
+        var inner = nl * no * m;
+        return nn.functional.relu(inner.sum(-1)).sum() / m.sum();
+    }
+
+    /// <summary>Mean per-token cosine (not floored) over real tokens: the logged/evaluated rerouting metric.</summary>
+    public static Tensor Cosine(Tensor lora, Tensor orig, Tensor mask)
+    {
+        long t = lora.shape[0];
+        var m = mask.unsqueeze(0).repeat(t, 1, 1).to(ScalarType.Float32);
+        var cos = nn.functional.cosine_similarity(lora.to(ScalarType.Float32), orig.to(ScalarType.Float32), -1);
+        return (cos * m).sum() / m.sum();
+    }
+
+    /// <summary>
+    /// L_ret = nanmean over (L+1)×B×S of ‖m·h^lora − m·h^orig‖₂ (fp32 norm). Pads are zeroed but counted, as upstream.
+    /// <paramref name="loraMasked"/>/<paramref name="origMasked"/>: [L+1,B,S,H] already multiplied by the mask.
+    /// </summary>
+    public static Tensor Retain(Tensor loraMasked, Tensor origMasked) =>
+        NanMean((loraMasked - origMasked).to(ScalarType.Float32).norm(-1, keepdim: false, p: 2));
+
+    /// <summary>torch.nanmean (TorchSharp 0.107's nanmean passes an uninitialised dtype to ATen, so it is spelled out).</summary>
+    public static Tensor NanMean(Tensor x)
+    {
+        var nan = x.isnan();
+        return where(nan, zeros_like(x), x).sum() / nan.logical_not().sum().to(x.dtype);
+    }
+
+    /// <summary>The retain mask repeated over L hidden states: [L,B,S,1].</summary>
+    public static Tensor LayerMask(Tensor mask, long layers) => mask.unsqueeze(0).repeat(layers, 1, 1).unsqueeze(-1);
+
+    /// <summary>
+    /// The full step loss: frozen passes (adapters disabled, eval mode, no_grad), then adapted passes in train mode;
+    /// <c>total = c_retain·L_ret + c_cb·L_rr</c>. A coefficient equal to 0 skips its passes, as upstream.
+    /// Returns the total as a graph tensor (call backward on it) plus the scalar parts.
+    /// </summary>
+    public static CbLossResult Compute(CausalLm model, TokenBatch cb, TokenBatch retain, IReadOnlyList<int> targetLayers,
+        double retainCoeff, double cbCoeff, bool train = true)
+    {
+        Tensor? origRetain = null, origCb = null;
+        var retainMask = retain.AttentionMask.to(model.Device);
+        var cbMask = cb.AttentionMask.to(model.Device);
+        using (LoraInjector.DisableAdapters(model))
+        {
+            model.Eval();
+            using (no_grad())
+            {
+                if (retainCoeff > 0)
+                {
+                    using var o = model.Forward(retain.InputIds, retainMask, outputHiddenStates: true);
+                    var h = stack(o.HiddenStates).detach();
+                    origRetain = h * LayerMask(retainMask, h.shape[0]);
+                }
+                if (cbCoeff > 0)
+                {
+                    using var o = model.Forward(cb.InputIds, cbMask, outputHiddenStates: true);
+                    CheckLayers(targetLayers, o.HiddenStates.Count);
+                    origCb = stack(targetLayers.Select(l => o.HiddenStates[l]).ToArray()).detach();
+                }
+            }
+        }
+        model.Train(train);
+        Tensor total = zeros(1, device: model.Device).squeeze();
+        double retainLoss = 0, cbLoss = 0, cosine = double.NaN;
+        if (retainCoeff > 0)
+        {
+            using var o = model.Forward(retain.InputIds, retainMask, outputHiddenStates: true);
+            var lora = stack(o.HiddenStates) * LayerMask(retainMask, o.HiddenStates.Count);
+            var l = Retain(lora, origRetain!);
+            retainLoss = l.item<float>();
+            total = total + retainCoeff * l;
+        }
+        if (cbCoeff > 0)
+        {
+            using var o = model.Forward(cb.InputIds, cbMask, outputHiddenStates: true);
+            var lora = stack(targetLayers.Select(i => o.HiddenStates[i]).ToArray());
+            var l = Reroute(lora, origCb!, cbMask);
+            cbLoss = l.item<float>();
+            using (no_grad()) cosine = Cosine(lora, origCb!, cbMask).item<float>();
+            total = total + cbCoeff * l;
+        }
+        return new CbLossResult(total, retainLoss, cbLoss, retainCoeff, cbCoeff, cosine);
+    }
+
+    static void CheckLayers(IReadOnlyList<int> targets, int count)
+    {
+        foreach (var l in targets)
+            if (l < 0 || l >= count)
+                throw new ArgumentException($"target layer {l} is out of range: hidden_states has {count} entries (0 = embeddings, {count - 1} = final norm).");
+    }
+}

@@ -1,0 +1,225 @@
+using System.Text;
+using System.Text.Json.Nodes;
+using System.Text.RegularExpressions;
+
+namespace MoeLora.Torch.Training;
+
+/// <summary>
+/// A minimal, documented reader of Hugging Face <c>tokenizer.json</c> files for the BPE tokenizers of the supported
+/// families: byte-level BPE (Llama 3, Llama 4, Qwen, gpt-oss: <c>Split</c> regex + <c>ByteLevel</c> pre-tokenizers) and
+/// SentencePiece-style BPE (Mistral/Mixtral: <c>Prepend</c>/<c>Replace</c> normalizers or <c>Metaspace</c>, byte fallback).
+/// Added tokens are matched first (longest first); <c>TemplateProcessing</c> post-processors add BOS/EOS.
+/// Not supported: WordPiece/Unigram models, <c>ignore_merges</c> shortcuts beyond a whole-word vocab hit, NFKC normalizers.
+/// Microsoft.ML.Tokenizers 2.0 has no reader for this JSON format, which is why this loader exists.
+/// </summary>
+public sealed class HfTokenizer
+{
+    readonly Dictionary<string, int> _vocab;
+    readonly Dictionary<(string, string), int> _merges = [];
+    readonly List<(string Content, int Id)> _added;
+    readonly Regex? _addedRegex;
+    readonly Regex? _split;
+    readonly bool _byteLevel, _byteFallback, _ignoreMerges;
+    readonly List<(string Kind, string A, string B)> _normalizers = [];
+    readonly string? _metaspace; readonly bool _metaspacePrepend;
+    readonly int[] _prefix = [], _suffix = [];
+    readonly Dictionary<string, int[]> _cache = [];
+    readonly string? _unk;
+    static readonly string[] ByteToUnicode = BuildByteMap();
+
+    public int VocabSize { get; }
+    public int? PadId { get; }
+    public string? BosToken { get; }
+
+    public HfTokenizer(string json)
+    {
+        var o = JsonNode.Parse(json)!.AsObject();
+        var model = o["model"]!.AsObject();
+        if ((model["type"]?.GetValue<string>() ?? "BPE") != "BPE")
+            throw new NotSupportedException($"tokenizer.json model type '{model["type"]}' is not supported (BPE only).");
+        _vocab = model["vocab"]!.AsObject().ToDictionary(kv => kv.Key, kv => kv.Value!.GetValue<int>());
+        int rank = 0;
+        foreach (var m in model["merges"]?.AsArray() ?? [])
+        {
+            var (a, b) = m is JsonArray pair ? (pair[0]!.GetValue<string>(), pair[1]!.GetValue<string>()) : Split2(m!.GetValue<string>());
+            _merges.TryAdd((a, b), rank++);
+        }
+        _byteFallback = model["byte_fallback"]?.GetValue<bool>() ?? false;
+        _ignoreMerges = model["ignore_merges"]?.GetValue<bool>() ?? false;
+        _unk = model["unk_token"]?.GetValue<string>();
+        _added = (o["added_tokens"]?.AsArray() ?? []).Select(t => (t!["content"]!.GetValue<string>(), t["id"]!.GetValue<int>())).ToList();
+        foreach (var (c, id) in _added) _vocab.TryAdd(c, id);
+        if (_added.Count > 0)
+            _addedRegex = new Regex(string.Join("|", _added.Select(a => a.Content).OrderByDescending(c => c.Length).Select(Regex.Escape)));
+        VocabSize = _vocab.Values.Max() + 1;
+
+        void Normalizer(JsonNode? n)
+        {
+            if (n is null) return;
+            switch (n["type"]?.GetValue<string>())
+            {
+                case "Sequence": foreach (var x in n["normalizers"]!.AsArray()) Normalizer(x); break;
+                case "Prepend": _normalizers.Add(("prepend", n["prepend"]!.GetValue<string>(), "")); break;
+                case "Replace": _normalizers.Add(("replace", n["pattern"]!["String"]!.GetValue<string>(), n["content"]!.GetValue<string>())); break;
+                case "NFC": break;
+                case var t: throw new NotSupportedException($"tokenizer.json normalizer '{t}' is not supported.");
+            }
+        }
+        Normalizer(o["normalizer"]);
+        Regex? split = null; bool byteLevel = false; string? meta = null; bool metaPrepend = false;
+        void Pre(JsonNode? n)
+        {
+            if (n is null) return;
+            switch (n["type"]?.GetValue<string>())
+            {
+                case "Sequence": foreach (var x in n["pretokenizers"]!.AsArray()) Pre(x); break;
+                case "Split": split = new Regex(n["pattern"]!["Regex"]?.GetValue<string>() ?? Regex.Escape(n["pattern"]!["String"]!.GetValue<string>())); break;
+                case "ByteLevel":
+                    byteLevel = true;
+                    if ((n["use_regex"]?.GetValue<bool>() ?? true) && split is null)
+                        split = new Regex(@"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+");
+                    break;
+                case "Metaspace":
+                    meta = n["replacement"]?.GetValue<string>() ?? "▁";
+                    metaPrepend = (n["prepend_scheme"]?.GetValue<string>() ?? "always") != "never";
+                    break;
+                case "Digits" or "Punctuation": break;
+                case var t: throw new NotSupportedException($"tokenizer.json pre_tokenizer '{t}' is not supported.");
+            }
+        }
+        Pre(o["pre_tokenizer"]);
+        _split = split; _byteLevel = byteLevel || (o["decoder"]?["type"]?.GetValue<string>() == "ByteLevel"); _metaspace = meta; _metaspacePrepend = metaPrepend;
+
+        void Post(JsonNode? n)
+        {
+            if (n is null) return;
+            if (n["type"]?.GetValue<string>() == "Sequence") { foreach (var x in n["processors"]!.AsArray()) Post(x); return; }
+            if (n["type"]?.GetValue<string>() != "TemplateProcessing") return;
+            var pre = new List<int>(); var post = new List<int>(); bool seen = false;
+            foreach (var item in n["single"]!.AsArray())
+            {
+                if (item!["Sequence"] is not null) { seen = true; continue; }
+                var tok = item["SpecialToken"]!["id"]!.GetValue<string>();
+                var ids = n["special_tokens"]![tok]!["ids"]!.AsArray().Select(x => x!.GetValue<int>());
+                (seen ? post : pre).AddRange(ids);
+            }
+            _prefixTmp = [.. pre]; _suffixTmp = [.. post];
+        }
+        Post(o["post_processor"]);
+        _prefix = _prefixTmp; _suffix = _suffixTmp;
+        if (_prefix.Length > 0) BosToken = _vocab.FirstOrDefault(kv => kv.Value == _prefix[0]).Key;
+        foreach (var cand in new[] { "<|pad|>", "<pad>", "<|finetune_right_pad_id|>", "<|finetune_right_pad|>", "<|endoftext|>", "<|end_of_text|>", "</s>", "<unk>" })
+            if (_vocab.TryGetValue(cand, out var id)) { PadId = id; break; }
+    }
+    int[] _prefixTmp = [], _suffixTmp = [];
+
+    public static HfTokenizer Load(string path) =>
+        File.Exists(path) ? new HfTokenizer(File.ReadAllText(path)) : throw new FileNotFoundException($"{path} not found: the model folder needs a tokenizer.json.");
+
+    static (string, string) Split2(string m) { int i = m.IndexOf(' ', 1); return (m[..i], m[(i + 1)..]); }
+
+    public int TokenId(string token) => _vocab.TryGetValue(token, out var id) ? id : throw new KeyNotFoundException($"token '{token}' is not in the vocabulary.");
+
+    /// <summary>Token ids of <paramref name="text"/>; with <paramref name="addSpecialTokens"/> the post-processor's BOS/EOS.</summary>
+    public List<int> Encode(string text, bool addSpecialTokens = true)
+    {
+        var ids = new List<int>();
+        if (addSpecialTokens) ids.AddRange(_prefix);
+        int pos = 0;
+        bool first = true;
+        foreach (Match m in _addedRegex?.Matches(text) ?? (IEnumerable<Match>)[])
+        {
+            if (m.Index > pos) { EncodeSegment(text[pos..m.Index], ids, first); first = false; }
+            ids.Add(_vocab[m.Value]); pos = m.Index + m.Length;
+        }
+        if (pos < text.Length) EncodeSegment(text[pos..], ids, first);
+        if (addSpecialTokens) ids.AddRange(_suffix);
+        return ids;
+    }
+
+    void EncodeSegment(string s, List<int> ids, bool first)
+    {
+        foreach (var (kind, a, b) in _normalizers)
+            s = kind == "prepend" ? (first ? a + s : s) : s.Replace(a, b, StringComparison.Ordinal);
+        if (_metaspace is not null)
+        {
+            s = s.Replace(" ", _metaspace, StringComparison.Ordinal);
+            if (_metaspacePrepend && first && !s.StartsWith(_metaspace, StringComparison.Ordinal)) s = _metaspace + s;
+        }
+        IEnumerable<string> words = _split is null ? [s] : _split.Matches(s).Select(m => m.Value);
+        foreach (var w in words)
+        {
+            if (w.Length == 0) continue;
+            var word = _byteLevel ? string.Concat(Encoding.UTF8.GetBytes(w).Select(x => ByteToUnicode[x])) : w;
+            if (!_cache.TryGetValue(word, out var wi)) _cache[word] = wi = Bpe(word);
+            ids.AddRange(wi);
+        }
+    }
+
+    int[] Bpe(string word)
+    {
+        if (_ignoreMerges && _vocab.TryGetValue(word, out var whole)) return [whole];
+        var syms = new List<string>();
+        for (int i = 0; i < word.Length;) { int len = char.IsSurrogatePair(word, i) ? 2 : 1; syms.Add(word.Substring(i, len)); i += len; }
+        while (syms.Count > 1)
+        {
+            int best = -1, bestRank = int.MaxValue;
+            for (int i = 0; i < syms.Count - 1; i++)
+                if (_merges.TryGetValue((syms[i], syms[i + 1]), out var r) && r < bestRank) { bestRank = r; best = i; }
+            if (best < 0) break;
+            syms[best] += syms[best + 1]; syms.RemoveAt(best + 1);
+        }
+        var ids = new List<int>();
+        foreach (var sym in syms)
+        {
+            if (_vocab.TryGetValue(sym, out var id)) { ids.Add(id); continue; }
+            if (_byteFallback) { foreach (var by in Encoding.UTF8.GetBytes(sym)) ids.Add(_vocab[$"<0x{by:X2}>"]); continue; }
+            if (_unk is not null && _vocab.TryGetValue(_unk, out var u)) { ids.Add(u); continue; }
+            throw new InvalidDataException($"tokenizer: '{sym}' is not in the vocabulary and there is no byte fallback or unk token.");
+        }
+        return [.. ids];
+    }
+
+    /// <summary>GPT-2's bytes_to_unicode table.</summary>
+    static string[] BuildByteMap()
+    {
+        var bs = new List<int>();
+        for (int i = '!'; i <= '~'; i++) bs.Add(i);
+        for (int i = '¡'; i <= '¬'; i++) bs.Add(i);
+        for (int i = '®'; i <= 'ÿ'; i++) bs.Add(i);
+        var cs = new List<int>(bs); int n = 0;
+        for (int b = 0; b < 256; b++) if (!bs.Contains(b)) { bs.Add(b); cs.Add(256 + n++); }
+        var map = new string[256];
+        for (int i = 0; i < bs.Count; i++) map[bs[i]] = char.ConvertFromUtf32(cs[i]);
+        return map;
+    }
+
+    /// <summary>A byte-level tokenizer.json with the 256 byte symbols, no merges and the given special tokens (the tiny preset's).</summary>
+    public static string ByteLevelJson(IReadOnlyList<string> specials, string? bos)
+    {
+        var vocab = new JsonObject();
+        var map = BuildByteMap();
+        for (int b = 0; b < 256; b++) vocab[map[b]] = b;
+        var added = new JsonArray();
+        for (int i = 0; i < specials.Count; i++)
+            added.Add(new JsonObject { ["id"] = 256 + i, ["content"] = specials[i], ["special"] = true });
+        var o = new JsonObject
+        {
+            ["version"] = "1.0",
+            ["added_tokens"] = added,
+            ["normalizer"] = null,
+            ["pre_tokenizer"] = new JsonObject { ["type"] = "ByteLevel", ["add_prefix_space"] = false, ["trim_offsets"] = true, ["use_regex"] = true },
+            ["post_processor"] = bos is null ? null : new JsonObject
+            {
+                ["type"] = "TemplateProcessing",
+                ["single"] = new JsonArray(new JsonObject { ["SpecialToken"] = new JsonObject { ["id"] = bos, ["type_id"] = 0 } },
+                    new JsonObject { ["Sequence"] = new JsonObject { ["id"] = "A", ["type_id"] = 0 } }),
+                ["pair"] = new JsonArray(),
+                ["special_tokens"] = new JsonObject { [bos] = new JsonObject { ["id"] = bos, ["ids"] = new JsonArray(256 + specials.ToList().IndexOf(bos)), ["tokens"] = new JsonArray(bos) } },
+            },
+            ["decoder"] = new JsonObject { ["type"] = "ByteLevel" },
+            ["model"] = new JsonObject { ["type"] = "BPE", ["dropout"] = null, ["unk_token"] = null, ["byte_fallback"] = false, ["vocab"] = vocab, ["merges"] = new JsonArray() },
+        };
+        return o.ToJsonString();
+    }
+}
