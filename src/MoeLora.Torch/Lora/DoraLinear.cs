@@ -23,7 +23,7 @@ public sealed class DoraLinear : LoraWrapper, ILinearAdapter
         Tensor norm;
         using (no_grad())
         {
-            var w = baseLayer.weight.to(ScalarType.Float32) + scaling * matmul(b.to(ScalarType.Float32), a.to(ScalarType.Float32));
+            var w = baseLayer.weight.to(ScalarType.Float32) + scaling * matmul(B.weight.to(ScalarType.Float32), A.weight.to(ScalarType.Float32)); // a, b now belong to the factors
             norm = linalg.norm(w, dims: [1]).to(ScalarType.Float32).detach();
         }
         Magnitude = AddChild("lora_magnitude_vector", new Container()).Add(adapter, new LoraFactor(norm));

@@ -21,7 +21,7 @@ public sealed record ExpertGradientFlow(string Module, string Parameter, long Nu
 public static class GradientFlow
 {
     /// <summary>
-    /// Next-token cross-entropy on <paramref name="inputIds"/>, one backward, then per fused-expert adapter the
+    /// Cross-entropy (next token, wrapping around) on <paramref name="inputIds"/>, one backward, then per fused-expert adapter the
     /// experts with gradient vs the experts dispatched. Gradients are cleared afterwards.
     /// </summary>
     public static IReadOnlyList<ExpertGradientFlow> Measure(CausalLm model, Tensor inputIds, Tensor attentionMask)
@@ -31,8 +31,10 @@ public static class GradientFlow
         using (var scope = NewDisposeScope())
         {
             using var output = model.Forward(inputIds, attentionMask);
-            var logits = output.Logits[.., ..^1].to(ScalarType.Float32);
-            var labels = inputIds[.., 1..].to(model.Device).masked_fill(attentionMask[.., 1..].to(model.Device).eq(0), -100);
+            // Next-token targets, the last position predicting the first token, so that every position feeds the loss
+            // (with plain causal-LM shifting the last token's expert choices could never receive gradient).
+            var logits = output.Logits.to(ScalarType.Float32);
+            var labels = inputIds.roll(-1, 1).to(model.Device).masked_fill(attentionMask.to(model.Device).eq(0), -100);
             var loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[^1]), labels.reshape(-1), ignore_index: -100);
             loss.backward();
         }
