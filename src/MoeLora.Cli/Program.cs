@@ -21,6 +21,8 @@ public static class Program
                 .WithExample("report", "mistralai/Mixtral-8x7B-v0.1", "--format", "json");
             config.AddCommand<ModulesCommand>("modules")
                 .WithDescription("named_modules() and named_parameters() as transformers builds the model");
+            config.AddCommand<HiddenStatesCommand>("hidden-states").WithDescription("Run the model and write hidden_states [layers, batch, seq, hidden] and logits to a safetensors file");
+            config.AddCommand<RoutersCommand>("routers").WithDescription("Router expert selection per layer for harmful vs benign prompts: frequencies, Jensen-Shannon divergence, heatmap PNG and JSON");
             config.AddCommand<ModelsCommand>("models")
                 .WithDescription("List the embedded catalog of real configs");
         });
