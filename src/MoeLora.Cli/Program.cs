@@ -51,7 +51,8 @@ public static class Program
     {
         CommandParseException or CommandRuntimeException => ExitCodes.Usage,
         ConfigException or PeftConfigException or ArgumentException or IOException or UnauthorizedAccessException
-            or ModelSourceException or InvalidOperationException or NotSupportedException or FormatException => ExitCodes.Error,
+            or ModelSourceException or InvalidOperationException or NotSupportedException or FormatException
+            or InvalidDataException => ExitCodes.Error,
         OperationCanceledException => ExitCodes.Interrupted,
         _ => null,
     };
