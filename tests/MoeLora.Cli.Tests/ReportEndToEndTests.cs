@@ -130,7 +130,7 @@ public class ReportEndToEndTests
 /// <summary>Checkpoints on disk: the header cross-check and analysis of unknown model types from headers.</summary>
 public class CheckpointEndToEndTests
 {
-    private static string Tiny(string type) => Path.Combine(AppContext.BaseDirectory, "Data", "hf-tiny", type);
+    private static string Tiny(string type) => Path.Combine(AppContext.BaseDirectory, "Data", "hf-tiny", type, "model");
 
     [Fact]
     public void Local_checkpoint_is_cross_checked()

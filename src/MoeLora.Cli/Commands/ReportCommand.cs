@@ -14,6 +14,26 @@ public sealed class ReportCommand : Command<ReportCommand.Settings>
         [CommandOption("--checkpoint-headers")]
         [Description("Also read safetensors headers from the Hub (local and cached checkpoints are always checked)")]
         public bool CheckpointHeaders { get; init; }
+
+        [Description("Load the model (TorchSharp), inject the LoRA and show measured figures next to the predicted ones")]
+        [CommandOption("--load-model")]
+        public bool LoadModel { get; init; }
+
+        [Description("With --load-model: cpu (default) or cuda")]
+        [CommandOption("--device <DEVICE>")]
+        public string Device { get; init; } = "cpu";
+
+        [Description("With --load-model: 'random' builds the model from config.json with seeded random weights instead of loading the checkpoint")]
+        [CommandOption("--init <INIT>")]
+        public string? Init { get; init; }
+
+        [Description("With --load-model: seed for random weights, LoRA init and input tokens (default 0)")]
+        [CommandOption("--seed <SEED>")]
+        public long Seed { get; init; }
+
+        [Description("With --load-model: tokens of the sequence used for the gradient-flow backward (default 4, so that some experts go unselected)")]
+        [CommandOption("--grad-tokens <N>")]
+        public int GradTokens { get; init; } = 4;
     }
 
     public override int Execute(CommandContext context, Settings settings, CancellationToken cancellationToken)
@@ -35,6 +55,7 @@ public sealed class ReportCommand : Command<ReportCommand.Settings>
             TargetLayers = settings.ParsedTargetLayers,
             Training = training,
         });
+        if (settings.LoadModel) return LoadModelMeasurement.Run(report, resolved, settings, format);
         switch (format)
         {
             case "json":

@@ -16,7 +16,7 @@ public sealed record InjectedAdapter(string AdapterName, LoraConfig Config, IRea
 /// <c>ParamWrapper</c>s in registration order (for v5 experts: <c>experts.base_layer.lora_*</c> = gate_up_proj,
 /// <c>experts.lora_*</c> = down_proj). Base weights stay frozen; only adapter weights require gradients.
 /// </summary>
-public static class LoraInjector
+public static partial class LoraInjector
 {
     public const string PeftPrefix = "base_model.model.";
 

@@ -32,9 +32,8 @@ public static class Measurements
         ScalarType.Float64 => (long)t.storage<double>().data_ptr(),
         ScalarType.Int64 => (long)t.storage<long>().data_ptr(),
         ScalarType.Int32 => (long)t.storage<int>().data_ptr(),
-        ScalarType.BFloat16 => (long)t.storage<BFloat16>().data_ptr(),
-        ScalarType.Float16 => (long)t.storage<Half>().data_ptr(),
-        _ => throw new NotSupportedException($"DataPointer: dtype {t.dtype}"),
+        // TorchSharp's typed Storage<T> has no BFloat16 (and refuses Half): ask LibTorchSharp for the storage pointer.
+        _ => NativeStorage.DataPointer(t),
     };
 
     /// <summary>Groups of named tensors (parameters by default, or adapter tensors) that share a storage.</summary>

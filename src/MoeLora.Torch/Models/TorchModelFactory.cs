@@ -83,6 +83,8 @@ public static class TorchModelFactory
         return Family(config).Build(config, new Init(dtype, device ?? CPU, config.InitializerRange, gen));
     }
 
+    internal static IModelFamily FamilyFor(string configJson) => Family(ModelConfig.Parse(configJson));
+
     static IModelFamily Family(ModelConfig c) =>
         Families.TryGetValue(c.ModelType, out var f) ? f
             : throw new NotSupportedException($"model_type '{c.ModelType}' is not supported (supported: {string.Join(", ", Families.Keys)}).");

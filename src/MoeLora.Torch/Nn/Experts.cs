@@ -44,12 +44,19 @@ public abstract class ExpertsBase : HfModule
         return w;
     }
 
+    /// <summary>
+    /// How many (token, slot) pairs the router sent to each expert in the last forward: the experts actually
+    /// dispatched (after any bias/group selection), for gradient-flow checks.
+    /// </summary>
+    public long[]? LastSelectedCounts { get; private set; }
+
     /// <summary>(expert, tokens, top-k slot) for each expert hit, like transformers' <c>torch.where(expert_mask[e])</c>.</summary>
-    protected static IEnumerable<(long Expert, Tensor Tokens, Tensor Slots)> Dispatch(Tensor topIdx, long numExperts)
+    protected IEnumerable<(long Expert, Tensor Tokens, Tensor Slots)> Dispatch(Tensor topIdx, long numExperts)
     {
         Tensor hits;
         using (no_grad()) hits = topIdx.flatten().bincount(null, numExperts);
         var counts = hits.data<long>().ToArray();
+        LastSelectedCounts = counts;
         for (long e = 0; e < numExperts; e++)
         {
             if (counts[e] == 0) continue;
@@ -100,10 +107,14 @@ public sealed class RouterWeight : HfModule
 {
     public Parameter weight { get; }
     public Parameter? bias { get; }
+    readonly List<IParamDelta> _deltas = [];
     public RouterWeight(long experts, long hidden, Init init, bool hasBias = false)
     {
         weight = AddParameter("weight", init.Normal(experts, hidden));
         if (hasBias) bias = AddParameter("bias", init.Normal(experts));
     }
-    public Tensor Logits(Tensor x) => nn.functional.linear(x, weight, bias);
+    /// <summary>Attaches a 2-D ParamWrapper delta to <c>weight</c> (target_parameters on the router).</summary>
+    internal void AttachDelta(IParamDelta d) => _deltas.Add(d);
+    public Tensor EffectiveWeight() => ParamDeltas.Apply(weight, _deltas);
+    public Tensor Logits(Tensor x) => nn.functional.linear(x, EffectiveWeight(), bias);
 }

@@ -97,6 +97,9 @@ internal sealed class DeepseekV3Router : HfModule
 {
     public Parameter weight { get; }
     public Tensor e_score_correction_bias { get; }
+    readonly List<IParamDelta> _deltas = [];
+    internal void AttachDelta(IParamDelta d) => _deltas.Add(d);
+    public Tensor EffectiveWeight() => ParamDeltas.Apply(weight, _deltas);
     public DeepseekV3Router(long experts, long hidden, Init init)
     {
         weight = AddParameter("weight", init.Normal(experts, hidden));
@@ -128,7 +131,7 @@ internal sealed class DeepseekV3Moe : HfModule, IBlock
     {
         var shape = x.shape;
         var flat = x.reshape(-1, shape[^1]);
-        var logits = nn.functional.linear(flat.to(ScalarType.Float32), _gate.weight.to(ScalarType.Float32));
+        var logits = nn.functional.linear(flat.to(ScalarType.Float32), _gate.EffectiveWeight().to(ScalarType.Float32));
         ctx.RouterLogits.Add(logits);
         var scores = logits.sigmoid();
         Tensor topIdx;

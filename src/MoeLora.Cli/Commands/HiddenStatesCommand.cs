@@ -1,0 +1,105 @@
+using System.ComponentModel;
+using MoeLora.Torch.IO;
+using Spectre.Console.Cli;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MoeLora.Cli.Commands;
+
+/// <summary>
+/// <c>moelora hidden-states MODEL (--prompts F.jsonl | --inputs F.safetensors) --layers all|N... -o OUT.safetensors</c>:
+/// runs the model and writes <c>hidden_states [layers, batch, seq, hidden]</c> (HF indexing, 0 = embeddings),
+/// <c>logits</c>, <c>input_ids</c> and <c>attention_mask</c>.
+/// </summary>
+public sealed class HiddenStatesCommand : Command<HiddenStatesCommand.Settings>
+{
+    public sealed class Settings : RuntimeSettings
+    {
+        [CommandOption("--prompts <FILE>")]
+        [Description("JSONL: {\"prompt\": ...}/{\"text\": ...} (tokenised with the model's tokenizer.json) or {\"input_ids\": [...]} per line")]
+        public string? Prompts { get; init; }
+
+        [CommandOption("--inputs <FILE>")]
+        [Description("safetensors with input_ids [B,S] and attention_mask [B,S] (as the fixtures' reference files)")]
+        public string? Inputs { get; init; }
+
+        [CommandOption("--layers <LAYERS>")]
+        [Description("'all' (default) or hidden_states indices (0 = embeddings, L = final normed output)")]
+        public string[]? Layers { get; init; }
+
+        [CommandOption("--dtype <DTYPE>")]
+        [Description("Dtype of the written tensors: fp32 (default), bf16 or fp16")]
+        public string DType { get; init; } = "fp32";
+    }
+
+    public override int Execute(CommandContext context, Settings s, CancellationToken cancellationToken)
+    {
+        if ((s.Prompts is null) == (s.Inputs is null)) throw new ArgumentException("give exactly one of --prompts FILE.jsonl or --inputs FILE.safetensors");
+        if (s.Output is null) throw new ArgumentException("--output OUT.safetensors is required");
+        var outDir = Path.GetDirectoryName(Path.GetFullPath(s.Output))!;
+        if (!Directory.Exists(outDir)) throw new IOException($"cannot write {s.Output}: folder {outDir} does not exist");
+        var outType = RuntimeSettings.ParseDType(s.DType, "--dtype");
+        Tensor? ids = null, mask = null;
+        if (s.Inputs is not null) (ids, mask) = ReadInputs(s.Inputs);
+        var (model, resolved) = s.LoadModel();
+        using var _ = model;
+        using var scope = NewDisposeScope();
+        if (ids is null) (ids, mask) = RuntimeSettings.Batch(s.ReadJsonl(s.Prompts!, resolved.Directory, "--prompts"), model.Config.VocabSize);
+        if (ids.max().item<long>() >= model.Config.VocabSize || ids.min().item<long>() < 0)
+            throw new ArgumentException($"input_ids contain ids outside the vocabulary (0..{model.Config.VocabSize - 1})");
+        int states = model.NumLayers + 1;
+        var layers = ParseLayers(s.Layers, states);
+        using var output = no_grad_forward(model, ids, mask!);
+        var hs = stack(layers.Select(i => output.HiddenStates[i]).ToArray(), 0).to(outType);
+        var tensors = new List<KeyValuePair<string, Tensor>>
+        {
+            new("hidden_states", hs.contiguous()),
+            new("logits", output.Logits.to(outType).contiguous()),
+            new("input_ids", ids.contiguous()),
+            new("attention_mask", mask!.to(ScalarType.Int64).contiguous()),
+        };
+        var temp = Path.Combine(outDir, $".{Path.GetFileName(s.Output)}.{Environment.ProcessId}.tmp");
+        try
+        {
+            Safetensors.Save(temp, tensors, new Dictionary<string, string>
+            {
+                ["format"] = "pt",
+                ["layers"] = string.Join(",", layers),
+                ["model"] = resolved.Id,
+            });
+            File.Move(temp, s.Output, overwrite: true);
+        }
+        finally { if (File.Exists(temp)) File.Delete(temp); }
+        Console.Error.WriteLine($"wrote {s.Output}: hidden_states [{string.Join(",", hs.shape)}] ({s.DType}), logits [{string.Join(",", output.Logits.shape)}], layers {string.Join(",", layers)}");
+        return 0;
+    }
+
+    static Torch.Models.CausalLmOutput no_grad_forward(Torch.Models.CausalLm model, Tensor ids, Tensor mask)
+    {
+        using (no_grad()) return model.Forward(ids, mask, outputHiddenStates: true);
+    }
+
+    internal static (Tensor Ids, Tensor Mask) ReadInputs(string path)
+    {
+        if (!File.Exists(path)) throw new FileNotFoundException($"--inputs {path} does not exist");
+        Torch.Runtime.TorchRuntime.EnsureInitialized();
+        var t = Safetensors.Load(path, k => k is "input_ids" or "attention_mask");
+        if (!t.TryGetValue("input_ids", out var ids)) throw new FormatException($"--inputs {path} has no input_ids tensor");
+        if (ids.dim() != 2) throw new FormatException($"--inputs {path}: input_ids must be [batch, seq], got [{string.Join(",", ids.shape)}]");
+        if (ids.dtype is not (ScalarType.Int64 or ScalarType.Int32)) throw new FormatException($"--inputs {path}: input_ids must be I64 or I32, got {ids.dtype}");
+        var mask = t.TryGetValue("attention_mask", out var m) ? m : ones_like(ids);
+        if (!mask.shape.SequenceEqual(ids.shape))
+            throw new FormatException($"--inputs {path}: attention_mask [{string.Join(",", mask.shape)}] does not match input_ids [{string.Join(",", ids.shape)}]");
+        return (ids.to(ScalarType.Int64), mask.to(ScalarType.Int64));
+    }
+
+    internal static List<int> ParseLayers(string[]? values, int states)
+    {
+        if (values is null || (values.Length == 1 && values[0].Equals("all", StringComparison.OrdinalIgnoreCase)))
+            return Enumerable.Range(0, states).ToList();
+        var layers = LoraSettings.ParseInts(values, "--layers");
+        foreach (var l in layers)
+            if (l < 0 || l >= states) throw new ArgumentException($"--layers {l} does not exist: this model returns hidden_states[0..{states - 1}]");
+        return layers;
+    }
+}

@@ -1,0 +1,392 @@
+using System.Globalization;
+using System.Text;
+using System.Text.Json.Nodes;
+using MoeLora.Cli.Infrastructure;
+using MoeLora.Cli.Rendering;
+using MoeLora.Core.Analysis;
+using MoeLora.Core.Peft;
+using MoeLora.Sources;
+using MoeLora.Torch.Lora;
+using MoeLora.Torch.Models;
+using MoeLora.Torch.Runtime;
+using Spectre.Console;
+using Spectre.Console.Rendering;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MoeLora.Cli.Commands;
+
+/// <summary>
+/// <c>moelora report MODEL --load-model</c>: predicts memory from Core's ModelSpec and refuses before allocating when
+/// the model cannot fit, then builds the model (checkpoint or <c>--init random</c>), injects Core's AdapterPlan, and
+/// measures what the config-only report predicts: adapter instances, storage sharing, trainable parameters,
+/// hidden-state memory, process peak and per-expert gradient flow against router selection.
+/// </summary>
+internal static class LoadModelMeasurement
+{
+    /// <summary>Tests may pretend the device has this many bytes available.</summary>
+    internal static long? AvailableBytesOverride { get; set; }
+
+    public static int Run(LoraReport report, ResolvedModel resolved, ReportCommand.Settings s, string format)
+    {
+        if (s.Init is not null && !s.Init.Equals("random", StringComparison.OrdinalIgnoreCase))
+            throw new ArgumentException($"--init '{s.Init}': only 'random' is supported (omit --init to load the checkpoint)");
+        bool random = s.Init is not null;
+        var device = s.Device.Trim().ToLowerInvariant();
+        if (device != "cpu" && device != "cuda" && !device.StartsWith("cuda:", StringComparison.Ordinal))
+            throw new ArgumentException($"--device '{s.Device}': use cpu or cuda");
+        var plan = report.Plan;
+        if (report.Spec.Layout != Core.Modules.Layout.V5)
+            throw new NotSupportedException("--load-model runs the transformers-5 runtime (fused experts); use --layout v5");
+        var dtype = report.Options.DType switch
+        {
+            DType.Float32 => ScalarType.Float32,
+            DType.BFloat16 => ScalarType.BFloat16,
+            _ => ScalarType.Float16,
+        };
+
+        // 1. Predict and refuse before anything is allocated or read.
+        string? dir = null;
+        long checkpointBytes = 0;
+        var prediction = MemoryPrediction.Of(report, random ? null : 0L, GradTokens(s));
+        var (available, capacityNote) = Capacity(device);
+        if (prediction.RequiredBytes > available)
+            throw new InvalidOperationException(
+                $"{report.Options.ModelId} cannot be loaded on {device}: it needs about {Units.Bytes(prediction.RequiredBytes)} " +
+                $"({prediction.RequiredSummary}) but {capacityNote} is {Units.Bytes(available)}; nothing was loaded");
+        if (!random)
+        {
+            dir = resolved.Directory ?? throw new FileNotFoundException(
+                $"no checkpoint for {report.Options.ModelId}: its config came from the {resolved.OriginName} (no weights); " +
+                "pass a local folder or a model in the Hugging Face cache, or use --init random");
+            checkpointBytes = CheckpointLoader.Precheck(dir, report.Spec, resolved.ConfigJson);
+            prediction = MemoryPrediction.Of(report, checkpointBytes, GradTokens(s));
+            if (prediction.RequiredBytes > available)
+                throw new InvalidOperationException(
+                    $"{report.Options.ModelId} cannot be loaded on {device}: loading needs about {Units.Bytes(prediction.RequiredBytes)} " +
+                    $"({prediction.RequiredSummary}) but {capacityNote} is {Units.Bytes(available)}; nothing was loaded");
+        }
+        Device dev;
+        try { dev = DeviceSelector.Select(device); }
+        catch (DeviceUnavailableException e) { throw new InvalidOperationException(e.Message); }
+
+        // 2. Build, inject, measure.
+        var measured = Measure(report, resolved, dir, random, dtype, dev, s.Seed, GradTokens(s));
+        measured.Prediction = prediction;
+        measured.CheckpointBytes = checkpointBytes;
+
+        switch (format)
+        {
+            case "json":
+                var json = report.ToJson();
+                json["measured"] = measured.ToJson(report);
+                Output.Json(json, s.Output);
+                break;
+            case "markdown":
+                Output.Text(ReportMarkdown.Render(report) + "\n" + measured.ToMarkdown(report), s.Output);
+                break;
+            default:
+                Output.Renderables(ReportText.Render(report).Concat(measured.Render(report)), s.Output);
+                break;
+        }
+        return ExitCodes.Ok;
+    }
+
+    static int GradTokens(ReportCommand.Settings s) =>
+        s.GradTokens > 0 ? s.GradTokens : throw new ArgumentException($"--grad-tokens must be a positive integer, got {s.GradTokens}");
+
+    /// <summary>Bytes available on the device: MemAvailable on the CPU, free GPU memory from nvidia-smi for CUDA.</summary>
+    static (long Bytes, string What) Capacity(string device)
+    {
+        if (AvailableBytesOverride is { } o) return (o, $"the {device} memory available");
+        if (device == "cpu")
+        {
+            if (OperatingSystem.IsLinux())
+                foreach (var line in File.ReadLines("/proc/meminfo"))
+                    if (line.StartsWith("MemAvailable:", StringComparison.Ordinal))
+                        return (long.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1], CultureInfo.InvariantCulture) * 1024,
+                            "the memory available on this machine (MemAvailable)");
+            return (GC.GetGCMemoryInfo().TotalAvailableMemoryBytes, "the memory available to this process");
+        }
+        try
+        {
+            var psi = new System.Diagnostics.ProcessStartInfo("nvidia-smi", "--query-gpu=memory.free --format=csv,noheader,nounits")
+            { RedirectStandardOutput = true, RedirectStandardError = true };
+            using var p = System.Diagnostics.Process.Start(psi)!;
+            var text = p.StandardOutput.ReadToEnd();
+            p.WaitForExit();
+            int index = device.StartsWith("cuda:", StringComparison.Ordinal) ? int.Parse(device[5..], CultureInfo.InvariantCulture) : 0;
+            var mib = long.Parse(text.Split('\n', StringSplitOptions.RemoveEmptyEntries)[index].Trim(), CultureInfo.InvariantCulture);
+            return (mib * 1024 * 1024, $"the free memory of {device} (nvidia-smi)");
+        }
+        catch (Exception e) when (e is not InvalidOperationException)
+        {
+            throw new InvalidOperationException($"--device {device}: no NVIDIA GPU found (nvidia-smi failed); use --device cpu");
+        }
+    }
+
+    static Measured Measure(LoraReport report, ResolvedModel resolved, string? dir, bool random, ScalarType dtype, Device dev, long seed, int gradTokens)
+    {
+        TorchRuntime.EnsureInitialized();
+        var m = new Measured { RuntimeBaselineBytes = Rss() };
+        var plan = report.Plan;
+        using var model = random
+            ? TorchModelFactory.Random(resolved.ConfigJson, seed, dtype, dev)
+            : TorchModelFactory.Load(resolved.ConfigJson, dir!, dtype, dev);
+        model.Eval();
+        var adapter = LoraInjector.Inject(model, plan, seed: seed);
+        m.AdapterInstances = adapter.Wrappers.Count;
+        m.PerExpertSliceAdapters = adapter.Wrappers.Count(w => w.Wrapper is ParamLora p && p.NumExperts > 1);
+        m.ExpertSlices = adapter.Wrappers.Where(w => w.Wrapper is ParamLora p && p.NumExperts > 1).Sum(w => ((ParamLora)w.Wrapper).NumExperts);
+        var trainable = LoraInjector.PeftNamedParameters(model).ToList();
+        m.LoraTensors = trainable.Count;
+        m.Counts = Measurements.CountParameters(model);
+        m.Shared = Measurements.FindSharedStorage(Measurements.AdapterTensors(model));
+        m.DistinctAdapterStorages = trainable.Select(t => Measurements.DataPointer(t.Param)).Distinct().Count();
+
+        // Forward with all hidden states (no grad), then keep only the target layers.
+        var hs = report.HiddenStates;
+        var gen = new Generator((ulong)seed + 1);
+        using (var ids = randint(0, report.Spec.VocabSize, [hs.BatchSize, hs.SeqLength], generator: gen, dtype: ScalarType.Int64))
+        using (var mask = ones_like(ids))
+        using (no_grad())
+        {
+            long before = Rss();
+            using var output = model.Forward(ids, mask, outputHiddenStates: true);
+            m.HiddenStates = output.HiddenStates.Count;
+            m.AllStatesBytes = Measurements.RetainedBytes(output.HiddenStates);
+            m.TargetStatesBytes = Measurements.RetainedBytes(hs.TargetLayers.Distinct().Select(i => output.HiddenStates[i]));
+            m.ForwardRssGrowthBytes = Math.Max(0, Rss() - before);
+            m.HiddenStateDType = output.HiddenStates[0].dtype.ToString();
+        }
+
+        // One backward on a short sequence: which experts' adapter slices get gradient vs which the router picked.
+        using (var ids = randint(0, report.Spec.VocabSize, [1, gradTokens], generator: gen, dtype: ScalarType.Int64))
+        using (var mask = ones_like(ids))
+            m.Flow = GradientFlow.Measure(model, ids, mask);
+        m.PeakBytes = Measurements.ProcessPeakBytes();
+        return m;
+    }
+
+    static long Rss()
+    {
+        if (OperatingSystem.IsLinux())
+            foreach (var line in File.ReadLines("/proc/self/status"))
+                if (line.StartsWith("VmRSS:", StringComparison.Ordinal))
+                    return long.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1], CultureInfo.InvariantCulture) * 1024;
+        return Environment.WorkingSet;
+    }
+
+    /// <summary>Everything measured on the loaded model.</summary>
+    internal sealed class Measured
+    {
+        public long RuntimeBaselineBytes;
+        public int AdapterInstances, LoraTensors, PerExpertSliceAdapters, DistinctAdapterStorages, HiddenStates;
+        public long ExpertSlices, AllStatesBytes, TargetStatesBytes, ForwardRssGrowthBytes, PeakBytes, CheckpointBytes;
+        public string HiddenStateDType = "";
+        public ParameterCounts Counts = null!;
+        public IReadOnlyList<SharedStorage> Shared = [];
+        public IReadOnlyList<ExpertGradientFlow> Flow = [];
+        public MemoryPrediction Prediction = null!;
+
+        public long PredictedPeak => RuntimeBaselineBytes + Prediction.PeakBytes;
+
+        /// <summary>(figure, predicted, measured, verdict) rows; verdict explains any difference.</summary>
+        public List<(string Figure, string Predicted, string Measured, string Note)> Rows(LoraReport r)
+        {
+            var plan = r.Plan;
+            var rows = new List<(string, string, string, string)>();
+            void Exact(string figure, long predicted, long measured, Func<long, string> fmt, string why = "") =>
+                rows.Add((figure, fmt(predicted), fmt(measured), predicted == measured ? "equal" : "DIFFERENT " + why));
+            Exact("adapter instances", plan.Targets.Count, AdapterInstances, Units.Count, "(the runtime wrapped other modules than the plan)");
+            Exact("LoRA tensors", plan.TrainableTensors.Count, LoraTensors, Units.Count);
+            Exact("per-expert-slice adapters", plan.Targets.Count(t => t.IsPerExpertSlices), PerExpertSliceAdapters, Units.Count);
+            Exact("expert slices", plan.Targets.Where(t => t.IsPerExpertSlices).Sum(t => t.NumExperts), ExpertSlices, Units.Count);
+            var predictedShared = plan.Targets.Count(t => t.TiedToEmbedding);
+            rows.Add(("adapters sharing storage", predictedShared == 0 ? "none" : $"{predictedShared} tied",
+                Shared.Count == 0 ? $"none ({DistinctAdapterStorages} distinct data pointers)" : string.Join("; ", Shared.Select(g => string.Join(" = ", g.Names))),
+                (predictedShared == 0) == (Shared.Count == 0) ? "equal" : "DIFFERENT"));
+            Exact("trainable parameters", plan.TrainableParameters, Counts.Trainable, Units.Count);
+            Exact("all parameters", plan.AllParameters, Counts.Total, Units.Count);
+            Exact("adapter memory (fp32)", r.AdapterMemoryBytes, Counts.TrainableBytes, Units.Bytes);
+            Exact("base weights", r.Spec.Tree.NumParameters * r.Options.DType.Bytes(), Counts.TotalBytes - Counts.TrainableBytes, Units.Bytes);
+            Exact($"hidden states, all {r.HiddenStates.NumStates}", r.HiddenStates.AllLayersBytes, AllStatesBytes, Units.Bytes);
+            Exact($"hidden states, targets [{string.Join(",", r.HiddenStates.TargetLayers)}]", r.HiddenStates.TargetLayersBytes, TargetStatesBytes, Units.Bytes);
+            var ratio = PredictedPeak == 0 ? 0 : (double)PeakBytes / PredictedPeak;
+            rows.Add(("process peak (VmHWM)", Units.Bytes(PredictedPeak), Units.Bytes(PeakBytes),
+                $"{ratio:0.00}x of predicted; rough by nature: predicted = runtime at start ({Units.Bytes(RuntimeBaselineBytes)}, measured) + " +
+                $"the largest phase ({Prediction.PeakPhase}); allocator caching, libtorch workspaces and GC heaps are not modelled"));
+            return rows;
+        }
+
+        public IEnumerable<IRenderable> Render(LoraReport r)
+        {
+            yield return new Rule("[bold]Measured (--load-model)[/]").LeftJustified();
+            var t = new Table().Border(TableBorder.Rounded).AddColumn("figure").AddColumn(new TableColumn("predicted").RightAligned())
+                .AddColumn(new TableColumn("measured").RightAligned()).AddColumn("note");
+            foreach (var (f, p, m, n) in Rows(r)) t.AddRow(Markup.Escape(f), Markup.Escape(p), Markup.Escape(m), Markup.Escape(n));
+            yield return t;
+            yield return new Markup(Markup.Escape(MemoryNote(r)) + "\n");
+            if (Flow.Count == 0)
+            {
+                yield return new Markup("Gradient flow: no fused-expert adapters (nothing to compare with router selection).\n");
+                yield break;
+            }
+            yield return new Rule("[bold]Gradient flow vs router selection[/] (one backward)").LeftJustified();
+            var g = new Table().Border(TableBorder.Rounded).AddColumn("adapter").AddColumn("selected experts")
+                .AddColumn("lora_B grad ≠ 0").AddColumn("lora_A grad ≠ 0").AddColumn("grad only where selected");
+            foreach (var f in Flow)
+                g.AddRow(Markup.Escape($"{f.Module}.{f.Parameter}"), Experts(f.Selected, f.NumExperts), Experts(Where(f.GradB), f.NumExperts),
+                    Experts(Where(f.GradA), f.NumExperts), f.GradientOnlyWhereSelected ? "yes" : "[red]NO[/]");
+            yield return g;
+            yield return new Markup(Markup.Escape(FlowSummary()) + "\n");
+        }
+
+        static IEnumerable<long> Where(bool[] b) => Enumerable.Range(0, b.Length).Where(i => b[i]).Select(i => (long)i);
+
+        static string Experts(IEnumerable<long> e, long n)
+        {
+            var l = e.ToList();
+            return $"{l.Count}/{n}: " + (l.Count == 0 ? "-" : string.Join(",", l));
+        }
+
+        public string FlowSummary()
+        {
+            int holds = Flow.Count(f => f.GradientOnlyWhereSelected);
+            bool aZero = Flow.All(f => !f.GradA.Any(x => x));
+            return $"Seed report §4.3 (only router-selected experts' LoRA slices receive gradient): holds for {holds}/{Flow.Count} fused-expert adapters " +
+                $"(one backward over {Flow.Max(f => f.SelectedCounts.Sum())} routed (token, slot) pairs per layer)." +
+                (aZero ? " lora_A got no gradient anywhere: lora_B starts at zero (init_lora_weights=True), so dL/dA = 0 on the first step; lora_B's per-expert columns carry the signal." : "");
+        }
+
+        string MemoryNote(LoraReport r)
+        {
+            var sb = new StringBuilder();
+            sb.Append($"Memory prediction ({Prediction.PeakPhase} is the largest phase): ");
+            sb.Append(string.Join("; ", Prediction.Phases.Select(p => $"{p.Name} {Units.Bytes(p.Bytes)} ({p.Detail})")));
+            sb.Append(". Hidden-state and adapter figures are exact by construction of the runtime (same shapes and dtypes as transformers + PEFT);");
+            sb.Append($" the forward grew the resident set by {Units.Bytes(ForwardRssGrowthBytes)} (hidden states + logits + transients, less memory reused from earlier allocations).");
+            if (Prediction.MaterializedExpertBytes > 0)
+                sb.Append($" Fused-expert LoRA materialises W+ΔW for every adapted expert tensor during forward+backward ({Units.Bytes(Prediction.MaterializedExpertBytes)} at batch 1), as PEFT's ParamWrapper does.");
+            return sb.ToString();
+        }
+
+        public string ToMarkdown(LoraReport r)
+        {
+            var sb = new StringBuilder("## Measured (--load-model)\n\n| figure | predicted | measured | note |\n|---|---:|---:|---|\n");
+            foreach (var (f, p, m, n) in Rows(r)) sb.Append($"| {f} | {p} | {m} | {n} |\n");
+            sb.Append('\n').Append(MemoryNote(r)).Append("\n\n");
+            if (Flow.Count > 0)
+            {
+                sb.Append("| adapter | selected experts | lora_B grad ≠ 0 | lora_A grad ≠ 0 | only where selected |\n|---|---|---|---|---|\n");
+                foreach (var f in Flow)
+                    sb.Append($"| {f.Module}.{f.Parameter} | {Experts(f.Selected, f.NumExperts)} | {Experts(Where(f.GradB), f.NumExperts)} | {Experts(Where(f.GradA), f.NumExperts)} | {(f.GradientOnlyWhereSelected ? "yes" : "NO")} |\n");
+                sb.Append('\n').Append(FlowSummary()).Append('\n');
+            }
+            return sb.ToString();
+        }
+
+        public JsonObject ToJson(LoraReport r) => new()
+        {
+            ["rows"] = new JsonArray(Rows(r).Select(x => (JsonNode)new JsonObject
+            {
+                ["figure"] = x.Figure, ["predicted"] = x.Predicted, ["measured"] = x.Measured, ["note"] = x.Note,
+            }).ToArray()),
+            ["adapter_instances"] = AdapterInstances,
+            ["lora_tensors"] = LoraTensors,
+            ["trainable_parameters"] = Counts.Trainable,
+            ["all_parameters"] = Counts.Total,
+            ["trainable_bytes"] = Counts.TrainableBytes,
+            ["base_weight_bytes"] = Counts.TotalBytes - Counts.TrainableBytes,
+            ["shared_storage"] = new JsonArray(Shared.Select(g => (JsonNode)new JsonArray(g.Names.Select(n => (JsonNode)JsonValue.Create(n)).ToArray())).ToArray()),
+            ["distinct_adapter_storages"] = DistinctAdapterStorages,
+            ["hidden_states"] = new JsonObject
+            {
+                ["num_states"] = HiddenStates,
+                ["dtype"] = HiddenStateDType,
+                ["all_layers_bytes"] = AllStatesBytes,
+                ["target_layers_bytes"] = TargetStatesBytes,
+                ["forward_rss_growth_bytes"] = ForwardRssGrowthBytes,
+            },
+            ["memory"] = new JsonObject
+            {
+                ["runtime_baseline_bytes"] = RuntimeBaselineBytes,
+                ["predicted_peak_bytes"] = PredictedPeak,
+                ["process_peak_bytes"] = PeakBytes,
+                ["checkpoint_bytes"] = CheckpointBytes,
+                ["phases"] = new JsonArray(Prediction.Phases.Select(p => (JsonNode)new JsonObject { ["name"] = p.Name, ["bytes"] = p.Bytes, ["detail"] = p.Detail }).ToArray()),
+            },
+            ["gradient_flow"] = new JsonArray(Flow.Select(f => (JsonNode)new JsonObject
+            {
+                ["module"] = f.Module,
+                ["parameter"] = f.Parameter,
+                ["num_experts"] = f.NumExperts,
+                ["selected_counts"] = new JsonArray(f.SelectedCounts.Select(c => (JsonNode)JsonValue.Create(c)).ToArray()),
+                ["experts_with_grad_b"] = new JsonArray(Where(f.GradB).Select(c => (JsonNode)JsonValue.Create(c)).ToArray()),
+                ["experts_with_grad_a"] = new JsonArray(Where(f.GradA).Select(c => (JsonNode)JsonValue.Create(c)).ToArray()),
+                ["gradient_only_where_selected"] = f.GradientOnlyWhereSelected,
+            }).ToArray()),
+        };
+    }
+}
+
+/// <summary>
+/// A simple memory model from Core's ModelSpec and AdapterPlan: weights = parameters × dtype bytes, adapters fp32
+/// (+ their gradients), the checkpoint loader's transient copy, the forward's activations and, for fused-expert
+/// LoRA, the materialised W+ΔW that autograd keeps until the backward.
+/// </summary>
+internal sealed record MemoryPrediction(IReadOnlyList<(string Name, long Bytes, string Detail)> Phases, long RequiredBytes, string RequiredSummary, long MaterializedExpertBytes)
+{
+    public long PeakBytes => Phases.Max(p => p.Bytes);
+    public string PeakPhase => Phases.MaxBy(p => p.Bytes).Name;
+
+    /// <param name="checkpointBytes">Bytes of the checkpoint's tensors (null for --init random; 0 before the headers were read).</param>
+    public static MemoryPrediction Of(LoraReport r, long? checkpointBytes, int gradTokens)
+    {
+        var spec = r.Spec;
+        int db = r.Options.DType.Bytes();
+        long weights = spec.Tree.NumParameters * db;
+        long adapters = r.Plan.LoraParameters * 4;
+        var hs = r.HiddenStates;
+        long tokens = (long)hs.BatchSize * hs.SeqLength;
+        long heads = Math.Max(1, spec.NumAttentionHeads);
+        long logits = tokens * spec.VocabSize * db;
+        long attention = hs.BatchSize * heads * (long)hs.SeqLength * hs.SeqLength * 4 * 2;
+        long forward = hs.AllLayersBytes + logits + attention;
+        long largest = spec.Tree.Parameters.Max(p => p.NumElements);
+        long load;
+        string loadDetail;
+        if (checkpointBytes is null)
+        {
+            load = weights + largest * (4 + db);
+            loadDetail = "random init: weights + one fp32 temporary";
+        }
+        else
+        {
+            long experts = spec.Tree.Parameters.Where(p => p.Name.Contains(".experts.", StringComparison.Ordinal)).Sum(p => p.NumElements);
+            double perParam = spec.Tree.NumParameters == 0 ? db : (double)checkpointBytes.Value / spec.Tree.NumParameters;
+            if (checkpointBytes == 0) perParam = db;
+            long transient = (long)((spec.Tree.NumParameters + experts) * perParam);
+            load = weights + transient;
+            loadDetail = "weights + the checkpoint tensors read + stacked expert copies";
+        }
+        long materialized = r.Plan.Targets.Where(t => t.Kind == AdapterKind.Parameter && t.NumExperts > 1)
+            .Sum(t => t.BaseShape.Aggregate(1L, (a, b) => a * b) * db);
+        long gradTok = gradTokens;
+        long gradAct = (spec.NumHiddenLayers + 1) * gradTok * spec.HiddenSize * 4 * 8 + gradTok * spec.VocabSize * 4 * 3;
+        var phases = new List<(string, long, string)>
+        {
+            ("load", load, loadDetail),
+            ("forward", weights + adapters + forward, $"weights + adapters + all hidden states, logits, one layer's attention scores at batch {hs.BatchSize} x {hs.SeqLength}"),
+            ("backward", weights + 2 * adapters + materialized + gradAct, $"weights + adapters and their gradients + materialised expert W+ΔW + activations of {gradTokens} tokens"),
+        };
+        long required = weights + adapters;
+        var summary = $"{Units.Bytes(weights)} of {r.Options.DType.Name()} weights for {Units.Count(spec.Tree.NumParameters)} parameters + {Units.Bytes(adapters)} of fp32 adapters";
+        if (checkpointBytes is > 0)
+        {
+            required = load;
+            summary += $", and the loader holds the {Units.Bytes(checkpointBytes.Value)} checkpoint while copying";
+        }
+        return new MemoryPrediction(phases, required, summary, materialized);
+    }
+}

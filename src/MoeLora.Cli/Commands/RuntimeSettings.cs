@@ -1,0 +1,122 @@
+using System.ComponentModel;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using MoeLora.Cli.Infrastructure;
+using MoeLora.Sources;
+using MoeLora.Torch.Models;
+using MoeLora.Torch.Runtime;
+using MoeLora.Torch.Text;
+using Spectre.Console.Cli;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MoeLora.Cli.Commands;
+
+/// <summary>Options of the commands that run the model (hidden-states, routers).</summary>
+public class RuntimeSettings : ModelSettings
+{
+    [CommandOption("--device <DEVICE>")]
+    [Description("cpu (default) or cuda")]
+    public string Device { get; init; } = "cpu";
+
+    [CommandOption("--init <INIT>")]
+    [Description("'random': build from config.json with seeded random weights instead of loading the checkpoint")]
+    public string? Init { get; init; }
+
+    [CommandOption("--seed <SEED>")]
+    [Description("Seed for --init random (default 0)")]
+    public long Seed { get; init; }
+
+    [CommandOption("--model-dtype <DTYPE>")]
+    [Description("Dtype the model runs in: fp32 (default), bf16 or fp16")]
+    public string ModelDType { get; init; } = "fp32";
+
+    [CommandOption("--max-length <N>")]
+    [Description("Truncate tokenised prompts to N tokens (default 512)")]
+    public int MaxLength { get; init; } = 512;
+
+    internal static ScalarType ParseDType(string text, string option) => text.Trim().ToLowerInvariant() switch
+    {
+        "fp32" or "float32" or "f32" => ScalarType.Float32,
+        "bf16" or "bfloat16" => ScalarType.BFloat16,
+        "fp16" or "float16" or "f16" or "half" => ScalarType.Float16,
+        _ => throw new ArgumentException($"{option}: unknown dtype '{text}': use fp32, bf16 or fp16"),
+    };
+
+    /// <summary>Resolves MODEL, checks the checkpoint headers, then builds the model (cheap checks first).</summary>
+    internal (CausalLm Model, ResolvedModel Resolved) LoadModel()
+    {
+        if (Init is not null && !Init.Equals("random", StringComparison.OrdinalIgnoreCase))
+            throw new ArgumentException($"--init '{Init}': only 'random' is supported (omit --init to load the checkpoint)");
+        var dtype = ParseDType(ModelDType, "--model-dtype");
+        var (spec, resolved) = ModelLoader.Load(Model, ParsedLayout, Revision);
+        if (spec.Layout != Core.Modules.Layout.V5) throw new NotSupportedException("the runtime builds transformers-5 modules; use --layout v5");
+        string? dir = null;
+        if (Init is null)
+        {
+            dir = resolved.Directory ?? throw new FileNotFoundException(
+                $"no checkpoint for {resolved.Id}: its config came from the {resolved.OriginName} (no weights); pass a local folder or a cached model, or use --init random");
+            CheckpointLoader.Precheck(dir, spec, resolved.ConfigJson);
+        }
+        Device dev;
+        try { dev = DeviceSelector.Select(Device); }
+        catch (DeviceUnavailableException e) { throw new InvalidOperationException(e.Message); }
+        var model = dir is null
+            ? TorchModelFactory.Random(resolved.ConfigJson, Seed, dtype, dev)
+            : TorchModelFactory.Load(resolved.ConfigJson, dir, dtype, dev);
+        model.Eval();
+        return (model, resolved);
+    }
+
+    /// <summary>
+    /// Reads a JSONL file: each line an object with <c>input_ids</c> (token ids), or <c>prompt</c>/<c>text</c> (tokenised
+    /// with the model's tokenizer.json), or a bare JSON string.
+    /// </summary>
+    internal List<long[]> ReadJsonl(string path, string? modelDir, string option)
+    {
+        if (!File.Exists(path)) throw new FileNotFoundException($"{option} {path} does not exist");
+        HfTokenizer? tokenizer = null;
+        var result = new List<long[]>();
+        int lineNo = 0;
+        foreach (var line in File.ReadLines(path))
+        {
+            lineNo++;
+            if (string.IsNullOrWhiteSpace(line)) continue;
+            JsonNode? node;
+            try { node = JsonNode.Parse(line); }
+            catch (JsonException e) { throw new FormatException($"{path}:{lineNo}: not JSON ({e.Message})"); }
+            long[] ids;
+            if (node is JsonObject o && o["input_ids"] is JsonArray a) ids = a.Select(x => x!.GetValue<long>()).ToArray();
+            else
+            {
+                var text = node switch
+                {
+                    JsonObject ob => (ob["prompt"] ?? ob["text"])?.GetValue<string>(),
+                    JsonValue v when v.TryGetValue<string>(out var s) => s,
+                    _ => null,
+                } ?? throw new FormatException($"{path}:{lineNo}: expected {{\"prompt\": ...}}, {{\"text\": ...}}, {{\"input_ids\": [...]}} or a string");
+                tokenizer ??= HfTokenizer.Load(modelDir);
+                ids = tokenizer.Encode(text);
+            }
+            if (ids.Length == 0) throw new FormatException($"{path}:{lineNo}: empty input");
+            result.Add(ids.Length > MaxLength ? ids[..MaxLength] : ids);
+        }
+        if (result.Count == 0) throw new FormatException($"{path}: no inputs");
+        return result;
+    }
+
+    /// <summary>Right-padded batch (pad id 0) with its attention mask.</summary>
+    internal static (Tensor Ids, Tensor Mask) Batch(IReadOnlyList<long[]> seqs, long vocab)
+    {
+        int s = seqs.Max(x => x.Length);
+        var ids = new long[seqs.Count * s];
+        var mask = new long[seqs.Count * s];
+        for (int i = 0; i < seqs.Count; i++)
+            for (int j = 0; j < seqs[i].Length; j++)
+            {
+                if (seqs[i][j] < 0 || seqs[i][j] >= vocab) throw new ArgumentException($"token id {seqs[i][j]} is outside the vocabulary (0..{vocab - 1})");
+                ids[i * s + j] = seqs[i][j]; mask[i * s + j] = 1;
+            }
+        return (tensor(ids, [seqs.Count, s]), tensor(mask, [seqs.Count, s]));
+    }
+}

@@ -1,0 +1,79 @@
+using MoeLora.Torch.Nn;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MoeLora.Torch.Lora;
+
+/// <summary>
+/// PEFT's DoRA on a Linear (<c>lora.Linear</c> with <c>use_dora=True</c>): a trainable magnitude vector
+/// <c>m = ‖W + s·BA‖</c> (row norms, one per output feature, fp32) registered as
+/// <c>lora_magnitude_vector.{adapter}.weight</c>. Forward adds
+/// <c>(m/‖W + s·BA‖ − 1)·(x Wᵀ) + (m/‖W + s·BA‖)·s·B(A(x))</c> to the base output, with the norm detached
+/// (DoRA paper §4.3, as PEFT). With dropout active in training the base product is recomputed on the dropped input.
+/// </summary>
+public sealed class DoraLinear : LoraWrapper, ILinearAdapter
+{
+    readonly double _dropout;
+    public LoraFactor Magnitude { get; }
+
+    public DoraLinear(Linear baseLayer, string adapter, Tensor a, Tensor b, double scaling, int rank, double dropout)
+        : base(baseLayer, adapter, a, b, scaling, rank)
+    {
+        _dropout = dropout;
+        Tensor norm;
+        using (no_grad())
+        {
+            var w = baseLayer.weight.to(ScalarType.Float32) + scaling * matmul(B.weight.to(ScalarType.Float32), A.weight.to(ScalarType.Float32)); // a, b now belong to the factors
+            norm = linalg.norm(w, dims: [1]).to(ScalarType.Float32).detach();
+        }
+        Magnitude = AddChild("lora_magnitude_vector", new Container()).Add(adapter, new LoraFactor(norm));
+        baseLayer.Adapters.Add(this);
+    }
+
+    public Tensor Apply(Tensor x, Tensor baseOutput, Linear layer)
+    {
+        var h = x.to(A.weight.dtype);
+        bool dropped = _dropout > 0 && Training;
+        if (dropped) h = nn.functional.dropout(h, _dropout, training: true);
+        var loraResult = nn.functional.linear(nn.functional.linear(h, A.weight), B.weight);
+        var weight = layer.weight.to(h.dtype);
+        var loraWeight = matmul(B.weight, A.weight).detach();
+        var weightNorm = linalg.norm(weight + Scaling * loraWeight, dims: [1]).detach();
+        var scale = (Magnitude.weight / weightNorm).view(1, -1);
+        Tensor basePart = dropped
+            ? nn.functional.linear(h, weight)
+            : (layer.bias is null ? baseOutput : baseOutput - layer.bias).to(h.dtype);
+        var dora = (scale - 1) * basePart + scale * loraResult * Scaling;
+        return baseOutput + dora.to(baseOutput.dtype);
+    }
+}
+
+/// <summary>
+/// PEFT <c>ParamWrapper</c> on a 2-D parameter (e.g. a router's <c>gate.weight</c> via target_parameters):
+/// A is (r, in), B is (out, r), and the parameter is used as <c>W + s·BA</c> while the owner runs.
+/// On an nn.Linear owner the delta is applied as an extra <c>x·ΔWᵀ</c> term (same result as W + ΔW).
+/// </summary>
+public sealed class ParamLora2D : LoraWrapper, IParamDelta, ILinearAdapter
+{
+    public string ParameterName { get; }
+
+    public ParamLora2D(HfModule baseLayer, HfModule owner, string parameterName, string adapter, Tensor a, Tensor b, double scaling, int rank)
+        : base(baseLayer, adapter, a, b, scaling, rank)
+    {
+        ParameterName = parameterName;
+        if (parameterName != "weight")
+            throw new NotSupportedException($"target_parameters on '{parameterName}' of {owner.GetType().Name} is not supported (2-D 'weight' only).");
+        switch (owner)
+        {
+            case RouterWeight r: r.AttachDelta(this); break;
+            case Models.Families.DeepseekV3Router d: d.AttachDelta(this); break;
+            case Linear l: l.Adapters.Add(this); break;
+            default: throw new NotSupportedException($"target_parameters on {owner.GetType().Name}.{parameterName} is not supported by MoeLora.Torch.");
+        }
+    }
+
+    public Tensor Delta() => matmul(B.weight, A.weight) * Scaling;
+
+    public Tensor Apply(Tensor x, Tensor baseOutput, Linear layer) =>
+        baseOutput + nn.functional.linear(x, Delta().to(x.dtype));
+}

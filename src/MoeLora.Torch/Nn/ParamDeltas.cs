@@ -1,0 +1,14 @@
+using static TorchSharp.torch;
+
+namespace MoeLora.Torch.Nn;
+
+/// <summary>Applies attached ParamWrapper deltas to a 2-D parameter (router weights): <c>W + Σ ΔW</c> while in use.</summary>
+internal static class ParamDeltas
+{
+    public static Tensor Apply(Tensor weight, IReadOnlyList<IParamDelta> deltas)
+    {
+        var w = weight;
+        foreach (var d in deltas) w = w + d.Delta().to(weight.dtype);
+        return w;
+    }
+}

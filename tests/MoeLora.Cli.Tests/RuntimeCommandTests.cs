@@ -1,0 +1,154 @@
+using System.Text.Json.Nodes;
+using MoeLora.Cli.Commands;
+using MoeLora.Cli.Infrastructure;
+using MoeLora.Torch.IO;
+using static TorchSharp.torch;
+
+namespace MoeLora.Cli.Tests;
+
+/// <summary>End-to-end runs of report --load-model, hidden-states and routers on the hf-tiny fixtures.</summary>
+[Collection("console")]
+public sealed class RuntimeCommandTests : IDisposable
+{
+    static string Fixture(string model) => Path.Combine(AppContext.BaseDirectory, "Data", "hf-tiny", model);
+    readonly string _tmp = Directory.CreateTempSubdirectory("moelora-cli-").FullName;
+    public void Dispose() => Directory.Delete(_tmp, recursive: true);
+
+    static (int Code, string Error) Run(params string[] args)
+    {
+        var err = new StringWriter();
+        var old = Consoles.Error;
+        Consoles.Error = err;
+        try { return (Program.Main(args), err.ToString()); }
+        finally { Consoles.Error = old; }
+    }
+
+    [Theory]
+    [InlineData("mixtral")]
+    [InlineData("deepseek_v3")]
+    [InlineData("gpt_oss")]
+    public void LoadModel_measured_counts_equal_predicted_and_gradient_follows_routing(string model)
+    {
+        var json = Path.Combine(_tmp, "r.json");
+        var (code, err) = Run("report", Path.Combine(Fixture(model), "model"), "--load-model", "--lora-config",
+            Path.Combine(Fixture(model), "attn_plus_experts", "adapter_config.json"), "--seq-length", "8", "--format", "json", "-o", json);
+        Assert.True(code == 0, err);
+        var m = JsonNode.Parse(File.ReadAllText(json))!["measured"]!;
+        foreach (var row in m["rows"]!.AsArray())
+            if (row!["figure"]!.GetValue<string>() != "process peak (VmHWM)")
+                Assert.True(row["note"]!.GetValue<string>() == "equal", $"{row["figure"]}: {row["predicted"]} vs {row["measured"]}");
+        var flow = m["gradient_flow"]!.AsArray();
+        Assert.NotEmpty(flow);
+        Assert.All(flow, f => Assert.True(f!["gradient_only_where_selected"]!.GetValue<bool>()));
+    }
+
+    [Fact]
+    public void LoadModel_random_init_with_router_parameter_and_dora()
+    {
+        var json = Path.Combine(_tmp, "r.json");
+        var (code, err) = Run("report", Path.Combine(Fixture("qwen3_moe"), "model"), "--load-model", "--init", "random",
+            "--target-parameters", "mlp.gate.weight,mlp.experts.down_proj", "--seq-length", "8", "--format", "json", "-o", json);
+        Assert.True(code == 0, err);
+        var m = JsonNode.Parse(File.ReadAllText(json))!["measured"]!;
+        Assert.Equal(6, m["adapter_instances"]!.GetValue<int>());
+        (code, err) = Run("report", Path.Combine(Fixture("llama"), "model"), "--load-model", "--use-dora", "--seq-length", "8", "--format", "json", "-o", json);
+        Assert.True(code == 0, err);
+        var root = JsonNode.Parse(File.ReadAllText(json))!;
+        Assert.Equal(root["lora"]!["trainable_parameters"]!.GetValue<long>(), root["measured"]!["trainable_parameters"]!.GetValue<long>());
+    }
+
+    [Fact]
+    public void LoadModel_refuses_a_model_that_does_not_fit_before_loading()
+    {
+        LoadModelMeasurement.AvailableBytesOverride = 1024;
+        try
+        {
+            var (code, err) = Run("report", Path.Combine(Fixture("mixtral"), "model"), "--load-model");
+            Assert.Equal(1, code);
+            Assert.Contains("cannot be loaded on cpu", err);
+            Assert.Single(err.Trim().Split('\n'));
+        }
+        finally { LoadModelMeasurement.AvailableBytesOverride = null; }
+    }
+
+    [Fact]
+    public void Bad_inputs_give_one_line_errors()
+    {
+        var dir = Path.Combine(_tmp, "m");
+        Directory.CreateDirectory(dir);
+        var config = File.ReadAllText(Path.Combine(Fixture("mixtral"), "model", "config.json"));
+        File.WriteAllText(Path.Combine(dir, "config.json"), config);
+        File.WriteAllText(Path.Combine(dir, "model.safetensors.index.json"), "{\"weight_map\": {\"lm_head.weight\": \"model-00001-of-00002.safetensors\"}}");
+        AssertError(["report", dir, "--load-model"], "missing shard");
+
+        File.Delete(Path.Combine(dir, "model.safetensors.index.json"));
+        File.Copy(Path.Combine(Fixture("mixtral"), "model", "model.safetensors"), Path.Combine(dir, "model.safetensors"));
+        var o = JsonNode.Parse(config)!.AsObject();
+        o["intermediate_size"] = o["intermediate_size"]!.GetValue<int>() * 2;
+        File.WriteAllText(Path.Combine(dir, "config.json"), o.ToJsonString());
+        AssertError(["report", dir, "--load-model"], "config.json implies");
+
+        AssertError(["report", Path.Combine(Fixture("mixtral"), "model"), "--load-model", "--dtype", "fp8"], "unknown dtype");
+        AssertError(["hidden-states", Path.Combine(Fixture("mixtral"), "model"), "--inputs", Path.Combine(_tmp, "none.safetensors"), "-o", Path.Combine(_tmp, "o.safetensors")], "does not exist");
+        AssertError(["hidden-states", Path.Combine(Fixture("mixtral"), "model"), "--inputs", Path.Combine(Fixture("mixtral"), "reference.safetensors"), "--layers", "9", "-o", Path.Combine(_tmp, "o.safetensors")], "--layers 9");
+    }
+
+    void AssertError(string[] args, string expected)
+    {
+        var (code, err) = Run(args);
+        Assert.True(code != 0, $"exit 0 for {string.Join(' ', args)}");
+        Assert.Contains(expected, err);
+        Assert.Single(err.Trim().Split('\n'));
+    }
+
+    [Theory]
+    [InlineData("mixtral")]
+    [InlineData("qwen2_moe")]
+    [InlineData("llama4_text")]
+    public void HiddenStates_match_the_reference(string model)
+    {
+        var outFile = Path.Combine(_tmp, "hs.safetensors");
+        var reference = Path.Combine(Fixture(model), "reference.safetensors");
+        var (code, err) = Run("hidden-states", Path.Combine(Fixture(model), "model"), "--inputs", reference, "--layers", "all", "-o", outFile);
+        Assert.True(code == 0, err);
+        var got = Safetensors.Load(outFile);
+        var want = Safetensors.Load(reference);
+        var mask = want["attention_mask"].to(ScalarType.Bool);
+        foreach (var key in new[] { "hidden_states", "logits" })
+        {
+            Assert.Equal(want[key].shape, got[key].shape);
+            var m = key == "logits" ? mask.unsqueeze(-1) : mask.unsqueeze(0).unsqueeze(-1);
+            var diff = (got[key] - want[key]).abs().masked_fill(m.logical_not(), 0).max().item<float>();
+            var scale = want[key].abs().masked_fill(m.logical_not(), 0).max().item<float>();
+            Assert.True(diff <= 1e-4 * scale, $"{model} {key}: max diff {diff} (scale {scale})");
+        }
+        (code, err) = Run("hidden-states", Path.Combine(Fixture(model), "model"), "--inputs", reference, "--layers", "0,2", "--dtype", "bf16", "-o", outFile);
+        Assert.True(code == 0, err);
+        var two = Safetensors.Load(outFile);
+        Assert.Equal(2, two["hidden_states"].shape[0]);
+        Assert.Equal(ScalarType.BFloat16, two["logits"].dtype);
+    }
+
+    [Fact]
+    public void Routers_write_frequencies_divergence_and_heatmap()
+    {
+        var h = Path.Combine(_tmp, "h.jsonl");
+        var b = Path.Combine(_tmp, "b.jsonl");
+        File.WriteAllLines(h, ["{\"input_ids\": [1, 5, 9, 20, 3]}", "{\"input_ids\": [7, 7, 7]}"]);
+        File.WriteAllLines(b, ["{\"input_ids\": [100, 101, 102, 3, 4, 5]}"]);
+        var json = Path.Combine(_tmp, "routers.json");
+        var (code, err) = Run("routers", Path.Combine(Fixture("olmoe"), "model"), "--harmful", h, "--benign", b, "-o", json);
+        Assert.True(code == 0, err);
+        var root = JsonNode.Parse(File.ReadAllText(json))!;
+        Assert.True(File.Exists(Path.ChangeExtension(json, ".png")));
+        foreach (var layer in root["layers"]!.AsArray())
+        {
+            var hc = layer!["harmful_counts"]!.AsArray().Sum(x => x!.GetValue<long>());
+            Assert.Equal(8 * 2, hc); // 8 tokens x top-2 (olmoe fixture)
+            var js = layer["js_divergence"]!.GetValue<double>();
+            Assert.InRange(js, 0, 1);
+        }
+        Assert.Equal(0, RoutersCommand.JensenShannon([0.5, 0.5], [0.5, 0.5]), 12);
+        Assert.Equal(1, RoutersCommand.JensenShannon([1, 0], [0, 1]), 12);
+    }
+}
