@@ -9,7 +9,9 @@ namespace MoeLora.Cli.Infrastructure;
 /// <summary>A model ready for analysis, with what its checkpoint says when one was read.</summary>
 /// <param name="CrossCheck">The analysis checked against the checkpoint headers (null when none were read).</param>
 /// <param name="Derived">Set when the model_type is unknown and the tree was derived from the checkpoint headers.</param>
-public sealed record LoadedModel(ModelSpec Spec, ResolvedModel Resolved, CrossCheckReport? CrossCheck, DerivedModel? Derived);
+/// <param name="CheckpointError">Why the checkpoint headers could not be read (the config-only analysis still runs).</param>
+public sealed record LoadedModel(ModelSpec Spec, ResolvedModel Resolved, CrossCheckReport? CrossCheck, DerivedModel? Derived,
+    string? CheckpointError = null);
 
 /// <summary>Turns the MODEL argument into a built model: resolve the config (local, cache, Hub, catalog), then build.</summary>
 public static class ModelLoader
@@ -44,7 +46,17 @@ public static class ModelLoader
         var resolved = resolver.Resolve(model, new ResolveOptions { Revision = revision });
         var config = ModelConfig.Parse(resolved.ConfigJson, $"config.json of {resolved.Id}");
         var canRead = resolved.Origin is ModelOrigin.Local or ModelOrigin.Cache || (readRemoteHeaders && resolved.Origin == ModelOrigin.Hub);
-        var checkpoint = canRead ? resolver.ReadCheckpoint(resolved) : null;
+        Sources.Safetensors.Checkpoint? checkpoint = null;
+        string? checkpointError = null;
+        try
+        {
+            checkpoint = canRead ? resolver.ReadCheckpoint(resolved) : null;
+        }
+        catch (Exception e) when (e is ModelSourceException or IOException)
+        {
+            // A broken checkpoint does not stop a config-only analysis; it is reported next to it.
+            checkpointError = e.Message;
+        }
         ModelSpec spec;
         try
         {
@@ -55,6 +67,6 @@ public static class ModelLoader
             var derived = CheckpointModelDeriver.Derive(checkpoint, type);
             return new LoadedModel(DerivedSpec.From(derived, config), resolved, null, derived);
         }
-        return new LoadedModel(spec, resolved, checkpoint is null ? null : CheckpointCrossCheck.Run(spec, checkpoint), null);
+        return new LoadedModel(spec, resolved, checkpoint is null ? null : CheckpointCrossCheck.Run(spec, checkpoint), null, checkpointError);
     }
 }

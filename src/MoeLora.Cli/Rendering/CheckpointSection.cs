@@ -23,6 +23,7 @@ public static class CheckpointSection
                 ["notes"] = new JsonArray(d.Notes.Select(n => (JsonNode)JsonValue.Create(n)).ToArray()),
             };
         }
+        if (loaded.CheckpointError is { } error) return new JsonObject { ["derived"] = false, ["clean"] = false, ["error"] = error };
         if (loaded.CrossCheck is not { } c) return null;
         return new JsonObject
         {
@@ -48,6 +49,12 @@ public static class CheckpointSection
         {
             yield return new Rule("[bold yellow]Derived from checkpoint headers[/]").LeftJustified();
             foreach (var n in d.Notes) yield return new Markup($"[yellow]![/] {Markup.Escape(n)}\n");
+            yield break;
+        }
+        if (loaded.CheckpointError is { } error)
+        {
+            yield return new Rule("[bold]Checkpoint[/]").LeftJustified();
+            yield return new Markup($"[red]![/] {Markup.Escape("The checkpoint could not be read: " + error)}\n");
             yield break;
         }
         if (loaded.CrossCheck is not { } c) yield break;
