@@ -51,8 +51,16 @@ public sealed record LayerActivations
         ? PerTokenBytes * batch * seq + PerTokenPerKeyBytes * batch * (long)seq * seq + ConstantBytes
         : 0;
 
+    // The planner's "what would fit" search re-estimates one plan many times with other batch/seq/GPU settings;
+    // per-layer activations do not depend on those, so they are computed once per plan and setting.
+    private static readonly System.Runtime.CompilerServices.ConditionalWeakTable<AdapterPlan,
+        System.Collections.Concurrent.ConcurrentDictionary<(int, AttentionImpl, long), IReadOnlyList<LayerActivations>>> Cache = new();
+
     /// <summary>Per decoder layer, in order, for the first <paramref name="layers"/> blocks.</summary>
-    public static IReadOnlyList<LayerActivations> Build(AdapterPlan plan, int actBytes, AttentionImpl attention, long layers)
+    public static IReadOnlyList<LayerActivations> Build(AdapterPlan plan, int actBytes, AttentionImpl attention, long layers) =>
+        Cache.GetOrCreateValue(plan).GetOrAdd((actBytes, attention, layers), k => Compute(plan, k.Item1, k.Item2, k.Item3));
+
+    private static IReadOnlyList<LayerActivations> Compute(AdapterPlan plan, int actBytes, AttentionImpl attention, long layers)
     {
         var spec = plan.Spec;
         var moe = spec.Moe;

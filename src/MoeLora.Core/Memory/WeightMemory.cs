@@ -41,7 +41,14 @@ public static class WeightMemory
 
     /// <summary>The base weight bytes split into (quantised data, quantisation state, unquantised parameters).</summary>
     /// <param name="keepLayers">Decoder blocks loaded (circuit-breaker truncation); null loads all.</param>
-    public static (long Quantized, long QuantState, long Plain) Bytes(ModelSpec spec, DType dtype, Quantization q, bool doubleQuant = true, long? keepLayers = null)
+    public static (long Quantized, long QuantState, long Plain) Bytes(ModelSpec spec, DType dtype, Quantization q, bool doubleQuant = true, long? keepLayers = null) =>
+        Cache.GetOrCreateValue(spec).GetOrAdd((dtype, q, doubleQuant, keepLayers), k => Compute(spec, k.Item1, k.Item2, k.Item3, k.Item4));
+
+    // Re-estimating one model under other settings must not walk the whole tree again.
+    private static readonly System.Runtime.CompilerServices.ConditionalWeakTable<ModelSpec,
+        System.Collections.Concurrent.ConcurrentDictionary<(DType, Quantization, bool, long?), (long, long, long)>> Cache = new();
+
+    private static (long Quantized, long QuantState, long Plain) Compute(ModelSpec spec, DType dtype, Quantization q, bool doubleQuant, long? keepLayers)
     {
         long quantized = 0, state = 0, plain = 0;
         var a = dtype.Bytes();

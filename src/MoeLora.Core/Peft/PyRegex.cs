@@ -16,6 +16,13 @@ public static class PyRegex
     /// <summary><c>re.match</c>: anchored at the start only.</summary>
     public static Match Match(string pattern, string text) => Get("^(?:" + Translate(pattern) + ")", pattern).Match(text);
 
+    /// <summary>
+    /// <c>re.match(pattern + "$", text)</c> for end-anchored patterns such as PEFT's rank/alpha keys
+    /// (<c>(.*\.)?(pat)$</c>). Matched right to left, so a leading <c>.*</c> does not make it quadratic.
+    /// </summary>
+    public static bool MatchesAnchoredAtEnd(string pattern, string text) =>
+        Get("^(?:" + Translate(pattern) + ")", pattern, RegexOptions.RightToLeft).IsMatch(text);
+
     /// <summary>Throws <see cref="PeftConfigException"/> when the pattern does not compile.</summary>
     public static void Validate(string pattern, string field)
     {
@@ -34,13 +41,13 @@ public static class PyRegex
             .Replace("(?P=", "\\k<", StringComparison.Ordinal)
             .Replace("\\Z", "\\z", StringComparison.Ordinal);
 
-    private static Regex Get(string dotnetPattern, string original)
+    private static Regex Get(string dotnetPattern, string original, RegexOptions extra = RegexOptions.None)
     {
-        return Cache.GetOrAdd(dotnetPattern, p =>
+        return Cache.GetOrAdd(extra == RegexOptions.None ? dotnetPattern : extra + ":" + dotnetPattern, _ =>
         {
             try
             {
-                return new Regex(p, RegexOptions.CultureInvariant);
+                return new Regex(dotnetPattern, RegexOptions.CultureInvariant | extra);
             }
             catch (ArgumentException e)
             {

@@ -81,7 +81,7 @@ public sealed class TargetMatcher(LoraConfig config, PeftVersion version)
     {
         foreach (var kv in patterns)
         {
-            if (PyRegex.Match("(.*\\.)?(" + kv.Key + ")$", key).Success) return kv.Value;
+            if (PyRegex.MatchesAnchoredAtEnd("(.*\\.)?(" + kv.Key + ")$", key)) return kv.Value;
         }
         return null;
     }
