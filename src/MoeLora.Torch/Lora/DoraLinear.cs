@@ -32,6 +32,7 @@ public sealed class DoraLinear : LoraWrapper, ILinearAdapter
 
     public Tensor Apply(Tensor x, Tensor baseOutput, Linear layer)
     {
+        if (!Enabled) return baseOutput;
         var h = x.to(A.weight.dtype);
         bool dropped = _dropout > 0 && Training;
         if (dropped) h = nn.functional.dropout(h, _dropout, training: true);
@@ -75,5 +76,5 @@ public sealed class ParamLora2D : LoraWrapper, IParamDelta, ILinearAdapter
     public Tensor Delta() => matmul(B.weight, A.weight) * Scaling;
 
     public Tensor Apply(Tensor x, Tensor baseOutput, Linear layer) =>
-        baseOutput + nn.functional.linear(x, Delta().to(x.dtype));
+        Enabled ? baseOutput + nn.functional.linear(x, Delta().to(x.dtype)) : baseOutput;
 }

@@ -10,6 +10,17 @@ namespace MoeLora.Torch.Lora;
 public static partial class LoraInjector
 {
     /// <summary>
+    /// Core's plan for a model <c>config.json</c> and a LoraConfig / adapter_config.json (transformers-5 layout):
+    /// PEFT's matching, the v5 rewrite of gate/up/down targets and the effective config, in one place.
+    /// </summary>
+    public static AdapterPlan Plan(string modelConfigJson, string loraConfigJson, string source = "LoRA config")
+    {
+        var spec = MoeLora.Core.Architectures.ArchitectureRegistry.Build(
+            MoeLora.Core.Config.ModelConfig.Parse(modelConfigJson, "config.json"), CoreLayout.V5);
+        return AdapterPlanner.Plan(spec, MoeLora.Core.Peft.LoraConfig.FromJson(loraConfigJson, source));
+    }
+
+    /// <summary>
     /// Injects exactly the adapters of Core's <see cref="AdapterPlan"/> (the single source of matching): each
     /// <see cref="AdapterTarget"/> names the module, the parameter, r, scaling and the wrapper path, and the plan's
     /// <c>TrainableTensors</c> are checked against the injected model's trainable tensors (names, shapes, order)
