@@ -130,6 +130,29 @@ public sealed class RuntimeCommandTests : IDisposable
     }
 
     [Fact]
+    public void HiddenStates_prompts_are_tokenised_with_the_models_tokenizer_json()
+    {
+        var model = Path.Combine(_tmp, "model");
+        Directory.CreateDirectory(model);
+        foreach (var f in Directory.GetFiles(Path.Combine(Fixture("mixtral"), "model"))) File.Copy(f, Path.Combine(model, Path.GetFileName(f)));
+        File.Copy(Path.Combine(AppContext.BaseDirectory, "Data", "tokenizers", "byte_level_bpe.json"), Path.Combine(model, "tokenizer.json"));
+        var prompts = Path.Combine(_tmp, "p.jsonl");
+        var ids = Path.Combine(_tmp, "i.jsonl");
+        File.WriteAllLines(prompts, ["{\"prompt\": \"hello the world!\"}"]);
+        File.WriteAllLines(ids, ["{\"input_ids\": [100, 15, 17, 20, 2, 7, 11]}"]); // worked out by hand in HfTokenizerTests
+        var a = Path.Combine(_tmp, "a.safetensors");
+        var b = Path.Combine(_tmp, "b.safetensors");
+        var (code, err) = Run("hidden-states", model, "--prompts", prompts, "--layers", "all", "-o", a);
+        Assert.True(code == 0, err);
+        (code, err) = Run("hidden-states", model, "--prompts", ids, "--layers", "all", "-o", b);
+        Assert.True(code == 0, err);
+        var ta = Safetensors.Load(a);
+        var tb = Safetensors.Load(b);
+        foreach (var key in new[] { "hidden_states", "logits" })
+            Assert.True(ta[key].equal(tb[key]).all().item<bool>(), key);
+    }
+
+    [Fact]
     public void Routers_write_frequencies_divergence_and_heatmap()
     {
         var h = Path.Combine(_tmp, "h.jsonl");

@@ -96,7 +96,7 @@ public class RuntimeSettings : ModelSettings
                     _ => null,
                 } ?? throw new FormatException($"{path}:{lineNo}: expected {{\"prompt\": ...}}, {{\"text\": ...}}, {{\"input_ids\": [...]}} or a string");
                 tokenizer ??= HfTokenizer.Load(modelDir);
-                ids = tokenizer.Encode(text);
+                ids = tokenizer.EncodeToLongs(text);
             }
             if (ids.Length == 0) throw new FormatException($"{path}:{lineNo}: empty input");
             result.Add(ids.Length > MaxLength ? ids[..MaxLength] : ids);

@@ -1,3 +1,4 @@
+using MoeLora.Torch.Text;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using TorchSharp;

@@ -1,3 +1,4 @@
+using MoeLora.Torch.Text;
 using MoeLora.Torch.Lora;
 using MoeLora.Torch.Models;
 using TorchSharp;
@@ -33,7 +34,7 @@ public static class CbModels
         ModelConfig.Parse(modelDir is null ? TrainPreset.TinyConfigJson() : File.ReadAllText(Path.Combine(modelDir, "config.json"))).ModelType;
 
     public static HfTokenizer Tokenizer(string? modelDir) =>
-        modelDir is null ? new HfTokenizer(TrainPreset.TinyTokenizerJson()) : HfTokenizer.Load(Path.Combine(modelDir, "tokenizer.json"));
+        modelDir is null ? new HfTokenizer(TrainPreset.TinyTokenizerJson(), "the tiny preset's tokenizer") : HfTokenizer.Load(modelDir);
 
     /// <summary>Router parameters (2-D gate/router weights) of blocks in <paramref name="layers"/>, made trainable (--train-router).</summary>
     public static List<(string Name, Parameter Param)> UnfreezeRouters(CausalLm model)

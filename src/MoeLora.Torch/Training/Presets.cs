@@ -1,3 +1,4 @@
+using MoeLora.Torch.Text;
 using System.Text.Json.Nodes;
 
 namespace MoeLora.Torch.Training;
