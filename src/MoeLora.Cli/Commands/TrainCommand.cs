@@ -11,7 +11,6 @@ using Spectre.Console.Cli;
 using TorchSharp;
 using ScalarType = TorchSharp.torch.ScalarType;
 using DeviceType = TorchSharp.DeviceType;
-using TorchLoraConfig = MoeLora.Torch.Lora.LoraConfig;
 
 namespace MoeLora.Cli.Commands;
 
@@ -156,7 +155,7 @@ public sealed class TrainCommand : Command<TrainSettings>
         var sw = System.Diagnostics.Stopwatch.StartNew();
         if (device.type == DeviceType.CPU && (s.Threads ?? (preset.Name == "tiny" ? 1 : null)) is { } threads) torch.set_num_threads(threads);
         using var model = CbModels.Load(modelDir, layers, dtype, device);
-        var adapter = LoraInjector.Inject(model, TorchLoraConfig.Parse(loraJson), seed: s.Seed);
+        var adapter = CbModels.InjectAdapter(model, loraJson, s.Seed, modelDir is null ? null : Path.GetFullPath(modelDir));
         CbModels.CheckRouterFrozen(adapter, s.TrainRouter);
         var routers = s.TrainRouter ? CbModels.UnfreezeRouters(model) : null;
         var counts = Measurements.CountParameters(model);

@@ -20,6 +20,10 @@ public static partial class LoraInjector
         return AdapterPlanner.Plan(spec, MoeLora.Core.Peft.LoraConfig.FromJson(loraConfigJson, source));
     }
 
+    /// <summary>Core's plan for <paramref name="model"/> (its config.json, truncation included) and a LoraConfig JSON.</summary>
+    public static AdapterPlan Plan(CausalLm model, string loraConfigJson, string source = "LoRA config") =>
+        Plan(model.Config.ToJson(), loraConfigJson, source);
+
     /// <summary>
     /// Injects exactly the adapters of Core's <see cref="AdapterPlan"/> (the single source of matching): each
     /// <see cref="AdapterTarget"/> names the module, the parameter, r, scaling and the wrapper path, and the plan's
@@ -27,7 +31,8 @@ public static partial class LoraInjector
     /// before returning. Linear (+ DoRA), fused 3-D expert parameters and 2-D router weights are supported;
     /// Embedding adapters, lora_bias and trainable extras (bias modes, modules_to_save) are rejected.
     /// </summary>
-    public static InjectedAdapter Inject(CausalLm model, AdapterPlan plan, string adapterName = "default", long seed = 0)
+    /// <param name="baseModelNameOrPath">written as <c>base_model_name_or_path</c> when the adapter is saved.</param>
+    public static InjectedAdapter Inject(CausalLm model, AdapterPlan plan, string adapterName = "default", long seed = 0, string? baseModelNameOrPath = null)
     {
         if (plan.Spec.Layout != CoreLayout.V5)
             throw new NotSupportedException("the runtime builds transformers-5 modules (fused experts); plan with --layout v5.");
@@ -38,7 +43,7 @@ public static partial class LoraInjector
             throw new NotSupportedException($"trainable base tensors besides LoRA ({string.Join(", ", plan.Extras.Select(e => e.Reason).Distinct())}) are not supported by MoeLora.Torch; use bias=none and no modules_to_save.");
         if (plan.Targets.FirstOrDefault(t => t.Kind == AdapterKind.Embedding) is { } emb)
             throw new NotSupportedException($"LoRA on the embedding {emb.ModuleName} is not supported by MoeLora.Torch (Linear, DoRA-Linear and ParamWrapper only).");
-        var config = LoraConfig.Parse(eff.ToAdapterConfigJson(null).ToJsonString());
+        var config = LoraConfig.Parse(eff.ToAdapterConfigJson(baseModelNameOrPath).ToJsonString());
         var gen = new Generator((ulong)seed);
 
         var modules = model.NamedModules().ToDictionary(m => m.Name, m => m.Module, StringComparer.Ordinal);
@@ -94,7 +99,7 @@ public static partial class LoraInjector
         }
         if (wrappers.Count == 0) throw new InvalidOperationException("the adapter plan has no targets.");
         CheckAgainstPlan(model, plan);
-        return new InjectedAdapter(adapterName, config, wrappers);
+        return new InjectedAdapter(adapterName, config, wrappers) { Plan = plan };
     }
 
     static int Depth(string wrapperPath, string module) =>

@@ -8,7 +8,11 @@ using static TorchSharp.torch;
 namespace MoeLora.Torch.Lora;
 
 /// <summary>What one injection created, in PEFT's run-time names (<c>base_model.model.</c> prefix, adapter infix).</summary>
-public sealed record InjectedAdapter(string AdapterName, LoraConfig Config, IReadOnlyList<(string Module, LoraWrapper Wrapper)> Wrappers);
+public sealed record InjectedAdapter(string AdapterName, LoraConfig Config, IReadOnlyList<(string Module, LoraWrapper Wrapper)> Wrappers)
+{
+    /// <summary>Core's plan when the adapter was injected from one (then <see cref="Config"/> is PEFT's effective config).</summary>
+    public MoeLora.Core.Peft.AdapterPlan? Plan { get; init; }
+}
 
 /// <summary>
 /// Injects LoRA the way PEFT 0.21 does for a LoraConfig: modules matched by target_modules become <c>lora.Linear</c>
@@ -119,8 +123,10 @@ public static partial class LoraInjector
         var weights = Path.Combine(dir, "adapter_model.safetensors");
         if (!File.Exists(cfgPath)) throw new FileNotFoundException($"{cfgPath} not found.");
         if (!File.Exists(weights)) throw new FileNotFoundException($"{weights} not found (adapter_model.bin is not supported).");
-        var config = LoraConfig.Parse(File.ReadAllText(cfgPath));
-        var injected = Inject(model, config, adapterName);
+        var json = File.ReadAllText(cfgPath);
+        var config = LoraConfig.Parse(json);
+        // DoRA is injected through Core's plan (the config-driven path covers PEFT's Linear and ParamWrapper only).
+        var injected = config.UseDora ? Inject(model, Plan(model, json, cfgPath), adapterName) : Inject(model, config, adapterName);
         var tensors = Safetensors.Load(weights);
         try
         {
@@ -143,6 +149,14 @@ public static partial class LoraInjector
     {
         Directory.CreateDirectory(dir);
         var tensors = SavedNames(model, adapter.AdapterName).Select(x => new KeyValuePair<string, Tensor>(x.FileKey, x.Param)).ToList();
+        if (adapter.Plan is { } plan)
+        {
+            // What PEFT's save_pretrained writes for this plan: same keys and shapes, or we refuse to write a different file.
+            var want = plan.SavedTensors.Select(t => $"{t.SavedKey} [{string.Join(",", t.Shape)}]").Order(StringComparer.Ordinal);
+            var have = tensors.Select(t => $"{t.Key} [{string.Join(",", t.Value.shape)}]").Order(StringComparer.Ordinal);
+            if (!want.SequenceEqual(have))
+                throw new InvalidOperationException($"the adapter to save differs from the plan's saved tensors: {string.Join(", ", have.Except(want).Concat(want.Except(have).Select(x => "missing " + x)).Take(6))}.");
+        }
         Safetensors.Save(Path.Combine(dir, "adapter_model.safetensors"), tensors, new Dictionary<string, string> { ["format"] = "pt" });
         var json = (JsonObject)adapter.Config.Json.DeepClone();
         json["inference_mode"] = true; // PEFT sets this when saving
@@ -153,7 +167,17 @@ public static partial class LoraInjector
     {
         var infix = $".{adapter}.";
         foreach (var (name, p) in model.NamedParameters())
-            if ((name.Contains(".lora_A" + infix) || name.Contains(".lora_B" + infix)))
-                yield return (PeftPrefix + name.Replace(infix, ".", StringComparison.Ordinal), p);
+            if (name.Contains(".lora_A" + infix) || name.Contains(".lora_B" + infix) || name.Contains(".lora_magnitude_vector" + infix))
+                yield return (SavedKey(PeftPrefix + name, adapter), p);
+    }
+
+    /// <summary>
+    /// The adapter_model.safetensors key of a run-time PEFT name: the adapter name is dropped, and DoRA's
+    /// <c>lora_magnitude_vector.{adapter}.weight</c> is saved as <c>lora_magnitude_vector</c> (PEFT's legacy key).
+    /// </summary>
+    public static string SavedKey(string peftRuntimeName, string adapter = "default")
+    {
+        var key = peftRuntimeName.Replace($".{adapter}.", ".", StringComparison.Ordinal);
+        return key.EndsWith(".lora_magnitude_vector.weight", StringComparison.Ordinal) ? key[..^".weight".Length] : key;
     }
 }

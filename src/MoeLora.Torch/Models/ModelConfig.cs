@@ -14,6 +14,9 @@ public sealed class ModelConfig
     public static ModelConfig Parse(string json) =>
         new(JsonNode.Parse(json)?.AsObject() ?? throw new InvalidDataException("config.json is empty."));
 
+    /// <summary>The config.json text (e.g. for Core's ModelSpec / AdapterPlan).</summary>
+    public string ToJson() => _json.ToJsonString();
+
     public string ModelType => Str("model_type");
     public long HiddenSize => Long("hidden_size");
     public long VocabSize => Long("vocab_size");

@@ -11,7 +11,8 @@ namespace MoeLora.Torch.Text;
 /// <c>Prepend</c>/<c>Replace</c> normalizers or <c>Metaspace</c>, byte fallback).
 /// Added tokens are matched first (longest first); <c>TemplateProcessing</c> post-processors add BOS/EOS;
 /// <see cref="Decode"/> inverts the byte-level map (or Metaspace/byte fallback).
-/// Not supported: WordPiece/Unigram models, <c>ignore_merges</c> shortcuts beyond a whole-word vocab hit, NFKC
+/// An <c>NFC</c> normalizer is accepted but not applied (the apps run with InvariantGlobalization, which has no Unicode
+/// normalization): text must already be NFC, as nearly all text is. Not supported: WordPiece/Unigram models, <c>ignore_merges</c> shortcuts beyond a whole-word vocab hit, NFKC
 /// normalizers, <c>Split</c> behaviours other than isolating the matches. Microsoft.ML.Tokenizers 2.0 has no reader
 /// for this JSON format and its BPE cannot do SentencePiece-style byte fallback, which is why this reader exists.
 /// </summary>
@@ -26,7 +27,6 @@ public sealed class HfTokenizer
     readonly Regex? _addedRegex;
     readonly Regex? _split;
     readonly bool _byteLevel, _byteFallback, _ignoreMerges, _addPrefixSpace;
-    bool _nfc;
     readonly List<(string Kind, string A, string B)> _normalizers = [];
     readonly string? _metaspace; readonly bool _metaspacePrepend;
     readonly int[] _prefix = [], _suffix = [];
@@ -73,7 +73,7 @@ public sealed class HfTokenizer
                 case "Sequence": foreach (var x in n["normalizers"]!.AsArray()) Normalizer(x); break;
                 case "Prepend": _normalizers.Add(("prepend", n["prepend"]!.GetValue<string>(), "")); break;
                 case "Replace": _normalizers.Add(("replace", n["pattern"]!["String"]!.GetValue<string>(), n["content"]!.GetValue<string>())); break;
-                case "NFC": _nfc = true; break;
+                case "NFC": break; // accepted, not applied: InvariantGlobalization has no Unicode normalization; input is expected in NFC
                 case var t: throw new NotSupportedException($"{source}: normalizer '{t}' is not supported; pass input_ids instead.");
             }
         }
@@ -164,7 +164,6 @@ public sealed class HfTokenizer
 
     void EncodeSegment(string s, List<int> ids, bool first)
     {
-        if (_nfc) s = s.Normalize(NormalizationForm.FormC);
         foreach (var (kind, a, b) in _normalizers)
             s = kind == "prepend" ? (first ? a + s : s) : s.Replace(a, b, StringComparison.Ordinal);
         if (_metaspace is not null)

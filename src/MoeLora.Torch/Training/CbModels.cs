@@ -36,6 +36,15 @@ public static class CbModels
     public static HfTokenizer Tokenizer(string? modelDir) =>
         modelDir is null ? new HfTokenizer(TrainPreset.TinyTokenizerJson(), "the tiny preset's tokenizer") : HfTokenizer.Load(modelDir);
 
+    /// <summary>
+    /// Injects LoRA for a LoraConfig / adapter_config.json exactly as PEFT would: through Core's
+    /// <see cref="LoraInjector.Plan(CausalLm, string, string)"/> (PEFT's matching and its transformers-5 rewrite, e.g.
+    /// gate/up/down_proj → fused experts with doubled rank for gate_up_proj), so the saved adapter_config.json is PEFT's
+    /// effective config and the saved tensors are the plan's.
+    /// </summary>
+    public static InjectedAdapter InjectAdapter(CausalLm model, string loraConfigJson, long seed, string? baseModelNameOrPath = null) =>
+        LoraInjector.Inject(model, LoraInjector.Plan(model, loraConfigJson), seed: seed, baseModelNameOrPath: baseModelNameOrPath);
+
     /// <summary>Router parameters (2-D gate/router weights) of blocks in <paramref name="layers"/>, made trainable (--train-router).</summary>
     public static List<(string Name, Parameter Param)> UnfreezeRouters(CausalLm model)
     {

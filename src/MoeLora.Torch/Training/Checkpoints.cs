@@ -87,7 +87,7 @@ public static class Checkpoints
             int copied = 0;
             foreach (var (name, p) in LoraInjector.PeftNamedParameters(model))
             {
-                var key = name.Replace(".default.", ".", StringComparison.Ordinal);
+                var key = LoraInjector.SavedKey(name);
                 if (!tensors.TryGetValue(key, out var src))
                 {
                     if (name.Contains(".lora_")) throw new InvalidDataException($"{dir}: adapter_model.safetensors has no {key}.");

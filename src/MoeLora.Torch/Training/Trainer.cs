@@ -88,7 +88,8 @@ public sealed class CircuitBreakerTrainer
         Directory.CreateDirectory(options.OutputDir);
     }
 
-    static bool IsAdapterParam(string name) => name.Contains(".lora_A.", StringComparison.Ordinal) || name.Contains(".lora_B.", StringComparison.Ordinal);
+    static bool IsAdapterParam(string name) => name.Contains(".lora_A.", StringComparison.Ordinal) || name.Contains(".lora_B.", StringComparison.Ordinal)
+        || name.Contains(".lora_magnitude_vector.", StringComparison.Ordinal);
 
     /// <summary>Starts a run: seeds torch's RNG (dropout) and clears metrics.jsonl.</summary>
     public void Start()
