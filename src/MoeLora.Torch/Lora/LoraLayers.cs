@@ -60,7 +60,7 @@ public sealed class LoraLinear : LoraWrapper, ILinearAdapter
 /// rank-major columns; ΔW = einsum(B.reshape(out, r, E), A.reshape(E, r, in)) → (E, out, in) for transformers-v5
 /// (E, out, in) parameters (in/out swapped by PEFT ≥ 0.19.1) or (E, in, out) for <c>is_transposed</c> owners.
 /// </summary>
-public sealed class ParamLora : LoraWrapper, IParamDelta
+public sealed class ParamLora : LoraWrapper, ILowRankExpertDelta
 {
     public string ParameterName { get; }
     public long NumExperts { get; }
@@ -81,6 +81,19 @@ public sealed class ParamLora : LoraWrapper, IParamDelta
         var b = B.weight.reshape(B.weight.shape[0], -1, NumExperts);        // (out, r, E)
         var d = einsum(_transposed ? "ore,eri->eio" : "ore,eri->eoi", b, a);
         return d * Scaling;
+    }
+
+    /// <summary>
+    /// ΔW[e] = L[e]·R[e] without forming ΔW: for (E, out, in) parameters L = s·B_e (out, r), R = A_e (r, in);
+    /// for <c>is_transposed</c> (E, in, out) ones L = s·A_eᵀ (in, r), R = B_eᵀ (r, out).
+    /// </summary>
+    public (Tensor L, Tensor R) Factors()
+    {
+        var a = A.weight.reshape(NumExperts, -1, A.weight.shape[^1]);      // (E, r, in)
+        var b = B.weight.reshape(B.weight.shape[0], -1, NumExperts);        // (out, r, E)
+        return _transposed
+            ? (a.transpose(1, 2) * Scaling, b.permute(2, 1, 0))            // (E, in, r), (E, r, out)
+            : (b.permute(2, 0, 1) * Scaling, a);                            // (E, out, r), (E, r, in)
     }
 
     /// <summary>(in, out) features as PEFT computes them for a 3-D parameter of this owner.</summary>

@@ -52,6 +52,12 @@ public sealed class CausalLm : HfModule, IDisposable
 
     public int NumLayers => _layers.Count;
 
+    /// <summary>Sets how every fused-expert module runs (grouped batched matmuls by default; the per-expert loop for reference).</summary>
+    public void SetExpertDispatch(Nn.ExpertDispatch dispatch)
+    {
+        foreach (var (_, m) in NamedModules()) if (m is Nn.ExpertsBase e) e.Dispatching = dispatch;
+    }
+
     /// <summary>Frees the native memory of every parameter and buffer (adapters included).</summary>
     public void Dispose()
     {

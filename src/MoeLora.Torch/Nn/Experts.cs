@@ -12,6 +12,15 @@ public interface IParamDelta
     bool Enabled { get; }
 }
 
+/// <summary>A 3-D expert delta in low-rank form: ΔW[e] = L[e] · R[e], L (E, d1, r) with the scaling folded in, R (E, r, d2).</summary>
+public interface ILowRankExpertDelta : IParamDelta
+{
+    (Tensor L, Tensor R) Factors();
+}
+
+/// <summary>How fused experts are computed (see <see cref="ExpertsBase.Dispatching"/>).</summary>
+public enum ExpertDispatch { Grouped, Loop }
+
 /// <summary>
 /// Base of the fused-expert modules: holds 3-D expert parameters and applies attached LoRA deltas,
 /// so <c>W_eff = W + ΔW</c> exactly as PEFT's parametrization does during the forward.
@@ -36,6 +45,14 @@ public abstract class ExpertsBase : HfModule
         l.Add(d);
     }
 
+    /// <summary>
+    /// How the experts run. <see cref="ExpertDispatch.Grouped"/> (default): (token, slot) pairs sorted by expert into a
+    /// padded [E, cap, ·] buffer, one batched matmul per weight, LoRA as low-rank products (x·Aᵀ·Bᵀ or x·B·A) without
+    /// materialising W+ΔW. <see cref="ExpertDispatch.Loop"/>: transformers' per-expert loop over W+ΔW (PEFT's
+    /// parametrization, kept as the reference for tests).
+    /// </summary>
+    public ExpertDispatch Dispatching { get; set; } = ExpertDispatch.Grouped;
+
     protected Tensor Effective(string name)
     {
         Tensor w = Param(name);
@@ -49,6 +66,72 @@ public abstract class ExpertsBase : HfModule
     /// dispatched (after any bias/group selection), for gradient-flow checks.
     /// </summary>
     public long[]? LastSelectedCounts { get; private set; }
+
+    /// <summary>(token, slot) pairs grouped by expert into a padded buffer (see <see cref="Group"/>).</summary>
+    protected sealed record Grouping(Tensor Order, Tensor TokenOf, Tensor Row, long Capacity);
+
+    /// <summary>
+    /// Sorts the T·k (token, slot) pairs by expert (stable: token-major within an expert, as the loop) and gives each
+    /// its row in a padded [E·cap] buffer, cap = the busiest expert's count.
+    /// </summary>
+    protected Grouping Group(Tensor topIdx)
+    {
+        long k = topIdx.shape[1], n = topIdx.shape[0] * k;
+        using var _ = no_grad();
+        var flat = topIdx.flatten();
+        var counts = flat.bincount(null, NumExperts);
+        var c = counts.data<long>().ToArray();
+        LastSelectedCounts = c;
+        long cap = Math.Max(1, c.Max());
+        var (sorted, order) = flat.sort(0, false, true);
+        var starts = counts.cumsum(0) - counts;
+        var pos = arange(n, ScalarType.Int64, flat.device) - starts.index_select(0, sorted);
+        return new Grouping(order, order.div(k, rounding_mode: RoundingMode.floor), sorted * cap + pos, cap);
+    }
+
+    /// <summary>Rows of <paramref name="rows"/> [T·k, F] (in <see cref="Grouping.Order"/>) placed in the padded [E, cap, F] buffer.</summary>
+    protected Tensor Scatter(Grouping g, Tensor rows) =>
+        zeros([NumExperts * g.Capacity, rows.shape[1]], rows.dtype, rows.device).index_copy(0, g.Row, rows).view(NumExperts, g.Capacity, rows.shape[1]);
+
+    /// <summary>The pairs' rows of a padded [E, cap, F] result, in <see cref="Grouping.Order"/>.</summary>
+    protected static Tensor Gather(Grouping g, Tensor padded) => padded.reshape(-1, padded.shape[2]).index_select(0, g.Row);
+
+    /// <summary>
+    /// <c>x · W[e]ᵀ</c> per expert for a (E, out, in) parameter used as nn.functional.linear (transformers-v5 experts),
+    /// plus each enabled LoRA delta as <c>x · Rᵀ · Lᵀ</c> (ΔW[e] = L[e]·R[e]).
+    /// </summary>
+    protected Tensor GroupedLinear(Tensor xin, string name)
+    {
+        var y = bmm(xin, Param(name).transpose(1, 2));
+        foreach (var d in EnabledDeltas(name))
+        {
+            var (l, r) = LowRank(d, xin.dtype);
+            y = y + bmm(bmm(xin, r.transpose(1, 2)), l.transpose(1, 2));
+        }
+        return y;
+    }
+
+    /// <summary><c>x · W[e]</c> per expert for a parameter used with matmul (gpt-oss, Llama4), plus <c>x · L · R</c> per delta.</summary>
+    protected Tensor GroupedMatmul(Tensor xin, string name)
+    {
+        var y = bmm(xin, Param(name));
+        foreach (var d in EnabledDeltas(name))
+        {
+            var (l, r) = LowRank(d, xin.dtype);
+            y = y + bmm(bmm(xin, l), r);
+        }
+        return y;
+    }
+
+    IEnumerable<IParamDelta> EnabledDeltas(string name) =>
+        _deltas.TryGetValue(name, out var l) ? l.Where(d => d.Enabled) : [];
+
+    static (Tensor L, Tensor R) LowRank(IParamDelta d, ScalarType dtype)
+    {
+        if (d is not ILowRankExpertDelta lr) throw new NotSupportedException($"{d.GetType().Name} has no low-rank form; use ExpertDispatch.Loop.");
+        var (l, r) = lr.Factors();
+        return (l.to(dtype), r.to(dtype));
+    }
 
     /// <summary>(expert, tokens, top-k slot) for each expert hit, like transformers' <c>torch.where(expert_mask[e])</c>.</summary>
     protected IEnumerable<(long Expert, Tensor Tokens, Tensor Slots)> Dispatch(Tensor topIdx, long numExperts)
@@ -86,6 +169,17 @@ public sealed class FusedExperts : ExpertsBase
 
     /// <param name="x">[T, H]</param><param name="topIdx">[T, k] int64</param><param name="topW">[T, k]</param>
     public Tensor Forward(Tensor x, Tensor topIdx, Tensor topW)
+    {
+        if (Dispatching == ExpertDispatch.Loop) return ForwardLoop(x, topIdx, topW);
+        var g = Group(topIdx);
+        var xin = Scatter(g, x.index_select(0, g.TokenOf));
+        var gu = GroupedLinear(xin, "gate_up_proj").chunk(2, -1);
+        var h = Gather(g, GroupedLinear(_act.Forward(gu[0]) * gu[1], "down_proj"));
+        var w = topW.flatten().index_select(0, g.Order).unsqueeze(-1);
+        return zeros_like(x).index_add(0, g.TokenOf, (h * w).to(x.dtype), 1.0);
+    }
+
+    Tensor ForwardLoop(Tensor x, Tensor topIdx, Tensor topW)
     {
         var gateUp = Effective("gate_up_proj");
         var down = Effective("down_proj");

@@ -73,6 +73,20 @@ internal sealed class GptOssExperts : ExpertsBase
 
     public Tensor Forward(Tensor x, Tensor topIdx, Tensor topW)
     {
+        if (Dispatching == ExpertDispatch.Loop) return ForwardLoop(x, topIdx, topW);
+        var g = Group(topIdx);
+        var xin = Scatter(g, x.index_select(0, g.TokenOf));
+        var gu = GroupedMatmul(xin, "gate_up_proj") + Effective("gate_up_proj_bias").unsqueeze(1);
+        var gate = gu.index(TensorIndex.Ellipsis, TensorIndex.Slice(0, null, 2)).clamp(max: _limit);
+        var up = gu.index(TensorIndex.Ellipsis, TensorIndex.Slice(1, null, 2)).clamp(-_limit, _limit);
+        var glu = gate * nn.functional.sigmoid(gate * Alpha);
+        var h = Gather(g, GroupedMatmul((up + 1) * glu, "down_proj") + Effective("down_proj_bias").unsqueeze(1));
+        var w = topW.flatten().index_select(0, g.Order).unsqueeze(-1);
+        return zeros_like(x).index_add(0, g.TokenOf, (h * w).to(x.dtype), 1.0);
+    }
+
+    Tensor ForwardLoop(Tensor x, Tensor topIdx, Tensor topW)
+    {
         var gateUp = Effective("gate_up_proj");
         var gateUpBias = Effective("gate_up_proj_bias");
         var down = Effective("down_proj");

@@ -133,6 +133,17 @@ internal sealed class Llama4Experts : ExpertsBase
     /// <summary>The routing score scales the expert's input (not its output), as in transformers.</summary>
     public Tensor Forward(Tensor x, Tensor topIdx, Tensor scores)
     {
+        if (Dispatching == ExpertDispatch.Loop) return ForwardLoop(x, topIdx, scores);
+        var g = Group(topIdx);
+        var w = scores.flatten().index_select(0, g.Order).unsqueeze(-1);
+        var xin = Scatter(g, x.index_select(0, g.TokenOf) * w);
+        var gu = GroupedMatmul(xin, "gate_up_proj").chunk(2, -1);
+        var h = Gather(g, GroupedMatmul(gu[1] * _act.Forward(gu[0]), "down_proj"));
+        return zeros_like(x).index_add(0, g.TokenOf, h.to(x.dtype), 1.0);
+    }
+
+    Tensor ForwardLoop(Tensor x, Tensor topIdx, Tensor scores)
+    {
         var gateUp = Effective("gate_up_proj");
         var down = Effective("down_proj");
         var final = zeros_like(x);

@@ -1,0 +1,47 @@
+using MoeLora.Torch.Lora;
+using MoeLora.Torch.Models;
+using MoeLora.Torch.Nn;
+using Xunit.Abstractions;
+using static TorchSharp.torch;
+
+namespace MoeLora.Torch.Tests;
+
+/// <summary>
+/// Grouped expert dispatch (the default; LoRA as low-rank products) against transformers' per-expert loop over
+/// W+ΔW (PEFT's parametrization) on every fused-expert family with the fixture's attention+experts adapter:
+/// logits, hidden states, selected-expert counts and every LoRA gradient.
+/// </summary>
+public class ExpertDispatchTests(ITestOutputHelper log)
+{
+    public static TheoryData<string> MoeModels => new(Fixtures.AllModels.Where(m => Directory.Exists(Path.Combine(Fixtures.Dir(m), "attn_plus_experts"))));
+
+    static (Tensor Logits, List<Tensor> Hidden, Dictionary<string, Tensor> Grads, long[][] Counts) Run(string type, ExpertDispatch dispatch)
+    {
+        var inputs = Fixtures.Reference(type);
+        var model = TorchModelFactory.Load(Path.Combine(Fixtures.Dir(type), "model"));
+        LoraInjector.LoadPeftAdapter(model, Path.Combine(Fixtures.Dir(type), "attn_plus_experts"));
+        model.SetExpertDispatch(dispatch);
+        model.Train();
+        var mask = inputs["attention_mask"];
+        var output = model.Forward(inputs["input_ids"], mask, outputHiddenStates: true);
+        (output.Logits.pow(2) * mask.unsqueeze(-1)).mean().backward();
+        var grads = LoraInjector.PeftNamedParameters(model).ToDictionary(p => p.Name, p => p.Param.grad!.detach().clone());
+        var counts = model.NamedModules().Select(m => m.Module).OfType<ExpertsBase>().Select(e => e.LastSelectedCounts!).ToArray();
+        return (output.Logits.detach(), output.HiddenStates.Select(h => h.detach()).ToList(), grads, counts);
+    }
+
+    [Theory]
+    [MemberData(nameof(MoeModels))]
+    public void GroupedDispatchEqualsThePerExpertLoop(string type)
+    {
+        var loop = Run(type, ExpertDispatch.Loop);
+        var grouped = Run(type, ExpertDispatch.Grouped);
+        var errors = new List<string>();
+        void Check(string what, double err, double tol) { log.WriteLine($"{type} {what}: {err:E2}"); if (err > tol) errors.Add($"{what} {err:E2}"); }
+        Check("logits", Fixtures.RelError(grouped.Logits, loop.Logits), 1e-5);
+        for (int i = 0; i < loop.Hidden.Count; i++) Check($"hidden_states[{i}]", Fixtures.RelError(grouped.Hidden[i], loop.Hidden[i]), 1e-5);
+        foreach (var (k, g) in loop.Grads) Check(k, Fixtures.RelError(grouped.Grads[k], g), 1e-4);
+        Assert.Equal(loop.Counts, grouped.Counts);
+        Assert.True(errors.Count == 0, string.Join("; ", errors));
+    }
+}
