@@ -23,9 +23,16 @@ double Time(Action a, int reps)
     return sw.Elapsed.TotalSeconds / reps;
 }
 
-Console.WriteLine($"threads {threads}");
-// 1. Plain matmul yardstick: [T,H] x [H,I] at the MoE layer's sizes.
+Console.WriteLine($"threads {threads}; {DateTime.UtcNow:yyyy-MM-dd HH:mm} UTC; load average {File.ReadAllText("/proc/loadavg").Trim()}; " +
+    (File.Exists("/proc/cpuinfo") ? File.ReadLines("/proc/cpuinfo").FirstOrDefault(l => l.StartsWith("model name"))?.Split(':', 2)[1].Trim() : ""));
+// 1. Plain matmul yardstick. The reference is a square [2048x2048]x[2048x2048] (17 GFLOP, large enough for the
+// BLAS kernel to reach its peak); the MoE layer's own [1024x512]x[512x1024] is shown for comparison.
 const long T = 512, H = 512, I = 1024, E = 8, K = 2, R = 16;
+using (var a = randn(2048, 2048)) using (var b = randn(2048, 2048))
+{
+    double s = Time(() => { using var c = matmul(a, b); }, 5);
+    Report("matmul [2048x2048]x[2048x2048] (yardstick)", 2.0 * 2048 * 2048 * 2048, s, null);
+}
 using (var a = randn(T * K, H)) using (var b = randn(H, I))
 {
     double s = Time(() => { using var c = matmul(a, b); }, 20);
@@ -109,24 +116,31 @@ var config = new JsonObject
     ["hidden_act"] = "silu", ["initializer_range"] = 0.02, ["tie_word_embeddings"] = false,
 }.ToJsonString();
 using var model = TorchModelFactory.Random(config, 0, ScalarType.Float32);
-LoraInjector.Inject(model, MoeLora.Torch.Lora.LoraConfig.Parse("""{"r":16,"lora_alpha":32,"target_modules":["q_proj","k_proj","v_proj","o_proj"],"target_parameters":["mlp.experts.gate_up_proj","mlp.experts.down_proj"]}"""));
+// init_lora_weights=false: non-zero B, as after some training (the cost does not depend on the values).
+LoraInjector.Inject(model, MoeLora.Torch.Lora.LoraConfig.Parse("""{"r":16,"lora_alpha":32,"init_lora_weights":false,"target_modules":["q_proj","k_proj","v_proj","o_proj"],"target_parameters":["mlp.experts.gate_up_proj","mlp.experts.down_proj"]}"""));
 var counts = Measurements.CountParameters(model);
 long seq = 256;
 var ids = randint(0, 8192, [2, seq]);
 // Dense FLOPs per token ≈ 2 × (active parameters): attention + lm_head + top-2 of 8 experts; forward+backward ≈ 2× (base weights frozen, no weight gradients).
 double active = 4 * (4.0 * 512 * 512 * 0.75 + 2 * 3.0 * 512 * 1024) + 512.0 * 8192;
 double tokens = 2 * seq;
-double mf;
-using (no_grad()) mf = Time(() => { using var s = NewDisposeScope(); model.Forward(ids).Dispose(); }, 3);
-Report($"model fwd (mixtral-small, {counts.Total / 1e6:0.0}M params)", 2 * active * tokens, mf, (long)tokens);
-double mb = Time(() =>
+// The runtime's two expert paths: ExpertDispatch.Loop (per-expert loop over W+ΔW, the previous runtime) and
+// ExpertDispatch.Grouped (the default: sorted by expert, one bmm per weight, LoRA as low-rank products).
+foreach (var dispatch in new[] { MoeLora.Torch.Nn.ExpertDispatch.Loop, MoeLora.Torch.Nn.ExpertDispatch.Grouped })
 {
-    using var s = NewDisposeScope();
-    using var o = model.Forward(ids);
-    o.Logits.square().mean().backward();
-    foreach (var (_, p) in model.NamedParameters()) if (p.requires_grad) p.grad = null;
-}, 3);
-Report("model fwd+bwd (LoRA training step)", 4 * active * tokens, mb, (long)tokens); // frozen base: ≈ 2× fwd
+    model.SetExpertDispatch(dispatch);
+    double mf;
+    using (no_grad()) mf = Time(() => { using var s = NewDisposeScope(); model.Forward(ids).Dispose(); }, 3);
+    Report($"model fwd (mixtral-small, {counts.Total / 1e6:0.0}M params), runtime {dispatch}", 2 * active * tokens, mf, (long)tokens);
+    double mb = Time(() =>
+    {
+        using var s = NewDisposeScope();
+        using var o = model.Forward(ids);
+        o.Logits.square().mean().backward();
+        foreach (var (_, p) in model.NamedParameters()) if (p.requires_grad) p.grad = null;
+    }, 3);
+    Report($"model fwd+bwd (LoRA training step), runtime {dispatch}", 4 * active * tokens, mb, (long)tokens); // frozen base: ≈ 2× fwd
+}
 
 void Report(string name, double flops, double seconds, long? toks)
 {
@@ -134,3 +148,4 @@ void Report(string name, double flops, double seconds, long? toks)
     if (matmulFlops == 0) matmulFlops = fps;
     Console.WriteLine($"| {name} | {seconds * 1000:0.0} ms | {(toks is null ? "" : $"{toks / seconds:0} tok/s")} | {fps / 1e9:0.0} GFLOP/s | {fps / matmulFlops:0.00} |");
 }
+Console.WriteLine($"load average after: {File.ReadAllText("/proc/loadavg").Trim()}");
