@@ -30,6 +30,7 @@ public static class Program
                 .WithDescription("List the embedded catalog of real configs");
             config.AddCommand<TrainCommand>("train").WithDescription("Circuit-breaker (representation rerouting) LoRA training");
             config.AddCommand<EvalCommand>("eval").WithDescription("Rerouting and retain metrics with and without an adapter");
+            config.AddCommand<MergeCommand>("merge").WithDescription("Fold a LoRA adapter into the weights (W+ΔW) and write the checkpoint in its Hub layout");
         });
         return Run(app, args);
     }

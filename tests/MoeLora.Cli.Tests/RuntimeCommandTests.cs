@@ -153,6 +153,29 @@ public sealed class RuntimeCommandTests : IDisposable
     }
 
     [Fact]
+    public void Merge_writes_a_hub_checkpoint_with_the_adapted_logits()
+    {
+        var model = Path.Combine(Fixture("mixtral"), "model");
+        var adapter = Path.Combine(Fixture("mixtral"), "attn_plus_experts");
+        var outDir = Path.Combine(_tmp, "merged");
+        var (code, err) = Run("merge", model, "--adapter", adapter, "-o", outDir);
+        Assert.True(code == 0, err);
+        var reference = Safetensors.Load(Path.Combine(Fixture("mixtral"), "reference.safetensors"));
+        using var adapted = MoeLora.Torch.Models.TorchModelFactory.Load(model);
+        MoeLora.Torch.Lora.LoraInjector.LoadPeftAdapter(adapted, adapter);
+        adapted.Eval();
+        using var merged = MoeLora.Torch.Models.TorchModelFactory.Load(outDir);
+        merged.Eval();
+        using var _ = no_grad();
+        using var want = adapted.Forward(reference["input_ids"], reference["attention_mask"]);
+        using var got = merged.Forward(reference["input_ids"], reference["attention_mask"]);
+        var diff = (got.Logits - want.Logits).abs().max().item<float>();
+        Assert.True(diff <= 1e-5 * want.Logits.abs().max().item<float>(), $"merged logits differ by {diff}");
+        Assert.Contains(Safetensors.ReadHeader(Path.Combine(outDir, "model.safetensors")).Entries, e => e.Name == "model.layers.0.block_sparse_moe.experts.0.w1.weight");
+        AssertError(["merge", model, "--adapter", _tmp, "-o", outDir], "adapter_config.json");
+    }
+
+    [Fact]
     public void Routers_write_frequencies_divergence_and_heatmap()
     {
         var h = Path.Combine(_tmp, "h.jsonl");

@@ -22,7 +22,11 @@ public static class Safetensors
         ["I16"] = ScalarType.Int16, ["I8"] = ScalarType.Int8, ["U8"] = ScalarType.Byte, ["BOOL"] = ScalarType.Bool,
     };
 
-    public sealed record Entry(string Name, string DType, long[] Shape, long Begin, long End);
+    public sealed record Entry(string Name, string DType, long[] Shape, long Begin, long End)
+    {
+        /// <summary>The torch dtype of <see cref="DType"/> (header already validated).</summary>
+        public ScalarType ScalarType => DTypes[DType];
+    }
 
     /// <summary>Reads the header only; validates offsets against the file length.</summary>
     public static (IReadOnlyList<Entry> Entries, Dictionary<string, string> Metadata, long DataStart) ReadHeader(string path)

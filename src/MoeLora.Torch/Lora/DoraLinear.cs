@@ -27,7 +27,19 @@ public sealed class DoraLinear : LoraWrapper, ILinearAdapter
             norm = linalg.norm(w, dims: [1]).to(ScalarType.Float32).detach();
         }
         Magnitude = AddChild("lora_magnitude_vector", new Container()).Add(adapter, new LoraFactor(norm));
+        _layer = baseLayer;
         baseLayer.Adapters.Add(this);
+    }
+
+    readonly Linear _layer;
+    public override Parameter Target => _layer.weight;
+
+    /// <summary>PEFT's DoRA merge: <c>(m / ‖W + s·BA‖) · (W + s·BA)</c>, row norms.</summary>
+    public override Tensor Merge(Tensor weight)
+    {
+        var w = weight.to(ScalarType.Float32) + Scaling * matmul(B.weight, A.weight).to(ScalarType.Float32);
+        var norm = linalg.norm(w, dims: [1]);
+        return ((Magnitude.weight / norm).view(-1, 1) * w).to(weight.dtype);
     }
 
     public Tensor Apply(Tensor x, Tensor baseOutput, Linear layer)
@@ -62,6 +74,8 @@ public sealed class ParamLora2D : LoraWrapper, IParamDelta, ILinearAdapter
         : base(baseLayer, adapter, a, b, scaling, rank)
     {
         ParameterName = parameterName;
+        _target = owner.DirectParameters.FirstOrDefault(kv => kv.Key == parameterName).Value
+            ?? throw new NotSupportedException($"{owner.GetType().Name} has no parameter '{parameterName}'.");
         if (parameterName != "weight")
             throw new NotSupportedException($"target_parameters on '{parameterName}' of {owner.GetType().Name} is not supported (2-D 'weight' only).");
         switch (owner)
@@ -72,6 +86,10 @@ public sealed class ParamLora2D : LoraWrapper, IParamDelta, ILinearAdapter
             default: throw new NotSupportedException($"target_parameters on {owner.GetType().Name}.{parameterName} is not supported by MoeLora.Torch.");
         }
     }
+
+    readonly Parameter _target;
+    public override Parameter Target => _target;
+    public override Tensor Merge(Tensor weight) => weight + Delta().to(weight.dtype);
 
     public Tensor Delta() => matmul(B.weight, A.weight) * Scaling;
 

@@ -23,6 +23,12 @@ public abstract class LoraWrapper : HfModule
     /// <summary>False inside PEFT's <c>disable_adapter()</c>: the wrapper computes the base layer only.</summary>
     public bool Enabled { get; set; } = true;
 
+    /// <summary>The base weight this adapter changes (what <c>merge_and_unload</c> writes W+ΔW into).</summary>
+    public abstract Parameter Target { get; }
+
+    /// <summary>The merged weight PEFT's <c>merge</c> computes for <see cref="Target"/> given its current value.</summary>
+    public abstract Tensor Merge(Tensor weight);
+
     protected LoraWrapper(HfModule baseLayer, string adapter, Tensor a, Tensor b, double scaling, int rank)
     {
         AdapterName = adapter; Scaling = scaling; Rank = rank;
@@ -38,12 +44,19 @@ public sealed class LoraLinear : LoraWrapper, ILinearAdapter
 {
     readonly double _dropout;
 
+    readonly Linear _layer;
+
     public LoraLinear(Linear baseLayer, string adapter, Tensor a, Tensor b, double scaling, int rank, double dropout)
         : base(baseLayer, adapter, a, b, scaling, rank)
     {
-        _dropout = dropout;
+        _dropout = dropout; _layer = baseLayer;
         baseLayer.Adapters.Add(this);
     }
+
+    public override Parameter Target => _layer.weight;
+
+    /// <summary>W + s·B·A (PEFT's <c>get_delta_weight</c>).</summary>
+    public override Tensor Merge(Tensor weight) => weight + (matmul(B.weight, A.weight) * Scaling).to(weight.dtype);
 
     public Tensor Apply(Tensor x, Tensor baseOutput, Linear layer)
     {
@@ -72,8 +85,13 @@ public sealed class ParamLora : LoraWrapper, ILowRankExpertDelta
         ParameterName = parameterName;
         NumExperts = owner.NumExperts;
         _transposed = owner.IsTransposed;
+        _target = owner.Param(parameterName);
         owner.AttachDelta(parameterName, this);
     }
+
+    readonly Parameter _target;
+    public override Parameter Target => _target;
+    public override Tensor Merge(Tensor weight) => weight + Delta().to(weight.dtype);
 
     public Tensor Delta()
     {

@@ -1,0 +1,108 @@
+using System.Text.RegularExpressions;
+using MoeLora.Torch.IO;
+using MoeLora.Torch.Models;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MoeLora.Torch.Lora;
+
+/// <summary>
+/// PEFT's <c>merge_and_unload()</c> for an injected model: every enabled adapter's ΔW is folded into its base weight
+/// (Linear: W + s·BA; DoRA: (m/‖W+s·BA‖)·(W+s·BA); fused experts: W + ΔW per expert; 2-D parameters: W + s·BA),
+/// and the result is written as a checkpoint in the <em>source checkpoint's</em> Hub layout: the same files (shards
+/// and index), keys and dtypes, per-expert tensors sliced back out of the fused ones, other files copied.
+/// </summary>
+public static partial class LoraMerge
+{
+    [GeneratedRegex(@"^(?<prefix>.*\.experts)\.(?<e>\d+)\.(?<w>gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")]
+    private static partial Regex PerExpert();
+
+    /// <summary>The merged model's state under the base model's runtime names (no <c>base_layer.</c>, no LoRA tensors).</summary>
+    public static Dictionary<string, Tensor> MergedState(CausalLm model)
+    {
+        var merged = new Dictionary<Tensor, Tensor>(ReferenceEqualityComparer.Instance);
+        using (no_grad())
+            foreach (var w in model.NamedModules().Select(m => m.Module).OfType<LoraWrapper>())
+            {
+                if (!w.Enabled) continue;
+                var current = merged.TryGetValue(w.Target, out var t) ? t : w.Target.detach();
+                merged[w.Target] = w.Merge(current);
+            }
+        var state = new Dictionary<string, Tensor>(StringComparer.Ordinal);
+        foreach (var (name, value) in model.StateDict())
+        {
+            if (name.Contains(".lora_", StringComparison.Ordinal)) continue;
+            var clean = name.Replace(".base_layer", "", StringComparison.Ordinal);
+            state.TryAdd(clean, merged.TryGetValue(value, out var m) ? m : value.detach());
+        }
+        return state;
+    }
+
+    /// <summary>
+    /// Writes the merged weights of <paramref name="model"/> (loaded from <paramref name="checkpointDir"/>, all layers)
+    /// into <paramref name="outDir"/> with the checkpoint's file names, keys and dtypes; non-weight files are copied.
+    /// </summary>
+    public static void SaveHubCheckpoint(CausalLm model, string checkpointDir, string outDir)
+    {
+        var configJson = File.ReadAllText(Path.Combine(checkpointDir, "config.json"));
+        if (ModelConfig.Parse(configJson).NumLayers != model.NumLayers)
+            throw new InvalidOperationException($"the model has {model.NumLayers} blocks but {checkpointDir} has {ModelConfig.Parse(configJson).NumLayers}: merge needs the whole model.");
+        var renames = TorchModelFactory.FamilyFor(configJson).HubRenames.ToList();
+        var state = MergedState(model);
+        var used = new HashSet<string>(StringComparer.Ordinal);
+        var files = CheckpointLoader.Files(checkpointDir);
+        var full = Path.GetFullPath(outDir);
+        if (Path.GetFullPath(checkpointDir).TrimEnd('/') == full.TrimEnd('/')) throw new ArgumentException("the output folder must differ from the checkpoint folder.");
+        var tmp = full + $".tmp-{Environment.ProcessId}";
+        if (Directory.Exists(tmp)) Directory.Delete(tmp, true);
+        Directory.CreateDirectory(tmp);
+        foreach (var file in files)
+        {
+            var (entries, metadata, _) = Safetensors.ReadHeader(file);
+            var tensors = new List<KeyValuePair<string, Tensor>>();
+            using var scope = NewDisposeScope();
+            foreach (var e in entries)
+            {
+                var n = e.Name;
+                foreach (var (from, to) in renames) n = n.Replace(from, to, StringComparison.Ordinal);
+                Tensor value;
+                var m = PerExpert().Match(n);
+                if (m.Success)
+                {
+                    var prefix = m.Groups["prefix"].Value;
+                    long ex = long.Parse(m.Groups["e"].Value);
+                    switch (m.Groups["w"].Value)
+                    {
+                        case "gate_proj" or "w1" or "up_proj" or "w3":
+                            var gu = Get($"{prefix}.gate_up_proj")[ex];
+                            long inter = gu.shape[0] / 2;
+                            bool gate = m.Groups["w"].Value is "gate_proj" or "w1";
+                            value = gu.narrow(0, gate ? 0 : inter, inter);
+                            break;
+                        default:
+                            value = Get($"{prefix}.down_proj")[ex];
+                            break;
+                    }
+                }
+                else value = Get(n);
+                if (!value.shape.SequenceEqual(e.Shape))
+                    throw new InvalidDataException($"{e.Name}: merged shape [{string.Join(",", value.shape)}] differs from the checkpoint's [{string.Join(",", e.Shape)}].");
+                tensors.Add(new(e.Name, value.to(e.ScalarType).contiguous()));
+            }
+            Safetensors.Save(Path.Combine(tmp, Path.GetFileName(file)), tensors, metadata.Count > 0 ? metadata : new Dictionary<string, string> { ["format"] = "pt" });
+        }
+        var unused = state.Keys.Where(k => !used.Contains(k)).ToList();
+        if (unused.Count > 0) throw new InvalidDataException($"merged tensors not written to the Hub layout: {string.Join(", ", unused.Take(5))}.");
+        foreach (var f in Directory.GetFiles(checkpointDir))
+            if (!f.EndsWith(".safetensors", StringComparison.Ordinal)) File.Copy(f, Path.Combine(tmp, Path.GetFileName(f)), overwrite: true);
+        Training.Checkpoints.ReplaceDirectory(tmp, full);
+
+        Tensor Get(string runtimeName)
+        {
+            if (!state.TryGetValue(runtimeName, out var t))
+                throw new InvalidDataException($"the checkpoint's {runtimeName} has no counterpart in the merged model.");
+            used.Add(runtimeName);
+            return t;
+        }
+    }
+}
