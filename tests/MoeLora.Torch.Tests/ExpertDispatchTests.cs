@@ -15,12 +15,14 @@ public class ExpertDispatchTests(ITestOutputHelper log)
 {
     public static TheoryData<string> MoeModels => new(Fixtures.AllModels.Where(m => Directory.Exists(Path.Combine(Fixtures.Dir(m), "attn_plus_experts"))));
 
-    static (Tensor Logits, List<Tensor> Hidden, Dictionary<string, Tensor> Grads, long[][] Counts) Run(string type, ExpertDispatch dispatch)
+    static (Tensor Logits, List<Tensor> Hidden, Dictionary<string, Tensor> Grads, long[][] Counts) Run(string type, ExpertDispatch dispatch, bool forceFallback = false)
     {
         var inputs = Fixtures.Reference(type);
         var model = TorchModelFactory.Load(Path.Combine(Fixtures.Dir(type), "model"));
         LoraInjector.LoadPeftAdapter(model, Path.Combine(Fixtures.Dir(type), "attn_plus_experts"));
         model.SetExpertDispatch(dispatch);
+        if (forceFallback)
+            foreach (var e in model.NamedModules().Select(m => m.Module).OfType<ExpertsBase>()) { e.MaxPaddingFactor = 0; e.MinPaddedRowsForFallback = 0; }
         model.Train();
         var mask = inputs["attention_mask"];
         var output = model.Forward(inputs["input_ids"], mask, outputHiddenStates: true);
@@ -43,5 +45,9 @@ public class ExpertDispatchTests(ITestOutputHelper log)
         foreach (var (k, g) in loop.Grads) Check(k, Fixtures.RelError(grouped.Grads[k], g), 1e-4);
         Assert.Equal(loop.Counts, grouped.Counts);
         Assert.True(errors.Count == 0, string.Join("; ", errors));
+        // Skewed routing (padding beyond MaxPaddingFactor) falls back to the loop: identical results.
+        var fallback = Run(type, ExpertDispatch.Grouped, forceFallback: true);
+        Assert.True(fallback.Logits.equal(loop.Logits).all().item<bool>());
+        foreach (var (k, g) in loop.Grads) Assert.True(fallback.Grads[k].equal(g).all().item<bool>(), k);
     }
 }

@@ -40,3 +40,13 @@ public static class Fixtures
         return diff / Math.Max(b.to(ScalarType.Float64).abs().max().item<double>(), 1e-12);
     }
 }
+
+/// <summary>
+/// Tests that seed, consume or save torch's global RNG (trainers: manual_seed and the RNG state in checkpoints;
+/// dropout; unseeded randn) run one at a time, so a bit-exact resume test is not disturbed by another class.
+/// </summary>
+[CollectionDefinition(Name)]
+public sealed class TorchGlobalRng
+{
+    public const string Name = "torch global RNG";
+}

@@ -7,6 +7,7 @@ using static TorchSharp.torch;
 
 namespace MoeLora.Torch.Tests;
 
+[Collection(TorchGlobalRng.Name)]
 public class LoraInjectionTests
 {
     public LoraInjectionTests() => TorchRuntime.EnsureInitialized();

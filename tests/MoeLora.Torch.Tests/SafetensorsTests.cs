@@ -5,6 +5,7 @@ using static TorchSharp.torch;
 
 namespace MoeLora.Torch.Tests;
 
+[Collection(TorchGlobalRng.Name)]
 public class SafetensorsTests
 {
     public SafetensorsTests() => TorchRuntime.EnsureInitialized();

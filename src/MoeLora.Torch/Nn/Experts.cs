@@ -53,6 +53,13 @@ public abstract class ExpertsBase : HfModule
     /// </summary>
     public ExpertDispatch Dispatching { get; set; } = ExpertDispatch.Grouped;
 
+    /// <summary>
+    /// Grouped dispatch pads every expert to the busiest one; beyond this many padded rows per routed pair (and more
+    /// than <see cref="MinPaddedRowsForFallback"/> rows) the loop runs instead.
+    /// </summary>
+    public double MaxPaddingFactor { get; set; } = 4;
+    public long MinPaddedRowsForFallback { get; set; } = 65536;
+
     protected Tensor Effective(string name)
     {
         Tensor w = Param(name);
@@ -72,9 +79,11 @@ public abstract class ExpertsBase : HfModule
 
     /// <summary>
     /// Sorts the T·k (token, slot) pairs by expert (stable: token-major within an expert, as the loop) and gives each
-    /// its row in a padded [E·cap] buffer, cap = the busiest expert's count.
+    /// its row in a padded [E·cap] buffer, cap = the busiest expert's count. Returns null when routing is so skewed
+    /// that the padded buffer would exceed <see cref="MaxPaddingFactor"/> × the pairs: the caller
+    /// then runs the per-expert loop, whose cost does not grow with the imbalance.
     /// </summary>
-    protected Grouping Group(Tensor topIdx)
+    protected Grouping? Group(Tensor topIdx)
     {
         long k = topIdx.shape[1], n = topIdx.shape[0] * k;
         using var _ = no_grad();
@@ -83,6 +92,7 @@ public abstract class ExpertsBase : HfModule
         var c = counts.data<long>().ToArray();
         LastSelectedCounts = c;
         long cap = Math.Max(1, c.Max());
+        if (NumExperts * cap > MaxPaddingFactor * n && NumExperts * cap > MinPaddedRowsForFallback) return null;
         var (sorted, order) = flat.sort(0, false, true);
         var starts = counts.cumsum(0) - counts;
         var pos = arange(n, ScalarType.Int64, flat.device) - starts.index_select(0, sorted);
@@ -170,8 +180,7 @@ public sealed class FusedExperts : ExpertsBase
     /// <param name="x">[T, H]</param><param name="topIdx">[T, k] int64</param><param name="topW">[T, k]</param>
     public Tensor Forward(Tensor x, Tensor topIdx, Tensor topW)
     {
-        if (Dispatching == ExpertDispatch.Loop) return ForwardLoop(x, topIdx, topW);
-        var g = Group(topIdx);
+        if (Dispatching == ExpertDispatch.Loop || Group(topIdx) is not { } g) return ForwardLoop(x, topIdx, topW);
         var xin = Scatter(g, x.index_select(0, g.TokenOf));
         var gu = GroupedLinear(xin, "gate_up_proj").chunk(2, -1);
         var h = Gather(g, GroupedLinear(_act.Forward(gu[0]) * gu[1], "down_proj"));

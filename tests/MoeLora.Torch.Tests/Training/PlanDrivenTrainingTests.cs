@@ -9,6 +9,7 @@ using static TorchSharp.torch;
 namespace MoeLora.Torch.Tests.Training;
 
 /// <summary>Training injects LoRA from Core's AdapterPlan, so PEFT's transformers-5 rewrite applies to new configs.</summary>
+[Collection(TorchGlobalRng.Name)]
 public class PlanDrivenTrainingTests
 {
     public PlanDrivenTrainingTests() => TorchRuntime.EnsureInitialized();

@@ -6,6 +6,7 @@ using static TorchSharp.torch;
 
 namespace MoeLora.Torch.Tests.Training;
 
+[Collection(TorchGlobalRng.Name)]
 public class TrainerTests(ITestOutputHelper log)
 {
     [Fact]
@@ -31,6 +32,7 @@ public class TrainerTests(ITestOutputHelper log)
     }
 }
 
+[Collection(TorchGlobalRng.Name)]
 public class ResumeTests(ITestOutputHelper log)
 {
     static byte[] AdapterBytes(string dir) => File.ReadAllBytes(Path.Combine(dir, "adapter_model.safetensors"));

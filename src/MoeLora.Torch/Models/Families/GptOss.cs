@@ -73,8 +73,7 @@ internal sealed class GptOssExperts : ExpertsBase
 
     public Tensor Forward(Tensor x, Tensor topIdx, Tensor topW)
     {
-        if (Dispatching == ExpertDispatch.Loop) return ForwardLoop(x, topIdx, topW);
-        var g = Group(topIdx);
+        if (Dispatching == ExpertDispatch.Loop || Group(topIdx) is not { } g) return ForwardLoop(x, topIdx, topW);
         var xin = Scatter(g, x.index_select(0, g.TokenOf));
         var gu = GroupedMatmul(xin, "gate_up_proj") + Effective("gate_up_proj_bias").unsqueeze(1);
         var gate = gu.index(TensorIndex.Ellipsis, TensorIndex.Slice(0, null, 2)).clamp(max: _limit);

@@ -133,8 +133,7 @@ internal sealed class Llama4Experts : ExpertsBase
     /// <summary>The routing score scales the expert's input (not its output), as in transformers.</summary>
     public Tensor Forward(Tensor x, Tensor topIdx, Tensor scores)
     {
-        if (Dispatching == ExpertDispatch.Loop) return ForwardLoop(x, topIdx, scores);
-        var g = Group(topIdx);
+        if (Dispatching == ExpertDispatch.Loop || Group(topIdx) is not { } g) return ForwardLoop(x, topIdx, scores);
         var w = scores.flatten().index_select(0, g.Order).unsqueeze(-1);
         var xin = Scatter(g, x.index_select(0, g.TokenOf) * w);
         var gu = GroupedMatmul(xin, "gate_up_proj").chunk(2, -1);
