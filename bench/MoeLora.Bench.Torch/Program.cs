@@ -88,12 +88,14 @@ Tensor Grouped(bool grad)
     var w = topW.flatten().index_select(0, order).unsqueeze(-1);
     return zeros_like(x).index_add(0, tokOf, rows * w, 1.0);
 }
+bool modelOnly = args.Length > 1 && args[1] == "model";
+if (!modelOnly)
 using (no_grad())
 {
     var diff = (Loop(false) - Grouped(false)).abs().max().item<float>();
     Console.WriteLine($"grouped vs loop max |diff| {diff:g3}");
 }
-foreach (var (name, f) in new (string, Func<bool, Tensor>)[] { ("per-expert loop (W+ΔW)", Loop), ("grouped dispatch (bmm, low-rank LoRA)", Grouped) })
+foreach (var (name, f) in modelOnly ? [] : new (string, Func<bool, Tensor>)[] { ("per-expert loop (W+ΔW)", Loop), ("grouped dispatch (bmm, low-rank LoRA)", Grouped) })
 {
     double fw;
     using (no_grad()) fw = Time(() => { using var s = NewDisposeScope(); f(false); }, 5);
@@ -141,6 +143,24 @@ foreach (var dispatch in new[] { MoeLora.Torch.Nn.ExpertDispatch.Loop, MoeLora.T
     }, 3);
     Report($"model fwd+bwd (LoRA training step), runtime {dispatch}", 4 * active * tokens, mb, (long)tokens); // frozen base: ≈ 2× fwd
 }
+
+// 4. The same model made dense (llama, intermediate = top-2 × 1024: equal active parameters), LoRA on all seven
+// projections: what the non-expert parts (attention, norms, lm_head, LoRA on Linear) cost at this size.
+var dense = System.Text.Json.Nodes.JsonNode.Parse(config)!.AsObject();
+dense["model_type"] = "llama"; dense["intermediate_size"] = 2048; dense.Remove("num_local_experts"); dense.Remove("num_experts_per_tok");
+using var denseModel = TorchModelFactory.Random(dense.ToJsonString(), 0, ScalarType.Float32);
+LoraInjector.Inject(denseModel, MoeLora.Torch.Lora.LoraConfig.Parse("""{"r":16,"lora_alpha":32,"init_lora_weights":false,"target_modules":["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]}"""));
+double df;
+using (no_grad()) df = Time(() => { using var s = NewDisposeScope(); denseModel.Forward(ids).Dispose(); }, 3);
+Report("dense llama, same active parameters: fwd", 2 * active * tokens, df, (long)tokens);
+double db = Time(() =>
+{
+    using var s = NewDisposeScope();
+    using var o = denseModel.Forward(ids);
+    o.Logits.square().mean().backward();
+    foreach (var (_, p) in denseModel.NamedParameters()) if (p.requires_grad) p.grad = null;
+}, 3);
+Report("dense llama, same active parameters: fwd+bwd (LoRA training step)", 4 * active * tokens, db, (long)tokens);
 
 void Report(string name, double flops, double seconds, long? toks)
 {

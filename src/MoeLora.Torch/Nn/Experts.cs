@@ -46,19 +46,19 @@ public abstract class ExpertsBase : HfModule
     }
 
     /// <summary>
-    /// How the experts run. <see cref="ExpertDispatch.Grouped"/> (default): (token, slot) pairs sorted by expert into a
-    /// padded [E, cap, ·] buffer, one batched matmul per weight, LoRA as low-rank products (x·Aᵀ·Bᵀ or x·B·A) without
-    /// materialising W+ΔW. <see cref="ExpertDispatch.Loop"/>: transformers' per-expert loop over W+ΔW (PEFT's
-    /// parametrization, kept as the reference for tests).
+    /// How the experts run. <see cref="ExpertDispatch.Grouped"/> (default): (token, slot) pairs sorted by expert, each
+    /// expert weight applied to its contiguous rows (one padded batched matmul when routing is balanced enough, else
+    /// one matmul per expert segment), LoRA as low-rank products (x·Rᵀ·Lᵀ or x·L·R) without materialising W+ΔW.
+    /// <see cref="ExpertDispatch.Loop"/>: transformers' per-expert loop over W+ΔW (PEFT's parametrization, kept as
+    /// the reference for tests).
     /// </summary>
     public ExpertDispatch Dispatching { get; set; } = ExpertDispatch.Grouped;
 
     /// <summary>
-    /// Grouped dispatch pads every expert to the busiest one; beyond this many padded rows per routed pair (and more
-    /// than <see cref="MinPaddedRowsForFallback"/> rows) the loop runs instead.
+    /// Grouped dispatch uses one padded bmm (every expert padded to the busiest) while the padded rows stay within
+    /// this factor of the routed pairs; beyond it, one matmul per expert segment (no padding). 0 forces segments.
     /// </summary>
-    public double MaxPaddingFactor { get; set; } = 4;
-    public long MinPaddedRowsForFallback { get; set; } = 65536;
+    public double MaxPaddingFactor { get; set; } = 1.5;
 
     protected Tensor Effective(string name)
     {
@@ -74,16 +74,14 @@ public abstract class ExpertsBase : HfModule
     /// </summary>
     public long[]? LastSelectedCounts { get; private set; }
 
-    /// <summary>(token, slot) pairs grouped by expert into a padded buffer (see <see cref="Group"/>).</summary>
-    protected sealed record Grouping(Tensor Order, Tensor TokenOf, Tensor Row, long Capacity);
-
     /// <summary>
-    /// Sorts the T·k (token, slot) pairs by expert (stable: token-major within an expert, as the loop) and gives each
-    /// its row in a padded [E·cap] buffer, cap = the busiest expert's count. Returns null when routing is so skewed
-    /// that the padded buffer would exceed <see cref="MaxPaddingFactor"/> × the pairs: the caller
-    /// then runs the per-expert loop, whose cost does not grow with the imbalance.
+    /// The T·k (token, slot) pairs sorted by expert: <see cref="Order"/> (pair index per sorted row), its token,
+    /// its expert, the per-expert counts, and — when padding is cheap — each row's place in a padded [E·cap] buffer.
     /// </summary>
-    protected Grouping? Group(Tensor topIdx)
+    protected sealed record Grouping(Tensor Order, Tensor TokenOf, Tensor ExpertOf, long[] Counts, Tensor? PaddedRow, long Capacity);
+
+    /// <summary>Sorts the pairs by expert (stable: token-major within an expert, as the loop).</summary>
+    protected Grouping Group(Tensor topIdx)
     {
         long k = topIdx.shape[1], n = topIdx.shape[0] * k;
         using var _ = no_grad();
@@ -92,45 +90,47 @@ public abstract class ExpertsBase : HfModule
         var c = counts.data<long>().ToArray();
         LastSelectedCounts = c;
         long cap = Math.Max(1, c.Max());
-        if (NumExperts * cap > MaxPaddingFactor * n && NumExperts * cap > MinPaddedRowsForFallback) return null;
         var (sorted, order) = flat.sort(0, false, true);
-        var starts = counts.cumsum(0) - counts;
-        var pos = arange(n, ScalarType.Int64, flat.device) - starts.index_select(0, sorted);
-        return new Grouping(order, order.div(k, rounding_mode: RoundingMode.floor), sorted * cap + pos, cap);
+        Tensor? row = null;
+        if (NumExperts * cap <= MaxPaddingFactor * n)
+        {
+            var starts = counts.cumsum(0) - counts;
+            row = sorted * cap + (arange(n, ScalarType.Int64, flat.device) - starts.index_select(0, sorted));
+        }
+        return new Grouping(order, order.div(k, rounding_mode: RoundingMode.floor), sorted, c, row, cap);
     }
-
-    /// <summary>Rows of <paramref name="rows"/> [T·k, F] (in <see cref="Grouping.Order"/>) placed in the padded [E, cap, F] buffer.</summary>
-    protected Tensor Scatter(Grouping g, Tensor rows) =>
-        zeros([NumExperts * g.Capacity, rows.shape[1]], rows.dtype, rows.device).index_copy(0, g.Row, rows).view(NumExperts, g.Capacity, rows.shape[1]);
-
-    /// <summary>The pairs' rows of a padded [E, cap, F] result, in <see cref="Grouping.Order"/>.</summary>
-    protected static Tensor Gather(Grouping g, Tensor padded) => padded.reshape(-1, padded.shape[2]).index_select(0, g.Row);
 
     /// <summary>
-    /// <c>x · W[e]ᵀ</c> per expert for a (E, out, in) parameter used as nn.functional.linear (transformers-v5 experts),
-    /// plus each enabled LoRA delta as <c>x · Rᵀ · Lᵀ</c> (ΔW[e] = L[e]·R[e]).
+    /// Applies expert parameter <paramref name="name"/> to sorted <paramref name="rows"/> [n, in] → [n, out]:
+    /// <c>x · W[e]ᵀ</c> (<paramref name="transposeWeight"/>: (E, out, in) weights used as nn.functional.linear, the
+    /// transformers-v5 experts) or <c>x · W[e]</c> (gpt-oss, Llama4), plus each enabled LoRA delta ΔW[e] = L[e]·R[e]
+    /// as <c>x · Rᵀ · Lᵀ</c> or <c>x · L · R</c>.
     /// </summary>
-    protected Tensor GroupedLinear(Tensor xin, string name)
+    protected Tensor ExpertMatmul(Grouping g, Tensor rows, string name, bool transposeWeight)
     {
-        var y = bmm(xin, Param(name).transpose(1, 2));
-        foreach (var d in EnabledDeltas(name))
+        var w = Param(name);
+        var deltas = EnabledDeltas(name).Select(d => LowRank(d, rows.dtype)).ToList();
+        if (g.PaddedRow is { } row)
         {
-            var (l, r) = LowRank(d, xin.dtype);
-            y = y + bmm(bmm(xin, r.transpose(1, 2)), l.transpose(1, 2));
+            var xin = zeros([NumExperts * g.Capacity, rows.shape[1]], rows.dtype, rows.device).index_copy(0, row, rows)
+                .view(NumExperts, g.Capacity, rows.shape[1]);
+            var y = bmm(xin, transposeWeight ? w.transpose(1, 2) : w);
+            foreach (var (l, r) in deltas)
+                y = y + (transposeWeight ? bmm(bmm(xin, r.transpose(1, 2)), l.transpose(1, 2)) : bmm(bmm(xin, l), r));
+            return y.reshape(-1, y.shape[2]).index_select(0, row);
         }
-        return y;
-    }
-
-    /// <summary><c>x · W[e]</c> per expert for a parameter used with matmul (gpt-oss, Llama4), plus <c>x · L · R</c> per delta.</summary>
-    protected Tensor GroupedMatmul(Tensor xin, string name)
-    {
-        var y = bmm(xin, Param(name));
-        foreach (var d in EnabledDeltas(name))
+        var parts = rows.split(g.Counts, 0);
+        var outs = new List<Tensor>();
+        for (int e = 0; e < g.Counts.Length; e++)
         {
-            var (l, r) = LowRank(d, xin.dtype);
-            y = y + bmm(bmm(xin, l), r);
+            if (g.Counts[e] == 0) continue;
+            var x = parts[e];
+            var y = transposeWeight ? nn.functional.linear(x, w[e]) : matmul(x, w[e]);
+            foreach (var (l, r) in deltas)
+                y = y + (transposeWeight ? matmul(matmul(x, r[e].t()), l[e].t()) : matmul(matmul(x, l[e]), r[e]));
+            outs.Add(y);
         }
-        return y;
+        return outs.Count == 1 ? outs[0] : cat(outs, 0);
     }
 
     IEnumerable<IParamDelta> EnabledDeltas(string name) =>
@@ -180,10 +180,10 @@ public sealed class FusedExperts : ExpertsBase
     /// <param name="x">[T, H]</param><param name="topIdx">[T, k] int64</param><param name="topW">[T, k]</param>
     public Tensor Forward(Tensor x, Tensor topIdx, Tensor topW)
     {
-        if (Dispatching == ExpertDispatch.Loop || Group(topIdx) is not { } g) return ForwardLoop(x, topIdx, topW);
-        var xin = Scatter(g, x.index_select(0, g.TokenOf));
-        var gu = GroupedLinear(xin, "gate_up_proj").chunk(2, -1);
-        var h = Gather(g, GroupedLinear(_act.Forward(gu[0]) * gu[1], "down_proj"));
+        if (Dispatching == ExpertDispatch.Loop) return ForwardLoop(x, topIdx, topW);
+        var g = Group(topIdx);
+        var gu = ExpertMatmul(g, x.index_select(0, g.TokenOf), "gate_up_proj", transposeWeight: true).chunk(2, -1);
+        var h = ExpertMatmul(g, _act.Forward(gu[0]) * gu[1], "down_proj", transposeWeight: true);
         var w = topW.flatten().index_select(0, g.Order).unsqueeze(-1);
         return zeros_like(x).index_add(0, g.TokenOf, (h * w).to(x.dtype), 1.0);
     }

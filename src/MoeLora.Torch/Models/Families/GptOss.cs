@@ -73,13 +73,14 @@ internal sealed class GptOssExperts : ExpertsBase
 
     public Tensor Forward(Tensor x, Tensor topIdx, Tensor topW)
     {
-        if (Dispatching == ExpertDispatch.Loop || Group(topIdx) is not { } g) return ForwardLoop(x, topIdx, topW);
-        var xin = Scatter(g, x.index_select(0, g.TokenOf));
-        var gu = GroupedMatmul(xin, "gate_up_proj") + Effective("gate_up_proj_bias").unsqueeze(1);
+        if (Dispatching == ExpertDispatch.Loop) return ForwardLoop(x, topIdx, topW);
+        var g = Group(topIdx);
+        var gu = ExpertMatmul(g, x.index_select(0, g.TokenOf), "gate_up_proj", transposeWeight: false)
+            + Effective("gate_up_proj_bias").index_select(0, g.ExpertOf);
         var gate = gu.index(TensorIndex.Ellipsis, TensorIndex.Slice(0, null, 2)).clamp(max: _limit);
         var up = gu.index(TensorIndex.Ellipsis, TensorIndex.Slice(1, null, 2)).clamp(-_limit, _limit);
         var glu = gate * nn.functional.sigmoid(gate * Alpha);
-        var h = Gather(g, GroupedMatmul((up + 1) * glu, "down_proj") + Effective("down_proj_bias").unsqueeze(1));
+        var h = ExpertMatmul(g, (up + 1) * glu, "down_proj", transposeWeight: false) + Effective("down_proj_bias").index_select(0, g.ExpertOf);
         var w = topW.flatten().index_select(0, g.Order).unsqueeze(-1);
         return zeros_like(x).index_add(0, g.TokenOf, (h * w).to(x.dtype), 1.0);
     }

@@ -133,11 +133,11 @@ internal sealed class Llama4Experts : ExpertsBase
     /// <summary>The routing score scales the expert's input (not its output), as in transformers.</summary>
     public Tensor Forward(Tensor x, Tensor topIdx, Tensor scores)
     {
-        if (Dispatching == ExpertDispatch.Loop || Group(topIdx) is not { } g) return ForwardLoop(x, topIdx, scores);
+        if (Dispatching == ExpertDispatch.Loop) return ForwardLoop(x, topIdx, scores);
+        var g = Group(topIdx);
         var w = scores.flatten().index_select(0, g.Order).unsqueeze(-1);
-        var xin = Scatter(g, x.index_select(0, g.TokenOf) * w);
-        var gu = GroupedMatmul(xin, "gate_up_proj").chunk(2, -1);
-        var h = Gather(g, GroupedMatmul(gu[1] * _act.Forward(gu[0]), "down_proj"));
+        var gu = ExpertMatmul(g, x.index_select(0, g.TokenOf) * w, "gate_up_proj", transposeWeight: false).chunk(2, -1);
+        var h = ExpertMatmul(g, gu[1] * _act.Forward(gu[0]), "down_proj", transposeWeight: false);
         return zeros_like(x).index_add(0, g.TokenOf, h.to(x.dtype), 1.0);
     }
 
