@@ -76,9 +76,9 @@ public abstract class ExpertsBase : HfModule
 
     /// <summary>
     /// The T·k (token, slot) pairs sorted by expert: <see cref="Order"/> (pair index per sorted row), its token,
-    /// its expert, the per-expert counts, and — when padding is cheap — each row's place in a padded [E·cap] buffer.
+    /// the per-expert counts, and — when padding is cheap — each row's place in a padded [E·cap] buffer.
     /// </summary>
-    protected sealed record Grouping(Tensor Order, Tensor TokenOf, Tensor ExpertOf, long[] Counts, Tensor? PaddedRow, long Capacity);
+    protected sealed record Grouping(Tensor Order, Tensor TokenOf, long[] Counts, Tensor? PaddedRow, long Capacity);
 
     /// <summary>Sorts the pairs by expert (stable: token-major within an expert, as the loop).</summary>
     protected Grouping Group(Tensor topIdx)
@@ -97,40 +97,89 @@ public abstract class ExpertsBase : HfModule
             var starts = counts.cumsum(0) - counts;
             row = sorted * cap + (arange(n, ScalarType.Int64, flat.device) - starts.index_select(0, sorted));
         }
-        return new Grouping(order, order.div(k, rounding_mode: RoundingMode.floor), sorted, c, row, cap);
+        return new Grouping(order, order.div(k, rounding_mode: RoundingMode.floor), c, row, cap);
     }
 
     /// <summary>
-    /// Applies expert parameter <paramref name="name"/> to sorted <paramref name="rows"/> [n, in] → [n, out]:
-    /// <c>x · W[e]ᵀ</c> (<paramref name="transposeWeight"/>: (E, out, in) weights used as nn.functional.linear, the
-    /// transformers-v5 experts) or <c>x · W[e]</c> (gpt-oss, Llama4), plus each enabled LoRA delta ΔW[e] = L[e]·R[e]
-    /// as <c>x · Rᵀ · Lᵀ</c> or <c>x · L · R</c>.
+    /// The expert computation on one group of rows: <see cref="Mm"/> applies an expert weight (plus its enabled LoRA
+    /// deltas as low-rank products), <see cref="Bias"/> gives an expert bias broadcastable to Mm's output. Batched
+    /// (padded [E, cap, ·] rows, one bmm per weight) or for one expert's contiguous rows ([n_e, ·], plain matmuls).
     /// </summary>
-    protected Tensor ExpertMatmul(Grouping g, Tensor rows, string name, bool transposeWeight)
+    protected abstract class ExpertOps
     {
-        var w = Param(name);
-        var deltas = EnabledDeltas(name).Select(d => LowRank(d, rows.dtype)).ToList();
-        if (g.PaddedRow is { } row)
+        /// <summary>
+        /// <c>x · W[e]ᵀ</c> with <paramref name="transposeWeight"/> ((E, out, in) weights used as nn.functional.linear,
+        /// the transformers-v5 experts) or <c>x · W[e]</c> (gpt-oss, Llama4), plus each enabled LoRA delta
+        /// ΔW[e] = L[e]·R[e] as <c>x · Rᵀ · Lᵀ</c> or <c>x · L · R</c>.
+        /// </summary>
+        public abstract Tensor Mm(Tensor x, string name, bool transposeWeight);
+        public abstract Tensor Bias(string name);
+    }
+
+    sealed class BatchedOps(ExpertsBase owner, ScalarType dtype) : ExpertOps
+    {
+        public override Tensor Mm(Tensor x, string name, bool transposeWeight)
         {
-            var xin = zeros([NumExperts * g.Capacity, rows.shape[1]], rows.dtype, rows.device).index_copy(0, row, rows)
-                .view(NumExperts, g.Capacity, rows.shape[1]);
-            var y = bmm(xin, transposeWeight ? w.transpose(1, 2) : w);
-            foreach (var (l, r) in deltas)
-                y = y + (transposeWeight ? bmm(bmm(xin, r.transpose(1, 2)), l.transpose(1, 2)) : bmm(bmm(xin, l), r));
-            return y.reshape(-1, y.shape[2]).index_select(0, row);
+            var w = owner.Param(name);
+            var y = bmm(x, transposeWeight ? w.transpose(1, 2) : w);
+            foreach (var (l, r) in owner.Factors(name, dtype))
+                y = y + (transposeWeight ? bmm(bmm(x, r.transpose(1, 2)), l.transpose(1, 2)) : bmm(bmm(x, l), r));
+            return y;
         }
-        var parts = rows.split(g.Counts, 0);
-        var outs = new List<Tensor>();
-        for (int e = 0; e < g.Counts.Length; e++)
+        public override Tensor Bias(string name) => owner.Effective(name).unsqueeze(1);
+    }
+
+    sealed class SingleExpertOps(ExpertsBase owner, ScalarType dtype) : ExpertOps
+    {
+        public long Expert;
+        public override Tensor Mm(Tensor x, string name, bool transposeWeight)
         {
-            if (g.Counts[e] == 0) continue;
-            var x = parts[e];
-            var y = transposeWeight ? nn.functional.linear(x, w[e]) : matmul(x, w[e]);
-            foreach (var (l, r) in deltas)
-                y = y + (transposeWeight ? matmul(matmul(x, r[e].t()), l[e].t()) : matmul(matmul(x, l[e]), r[e]));
-            outs.Add(y);
+            var w = owner.Param(name)[Expert];
+            var y = transposeWeight ? nn.functional.linear(x, w) : matmul(x, w);
+            foreach (var (l, r) in owner.Factors(name, dtype))
+                y = y + (transposeWeight ? matmul(matmul(x, r[Expert].t()), l[Expert].t()) : matmul(matmul(x, l[Expert]), r[Expert]));
+            return y;
         }
-        return outs.Count == 1 ? outs[0] : cat(outs, 0);
+        public override Tensor Bias(string name) => owner.Effective(name)[Expert];
+    }
+
+    readonly Dictionary<string, List<(Tensor L, Tensor R)>> _factors = [];
+
+    List<(Tensor L, Tensor R)> Factors(string name, ScalarType dtype)
+    {
+        if (!_factors.TryGetValue(name, out var f)) _factors[name] = f = EnabledDeltas(name).Select(d => LowRank(d, dtype)).ToList();
+        return f;
+    }
+
+    /// <summary>
+    /// Runs <paramref name="body"/> (the expert MLP written once against <see cref="ExpertOps"/>) on the sorted rows
+    /// [n, in] → [n, out]: batched on a padded buffer when <see cref="Grouping.PaddedRow"/> is set, else once per
+    /// expert on its contiguous rows (no padding, no intermediate concatenation).
+    /// </summary>
+    protected Tensor RunExperts(Grouping g, Tensor rows, Func<ExpertOps, Tensor, Tensor> body)
+    {
+        _factors.Clear(); // LoRA factors (L, R) are computed once per forward and shared by all experts
+        try
+        {
+            if (g.PaddedRow is { } row)
+            {
+                var xin = zeros([NumExperts * g.Capacity, rows.shape[1]], rows.dtype, rows.device).index_copy(0, row, rows)
+                    .view(NumExperts, g.Capacity, rows.shape[1]);
+                var y = body(new BatchedOps(this, rows.dtype), xin);
+                return y.reshape(-1, y.shape[2]).index_select(0, row);
+            }
+            var parts = rows.split(g.Counts, 0);
+            var ops = new SingleExpertOps(this, rows.dtype);
+            var outs = new List<Tensor>();
+            for (int e = 0; e < g.Counts.Length; e++)
+            {
+                if (g.Counts[e] == 0) continue;
+                ops.Expert = e;
+                outs.Add(body(ops, parts[e]));
+            }
+            return outs.Count == 1 ? outs[0] : cat(outs, 0);
+        }
+        finally { _factors.Clear(); }
     }
 
     IEnumerable<IParamDelta> EnabledDeltas(string name) =>
@@ -182,8 +231,11 @@ public sealed class FusedExperts : ExpertsBase
     {
         if (Dispatching == ExpertDispatch.Loop) return ForwardLoop(x, topIdx, topW);
         var g = Group(topIdx);
-        var gu = ExpertMatmul(g, x.index_select(0, g.TokenOf), "gate_up_proj", transposeWeight: true).chunk(2, -1);
-        var h = ExpertMatmul(g, _act.Forward(gu[0]) * gu[1], "down_proj", transposeWeight: true);
+        var h = RunExperts(g, x.index_select(0, g.TokenOf), (ops, xe) =>
+        {
+            var gu = ops.Mm(xe, "gate_up_proj", transposeWeight: true).chunk(2, -1);
+            return ops.Mm(_act.Forward(gu[0]) * gu[1], "down_proj", transposeWeight: true);
+        });
         var w = topW.flatten().index_select(0, g.Order).unsqueeze(-1);
         return zeros_like(x).index_add(0, g.TokenOf, (h * w).to(x.dtype), 1.0);
     }

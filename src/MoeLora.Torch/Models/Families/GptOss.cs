@@ -75,12 +75,14 @@ internal sealed class GptOssExperts : ExpertsBase
     {
         if (Dispatching == ExpertDispatch.Loop) return ForwardLoop(x, topIdx, topW);
         var g = Group(topIdx);
-        var gu = ExpertMatmul(g, x.index_select(0, g.TokenOf), "gate_up_proj", transposeWeight: false)
-            + Effective("gate_up_proj_bias").index_select(0, g.ExpertOf);
-        var gate = gu.index(TensorIndex.Ellipsis, TensorIndex.Slice(0, null, 2)).clamp(max: _limit);
-        var up = gu.index(TensorIndex.Ellipsis, TensorIndex.Slice(1, null, 2)).clamp(-_limit, _limit);
-        var glu = gate * nn.functional.sigmoid(gate * Alpha);
-        var h = ExpertMatmul(g, (up + 1) * glu, "down_proj", transposeWeight: false) + Effective("down_proj_bias").index_select(0, g.ExpertOf);
+        var h = RunExperts(g, x.index_select(0, g.TokenOf), (ops, xe) =>
+        {
+            var gu = ops.Mm(xe, "gate_up_proj", transposeWeight: false) + ops.Bias("gate_up_proj_bias");
+            var gate = gu.index(TensorIndex.Ellipsis, TensorIndex.Slice(0, null, 2)).clamp(max: _limit);
+            var up = gu.index(TensorIndex.Ellipsis, TensorIndex.Slice(1, null, 2)).clamp(-_limit, _limit);
+            var glu = gate * nn.functional.sigmoid(gate * Alpha);
+            return ops.Mm((up + 1) * glu, "down_proj", transposeWeight: false) + ops.Bias("down_proj_bias");
+        });
         var w = topW.flatten().index_select(0, g.Order).unsqueeze(-1);
         return zeros_like(x).index_add(0, g.TokenOf, (h * w).to(x.dtype), 1.0);
     }

@@ -136,8 +136,11 @@ internal sealed class Llama4Experts : ExpertsBase
         if (Dispatching == ExpertDispatch.Loop) return ForwardLoop(x, topIdx, scores);
         var g = Group(topIdx);
         var w = scores.flatten().index_select(0, g.Order).unsqueeze(-1);
-        var gu = ExpertMatmul(g, x.index_select(0, g.TokenOf) * w, "gate_up_proj", transposeWeight: false).chunk(2, -1);
-        var h = ExpertMatmul(g, gu[1] * _act.Forward(gu[0]), "down_proj", transposeWeight: false);
+        var h = RunExperts(g, x.index_select(0, g.TokenOf) * w, (ops, xe) =>
+        {
+            var gu = ops.Mm(xe, "gate_up_proj", transposeWeight: false).chunk(2, -1);
+            return ops.Mm(gu[1] * _act.Forward(gu[0]), "down_proj", transposeWeight: false);
+        });
         return zeros_like(x).index_add(0, g.TokenOf, h.to(x.dtype), 1.0);
     }
 
