@@ -40,7 +40,7 @@ using (var a = randn(T * K, H)) using (var b = randn(H, I))
 }
 
 // 2. One MoE expert layer: x [T,H], top-2 of E, SwiGLU experts gate_up [E,2I,H], down [E,H,I], LoRA A/B per expert.
-var x = randn(T, H);
+var x = randn(T, H).requires_grad_(); // as inside a model: the layer's input gradient is computed too
 var gateUp = randn(E, 2 * I, H) * 0.02; var down = randn(E, H, I) * 0.02;
 var aGu = (randn(R * E, H) * 0.02).requires_grad_(); var bGu = (randn(2 * I, R * E) * 0.02).requires_grad_();
 var aD = (randn(R * E, I) * 0.02).requires_grad_(); var bD = (randn(H, R * E) * 0.02).requires_grad_();
@@ -103,7 +103,7 @@ foreach (var (name, f) in modelOnly ? [] : new (string, Func<bool, Tensor>)[] { 
     {
         using var s = NewDisposeScope();
         f(true).square().mean().backward();
-        foreach (var p in new[] { aGu, bGu, aD, bD }) p.grad = null;
+        foreach (var p in new[] { aGu, bGu, aD, bD, x }) p.grad = null;
     }, 5);
     Report($"MoE layer fwd, {name}", layerFlops, fw, T);
     Report($"MoE layer fwd+bwd, {name}", 2 * layerFlops, fb, T); // frozen base: backward = input grads (≈ fwd) + small LoRA grads
