@@ -155,12 +155,12 @@ public sealed class TrainCommand : Command<TrainSettings>
         var sw = System.Diagnostics.Stopwatch.StartNew();
         if (device.type == DeviceType.CPU && (s.Threads ?? (preset.Name == "tiny" ? 1 : null)) is { } threads) torch.set_num_threads(threads);
         using var model = CbModels.Load(modelDir, layers, dtype, device);
-        var adapter = CbModels.InjectAdapter(model, loraJson, s.Seed, modelDir is null ? null : Path.GetFullPath(modelDir));
+        var wholeConfig = modelDir is null ? TrainPreset.TinyConfigJson() : File.ReadAllText(Path.Combine(modelDir, "config.json"));
+        var adapter = CbModels.InjectAdapter(model, loraJson, s.Seed, modelDir is null ? null : Path.GetFullPath(modelDir), wholeConfig);
         CbModels.CheckRouterFrozen(adapter, s.TrainRouter);
         var routers = s.TrainRouter ? CbModels.UnfreezeRouters(model) : null;
         var counts = Measurements.CountParameters(model);
-        var configJson = modelDir is null ? TrainPreset.TinyConfigJson() : File.ReadAllText(Path.Combine(modelDir, "config.json"));
-        var plan = MemoryEstimate.For(configJson, counts.Total - counts.Trainable, counts.Trainable, layers, batch,
+        var plan = MemoryEstimate.For(wholeConfig, counts.Total - counts.Trainable, counts.Trainable, layers, batch,
             lengths.Request + lengths.Response, lengths.Retain, s.Bf16 ? 2 : 4);
         double availableGb = s.MaxMemoryGb ?? (device.type == DeviceType.CPU
             ? GC.GetGCMemoryInfo().TotalAvailableMemoryBytes / (1024.0 * 1024 * 1024)

@@ -12,6 +12,13 @@ public sealed record InjectedAdapter(string AdapterName, LoraConfig Config, IRea
 {
     /// <summary>Core's plan when the adapter was injected from one (then <see cref="Config"/> is PEFT's effective config).</summary>
     public MoeLora.Core.Peft.AdapterPlan? Plan { get; init; }
+
+    /// <summary>
+    /// The plan of the whole model when a truncated one is trained (circuit breakers keep blocks 0..max target):
+    /// PEFT on the whole model wraps the fused experts of every block (target_parameters ignore layers_to_transform),
+    /// so the saved file must hold those blocks' expert LoRA too; they are written untrained (PEFT's init, B = 0).
+    /// </summary>
+    public MoeLora.Core.Peft.AdapterPlan? SavePlan { get; init; }
 }
 
 /// <summary>
@@ -133,7 +140,7 @@ public static partial class LoraInjector
             var expected = SavedNames(model, adapterName).ToDictionary(x => x.FileKey, x => x.Param);
             var errors = new List<string>();
             errors.AddRange(expected.Keys.Where(k => !tensors.ContainsKey(k)).Select(k => $"missing: {k}"));
-            errors.AddRange(tensors.Keys.Where(k => !expected.ContainsKey(k)).Select(k => $"unexpected: {k}"));
+            errors.AddRange(tensors.Keys.Where(k => !expected.ContainsKey(k) && !BeyondDepth(k, model.NumLayers)).Select(k => $"unexpected: {k}"));
             foreach (var (k, p) in expected)
                 if (tensors.TryGetValue(k, out var t) && !t.shape.SequenceEqual(p.shape))
                     errors.Add($"shape mismatch: {k} file [{string.Join(",", t.shape)}] vs model [{string.Join(",", p.shape)}]");
@@ -149,7 +156,20 @@ public static partial class LoraInjector
     {
         Directory.CreateDirectory(dir);
         var tensors = SavedNames(model, adapter.AdapterName).Select(x => new KeyValuePair<string, Tensor>(x.FileKey, x.Param)).ToList();
-        if (adapter.Plan is { } plan)
+        var untrained = new List<Tensor>();
+        if (adapter.SavePlan is { } whole)
+        {
+            var have = tensors.Select(t => t.Key).ToHashSet(StringComparer.Ordinal);
+            foreach (var t in whole.SavedTensors.Where(t => !have.Contains(t.SavedKey!)))
+            {
+                if (!BeyondDepth(t.SavedKey!, model.NumLayers))
+                    throw new InvalidOperationException($"the whole model's plan saves {t.SavedKey}, which the (truncated) adapter should have had.");
+                var value = UntrainedFactor(t.SavedKey!, t.Shape);
+                untrained.Add(value);
+                tensors.Add(new(t.SavedKey!, value));
+            }
+        }
+        if ((adapter.SavePlan ?? adapter.Plan) is { } plan)
         {
             // What PEFT's save_pretrained writes for this plan: same keys and shapes, or we refuse to write a different file.
             var want = plan.SavedTensors.Select(t => $"{t.SavedKey} [{string.Join(",", t.Shape)}]").Order(StringComparer.Ordinal);
@@ -158,9 +178,32 @@ public static partial class LoraInjector
                 throw new InvalidOperationException($"the adapter to save differs from the plan's saved tensors: {string.Join(", ", have.Except(want).Concat(want.Except(have).Select(x => "missing " + x)).Take(6))}.");
         }
         Safetensors.Save(Path.Combine(dir, "adapter_model.safetensors"), tensors, new Dictionary<string, string> { ["format"] = "pt" });
+        foreach (var t in untrained) t.Dispose();
         var json = (JsonObject)adapter.Config.Json.DeepClone();
         json["inference_mode"] = true; // PEFT sets this when saving
         File.WriteAllText(Path.Combine(dir, "adapter_config.json"), json.ToJsonString(new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));
+    }
+
+    /// <summary>True for a key of a decoder block the (truncated) model does not have.</summary>
+    internal static bool BeyondDepth(string key, int numLayers)
+    {
+        var m = System.Text.RegularExpressions.Regex.Match(key, @"\.layers\.(\d+)\.");
+        return m.Success && int.Parse(m.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture) >= numLayers;
+    }
+
+    /// <summary>
+    /// A LoRA factor as PEFT initialises it (init_lora_weights=true: A ~ U(±1/√in), B = 0), for blocks the trainer
+    /// never saw: the adapter there is the identity, as it was during training. Seeded by the key (deterministic).
+    /// </summary>
+    static Tensor UntrainedFactor(string key, long[] shape)
+    {
+        if (key.Contains(".lora_B.", StringComparison.Ordinal)) return zeros(shape);
+        if (!key.Contains(".lora_A.", StringComparison.Ordinal))
+            throw new NotSupportedException($"{key}: cannot write an untrained value for this tensor kind.");
+        ulong seed = 1469598103934665603UL;
+        foreach (var c in key) seed = (seed ^ c) * 1099511628211UL; // FNV-1a
+        using var gen = new Generator(seed);
+        return (rand(shape, generator: gen) * 2 - 1) / Math.Sqrt(shape[^1]);
     }
 
     static IEnumerable<(string FileKey, Parameter Param)> SavedNames(CausalLm model, string adapter)

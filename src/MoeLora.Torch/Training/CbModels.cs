@@ -42,8 +42,19 @@ public static class CbModels
     /// gate/up/down_proj → fused experts with doubled rank for gate_up_proj), so the saved adapter_config.json is PEFT's
     /// effective config and the saved tensors are the plan's.
     /// </summary>
-    public static InjectedAdapter InjectAdapter(CausalLm model, string loraConfigJson, long seed, string? baseModelNameOrPath = null) =>
-        LoraInjector.Inject(model, LoraInjector.Plan(model, loraConfigJson), seed: seed, baseModelNameOrPath: baseModelNameOrPath);
+    /// <param name="wholeModelConfigJson">
+    /// config.json of the whole model when <paramref name="model"/> is truncated: the adapter is then saved with the
+    /// whole model's tensors (see <see cref="InjectedAdapter.SavePlan"/>), so PEFT loads it on the whole model without
+    /// missing keys.
+    /// </param>
+    public static InjectedAdapter InjectAdapter(CausalLm model, string loraConfigJson, long seed, string? baseModelNameOrPath = null,
+        string? wholeModelConfigJson = null)
+    {
+        var adapter = LoraInjector.Inject(model, LoraInjector.Plan(model, loraConfigJson), seed: seed, baseModelNameOrPath: baseModelNameOrPath);
+        if (wholeModelConfigJson is not null && ModelConfig.Parse(wholeModelConfigJson).NumLayers > model.NumLayers)
+            adapter = adapter with { SavePlan = LoraInjector.Plan(wholeModelConfigJson, loraConfigJson) };
+        return adapter;
+    }
 
     /// <summary>Router parameters (2-D gate/router weights) of blocks in <paramref name="layers"/>, made trainable (--train-router).</summary>
     public static List<(string Name, Parameter Param)> UnfreezeRouters(CausalLm model)

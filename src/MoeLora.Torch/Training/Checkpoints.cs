@@ -95,7 +95,8 @@ public static class Checkpoints
                 }
                 p.copy_(src); copied++;
             }
-            if (copied != tensors.Count) throw new InvalidDataException($"{dir}: adapter_model.safetensors holds {tensors.Count} tensors, the adapter {copied}.");
+            int inModel = tensors.Keys.Count(k => !LoraInjector.BeyondDepth(k, model.NumLayers)); // untrained blocks past the truncation
+            if (copied != inModel) throw new InvalidDataException($"{dir}: adapter_model.safetensors holds {inModel} tensors for these blocks, the adapter {copied}.");
         }
         finally { foreach (var x in tensors.Values) x.Dispose(); }
     }

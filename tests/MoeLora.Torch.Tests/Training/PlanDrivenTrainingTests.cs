@@ -104,3 +104,41 @@ public class PlanDrivenTrainingTests
         Assert.True(actual.Logits.equal(expected.Logits).all().item<bool>());
     }
 }
+
+[Collection(TorchGlobalRng.Name)]
+public class TruncatedTrainingTests
+{
+    [Fact]
+    public void TruncatedRunSavesTheWholeModelsAdapterWithUntrainedBlocksAsIdentity()
+    {
+        using var dir = new TempDir();
+        using var run = new TinyRun(dir.Path, totalSteps: 2, batchSize: 2);
+        run.Trainer.Start();
+        run.Trainer.Run();
+        var outDir = Path.Combine(dir.Path, "adapter");
+        run.Trainer.SaveAdapter(outDir);
+        // PEFT on the whole 6-block model wraps every block's fused experts (target_parameters ignore
+        // layers_to_transform): the file holds exactly the whole model's plan, block 5 untrained (B = 0).
+        var wholePlan = LoraInjector.Plan(TrainPreset.TinyConfigJson(), File.ReadAllText(Path.Combine(outDir, "adapter_config.json")));
+        var saved = Safetensors.Load(Path.Combine(outDir, "adapter_model.safetensors"));
+        Assert.Equal(wholePlan.SavedTensors.Select(t => t.SavedKey!).Order(StringComparer.Ordinal), saved.Keys.Order(StringComparer.Ordinal));
+        var block5 = saved.Where(kv => kv.Key.Contains(".layers.5.", StringComparison.Ordinal)).ToList();
+        Assert.NotEmpty(block5);
+        Assert.All(block5.Where(kv => kv.Key.Contains(".lora_B.")), kv => Assert.Equal(0f, kv.Value.abs().max().item<float>()));
+
+        // The whole model loads it without missing keys and its first blocks compute what the trained truncated model does.
+        var (cb, _) = run.Data.Get(0);
+        run.Model.Eval();
+        using var _ = no_grad();
+        using var want = run.Model.Forward(cb.InputIds, cb.AttentionMask, outputHiddenStates: true);
+        using var whole = CbModels.Load(null, CbModels.ModelLayers(null), ScalarType.Float32, CPU);
+        LoraInjector.LoadPeftAdapter(whole, outDir);
+        whole.Eval();
+        using var got = whole.Forward(cb.InputIds, cb.AttentionMask, outputHiddenStates: true);
+        for (int i = 0; i < run.Model.NumLayers; i++)
+            Assert.True(got.HiddenStates[i].equal(want.HiddenStates[i]).all().item<bool>(), $"hidden_states[{i}]");
+        // And the truncated model (eval, resume) still loads it.
+        using var truncated = CbModels.Load(null, run.Model.NumLayers, ScalarType.Float32, CPU);
+        LoraInjector.LoadPeftAdapter(truncated, outDir);
+    }
+}

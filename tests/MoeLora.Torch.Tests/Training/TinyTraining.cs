@@ -23,7 +23,7 @@ public sealed class TinyRun : IDisposable
         var p = Preset;
         int layers = CbModels.TruncatedLayers(p.TargetLayers, CbModels.ModelLayers(null), false);
         Model = CbModels.Load(null, layers, ScalarType.Float32, CPU);
-        Adapter = CbModels.InjectAdapter(Model, p.AdapterConfigJson(null, Enumerable.Range(0, layers).ToList()), seed);
+        Adapter = CbModels.InjectAdapter(Model, p.AdapterConfigJson(null, Enumerable.Range(0, layers).ToList()), seed, wholeModelConfigJson: TrainPreset.TinyConfigJson());
         var loader = new CbDataLoader(CbModels.Tokenizer(null), ChatTemplate.Get("llama3"), p.Lengths);
         var cb = loader.LoadCircuitBreaker(Path.Combine(DataDir, "cb_train.jsonl"));
         var retain = loader.LoadRetain(Path.Combine(DataDir, "retain_train.jsonl"));
