@@ -107,8 +107,58 @@ static class Program
         var mask = t["attention_mask"].to(ScalarType.Int64);
         using var g = no_grad();
         using var b = model.Forward(ids, mask, outputHiddenStates: true);
-        var adapter = LoraInjector.LoadPeftAdapter(model, adapterDir);
+        // LoraInjector.LoadPeftAdapter first (strict); if the file lacks tensors that the injection created (e.g. expert
+        // LoRA on blocks the trainer truncated away), inject and copy the file's tensors, leaving the missing ones as
+        // injected and zeroing their lora_B (no update where the file has none); the missing keys are recorded.
+        InjectedAdapter adapter;
+        var missing = new List<string>();
+        string loadMode = "LoadPeftAdapter (strict)";
+        try { adapter = LoraInjector.LoadPeftAdapter(model, adapterDir); }
+        catch (InvalidDataException e)
+        {
+            Console.WriteLine($"run: strict LoadPeftAdapter failed: {e.Message.Split('\n')[0]} ({e.Message.Split('\n').Length - 1} lines)");
+            loadMode = "lenient (strict load failed; missing lora_B zeroed)";
+            var m2 = TorchModelFactory.Load(modelDir); m2.Eval();
+            RunLenient(m2, modelDir, adapterDir, ids, mask, b, output, loadMode);
+            return;
+        }
         model.Eval();
+        Write(model, adapter, ids, mask, b, output, loadMode, missing);
+    }
+
+    static void RunLenient(CausalLm model, string modelDir, string adapterDir, Tensor ids, Tensor mask, MoeLora.Torch.Models.CausalLmOutput b,
+        string output, string loadMode)
+    {
+        using var _m = model;
+        var config = LoraConfig.Parse(File.ReadAllText(Path.Combine(adapterDir, "adapter_config.json")));
+        var adapter = LoraInjector.Inject(model, config);
+        var file = Safetensors.Load(Path.Combine(adapterDir, "adapter_model.safetensors"));
+        var missing = new List<string>();
+        var used = new HashSet<string>();
+        foreach (var (name, p) in LoraInjector.PeftNamedParameters(model))
+        {
+            var key = name.Replace(".default.", ".", StringComparison.Ordinal);
+            if (file.TryGetValue(key, out var t))
+            {
+                if (!t.shape.SequenceEqual(p.shape)) throw new InvalidDataException($"shape mismatch {key}");
+                p.copy_(t); used.Add(key);
+            }
+            else
+            {
+                missing.Add(key);
+                if (key.Contains(".lora_B.", StringComparison.Ordinal)) p.zero_();
+            }
+        }
+        var unexpected = file.Keys.Where(k => !used.Contains(k)).ToList();
+        if (unexpected.Count > 0) throw new InvalidDataException("unexpected keys: " + string.Join(", ", unexpected));
+        model.Eval();
+        Console.WriteLine($"run: lenient load: {missing.Count} missing keys (lora_B zeroed): {string.Join(", ", missing.Take(6))}{(missing.Count > 6 ? ", ..." : "")}");
+        Write(model, adapter, ids, mask, b, output, loadMode, missing);
+    }
+
+    static void Write(CausalLm model, InjectedAdapter adapter, Tensor ids, Tensor mask, MoeLora.Torch.Models.CausalLmOutput b,
+        string output, string loadMode, List<string> missing)
+    {
         long trainable = LoraInjector.PeftNamedParameters(model).Sum(p => p.Param.numel());
         long total = model.NamedParameters().Sum(p => p.Param.numel());
         using var a = model.Forward(ids, mask, outputHiddenStates: true);
@@ -126,9 +176,11 @@ static class Program
             ["trainable"] = trainable.ToString(System.Globalization.CultureInfo.InvariantCulture),
             ["total"] = total.ToString(System.Globalization.CultureInfo.InvariantCulture),
             ["wrappers"] = adapter.Wrappers.Count.ToString(System.Globalization.CultureInfo.InvariantCulture),
+            ["load_mode"] = loadMode,
+            ["missing_in_file"] = string.Join(",", missing),
         });
         var m = mask.unsqueeze(-1).to(ScalarType.Float32);
         double delta = ((a.Logits - b.Logits).abs() * m).max().item<float>();
-        Console.WriteLine($"run: {adapterDir}: {adapter.Wrappers.Count} wrappers, trainable {trainable} of {total}; max |logits(adapter) - logits(base)| (mask=1) = {delta:G4} -> {output}");
+        Console.WriteLine($"run: {adapter.Wrappers.Count} wrappers, trainable {trainable} of {total}; max |logits(adapter) - logits(base)| (mask=1) = {delta:G4} -> {output}");
     }
 }
