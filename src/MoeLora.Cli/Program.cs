@@ -24,7 +24,7 @@ public static class Program
                 .WithDescription("named_modules() and named_parameters() as transformers builds the model");
             config.AddCommand<PlanCommand>("plan").WithDescription("Training-memory verdict plus accelerate, DeepSpeed and PEFT files for the plan (--output DIR)");
             config.AddCommand<DiffCommand>("diff").WithDescription("Two models (or two LoraConfigs) side by side: targets, adapters, experts, hidden states, memory, gradient flow");
-            config.AddCommand<HiddenStatesCommand>("hidden-states").WithDescription("Run the model and write hidden_states [layers, batch, seq, hidden] and logits to a safetensors file");
+            config.AddCommand<HiddenStatesCommand>("hidden-states").WithDescription("Run the model and write hidden_states [[layers, batch, seq, hidden]] and logits to a safetensors file");
             config.AddCommand<RoutersCommand>("routers").WithDescription("Router expert selection per layer for harmful vs benign prompts: frequencies, Jensen-Shannon divergence, heatmap PNG and JSON");
             config.AddCommand<ModelsCommand>("models")
                 .WithDescription("List the embedded catalog of real configs");

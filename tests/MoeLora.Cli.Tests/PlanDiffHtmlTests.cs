@@ -5,6 +5,7 @@ using System.Text.RegularExpressions;
 using MoeLora.Cli.Infrastructure;
 using SkiaSharp;
 using Xunit.Abstractions;
+using YamlDotNet.Core;
 using YamlDotNet.RepresentationModel;
 
 namespace MoeLora.Cli.Tests;
@@ -69,6 +70,9 @@ public sealed class PlanDiffHtmlTests : IDisposable
         var acc = Yaml(Path.Combine(outDir, "accelerate_config.yaml"));
         Assert.Equal("LOCAL_MACHINE", Scalar(acc, "compute_environment"));
         Assert.Equal(distributed, Scalar(acc, "distributed_type"));
+        // accelerate reads the file with PyYAML (YAML 1.1), where a bare NO or no is the boolean false.
+        foreach (var key in new[] { "distributed_type", "mixed_precision" })
+            Assert.NotEqual(ScalarStyle.Plain, ((YamlScalarNode)acc.Children[new YamlScalarNode(key)]).Style);
         Assert.Contains(Scalar(acc, "mixed_precision"), new[] { "no", "fp16", "bf16", "fp8" });
         Assert.Equal(gpus.ToString(), Scalar(acc, "num_processes"));
         Assert.Equal("1", Scalar(acc, "num_machines"));
@@ -101,6 +105,8 @@ public sealed class PlanDiffHtmlTests : IDisposable
 
         // PEFT adapter_config.json: LoraConfig fields, the analysed targets.
         var peft = JsonNode.Parse(File.ReadAllText(Path.Combine(outDir, "adapter_config.json")))!.AsObject();
+        // A config to start training from: inference_mode true would make get_peft_model freeze the adapters.
+        Assert.False(peft["inference_mode"]!.GetValue<bool>());
         Assert.Equal("LORA", peft["peft_type"]!.GetValue<string>());
         Assert.Equal("CAUSAL_LM", peft["task_type"]!.GetValue<string>());
         Assert.Equal(16, peft["r"]!.GetValue<int>());

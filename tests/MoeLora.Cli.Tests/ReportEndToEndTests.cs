@@ -158,3 +158,26 @@ public class CheckpointEndToEndTests
         Assert.Equal(3 * (256 + 4 * 3 * 384), j["lora"]!["trainable_parameters"]!.GetValue<long>());
     }
 }
+
+/// <summary>Help renders for every command (descriptions are Spectre markup: a stray bracket breaks them).</summary>
+public class HelpTests
+{
+    [Theory]
+    [InlineData("--help")]
+    [InlineData("report", "--help")]
+    [InlineData("modules", "--help")]
+    [InlineData("models", "--help")]
+    [InlineData("plan", "--help")]
+    [InlineData("diff", "--help")]
+    [InlineData("train", "--help")]
+    [InlineData("eval", "--help")]
+    [InlineData("hidden-states", "--help")]
+    [InlineData("routers", "--help")]
+    public void Help_renders(params string[] args)
+    {
+        var r = MoeloraProcess.Run(args);
+        Assert.Equal(0, r.ExitCode);
+        Assert.Equal("", r.Stderr);
+        Assert.Contains("USAGE:", r.Stdout);
+    }
+}

@@ -37,6 +37,16 @@ public class ExtraOracleTests
     [MemberData(nameof(TinyModelNames))]
     public void Tiny_tree_matches(string name) => AssertTree(TinyModels.Value[name]!.AsObject());
 
+    /// <summary>transformers' own to_dict() output (defaults filled in, extras, nulls) builds the same tree.</summary>
+    [Theory]
+    [MemberData(nameof(TinyModelNames))]
+    public void Tiny_tree_from_to_dict_matches(string name)
+    {
+        var entry = TinyModels.Value[name]!.AsObject().DeepClone().AsObject();
+        entry["input_config"] = entry["config"]!.DeepClone();
+        AssertTree(entry);
+    }
+
     [Theory]
     [MemberData(nameof(CatalogTrees))]
     public void Catalog_tree_matches(string key) => AssertTree(Catalog.Value[key]!.AsObject());

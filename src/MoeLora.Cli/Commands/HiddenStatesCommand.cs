@@ -16,11 +16,11 @@ public sealed class HiddenStatesCommand : Command<HiddenStatesCommand.Settings>
     public sealed class Settings : RuntimeSettings
     {
         [CommandOption("--prompts <FILE>")]
-        [Description("JSONL: {\"prompt\": ...}/{\"text\": ...} (tokenised with the model's tokenizer.json) or {\"input_ids\": [...]} per line")]
+        [Description("JSONL: {\"prompt\": ...}/{\"text\": ...} (tokenised with the model's tokenizer.json) or {\"input_ids\": [[...]]} per line")]
         public string? Prompts { get; init; }
 
         [CommandOption("--inputs <FILE>")]
-        [Description("safetensors with input_ids [B,S] and attention_mask [B,S] (as the fixtures' reference files)")]
+        [Description("safetensors with input_ids [[B,S]] and attention_mask [[B,S]] (as the fixtures' reference files)")]
         public string? Inputs { get; init; }
 
         [CommandOption("--layers <LAYERS>")]

@@ -17,7 +17,7 @@ public sealed class RoutersCommand : Command<RoutersCommand.Settings>
     public sealed class Settings : RuntimeSettings
     {
         [CommandOption("--harmful <FILE>")]
-        [Description("JSONL prompts of the harmful set ({\"prompt\"|\"text\": ...} or {\"input_ids\": [...]} per line)")]
+        [Description("JSONL prompts of the harmful set ({\"prompt\"|\"text\": ...} or {\"input_ids\": [[...]]} per line)")]
         public string? Harmful { get; init; }
 
         [CommandOption("--benign <FILE>")]

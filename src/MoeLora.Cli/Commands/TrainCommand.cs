@@ -50,7 +50,7 @@ public class CbCommonSettings : CommandSettings
     [CommandOption("--bf16")] [Description("Base model in bfloat16 (LoRA stays float32; norms in float32)")]
     public bool Bf16 { get; init; }
 
-    [CommandOption("--device <DEVICE>")] [Description("cpu (default) or cuda[:N]")]
+    [CommandOption("--device <DEVICE>")] [Description("cpu (default) or cuda[[:N]]")]
     public string Device { get; init; } = "cpu";
 
     public TrainPreset ResolvePreset() => TrainPreset.Get(Preset ?? (Model is null ? "tiny" : "llama-3-8b"));

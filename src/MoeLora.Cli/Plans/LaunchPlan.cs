@@ -38,11 +38,12 @@ public static class LaunchPlan
         sb.AppendLine("# Written by moelora plan: accelerate launch --config_file accelerate_config.yaml train.py");
         sb.AppendLine("compute_environment: LOCAL_MACHINE");
         sb.AppendLine("debug: false");
-        sb.AppendLine(CultureInfo.InvariantCulture, $"distributed_type: {type}");
+        // Quoted: PyYAML (YAML 1.1) reads a bare NO / no as the boolean false, which accelerate then rejects.
+        sb.AppendLine(CultureInfo.InvariantCulture, $"distributed_type: '{type}'");
         sb.AppendLine("downcast_bf16: 'no'");
         sb.AppendLine("machine_rank: 0");
         sb.AppendLine("main_training_function: main");
-        sb.AppendLine(CultureInfo.InvariantCulture, $"mixed_precision: {MixedPrecision(s.DType)}");
+        sb.AppendLine(CultureInfo.InvariantCulture, $"mixed_precision: '{MixedPrecision(s.DType)}'");
         sb.AppendLine("num_machines: 1");
         sb.AppendLine(CultureInfo.InvariantCulture, $"num_processes: {s.Gpus}");
         sb.AppendLine("rdzv_backend: static");
@@ -117,7 +118,7 @@ public static class LaunchPlan
         {
             (AccelerateFile, AccelerateYaml(report)),
             (DeepSpeedFile, DeepSpeedJson(report).ToJsonString(opts) + "\n"),
-            (PeftFile, report.Plan.Effective.ToAdapterConfigJson(report.Options.ModelId).ToJsonString(opts) + "\n"),
+            (PeftFile, report.Plan.Effective.ToAdapterConfigJson(report.Options.ModelId, inferenceMode: false).ToJsonString(opts) + "\n"),
             (SummaryFile, new JsonObject
             {
                 ["schema"] = "moelora.plan/1",

@@ -197,7 +197,11 @@ public sealed record LoraConfig
     }
 
     /// <summary>The adapter_config.json PEFT writes for this configuration (keys in PEFT's names).</summary>
-    public JsonObject ToAdapterConfigJson(string? baseModel)
+    /// <param name="inferenceMode">
+    /// PEFT's <c>save_pretrained</c> writes true (a saved adapter loads frozen); a config meant to start training, as
+    /// <c>moelora plan</c> writes, must say false or <c>get_peft_model</c> freezes the new adapters.
+    /// </param>
+    public JsonObject ToAdapterConfigJson(string? baseModel, bool inferenceMode = true)
     {
         var o = new JsonObject
         {
@@ -207,7 +211,7 @@ public sealed record LoraConfig
             ["ensure_weight_tying"] = EnsureWeightTying,
             ["exclude_modules"] = ExcludeModules?.ToJson(),
             ["fan_in_fan_out"] = FanInFanOut,
-            ["inference_mode"] = true,
+            ["inference_mode"] = inferenceMode,
             ["init_lora_weights"] = InitLoraWeights?.DeepClone(),
             ["layers_pattern"] = LayersPattern is null ? null : LayersPattern.Count == 1 ? LayersPattern[0] : new JsonArray(LayersPattern.Select(x => (JsonNode)JsonValue.Create(x)).ToArray()),
             ["layers_to_transform"] = LayersToTransform is null ? null : LayersToTransformIsInt ? LayersToTransform[0] : new JsonArray(LayersToTransform.Select(x => (JsonNode)JsonValue.Create(x)).ToArray()),
