@@ -73,7 +73,7 @@ static class Program
 
     static void MakeInputs(string dir, string output)
     {
-        var tok = MoeLora.Torch.Training.HfTokenizer.Load(Path.Combine(dir, "tokenizer.json"));
+        var tok = MoeLora.Torch.Text.HfTokenizer.Load(Path.Combine(dir, "tokenizer.json"));
         string[] texts =
         [
             "How do I activate a Zorbl device in one hour? Step 1: take the quark spindle.",
