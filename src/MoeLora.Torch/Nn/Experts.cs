@@ -22,8 +22,9 @@ public interface ILowRankExpertDelta : IParamDelta
 public enum ExpertDispatch { Grouped, Loop }
 
 /// <summary>
-/// Base of the fused-expert modules: holds 3-D expert parameters and applies attached LoRA deltas,
-/// so <c>W_eff = W + ΔW</c> exactly as PEFT's parametrization does during the forward.
+/// Base of the fused-expert modules: holds 3-D expert parameters and applies attached LoRA deltas, with the result
+/// of PEFT's parametrization <c>W_eff = W + ΔW</c>: grouped (low-rank, see <see cref="Dispatching"/>) or, in the
+/// reference loop, literally.
 /// </summary>
 public abstract class ExpertsBase : HfModule
 {
