@@ -217,7 +217,7 @@ public sealed record LoraConfig
             ["layers_to_transform"] = LayersToTransform is null ? null : LayersToTransformIsInt ? LayersToTransform[0] : new JsonArray(LayersToTransform.Select(x => (JsonNode)JsonValue.Create(x)).ToArray()),
             ["lora_alpha"] = LoraAlpha % 1 == 0 ? JsonValue.Create((long)LoraAlpha) : JsonValue.Create(LoraAlpha),
             ["lora_bias"] = LoraBias,
-            ["lora_dropout"] = LoraDropout,
+            ["lora_dropout"] = PyFloat(LoraDropout),
             ["modules_to_save"] = ModulesToSave is null ? null : new JsonArray(ModulesToSave.Select(x => (JsonNode)JsonValue.Create(x)).ToArray()),
             ["peft_type"] = "LORA",
             ["r"] = R,
@@ -230,6 +230,14 @@ public sealed record LoraConfig
             ["use_rslora"] = UseRslora,
         };
         return o;
+    }
+
+    /// <summary>A Python float as json.dumps writes it (0.0, not 0), so files compare equal to PEFT's.</summary>
+    private static JsonNode PyFloat(double value)
+    {
+        var text = value.ToString("R", CultureInfo.InvariantCulture);
+        if (!text.Contains('.', StringComparison.Ordinal) && !text.Contains('E', StringComparison.Ordinal)) text += ".0";
+        return JsonNode.Parse(text)!;
     }
 
     /// <summary>LoraConfig keyword arguments as a user would pass them (only non-default fields).</summary>
