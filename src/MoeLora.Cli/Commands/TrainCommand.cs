@@ -171,6 +171,10 @@ public sealed class TrainCommand : Command<TrainSettings>
         Row("model", modelDir ?? "tiny (random Mixtral-style MoE, seed 0)");
         Row("blocks", $"{layers} of {modelLayers} (hidden_states 0..{layers}; targets {string.Join(",", targets)})");
         Row("LoRA", $"{adapter.Wrappers.Count} wrappers, {counts.Trainable.ToString("N0", CultureInfo.InvariantCulture)} trainable of {counts.Total.ToString("N0", CultureInfo.InvariantCulture)}; router {(s.TrainRouter ? "trained" : "frozen")}");
+        // With truncation the saved adapter still covers the whole model (PEFT wraps fused experts in every block);
+        // say what PEFT will count when it loads the file, not only what this truncated run trains.
+        if (adapter.SavePlan is { } whole && whole.TrainableParameters != counts.Trainable)
+            Row("saved adapter", $"{whole.TrainableParameters.ToString("N0", CultureInfo.InvariantCulture)} trainable on the whole model, as PEFT counts it (blocks {layers}..{modelLayers - 1} saved untrained, lora_B = 0)");
         Row("schedule", $"{totalSteps} steps × batch {batch} × accumulation {s.GradientAccumulation}; lr {s.Lr ?? preset.LearningRate} {s.LrSchedule}; loss weighting {s.LossWeighting} (a={weighting.Alpha})");
         Row("lengths", $"CB {lengths.Request}+{lengths.Response}, retain {lengths.Retain}; dtype {(s.Bf16 ? "bf16" : "fp32")}; device {s.Device}");
         Row("memory plan", $"weights {MemoryEstimate.Gib(plan.WeightBytes)} + LoRA/optimizer {MemoryEstimate.Gib(plan.AdapterBytes)} + hidden stacks {MemoryEstimate.Gib(plan.HiddenStackBytes)} + activations {MemoryEstimate.Gib(plan.ActivationBytes)} = {MemoryEstimate.Gib(plan.Total)} (available {availableGb:F1} GiB)");
