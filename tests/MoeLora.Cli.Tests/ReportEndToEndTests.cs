@@ -73,6 +73,8 @@ public class ReportEndToEndTests
         var text = File.ReadAllText(file);
         Assert.StartsWith("# MoE LoRA report: meta-llama/Meta-Llama-3.1-8B", text);
         Assert.Contains("trainable params: 41,943,040", text);
+        // Self-contained: the three charts are embedded, not linked.
+        Assert.Equal(3, System.Text.RegularExpressions.Regex.Matches(text, @"!\[[^\]]+\]\(data:image/svg\+xml;base64,").Count);
         Assert.Empty(Directory.GetFiles(dir, "*.tmp"));
     }
 

@@ -47,11 +47,14 @@ public static class ReportMarkdown
             sb.AppendLine(CultureInfo.InvariantCulture, $"- Experts with adapters: {report.Experts.ExpertsWithAdapters} of {report.Experts.ExpertsPerLayer} in {report.Experts.LayersWithExpertAdapters} of {report.Experts.MoeLayers} MoE layers ({report.Experts.Mode})");
         sb.AppendLine().AppendLine("| location | adapters | LoRA parameters |").AppendLine("|---|---:|---:|");
         foreach (var (loc, n, p) in report.ByLocation()) sb.AppendLine(CultureInfo.InvariantCulture, $"| {loc.Label()} | {n} | {Units.Count(p)} |");
+        Chart(sb, "Adapters by location", HtmlCharts.AdaptersByLocation(report));
+        Chart(sb, "LoRA parameters per layer", HtmlCharts.ParametersPerLayer(report));
         sb.AppendLine().AppendLine("## Hidden states memory").AppendLine();
         sb.AppendLine(CultureInfo.InvariantCulture, $"- Batch {h.BatchSize} × seq {h.SeqLength} × hidden {h.HiddenSize} ({h.DType.Name()}): {Units.Bytes(h.BytesPerState)} per state");
         sb.AppendLine(CultureInfo.InvariantCulture, $"- All {h.NumStates} states: {Units.Bytes(h.AllLayersBytes)}");
         sb.AppendLine(CultureInfo.InvariantCulture, $"- Target layers [{string.Join(", ", h.TargetLayers)}]: {Units.Bytes(h.TargetLayersBytes)} ({h.SavingPercent:F1}% less)");
         sb.Append(TrainingMemoryView.Markdown(report.Training));
+        Chart(sb, "Memory breakdown", HtmlCharts.MemoryBreakdown(report.Training));
         if (report.Warnings.Count > 0)
         {
             sb.AppendLine().AppendLine("## Warnings").AppendLine();
@@ -69,6 +72,13 @@ public static class ReportMarkdown
             }
         }
         return sb.ToString();
+    }
+
+    /// <summary>A chart embedded as a data-URI SVG, so the Markdown file stays self-contained.</summary>
+    private static void Chart(StringBuilder sb, string caption, string svg)
+    {
+        var b64 = Convert.ToBase64String(Encoding.UTF8.GetBytes(svg));
+        sb.AppendLine().AppendLine(CultureInfo.InvariantCulture, $"![{caption}](data:image/svg+xml;base64,{b64})");
     }
 
     private static void Row(StringBuilder sb, string k, string v) => sb.AppendLine(CultureInfo.InvariantCulture, $"| {k} | {v} |");
