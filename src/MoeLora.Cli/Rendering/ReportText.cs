@@ -68,7 +68,6 @@ public static class ReportText
         yield return new Rule("[bold]LoRA adapters[/]").LeftJustified();
         yield return new Markup(Markup.Escape(
             $"trainable params: {Units.Count(plan.TrainableParameters)} || all params: {Units.Count(plan.AllParameters)} || trainable%: {Units.Percent(report.TrainablePercent)}") + "\n");
-        var sharing = report.Sharing();
         var adapters = new Grid().AddColumn().AddColumn();
         adapters.AddRow("Adapter instances", $"{plan.Targets.Count} ({plan.Targets.Sum(t => t.Tensors.Count)} LoRA tensors)");
         adapters.AddRow("Sharing", Markup.Escape(SharingText(report)));
@@ -84,7 +83,6 @@ public static class ReportText
         foreach (var (loc, n, p) in report.ByLocation())
             dist.AddRow(loc.Label(), n.ToString(CultureInfo.InvariantCulture), Units.Count(p), plan.LoraParameters == 0 ? "-" : (100.0 * p / plan.LoraParameters).ToString("0.0", CultureInfo.InvariantCulture) + "%");
         yield return dist;
-        _ = sharing;
 
         yield return new Rule("[bold]Hidden states memory[/]").LeftJustified();
         var h = report.HiddenStates;

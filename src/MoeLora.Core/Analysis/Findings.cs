@@ -55,8 +55,21 @@ public static class Findings
         return list;
     }
 
-    private static bool IsUnflaggedTransposed(ModelSpec spec, AdapterTarget t) =>
-        spec.ModelType is "llama4" or "llama4_text" && t.BaseShape.Length == 3;
+    /// <summary>
+    /// A fused expert parameter stored (E, in, out) — its input width, the hidden size, sits in dimension 1 for
+    /// gate_up_proj or its output width in dimension 2 for down_proj — on a module without transformers'
+    /// is_transposed flag: PEFT then swaps in and out.
+    /// </summary>
+    private static bool IsUnflaggedTransposed(ModelSpec spec, AdapterTarget t)
+    {
+        if (t.BaseShape.Length != 3 || spec.Tree.Find(t.ModuleName) is not { IsTransposed: false }) return false;
+        return t.ParameterName switch
+        {
+            "gate_up_proj" => t.BaseShape[1] == spec.HiddenSize && t.BaseShape[2] != spec.HiddenSize,
+            "down_proj" => t.BaseShape[2] == spec.HiddenSize && t.BaseShape[1] != spec.HiddenSize,
+            _ => false,
+        };
+    }
 
     /// <summary>How the routed experts appear in this layout.</summary>
     public static string ExpertDescription(ModelSpec spec)

@@ -1,0 +1,75 @@
+using MoeLora.Core.Analysis;
+using MoeLora.Core.Architectures;
+using MoeLora.Core.Catalog;
+using MoeLora.Core.Config;
+using MoeLora.Core.Modules;
+using MoeLora.Core.Peft;
+
+namespace MoeLora.Core.Tests;
+
+/// <summary>Each warning fires where the analysis says it should, and each recommendation is PEFT-valid.</summary>
+public class FindingsTests
+{
+    private static LoraReport Report(string id, LoraConfig? lora = null, Layout layout = Layout.V5) =>
+        LoraReport.Build(ArchitectureRegistry.Build(new ModelConfig(ModelCatalog.TryGetConfig(id)!), layout),
+            lora ?? LoraConfig.SeedDefault, null, new ReportOptions { ModelId = id });
+
+    private static HashSet<string> Codes(LoraReport r) => r.Warnings.Select(w => w.Code).ToHashSet();
+
+    private static LoraConfig Targets(string[] modules, string[]? parameters = null) =>
+        new() { R = 16, LoraAlpha = 32, TargetModules = ModuleSelector.List(modules), TargetParameters = parameters };
+
+    [Fact]
+    public void Seed_targets_miss_mixtral_experts_and_the_fix_reaches_them()
+    {
+        var r = Report("mistralai/Mixtral-8x7B-v0.1");
+        Assert.Contains("experts_missed", Codes(r));
+        var fix = r.Recommendations.First(x => x.Title == "Reach the routed experts");
+        Assert.Equal(223346688, fix.TrainableParameters); // the oracle's attention + experts variant
+        Assert.DoesNotContain("experts_missed", Codes(Report("mistralai/Mixtral-8x7B-v0.1", fix.Config)));
+    }
+
+    [Fact]
+    public void Router_and_vision_adapters_are_flagged() =>
+        Assert.Superset(new HashSet<string> { "router_adapted", "vision_adapted" },
+            Codes(Report("meta-llama/Llama-4-Scout-17B-16E-Instruct", new LoraConfig { R = 8, LoraAlpha = 16, TargetModules = ModuleSelector.Regex("all-linear") })));
+
+    [Fact]
+    public void Rewrite_that_drops_shared_experts_and_dense_mlps_is_flagged()
+    {
+        var r = Report("deepseek-ai/DeepSeek-V3");
+        var w = Assert.Single(r.Warnings, x => x.Code == "conversion_dropped");
+        Assert.Contains("shared expert", w.Message);
+        Assert.Contains("dense MLP", w.Message);
+    }
+
+    [Fact]
+    public void Llama4_expert_orientation_is_flagged_and_gpt_oss_is_not()
+    {
+        var tp = Targets(["q_proj"], ["experts.gate_up_proj", "experts.down_proj"]);
+        Assert.Contains("expert_orientation", Codes(Report("meta-llama/Llama-4-Scout-17B-16E-Instruct", tp)));
+        Assert.DoesNotContain("expert_orientation", Codes(Report("openai/gpt-oss-20b", tp)));
+        Assert.DoesNotContain("expert_orientation", Codes(Report("mistralai/Mixtral-8x7B-v0.1", tp)));
+    }
+
+    [Fact]
+    public void Layer_filter_beyond_the_model_and_ignored_by_parameters()
+    {
+        var cfg = Targets(["q_proj"], ["experts.down_proj"]) with { LayersToTransform = [0, 99] };
+        Assert.Superset(new HashSet<string> { "layer_out_of_range", "layers_ignored_by_parameters" }, Codes(Report("Qwen/Qwen3-30B-A3B", cfg)));
+    }
+
+    [Fact]
+    public void Dense_models_get_no_moe_advice() =>
+        Assert.DoesNotContain(Report("meta-llama/Meta-Llama-3.1-8B").Recommendations, r => r.Title.Contains("router", StringComparison.OrdinalIgnoreCase));
+
+    [Fact]
+    public void Every_recommended_config_plans_under_peft_rules()
+    {
+        foreach (var id in ModelCatalog.Entries.Select(e => e.Id))
+        {
+            var r = Report(id);
+            Assert.All(r.Recommendations.Where(x => x.Config is not null), x => Assert.NotNull(x.TrainableParameters));
+        }
+    }
+}
