@@ -22,6 +22,58 @@ public class ExtraOracleTests
     public static TheoryData<string> CatalogTrees() =>
         new(Catalog.Value.Where(kv => kv.Value!["modules"] is not null).Select(kv => kv.Key));
 
+    public static TheoryData<string, int> CatalogPeftCases()
+    {
+        var data = new TheoryData<string, int>();
+        foreach (var (key, entry) in Catalog.Value)
+        {
+            var n = entry!["lora"]?.AsArray().Count ?? 0;
+            for (var i = 0; i < n; i++) data.Add(key, i);
+        }
+        return data;
+    }
+
+    /// <summary>The full-size catalog models with PEFT's three standard variants (seed list, all-linear, attention + experts).</summary>
+    [Theory]
+    [MemberData(nameof(CatalogPeftCases))]
+    public void Catalog_peft_variant_matches(string key, int index)
+    {
+        var model = Catalog.Value[key]!.AsObject();
+        var entry = model["lora"]![index]!.AsObject();
+        var spec = Build(model);
+        var kwargs = entry["kwargs"]!.DeepClone().AsObject();
+        if (entry["error"] is not null)
+        {
+            Assert.ThrowsAny<PeftConfigException>(() => AdapterPlanner.Plan(spec, LoraConfig.FromJson(kwargs, key)));
+            return;
+        }
+        var plan = AdapterPlanner.Plan(spec, LoraConfig.FromJson(kwargs, key));
+        Assert.Equal(entry["trainable"]!.GetValue<long>(), plan.TrainableParameters);
+        Assert.Equal(entry["total"]!.GetValue<long>(), plan.AllParameters);
+        AssertWrapped(entry, plan);
+        Assert.Equal(
+            entry["saved"]!.AsArray().Select(t => $"{t![0]} {string.Join(",", OracleData.Shape(t[1]!))}").Order(StringComparer.Ordinal),
+            plan.SavedTensors.Select(t => $"{t.SavedKey} {string.Join(",", t.Shape)}").Order(StringComparer.Ordinal));
+    }
+
+    /// <summary>Every wrapped module, in PEFT's order, with the r, alpha and scaling PEFT gave it.</summary>
+    private static void AssertWrapped(JsonObject entry, AdapterPlan plan)
+    {
+        var wrapped = entry["wrapped"]!.AsArray().Select(w => w!.GetValue<string>()).ToList();
+        Assert.Equal(wrapped.Order(StringComparer.Ordinal),
+            plan.Targets.Select(t => "base_model.model." + t.WrapperPath).Distinct().Order(StringComparer.Ordinal));
+        if (entry["wrapped_r_alpha_scaling"] is not JsonArray ras) return;
+        var byWrapper = plan.Targets.ToDictionary(t => "base_model.model." + t.WrapperPath);
+        for (var i = 0; i < wrapped.Count; i++)
+        {
+            var t = byWrapper[wrapped[i]];
+            var expected = ras[i]!.AsArray();
+            Assert.Equal(expected[0]!.GetValue<double>(), t.R);
+            Assert.Equal(expected[1]!.GetValue<double>(), t.Alpha);
+            Assert.Equal(expected[2]!.GetValue<double>(), t.Scaling, 9);
+        }
+    }
+
     public static TheoryData<string, string> PeftCases()
     {
         var data = new TheoryData<string, string>();
@@ -90,9 +142,7 @@ public class ExtraOracleTests
         var plan = AdapterPlanner.Plan(spec, config);
         Assert.Equal(entry["trainable"]!.GetValue<long>(), plan.TrainableParameters);
         Assert.Equal(entry["total"]!.GetValue<long>(), plan.AllParameters);
-        Assert.Equal(
-            entry["wrapped"]!.AsArray().Select(w => w!.GetValue<string>()).Order(StringComparer.Ordinal),
-            plan.Targets.Select(t => "base_model.model." + t.WrapperPath).Distinct().Order(StringComparer.Ordinal));
+        AssertWrapped(entry, plan);
         Assert.Equal(
             entry["trainable_shapes"]!.AsArray().Select(t => $"{t![0]} {string.Join(",", OracleData.Shape(t[1]!))}"),
             plan.TrainableTensors.Select(t => $"{t.RuntimeName} {string.Join(",", t.Shape)}"));
