@@ -60,6 +60,23 @@ public class FindingsTests
     }
 
     [Fact]
+    public void Dbrx_stacked_expert_lora_is_one_update_for_all_experts()
+    {
+        var config = new System.Text.Json.Nodes.JsonObject
+        {
+            ["model_type"] = "dbrx", ["d_model"] = 64, ["n_heads"] = 4, ["n_layers"] = 2, ["vocab_size"] = 128,
+            ["attn_config"] = new System.Text.Json.Nodes.JsonObject { ["kv_n_heads"] = 2, ["rope_theta"] = 10000.0 },
+            ["ffn_config"] = new System.Text.Json.Nodes.JsonObject { ["ffn_hidden_size"] = 48, ["moe_num_experts"] = 4, ["moe_top_k"] = 2 },
+        };
+        var spec = ArchitectureRegistry.Build(new ModelConfig(config), Layout.V5);
+        var r = LoraReport.Build(spec, Targets(["Wqkv"], ["mlp.w1", "mlp.v1", "mlp.w2"]), null, new ReportOptions());
+        Assert.Equal(4, r.Experts.ExpertsWithAdapters);
+        Assert.StartsWith("one LoRA over the stacked experts", r.Experts.Mode);
+        // One rank-16 update of each [E·F, H] = [192, 64] matrix per layer: 16·(192 + 64) × 3 × 2 layers.
+        Assert.Equal(2 * 3 * 16 * (192 + 64), r.Plan.Targets.Where(t => t.Location == ModuleLocation.RoutedExpert).Sum(t => t.NumParameters));
+    }
+
+    [Fact]
     public void Dense_models_get_no_moe_advice() =>
         Assert.DoesNotContain(Report("meta-llama/Meta-Llama-3.1-8B").Recommendations, r => r.Title.Contains("router", StringComparison.OrdinalIgnoreCase));
 

@@ -134,6 +134,14 @@ _DS = dict(
 )
 
 TINY_CONFIGS = {
+    # DBRX has its own field names (d_model, n_heads, attn_config, ffn_config); attn_config.rope_theta must be set
+    # or the 5.17 DbrxAttention raises.
+    "dbrx": {
+        "model_type": "dbrx", "d_model": 64, "n_heads": 4, "n_layers": 3, "max_seq_len": 256, "vocab_size": 128,
+        "attn_config": {"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8},
+        "ffn_config": {"ffn_hidden_size": 48, "moe_num_experts": 4, "moe_top_k": 2},
+        "tie_word_embeddings": False,
+    },
     "llama": _c("llama"),
     "llama_bias": _c("llama", attention_bias=True, mlp_bias=True),
     "mistral": _c("mistral", head_dim=24, sliding_window=None),
@@ -694,6 +702,11 @@ def tiny_variants():
     add("lora_bias_qv", const(target_modules=["q_proj", "v_proj"], lora_bias=True))
     add("lora_bias_seed", const(target_modules=list(SEED), lora_bias=True))
     add("exclude_everything", const(target_modules=["q_proj"], exclude_modules=["q_proj"]))
+    # DBRX names: fused Wqkv, out_proj, router.layer (nn.Linear), 2-D expert parameters experts.mlp.{w1,v1,w2}.
+    add("dbrx_attn", const(target_modules=["Wqkv", "out_proj"]))
+    add("dbrx_attn_experts", const(target_modules=["Wqkv", "out_proj"], target_parameters=["mlp.w1", "mlp.v1", "mlp.w2"]))
+    add("dbrx_router_layer", const(target_modules=["layer"]))
+    add("dbrx_experts_ltt", const(target_modules=["Wqkv"], target_parameters=["experts.mlp.w2"], layers_to_transform=[1]))
     add(
         "lm_head_modules_to_save_tying",
         const(target_modules=["q_proj"], modules_to_save=["lm_head"], ensure_weight_tying=True),

@@ -32,7 +32,9 @@ public sealed record ExpertCoverage
             if (!perLayer.TryGetValue(layer, out var set)) perLayer[layer] = set = [];
             if (t.Kind == AdapterKind.Parameter)
             {
-                for (long e = 0; e < t.NumExperts; e++) set.Add(e);
+                // A 2-D parameter stacking all experts' rows (DBRX) is adapted as one matrix: it still covers them all.
+                var covered = Math.Max(t.NumExperts, plan.Spec.Tree.Find(t.ModuleName)?.NumExperts ?? 1);
+                for (long e = 0; e < covered; e++) set.Add(e);
             }
             else
             {
@@ -40,8 +42,10 @@ public sealed record ExpertCoverage
                 if (m.Success) set.Add(long.Parse(m.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture));
             }
         }
+        var stacked = experts.Where(t => t.Kind == AdapterKind.Parameter && t.NumExperts == 1).ToList();
         var mode = experts.Count == 0 ? "none"
-            : experts.All(t => t.Kind == AdapterKind.Parameter) ? "per-expert slices of fused LoRA tensors"
+            : stacked.Count == experts.Count ? "one LoRA over the stacked experts' rows (shared by all experts, not r per expert)"
+            : experts.All(t => t.IsPerExpertSlices) ? "per-expert slices of fused LoRA tensors"
             : experts.All(t => t.Kind != AdapterKind.Parameter) ? "distinct LoRA modules per expert"
             : "mixed";
         return new ExpertCoverage

@@ -78,7 +78,8 @@ public static class Findings
         if (expertsModule is not null)
         {
             var rel = Relative(spec, expertsModule.Name);
-            return $"3-D parameters {string.Join(" and ", expertsModule.Parameters.Select(p => $"{rel}.{p.LocalName} {p.ShapeText}"))}, reachable only through target_parameters";
+            var kind = expertsModule.Parameters.All(p => p.Shape.Length == 3) ? "3-D parameters" : "stacked 2-D parameters (all experts' rows in one matrix)";
+            return $"{kind} {string.Join(" and ", expertsModule.Parameters.Select(p => $"{rel}.{p.LocalName} {p.ShapeText}"))}, reachable only through target_parameters";
         }
         var linear = spec.Tree.Modules.FirstOrDefault(m => m.Location == ModuleLocation.RoutedExpert && m.Kind == ModuleKind.Linear);
         if (linear is not null)
@@ -125,7 +126,9 @@ public static class Findings
             // Keep every requested module target (they still reach attention, shared experts, dense MLPs).
             var cfg = requested with { TargetParameters = [.. requested.TargetParameters ?? [], .. tp] };
             Add(recs, plan, "Reach the routed experts",
-                $"Add target_parameters=[{string.Join(", ", tp.Select(x => $"\"{x}\""))}]: PEFT wraps the fused expert tensors with a ParamWrapper, r per expert.", cfg);
+                $"Add target_parameters=[{string.Join(", ", tp.Select(x => $"\"{x}\""))}]: PEFT wraps the fused expert tensors with a ParamWrapper, " +
+                (spec.Tree.Modules.Any(m => m.Kind == ModuleKind.Experts && m.Parameters.Any(p => p.Shape.Length == 3))
+                    ? "r per expert." : "one rank-r update per stacked matrix (shared by all experts)."), cfg);
         }
         else if (codes.Contains("experts_missed") && spec.Layout == Layout.V4)
         {
@@ -195,7 +198,9 @@ public static class Findings
         var experts = spec.Tree.Modules.FirstOrDefault(m => m.Kind == ModuleKind.Experts);
         if (experts is null) return [];
         var rel = Relative(spec, experts.Name);
-        return experts.Parameters.Where(p => p.Shape.Length == 3).Select(p => $"{rel}.{p.LocalName}").ToList();
+        // 3-D fused experts, or DBRX's 2-D stacked ones; biases (gpt-oss *_proj_bias) are not weights to adapt.
+        return experts.Parameters.Where(p => p.Shape.Length >= 2 && !p.LocalName.EndsWith("bias", StringComparison.Ordinal))
+            .Select(p => $"{rel}.{p.LocalName}").ToList();
     }
 
     private static void Add(List<Recommendation> recs, AdapterPlan plan, string title, string detail, LoraConfig cfg)

@@ -24,6 +24,7 @@ public static class ArchitectureRegistry
         new DeepseekFamily(),
         new Llama4Family(),
         new GptOssFamily(),
+        new DbrxFamily(),
         new Glm4MoeFamily(),
         new PhimoeFamily(),
         new GraniteMoeFamily(),

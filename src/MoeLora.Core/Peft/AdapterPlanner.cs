@@ -70,7 +70,7 @@ public static class AdapterPlanner
         foreach (var name in tiedTargets)
             targets.Add(WrapModule(spec, cfg, tree.Find(name)!, tiedToEmbedding: true));
 
-        if (targets.Count == 0) throw NothingMatched(cfg, anyExcluded, anyUnmatched);
+        if (targets.Count == 0) throw NothingMatched(cfg, anyExcluded, anyUnmatched).WithHint(TargetHint(spec));
         if (cfg.ExcludeModules is not null && !anyExcluded)
             warnings.Add($"You have passed exclude_modules={cfg.ExcludeModules} but no modules were excluded. Please check that exclude_modules was set correctly.");
         if (cfg.TargetModules is { } tm && moduleTargetCount == 0 && parameterTargets.Count > 0 && (tm.IsPattern || tm.Names!.Count > 0))
@@ -119,6 +119,15 @@ public static class AdapterPlanner
             return new("NoMatchingPeftModuleError", msg);
         }
         return new("NoMatchingPeftModuleError", "No modules were targeted for adaptation. This might be caused by a combination of mismatched target modules and excluded modules. Please check your `target_modules` and `exclude_modules` configuration. You may also have only targeted modules that are marked to be saved (`modules_to_save`).");
+    }
+
+    /// <summary>What this model does offer to target: its Linear layer names and fused expert parameters.</summary>
+    private static string TargetHint(ModelSpec spec)
+    {
+        var linear = spec.Tree.Modules.Where(m => m.Kind is ModuleKind.Linear or ModuleKind.Embedding).Select(m => m.LeafName).Distinct().Take(16).ToList();
+        var experts = Analysis.Findings.ExpertTargetParameters(spec);
+        return $"this model's Linear/Embedding names: {string.Join(", ", linear)}" +
+               (experts.Count > 0 ? $"; its fused experts are target_parameters {string.Join(", ", experts)}" : "");
     }
 
     private static (int R, double Alpha, double Scaling) RankAndAlpha(LoraConfig cfg, string key)

@@ -10,4 +10,12 @@ public class PeftConfigException(string message) : Exception(message);
 public sealed class PeftInjectionException(string peftErrorType, string message) : PeftConfigException(message)
 {
     public string PeftErrorType { get; } = peftErrorType;
+
+    /// <summary>MoeLora's own advice, kept apart from PEFT's wording (e.g. which names this model offers).</summary>
+    public string? Hint { get; private init; }
+
+    public override string Message => Hint is null ? base.Message : $"{base.Message} Hint: {Hint}.";
+
+    /// <summary>PEFT's message with MoeLora's advice attached.</summary>
+    public PeftInjectionException WithHint(string hint) => new(PeftErrorType, base.Message) { Hint = hint };
 }
