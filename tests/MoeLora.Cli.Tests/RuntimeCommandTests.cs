@@ -129,6 +129,30 @@ public sealed class RuntimeCommandTests : IDisposable
         Assert.Equal(ScalarType.BFloat16, two["logits"].dtype);
     }
 
+    /// <summary>With a PEFT adapter applied, hidden states and logits equal transformers + PEFT's for that adapter.</summary>
+    [Theory]
+    [InlineData("mixtral", "attn_plus_experts")]
+    [InlineData("qwen3_moe", "seed_targets")]
+    [InlineData("llama", "seed_targets")]
+    public void HiddenStates_with_an_adapter_match_peft(string model, string variant)
+    {
+        var outFile = Path.Combine(_tmp, "hs_adapter.safetensors");
+        var inputs = Path.Combine(Fixture(model), "reference.safetensors");
+        var (code, err) = Run("hidden-states", Path.Combine(Fixture(model), "model"), "--inputs", inputs,
+            "--adapter", Path.Combine(Fixture(model), variant), "-o", outFile);
+        Assert.True(code == 0, err);
+        var got = Safetensors.Load(outFile);
+        var want = Safetensors.Load(Path.Combine(Fixture(model), variant, "reference.safetensors"));
+        var mask = Safetensors.Load(inputs)["attention_mask"].to(ScalarType.Bool);
+        foreach (var key in new[] { "hidden_states", "logits" })
+        {
+            var m = key == "logits" ? mask.unsqueeze(-1) : mask.unsqueeze(0).unsqueeze(-1);
+            var diff = (got[key] - want[key]).abs().masked_fill(m.logical_not(), 0).max().item<float>();
+            var scale = want[key].abs().masked_fill(m.logical_not(), 0).max().item<float>();
+            Assert.True(diff <= 1e-4 * scale, $"{model}/{variant} {key}: max diff {diff} (scale {scale})");
+        }
+    }
+
     [Fact]
     public void HiddenStates_prompts_are_tokenised_with_the_models_tokenizer_json()
     {

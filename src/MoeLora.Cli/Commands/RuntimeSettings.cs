@@ -1,4 +1,5 @@
 using System.ComponentModel;
+using MoeLora.Torch.Lora;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using MoeLora.Cli.Infrastructure;
@@ -30,6 +31,10 @@ public class RuntimeSettings : ModelSettings
     [CommandOption("--model-dtype <DTYPE>")]
     [Description("Dtype the model runs in: fp32 (default), bf16 or fp16")]
     public string ModelDType { get; init; } = "fp32";
+
+    [CommandOption("--adapter <DIR>")]
+    [Description("A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) to apply, e.g. one moelora train wrote")]
+    public string? Adapter { get; init; }
 
     [CommandOption("--max-length <N>")]
     [Description("Truncate tokenised prompts to N tokens (default 512)")]
@@ -64,6 +69,12 @@ public class RuntimeSettings : ModelSettings
         var model = dir is null
             ? TorchModelFactory.Random(resolved.ConfigJson, Seed, dtype, dev)
             : TorchModelFactory.Load(resolved.ConfigJson, dir, dtype, dev);
+        if (Adapter is not null)
+        {
+            if (!File.Exists(Path.Combine(Adapter, "adapter_config.json")))
+                throw new FileNotFoundException($"--adapter {Adapter}: no adapter_config.json there");
+            LoraInjector.LoadPeftAdapter(model, Adapter);
+        }
         model.Eval();
         return (model, resolved);
     }
