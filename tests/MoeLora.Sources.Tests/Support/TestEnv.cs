@@ -21,7 +21,7 @@ public static class TestEnv
 {
     public static string DataDir => Path.Combine(AppContext.BaseDirectory, "Data");
 
-    public static string TinyDir(string modelType) => Path.Combine(DataDir, "hf-tiny", modelType);
+    public static string TinyDir(string modelType) => Path.Combine(DataDir, "hf-tiny", modelType, "model");
 
     public static IEnumerable<string> TinyModelTypes =>
         Directory.GetDirectories(Path.Combine(DataDir, "hf-tiny")).Select(Path.GetFileName).Order(StringComparer.Ordinal)!;
