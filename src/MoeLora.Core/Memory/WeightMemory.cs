@@ -84,6 +84,13 @@ public static class WeightMemory
 
     /// <summary>Parameters of the largest decoder layer (what ZeRO-3/FSDP gathers at once), in elements.</summary>
     public static long LargestLayerParameters(ModelSpec spec, bool excludeRoutedExperts = false) =>
+        LayerSums.GetValue(spec, s => new Lazy<(long, long)>(() => (ComputeLargest(s, false), ComputeLargest(s, true))))
+            .Value is var (all, noExperts) ? (excludeRoutedExperts ? noExperts : all) : 0;
+
+    // The fit search estimates one model under many GPU counts; the per-layer sums depend only on the tree.
+    private static readonly System.Runtime.CompilerServices.ConditionalWeakTable<ModelSpec, Lazy<(long, long)>> LayerSums = new();
+
+    private static long ComputeLargest(ModelSpec spec, bool excludeRoutedExperts) =>
         spec.Tree.Modules.Where(m => m.LayerIndex is not null && m.Location != ModuleLocation.Vision && m.Location != ModuleLocation.Projector)
             .Where(m => !excludeRoutedExperts || m.Location != ModuleLocation.RoutedExpert)
             .SelectMany(m => m.Parameters.Where(p => !p.IsTied).Select(p => (m.LayerIndex!.Value, p.NumElements)))

@@ -198,10 +198,21 @@ public static class AdapterPlanner
         IReadOnlyList<string> targetParameters, HashSet<string> wrappedModules)
     {
         var targets = targetParameters.Distinct(StringComparer.Ordinal).Order(StringComparer.Ordinal).ToList();
+        var exact = targets.ToHashSet(StringComparer.Ordinal);
+        var suffixes = targets.Select(t => "." + t).ToArray();
+        bool Matches(ParameterNode p)
+        {
+            if (p.IsTied) return false;
+            if (exact.Contains(p.Name)) return true;
+            foreach (var suffix in suffixes)
+                if (p.Name.EndsWith(suffix, StringComparison.Ordinal)) return true;
+            return false;
+        }
         var result = new List<AdapterTarget>();
         foreach (var module in spec.Tree.Modules)
         {
-            var matched = module.Parameters.Where(p => !p.IsTied && TargetMatcher.IsExactOrSuffix(p.Name, targets)).ToList();
+            if (module.Parameters.Count == 0) continue;
+            var matched = module.Parameters.Where(Matches).ToList();
             if (matched.Count == 0) continue;
             if (module.Name.Length == 0 && version.RejectsRootParameters)
                 throw new PeftInjectionException("ValueError", $"Targeting the parameter '{matched[0].Name}' of the root module is not supported.");

@@ -15,12 +15,15 @@ public sealed class TargetMatcher(LoraConfig config, PeftVersion version)
 {
     private readonly HashSet<string>? _targetSet = config.TargetModules?.Names?.ToHashSet(StringComparer.Ordinal);
     private readonly HashSet<string>? _excludeSet = config.ExcludeModules?.Names?.ToHashSet(StringComparer.Ordinal);
+    // "." + name, built once: Check runs for every module of models with thousands of them.
+    private readonly string[]? _targetSuffixes = config.TargetModules?.Names?.Select(t => "." + t).ToArray();
+    private readonly string[]? _excludeSuffixes = config.ExcludeModules?.Names?.Select(t => "." + t).ToArray();
 
     public MatchResult Check(string key)
     {
         if (config.ExcludeModules is { } ex)
         {
-            if (ex.Pattern is not null ? PyRegex.FullMatch(ex.Pattern, key) : IsExactOrSuffix(key, ex.Names!, _excludeSet!))
+            if (ex.Pattern is not null ? PyRegex.FullMatch(ex.Pattern, key) : _excludeSet!.Contains(key) || EndsWithAny(key, _excludeSuffixes!))
                 return MatchResult.Excluded;
         }
         foreach (var m in config.ModulesToSave ?? [])
@@ -32,7 +35,7 @@ public sealed class TargetMatcher(LoraConfig config, PeftVersion version)
         if (targets is null) return MatchResult.NoMatch;
         if (targets.Pattern is not null) return PyRegex.FullMatch(targets.Pattern, key) ? MatchResult.Match : MatchResult.NoMatch;
         if (_targetSet!.Contains(key)) return MatchResult.Match; // an exact full name bypasses the layer filter
-        var found = targets.Names!.Any(t => key.EndsWith("." + t, StringComparison.Ordinal));
+        var found = EndsWithAny(key, _targetSuffixes!);
         if (found && LayerFilterActive) found = LayerSelected(key);
         return found ? MatchResult.Match : MatchResult.NoMatch;
     }
@@ -68,6 +71,13 @@ public sealed class TargetMatcher(LoraConfig config, PeftVersion version)
             }
         }
         return m is { Success: true } ? int.Parse(m.Groups[1].Value, CultureInfo.InvariantCulture) : null;
+    }
+
+    private static bool EndsWithAny(string key, string[] dottedSuffixes)
+    {
+        foreach (var suffix in dottedSuffixes)
+            if (key.EndsWith(suffix, StringComparison.Ordinal)) return true;
+        return false;
     }
 
     /// <summary>PEFT's list rule: equal to a target or ending with "." + target.</summary>
