@@ -46,8 +46,7 @@ public sealed class CausalLm : HfModule, IDisposable
         _norm = model.Add("norm", norm);
         model.Add("rotary_emb", new Container()); // parameter-free, present in named_modules as in transformers
         _lmHead = AddChild("lm_head", new Linear(config.HiddenSize, config.VocabSize, false, init));
-        if (config.TieWordEmbeddings)
-            throw new NotSupportedException("tie_word_embeddings=true is not supported yet by MoeLora.Torch.");
+        if (config.TieWordEmbeddings) _lmHead.TieTo(_embed.weight);
     }
 
     public int NumLayers => _layers.Count;

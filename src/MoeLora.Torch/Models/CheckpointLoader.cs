@@ -84,14 +84,19 @@ public static partial class CheckpointLoader
     /// </summary>
     internal static void Apply(CausalLm model, Dictionary<string, Tensor> tensors)
     {
-        var state = model.StateDict().ToList();
+        // A tied weight appears in the state dict under both names but is stored once (save_pretrained drops the
+        // second name); keep the first name of each tensor object.
+        var seen = new HashSet<Tensor>(ReferenceEqualityComparer.Instance);
+        var all = model.StateDict().ToList();
+        var state = all.Where(s => seen.Add(s.Value)).ToList();
+        var tiedNames = all.Select(s => s.Name).Except(state.Select(s => s.Name)).ToHashSet();
         var errors = new List<string>();
         foreach (var (name, t) in state)
         {
             if (!tensors.TryGetValue(name, out var src)) errors.Add($"missing: {name} {Shape(t)}");
             else if (!src.shape.SequenceEqual(t.shape)) errors.Add($"shape mismatch: {name} checkpoint {Shape(src)} vs model {Shape(t)}");
         }
-        var known = state.Select(s => s.Name).ToHashSet();
+        var known = state.Select(s => s.Name).Concat(tiedNames).ToHashSet();
         errors.AddRange(tensors.Keys.Where(k => !known.Contains(k)).Select(k => $"unexpected: {k}"));
         if (errors.Count > 0)
             throw new InvalidDataException($"Checkpoint does not match the {model.ModelType} model built from config.json:\n  " + string.Join("\n  ", errors.Take(40)));

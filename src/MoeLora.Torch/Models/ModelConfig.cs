@@ -42,7 +42,7 @@ public sealed class ModelConfig
             long? L(string k) => o?[k] is JsonValue v ? (long)v.GetValue<double>() : null;
             bool truncate = o?["truncate"] is JsonValue t ? t.GetValue<bool>() : true;
             return new RopeParameters(type, theta, D("factor"), L("original_max_position_embeddings"), D("attention_factor"),
-                D("beta_fast"), D("beta_slow"), D("mscale"), D("mscale_all_dim"), truncate);
+                D("beta_fast"), D("beta_slow"), D("mscale"), D("mscale_all_dim"), truncate, D("low_freq_factor"), D("high_freq_factor"));
         }
     }
 
@@ -62,4 +62,5 @@ public sealed class ModelConfig
 }
 
 public sealed record RopeParameters(string Type, double Theta, double? Factor, long? OriginalMaxPositionEmbeddings,
-    double? AttentionFactor, double? BetaFast, double? BetaSlow, double? MScale, double? MScaleAllDim, bool Truncate);
+    double? AttentionFactor, double? BetaFast, double? BetaSlow, double? MScale, double? MScaleAllDim, bool Truncate,
+    double? LowFreqFactor = null, double? HighFreqFactor = null);

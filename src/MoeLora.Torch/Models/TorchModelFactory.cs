@@ -11,7 +11,7 @@ public static class TorchModelFactory
 {
     static readonly Dictionary<string, IModelFamily> Families = new IModelFamily[]
     {
-        new Llama(), new Qwen3(), new Mixtral(), new Qwen2Moe(), new Qwen3Moe(), new Olmoe(),
+        new Llama(), new Qwen2(), new Mistral(), new Qwen3(), new Mixtral(), new Qwen2Moe(), new Qwen3Moe(), new Olmoe(),
         new Llama4Text(), new DeepseekV3(), new GptOss(),
     }.ToDictionary(f => f.ModelType);
 

@@ -28,6 +28,14 @@ public abstract class HfModule
         return p;
     }
 
+    /// <summary>Makes a registered parameter name refer to another module's Parameter (tied weights).</summary>
+    protected void ShareParameter(string name, Parameter shared)
+    {
+        int i = _params.FindIndex(kv => kv.Key == name);
+        if (i < 0) throw new KeyNotFoundException($"{GetType().Name} has no parameter '{name}'.");
+        _params[i] = new(name, shared);
+    }
+
     /// <summary>A persistent buffer (in the state dict, not a parameter), e.g. DeepSeek's e_score_correction_bias.</summary>
     protected Tensor AddBuffer(string name, Tensor value)
     {

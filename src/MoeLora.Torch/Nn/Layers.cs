@@ -13,7 +13,7 @@ public interface ILinearAdapter
 /// <summary><c>nn.Linear</c>: weight [out, in], optional bias [out].</summary>
 public sealed class Linear : HfModule
 {
-    public Parameter weight { get; }
+    public Parameter weight { get; private set; }
     public Parameter? bias { get; }
     public long InFeatures { get; }
     public long OutFeatures { get; }
@@ -26,6 +26,16 @@ public sealed class Linear : HfModule
         if (hasBias) bias = AddParameter("bias", init.Zeros(outFeatures));
     }
 
+
+    /// <summary>tie_word_embeddings: the LM head's weight *is* the embedding's Parameter (as transformers ties them).</summary>
+    internal void TieTo(Parameter shared)
+    {
+        if (!shared.shape.SequenceEqual(weight.shape))
+            throw new InvalidDataException($"cannot tie a [{string.Join(",", weight.shape)}] weight to a [{string.Join(",", shared.shape)}] one");
+        weight.Dispose();
+        weight = shared;
+        ShareParameter("weight", shared);
+    }
 
     public Tensor Forward(Tensor x)
     {

@@ -25,13 +25,37 @@ public sealed class Rotary
         {
             "default" => new Rotary(DefaultInvFreq(theta, dim), 1.0),
             "yarn" => Yarn(rope, theta, dim),
-            _ => throw new NotSupportedException($"rope_type '{rope.Type}' is not supported (supported: default, yarn)."),
+            "llama3" => new Rotary(Llama3InvFreq(rope, theta, dim), 1.0),
+            // linear: positions divided by the factor, i.e. inv_freq / factor.
+            "linear" => new Rotary(DefaultInvFreq(theta, dim) / (rope.Factor ?? throw new InvalidDataException("linear rope needs 'factor'.")), 1.0),
+            _ => throw new NotSupportedException($"rope_type '{rope.Type}' is not supported (supported: default, linear, llama3, yarn)."),
         };
     }
 
     // 1 / base^(arange(0, dim, 2)/dim), in fp32 like torch: int64 arange cast to float, then pow.
     static Tensor DefaultInvFreq(double theta, long dim) =>
         1.0 / pow(theta, arange(0, dim, 2, ScalarType.Int64).to(ScalarType.Float32) / dim);
+
+    /// <summary>
+    /// Llama 3.1's scaling (transformers <c>_compute_llama3_parameters</c>), in fp32: wavelengths longer than
+    /// original/low_freq_factor are divided by the factor, shorter than original/high_freq_factor kept, and the band
+    /// between interpolated smoothly.
+    /// </summary>
+    static Tensor Llama3InvFreq(Models.RopeParameters rope, double theta, long dim)
+    {
+        double factor = rope.Factor ?? throw new InvalidDataException("llama3 rope needs 'factor'.");
+        double low = rope.LowFreqFactor ?? throw new InvalidDataException("llama3 rope needs 'low_freq_factor'.");
+        double high = rope.HighFreqFactor ?? throw new InvalidDataException("llama3 rope needs 'high_freq_factor'.");
+        double old = rope.OriginalMaxPositionEmbeddings ?? throw new InvalidDataException("llama3 rope needs 'original_max_position_embeddings'.");
+        var inv = DefaultInvFreq(theta, dim);
+        double lowWavelen = old / low, highWavelen = old / high;
+        var wavelen = 2 * Math.PI / inv;
+        var scaled = where(wavelen > lowWavelen, inv / factor, inv);
+        var smooth = (old / wavelen - low) / (high - low);
+        var smoothed = (1 - smooth) * scaled / factor + smooth * scaled;
+        var medium = (wavelen < highWavelen).logical_not().logical_and((wavelen > lowWavelen).logical_not());
+        return where(medium, smoothed, scaled);
+    }
 
     static Rotary Yarn(Models.RopeParameters rope, double theta, long dim)
     {
