@@ -97,7 +97,7 @@ public sealed class DownloadTests : IDisposable
 
         Assert.Equal("model.safetensors.index.json", result.Weights);
         Assert.Equal(
-            ["model.safetensors.index.json", "config.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"],
+            ["config.json", "model.safetensors.index.json", "model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"],
             result.Present.Select(f => f.Path));
         Assert.True(File.Exists(Path.Combine(RepoFolder("org/sharded"), ".no_exist", repo.Commit, "model.safetensors")));
         Assert.Equal(FirstShard.Length + SecondShard.Length + repo.Files["config.json"].Length + repo.Files["model.safetensors.index.json"].Length,
@@ -194,7 +194,7 @@ public sealed class DownloadTests : IDisposable
              ("org/sharded: model-00002-of-00002.safetensors", SecondShard.Length, SecondShard.Length, true)],
             progress.Bars);
         // Every file considered is reported once, optional ones that are missing included.
-        Assert.Equal(["model.safetensors.index.json", .. HubSnapshotDownloader.StandardFiles, "model-00001-of-00002.safetensors",
+        Assert.Equal([.. HubSnapshotDownloader.StandardFiles, "model.safetensors.index.json", "model-00001-of-00002.safetensors",
             "model-00002-of-00002.safetensors"], settled);
     }
 
@@ -205,7 +205,7 @@ public sealed class DownloadTests : IDisposable
         using ModelResolver resolver = Resolver();
 
         DownloadResult json = resolver.Download("org/sharded", new DownloadOptions { Include = ["*.json"] });
-        Assert.Equal(["model.safetensors.index.json", "config.json"], json.Present.Select(f => f.Path));
+        Assert.Equal(["config.json", "model.safetensors.index.json"], json.Present.Select(f => f.Path));
         Assert.DoesNotContain(_hub.Requests, r => r.Server == "cdn");
 
         DownloadResult extra = resolver.Download("org/sharded", new DownloadOptions { Include = ["README.md", "*-00002-*"] });

@@ -19,7 +19,8 @@ internal sealed class HubSnapshotDownloader(HubClient client, HubDownloader down
     private const string ConfigFileName = "config.json";
     private const string SingleWeights = "model.safetensors";
 
-    private sealed record Planned(string Path, bool Required, HubFileMetadata? Metadata = null);
+    /// <param name="Done">Set when the file was already settled while the list was drawn up (the index).</param>
+    private sealed record Planned(string Path, bool Required, HubFileMetadata? Metadata = null, DownloadedFile? Done = null);
 
     public async Task<DownloadResult> DownloadAsync(RepoId repo, DownloadOptions options, CancellationToken cancellationToken)
     {
@@ -51,7 +52,6 @@ internal sealed class HubSnapshotDownloader(HubClient client, HubDownloader down
         foreach (string name in StandardFiles.Where(Wanted))
             plan.Add(new Planned(name, name == ConfigFileName, name == ConfigFileName ? configMetadata : null));
 
-        var settled = new List<DownloadedFile>();
         string? weights = null;
         bool anyWildcard = patterns.Count == 0 || patterns.Any(Glob.HasWildcard);
         if (anyWildcard)
@@ -73,8 +73,7 @@ internal sealed class HubSnapshotDownloader(HubClient client, HubDownloader down
                 var shards = parsed.Shards.Where(Wanted).ToList();
                 if (shards.Count > 0 || Wanted(CheckpointIndex.FileName))
                 {
-                    settled.Add(index);
-                    options.OnFile?.Invoke(index);
+                    plan.Add(new Planned(index.Path, true, Done: index));
                     weights = CheckpointIndex.FileName;
                 }
                 plan.AddRange(shards.Select(s => new Planned(s, true)));
@@ -86,13 +85,14 @@ internal sealed class HubSnapshotDownloader(HubClient client, HubDownloader down
             }
         }
         foreach (string literal in patterns.Where(p => !Glob.HasWildcard(p)))
-            if (plan.All(p => p.Path != literal) && settled.All(f => f.Path != literal))
+            if (plan.All(p => p.Path != literal))
                 plan.Add(new Planned(literal, true));
 
         // 3. Fetch, one file at a time (each large file gets its own progress bar).
+        var settled = new List<DownloadedFile>();
         foreach (Planned file in plan)
         {
-            DownloadedFile done = await FetchAsync(repo, commit, file, cancellationToken);
+            DownloadedFile done = file.Done ?? await FetchAsync(repo, commit, file, cancellationToken);
             settled.Add(done);
             options.OnFile?.Invoke(done);
         }
