@@ -26,6 +26,7 @@ public static class Program
             config.AddCommand<DiffCommand>("diff").WithDescription("Two models (or two LoraConfigs) side by side: targets, adapters, experts, hidden states, memory, gradient flow");
             config.AddCommand<HiddenStatesCommand>("hidden-states").WithDescription("Run the model and write hidden_states [[layers, batch, seq, hidden]] and logits to a safetensors file");
             config.AddCommand<RoutersCommand>("routers").WithDescription("Router expert selection per layer for harmful vs benign prompts: frequencies, Jensen-Shannon divergence, heatmap PNG and JSON");
+            config.AddCommand<DownloadCommand>("download").WithDescription("Fetch a Hub model's config, tokenizer and safetensors weights into the HF cache (as huggingface_hub stores them)");
             config.AddCommand<ModelsCommand>("models")
                 .WithDescription("List the embedded catalog of real configs");
             config.AddCommand<TrainCommand>("train").WithDescription("Circuit-breaker (representation rerouting) LoRA training");

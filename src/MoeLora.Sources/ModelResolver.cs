@@ -92,6 +92,38 @@ public sealed class ModelResolver : IDisposable
     }
 
     /// <summary>
+    /// Downloads a Hub model's files into the HF cache exactly as huggingface_hub stores them, so that afterwards
+    /// <see cref="Resolve"/> finds it in the cache and <see cref="ResolvedModel.Directory"/> holds config, tokenizer and
+    /// weights. Fetched by default: config.json (required), generation_config.json, tokenizer.json,
+    /// tokenizer_config.json, special_tokens_map.json (each if present), and model.safetensors or
+    /// model.safetensors.index.json with every shard it names; <see cref="DownloadOptions.Include"/> narrows or
+    /// extends that list. Every file comes from one commit; files already in the snapshot cost no request, blobs
+    /// already in the cache are linked, and an interrupted transfer leaves nothing in the cache (run it again to
+    /// fetch what is still missing).
+    /// </summary>
+    /// <exception cref="ModelSourceException">Offline, not a Hub id, gated, missing, no safetensors weights, network failures.</exception>
+    public async Task<DownloadResult> DownloadAsync(string model, DownloadOptions? options = null, CancellationToken cancellationToken = default)
+    {
+        options ??= DownloadOptions.Default;
+        if (string.IsNullOrWhiteSpace(model))
+            throw new ModelSourceException("no model given: pass a Hub id (org/name).");
+        if (LooksLikePath(model) || Directory.Exists(model) || File.Exists(model))
+            throw new ModelSourceException($"{model} is a path; download takes a Hub id (org/name), and a local folder needs no download.");
+        if (!RepoId.TryParse(model, out RepoId repo))
+            throw new ModelSourceException($"'{model}' is not a valid Hub id (org/name).");
+        if (!HubCache.IsSafeRevision(options.Revision))
+            throw new ModelSourceException($"'{options.Revision}' is not a valid revision (a branch, tag or commit hash).");
+        if (_settings.Offline)
+            throw new ModelSourceException($"HF_HUB_OFFLINE is set, so {repo} cannot be downloaded: unset HF_HUB_OFFLINE (models already in the HF cache at {_settings.HubCache} work offline).");
+
+        var downloader = new HubDownloader(_client.Value, _cache, _settings);
+        return await new HubSnapshotDownloader(_client.Value, downloader, _cache).DownloadAsync(repo, options, cancellationToken);
+    }
+
+    /// <summary>Synchronous <see cref="DownloadAsync"/>.</summary>
+    public DownloadResult Download(string model, DownloadOptions? options = null) => DownloadAsync(model, options).GetAwaiter().GetResult();
+
+    /// <summary>
     /// Reads the safetensors headers of a resolved model's checkpoint (never the weights): from its folder, and for
     /// Hub models from the Hub with Range requests for any file not on disk. Returns null when there is no
     /// safetensors checkpoint to read (catalog models, folders without one, offline without the files).

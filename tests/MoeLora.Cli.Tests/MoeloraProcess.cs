@@ -9,7 +9,10 @@ internal static class MoeloraProcess
 
     public static Result Run(params string[] args) => RunIn(null, args);
 
-    public static Result RunIn(string? workingDirectory, params string[] args)
+    public static Result RunIn(string? workingDirectory, params string[] args) => RunWith(workingDirectory, null, args);
+
+    /// <summary>Like <see cref="RunIn"/>, then sets (or, for null values, removes) the given environment variables.</summary>
+    public static Result RunWith(string? workingDirectory, IReadOnlyDictionary<string, string?>? environment, params string[] args)
     {
         var exe = Path.Combine(AppContext.BaseDirectory, "moelora.dll");
         var psi = new ProcessStartInfo("dotnet")
@@ -27,6 +30,11 @@ internal static class MoeloraProcess
         psi.Environment.Remove("HF_HUB_CACHE");
         psi.Environment.Remove("HF_TOKEN");
         psi.Environment["NO_COLOR"] = "1";
+        foreach (var (name, value) in environment ?? new Dictionary<string, string?>())
+        {
+            if (value is null) psi.Environment.Remove(name);
+            else psi.Environment[name] = value;
+        }
         using var p = Process.Start(psi)!;
         var stdout = p.StandardOutput.ReadToEndAsync();
         var stderr = p.StandardError.ReadToEndAsync();

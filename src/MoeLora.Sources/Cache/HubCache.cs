@@ -90,6 +90,13 @@ public sealed partial class HubCache(string root, bool disableSymlinks = false)
         return snapshotFile;
     }
 
+    /// <summary>True when <c>blobs/{etag}</c> is complete on disk (blobs only ever appear complete).</summary>
+    public bool HasBlob(RepoId repo, string etag) =>
+        IsSafeBlobName(etag) && File.Exists(Path.Combine(RepoFolder(repo), "blobs", etag));
+
+    /// <summary>The file of a snapshot, whether or not it exists.</summary>
+    public string SnapshotFile(RepoId repo, string commit, string path) => SnapshotPath(repo, commit, path);
+
     /// <summary>Records that a file does not exist at a commit (an empty <c>.no_exist</c> marker).</summary>
     public void MarkMissing(RepoId repo, string commit, string path)
     {

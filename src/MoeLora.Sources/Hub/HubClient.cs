@@ -46,7 +46,7 @@ internal sealed class HubClient : IDisposable
         Uri url = file.ResolveUrl(Endpoint);
         for (int attempt = 1; ; attempt++)
         {
-            (HttpResponseMessage response, HubFileMetadata metadata) = await FollowRedirectsAsync(url, file, rangeFrom, rangeTo, cancellationToken);
+            (HttpResponseMessage response, HubFileMetadata metadata) = await FollowRedirectsAsync(url, file, rangeFrom, rangeTo, HttpMethod.Get, cancellationToken);
             if (response.IsSuccessStatusCode || response.StatusCode == HttpStatusCode.RequestedRangeNotSatisfiable)
                 return new HubResponse(response, metadata, _settings.RequestTimeout, file);
 
@@ -63,13 +63,38 @@ internal sealed class HubClient : IDisposable
         }
     }
 
+    /// <summary>
+    /// What the Hub says about a file without fetching it, like huggingface_hub's <c>get_hf_file_metadata</c>: a HEAD
+    /// request to the resolve URL that follows redirects on the Hub's own host (renamed repositories) but stops at
+    /// the redirect to the file CDN, whose answer already carries <c>X-Linked-Etag</c> and <c>X-Linked-Size</c>.
+    /// Retries and errors as <see cref="GetAsync"/>.
+    /// </summary>
+    public async Task<HubFileMetadata> HeadAsync(HubFile file, CancellationToken cancellationToken)
+    {
+        Uri url = file.ResolveUrl(Endpoint);
+        for (int attempt = 1; ; attempt++)
+        {
+            (HttpResponseMessage response, HubFileMetadata metadata) = await FollowRedirectsAsync(url, file, null, null, HttpMethod.Head, cancellationToken);
+            using (response)
+            {
+                if (response.IsSuccessStatusCode || IsRedirect(response.StatusCode)) return metadata;
+                if (HubErrors.IsRetryable(response.StatusCode) && attempt <= _settings.MaxRetries)
+                {
+                    await Task.Delay(RetryDelay(response, attempt), cancellationToken);
+                    continue;
+                }
+                throw HubErrors.FromResponse(response, file, Endpoint, _settings.Token is not null, attempt);
+            }
+        }
+    }
+
     private async Task<(HttpResponseMessage, HubFileMetadata)> FollowRedirectsAsync(
-        Uri url, HubFile file, long? rangeFrom, long? rangeTo, CancellationToken cancellationToken)
+        Uri url, HubFile file, long? rangeFrom, long? rangeTo, HttpMethod method, CancellationToken cancellationToken)
     {
         var metadata = new HubFileMetadata(null, null, null);
         for (int hop = 0; ; hop++)
         {
-            using var request = new HttpRequestMessage(HttpMethod.Get, url);
+            using var request = new HttpRequestMessage(method, url);
             request.Headers.UserAgent.ParseAdd(_settings.UserAgent);
             // Sizes and ranges must refer to the stored bytes, not a compressed transfer.
             request.Headers.AcceptEncoding.ParseAdd("identity");
@@ -82,6 +107,10 @@ internal sealed class HubClient : IDisposable
             if (hubHost) metadata = Merge(metadata, response);
 
             if (!IsRedirect(response.StatusCode)) return (response, metadata);
+            // A HEAD stops where the Hub hands over to another host: the redirect itself describes the file.
+            if (method == HttpMethod.Head && response.Headers.Location is { } next
+                && !IsHubHost(next.IsAbsoluteUri ? next : new Uri(url, next)))
+                return (response, metadata);
             using (response)
             {
                 Uri? location = response.Headers.Location;

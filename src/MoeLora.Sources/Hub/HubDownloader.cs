@@ -56,6 +56,40 @@ internal sealed class HubDownloader(HubClient client, HubCache cache, SourceSett
         }
     }
 
+    /// <summary>
+    /// Streams a file of any size into the cache (never into memory): the body goes to a unique
+    /// <c>blobs/{etag}.….incomplete</c>, renamed into place only when complete and, for LFS files, only when its
+    /// sha256 matches the etag. Large files get a progress bar. Returns the snapshot path and the bytes received.
+    /// </summary>
+    public async Task<(string Path, long Bytes)> DownloadToCacheAsync(HubFile file, string commit, CancellationToken cancellationToken)
+    {
+        using HubResponse response = await client.GetAsync(file, null, null, cancellationToken);
+        HubFileMetadata metadata = response.Metadata;
+        if (metadata.Etag is null)
+            throw new HubException(HubErrorKind.Protocol, $"{client.Endpoint} sent no ETag for {file}, so it cannot be stored in the HF cache.");
+        if (metadata.Commit is not null && metadata.Commit != commit)
+            throw new HubException(HubErrorKind.Protocol, $"{client.Endpoint} answered {file} with commit {metadata.Commit}, not the {commit} it was asked for.");
+        long? expected = response.Message.Content.Headers.ContentLength ?? metadata.Size;
+        using IProgressBar bar = (metadata.Size ?? expected) >= settings.ProgressThresholdBytes
+            ? settings.Progress.Start($"{file.Repo}: {file.Path}", metadata.Size ?? expected)
+            : NullDownloadProgress.Instance;
+        // LFS blobs are named by their sha256: check it, or a corrupt transfer would sit in the cache under that name.
+        bool isSha256 = metadata.Etag.Length == 64 && metadata.Etag.All(char.IsAsciiHexDigitLower);
+        long received = 0;
+        string path = await cache.StoreAsync(file.Repo, file.Revision, commit, metadata.Etag, file.Path, async stream =>
+        {
+            using var sha = System.Security.Cryptography.SHA256.Create();
+            await using (var hashing = new System.Security.Cryptography.CryptoStream(stream, sha, System.Security.Cryptography.CryptoStreamMode.Write, leaveOpen: true))
+            {
+                received = await response.CopyToAsync(isSha256 ? hashing : stream, bar, cancellationToken);
+                CheckLength(file, received, expected);
+            }
+            if (isSha256 && Convert.ToHexStringLower(sha.Hash!) != metadata.Etag)
+                throw new HubException(HubErrorKind.Protocol, $"the download of {file} does not match its sha256 {metadata.Etag}; nothing was stored, try again.");
+        });
+        return (path, received);
+    }
+
     // A body shorter than announced is a dropped connection; throwing keeps the partial file out of the cache.
     private static void CheckLength(HubFile file, long received, long? expected)
     {

@@ -7,7 +7,7 @@ using System.Text;
 namespace MoeLora.Sources.Tests.Support;
 
 /// <summary>One request the fake servers received.</summary>
-public sealed record ServedRequest(string Server, string Path, string? Range, string? Authorization, int Status, long BodyBytes);
+public sealed record ServedRequest(string Server, string Path, string? Range, string? Authorization, int Status, long BodyBytes, string Method = "GET");
 
 /// <summary>A repository on the fake Hub.</summary>
 public sealed class FakeRepo(string id, string commit)
@@ -91,11 +91,13 @@ public sealed class FakeHub : IDisposable
         lock (_faultLock) _faults.Add(fault);
     }
 
-    private Fault? TakeFault(string path)
+    private Fault? TakeFault(string path, bool head = false)
     {
         lock (_faultLock)
         {
-            Fault? fault = _faults.FirstOrDefault(f => f.Remaining > 0 && path.Contains(f.PathPart, StringComparison.Ordinal));
+            // A HEAD has no body to cut short, so truncation faults wait for the GET.
+            Fault? fault = _faults.FirstOrDefault(f => f.Remaining > 0 && path.Contains(f.PathPart, StringComparison.Ordinal)
+                && !(head && f.TruncateAfter is not null));
             if (fault is not null) fault.Remaining--;
             return fault;
         }
@@ -106,7 +108,7 @@ public sealed class FakeHub : IDisposable
         HttpListenerRequest request = context.Request;
         HttpListenerResponse response = context.Response;
         string path = request.RawUrl!.Split('?')[0];
-        Fault? fault = TakeFault(path);
+        Fault? fault = TakeFault(path, request.HttpMethod == "HEAD");
         if (fault?.Delay is TimeSpan delay) await Task.Delay(delay);
         if (fault?.Status is int status)
         {
@@ -225,7 +227,8 @@ public sealed class FakeHub : IDisposable
         {
             response.StatusCode = status;
             response.ContentLength64 = body.Length;
-            int length = truncateAfter is int cut ? Math.Min(cut, body.Length) : body.Length;
+            // HEAD: the headers of a GET (Content-Length included) and no body.
+            int length = context.Request.HttpMethod == "HEAD" ? 0 : truncateAfter is int cut ? Math.Min(cut, body.Length) : body.Length;
             // Write in slices so a client that stops reading early is noticed, and count what actually left.
             for (int offset = 0; offset < length; offset += 16384)
             {
@@ -233,7 +236,7 @@ public sealed class FakeHub : IDisposable
                 await response.OutputStream.WriteAsync(body.AsMemory(offset, slice));
                 sent += slice;
             }
-            if (truncateAfter is not null && length < body.Length)
+            if (truncateAfter is not null && length < body.Length && context.Request.HttpMethod != "HEAD")
             {
                 await response.OutputStream.FlushAsync();
                 response.Abort();
@@ -249,7 +252,7 @@ public sealed class FakeHub : IDisposable
         finally
         {
             _log.Enqueue(new ServedRequest(server, context.Request.RawUrl!.Split('?')[0], context.Request.Headers["Range"],
-                context.Request.Headers["Authorization"], status, sent));
+                context.Request.Headers["Authorization"], status, sent, context.Request.HttpMethod));
         }
     }
 
