@@ -7,7 +7,7 @@ using static TorchSharp.torch;
 namespace MoeLora.Cli.Tests;
 
 /// <summary>End-to-end runs of report --load-model, hidden-states and routers on the hf-tiny fixtures.</summary>
-[Collection("console")]
+[Collection("cli")] // in-process runs share the static Consoles: one collection runs them one at a time
 public sealed class RuntimeCommandTests : IDisposable
 {
     static string Fixture(string model) => Path.Combine(AppContext.BaseDirectory, "Data", "hf-tiny", model);
