@@ -8,8 +8,8 @@ using Xunit.Abstractions;
 namespace MoeLora.Torch.Tests;
 
 /// <summary>
-/// Parity with transformers 5.17 for rope scalings beyond default/yarn (llama3 as in Llama 3.1 and Llama 4, linear)
-/// and for tied embeddings (small Qwen models). References made by tools/rope_check/make_rope_fixtures.py.
+/// Parity with transformers 5.17 for rope scalings beyond default/yarn (llama3 as in Llama 3.1 and Llama 4, linear),
+/// tied embeddings (small Qwen models) and Mistral's sliding window. References made by tools/rope_check/make_rope_fixtures.py.
 /// </summary>
 public class RopeAndTyingParityTests(ITestOutputHelper log)
 {
@@ -19,6 +19,7 @@ public class RopeAndTyingParityTests(ITestOutputHelper log)
     [InlineData("llama_rope_llama3")]
     [InlineData("llama_rope_linear")]
     [InlineData("qwen2_tied")]
+    [InlineData("mistral_sliding")] // sliding_window 8 over 24 tokens
     public void Logits_and_hidden_states_match_transformers(string name)
     {
         var reference = Safetensors.Load(Path.Combine(Dir(name), "reference.safetensors"));

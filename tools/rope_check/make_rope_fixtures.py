@@ -12,7 +12,7 @@ import tempfile
 
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaConfig, Qwen2Config, AutoModelForCausalLM
+from transformers import LlamaConfig, MistralConfig, Qwen2Config, AutoModelForCausalLM
 
 BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=1, max_position_embeddings=64, initializer_range=0.1, rms_norm_eps=1e-6)
@@ -22,13 +22,17 @@ CASES = {
                                      "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 16}),
     "llama_rope_linear": LlamaConfig(**BASE, rope_parameters={"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0}),
     "qwen2_tied": Qwen2Config(**BASE, tie_word_embeddings=True),
+    "mistral_sliding": MistralConfig(**BASE, sliding_window=8),
 }
 
 
 def main():
     out = sys.argv[1]
     root = tempfile.mkdtemp()
+    only = set(sys.argv[2].split(",")) if len(sys.argv) > 2 else None
     for name, cfg in CASES.items():
+        if only and name not in only:
+            continue
         cfg._attn_implementation = "eager"
         torch.manual_seed(0)
         model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()

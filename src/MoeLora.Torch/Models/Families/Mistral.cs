@@ -3,8 +3,8 @@ using MoeLora.Torch.Nn;
 namespace MoeLora.Torch.Models.Families;
 
 /// <summary>
-/// mistral (dense): the Llama layout without biases. Only full attention (sliding_window null, as Mistral v0.2+ and
-/// Nemo ship); a sliding window is refused rather than computed unchecked.
+/// mistral (dense): the Llama layout without biases; every layer attends within <c>sliding_window</c> tokens when the
+/// config sets one (Mistral 7B v0.1), else to the full causal past (v0.2+, Nemo).
 /// </summary>
 internal sealed class Mistral : IModelFamily
 {
@@ -12,11 +12,11 @@ internal sealed class Mistral : IModelFamily
 
     public CausalLm Build(ModelConfig c, Init init)
     {
-        if (c.LongOrNull("sliding_window") is not null)
-            throw new NotSupportedException("mistral with a sliding_window is not supported yet (sliding_window null is).");
+        var window = c.LongOrNull("sliding_window");
         var rope = Rotary.FromConfig(c, c.HeadDim);
+        var (kind, size) = window is long w ? (MaskKind.Sliding, w) : (MaskKind.Full, 0L);
         return new CausalLm(c, init, i => new DecoderLayer(
-            new StandardAttention(c, new(false, false, QkNorm.None, false, MaskKind.Full, 0), init, ctx => rope.CosSin(ctx.Positions, ctx.DType)),
+            new StandardAttention(c, new(false, false, QkNorm.None, false, kind, size), init, ctx => rope.CosSin(ctx.Positions, ctx.DType)),
             "mlp", new GatedMlp(c.HiddenSize, c.Long("intermediate_size"), c.HiddenAct, init),
             new RmsNorm(c.HiddenSize, c.RmsEps, init), new RmsNorm(c.HiddenSize, c.RmsEps, init)),
             new RmsNorm(c.HiddenSize, c.RmsEps, init));
