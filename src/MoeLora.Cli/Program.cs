@@ -48,6 +48,15 @@ public static class Program
             Consoles.Error.WriteLine($"moelora: error: {OneLine(Unwrap(e).Message)}");
             return code;
         }
+        catch (Exception e)
+        {
+            // A bug, not bad input: still one line (the stack trace only when asked for), so scripts and users get a
+            // clear message and a distinct exit code.
+            var inner = Unwrap(e);
+            Consoles.Error.WriteLine($"moelora: internal error: {inner.GetType().Name}: {OneLine(inner.Message)} (set MOELORA_DEBUG=1 for the stack trace; please report it)");
+            if (Environment.GetEnvironmentVariable("MOELORA_DEBUG") == "1") Consoles.Error.WriteLine(inner);
+            return ExitCodes.Internal;
+        }
     }
 
     private static Exception Unwrap(Exception e) =>

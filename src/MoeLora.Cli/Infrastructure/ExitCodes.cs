@@ -11,6 +11,9 @@ public static class ExitCodes
     /// <summary>The command line itself is wrong (unknown option, missing value).</summary>
     public const int Usage = 2;
 
+    /// <summary>A bug in moelora (sysexits' EX_SOFTWARE).</summary>
+    public const int Internal = 70;
+
     /// <summary>Interrupted (Ctrl-C).</summary>
     public const int Interrupted = 130;
 }
