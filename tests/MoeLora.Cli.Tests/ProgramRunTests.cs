@@ -1,0 +1,49 @@
+using MoeLora.Cli.Infrastructure;
+using Spectre.Console.Cli;
+
+namespace MoeLora.Cli.Tests;
+
+/// <summary>Program.Run's promise: every failure is one line on stderr with a non-zero exit code.</summary>
+[Collection("cli")] // swaps the static Consoles.Error
+public class ProgramRunTests
+{
+    private sealed class Throwing(Exception e) : ICommandApp
+    {
+        public void Configure(Action<IConfigurator> configuration) { }
+        public int Run(IEnumerable<string> args, CancellationToken cancellationToken = default) => throw e;
+        public Task<int> RunAsync(IEnumerable<string> args, CancellationToken cancellationToken = default) => throw e;
+    }
+
+    private static (int Code, string Err) Run(Exception e)
+    {
+        var saved = Consoles.Error;
+        var err = new StringWriter();
+        Consoles.Error = err;
+        try
+        {
+            return (Program.Run(new Throwing(e), []), err.ToString());
+        }
+        finally
+        {
+            Consoles.Error = saved;
+        }
+    }
+
+    [Fact]
+    public void Bad_input_is_exit_1_and_one_line()
+    {
+        var (code, err) = Run(new ArgumentException("line one\nline two"));
+        Assert.Equal(ExitCodes.Error, code);
+        Assert.Equal("moelora: error: line one line two", err.Trim());
+    }
+
+    [Fact]
+    public void A_bug_is_exit_70_and_one_line_without_stack_trace()
+    {
+        var (code, err) = Run(new NullReferenceException("boom"));
+        Assert.Equal(ExitCodes.Internal, code);
+        Assert.Single(err.Trim().Split('\n'));
+        Assert.StartsWith("moelora: internal error: NullReferenceException: boom", err);
+        Assert.DoesNotContain("   at ", err);
+    }
+}
