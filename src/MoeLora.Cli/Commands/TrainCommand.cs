@@ -1,4 +1,5 @@
 using System.ComponentModel;
+using MoeLora.Core.Architectures;
 using System.Globalization;
 using System.Text.Json.Nodes;
 using MoeLora.Cli.Infrastructure;
@@ -138,6 +139,7 @@ public sealed class TrainCommand : Command<TrainSettings>
         var console = Consoles.Out;
         if (s.Output is null) throw new ArgumentException("--output DIR is required.");
         var preset = s.ResolvePreset();
+        if (s.PlanOnly && s.Model is null && preset.Name != "tiny") return PlanFromCatalog(s, preset);
         var modelDir = s.ModelDir(preset);
         var targets = s.TargetLayers(preset);
         int modelLayers = CbModels.ModelLayers(modelDir);
@@ -149,23 +151,23 @@ public sealed class TrainCommand : Command<TrainSettings>
         var weighting = CoefficientSchedule.Create(s.LossWeighting, s.CbAlpha ?? preset.Alpha, totalSteps);
         Torch.Training.LrSchedule.Create(s.LrSchedule, s.Lr ?? preset.LearningRate, totalSteps, s.WarmupSteps);
         var loraJson = BuildLoraJson(s, preset, modelDir, layers);
+        var wholeConfig = modelDir is null ? TrainPreset.TinyConfigJson() : File.ReadAllText(Path.Combine(modelDir, "config.json"));
+        double availableGb = AvailableGb(s);
+        // Sized from the config and the planned adapters before any weight is loaded.
+        var memory = TrainMemoryPlan.Estimate(wholeConfig, loraJson, batch, Math.Max(lengths.Request + lengths.Response, lengths.Retain),
+            targets, s.Bf16, s.FullLayers, availableGb);
+        if (!memory.Fits)
+            throw new InvalidOperationException($"refusing to start: {memory.Verdict} (train itself offers --batch-size, the lengths and --bf16; --max-memory-gb plans against another size)");
 
         TorchRuntime.EnsureInitialized();
         var device = DeviceSelector.Select(s.Device);
         var sw = System.Diagnostics.Stopwatch.StartNew();
         if (device.type == DeviceType.CPU && (s.Threads ?? (preset.Name == "tiny" ? 1 : null)) is { } threads) torch.set_num_threads(threads);
         using var model = CbModels.Load(modelDir, layers, dtype, device);
-        var wholeConfig = modelDir is null ? TrainPreset.TinyConfigJson() : File.ReadAllText(Path.Combine(modelDir, "config.json"));
         var adapter = CbModels.InjectAdapter(model, loraJson, s.Seed, modelDir is null ? null : Path.GetFullPath(modelDir), wholeConfig);
         CbModels.CheckRouterFrozen(adapter, s.TrainRouter);
         var routers = s.TrainRouter ? CbModels.UnfreezeRouters(model) : null;
         var counts = Measurements.CountParameters(model);
-        var plan = MemoryEstimate.For(wholeConfig, counts.Total - counts.Trainable, counts.Trainable, layers, batch,
-            lengths.Request + lengths.Response, lengths.Retain, s.Bf16 ? 2 : 4);
-        double availableGb = s.MaxMemoryGb ?? (device.type == DeviceType.CPU
-            ? GC.GetGCMemoryInfo().TotalAvailableMemoryBytes / (1024.0 * 1024 * 1024)
-            : throw new ArgumentException("--device cuda: pass --max-memory-gb (the GPU memory to plan against)."));
-
         var grid = new Grid().AddColumn().AddColumn();
         void Row(string k, string v) => grid.AddRow(new Markup($"[grey]{Markup.Escape(k)}[/]"), new Markup(Markup.Escape(v)));
         Row("model", modelDir ?? "tiny (random Mixtral-style MoE, seed 0)");
@@ -177,10 +179,8 @@ public sealed class TrainCommand : Command<TrainSettings>
             Row("saved adapter", $"{whole.TrainableParameters.ToString("N0", CultureInfo.InvariantCulture)} trainable on the whole model, as PEFT counts it (blocks {layers}..{modelLayers - 1} saved untrained, lora_B = 0)");
         Row("schedule", $"{totalSteps} steps × batch {batch} × accumulation {s.GradientAccumulation}; lr {s.Lr ?? preset.LearningRate} {s.LrSchedule}; loss weighting {s.LossWeighting} (a={weighting.Alpha})");
         Row("lengths", $"CB {lengths.Request}+{lengths.Response}, retain {lengths.Retain}; dtype {(s.Bf16 ? "bf16" : "fp32")}; device {s.Device}");
-        Row("memory plan", $"weights {MemoryEstimate.Gib(plan.WeightBytes)} + LoRA/optimizer {MemoryEstimate.Gib(plan.AdapterBytes)} + hidden stacks {MemoryEstimate.Gib(plan.HiddenStackBytes)} + activations {MemoryEstimate.Gib(plan.ActivationBytes)} = {MemoryEstimate.Gib(plan.Total)} (available {availableGb:F1} GiB)");
+        Row("memory plan", TrainMemoryPlan.Describe(memory));
         console.Write(grid);
-        if (plan.Total > availableGb * 1024 * 1024 * 1024)
-            throw new InvalidOperationException($"the run needs about {MemoryEstimate.Gib(plan.Total)} but {availableGb:F1} GiB is available: lower --batch-size or the lengths, use --bf16, or pass --max-memory-gb.");
         if (s.PlanOnly) return ExitCodes.Ok;
 
         var tokenizer = CbModels.Tokenizer(modelDir);
@@ -264,6 +264,44 @@ public sealed class TrainCommand : Command<TrainSettings>
     }
 
     /// <summary>The adapter_config.json to train: --lora-config, else the preset's LoRA with flags on top; layers_to_transform default 0..blocks-1.</summary>
+    /// <summary>The memory to plan against: --max-memory-gb, else the machine's available memory for the CPU.</summary>
+    static double AvailableGb(TrainSettings s) =>
+        s.MaxMemoryGb ?? (s.Device.StartsWith("cuda", StringComparison.OrdinalIgnoreCase)
+            ? throw new ArgumentException("--device cuda: pass --max-memory-gb (the GPU memory to plan against).")
+            : GC.GetGCMemoryInfo().TotalAvailableMemoryBytes / (1024.0 * 1024 * 1024));
+
+    /// <summary>
+    /// --plan-only for a real-model preset without local weights: the preset's model config from the embedded catalog,
+    /// the LoRA the run would use, and the training-memory verdict; nothing is loaded.
+    /// </summary>
+    static int PlanFromCatalog(TrainSettings s, TrainPreset preset)
+    {
+        // An instruct model has its base model's architecture: fall back to the base config when only that is embedded.
+        var candidates = preset.ModelId is { } id ? new[] { id, id.Replace("-Instruct", "", StringComparison.Ordinal) } : [];
+        var modelId = candidates.FirstOrDefault(c => Core.Catalog.ModelCatalog.Find(c) is not null)
+            ?? throw new ArgumentException($"--preset {preset.Name}: {preset.ModelId} is not in the embedded catalog; pass --model DIR.");
+        Core.Catalog.ModelCatalog.TryGetConfigJson(modelId, out var config);
+        var spec = ArchitectureRegistry.Build(Core.Config.ModelConfig.Parse(config, modelId), Core.Modules.Layout.V5);
+        var targets = s.TargetLayers(preset);
+        int layers = CbModels.TruncatedLayers(targets, (int)spec.NumHiddenLayers, s.FullLayers);
+        var lengths = s.Lengths(preset);
+        int batch = s.BatchSize ?? preset.BatchSize;
+        var loraJson = BuildLoraJson(s, preset, null, layers);
+        var (memory, plan) = TrainMemoryPlan.EstimateWithPlan(config, loraJson, batch, Math.Max(lengths.Request + lengths.Response, lengths.Retain),
+            targets, s.Bf16, s.FullLayers, AvailableGb(s));
+        var grid = new Grid().AddColumn().AddColumn();
+        void Row(string k, string v) => grid.AddRow(new Markup($"[grey]{Markup.Escape(k)}[/]"), new Markup(Markup.Escape(v)));
+        Row("model", $"{modelId} (config from the embedded catalog; no weights loaded)");
+        Row("blocks", $"{layers} of {spec.NumHiddenLayers} (targets {string.Join(",", targets)})");
+        Row("LoRA", $"{plan.TrainableParameters.ToString("N0", CultureInfo.InvariantCulture)} trainable (PEFT's count)");
+        Row("lengths", $"CB {lengths.Request}+{lengths.Response}, retain {lengths.Retain}; batch {batch}; dtype {(s.Bf16 ? "bf16" : "fp32")}");
+        Row("memory plan", TrainMemoryPlan.Describe(memory));
+        Consoles.Out.Write(grid);
+        if (!memory.Fits)
+            throw new InvalidOperationException($"this run would not fit: {memory.Verdict} (train itself offers --batch-size, the lengths and --bf16; the other changes are for moelora plan)");
+        return ExitCodes.Ok;
+    }
+
     static string BuildLoraJson(TrainSettings s, TrainPreset preset, string? modelDir, int layers)
     {
         JsonObject o;
