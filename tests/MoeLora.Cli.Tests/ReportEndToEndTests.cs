@@ -60,6 +60,8 @@ public class ReportEndToEndTests
         var r = MoeloraProcess.Run("report", "mistralai/Mixtral-8x7B-v0.1", "--lora-config", file, "--format", "json");
         Assert.Equal(0, r.ExitCode);
         Assert.Equal(6815744, JsonNode.Parse(r.Stdout)!["lora"]!["trainable_parameters"]!.GetValue<long>()); // oracle regex_qv
+        var fromFolder = MoeloraProcess.Run("report", "mistralai/Mixtral-8x7B-v0.1", "--lora-config", dir, "--format", "json");
+        Assert.Equal(r.Stdout, fromFolder.Stdout);
     }
 
     [Fact]

@@ -13,7 +13,7 @@ namespace MoeLora.Cli.Commands;
 public class LoraSettings : ModelSettings
 {
     [CommandOption("--lora-config <FILE>")]
-    [Description("A PEFT adapter_config.json, or a JSON object of LoraConfig keyword arguments (PEFT's names)")]
+    [Description("A PEFT adapter_config.json (or the adapter folder holding it), or a JSON object of LoraConfig keyword arguments (PEFT's names)")]
     public string? LoraConfigFile { get; init; }
 
     [CommandOption("-t|--target-modules <TARGETS>")]
@@ -141,8 +141,10 @@ public class LoraSettings : ModelSettings
         LoraConfig config;
         if (LoraConfigFile is not null)
         {
-            if (!File.Exists(LoraConfigFile)) throw new FileNotFoundException($"--lora-config {LoraConfigFile} does not exist");
-            config = LoraConfig.FromJson(File.ReadAllText(LoraConfigFile), LoraConfigFile);
+            // An adapter folder (as save_pretrained writes it) is as good as its adapter_config.json.
+            var file = Directory.Exists(LoraConfigFile) ? Path.Combine(LoraConfigFile, "adapter_config.json") : LoraConfigFile;
+            if (!File.Exists(file)) throw new FileNotFoundException($"--lora-config {file} does not exist");
+            config = LoraConfig.FromJson(File.ReadAllText(file), file);
         }
         else
         {
