@@ -142,6 +142,10 @@ TINY_CONFIGS = {
         "ffn_config": {"ffn_hidden_size": 48, "moe_num_experts": 4, "moe_top_k": 2},
         "tie_word_embeddings": False,
     },
+    # Jamba: Mamba/attention hybrid, MoE every other layer (periods and offsets as in its config).
+    "jamba": _c("jamba", num_experts=4, num_experts_per_tok=2, attn_layer_period=2, attn_layer_offset=1,
+                expert_layer_period=2, expert_layer_offset=0, mamba_d_state=4, mamba_d_conv=4, mamba_expand=2,
+                mamba_dt_rank="auto", use_mamba_kernels=False),
     "llama": _c("llama"),
     "llama_bias": _c("llama", attention_bias=True, mlp_bias=True),
     "mistral": _c("mistral", head_dim=24, sliding_window=None),

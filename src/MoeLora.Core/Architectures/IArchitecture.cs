@@ -29,6 +29,7 @@ public static class ArchitectureRegistry
         new PhimoeFamily(),
         new GraniteMoeFamily(),
         new Qwen3NextFamily(),
+        new JambaFamily(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =
