@@ -51,7 +51,7 @@ public partial class LayoutPropertyTests
     /// <summary>Model types whose 4.57 experts were an nn.ModuleList of per-expert MLPs (three nn.Linear each).</summary>
     private static readonly HashSet<string> PerExpertIn457 =
     [
-        "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "phimoe", "qwen3_next",
+        "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "glm4_moe", "phimoe", "qwen3_next", "jamba",
     ];
 
     [GeneratedRegex(@"\.experts\.(\d+)\.[^.]+$")]
