@@ -271,22 +271,4 @@ public sealed class DownloadTests : IDisposable
     [InlineData("original/", "original/params.json", true)]
     [InlineData("*.safetensors", "sub/x.safetensors", true)]
     public void Globs_follow_fnmatch(string pattern, string path, bool matches) => Assert.Equal(matches, Glob.IsMatch(pattern, path));
-
-    private sealed class RecordingProgress : Progress.IDownloadProgress
-    {
-        public List<(string Label, long? Total, long Advanced, bool Disposed)> Bars { get; } = [];
-
-        public Progress.IProgressBar Start(string label, long? totalBytes)
-        {
-            Bars.Add((label, totalBytes, 0, false));
-            return new Bar(this, Bars.Count - 1);
-        }
-
-        private sealed class Bar(RecordingProgress owner, int index) : Progress.IProgressBar
-        {
-            public void Advance(long bytes) => owner.Bars[index] = owner.Bars[index] with { Advanced = owner.Bars[index].Advanced + bytes };
-
-            public void Dispose() => owner.Bars[index] = owner.Bars[index] with { Disposed = true };
-        }
-    }
 }

@@ -157,24 +157,6 @@ public sealed class HubTests : IDisposable
         Assert.Equal(("org/big: config.json", (long?)big.Length, (long)big.Length, true), (label, total, advanced, disposed));
     }
 
-    private sealed class RecordingProgress : Progress.IDownloadProgress
-    {
-        public List<(string Label, long? Total, long Advanced, bool Disposed)> Bars { get; } = [];
-
-        public Progress.IProgressBar Start(string label, long? totalBytes)
-        {
-            Bars.Add((label, totalBytes, 0, false));
-            return new Bar(this, Bars.Count - 1);
-        }
-
-        private sealed class Bar(RecordingProgress owner, int index) : Progress.IProgressBar
-        {
-            public void Advance(long bytes) => owner.Bars[index] = owner.Bars[index] with { Advanced = owner.Bars[index].Advanced + bytes };
-
-            public void Dispose() => owner.Bars[index] = owner.Bars[index] with { Disposed = true };
-        }
-    }
-
     [Fact]
     public void An_invalid_token_is_reported_as_such()
     {
