@@ -60,16 +60,7 @@ public class PlanDrivenTrainingTests
         foreach (var key in new[] { "r", "lora_alpha", "target_modules", "target_parameters", "rank_pattern", "alpha_pattern", "base_model_name_or_path", "use_dora", "bias" })
             Assert.True(JsonNode.DeepEquals(Sorted(theirs[key]), Sorted(ours[key])), $"{key}: PEFT {theirs[key]?.ToJsonString()} vs ours {ours[key]?.ToJsonString()}");
 
-        // The saved directory loads as a PEFT adapter and reproduces the trained model.
-        var ids = Fixtures.Reference("qwen3_moe")["input_ids"];
-        using var _ = no_grad();
-        h.Model.Eval();
-        using var expected = h.Model.Forward(ids);
-        using var fresh = new DisposableModel(TorchModelFactory.Load(modelDir));
-        LoraInjector.LoadPeftAdapter(fresh.Model, outDir);
-        fresh.Model.Eval();
-        using var actual = fresh.Model.Forward(ids);
-        Assert.True(actual.Logits.equal(expected.Logits).all().item<bool>());
+        AssertReloadReproduces(h.Model, modelDir, outDir, Fixtures.Reference("qwen3_moe")["input_ids"]);
     }
 
     [Fact]
@@ -93,12 +84,17 @@ public class PlanDrivenTrainingTests
         var saved = Safetensors.Load(Path.Combine(outDir, "adapter_model.safetensors"));
         Assert.Equal(adapter.Plan!.SavedTensors.Select(t => t.SavedKey!).Order(StringComparer.Ordinal), saved.Keys.Order(StringComparer.Ordinal));
         Assert.Contains(saved.Keys, k => k.EndsWith("q_proj.lora_magnitude_vector", StringComparison.Ordinal));
-        var ids = Fixtures.Reference("llama")["input_ids"];
+        AssertReloadReproduces(h.Model, modelDir, outDir, Fixtures.Reference("llama")["input_ids"]);
+    }
+
+    /// <summary>The saved directory loads as a PEFT adapter onto a fresh base model and gives the trained model's logits.</summary>
+    static void AssertReloadReproduces(CausalLm trained, string modelDir, string adapterDir, Tensor ids)
+    {
         using var _ = no_grad();
-        h.Model.Eval();
-        using var expected = h.Model.Forward(ids);
+        trained.Eval();
+        using var expected = trained.Forward(ids);
         using var fresh = new DisposableModel(TorchModelFactory.Load(modelDir));
-        LoraInjector.LoadPeftAdapter(fresh.Model, outDir);
+        LoraInjector.LoadPeftAdapter(fresh.Model, adapterDir);
         fresh.Model.Eval();
         using var actual = fresh.Model.Forward(ids);
         Assert.True(actual.Logits.equal(expected.Logits).all().item<bool>());
