@@ -87,25 +87,13 @@ internal sealed class Llama4Family : IArchitecture
 
         var moe = new MoeFacts(experts, topK, 1, inter, inter, moeLayers, denseLayers,
             $"sigmoid of the top-{topK} router logit of {experts} experts (scales the token before the expert), plus a shared expert");
-        var tree = b.Build();
-        return new ModelSpec
+        // Multimodal checkpoints nest the language model under language_model.; the text config is text_config.
+        return Blocks.Spec(c, c.ModelType!, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
         {
-            ModelType = c.ModelType!,
-            Architecture = tree.Root.ClassName,
-            Config = c,
             TextConfig = text,
-            Tree = tree,
-            Moe = moe,
-            HiddenSize = hidden,
-            NumHiddenLayers = layers,
-            VocabSize = vocab,
-            NumAttentionHeads = heads,
-            NumKeyValueHeads = kv,
             DecoderLayersPath = prefix + "model.layers",
             InputEmbeddings = prefix + "model.embed_tokens",
             OutputEmbeddings = prefix + "lm_head",
-            TieWordEmbeddings = tie,
-            HiddenAct = act,
         };
     }
 
