@@ -57,7 +57,7 @@ public class ExtraOracleTests
     }
 
     /// <summary>Every wrapped module, in PEFT's order, with the r, alpha and scaling PEFT gave it.</summary>
-    private static void AssertWrapped(JsonObject entry, AdapterPlan plan)
+    internal static void AssertWrapped(JsonObject entry, AdapterPlan plan)
     {
         var wrapped = entry["wrapped"]!.AsArray().Select(w => w!.GetValue<string>()).ToList();
         Assert.Equal(wrapped.Order(StringComparer.Ordinal),
@@ -103,7 +103,7 @@ public class ExtraOracleTests
     [MemberData(nameof(CatalogTrees))]
     public void Catalog_tree_matches(string key) => AssertTree(Catalog.Value[key]!.AsObject());
 
-    private static void AssertTree(JsonObject entry)
+    internal static void AssertTree(JsonObject entry)
     {
         var spec = Build(entry);
         Assert.Equal(entry["class"]!.GetValue<string>(), spec.Architecture);

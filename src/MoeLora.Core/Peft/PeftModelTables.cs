@@ -14,24 +14,46 @@ public static class PeftModelTables
     };
 
     /// <summary>
-    /// The v4-to-v5 rewrite rules PEFT applies to a model type under transformers 5 (peft ≥ 0.19): transformers'
-    /// <c>_MODEL_TO_CONVERSION_PATTERN</c> (5.17) plus PEFT's forced <c>mixtral → mixtral</c>, restricted to the
-    /// patterns PEFT has a name map for. qwen2_moe has no self-entry, so it is not converted.
+    /// The v4-to-v5 rewrite rules PEFT applies to a model type under transformers 5 (peft ≥ 0.19): only types with a
+    /// checkpoint conversion mapping whose entry in transformers' <c>_MODEL_TO_CONVERSION_PATTERN</c> (5.17) names one
+    /// of PEFT's two patterns, plus PEFT's forced <c>mixtral → mixtral</c>. qwen2_moe has no self-entry, so it is not
+    /// converted. The lists are transformers 5.17's own tables, read on the device (tests' Data/oracle-moe/moe_types.json).
     /// </summary>
-    public static MoeConversionRules? ConversionRules(string modelType) => modelType switch
-    {
-        "mixtral" => MoeConversionRules.Mixtral,
-        "qwen3_moe" or "deepseek_v2" or "deepseek_v3" or "olmoe" or "qwen3_next" or "qwen3_omni_moe" or "glm4_moe" => MoeConversionRules.Qwen2Moe,
-        _ => null,
-    };
+    public static MoeConversionRules? ConversionRules(string modelType) =>
+        MixtralPatternTypes.Contains(modelType) ? MoeConversionRules.Mixtral
+        : Qwen2MoePatternTypes.Contains(modelType) ? MoeConversionRules.Qwen2Moe
+        : null;
 
     /// <summary>
-    /// Whether transformers 5 has a checkpoint conversion mapping (per-expert tensors on disk, fused at runtime).
-    /// Used for the transformers patch that orients expert LoRA under peft ≤ 0.18.
+    /// Whether transformers 5 has a checkpoint conversion mapping (<c>get_checkpoint_conversion_mapping</c> is not None:
+    /// per-expert tensors on disk, fused at runtime). Used for the transformers patch that orients expert LoRA under
+    /// peft ≤ 0.18.
     /// </summary>
-    public static bool HasCheckpointConversion(string modelType) => modelType is
-        "mixtral" or "qwen2_moe" or "phimoe" or "qwen3_moe" or "deepseek_v2" or "deepseek_v3" or "olmoe" or "qwen3_next"
-        or "glm4_moe" or "granitemoe" or "granitemoeshared" or "jamba";
+    public static bool HasCheckpointConversion(string modelType) => CheckpointConversionTypes.Contains(modelType);
+
+    private static readonly HashSet<string> MixtralPatternTypes = new(StringComparer.Ordinal)
+    {
+        "minimax", "minimax_m2", "mixtral"
+    };
+
+    private static readonly HashSet<string> Qwen2MoePatternTypes = new(StringComparer.Ordinal)
+    {
+        "afmoe", "cohere2_moe", "deepseek_v2", "deepseek_v3", "deepseek_v32", "dots1", "ernie4_5_moe", "exaone_moe",
+        "flex_olmo", "glm4_moe", "glm4_moe_lite", "glm4v_moe", "glm_moe_dsa", "hunyuan_v1_moe", "longcat_flash",
+        "mellum", "olmoe", "qwen3_moe", "qwen3_next", "qwen3_omni_moe", "qwen3_omni_moe_thinker", "solar_open"
+    };
+
+    private static readonly HashSet<string> CheckpointConversionTypes = new(StringComparer.Ordinal)
+    {
+        "afmoe", "aria", "axk1", "axk2", "cohere2_moe", "deepseek_ocr2", "deepseek_v2", "deepseek_v3",
+        "deepseek_v32", "deepseek_v4", "dots1", "ernie4_5_moe", "ernie4_5_vl_moe", "exaone_moe", "flex_olmo",
+        "glm4_moe", "glm4_moe_lite", "glm4v_moe", "glm5_next", "glm_moe_dsa", "granitemoe", "granitemoehybrid",
+        "granitemoeshared", "hunyuan_v1_moe", "hy_v3", "hy_v4", "inkling_mm_model", "jamba", "kimi_k25",
+        "kimi_linear", "laguna", "lfm2_moe", "longcat_flash", "mellum", "mimo_v2_flash", "minimax", "minimax_m2",
+        "minimax_m3_vl", "mixtral", "nemotron_h", "olmoe", "phimoe", "qwen2_moe", "qwen3_5_moe_text", "qwen3_moe",
+        "qwen3_next", "qwen3_omni_moe", "qwen3_omni_moe_thinker", "qwen3_vl_moe", "qwen4_exp_text", "solar_open",
+        "step3p7"
+    };
 }
 
 /// <summary>PEFT's <c>_MOE_TARGET_MODULE_MAPPING</c> and <c>_MOE_FUSED_TARGETS</c> for one pattern.</summary>
