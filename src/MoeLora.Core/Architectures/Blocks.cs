@@ -4,7 +4,7 @@ using MoeLora.Core.Modules;
 namespace MoeLora.Core.Architectures;
 
 /// <summary>Building blocks shared by the decoder families (attention, gated MLP, the CausalLM skeleton).</summary>
-internal static class Blocks
+internal static partial class Blocks
 {
     /// <summary>The activation module class transformers instantiates for <c>hidden_act</c>.</summary>
     public static string ActivationClass(string act, Layout layout) => act switch
