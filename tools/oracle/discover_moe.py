@@ -473,6 +473,7 @@ def main():
     ap.add_argument("--only", default="")
     ap.add_argument("--no-peft", action="store_true")
     ap.add_argument("--no-sources", action="store_true")
+    ap.add_argument("--tree-types", default="", help="record trees and PEFT variants only for these types")
     ap.add_argument("--fixtures", action="store_true")
     ap.add_argument("--no-fixture", default="")
     a = ap.parse_args()
@@ -502,7 +503,8 @@ def main():
     results = {}
     fixtures = {}
     with ctx.Pool(a.workers, maxtasksperchild=1) as pool:
-        tree_jobs = pool.imap_unordered(job_type, [(t, r, a.out, not a.no_peft) for t, r in types.items()])
+        tree_types = [t for t in types if not a.tree_types or t in a.tree_types.split(",")]
+        tree_jobs = pool.imap_unordered(job_type, [(t, types[t], a.out, not a.no_peft) for t in tree_types])
         fx_types = [t for t, r in types.items() if "default_config" in r and t in TEXT_TYPES and t not in a.no_fixture.split(",")]
         fx_jobs = pool.imap_unordered(job_fixture, [(t, types[t], fx_root) for t in fx_types] if a.fixtures else [])
         for res in tree_jobs:
