@@ -177,7 +177,7 @@ public sealed record LoraConfig
 
         // __post_init__, in PEFT's order: sub-configs must be None, a dict or the dataclass.
         foreach (var (key, cls) in SubConfigs)
-            if (o[key] is { } sub and not JsonObject)
+            if (o[key] is not null and not JsonObject)
                 throw new PeftInjectionException("TypeError", $"TypeError: `{cls}` must be a `{cls}`, a dict, or None.");
 
         var config = new LoraConfig
@@ -209,7 +209,7 @@ public sealed record LoraConfig
             throw new PeftInjectionException("ValueError", "DoRA does not support megatron_core, please set `use_dora=False`.");
         if (IsInit(config, "loftq") && !PyJson.Truthy(o["loftq_config"]))
             throw new PeftInjectionException("ValueError", "`loftq_config` must be specified when `init_lora_weights` is 'loftq'.");
-        if (PyJson.Truthy(o["loftq_config"]) && !(config.InitLoraWeights is JsonValue lv && lv.TryGetValue<string>(out var l) && l == "loftq"))
+        if (PyJson.Truthy(o["loftq_config"]) && !IsInit(config, "loftq"))
             loadWarnings.Add("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.");
         else if (o["eva_config"] is not null && !IsInit(config, "eva"))
             loadWarnings.Add("`eva_config` specified but will be ignored when `init_lora_weights` is not 'eva'.");
