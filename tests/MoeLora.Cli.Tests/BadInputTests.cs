@@ -63,6 +63,32 @@ public class BadInputTests
         MoeloraProcess.AssertCleanError(MoeloraProcess.Run("report", "--lora-config", file), 1, "'r'");
     }
 
+    private static string LoraFile(string name, string json)
+    {
+        var file = Path.Combine(Directory.CreateTempSubdirectory().FullName, name);
+        File.WriteAllText(file, json);
+        return file;
+    }
+
+    [Fact]
+    public void Unknown_lora_keyword_is_peft_s_type_error() =>
+        MoeloraProcess.AssertCleanError(MoeloraProcess.Run("report", "--lora-config", LoraFile("lora.json", "{\"r\": 4, \"lora_aplha\": 8}")), 1,
+            "TypeError: LoraConfig.__init__() got an unexpected keyword argument 'lora_aplha' Hint: did you mean 'lora_alpha'.");
+
+    [Fact]
+    public void Lora_option_moelora_cannot_plan_is_refused_by_name() =>
+        MoeloraProcess.AssertCleanError(MoeloraProcess.Run("report", "--lora-config", LoraFile("lora.json", "{\"layer_replication\": [[0, 2], [1, 3]]}")), 1,
+            "layer_replication=[[0,2],[1,3]] is not supported");
+
+    [Fact]
+    public void Unknown_key_of_a_saved_adapter_config_is_dropped_as_peft_drops_it()
+    {
+        var file = LoraFile("adapter_config.json", "{\"peft_type\": \"LORA\", \"r\": 4, \"target_modules\": [\"q_proj\"], \"some_future_option\": 1}");
+        var r = MoeloraProcess.Run("report", "mistralai/Mixtral-8x7B-v0.1", "--lora-config", file);
+        Assert.True(r.ExitCode == 0, r.Stderr);
+        Assert.Contains("some_future_option", r.Stdout);
+    }
+
     [Fact]
     public void Non_positive_rank() =>
         MoeloraProcess.AssertCleanError(MoeloraProcess.Run("report", "-r", "0"), 1, "positive");

@@ -747,6 +747,44 @@ def tiny_variants():
 
     add("full_names_q_proj_ltt1", full_names_q_ltt1)
     add("r64_seed", lambda model: dict(r=64, lora_alpha=128, target_modules=list(SEED)))
+    # LoraConfig options MoeLora plans (issue 9, item 5). Expected from PEFT 0.21's source; these check it.
+    add("init_false_seed", const(target_modules=list(SEED), init_lora_weights=False))
+    add("init_gaussian_seed", const(target_modules=list(SEED), init_lora_weights="gaussian"))
+    add("init_orthogonal_qv", const(target_modules=["q_proj", "v_proj"], init_lora_weights="orthogonal"))
+    add("init_orthogonal_r3_error", lambda model: dict(r=3, lora_alpha=8, target_modules=["q_proj"], init_lora_weights="orthogonal"))
+    add("init_unknown_error", const(target_modules=["q_proj"], init_lora_weights="kaiming"))
+    add("init_unknown_embed_only", const(target_modules=["embed_tokens"], init_lora_weights="kaiming"))
+    # MiCA: lora_B frozen (trainable drops by out*r per Linear, dim*r per Embedding), still saved.
+    add("mica_seed", const(target_modules=list(SEED), init_lora_weights="mica"))
+    add("mica_embed_lm_head", const(target_modules=["embed_tokens", "lm_head"], init_lora_weights="mica"))
+    add("mica_mixed_case_qv", const(target_modules=["q_proj", "v_proj"], init_lora_weights="MiCA"))
+    add("mica_dora_error", const(target_modules=["q_proj"], init_lora_weights="mica", use_dora=True))
+    add("mica_tp_error", const(target_modules=["q_proj"], target_parameters=list(EXPERTS_TP), init_lora_weights="mica"))
+    add("mica_lora_bias_error", const(target_modules=["q_proj"], init_lora_weights="mica", lora_bias=True))
+    # fan_in_fan_out: reset by the first nn.Linear, so ParamWrapper only refuses it when no Linear came first.
+    add("fan_in_fan_out_attn_experts", const(target_modules=list(QKVO), target_parameters=list(EXPERTS_TP), fan_in_fan_out=True))
+    add("fan_in_fan_out_tp_only_error", const(target_modules=[], target_parameters=list(EXPERTS_TP), fan_in_fan_out=True))
+    # trainable_token_indices: token_adapter.trainable_tokens_delta (tokens x dim) on the embedding.
+    add("tokens_list_qv", const(target_modules=["q_proj", "v_proj"], trainable_token_indices=[0, 3, 5]))
+    add("tokens_dict_qv", const(target_modules=["q_proj", "v_proj"], trainable_token_indices={"embed_tokens": [1, 2]}))
+    add(
+        "tokens_list_tying",
+        const(target_modules=["q_proj"], trainable_token_indices=[0, 3, 5], ensure_weight_tying=True),
+    )
+    add("tokens_not_found_error", const(target_modules=["q_proj"], trainable_token_indices={"no_such_embedding": [1]}))
+    add(
+        "tokens_modules_to_save_error",
+        const(target_modules=["q_proj"], modules_to_save=["embed_tokens"], trainable_token_indices={"embed_tokens": [1]}),
+    )
+    # Unknown keyword (TypeError) and PEFT's own __post_init__ errors.
+    add("unknown_kwarg_error", const(target_modules=["q_proj"], lora_aplha=8))
+    add("lora_bias_gaussian_error", const(target_modules=["q_proj"], lora_bias=True, init_lora_weights="gaussian"))
+    add("lora_bias_dora_error", const(target_modules=["q_proj"], lora_bias=True, use_dora=True))
+    add("task_type_invalid_error", const(target_modules=["q_proj"], task_type="CAUSAL"))
+    add("no_effect_fields", const(
+        target_modules=["q_proj"], megatron_core="megatron.core", qalora_group_size=32, eva_config={},
+        loftq_config={"loftq_bits": 4}, base_model_name_or_path="x/y", revision="main",
+    ))
     return V
 
 

@@ -144,7 +144,10 @@ public class LoraSettings : ModelSettings
             // An adapter folder (as save_pretrained writes it) is as good as its adapter_config.json.
             var file = Directory.Exists(LoraConfigFile) ? Path.Combine(LoraConfigFile, "adapter_config.json") : LoraConfigFile;
             if (!File.Exists(file)) throw new FileNotFoundException($"--lora-config {file} does not exist");
-            config = LoraConfig.FromJson(File.ReadAllText(file), file);
+            // A file named adapter_config.json is loaded as PEFT loads one (unknown keys dropped with a warning);
+            // any other JSON is read as LoraConfig keyword arguments unless it holds peft_type.
+            config = LoraConfig.FromJson(File.ReadAllText(file), file,
+                Path.GetFileName(file) == "adapter_config.json" ? LoraConfigSource.AdapterConfig : null);
         }
         else
         {

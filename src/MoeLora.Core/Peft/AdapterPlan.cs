@@ -17,7 +17,8 @@ public enum AdapterKind
 /// <summary>One LoRA tensor: its name while the PeftModel runs and its key in adapter_model.safetensors.</summary>
 /// <param name="RuntimeName">Name in <c>PeftModel.named_parameters()</c> (with <c>.default</c>).</param>
 /// <param name="SavedKey">Key in adapter_model.safetensors, or null when PEFT does not save it.</param>
-public sealed record AdapterTensor(string RuntimeName, string? SavedKey, long[] Shape)
+/// <param name="Trainable">False for an adapter tensor a LoRA variant keeps frozen (MiCA's lora_B): counted and saved, not trained.</param>
+public sealed record AdapterTensor(string RuntimeName, string? SavedKey, long[] Shape, bool Trainable = true)
 {
     public long NumElements => Shape.Aggregate(1L, (a, b) => a * b);
 }
@@ -70,6 +71,9 @@ public sealed record AdapterTarget
 
     public long NumParameters => Tensors.Sum(t => t.NumElements);
 
+    /// <summary>The part of <see cref="NumParameters"/> that trains (all of it unless a variant freezes a factor).</summary>
+    public long NumTrainableParameters => Tensors.Where(t => t.Trainable).Sum(t => t.NumElements);
+
     /// <summary>Whether one adapter covers several experts as per-expert slices of fused A/B tensors.</summary>
     public bool IsPerExpertSlices => Kind == AdapterKind.Parameter && NumExperts > 1;
 }
@@ -105,12 +109,13 @@ public sealed class AdapterPlan
     /// <summary>PEFT's warnings (exclude_modules that excluded nothing, a target kind that matched nothing, ...).</summary>
     public required IReadOnlyList<string> PeftWarnings { get; init; }
 
+    /// <summary>Every LoRA tensor's elements, frozen ones included (they are allocated and saved).</summary>
     public long LoraParameters => Targets.Sum(t => t.NumParameters);
 
     public long ExtraTrainableParameters => Extras.Sum(e => e.NumElements);
 
     /// <summary><c>get_nb_trainable_parameters()[0]</c>.</summary>
-    public long TrainableParameters => LoraParameters + ExtraTrainableParameters;
+    public long TrainableParameters => Targets.Sum(t => t.NumTrainableParameters) + ExtraTrainableParameters;
 
     /// <summary><c>get_nb_trainable_parameters()[1]</c>: base parameters + adapters + modules_to_save copies.</summary>
     public long AllParameters => Spec.Tree.NumParameters + LoraParameters + Extras.Where(e => e.CountsInTotal).Sum(e => e.NumElements);
@@ -118,8 +123,11 @@ public sealed class AdapterPlan
     /// <summary>Every trainable tensor in <c>PeftModel.named_parameters()</c> order.</summary>
     public required IReadOnlyList<AdapterTensor> TrainableTensors { get; init; }
 
+    /// <summary>Every adapter tensor (trainable or frozen) in <c>named_parameters()</c> order; defaults to the trainable ones.</summary>
+    public IReadOnlyList<AdapterTensor>? AdapterTensors { get; init; }
+
     /// <summary>What <c>save_pretrained</c> writes into adapter_model.safetensors (key → shape).</summary>
-    public IReadOnlyList<AdapterTensor> SavedTensors => TrainableTensors.Where(t => t.SavedKey is not null)
+    public IReadOnlyList<AdapterTensor> SavedTensors => (AdapterTensors ?? TrainableTensors).Where(t => t.SavedKey is not null)
         .Concat(SavedOnly).GroupBy(t => t.SavedKey).Select(g => g.First()).ToList();
 
     /// <summary>Tensors saved though not trainable (bias="all" also saves bias buffers, e.g. e_score_correction_bias).</summary>

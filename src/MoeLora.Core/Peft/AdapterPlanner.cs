@@ -21,9 +21,12 @@ public static class AdapterPlanner
         var warnings = new List<string>();
         var cfg = requested;
 
-        // Task-type heads are added to modules_to_save before injection (and so excluded from matching).
-        if (cfg.TaskType is "SEQ_CLS")
+        // Task-type heads are added to modules_to_save before injection (and so excluded from matching):
+        // PeftModelForSequenceClassification / ForTokenClassification add classifier and score, ForQuestionAnswering qa_outputs.
+        if (cfg.TaskType is "SEQ_CLS" or "TOKEN_CLS")
             cfg = cfg with { ModulesToSave = [.. cfg.ModulesToSave ?? [], "classifier", "score"] };
+        else if (cfg.TaskType is "QUESTION_ANS")
+            cfg = cfg with { ModulesToSave = [.. cfg.ModulesToSave ?? [], "qa_outputs"] };
 
         cfg = MoeConversion.Apply(cfg, spec, version, out var conversion);
 
@@ -62,8 +65,10 @@ public static class AdapterPlanner
         var moduleTargetCount = targets.Count;
 
         var wrappedModules = targets.Select(t => t.ModuleName).ToHashSet(StringComparer.Ordinal);
+        // PEFT injects target_modules first; the first nn.Linear clears fan_in_fan_out on the shared config.
+        var fanInFanOut = cfg.FanInFanOut && targets.All(t => t.Kind != AdapterKind.Linear);
         var parameterTargets = cfg.TargetParameters is { Count: > 0 } tp
-            ? WrapParameters(spec, cfg, version, tp, wrappedModules)
+            ? WrapParameters(spec, cfg with { FanInFanOut = fanInFanOut }, version, tp, wrappedModules)
             : [];
         targets.AddRange(parameterTargets);
 
@@ -78,12 +83,21 @@ public static class AdapterPlanner
         if (cfg.TargetParameters is { Count: > 0 } && parameterTargets.Count == 0)
             warnings.Add($"target_parameters=[{string.Join(", ", cfg.TargetParameters)}] were set but no parameter was matched.");
 
+        if (cfg.FanInFanOut && targets.Any(t => t.Kind == AdapterKind.Linear))
+        {
+            // dispatch_default resets the shared config's flag at the first nn.Linear (see WrapParameters).
+            warnings.Add("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. Setting fan_in_fan_out to False.");
+            cfg = cfg with { FanInFanOut = false };
+        }
+
         var extras = new List<TrainableExtra>();
         var savedOnly = new List<AdapterTensor>();
         var depth = WrapDepths(targets);
         AddBiasExtras(spec, cfg, version, targets, depth, extras, savedOnly);
-        AddEmbeddingBaseWeights(spec, cfg, targets, savedOnly);
+        if (cfg.TrainableTokenIndices is null) AddEmbeddingBaseWeights(spec, cfg, targets, savedOnly);
         AddModulesToSave(spec, cfg, version, extras, savedOnly);
+        TrainableTokens.Add(spec, cfg, targets, extras, warnings);
+        var ordered = OrderTrainable(tree, targets, extras);
 
         return new AdapterPlan
         {
@@ -95,7 +109,8 @@ public static class AdapterPlanner
             Targets = targets,
             Extras = extras,
             PeftWarnings = warnings,
-            TrainableTensors = OrderTrainable(tree, targets, extras),
+            TrainableTensors = ordered.Where(t => t.Trainable).ToList(),
+            AdapterTensors = ordered,
             SavedOnly = savedOnly,
         };
     }
@@ -153,16 +168,21 @@ public static class AdapterPlanner
         var p = Prefix + module.Name;
         var tensors = new List<AdapterTensor>();
         long inF = module.InFeatures, outF = module.OutFeatures;
+        if (module.Kind == ModuleKind.Embedding && cfg.LoraBias)
+            throw new PeftInjectionException("ValueError", "lora_bias=True is not supported for Embedding.");
+        var init = LoraInit.Classify(cfg.InitLoraWeights);
+        CheckModuleInit(cfg, module, init, r, inF, outF);
+        // The MiCA variant freezes lora_B (frozen_peft_weight_names): still allocated and saved, not trained.
+        var trainB = init != LoraInitKind.Mica;
         if (module.Kind == ModuleKind.Embedding)
         {
-            if (cfg.LoraBias) throw new PeftInjectionException("ValueError", "lora_bias=True is not supported for Embedding.");
             tensors.Add(new($"{p}.lora_embedding_A.default", $"{p}.lora_embedding_A", [r, inF]));
-            tensors.Add(new($"{p}.lora_embedding_B.default", $"{p}.lora_embedding_B", [outF, r]));
+            tensors.Add(new($"{p}.lora_embedding_B.default", $"{p}.lora_embedding_B", [outF, r], trainB));
         }
         else
         {
             tensors.Add(new($"{p}.lora_A.default.weight", $"{p}.lora_A.weight", [r, inF]));
-            tensors.Add(new($"{p}.lora_B.default.weight", $"{p}.lora_B.weight", [outF, r]));
+            tensors.Add(new($"{p}.lora_B.default.weight", $"{p}.lora_B.weight", [outF, r], trainB));
             if (cfg.LoraBias) tensors.Add(new($"{p}.lora_B.default.bias", $"{p}.lora_B.bias", [outF]));
         }
         if (cfg.UseDora)
@@ -188,6 +208,47 @@ public static class AdapterPlanner
             TiedToEmbedding = tiedToEmbedding,
             Tensors = tensors,
         };
+    }
+
+    /// <summary>
+    /// update_layer of lora.Linear / lora.Embedding: the variant lookup (only DoRA and MiCA are planned, and not
+    /// together), then the init dispatch's own errors.
+    /// </summary>
+    private static void CheckModuleInit(LoraConfig cfg, ModuleNode module, LoraInitKind init, int r, long inF, long outF)
+    {
+        if (init == LoraInitKind.Mica && cfg.UseDora)
+            throw new PeftInjectionException("ValueError", "Invalid or unsupported variant combination: ('mica', 'use_dora')");
+        var embedding = module.Kind == ModuleKind.Embedding;
+        if ((init is LoraInitKind.Mica or LoraInitKind.MicaInitOnly) && (r > Math.Min(inF, outF)))
+        {
+            // Linear: weight (out, in); Embedding: weight (num_embeddings, embedding_dim) = (in, out).
+            throw new PeftInjectionException("ValueError", embedding
+                ? $"MiCA requires `r` <= min(num_embeddings, embedding_dim) but got r={r} for an embedding layer with weight shape ({inF}, {outF}) (max usable r is {Math.Min(inF, outF)})."
+                : $"MiCA requires `r` <= min(in_features, out_features) but got r={r} for a layer with weight shape ({outF}, {inF}) (max usable r is {Math.Min(inF, outF)}).");
+        }
+        // lora.Embedding has no orthogonal branch and its reset ignores the value: only Linear layers check these.
+        if (embedding) return;
+        if (init == LoraInitKind.Orthogonal && r % 2 != 0)
+            throw new PeftInjectionException("ValueError", $"Orthogonal initialization requires the LoRA rank to be even, got {r} instead.");
+        if (init == LoraInitKind.Unknown)
+            throw new PeftInjectionException("ValueError", $"Unknown initialization init_lora_weights={LoraInit.PyRepr(cfg.InitLoraWeights)}");
+    }
+
+    /// <summary>ParamWrapper.update_layer: no LoRA variant at all, and only the inits that need no base <c>.weight</c>.</summary>
+    private static void CheckParamWrapperInit(LoraConfig cfg, ModuleNode module, ParameterNode param)
+    {
+        switch (LoraInit.Classify(cfg.InitLoraWeights))
+        {
+            case LoraInitKind.Mica:
+                throw new PeftInjectionException("ValueError", "Invalid or unsupported variant combination: ('mica',)");
+            case LoraInitKind.MicaInitOnly or LoraInitKind.Unknown:
+                // ParamWrapper has no mica branch: any other string reaches reset_lora_parameters.
+                throw new PeftInjectionException("ValueError", $"Unknown initialization init_lora_weights={LoraInit.PyRepr(cfg.InitLoraWeights)}");
+            case LoraInitKind.Orthogonal:
+                // orthogonal_init reads get_base_layer().weight (absent on fused expert modules) and builds (r, in)
+                // factors, not the (r * experts, in) ones a 3-D parameter gets.
+                throw new PeftConfigException($"init_lora_weights='orthogonal' with target_parameters ('{param.Name}' of {module.ClassName}) is not supported: MoeLora cannot plan it yet");
+        }
     }
 
     /// <summary>
@@ -223,7 +284,8 @@ public static class AdapterPlanner
                 throw new PeftInjectionException("ValueError", $"lora.ParamWrapper does not work with lora_dropout != 0 (got {cfg.LoraDropout}).");
             if (cfg.UseDora) throw new PeftInjectionException("ValueError", "lora.ParamWrapper does not work with DoRA (use_dora=True).");
             if (cfg.LoraBias) throw new PeftInjectionException("ValueError", "lora.ParamWrapper does not work with lora_bias=True.");
-            if (cfg.FanInFanOut) throw new PeftInjectionException("ValueError", "lora.ParamWrapper does not work with fan_in_fan_out=True.");
+            if (cfg.FanInFanOut) throw new PeftInjectionException("ValueError", "lora.ParamWrapper does not work with fan_in_fan_out.");
+            CheckParamWrapperInit(cfg, module, matched[0]);
 
             for (var k = 0; k < matched.Count; k++)
             {
@@ -464,8 +526,11 @@ public static class AdapterPlanner
     private static string ExtraOwner(ModuleTree tree, string runtimeName)
     {
         var name = runtimeName[Prefix.Length..];
-        var cut = name.IndexOf(".modules_to_save.", StringComparison.Ordinal);
-        if (cut >= 0) return name[..cut];
+        foreach (var wrapper in new[] { ".modules_to_save.", ".token_adapter." })
+        {
+            var cut = name.IndexOf(wrapper, StringComparison.Ordinal);
+            if (cut >= 0) return name[..cut];
+        }
         name = name.Replace(".base_layer", "", StringComparison.Ordinal);
         var owner = name[..Math.Max(0, name.LastIndexOf('.'))];
         return tree.Find(owner) is not null ? owner : "";

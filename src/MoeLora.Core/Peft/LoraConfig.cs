@@ -36,6 +36,16 @@ public sealed record ModuleSelector
     public override string ToString() => Pattern is not null ? $"\"{Pattern}\"" : "[" + string.Join(", ", Names!) + "]";
 }
 
+/// <summary>How PEFT receives a LoRA configuration, which decides what happens to keys it does not know.</summary>
+public enum LoraConfigSource
+{
+    /// <summary><c>LoraConfig(**kwargs)</c>: an unknown key is a TypeError.</summary>
+    Kwargs,
+
+    /// <summary><c>LoraConfig.from_pretrained</c> / <c>from_peft_type</c> on an adapter_config.json: unknown keys are dropped with a warning.</summary>
+    AdapterConfig,
+}
+
 /// <summary>
 /// A LoRA configuration with PEFT's field names and defaults (<c>LoraConfig</c>). Parsed from a PEFT
 /// <c>adapter_config.json</c> or a JSON object of LoraConfig keyword arguments, and written back in PEFT's format.
@@ -88,8 +98,17 @@ public sealed record LoraConfig
     /// <summary><c>init_lora_weights</c> as written (true, false, or a method name such as "gaussian").</summary>
     public JsonNode? InitLoraWeights { get; init; } = JsonValue.Create(true);
 
-    /// <summary>Keys the tool does not model (kept for the round trip, reported as warnings when they matter).</summary>
+    /// <summary>
+    /// <c>trainable_token_indices</c>: one entry per embedding layer to train selectively; a null key is PEFT's list form
+    /// (the model's input embedding). Null when not given.
+    /// </summary>
+    public IReadOnlyList<KeyValuePair<string?, IReadOnlyList<int>>>? TrainableTokenIndices { get; init; }
+
+    /// <summary>Keys of an adapter_config.json that PEFT 0.21 does not know and drops with a warning (forward compatibility).</summary>
     public IReadOnlyList<string> IgnoredKeys { get; init; } = [];
+
+    /// <summary>The warnings PEFT prints while building this config (dropped keys, ignored sub-configs).</summary>
+    public IReadOnlyList<string> LoadWarnings { get; init; } = [];
 
     /// <summary>The seed report's target list.</summary>
     public static IReadOnlyList<string> SeedTargets { get; } = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
@@ -102,26 +121,15 @@ public sealed record LoraConfig
         TargetModules = ModuleSelector.List(SeedTargets),
     };
 
-    private static readonly HashSet<string> Unsupported = new(StringComparer.Ordinal)
-    {
-        "layer_replication", "trainable_token_indices", "loftq_config", "megatron_config", "eva_config", "corda_config",
-        "use_qalora", "use_bdlora", "arrow_config", "alora_invocation_tokens",
-    };
+    /// <summary>PEFT 0.21's TaskType values (peft/utils/peft_types.py), in its order, for PeftConfigMixin's check.</summary>
+    public static IReadOnlyList<string> TaskTypes { get; } = ["SEQ_CLS", "SEQ_2_SEQ_LM", "CAUSAL_LM", "TOKEN_CLS", "QUESTION_ANS", "FEATURE_EXTRACTION"];
 
-    // Every LoraConfig field PEFT 0.17-0.21 writes into adapter_config.json; others are ignored with a note.
-    private static readonly HashSet<string> Known = new(StringComparer.Ordinal)
-    {
-        "r", "lora_alpha", "target_modules", "target_parameters", "exclude_modules", "layers_to_transform",
-        "layers_pattern", "rank_pattern", "alpha_pattern", "modules_to_save", "bias", "use_dora", "use_rslora",
-        "lora_bias", "fan_in_fan_out", "lora_dropout", "ensure_weight_tying", "task_type", "init_lora_weights",
-        "peft_type", "base_model_name_or_path", "revision", "inference_mode", "auto_mapping", "peft_version",
-        "layer_replication", "trainable_token_indices", "loftq_config", "megatron_config", "megatron_core",
-        "eva_config", "corda_config", "use_qalora", "qalora_group_size", "runtime_config", "alora_invocation_tokens",
-        "arrow_config", "use_bdlora", "lora_ga_config",
-    };
-
-    /// <summary>Parses a PEFT adapter_config.json, or a JSON object of LoraConfig keyword arguments.</summary>
-    public static LoraConfig FromJson(string json, string source)
+    /// <summary>
+    /// Parses a PEFT adapter_config.json, or a JSON object of LoraConfig keyword arguments. Without
+    /// <paramref name="kind"/>, an object holding <c>peft_type</c> is read as an adapter_config.json (every file
+    /// save_pretrained writes has it, and PEFT's own loader dispatches on it), anything else as keyword arguments.
+    /// </summary>
+    public static LoraConfig FromJson(string json, string source, LoraConfigSource? kind = null)
     {
         JsonObject obj;
         try
@@ -132,21 +140,46 @@ public sealed record LoraConfig
         {
             throw new PeftConfigException($"{source} is not valid JSON: {e.Message}");
         }
-        return FromJson(obj, source);
+        return FromJson(obj, source, kind);
     }
 
-    public static LoraConfig FromJson(JsonObject o, string source)
+    public static LoraConfig FromJson(JsonObject o, string source, LoraConfigSource? kind = null)
     {
-        var peftType = Str(o, "peft_type", source);
-        if (peftType is not null && !peftType.Equals("LORA", StringComparison.OrdinalIgnoreCase))
-            throw new PeftConfigException($"{source}: peft_type is '{peftType}'; only LORA adapters are analysed");
-        foreach (var key in o.Select(kv => kv.Key))
+        var mode = kind ?? (o.ContainsKey("peft_type") ? LoraConfigSource.AdapterConfig : LoraConfigSource.Kwargs);
+        var loadWarnings = new List<string>();
+        var ignored = new List<string>();
+        var unknown = o.Select(kv => kv.Key).Where(k => LoraConfigFields.Find(k) is null).ToList();
+        if (mode == LoraConfigSource.Kwargs && unknown.Count > 0)
         {
-            if (Unsupported.Contains(key) && o[key] is not null && !IsEmpty(o[key]!))
-                throw new PeftConfigException($"{source}: '{key}' is not supported by moelora yet");
+            // Python reports the first unexpected keyword in the order given.
+            var error = new PeftInjectionException("TypeError", $"TypeError: LoraConfig.__init__() got an unexpected keyword argument '{unknown[0]}'");
+            throw LoraConfigFields.Suggest(unknown[0]) is { } near ? error.WithHint($"did you mean '{near}'") : error;
+        }
+        if (mode == LoraConfigSource.AdapterConfig)
+        {
+            // PeftConfigMixin.from_json_file drops runtime_config; from_peft_type then drops keys this PEFT version
+            // does not know, with a warning (forward compatibility), unless peft_type is missing as well.
+            if (o.ContainsKey("runtime_config"))
+                loadWarnings.Add("The configuration file contains a `runtime_config` key. This is ignored. Runtime configurations are only valid at runtime.");
+            if (unknown.Count > 0)
+            {
+                if (!o.ContainsKey("peft_type"))
+                    throw new PeftInjectionException("TypeError", "TypeError: The LoraConfig config that is trying to be loaded is missing required keys: {'peft_type'}.");
+                loadWarnings.Add($"Unexpected keyword arguments [{string.Join(", ", unknown.Order(StringComparer.Ordinal).Select(k => $"'{k}'"))}] for class LoraConfig, these are ignored. " +
+                    "This probably means that you're loading a configuration file that was saved using a higher version of the library and additional parameters have been introduced since. " +
+                    "It is highly recommended to upgrade the PEFT version before continuing (e.g. by running `pip install -U peft`).");
+                ignored.AddRange(unknown);
+            }
+            var peftType = Str(o, "peft_type", source);
+            if (peftType is not null && !peftType.Equals("LORA", StringComparison.OrdinalIgnoreCase))
+                throw new PeftConfigException($"{source}: peft_type is '{peftType}'; only LORA adapters are analysed");
         }
 
-        var ignored = o.Select(kv => kv.Key).Where(k => !Known.Contains(k)).ToList();
+        // __post_init__, in PEFT's order: sub-configs must be None, a dict or the dataclass.
+        foreach (var (key, cls) in SubConfigs)
+            if (o[key] is not null and not JsonObject)
+                throw new PeftInjectionException("TypeError", $"TypeError: `{cls}` must be a `{cls}`, a dict, or None.");
+
         var config = new LoraConfig
         {
             R = (int)(Int(o, "r", source) ?? 8),
@@ -169,15 +202,46 @@ public sealed record LoraConfig
             EnsureWeightTying = Bool(o, "ensure_weight_tying", source),
             TaskType = o.ContainsKey("task_type") ? Str(o, "task_type", source) : "CAUSAL_LM",
             InitLoraWeights = o.TryGetPropertyValue("init_lora_weights", out var init) ? init?.DeepClone() : JsonValue.Create(true),
+            TrainableTokenIndices = TokenIndices(o, source),
             IgnoredKeys = ignored,
         };
+        if (Bool(o, "use_dora", source) && PyJson.Truthy(o["megatron_config"]))
+            throw new PeftInjectionException("ValueError", "DoRA does not support megatron_core, please set `use_dora=False`.");
+        if (IsInit(config, "loftq") && !PyJson.Truthy(o["loftq_config"]))
+            throw new PeftInjectionException("ValueError", "`loftq_config` must be specified when `init_lora_weights` is 'loftq'.");
+        if (PyJson.Truthy(o["loftq_config"]) && !IsInit(config, "loftq"))
+            loadWarnings.Add("`loftq_config` specified but will be ignored when `init_lora_weights` is not 'loftq'.");
+        else if (o["eva_config"] is not null && !IsInit(config, "eva"))
+            loadWarnings.Add("`eva_config` specified but will be ignored when `init_lora_weights` is not 'eva'.");
+        else if (o["corda_config"] is not null && !IsInit(config, "corda"))
+            loadWarnings.Add("`corda_config` specified but will be ignored when `init_lora_weights` is not 'corda'.");
+        config = config with { LoadWarnings = loadWarnings };
         config.Validate();
+
+        // What MoeLora cannot plan yet is refused by name, never dropped (LoraConfigFields is the one table).
+        foreach (var field in LoraConfigFields.All.Where(f => f.Role == LoraFieldRole.Refused))
+            if (o.TryGetPropertyValue(field.Name, out var v) && field.IsActive(v))
+                throw new PeftConfigException($"{source}: {field.Name}={PyJson.Repr(v)} is not supported: {field.Why}; MoeLora cannot plan it yet");
+        if (mode == LoraConfigSource.Kwargs && Bool(o, "inference_mode", source))
+            throw new PeftConfigException($"{source}: inference_mode=True is not supported: get_peft_model freezes every adapter (trainable params: 0); MoeLora plans adapters for training");
         return config;
     }
+
+    private static bool IsInit(LoraConfig c, string name) => c.InitLoraWeights is JsonValue v && v.TryGetValue<string>(out var s) && s == name;
+
+    /// <summary>Sub-config fields <c>_get_lora_subconfig</c> converts, and their dataclasses.</summary>
+    private static readonly (string Key, string Class)[] SubConfigs =
+    [
+        ("velora_config", "VeloraConfig"), ("kasa_config", "KasaConfig"), ("eva_config", "EvaConfig"), ("corda_config", "CordaConfig"),
+        ("lora_ga_config", "LoraGAConfig"), ("arrow_config", "ArrowConfig"), ("use_bdlora", "BdLoraConfig"),
+    ];
 
     /// <summary>The checks of <c>LoraConfig.__post_init__</c> (and of update_layer that need no model).</summary>
     public void Validate()
     {
+        if (TaskType is not null && !TaskTypes.Contains(TaskType))
+            throw new PeftInjectionException("ValueError", $"Invalid task type: '{TaskType}'. Must be one of the following task types: {string.Join(", ", TaskTypes)}.");
+        var initKind = LoraInit.Classify(InitLoraWeights);
         if (R <= 0) throw new PeftConfigException($"`r` should be a positive integer value but the value passed is {R}");
         if (Bias is not ("none" or "all" or "lora_only")) throw new PeftConfigException($"Requested bias: {Bias}, is not implemented.");
         if (TargetModules?.Pattern is { } p && !TargetModules.IsAllLinear) PyRegex.Validate(p, "target_modules");
@@ -190,10 +254,20 @@ public sealed record LoraConfig
         var layersGiven = LayersToTransform is { Count: > 0 } && !(LayersToTransformIsInt && LayersToTransform[0] == 0);
         if (LayersPattern is { Count: > 0 } && !layersGiven)
             throw new PeftConfigException("When `layers_pattern` is specified, `layers_to_transform` must also be specified. ");
-        if (UseDora && LoraBias) throw new PeftConfigException("DoRA does not support lora_bias=True");
+        if (LoraBias && initKind is not (LoraInitKind.Default or LoraInitKind.None))
+            throw new PeftInjectionException("ValueError", $"The argument lora_bias=True is only supported with init_lora_weights=True or False, got init_lora_weights={InitLoraWeights!.GetValue<string>()} instead.");
+        if (UseDora && LoraBias) throw new PeftInjectionException("ValueError", "The argument lora_bias=True is not supported for DoRA, please pass use_dora=False");
         foreach (var kv in RankPattern) PyRegex.Validate(kv.Key, "rank_pattern key");
         foreach (var kv in AlphaPattern) PyRegex.Validate(kv.Key, "alpha_pattern key");
         if (RankPattern.Any(kv => kv.Value <= 0)) throw new PeftConfigException("rank_pattern values must be positive integers");
+        if (LoraInit.RefusalReason(InitLoraWeights) is { } refusal) throw new PeftConfigException(refusal);
+        if (TrainableTokenIndices is { } tokens && ModulesToSave is { } mts)
+        {
+            // PEFT compares the layer name (a dict key, or the input embedding's full name) with the list entries.
+            foreach (var layer in tokens.Select(t => t.Key).OfType<string>().Where(mts.Contains))
+                throw new PeftInjectionException("ValueError",
+                    $"The embedding layer is already marked to be trained fully, either specify `modules_to_save=[..., \"{layer}\", ...]` or `trainable_tokens={{'{layer}': x}}` but not both.");
+        }
     }
 
     /// <summary>The adapter_config.json PEFT writes for this configuration (keys in PEFT's names).</summary>
@@ -229,6 +303,7 @@ public sealed record LoraConfig
             ["use_dora"] = UseDora,
             ["use_rslora"] = UseRslora,
         };
+        if (TrainableTokenIndices is not null) o["trainable_token_indices"] = TokenIndicesJson();
         return o;
     }
 
@@ -257,6 +332,8 @@ public sealed record LoraConfig
         if (LoraBias) o["lora_bias"] = true;
         if (LoraDropout != 0) o["lora_dropout"] = LoraDropout;
         if (EnsureWeightTying) o["ensure_weight_tying"] = true;
+        if (InitLoraWeights is not JsonValue iv || !iv.TryGetValue<bool>(out var init) || !init) o["init_lora_weights"] = InitLoraWeights?.DeepClone();
+        if (TrainableTokenIndices is not null) o["trainable_token_indices"] = TokenIndicesJson();
         o["task_type"] = TaskType;
         return o;
     }
@@ -303,7 +380,7 @@ public sealed record LoraConfig
     {
         if (!o.TryGetPropertyValue("target_parameters", out var v) || v is null) return null;
         if (v is JsonValue jv && jv.TryGetValue<string>(out _))
-            throw new PeftConfigException("target_parameters must be a list of parameter names, not a str (PEFT raises TypeError; regexes are not supported)");
+            throw new PeftInjectionException("TypeError", "TypeError: `target_parameters` must be a list of strings or None.");
         return StrOrList(o, "target_parameters", source);
     }
 
@@ -314,6 +391,27 @@ public sealed record LoraConfig
         if (v is JsonArray arr)
             return arr.Select(x => x is JsonValue xv && xv.TryGetValue<string>(out var n) ? n : throw new PeftConfigException($"{Where(source, key)} must hold strings")).ToList();
         throw new PeftConfigException($"{Where(source, key)} must be a string or a list of strings");
+    }
+
+    private JsonNode? TokenIndicesJson()
+    {
+        if (TrainableTokenIndices is null) return null;
+        JsonArray Ints(IReadOnlyList<int> xs) => new(xs.Select(x => (JsonNode)JsonValue.Create(x)).ToArray());
+        if (TrainableTokenIndices is [{ Key: null } only]) return Ints(only.Value);
+        return new JsonObject(TrainableTokenIndices.Select(kv => KeyValuePair.Create(kv.Key!, (JsonNode?)Ints(kv.Value))));
+    }
+
+    /// <summary><c>trainable_token_indices</c>: a list of ints (the input embedding) or an object of layer name to ints.</summary>
+    private static IReadOnlyList<KeyValuePair<string?, IReadOnlyList<int>>>? TokenIndices(JsonObject o, string source)
+    {
+        const string key = "trainable_token_indices";
+        if (!o.TryGetPropertyValue(key, out var v) || v is null) return null;
+        IReadOnlyList<int> Ints(JsonNode? n, string where) => n is JsonArray arr
+            ? arr.Select(x => JsonNumbers.TryLong(x, out var i) ? checked((int)i) : throw new PeftConfigException($"{where} must hold integers")).ToList()
+            : throw new PeftConfigException($"{where} must be a list of integers");
+        if (v is JsonArray) return [new(null, Ints(v, Where(source, key)))];
+        if (v is JsonObject map) return map.Select(kv => new KeyValuePair<string?, IReadOnlyList<int>>(kv.Key, Ints(kv.Value, $"{Where(source, key)}['{kv.Key}']"))).ToList();
+        throw new PeftConfigException($"{Where(source, key)} must be a list of token indices or an object of layer name -> token indices");
     }
 
     private static IReadOnlyList<int>? Layers(JsonObject o, string source, out bool isInt)
