@@ -478,11 +478,11 @@ def load_config(cfg_dict):
     return config
 
 
-def build_model(config):
+def build_model(config, device="meta"):
     import torch
     from transformers import AutoModelForCausalLM
 
-    with torch.device("meta"):
+    with torch.device(device):
         if config.model_type == "llama4":
             from transformers import Llama4ForConditionalGeneration
 
@@ -823,9 +823,14 @@ def cmd_tiny(args):
             continue
         models_out[name] = rec
         per = {}
+        wanted = set(args.variants.split(",")) if args.variants else None
         for vname, fn in tiny_variants():
+            if wanted and vname not in wanted:
+                continue
             try:
-                m = build_model(copy.deepcopy(config))
+                # MiCA initialises from an SVD of the base weight, which meta tensors cannot give: --cpu builds real
+                # (random) weights for such variants.
+                m = build_model(copy.deepcopy(config), "cpu" if args.cpu else "meta")
                 kwargs = fn(m)
             except Exception as e:
                 per[vname] = {"error": "setup: " + err_str(e)}
@@ -1067,6 +1072,8 @@ def main():
     t.add_argument("--out", required=True)
     t.add_argument("--threads", type=int, default=2)
     t.add_argument("--only", default="")
+    t.add_argument("--variants", default="", help="comma-separated variant names (default: all)")
+    t.add_argument("--cpu", action="store_true", help="build the models with CPU weights instead of on the meta device")
     t.set_defaults(fn=cmd_tiny)
     c = sub.add_parser("catalog-meta")
     c.add_argument("--out", required=True)
