@@ -112,7 +112,7 @@ internal sealed class DeepseekFamily : IArchitecture
         var sparse = new MoeSettings(
             new SigmoidGroupLimitedRouterSettings("gate", experts, topK, groups, topKGroups, c.Bool("norm_topk_prob", true), scalingFactor),
             new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act),
-            new SharedExpertSettings("shared_experts", sharedInter, act, SigmoidGate: false), MoeOrder.ExpertsFirst);
+            new SharedExpertSettings("shared_experts", sharedInter, act, SigmoidGateName: null), MoeOrder.ExpertsFirst);
         var dense = new GatedMlpSettings(inter, act);
         var runtimeLayers = Enumerable.Range(0, (int)layers)
             .Select(i => new DecoderLayerRuntime(attention, "mlp", moeSet.Contains(i) ? sparse : dense, norm, norm)).ToList();

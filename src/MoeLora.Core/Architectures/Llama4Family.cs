@@ -114,7 +114,7 @@ internal sealed class Llama4Family : IArchitecture
         var chunk = text.IntOrNull("attention_chunk_size", 8192) ?? 8192;
         var sparse = new MoeSettings(new Llama4RouterSettings("router", experts, topK),
             new ExpertsSettings(ExpertsLayout.Llama4InOut, experts, inter, act),
-            new SharedExpertSettings("shared_expert", inter, act, SigmoidGate: false, ActName: "activation_fn"), MoeOrder.ExpertsFirst);
+            new SharedExpertSettings("shared_expert", inter, act, SigmoidGateName: null, ActName: "activation_fn"), MoeOrder.ExpertsFirst);
         var dense = new GatedMlpSettings(interMlp, act, ActName: "activation_fn");
         var runtimeLayers = Enumerable.Range(0, (int)layers).Select(i =>
         {

@@ -71,7 +71,7 @@ internal sealed class QwenMoeFamily : IArchitecture
             norm.Eps, Sinks: false, MaskSettings.Full, RotaryDim: headDim);
         var sparse = new MoeSettings(new SoftmaxTopKRouterSettings("gate", experts, topK, normTopK),
             new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act),
-            qwen3 ? null : new SharedExpertSettings("shared_expert", sharedInter, act, SigmoidGate: true),
+            qwen3 ? null : new SharedExpertSettings("shared_expert", sharedInter, act, SigmoidGateName: "shared_expert_gate"),
             qwen3 ? MoeOrder.ExpertsFirst : MoeOrder.RouterFirst);
         var dense = new GatedMlpSettings(inter, act);
         var runtimeLayers = Enumerable.Range(0, (int)layers)

@@ -72,5 +72,6 @@ public sealed record ExpertsSettings(ExpertsLayout Layout, long NumExperts, long
 
 /// <summary>A shared expert MLP run on every token, registered after the routed experts.</summary>
 /// <param name="Name"><c>shared_expert</c> or <c>shared_experts</c>.</param>
-/// <param name="SigmoidGate">Qwen2-MoE: scaled by <c>sigmoid(shared_expert_gate(x))</c>, a Linear(H, 1) registered after it.</param>
-public sealed record SharedExpertSettings(string Name, long Intermediate, string Act, bool SigmoidGate, string ActName = "act_fn");
+/// <param name="SigmoidGateName">Qwen2-MoE: the expert is scaled by <c>sigmoid(gate(x))</c>, a Linear(H, 1) of this name
+/// registered after it (<c>shared_expert_gate</c>); null when the shared expert is added ungated.</param>
+public sealed record SharedExpertSettings(string Name, long Intermediate, string Act, string? SigmoidGateName, string ActName = "act_fn");
