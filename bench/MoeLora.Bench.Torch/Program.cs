@@ -119,7 +119,7 @@ var config = new JsonObject
 }.ToJsonString();
 using var model = TorchModelFactory.Random(config, 0, ScalarType.Float32);
 // init_lora_weights=false: non-zero B, as after some training (the cost does not depend on the values).
-LoraInjector.Inject(model, MoeLora.Torch.Lora.LoraConfig.Parse("""{"r":16,"lora_alpha":32,"init_lora_weights":false,"target_modules":["q_proj","k_proj","v_proj","o_proj"],"target_parameters":["mlp.experts.gate_up_proj","mlp.experts.down_proj"]}"""));
+LoraInjector.Inject(model, LoraInjector.Plan(model, """{"r":16,"lora_alpha":32,"init_lora_weights":false,"target_modules":["q_proj","k_proj","v_proj","o_proj"],"target_parameters":["mlp.experts.gate_up_proj","mlp.experts.down_proj"]}"""));
 var counts = Measurements.CountParameters(model);
 long seq = 256;
 var ids = randint(0, 8192, [2, seq]);
@@ -149,7 +149,7 @@ foreach (var dispatch in new[] { MoeLora.Torch.Nn.ExpertDispatch.Loop, MoeLora.T
 var dense = System.Text.Json.Nodes.JsonNode.Parse(config)!.AsObject();
 dense["model_type"] = "llama"; dense["intermediate_size"] = 2048; dense.Remove("num_local_experts"); dense.Remove("num_experts_per_tok");
 using var denseModel = TorchModelFactory.Random(dense.ToJsonString(), 0, ScalarType.Float32);
-LoraInjector.Inject(denseModel, MoeLora.Torch.Lora.LoraConfig.Parse("""{"r":16,"lora_alpha":32,"init_lora_weights":false,"target_modules":["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]}"""));
+LoraInjector.Inject(denseModel, LoraInjector.Plan(denseModel, """{"r":16,"lora_alpha":32,"init_lora_weights":false,"target_modules":["q_proj","k_proj","v_proj","o_proj","gate_proj","up_proj","down_proj"]}"""));
 double df;
 using (no_grad()) df = Time(() => { using var s = NewDisposeScope(); denseModel.Forward(ids).Dispose(); }, 3);
 Report("dense llama, same active parameters: fwd", 2 * active * tokens, df, (long)tokens);

@@ -1,4 +1,5 @@
 using System.Text.Json.Nodes;
+using MoeLora.Core.Peft;
 using MoeLora.Torch.Lora;
 using MoeLora.Torch.Models;
 using MoeLora.Torch.Runtime;
@@ -18,14 +19,14 @@ public class LoraInjectionTests
     public void FreshInjectionUsesPeftNamesShapesAndStartsAsTheBaseModel()
     {
         using var h = new DisposableModel(Model("qwen3_moe"));
-        var cfg = LoraConfig.Parse("""
+        var plan = LoraInjector.Plan(h.Model, """
             {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"], "target_parameters": ["mlp.experts.down_proj"],
              "rank_pattern": {".*\\.down_proj": 3}}
             """);
         var reference = Fixtures.Reference("qwen3_moe");
         using var _ = no_grad();
         using var before = h.Model.Forward(reference["input_ids"], reference["attention_mask"]);
-        var adapter = LoraInjector.Inject(h.Model, cfg);
+        var adapter = LoraInjector.Inject(h.Model, plan);
         var names = LoraInjector.PeftNamedParameters(h.Model).ToDictionary(p => p.Name, p => p.Param.shape);
         Assert.Equal(new long[] { 2, 32 }, names["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"]);
         Assert.Equal(new long[] { 32, 2 }, names["base_model.model.model.layers.0.self_attn.q_proj.lora_B.default.weight"]);
@@ -44,18 +45,20 @@ public class LoraInjectionTests
     [Fact]
     public void ScalingFollowsRsLoraAndPatterns()
     {
-        var c = LoraConfig.Parse("""{"r": 4, "lora_alpha": 8, "use_rslora": true, "target_modules": ["q_proj"], "alpha_pattern": {"k_proj": 2}}""");
-        Assert.Equal(8 / Math.Sqrt(4), c.Scaling("model.layers.0.self_attn.q_proj"), 12);
-        Assert.Equal(2 / Math.Sqrt(4), c.Scaling("model.layers.0.self_attn.k_proj"), 12);
-        Assert.True(c.MatchesModule("model.layers.0.self_attn.q_proj"));
-        Assert.False(c.MatchesModule("model.layers.0.self_attn.qq_proj"));
+        using var h = new DisposableModel(Model("llama"));
+        var adapter = LoraInjector.Inject(h.Model, LoraInjector.Plan(h.Model,
+            """{"r": 4, "lora_alpha": 8, "use_rslora": true, "target_modules": ["q_proj", "k_proj"], "alpha_pattern": {"k_proj": 2}}"""));
+        var scaling = adapter.Wrappers.ToDictionary(w => w.Module, w => w.Wrapper.Scaling);
+        Assert.Equal(8 / Math.Sqrt(4), scaling["model.layers.0.self_attn.q_proj"], 12);
+        Assert.Equal(2 / Math.Sqrt(4), scaling["model.layers.0.self_attn.k_proj"], 12);
+        Assert.All(scaling.Keys, k => Assert.Matches(@"\.(q|k)_proj$", k));
     }
 
     [Fact]
     public void DropoutIsActiveOnlyInTrainMode()
     {
         using var h = new DisposableModel(Model("llama"));
-        LoraInjector.Inject(h.Model, LoraConfig.Parse("""{"r": 4, "lora_alpha": 8, "lora_dropout": 0.5, "init_lora_weights": false, "target_modules": ["v_proj"]}"""));
+        LoraInjector.Inject(h.Model, LoraInjector.Plan(h.Model, """{"r": 4, "lora_alpha": 8, "lora_dropout": 0.5, "init_lora_weights": false, "target_modules": ["v_proj"]}"""));
         var ids = Fixtures.Reference("llama")["input_ids"];
         using var _ = no_grad();
         h.Model.Eval();
@@ -71,9 +74,12 @@ public class LoraInjectionTests
     public void UnsupportedTargetsFailLikePeft()
     {
         using var h = new DisposableModel(Model("qwen2_moe"));
-        Assert.Throws<NotSupportedException>(() => LoraInjector.Inject(h.Model, LoraConfig.Parse("""{"target_modules": ["gate"]}""")));
-        Assert.Throws<InvalidOperationException>(() => LoraInjector.Inject(h.Model, LoraConfig.Parse("""{"target_modules": ["nothing"]}""")));
-        Assert.Throws<NotSupportedException>(() => LoraConfig.Parse("""{"peft_type": "IA3"}"""));
+        // PEFT's own errors, raised by Core's planner before anything is injected.
+        var router = Assert.ThrowsAny<PeftConfigException>(() => LoraInjector.Plan(h.Model, """{"target_modules": ["gate"]}"""));
+        Assert.Contains("gate", router.Message);
+        Assert.ThrowsAny<PeftConfigException>(() => LoraInjector.Plan(h.Model, """{"target_modules": ["nothing"]}"""));
+        Assert.ThrowsAny<PeftConfigException>(() => LoraInjector.Plan(h.Model, """{"peft_type": "IA3"}"""));
+        Assert.Empty(LoraInjector.PeftNamedParameters(h.Model));
     }
 
     [Fact]
@@ -82,10 +88,11 @@ public class LoraInjectionTests
         var src = Path.Combine(Fixtures.Dir("olmoe"), "seed_targets");
         using var h = new DisposableModel(Model("olmoe"));
         var adapter = LoraInjector.LoadPeftAdapter(h.Model, src);
-        Assert.Equal(16, adapter.Config.AlphaFor("model.layers.0.mlp.experts.gate_up_proj"));
-        Assert.Equal(8, adapter.Config.RankFor("model.layers.0.mlp.experts.gate_up_proj"));
-        Assert.Equal(4, adapter.Config.RankFor("model.layers.0.mlp.experts.down_proj"));
+        var targets = adapter.Plan.Targets.ToDictionary(t => t.Name);
+        Assert.Equal(16, targets["model.layers.0.mlp.experts.gate_up_proj"].Alpha);
+        Assert.Equal(8, targets["model.layers.0.mlp.experts.gate_up_proj"].R);
+        Assert.Equal(4, targets["model.layers.0.mlp.experts.down_proj"].R);
         var json = JsonNode.Parse(File.ReadAllText(Path.Combine(src, "adapter_config.json")))!;
-        Assert.True(JsonNode.DeepEquals(json, adapter.Config.Json));
+        Assert.True(JsonNode.DeepEquals(json, adapter.ConfigJson));
     }
 }

@@ -62,7 +62,9 @@ public class ModelLoadingTests
             File.Copy(Path.Combine(Fixtures.Dir("qwen3"), "model", "model.safetensors"), Path.Combine(dir, "model.safetensors"));
             var mismatch = Assert.Throws<InvalidDataException>(() => TorchModelFactory.Load(dir));
             Assert.Contains("q_norm", mismatch.Message);
-            Assert.Throws<NotSupportedException>(() => TorchModelFactory.Random("""{"model_type": "bert"}""", 0));
+            Assert.Throws<MoeLora.Core.Config.ConfigException>(() => TorchModelFactory.Random("""{"model_type": "bert"}""", 0));
+            var refusal = Assert.Throws<NotSupportedException>(() => TorchModelFactory.Random("""{"model_type": "jamba", "num_hidden_layers": 2}""", 0));
+            Assert.Contains("Mamba mixers", refusal.Message);
             Assert.Throws<ArgumentException>(() => TorchModelFactory.Random(Config("llama"), 0, ScalarType.Int32));
         }
         finally { Directory.Delete(dir, true); }

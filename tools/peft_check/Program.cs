@@ -130,8 +130,7 @@ static class Program
         string output, string loadMode)
     {
         using var _m = model;
-        var config = LoraConfig.Parse(File.ReadAllText(Path.Combine(adapterDir, "adapter_config.json")));
-        var adapter = LoraInjector.Inject(model, config);
+        var adapter = LoraInjector.Inject(model, LoraInjector.Plan(model, File.ReadAllText(Path.Combine(adapterDir, "adapter_config.json"))));
         var file = Safetensors.Load(Path.Combine(adapterDir, "adapter_model.safetensors"));
         var missing = new List<string>();
         var used = new HashSet<string>();

@@ -44,9 +44,9 @@ public sealed class HiddenStatesCommand : Command<HiddenStatesCommand.Settings>
         var (model, resolved) = s.LoadModel();
         using var _ = model;
         using var scope = NewDisposeScope();
-        if (ids is null) (ids, mask) = RuntimeSettings.Batch(s.ReadJsonl(s.Prompts!, resolved.Directory, "--prompts"), model.Config.VocabSize);
-        if (ids.max().item<long>() >= model.Config.VocabSize || ids.min().item<long>() < 0)
-            throw new ArgumentException($"input_ids contain ids outside the vocabulary (0..{model.Config.VocabSize - 1})");
+        if (ids is null) (ids, mask) = RuntimeSettings.Batch(s.ReadJsonl(s.Prompts!, resolved.Directory, "--prompts"), model.VocabSize);
+        if (ids.max().item<long>() >= model.VocabSize || ids.min().item<long>() < 0)
+            throw new ArgumentException($"input_ids contain ids outside the vocabulary (0..{model.VocabSize - 1})");
         int states = model.NumLayers + 1;
         var layers = ParseLayers(s.Layers, states);
         using var output = no_grad_forward(model, ids, mask!);

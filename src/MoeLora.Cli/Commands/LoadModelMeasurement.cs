@@ -38,6 +38,7 @@ internal static class LoadModelMeasurement
         var plan = report.Plan;
         if (report.Spec.Layout != Core.Modules.Layout.V5)
             throw new NotSupportedException("--load-model runs the transformers-5 runtime (fused experts); use --layout v5");
+        report.Spec.RequireRuntime(); // a model the runtime cannot build is refused before any size check or read
         var dtype = report.Options.DType switch
         {
             DType.Float32 => ScalarType.Float32,
@@ -59,7 +60,7 @@ internal static class LoadModelMeasurement
             dir = resolved.Directory ?? throw new FileNotFoundException(
                 $"no checkpoint for {report.Options.ModelId}: its config came from the {resolved.OriginName} (no weights); " +
                 "pass a local folder or a model in the Hugging Face cache, or use --init random");
-            checkpointBytes = CheckpointLoader.Precheck(dir, report.Spec, resolved.ConfigJson);
+            checkpointBytes = CheckpointLoader.Precheck(dir, report.Spec);
             prediction = MemoryPrediction.Of(report, checkpointBytes, GradTokens(s));
             if (prediction.RequiredBytes > available)
                 throw new InvalidOperationException(

@@ -93,7 +93,7 @@ public sealed class RoutersCommand : Command<RoutersCommand.Settings>
         foreach (var p in prompts)
         {
             using var scope = NewDisposeScope();
-            var (ids, mask) = RuntimeSettings.Batch([p], model.Config.VocabSize);
+            var (ids, mask) = RuntimeSettings.Batch([p], model.VocabSize);
             using (no_grad()) using (model.Forward(ids, mask)) { }
             for (int l = 0; l < experts.Count; l++)
             {

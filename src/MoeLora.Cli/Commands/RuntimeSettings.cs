@@ -56,12 +56,13 @@ public class RuntimeSettings : ModelSettings
         var dtype = ParseDType(ModelDType, "--model-dtype");
         var (spec, resolved) = ModelLoader.Load(Model, ParsedLayout, Revision);
         if (spec.Layout != Core.Modules.Layout.V5) throw new NotSupportedException("the runtime builds transformers-5 modules; use --layout v5");
+        spec.RequireRuntime();
         string? dir = null;
         if (Init is null)
         {
             dir = resolved.Directory ?? throw new FileNotFoundException(
                 $"no checkpoint for {resolved.Id}: its config came from the {resolved.OriginName} (no weights); pass a local folder or a cached model, or use --init random");
-            CheckpointLoader.Precheck(dir, spec, resolved.ConfigJson);
+            CheckpointLoader.Precheck(dir, spec);
         }
         Device dev;
         try { dev = DeviceSelector.Select(Device); }

@@ -75,6 +75,11 @@ internal sealed class DbrxFamily : IArchitecture
         var all = Enumerable.Range(0, (int)layers).ToList();
         var moe = new MoeFacts(experts, topK, 0, inter, 0, all, [], $"softmax over {experts} experts, top-{topK}");
         var spec = Blocks.Spec(c, "dbrx", b.Build(), moe, hidden, layers, vocab, heads, kv, false, actName);
-        return spec with { DecoderLayersPath = "transformer.blocks", InputEmbeddings = "transformer.wte" };
+        return spec with
+        {
+            DecoderLayersPath = "transformer.blocks",
+            InputEmbeddings = "transformer.wte",
+            RuntimeUnavailable = "DBRX's fused Wqkv attention, LayerNorm blocks and 2-D stacked experts",
+        };
     }
 }

@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -89,10 +90,35 @@ internal sealed class DeepseekFamily : IArchitecture
             b.RmsNorm("post_attention_layernorm", p + "RMSNorm", hidden, ModuleLocation.Norm);
         });
 
+        var groups = c.Int("n_group", 8);
+        var topKGroups = c.Int("topk_group", 4);
+        var scalingFactor = c.Double("routed_scaling_factor", 2.5);
         var routing = v3
-            ? $"sigmoid scores + e_score_correction_bias, group-limited ({c.Int("n_group", 8)} groups, top {c.Int("topk_group", 4)}), top-{topK} of {experts}, scaled by {c.Double("routed_scaling_factor", 2.5)}"
+            ? $"sigmoid scores + e_score_correction_bias, group-limited ({groups} groups, top {topKGroups}), top-{topK} of {experts}, scaled by {scalingFactor}"
             : $"{c.String("scoring_func", "softmax")} over {experts} experts, {c.String("topk_method", "greedy")} top-{topK}";
         var moe = new MoeFacts(experts, topK, shared ?? 0, moeInter, hasShared ? sharedInter : 0, moeLayers, denseLayers, routing);
-        return Blocks.Spec(c, type, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        var spec = Blocks.Spec(c, type, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        if (!v3) return spec with { RuntimeUnavailable = "DeepSeek-V2's softmax router (greedy / group-limited) and complex-pair rope in MLA" };
+
+        var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-6));
+        var ropeSettings = RopeSettings.Read(c, 10000.0, rope);
+        // Softmax scale (nope+rope)^-0.5; a scaled rope with mscale_all_dim multiplies it by mscale² (yarn_apply_mscale).
+        var scaling = Math.Pow(qkHead, -0.5);
+        if (ropeSettings.Type != "default" && ropeSettings.MScaleAllDim is { } mad && mad != 0 && ropeSettings.Factor is { } f)
+            scaling *= Math.Pow(RopeSettings.YarnMScale(f, mad), 2);
+        // q_a_layernorm and kv_a_layernorm are built without eps, so they keep DeepseekV3RMSNorm's 1e-6.
+        var attention = new MlaAttentionSettings(heads, qLoraRank, kvLoraRank, nope, rope, vHead, attnBias,
+            c.Bool("rope_interleave", true), scaling, LowRankNormEps: 1e-6);
+        var sparse = new MoeSettings(
+            new SigmoidGroupLimitedRouterSettings("gate", experts, topK, groups, topKGroups, c.Bool("norm_topk_prob", true), scalingFactor),
+            new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act),
+            new SharedExpertSettings("shared_experts", sharedInter, act, SigmoidGateName: null), MoeOrder.ExpertsFirst);
+        var dense = new GatedMlpSettings(inter, act);
+        var runtimeLayers = Enumerable.Range(0, (int)layers)
+            .Select(i => new DecoderLayerRuntime(attention, "mlp", moeSet.Contains(i) ? sparse : dense, norm, norm)).ToList();
+        return spec with
+        {
+            Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm, ropeSettings, runtimeLayers),
+        };
     }
 }

@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -70,10 +71,31 @@ internal sealed class Glm4MoeFamily : IArchitecture
             b.RmsNorm("post_attention_layernorm", "Glm4MoeRMSNorm", hidden, ModuleLocation.Norm);
         });
 
-        var routing = $"sigmoid scores + e_score_correction_bias, group-limited ({c.Int("n_group", 1)} groups, top {c.Int("topk_group", 1)}), " +
-            $"top-{topK} of {experts}" + (c.Bool("norm_topk_prob", true) ? ", renormalised" : "") +
-            $", scaled by {c.Double("routed_scaling_factor", 1.0).ToString(System.Globalization.CultureInfo.InvariantCulture)}";
+        var groups = c.Int("n_group", 1);
+        var topKGroups = c.Int("topk_group", 1);
+        var normTopK = c.Bool("norm_topk_prob", true);
+        var scalingFactor = c.Double("routed_scaling_factor", 1.0);
+        var routing = $"sigmoid scores + e_score_correction_bias, group-limited ({groups} groups, top {topKGroups}), " +
+            $"top-{topK} of {experts}" + (normTopK ? ", renormalised" : "") +
+            $", scaled by {scalingFactor.ToString(System.Globalization.CultureInfo.InvariantCulture)}";
         var moe = new MoeFacts(experts, topK, shared, moeInter, sharedInter, moeLayers, denseLayers, routing);
-        return Blocks.Spec(c, "glm4_moe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+
+        // Runtime: rope on the first head_dim·partial_rotary_factor dims (0.5 by default), DeepSeek-V3's router.
+        var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-5));
+        var rotaryDim = (long)(headDim * RopeSettings.PartialRotaryFactor(c, 0.5));
+        var attention = new StandardAttentionSettings(heads, kv, headDim, attnBias, false, qkNorm ? QkNormKind.PerHead : QkNormKind.None,
+            norm.Eps, Sinks: false, MaskSettings.Full, rotaryDim);
+        var sparse = new MoeSettings(
+            new SigmoidGroupLimitedRouterSettings("gate", experts, topK, groups, topKGroups, normTopK, scalingFactor),
+            new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act),
+            new SharedExpertSettings("shared_experts", sharedInter, act, SigmoidGateName: null), MoeOrder.ExpertsFirst);
+        var dense = new GatedMlpSettings(inter, act);
+        var runtimeLayers = Enumerable.Range(0, (int)layers)
+            .Select(i => new DecoderLayerRuntime(attention, "mlp", moeSet.Contains(i) ? sparse : dense, norm, norm)).ToList();
+        return Blocks.Spec(c, "glm4_moe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        {
+            Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm,
+                RopeSettings.Read(c, 10000.0, rotaryDim), runtimeLayers),
+        };
     }
 }

@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -48,6 +49,24 @@ internal sealed class GptOssFamily : IArchitecture
         });
         var all = Enumerable.Range(0, (int)layers).ToList();
         var moe = new MoeFacts(experts, topK, 0, inter, 0, all, [], $"top-{topK} of {experts} router logits (with bias), softmax over the selected");
-        return Blocks.Spec(c, "gpt_oss", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        // GptOssExperts hard-codes its clamp (limit = 7.0; config.swiglu_limit is not read in 5.17).
+        // gpt-oss norms multiply by the weight before casting back; layers alternate sliding (even) and full attention
+        // unless layer_types says otherwise.
+        var norm = new NormSettings(NormKind.RmsWeightInFp32, c.Double("rms_norm_eps", 1e-5));
+        var types = c.StringList("layer_types")
+            ?? Enumerable.Range(0, (int)layers).Select(i => i % 2 == 0 ? "sliding_attention" : "full_attention").ToList();
+        if (types.Count < layers) throw new ConfigException($"config field 'layer_types' has {types.Count} entries for {layers} layers");
+        var window = c.IntOrNull("sliding_window", 128) ?? 128;
+        var ff = new MoeSettings(new TopKSoftmaxRouterSettings("router", experts, topK, Bias: true),
+            new ExpertsSettings(ExpertsLayout.GptOssInterleaved, experts, inter, act, SwigluLimit: 7.0), Shared: null, MoeOrder.RouterFirst);
+        var runtimeLayers = Enumerable.Range(0, (int)layers).Select(i => new DecoderLayerRuntime(
+            new StandardAttentionSettings(heads, kv, headDim, bias, bias, QkNormKind.None, norm.Eps, Sinks: true,
+                types[i] == "sliding_attention" ? new MaskSettings(MaskKind.Sliding, window) : MaskSettings.Full, RotaryDim: headDim),
+            "mlp", ff, norm, norm)).ToList();
+        return Blocks.Spec(c, "gpt_oss", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        {
+            Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm,
+                RopeSettings.Read(c, 150000.0, headDim), runtimeLayers),
+        };
     }
 }

@@ -83,7 +83,10 @@ internal sealed class GraniteMoeFamily : IArchitecture
         var all = Enumerable.Range(0, (int)layers).ToList();
         var moe = new MoeFacts(experts, topK, sharedInter > 0 ? 1 : 0, inter, sharedInter, all, [],
             $"top-{topK} of {experts} router logits, softmax over the selected");
-        return Blocks.Spec(c, type, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        return Blocks.Spec(c, type, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        {
+            RuntimeUnavailable = "Granite's embedding, attention, residual and logits multipliers",
+        };
     }
 
     private static void Norms(TreeBuilder b, string p, long hidden)

@@ -98,7 +98,10 @@ internal sealed class JambaFamily : IArchitecture
 
         // Jamba takes the top-k of the softmax without renormalising.
         var moe = new MoeFacts(experts, topK, 0, inter, 0, moeLayers, denseLayers, $"softmax over {experts} experts, top-{topK}");
-        return Blocks.Spec(c, "jamba", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        return Blocks.Spec(c, "jamba", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        {
+            RuntimeUnavailable = "Mamba mixers",
+        };
     }
 
     /// <summary>

@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -40,8 +41,9 @@ internal sealed class Llama4Family : IArchitecture
         var moeSet = moeLayers.ToHashSet();
         var denseLayers = Enumerable.Range(0, (int)layers).Where(i => !moeSet.Contains(i)).ToList();
         var interval = text.Int("no_rope_layer_interval", 4);
-        var noRope = text.TruthyList("no_rope_layers")
-            ?? Enumerable.Range(0, (int)layers).Select(i => (i + 1) % interval != 0).ToList();
+        // no_rope_layers[i] true means layer i *uses* rope; an absent or empty list takes the interval default.
+        var noRope = text.TruthyList("no_rope_layers") is { Count: > 0 } given ? given
+            : Enumerable.Range(0, (int)layers).Select(i => (i + 1) % interval != 0).ToList();
 
         var b = new TreeBuilder(multimodal ? "Llama4ForConditionalGeneration" : "Llama4ForCausalLM", layout);
         var prefix = "";
@@ -94,7 +96,36 @@ internal sealed class Llama4Family : IArchitecture
             DecoderLayersPath = prefix + "model.layers",
             InputEmbeddings = prefix + "model.embed_tokens",
             OutputEmbeddings = prefix + "lm_head",
+            Runtime = multimodal ? null : TextRuntime(text, vocab, hidden, inter, interMlp, layers, heads, kv, headDim, experts, topK,
+                useQkNorm, attnBias, tie, act, moeSet, noRope),
+            RuntimeUnavailable = multimodal ? "the vision tower and multimodal projector (llama4); a llama4_text config runs" : null,
         };
+    }
+
+    private static DecoderRuntime TextRuntime(ModelConfig text, long vocab, long hidden, long inter, long interMlp, long layers,
+        long heads, long kv, long headDim, long experts, long topK, bool useQkNorm, bool attnBias, bool tie, string act,
+        HashSet<int> moeSet, IReadOnlyList<bool> noRope)
+    {
+        var norm = new NormSettings(NormKind.Rms, text.Double("rms_norm_eps", 1e-5));
+        // layer_types defaults to chunked attention on rope layers, full attention on the others (Llama4TextConfig).
+        var types = text.StringList("layer_types")
+            ?? noRope.Select(r => r ? "chunked_attention" : "full_attention").ToList();
+        if (types.Count < layers) throw new ConfigException($"config field 'layer_types' has {types.Count} entries for {layers} layers");
+        var chunk = text.IntOrNull("attention_chunk_size", 8192) ?? 8192;
+        var sparse = new MoeSettings(new Llama4RouterSettings("router", experts, topK),
+            new ExpertsSettings(ExpertsLayout.Llama4InOut, experts, inter, act),
+            new SharedExpertSettings("shared_expert", inter, act, SigmoidGateName: null, ActName: "activation_fn"), MoeOrder.ExpertsFirst);
+        var dense = new GatedMlpSettings(interMlp, act, ActName: "activation_fn");
+        var runtimeLayers = Enumerable.Range(0, (int)layers).Select(i =>
+        {
+            var useRope = i < noRope.Count && noRope[i];
+            var attention = new Llama4AttentionSettings(heads, kv, headDim, attnBias, useRope, QkL2Norm: useQkNorm && useRope, norm.Eps,
+                TemperatureTuning: text.Bool("attn_temperature_tuning", true) && !useRope, text.Double("attn_scale", 0.1),
+                text.Double("floor_scale", 8192), types[i] == "chunked_attention" ? new MaskSettings(MaskKind.Chunked, chunk) : MaskSettings.Full);
+            return new DecoderLayerRuntime(attention, "feed_forward", moeSet.Contains(i) ? sparse : dense, norm, norm);
+        }).ToList();
+        return new DecoderRuntime(vocab, hidden, tie, text.Double("initializer_range", 0.02), norm,
+            RopeSettings.Read(text, 500000.0, headDim), runtimeLayers);
     }
 
     /// <summary>The vision tower and the multimodal projector, registered before the language model.</summary>

@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -56,6 +57,22 @@ internal sealed class LlamaFamily : IArchitecture
             b.RmsNorm("input_layernorm", v.Prefix + "RMSNorm", hidden, ModuleLocation.Norm);
             b.RmsNorm("post_attention_layernorm", v.Prefix + "RMSNorm", hidden, ModuleLocation.Norm);
         });
-        return Blocks.Spec(c, type, b.Build(), MoeFacts.Dense(layers), hidden, layers, vocab, heads, kv, tie, act);
+        var spec = Blocks.Spec(c, type, b.Build(), MoeFacts.Dense(layers), hidden, layers, vocab, heads, kv, tie, act);
+
+        // Runtime: Qwen's use_sliding_window applies windows per layer (max_window_layers), which the runtime lacks.
+        if ((type is "qwen2" or "qwen3") && c.Bool("use_sliding_window", false))
+            return spec with { RuntimeUnavailable = "use_sliding_window=true (Qwen's per-layer sliding windows)" };
+        var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-6));
+        // Mistral attends within sliding_window tokens when the config sets one (7B v0.1), else to the whole past.
+        var window = type == "mistral" ? c.IntOrNull("sliding_window", null) : null;
+        var attention = new StandardAttentionSettings(heads, kv, headDim, qkvBias, attnBias,
+            v.QkNorm ? QkNormKind.PerHead : QkNormKind.None, norm.Eps, Sinks: false,
+            window is long w ? new MaskSettings(MaskKind.Sliding, w) : MaskSettings.Full, RotaryDim: headDim);
+        var layer = new DecoderLayerRuntime(attention, "mlp", new GatedMlpSettings(inter, act, mlpBias), norm, norm);
+        return spec with
+        {
+            Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm,
+                RopeSettings.Read(c, 10000.0, headDim), Enumerable.Repeat(layer, (int)layers).ToList()),
+        };
     }
 }

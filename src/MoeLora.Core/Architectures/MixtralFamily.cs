@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -52,6 +53,19 @@ internal sealed class MixtralFamily : IArchitecture
         });
         var all = Enumerable.Range(0, (int)layers).ToList();
         var moe = new MoeFacts(experts, topK, 0, inter, 0, all, [], $"softmax over {experts} experts, top-{topK}, renormalised");
-        return Blocks.Spec(c, "mixtral", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-5));
+        var window = c.IntOrNull("sliding_window", null) ?? 0;
+        var layer = new DecoderLayerRuntime(
+            new StandardAttentionSettings(heads, kv, headDim, false, false, QkNormKind.None, norm.Eps, Sinks: false,
+                window > 0 ? new MaskSettings(MaskKind.Sliding, window) : MaskSettings.Full, RotaryDim: headDim),
+            "mlp",
+            new MoeSettings(new SoftmaxTopKRouterSettings("gate", experts, topK, NormTopK: true),
+                new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, inter, act), Shared: null, MoeOrder.RouterFirst),
+            norm, norm);
+        return Blocks.Spec(c, "mixtral", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        {
+            Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm,
+                RopeSettings.Read(c, 1000000.0, headDim), Enumerable.Repeat(layer, (int)layers).ToList()),
+        };
     }
 }

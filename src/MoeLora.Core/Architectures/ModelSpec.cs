@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -73,4 +74,18 @@ public sealed record ModelSpec
 
     /// <summary>Set when the tree was derived from checkpoint headers (unknown model_type): names are the checkpoint's.</summary>
     public string? DerivedLabel { get; init; }
+
+    /// <summary>
+    /// The transformers-5 decoder as typed settings, read from the same config fields (and defaults) as the tree: the
+    /// runtime builds from it, and its parameters equal the <see cref="Layout.V5"/> tree. Null when the runtime cannot
+    /// build this model; <see cref="RuntimeUnavailable"/> then says why.
+    /// </summary>
+    public DecoderRuntime? Runtime { get; init; }
+
+    /// <summary>Why <see cref="Runtime"/> is null, in a few words naming what is missing (e.g. "Mamba mixers").</summary>
+    public string? RuntimeUnavailable { get; init; }
+
+    /// <summary>The runtime description, or a one-line refusal naming what the runtime lacks.</summary>
+    public DecoderRuntime RequireRuntime() => Runtime
+        ?? throw new NotSupportedException($"model_type '{ModelType}' cannot run in MoeLora's runtime: {RuntimeUnavailable ?? "no runtime description"}.");
 }

@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -52,8 +53,24 @@ internal sealed class OlmoeFamily : IArchitecture
             b.RmsNorm("post_attention_layernorm", "OlmoeRMSNorm", hidden, ModuleLocation.Norm);
         });
         var all = Enumerable.Range(0, (int)layers).ToList();
-        var routing = $"softmax over {experts} experts, top-{topK}" + (c.Bool("norm_topk_prob", false) ? ", renormalised" : "");
+        var normTopK = c.Bool("norm_topk_prob", false);
+        var routing = $"softmax over {experts} experts, top-{topK}" + (normTopK ? ", renormalised" : "");
         var moe = new MoeFacts(experts, topK, 0, inter, 0, all, [], routing);
-        return Blocks.Spec(c, "olmoe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        var spec = Blocks.Spec(c, "olmoe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+
+        if (c.Has("clip_qkv"))
+            return spec with { RuntimeUnavailable = "clip_qkv (OLMoE's clamped q/k/v)" };
+        var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-5));
+        var layer = new DecoderLayerRuntime(
+            new StandardAttentionSettings(heads, kv, headDim, bias, bias, QkNormKind.Full, norm.Eps, Sinks: false, MaskSettings.Full, RotaryDim: headDim),
+            "mlp",
+            new MoeSettings(new SoftmaxTopKRouterSettings("gate", experts, topK, normTopK),
+                new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, inter, act), Shared: null, MoeOrder.RouterFirst),
+            norm, norm);
+        return spec with
+        {
+            Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm,
+                RopeSettings.Read(c, 10000.0, headDim), Enumerable.Repeat(layer, (int)layers).ToList()),
+        };
     }
 }

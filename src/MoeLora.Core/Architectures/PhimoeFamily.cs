@@ -70,6 +70,9 @@ internal sealed class PhimoeFamily : IArchitecture
 
         var all = Enumerable.Range(0, (int)layers).ToList();
         var moe = new MoeFacts(experts, topK, 0, inter, 0, all, [], $"sparsemixer over {experts} experts, top-{topK}");
-        return Blocks.Spec(c, "phimoe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        return Blocks.Spec(c, "phimoe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        {
+            RuntimeUnavailable = "PhiMoE's sparsemixer router and LayerNorm norms",
+        };
     }
 }

@@ -117,6 +117,9 @@ internal sealed class Qwen3NextFamily : IArchitecture
         var routing = $"softmax over {experts} experts, top-{topK}" + (c.Bool("norm_topk_prob", true) ? ", renormalised" : "") +
             ", plus a sigmoid-gated shared expert";
         var moe = new MoeFacts(experts, topK, 1, moeInter, sharedInter, moeLayers, denseLayers, routing);
-        return Blocks.Spec(c, "qwen3_next", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        return Blocks.Spec(c, "qwen3_next", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        {
+            RuntimeUnavailable = "gated DeltaNet linear attention and gated full attention",
+        };
     }
 }

@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -57,9 +58,29 @@ internal sealed class QwenMoeFamily : IArchitecture
             b.RmsNorm("post_attention_layernorm", p + "RMSNorm", hidden, ModuleLocation.Norm);
         });
 
-        var routing = $"softmax over {experts} experts, top-{topK}" + (c.Bool("norm_topk_prob", qwen3) ? ", renormalised" : "");
+        // norm_topk_prob defaults to False in both config classes (transformers 5.17).
+        var normTopK = c.Bool("norm_topk_prob", false);
+        var routing = $"softmax over {experts} experts, top-{topK}" + (normTopK ? ", renormalised" : "");
         var moe = new MoeFacts(experts, topK, qwen3 ? 0 : 1, moeInter, sharedInter, moeLayers, denseLayers, routing);
-        return Blocks.Spec(c, type, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        var spec = Blocks.Spec(c, type, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+
+        if (c.Bool("use_sliding_window", false))
+            return spec with { RuntimeUnavailable = "use_sliding_window=true (Qwen's per-layer sliding windows)" };
+        var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-6));
+        var attention = new StandardAttentionSettings(heads, kv, headDim, qkvBias, oBias, qwen3 ? QkNormKind.PerHead : QkNormKind.None,
+            norm.Eps, Sinks: false, MaskSettings.Full, RotaryDim: headDim);
+        var sparse = new MoeSettings(new SoftmaxTopKRouterSettings("gate", experts, topK, normTopK),
+            new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act),
+            qwen3 ? null : new SharedExpertSettings("shared_expert", sharedInter, act, SigmoidGateName: "shared_expert_gate"),
+            qwen3 ? MoeOrder.ExpertsFirst : MoeOrder.RouterFirst);
+        var dense = new GatedMlpSettings(inter, act);
+        var runtimeLayers = Enumerable.Range(0, (int)layers)
+            .Select(i => new DecoderLayerRuntime(attention, "mlp", moeSet.Contains(i) ? sparse : dense, norm, norm)).ToList();
+        return spec with
+        {
+            Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm,
+                RopeSettings.Read(c, 10000.0, headDim), runtimeLayers),
+        };
     }
 
     private static void MoeBlock(TreeBuilder b, string p, bool qwen3, Layout layout, long experts, long hidden,

@@ -1,5 +1,4 @@
 using MoeLora.Core.Architectures;
-using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 using MoeLora.Sources.Safetensors;
 
@@ -64,7 +63,7 @@ public static class CheckpointCrossCheck
     public static CrossCheckReport Run(ModelSpec spec, Checkpoint checkpoint)
     {
         ModuleTree runtime = spec.Tree;
-        LayoutCorrespondence? correspondence = OtherLayout(spec) is { } other ? LayoutCorrespondence.Build(runtime, other) : null;
+        CheckpointLayout? correspondence = CheckpointLayout.For(spec);
 
         var consumed = new HashSet<string>(StringComparer.Ordinal);
         var checks = new List<ParameterCheck>();
@@ -77,7 +76,7 @@ public static class CheckpointCrossCheck
         return new CrossCheckReport(checks, notParameters, unexpected, checkpoint.DtypeTotals, checkpoint.SizeOnDisk, checkpoint.DataSize, checkpoint.Files.Count);
     }
 
-    private static ParameterCheck Check(ParameterNode parameter, Checkpoint checkpoint, LayoutCorrespondence? correspondence, HashSet<string> consumed)
+    private static ParameterCheck Check(ParameterNode parameter, Checkpoint checkpoint, CheckpointLayout? correspondence, HashSet<string> consumed)
     {
         if (checkpoint.Find(parameter.Name) is { } direct)
         {
@@ -112,19 +111,6 @@ public static class CheckpointCrossCheck
         return parameter.IsTied
             ? new ParameterCheck(parameter.Name, parameter.Shape, ParameterCheckStatus.Tied, [], $"tied to {parameter.TiedTo}")
             : new ParameterCheck(parameter.Name, parameter.Shape, ParameterCheckStatus.Missing, [], "the checkpoint does not store it");
-    }
-
-    // The same config in the other transformers layout: the names legacy (or newly saved) checkpoints use.
-    private static ModuleTree? OtherLayout(ModelSpec spec)
-    {
-        try
-        {
-            return ArchitectureRegistry.Build(spec.Config, spec.Layout == Layout.V5 ? Layout.V4 : Layout.V5).Tree;
-        }
-        catch (ConfigException)
-        {
-            return null;
-        }
     }
 
     private static string OwnerName(string name) => name.Contains('.', StringComparison.Ordinal) ? name[..name.LastIndexOf('.')] : "";

@@ -22,7 +22,7 @@ public static partial class LoraInjector
 
     /// <summary>Core's plan for <paramref name="model"/> (its config.json, truncation included) and a LoraConfig JSON.</summary>
     public static AdapterPlan Plan(CausalLm model, string loraConfigJson, string source = "LoRA config") =>
-        Plan(model.Config.ToJson(), loraConfigJson, source);
+        AdapterPlanner.Plan(model.Spec, MoeLora.Core.Peft.LoraConfig.FromJson(loraConfigJson, source));
 
     /// <summary>
     /// Injects exactly the adapters of Core's <see cref="AdapterPlan"/> (the single source of matching): each
@@ -43,7 +43,6 @@ public static partial class LoraInjector
             throw new NotSupportedException($"trainable base tensors besides LoRA ({string.Join(", ", plan.Extras.Select(e => e.Reason).Distinct())}) are not supported by MoeLora.Torch; use bias=none and no modules_to_save.");
         if (plan.Targets.FirstOrDefault(t => t.Kind == AdapterKind.Embedding) is { } emb)
             throw new NotSupportedException($"LoRA on the embedding {emb.ModuleName} is not supported by MoeLora.Torch (Linear, DoRA-Linear and ParamWrapper only).");
-        var config = LoraConfig.Parse(eff.ToAdapterConfigJson(baseModelNameOrPath).ToJsonString());
         var gen = new Generator((ulong)seed);
 
         var modules = model.NamedModules().ToDictionary(m => m.Name, m => m.Module, StringComparer.Ordinal);
@@ -68,7 +67,7 @@ public static partial class LoraInjector
                     throw new InvalidOperationException($"plan target {t.ModuleName} is a Linear but the runtime module is {Module(t.ModuleName).GetType().Name}.");
                 if (linear.InFeatures != t.InFeatures || linear.OutFeatures != t.OutFeatures)
                     throw new InvalidOperationException($"plan target {t.ModuleName}: plan [{t.OutFeatures},{t.InFeatures}] vs runtime [{linear.OutFeatures},{linear.InFeatures}].");
-                var (a, b) = InitFactors(config, t.R, t.InFeatures, t.OutFeatures, linear.weight.device, gen);
+                var (a, b) = InitFactors(eff.InitLoraWeights, t.R, t.R, t.InFeatures, t.OutFeatures, linear.weight.device, gen);
                 LoraWrapper w = t.Dora
                     ? new DoraLinear(linear, adapterName, a, b, t.Scaling, t.R, eff.LoraDropout)
                     : new LoraLinear(linear, adapterName, a, b, t.Scaling, t.R, eff.LoraDropout);
@@ -84,7 +83,7 @@ public static partial class LoraInjector
                 ?? throw new InvalidOperationException($"plan target {t.Name}: the runtime module has no parameter '{pname}'.");
             if (!p.shape.SequenceEqual(t.BaseShape))
                 throw new InvalidOperationException($"plan target {t.Name}: plan shape [{string.Join(",", t.BaseShape)}] vs runtime [{string.Join(",", p.shape)}].");
-            var (pa, pb) = InitFactors(config, (int)(t.R * t.NumExperts), t.InFeatures, t.OutFeatures, p.device, gen);
+            var (pa, pb) = InitFactors(eff.InitLoraWeights, t.R, (int)(t.R * t.NumExperts), t.InFeatures, t.OutFeatures, p.device, gen);
             LoraWrapper pw = p.dim() switch
             {
                 3 when owner is ExpertsBase experts => new ParamLora(inner, experts, pname, adapterName, pa, pb, t.Scaling, t.R),
@@ -99,7 +98,7 @@ public static partial class LoraInjector
         }
         if (wrappers.Count == 0) throw new InvalidOperationException("the adapter plan has no targets.");
         CheckAgainstPlan(model, plan);
-        return new InjectedAdapter(adapterName, config, wrappers) { Plan = plan };
+        return new InjectedAdapter(adapterName, plan, eff.ToAdapterConfigJson(baseModelNameOrPath), wrappers);
     }
 
     static int Depth(string wrapperPath, string module) =>

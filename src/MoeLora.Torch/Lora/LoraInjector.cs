@@ -8,11 +8,12 @@ using static TorchSharp.torch;
 namespace MoeLora.Torch.Lora;
 
 /// <summary>What one injection created, in PEFT's run-time names (<c>base_model.model.</c> prefix, adapter infix).</summary>
-public sealed record InjectedAdapter(string AdapterName, LoraConfig Config, IReadOnlyList<(string Module, LoraWrapper Wrapper)> Wrappers)
+/// <param name="Plan">Core's plan the adapters were injected from (the single source of matching).</param>
+/// <param name="ConfigJson">The adapter_config.json <see cref="LoraInjector.SavePeftAdapter"/> writes: the loaded file
+/// as PEFT wrote it, or the plan's effective config for new adapters.</param>
+public sealed record InjectedAdapter(string AdapterName, MoeLora.Core.Peft.AdapterPlan Plan, JsonObject ConfigJson,
+    IReadOnlyList<(string Module, LoraWrapper Wrapper)> Wrappers)
 {
-    /// <summary>Core's plan when the adapter was injected from one (then <see cref="Config"/> is PEFT's effective config).</summary>
-    public MoeLora.Core.Peft.AdapterPlan? Plan { get; init; }
-
     /// <summary>
     /// The plan of the whole model when a truncated one is trained (circuit breakers keep blocks 0..max target):
     /// PEFT on the whole model wraps the fused experts of every block (target_parameters ignore layers_to_transform),
@@ -22,82 +23,32 @@ public sealed record InjectedAdapter(string AdapterName, LoraConfig Config, IRea
 }
 
 /// <summary>
-/// Injects LoRA the way PEFT 0.21 does for a LoraConfig: modules matched by target_modules become <c>lora.Linear</c>
-/// wrappers (names gain <c>base_layer.</c>); 3-D expert parameters matched by target_parameters get nested
-/// <c>ParamWrapper</c>s in registration order (for v5 experts: <c>experts.base_layer.lora_*</c> = gate_up_proj,
-/// <c>experts.lora_*</c> = down_proj). Base weights stay frozen; only adapter weights require gradients.
+/// PEFT 0.21's LoRA injection, driven by Core's <see cref="MoeLora.Core.Peft.AdapterPlan"/> (see LoraInjector.Plan.cs):
+/// modules become <c>lora.Linear</c> wrappers (names gain <c>base_layer.</c>); parameters get nested
+/// <c>ParamWrapper</c>s (for v5 experts: <c>experts.base_layer.lora_*</c> = gate_up_proj, <c>experts.lora_*</c> =
+/// down_proj). Base weights stay frozen; only adapter weights require gradients. PEFT adapter folders load through
+/// the same plan (their adapter_config.json parsed by Core's LoraConfig) and save with PEFT's keys.
 /// </summary>
 public static partial class LoraInjector
 {
     public const string PeftPrefix = "base_model.model.";
 
-    public static InjectedAdapter Inject(CausalLm model, LoraConfig config, string adapterName = "default", long seed = 0)
-    {
-        if (config.UseDora) throw new NotSupportedException("use_dora=true is not supported yet by MoeLora.Torch.");
-        var gen = new Generator((ulong)seed);
-        var wrappers = new List<(string, LoraWrapper)>();
-        var modules = model.NamedModules().ToList(); // snapshot before replacement, as PEFT
-        var parents = new Dictionary<HfModule, (HfModule Parent, string Child)>(ReferenceEqualityComparer.Instance);
-        foreach (var (_, m) in modules) foreach (var (n, c) in m.Children) parents[c] = (m, n);
-
-        if (config.TargetModules.Count > 0 || config.TargetModulesRegex is not null)
-        {
-            foreach (var (key, module) in modules)
-            {
-                if (key.Length == 0 || !config.MatchesModule(key)) continue;
-                if (module is not Linear linear)
-                    throw new NotSupportedException($"Target module {key} ({module.GetType().Name}) is not supported: LoRA targets must be Linear layers (PEFT raises the same).");
-                int r = config.RankFor(key);
-                var (a, b) = InitFactors(config, r, linear.InFeatures, linear.OutFeatures, linear.weight.device, gen);
-                var w = new LoraLinear(linear, adapterName, a, b, config.Scaling(key), r, config.Dropout);
-                var (parent, child) = parents[module];
-                parent.ReplaceChild(child, w);
-                wrappers.Add((key, w));
-            }
-        }
-
-        if (config.TargetParameters.Count > 0)
-        {
-            if (config.Dropout != 0) throw new NotSupportedException("lora_dropout != 0 with target_parameters is rejected by PEFT (ParamWrapper).");
-            foreach (var (key, module) in modules)
-            {
-                if (module is not ExpertsBase experts) continue;
-                HfModule current = experts;
-                foreach (var (pname, p) in experts.DirectParameters)
-                {
-                    var pkey = $"{key}.{pname}";
-                    if (!config.MatchesParameter(pkey)) continue;
-                    if (p.dim() != 3) throw new NotSupportedException($"{pkey}: only 3-D expert parameters are supported as target_parameters.");
-                    int r = config.RankFor(pkey);
-                    var (inF, outF) = ParamLora.Features(p, experts.IsTransposed);
-                    var (a, b) = InitFactors(config, r * (int)experts.NumExperts, inF, outF, p.device, gen);
-                    var (parent, child) = parents[current];
-                    var w = new ParamLora(current, experts, pname, adapterName, a, b, config.Scaling(pkey), r);
-                    parent.ReplaceChild(child, w);
-                    parents[w] = (parent, child);
-                    current = w;
-                    wrappers.Add((key, w));
-                }
-            }
-            // Non-expert parameters (e.g. a router's gate.weight) would need a 2-D ParamWrapper: refuse rather than skip.
-            foreach (var (key, module) in modules)
-                if (module is not ExpertsBase && key.Length > 0)
-                    foreach (var (pname, _) in module.DirectParameters)
-                        if (config.MatchesParameter($"{key}.{pname}"))
-                            throw new NotSupportedException($"target_parameters on {key}.{pname} is not supported yet (expert parameters only).");
-        }
-        if (wrappers.Count == 0)
-            throw new InvalidOperationException("No module or parameter matched target_modules / target_parameters (PEFT raises the same).");
-        return new InjectedAdapter(adapterName, config, wrappers);
-    }
-
     // PEFT: A, B are nn.Linear(in, r) / nn.Linear(r, out), fp32. init True: A kaiming-uniform(a=√5) = U(±1/√in), B = 0;
     // False: both keep nn.Linear's default U(±1/√fan_in); "gaussian": A ~ N(0, 1/r), B = 0.
-    static (Tensor A, Tensor B) InitFactors(LoraConfig c, int rows, long inF, long outF, Device device, Generator gen)
+    static (Tensor A, Tensor B) InitFactors(JsonNode? initLoraWeights, int r, int rows, long inF, long outF, Device device, Generator gen)
     {
+        var init = initLoraWeights switch
+        {
+            JsonValue v when v.TryGetValue<bool>(out var flag) => flag ? "true" : "false",
+            JsonValue v when v.TryGetValue<string>(out var method) => method,
+            null => "true",
+            _ => throw new NotSupportedException($"init_lora_weights={initLoraWeights.ToJsonString()} is not supported by MoeLora.Torch."),
+        };
+        if (init is not ("true" or "false" or "gaussian"))
+            throw new NotSupportedException($"init_lora_weights='{init}' is not supported by MoeLora.Torch (true, false or gaussian).");
         Tensor Uniform(long o, long i) => (rand([o, i], generator: gen) * 2 - 1) / Math.Sqrt(i);
-        Tensor a = c.InitLoraWeights == "gaussian" ? normal(0, 1.0 / c.R, [rows, inF], generator: gen) : Uniform(rows, inF);
-        Tensor b = c.InitLoraWeights == "false" ? Uniform(outF, rows) : zeros(outF, rows);
+        Tensor a = init == "gaussian" ? normal(0, 1.0 / r, [rows, inF], generator: gen) : Uniform(rows, inF);
+        Tensor b = init == "false" ? Uniform(outF, rows) : zeros(outF, rows);
         return (a.to(device), b.to(device));
     }
 
@@ -131,9 +82,9 @@ public static partial class LoraInjector
         if (!File.Exists(cfgPath)) throw new FileNotFoundException($"{cfgPath} not found.");
         if (!File.Exists(weights)) throw new FileNotFoundException($"{weights} not found (adapter_model.bin is not supported).");
         var json = File.ReadAllText(cfgPath);
-        var config = LoraConfig.Parse(json);
-        // DoRA is injected through Core's plan (the config-driven path covers PEFT's Linear and ParamWrapper only).
-        var injected = config.UseDora ? Inject(model, Plan(model, json, cfgPath), adapterName) : Inject(model, config, adapterName);
+        var file = JsonNode.Parse(json) as JsonObject ?? throw new InvalidDataException($"{cfgPath} must hold a JSON object.");
+        // Core plans the saved config (already PEFT's effective config: its MoE rewrite finds nothing left to move).
+        var injected = Inject(model, Plan(model, json, cfgPath), adapterName) with { ConfigJson = file };
         var tensors = Safetensors.Load(weights);
         try
         {
@@ -179,7 +130,7 @@ public static partial class LoraInjector
         }
         Safetensors.Save(Path.Combine(dir, "adapter_model.safetensors"), tensors, new Dictionary<string, string> { ["format"] = "pt" });
         foreach (var t in untrained) t.Dispose();
-        var json = (JsonObject)adapter.Config.Json.DeepClone();
+        var json = (JsonObject)adapter.ConfigJson.DeepClone();
         json["inference_mode"] = true; // PEFT sets this when saving
         File.WriteAllText(Path.Combine(dir, "adapter_config.json"), json.ToJsonString(new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));
     }

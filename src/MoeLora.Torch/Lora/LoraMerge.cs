@@ -1,4 +1,4 @@
-using System.Text.RegularExpressions;
+using MoeLora.Core.Modules;
 using MoeLora.Torch.IO;
 using MoeLora.Torch.Models;
 using TorchSharp;
@@ -9,14 +9,12 @@ namespace MoeLora.Torch.Lora;
 /// <summary>
 /// PEFT's <c>merge_and_unload()</c> for an injected model: every enabled adapter's ΔW is folded into its base weight
 /// (Linear: W + s·BA; DoRA: (m/‖W+s·BA‖)·(W+s·BA); fused experts: W + ΔW per expert; 2-D parameters: W + s·BA),
-/// and the result is written as a checkpoint in the <em>source checkpoint's</em> Hub layout: the same files (shards
-/// and index), keys and dtypes, per-expert tensors sliced back out of the fused ones, other files copied.
+/// and the result is written as a checkpoint in the <em>source checkpoint's</em> own layout: the same files (shards
+/// and index), keys and dtypes, per-expert tensors sliced back out of the fused ones as Core's
+/// <see cref="CheckpointLayout"/> maps them, other files copied.
 /// </summary>
-public static partial class LoraMerge
+public static class LoraMerge
 {
-    [GeneratedRegex(@"^(?<prefix>.*\.experts)\.(?<e>\d+)\.(?<w>gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")]
-    private static partial Regex PerExpert();
-
     /// <summary>The merged model's state under the base model's runtime names (no <c>base_layer.</c>, no LoRA tensors).</summary>
     public static Dictionary<string, Tensor> MergedState(CausalLm model)
     {
@@ -45,9 +43,17 @@ public static partial class LoraMerge
     public static void SaveHubCheckpoint(CausalLm model, string checkpointDir, string outDir)
     {
         var configJson = File.ReadAllText(Path.Combine(checkpointDir, "config.json"));
-        if (ModelConfig.Parse(configJson).NumLayers != model.NumLayers)
-            throw new InvalidOperationException($"the model has {model.NumLayers} blocks but {checkpointDir} has {ModelConfig.Parse(configJson).NumLayers}: merge needs the whole model.");
-        var renames = TorchModelFactory.FamilyFor(configJson).HubRenames.ToList();
+        long layers = TorchModelFactory.Spec(configJson).NumHiddenLayers;
+        if (layers != model.NumLayers)
+            throw new InvalidOperationException($"the model has {model.NumLayers} blocks but {checkpointDir} has {layers}: merge needs the whole model.");
+        // Checkpoint tensor → (runtime tensor, expert slice) for tensors stored under the other layout's names.
+        var storedAs = new Dictionary<string, (string Runtime, int Expert, long RowOffset, long Rows)>(StringComparer.Ordinal);
+        foreach (var (runtime, alt) in CheckpointLayout.For(model.Spec)?.Alternatives ?? new Dictionary<string, CheckpointLayout.Alternative>())
+        {
+            if (alt.IsSliceOfFused) continue;
+            if (alt.IsStack) foreach (var (part, expert, offset) in alt.Pieces()) storedAs[part.Name] = (runtime, expert, offset, part.Shape[0]);
+            else storedAs[alt.Parts[0].Name] = (runtime, -1, 0, 0);
+        }
         var state = MergedState(model);
         var used = new HashSet<string>(StringComparer.Ordinal);
         var files = CheckpointLoader.Files(checkpointDir);
@@ -63,28 +69,11 @@ public static partial class LoraMerge
             using var scope = NewDisposeScope();
             foreach (var e in entries)
             {
-                var n = e.Name;
-                foreach (var (from, to) in renames) n = n.Replace(from, to, StringComparison.Ordinal);
                 Tensor value;
-                var m = PerExpert().Match(n);
-                if (m.Success)
-                {
-                    var prefix = m.Groups["prefix"].Value;
-                    long ex = long.Parse(m.Groups["e"].Value);
-                    switch (m.Groups["w"].Value)
-                    {
-                        case "gate_proj" or "w1" or "up_proj" or "w3":
-                            var gu = Get($"{prefix}.gate_up_proj")[ex];
-                            long inter = gu.shape[0] / 2;
-                            bool gate = m.Groups["w"].Value is "gate_proj" or "w1";
-                            value = gu.narrow(0, gate ? 0 : inter, inter);
-                            break;
-                        default:
-                            value = Get($"{prefix}.down_proj")[ex];
-                            break;
-                    }
-                }
-                else value = Get(n);
+                if (state.ContainsKey(e.Name)) value = Get(e.Name);
+                else if (storedAs.TryGetValue(e.Name, out var at))
+                    value = at.Expert < 0 ? Get(at.Runtime) : Get(at.Runtime)[at.Expert].narrow(0, at.RowOffset, at.Rows);
+                else throw new InvalidDataException($"the checkpoint's {e.Name} has no counterpart in the merged model.");
                 if (!value.shape.SequenceEqual(e.Shape))
                     throw new InvalidDataException($"{e.Name}: merged shape [{string.Join(",", value.shape)}] differs from the checkpoint's [{string.Join(",", e.Shape)}].");
                 tensors.Add(new(e.Name, value.to(e.ScalarType).contiguous()));
@@ -100,7 +89,7 @@ public static partial class LoraMerge
         Tensor Get(string runtimeName)
         {
             if (!state.TryGetValue(runtimeName, out var t))
-                throw new InvalidDataException($"the checkpoint's {runtimeName} has no counterpart in the merged model.");
+                throw new InvalidDataException($"the checkpoint stores {runtimeName}, which the merged model does not have.");
             used.Add(runtimeName);
             return t;
         }

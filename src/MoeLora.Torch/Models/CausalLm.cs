@@ -1,3 +1,5 @@
+using MoeLora.Core.Architectures;
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Torch.Nn;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -22,12 +24,18 @@ public sealed class CausalLmOutput : IDisposable
 
 /// <summary>
 /// <c>XForCausalLM</c>: <c>model.embed_tokens</c>, <c>model.layers.{i}</c>, <c>model.norm</c>, <c>model.rotary_emb</c>,
-/// then <c>lm_head</c>. Families supply the decoder layers; this class runs the shared forward.
+/// then <c>lm_head</c>, built by <see cref="ModelBuilder"/> from Core's <see cref="ModelSpec.Runtime"/>; this class
+/// runs the shared forward.
 /// </summary>
 public sealed class CausalLm : HfModule, IDisposable
 {
-    public ModelConfig Config { get; }
-    public string ModelType => Config.ModelType;
+    /// <summary>Core's description of this model (config, v5 tree, MoE facts, runtime settings).</summary>
+    public ModelSpec Spec { get; }
+    public DecoderRuntime Runtime { get; }
+    public string ModelType => Spec.ModelType;
+    public long VocabSize => Runtime.VocabSize;
+    /// <summary>The config.json this model was built from (truncation included), e.g. for Core's AdapterPlan.</summary>
+    public string ConfigJson => Spec.Config.Json.ToJsonString();
     public ScalarType DType { get; }
     public Device Device { get; }
     readonly Embedding _embed;
@@ -35,18 +43,18 @@ public sealed class CausalLm : HfModule, IDisposable
     readonly RmsNorm _norm;
     readonly Linear _lmHead;
 
-    internal CausalLm(ModelConfig config, Init init, Func<int, DecoderLayer> layer, RmsNorm norm)
+    internal CausalLm(ModelSpec spec, DecoderRuntime runtime, Init init, Func<int, DecoderLayer> layer)
     {
-        Config = config; DType = init.DType; Device = init.Device;
+        Spec = spec; Runtime = runtime; DType = init.DType; Device = init.Device;
         var model = AddChild("model", new Container());
-        _embed = model.Add("embed_tokens", new Embedding(config.VocabSize, config.HiddenSize, init));
+        _embed = model.Add("embed_tokens", new Embedding(runtime.VocabSize, runtime.HiddenSize, init));
         var layers = model.Add("layers", new Container());
         _layers = [];
-        for (int i = 0; i < config.NumLayers; i++) _layers.Add(layers.Add(i.ToString(), layer(i)));
-        _norm = model.Add("norm", norm);
+        for (int i = 0; i < runtime.Layers.Count; i++) _layers.Add(layers.Add(i.ToString(System.Globalization.CultureInfo.InvariantCulture), layer(i)));
+        _norm = model.Add("norm", new RmsNorm(runtime.HiddenSize, runtime.FinalNorm, init));
         model.Add("rotary_emb", new Container()); // parameter-free, present in named_modules as in transformers
-        _lmHead = AddChild("lm_head", new Linear(config.HiddenSize, config.VocabSize, false, init));
-        if (config.TieWordEmbeddings) _lmHead.TieTo(_embed.weight);
+        _lmHead = AddChild("lm_head", new Linear(runtime.HiddenSize, runtime.VocabSize, false, init));
+        if (runtime.TieWordEmbeddings) _lmHead.TieTo(_embed.weight);
     }
 
     public int NumLayers => _layers.Count;

@@ -1,5 +1,6 @@
 using System.Text.Json.Nodes;
 using System.Text.RegularExpressions;
+using MoeLora.Core.Modules;
 using MoeLora.Torch.IO;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -7,16 +8,14 @@ using static TorchSharp.torch;
 namespace MoeLora.Torch.Models;
 
 /// <summary>
-/// Reads a Hub-layout checkpoint (single <c>model.safetensors</c> or sharded via <c>model.safetensors.index.json</c>)
-/// and converts it to transformers-v5 runtime names: per-expert <c>experts.{e}.(gate|up|down)_proj</c> or Mixtral
-/// <c>w1/w3/w2</c> are stacked into <c>experts.gate_up_proj [E,2I,H]</c> = cat(gate, up) on dim 1 and
-/// <c>experts.down_proj [E,H,I]</c>. Files already in the fused layout pass through.
+/// Reads a checkpoint (single <c>model.safetensors</c> or sharded via <c>model.safetensors.index.json</c>) into a
+/// model. Each runtime tensor is taken under its own (transformers-5) name, or as Core's <see cref="CheckpointLayout"/>
+/// says the checkpoint layout stores it: renamed, or as per-expert tensors stacked into a fused parameter
+/// (<c>gate_up_proj[e] = cat(gate_e, up_e)</c>, <c>down_proj[e] = down_e</c>). Either layout, or a mix per tensor,
+/// loads.
 /// </summary>
 public static partial class CheckpointLoader
 {
-    [GeneratedRegex(@"^(?<prefix>.*\.experts)\.(?<e>\d+)\.(?<w>gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")]
-    private static partial Regex PerExpert();
-
     /// <summary>The checkpoint's files, checking every shard the index names exists before anything is read.</summary>
     public static IReadOnlyList<string> Files(string dir)
     {
@@ -35,74 +34,96 @@ public static partial class CheckpointLoader
         throw new FileNotFoundException($"No model.safetensors or model.safetensors.index.json in {dir}.");
     }
 
-    /// <summary>Loads all tensors and returns them under runtime names.</summary>
-    internal static Dictionary<string, Tensor> LoadRuntime(string dir, IModelFamily family)
+    /// <summary>
+    /// Where a runtime tensor is stored: its own name, else the single renamed tensor or all per-expert parts of
+    /// <paramref name="layout"/>'s alternative; null when <paramref name="has"/> finds neither.
+    /// </summary>
+    internal static (IReadOnlyList<string> Names, CheckpointLayout.Alternative? Alternative)? Stored(string runtimeName,
+        CheckpointLayout? layout, Func<string, bool> has)
     {
-        var raw = new Dictionary<string, Tensor>(StringComparer.Ordinal);
-        foreach (var f in Files(dir))
-            foreach (var (k, v) in Safetensors.Load(f)) raw[k] = v;
-        return ToRuntime(raw, family.HubRenames);
-    }
-
-    internal static Dictionary<string, Tensor> ToRuntime(Dictionary<string, Tensor> raw, IEnumerable<(string From, string To)> renames)
-    {
-        var renamed = new Dictionary<string, Tensor>(StringComparer.Ordinal);
-        foreach (var (k, v) in raw)
-        {
-            var n = k;
-            foreach (var (from, to) in renames) n = n.Replace(from, to, StringComparison.Ordinal);
-            renamed[n] = v;
-        }
-        var result = new Dictionary<string, Tensor>(StringComparer.Ordinal);
-        var groups = new Dictionary<string, SortedDictionary<int, Dictionary<string, Tensor>>>(StringComparer.Ordinal);
-        foreach (var (k, v) in renamed)
-        {
-            var m = PerExpert().Match(k);
-            if (!m.Success) { result[k] = v; continue; }
-            var prefix = m.Groups["prefix"].Value;
-            if (!groups.TryGetValue(prefix, out var byExpert)) groups[prefix] = byExpert = [];
-            int e = int.Parse(m.Groups["e"].Value);
-            if (!byExpert.TryGetValue(e, out var w)) byExpert[e] = w = [];
-            w[m.Groups["w"].Value switch { "w1" => "gate_proj", "w3" => "up_proj", "w2" => "down_proj", var x => x }] = v;
-        }
-        foreach (var (prefix, byExpert) in groups)
-        {
-            var ids = byExpert.Keys.ToList();
-            if (ids[0] != 0 || ids[^1] != ids.Count - 1)
-                throw new InvalidDataException($"{prefix}: expert indices are not contiguous from 0 ({string.Join(",", ids)}).");
-            Tensor Get(int e, string w) => byExpert[e].TryGetValue(w, out var t) ? t
-                : throw new InvalidDataException($"{prefix}.{e}.{w}.weight is missing from the checkpoint.");
-            result[$"{prefix}.gate_up_proj"] = stack(ids.Select(e => cat([Get(e, "gate_proj"), Get(e, "up_proj")], 0)).ToArray(), 0);
-            result[$"{prefix}.down_proj"] = stack(ids.Select(e => Get(e, "down_proj")).ToArray(), 0);
-        }
-        return result;
+        if (has(runtimeName)) return ([runtimeName], null);
+        if (layout?.For(runtimeName) is not { IsSliceOfFused: false } alt || !alt.Parts.Any(p => has(p.Name))) return null;
+        return (alt.Parts.Select(p => p.Name).ToList(), alt);
     }
 
     /// <summary>
-    /// Copies tensors into the model's state (dtype-converting). Every state entry must be present with the right
-    /// shape, and every tensor must be used: mismatches are reported together, before anything is copied.
+    /// Copies the checkpoint into <paramref name="model"/>'s parameters and buffers (dtype-converting). Every state entry
+    /// must be stored with the right shape and every stored tensor must be used: problems are reported together,
+    /// before anything is copied. <paramref name="skipDeeperLayers"/>: a truncated model ignores the blocks it lacks.
     /// </summary>
-    internal static void Apply(CausalLm model, Dictionary<string, Tensor> tensors)
+    internal static void LoadInto(CausalLm model, string dir, bool skipDeeperLayers)
     {
+        var raw = new Dictionary<string, Tensor>(StringComparer.Ordinal);
+        try
+        {
+            foreach (var f in Files(dir))
+                foreach (var (k, v) in Safetensors.Load(f)) raw[k] = v;
+            if (skipDeeperLayers)
+            {
+                var deeper = new Regex("^" + Regex.Escape(model.Spec.DecoderLayersPath) + @"\.(\d+)\.");
+                foreach (var k in raw.Keys.ToList())
+                    if (deeper.Match(k) is { Success: true } m && int.Parse(m.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture) >= model.NumLayers)
+                    {
+                        raw[k].Dispose();
+                        raw.Remove(k);
+                    }
+            }
+            Apply(model, raw);
+        }
+        finally { foreach (var t in raw.Values) t.Dispose(); }
+    }
+
+    static void Apply(CausalLm model, Dictionary<string, Tensor> raw)
+    {
+        var layout = CheckpointLayout.For(model.Spec);
         // A tied weight appears in the state dict under both names but is stored once (save_pretrained drops the
         // second name); keep the first name of each tensor object.
         var seen = new HashSet<Tensor>(ReferenceEqualityComparer.Instance);
         var all = model.StateDict().ToList();
         var state = all.Where(s => seen.Add(s.Value)).ToList();
-        var tiedNames = all.Select(s => s.Name).Except(state.Select(s => s.Name)).ToHashSet();
+        var tiedNames = all.Select(s => s.Name).Except(state.Select(s => s.Name)).ToHashSet(StringComparer.Ordinal);
         var errors = new List<string>();
+        var consumed = new HashSet<string>(StringComparer.Ordinal);
+        var sources = new List<(Tensor Target, Func<Tensor> Value)>();
         foreach (var (name, t) in state)
         {
-            if (!tensors.TryGetValue(name, out var src)) errors.Add($"missing: {name} {Shape(t)}");
-            else if (!src.shape.SequenceEqual(t.shape)) errors.Add($"shape mismatch: {name} checkpoint {Shape(src)} vs model {Shape(t)}");
+            if (Stored(name, layout, raw.ContainsKey) is not { } stored)
+            {
+                errors.Add($"missing: {name} {Shape(t)}");
+                continue;
+            }
+            var (names, alt) = stored;
+            consumed.UnionWith(names);
+            var absent = names.Where(n => !raw.ContainsKey(n)).ToList();
+            if (absent.Count > 0) { errors.Add($"missing: {absent[0]} (one of the {names.Count} tensors stored for {name})"); continue; }
+            if (alt is { IsStack: true })
+            {
+                var wrong = alt.Parts.FirstOrDefault(p => !raw[p.Name].shape.SequenceEqual(p.Shape));
+                if (wrong is not null) { errors.Add($"shape mismatch: {wrong.Name} checkpoint {Shape(raw[wrong.Name])} vs model [{string.Join(",", wrong.Shape)}]"); continue; }
+                sources.Add((t, () => Stack(alt, raw)));
+            }
+            else
+            {
+                var src = raw[names[0]];
+                if (!src.shape.SequenceEqual(t.shape)) { errors.Add($"shape mismatch: {names[0]} checkpoint {Shape(src)} vs model {Shape(t)}"); continue; }
+                sources.Add((t, () => src));
+            }
         }
-        var known = state.Select(s => s.Name).Concat(tiedNames).ToHashSet();
-        errors.AddRange(tensors.Keys.Where(k => !known.Contains(k)).Select(k => $"unexpected: {k}"));
+        errors.AddRange(raw.Keys.Where(k => !consumed.Contains(k) && !tiedNames.Contains(k)).Select(k => $"unexpected: {k}"));
         if (errors.Count > 0)
             throw new InvalidDataException($"Checkpoint does not match the {model.ModelType} model built from config.json:\n  " + string.Join("\n  ", errors.Take(40)));
         using (no_grad())
-            foreach (var (name, t) in state) t.copy_(tensors[name]);
+            foreach (var (target, value) in sources)
+            {
+                using var scope = NewDisposeScope();
+                target.copy_(value());
+            }
     }
+
+    /// <summary>A fused [E, rows, cols] tensor from its per-expert parts (each expert's parts concatenated on rows).</summary>
+    static Tensor Stack(CheckpointLayout.Alternative alt, IReadOnlyDictionary<string, Tensor> raw) =>
+        stack(alt.Pieces().GroupBy(p => p.Expert).OrderBy(g => g.Key)
+            .Select(g => cat(g.OrderBy(p => p.RowOffset).Select(p => raw[p.Part.Name]).ToArray(), 0)).ToArray(), 0);
 
     static string Shape(Tensor t) => "[" + string.Join(",", t.shape) + "]";
 }

@@ -1,62 +1,46 @@
-using MoeLora.Torch.Models.Families;
+using MoeLora.Core.Architectures;
+using MoeLora.Core.Modules;
 using MoeLora.Torch.Nn;
 using MoeLora.Torch.Runtime;
 using TorchSharp;
 using static TorchSharp.torch;
+using CoreConfig = MoeLora.Core.Config.ModelConfig;
 
 namespace MoeLora.Torch.Models;
 
-/// <summary>Builds models from config.json, with weights from a checkpoint directory or seeded random init.</summary>
+/// <summary>
+/// Builds models from config.json through Core's <see cref="ModelSpec"/> (the family's config reading and runtime
+/// settings), with weights from a checkpoint directory or seeded random init.
+/// </summary>
 public static class TorchModelFactory
 {
-    static readonly Dictionary<string, IModelFamily> Families = new IModelFamily[]
-    {
-        new Llama(), new Qwen2(), new Mistral(), new Qwen3(), new Mixtral(), new Qwen2Moe(), new Qwen3Moe(), new Olmoe(),
-        new Llama4Text(), new DeepseekV3(), new GptOss(),
-    }.ToDictionary(f => f.ModelType);
-
-    public static IReadOnlyCollection<string> SupportedModelTypes => Families.Keys;
+    /// <summary>Core's transformers-5 spec of a config.json; unknown model types are one-line <see cref="Core.Config.ConfigException"/>s.</summary>
+    public static ModelSpec Spec(string configJson) =>
+        ArchitectureRegistry.Build(CoreConfig.Parse(configJson, "config.json"), Layout.V5);
 
     /// <summary>Loads config.json + Hub checkpoint from <paramref name="checkpointDir"/>.</summary>
     public static CausalLm Load(string checkpointDir, ScalarType dtype = ScalarType.Float32, Device? device = null) =>
         Load(File.ReadAllText(Path.Combine(checkpointDir, "config.json")), checkpointDir, dtype, device);
 
-    public static CausalLm Load(string configJson, string checkpointDir, ScalarType dtype = ScalarType.Float32, Device? device = null)
-    {
-        TorchRuntime.EnsureInitialized();
-        CheckDType(dtype);
-        var config = ModelConfig.Parse(configJson);
-        var family = Family(config);
-        CheckpointLoader.Files(checkpointDir); // fail on missing shards before building anything
-        var model = family.Build(config, new Init(dtype, device ?? CPU, config.InitializerRange, null));
-        var tensors = CheckpointLoader.LoadRuntime(checkpointDir, family);
-        try { CheckpointLoader.Apply(model, tensors); }
-        finally { foreach (var t in tensors.Values) t.Dispose(); }
-        return model;
-    }
+    public static CausalLm Load(string configJson, string checkpointDir, ScalarType dtype = ScalarType.Float32, Device? device = null) =>
+        LoadWith(configJson, checkpointDir, dtype, device, truncated: false);
 
     /// <summary>
     /// Loads only decoder blocks 0..<paramref name="numLayers"/>-1 (config.num_hidden_layers = numLayers), as the
     /// circuit-breaker reference truncates the model to max(target_layers)+1 blocks; the final norm and lm_head are kept.
     /// </summary>
-    public static CausalLm LoadTruncated(string checkpointDir, int numLayers, ScalarType dtype = ScalarType.Float32, Device? device = null)
+    public static CausalLm LoadTruncated(string checkpointDir, int numLayers, ScalarType dtype = ScalarType.Float32, Device? device = null) =>
+        LoadWith(TruncateConfig(File.ReadAllText(Path.Combine(checkpointDir, "config.json")), numLayers), checkpointDir, dtype, device, truncated: true);
+
+    static CausalLm LoadWith(string configJson, string checkpointDir, ScalarType dtype, Device? device, bool truncated)
     {
         TorchRuntime.EnsureInitialized();
         CheckDType(dtype);
-        var configJson = TruncateConfig(File.ReadAllText(Path.Combine(checkpointDir, "config.json")), numLayers);
-        var config = ModelConfig.Parse(configJson);
-        var family = Family(config);
-        CheckpointLoader.Files(checkpointDir);
-        var model = family.Build(config, new Init(dtype, device ?? CPU, config.InitializerRange, null));
-        var tensors = CheckpointLoader.LoadRuntime(checkpointDir, family);
-        try
-        {
-            var layer = new System.Text.RegularExpressions.Regex(@"^model\.layers\.(\d+)\.");
-            foreach (var k in tensors.Keys.ToList())
-                if (layer.Match(k) is { Success: true } m && int.Parse(m.Groups[1].Value) >= numLayers) { tensors[k].Dispose(); tensors.Remove(k); }
-            CheckpointLoader.Apply(model, tensors);
-        }
-        finally { foreach (var t in tensors.Values) t.Dispose(); }
+        var spec = Spec(configJson);
+        spec.RequireRuntime();
+        CheckpointLoader.Files(checkpointDir); // fail on missing shards before building anything
+        var model = ModelBuilder.Build(spec, new Init(dtype, device ?? CPU, spec.Runtime!.InitializerRange, null));
+        CheckpointLoader.LoadInto(model, checkpointDir, skipDeeperLayers: truncated);
         return model;
     }
 
@@ -78,16 +62,10 @@ public static class TorchModelFactory
     {
         TorchRuntime.EnsureInitialized();
         CheckDType(dtype);
-        var config = ModelConfig.Parse(configJson);
+        var spec = Spec(configJson);
         var gen = new Generator((ulong)seed);
-        return Family(config).Build(config, new Init(dtype, device ?? CPU, config.InitializerRange, gen));
+        return ModelBuilder.Build(spec, new Init(dtype, device ?? CPU, spec.RequireRuntime().InitializerRange, gen));
     }
-
-    internal static IModelFamily FamilyFor(string configJson) => Family(ModelConfig.Parse(configJson));
-
-    static IModelFamily Family(ModelConfig c) =>
-        Families.TryGetValue(c.ModelType, out var f) ? f
-            : throw new NotSupportedException($"model_type '{c.ModelType}' is not supported (supported: {string.Join(", ", Families.Keys)}).");
 
     static void CheckDType(ScalarType t)
     {

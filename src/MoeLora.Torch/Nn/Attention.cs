@@ -1,9 +1,7 @@
+using MoeLora.Core.Architectures.Runtime;
 using static TorchSharp.torch;
 
 namespace MoeLora.Torch.Nn;
-
-/// <summary>Which keys a query may see, beyond causality and padding.</summary>
-public enum MaskKind { Full, Sliding, Chunked }
 
 /// <summary>Per-forward state shared by the layers: positions, masks, rotary tables, collected router logits.</summary>
 public sealed class ForwardContext
@@ -18,6 +16,8 @@ public sealed class ForwardContext
     /// Additive float mask [B, 1, S, S]: 0 where allowed, the dtype's minimum elsewhere (as transformers' eager path).
     /// Fully masked query rows (left padding) then get a uniform, finite softmax; their outputs carry no meaning.
     /// </summary>
+    public Tensor Mask(MaskSettings mask) => Mask(mask.Kind, mask.Window);
+
     public Tensor Mask(MaskKind kind, long window = 0)
     {
         if (_masks.TryGetValue((kind, window), out var m)) return m;

@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using static TorchSharp.torch;
 
 namespace MoeLora.Torch.Nn;
@@ -29,12 +30,11 @@ public sealed class DecoderLayer : HfModule
     }
 }
 
-public enum QkNorm { None, PerHead, Full }
-
 /// <summary>
-/// Standard GQA self-attention (Llama, Qwen3, Mixtral, Qwen-MoE, OLMoE, gpt-oss): q/k/v/o projections,
-/// optional q/k RMSNorm (per head: Qwen3; over the whole projection: OLMoE), rotary (half rotation),
-/// causal/sliding mask and optional attention sinks (gpt-oss, a direct parameter registered first).
+/// Standard GQA self-attention (<see cref="StandardAttentionSettings"/>: Llama, Qwen, Mixtral, OLMoE, GLM-4.5, gpt-oss):
+/// q/k/v/o projections, optional q/k RMSNorm (per head or over the whole projection), rotary by rotating halves on
+/// the first RotaryDim dims of each head, causal/sliding mask and optional attention sinks (a direct parameter
+/// registered first).
 /// </summary>
 public sealed class StandardAttention : HfModule, IBlock
 {
@@ -44,52 +44,53 @@ public sealed class StandardAttention : HfModule, IBlock
     public Linear o_proj { get; }
     readonly RmsNorm? _qNorm, _kNorm;
     readonly Parameter? _sinks;
-    readonly long _heads, _kvHeads, _headDim;
-    readonly QkNorm _qkNorm;
-    readonly MaskKind _maskKind;
-    readonly long _window;
-    readonly Func<ForwardContext, (Tensor, Tensor)> _rope;
+    readonly StandardAttentionSettings _s;
+    readonly Rotary _rope;
 
-    public sealed record Options(bool QkvBias, bool OBias, QkNorm QkNorm, bool Sinks, MaskKind Mask, long Window);
-
-    public StandardAttention(Models.ModelConfig c, Options o, Init init, Func<ForwardContext, (Tensor Cos, Tensor Sin)> rope)
+    public StandardAttention(long hidden, StandardAttentionSettings s, Rotary rope, Init init)
     {
-        long h = c.HiddenSize;
-        _heads = c.NumHeads; _kvHeads = c.NumKvHeads; _headDim = c.HeadDim;
-        _qkNorm = o.QkNorm; _maskKind = o.Mask; _window = o.Window; _rope = rope;
-        if (o.Sinks) _sinks = AddParameter("sinks", init.Normal(_heads));
-        q_proj = AddChild("q_proj", new Linear(h, _heads * _headDim, o.QkvBias, init));
-        k_proj = AddChild("k_proj", new Linear(h, _kvHeads * _headDim, o.QkvBias, init));
-        v_proj = AddChild("v_proj", new Linear(h, _kvHeads * _headDim, o.QkvBias, init));
-        o_proj = AddChild("o_proj", new Linear(_heads * _headDim, h, o.OBias, init));
-        if (o.QkNorm == QkNorm.PerHead)
+        _s = s; _rope = rope;
+        if (s.Sinks) _sinks = AddParameter("sinks", init.Normal(s.Heads));
+        q_proj = AddChild("q_proj", new Linear(hidden, s.Heads * s.HeadDim, s.QkvBias, init));
+        k_proj = AddChild("k_proj", new Linear(hidden, s.KvHeads * s.HeadDim, s.QkvBias, init));
+        v_proj = AddChild("v_proj", new Linear(hidden, s.KvHeads * s.HeadDim, s.QkvBias, init));
+        o_proj = AddChild("o_proj", new Linear(s.Heads * s.HeadDim, hidden, s.OBias, init));
+        if (s.QkNorm == QkNormKind.PerHead)
         {
-            _qNorm = AddChild("q_norm", new RmsNorm(_headDim, c.RmsEps, init));
-            _kNorm = AddChild("k_norm", new RmsNorm(_headDim, c.RmsEps, init));
+            _qNorm = AddChild("q_norm", new RmsNorm(s.HeadDim, s.QkNormEps, init));
+            _kNorm = AddChild("k_norm", new RmsNorm(s.HeadDim, s.QkNormEps, init));
         }
-        else if (o.QkNorm == QkNorm.Full)
+        else if (s.QkNorm == QkNormKind.Full)
         {
-            _qNorm = AddChild("q_norm", new RmsNorm(_heads * _headDim, c.RmsEps, init));
-            _kNorm = AddChild("k_norm", new RmsNorm(_kvHeads * _headDim, c.RmsEps, init));
+            _qNorm = AddChild("q_norm", new RmsNorm(s.Heads * s.HeadDim, s.QkNormEps, init));
+            _kNorm = AddChild("k_norm", new RmsNorm(s.KvHeads * s.HeadDim, s.QkNormEps, init));
         }
     }
 
     public Tensor Forward(Tensor x, ForwardContext ctx)
     {
-        long b = x.shape[0], s = x.shape[1];
+        long b = x.shape[0], s = x.shape[1], d = _s.HeadDim;
         var q = q_proj.Forward(x);
         var k = k_proj.Forward(x);
         var v = v_proj.Forward(x);
-        if (_qkNorm == QkNorm.Full) { q = _qNorm!.Forward(q); k = _kNorm!.Forward(k); }
-        q = q.view(b, s, -1, _headDim);
-        k = k.view(b, s, -1, _headDim);
-        if (_qkNorm == QkNorm.PerHead) { q = _qNorm!.Forward(q); k = _kNorm!.Forward(k); }
+        if (_s.QkNorm == QkNormKind.Full) { q = _qNorm!.Forward(q); k = _kNorm!.Forward(k); }
+        q = q.view(b, s, -1, d);
+        k = k.view(b, s, -1, d);
+        if (_s.QkNorm == QkNormKind.PerHead) { q = _qNorm!.Forward(q); k = _kNorm!.Forward(k); }
         q = q.transpose(1, 2); k = k.transpose(1, 2);
-        v = v.view(b, s, -1, _headDim).transpose(1, 2);
-        var (cos, sin) = _rope(ctx);
-        q = Rotary.ApplyHalf(q, cos, sin);
-        k = Rotary.ApplyHalf(k, cos, sin);
-        var o = AttentionMath.Eager(q, k, v, ctx.Mask(_maskKind, _window), Math.Pow(_headDim, -0.5), _sinks);
+        v = v.view(b, s, -1, d).transpose(1, 2);
+        var (cos, sin) = _rope.CosSin(ctx.Positions, ctx.DType);
+        q = Rotate(q, cos, sin);
+        k = Rotate(k, cos, sin);
+        var o = AttentionMath.Eager(q, k, v, ctx.Mask(_s.Mask), Math.Pow(d, -0.5), _sinks);
         return o_proj.Forward(o);
+    }
+
+    // Partial rotary (GLM-4.5): rotate the first RotaryDim dims, pass the rest through.
+    Tensor Rotate(Tensor x, Tensor cos, Tensor sin)
+    {
+        if (_s.RotaryDim == _s.HeadDim) return Rotary.ApplyHalf(x, cos, sin);
+        var parts = x.split([_s.RotaryDim, _s.HeadDim - _s.RotaryDim], -1);
+        return cat([Rotary.ApplyHalf(parts[0], cos, sin), parts[1]], -1);
     }
 }

@@ -59,6 +59,9 @@ public sealed class RmsNorm : HfModule
         weight = AddParameter("weight", init.Ones(size));
     }
 
+    public RmsNorm(long size, Core.Architectures.Runtime.NormSettings norm, Init init)
+        : this(size, norm.Eps, init, norm.Kind == Core.Architectures.Runtime.NormKind.RmsWeightInFp32) { }
+
 
     public Tensor Forward(Tensor x)
     {
@@ -105,6 +108,9 @@ public sealed class GatedMlp : HfModule, IBlock
     public Linear up_proj { get; }
     public Linear down_proj { get; }
     readonly Activation _act;
+
+    public GatedMlp(long hidden, Core.Architectures.Runtime.GatedMlpSettings s, Init init)
+        : this(hidden, s.Intermediate, s.Act, init, s.Bias, s.ActName) { }
 
     public GatedMlp(long hidden, long intermediate, string act, Init init, bool bias = false, string actName = "act_fn")
     {

@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using static TorchSharp.torch;
 
 namespace MoeLora.Torch.Nn;
@@ -17,10 +18,10 @@ public sealed class Rotary
         AttentionScaling = scaling;
     }
 
-    public static Rotary FromConfig(Models.ModelConfig c, long dim)
+    public static Rotary FromSettings(RopeSettings rope)
     {
-        var rope = c.RopeParameters;
         double theta = rope.Theta;
+        long dim = rope.Dim;
         return rope.Type switch
         {
             "default" => new Rotary(DefaultInvFreq(theta, dim), 1.0),
@@ -41,7 +42,7 @@ public sealed class Rotary
     /// original/low_freq_factor are divided by the factor, shorter than original/high_freq_factor kept, and the band
     /// between interpolated smoothly.
     /// </summary>
-    static Tensor Llama3InvFreq(Models.RopeParameters rope, double theta, long dim)
+    static Tensor Llama3InvFreq(RopeSettings rope, double theta, long dim)
     {
         double factor = rope.Factor ?? throw new InvalidDataException("llama3 rope needs 'factor'.");
         double low = rope.LowFreqFactor ?? throw new InvalidDataException("llama3 rope needs 'low_freq_factor'.");
@@ -57,7 +58,7 @@ public sealed class Rotary
         return where(medium, smoothed, scaled);
     }
 
-    static Rotary Yarn(Models.RopeParameters rope, double theta, long dim)
+    static Rotary Yarn(RopeSettings rope, double theta, long dim)
     {
         double factor = rope.Factor ?? throw new InvalidDataException("yarn rope needs 'factor'.");
         long original = rope.OriginalMaxPositionEmbeddings ?? throw new InvalidDataException("yarn rope needs 'original_max_position_embeddings'.");

@@ -1,12 +1,13 @@
+using MoeLora.Core.Architectures.Runtime;
 using TorchSharp;
 using static TorchSharp.torch;
 
 namespace MoeLora.Torch.Nn;
 
 /// <summary>
-/// The softmax-then-top-k sparse MoE block shared by Mixtral, Qwen2-MoE, Qwen3-MoE and OLMoE (transformers v5):
-/// probs = softmax(fp32 logits); top-k; optionally renormalise; cast to the hidden dtype; fused experts.
-/// Qwen2-MoE adds <c>sigmoid(shared_expert_gate(x)) * shared_expert(x)</c>.
+/// The softmax-then-top-k sparse MoE block (<see cref="SoftmaxTopKRouterSettings"/>: Mixtral, Qwen2-MoE, Qwen3-MoE,
+/// OLMoE in transformers 5): probs = softmax(fp32 logits); top-k; optionally renormalise; cast to the hidden dtype;
+/// fused experts. A shared expert with a sigmoid gate (Qwen2-MoE) adds <c>sigmoid(shared_expert_gate(x)) * shared_expert(x)</c>.
 /// </summary>
 public sealed class SoftmaxTopKMoe : HfModule, IBlock
 {
@@ -17,20 +18,19 @@ public sealed class SoftmaxTopKMoe : HfModule, IBlock
     readonly long _topK;
     readonly bool _normTopK;
 
-    public sealed record Options(long Experts, long TopK, long Intermediate, bool NormTopK, bool ExpertsBeforeGate, long SharedIntermediate);
-
-    public SoftmaxTopKMoe(Models.ModelConfig c, Options o, Init init)
+    public SoftmaxTopKMoe(long hidden, MoeSettings s, Init init)
     {
-        _topK = o.TopK; _normTopK = o.NormTopK;
-        var g = new RouterWeight(o.Experts, c.HiddenSize, init);
-        var e = new FusedExperts(o.Experts, c.HiddenSize, o.Intermediate, c.HiddenAct, init);
-        // Registration order is the transformers order: qwen3_moe registers experts first, the others the gate.
-        if (o.ExpertsBeforeGate) { experts = AddChild("experts", e); gate = AddChild("gate", g); }
-        else { gate = AddChild("gate", g); experts = AddChild("experts", e); }
-        if (o.SharedIntermediate > 0)
+        var router = (SoftmaxTopKRouterSettings)s.Router;
+        _topK = router.TopK; _normTopK = router.NormTopK;
+        var g = new RouterWeight(router.NumExperts, hidden, init);
+        var e = new FusedExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, s.Experts.Act, init);
+        if (s.Order == MoeOrder.ExpertsFirst) { experts = AddChild("experts", e); gate = AddChild(router.Name, g); }
+        else { gate = AddChild(router.Name, g); experts = AddChild("experts", e); }
+        if (s.Shared is { } shared)
         {
-            shared_expert = AddChild("shared_expert", new GatedMlp(c.HiddenSize, o.SharedIntermediate, c.HiddenAct, init));
-            shared_expert_gate = AddChild("shared_expert_gate", new Linear(c.HiddenSize, 1, false, init));
+            if (shared.SigmoidGateName is null) throw new NotSupportedException("a softmax top-k MoE block with an ungated shared expert has no runtime block yet.");
+            shared_expert = AddChild(shared.Name, new GatedMlp(hidden, shared.Intermediate, shared.Act, init, actName: shared.ActName));
+            shared_expert_gate = AddChild(shared.SigmoidGateName, new Linear(hidden, 1, false, init));
         }
     }
 

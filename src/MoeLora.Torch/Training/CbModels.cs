@@ -28,10 +28,10 @@ public static class CbModels
             : TorchModelFactory.LoadTruncated(modelDir, numLayers, dtype, device);
 
     public static int ModelLayers(string? modelDir) =>
-        (int)ModelConfig.Parse(modelDir is null ? TrainPreset.TinyConfigJson() : File.ReadAllText(Path.Combine(modelDir, "config.json"))).NumLayers;
+        (int)TorchModelFactory.Spec(modelDir is null ? TrainPreset.TinyConfigJson() : File.ReadAllText(Path.Combine(modelDir, "config.json"))).NumHiddenLayers;
 
     public static string ModelType(string? modelDir) =>
-        ModelConfig.Parse(modelDir is null ? TrainPreset.TinyConfigJson() : File.ReadAllText(Path.Combine(modelDir, "config.json"))).ModelType;
+        TorchModelFactory.Spec(modelDir is null ? TrainPreset.TinyConfigJson() : File.ReadAllText(Path.Combine(modelDir, "config.json"))).ModelType;
 
     public static HfTokenizer Tokenizer(string? modelDir) =>
         modelDir is null ? new HfTokenizer(TrainPreset.TinyTokenizerJson(), "the tiny preset's tokenizer") : HfTokenizer.Load(modelDir);
@@ -51,7 +51,7 @@ public static class CbModels
         string? wholeModelConfigJson = null)
     {
         var adapter = LoraInjector.Inject(model, LoraInjector.Plan(model, loraConfigJson), seed: seed, baseModelNameOrPath: baseModelNameOrPath);
-        if (wholeModelConfigJson is not null && ModelConfig.Parse(wholeModelConfigJson).NumLayers > model.NumLayers)
+        if (wholeModelConfigJson is not null && TorchModelFactory.Spec(wholeModelConfigJson).NumHiddenLayers > model.NumLayers)
             adapter = adapter with { SavePlan = LoraInjector.Plan(wholeModelConfigJson, loraConfigJson) };
         return adapter;
     }

@@ -34,7 +34,7 @@ public class PlanDrivenTrainingTests
         var adapter = CbModels.InjectAdapter(h.Model, seedTargets, seed: 7, baseModelNameOrPath: "../model");
         var plan = adapter.Plan!;
         Assert.Contains(plan.Targets, t => t.ParameterName == "gate_up_proj" && t.R == 8); // doubled rank for gate_up_proj
-        var trainer = new CircuitBreakerTrainer(h.Model, adapter, RandomData(h.Model.Config.VocabSize, 4, 6, 1), new TrainOptions
+        var trainer = new CircuitBreakerTrainer(h.Model, adapter, RandomData(h.Model.VocabSize, 4, 6, 1), new TrainOptions
         {
             TargetLayers = [1, 2], TotalSteps = 3, LearningRate = 1e-2, CheckpointEvery = 0, OutputDir = dir.Path,
         });
@@ -70,7 +70,7 @@ public class PlanDrivenTrainingTests
         using var dir = new TempDir();
         using var h = new DisposableModel(TorchModelFactory.Load(modelDir));
         var adapter = CbModels.InjectAdapter(h.Model, """{"target_modules": ["q_proj", "v_proj"], "r": 2, "lora_alpha": 4, "use_dora": true}""", seed: 1);
-        var trainer = new CircuitBreakerTrainer(h.Model, adapter, RandomData(h.Model.Config.VocabSize, 4, 6, 2), new TrainOptions
+        var trainer = new CircuitBreakerTrainer(h.Model, adapter, RandomData(h.Model.VocabSize, 4, 6, 2), new TrainOptions
         {
             TargetLayers = [1], TotalSteps = 2, LearningRate = 1e-2, CheckpointEvery = 0, OutputDir = dir.Path,
         });

@@ -1,64 +1,35 @@
-using MoeLora.Torch.Nn;
+using MoeLora.Core.Architectures.Runtime;
 using TorchSharp;
 using static TorchSharp.torch;
 
-namespace MoeLora.Torch.Models.Families;
+namespace MoeLora.Torch.Nn;
 
 /// <summary>
-/// llama4_text (Llama4ForCausalLM): MoE on <c>moe_layers</c>; rope as complex rotation of adjacent pairs on
-/// <c>no_rope_layers[i]</c>=1 layers, L2 qk-norm after rope there (<c>use_qk_norm</c>), attention temperature tuning
-/// on no-rope layers, chunked attention masks; router = sigmoid of the top-k logits, applied to the expert
-/// <em>inputs</em>; a shared expert is always added; (E, in, out) experts with gate/up as the two halves.
+/// Llama 4's text attention (<see cref="Llama4AttentionSettings"/>): complex rotation of adjacent pairs on rope layers,
+/// L2 qk-norm after rope there, attention temperature tuning on no-rope layers, chunked or full masks.
 /// </summary>
-internal sealed class Llama4Text : IModelFamily
-{
-    public string ModelType => "llama4_text";
-
-    public CausalLm Build(ModelConfig c, Init init)
-    {
-        var rope = Rotary.FromConfig(c, c.HeadDim);
-        long layers = c.NumLayers;
-        long interval = c.LongOr("no_rope_layer_interval", 4);
-        var noRope = c.LongArrayOr("no_rope_layers", Enumerable.Range(0, (int)layers).Select(i => (i + 1) % interval != 0 ? 1L : 0L).ToArray());
-        long step = c.LongOr("interleave_moe_layer_step", 1);
-        var moeLayers = c.LongArrayOr("moe_layers", Enumerable.Range(0, (int)layers).Select(i => (long)i).Where(i => i % step == step - 1).ToArray());
-        var types = c.StrArray("layer_types") ?? noRope.Select(r => r != 0 ? "chunked_attention" : "full_attention").ToArray();
-        return new CausalLm(c, init, i =>
-        {
-            HfModule ff = moeLayers.Contains(i)
-                ? new Llama4Moe(c, init)
-                : new GatedMlp(c.HiddenSize, c.Long("intermediate_size_mlp"), c.HiddenAct, init, actName: "activation_fn");
-            return new DecoderLayer(new Llama4Attention(c, i, noRope[i] != 0, types[i], rope, init), "feed_forward", ff,
-                new RmsNorm(c.HiddenSize, c.RmsEps, init), new RmsNorm(c.HiddenSize, c.RmsEps, init));
-        }, new RmsNorm(c.HiddenSize, c.RmsEps, init));
-    }
-}
-
-internal sealed class Llama4Attention : HfModule, IBlock
+public sealed class Llama4Attention : HfModule, IBlock
 {
     readonly Linear _q, _k, _v, _o;
     readonly bool _useRope, _qkNorm, _temperature;
     readonly long _headDim;
     readonly double _eps, _attnScale, _floorScale;
-    readonly MaskKind _mask;
-    readonly long _chunk;
+    readonly MaskSettings _mask;
     readonly Rotary _rope;
 
-    public Llama4Attention(ModelConfig c, int layer, bool useRope, string layerType, Rotary rope, Init init)
+    public Llama4Attention(long hidden, Llama4AttentionSettings s, Rotary rope, Init init)
     {
-        _headDim = c.HeadDim; _useRope = useRope; _rope = rope; _eps = c.RmsEps;
-        bool bias = c.BoolOr("attention_bias", false);
-        _q = AddChild("q_proj", new Linear(c.HiddenSize, c.NumHeads * _headDim, bias, init));
-        _k = AddChild("k_proj", new Linear(c.HiddenSize, c.NumKvHeads * _headDim, bias, init));
-        _v = AddChild("v_proj", new Linear(c.HiddenSize, c.NumKvHeads * _headDim, bias, init));
-        _o = AddChild("o_proj", new Linear(c.NumHeads * _headDim, c.HiddenSize, bias, init));
-        _qkNorm = c.BoolOr("use_qk_norm", true) && useRope;
+        _headDim = s.HeadDim; _useRope = s.UseRope; _rope = rope; _eps = s.NormEps;
+        _q = AddChild("q_proj", new Linear(hidden, s.Heads * _headDim, s.Bias, init));
+        _k = AddChild("k_proj", new Linear(hidden, s.KvHeads * _headDim, s.Bias, init));
+        _v = AddChild("v_proj", new Linear(hidden, s.KvHeads * _headDim, s.Bias, init));
+        _o = AddChild("o_proj", new Linear(s.Heads * _headDim, hidden, s.Bias, init));
+        _qkNorm = s.QkL2Norm;
         if (_qkNorm) AddChild("qk_norm", new Container()); // Llama4TextL2Norm: a module without parameters
-        _temperature = c.BoolOr("attn_temperature_tuning", true) && !useRope;
-        _attnScale = c.DoubleOr("attn_scale", 0.1);
-        _floorScale = c.DoubleOr("floor_scale", 8192);
-        _mask = layerType == "chunked_attention" ? MaskKind.Chunked : MaskKind.Full;
-        _chunk = c.LongOr("attention_chunk_size", 8192);
+        _temperature = s.TemperatureTuning;
+        _attnScale = s.AttnScale;
+        _floorScale = s.FloorScale;
+        _mask = s.Mask;
     }
 
     public Tensor Forward(Tensor x, ForwardContext ctx)
@@ -80,25 +51,32 @@ internal sealed class Llama4Attention : HfModule, IBlock
             var scales = log1p(floor((pos + 1.0) / _floorScale)) * _attnScale + 1.0;
             q = (q * scales.view(1, s, 1, 1)).to(q.dtype);
         }
-        var o = AttentionMath.Eager(q.transpose(1, 2), k.transpose(1, 2), v, ctx.Mask(_mask, _chunk), Math.Pow(_headDim, -0.5));
+        var o = AttentionMath.Eager(q.transpose(1, 2), k.transpose(1, 2), v, ctx.Mask(_mask), Math.Pow(_headDim, -0.5));
         return _o.Forward(o);
     }
 }
 
-internal sealed class Llama4Moe : HfModule, IBlock
+/// <summary>
+/// Llama 4's MoE block (<see cref="Llama4RouterSettings"/>): sigmoid of the top-k router logits scales the expert
+/// <em>inputs</em>; the shared expert is always added.
+/// </summary>
+public sealed class Llama4Moe : HfModule, IBlock
 {
     readonly Llama4Experts _experts;
     readonly Linear _router;
     readonly GatedMlp _shared;
     readonly int _topK;
 
-    public Llama4Moe(ModelConfig c, Init init)
+    public Llama4Moe(long hidden, MoeSettings s, Init init)
     {
-        long e = c.Long("num_local_experts"), inter = c.Long("intermediate_size");
-        _topK = (int)c.Long("num_experts_per_tok");
-        _experts = AddChild("experts", new Llama4Experts(e, c.HiddenSize, inter, c.HiddenAct, init));
-        _router = AddChild("router", new Linear(c.HiddenSize, e, false, init));
-        _shared = AddChild("shared_expert", new GatedMlp(c.HiddenSize, inter, c.HiddenAct, init, actName: "activation_fn"));
+        var r = (Llama4RouterSettings)s.Router;
+        var shared = s.Shared ?? throw new NotSupportedException("Llama 4's MoE block always has a shared expert.");
+        _topK = (int)r.TopK;
+        var experts = new Llama4Experts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, s.Experts.Act, init);
+        var router = new Linear(hidden, r.NumExperts, false, init);
+        if (s.Order == MoeOrder.ExpertsFirst) { _experts = AddChild("experts", experts); _router = AddChild(r.Name, router); }
+        else { _router = AddChild(r.Name, router); _experts = AddChild("experts", experts); }
+        _shared = AddChild(shared.Name, new GatedMlp(hidden, shared.Intermediate, shared.Act, init, actName: shared.ActName));
     }
 
     public Tensor Forward(Tensor x, ForwardContext ctx)
@@ -114,7 +92,8 @@ internal sealed class Llama4Moe : HfModule, IBlock
     }
 }
 
-internal sealed class Llama4Experts : ExpertsBase
+/// <summary>Llama 4's fused experts: gate_up_proj [E, H, 2I] (gate columns then up), down_proj [E, I, H], used as x·W.</summary>
+public sealed class Llama4Experts : ExpertsBase
 {
     readonly Activation _act;
     // The layout is (E, in, out), but transformers 5.17's Llama4TextExperts does not declare is_transposed, so PEFT

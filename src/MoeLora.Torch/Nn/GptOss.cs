@@ -1,47 +1,28 @@
-using MoeLora.Torch.Nn;
+using MoeLora.Core.Architectures.Runtime;
 using TorchSharp;
 using static TorchSharp.torch;
 
-namespace MoeLora.Torch.Models.Families;
+namespace MoeLora.Torch.Nn;
 
 /// <summary>
-/// gpt_oss: attention with biases and per-head sinks, sliding-window layers (<c>layer_types</c>), yarn rope;
-/// router with bias, softmax over the top-k logits; biased (E, in, out) experts with interleaved gate/up columns and
-/// the clamped SwiGLU <c>(clamp(up,±L)+1) * g*sigmoid(1.702 g)</c>, g = clamp(gate, max=L).
+/// gpt-oss' MoE block (<see cref="TopKSoftmaxRouterSettings"/>): router with bias, softmax over the top-k logits, and
+/// <see cref="GptOssExperts"/>.
 /// </summary>
-internal sealed class GptOss : IModelFamily
-{
-    public string ModelType => "gpt_oss";
-
-    public CausalLm Build(ModelConfig c, Init init)
-    {
-        var rope = Rotary.FromConfig(c, c.HeadDim);
-        var bias = c.BoolOr("attention_bias", true);
-        var types = c.StrArray("layer_types") ?? Enumerable.Range(0, (int)c.NumLayers).Select(i => i % 2 == 0 ? "sliding_attention" : "full_attention").ToArray();
-        long window = c.LongOrNull("sliding_window") ?? 128;
-        return new CausalLm(c, init, i =>
-        {
-            var kind = types[i] == "sliding_attention" ? MaskKind.Sliding : MaskKind.Full;
-            return new DecoderLayer(
-                new StandardAttention(c, new(bias, bias, QkNorm.None, true, kind, window), init, ctx => rope.CosSin(ctx.Positions, ctx.DType)),
-                "mlp", new GptOssMlp(c, init),
-                new RmsNorm(c.HiddenSize, c.RmsEps, init, scaleInFp32: true), new RmsNorm(c.HiddenSize, c.RmsEps, init, scaleInFp32: true));
-        }, new RmsNorm(c.HiddenSize, c.RmsEps, init, scaleInFp32: true));
-    }
-}
-
-internal sealed class GptOssMlp : HfModule, IBlock
+public sealed class GptOssMlp : HfModule, IBlock
 {
     readonly RouterWeight _router;
     readonly GptOssExperts _experts;
     readonly int _topK;
 
-    public GptOssMlp(ModelConfig c, Init init)
+    public GptOssMlp(long hidden, MoeSettings s, Init init)
     {
-        long e = c.Long("num_local_experts");
-        _topK = (int)c.Long("num_experts_per_tok");
-        _router = AddChild("router", new RouterWeight(e, c.HiddenSize, init, hasBias: true));
-        _experts = AddChild("experts", new GptOssExperts(e, c.HiddenSize, c.Long("intermediate_size"), c.DoubleOr("swiglu_limit", 7.0), init));
+        var r = (TopKSoftmaxRouterSettings)s.Router;
+        if (s.Shared is not null) throw new NotSupportedException("a shared expert beside gpt-oss experts has no runtime block yet.");
+        _topK = (int)r.TopK;
+        var router = new RouterWeight(r.NumExperts, hidden, init, hasBias: r.Bias);
+        var experts = new GptOssExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, s.Experts.SwigluLimit, init);
+        if (s.Order == MoeOrder.ExpertsFirst) { _experts = AddChild("experts", experts); _router = AddChild(r.Name, router); }
+        else { _router = AddChild(r.Name, router); _experts = AddChild("experts", experts); }
     }
 
     public Tensor Forward(Tensor x, ForwardContext ctx)
@@ -56,7 +37,11 @@ internal sealed class GptOssMlp : HfModule, IBlock
     }
 }
 
-internal sealed class GptOssExperts : ExpertsBase
+/// <summary>
+/// gpt-oss' biased (E, in, out) experts with interleaved gate/up columns and the clamped SwiGLU
+/// <c>(clamp(up,±L)+1) * g*sigmoid(1.702 g)</c>, g = clamp(gate, max=L).
+/// </summary>
+public sealed class GptOssExperts : ExpertsBase
 {
     const double Alpha = 1.702;
     readonly double _limit;

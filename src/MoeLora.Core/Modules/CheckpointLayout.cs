@@ -1,31 +1,80 @@
 using System.Text.RegularExpressions;
-using MoeLora.Core.Modules;
+using MoeLora.Core.Architectures;
+using MoeLora.Core.Config;
 
-namespace MoeLora.Sources.Analysis;
+namespace MoeLora.Core.Modules;
 
 /// <summary>
-/// For each parameter of one layout's tree, the parameters of the other layout's tree that hold the same values.
-/// transformers 5 loads legacy checkpoints by renaming and by stacking per-expert <c>nn.Linear</c> weights into fused
-/// 3-D parameters (<c>gate_up_proj[e] = cat(gate_e, up_e)</c>, <c>down_proj[e] = down_e</c>), and saves them back
-/// the same way; this class rebuilds that correspondence from the two trees Core builds for one config, using only
-/// structure (layer, location, shape) and the projection roles of that conversion, never a model's name.
+/// The one checkpoint-mapping table: for each parameter of one layout's tree, the parameters of the other layout's
+/// tree that hold the same values. Checkpoints are written in the <see cref="Layout.V4"/> names (the keys
+/// transformers 5's <c>save_pretrained</c> writes) while transformers 5 runs the <see cref="Layout.V5"/> modules: it
+/// loads by renaming and by stacking per-expert <c>nn.Linear</c> weights into fused 3-D parameters
+/// (<c>gate_up_proj[e] = cat(gate_e, up_e)</c>, <c>down_proj[e] = down_e</c>), and saves them back the same way. This
+/// class rebuilds that correspondence from the two trees Core builds for one config, using only structure (layer,
+/// location, shape) and the projection roles of that conversion, never a model's name. The checkpoint cross-check,
+/// the runtime's loader and precheck, and merge all read it.
 /// </summary>
-internal sealed partial class LayoutCorrespondence
+public sealed partial class CheckpointLayout
 {
     private readonly Dictionary<string, Alternative> _alternatives = new(StringComparer.Ordinal);
 
     /// <summary>The other layout's parameters that store this one, or null when none does.</summary>
     public Alternative? For(string parameterName) => _alternatives.GetValueOrDefault(parameterName);
 
+    /// <summary>Every parameter that has an alternative, with it.</summary>
+    public IReadOnlyDictionary<string, Alternative> Alternatives => _alternatives;
+
     /// <param name="Parts">Parameters of the other layout, in stacking order (expert by expert, gate before up).</param>
     /// <param name="IsSliceOfFused">True when this parameter is one expert's slice of a single fused parameter.</param>
-    internal sealed record Alternative(IReadOnlyList<ParameterNode> Parts, bool IsSliceOfFused);
+    /// <param name="NumExperts">For a fused parameter stored as per-expert parts: the experts (0 for a plain rename).</param>
+    public sealed record Alternative(IReadOnlyList<ParameterNode> Parts, bool IsSliceOfFused, int NumExperts = 0)
+    {
+        /// <summary>True when this fused [E, rows, cols] parameter is stored as per-expert 2-D parts.</summary>
+        public bool IsStack => NumExperts > 0;
+
+        /// <summary>
+        /// For a stack: each part with its expert and its first row in that expert's slice
+        /// (<c>fused[expert][RowOffset : RowOffset + rows(part)] = part</c>).
+        /// </summary>
+        public IEnumerable<(ParameterNode Part, int Expert, long RowOffset)> Pieces()
+        {
+            if (!IsStack) yield break;
+            int perExpert = Parts.Count / NumExperts;
+            for (int e = 0; e < NumExperts; e++)
+            {
+                long offset = 0;
+                for (int j = 0; j < perExpert; j++)
+                {
+                    var part = Parts[e * perExpert + j];
+                    yield return (part, e, offset);
+                    offset += part.Shape[0];
+                }
+            }
+        }
+    }
 
     private enum Role { Gate, Up, Down }
 
-    public static LayoutCorrespondence Build(ModuleTree runtime, ModuleTree other)
+    /// <summary>
+    /// The mapping between the checkpoint layout (v4 names) and <paramref name="spec"/>'s tree, or null when the
+    /// config has no tree in the other layout.
+    /// </summary>
+    public static CheckpointLayout? For(ModelSpec spec)
     {
-        var result = new LayoutCorrespondence();
+        try
+        {
+            var other = ArchitectureRegistry.Build(spec.Config, spec.Layout == Layout.V5 ? Layout.V4 : Layout.V5).Tree;
+            return Build(spec.Tree, other);
+        }
+        catch (ConfigException)
+        {
+            return null;
+        }
+    }
+
+    public static CheckpointLayout Build(ModuleTree runtime, ModuleTree other)
+    {
+        var result = new CheckpointLayout();
         var otherByName = AllParameters(other).ToDictionary(p => p.Name, StringComparer.Ordinal);
         var runtimeNames = AllParameters(runtime).Select(p => p.Name).ToHashSet(StringComparer.Ordinal);
         var unpairedRuntime = AllParameters(runtime).Where(p => !otherByName.ContainsKey(p.Name)).ToList();
@@ -53,7 +102,7 @@ internal sealed partial class LayoutCorrespondence
                 foreach (Role role in roles)
                     if (candidates.FirstOrDefault(w => w.Expert == expert && w.Role == role) is { } part) parts.Add(part.Parameter);
             if (parts.Count != owner.NumExperts * roles.Length) continue;
-            _alternatives[fused.Name] = new Alternative(parts, IsSliceOfFused: false);
+            _alternatives[fused.Name] = new Alternative(parts, IsSliceOfFused: false, (int)owner.NumExperts);
             unpairedRuntime.Remove(fused);
             foreach (ParameterNode part in parts) unpairedOther.Remove(part.Name);
         }

@@ -1,0 +1,86 @@
+namespace MoeLora.Core.Architectures.Runtime;
+
+/// <summary>Which keys a query may see beyond causality and padding.</summary>
+public enum MaskKind
+{
+    Full,
+    /// <summary>Only the last <see cref="MaskSettings.Window"/> positions (Mistral, gpt-oss sliding layers).</summary>
+    Sliding,
+    /// <summary>Only positions of the same chunk of <see cref="MaskSettings.Window"/> tokens (Llama 4).</summary>
+    Chunked,
+}
+
+public sealed record MaskSettings(MaskKind Kind, long Window = 0)
+{
+    public static MaskSettings Full { get; } = new(MaskKind.Full);
+}
+
+/// <summary>Where q/k RMSNorms sit in a standard attention.</summary>
+public enum QkNormKind
+{
+    None,
+    /// <summary>q_norm / k_norm over head_dim, per head, before rope (Qwen3, GLM-4.5 with use_qk_norm).</summary>
+    PerHead,
+    /// <summary>q_norm over heads·head_dim and k_norm over kv_heads·head_dim, before the head split (OLMoE).</summary>
+    Full,
+}
+
+/// <summary>The self-attention of a decoder layer; each kind maps to one runtime block.</summary>
+public abstract record AttentionSettings;
+
+/// <summary>
+/// GQA self-attention with q, k, v, o projections (registered in that order), rope by rotating halves on the first
+/// <paramref name="RotaryDim"/> dims of each head (partial rotary passes the rest through), eager softmax in fp32
+/// with scaling head_dim^-0.5.
+/// </summary>
+/// <param name="Sinks">gpt-oss: a per-head <c>sinks</c> parameter, registered before the projections, joins the softmax.</param>
+/// <param name="QkNormEps">Epsilon of q_norm / k_norm.</param>
+public sealed record StandardAttentionSettings(
+    long Heads,
+    long KvHeads,
+    long HeadDim,
+    bool QkvBias,
+    bool OBias,
+    QkNormKind QkNorm,
+    double QkNormEps,
+    bool Sinks,
+    MaskSettings Mask,
+    long RotaryDim) : AttentionSettings;
+
+/// <summary>
+/// DeepSeek's multi-head latent attention: q through q_a_proj, q_a_layernorm, q_b_proj (or one q_proj when
+/// <paramref name="QLoraRank"/> is null), compressed kv through kv_a_proj_with_mqa, kv_a_layernorm and kv_b_proj,
+/// rope on the last <paramref name="QkRopeHeadDim"/> dims only (shared by all heads for k).
+/// </summary>
+/// <param name="RopeInterleave">De-interleave the rope dims before rotating halves (<c>rope_interleave</c>).</param>
+/// <param name="Scaling">Softmax scale: (nope+rope)^-0.5, times yarn's mscale² when the rope says so.</param>
+/// <param name="LowRankNormEps">Epsilon of q_a_layernorm / kv_a_layernorm.</param>
+public sealed record MlaAttentionSettings(
+    long Heads,
+    long? QLoraRank,
+    long KvLoraRank,
+    long QkNopeHeadDim,
+    long QkRopeHeadDim,
+    long VHeadDim,
+    bool Bias,
+    bool RopeInterleave,
+    double Scaling,
+    double LowRankNormEps) : AttentionSettings;
+
+/// <summary>
+/// Llama 4's text attention: q, k, v, o; on rope layers the complex rotation of adjacent pairs, then (optionally) a
+/// parameter-free L2 norm of q and k (registered as the module <c>qk_norm</c>); on no-rope layers attention
+/// temperature tuning scales q by <c>1 + attn_scale·log1p(floor((pos+1)/floor_scale))</c>.
+/// </summary>
+public sealed record Llama4AttentionSettings(
+    long Heads,
+    long KvHeads,
+    long HeadDim,
+    bool Bias,
+    bool UseRope,
+    bool QkL2Norm,
+    double NormEps,
+    bool TemperatureTuning,
+    double AttnScale,
+    double FloorScale,
+    MaskSettings Mask) : AttentionSettings;

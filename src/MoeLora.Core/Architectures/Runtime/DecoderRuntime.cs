@@ -1,0 +1,47 @@
+namespace MoeLora.Core.Architectures.Runtime;
+
+/// <summary>
+/// What the transformers-5 decoder of one config computes, as typed settings: the TorchSharp runtime builds its
+/// model from this record alone (its <c>named_parameters()</c> equal the family's <c>Layout.V5</c> tree, tested), so
+/// every config field and default is read once, in the family file that also builds the tree.
+/// </summary>
+/// <param name="VocabSize">Rows of <c>model.embed_tokens</c> and of <c>lm_head</c>.</param>
+/// <param name="HiddenSize">The residual stream width.</param>
+/// <param name="TieWordEmbeddings">lm_head.weight is the embedding's Parameter.</param>
+/// <param name="InitializerRange">Std of transformers' normal init (seeded random models).</param>
+/// <param name="FinalNorm"><c>model.norm</c>.</param>
+/// <param name="Rope">The model's one rotary table (<c>model.rotary_emb</c>).</param>
+/// <param name="Layers">One entry per decoder layer, in order.</param>
+public sealed record DecoderRuntime(
+    long VocabSize,
+    long HiddenSize,
+    bool TieWordEmbeddings,
+    double InitializerRange,
+    NormSettings FinalNorm,
+    RopeSettings Rope,
+    IReadOnlyList<DecoderLayerRuntime> Layers);
+
+/// <summary>
+/// One pre-norm decoder layer: <c>h = x + attn(input_layernorm(x))</c>, <c>out = h + ff(post_attention_layernorm(h))</c>,
+/// registered as self_attn, <paramref name="FeedForwardName"/>, input_layernorm, post_attention_layernorm.
+/// </summary>
+/// <param name="FeedForwardName">The attribute of the feed-forward block: <c>mlp</c>, or <c>feed_forward</c> (Llama 4).</param>
+public sealed record DecoderLayerRuntime(
+    AttentionSettings Attention,
+    string FeedForwardName,
+    FeedForwardSettings FeedForward,
+    NormSettings InputNorm,
+    NormSettings PostAttentionNorm);
+
+/// <summary>How an RMSNorm applies its weight.</summary>
+public enum NormKind
+{
+    /// <summary>Statistics in fp32, cast back to the input dtype, then times the weight (Llama and most families).</summary>
+    Rms,
+
+    /// <summary>Statistics in fp32, times the weight still in fp32, then cast back (gpt-oss).</summary>
+    RmsWeightInFp32,
+}
+
+/// <summary>An RMSNorm: its kind and epsilon.</summary>
+public sealed record NormSettings(NormKind Kind, double Eps);

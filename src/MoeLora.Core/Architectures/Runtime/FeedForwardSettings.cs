@@ -1,0 +1,77 @@
+namespace MoeLora.Core.Architectures.Runtime;
+
+/// <summary>The feed-forward block of a decoder layer; each kind maps to one runtime block.</summary>
+public abstract record FeedForwardSettings;
+
+/// <summary>
+/// <c>down_proj(act(gate_proj(x)) * up_proj(x))</c>, registered gate_proj, up_proj, down_proj, then the activation
+/// module <paramref name="ActName"/> (<c>act_fn</c>; Llama 4: <c>activation_fn</c>).
+/// </summary>
+public sealed record GatedMlpSettings(long Intermediate, string Act, bool Bias = false, string ActName = "act_fn") : FeedForwardSettings;
+
+/// <summary>Which child a sparse MoE block registers first (named_parameters order).</summary>
+public enum MoeOrder
+{
+    /// <summary>router, experts, then any shared expert (Mixtral, Qwen2-MoE, OLMoE, gpt-oss).</summary>
+    RouterFirst,
+
+    /// <summary>experts, router, then any shared expert (Qwen3-MoE, DeepSeek-V3, GLM-4.5, Llama 4).</summary>
+    ExpertsFirst,
+}
+
+/// <summary>A sparse MoE block: router, routed experts and an optional shared expert.</summary>
+public sealed record MoeSettings(RouterSettings Router, ExpertsSettings Experts, SharedExpertSettings? Shared, MoeOrder Order) : FeedForwardSettings;
+
+/// <summary>The router: its attribute name, experts, top-k, and how it turns logits into expert weights.</summary>
+public abstract record RouterSettings(string Name, long NumExperts, long TopK);
+
+/// <summary>
+/// transformers-5 TopKRouter (a module holding <c>weight [E, H]</c>): softmax of the logits in fp32, top-k, optionally
+/// renormalised (<c>norm_topk_prob</c>), cast to the hidden dtype (Mixtral, Qwen-MoE, OLMoE).
+/// </summary>
+public sealed record SoftmaxTopKRouterSettings(string Name, long NumExperts, long TopK, bool NormTopK)
+    : RouterSettings(Name, NumExperts, TopK);
+
+/// <summary>
+/// DeepSeek-V3's router (also GLM-4.5's): fp32 logits, sigmoid scores; experts chosen on scores +
+/// <c>e_score_correction_bias</c> (a persistent buffer) within the best <paramref name="TopKGroups"/> of
+/// <paramref name="Groups"/> groups; weights are the uncorrected scores, optionally renormalised (+1e-20), times
+/// <paramref name="RoutedScalingFactor"/>.
+/// </summary>
+public sealed record SigmoidGroupLimitedRouterSettings(string Name, long NumExperts, long TopK, long Groups, long TopKGroups,
+    bool NormTopK, double RoutedScalingFactor) : RouterSettings(Name, NumExperts, TopK);
+
+/// <summary>gpt-oss: logits (with a bias), top-k of the logits, softmax over the selected ones.</summary>
+public sealed record TopKSoftmaxRouterSettings(string Name, long NumExperts, long TopK, bool Bias)
+    : RouterSettings(Name, NumExperts, TopK);
+
+/// <summary>
+/// Llama 4: an nn.Linear router; sigmoid of the top-k logits (in fp32), which scales each expert's <em>input</em>;
+/// the shared expert is added to the routed sum.
+/// </summary>
+public sealed record Llama4RouterSettings(string Name, long NumExperts, long TopK) : RouterSettings(Name, NumExperts, TopK);
+
+/// <summary>How fused expert parameters are laid out and used.</summary>
+public enum ExpertsLayout
+{
+    /// <summary>transformers-5 experts: <c>gate_up_proj [E, 2I, H]</c> (gate rows then up rows) and <c>down_proj [E, H, I]</c>, (out, in) per expert.</summary>
+    GateUpOutIn,
+
+    /// <summary>Llama 4: <c>gate_up_proj [E, H, 2I]</c> (gate columns then up columns), <c>down_proj [E, I, H]</c>, (in, out).</summary>
+    Llama4InOut,
+
+    /// <summary>
+    /// gpt-oss: <c>gate_up_proj [E, H, 2I]</c> with gate/up interleaved in the last dimension, biases after each weight,
+    /// clamped SwiGLU <c>(clamp(up, ±L) + 1) · g·sigmoid(1.702 g)</c>, g = clamp(gate, max = L).
+    /// </summary>
+    GptOssInterleaved,
+}
+
+/// <param name="SwigluLimit">gpt-oss' clamp L (<c>swiglu_limit</c>); unused by the other layouts.</param>
+public sealed record ExpertsSettings(ExpertsLayout Layout, long NumExperts, long Intermediate, string Act, double SwigluLimit = 0);
+
+/// <summary>A shared expert MLP run on every token, registered after the routed experts.</summary>
+/// <param name="Name"><c>shared_expert</c> or <c>shared_experts</c>.</param>
+/// <param name="SigmoidGateName">Qwen2-MoE: the expert is scaled by <c>sigmoid(gate(x))</c>, a Linear(H, 1) of this name
+/// registered after it (<c>shared_expert_gate</c>); null when the shared expert is added ungated.</param>
+public sealed record SharedExpertSettings(string Name, long Intermediate, string Act, string? SigmoidGateName, string ActName = "act_fn");

@@ -1,0 +1,54 @@
+using MoeLora.Core.Config;
+
+namespace MoeLora.Core.Architectures.Runtime;
+
+/// <summary>
+/// The rotary table transformers computes from <c>rope_parameters</c> (5.x) or <c>rope_scaling</c> + <c>rope_theta</c>
+/// (older config.json files): inverse frequencies over <paramref name="Dim"/> dims for <paramref name="Type"/>
+/// default, linear, llama3 or yarn. Optional fields are null when the config does not give them.
+/// </summary>
+public sealed record RopeSettings(
+    string Type,
+    double Theta,
+    long Dim,
+    double? Factor = null,
+    long? OriginalMaxPositionEmbeddings = null,
+    double? AttentionFactor = null,
+    double? BetaFast = null,
+    double? BetaSlow = null,
+    double? MScale = null,
+    double? MScaleAllDim = null,
+    bool Truncate = true,
+    double? LowFreqFactor = null,
+    double? HighFreqFactor = null)
+{
+    /// <summary>
+    /// Reads the rope of a (text) config. <paramref name="defaultTheta"/> is the config class' <c>default_theta</c>;
+    /// <paramref name="dim"/> the rotated dims per head (already multiplied by any partial rotary factor).
+    /// </summary>
+    public static RopeSettings Read(ModelConfig c, double defaultTheta, long dim)
+    {
+        var o = c.Sub("rope_parameters") ?? c.Sub("rope_scaling");
+        double theta = o?.Double("rope_theta", c.Double("rope_theta", defaultTheta)) ?? c.Double("rope_theta", defaultTheta);
+        string type = o?.String("rope_type") ?? o?.String("type") ?? "default";
+        double? D(string k) => o is not null && o.Has(k) ? o.Double(k, 0) : null;
+        long? L(string k) => o is not null && o.Has(k) ? (long)o.Double(k, 0) : null;
+        return new RopeSettings(type, theta, dim, D("factor"), L("original_max_position_embeddings"), D("attention_factor"),
+            D("beta_fast"), D("beta_slow"), D("mscale"), D("mscale_all_dim"), o?.Bool("truncate", true) ?? true,
+            D("low_freq_factor"), D("high_freq_factor"));
+    }
+
+    /// <summary>
+    /// <c>partial_rotary_factor</c> as the rotary embedding reads it: from <c>rope_parameters</c>, else the top-level
+    /// field, else <paramref name="classDefault"/>.
+    /// </summary>
+    public static double PartialRotaryFactor(ModelConfig c, double classDefault)
+    {
+        var o = c.Sub("rope_parameters");
+        return o is not null && o.Has("partial_rotary_factor") ? o.Double("partial_rotary_factor", classDefault)
+            : c.Double("partial_rotary_factor", classDefault);
+    }
+
+    /// <summary>yarn's mscale: 1 for scale ≤ 1, else 0.1·m·ln(scale) + 1.</summary>
+    public static double YarnMScale(double scale, double m = 1) => scale <= 1 ? 1.0 : 0.1 * m * Math.Log(scale) + 1.0;
+}

@@ -1,0 +1,54 @@
+using MoeLora.Core.Architectures;
+using MoeLora.Core.Architectures.Runtime;
+using MoeLora.Torch.Nn;
+
+namespace MoeLora.Torch.Models;
+
+/// <summary>
+/// Builds the runtime model from Core's <see cref="ModelSpec.Runtime"/> alone: each settings record maps to one Nn
+/// block (never a model_type), so a family with standard blocks needs no code here. Parameters are registered in
+/// transformers' order, so <c>named_parameters()</c> equals the spec's <c>Layout.V5</c> tree (tested for every tiny
+/// config the repository holds).
+/// </summary>
+public static class ModelBuilder
+{
+    /// <summary>The model of <paramref name="spec"/>; a spec without runtime settings is refused in one line.</summary>
+    public static CausalLm Build(ModelSpec spec, Init init)
+    {
+        var runtime = spec.RequireRuntime();
+        var rope = Rotary.FromSettings(runtime.Rope);
+        long hidden = runtime.HiddenSize;
+        return new CausalLm(spec, runtime, init, i =>
+        {
+            var l = runtime.Layers[i];
+            return new DecoderLayer(Attention(hidden, l.Attention, rope, init), l.FeedForwardName, FeedForward(hidden, l.FeedForward, init),
+                new RmsNorm(hidden, l.InputNorm, init), new RmsNorm(hidden, l.PostAttentionNorm, init));
+        });
+    }
+
+    static HfModule Attention(long hidden, AttentionSettings a, Rotary rope, Init init) => a switch
+    {
+        StandardAttentionSettings s => new StandardAttention(hidden, s, rope, init),
+        MlaAttentionSettings s => new MlaAttention(hidden, s, rope, init),
+        Llama4AttentionSettings s => new Llama4Attention(hidden, s, rope, init),
+        _ => throw new NotSupportedException($"attention settings {a.GetType().Name} have no runtime block."),
+    };
+
+    static HfModule FeedForward(long hidden, FeedForwardSettings f, Init init) => f switch
+    {
+        GatedMlpSettings m => new GatedMlp(hidden, m, init),
+        MoeSettings m => m.Router switch
+        {
+            SoftmaxTopKRouterSettings => new SoftmaxTopKMoe(hidden, Expect(m, ExpertsLayout.GateUpOutIn), init),
+            SigmoidGroupLimitedRouterSettings => new SigmoidGroupLimitedMoe(hidden, Expect(m, ExpertsLayout.GateUpOutIn), init),
+            TopKSoftmaxRouterSettings => new GptOssMlp(hidden, Expect(m, ExpertsLayout.GptOssInterleaved), init),
+            Llama4RouterSettings => new Llama4Moe(hidden, Expect(m, ExpertsLayout.Llama4InOut), init),
+            _ => throw new NotSupportedException($"router settings {m.Router.GetType().Name} have no runtime block."),
+        },
+        _ => throw new NotSupportedException($"feed-forward settings {f.GetType().Name} have no runtime block."),
+    };
+
+    // Each router's block runs one experts layout; another combination needs a block of its own.
+    static MoeSettings Expect(MoeSettings m, ExpertsLayout layout) => m.Experts.Layout == layout ? m
+        : throw new NotSupportedException($"{m.Router.GetType().Name} with {m.Experts.Layout} experts has no runtime block.");
+}

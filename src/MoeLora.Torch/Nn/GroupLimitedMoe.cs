@@ -1,0 +1,80 @@
+using MoeLora.Core.Architectures.Runtime;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MoeLora.Torch.Nn;
+
+/// <summary>
+/// DeepSeek-V3's TopkRouter (also GLM-4.5's): <c>weight [E, H]</c> plus the persistent buffer
+/// <c>e_score_correction_bias</c> (in the state dict, not a parameter).
+/// </summary>
+public sealed class GroupLimitedRouter : HfModule
+{
+    public Parameter weight { get; }
+    public Tensor e_score_correction_bias { get; }
+    readonly List<IParamDelta> _deltas = [];
+    internal void AttachDelta(IParamDelta d) => _deltas.Add(d);
+    public Tensor EffectiveWeight() => ParamDeltas.Apply(weight, _deltas);
+    public GroupLimitedRouter(long experts, long hidden, Init init)
+    {
+        weight = AddParameter("weight", init.Normal(experts, hidden));
+        e_score_correction_bias = AddBuffer("e_score_correction_bias", zeros(experts, ScalarType.Float32, init.Device));
+    }
+}
+
+/// <summary>
+/// The MoE block of <see cref="SigmoidGroupLimitedRouterSettings"/>: fp32 logits, sigmoid scores, group-limited
+/// top-k on scores + e_score_correction_bias, weights from the uncorrected scores, optional renormalisation (+1e-20),
+/// times routed_scaling_factor; fused experts, then the shared experts always added.
+/// </summary>
+public sealed class SigmoidGroupLimitedMoe : HfModule, IBlock
+{
+    readonly FusedExperts _experts;
+    readonly GroupLimitedRouter _gate;
+    readonly GatedMlp? _shared;
+    readonly long _experts_n, _topK, _groups, _topKGroups;
+    readonly bool _norm;
+    readonly double _scale;
+
+    public SigmoidGroupLimitedMoe(long hidden, MoeSettings s, Init init)
+    {
+        var r = (SigmoidGroupLimitedRouterSettings)s.Router;
+        _experts_n = r.NumExperts; _topK = r.TopK; _groups = r.Groups; _topKGroups = r.TopKGroups;
+        _norm = r.NormTopK; _scale = r.RoutedScalingFactor;
+        var experts = new FusedExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, s.Experts.Act, init);
+        var gate = new GroupLimitedRouter(_experts_n, hidden, init);
+        if (s.Order == MoeOrder.ExpertsFirst) { _experts = AddChild("experts", experts); _gate = AddChild(r.Name, gate); }
+        else { _gate = AddChild(r.Name, gate); _experts = AddChild("experts", experts); }
+        if (s.Shared is { } shared)
+        {
+            if (shared.SigmoidGateName is not null) throw new NotSupportedException("a gated shared expert with a group-limited router has no runtime block yet.");
+            _shared = AddChild(shared.Name, new GatedMlp(hidden, shared.Intermediate, shared.Act, init, actName: shared.ActName));
+        }
+    }
+
+    public Tensor Forward(Tensor x, ForwardContext ctx)
+    {
+        var shape = x.shape;
+        var flat = x.reshape(-1, shape[^1]);
+        var logits = nn.functional.linear(flat.to(ScalarType.Float32), _gate.EffectiveWeight().to(ScalarType.Float32));
+        ctx.RouterLogits.Add(logits);
+        var scores = logits.sigmoid();
+        Tensor topIdx;
+        using (no_grad())
+        {
+            var choice = scores.view(-1, _experts_n) + _gate.e_score_correction_bias.unsqueeze(0);
+            long per = _experts_n / _groups;
+            var groupScores = choice.view(-1, _groups, per).topk(Math.Min(2, (int)per), -1).values.sum(-1);
+            var groupIdx = groupScores.topk((int)_topKGroups, -1, sorted: false).indexes;
+            var groupMask = zeros_like(groupScores).scatter(1, groupIdx, ones_like(groupIdx, groupScores.dtype));
+            var scoreMask = groupMask.unsqueeze(-1).expand(-1, _groups, per).reshape(-1, _experts_n);
+            choice = choice.masked_fill(scoreMask.logical_not(), double.NegativeInfinity);
+            topIdx = choice.topk((int)_topK, -1, sorted: false).indexes;
+        }
+        var topW = scores.gather(1, topIdx);
+        if (_norm) topW = topW / (topW.sum(-1, keepdim: true) + 1e-20);
+        topW = topW * _scale;
+        var routed = _experts.Forward(flat, topIdx, topW).to(x.dtype);
+        return (_shared is null ? routed : routed + _shared.Forward(flat)).view(shape);
+    }
+}
