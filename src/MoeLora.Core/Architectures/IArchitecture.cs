@@ -31,6 +31,9 @@ public static class ArchitectureRegistry
         new Qwen3NextFamily(),
         new JambaFamily(),
         new Glm4MoeLiteFamily(),
+        new Mistral4Family(),
+        new SolarOpenFamily(),
+        new ExaoneMoeFamily(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =
