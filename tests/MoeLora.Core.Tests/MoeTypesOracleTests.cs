@@ -25,7 +25,6 @@ public class MoeTypesOracleTests
     /// </summary>
     internal static readonly IReadOnlyDictionary<string, string> NotYetCovered = new Dictionary<string, string>(StringComparer.Ordinal)
     {
-        ["afmoe"] = "not implemented yet",
         ["aria"] = "not implemented yet",
         ["aria_text"] = "not implemented yet",
         ["axk1"] = "not implemented yet",
@@ -33,7 +32,6 @@ public class MoeTypesOracleTests
         ["cohere2_moe"] = "not implemented yet",
         ["deepseek_v4"] = "not implemented yet",
         ["doge"] = "not implemented yet",
-        ["ernie4_5_moe"] = "not implemented yet",
         ["glm4v_moe"] = "not implemented yet",
         ["granitemoe_swa"] = "not implemented yet",
         ["hy_v3"] = "not implemented yet",

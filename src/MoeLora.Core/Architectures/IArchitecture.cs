@@ -34,6 +34,8 @@ public static class ArchitectureRegistry
         new Mistral4Family(),
         new SolarOpenFamily(),
         new ExaoneMoeFamily(),
+        new AfmoeFamily(),
+        new Ernie45MoeFamily(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =
