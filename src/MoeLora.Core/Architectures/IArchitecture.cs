@@ -36,6 +36,8 @@ public static class ArchitectureRegistry
         new ExaoneMoeFamily(),
         new AfmoeFamily(),
         new Ernie45MoeFamily(),
+        new HYV3Family(),
+        new MiMoV2FlashFamily(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =
