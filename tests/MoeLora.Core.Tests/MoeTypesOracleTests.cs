@@ -39,7 +39,6 @@ public class MoeTypesOracleTests
         ["jetmoe"] = "not implemented yet",
         ["kimi_k25"] = "not implemented yet",
         ["laguna"] = "not implemented yet",
-        ["longcat_flash"] = "not implemented yet",
         ["mellum"] = "not implemented yet",
         ["minimax"] = "not implemented yet",
         ["minimax_m2"] = "not implemented yet",

@@ -38,6 +38,7 @@ public static class ArchitectureRegistry
         new Ernie45MoeFamily(),
         new HYV3Family(),
         new MiMoV2FlashFamily(),
+        new LongcatFlashFamily(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =
