@@ -32,7 +32,6 @@ public class MoeTypesOracleTests
         ["cohere2_moe"] = "not implemented yet",
         ["deepseek_v4"] = "not implemented yet",
         ["doge"] = "not implemented yet",
-        ["glm4v_moe"] = "not implemented yet",
         ["granitemoe_swa"] = "not implemented yet",
         ["inkling_mm_model"] = "not implemented yet",
         ["inkling_text"] = "not implemented yet",

@@ -39,6 +39,7 @@ public static class ArchitectureRegistry
         new HYV3Family(),
         new MiMoV2FlashFamily(),
         new LongcatFlashFamily(),
+        new Glm4vMoeFamily(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =

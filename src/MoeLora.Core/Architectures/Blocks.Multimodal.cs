@@ -1,0 +1,50 @@
+using MoeLora.Core.Config;
+using MoeLora.Core.Modules;
+
+namespace MoeLora.Core.Architectures;
+
+/// <summary>Pieces of the image-text-to-text models whose <c>model</c> holds a vision tower and a language model.</summary>
+internal static partial class Blocks
+{
+    /// <summary>
+    /// A decoder stack under the current scope: <paramref name="name"/> (embed_tokens, layers.{i}, norm, rotary_emb),
+    /// without the lm_head, which these models register at the root after <c>model</c>.
+    /// </summary>
+    public static void DecoderStack(TreeBuilder b, string name, string modelClass, string layerClass, string normClass,
+        string rotaryClass, long vocab, long hidden, long layers, Action<int> layer)
+    {
+        using (b.Scope(name, modelClass))
+        {
+            b.Embedding("embed_tokens", vocab, hidden);
+            b.ModuleList("layers", layers, i =>
+            {
+                using (b.Scope(i.ToString(System.Globalization.CultureInfo.InvariantCulture), layerClass, ModuleLocation.Other, layer: i))
+                    layer(i);
+            });
+            b.RmsNorm("norm", normClass, hidden, ModuleLocation.Norm);
+            b.Leaf("rotary_emb", rotaryClass);
+        }
+    }
+
+    /// <summary>
+    /// An nn.Conv1d/2d/3d: weight [out, in, *kernel] (+ bias [out]). all-linear collects only Linear names, but PEFT
+    /// wraps a conv that shares one (GLM-4V's patch_embed.proj matches the Linear name "proj").
+    /// </summary>
+    public static void Conv(TreeBuilder b, string name, string className, long inChannels, long outChannels, bool bias,
+        params long[] kernel)
+    {
+        var node = b.Add(name, className, ModuleKind.Conv, inFeatures: inChannels, outFeatures: outChannels);
+        node.Parameters.Add(new ParameterNode(node.Name + ".weight", "weight", [outChannels, inChannels, .. kernel], null));
+        if (bias) node.Parameters.Add(new ParameterNode(node.Name + ".bias", "bias", [outChannels], null));
+    }
+
+    /// <summary>The spec of an image-text-to-text model whose language model sits at <c>model.language_model</c>.</summary>
+    public static ModelSpec MultimodalSpec(ModelConfig config, ModelConfig text, string modelType, ModuleTree tree, MoeFacts moe,
+        long hidden, long layers, long vocab, long heads, long kvHeads, bool tie, string act) =>
+        Spec(config, modelType, tree, moe, hidden, layers, vocab, heads, kvHeads, tie, act) with
+        {
+            TextConfig = text,
+            DecoderLayersPath = "model.language_model.layers",
+            InputEmbeddings = "model.language_model.embed_tokens",
+        };
+}
