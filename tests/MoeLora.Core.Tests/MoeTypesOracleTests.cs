@@ -36,7 +36,6 @@ public class MoeTypesOracleTests
         ["inkling_mm_model"] = "not implemented yet",
         ["inkling_text"] = "not implemented yet",
         ["jetmoe"] = "not implemented yet",
-        ["kimi_k25"] = "not implemented yet",
         ["laguna"] = "not implemented yet",
         ["mellum"] = "not implemented yet",
         ["minimax"] = "not implemented yet",

@@ -38,6 +38,24 @@ internal static partial class Blocks
         if (bias) node.Parameters.Add(new ParameterNode(node.Name + ".bias", "bias", [outChannels], null));
     }
 
+    /// <summary>
+    /// Copies the modules of <paramref name="source"/> at and under <paramref name="sourcePrefix"/> (e.g. a causal LM's
+    /// <c>model</c>, which is what AutoModel builds for a text_config) under the current scope as
+    /// <paramref name="localName"/>, with classes, kinds, locations, parameters and buffers; <paramref name="rename"/>
+    /// rewrites each new local name (a checkpoint layout's own renames).
+    /// </summary>
+    public static void Graft(TreeBuilder b, ModuleTree source, string sourcePrefix, string localName, Func<string, string>? rename = null)
+    {
+        foreach (var m in source.Modules.Where(m => m.Name == sourcePrefix || m.Name.StartsWith(sourcePrefix + ".", StringComparison.Ordinal)))
+        {
+            var local = localName + m.Name[sourcePrefix.Length..];
+            var node = b.Add(rename?.Invoke(local) ?? local, m.ClassName, m.Kind, m.Location, m.LayerIndex, m.InFeatures, m.OutFeatures,
+                m.IsTransposed, m.NumExperts);
+            node.Parameters.AddRange(m.Parameters.Select(p => new ParameterNode(node.Name + "." + p.LocalName, p.LocalName, p.Shape, null)));
+            node.Buffers.AddRange(m.Buffers.Select(p => new ParameterNode(node.Name + "." + p.LocalName, p.LocalName, p.Shape, null)));
+        }
+    }
+
     /// <summary>The spec of an image-text-to-text model whose language model sits at <c>model.language_model</c>.</summary>
     public static ModelSpec MultimodalSpec(ModelConfig config, ModelConfig text, string modelType, ModuleTree tree, MoeFacts moe,
         long hidden, long layers, long vocab, long heads, long kvHeads, bool tie, string act) =>

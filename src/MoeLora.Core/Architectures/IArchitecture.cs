@@ -40,6 +40,7 @@ public static class ArchitectureRegistry
         new MiMoV2FlashFamily(),
         new LongcatFlashFamily(),
         new Glm4vMoeFamily(),
+        new KimiK25Family(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =
