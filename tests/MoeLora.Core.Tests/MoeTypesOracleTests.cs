@@ -30,7 +30,6 @@ public class MoeTypesOracleTests
         ["axk1"] = "not implemented yet",
         ["axk2"] = "not implemented yet",
         ["cohere2_moe"] = "not implemented yet",
-        ["deepseek_v4"] = "not implemented yet",
         ["doge"] = "not implemented yet",
         ["granitemoe_swa"] = "not implemented yet",
         ["inkling_mm_model"] = "not implemented yet",

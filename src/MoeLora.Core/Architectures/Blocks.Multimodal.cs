@@ -7,11 +7,11 @@ namespace MoeLora.Core.Architectures;
 internal static partial class Blocks
 {
     /// <summary>
-    /// A decoder stack under the current scope: <paramref name="name"/> (embed_tokens, layers.{i}, norm, rotary_emb),
-    /// without the lm_head, which these models register at the root after <c>model</c>.
+    /// A decoder stack under the current scope: <paramref name="name"/> (embed_tokens, layers.{i}, norm, rotary_emb, then
+    /// whatever <paramref name="after"/> adds), without the lm_head, which callers register themselves.
     /// </summary>
     public static void DecoderStack(TreeBuilder b, string name, string modelClass, string layerClass, string normClass,
-        string rotaryClass, long vocab, long hidden, long layers, Action<int> layer)
+        string rotaryClass, long vocab, long hidden, long layers, Action<int> layer, Action? after = null)
     {
         using (b.Scope(name, modelClass))
         {
@@ -23,6 +23,7 @@ internal static partial class Blocks
             });
             b.RmsNorm("norm", normClass, hidden, ModuleLocation.Norm);
             b.Leaf("rotary_emb", rotaryClass);
+            after?.Invoke();
         }
     }
 

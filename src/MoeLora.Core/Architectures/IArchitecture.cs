@@ -41,6 +41,7 @@ public static class ArchitectureRegistry
         new LongcatFlashFamily(),
         new Glm4vMoeFamily(),
         new KimiK25Family(),
+        new DeepseekV4Family(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =
