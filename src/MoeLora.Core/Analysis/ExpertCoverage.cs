@@ -34,6 +34,9 @@ public sealed record ExpertCoverage
             {
                 // A 2-D parameter stacking all experts' rows (DBRX) is adapted as one matrix: it still covers them all.
                 var covered = Math.Max(t.NumExperts, plan.Spec.Tree.Find(t.ModuleName)?.NumExperts ?? 1);
+                // A fused tensor may hold slices that are no routed expert (LongCat sizes gate_up_proj for its identity
+                // experts too): count only the experts the model routes to.
+                if (plan.Spec.Moe.NumExperts > 0) covered = Math.Min(covered, plan.Spec.Moe.NumExperts);
                 for (long e = 0; e < covered; e++) set.Add(e);
             }
             else

@@ -231,7 +231,7 @@ public sealed class LoraReport
     private static JsonNode TargetJson(AdapterTarget t) => new JsonObject
     {
         ["name"] = t.Name,
-        ["kind"] = t.Kind switch { AdapterKind.Linear => "linear", AdapterKind.Embedding => "embedding", _ => "parameter" },
+        ["kind"] = t.Kind switch { AdapterKind.Linear => "linear", AdapterKind.Embedding => "embedding", AdapterKind.Conv => "conv", _ => "parameter" },
         ["location"] = t.Location.Name(),
         ["layer"] = t.Layer,
         ["r"] = t.R,

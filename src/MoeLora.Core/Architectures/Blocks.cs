@@ -97,13 +97,18 @@ internal static partial class Blocks
         }
     }
 
-    /// <summary>A transformers-5 TopK router module holding weight [E, H] (not an nn.Linear).</summary>
-    public static void TopKRouter(TreeBuilder b, string name, string className, long experts, long hidden, bool bias = false)
+    /// <summary>
+    /// A transformers-5 TopK router module holding weight [E, H] (not an nn.Linear); <paramref name="correctionBias"/>:
+    /// it also holds the persistent <c>e_score_correction_bias</c> buffer [E].
+    /// </summary>
+    public static void TopKRouter(TreeBuilder b, string name, string className, long experts, long hidden, bool bias = false,
+        bool correctionBias = false)
     {
         using (b.Scope(name, className, ModuleLocation.Router, kind: ModuleKind.Router))
         {
             b.Param("weight", experts, hidden);
             if (bias) b.Param("bias", experts);
+            if (correctionBias) b.Buffer("e_score_correction_bias", experts);
         }
     }
 

@@ -75,7 +75,7 @@ internal sealed class DeepseekFamily : IArchitecture
                     if (layout == Layout.V5) Blocks.FusedExperts(b, p + "Experts", experts, hidden, moeInter, actClass);
                     else Blocks.PerExpertMlps(b, v3 ? "DeepseekV3NaiveMoe" : "DeepseekV2Experts", p + "MLP", experts, hidden, moeInter, actClass);
 
-                    if (v3 || layout == Layout.V5) Blocks.TopKRouter(b, "gate", p + "TopkRouter", experts, hidden);
+                    if (v3 || layout == Layout.V5) Blocks.TopKRouter(b, "gate", p + "TopkRouter", experts, hidden, correctionBias: v3);
                     else b.Linear("gate", hidden, experts, location: ModuleLocation.Router);
 
                     if (hasShared)

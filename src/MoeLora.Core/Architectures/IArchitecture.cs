@@ -30,6 +30,18 @@ public static class ArchitectureRegistry
         new GraniteMoeFamily(),
         new Qwen3NextFamily(),
         new JambaFamily(),
+        new Glm4MoeLiteFamily(),
+        new Mistral4Family(),
+        new SolarOpenFamily(),
+        new ExaoneMoeFamily(),
+        new AfmoeFamily(),
+        new Ernie45MoeFamily(),
+        new HYV3Family(),
+        new MiMoV2FlashFamily(),
+        new LongcatFlashFamily(),
+        new Glm4vMoeFamily(),
+        new KimiK25Family(),
+        new DeepseekV4Family(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =

@@ -26,6 +26,8 @@ public enum ModuleKind
     Linear,
     /// <summary><c>nn.Embedding</c>: PEFT wraps it with <c>lora.Embedding</c>.</summary>
     Embedding,
+    /// <summary><c>nn.Conv1d/2d/3d</c> (weight [out, in, *kernel]): PEFT wraps it with <c>lora.Conv1d/2d/3d</c>.</summary>
+    Conv,
     /// <summary>RMSNorm / LayerNorm.</summary>
     Norm,
     /// <summary>A fused experts module holding 3-D parameters (reachable only through <c>target_parameters</c>).</summary>

@@ -41,6 +41,13 @@ public sealed class ModuleNode
     /// <summary>Direct parameters in registration order (tied ones included, flagged).</summary>
     public List<ParameterNode> Parameters { get; } = [];
 
+    /// <summary>
+    /// Persistent buffers (e.g. a router's <c>e_score_correction_bias</c>): not parameters, but written by
+    /// <c>save_pretrained</c>. Families declare them where the checkpoint layout renames them, so that layout is
+    /// complete; <see cref="ParameterNode.TiedTo"/> is always null here.
+    /// </summary>
+    public List<ParameterNode> Buffers { get; } = [];
+
     /// <summary>For Linear: in_features; for Embedding: num_embeddings.</summary>
     public long InFeatures { get; init; }
 
@@ -80,6 +87,7 @@ public sealed class ModuleTree
         foreach (var m in modules) _byName[m.Name] = m;
         Parameters = modules.SelectMany(m => m.Parameters).Where(p => !p.IsTied).ToList();
         NumParameters = Parameters.Sum(p => p.NumElements);
+        Buffers = modules.SelectMany(m => m.Buffers).ToList();
     }
 
     public Layout Layout { get; }
@@ -91,6 +99,9 @@ public sealed class ModuleTree
     public IReadOnlyList<ParameterNode> Parameters { get; }
 
     public long NumParameters { get; }
+
+    /// <summary>The persistent buffers families declare (see <see cref="ModuleNode.Buffers"/>), in module order.</summary>
+    public IReadOnlyList<ParameterNode> Buffers { get; }
 
     public ModuleNode Root => Modules[0];
 

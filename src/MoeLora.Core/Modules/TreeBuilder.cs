@@ -51,6 +51,13 @@ public sealed class TreeBuilder
     /// <summary>Registers a parameter on the current scope's module.</summary>
     public void Param(string localName, params long[] shape) => AddParam(Current, localName, shape, null);
 
+    /// <summary>Registers a persistent buffer (written by save_pretrained, not a parameter) on the current scope's module.</summary>
+    public void Buffer(string localName, params long[] shape)
+    {
+        var owner = Current;
+        owner.Buffers.Add(new ParameterNode(owner.Name.Length == 0 ? localName : owner.Name + "." + localName, localName, shape, null));
+    }
+
     /// <summary>nn.Linear(in, out, bias): weight [out, in] (+ bias [out]).</summary>
     public ModuleNode Linear(string localName, long inFeatures, long outFeatures, bool bias = false,
         string className = "Linear", ModuleLocation? location = null, string? tiedWeightTo = null)

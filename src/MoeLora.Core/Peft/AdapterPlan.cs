@@ -10,6 +10,8 @@ public enum AdapterKind
     Linear,
     /// <summary><c>lora.Embedding</c>: lora_embedding_A / lora_embedding_B parameters.</summary>
     Embedding,
+    /// <summary><c>lora.Conv1d/2d/3d</c>: lora_A a conv with the base kernel (in → r), lora_B a 1×…×1 conv (r → out).</summary>
+    Conv,
     /// <summary><c>lora.ParamWrapper</c> on a bare nn.Parameter (target_parameters); 3-D experts get r per expert.</summary>
     Parameter,
 }

@@ -153,10 +153,10 @@ public static class AdapterPlanner
         return (r, alpha, scaling);
     }
 
-    /// <summary><c>dispatch_default</c> for a matched module: Linear or Embedding, anything else is unsupported.</summary>
+    /// <summary><c>dispatch_default</c> for a matched module: Linear, Embedding or ConvNd, anything else is unsupported.</summary>
     private static AdapterTarget WrapModule(ModelSpec spec, LoraConfig cfg, ModuleNode module, bool tiedToEmbedding)
     {
-        if (module.Kind is not (ModuleKind.Linear or ModuleKind.Embedding))
+        if (module.Kind is not (ModuleKind.Linear or ModuleKind.Embedding or ModuleKind.Conv))
         {
             throw new PeftInjectionException("ValueError",
                 $"Target module {module.ClassName}() is not supported. Currently, only the following modules are supported: " +
@@ -179,6 +179,14 @@ public static class AdapterPlanner
             tensors.Add(new($"{p}.lora_embedding_A.default", $"{p}.lora_embedding_A", [r, inF]));
             tensors.Add(new($"{p}.lora_embedding_B.default", $"{p}.lora_embedding_B", [outF, r], trainB));
         }
+        else if (module.Kind == ModuleKind.Conv)
+        {
+            // _ConvNd.update_layer (groups = 1): lora_A = conv(in, r, kernel, stride), lora_B = conv(r, out, 1×…×1).
+            var kernel = module.Parameter("weight")!.Shape[2..];
+            tensors.Add(new($"{p}.lora_A.default.weight", $"{p}.lora_A.weight", [r, inF, .. kernel]));
+            tensors.Add(new($"{p}.lora_B.default.weight", $"{p}.lora_B.weight", [outF, r, .. kernel.Select(_ => 1L)]));
+            if (cfg.LoraBias) tensors.Add(new($"{p}.lora_B.default.bias", $"{p}.lora_B.bias", [outF]));
+        }
         else
         {
             tensors.Add(new($"{p}.lora_A.default.weight", $"{p}.lora_A.weight", [r, inF]));
@@ -186,13 +194,17 @@ public static class AdapterPlanner
             if (cfg.LoraBias) tensors.Add(new($"{p}.lora_B.default.bias", $"{p}.lora_B.bias", [outF]));
         }
         if (cfg.UseDora)
-            tensors.Add(new($"{p}.lora_magnitude_vector.default.weight", $"{p}.lora_magnitude_vector", [outF]));
+        {
+            // DoRA's conv magnitude is the weight norm over all but dim 0, kept and transposed: [1, out, 1, …].
+            long[] magnitude = module.Kind == ModuleKind.Conv ? [1, outF, .. module.Parameter("weight")!.Shape[2..].Select(_ => 1L)] : [outF];
+            tensors.Add(new($"{p}.lora_magnitude_vector.default.weight", $"{p}.lora_magnitude_vector", magnitude));
+        }
 
         return new AdapterTarget
         {
             Name = module.Name,
             ModuleName = module.Name,
-            Kind = module.Kind == ModuleKind.Embedding ? AdapterKind.Embedding : AdapterKind.Linear,
+            Kind = module.Kind switch { ModuleKind.Embedding => AdapterKind.Embedding, ModuleKind.Conv => AdapterKind.Conv, _ => AdapterKind.Linear },
             BaseClass = module.ClassName,
             Location = module.Location,
             Layer = module.LayerIndex,
