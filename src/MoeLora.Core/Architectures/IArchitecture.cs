@@ -30,6 +30,7 @@ public static class ArchitectureRegistry
         new GraniteMoeFamily(),
         new Qwen3NextFamily(),
         new JambaFamily(),
+        new MiniMaxFamily(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =
