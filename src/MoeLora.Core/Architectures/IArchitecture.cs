@@ -31,6 +31,7 @@ public static class ArchitectureRegistry
         new Qwen3NextFamily(),
         new JambaFamily(),
         new MiniMaxFamily(),
+        new LagunaFamily(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =

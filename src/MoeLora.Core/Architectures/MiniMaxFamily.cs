@@ -39,7 +39,7 @@ internal sealed class MiniMaxFamily : IArchitecture
         var kv = c.IntOrNull("num_key_value_heads", 8) ?? heads;
         // MiniMax: head_dim or hidden // heads; M2: getattr(config, "head_dim", ...) with a class default of 128.
         var headDim = m2 ? c.Positive("head_dim", 128) : Blocks.HeadDim(c, hidden, heads);
-        var experts = c.Positive("num_local_experts", m2 ? 256 : 8);
+        var experts = c.FirstInt("num_local_experts", "num_experts") ?? (m2 ? 256 : 8); // num_experts: attribute_map alias
         var topK = c.Positive("num_experts_per_tok", m2 ? 8 : 2);
         var tie = c.Bool("tie_word_embeddings", false);
         var act = c.String("hidden_act", "silu")!;
