@@ -30,7 +30,6 @@ public class MoeTypesOracleTests
         ["aria_text"] = "not implemented yet",
         ["axk1"] = "not implemented yet",
         ["axk2"] = "not implemented yet",
-        ["cohere2_moe"] = "not implemented yet",
         ["deepseek_v32"] = "not implemented yet",
         ["deepseek_v4"] = "not implemented yet",
         ["doge"] = "not implemented yet",

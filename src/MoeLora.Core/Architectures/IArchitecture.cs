@@ -32,6 +32,7 @@ public static class ArchitectureRegistry
         new JambaFamily(),
         new MiniMaxFamily(),
         new LagunaFamily(),
+        new Cohere2MoeFamily(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =
