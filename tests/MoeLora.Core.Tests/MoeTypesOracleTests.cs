@@ -38,7 +38,6 @@ public class MoeTypesOracleTests
         ["glm4_moe_lite"] = "not implemented yet",
         ["glm4v_moe"] = "not implemented yet",
         ["glm_moe_dsa"] = "not implemented yet",
-        ["granitemoe_swa"] = "not implemented yet",
         ["hy_v3"] = "not implemented yet",
         ["inkling_mm_model"] = "not implemented yet",
         ["inkling_text"] = "not implemented yet",
