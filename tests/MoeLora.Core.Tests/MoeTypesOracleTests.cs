@@ -41,7 +41,6 @@ public class MoeTypesOracleTests
         ["hy_v3"] = "not implemented yet",
         ["inkling_mm_model"] = "not implemented yet",
         ["inkling_text"] = "not implemented yet",
-        ["jetmoe"] = "not implemented yet",
         ["kimi_k25"] = "not implemented yet",
         ["longcat_flash"] = "not implemented yet",
         ["mimo_v2_flash"] = "not implemented yet",

@@ -33,6 +33,7 @@ public static class ArchitectureRegistry
         new MiniMaxFamily(),
         new LagunaFamily(),
         new Cohere2MoeFamily(),
+        new JetMoeFamily(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =
