@@ -28,8 +28,6 @@ public class MoeTypesOracleTests
         ["afmoe"] = "not implemented yet",
         ["aria"] = "not implemented yet",
         ["aria_text"] = "not implemented yet",
-        ["axk1"] = "not implemented yet",
-        ["axk2"] = "not implemented yet",
         ["deepseek_v32"] = "not implemented yet",
         ["deepseek_v4"] = "not implemented yet",
         ["doge"] = "not implemented yet",

@@ -34,6 +34,7 @@ public static class ArchitectureRegistry
         new LagunaFamily(),
         new Cohere2MoeFamily(),
         new JetMoeFamily(),
+        new AxkFamily(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =
