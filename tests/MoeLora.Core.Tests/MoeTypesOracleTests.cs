@@ -42,8 +42,6 @@ public class MoeTypesOracleTests
         ["kimi_k25"] = "not implemented yet",
         ["longcat_flash"] = "not implemented yet",
         ["mimo_v2_flash"] = "not implemented yet",
-        ["minimax_m3_vl"] = "not implemented yet",
-        ["minimax_m3_vl_text"] = "not implemented yet",
         ["mistral4"] = "not implemented yet",
         ["nemotron_h"] = "not implemented yet",
         ["qwen3_5_moe"] = "not implemented yet",

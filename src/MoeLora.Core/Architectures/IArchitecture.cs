@@ -31,6 +31,7 @@ public static class ArchitectureRegistry
         new Qwen3NextFamily(),
         new JambaFamily(),
         new MiniMaxFamily(),
+        new MiniMaxM3Family(),
         new LagunaFamily(),
         new Cohere2MoeFamily(),
         new JetMoeFamily(),
