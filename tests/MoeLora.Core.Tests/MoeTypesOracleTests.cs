@@ -101,9 +101,11 @@ public class MoeTypesOracleTests
     /// v4 tree's parameters plus persistent buffers.</summary>
     [Theory]
     [MemberData(nameof(CoveredTypes))]
-    public void Checkpoint_layout_is_what_save_pretrained_writes(string type)
+    public void Checkpoint_layout_is_what_save_pretrained_writes(string type) =>
+        AssertCheckpointLayout(Models.Value[type]!.AsObject(), type);
+
+    internal static void AssertCheckpointLayout(JsonObject entry, string type)
     {
-        var entry = Models.Value[type]!.AsObject();
         var spec = ArchitectureRegistry.Build(new ModelConfig(entry["input_config"]!.DeepClone().AsObject()), Layout.V4);
         var buffers = entry["buffers"]?.AsArray().Where(b => b![2]?.GetValue<bool>() ?? true)
             .Select(b => b![0]!.GetValue<string>()).ToHashSet() ?? [];
@@ -123,11 +125,13 @@ public class MoeTypesOracleTests
 
     [Theory]
     [MemberData(nameof(PeftCases))]
-    public void Peft_variant_matches(string type, string variant)
+    public void Peft_variant_matches(string type, string variant) =>
+        AssertPeftVariant(Models.Value[type]!.AsObject(), Peft.Value[type]![variant]!.AsObject(), variant);
+
+    internal static void AssertPeftVariant(JsonObject model, JsonObject entry, string variant)
     {
-        var entry = Peft.Value[type]![variant]!.AsObject();
         if (entry["skipped"] is not null) return; // the generator found nothing to test for this model
-        var spec = ExtraOracleTests.Build(Models.Value[type]!.AsObject());
+        var spec = ExtraOracleTests.Build(model);
         LoraConfig config;
         try
         {
