@@ -74,12 +74,12 @@ public static class Findings
     /// <summary>How the routed experts appear in this layout.</summary>
     public static string ExpertDescription(ModelSpec spec)
     {
-        var expertsModule = spec.Tree.Modules.FirstOrDefault(m => m.Kind == ModuleKind.Experts);
-        if (expertsModule is not null)
+        var group = FirstExpertsGroup(spec);
+        if (group.Count > 0)
         {
-            var rel = Relative(spec, expertsModule.Name);
-            var kind = expertsModule.Parameters.All(p => p.Shape.Length == 3) ? "3-D parameters" : "stacked 2-D parameters (all experts' rows in one matrix)";
-            return $"{kind} {string.Join(" and ", expertsModule.Parameters.Select(p => $"{rel}.{p.LocalName} {p.ShapeText}"))}, reachable only through target_parameters";
+            var parameters = group.SelectMany(m => m.Parameters.Select(p => (Module: m, Parameter: p))).ToList();
+            var kind = parameters.All(x => x.Parameter.Shape.Length == 3) ? "3-D parameters" : "stacked 2-D parameters (all experts' rows in one matrix)";
+            return $"{kind} {string.Join(" and ", parameters.Select(x => $"{Relative(spec, x.Module.Name)}.{x.Parameter.LocalName} {x.Parameter.ShapeText}"))}, reachable only through target_parameters";
         }
         var linear = spec.Tree.Modules.FirstOrDefault(m => m.Location == ModuleLocation.RoutedExpert && m.Kind == ModuleKind.Linear);
         if (linear is not null)
@@ -192,15 +192,25 @@ public static class Findings
         return recs;
     }
 
+    /// <summary>
+    /// The experts modules of the first layer that has any, preferring routed experts: one fused module, or several
+    /// that hold one weight each (JetMoE's and 4.57 Granite's input_linear / output_linear).
+    /// </summary>
+    private static List<ModuleNode> FirstExpertsGroup(ModelSpec spec)
+    {
+        var first = spec.Tree.Modules.FirstOrDefault(m => m.Kind == ModuleKind.Experts && m.Location == ModuleLocation.RoutedExpert)
+            ?? spec.Tree.Modules.FirstOrDefault(m => m.Kind == ModuleKind.Experts);
+        return first is null ? []
+            : spec.Tree.Modules.Where(m => m.Kind == ModuleKind.Experts && m.LayerIndex == first.LayerIndex && m.Location == first.Location).ToList();
+    }
+
     /// <summary>The exact target_parameters entries that reach this model's routed experts.</summary>
     public static IReadOnlyList<string> ExpertTargetParameters(ModelSpec spec)
     {
-        var experts = spec.Tree.Modules.FirstOrDefault(m => m.Kind == ModuleKind.Experts);
-        if (experts is null) return [];
-        var rel = Relative(spec, experts.Name);
+        var group = FirstExpertsGroup(spec);
         // 3-D fused experts, or DBRX's 2-D stacked ones; biases (gpt-oss *_proj_bias) are not weights to adapt.
-        return experts.Parameters.Where(p => p.Shape.Length >= 2 && !p.LocalName.EndsWith("bias", StringComparison.Ordinal))
-            .Select(p => $"{rel}.{p.LocalName}").ToList();
+        return group.SelectMany(m => m.Parameters.Where(p => p.Shape.Length >= 2 && !p.LocalName.EndsWith("bias", StringComparison.Ordinal))
+            .Select(p => $"{Relative(spec, m.Name)}.{p.LocalName}")).ToList();
     }
 
     private static void Add(List<Recommendation> recs, AdapterPlan plan, string title, string detail, LoraConfig cfg)

@@ -115,26 +115,17 @@ internal static partial class Blocks
     /// <summary>
     /// The <c>XForCausalLM</c> skeleton: model.embed_tokens, model.layers.{i}, model.norm, model.rotary_emb, lm_head.
     /// <paramref name="layerNormFinal"/>: model.norm is an nn.LayerNorm with bias (PhiMoE) instead of an RMSNorm;
-    /// <paramref name="lmHeadBias"/>: lm_head is built with a bias (PhiMoE's <c>lm_head_bias</c>).
+    /// <paramref name="lmHeadBias"/>: lm_head is built with a bias (PhiMoE's <c>lm_head_bias</c>);
+    /// <paramref name="modelTail"/>: modules the model registers after its rotary embedding.
     /// </summary>
     public static void CausalLm(TreeBuilder b, string prefix, long vocab, long hidden, long layers, bool tie,
         Action<int> layer, string modelClass = "", string? normClass = null, bool rotary = true, string modelAttr = "model",
-        bool layerNormFinal = false, bool lmHeadBias = false)
+        bool layerNormFinal = false, bool lmHeadBias = false, Action? modelTail = null)
     {
         var modelName = modelAttr;
         using (b.Scope(modelName, modelClass.Length > 0 ? modelClass : prefix + "Model"))
         {
-            b.Embedding("embed_tokens", vocab, hidden);
-            b.ModuleList("layers", layers, i =>
-            {
-                using (b.Scope(i.ToString(System.Globalization.CultureInfo.InvariantCulture), prefix + "DecoderLayer", ModuleLocation.Other, layer: i))
-                {
-                    layer(i);
-                }
-            });
-            if (layerNormFinal) b.LayerNorm("norm", hidden, location: ModuleLocation.Norm);
-            else b.RmsNorm("norm", normClass ?? prefix + "RMSNorm", hidden, ModuleLocation.Norm);
-            if (rotary) b.Leaf("rotary_emb", prefix + "RotaryEmbedding");
+            DecoderStack(b, prefix, vocab, hidden, layers, layer, normClass, rotary, layerNormFinal, modelTail);
         }
         b.Linear("lm_head", hidden, vocab, lmHeadBias, location: ModuleLocation.LmHead,
             tiedWeightTo: tie ? $"{modelName}.embed_tokens.weight" : null);

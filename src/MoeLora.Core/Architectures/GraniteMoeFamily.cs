@@ -1,5 +1,6 @@
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
+using MoeLora.Core.Util;
 
 namespace MoeLora.Core.Architectures;
 
@@ -15,28 +16,37 @@ namespace MoeLora.Core.Architectures;
 /// self_attn, block_sparse_moe, the norms, and named the tensors input_linear / output_linear / router.layer
 /// (transformers-moe-layouts §4.11).
 /// </para>
+/// <para>
+/// <c>granitemoe_swa</c> (GraniteMoeShared with sliding-window layers, new in transformers 5, so Layout.V4 means
+/// the on-disk checkpoint layout, which is the v5 tree: no conversion mapping) adds a learnable per-head attention
+/// sink (<c>self_attn.sinks</c>), reads <c>head_dim</c> when a config sets it, and registers after
+/// <c>rotary_emb</c> a <c>rotary_embs</c> ModuleList with one rotary embedding per distinct non-zero
+/// <c>layer_rope_theta</c> (default: every layer at the rope theta).
+/// </para>
 /// </summary>
 internal sealed class GraniteMoeFamily : IArchitecture
 {
-    public IReadOnlyList<string> ModelTypes => ["granitemoe", "granitemoeshared"];
+    public IReadOnlyList<string> ModelTypes => ["granitemoe", "granitemoeshared", "granitemoe_swa"];
 
     public ModelSpec Build(ModelConfig c, Layout layout)
     {
         var type = c.ModelType!;
-        var p = type == "granitemoeshared" ? "GraniteMoeShared" : "GraniteMoe";
-        // Defaults: GraniteMoeConfig / GraniteMoeSharedConfig.
+        var swa = type == "granitemoe_swa";
+        var p = type switch { "granitemoeshared" => "GraniteMoeShared", "granitemoe_swa" => "GraniteMoeSWA", _ => "GraniteMoe" };
+        // Defaults: GraniteMoeConfig / GraniteMoeSharedConfig / GraniteMoeSWAConfig.
         var vocab = c.Positive("vocab_size", 32000);
         var hidden = c.Positive("hidden_size", 4096);
         var inter = c.Positive("intermediate_size", 11008);
         var layers = c.Positive("num_hidden_layers", 32);
         var heads = c.Positive("num_attention_heads", 32);
         var kv = c.IntOrNull("num_key_value_heads", null) ?? heads;
-        // GraniteMoeAttention: head_dim = hidden_size // num_attention_heads (config.head_dim is not read).
-        var headDim = hidden / heads;
+        // GraniteMoeAttention: head_dim = hidden_size // num_attention_heads (config.head_dim is not read);
+        // GraniteMoeSWAAttention: getattr(config, "head_dim", hidden_size // num_attention_heads).
+        var headDim = swa ? Blocks.HeadDim(c, hidden, heads) : hidden / heads;
         var experts = c.Positive("num_local_experts", 8);
         var topK = c.Positive("num_experts_per_tok", 2);
         var bias = c.Bool("attention_bias", false);
-        var sharedInter = type == "granitemoeshared" ? c.Int("shared_intermediate_size", 0) : 0;
+        var sharedInter = type != "granitemoe" ? c.Int("shared_intermediate_size", 0) : 0;
         var tie = c.Bool("tie_word_embeddings", false);
         var act = c.String("hidden_act", "silu")!;
         var actClass = Blocks.ActivationClass(act, layout);
@@ -44,8 +54,9 @@ internal sealed class GraniteMoeFamily : IArchitecture
         var b = new TreeBuilder(p + "ForCausalLM", layout);
         Blocks.CausalLm(b, p, vocab, hidden, layers, tie, _ =>
         {
-            Blocks.Attention(b, p + "Attention", hidden, heads, kv, headDim, bias, bias);
-            if (layout == Layout.V5)
+            Blocks.Attention(b, p + "Attention", hidden, heads, kv, headDim, bias, bias,
+                beforeProjections: swa ? bb => bb.Param("sinks", heads) : null);
+            if (layout == Layout.V5 || swa)
             {
                 Norms(b, p, hidden);
                 using (b.Scope("block_sparse_moe", p + "MoE", ModuleLocation.Other))
@@ -78,7 +89,10 @@ internal sealed class GraniteMoeFamily : IArchitecture
                     b.Linear("output_linear", sharedInter, hidden);
                 }
             }
-        });
+        }, modelTail: swa
+            ? () => b.ModuleList("rotary_embs", DistinctRopeThetas(c),
+                i => b.Leaf(i.ToString(System.Globalization.CultureInfo.InvariantCulture), p + "RotaryEmbedding"))
+            : null);
 
         var all = Enumerable.Range(0, (int)layers).ToList();
         var moe = new MoeFacts(experts, topK, sharedInter > 0 ? 1 : 0, inter, sharedInter, all, [],
@@ -87,6 +101,22 @@ internal sealed class GraniteMoeFamily : IArchitecture
         {
             RuntimeUnavailable = "Granite's embedding, attention, residual and logits multipliers",
         };
+    }
+
+    /// <summary>How many distinct non-zero <c>layer_rope_theta</c> values there are (0 marks a NoPE layer).</summary>
+    private static int DistinctRopeThetas(ModelConfig c)
+    {
+        if (!c.Json.TryGetPropertyValue("layer_rope_theta", out var node) || node is null)
+        {
+            // Default: every layer at rope_parameters.rope_theta (10000 unless set).
+            var theta = c.Sub("rope_parameters")?.Double("rope_theta", 10000.0) ?? c.Double("rope_theta", 10000.0);
+            return theta != 0 ? 1 : 0;
+        }
+        if (node is not System.Text.Json.Nodes.JsonArray list)
+            throw new ConfigException($"config field 'layer_rope_theta' must be a list of numbers, got {node.ToJsonString()}");
+        return list.Select(x => x is not null && JsonNumbers.TryDouble(x, out var d) ? d
+                : throw new ConfigException("config field 'layer_rope_theta' must be a list of numbers"))
+            .Where(d => d != 0).Distinct().Count();
     }
 
     private static void Norms(TreeBuilder b, string p, long hidden)

@@ -42,6 +42,12 @@ public static class ArchitectureRegistry
         new Glm4vMoeFamily(),
         new KimiK25Family(),
         new DeepseekV4Family(),
+        new MiniMaxFamily(),
+        new MiniMaxM3Family(),
+        new LagunaFamily(),
+        new Cohere2MoeFamily(),
+        new JetMoeFamily(),
+        new AxkFamily(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =

@@ -1,0 +1,103 @@
+using MoeLora.Core.Config;
+using MoeLora.Core.Modules;
+
+namespace MoeLora.Core.Architectures;
+
+/// <summary>
+/// MiniMax-Text-01 (<c>minimax</c>) and MiniMax-M2 (<c>minimax_m2</c>), both derived from Mixtral: every layer MoE,
+/// fused experts of <c>intermediate_size</c> under <c>mlp</c> in transformers 5, per-expert <c>w1/w2/w3</c> under
+/// <c>block_sparse_moe</c> on disk (transformers' conversion mapping).
+/// <para>
+/// minimax is a hybrid: <c>layer_types</c> (default: even layers full attention, odd layers
+/// <c>linear_attention</c>) picks softmax attention or MiniMaxLightningAttention (act_fn, an RMSNorm over
+/// heads·head_dim, qkv_proj, out_proj, output_gate; its decay tables are persistent buffers, not parameters). The
+/// decoder layer registers self_attn, the norms, then mlp. Layout.V4 is 4.57's tree (Mixtral's order: self_attn,
+/// block_sparse_moe with an nn.Linear gate, then the norms); the Torch runtime does not implement lightning attention.
+/// </para>
+/// <para>
+/// minimax_m2 is new in transformers 5: Layout.V4 means the on-disk checkpoint layout (v5 module classes, the
+/// TopK router kept, experts as a per-expert ModuleList). Its attention normalises q and k over all heads at once
+/// (q_norm [heads·head_dim], k_norm [kv_heads·head_dim]); routing is sigmoid with a persistent
+/// <c>e_score_correction_bias</c> buffer on the MoE block.
+/// </para>
+/// </summary>
+internal sealed class MiniMaxFamily : IArchitecture
+{
+    public IReadOnlyList<string> ModelTypes => ["minimax", "minimax_m2"];
+
+    public ModelSpec Build(ModelConfig c, Layout layout)
+    {
+        var type = c.ModelType!;
+        var m2 = type == "minimax_m2";
+        var p = m2 ? "MiniMaxM2" : "MiniMax";
+        // Defaults: MiniMaxConfig / MiniMaxM2Config.
+        var vocab = c.Positive("vocab_size", m2 ? 200064 : 32000);
+        var hidden = c.Positive("hidden_size", m2 ? 3072 : 4096);
+        var inter = c.Positive("intermediate_size", m2 ? 1536 : 14336);
+        var layers = c.Positive("num_hidden_layers", m2 ? 62 : 32);
+        var heads = c.Positive("num_attention_heads", m2 ? 48 : 32);
+        var kv = c.IntOrNull("num_key_value_heads", 8) ?? heads;
+        // MiniMax: head_dim or hidden // heads; M2: getattr(config, "head_dim", ...) with a class default of 128.
+        var headDim = m2 ? c.Positive("head_dim", 128) : Blocks.HeadDim(c, hidden, heads);
+        var experts = c.FirstInt("num_local_experts", "num_experts") ?? (m2 ? 256 : 8); // num_experts: attribute_map alias
+        var topK = c.Positive("num_experts_per_tok", m2 ? 8 : 2);
+        var tie = c.Bool("tie_word_embeddings", false);
+        var act = c.String("hidden_act", "silu")!;
+        var actClass = Blocks.ActivationClass(act, layout);
+        var layerTypes = m2 ? null : c.StringList("layer_types")
+            ?? Enumerable.Range(0, (int)layers).Select(i => (i + 1) % 2 != 0 ? "full_attention" : "linear_attention").ToList();
+        if (layerTypes is not null && layerTypes.Count < layers)
+            throw new ConfigException($"config field 'layer_types' has {layerTypes.Count} entries but num_hidden_layers is {layers}");
+        var v5 = layout == Layout.V5;
+
+        var b = new TreeBuilder(p + "ForCausalLM", layout);
+        Blocks.CausalLm(b, p, vocab, hidden, layers, tie, i =>
+        {
+            if (layerTypes is not null && layerTypes[i] == "linear_attention")
+            {
+                using (b.Scope("self_attn", "MiniMaxLightningAttention", ModuleLocation.Attention))
+                {
+                    b.Leaf("act_fn", actClass);
+                    b.RmsNorm("norm", "MiniMaxRMSNorm", heads * headDim);
+                    b.Linear("qkv_proj", hidden, 3 * heads * headDim);
+                    b.Linear("out_proj", heads * headDim, hidden);
+                    b.Linear("output_gate", hidden, heads * headDim);
+                }
+            }
+            else
+            {
+                Blocks.Attention(b, p + "Attention", hidden, heads, kv, headDim, false, false, afterProjections: m2
+                    ? bb =>
+                    {
+                        bb.RmsNorm("q_norm", p + "RMSNorm", heads * headDim);
+                        bb.RmsNorm("k_norm", p + "RMSNorm", kv * headDim);
+                    }
+                    : null);
+            }
+            // 5.17 MiniMax registers the norms before mlp; M2 and 4.57 MiniMax (Mixtral's order) after it.
+            var normsFirst = !m2 && v5;
+            if (normsFirst) Norms(b, p, hidden);
+            using (b.Scope(v5 ? "mlp" : "block_sparse_moe", p + "SparseMoeBlock", ModuleLocation.Other))
+            {
+                if (m2) Blocks.TopKRouter(b, "gate", p + "TopKRouter", experts, hidden);
+                else Blocks.Router(b, layout, "gate", p + "TopKRouter", experts, hidden);
+                Blocks.Experts(b, layout, p, experts, hidden, inter, actClass, Blocks.ExpertNames.Mixtral,
+                    expertClass: m2 ? null : "MiniMaxBlockSparseTop2MLP");
+            }
+            if (!normsFirst) Norms(b, p, hidden);
+        });
+
+        var all = Enumerable.Range(0, (int)layers).ToList();
+        var routing = m2
+            ? $"sigmoid of {experts} router logits; top-{topK} chosen on sigmoid + e_score_correction_bias, their sigmoids renormalised"
+            : $"softmax over {experts} experts, top-{topK}, renormalised";
+        var moe = new MoeFacts(experts, topK, 0, inter, 0, all, [], routing);
+        return Blocks.Spec(c, type, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+    }
+
+    private static void Norms(TreeBuilder b, string p, long hidden)
+    {
+        b.RmsNorm("input_layernorm", p + "RMSNorm", hidden, ModuleLocation.Norm);
+        b.RmsNorm("post_attention_layernorm", p + "RMSNorm", hidden, ModuleLocation.Norm);
+    }
+}
