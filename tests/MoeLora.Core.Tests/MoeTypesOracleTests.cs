@@ -66,7 +66,6 @@ public class MoeTypesOracleTests
     /// <summary>Supported types whose entry here is not yet reproduced, with the reason (excluded from the golden tests).</summary>
     internal static readonly IReadOnlyDictionary<string, string> NotYetReproduced = new Dictionary<string, string>(StringComparer.Ordinal)
     {
-        ["llama4"] = "transformers builds Llama4ForCausalLM (AutoModelForCausalLM) when config.architectures is absent; MoeLora builds Llama4ForConditionalGeneration",
     };
 
     private static IEnumerable<string> BuiltTypes() =>

@@ -10,6 +10,7 @@ public static class PeftModelTables
     public static IReadOnlyList<string>? DefaultTargetModules(string modelType) => modelType switch
     {
         "llama" or "llama4" or "mistral" or "mixtral" or "qwen2" or "qwen3" => ["q_proj", "v_proj"],
+        "nemotron_h" => ["q_proj", "k_proj", "v_proj", "o_proj"],
         _ => null,
     };
 
