@@ -30,6 +30,8 @@ public static class ArchitectureRegistry
         new GraniteMoeFamily(),
         new Qwen3NextFamily(),
         new JambaFamily(),
+        new Qwen3_5MoeFamily(),
+        new Qwen3VLMoeFamily(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =
