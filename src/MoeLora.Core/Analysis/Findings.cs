@@ -23,7 +23,15 @@ public static class Findings
         if (spec.Moe.IsMoe && !byLoc.ContainsKey(ModuleLocation.RoutedExpert))
         {
             var missing = rows.Where(r => r.Adapters == 0).Select(r => r.Target).ToList();
-            var why = missing.Count > 0 ? $" ({string.Join(", ", missing)} matched nothing)" : "";
+            // Expert-style names that did match, but only the shared expert's (or dense layers') Linear modules.
+            var elsewhere = rows.Where(r => r.Adapters > 0 && r.ByLocation.Keys.All(l => l is ModuleLocation.SharedExpert or ModuleLocation.Mlp))
+                .ToList();
+            var reasons = new List<string>();
+            if (missing.Count > 0) reasons.Add($"{string.Join(", ", missing)} matched nothing");
+            if (elsewhere.Count > 0)
+                reasons.Add($"{string.Join(", ", elsewhere.Select(r => r.Target))} reach only the " +
+                    string.Join(" and ", elsewhere.SelectMany(r => r.ByLocation.Keys).Distinct().Order().Select(l => l.Label())));
+            var why = reasons.Count > 0 ? $" ({string.Join("; ", reasons)})" : "";
             list.Add(new("experts_missed",
                 $"No adapter reaches the routed experts ({spec.Moe.NumExperts} experts in each of {spec.Moe.MoeLayers.Count} MoE layers){why}. " +
                 $"Here they are {ExpertDescription(spec)}."));
