@@ -26,8 +26,6 @@ public class MoeTypesOracleTests
     internal static readonly IReadOnlyDictionary<string, string> NotYetCovered = new Dictionary<string, string>(StringComparer.Ordinal)
     {
         ["afmoe"] = "not implemented yet",
-        ["aria"] = "not implemented yet",
-        ["aria_text"] = "not implemented yet",
         ["axk1"] = "not implemented yet",
         ["axk2"] = "not implemented yet",
         ["cohere2_moe"] = "not implemented yet",

@@ -32,6 +32,7 @@ public static class ArchitectureRegistry
         new JambaFamily(),
         new Qwen3_5MoeFamily(),
         new Qwen3VLMoeFamily(),
+        new AriaFamily(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =
