@@ -82,12 +82,12 @@ public static class Findings
     /// <summary>How the routed experts appear in this layout.</summary>
     public static string ExpertDescription(ModelSpec spec)
     {
-        var expertsModule = spec.Tree.Modules.FirstOrDefault(m => m.Kind == ModuleKind.Experts);
-        if (expertsModule is not null)
+        var expertsModules = FirstExpertsModules(spec);
+        if (expertsModules.Count > 0)
         {
-            var rel = Relative(spec, expertsModule.Name);
-            var kind = expertsModule.Parameters.All(p => p.Shape.Length == 3) ? "3-D parameters" : "stacked 2-D parameters (all experts' rows in one matrix)";
-            return $"{kind} {string.Join(" and ", expertsModule.Parameters.Select(p => $"{rel}.{p.LocalName} {p.ShapeText}"))}, reachable only through target_parameters";
+            var parameters = expertsModules.SelectMany(m => m.Parameters.Select(p => (Module: m, Param: p))).ToList();
+            var kind = parameters.All(x => x.Param.Shape.Length == 3) ? "3-D parameters" : "stacked 2-D parameters (all experts' rows in one matrix)";
+            return $"{kind} {string.Join(" and ", parameters.Select(x => $"{Relative(spec, x.Module.Name)}.{x.Param.LocalName} {x.Param.ShapeText}"))}, reachable only through target_parameters";
         }
         var linear = spec.Tree.Modules.FirstOrDefault(m => m.Location == ModuleLocation.RoutedExpert && m.Kind == ModuleKind.Linear);
         if (linear is not null)
@@ -160,8 +160,9 @@ public static class Findings
         }
         if (codes.Contains("vision_adapted"))
         {
-            var cfg = requested with { ExcludeModules = ModuleSelector.Regex(@"(vision_model|multi_modal_projector)\..*") };
-            Add(recs, plan, "Keep LoRA in the language model", "Set exclude_modules to the regex (vision_model|multi_modal_projector)\\..* (a list would only exclude the tower's root module).", cfg);
+            var regex = "(" + string.Join("|", TowerRoots(spec).Select(r => r.Replace(".", @"\.", StringComparison.Ordinal))) + @")\..*";
+            var cfg = requested with { ExcludeModules = ModuleSelector.Regex(regex) };
+            Add(recs, plan, "Keep LoRA in the language model", $"Set exclude_modules to the regex {regex} (a list would only exclude the tower's root module).", cfg);
         }
         if (hidden.TargetLayers.Count > 0)
         {
@@ -203,12 +204,27 @@ public static class Findings
     /// <summary>The exact target_parameters entries that reach this model's routed experts.</summary>
     public static IReadOnlyList<string> ExpertTargetParameters(ModelSpec spec)
     {
-        var experts = spec.Tree.Modules.FirstOrDefault(m => m.Kind == ModuleKind.Experts);
-        if (experts is null) return [];
-        var rel = Relative(spec, experts.Name);
         // 3-D fused experts, or DBRX's 2-D stacked ones; biases (gpt-oss *_proj_bias) are not weights to adapt.
-        return experts.Parameters.Where(p => p.Shape.Length >= 2 && !p.LocalName.EndsWith("bias", StringComparison.Ordinal))
-            .Select(p => $"{rel}.{p.LocalName}").ToList();
+        return FirstExpertsModules(spec).SelectMany(m => m.Parameters
+                .Where(p => p.Shape.Length >= 2 && !p.LocalName.EndsWith("bias", StringComparison.Ordinal))
+                .Select(p => $"{Relative(spec, m.Name)}.{p.LocalName}"))
+            .ToList();
+    }
+
+    /// <summary>The outermost vision-tower and projector modules (e.g. <c>vision_model</c>, <c>model.multi_modal_projector</c>).</summary>
+    private static IEnumerable<string> TowerRoots(ModelSpec spec)
+    {
+        static bool IsTower(ModuleNode? m) => m?.Location is ModuleLocation.Vision or ModuleLocation.Projector;
+        return spec.Tree.Modules.Where(m => IsTower(m) && !IsTower(spec.Tree.Find(m.Name.Contains('.') ? m.Name[..m.Name.LastIndexOf('.')] : "")))
+            .Select(m => m.Name);
+    }
+
+    /// <summary>The fused experts modules of the first MoE layer: one module for most models, fc1 and fc2 for Aria.</summary>
+    private static List<ModuleNode> FirstExpertsModules(ModelSpec spec)
+    {
+        var first = spec.Tree.Modules.FirstOrDefault(m => m.Kind == ModuleKind.Experts);
+        if (first is null) return [];
+        return spec.Tree.Modules.Where(m => m.Kind == ModuleKind.Experts && m.LayerIndex == first.LayerIndex).ToList();
     }
 
     private static void Add(List<Recommendation> recs, AdapterPlan plan, string title, string detail, LoraConfig cfg)
