@@ -33,6 +33,8 @@ public static class ArchitectureRegistry
         new Qwen3_5MoeFamily(),
         new Qwen3VLMoeFamily(),
         new AriaFamily(),
+        new DogeFamily(),
+        new NemotronHFamily(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =

@@ -140,17 +140,15 @@ internal sealed class Qwen3_5MoeFamily : IArchitecture
         }
     }
 
-    /// <summary><c>layer_types</c>, or every <c>full_attention_interval</c>-th (4) layer full attention.</summary>
+    /// <summary><c>layer_types</c> (legacy names remapped), or every <c>full_attention_interval</c>-th (4) layer full attention.</summary>
     private static IReadOnlyList<string> LayerTypes(ModelConfig text, long layers)
     {
         var interval = text.Positive("full_attention_interval", 4);
-        var types = text.StringList("layer_types")
+        var types = Blocks.LayerTypes(text)
             ?? Enumerable.Range(0, (int)layers).Select(i => (i + 1) % interval != 0 ? "linear_attention" : "full_attention").ToList();
         if (types.Count < layers)
             throw new ConfigException($"config field 'layer_types' has {types.Count} entries for {layers} layers");
-        var bad = types.FirstOrDefault(t => t is not ("linear_attention" or "full_attention"));
-        if (bad is not null)
-            throw new ConfigException($"config field 'layer_types' holds '{bad}'; Qwen3.5-MoE layers are 'linear_attention' or 'full_attention'");
+        Blocks.CheckLayerTypes(types, "layer_types", "linear_attention", "full_attention");
         return types;
     }
 }

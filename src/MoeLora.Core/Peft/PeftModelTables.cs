@@ -32,6 +32,18 @@ public static class PeftModelTables
     /// </summary>
     public static bool HasCheckpointConversion(string modelType) => CheckpointConversionTypes.Contains(modelType);
 
+    /// <summary>
+    /// <c>_check_lora_target_modules_mamba</c>: for these model types PEFT refuses LoRA on modules whose leaf name is
+    /// <c>out_proj</c> or <c>conv1d</c> (the Mamba mixer's), wherever they sit.
+    /// </summary>
+    public static bool RejectsMambaTargets(string modelType, string leafName) =>
+        MambaModelTypes.Contains(modelType) && leafName is "out_proj" or "conv1d";
+
+    private static readonly HashSet<string> MambaModelTypes = new(StringComparer.Ordinal)
+    {
+        "falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"
+    };
+
     private static readonly HashSet<string> MixtralPatternTypes = new(StringComparer.Ordinal)
     {
         "minimax", "minimax_m2", "mixtral"
