@@ -39,7 +39,6 @@ public class MoeTypesOracleTests
         ["granitemoe_swa"] = "not implemented yet",
         ["hy_v3"] = "not implemented yet",
         ["inkling_mm_model"] = "not implemented yet",
-        ["inkling_text"] = "not implemented yet",
         ["jetmoe"] = "not implemented yet",
         ["kimi_k25"] = "not implemented yet",
         ["laguna"] = "not implemented yet",

@@ -219,12 +219,13 @@ public static class Findings
             .Select(m => m.Name);
     }
 
-    /// <summary>The fused experts modules of the first MoE layer: one module for most models, fc1 and fc2 for Aria.</summary>
+    /// <summary>The fused routed-experts modules of the first MoE layer: one module for most models, fc1 and fc2 for Aria.</summary>
     private static List<ModuleNode> FirstExpertsModules(ModelSpec spec)
     {
-        var first = spec.Tree.Modules.FirstOrDefault(m => m.Kind == ModuleKind.Experts);
+        static bool IsRouted(ModuleNode m) => m.Kind == ModuleKind.Experts && m.Location == ModuleLocation.RoutedExpert;
+        var first = spec.Tree.Modules.FirstOrDefault(IsRouted);
         if (first is null) return [];
-        return spec.Tree.Modules.Where(m => m.Kind == ModuleKind.Experts && m.LayerIndex == first.LayerIndex).ToList();
+        return spec.Tree.Modules.Where(m => IsRouted(m) && m.LayerIndex == first.LayerIndex).ToList();
     }
 
     private static void Add(List<Recommendation> recs, AdapterPlan plan, string title, string detail, LoraConfig cfg)

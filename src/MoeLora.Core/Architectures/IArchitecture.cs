@@ -35,6 +35,7 @@ public static class ArchitectureRegistry
         new AriaFamily(),
         new DogeFamily(),
         new NemotronHFamily(),
+        new InklingFamily(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =
