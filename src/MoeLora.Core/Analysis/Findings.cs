@@ -23,7 +23,15 @@ public static class Findings
         if (spec.Moe.IsMoe && !byLoc.ContainsKey(ModuleLocation.RoutedExpert))
         {
             var missing = rows.Where(r => r.Adapters == 0).Select(r => r.Target).ToList();
-            var why = missing.Count > 0 ? $" ({string.Join(", ", missing)} matched nothing)" : "";
+            // Expert-style names that did match, but only the shared expert's (or dense layers') Linear modules.
+            var elsewhere = rows.Where(r => r.Adapters > 0 && r.ByLocation.Keys.All(l => l is ModuleLocation.SharedExpert or ModuleLocation.Mlp))
+                .ToList();
+            var reasons = new List<string>();
+            if (missing.Count > 0) reasons.Add($"{string.Join(", ", missing)} matched nothing");
+            if (elsewhere.Count > 0)
+                reasons.Add($"{string.Join(", ", elsewhere.Select(r => r.Target))} reach only the " +
+                    string.Join(" and ", elsewhere.SelectMany(r => r.ByLocation.Keys).Distinct().Order().Select(l => l.Label())));
+            var why = reasons.Count > 0 ? $" ({string.Join("; ", reasons)})" : "";
             list.Add(new("experts_missed",
                 $"No adapter reaches the routed experts ({spec.Moe.NumExperts} experts in each of {spec.Moe.MoeLayers.Count} MoE layers){why}. " +
                 $"Here they are {ExpertDescription(spec)}."));
@@ -74,12 +82,12 @@ public static class Findings
     /// <summary>How the routed experts appear in this layout.</summary>
     public static string ExpertDescription(ModelSpec spec)
     {
-        var group = FirstExpertsGroup(spec);
-        if (group.Count > 0)
+        var expertsModules = FirstExpertsGroup(spec);
+        if (expertsModules.Count > 0)
         {
-            var parameters = group.SelectMany(m => m.Parameters.Select(p => (Module: m, Parameter: p))).ToList();
-            var kind = parameters.All(x => x.Parameter.Shape.Length == 3) ? "3-D parameters" : "stacked 2-D parameters (all experts' rows in one matrix)";
-            return $"{kind} {string.Join(" and ", parameters.Select(x => $"{Relative(spec, x.Module.Name)}.{x.Parameter.LocalName} {x.Parameter.ShapeText}"))}, reachable only through target_parameters";
+            var parameters = expertsModules.SelectMany(m => m.Parameters.Select(p => (Module: m, Param: p))).ToList();
+            var kind = parameters.All(x => x.Param.Shape.Length == 3) ? "3-D parameters" : "stacked 2-D parameters (all experts' rows in one matrix)";
+            return $"{kind} {string.Join(" and ", parameters.Select(x => $"{Relative(spec, x.Module.Name)}.{x.Param.LocalName} {x.Param.ShapeText}"))}, reachable only through target_parameters";
         }
         var linear = spec.Tree.Modules.FirstOrDefault(m => m.Location == ModuleLocation.RoutedExpert && m.Kind == ModuleKind.Linear);
         if (linear is not null)
@@ -152,8 +160,9 @@ public static class Findings
         }
         if (codes.Contains("vision_adapted"))
         {
-            var cfg = requested with { ExcludeModules = ModuleSelector.Regex(@"(vision_model|multi_modal_projector)\..*") };
-            Add(recs, plan, "Keep LoRA in the language model", "Set exclude_modules to the regex (vision_model|multi_modal_projector)\\..* (a list would only exclude the tower's root module).", cfg);
+            var regex = "(" + string.Join("|", TowerRoots(spec).Select(r => r.Replace(".", @"\.", StringComparison.Ordinal))) + @")\..*";
+            var cfg = requested with { ExcludeModules = ModuleSelector.Regex(regex) };
+            Add(recs, plan, "Keep LoRA in the language model", $"Set exclude_modules to the regex {regex} (a list would only exclude the tower's root module).", cfg);
         }
         if (hidden.TargetLayers.Count > 0)
         {
@@ -207,10 +216,19 @@ public static class Findings
     /// <summary>The exact target_parameters entries that reach this model's routed experts.</summary>
     public static IReadOnlyList<string> ExpertTargetParameters(ModelSpec spec)
     {
-        var group = FirstExpertsGroup(spec);
         // 3-D fused experts, or DBRX's 2-D stacked ones; biases (gpt-oss *_proj_bias) are not weights to adapt.
-        return group.SelectMany(m => m.Parameters.Where(p => p.Shape.Length >= 2 && !p.LocalName.EndsWith("bias", StringComparison.Ordinal))
-            .Select(p => $"{Relative(spec, m.Name)}.{p.LocalName}")).ToList();
+        return FirstExpertsGroup(spec).SelectMany(m => m.Parameters
+                .Where(p => p.Shape.Length >= 2 && !p.LocalName.EndsWith("bias", StringComparison.Ordinal))
+                .Select(p => $"{Relative(spec, m.Name)}.{p.LocalName}"))
+            .ToList();
+    }
+
+    /// <summary>The outermost vision-tower and projector modules (e.g. <c>vision_model</c>, <c>model.multi_modal_projector</c>).</summary>
+    private static IEnumerable<string> TowerRoots(ModelSpec spec)
+    {
+        static bool IsTower(ModuleNode? m) => m?.Location is ModuleLocation.Vision or ModuleLocation.Projector;
+        return spec.Tree.Modules.Where(m => IsTower(m) && !IsTower(spec.Tree.Find(m.Name.Contains('.') ? m.Name[..m.Name.LastIndexOf('.')] : "")))
+            .Select(m => m.Name);
     }
 
     private static void Add(List<Recommendation> recs, AdapterPlan plan, string title, string detail, LoraConfig cfg)

@@ -15,6 +15,7 @@ internal static partial class Blocks
         "gelu_pytorch_tanh" => layout == Layout.V5 ? "GELUTanh" : "PytorchGELUTanh",
         "gelu_new" => "NewGELUActivation",
         "relu" => "ReLU",
+        "relu2" => "ReLUSquaredActivation",
         _ => act,
     };
 

@@ -48,6 +48,12 @@ public static class ArchitectureRegistry
         new Cohere2MoeFamily(),
         new JetMoeFamily(),
         new AxkFamily(),
+        new Qwen3_5MoeFamily(),
+        new Qwen3VLMoeFamily(),
+        new AriaFamily(),
+        new DogeFamily(),
+        new NemotronHFamily(),
+        new InklingFamily(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =

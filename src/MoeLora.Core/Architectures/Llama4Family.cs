@@ -5,9 +5,10 @@ using MoeLora.Core.Modules;
 namespace MoeLora.Core.Architectures;
 
 /// <summary>
-/// Llama 4 (identical layout in transformers 4.51-5.17). <c>llama4</c> builds
-/// <c>Llama4ForConditionalGeneration</c> (vision tower, projector, then <c>language_model</c>);
-/// <c>llama4_text</c> builds <c>Llama4ForCausalLM</c>. Experts are fused 3-D parameters stored (E, in, out); the
+/// Llama 4 (identical layout in transformers 4.51-5.17). A <c>llama4</c> config builds the class its
+/// <c>architectures</c> names (real checkpoints: <c>Llama4ForConditionalGeneration</c>, vision tower, projector, then
+/// <c>language_model</c>), else what <c>AutoModelForCausalLM</c> builds: <c>Llama4ForCausalLM</c> over its
+/// <c>text_config</c>. <c>llama4_text</c> builds <c>Llama4ForCausalLM</c>. Experts are fused 3-D parameters stored (E, in, out); the
 /// router subclasses nn.Linear, so PEFT's all-linear reaches it.
 /// </summary>
 internal sealed class Llama4Family : IArchitecture
@@ -16,8 +17,9 @@ internal sealed class Llama4Family : IArchitecture
 
     public ModelSpec Build(ModelConfig c, Layout layout)
     {
-        var multimodal = c.ModelType == "llama4";
-        var text = multimodal ? c.Sub("text_config") ?? new ModelConfig(new System.Text.Json.Nodes.JsonObject(), c) : c;
+        var composite = c.ModelType == "llama4";
+        var multimodal = composite && Blocks.HeadClass(c, "Llama4ForCausalLM", "Llama4ForConditionalGeneration") == "Llama4ForConditionalGeneration";
+        var text = composite ? Blocks.SubOrDefaults(c, "text_config") : c;
 
         var vocab = text.Positive("vocab_size", 202048);
         var hidden = text.Positive("hidden_size", 5120);
@@ -49,7 +51,7 @@ internal sealed class Llama4Family : IArchitecture
         var prefix = "";
         if (multimodal)
         {
-            Vision(b, c.Sub("vision_config") ?? new ModelConfig(new System.Text.Json.Nodes.JsonObject(), c), hidden);
+            Vision(b, Blocks.SubOrDefaults(c, "vision_config"), hidden);
             // Left open on purpose: everything after this line belongs to language_model.
             _ = b.Scope("language_model", "Llama4ForCausalLM", ModuleLocation.Other);
             prefix = "language_model.";
@@ -90,7 +92,10 @@ internal sealed class Llama4Family : IArchitecture
         var moe = new MoeFacts(experts, topK, 1, inter, inter, moeLayers, denseLayers,
             $"sigmoid of the top-{topK} router logit of {experts} experts (scales the token before the expert), plus a shared expert");
         // Multimodal checkpoints nest the language model under language_model.; the text config is text_config.
-        return Blocks.Spec(c, c.ModelType!, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        // A Llama4ForCausalLM built from a llama4 config runs on its text_config, so its config.model_type (which PEFT's
+        // tables read) is the text config's.
+        var modelType = composite && !multimodal ? text.ModelType ?? "llama4_text" : c.ModelType!;
+        return Blocks.Spec(c, modelType, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
         {
             TextConfig = text,
             DecoderLayersPath = prefix + "model.layers",

@@ -59,7 +59,13 @@ public static class AdapterPlanner
             {
                 case MatchResult.Excluded: anyExcluded = true; break;
                 case MatchResult.NoMatch: anyUnmatched = true; break;
-                default: targets.Add(WrapModule(spec, cfg, module, tiedToEmbedding: false)); break;
+                default:
+                    if (PeftModelTables.RejectsMambaTargets(spec.ModelType, module.LeafName))
+                        throw new PeftInjectionException("ValueError",
+                            $"[PEFT:PeftType.LORA] Module '{module.LeafName}' is incompatible with Mamba-based models (model_type='{spec.ModelType}'). " +
+                            "Incompatible modules: {'out_proj', 'conv1d'}. Please remove it from `target_modules` to avoid compatibility issues.");
+                    targets.Add(WrapModule(spec, cfg, module, tiedToEmbedding: false));
+                    break;
             }
         }
         var moduleTargetCount = targets.Count;

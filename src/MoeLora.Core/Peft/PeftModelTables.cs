@@ -10,6 +10,7 @@ public static class PeftModelTables
     public static IReadOnlyList<string>? DefaultTargetModules(string modelType) => modelType switch
     {
         "llama" or "llama4" or "mistral" or "mixtral" or "qwen2" or "qwen3" => ["q_proj", "v_proj"],
+        "nemotron_h" => ["q_proj", "k_proj", "v_proj", "o_proj"],
         _ => null,
     };
 
@@ -30,6 +31,18 @@ public static class PeftModelTables
     /// peft ≤ 0.18.
     /// </summary>
     public static bool HasCheckpointConversion(string modelType) => CheckpointConversionTypes.Contains(modelType);
+
+    /// <summary>
+    /// <c>_check_lora_target_modules_mamba</c>: for these model types PEFT refuses LoRA on modules whose leaf name is
+    /// <c>out_proj</c> or <c>conv1d</c> (the Mamba mixer's), wherever they sit.
+    /// </summary>
+    public static bool RejectsMambaTargets(string modelType, string leafName) =>
+        MambaModelTypes.Contains(modelType) && leafName is "out_proj" or "conv1d";
+
+    private static readonly HashSet<string> MambaModelTypes = new(StringComparer.Ordinal)
+    {
+        "falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"
+    };
 
     private static readonly HashSet<string> MixtralPatternTypes = new(StringComparer.Ordinal)
     {

@@ -1,0 +1,83 @@
+using MoeLora.Core.Config;
+using MoeLora.Core.Modules;
+
+namespace MoeLora.Core.Architectures;
+
+/// <summary>
+/// Qwen3-VL-MoE (<c>qwen3_vl_moe</c>): <c>Qwen3VLMoeForConditionalGeneration</c> (transformers 5.17 has no causal-LM
+/// class for it): <c>model.visual</c> (the Qwen3-VL vision tower with its deepstack mergers), then
+/// <c>model.language_model</c>, a Qwen3-MoE decoder (q/k norms; a layer is MoE unless in <c>mlp_only_layers</c> or off
+/// <c>decoder_sparse_step</c>; experts registered before the softmax top-k router, no shared expert), and a root
+/// <c>lm_head</c> tied by the top-level <c>tie_word_embeddings</c>.
+/// <para>
+/// <see cref="Layout.V4"/> is what transformers 5.17's save_pretrained writes: the v5 names and shapes. Its checkpoint
+/// conversion only transposes fused experts whose shape differs from the runtime's (<c>Transpose(check_dims=True)</c>),
+/// so the (E, H, 2I) / (E, I, H) tensors of Hub checkpoints made with 4.57 load too, but are saved (E, 2I, H) / (E, H, I).
+/// </para>
+/// </summary>
+internal sealed class Qwen3VLMoeFamily : IArchitecture
+{
+    private const string P = "Qwen3VLMoe";
+
+    public IReadOnlyList<string> ModelTypes => ["qwen3_vl_moe"];
+
+    public ModelSpec Build(ModelConfig c, Layout layout)
+    {
+        var text = Blocks.SubOrDefaults(c, "text_config");
+        // Defaults: Qwen3VLMoeTextConfig (num_experts is stored as num_local_experts).
+        var vocab = text.Positive("vocab_size", 151936);
+        var hidden = text.Positive("hidden_size", 2048);
+        var inter = text.Positive("intermediate_size", 5632);
+        var layers = text.Positive("num_hidden_layers", 24);
+        var heads = text.Positive("num_attention_heads", 16);
+        var kv = text.IntOrNull("num_key_value_heads", 16) ?? heads;
+        var headDim = Blocks.HeadDim(text, hidden, heads);
+        var experts = text.FirstInt("num_local_experts", "num_experts") ?? 60;
+        var topK = text.Positive("num_experts_per_tok", 4);
+        var moeInter = text.Positive("moe_intermediate_size", 1408);
+        var step = text.Int("decoder_sparse_step", 1);
+        var mlpOnly = new HashSet<long>(text.IntList("mlp_only_layers") ?? []);
+        var bias = text.Bool("attention_bias", false);
+        var act = text.String("hidden_act", "silu")!;
+        var actClass = Blocks.ActivationClass(act, layout);
+        var tie = c.Bool("tie_word_embeddings", false);
+
+        var (moeLayers, denseLayers) = Blocks.SplitLayers(layers,
+            i => !mlpOnly.Contains(i) && experts > 0 && step > 0 && (i + 1) % step == 0);
+        var moeSet = moeLayers.ToHashSet();
+
+        var b = new TreeBuilder(P + "ForConditionalGeneration", layout);
+        using (b.Scope("model", P + "Model"))
+        {
+            Blocks.QwenVisionTower(b, "visual", P, Blocks.SubOrDefaults(c, "vision_config"), layout, deepstack: true);
+            Blocks.TextModel(b, "language_model", P + "TextModel", P + "TextDecoderLayer", vocab, hidden, layers, i =>
+            {
+                Blocks.Attention(b, P + "TextAttention", hidden, heads, kv, headDim, bias, bias, afterProjections: bb =>
+                {
+                    bb.RmsNorm("q_norm", P + "TextRMSNorm", headDim);
+                    bb.RmsNorm("k_norm", P + "TextRMSNorm", headDim);
+                });
+                if (moeSet.Contains(i))
+                {
+                    using (b.Scope("mlp", P + "TextSparseMoeBlock", ModuleLocation.Other))
+                    {
+                        Blocks.FusedExperts(b, P + "TextExperts", experts, hidden, moeInter, actClass);
+                        Blocks.TopKRouter(b, "gate", P + "TextTopKRouter", experts, hidden);
+                    }
+                }
+                else
+                {
+                    Blocks.GatedMlp(b, "mlp", P + "TextMLP", hidden, inter, false, actClass, ModuleLocation.Mlp);
+                }
+                b.RmsNorm("input_layernorm", P + "TextRMSNorm", hidden, ModuleLocation.Norm);
+                b.RmsNorm("post_attention_layernorm", P + "TextRMSNorm", hidden, ModuleLocation.Norm);
+            }, P + "TextRMSNorm", P + "TextRotaryEmbedding");
+        }
+        Blocks.LmHead(b, hidden, vocab, tie, "model.language_model.embed_tokens");
+
+        var moe = new MoeFacts(experts, topK, 0, moeInter, 0, moeLayers, denseLayers,
+            $"softmax over {experts} experts, top-{topK}, renormalised");
+        return Blocks.NestedSpec(c, text, "qwen3_vl_moe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act,
+            "model.language_model");
+    }
+}

@@ -1,0 +1,154 @@
+using MoeLora.Core.Config;
+using MoeLora.Core.Modules;
+
+namespace MoeLora.Core.Architectures;
+
+/// <summary>
+/// Qwen3.5-MoE (<c>qwen3_5_moe</c>, <c>qwen3_5_moe_text</c>): the Qwen3-Next hybrid (Gated DeltaNet linear attention,
+/// every <c>full_attention_interval</c>-th layer gated full attention, per <c>layer_types</c>) with an MoE block in
+/// every layer: softmax top-k router, fused experts, a sigmoid-gated shared expert. The Gated DeltaNet splits
+/// Qwen3-Next's in_proj_qkvz / in_proj_ba into in_proj_qkv, in_proj_z, in_proj_b, in_proj_a.
+/// <para>
+/// A <c>qwen3_5_moe</c> config builds the class its <c>architectures</c> names; without one,
+/// <c>AutoModelForCausalLM</c> builds the text-only <c>Qwen3_5MoeForCausalLM</c> over <c>text_config</c> (its
+/// config.model_type, which PEFT reads, is then <c>qwen3_5_moe_text</c>). <c>Qwen3_5MoeForConditionalGeneration</c>
+/// nests <c>model.visual</c> (the Qwen3-VL vision tower without deepstack mergers) and <c>model.language_model</c>.
+/// </para>
+/// <para>
+/// PEFT 0.21 has no MoE rewrite for these types, so <c>gate_proj</c>/<c>up_proj</c>/<c>down_proj</c> reach only the
+/// shared expert; the routed experts need <c>target_parameters</c>.
+/// </para>
+/// <para>
+/// Not in transformers 4.57: <see cref="Layout.V4"/> means the on-disk checkpoint layout, which transformers 5.17
+/// writes per expert (<c>mlp.experts.{e}.gate_proj/up_proj/down_proj</c>, its qwen2_moe conversion) under the v5
+/// module names. The oracle checks this for <c>Qwen3_5MoeForCausalLM</c>; for the multimodal class the same rule is
+/// applied under <c>model.language_model</c>.
+/// </para>
+/// </summary>
+internal sealed class Qwen3_5MoeFamily : IArchitecture
+{
+    private const string P = "Qwen3_5Moe";
+
+    public IReadOnlyList<string> ModelTypes => ["qwen3_5_moe", "qwen3_5_moe_text"];
+
+    public ModelSpec Build(ModelConfig c, Layout layout)
+    {
+        var composite = c.ModelType == "qwen3_5_moe";
+        var multimodal = composite && Blocks.HeadClass(c, P + "ForCausalLM", P + "ForConditionalGeneration") == P + "ForConditionalGeneration";
+        var text = composite ? Blocks.SubOrDefaults(c, "text_config") : c;
+
+        // Defaults: Qwen3_5MoeTextConfig.
+        var vocab = text.Positive("vocab_size", 248320);
+        var hidden = text.Positive("hidden_size", 2048);
+        var layers = text.Positive("num_hidden_layers", 40);
+        var heads = text.Positive("num_attention_heads", 16);
+        var kv = text.IntOrNull("num_key_value_heads", 2) ?? heads;
+        var headDim = Blocks.HeadDim(text, hidden, heads, classDefault: 256);
+        var lin = new LinearAttentionDims(
+            text.Positive("linear_conv_kernel_dim", 4),
+            text.Positive("linear_key_head_dim", 128),
+            text.Positive("linear_value_head_dim", 128),
+            text.Positive("linear_num_key_heads", 16),
+            text.Positive("linear_num_value_heads", 32));
+        var experts = text.Positive("num_experts", 256);
+        var topK = text.Positive("num_experts_per_tok", 8);
+        var moeInter = text.Positive("moe_intermediate_size", 512);
+        var sharedInter = text.Positive("shared_expert_intermediate_size", 512);
+        var bias = text.Bool("attention_bias", false);
+        var act = text.String("hidden_act", "silu")!;
+        var actClass = Blocks.ActivationClass(act, layout);
+        var layerTypes = LayerTypes(text, layers);
+        // The multimodal class ties by its own config; the causal LM by the (text) config it runs on.
+        var tie = multimodal ? c.Bool("tie_word_embeddings", false) : text.Bool("tie_word_embeddings", false);
+
+        var b = new TreeBuilder(multimodal ? P + "ForConditionalGeneration" : P + "ForCausalLM", layout);
+        void Layer(int i)
+        {
+            if (layerTypes[i] == "linear_attention") GatedDeltaNet(b, hidden, lin);
+            else
+            {
+                using (b.Scope("self_attn", P + "Attention", ModuleLocation.Attention))
+                {
+                    // q_proj also produces the per-head output gate, hence 2·heads·head_dim.
+                    b.Linear("q_proj", hidden, heads * headDim * 2, bias);
+                    b.Linear("k_proj", hidden, kv * headDim, bias);
+                    b.Linear("v_proj", hidden, kv * headDim, bias);
+                    b.Linear("o_proj", heads * headDim, hidden, bias);
+                    b.RmsNorm("q_norm", P + "RMSNorm", headDim);
+                    b.RmsNorm("k_norm", P + "RMSNorm", headDim);
+                }
+            }
+            using (b.Scope("mlp", P + "SparseMoeBlock", ModuleLocation.Other))
+            {
+                Blocks.TopKRouter(b, "gate", P + "TopKRouter", experts, hidden);
+                if (layout == Layout.V5) Blocks.FusedExperts(b, P + "Experts", experts, hidden, moeInter, actClass);
+                else Blocks.PerExpertMlps(b, "ModuleList", P + "MLP", experts, hidden, moeInter, actClass);
+                Blocks.GatedMlp(b, "shared_expert", P + "MLP", hidden, sharedInter, false, actClass, ModuleLocation.SharedExpert);
+                b.Linear("shared_expert_gate", hidden, 1, location: ModuleLocation.SharedExpert);
+            }
+            b.RmsNorm("input_layernorm", P + "RMSNorm", hidden, ModuleLocation.Norm);
+            b.RmsNorm("post_attention_layernorm", P + "RMSNorm", hidden, ModuleLocation.Norm);
+        }
+
+        var textModel = "model";
+        if (multimodal)
+        {
+            textModel = "model.language_model";
+            using (b.Scope("model", P + "Model"))
+            {
+                Blocks.QwenVisionTower(b, "visual", P, Blocks.SubOrDefaults(c, "vision_config"), layout, deepstack: false);
+                Blocks.TextModel(b, "language_model", P + "TextModel", P + "DecoderLayer", vocab, hidden, layers, Layer,
+                    P + "RMSNorm", P + "TextRotaryEmbedding");
+            }
+        }
+        else
+        {
+            Blocks.TextModel(b, "model", P + "TextModel", P + "DecoderLayer", vocab, hidden, layers, Layer,
+                P + "RMSNorm", P + "TextRotaryEmbedding");
+        }
+        Blocks.LmHead(b, hidden, vocab, tie, textModel + ".embed_tokens");
+
+        var routing = $"softmax over {experts} experts, top-{topK}, renormalised, plus a sigmoid-gated shared expert";
+        var moe = new MoeFacts(experts, topK, 1, moeInter, sharedInter, Enumerable.Range(0, (int)layers).ToList(), [], routing);
+        var modelType = composite && !multimodal ? text.ModelType ?? "qwen3_5_moe_text" : c.ModelType!;
+        return Blocks.NestedSpec(c, text, modelType, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act, textModel);
+    }
+
+    private sealed record LinearAttentionDims(long ConvKernel, long KHeadDim, long VHeadDim, long KHeads, long VHeads);
+
+    /// <summary>
+    /// Qwen3_5MoeGatedDeltaNet: dt_bias and A_log [num_v_heads] first, then a depthwise Conv1d over q|k|v (no bias),
+    /// the gated RMSNorm over head_v_dim, out_proj, and the four input projections.
+    /// </summary>
+    private static void GatedDeltaNet(TreeBuilder b, long hidden, LinearAttentionDims d)
+    {
+        var keyDim = d.KHeadDim * d.KHeads;
+        var valueDim = d.VHeadDim * d.VHeads;
+        using (b.Scope("linear_attn", P + "GatedDeltaNet", ModuleLocation.Attention))
+        {
+            b.Param("dt_bias", d.VHeads);
+            b.Param("A_log", d.VHeads);
+            // A depthwise nn.Conv1d: all-linear never selects it.
+            using (b.Scope("conv1d", "Conv1d", kind: ModuleKind.Other))
+                b.Param("weight", keyDim * 2 + valueDim, 1, d.ConvKernel);
+            b.RmsNorm("norm", P + "RMSNormGated", d.VHeadDim);
+            b.Linear("out_proj", valueDim, hidden);
+            b.Linear("in_proj_qkv", hidden, keyDim * 2 + valueDim);
+            b.Linear("in_proj_z", hidden, valueDim);
+            b.Linear("in_proj_b", hidden, d.VHeads);
+            b.Linear("in_proj_a", hidden, d.VHeads);
+        }
+    }
+
+    /// <summary><c>layer_types</c> (legacy names remapped), or every <c>full_attention_interval</c>-th (4) layer full attention.</summary>
+    private static IReadOnlyList<string> LayerTypes(ModelConfig text, long layers)
+    {
+        var interval = text.Positive("full_attention_interval", 4);
+        var types = Blocks.LayerTypes(text)
+            ?? Enumerable.Range(0, (int)layers).Select(i => (i + 1) % interval != 0 ? "linear_attention" : "full_attention").ToList();
+        if (types.Count < layers)
+            throw new ConfigException($"config field 'layer_types' has {types.Count} entries for {layers} layers");
+        Blocks.CheckLayerTypes(types, "layer_types", "linear_attention", "full_attention");
+        return types;
+    }
+}
