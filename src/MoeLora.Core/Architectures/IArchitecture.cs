@@ -30,6 +30,10 @@ public static class ArchitectureRegistry
         new GraniteMoeFamily(),
         new Qwen3NextFamily(),
         new JambaFamily(),
+        new Dots1Family(),
+        new HunYuanMoeFamily(),
+        new Lfm2MoeFamily(),
+        new GraniteMoeHybridFamily(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =
