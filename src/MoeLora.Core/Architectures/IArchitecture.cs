@@ -34,6 +34,7 @@ public static class ArchitectureRegistry
         new HunYuanMoeFamily(),
         new Lfm2MoeFamily(),
         new GraniteMoeHybridFamily(),
+        new KimiLinearFamily(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =
