@@ -28,7 +28,6 @@ public class MoeTypesOracleTests
         // Second oracle batch (configs the generic shrink needed help with, see OVERRIDES in discover_moe.py).
         ["glm5_next"] = "not implemented yet",
         ["hy_v4"] = "not implemented yet",
-        ["qwen3_omni_moe_thinker"] = "not implemented yet",
 
         // First oracle batch.
         ["afmoe"] = "not implemented yet",

@@ -35,6 +35,7 @@ public static class ArchitectureRegistry
         new Lfm2MoeFamily(),
         new GraniteMoeHybridFamily(),
         new KimiLinearFamily(),
+        new Qwen3OmniMoeFamily(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =
