@@ -27,7 +27,6 @@ public class MoeTypesOracleTests
     {
         // Second oracle batch (configs the generic shrink needed help with, see OVERRIDES in discover_moe.py).
         ["glm5_next"] = "not implemented yet",
-        ["hy_v4"] = "not implemented yet",
 
         // First oracle batch.
         ["afmoe"] = "not implemented yet",

@@ -36,6 +36,7 @@ public static class ArchitectureRegistry
         new GraniteMoeHybridFamily(),
         new KimiLinearFamily(),
         new Qwen3OmniMoeFamily(),
+        new HyV4Family(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =
