@@ -37,6 +37,7 @@ public static class ArchitectureRegistry
         new KimiLinearFamily(),
         new Qwen3OmniMoeFamily(),
         new HyV4Family(),
+        new Glm5NextFamily(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =
