@@ -54,6 +54,14 @@ public static class ArchitectureRegistry
         new DogeFamily(),
         new NemotronHFamily(),
         new InklingFamily(),
+        new Dots1Family(),
+        new HunYuanMoeFamily(),
+        new Lfm2MoeFamily(),
+        new GraniteMoeHybridFamily(),
+        new KimiLinearFamily(),
+        new Qwen3OmniMoeFamily(),
+        new HyV4Family(),
+        new Glm5NextFamily(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =
