@@ -12,7 +12,7 @@ namespace MoeLora.Core.Architectures;
 /// <para>
 /// Not in transformers 4.57: <see cref="Layout.V4"/> means the on-disk checkpoint layout, which transformers 5.17
 /// writes under <c>backbone.</c> with per-expert <c>experts.{e}.up_proj/down_proj</c> (ModuleList of NemotronHMLP),
-/// and which also holds each router's persistent <c>e_score_correction_bias</c> (listed here as a tensor).
+/// and which also holds each router's persistent <c>e_score_correction_bias</c> (a declared buffer, renamed with the rest).
 /// </para>
 /// </summary>
 internal sealed class NemotronHFamily : IArchitecture
@@ -91,7 +91,7 @@ internal sealed class NemotronHFamily : IArchitecture
                                 using (b.Scope("gate", "NemotronHTopkRouter", ModuleLocation.Router, kind: ModuleKind.Router))
                                 {
                                     b.Param("weight", experts, hidden);
-                                    if (v4) b.Param("e_score_correction_bias", experts);
+                                    b.Buffer("e_score_correction_bias", experts);
                                 }
                                 Mlp(b, "shared_experts", hidden, sharedInter, mlpBias, mlpAct, ModuleLocation.SharedExpert);
                                 if (latent is { } l)
