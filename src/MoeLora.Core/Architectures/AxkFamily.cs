@@ -108,7 +108,10 @@ internal sealed class AxkFamily : IArchitecture
             $", scaled by {c.Double("routed_scaling_factor", 2.5)}, plus {shared} shared expert(s)" +
             (k2 ? "" : "; the block's output passes post_mlp_layernorm");
         var moe = new MoeFacts(experts, topK, shared, moeInter, sharedInter, moeLayers, denseLayers, routing);
-        return Blocks.Spec(c, type, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        return Blocks.Spec(c, type, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        {
+            RuntimeUnavailable = "A.X-K's MLA variant (q_gate_proj, attention indexer, gated RMSNorms)",
+        };
     }
 
     /// <summary>AXK2Indexer: the DeepSeek sparse-attention token selector (no value path, no output of its own).</summary>

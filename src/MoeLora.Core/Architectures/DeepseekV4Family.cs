@@ -81,7 +81,10 @@ internal sealed class DeepseekV4Family : IArchitecture
             $"top-{s.TopK} of {s.Experts} on scores + e_score_correction_bias (selection only); renormalised, scaled by " +
             c.Double("routed_scaling_factor", 1.5).ToString(CultureInfo.InvariantCulture);
         var moe = new MoeFacts(s.Experts, s.TopK, 1, s.MoeInter, s.MoeInter, moeLayers, [], routing);
-        return Blocks.Spec(c, "deepseek_v4", b.Build(), moe, s.Hidden, layers, s.Vocab, s.Heads, c.Int("num_key_value_heads", 1), tie, act);
+        return Blocks.Spec(c, "deepseek_v4", b.Build(), moe, s.Hidden, layers, s.Vocab, s.Heads, c.Int("num_key_value_heads", 1), tie, act) with
+        {
+            RuntimeUnavailable = "DeepSeek-V4's compressed attention and hash-routed expert layers",
+        };
     }
 
     /// <summary>layer_types: given, else the legacy per-layer compress_ratios (0/4/128), else 2 HCA then CSA/HCA alternating.</summary>

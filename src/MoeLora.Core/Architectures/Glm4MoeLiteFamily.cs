@@ -80,7 +80,10 @@ internal sealed class Glm4MoeLiteFamily : IArchitecture
         var routing = Blocks.GroupedTopKRouting("sigmoid", true, c.Int("n_group", d.Groups), c.Int("topk_group", d.TopkGroup),
             topK, experts, c.Bool("norm_topk_prob", true), c.Double("routed_scaling_factor", d.Scale));
         var moe = new MoeFacts(experts, topK, shared, moeInter, sharedInter, moeLayers, denseLayers, routing);
-        return Blocks.Spec(c, type, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        return Blocks.Spec(c, type, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        {
+            RuntimeUnavailable = "runtime settings not declared yet: no transformers reference for its MLA to check them against (deepseek_v32 and glm_moe_dsa also need the DSA sparse-attention indexer)",
+        };
     }
 
     /// <summary>

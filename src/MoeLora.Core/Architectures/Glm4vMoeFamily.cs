@@ -67,7 +67,10 @@ internal sealed class Glm4vMoeFamily : IArchitecture
         var routing = Blocks.GroupedTopKRouting("sigmoid", true, text.Int("n_group", 1), text.Int("topk_group", 1), topK, experts,
             text.Bool("norm_topk_prob", true), text.Double("routed_scaling_factor", 1.0));
         var moe = new MoeFacts(experts, topK, shared, moeInter, sharedInter, moeLayers, denseLayers, routing);
-        return Blocks.MultimodalSpec(c, text, "glm4v_moe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        return Blocks.MultimodalSpec(c, text, "glm4v_moe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        {
+            RuntimeUnavailable = "the GLM-4V vision tower and multimodal rope",
+        };
     }
 
     /// <summary>Glm4vMoeVisionModel (defaults: Glm4vMoeVisionConfig, 5.17).</summary>

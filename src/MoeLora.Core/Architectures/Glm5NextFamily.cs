@@ -162,6 +162,7 @@ internal sealed class Glm5NextFamily : IArchitecture
             : new MoeFacts(experts, topK, shared, moeInter, sharedInter, moeLayers, denseLayers, routing);
         return Blocks.Spec(c, "glm5_next", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
         {
+            RuntimeUnavailable = "linear attention and hyper-connections",
             TextConfig = text,
             DecoderLayersPath = "model.language_model.layers",
             InputEmbeddings = "model.language_model.embed_tokens",

@@ -98,7 +98,10 @@ internal sealed class GraniteMoeHybridFamily : IArchitecture
             ? new MoeFacts(experts, topK, 1, inter, sharedInter, all, [],
                 $"top-{topK} of {experts} router logits, softmax over the selected, plus an always-on shared MLP")
             : MoeFacts.Dense(layers);
-        return Blocks.Spec(c, "granitemoehybrid", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        return Blocks.Spec(c, "granitemoehybrid", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        {
+            RuntimeUnavailable = "Mamba-2 mixers",
+        };
     }
 
     private static void MoeBlock(TreeBuilder b, Layout layout, long experts, long hidden, long inter, string actClass)

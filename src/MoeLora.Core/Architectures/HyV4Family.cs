@@ -133,7 +133,10 @@ internal sealed class HyV4Family : IArchitecture
             $", scaled by {c.Double("routed_scaling_factor", 2.827)}, plus {shared} shared expert(s)";
         var moe = moeLayers.Count == 0 ? MoeFacts.Dense(layers)
             : new MoeFacts(experts, topK, shared, moeInter, sharedInter, moeLayers, denseLayers, routing);
-        return Blocks.Spec(c, "hy_v4", b.Build(), moe, hidden, layers, vocab, heads, heads, tie, act);
+        return Blocks.Spec(c, "hy_v4", b.Build(), moe, hidden, layers, vocab, heads, heads, tie, act) with
+        {
+            RuntimeUnavailable = "HY-V4's MLA with sparse indexer, attention sinks and hyper-connections",
+        };
     }
 
     /// <summary>HYV4Attention: MLA, the optional DSA indexer, the output gate and the per-head sinks.</summary>

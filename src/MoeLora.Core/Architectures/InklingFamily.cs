@@ -86,7 +86,10 @@ internal sealed class InklingFamily : IArchitecture
         var routing = $"sigmoid over {experts} routed + {shared} shared experts (+ e_score_correction_bias for the choice), " +
             $"top-{topK} routed; the chosen and shared experts' log-sigmoids are softmax-normalised together and scaled by route_scale";
         var moe = new MoeFacts(experts, topK, shared, moeInter, moeInter, moeLayers, denseLayers, routing);
-        return Blocks.Spec(c, "inkling_text", b.Build(), moe, hidden, layers, vocab, global.Heads, global.KvHeads, tie: false, act);
+        return Blocks.Spec(c, "inkling_text", b.Build(), moe, hidden, layers, vocab, global.Heads, global.KvHeads, tie: false, act) with
+        {
+            RuntimeUnavailable = "Inkling's per-layer attention geometry and expert layout",
+        };
     }
 
     private sealed record Geometry(long Heads, long KvHeads, long HeadDim, long RelExtent);

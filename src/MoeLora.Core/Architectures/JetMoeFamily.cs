@@ -78,7 +78,10 @@ internal sealed class JetMoeFamily : IArchitecture
             $"top-{topK} of {experts} router logits, softmax over the selected; attention is a mixture of {experts} " +
             $"attention experts too (self_attention.experts: per-expert query and output projections, routed the same way " +
             $"by their own router; one shared kv_proj)");
-        return Blocks.Spec(c, "jetmoe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        return Blocks.Spec(c, "jetmoe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        {
+            RuntimeUnavailable = "JetMoE's mixture-of-attention experts",
+        };
     }
 
     /// <summary>JetMoeParallelExperts: one weight [E, out, in], applied per expert as F.linear.</summary>

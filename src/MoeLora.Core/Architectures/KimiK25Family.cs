@@ -56,7 +56,10 @@ internal sealed class KimiK25Family : IArchitecture
         }
 
         return Blocks.MultimodalSpec(c, text, "kimi_k25", b.Build(), lm.Moe, lm.HiddenSize, lm.NumHiddenLayers, lm.VocabSize,
-            lm.NumAttentionHeads, lm.NumKeyValueHeads, tie, lm.HiddenAct);
+            lm.NumAttentionHeads, lm.NumKeyValueHeads, tie, lm.HiddenAct) with
+        {
+            RuntimeUnavailable = "the Kimi vision tower (its language model is not wired to the runtime yet)",
+        };
     }
 
     private sealed record VisionShape(long Hidden, long Inter, long Layers, long Patch, long PosH, long PosW, long MergedHidden);

@@ -113,7 +113,10 @@ internal sealed class KimiLinearFamily : IArchitecture
             $", scaled by {c.Double("routed_scaling_factor", 2.446)}, plus {shared} shared expert(s)";
         var moe = moeLayers.Count == 0 ? MoeFacts.Dense(layers)
             : new MoeFacts(experts, topK, shared, moeInter, sharedInter, moeLayers, denseLayers, routing);
-        return Blocks.Spec(c, "kimi_linear", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        return Blocks.Spec(c, "kimi_linear", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        {
+            RuntimeUnavailable = "Kimi delta attention (linear attention)",
+        };
     }
 
     /// <summary>layer_types, else linear_attn_config's 1-based full_attn_layers / kda_layers, else every 4th layer after 0.</summary>

@@ -123,7 +123,10 @@ internal sealed class Lfm2MoeFamily : IArchitecture
             $", scaled by {c.Double("routed_scaling_factor", 1.0)}";
         var moe = moeLayers.Count == 0 ? MoeFacts.Dense(layers)
             : new MoeFacts(experts, topK, 0, moeInter, 0, moeLayers, denseLayers, routing);
-        return Blocks.Spec(c, "lfm2_moe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, "silu");
+        return Blocks.Spec(c, "lfm2_moe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, "silu") with
+        {
+            RuntimeUnavailable = "LFM2's short-convolution layers",
+        };
     }
 
     /// <summary>Lfm2MoeMLP: w1 (gate), w3 (up), w2 (down), in that order; the activation is F.silu, not a module.</summary>

@@ -78,7 +78,10 @@ internal sealed class LongcatFlashFamily : IArchitecture
             $"e_score_correction_bias, not renormalised, scaled by " +
             c.Double("routed_scaling_factor", 6.0).ToString(System.Globalization.CultureInfo.InvariantCulture);
         var moe = new MoeFacts(experts, topK, 0, expertInter, 0, Enumerable.Range(0, (int)layers).ToList(), [], routing);
-        return Blocks.Spec(c, "longcat_flash", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        return Blocks.Spec(c, "longcat_flash", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        {
+            RuntimeUnavailable = "LongCat-Flash's two-sublayer blocks and zero-computation experts",
+        };
     }
 
     private static string Index(int j) => j.ToString(System.Globalization.CultureInfo.InvariantCulture);

@@ -54,6 +54,9 @@ internal sealed class Mistral4Family : IArchitecture
         var routing = Blocks.GroupedTopKRouting("softmax", false, c.IntOrNull("n_group", 1) ?? 1, c.IntOrNull("topk_group", 1) ?? 1,
             topK, experts, c.Bool("norm_topk_prob", true), c.Double("routed_scaling_factor", 1.0));
         var moe = new MoeFacts(experts, topK, shared, moeInter, sharedInter, moeLayers, denseLayers, routing);
-        return Blocks.Spec(c, "mistral4", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        return Blocks.Spec(c, "mistral4", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        {
+            RuntimeUnavailable = "runtime settings not declared yet: no transformers reference for its MLA to check them against",
+        };
     }
 }

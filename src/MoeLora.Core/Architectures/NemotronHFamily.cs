@@ -125,6 +125,9 @@ internal sealed class NemotronHFamily : IArchitecture
         {
             DecoderLayersPath = root + ".layers",
             InputEmbeddings = root + ".embeddings",
+        } with
+        {
+            RuntimeUnavailable = "Mamba-2 mixers",
         };
     }
 

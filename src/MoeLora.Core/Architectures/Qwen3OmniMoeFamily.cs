@@ -95,6 +95,7 @@ internal sealed class Qwen3OmniMoeFamily : IArchitecture
             : new MoeFacts(experts, topK, 0, moeInter, 0, moeLayers, denseLayers, routing);
         return Blocks.Spec(c, "qwen3_omni_moe_thinker", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
         {
+            RuntimeUnavailable = "the audio and vision towers and multimodal rope",
             TextConfig = text,
         };
     }

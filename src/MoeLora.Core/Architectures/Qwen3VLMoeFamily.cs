@@ -78,6 +78,9 @@ internal sealed class Qwen3VLMoeFamily : IArchitecture
         var moe = new MoeFacts(experts, topK, 0, moeInter, 0, moeLayers, denseLayers,
             $"softmax over {experts} experts, top-{topK}, renormalised");
         return Blocks.NestedSpec(c, text, "qwen3_vl_moe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act,
-            "model.language_model");
+            "model.language_model") with
+        {
+            RuntimeUnavailable = "the Qwen3-VL vision tower and multimodal rope (mrope)",
+        };
     }
 }

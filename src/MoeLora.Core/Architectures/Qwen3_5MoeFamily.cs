@@ -111,7 +111,10 @@ internal sealed class Qwen3_5MoeFamily : IArchitecture
         var routing = $"softmax over {experts} experts, top-{topK}, renormalised, plus a sigmoid-gated shared expert";
         var moe = new MoeFacts(experts, topK, 1, moeInter, sharedInter, Enumerable.Range(0, (int)layers).ToList(), [], routing);
         var modelType = composite && !multimodal ? text.ModelType ?? "qwen3_5_moe_text" : c.ModelType!;
-        return Blocks.NestedSpec(c, text, modelType, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act, textModel);
+        return Blocks.NestedSpec(c, text, modelType, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act, textModel) with
+        {
+            RuntimeUnavailable = "gated DeltaNet linear attention",
+        };
     }
 
     private sealed record LinearAttentionDims(long ConvKernel, long KHeadDim, long VHeadDim, long KHeads, long VHeads);
