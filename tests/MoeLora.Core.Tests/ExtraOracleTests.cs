@@ -15,6 +15,9 @@ public class ExtraOracleTests
 {
     private static readonly Lazy<JsonObject> TinyModels = new(() => OracleData.ReadGz("oracle-extra/tiny_models.json.gz")["models"]!.AsObject());
     private static readonly Lazy<JsonObject> TinyPeft = new(() => OracleData.ReadGz("oracle-extra/tiny_peft.json.gz")["models"]!.AsObject());
+    /// <summary>PEFT 0.21 LoraConfig options beyond the standard variants (MiCA, trainable tokens, fan_in_fan_out, PEFT's
+    /// own validation errors), made with <c>make_oracle.py tiny --cpu --variants …</c> (real CPU weights: MiCA's SVD).</summary>
+    private static readonly Lazy<JsonObject> TinyPeftOptions = new(() => OracleData.ReadGz("oracle-extra/tiny_peft_options.json.gz")["models"]!.AsObject());
     private static readonly Lazy<JsonObject> Catalog = new(() => OracleData.ReadGz("oracle-extra/catalog.json.gz")["models"]!.AsObject());
 
     public static TheoryData<string> TinyModelNames() => new(TinyModels.Value.Select(kv => kv.Key));
@@ -82,6 +85,19 @@ public class ExtraOracleTests
         return data;
     }
 
+    public static TheoryData<string, string> PeftOptionCases()
+    {
+        var data = new TheoryData<string, string>();
+        foreach (var (model, variants) in TinyPeftOptions.Value)
+            foreach (var (variant, _) in variants!.AsObject()) data.Add(model, variant);
+        return data;
+    }
+
+    [Theory]
+    [MemberData(nameof(PeftOptionCases))]
+    public void Tiny_peft_option_matches(string model, string variant) =>
+        AssertTinyPeft(model, variant, TinyPeftOptions.Value[model]![variant]!.AsObject());
+
     internal static ModelSpec Build(JsonObject entry) =>
         ArchitectureRegistry.Build(new ModelConfig(entry["input_config"]!.DeepClone().AsObject()), Layout.V5);
 
@@ -118,9 +134,11 @@ public class ExtraOracleTests
 
     [Theory]
     [MemberData(nameof(PeftCases))]
-    public void Tiny_peft_variant_matches(string model, string variant)
+    public void Tiny_peft_variant_matches(string model, string variant) =>
+        AssertTinyPeft(model, variant, TinyPeft.Value[model]![variant]!.AsObject());
+
+    private static void AssertTinyPeft(string model, string variant, JsonObject entry)
     {
-        var entry = TinyPeft.Value[model]![variant]!.AsObject();
         if (entry["skipped"] is not null) return; // the generator found nothing to test for this model
         var spec = Build(TinyModels.Value[model]!.AsObject());
         LoraConfig config;
