@@ -61,13 +61,13 @@ public sealed class StandardAttention : HfModule, IBlock
         o_proj = AddChild("o_proj", new Linear(s.Heads * _vDim, hidden, s.OBias, init));
         if (s.QkNorm == QkNormKind.PerHead)
         {
-            _qNorm = AddChild("q_norm", new RmsNorm(s.HeadDim, s.QkNormEps, init));
-            _kNorm = AddChild("k_norm", new RmsNorm(s.HeadDim, s.QkNormEps, init));
+            _qNorm = AddChild(_o.QNormName, new RmsNorm(s.HeadDim, s.QkNormEps, init));
+            _kNorm = AddChild(_o.KNormName, new RmsNorm(s.HeadDim, s.QkNormEps, init));
         }
         else if (s.QkNorm == QkNormKind.Full)
         {
-            _qNorm = AddChild("q_norm", new RmsNorm(s.Heads * s.HeadDim, s.QkNormEps, init));
-            _kNorm = AddChild("k_norm", new RmsNorm(s.KvHeads * s.HeadDim, s.QkNormEps, init));
+            _qNorm = AddChild(_o.QNormName, new RmsNorm(s.Heads * s.HeadDim, s.QkNormEps, init));
+            _kNorm = AddChild(_o.KNormName, new RmsNorm(s.KvHeads * s.HeadDim, s.QkNormEps, init));
         }
     }
 

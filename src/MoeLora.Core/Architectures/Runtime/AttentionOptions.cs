@@ -28,10 +28,14 @@ public enum RotaryStyle
 /// <param name="ValueScale">v is multiplied by this after its projection (MiMo-V2-Flash's attention_value_scale).</param>
 /// <param name="SoftmaxInFp32">False: the attention softmax runs in the activations' dtype after subtracting the row
 /// maximum (MiMo-V2-Flash's eager attention), not in fp32.</param>
+/// <param name="QNormName">Attribute of the q norm (<c>q_norm</c>; HunYuan: <c>query_layernorm</c>).</param>
+/// <param name="KNormName">Attribute of the k norm (<c>k_norm</c>; HunYuan: <c>key_layernorm</c>).</param>
 public sealed record StandardAttentionOptions(
     RopeSettings? Rope = null,
     RotaryStyle Rotary = RotaryStyle.Half,
     bool QkNormAfterRope = false,
     long? VHeadDim = null,
     double ValueScale = 1.0,
-    bool SoftmaxInFp32 = true);
+    bool SoftmaxInFp32 = true,
+    string QNormName = "q_norm",
+    string KNormName = "k_norm");
