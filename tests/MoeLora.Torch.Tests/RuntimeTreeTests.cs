@@ -60,7 +60,8 @@ public class RuntimeTreeTests
     {
         var byType = Configs.Value.Values.Select(c => TorchModelFactory.Spec(c.Config))
             .GroupBy(s => s.ModelType).ToDictionary(g => g.Key, g => g.Any(s => s.Runtime is not null));
-        string[] run = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "llama4_text", "gpt_oss", "glm4_moe"];
+        string[] run = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "llama4_text", "gpt_oss", "glm4_moe",
+            "ernie4_5_moe", "exaone_moe", "solar_open", "dots1", "hy_v3", "mimo_v2_flash", "hunyuan_v1_moe"];
         string[] refused = ["deepseek_v2", "llama4", "phimoe", "granitemoe", "granitemoeshared", "qwen3_next", "dbrx", "jamba"];
         Assert.All(run, t => Assert.True(byType[t], $"{t} should run"));
         Assert.All(refused, t => Assert.False(byType[t], $"{t} should be refused"));

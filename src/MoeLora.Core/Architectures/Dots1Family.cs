@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -80,7 +81,38 @@ internal sealed class Dots1Family : IArchitecture
         var moe = moeLayers.Count == 0
             ? MoeFacts.Dense(layers)
             : new MoeFacts(experts, topK, shared, moeInter, sharedInter, moeLayers, denseLayers, routing);
-        return Blocks.Spec(c, "dots1", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        return Blocks.Spec(c, "dots1", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        {
+            Runtime = Runtime(c, layers, heads, kv, headDim, bias, moeSet, experts, topK, moeInter, sharedInter, inter, act, vocab, hidden, tie),
+        };
+    }
+
+    /// <summary>
+    /// Qwen3 attention (per-head q/k norms before rope, full rotary) with a sliding window on the layers
+    /// <c>layer_types</c> marks (default: from <c>max_window_layers</c> on, when <c>sliding_window</c> is set) and
+    /// DeepSeek-V3's group-limited sigmoid router; the shared experts are always added.
+    /// </summary>
+    private static DecoderRuntime Runtime(ModelConfig c, long layers, long heads, long kv, long headDim, bool bias, HashSet<int> moeSet,
+        long experts, long topK, long moeInter, long sharedInter, long inter, string act, long vocab, long hidden, bool tie)
+    {
+        var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-6));
+        var window = c.IntOrNull("sliding_window", 4096);
+        var maxWindowLayers = c.IntOrNull("max_window_layers", 62) ?? 62;
+        var types = c.StringList("layer_types")
+            ?? Enumerable.Range(0, (int)layers).Select(i => window is not null && i >= maxWindowLayers ? "sliding_attention" : "full_attention").ToList();
+        if (types.Count < layers) throw new ConfigException($"config field 'layer_types' has {types.Count} entries for {layers} layers");
+        MaskSettings Mask(int i) => types[i] == "sliding_attention" && window is { } w ? new MaskSettings(MaskKind.Sliding, w) : MaskSettings.Full;
+        var sparse = moeSet.Count == 0 ? null : new MoeSettings(
+            new SigmoidGroupLimitedRouterSettings("gate", experts, topK, c.IntOrNull("n_group", 1) ?? 1, c.IntOrNull("topk_group", 1) ?? 1,
+                c.Bool("norm_topk_prob", false), c.Double("routed_scaling_factor", 1.0)),
+            new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act),
+            new SharedExpertSettings("shared_experts", sharedInter, act, SigmoidGateName: null), MoeOrder.ExpertsFirst);
+        var dense = new GatedMlpSettings(inter, act);
+        var runtimeLayers = Enumerable.Range(0, (int)layers).Select(i => new DecoderLayerRuntime(
+            new StandardAttentionSettings(heads, kv, headDim, bias, bias, QkNormKind.PerHead, norm.Eps, Sinks: false, Mask(i), headDim),
+            "mlp", moeSet.Contains(i) ? sparse! : dense, norm, norm)).ToList();
+        return new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm,
+            RopeSettings.Read(c, 10000.0, headDim), runtimeLayers);
     }
 
     /// <summary>A field Dots1Config defaults to None but the MoE layers need (a one-line error when absent).</summary>

@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -81,7 +82,24 @@ internal sealed class Ernie45MoeFamily : IArchitecture
 
         var moe = new MoeFacts(experts, topK, shared, moeInter, sharedInter, moeLayers, denseLayers,
             $"softmax over {experts} experts, top-{topK} picked on scores + moe_statics.e_score_correction_bias, renormalised");
-        return Blocks.Spec(c, "ernie4_5_moe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        // Runtime: Llama attention with GLM-style rope on adjacent pairs (in fp32); the router keeps its weight and
+        // statics in fp32 and selects on softmax + bias; use_bias reaches every projection, the MLPs and lm_head.
+        var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-5));
+        var attention = new StandardAttentionSettings(heads, kv, headDim, bias, bias, QkNormKind.None, norm.Eps, Sinks: false,
+            MaskSettings.Full, headDim, new StandardAttentionOptions(Rotary: RotaryStyle.InterleavedPairs));
+        var sparse = new MoeSettings(
+            new SoftmaxStaticsTopKRouterSettings("gate", experts, topK, c.Double("moe_norm_min", 1e-12)),
+            new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act),
+            shared > 0 ? new SharedExpertSettings("shared_experts", sharedInter, act, SigmoidGateName: null, Bias: bias) : null,
+            MoeOrder.RouterFirst);
+        var dense = new GatedMlpSettings(inter, act, bias);
+        var runtimeLayers = Enumerable.Range(0, (int)layers)
+            .Select(i => new DecoderLayerRuntime(attention, "mlp", moeSet.Contains(i) ? sparse : dense, norm, norm)).ToList();
+        return Blocks.Spec(c, "ernie4_5_moe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        {
+            Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm,
+                RopeSettings.Read(c, 500000.0, headDim), runtimeLayers, LmHeadBias: bias),
+        };
     }
 
     private static void Statics(TreeBuilder b, long experts)

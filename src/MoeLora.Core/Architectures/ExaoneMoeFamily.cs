@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -59,6 +60,43 @@ internal sealed class ExaoneMoeFamily : IArchitecture
         var routing = Blocks.GroupedTopKRouting("sigmoid", true, c.Int("n_group", 1), c.Int("topk_group", 1), topK, experts,
             c.Bool("norm_topk_prob", true), c.Double("routed_scaling_factor", 2.5));
         var moe = new MoeFacts(experts, topK, shared, moeInter, sharedInter, moeLayers, denseLayers, routing);
-        return Blocks.Spec(c, "exaone_moe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        return Blocks.Spec(c, "exaone_moe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        {
+            Runtime = Runtime(c, layers, heads, kv, headDim, moeSet, experts, topK, moeInter, sharedInter, inter, act, vocab, hidden, tie),
+        };
+    }
+
+    /// <summary>
+    /// EXAONE-4 attention (per-head q/k norms before rope): sliding layers (<c>layer_types</c>, default every
+    /// <c>sliding_window_pattern</c>-th layer full) use the window and rope; while <c>sliding_window</c> is set, the
+    /// full layers use no rope at all (global NoPE). DeepSeek-V3's group-limited sigmoid router, shared experts added.
+    /// </summary>
+    private static DecoderRuntime Runtime(ModelConfig c, long layers, long heads, long kv, long headDim, HashSet<int> moeSet,
+        long experts, long topK, long moeInter, long sharedInter, long inter, string act, long vocab, long hidden, bool tie)
+    {
+        var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-5));
+        var window = c.IntOrNull("sliding_window", 4096);
+        // ExaoneMoeConfig: sliding_window None sets the pattern to 0 (no sliding layer).
+        var pattern = window is null ? 0 : c.Int("sliding_window_pattern", 4);
+        var types = c.StringList("layer_types")
+            ?? Enumerable.Range(0, (int)layers).Select(i => pattern > 0 && (i + 1) % pattern != 0 ? "sliding_attention" : "full_attention").ToList();
+        if (types.Count < layers) throw new ConfigException($"config field 'layer_types' has {types.Count} entries for {layers} layers");
+        var sparse = new MoeSettings(
+            new SigmoidGroupLimitedRouterSettings("gate", experts, topK, c.Int("n_group", 1), c.Int("topk_group", 1),
+                c.Bool("norm_topk_prob", true), c.Double("routed_scaling_factor", 2.5)),
+            new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act),
+            sharedInter > 0 ? new SharedExpertSettings("shared_experts", sharedInter, act, SigmoidGateName: null) : null, MoeOrder.ExpertsFirst);
+        var dense = new GatedMlpSettings(inter, act);
+        var noPe = new StandardAttentionOptions(Rotary: RotaryStyle.None);
+        var runtimeLayers = Enumerable.Range(0, (int)layers).Select(i =>
+        {
+            var sliding = types[i] == "sliding_attention";
+            var attention = new StandardAttentionSettings(heads, kv, headDim, false, false, QkNormKind.PerHead, norm.Eps, Sinks: false,
+                sliding && window is { } w ? new MaskSettings(MaskKind.Sliding, w) : MaskSettings.Full, headDim,
+                window is null || sliding ? null : noPe);
+            return new DecoderLayerRuntime(attention, "mlp", moeSet.Contains(i) ? sparse : dense, norm, norm);
+        }).ToList();
+        return new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm,
+            RopeSettings.Read(c, 10000.0, headDim), runtimeLayers);
     }
 }

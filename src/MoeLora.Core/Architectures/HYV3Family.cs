@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -79,6 +80,25 @@ internal sealed class HYV3Family : IArchitecture
         var routing = $"sigmoid scores + e_score_correction_bias (selection only), top-{topK} of {experts}, renormalised, " +
             $"scaled by {c.Double("router_scaling_factor", 2.826).ToString(System.Globalization.CultureInfo.InvariantCulture)}";
         var moe = new MoeFacts(experts, topK, shared, moeInter, sharedInter, moeLayers, denseLayers, routing);
-        return Blocks.Spec(c, "hy_v3", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+
+        // Runtime: Apertus attention (per-head q/k norms before rope, biases per attention_bias); the router's sigmoid
+        // selection uses the MoE block's correction bias; routed and shared outputs are summed in fp32 while
+        // enable_moe_fp32_combine (default true).
+        var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-5));
+        var attention = new StandardAttentionSettings(heads, kv, headDim, attnBias, attnBias, QkNormKind.PerHead, norm.Eps, Sinks: false,
+            MaskSettings.Full, headDim);
+        var sparse = new MoeSettings(
+            new SigmoidBlockBiasTopKRouterSettings("gate", experts, topK, "e_score_correction_bias", c.Double("router_scaling_factor", 2.826)),
+            new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act),
+            new SharedExpertSettings("shared_experts", sharedInter, act, SigmoidGateName: null, Bias: mlpBias), MoeOrder.RouterFirst,
+            SumInFp32: c.Bool("enable_moe_fp32_combine", true));
+        var dense = new GatedMlpSettings(inter, act, mlpBias);
+        var runtimeLayers = Enumerable.Range(0, (int)layers)
+            .Select(i => new DecoderLayerRuntime(attention, "mlp", moeSet.Contains(i) ? sparse : dense, norm, norm)).ToList();
+        return Blocks.Spec(c, "hy_v3", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        {
+            Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.006), norm,
+                RopeSettings.Read(c, 11_158_840.0, headDim), runtimeLayers),
+        };
     }
 }

@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -62,6 +63,29 @@ internal sealed class HunYuanMoeFamily : IArchitecture
         var all = Enumerable.Range(0, (int)layers).ToList();
         var moe = new MoeFacts(experts, topK, 1, inter, inter, all, [],
             $"softmax over {experts} experts, top-{topK}, renormalised, plus an always-on shared MLP");
-        return Blocks.Spec(c, "hunyuan_v1_moe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        var spec = Blocks.Spec(c, "hunyuan_v1_moe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+
+        // Runtime: Llama attention whose per-head query/key norms run after rope; the fp32 gate Linear's softmax top-k,
+        // renormalised; the shared MLP always added. "dynamic" rope with alpha is HunYuan's NTK-alpha table, fixed at
+        // init: theta·alpha^(d/(d-2)) (transformers recomputes it only past max_position_embeddings).
+        var rope = RopeSettings.Read(c, 10000.0, headDim);
+        if (rope.Type == "dynamic")
+        {
+            var alpha = (c.Sub("rope_parameters") ?? c.Sub("rope_scaling"))?.Double("alpha", 0) ?? 0;
+            if (alpha == 0) return spec with { RuntimeUnavailable = "dynamic NTK rope scaling without alpha" };
+            rope = new RopeSettings("default", rope.Theta * Math.Pow(alpha, headDim / (double)(headDim - 2)), headDim);
+        }
+        var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-5));
+        var attention = new StandardAttentionSettings(heads, kv, headDim, bias, bias, QkNormKind.PerHead, norm.Eps, Sinks: false,
+            MaskSettings.Full, headDim, new StandardAttentionOptions(QkNormAfterRope: true, QNormName: "query_layernorm", KNormName: "key_layernorm"));
+        var sparse = new MoeSettings(new LinearSoftmaxTopKRouterSettings("gate", "wg", experts, topK),
+            new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, inter, act),
+            new SharedExpertSettings("shared_mlp", inter, act, SigmoidGateName: null), MoeOrder.RouterFirst);
+        var layer = new DecoderLayerRuntime(attention, "mlp", sparse, norm, norm);
+        return spec with
+        {
+            Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm, rope,
+                Enumerable.Repeat(layer, (int)layers).ToList()),
+        };
     }
 }

@@ -1,3 +1,5 @@
+using System.Text.Json.Nodes;
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -67,6 +69,57 @@ internal sealed class MiMoV2FlashFamily : IArchitecture
         var routing = Blocks.GroupedTopKRouting("sigmoid", true, c.Int("n_group", 1), c.Int("topk_group", 1), topK, experts,
             c.Bool("norm_topk_prob", true), c.Double("routed_scaling_factor", 1.0));
         var moe = new MoeFacts(experts, topK, 0, moeInter, 0, moeLayers, denseLayers, routing);
-        return Blocks.Spec(c, "mimo_v2_flash", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        var spec = Blocks.Spec(c, "mimo_v2_flash", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        var rope = c.Sub("rope_parameters");
+        if (rope is not null && !(rope.Sub("full_attention") is not null && rope.Sub("sliding_attention") is not null))
+            return spec with { RuntimeUnavailable = "rope_parameters without per-layer-type (full_attention / sliding_attention) entries" };
+        return spec with
+        {
+            Runtime = Runtime(c, layers, heads, kv, headDim, vHeadDim, attnBias, layerTypes, moeSet, experts, topK, moeInter, inter, act,
+                vocab, hidden, tie),
+        };
+    }
+
+    /// <summary>
+    /// Per layer type its own rope (theta and <c>partial_rotary_factor</c>, default 0.334: the table covers
+    /// int(head_dim·factor) dims, rounded up to pairs, the rest of each head passes through) and mask; sliding layers
+    /// double the kv heads and add sinks. v is scaled by <c>attention_value_scale</c>; the eager softmax subtracts the
+    /// row maximum and runs in the activations' dtype. DeepSeek-V3's router without shared experts.
+    /// </summary>
+    private static DecoderRuntime Runtime(ModelConfig c, long layers, long heads, long kv, long headDim, long vHeadDim, bool attnBias,
+        IReadOnlyList<string> layerTypes, HashSet<int> moeSet, long experts, long topK, long moeInter, long inter, string act,
+        long vocab, long hidden, bool tie)
+    {
+        var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-5));
+        var window = c.Positive("sliding_window", 128);
+        // attention_value_scale: None means 1.0.
+        var valueScale = c.IsExplicitNull("attention_value_scale") ? 1.0 : c.Double("attention_value_scale", 0.707);
+        // MiMoV2FlashConfig's default rope_parameters, per layer type.
+        (RopeSettings Rope, long RotaryDim) RopeOf(string type)
+        {
+            double theta = type == "full_attention" ? 5_000_000.0 : 10_000.0, factor = 0.334;
+            var sub = c.Sub("rope_parameters")?.Sub(type);
+            if (sub is not null) factor = sub.Double("partial_rotary_factor", factor);
+            long dim = (long)(headDim * factor);
+            var settings = sub is null ? new RopeSettings("default", theta, dim)
+                : RopeSettings.Read(new ModelConfig(new JsonObject { ["rope_parameters"] = sub.Json.DeepClone() }), theta, dim);
+            return (settings, 2 * ((dim + 1) / 2));
+        }
+        var sparse = new MoeSettings(
+            new SigmoidGroupLimitedRouterSettings("gate", experts, topK, c.Int("n_group", 1), c.Int("topk_group", 1),
+                c.Bool("norm_topk_prob", true), c.Double("routed_scaling_factor", 1.0)),
+            new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act), Shared: null, MoeOrder.ExpertsFirst);
+        var dense = new GatedMlpSettings(inter, act);
+        var runtimeLayers = Enumerable.Range(0, (int)layers).Select(i =>
+        {
+            var sliding = layerTypes[i] == "sliding_attention";
+            var (rope, rotaryDim) = RopeOf(sliding ? "sliding_attention" : "full_attention");
+            var options = new StandardAttentionOptions(Rope: rope, VHeadDim: vHeadDim, ValueScale: valueScale, SoftmaxInFp32: false);
+            var attention = new StandardAttentionSettings(heads, sliding ? 2 * kv : kv, headDim, attnBias, false, QkNormKind.None, norm.Eps,
+                Sinks: sliding, sliding ? new MaskSettings(MaskKind.Sliding, window) : MaskSettings.Full, rotaryDim, options);
+            return new DecoderLayerRuntime(attention, "mlp", moeSet.Contains(i) ? sparse : dense, norm, norm);
+        }).ToList();
+        return new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm,
+            RopeOf("full_attention").Rope, runtimeLayers);
     }
 }

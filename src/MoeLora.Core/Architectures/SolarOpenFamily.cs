@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -45,6 +46,27 @@ internal sealed class SolarOpenFamily : IArchitecture
         var routing = Blocks.GroupedTopKRouting("sigmoid", true, c.Int("n_group", 1), c.Int("topk_group", 1), topK, experts,
             c.Bool("norm_topk_prob", true), c.Double("routed_scaling_factor", 1.0));
         var moe = new MoeFacts(experts, topK, shared, moeInter, sharedInter, Enumerable.Range(0, (int)layers).ToList(), [], routing);
-        return Blocks.Spec(c, "solar_open", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        var spec = Blocks.Spec(c, "solar_open", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+
+        // Runtime: Llama attention rotates the whole head with the table of partial_rotary_factor (SolarOpenConfig
+        // defaults it to 1.0); a smaller factor gives cos/sin narrower than the head, which transformers cannot apply.
+        var factor = RopeSettings.PartialRotaryFactor(c, 1.0);
+        var rotaryDim = (long)(headDim * factor);
+        if (rotaryDim != headDim)
+            return spec with { RuntimeUnavailable = $"partial_rotary_factor {factor} (Llama attention rotates whole heads; transformers fails too)" };
+        var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-5));
+        var attention = new StandardAttentionSettings(heads, kv, headDim, attnBias, false, QkNormKind.None, norm.Eps, Sinks: false,
+            MaskSettings.Full, headDim);
+        var sparse = new MoeSettings(
+            new SigmoidGroupLimitedRouterSettings("gate", experts, topK, c.Int("n_group", 1), c.Int("topk_group", 1),
+                c.Bool("norm_topk_prob", true), c.Double("routed_scaling_factor", 1.0)),
+            new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act),
+            sharedInter > 0 ? new SharedExpertSettings("shared_experts", sharedInter, act, SigmoidGateName: null) : null, MoeOrder.ExpertsFirst);
+        var layer = new DecoderLayerRuntime(attention, "mlp", sparse, norm, norm);
+        return spec with
+        {
+            Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm,
+                RopeSettings.Read(c, 1_000_000.0, rotaryDim), Enumerable.Repeat(layer, (int)layers).ToList()),
+        };
     }
 }

@@ -127,11 +127,26 @@ public sealed partial class CheckpointLayout
         string Key(ModuleTree tree, ParameterNode p) =>
             $"{tree.OwnerOf(p).LayerIndex}|{tree.OwnerOf(p).Location}|{p.LocalName}|{string.Join(',', p.Shape)}";
 
-        var otherGroups = unpairedOther.Select(n => otherByName[n]).GroupBy(p => Key(other, p)).ToDictionary(g => g.Key, g => g.ToList());
-        foreach (var group in unpairedRuntime.GroupBy(p => Key(runtime, p)))
+        Pair(Key);
+        // Then, for what is still unpaired, looser keys in turn, each pairing only tensors still unique under it:
+        // the owner's own name too (a renamed parent: HY V3's shared_mlp.gate_proj / shared_experts.gate_proj),
+        // no location (a tensor moved to another module: EXAONE-MoE's correction bias, on the router at runtime and on
+        // the MoE block on disk), no tensor name (a renamed tensor: HY V3's expert_bias / e_score_correction_bias).
+        string Leaf(ModuleTree tree, ParameterNode p) => tree.OwnerOf(p).Name[(tree.OwnerOf(p).Name.LastIndexOf('.') + 1)..];
+        Pair((tree, p) => $"{Key(tree, p)}|{Leaf(tree, p)}");
+        Pair((tree, p) => $"{tree.OwnerOf(p).LayerIndex}|{p.LocalName}|{string.Join(',', p.Shape)}");
+        Pair((tree, p) => $"{tree.OwnerOf(p).LayerIndex}|{tree.OwnerOf(p).Location}|{string.Join(',', p.Shape)}");
+
+        void Pair(Func<ModuleTree, ParameterNode, string> key)
         {
-            if (group.Count() != 1 || !otherGroups.TryGetValue(group.Key, out var match) || match.Count != 1) continue;
-            _alternatives[group.Single().Name] = new Alternative([match[0]], IsSliceOfFused: false);
+            var pairedOther = _alternatives.Values.SelectMany(a => a.Parts).Select(p => p.Name).ToHashSet(StringComparer.Ordinal);
+            var otherGroups = unpairedOther.Where(n => !pairedOther.Contains(n)).Select(n => otherByName[n])
+                .GroupBy(p => key(other, p)).ToDictionary(g => g.Key, g => g.ToList());
+            foreach (var group in unpairedRuntime.Where(p => !_alternatives.ContainsKey(p.Name)).GroupBy(p => key(runtime, p)))
+            {
+                if (group.Count() != 1 || !otherGroups.TryGetValue(group.Key, out var match) || match.Count != 1) continue;
+                _alternatives[group.Single().Name] = new Alternative([match[0]], IsSliceOfFused: false);
+            }
         }
     }
 
@@ -161,7 +176,8 @@ public sealed partial class CheckpointLayout
         return ok;
     }
 
-    private static IEnumerable<ParameterNode> AllParameters(ModuleTree tree) => tree.Modules.SelectMany(m => m.Parameters);
+    // Persistent buffers are checkpoint tensors too (a correction bias may be renamed or moved like a parameter).
+    private static IEnumerable<ParameterNode> AllParameters(ModuleTree tree) => tree.Modules.SelectMany(m => m.Parameters.Concat(m.Buffers));
 
     [GeneratedRegex(@"\.experts\.(\d+)\.([A-Za-z0-9_]+)$")]
     private static partial Regex PerExpertModule();

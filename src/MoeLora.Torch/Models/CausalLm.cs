@@ -53,7 +53,7 @@ public sealed class CausalLm : HfModule, IDisposable
         for (int i = 0; i < runtime.Layers.Count; i++) _layers.Add(layers.Add(i.ToString(System.Globalization.CultureInfo.InvariantCulture), layer(i)));
         _norm = model.Add("norm", new RmsNorm(runtime.HiddenSize, runtime.FinalNorm, init));
         model.Add("rotary_emb", new Container()); // parameter-free, present in named_modules as in transformers
-        _lmHead = AddChild("lm_head", new Linear(runtime.HiddenSize, runtime.VocabSize, false, init));
+        _lmHead = AddChild("lm_head", new Linear(runtime.HiddenSize, runtime.VocabSize, runtime.LmHeadBias, init));
         if (runtime.TieWordEmbeddings) _lmHead.TieTo(_embed.weight);
     }
 

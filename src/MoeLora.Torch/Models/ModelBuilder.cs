@@ -17,11 +17,16 @@ public static class ModelBuilder
     {
         var runtime = spec.RequireRuntime();
         var rope = Rotary.FromSettings(runtime.Rope);
+        // Layers with a rope of their own (per-layer-type tables) share one table per distinct setting.
+        var layerRopes = new Dictionary<RopeSettings, Rotary>();
+        Rotary RopeOf(AttentionSettings a) => a is StandardAttentionSettings { Options.Rope: { } own }
+            ? layerRopes.TryGetValue(own, out var r) ? r : layerRopes[own] = Rotary.FromSettings(own)
+            : rope;
         long hidden = runtime.HiddenSize;
         return new CausalLm(spec, runtime, init, i =>
         {
             var l = runtime.Layers[i];
-            return new DecoderLayer(Attention(hidden, l.Attention, rope, init), l.FeedForwardName, FeedForward(hidden, l.FeedForward, init),
+            return new DecoderLayer(Attention(hidden, l.Attention, RopeOf(l.Attention), init), l.FeedForwardName, FeedForward(hidden, l.FeedForward, init),
                 new RmsNorm(hidden, l.InputNorm, init), new RmsNorm(hidden, l.PostAttentionNorm, init));
         });
     }
@@ -43,6 +48,8 @@ public static class ModelBuilder
             SigmoidGroupLimitedRouterSettings => new SigmoidGroupLimitedMoe(hidden, Expect(m, ExpertsLayout.GateUpOutIn), init),
             TopKSoftmaxRouterSettings => new GptOssMlp(hidden, Expect(m, ExpertsLayout.GptOssInterleaved), init),
             Llama4RouterSettings => new Llama4Moe(hidden, Expect(m, ExpertsLayout.Llama4InOut), init),
+            SoftmaxStaticsTopKRouterSettings or LinearSoftmaxTopKRouterSettings or SigmoidBlockBiasTopKRouterSettings
+                => new RoutedMoe(hidden, Expect(m, ExpertsLayout.GateUpOutIn), init),
             _ => throw new NotSupportedException($"router settings {m.Router.GetType().Name} have no runtime block."),
         },
         _ => throw new NotSupportedException($"feed-forward settings {f.GetType().Name} have no runtime block."),

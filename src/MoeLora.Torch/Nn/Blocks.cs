@@ -45,25 +45,29 @@ public sealed class StandardAttention : HfModule, IBlock
     readonly RmsNorm? _qNorm, _kNorm;
     readonly Parameter? _sinks;
     readonly StandardAttentionSettings _s;
+    readonly StandardAttentionOptions _o;
+    readonly long _vDim;
     readonly Rotary _rope;
 
     public StandardAttention(long hidden, StandardAttentionSettings s, Rotary rope, Init init)
     {
         _s = s; _rope = rope;
+        _o = s.Options ?? new StandardAttentionOptions();
+        _vDim = _o.VHeadDim ?? s.HeadDim;
         if (s.Sinks) _sinks = AddParameter("sinks", init.Normal(s.Heads));
         q_proj = AddChild("q_proj", new Linear(hidden, s.Heads * s.HeadDim, s.QkvBias, init));
         k_proj = AddChild("k_proj", new Linear(hidden, s.KvHeads * s.HeadDim, s.QkvBias, init));
-        v_proj = AddChild("v_proj", new Linear(hidden, s.KvHeads * s.HeadDim, s.QkvBias, init));
-        o_proj = AddChild("o_proj", new Linear(s.Heads * s.HeadDim, hidden, s.OBias, init));
+        v_proj = AddChild("v_proj", new Linear(hidden, s.KvHeads * _vDim, s.QkvBias, init));
+        o_proj = AddChild("o_proj", new Linear(s.Heads * _vDim, hidden, s.OBias, init));
         if (s.QkNorm == QkNormKind.PerHead)
         {
-            _qNorm = AddChild("q_norm", new RmsNorm(s.HeadDim, s.QkNormEps, init));
-            _kNorm = AddChild("k_norm", new RmsNorm(s.HeadDim, s.QkNormEps, init));
+            _qNorm = AddChild(_o.QNormName, new RmsNorm(s.HeadDim, s.QkNormEps, init));
+            _kNorm = AddChild(_o.KNormName, new RmsNorm(s.HeadDim, s.QkNormEps, init));
         }
         else if (s.QkNorm == QkNormKind.Full)
         {
-            _qNorm = AddChild("q_norm", new RmsNorm(s.Heads * s.HeadDim, s.QkNormEps, init));
-            _kNorm = AddChild("k_norm", new RmsNorm(s.KvHeads * s.HeadDim, s.QkNormEps, init));
+            _qNorm = AddChild(_o.QNormName, new RmsNorm(s.Heads * s.HeadDim, s.QkNormEps, init));
+            _kNorm = AddChild(_o.KNormName, new RmsNorm(s.KvHeads * s.HeadDim, s.QkNormEps, init));
         }
     }
 
@@ -76,13 +80,25 @@ public sealed class StandardAttention : HfModule, IBlock
         if (_s.QkNorm == QkNormKind.Full) { q = _qNorm!.Forward(q); k = _kNorm!.Forward(k); }
         q = q.view(b, s, -1, d);
         k = k.view(b, s, -1, d);
-        if (_s.QkNorm == QkNormKind.PerHead) { q = _qNorm!.Forward(q); k = _kNorm!.Forward(k); }
+        bool normAfterRope = _o.QkNormAfterRope && _s.QkNorm == QkNormKind.PerHead;
+        if (_s.QkNorm == QkNormKind.PerHead && !normAfterRope) { q = _qNorm!.Forward(q); k = _kNorm!.Forward(k); }
         q = q.transpose(1, 2); k = k.transpose(1, 2);
-        v = v.view(b, s, -1, d).transpose(1, 2);
-        var (cos, sin) = _rope.CosSin(ctx.Positions, ctx.DType);
-        q = Rotate(q, cos, sin);
-        k = Rotate(k, cos, sin);
-        var o = AttentionMath.Eager(q, k, v, ctx.Mask(_s.Mask), Math.Pow(d, -0.5), _sinks);
+        v = v.view(b, s, -1, _vDim).transpose(1, 2);
+        if (_o.ValueScale != 1.0) v = v * _o.ValueScale;
+        if (_o.Rotary == RotaryStyle.Half)
+        {
+            var (cos, sin) = _rope.CosSin(ctx.Positions, ctx.DType);
+            q = Rotate(q, cos, sin);
+            k = Rotate(k, cos, sin);
+        }
+        else if (_o.Rotary == RotaryStyle.InterleavedPairs)
+        {
+            var (cos, sin) = _rope.CosSin(ctx.Positions, ScalarType.Float32);
+            q = Rotary.ApplyInterleavedPairs(q, cos, sin);
+            k = Rotary.ApplyInterleavedPairs(k, cos, sin);
+        }
+        if (normAfterRope) { q = _qNorm!.Forward(q); k = _kNorm!.Forward(k); }
+        var o = AttentionMath.Eager(q, k, v, ctx.Mask(_s.Mask), Math.Pow(d, -0.5), _sinks, _o.SoftmaxInFp32);
         return o_proj.Forward(o);
     }
 

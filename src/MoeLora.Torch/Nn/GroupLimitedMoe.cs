@@ -48,7 +48,7 @@ public sealed class SigmoidGroupLimitedMoe : HfModule, IBlock
         if (s.Shared is { } shared)
         {
             if (shared.SigmoidGateName is not null) throw new NotSupportedException("a gated shared expert with a group-limited router has no runtime block yet.");
-            _shared = AddChild(shared.Name, new GatedMlp(hidden, shared.Intermediate, shared.Act, init, actName: shared.ActName));
+            _shared = AddChild(shared.Name, new GatedMlp(hidden, shared.Intermediate, shared.Act, init, shared.Bias, shared.ActName));
         }
     }
 

@@ -102,6 +102,22 @@ public sealed class Rotary
     public static Tensor ApplyHalf(Tensor x, Tensor cos, Tensor sin) =>
         x * cos.unsqueeze(1) + RotateHalf(x) * sin.unsqueeze(1);
 
+    /// <summary>
+    /// GLM-style rotation of adjacent pairs (ERNIE 4.5): cos/sin [B, S, dim] (fp32, duplicated halves) are reduced to
+    /// their first half and repeated per pair; <c>x·cos + rot(x)·sin</c> in fp32 with rot(x)[2i] = -x[2i+1],
+    /// rot(x)[2i+1] = x[2i]; cast back to x's dtype. x is [B, heads, S, d].
+    /// </summary>
+    public static Tensor ApplyInterleavedPairs(Tensor x, Tensor cos, Tensor sin)
+    {
+        long half = cos.shape[^1] / 2;
+        var c = cos[.., .., ..(int)half].repeat_interleave(2, -1).unsqueeze(1);
+        var s = sin[.., .., ..(int)half].repeat_interleave(2, -1).unsqueeze(1);
+        var even = x[.., .., .., TensorIndex.Slice(0, null, 2)];
+        var odd = x[.., .., .., TensorIndex.Slice(1, null, 2)];
+        var rot = stack([-odd, even], -1).flatten(-2);
+        return (x.to(ScalarType.Float32) * c + rot.to(ScalarType.Float32) * s).to(x.dtype);
+    }
+
     /// <summary>DeepSeek rope_interleave: de-interleave pairs (view d/2,2 → transpose) before the llama rotation.</summary>
     public static Tensor ApplyInterleaved(Tensor x, Tensor cos, Tensor sin)
     {

@@ -29,7 +29,7 @@ public sealed class SoftmaxTopKMoe : HfModule, IBlock
         if (s.Shared is { } shared)
         {
             if (shared.SigmoidGateName is null) throw new NotSupportedException("a softmax top-k MoE block with an ungated shared expert has no runtime block yet.");
-            shared_expert = AddChild(shared.Name, new GatedMlp(hidden, shared.Intermediate, shared.Act, init, actName: shared.ActName));
+            shared_expert = AddChild(shared.Name, new GatedMlp(hidden, shared.Intermediate, shared.Act, init, shared.Bias, shared.ActName));
             shared_expert_gate = AddChild(shared.SigmoidGateName, new Linear(hidden, 1, false, init));
         }
     }

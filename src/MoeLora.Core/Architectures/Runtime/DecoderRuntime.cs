@@ -12,6 +12,7 @@ namespace MoeLora.Core.Architectures.Runtime;
 /// <param name="FinalNorm"><c>model.norm</c>.</param>
 /// <param name="Rope">The model's one rotary table (<c>model.rotary_emb</c>).</param>
 /// <param name="Layers">One entry per decoder layer, in order.</param>
+/// <param name="LmHeadBias">lm_head has a bias (ERNIE's <c>use_bias</c>).</param>
 public sealed record DecoderRuntime(
     long VocabSize,
     long HiddenSize,
@@ -19,7 +20,8 @@ public sealed record DecoderRuntime(
     double InitializerRange,
     NormSettings FinalNorm,
     RopeSettings Rope,
-    IReadOnlyList<DecoderLayerRuntime> Layers);
+    IReadOnlyList<DecoderLayerRuntime> Layers,
+    bool LmHeadBias = false);
 
 /// <summary>
 /// One pre-norm decoder layer: <c>h = x + attn(input_layernorm(x))</c>, <c>out = h + ff(post_attention_layernorm(h))</c>,

@@ -20,7 +20,10 @@ public enum MoeOrder
 }
 
 /// <summary>A sparse MoE block: router, routed experts and an optional shared expert.</summary>
-public sealed record MoeSettings(RouterSettings Router, ExpertsSettings Experts, SharedExpertSettings? Shared, MoeOrder Order) : FeedForwardSettings;
+/// <param name="SumInFp32">The routed and shared outputs are added in fp32, then cast back (HY V3's
+/// <c>enable_moe_fp32_combine</c>).</param>
+public sealed record MoeSettings(RouterSettings Router, ExpertsSettings Experts, SharedExpertSettings? Shared, MoeOrder Order,
+    bool SumInFp32 = false) : FeedForwardSettings;
 
 /// <summary>The router: its attribute name, experts, top-k, and how it turns logits into expert weights.</summary>
 public abstract record RouterSettings(string Name, long NumExperts, long TopK);
@@ -74,4 +77,6 @@ public sealed record ExpertsSettings(ExpertsLayout Layout, long NumExperts, long
 /// <param name="Name"><c>shared_expert</c> or <c>shared_experts</c>.</param>
 /// <param name="SigmoidGateName">Qwen2-MoE: the expert is scaled by <c>sigmoid(gate(x))</c>, a Linear(H, 1) of this name
 /// registered after it (<c>shared_expert_gate</c>); null when the shared expert is added ungated.</param>
-public sealed record SharedExpertSettings(string Name, long Intermediate, string Act, string? SigmoidGateName, string ActName = "act_fn");
+/// <param name="Bias">Its projections carry biases (ERNIE's <c>use_bias</c>, HY V3's <c>mlp_bias</c>).</param>
+public sealed record SharedExpertSettings(string Name, long Intermediate, string Act, string? SigmoidGateName, string ActName = "act_fn",
+    bool Bias = false);
