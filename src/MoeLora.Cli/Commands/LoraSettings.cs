@@ -3,6 +3,7 @@ using System.Globalization;
 using MoeLora.Core.Analysis;
 using MoeLora.Core.Peft;
 using Spectre.Console.Cli;
+using MoeLora.Core;
 
 namespace MoeLora.Cli.Commands;
 
@@ -120,7 +121,7 @@ public class LoraSettings : ModelSettings
         DType = ParsedDType,
         Quantization = Core.Memory.TrainingSetup.ParseQuantization(Quantization),
         GradientCheckpointing = GradientCheckpointing,
-        Gpus = Gpus > 0 ? Gpus : throw new ArgumentException($"--gpus must be a positive integer, got {Gpus}"),
+        Gpus = Gpus > 0 ? Gpus : throw new UserInputException($"--gpus must be a positive integer, got {Gpus}"),
         GpuMemoryBytes = Core.Memory.TrainingSetup.ParseBytes(GpuMemory),
         Sharding = Core.Memory.TrainingSetup.ParseSharding(Sharding),
         Mode = Core.Memory.TrainingSetup.ParseMode(Mode),
@@ -185,5 +186,5 @@ public class LoraSettings : ModelSettings
 
     internal static List<int> ParseInts(IEnumerable<string> values, string option) =>
         Split(values).Select(v => int.TryParse(v, NumberStyles.Integer, CultureInfo.InvariantCulture, out var i)
-            ? i : throw new ArgumentException($"{option}: '{v}' is not an integer")).ToList();
+            ? i : throw new UserInputException($"{option}: '{v}' is not an integer")).ToList();
 }

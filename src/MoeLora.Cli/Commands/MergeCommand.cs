@@ -7,6 +7,7 @@ using MoeLora.Torch.Training;
 using Spectre.Console;
 using Spectre.Console.Cli;
 using ScalarType = TorchSharp.torch.ScalarType;
+using MoeLora.Core;
 
 namespace MoeLora.Cli.Commands;
 
@@ -34,12 +35,12 @@ public sealed class MergeCommand : Command<MergeCommand.Settings>
 
     public override int Execute(CommandContext context, Settings s, CancellationToken cancellationToken)
     {
-        if (!File.Exists(Path.Combine(s.Model, "config.json"))) throw new ArgumentException($"{s.Model}: no config.json (merge needs a local checkpoint folder).");
+        if (!File.Exists(Path.Combine(s.Model, "config.json"))) throw new UserInputException($"{s.Model}: no config.json (merge needs a local checkpoint folder).");
         if (s.Adapter is null || !File.Exists(Path.Combine(s.Adapter, "adapter_config.json")))
-            throw new ArgumentException("--adapter DIR with adapter_config.json is required.");
+            throw new UserInputException("--adapter DIR with adapter_config.json is required.");
         if (File.Exists(Path.Combine(s.Adapter, Checkpoints.RouterFile)))
-            throw new NotSupportedException($"{s.Adapter} holds {Checkpoints.RouterFile} (--train-router): merging trained routers is not supported yet.");
-        if (s.Output is null) throw new ArgumentException("--output DIR is required.");
+            throw new UserInputException($"{s.Adapter} holds {Checkpoints.RouterFile} (--train-router): merging trained routers is not supported yet.");
+        if (s.Output is null) throw new UserInputException("--output DIR is required.");
         TorchRuntime.EnsureInitialized();
         using var model = TorchModelFactory.Load(s.Model, ScalarType.Float32);
         var adapter = LoraInjector.LoadPeftAdapter(model, s.Adapter);

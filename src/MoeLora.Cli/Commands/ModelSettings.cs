@@ -2,6 +2,7 @@ using System.ComponentModel;
 using MoeLora.Core.Catalog;
 using MoeLora.Core.Modules;
 using Spectre.Console.Cli;
+using MoeLora.Core;
 
 namespace MoeLora.Cli.Commands;
 
@@ -32,5 +33,5 @@ public class ModelSettings : CommandSettings
 
     public string ParsedFormat => Format.ToLowerInvariant() is "text" or "json" or "markdown" or "md"
         ? Format.ToLowerInvariant().Replace("md", "markdown", StringComparison.Ordinal)
-        : throw new ArgumentException($"unknown format '{Format}': use text, json or markdown");
+        : throw new UserInputException($"unknown format '{Format}': use text, json or markdown");
 }

@@ -3,6 +3,7 @@ using MoeLora.Cli.Infrastructure;
 using MoeLora.Cli.Rendering;
 using MoeLora.Core.Analysis;
 using Spectre.Console.Cli;
+using MoeLora.Core;
 
 namespace MoeLora.Cli.Commands;
 
@@ -71,5 +72,5 @@ public sealed class ReportCommand : Command<ReportCommand.Settings>
     }
 
     internal static int Positive(int value, string option) =>
-        value > 0 ? value : throw new ArgumentException($"{option} must be a positive integer, got {value}");
+        value > 0 ? value : throw new UserInputException($"{option} must be a positive integer, got {value}");
 }

@@ -144,4 +144,4 @@ public sealed class ModelConfig
 }
 
 /// <summary>A config that cannot be analysed; the message is one line meant for the user.</summary>
-public sealed class ConfigException(string message) : Exception(message);
+public sealed class ConfigException(string message) : UserInputException(message);

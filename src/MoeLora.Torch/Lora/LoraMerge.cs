@@ -3,6 +3,7 @@ using MoeLora.Torch.IO;
 using MoeLora.Torch.Models;
 using TorchSharp;
 using static TorchSharp.torch;
+using MoeLora.Core;
 
 namespace MoeLora.Torch.Lora;
 
@@ -45,7 +46,7 @@ public static class LoraMerge
         var configJson = File.ReadAllText(Path.Combine(checkpointDir, "config.json"));
         long layers = TorchModelFactory.Spec(configJson).NumHiddenLayers;
         if (layers != model.NumLayers)
-            throw new InvalidOperationException($"the model has {model.NumLayers} blocks but {checkpointDir} has {layers}: merge needs the whole model.");
+            throw new UserInputException($"the model has {model.NumLayers} blocks but {checkpointDir} has {layers}: merge needs the whole model.");
         // Checkpoint tensor → (runtime tensor, expert slice) for tensors stored under the other layout's names.
         var storedAs = new Dictionary<string, (string Runtime, int Expert, long RowOffset, long Rows)>(StringComparer.Ordinal);
         foreach (var (runtime, alt) in CheckpointLayout.For(model.Spec)?.Alternatives ?? new Dictionary<string, CheckpointLayout.Alternative>())
@@ -58,7 +59,7 @@ public static class LoraMerge
         var used = new HashSet<string>(StringComparer.Ordinal);
         var files = CheckpointLoader.Files(checkpointDir);
         var full = Path.GetFullPath(outDir);
-        if (Path.GetFullPath(checkpointDir).TrimEnd('/') == full.TrimEnd('/')) throw new ArgumentException("the output folder must differ from the checkpoint folder.");
+        if (Path.GetFullPath(checkpointDir).TrimEnd('/') == full.TrimEnd('/')) throw new UserInputException("the output folder must differ from the checkpoint folder.");
         var tmp = full + $".tmp-{Environment.ProcessId}";
         if (Directory.Exists(tmp)) Directory.Delete(tmp, true);
         Directory.CreateDirectory(tmp);

@@ -1,6 +1,7 @@
 using System.Text;
 using System.Text.Json.Nodes;
 using System.Text.RegularExpressions;
+using MoeLora.Core;
 
 namespace MoeLora.Torch.Text;
 
@@ -41,8 +42,8 @@ public sealed class HfTokenizer
 
     public HfTokenizer(string json, string source = "tokenizer.json")
     {
-        var o = JsonNode.Parse(json)?.AsObject() ?? throw new FormatException($"{source}: empty");
-        var model = o["model"]?.AsObject() ?? throw new FormatException($"{source}: no model");
+        var o = JsonNode.Parse(json)?.AsObject() ?? throw new UserInputException($"{source}: empty");
+        var model = o["model"]?.AsObject() ?? throw new UserInputException($"{source}: no model");
         if ((model["type"]?.GetValue<string>() ?? "BPE") != "BPE")
             throw new NotSupportedException($"{source}: tokenizer model type '{model["type"]}' is not supported (BPE only); pass input_ids instead.");
         _vocab = model["vocab"]!.AsObject().ToDictionary(kv => kv.Key, kv => kv.Value!.GetValue<int>());
