@@ -24,6 +24,9 @@ public sealed class EvalSettings : CbCommonSettings
     public string? RetainData { get; init; }
     [CommandOption("--format <FORMAT>")] [Description("text or json")]
     public string Format { get; init; } = "text";
+
+    public override Spectre.Console.ValidationResult Validate() => base.Validate() is { Successful: false } failed ? failed
+        : OptionChecks.First(OptionChecks.OneOf(Format, "--format", "text", "json"));
 }
 
 /// <summary><c>moelora eval</c>: rerouting (CB cosine) and retain (distance) metrics for the base model and with an adapter.</summary>

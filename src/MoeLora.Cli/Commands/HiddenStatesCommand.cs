@@ -59,18 +59,12 @@ public sealed class HiddenStatesCommand : Command<HiddenStatesCommand.Settings>
             new("input_ids", ids.contiguous()),
             new("attention_mask", mask!.to(ScalarType.Int64).contiguous()),
         };
-        var temp = Path.Combine(outDir, $".{Path.GetFileName(s.Output)}.{Environment.ProcessId}.tmp");
-        try
+        Infrastructure.AtomicFile.Write(s.Output, temp => Safetensors.Save(temp, tensors, new Dictionary<string, string>
         {
-            Safetensors.Save(temp, tensors, new Dictionary<string, string>
-            {
-                ["format"] = "pt",
-                ["layers"] = string.Join(",", layers),
-                ["model"] = resolved.Id,
-            });
-            File.Move(temp, s.Output, overwrite: true);
-        }
-        finally { if (File.Exists(temp)) File.Delete(temp); }
+            ["format"] = "pt",
+            ["layers"] = string.Join(",", layers),
+            ["model"] = resolved.Id,
+        }));
         Console.Error.WriteLine($"wrote {s.Output}: hidden_states [{string.Join(",", hs.shape)}] ({s.DType}), logits [{string.Join(",", output.Logits.shape)}], layers {string.Join(",", layers)}");
         return 0;
     }

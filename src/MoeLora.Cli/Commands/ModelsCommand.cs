@@ -19,6 +19,8 @@ public sealed class ModelsCommand : Command<ModelsCommand.Settings>
         [CommandOption("--format <FORMAT>")]
         [Description("text or json")]
         public string Format { get; init; } = "text";
+
+        public override Spectre.Console.ValidationResult Validate() => OptionChecks.First(OptionChecks.OneOf(Format, "--format", true, "text", "json"));
     }
 
     /// <summary>Builds a catalog model, or null when its model_type is not supported by this build.</summary>

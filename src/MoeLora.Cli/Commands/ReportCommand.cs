@@ -12,6 +12,12 @@ public sealed class ReportCommand : Command<ReportCommand.Settings>
 {
     public sealed class Settings : LoraSettings
     {
+        protected override string[] Formats => ["text", "json", "markdown", "md", "html"];
+
+        public override Spectre.Console.ValidationResult Validate() => base.Validate() is { Successful: false } failed ? failed
+            : OptionChecks.First(OptionChecks.AtLeast(GradTokens, 1, "--grad-tokens"),
+                OptionChecks.OneOf(Device.Split(':')[0], "--device", "cpu", "cuda"));
+
         [CommandOption("--checkpoint-headers")]
         [Description("Also read safetensors headers from the Hub (local and cached checkpoints are always checked)")]
         public bool CheckpointHeaders { get; init; }

@@ -141,12 +141,6 @@ public sealed class RoutersCommand : Command<RoutersCommand.Settings>
         plot.Title($"{model}: expert selection, harmful − benign");
         plot.XLabel("expert");
         plot.YLabel("MoE layer (row 0 = first)");
-        var temp = Path.Combine(Path.GetDirectoryName(full)!, $".{Path.GetFileName(full)}.{Environment.ProcessId}.tmp.png");
-        try
-        {
-            plot.SavePng(temp, 800, Math.Max(300, 60 * diff.GetLength(0) + 150));
-            File.Move(temp, full, overwrite: true);
-        }
-        finally { if (File.Exists(temp)) File.Delete(temp); }
+        Infrastructure.AtomicFile.Write(full, temp => plot.SavePng(temp, 800, Math.Max(300, 60 * diff.GetLength(0) + 150)), ".png");
     }
 }

@@ -41,6 +41,11 @@ public class RuntimeSettings : ModelSettings
     [Description("Truncate tokenised prompts to N tokens (default 512)")]
     public int MaxLength { get; init; } = 512;
 
+    public override Spectre.Console.ValidationResult Validate() => base.Validate() is { Successful: false } failed ? failed : OptionChecks.First(
+        OptionChecks.AtLeast(MaxLength, 1, "--max-length"),
+        OptionChecks.Parses(() => ParseDType(ModelDType, "--model-dtype")),
+        Init is not null && !Init.Equals("random", StringComparison.OrdinalIgnoreCase) ? $"--init '{Init}': only 'random' is supported (omit --init to load the checkpoint)" : null);
+
     internal static ScalarType ParseDType(string text, string option) => text.Trim().ToLowerInvariant() switch
     {
         "fp32" or "float32" or "f32" => ScalarType.Float32,
@@ -97,7 +102,7 @@ public class RuntimeSettings : ModelSettings
             if (string.IsNullOrWhiteSpace(line)) continue;
             JsonNode? node;
             try { node = JsonNode.Parse(line); }
-            catch (JsonException e) { throw new UserInputException($"{path}:{lineNo}: not JSON ({e.Message})"); }
+            catch (JsonException e) { throw new UserInputException($"{path}:{lineNo}: not valid JSON: {Core.Util.UserJson.Describe(e)}"); }
             long[] ids;
             if (node is JsonObject o && o["input_ids"] is JsonArray a) ids = a.Select(x => x!.GetValue<long>()).ToArray();
             else

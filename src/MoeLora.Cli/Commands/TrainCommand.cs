@@ -55,6 +55,16 @@ public class CbCommonSettings : CommandSettings
     [CommandOption("--device <DEVICE>")] [Description("cpu (default) or cuda[[:N]]")]
     public string Device { get; init; } = "cpu";
 
+    public override ValidationResult Validate() => OptionChecks.First(
+        OptionChecks.Parses(() => ResolvePreset()),
+        OptionChecks.AtLeast(RequestLength, 1, "--request-length"),
+        OptionChecks.AtLeast(ResponseLength, 1, "--response-length"),
+        OptionChecks.AtLeast(RetainLength, 1, "--retain-length"),
+        OptionChecks.AtLeast(BatchSize, 1, "--batch-size"),
+        OptionChecks.OneOf(Device.Split(':')[0], "--device", "cpu", "cuda"),
+        OptionChecks.Parses(() => { if (CbTargetLayers is not null) LoraSettings.ParseInts([CbTargetLayers], "--cb-target-layers"); }),
+        OptionChecks.Parses(() => { if (ChatTemplate is not null) Torch.Training.ChatTemplate.Get(ChatTemplate); }));
+
     public TrainPreset ResolvePreset() => TrainPreset.Get(Preset ?? (Model is null ? "tiny" : "llama-3-8b"));
 
     public string? ModelDir(TrainPreset preset)
@@ -133,6 +143,30 @@ public sealed class TrainSettings : CbCommonSettings
     public int? Threads { get; init; }
     [CommandOption("--plan-only")] [Description("Print the plan and exit")]
     public bool PlanOnly { get; init; }
+
+    // Every value is checked before anything is loaded or written; a bad one is a malformed command line (exit 2).
+    public override ValidationResult Validate() => base.Validate() is { Successful: false } failed ? failed : OptionChecks.First(
+        Output is null ? "--output DIR is required" : null,
+        Resume && Overwrite ? "--resume and --overwrite contradict each other: continue the run, or replace it" : null,
+        OptionChecks.AtLeast(Threads, 1, "--threads"),
+        OptionChecks.AtLeast(Rank, 1, "-r/--rank"),
+        OptionChecks.Positive(LoraAlpha, "--lora-alpha"),
+        OptionChecks.Between(LoraDropout, 0, 1, "--lora-dropout", inclusiveHigh: false),
+        OptionChecks.Between(CbDropPrompt, 0, 1, "--cb-drop-prompt"),
+        OptionChecks.AtLeast(TotalSteps, 1, "--total-steps"),
+        OptionChecks.AtLeast(GradientAccumulation, 1, "--gradient-accumulation"),
+        OptionChecks.Positive(Lr, "--lr"),
+        OptionChecks.OneOf(LrSchedule, "--lr-schedule", Torch.Training.LrSchedule.Kinds),
+        OptionChecks.AtLeast(WarmupSteps, 0, "--warmup-steps"),
+        TotalSteps is { } total && WarmupSteps > total ? $"--warmup-steps {WarmupSteps}: must not exceed --total-steps {total}" : null,
+        OptionChecks.NonNegative(WeightDecay, "--weight-decay"),
+        OptionChecks.NonNegative(MaxGradNorm, "--max-grad-norm"),
+        OptionChecks.OneOf(LossWeighting, "--loss-weighting", CoefficientSchedule.Kinds),
+        OptionChecks.Positive(CbAlpha, "--cb-alpha"),
+        OptionChecks.AtLeast(CheckpointEvery, 0, "--checkpoint-every"),
+        OptionChecks.Positive(MaxMemoryGb, "--max-memory-gb"),
+        OptionChecks.OneOf(InitLoraWeights, "--init-lora-weights", "true", "false", "gaussian"),
+        OptionChecks.Parses(() => { if (LayersToTransform is not null) LoraSettings.ParseInts([LayersToTransform], "--layers-to-transform"); }));
 }
 
 public sealed class TrainCommand : Command<TrainSettings>
@@ -367,7 +401,7 @@ public sealed class TrainCommand : Command<TrainSettings>
         if (s.LoraConfig is not null)
         {
             if (!File.Exists(s.LoraConfig)) throw new FileNotFoundException($"--lora-config {s.LoraConfig} does not exist.");
-            o = JsonNode.Parse(File.ReadAllText(s.LoraConfig))?.AsObject() ?? throw new InvalidDataException($"{s.LoraConfig} is empty.");
+            o = Core.Util.UserJson.ParseObject(File.ReadAllText(s.LoraConfig), $"--lora-config {s.LoraConfig}");
         }
         else o = JsonNode.Parse(preset.AdapterConfigJson(modelDir is null ? null : Path.GetFullPath(modelDir), Enumerable.Range(0, layers).ToList()))!.AsObject();
         static JsonArray Arr(string v) => new(v.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(x => (JsonNode)x).ToArray());

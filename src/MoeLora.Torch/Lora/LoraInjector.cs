@@ -83,7 +83,7 @@ public static partial class LoraInjector
         if (!File.Exists(cfgPath)) throw new FileNotFoundException($"{cfgPath} not found.");
         if (!File.Exists(weights)) throw new FileNotFoundException($"{weights} not found (adapter_model.bin is not supported).");
         var json = File.ReadAllText(cfgPath);
-        var file = JsonNode.Parse(json) as JsonObject ?? throw new InvalidDataException($"{cfgPath} must hold a JSON object.");
+        var file = Core.Util.UserJson.ParseObject(json, cfgPath);
         // Core plans the saved config (already PEFT's effective config: its MoE rewrite finds nothing left to move).
         var injected = Inject(model, Plan(model, json, cfgPath), adapterName) with { ConfigJson = file };
         var tensors = Safetensors.Load(weights);

@@ -22,7 +22,7 @@ public static partial class CheckpointLoader
         var index = Path.Combine(dir, "model.safetensors.index.json");
         if (File.Exists(index))
         {
-            var map = JsonNode.Parse(File.ReadAllText(index))?["weight_map"]?.AsObject()
+            var map = Core.Util.UserJson.ParseObject(File.ReadAllText(index), index)["weight_map"] as JsonObject
                 ?? throw new InvalidDataException($"{index}: no weight_map.");
             var files = map.Select(kv => kv.Value!.GetValue<string>()).Distinct().Select(f => Path.Combine(dir, f)).ToList();
             var missing = files.Where(f => !File.Exists(f)).ToList();

@@ -136,7 +136,20 @@ public sealed class HfTokenizer
             : Directory.Exists(modelDirOrFile) ? Path.Combine(modelDirOrFile, "tokenizer.json") : modelDirOrFile;
         if (path is null || !File.Exists(path))
             throw new FileNotFoundException($"text needs the model's tokenizer.json{(path is null ? "" : $" ({path} not found)")}; pass token ids instead (--inputs FILE.safetensors, or JSONL lines with \"input_ids\")");
-        return new HfTokenizer(File.ReadAllText(path), path);
+        var json = File.ReadAllText(path);
+        try
+        {
+            return new HfTokenizer(json, path);
+        }
+        catch (Exception e) when (e is System.Text.Json.JsonException or InvalidOperationException or NullReferenceException
+            or KeyNotFoundException or FormatException or IndexOutOfRangeException or ArgumentException)
+        {
+            // The file is the user's; a field of the wrong kind or a missing one surfaces as one of these from
+            // System.Text.Json.Nodes. Say which file, in one line.
+            throw new InvalidDataException(e is System.Text.Json.JsonException je
+                ? $"{path} is not valid JSON: {Core.Util.UserJson.Describe(je)}"
+                : $"{path} is not a tokenizer.json MoeLora can read ({e.Message.Split('\n')[0]})");
+        }
     }
 
     static (string, string) Split2(string m) { int i = m.IndexOf(' ', 1); return (m[..i], m[(i + 1)..]); }

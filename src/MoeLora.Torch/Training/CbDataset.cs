@@ -113,8 +113,8 @@ public sealed class CbDataLoader(HfTokenizer tokenizer, ChatTemplate template, C
             n++;
             if (string.IsNullOrWhiteSpace(line)) continue;
             JsonObject row;
-            try { row = JsonNode.Parse(line)?.AsObject() ?? throw new JsonException("not an object"); }
-            catch (Exception e) when (e is JsonException or InvalidOperationException) { throw new InvalidDataException($"{path}:{n}: not a JSON object ({e.Message})."); }
+            try { row = JsonNode.Parse(line) as JsonObject ?? throw new InvalidDataException($"{path}:{n}: not a JSON object."); }
+            catch (JsonException e) { throw new InvalidDataException($"{path}:{n}: not valid JSON: {Core.Util.UserJson.Describe(e)}."); }
             yield return (n, row);
         }
     }
