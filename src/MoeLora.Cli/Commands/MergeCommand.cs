@@ -31,6 +31,10 @@ public sealed class MergeCommand : Command<MergeCommand.Settings>
         [CommandOption("-o|--output <DIR>")]
         [Description("New or empty folder for the merged checkpoint (written to a temporary sibling, then renamed into place)")]
         public string? Output { get; init; }
+
+        public override ValidationResult Validate() => OptionChecks.First(
+            Adapter is null ? "--adapter DIR is required (a PEFT adapter folder)" : null,
+            Output is null ? "--output DIR is required (a new or empty folder)" : null);
     }
 
     public override int Execute(CommandContext context, Settings s, CancellationToken cancellationToken)
