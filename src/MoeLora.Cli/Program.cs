@@ -68,7 +68,7 @@ public static class Program
     {
         CommandParseException or CommandRuntimeException or UsageException => ExitCodes.Usage,
         UserInputException or IOException or UnauthorizedAccessException or InvalidDataException
-            or NotSupportedException => ExitCodes.Error,
+            or NotSupportedException or Torch.Runtime.DeviceUnavailableException => ExitCodes.Error,
         OperationCanceledException => ExitCodes.Interrupted,
         _ => null,
     };

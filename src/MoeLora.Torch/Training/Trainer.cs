@@ -49,8 +49,11 @@ public sealed record StepMetrics(int Step, int TotalSteps, double Loss, double R
 
 public enum TrainOutcome { Completed, Interrupted }
 
-/// <summary>Training stopped because a loss or gradient was NaN/inf. The last good state was saved as a checkpoint.</summary>
-public sealed class TrainingDivergedException(string message) : InvalidOperationException(message);
+/// <summary>
+/// Training stopped because a loss or gradient was NaN/inf. The last good state was saved as a checkpoint; the user
+/// acts on it (lower --lr, clipping, float32), so it is reported as input to fix (exit 1), not as a bug.
+/// </summary>
+public sealed class TrainingDivergedException(string message) : UserInputException(message);
 
 /// <summary>
 /// Circuit-breaker LoRA training: per optimizer step, <see cref="TrainOptions.GradientAccumulation"/> micro-batches of
