@@ -1,8 +1,6 @@
 using MoeLora.Cli.Commands;
 using MoeLora.Cli.Infrastructure;
-using MoeLora.Core.Config;
-using MoeLora.Core.Peft;
-using MoeLora.Sources;
+using MoeLora.Core;
 using Spectre.Console.Cli;
 
 namespace MoeLora.Cli;
@@ -45,7 +43,7 @@ public static class Program
         }
         catch (Exception e) when (Classify(e) is { } code)
         {
-            Consoles.Error.WriteLine($"moelora: error: {OneLine(Unwrap(e).Message)}");
+            Consoles.Error.WriteLine($"moelora: error: {OneLine(UserMessage(e, args))}");
             return code;
         }
         catch (Exception e)
@@ -63,15 +61,44 @@ public static class Program
         e is AggregateException { InnerExceptions.Count: 1 } a ? Unwrap(a.InnerExceptions[0])
         : e is System.Reflection.TargetInvocationException { InnerException: { } inner } ? Unwrap(inner) : e;
 
+    // Only input the user can fix is exit 1 or 2: MoeLora's own user-error type (config, PEFT and model-source errors
+    // derive from it), the file system refusing something, and a data file that is not what it claims to be. Every
+    // other exception (ArgumentException, InvalidOperationException, NullReferenceException...) is a bug: exit 70.
     private static int? Classify(Exception e) => Unwrap(e) switch
     {
-        CommandParseException or CommandRuntimeException => ExitCodes.Usage,
-        ConfigException or PeftConfigException or ArgumentException or IOException or UnauthorizedAccessException
-            or ModelSourceException or InvalidOperationException or NotSupportedException or FormatException
-            or InvalidDataException => ExitCodes.Error,
+        CommandParseException or CommandRuntimeException or UsageException => ExitCodes.Usage,
+        UserInputException or IOException or UnauthorizedAccessException or InvalidDataException
+            or NotSupportedException or Torch.Runtime.DeviceUnavailableException => ExitCodes.Error,
         OperationCanceledException => ExitCodes.Interrupted,
         _ => null,
     };
+
+    /// <summary>
+    /// Spectre reports a value it cannot convert as "Failed to convert 'abc' to Nullable`1" (a .NET type name). Say it
+    /// in the user's terms instead: the option as typed, the value, and what it must be.
+    /// </summary>
+    internal static string UserMessage(Exception e, IReadOnlyList<string> args)
+    {
+        var message = Unwrap(e).Message;
+        if (Unwrap(e) is not CommandRuntimeException { InnerException: var inner }) return message;
+        var m = System.Text.RegularExpressions.Regex.Match(message, @"^Failed to convert '(?<value>.*)' to (?<type>[^.]+)\.?$", System.Text.RegularExpressions.RegexOptions.Singleline);
+        if (!m.Success) return message;
+        var value = m.Groups["value"].Value;
+        string? option = null;
+        for (int i = 0; i < args.Count && option is null; i++)
+        {
+            if (args[i] == value && i > 0 && args[i - 1].StartsWith('-')) option = args[i - 1];
+            else if (args[i].StartsWith('-') && args[i].EndsWith("=" + value, StringComparison.Ordinal)) option = args[i][..args[i].IndexOf('=')];
+        }
+        var wanted = (inner?.Message ?? "") switch
+        {
+            var t when t.Contains("Int32", StringComparison.Ordinal) || t.Contains("Int64", StringComparison.Ordinal) => "an integer",
+            var t when t.Contains("Double", StringComparison.Ordinal) || t.Contains("Single", StringComparison.Ordinal) => "a number",
+            var t when t.Contains("Boolean", StringComparison.Ordinal) => "true or false",
+            _ => "a valid value",
+        };
+        return option is null ? $"'{value}' is not {wanted}" : $"{option} '{value}': not {wanted}";
+    }
 
     private static string OneLine(string message) =>
         string.Join(' ', message.Split(['\r', '\n'], StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries));

@@ -196,7 +196,7 @@ public sealed class ModelResolver : IDisposable
         }
         catch (JsonException ex)
         {
-            throw new ModelSourceException($"{source} is not valid JSON: {ex.Message.Split('\n')[0]}", ex);
+            throw new ModelSourceException($"{source} is not valid JSON: {MoeLora.Core.Util.UserJson.Describe(ex)}", ex);
         }
     }
 

@@ -1,10 +1,12 @@
+using MoeLora.Core;
+
 namespace MoeLora.Sources;
 
 /// <summary>
 /// A failure to find or read a model that a user can act on. The message is one complete sentence meant to be
 /// printed as is (no stack trace); callers catch this type and show <see cref="Exception.Message"/>.
 /// </summary>
-public class ModelSourceException : Exception
+public class ModelSourceException : UserInputException
 {
     public ModelSourceException(string message) : base(message) { }
 

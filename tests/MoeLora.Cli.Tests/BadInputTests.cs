@@ -91,15 +91,15 @@ public class BadInputTests
 
     [Fact]
     public void Non_positive_rank() =>
-        MoeloraProcess.AssertCleanError(MoeloraProcess.Run("report", "-r", "0"), 1, "positive");
+        MoeloraProcess.AssertCleanError(MoeloraProcess.Run("report", "-r", "0"), 2, "-r/--rank 0: must be at least 1");
 
     [Fact]
     public void Unknown_format() =>
-        MoeloraProcess.AssertCleanError(MoeloraProcess.Run("report", "--format", "xml"), 1, "format");
+        MoeloraProcess.AssertCleanError(MoeloraProcess.Run("report", "--format", "xml"), 2, "--format 'xml'");
 
     [Fact]
     public void Unknown_layout() =>
-        MoeloraProcess.AssertCleanError(MoeloraProcess.Run("modules", "--layout", "v3"), 1, "layout");
+        MoeloraProcess.AssertCleanError(MoeloraProcess.Run("modules", "--layout", "v3"), 2, "--layout 'v3'");
 
     [Fact]
     public void Failed_run_leaves_an_existing_output_untouched()

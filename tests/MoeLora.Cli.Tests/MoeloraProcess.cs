@@ -14,6 +14,20 @@ internal static class MoeloraProcess
     /// <summary>Like <see cref="RunIn"/>, then sets (or, for null values, removes) the given environment variables.</summary>
     public static Result RunWith(string? workingDirectory, IReadOnlyDictionary<string, string?>? environment, params string[] args)
     {
+        using var p = Start(workingDirectory, environment, args);
+        var stdout = p.StandardOutput.ReadToEndAsync();
+        var stderr = p.StandardError.ReadToEndAsync();
+        if (!p.WaitForExit(60_000))
+        {
+            p.Kill(true);
+            throw new TimeoutException("moelora did not finish in 60 s: " + string.Join(' ', args));
+        }
+        return new Result(p.ExitCode, stdout.Result, stderr.Result);
+    }
+
+    /// <summary>Starts moelora with redirected output and returns the running process (for signals).</summary>
+    public static Process Start(string? workingDirectory, IReadOnlyDictionary<string, string?>? environment, params string[] args)
+    {
         var exe = Path.Combine(AppContext.BaseDirectory, "moelora.dll");
         var psi = new ProcessStartInfo("dotnet")
         {
@@ -35,15 +49,7 @@ internal static class MoeloraProcess
             if (value is null) psi.Environment.Remove(name);
             else psi.Environment[name] = value;
         }
-        using var p = Process.Start(psi)!;
-        var stdout = p.StandardOutput.ReadToEndAsync();
-        var stderr = p.StandardError.ReadToEndAsync();
-        if (!p.WaitForExit(60_000))
-        {
-            p.Kill(true);
-            throw new TimeoutException("moelora did not finish in 60 s: " + string.Join(' ', args));
-        }
-        return new Result(p.ExitCode, stdout.Result, stderr.Result);
+        return Process.Start(psi)!;
     }
 
     /// <summary>Asserts the contract for bad input: non-zero exit, one line on stderr, no stack trace.</summary>

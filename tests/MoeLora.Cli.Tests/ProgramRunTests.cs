@@ -32,9 +32,26 @@ public class ProgramRunTests
     [Fact]
     public void Bad_input_is_exit_1_and_one_line()
     {
-        var (code, err) = Run(new ArgumentException("line one\nline two"));
+        var (code, err) = Run(new MoeLora.Core.UserInputException("line one\nline two"));
         Assert.Equal(ExitCodes.Error, code);
         Assert.Equal("moelora: error: line one line two", err.Trim());
+    }
+
+    [Fact]
+    public void A_malformed_command_line_is_exit_2() =>
+        Assert.Equal(ExitCodes.Usage, Run(new UsageException("--threads 0: must be at least 1")).Code);
+
+    [Theory]
+    [InlineData(typeof(ArgumentException))]
+    [InlineData(typeof(InvalidOperationException))]
+    [InlineData(typeof(FormatException))]
+    public void A_framework_exception_is_a_bug_not_bad_input(Type type)
+    {
+        // "injected adapter differs from the plan" is an InvalidOperationException: MoeLora's bug, not the user's.
+        var (code, err) = Run((Exception)Activator.CreateInstance(type, "injected adapter differs from the plan")!);
+        Assert.Equal(ExitCodes.Internal, code);
+        Assert.StartsWith($"moelora: internal error: {type.Name}: injected adapter differs from the plan", err);
+        Assert.Contains("MOELORA_DEBUG=1", err);
     }
 
     [Fact]

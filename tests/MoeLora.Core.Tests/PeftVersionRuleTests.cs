@@ -71,5 +71,5 @@ public class PeftVersionRuleTests
 
     [Fact]
     public void Version_parsing_rejects_releases_without_target_parameters() =>
-        Assert.Throws<ArgumentException>(() => PeftVersion.Parse("0.16"));
+        Assert.Throws<MoeLora.Core.UserInputException>(() => PeftVersion.Parse("0.16"));
 }

@@ -259,13 +259,13 @@ public sealed class HubTests : IDisposable
         _hub.AddRepo("org/slow").With("config.json", Config);
         _hub.DelayNext("org/slow", TimeSpan.FromSeconds(5));
         using ModelResolver resolver = Resolver(tweak: s => s with { RequestTimeout = TimeSpan.FromMilliseconds(300) });
-        var clock = Stopwatch.StartNew();
 
+        // No wall-clock bound (a loaded CI machine would make it flaky): without the 0.3 s timeout the 5 s answer
+        // would arrive and Resolve would succeed, so the error itself proves the timeout applied.
         var error = Assert.Throws<HubException>(() => resolver.Resolve("org/slow"));
 
         Assert.Equal(HubErrorKind.Timeout, error.Kind);
         Assert.Contains("did not answer within 0.3 s", error.Message, StringComparison.Ordinal);
-        Assert.True(clock.Elapsed < TimeSpan.FromSeconds(3));
     }
 
     [Fact]

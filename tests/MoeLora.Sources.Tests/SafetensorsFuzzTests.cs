@@ -6,9 +6,11 @@ using MoeLora.Sources.Tests.Support;
 namespace MoeLora.Sources.Tests;
 
 /// <summary>
-/// Throws random, mutated and truncated bytes at the header reader. Whatever the input, it must either return a
-/// header or throw <see cref="SafetensorsFormatException"/>; it must finish quickly; and it must not allocate much
-/// more than the input it was given (a lying length field must not make it allocate).
+/// Throws random, mutated and truncated bytes at the header reader (the one parser the report and the TorchSharp
+/// runtime share). Whatever the input, it must either return a header or throw <see cref="SafetensorsFormatException"/>,
+/// and it must not allocate much more than the input it was given (a lying length field must not make it allocate).
+/// The budget is bounded by counts and sizes (iterations × input length), never by the wall clock, so a slow CI machine
+/// cannot fail it; a hang would show as the test never finishing.
 /// </summary>
 public class SafetensorsFuzzTests
 {
@@ -50,6 +52,30 @@ public class SafetensorsFuzzTests
     }
 
     [Fact]
+    public void Headers_with_metadata_and_repeated_names_parse_or_are_rejected() =>
+        Gen.Select(Gen.OneOf<string>("\"__metadata__\":{\"format\":\"pt\"}", "\"__metadata__\":{\"k\":1}", "\"__metadata__\":[]",
+                "\"__metadata__\":{\"a\":\"x\",\"a\":\"y\"}", "\"__metadata__\":null", ""),
+            Gen.Int[0, 3], Gen.Bool)
+        .Sample((metadata, copies, sameName) =>
+        {
+            var entries = new List<string>();
+            if (metadata.Length > 0) entries.Add(metadata);
+            for (int i = 0; i < copies; i++)
+                entries.Add($"\"{(sameName ? "t" : "t" + i)}\":{{\"dtype\":\"U8\",\"shape\":[2],\"data_offsets\":[{2 * i},{2 * i + 2}]}}");
+            byte[] file = SafetensorsBuilder.Assemble("{" + string.Join(',', entries) + "}", 2 * copies);
+            try
+            {
+                SafetensorsHeader header = SafetensorsReader.ReadHeader(file);
+                Assert.Equal(copies, header.Tensors.Count);
+                Assert.True(!sameName || copies <= 1, "a repeated tensor name was accepted");
+            }
+            catch (SafetensorsFormatException e)
+            {
+                Assert.DoesNotContain('\n', e.Message);
+            }
+        }, iter: 500);
+
+    [Fact]
     public void Structured_random_headers_parse_or_are_rejected() =>
         GenHeaderJson.Sample(json => ParsesOrRejects(SafetensorsBuilder.Assemble(json.Json, json.DataLength)), iter: 2000);
 
@@ -77,7 +103,6 @@ public class SafetensorsFuzzTests
     private static void ParsesOrRejects(byte[] file)
     {
         long before = GC.GetAllocatedBytesForCurrentThread();
-        var started = System.Diagnostics.Stopwatch.StartNew();
         try
         {
             SafetensorsHeader header = SafetensorsReader.ReadHeader(file);
@@ -86,7 +111,6 @@ public class SafetensorsFuzzTests
         catch (SafetensorsFormatException)
         {
         }
-        Assert.True(started.Elapsed < TimeSpan.FromSeconds(2), "the reader took too long");
         long allocated = GC.GetAllocatedBytesForCurrentThread() - before;
         Assert.True(allocated < 64L * file.Length + (1 << 20), $"allocated {allocated} bytes for a {file.Length}-byte input");
     }

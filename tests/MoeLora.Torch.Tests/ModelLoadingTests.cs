@@ -65,7 +65,7 @@ public class ModelLoadingTests
             Assert.Throws<MoeLora.Core.Config.ConfigException>(() => TorchModelFactory.Random("""{"model_type": "bert"}""", 0));
             var refusal = Assert.Throws<NotSupportedException>(() => TorchModelFactory.Random("""{"model_type": "jamba", "num_hidden_layers": 2}""", 0));
             Assert.Contains("Mamba mixers", refusal.Message);
-            Assert.Throws<ArgumentException>(() => TorchModelFactory.Random(Config("llama"), 0, ScalarType.Int32));
+            Assert.Throws<MoeLora.Core.UserInputException>(() => TorchModelFactory.Random(Config("llama"), 0, ScalarType.Int32));
         }
         finally { Directory.Delete(dir, true); }
     }

@@ -56,6 +56,47 @@ public class SafetensorsTests
         finally { File.Delete(path); }
     }
 
+    /// <summary>
+    /// The runtime reads files through Sources' parser: mutated and truncated real files load or raise
+    /// <see cref="InvalidDataException"/> with a one-line message naming the file, never anything else. Bounded by a
+    /// fixed count of seeded cases, not by time.
+    /// </summary>
+    [Fact]
+    public void CorruptedFilesOnlyRaiseOneLineDataErrors()
+    {
+        var path = Path.GetTempFileName();
+        try
+        {
+            Safetensors.Save(path, new Dictionary<string, Tensor> { ["a.weight"] = ones(3, 2), ["b"] = zeros(4, dtype: ScalarType.Int64) },
+                new Dictionary<string, string> { ["format"] = "pt" });
+            var valid = File.ReadAllBytes(path);
+            int headerEnd = 8 + (int)BitConverter.ToUInt64(valid, 0);
+            var random = new Random(11);
+            int rejected = 0;
+            for (int i = 0; i < 400; i++)
+            {
+                var bytes = (byte[])valid.Clone();
+                if (i % 5 == 0) bytes = bytes[..random.Next(bytes.Length)];
+                else
+                    for (int k = random.Next(1, 4); k > 0; k--)
+                        bytes[random.Next(headerEnd)] = (byte)random.Next(256);
+                File.WriteAllBytes(path, bytes);
+                try
+                {
+                    foreach (var t in Safetensors.Load(path).Values) t.Dispose();
+                }
+                catch (InvalidDataException e)
+                {
+                    rejected++;
+                    Assert.Contains(path, e.Message);
+                    Assert.DoesNotContain('\n', e.Message);
+                }
+            }
+            Assert.True(rejected > 200, $"only {rejected} of 400 corruptions were rejected: the test would prove little");
+        }
+        finally { File.Delete(path); }
+    }
+
     [Fact]
     public void ReadsTheFixtureCheckpointHeader()
     {

@@ -6,6 +6,7 @@ using MoeLora.Core.Analysis;
 using MoeLora.Core.Peft;
 using Spectre.Console;
 using Spectre.Console.Cli;
+using MoeLora.Core;
 
 namespace MoeLora.Cli.Commands;
 
@@ -30,7 +31,7 @@ public sealed class DiffCommand : Command<DiffCommand.Settings>
     {
         var format = settings.ParsedFormat;
         if (settings.ModelB is null && settings.LoraConfigB is null)
-            throw new ArgumentException("diff needs MODEL_B or --lora-config-b (two models, or two LoraConfigs on one model)");
+            throw new UserInputException("diff needs MODEL_B or --lora-config-b (two models, or two LoraConfigs on one model)");
         var loraA = settings.BuildLoraConfig();
         LoraConfig loraB;
         if (settings.LoraConfigB is null) loraB = loraA;

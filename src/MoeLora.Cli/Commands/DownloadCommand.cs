@@ -5,6 +5,7 @@ using MoeLora.Sources;
 using MoeLora.Sources.Progress;
 using Spectre.Console;
 using Spectre.Console.Cli;
+using MoeLora.Core;
 
 namespace MoeLora.Cli.Commands;
 
@@ -33,7 +34,7 @@ public sealed class DownloadCommand : AsyncCommand<DownloadCommand.Settings>
     public override async Task<int> ExecuteAsync(CommandContext context, Settings s, CancellationToken cancellationToken)
     {
         string[]? include = s.Include?.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries);
-        if (s.Include is not null && include!.Length == 0) throw new ArgumentException("--include needs at least one pattern, e.g. \"*.json\"");
+        if (s.Include is not null && include!.Length == 0) throw new UserInputException("--include needs at least one pattern, e.g. \"*.json\"");
         SourceSettings sources = ModelLoader.Settings();
         IAnsiConsole console = Consoles.Out;
         // Live bars only on a terminal; piped output gets one plain line per file as it is settled.

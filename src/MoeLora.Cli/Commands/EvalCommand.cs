@@ -10,6 +10,7 @@ using Spectre.Console.Cli;
 using TorchSharp;
 using ScalarType = TorchSharp.torch.ScalarType;
 using DeviceType = TorchSharp.DeviceType;
+using MoeLora.Core;
 
 namespace MoeLora.Cli.Commands;
 
@@ -23,6 +24,9 @@ public sealed class EvalSettings : CbCommonSettings
     public string? RetainData { get; init; }
     [CommandOption("--format <FORMAT>")] [Description("text or json")]
     public string Format { get; init; } = "text";
+
+    public override Spectre.Console.ValidationResult Validate() => base.Validate() is { Successful: false } failed ? failed
+        : OptionChecks.First(OptionChecks.OneOf(Format, "--format", "text", "json"));
 }
 
 /// <summary><c>moelora eval</c>: rerouting (CB cosine) and retain (distance) metrics for the base model and with an adapter.</summary>
@@ -35,23 +39,23 @@ public sealed class EvalCommand : Command<EvalSettings>
         var targets = s.TargetLayers(preset);
         int layers = CbModels.TruncatedLayers(targets, CbModels.ModelLayers(modelDir), s.FullLayers);
         var lengths = s.Lengths(preset);
-        if (s.Format is not ("text" or "json")) throw new ArgumentException($"--format {s.Format}: use text or json.");
+        if (s.Format is not ("text" or "json")) throw new UserInputException($"--format {s.Format}: use text or json.");
         TorchRuntime.EnsureInitialized();
         var device = DeviceSelector.Select(s.Device);
         using var model = CbModels.Load(modelDir, layers, s.Bf16 ? ScalarType.BFloat16 : ScalarType.Float32, device);
         var loader = new CbDataLoader(CbModels.Tokenizer(modelDir), Torch.Training.ChatTemplate.Get(s.TemplateName(modelDir)), lengths);
         string Data(string? given, string file, string flag) =>
-            given ?? (preset.Name == "tiny" ? TrainCommand.FindTinyData(file) : throw new ArgumentException($"{flag} FILE is required."));
+            given ?? (preset.Name == "tiny" ? TrainCommand.FindTinyData(file) : throw new UserInputException($"{flag} FILE is required."));
         var cb = loader.LoadCircuitBreaker(Data(s.CbData, "cb_eval.jsonl", "--cb-data"));
         var retain = loader.LoadRetain(Data(s.RetainData, "retain_eval.jsonl", "--retain-data"));
         int batch = s.BatchSize ?? Math.Min(preset.BatchSize, 8);
         var rows = new List<(string Name, CbEvalResult R)> { ("base", CbEvaluator.Evaluate(model, cb, retain, targets, batch, withAdapter: false)) };
         if (s.Adapter is not null)
         {
-            if (!Directory.Exists(s.Adapter)) throw new ArgumentException($"--adapter {s.Adapter}: not a folder.");
+            if (!Directory.Exists(s.Adapter)) throw new UserInputException($"--adapter {s.Adapter}: not a folder.");
             LoraInjector.LoadPeftAdapter(model, s.Adapter);
             if (File.Exists(Path.Combine(s.Adapter, Checkpoints.RouterFile)))
-                throw new NotSupportedException($"{s.Adapter} holds router.safetensors (--train-router): eval of trained routers is not supported yet.");
+                throw new UserInputException($"{s.Adapter} holds router.safetensors (--train-router): eval of trained routers is not supported yet.");
             rows.Add(("adapter", CbEvaluator.Evaluate(model, cb, retain, targets, batch, withAdapter: true)));
         }
         var console = Consoles.Out;

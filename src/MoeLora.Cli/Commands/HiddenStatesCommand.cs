@@ -3,6 +3,7 @@ using MoeLora.Torch.IO;
 using Spectre.Console.Cli;
 using TorchSharp;
 using static TorchSharp.torch;
+using MoeLora.Core;
 
 namespace MoeLora.Cli.Commands;
 
@@ -34,8 +35,8 @@ public sealed class HiddenStatesCommand : Command<HiddenStatesCommand.Settings>
 
     public override int Execute(CommandContext context, Settings s, CancellationToken cancellationToken)
     {
-        if ((s.Prompts is null) == (s.Inputs is null)) throw new ArgumentException("give exactly one of --prompts FILE.jsonl or --inputs FILE.safetensors");
-        if (s.Output is null) throw new ArgumentException("--output OUT.safetensors is required");
+        if ((s.Prompts is null) == (s.Inputs is null)) throw new UserInputException("give exactly one of --prompts FILE.jsonl or --inputs FILE.safetensors");
+        if (s.Output is null) throw new UserInputException("--output OUT.safetensors is required");
         var outDir = Path.GetDirectoryName(Path.GetFullPath(s.Output))!;
         if (!Directory.Exists(outDir)) throw new IOException($"cannot write {s.Output}: folder {outDir} does not exist");
         var outType = RuntimeSettings.ParseDType(s.DType, "--dtype");
@@ -46,7 +47,7 @@ public sealed class HiddenStatesCommand : Command<HiddenStatesCommand.Settings>
         using var scope = NewDisposeScope();
         if (ids is null) (ids, mask) = RuntimeSettings.Batch(s.ReadJsonl(s.Prompts!, resolved.Directory, "--prompts"), model.VocabSize);
         if (ids.max().item<long>() >= model.VocabSize || ids.min().item<long>() < 0)
-            throw new ArgumentException($"input_ids contain ids outside the vocabulary (0..{model.VocabSize - 1})");
+            throw new UserInputException($"input_ids contain ids outside the vocabulary (0..{model.VocabSize - 1})");
         int states = model.NumLayers + 1;
         var layers = ParseLayers(s.Layers, states);
         using var output = no_grad_forward(model, ids, mask!);
@@ -58,18 +59,12 @@ public sealed class HiddenStatesCommand : Command<HiddenStatesCommand.Settings>
             new("input_ids", ids.contiguous()),
             new("attention_mask", mask!.to(ScalarType.Int64).contiguous()),
         };
-        var temp = Path.Combine(outDir, $".{Path.GetFileName(s.Output)}.{Environment.ProcessId}.tmp");
-        try
+        Infrastructure.AtomicFile.Write(s.Output, temp => Safetensors.Save(temp, tensors, new Dictionary<string, string>
         {
-            Safetensors.Save(temp, tensors, new Dictionary<string, string>
-            {
-                ["format"] = "pt",
-                ["layers"] = string.Join(",", layers),
-                ["model"] = resolved.Id,
-            });
-            File.Move(temp, s.Output, overwrite: true);
-        }
-        finally { if (File.Exists(temp)) File.Delete(temp); }
+            ["format"] = "pt",
+            ["layers"] = string.Join(",", layers),
+            ["model"] = resolved.Id,
+        }));
         Console.Error.WriteLine($"wrote {s.Output}: hidden_states [{string.Join(",", hs.shape)}] ({s.DType}), logits [{string.Join(",", output.Logits.shape)}], layers {string.Join(",", layers)}");
         return 0;
     }
@@ -84,12 +79,12 @@ public sealed class HiddenStatesCommand : Command<HiddenStatesCommand.Settings>
         if (!File.Exists(path)) throw new FileNotFoundException($"--inputs {path} does not exist");
         Torch.Runtime.TorchRuntime.EnsureInitialized();
         var t = Safetensors.Load(path, k => k is "input_ids" or "attention_mask");
-        if (!t.TryGetValue("input_ids", out var ids)) throw new FormatException($"--inputs {path} has no input_ids tensor");
-        if (ids.dim() != 2) throw new FormatException($"--inputs {path}: input_ids must be [batch, seq], got [{string.Join(",", ids.shape)}]");
-        if (ids.dtype is not (ScalarType.Int64 or ScalarType.Int32)) throw new FormatException($"--inputs {path}: input_ids must be I64 or I32, got {ids.dtype}");
+        if (!t.TryGetValue("input_ids", out var ids)) throw new UserInputException($"--inputs {path} has no input_ids tensor");
+        if (ids.dim() != 2) throw new UserInputException($"--inputs {path}: input_ids must be [batch, seq], got [{string.Join(",", ids.shape)}]");
+        if (ids.dtype is not (ScalarType.Int64 or ScalarType.Int32)) throw new UserInputException($"--inputs {path}: input_ids must be I64 or I32, got {ids.dtype}");
         var mask = t.TryGetValue("attention_mask", out var m) ? m : ones_like(ids);
         if (!mask.shape.SequenceEqual(ids.shape))
-            throw new FormatException($"--inputs {path}: attention_mask [{string.Join(",", mask.shape)}] does not match input_ids [{string.Join(",", ids.shape)}]");
+            throw new UserInputException($"--inputs {path}: attention_mask [{string.Join(",", mask.shape)}] does not match input_ids [{string.Join(",", ids.shape)}]");
         return (ids.to(ScalarType.Int64), mask.to(ScalarType.Int64));
     }
 
@@ -99,7 +94,7 @@ public sealed class HiddenStatesCommand : Command<HiddenStatesCommand.Settings>
             return Enumerable.Range(0, states).ToList();
         var layers = LoraSettings.ParseInts(values, "--layers");
         foreach (var l in layers)
-            if (l < 0 || l >= states) throw new ArgumentException($"--layers {l} does not exist: this model returns hidden_states[0..{states - 1}]");
+            if (l < 0 || l >= states) throw new UserInputException($"--layers {l} does not exist: this model returns hidden_states[0..{states - 1}]");
         return layers;
     }
 }

@@ -13,6 +13,7 @@ using Spectre.Console;
 using Spectre.Console.Rendering;
 using TorchSharp;
 using static TorchSharp.torch;
+using MoeLora.Core;
 
 namespace MoeLora.Cli.Commands;
 
@@ -30,14 +31,14 @@ internal static class LoadModelMeasurement
     public static int Run(LoraReport report, ResolvedModel resolved, ReportCommand.Settings s, string format)
     {
         if (s.Init is not null && !s.Init.Equals("random", StringComparison.OrdinalIgnoreCase))
-            throw new ArgumentException($"--init '{s.Init}': only 'random' is supported (omit --init to load the checkpoint)");
+            throw new UserInputException($"--init '{s.Init}': only 'random' is supported (omit --init to load the checkpoint)");
         bool random = s.Init is not null;
         var device = s.Device.Trim().ToLowerInvariant();
         if (device != "cpu" && device != "cuda" && !device.StartsWith("cuda:", StringComparison.Ordinal))
-            throw new ArgumentException($"--device '{s.Device}': use cpu or cuda");
+            throw new UserInputException($"--device '{s.Device}': use cpu or cuda");
         var plan = report.Plan;
         if (report.Spec.Layout != Core.Modules.Layout.V5)
-            throw new NotSupportedException("--load-model runs the transformers-5 runtime (fused experts); use --layout v5");
+            throw new UserInputException("--load-model runs the transformers-5 runtime (fused experts); use --layout v5");
         report.Spec.RequireRuntime(); // a model the runtime cannot build is refused before any size check or read
         var dtype = report.Options.DType switch
         {
@@ -52,7 +53,7 @@ internal static class LoadModelMeasurement
         var prediction = MemoryPrediction.Of(report, random ? null : 0L, GradTokens(s));
         var (available, capacityNote) = Capacity(device);
         if (prediction.RequiredBytes > available)
-            throw new InvalidOperationException(
+            throw new UserInputException(
                 $"{report.Options.ModelId} cannot be loaded on {device}: it needs about {Units.Bytes(prediction.RequiredBytes)} " +
                 $"({prediction.RequiredSummary}) but {capacityNote} is {Units.Bytes(available)}; nothing was loaded");
         if (!random)
@@ -63,13 +64,13 @@ internal static class LoadModelMeasurement
             checkpointBytes = CheckpointLoader.Precheck(dir, report.Spec);
             prediction = MemoryPrediction.Of(report, checkpointBytes, GradTokens(s));
             if (prediction.RequiredBytes > available)
-                throw new InvalidOperationException(
+                throw new UserInputException(
                     $"{report.Options.ModelId} cannot be loaded on {device}: loading needs about {Units.Bytes(prediction.RequiredBytes)} " +
                     $"({prediction.RequiredSummary}) but {capacityNote} is {Units.Bytes(available)}; nothing was loaded");
         }
         Device dev;
         try { dev = DeviceSelector.Select(device); }
-        catch (DeviceUnavailableException e) { throw new InvalidOperationException(e.Message); }
+        catch (DeviceUnavailableException e) { throw new UserInputException(e.Message); }
 
         // 2. Build, inject, measure.
         var measured = Measure(report, resolved, dir, random, dtype, dev, s.Seed, GradTokens(s));
@@ -94,7 +95,7 @@ internal static class LoadModelMeasurement
     }
 
     static int GradTokens(ReportCommand.Settings s) =>
-        s.GradTokens > 0 ? s.GradTokens : throw new ArgumentException($"--grad-tokens must be a positive integer, got {s.GradTokens}");
+        s.GradTokens > 0 ? s.GradTokens : throw new UserInputException($"--grad-tokens must be a positive integer, got {s.GradTokens}");
 
     /// <summary>Bytes available on the device: MemAvailable on the CPU, free GPU memory from nvidia-smi for CUDA.</summary>
     static (long Bytes, string What) Capacity(string device)
@@ -122,7 +123,7 @@ internal static class LoadModelMeasurement
         }
         catch (Exception e) when (e is not InvalidOperationException)
         {
-            throw new InvalidOperationException($"--device {device}: no NVIDIA GPU found (nvidia-smi failed); use --device cpu");
+            throw new UserInputException($"--device {device}: no NVIDIA GPU found (nvidia-smi failed); use --device cpu");
         }
     }
 

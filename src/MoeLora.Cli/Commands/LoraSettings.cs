@@ -3,6 +3,8 @@ using System.Globalization;
 using MoeLora.Core.Analysis;
 using MoeLora.Core.Peft;
 using Spectre.Console.Cli;
+using MoeLora.Core;
+using MoeLora.Cli.Infrastructure;
 
 namespace MoeLora.Cli.Commands;
 
@@ -112,6 +114,21 @@ public class LoraSettings : ModelSettings
     [Description("Circuit breaker: keep every block (the reference's --full_layers) instead of truncating to max(target)+1")]
     public bool CbFullLayers { get; init; }
 
+    public override Spectre.Console.ValidationResult Validate() => base.Validate() is { Successful: false } failed ? failed : OptionChecks.First(
+        OptionChecks.AtLeast(Rank, 1, "-r/--rank"),
+        OptionChecks.Positive(Alpha, "--alpha"),
+        OptionChecks.AtLeast(BatchSize, 1, "--batch-size"),
+        OptionChecks.AtLeast(SeqLength, 1, "--seq-length"),
+        OptionChecks.AtLeast(Gpus, 1, "--gpus"),
+        OptionChecks.Parses(() => DTypes.Parse(DType), "--dtype"),
+        OptionChecks.Parses(() => Core.Memory.TrainingSetup.ParseQuantization(Quantization), "--quantization"),
+        OptionChecks.Parses(() => Core.Memory.TrainingSetup.ParseBytes(GpuMemory)),
+        OptionChecks.Parses(() => Core.Memory.TrainingSetup.ParseSharding(Sharding), "--sharding"),
+        OptionChecks.Parses(() => Core.Memory.TrainingSetup.ParseMode(Mode), "--mode"),
+        OptionChecks.Parses(() => Core.Memory.TrainingSetup.ParseAttention(Attention), "--attention"),
+        OptionChecks.Parses(() => _ = ParsedPeftVersion, "--peft-version"),
+        OptionChecks.Parses(() => _ = ParsedTargetLayers));
+
     /// <summary>The training-memory setup the flags describe (batch, seq, dtype and targets are filled by the report).</summary>
     public Core.Memory.TrainingSetup BuildTrainingSetup() => new()
     {
@@ -120,7 +137,7 @@ public class LoraSettings : ModelSettings
         DType = ParsedDType,
         Quantization = Core.Memory.TrainingSetup.ParseQuantization(Quantization),
         GradientCheckpointing = GradientCheckpointing,
-        Gpus = Gpus > 0 ? Gpus : throw new ArgumentException($"--gpus must be a positive integer, got {Gpus}"),
+        Gpus = Gpus > 0 ? Gpus : throw new UserInputException($"--gpus must be a positive integer, got {Gpus}"),
         GpuMemoryBytes = Core.Memory.TrainingSetup.ParseBytes(GpuMemory),
         Sharding = Core.Memory.TrainingSetup.ParseSharding(Sharding),
         Mode = Core.Memory.TrainingSetup.ParseMode(Mode),
@@ -185,5 +202,5 @@ public class LoraSettings : ModelSettings
 
     internal static List<int> ParseInts(IEnumerable<string> values, string option) =>
         Split(values).Select(v => int.TryParse(v, NumberStyles.Integer, CultureInfo.InvariantCulture, out var i)
-            ? i : throw new ArgumentException($"{option}: '{v}' is not an integer")).ToList();
+            ? i : throw new UserInputException($"{option}: '{v}' is not an integer")).ToList();
 }

@@ -7,6 +7,7 @@ using MoeLora.Torch.Training;
 using Spectre.Console;
 using Spectre.Console.Cli;
 using ScalarType = TorchSharp.torch.ScalarType;
+using MoeLora.Core;
 
 namespace MoeLora.Cli.Commands;
 
@@ -28,18 +29,26 @@ public sealed class MergeCommand : Command<MergeCommand.Settings>
         public string? Adapter { get; init; }
 
         [CommandOption("-o|--output <DIR>")]
-        [Description("Folder for the merged checkpoint (replaced atomically)")]
+        [Description("New or empty folder for the merged checkpoint (written to a temporary sibling, then renamed into place)")]
         public string? Output { get; init; }
+
+        public override ValidationResult Validate() => OptionChecks.First(
+            Adapter is null ? "--adapter DIR is required (a PEFT adapter folder)" : null,
+            Output is null ? "--output DIR is required (a new or empty folder)" : null);
     }
 
     public override int Execute(CommandContext context, Settings s, CancellationToken cancellationToken)
     {
-        if (!File.Exists(Path.Combine(s.Model, "config.json"))) throw new ArgumentException($"{s.Model}: no config.json (merge needs a local checkpoint folder).");
+        if (!File.Exists(Path.Combine(s.Model, "config.json"))) throw new UserInputException($"{s.Model}: no config.json (merge needs a local checkpoint folder).");
         if (s.Adapter is null || !File.Exists(Path.Combine(s.Adapter, "adapter_config.json")))
-            throw new ArgumentException("--adapter DIR with adapter_config.json is required.");
+            throw new UserInputException("--adapter DIR with adapter_config.json is required.");
         if (File.Exists(Path.Combine(s.Adapter, Checkpoints.RouterFile)))
-            throw new NotSupportedException($"{s.Adapter} holds {Checkpoints.RouterFile} (--train-router): merging trained routers is not supported yet.");
-        if (s.Output is null) throw new ArgumentException("--output DIR is required.");
+            throw new UserInputException($"{s.Adapter} holds {Checkpoints.RouterFile} (--train-router): merging trained routers is not supported yet.");
+        if (s.Output is null) throw new UsageException("--output DIR is required.");
+        // Never destroy what the user has: the merged checkpoint replaces the folder, so only a new or empty one will do.
+        if (File.Exists(s.Output)) throw new UserInputException($"--output {s.Output} is a file; merge writes a checkpoint folder.");
+        if (Directory.Exists(s.Output) && Directory.EnumerateFileSystemEntries(s.Output).ToList() is { Count: > 0 } present)
+            throw new UserInputException($"--output {s.Output} is not empty ({string.Join(", ", present.Select(Path.GetFileName).Order(StringComparer.Ordinal).Take(3))}{(present.Count > 3 ? $" and {present.Count - 3} more" : "")}); merge writes into a new or empty folder.");
         TorchRuntime.EnsureInitialized();
         using var model = TorchModelFactory.Load(s.Model, ScalarType.Float32);
         var adapter = LoraInjector.LoadPeftAdapter(model, s.Adapter);

@@ -2,6 +2,8 @@ using System.ComponentModel;
 using MoeLora.Core.Catalog;
 using MoeLora.Core.Modules;
 using Spectre.Console.Cli;
+using MoeLora.Core;
+using MoeLora.Cli.Infrastructure;
 
 namespace MoeLora.Cli.Commands;
 
@@ -30,7 +32,14 @@ public class ModelSettings : CommandSettings
 
     public Layout ParsedLayout => LayoutNames.Parse(Layout);
 
+    /// <summary>The --format values this command writes.</summary>
+    protected virtual string[] Formats => ["text", "json", "markdown", "md"];
+
+    public override Spectre.Console.ValidationResult Validate() => OptionChecks.First(
+        OptionChecks.OneOf(Format, "--format", true, Formats),
+        OptionChecks.OneOf(Layout, "--layout", "v5", "v4"));
+
     public string ParsedFormat => Format.ToLowerInvariant() is "text" or "json" or "markdown" or "md"
         ? Format.ToLowerInvariant().Replace("md", "markdown", StringComparison.Ordinal)
-        : throw new ArgumentException($"unknown format '{Format}': use text, json or markdown");
+        : throw new UsageException($"unknown format '{Format}': use text, json or markdown");
 }

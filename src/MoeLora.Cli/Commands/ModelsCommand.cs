@@ -7,6 +7,7 @@ using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 using Spectre.Console;
 using Spectre.Console.Cli;
+using MoeLora.Core;
 
 namespace MoeLora.Cli.Commands;
 
@@ -18,6 +19,8 @@ public sealed class ModelsCommand : Command<ModelsCommand.Settings>
         [CommandOption("--format <FORMAT>")]
         [Description("text or json")]
         public string Format { get; init; } = "text";
+
+        public override Spectre.Console.ValidationResult Validate() => OptionChecks.First(OptionChecks.OneOf(Format, "--format", true, "text", "json"));
     }
 
     /// <summary>Builds a catalog model, or null when its model_type is not supported by this build.</summary>
@@ -57,7 +60,7 @@ public sealed class ModelsCommand : Command<ModelsCommand.Settings>
             return ExitCodes.Ok;
         }
         if (!settings.Format.Equals("text", StringComparison.OrdinalIgnoreCase))
-            throw new ArgumentException($"unknown format '{settings.Format}': use text or json");
+            throw new UserInputException($"unknown format '{settings.Format}': use text or json");
         var table = new Table().Border(TableBorder.Rounded).AddColumn("id").AddColumn("model_type").AddColumn(new TableColumn("parameters").RightAligned())
             .AddColumn("experts").AddColumn("note");
         foreach (var (e, s) in rows)

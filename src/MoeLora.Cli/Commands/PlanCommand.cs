@@ -5,6 +5,7 @@ using MoeLora.Cli.Rendering;
 using MoeLora.Core.Analysis;
 using Spectre.Console;
 using Spectre.Console.Cli;
+using MoeLora.Core;
 
 namespace MoeLora.Cli.Commands;
 
@@ -20,7 +21,7 @@ public sealed class PlanCommand : Command<PlanCommand.Settings>
 
     public override int Execute(CommandContext context, Settings settings, CancellationToken cancellationToken)
     {
-        var dir = settings.OutputDir ?? settings.Output ?? throw new ArgumentException("plan needs --output DIR (the folder to write the launch files into)");
+        var dir = settings.OutputDir ?? settings.Output ?? throw new UserInputException("plan needs --output DIR (the folder to write the launch files into)");
         var lora = settings.BuildLoraConfig();
         var training = settings.BuildTrainingSetup();
         var (spec, resolved) = ModelLoader.Load(settings.Model, settings.ParsedLayout, settings.Revision);

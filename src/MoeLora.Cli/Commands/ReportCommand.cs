@@ -3,6 +3,7 @@ using MoeLora.Cli.Infrastructure;
 using MoeLora.Cli.Rendering;
 using MoeLora.Core.Analysis;
 using Spectre.Console.Cli;
+using MoeLora.Core;
 
 namespace MoeLora.Cli.Commands;
 
@@ -11,6 +12,12 @@ public sealed class ReportCommand : Command<ReportCommand.Settings>
 {
     public sealed class Settings : LoraSettings
     {
+        protected override string[] Formats => ["text", "json", "markdown", "md", "html"];
+
+        public override Spectre.Console.ValidationResult Validate() => base.Validate() is { Successful: false } failed ? failed
+            : OptionChecks.First(OptionChecks.AtLeast(GradTokens, 1, "--grad-tokens"),
+                OptionChecks.OneOf(Device.Split(':')[0], "--device", "cpu", "cuda"));
+
         [CommandOption("--checkpoint-headers")]
         [Description("Also read safetensors headers from the Hub (local and cached checkpoints are always checked)")]
         public bool CheckpointHeaders { get; init; }
@@ -71,5 +78,5 @@ public sealed class ReportCommand : Command<ReportCommand.Settings>
     }
 
     internal static int Positive(int value, string option) =>
-        value > 0 ? value : throw new ArgumentException($"{option} must be a positive integer, got {value}");
+        value > 0 ? value : throw new UserInputException($"{option} must be a positive integer, got {value}");
 }

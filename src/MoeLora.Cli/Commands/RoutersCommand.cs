@@ -4,6 +4,7 @@ using MoeLora.Torch.Nn;
 using Spectre.Console;
 using Spectre.Console.Cli;
 using static TorchSharp.torch;
+using MoeLora.Core;
 
 namespace MoeLora.Cli.Commands;
 
@@ -31,7 +32,7 @@ public sealed class RoutersCommand : Command<RoutersCommand.Settings>
 
     public override int Execute(CommandContext context, Settings s, CancellationToken cancellationToken)
     {
-        if (s.Harmful is null || s.Benign is null) throw new ArgumentException("both --harmful FILE.jsonl and --benign FILE.jsonl are required");
+        if (s.Harmful is null || s.Benign is null) throw new UserInputException("both --harmful FILE.jsonl and --benign FILE.jsonl are required");
         foreach (var f in new[] { s.Harmful, s.Benign })
             if (!File.Exists(f)) throw new FileNotFoundException($"{f} does not exist");
         var (model, resolved) = s.LoadModel();
@@ -39,7 +40,7 @@ public sealed class RoutersCommand : Command<RoutersCommand.Settings>
         var harmful = s.ReadJsonl(s.Harmful, resolved.Directory, "--harmful");
         var benign = s.ReadJsonl(s.Benign, resolved.Directory, "--benign");
         var experts = model.NamedModules().Where(m => m.Module is ExpertsBase).Select(m => (m.Name, (ExpertsBase)m.Module)).ToList();
-        if (experts.Count == 0) throw new NotSupportedException($"{resolved.Id} ({model.ModelType}) has no routed experts");
+        if (experts.Count == 0) throw new UserInputException($"{resolved.Id} ({model.ModelType}) has no routed experts");
         var h = Count(model, experts, harmful);
         var b = Count(model, experts, benign);
 
@@ -140,12 +141,6 @@ public sealed class RoutersCommand : Command<RoutersCommand.Settings>
         plot.Title($"{model}: expert selection, harmful − benign");
         plot.XLabel("expert");
         plot.YLabel("MoE layer (row 0 = first)");
-        var temp = Path.Combine(Path.GetDirectoryName(full)!, $".{Path.GetFileName(full)}.{Environment.ProcessId}.tmp.png");
-        try
-        {
-            plot.SavePng(temp, 800, Math.Max(300, 60 * diff.GetLength(0) + 150));
-            File.Move(temp, full, overwrite: true);
-        }
-        finally { if (File.Exists(temp)) File.Delete(temp); }
+        Infrastructure.AtomicFile.Write(full, temp => plot.SavePng(temp, 800, Math.Max(300, 60 * diff.GetLength(0) + 150)), ".png");
     }
 }

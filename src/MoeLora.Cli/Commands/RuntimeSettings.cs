@@ -10,6 +10,7 @@ using MoeLora.Torch.Text;
 using Spectre.Console.Cli;
 using TorchSharp;
 using static TorchSharp.torch;
+using MoeLora.Core;
 
 namespace MoeLora.Cli.Commands;
 
@@ -40,22 +41,27 @@ public class RuntimeSettings : ModelSettings
     [Description("Truncate tokenised prompts to N tokens (default 512)")]
     public int MaxLength { get; init; } = 512;
 
+    public override Spectre.Console.ValidationResult Validate() => base.Validate() is { Successful: false } failed ? failed : OptionChecks.First(
+        OptionChecks.AtLeast(MaxLength, 1, "--max-length"),
+        OptionChecks.Parses(() => ParseDType(ModelDType, "--model-dtype")),
+        Init is not null && !Init.Equals("random", StringComparison.OrdinalIgnoreCase) ? $"--init '{Init}': only 'random' is supported (omit --init to load the checkpoint)" : null);
+
     internal static ScalarType ParseDType(string text, string option) => text.Trim().ToLowerInvariant() switch
     {
         "fp32" or "float32" or "f32" => ScalarType.Float32,
         "bf16" or "bfloat16" => ScalarType.BFloat16,
         "fp16" or "float16" or "f16" or "half" => ScalarType.Float16,
-        _ => throw new ArgumentException($"{option}: unknown dtype '{text}': use fp32, bf16 or fp16"),
+        _ => throw new UserInputException($"{option}: unknown dtype '{text}': use fp32, bf16 or fp16"),
     };
 
     /// <summary>Resolves MODEL, checks the checkpoint headers, then builds the model (cheap checks first).</summary>
     internal (CausalLm Model, ResolvedModel Resolved) LoadModel()
     {
         if (Init is not null && !Init.Equals("random", StringComparison.OrdinalIgnoreCase))
-            throw new ArgumentException($"--init '{Init}': only 'random' is supported (omit --init to load the checkpoint)");
+            throw new UserInputException($"--init '{Init}': only 'random' is supported (omit --init to load the checkpoint)");
         var dtype = ParseDType(ModelDType, "--model-dtype");
         var (spec, resolved) = ModelLoader.Load(Model, ParsedLayout, Revision);
-        if (spec.Layout != Core.Modules.Layout.V5) throw new NotSupportedException("the runtime builds transformers-5 modules; use --layout v5");
+        if (spec.Layout != Core.Modules.Layout.V5) throw new UserInputException("the runtime builds transformers-5 modules; use --layout v5");
         spec.RequireRuntime();
         string? dir = null;
         if (Init is null)
@@ -66,7 +72,7 @@ public class RuntimeSettings : ModelSettings
         }
         Device dev;
         try { dev = DeviceSelector.Select(Device); }
-        catch (DeviceUnavailableException e) { throw new InvalidOperationException(e.Message); }
+        catch (DeviceUnavailableException e) { throw new UserInputException(e.Message); }
         var model = dir is null
             ? TorchModelFactory.Random(resolved.ConfigJson, Seed, dtype, dev)
             : TorchModelFactory.Load(resolved.ConfigJson, dir, dtype, dev);
@@ -96,7 +102,7 @@ public class RuntimeSettings : ModelSettings
             if (string.IsNullOrWhiteSpace(line)) continue;
             JsonNode? node;
             try { node = JsonNode.Parse(line); }
-            catch (JsonException e) { throw new FormatException($"{path}:{lineNo}: not JSON ({e.Message})"); }
+            catch (JsonException e) { throw new UserInputException($"{path}:{lineNo}: not valid JSON: {Core.Util.UserJson.Describe(e)}"); }
             long[] ids;
             if (node is JsonObject o && o["input_ids"] is JsonArray a) ids = a.Select(x => x!.GetValue<long>()).ToArray();
             else
@@ -106,14 +112,14 @@ public class RuntimeSettings : ModelSettings
                     JsonObject ob => (ob["prompt"] ?? ob["text"])?.GetValue<string>(),
                     JsonValue v when v.TryGetValue<string>(out var s) => s,
                     _ => null,
-                } ?? throw new FormatException($"{path}:{lineNo}: expected {{\"prompt\": ...}}, {{\"text\": ...}}, {{\"input_ids\": [...]}} or a string");
+                } ?? throw new UserInputException($"{path}:{lineNo}: expected {{\"prompt\": ...}}, {{\"text\": ...}}, {{\"input_ids\": [...]}} or a string");
                 tokenizer ??= HfTokenizer.Load(modelDir);
                 ids = tokenizer.EncodeToLongs(text);
             }
-            if (ids.Length == 0) throw new FormatException($"{path}:{lineNo}: empty input");
+            if (ids.Length == 0) throw new UserInputException($"{path}:{lineNo}: empty input");
             result.Add(ids.Length > MaxLength ? ids[..MaxLength] : ids);
         }
-        if (result.Count == 0) throw new FormatException($"{path}: no inputs");
+        if (result.Count == 0) throw new UserInputException($"{path}: no inputs");
         return result;
     }
 
@@ -126,7 +132,7 @@ public class RuntimeSettings : ModelSettings
         for (int i = 0; i < seqs.Count; i++)
             for (int j = 0; j < seqs[i].Length; j++)
             {
-                if (seqs[i][j] < 0 || seqs[i][j] >= vocab) throw new ArgumentException($"token id {seqs[i][j]} is outside the vocabulary (0..{vocab - 1})");
+                if (seqs[i][j] < 0 || seqs[i][j] >= vocab) throw new UserInputException($"token id {seqs[i][j]} is outside the vocabulary (0..{vocab - 1})");
                 ids[i * s + j] = seqs[i][j]; mask[i * s + j] = 1;
             }
         return (tensor(ids, [seqs.Count, s]), tensor(mask, [seqs.Count, s]));

@@ -12,6 +12,7 @@ using Spectre.Console.Cli;
 using TorchSharp;
 using ScalarType = TorchSharp.torch.ScalarType;
 using DeviceType = TorchSharp.DeviceType;
+using MoeLora.Core;
 
 namespace MoeLora.Cli.Commands;
 
@@ -54,6 +55,16 @@ public class CbCommonSettings : CommandSettings
     [CommandOption("--device <DEVICE>")] [Description("cpu (default) or cuda[[:N]]")]
     public string Device { get; init; } = "cpu";
 
+    public override ValidationResult Validate() => OptionChecks.First(
+        OptionChecks.Parses(() => ResolvePreset()),
+        OptionChecks.AtLeast(RequestLength, 1, "--request-length"),
+        OptionChecks.AtLeast(ResponseLength, 1, "--response-length"),
+        OptionChecks.AtLeast(RetainLength, 1, "--retain-length"),
+        OptionChecks.AtLeast(BatchSize, 1, "--batch-size"),
+        OptionChecks.OneOf(Device.Split(':')[0], "--device", "cpu", "cuda"),
+        OptionChecks.Parses(() => { if (CbTargetLayers is not null) LoraSettings.ParseInts([CbTargetLayers], "--cb-target-layers"); }),
+        OptionChecks.Parses(() => { if (ChatTemplate is not null) Torch.Training.ChatTemplate.Get(ChatTemplate); }));
+
     public TrainPreset ResolvePreset() => TrainPreset.Get(Preset ?? (Model is null ? "tiny" : "llama-3-8b"));
 
     public string? ModelDir(TrainPreset preset)
@@ -61,10 +72,10 @@ public class CbCommonSettings : CommandSettings
         if (Model is null)
         {
             if (preset.Name == "tiny") return null;
-            throw new ArgumentException($"--preset {preset.Name} needs --model DIR: a local folder with the weights of {preset.ModelId} (config.json, *.safetensors, tokenizer.json).");
+            throw new UserInputException($"--preset {preset.Name} needs --model DIR: a local folder with the weights of {preset.ModelId} (config.json, *.safetensors, tokenizer.json).");
         }
-        if (!Directory.Exists(Model)) throw new ArgumentException($"--model {Model}: not a folder (download the checkpoint first; training needs local weights).");
-        if (!File.Exists(Path.Combine(Model, "config.json"))) throw new ArgumentException($"--model {Model}: no config.json there.");
+        if (!Directory.Exists(Model)) throw new UserInputException($"--model {Model}: not a folder (download the checkpoint first; training needs local weights).");
+        if (!File.Exists(Path.Combine(Model, "config.json"))) throw new UserInputException($"--model {Model}: no config.json there.");
         return Model;
     }
 
@@ -124,20 +135,62 @@ public sealed class TrainSettings : CbCommonSettings
     [CommandOption("--checkpoint-every <N>")] public int CheckpointEvery { get; init; } = 50;
     [CommandOption("--resume")] [Description("Continue from OUTPUT/checkpoint (same settings)")]
     public bool Resume { get; init; }
+    [CommandOption("--overwrite")] [Description("Start a new run in an OUTPUT that already holds one (its adapter, checkpoint and metrics are replaced) or other files")]
+    public bool Overwrite { get; init; }
     [CommandOption("--max-memory-gb <GB>")] [Description("Memory available to the run (default: this machine's RAM on cpu; required on cuda)")]
     public double? MaxMemoryGb { get; init; }
     [CommandOption("--threads <N>")] [Description("CPU threads for torch (default 1 for tiny, where more threads only contend; else torch's choice)")]
     public int? Threads { get; init; }
     [CommandOption("--plan-only")] [Description("Print the plan and exit")]
     public bool PlanOnly { get; init; }
+
+    // Every value is checked before anything is loaded or written; a bad one is a malformed command line (exit 2).
+    public override ValidationResult Validate() => base.Validate() is { Successful: false } failed ? failed : OptionChecks.First(
+        Output is null ? "--output DIR is required" : null,
+        Resume && Overwrite ? "--resume and --overwrite contradict each other: continue the run, or replace it" : null,
+        OptionChecks.AtLeast(Threads, 1, "--threads"),
+        OptionChecks.AtLeast(Rank, 1, "-r/--rank"),
+        OptionChecks.Positive(LoraAlpha, "--lora-alpha"),
+        OptionChecks.Between(LoraDropout, 0, 1, "--lora-dropout", inclusiveHigh: false),
+        OptionChecks.Between(CbDropPrompt, 0, 1, "--cb-drop-prompt"),
+        OptionChecks.AtLeast(TotalSteps, 1, "--total-steps"),
+        OptionChecks.AtLeast(GradientAccumulation, 1, "--gradient-accumulation"),
+        OptionChecks.Positive(Lr, "--lr"),
+        OptionChecks.OneOf(LrSchedule, "--lr-schedule", Torch.Training.LrSchedule.Kinds),
+        OptionChecks.AtLeast(WarmupSteps, 0, "--warmup-steps"),
+        TotalSteps is { } total && WarmupSteps > total ? $"--warmup-steps {WarmupSteps}: must not exceed --total-steps {total}" : null,
+        OptionChecks.NonNegative(WeightDecay, "--weight-decay"),
+        OptionChecks.NonNegative(MaxGradNorm, "--max-grad-norm"),
+        OptionChecks.OneOf(LossWeighting, "--loss-weighting", CoefficientSchedule.Kinds),
+        OptionChecks.Positive(CbAlpha, "--cb-alpha"),
+        OptionChecks.AtLeast(CheckpointEvery, 0, "--checkpoint-every"),
+        OptionChecks.Positive(MaxMemoryGb, "--max-memory-gb"),
+        OptionChecks.OneOf(InitLoraWeights, "--init-lora-weights", "true", "false", "gaussian"),
+        OptionChecks.Parses(() => { if (LayersToTransform is not null) LoraSettings.ParseInts([LayersToTransform], "--layers-to-transform"); }));
 }
 
 public sealed class TrainCommand : Command<TrainSettings>
 {
     public override int Execute(CommandContext context, TrainSettings s, CancellationToken cancellationToken)
     {
+        // SIGINT (Ctrl-C) and SIGTERM (schedulers, docker stop) both ask the run to stop at the next step boundary with a
+        // checkpoint; a second signal ends the process at once.
+        using var cts = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
+        void OnSignal(System.Runtime.InteropServices.PosixSignalContext c)
+        {
+            if (cts.IsCancellationRequested) return;
+            c.Cancel = true;
+            cts.Cancel();
+        }
+        using var sigint = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGINT, OnSignal);
+        using var sigterm = System.Runtime.InteropServices.PosixSignalRegistration.Create(System.Runtime.InteropServices.PosixSignal.SIGTERM, OnSignal);
+        return Train(s, cts.Token);
+    }
+
+    static int Train(TrainSettings s, CancellationToken cancel)
+    {
         var console = Consoles.Out;
-        if (s.Output is null) throw new ArgumentException("--output DIR is required.");
+        if (s.Output is null) throw new UsageException("--output DIR is required.");
         var preset = s.ResolvePreset();
         if (s.PlanOnly && s.Model is null && preset.Name != "tiny") return PlanFromCatalog(s, preset);
         var modelDir = s.ModelDir(preset);
@@ -157,7 +210,10 @@ public sealed class TrainCommand : Command<TrainSettings>
         var memory = TrainMemoryPlan.Estimate(wholeConfig, loraJson, batch, Math.Max(lengths.Request + lengths.Response, lengths.Retain),
             targets, s.Bf16, s.FullLayers, availableGb);
         if (!memory.Fits)
-            throw new InvalidOperationException($"refusing to start: {memory.Verdict} (train itself offers --batch-size, the lengths and --bf16; --max-memory-gb plans against another size)");
+            throw new UserInputException($"refusing to start: {memory.Verdict} (train itself offers --batch-size, the lengths and --bf16; --max-memory-gb plans against another size)");
+
+        var runSettings = RunSettings(s, loraJson, targets, lengths, batch, totalSteps, weighting.Alpha, preset);
+        if (!s.PlanOnly) RunFolder.Check(s.Output, s.Resume, s.Overwrite, runSettings);
 
         TorchRuntime.EnsureInitialized();
         var device = DeviceSelector.Select(s.Device);
@@ -186,7 +242,7 @@ public sealed class TrainCommand : Command<TrainSettings>
         var tokenizer = CbModels.Tokenizer(modelDir);
         var loader = new CbDataLoader(tokenizer, Torch.Training.ChatTemplate.Get(s.TemplateName(modelDir)), lengths);
         string DefaultData(string? given, string file, string flag) =>
-            given ?? (preset.Name == "tiny" ? FindTinyData(file) : throw new ArgumentException($"{flag} FILE is required."));
+            given ?? (preset.Name == "tiny" ? FindTinyData(file) : throw new UserInputException($"{flag} FILE is required."));
         var cb = loader.LoadCircuitBreaker(DefaultData(s.CbData, "cb_train.jsonl", "--cb-data"), s.CbDropPrompt, s.Seed);
         var retain = loader.LoadRetain(DefaultData(s.RetainData, "retain_train.jsonl", "--retain-data"));
         var refusal = s.RefusalData ?? (preset.Name == "tiny" && s.RetainData is null ? FindTinyData("refusal.jsonl") : null);
@@ -194,59 +250,96 @@ public sealed class TrainCommand : Command<TrainSettings>
         var data = new CbDataset(cb, retain, batch, s.Seed);
         console.MarkupLine($"[grey]data[/]      {cb.Count} circuit-breaker, {retain.Count} retain examples ({data.BatchesPerEpoch} batches per epoch)");
 
-        Directory.CreateDirectory(s.Output);
+        // Nothing has been written yet: a signal during loading ends the command here with nothing left behind.
+        if (cancel.IsCancellationRequested) throw new OperationCanceledException("interrupted before training started; nothing was written.");
+        var folder = RunFolder.Create(s.Output, s.Resume, s.Overwrite);
+        try
+        {
+            return RunTraining(s, folder, model, adapter, data, routers, targets, weighting.Alpha, totalSteps, preset, modelDir, runSettings, sw, cancel);
+        }
+        catch
+        {
+            folder.CleanUpAfterFailure();
+            throw;
+        }
+    }
+
+    static int RunTraining(TrainSettings s, RunFolder folder, Torch.Models.CausalLm model, InjectedAdapter adapter, CbDataset data,
+        IReadOnlyList<(string Name, TorchSharp.Modules.Parameter Param)>? routers, IReadOnlyList<int> targets, double alpha, int totalSteps,
+        TrainPreset preset, string? modelDir, JsonObject runSettings, System.Diagnostics.Stopwatch sw, CancellationToken cancel)
+    {
+        var console = Consoles.Out;
         var trainer = new CircuitBreakerTrainer(model, adapter, data, new TrainOptions
         {
-            TargetLayers = targets, Alpha = weighting.Alpha, LossWeighting = s.LossWeighting, TotalSteps = totalSteps,
+            TargetLayers = targets, Alpha = alpha, LossWeighting = s.LossWeighting, TotalSteps = totalSteps,
             LearningRate = s.Lr ?? preset.LearningRate, LrSchedule = s.LrSchedule, WarmupSteps = s.WarmupSteps,
             WeightDecay = s.WeightDecay, MaxGradNorm = s.MaxGradNorm, GradientAccumulation = s.GradientAccumulation,
-            Seed = s.Seed, CheckpointEvery = s.CheckpointEvery, OutputDir = s.Output,
+            Seed = s.Seed, CheckpointEvery = s.CheckpointEvery, OutputDir = folder.Path, Settings = runSettings,
         }, routers);
         if (s.Resume) { trainer.Resume(); console.MarkupLine($"[grey]resumed[/]   at step {trainer.Step}"); }
         else trainer.Start();
 
-        using var cts = CancellationTokenSource.CreateLinkedTokenSource(cancellationToken);
-        ConsoleCancelEventHandler onCancel = (_, e) => { e.Cancel = true; cts.Cancel(); };
-        Console.CancelKeyPress += onCancel;
         TrainOutcome outcome;
         StepMetrics? first = null, last = null;
-        try
+        if (console.Profile.Capabilities.Interactive)
         {
-            if (console.Profile.Capabilities.Interactive)
-            {
-                outcome = TrainOutcome.Completed;
-                console.Progress().Columns(new TaskDescriptionColumn { Alignment = Justify.Left }, new ProgressBarColumn(), new PercentageColumn(), new RemainingTimeColumn())
-                    .Start(ctx =>
-                    {
-                        var task = ctx.AddTask("training", maxValue: totalSteps);
-                        task.Value = trainer.Step;
-                        outcome = trainer.Run(m => { first ??= m; last = m; task.Value = m.Step; task.Description = Describe(m); }, cts.Token);
-                    });
-            }
-            else
-            {
-                int every = Math.Max(1, totalSteps / 15);
-                console.Profile.Width = Math.Max(console.Profile.Width, 140);
-                outcome = trainer.Run(m =>
+            outcome = TrainOutcome.Completed;
+            console.Progress().Columns(new TaskDescriptionColumn { Alignment = Justify.Left }, new ProgressBarColumn(), new PercentageColumn(), new RemainingTimeColumn())
+                .Start(ctx =>
                 {
-                    first ??= m; last = m;
-                    if (m.Step % every == 0 || m.Step == 1 || m.Step == totalSteps) console.WriteLine(Describe(m));
-                }, cts.Token);
-            }
+                    var task = ctx.AddTask("training", maxValue: totalSteps);
+                    task.Value = trainer.Step;
+                    outcome = trainer.Run(m => { first ??= m; last = m; task.Value = m.Step; task.Description = Describe(m); }, cancel);
+                });
         }
-        finally { Console.CancelKeyPress -= onCancel; }
+        else
+        {
+            int every = Math.Max(1, totalSteps / 15);
+            console.Profile.Width = Math.Max(console.Profile.Width, 140);
+            outcome = trainer.Run(m =>
+            {
+                first ??= m; last = m;
+                if (m.Step % every == 0 || m.Step == 1 || m.Step == totalSteps) console.WriteLine(Describe(m));
+            }, cancel);
+        }
 
-        MetricsPlot.Write(trainer.MetricsPath, Path.Combine(s.Output, "loss_curves"));
+        MetricsPlot.Write(trainer.MetricsPath, Path.Combine(folder.Path, "loss_curves"));
         if (outcome == TrainOutcome.Interrupted)
         {
             console.MarkupLine($"[yellow]interrupted[/] at step {trainer.Step}: checkpoint saved in {Markup.Escape(trainer.CheckpointDir)}; continue with --resume.");
             return ExitCodes.Interrupted;
         }
-        trainer.SaveAdapter(s.Output);
-        if (modelDir is null) File.WriteAllText(Path.Combine(s.Output, "tokenizer.json"), TrainPreset.TinyTokenizerJson());
-        console.MarkupLine($"[green]done[/] {totalSteps} steps in {sw.Elapsed.TotalSeconds:F1} s: adapter_config.json + adapter_model.safetensors in {Markup.Escape(s.Output)}" +
+        trainer.SaveAdapter(folder.Path);
+        if (modelDir is null) AtomicFile.WriteAllText(Path.Combine(folder.Path, "tokenizer.json"), TrainPreset.TinyTokenizerJson());
+        console.MarkupLine($"[green]done[/] {totalSteps} steps in {sw.Elapsed.TotalSeconds:F1} s: adapter_config.json + adapter_model.safetensors in {Markup.Escape(folder.Path)}" +
             (first is null || last is null ? "" : $" (CB cosine {first.CbCosine:F3} → {last.CbCosine:F3}, retain loss {last.RetainLoss:F3})"));
         return ExitCodes.Ok;
+    }
+
+    /// <summary>
+    /// What the run was started with that --resume must not change (the adapter's shape and targets, the optimizer
+    /// and its schedule, the loss, and what each step consumes); stored in every checkpoint.
+    /// </summary>
+    static JsonObject RunSettings(TrainSettings s, string loraJson, IReadOnlyList<int> targets, CbLengths lengths, int batch,
+        int totalSteps, double alpha, TrainPreset preset)
+    {
+        var lora = JsonNode.Parse(loraJson)!.AsObject();
+        var kept = new JsonObject();
+        foreach (var key in new[] { "r", "lora_alpha", "lora_dropout", "target_modules", "target_parameters", "layers_to_transform", "init_lora_weights", "use_dora", "use_rslora" })
+            kept[key] = lora[key]?.DeepClone();
+        return new JsonObject
+        {
+            ["lora"] = kept,
+            ["run"] = new JsonObject
+            {
+                ["total_steps"] = totalSteps, ["seed"] = s.Seed, ["lr"] = s.Lr ?? preset.LearningRate, ["lr_schedule"] = s.LrSchedule,
+                ["warmup_steps"] = s.WarmupSteps, ["weight_decay"] = s.WeightDecay, ["max_grad_norm"] = s.MaxGradNorm,
+                ["loss_weighting"] = s.LossWeighting, ["cb_alpha"] = alpha, ["gradient_accumulation"] = s.GradientAccumulation,
+                ["batch_size"] = batch, ["cb_target_layers"] = new JsonArray(targets.Select(t => (JsonNode)t).ToArray()),
+                ["request_length"] = lengths.Request, ["response_length"] = lengths.Response, ["retain_length"] = lengths.Retain,
+                ["train_router"] = s.TrainRouter,
+            },
+        };
     }
 
     static string Describe(StepMetrics m) => string.Create(CultureInfo.InvariantCulture,
@@ -267,7 +360,7 @@ public sealed class TrainCommand : Command<TrainSettings>
     /// <summary>The memory to plan against: --max-memory-gb, else the machine's available memory for the CPU.</summary>
     static double AvailableGb(TrainSettings s) =>
         s.MaxMemoryGb ?? (s.Device.StartsWith("cuda", StringComparison.OrdinalIgnoreCase)
-            ? throw new ArgumentException("--device cuda: pass --max-memory-gb (the GPU memory to plan against).")
+            ? throw new UserInputException("--device cuda: pass --max-memory-gb (the GPU memory to plan against).")
             : GC.GetGCMemoryInfo().TotalAvailableMemoryBytes / (1024.0 * 1024 * 1024));
 
     /// <summary>
@@ -279,7 +372,7 @@ public sealed class TrainCommand : Command<TrainSettings>
         // An instruct model has its base model's architecture: fall back to the base config when only that is embedded.
         var candidates = preset.ModelId is { } id ? new[] { id, id.Replace("-Instruct", "", StringComparison.Ordinal) } : [];
         var modelId = candidates.FirstOrDefault(c => Core.Catalog.ModelCatalog.Find(c) is not null)
-            ?? throw new ArgumentException($"--preset {preset.Name}: {preset.ModelId} is not in the embedded catalog; pass --model DIR.");
+            ?? throw new UserInputException($"--preset {preset.Name}: {preset.ModelId} is not in the embedded catalog; pass --model DIR.");
         Core.Catalog.ModelCatalog.TryGetConfigJson(modelId, out var config);
         var spec = ArchitectureRegistry.Build(Core.Config.ModelConfig.Parse(config, modelId), Core.Modules.Layout.V5);
         var targets = s.TargetLayers(preset);
@@ -298,7 +391,7 @@ public sealed class TrainCommand : Command<TrainSettings>
         Row("memory plan", TrainMemoryPlan.Describe(memory));
         Consoles.Out.Write(grid);
         if (!memory.Fits)
-            throw new InvalidOperationException($"this run would not fit: {memory.Verdict} (train itself offers --batch-size, the lengths and --bf16; the other changes are for moelora plan)");
+            throw new UserInputException($"this run would not fit: {memory.Verdict} (train itself offers --batch-size, the lengths and --bf16; the other changes are for moelora plan)");
         return ExitCodes.Ok;
     }
 
@@ -308,7 +401,7 @@ public sealed class TrainCommand : Command<TrainSettings>
         if (s.LoraConfig is not null)
         {
             if (!File.Exists(s.LoraConfig)) throw new FileNotFoundException($"--lora-config {s.LoraConfig} does not exist.");
-            o = JsonNode.Parse(File.ReadAllText(s.LoraConfig))?.AsObject() ?? throw new InvalidDataException($"{s.LoraConfig} is empty.");
+            o = Core.Util.UserJson.ParseObject(File.ReadAllText(s.LoraConfig), $"--lora-config {s.LoraConfig}");
         }
         else o = JsonNode.Parse(preset.AdapterConfigJson(modelDir is null ? null : Path.GetFullPath(modelDir), Enumerable.Range(0, layers).ToList()))!.AsObject();
         static JsonArray Arr(string v) => new(v.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(x => (JsonNode)x).ToArray());
@@ -319,7 +412,7 @@ public sealed class TrainCommand : Command<TrainSettings>
         if (s.TargetParameters is { } tp) o["target_parameters"] = tp == "none" ? null : Arr(tp);
         if (s.LayersToTransform is { } lt) o["layers_to_transform"] = new JsonArray(LoraSettings.ParseInts([lt], "--layers-to-transform").Select(x => (JsonNode)x).ToArray());
         else o["layers_to_transform"] ??= new JsonArray(Enumerable.Range(0, layers).Select(x => (JsonNode)x).ToArray());
-        if (s.InitLoraWeights is { } iw) o["init_lora_weights"] = iw switch { "true" => true, "false" => false, "gaussian" => "gaussian", _ => throw new ArgumentException("--init-lora-weights: use true, false or gaussian.") };
+        if (s.InitLoraWeights is { } iw) o["init_lora_weights"] = iw switch { "true" => true, "false" => false, "gaussian" => "gaussian", _ => throw new UserInputException("--init-lora-weights: use true, false or gaussian.") };
         return o.ToJsonString();
     }
 }

@@ -24,6 +24,6 @@ public static class DTypes
         "fp32" or "float32" or "f32" => DType.Float32,
         "bf16" or "bfloat16" => DType.BFloat16,
         "fp16" or "float16" or "f16" or "half" => DType.Float16,
-        _ => throw new ArgumentException($"unknown dtype '{text}': use fp32, bf16 or fp16"),
+        _ => throw new UserInputException($"unknown dtype '{text}': use fp32, bf16 or fp16"),
     };
 }

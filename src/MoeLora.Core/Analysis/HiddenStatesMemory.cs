@@ -48,7 +48,7 @@ public sealed record HiddenStatesMemory
         foreach (var t in targets)
         {
             if (t < 0 || t > layers)
-                throw new ArgumentException($"--cb-target-layers {t} does not exist: this model returns hidden_states[0..{layers}] ({layers} layers + the embedding output)");
+                throw new UserInputException($"--cb-target-layers {t} does not exist: this model returns hidden_states[0..{layers}] ({layers} layers + the embedding output)");
         }
     }
 }

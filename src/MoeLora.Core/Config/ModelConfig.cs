@@ -39,7 +39,7 @@ public sealed class ModelConfig
         }
         catch (JsonException e)
         {
-            throw new ConfigException($"{source} is not valid JSON: {e.Message}");
+            throw new ConfigException($"{source} is not valid JSON: {UserJson.Describe(e)}");
         }
         if (node is not JsonObject obj)
             throw new ConfigException($"{source} must hold a JSON object, not {node?.GetValueKind().ToString() ?? "null"}");
@@ -144,4 +144,4 @@ public sealed class ModelConfig
 }
 
 /// <summary>A config that cannot be analysed; the message is one line meant for the user.</summary>
-public sealed class ConfigException(string message) : Exception(message);
+public sealed class ConfigException(string message) : UserInputException(message);

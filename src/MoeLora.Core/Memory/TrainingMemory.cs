@@ -62,8 +62,8 @@ public sealed class TrainingMemory
     /// <summary>Estimates the per-GPU peak for <paramref name="plan"/> under <paramref name="setup"/>.</summary>
     public static TrainingMemory Estimate(AdapterPlan plan, TrainingSetup setup, bool withFixes = true)
     {
-        if (setup.BatchSize <= 0 || setup.SeqLength <= 0) throw new ArgumentException("batch size and sequence length must be positive");
-        if (setup.Gpus <= 0) throw new ArgumentException($"--gpus must be a positive integer, got {setup.Gpus}");
+        if (setup.BatchSize <= 0 || setup.SeqLength <= 0) throw new UserInputException("batch size and sequence length must be positive");
+        if (setup.Gpus <= 0) throw new UserInputException($"--gpus must be a positive integer, got {setup.Gpus}");
         var spec = plan.Spec;
         long a = setup.DType.Bytes();
         long b = setup.BatchSize, s = setup.SeqLength, tokens = b * s;

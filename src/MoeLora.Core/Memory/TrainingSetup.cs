@@ -90,7 +90,7 @@ public sealed record TrainingSetup
         "none" or "no" => Quantization.None,
         "int8" or "8bit" or "llm.int8" => Quantization.Int8,
         "nf4" or "4bit" or "qlora" => Quantization.Nf4,
-        _ => throw new ArgumentException($"unknown quantization '{s}': use none, int8 or nf4"),
+        _ => throw new UserInputException($"unknown quantization '{s}': use none, int8 or nf4"),
     };
 
     public static Sharding ParseSharding(string s) => s.Trim().ToLowerInvariant() switch
@@ -100,21 +100,21 @@ public sealed record TrainingSetup
         "zero3" or "zero-3" => Sharding.Zero3,
         "fsdp" => Sharding.Fsdp,
         "ep" or "expert-parallel" => Sharding.Ep,
-        _ => throw new ArgumentException($"unknown sharding '{s}': use ddp, zero2, zero3, fsdp or ep"),
+        _ => throw new UserInputException($"unknown sharding '{s}': use ddp, zero2, zero3, fsdp or ep"),
     };
 
     public static TrainingMode ParseMode(string s) => s.Trim().ToLowerInvariant() switch
     {
         "lora" or "sft" => TrainingMode.Lora,
         "circuit-breaker" or "cb" or "rr" => TrainingMode.CircuitBreaker,
-        _ => throw new ArgumentException($"unknown mode '{s}': use lora or circuit-breaker"),
+        _ => throw new UserInputException($"unknown mode '{s}': use lora or circuit-breaker"),
     };
 
     public static AttentionImpl ParseAttention(string s) => s.Trim().ToLowerInvariant() switch
     {
         "sdpa" or "flash" or "flash_attention_2" or "flash-attention" => AttentionImpl.Sdpa,
         "eager" => AttentionImpl.Eager,
-        _ => throw new ArgumentException($"unknown attention implementation '{s}': use eager or sdpa"),
+        _ => throw new UserInputException($"unknown attention implementation '{s}': use eager or sdpa"),
     };
 
     /// <summary>Parses sizes such as <c>80GiB</c>, <c>141GB</c>, <c>80</c> (GiB).</summary>
@@ -124,7 +124,7 @@ public sealed record TrainingSetup
         var i = 0;
         while (i < t.Length && (char.IsDigit(t[i]) || t[i] == '.')) i++;
         if (i == 0 || !double.TryParse(t[..i], System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, out var v) || v <= 0)
-            throw new ArgumentException($"--gpu-memory '{s}' is not a size such as 80GiB or 141GB");
+            throw new UserInputException($"--gpu-memory '{s}' is not a size such as 80GiB or 141GB");
         var unit = t[i..].Trim().ToLowerInvariant();
         double mult = unit switch
         {
@@ -134,7 +134,7 @@ public sealed record TrainingSetup
             "mb" => 1e6,
             "t" or "tib" => 1L << 40,
             "tb" => 1e12,
-            _ => throw new ArgumentException($"--gpu-memory '{s}': unknown unit '{unit}' (use GiB, GB, MiB, MB, TiB, TB)"),
+            _ => throw new UserInputException($"--gpu-memory '{s}': unknown unit '{unit}' (use GiB, GB, MiB, MB, TiB, TB)"),
         };
         return (long)(v * mult);
     }

@@ -18,6 +18,6 @@ public static class LayoutNames
     {
         "v4" or "4" or "4.57" => Layout.V4,
         "v5" or "5" or "5.17" => Layout.V5,
-        _ => throw new ArgumentException($"unknown layout '{text}': use v4 (transformers 4.57) or v5 (transformers 5.x)"),
+        _ => throw new UserInputException($"unknown layout '{text}': use v4 (transformers 4.57) or v5 (transformers 5.x)"),
     };
 }

@@ -138,7 +138,7 @@ public sealed record LoraConfig
         }
         catch (JsonException e)
         {
-            throw new PeftConfigException($"{source} is not valid JSON: {e.Message}");
+            throw new PeftConfigException($"{source} is not valid JSON: {Util.UserJson.Describe(e)}");
         }
         return FromJson(obj, source, kind);
     }

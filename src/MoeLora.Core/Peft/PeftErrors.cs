@@ -1,7 +1,7 @@
 namespace MoeLora.Core.Peft;
 
 /// <summary>A LoraConfig that PEFT itself would reject before touching the model (LoraConfig.__post_init__).</summary>
-public class PeftConfigException(string message) : Exception(message);
+public class PeftConfigException(string message) : UserInputException(message);
 
 /// <summary>
 /// An error PEFT raises while injecting adapters (<c>ValueError</c>, <c>NoMatchingPeftModuleError</c>, ...);

@@ -18,11 +18,11 @@ public readonly record struct PeftVersion(int Major, int Minor, int Patch) : ICo
     {
         var parts = text.Trim().TrimStart('v').Split('.');
         if (parts.Length is < 2 or > 3 || !parts.All(p => int.TryParse(p, NumberStyles.None, CultureInfo.InvariantCulture, out _)))
-            throw new ArgumentException($"'{text}' is not a PEFT version (expected e.g. 0.21 or 0.19.1)");
+            throw new UserInputException($"'{text}' is not a PEFT version (expected e.g. 0.21 or 0.19.1)");
         var n = parts.Select(p => int.Parse(p, CultureInfo.InvariantCulture)).ToArray();
         var v = new PeftVersion(n[0], n[1], n.Length > 2 ? n[2] : 0);
         if (v < V0_17)
-            throw new ArgumentException($"PEFT {v} is older than 0.17, the first release with target_parameters; use 0.17 or newer");
+            throw new UserInputException($"PEFT {v} is older than 0.17, the first release with target_parameters; use 0.17 or newer");
         return v;
     }
 

@@ -1,5 +1,6 @@
 using MoeLora.Sources.Cache;
 using MoeLora.Sources.Safetensors;
+using MoeLora.Core;
 
 namespace MoeLora.Sources.Hub;
 
@@ -28,7 +29,7 @@ internal sealed class HubSnapshotDownloader(HubClient client, HubDownloader down
         var patterns = (options.Include ?? []).Select(p => p.Trim()).Where(p => p.Length > 0).ToList();
         foreach (string literal in patterns.Where(p => !Glob.HasWildcard(p)))
             if (!HubCache.IsSafeRelativePath(literal))
-                throw new ArgumentException($"--include '{literal}' is not a file path inside the repository.");
+                throw new UserInputException($"--include '{literal}' is not a file path inside the repository.");
         bool Wanted(string path) => patterns.Count == 0 || patterns.Any(p => Glob.IsMatch(p, path));
 
         // 1. Pin the revision to a commit. A commit hash is its own pin; otherwise config.json's metadata names it.
@@ -125,7 +126,7 @@ internal sealed class HubSnapshotDownloader(HubClient client, HubDownloader down
         {
             // Same blob as another revision already has: link it, fetch nothing (as hf_hub_download does).
             string linked = await cache.StoreAsync(repo, commit, commit, etag, file.Path,
-                _ => throw new InvalidOperationException($"blob {etag} vanished from the cache while linking {file.Path}; run the download again."));
+                _ => throw new IOException($"blob {etag} vanished from the cache while linking {file.Path}; run the download again."));
             return new DownloadedFile(file.Path, DownloadStatus.Linked, SizeOf(linked), 0, linked);
         }
 

@@ -32,7 +32,7 @@ public static class SafetensorsHeaderParser
         }
         catch (JsonException ex)
         {
-            throw Error(source, $"the header is not valid JSON ({FirstLine(ex.Message)})");
+            throw Error(source, $"the header is not valid JSON ({Clip(MoeLora.Core.Util.UserJson.Describe(ex))})");
         }
 
         using (document)
@@ -167,6 +167,4 @@ public static class SafetensorsHeaderParser
         string flat = text.ReplaceLineEndings(" ");
         return flat.Length <= 80 ? flat : flat[..77] + "...";
     }
-
-    private static string FirstLine(string text) => Clip(text.Split('\n')[0]);
 }

@@ -2,16 +2,18 @@ using System.Buffers.Binary;
 using System.Text;
 using System.Text.Json;
 using System.Text.Json.Nodes;
+using MoeLora.Sources.Safetensors;
 using TorchSharp;
 using static TorchSharp.torch;
 
 namespace MoeLora.Torch.IO;
 
 /// <summary>
-/// Minimal safetensors reader/writer with tensor data: 8-byte little-endian header length, a JSON header
+/// Safetensors with tensor data: 8-byte little-endian header length, a JSON header
 /// (<c>{"name": {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}</c>), then raw
-/// little-endian data. MoeLora.Sources has its own header-only reader; the duplicated header parsing is small
-/// and kept on purpose so this project does not depend on the Sources engineer's types (for now).
+/// little-endian data. The header is parsed and validated by MoeLora.Sources' <see cref="SafetensorsReader"/> (the one
+/// parser of the format: length cap, offsets tiling the data, dtypes, duplicate names, metadata); this class adds the
+/// tensor data and the dtypes torch can hold.
 /// </summary>
 public static class Safetensors
 {
@@ -28,39 +30,30 @@ public static class Safetensors
         public ScalarType ScalarType => DTypes[DType];
     }
 
-    /// <summary>Reads the header only; validates offsets against the file length.</summary>
+    /// <summary>
+    /// Reads the header only. A file that breaks the format, or holds a dtype torch cannot load, is an
+    /// <see cref="InvalidDataException"/> whose one-line message names the file and the problem.
+    /// </summary>
     public static (IReadOnlyList<Entry> Entries, Dictionary<string, string> Metadata, long DataStart) ReadHeader(string path)
     {
-        using var fs = File.OpenRead(path);
-        Span<byte> len = stackalloc byte[8];
-        if (fs.Read(len) != 8) throw new InvalidDataException($"{path}: too short for a safetensors file.");
-        ulong n = BinaryPrimitives.ReadUInt64LittleEndian(len);
-        if (n > 100_000_000 || (long)n > fs.Length - 8) throw new InvalidDataException($"{path}: bad header length {n}.");
-        var json = new byte[n];
-        fs.ReadExactly(json);
-        var root = JsonNode.Parse(json)?.AsObject() ?? throw new InvalidDataException($"{path}: empty header.");
-        var entries = new List<Entry>();
-        var meta = new Dictionary<string, string>();
-        long dataLen = fs.Length - 8 - (long)n;
-        foreach (var (name, node) in root)
+        SafetensorsHeader header;
+        try
         {
-            if (name == "__metadata__")
-            {
-                foreach (var (k, v) in node!.AsObject()) meta[k] = v!.GetValue<string>();
-                continue;
-            }
-            var o = node!.AsObject();
-            var dtype = o["dtype"]!.GetValue<string>();
-            var shape = o["shape"]!.AsArray().Select(x => x!.GetValue<long>()).ToArray();
-            var off = o["data_offsets"]!.AsArray();
-            long b = off[0]!.GetValue<long>(), e = off[1]!.GetValue<long>();
-            if (b < 0 || e < b || e > dataLen) throw new InvalidDataException($"{path}: tensor {name} offsets [{b},{e}) outside the data ({dataLen} bytes).");
-            if (!DTypes.TryGetValue(dtype, out var st)) throw new InvalidDataException($"{path}: tensor {name} has unsupported dtype {dtype}.");
-            long expected = shape.Aggregate(1L, (a, x) => a * x) * ElementSize(st);
-            if (expected != e - b) throw new InvalidDataException($"{path}: tensor {name} {dtype}{Fmt(shape)} needs {expected} bytes, header says {e - b}.");
-            entries.Add(new Entry(name, dtype, shape, b, e));
+            header = SafetensorsReader.ReadHeaderAsync(path).GetAwaiter().GetResult();
         }
-        return (entries, meta, 8 + (long)n);
+        catch (MoeLora.Sources.SafetensorsFormatException e)
+        {
+            throw new InvalidDataException(e.Message, e);
+        }
+        var entries = new List<Entry>(header.Tensors.Count);
+        foreach (var t in header.Tensors)
+        {
+            var code = t.Dtype.Code();
+            if (!DTypes.ContainsKey(code))
+                throw new InvalidDataException($"{path}: tensor {t.Name} has dtype {code}, which MoeLora's runtime cannot load (it loads {string.Join(", ", DTypes.Keys)}).");
+            entries.Add(new Entry(t.Name, code, t.Shape.ToArray(), t.DataBegin, t.DataEnd));
+        }
+        return (entries, new Dictionary<string, string>(header.Metadata), 8 + header.HeaderLength);
     }
 
     /// <summary>Loads every tensor (or those <paramref name="keep"/> accepts) onto the CPU in the file's dtype.</summary>
@@ -130,5 +123,4 @@ public static class Safetensors
         _ => 1,
     };
 
-    static string Fmt(long[] s) => "[" + string.Join(",", s) + "]";
 }

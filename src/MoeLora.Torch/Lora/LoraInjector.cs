@@ -4,6 +4,7 @@ using MoeLora.Torch.Models;
 using MoeLora.Torch.Nn;
 using TorchSharp;
 using static TorchSharp.torch;
+using MoeLora.Core;
 
 namespace MoeLora.Torch.Lora;
 
@@ -42,10 +43,10 @@ public static partial class LoraInjector
             JsonValue v when v.TryGetValue<bool>(out var flag) => flag ? "true" : "false",
             JsonValue v when v.TryGetValue<string>(out var method) => method,
             null => "true",
-            _ => throw new NotSupportedException($"init_lora_weights={initLoraWeights.ToJsonString()} is not supported by MoeLora.Torch."),
+            _ => throw new UserInputException($"init_lora_weights={initLoraWeights.ToJsonString()} is not supported by MoeLora.Torch."),
         };
         if (init is not ("true" or "false" or "gaussian"))
-            throw new NotSupportedException($"init_lora_weights='{init}' is not supported by MoeLora.Torch (true, false or gaussian).");
+            throw new UserInputException($"init_lora_weights='{init}' is not supported by MoeLora.Torch (true, false or gaussian).");
         Tensor Uniform(long o, long i) => (rand([o, i], generator: gen) * 2 - 1) / Math.Sqrt(i);
         Tensor a = init == "gaussian" ? normal(0, 1.0 / r, [rows, inF], generator: gen) : Uniform(rows, inF);
         Tensor b = init == "false" ? Uniform(outF, rows) : zeros(outF, rows);
@@ -82,7 +83,7 @@ public static partial class LoraInjector
         if (!File.Exists(cfgPath)) throw new FileNotFoundException($"{cfgPath} not found.");
         if (!File.Exists(weights)) throw new FileNotFoundException($"{weights} not found (adapter_model.bin is not supported).");
         var json = File.ReadAllText(cfgPath);
-        var file = JsonNode.Parse(json) as JsonObject ?? throw new InvalidDataException($"{cfgPath} must hold a JSON object.");
+        var file = Core.Util.UserJson.ParseObject(json, cfgPath);
         // Core plans the saved config (already PEFT's effective config: its MoE rewrite finds nothing left to move).
         var injected = Inject(model, Plan(model, json, cfgPath), adapterName) with { ConfigJson = file };
         var tensors = Safetensors.Load(weights);

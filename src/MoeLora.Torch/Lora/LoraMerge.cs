@@ -3,6 +3,7 @@ using MoeLora.Torch.IO;
 using MoeLora.Torch.Models;
 using TorchSharp;
 using static TorchSharp.torch;
+using MoeLora.Core;
 
 namespace MoeLora.Torch.Lora;
 
@@ -45,7 +46,7 @@ public static class LoraMerge
         var configJson = File.ReadAllText(Path.Combine(checkpointDir, "config.json"));
         long layers = TorchModelFactory.Spec(configJson).NumHiddenLayers;
         if (layers != model.NumLayers)
-            throw new InvalidOperationException($"the model has {model.NumLayers} blocks but {checkpointDir} has {layers}: merge needs the whole model.");
+            throw new UserInputException($"the model has {model.NumLayers} blocks but {checkpointDir} has {layers}: merge needs the whole model.");
         // Checkpoint tensor → (runtime tensor, expert slice) for tensors stored under the other layout's names.
         var storedAs = new Dictionary<string, (string Runtime, int Expert, long RowOffset, long Rows)>(StringComparer.Ordinal);
         foreach (var (runtime, alt) in CheckpointLayout.For(model.Spec)?.Alternatives ?? new Dictionary<string, CheckpointLayout.Alternative>())
@@ -58,33 +59,45 @@ public static class LoraMerge
         var used = new HashSet<string>(StringComparer.Ordinal);
         var files = CheckpointLoader.Files(checkpointDir);
         var full = Path.GetFullPath(outDir);
-        if (Path.GetFullPath(checkpointDir).TrimEnd('/') == full.TrimEnd('/')) throw new ArgumentException("the output folder must differ from the checkpoint folder.");
+        if (Path.GetFullPath(checkpointDir).TrimEnd('/') == full.TrimEnd('/')) throw new UserInputException("the output folder must differ from the checkpoint folder.");
+        // The merged checkpoint replaces outDir as a whole, so it must hold nothing of the user's.
+        if (Directory.Exists(full) && Directory.EnumerateFileSystemEntries(full).Any())
+            throw new UserInputException($"{outDir} is not empty; merge writes into a new or empty folder.");
         var tmp = full + $".tmp-{Environment.ProcessId}";
         if (Directory.Exists(tmp)) Directory.Delete(tmp, true);
         Directory.CreateDirectory(tmp);
-        foreach (var file in files)
+        try
         {
-            var (entries, metadata, _) = Safetensors.ReadHeader(file);
-            var tensors = new List<KeyValuePair<string, Tensor>>();
-            using var scope = NewDisposeScope();
-            foreach (var e in entries)
+            foreach (var file in files)
             {
-                Tensor value;
-                if (state.ContainsKey(e.Name)) value = Get(e.Name);
-                else if (storedAs.TryGetValue(e.Name, out var at))
-                    value = at.Expert < 0 ? Get(at.Runtime) : Get(at.Runtime)[at.Expert].narrow(0, at.RowOffset, at.Rows);
-                else throw new InvalidDataException($"the checkpoint's {e.Name} has no counterpart in the merged model.");
-                if (!value.shape.SequenceEqual(e.Shape))
-                    throw new InvalidDataException($"{e.Name}: merged shape [{string.Join(",", value.shape)}] differs from the checkpoint's [{string.Join(",", e.Shape)}].");
-                tensors.Add(new(e.Name, value.to(e.ScalarType).contiguous()));
+                var (entries, metadata, _) = Safetensors.ReadHeader(file);
+                var tensors = new List<KeyValuePair<string, Tensor>>();
+                using var scope = NewDisposeScope();
+                foreach (var e in entries)
+                {
+                    Tensor value;
+                    if (state.ContainsKey(e.Name)) value = Get(e.Name);
+                    else if (storedAs.TryGetValue(e.Name, out var at))
+                        value = at.Expert < 0 ? Get(at.Runtime) : Get(at.Runtime)[at.Expert].narrow(0, at.RowOffset, at.Rows);
+                    else throw new InvalidDataException($"the checkpoint's {e.Name} has no counterpart in the merged model.");
+                    if (!value.shape.SequenceEqual(e.Shape))
+                        throw new InvalidDataException($"{e.Name}: merged shape [{string.Join(",", value.shape)}] differs from the checkpoint's [{string.Join(",", e.Shape)}].");
+                    tensors.Add(new(e.Name, value.to(e.ScalarType).contiguous()));
+                }
+                Safetensors.Save(Path.Combine(tmp, Path.GetFileName(file)), tensors, metadata.Count > 0 ? metadata : new Dictionary<string, string> { ["format"] = "pt" });
             }
-            Safetensors.Save(Path.Combine(tmp, Path.GetFileName(file)), tensors, metadata.Count > 0 ? metadata : new Dictionary<string, string> { ["format"] = "pt" });
+            var unused = state.Keys.Where(k => !used.Contains(k)).ToList();
+            if (unused.Count > 0) throw new InvalidDataException($"merged tensors not written to the Hub layout: {string.Join(", ", unused.Take(5))}.");
+            foreach (var f in Directory.GetFiles(checkpointDir))
+                if (!f.EndsWith(".safetensors", StringComparison.Ordinal)) File.Copy(f, Path.Combine(tmp, Path.GetFileName(f)), overwrite: true);
+            Training.Checkpoints.ReplaceDirectory(tmp, full);
         }
-        var unused = state.Keys.Where(k => !used.Contains(k)).ToList();
-        if (unused.Count > 0) throw new InvalidDataException($"merged tensors not written to the Hub layout: {string.Join(", ", unused.Take(5))}.");
-        foreach (var f in Directory.GetFiles(checkpointDir))
-            if (!f.EndsWith(".safetensors", StringComparison.Ordinal)) File.Copy(f, Path.Combine(tmp, Path.GetFileName(f)), overwrite: true);
-        Training.Checkpoints.ReplaceDirectory(tmp, full);
+        catch
+        {
+            // A failed merge leaves nothing behind: the half-written temporary folder goes.
+            try { Directory.Delete(tmp, true); } catch (IOException) { }
+            throw;
+        }
 
         Tensor Get(string runtimeName)
         {

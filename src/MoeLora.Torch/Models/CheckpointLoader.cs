@@ -22,9 +22,11 @@ public static partial class CheckpointLoader
         var index = Path.Combine(dir, "model.safetensors.index.json");
         if (File.Exists(index))
         {
-            var map = JsonNode.Parse(File.ReadAllText(index))?["weight_map"]?.AsObject()
+            var map = Core.Util.UserJson.ParseObject(File.ReadAllText(index), index)["weight_map"] as JsonObject
                 ?? throw new InvalidDataException($"{index}: no weight_map.");
-            var files = map.Select(kv => kv.Value!.GetValue<string>()).Distinct().Select(f => Path.Combine(dir, f)).ToList();
+            var files = map.Select(kv => kv.Value is JsonValue v && v.TryGetValue(out string? f) && f.Length > 0 && Path.GetFileName(f) == f ? f
+                    : throw new InvalidDataException($"{index}: weight_map entry '{kv.Key}' is not a shard file name."))
+                .Distinct().Select(f => Path.Combine(dir, f)).ToList();
             var missing = files.Where(f => !File.Exists(f)).ToList();
             if (missing.Count > 0) throw new FileNotFoundException($"Checkpoint {dir}: missing shard(s): {string.Join(", ", missing.Select(Path.GetFileName))}.");
             return files;

@@ -5,6 +5,7 @@ using MoeLora.Torch.Runtime;
 using TorchSharp;
 using static TorchSharp.torch;
 using CoreConfig = MoeLora.Core.Config.ModelConfig;
+using MoeLora.Core;
 
 namespace MoeLora.Torch.Models;
 
@@ -50,7 +51,7 @@ public static class TorchModelFactory
         var o = System.Text.Json.Nodes.JsonNode.Parse(configJson)!.AsObject();
         long total = (long)o["num_hidden_layers"]!.GetValue<double>();
         if (numLayers < 1 || numLayers > total)
-            throw new ArgumentException($"cannot truncate to {numLayers} layers: the model has {total} (num_hidden_layers).");
+            throw new UserInputException($"cannot truncate to {numLayers} layers: the model has {total} (num_hidden_layers).");
         o["num_hidden_layers"] = numLayers;
         if (o["layer_types"] is System.Text.Json.Nodes.JsonArray lt && lt.Count > numLayers)
             o["layer_types"] = new System.Text.Json.Nodes.JsonArray(lt.Take(numLayers).Select(x => x!.DeepClone()).ToArray());
@@ -70,6 +71,6 @@ public static class TorchModelFactory
     static void CheckDType(ScalarType t)
     {
         if (t is not (ScalarType.Float32 or ScalarType.BFloat16 or ScalarType.Float16 or ScalarType.Float64))
-            throw new ArgumentException($"Unsupported model dtype {t}; use float32, bfloat16 or float16.");
+            throw new UserInputException($"Unsupported model dtype {t}; use float32, bfloat16 or float16.");
     }
 }

@@ -1,6 +1,7 @@
 using System.Text;
 using System.Text.Json.Nodes;
 using System.Text.RegularExpressions;
+using MoeLora.Core;
 
 namespace MoeLora.Torch.Text;
 
@@ -41,8 +42,8 @@ public sealed class HfTokenizer
 
     public HfTokenizer(string json, string source = "tokenizer.json")
     {
-        var o = JsonNode.Parse(json)?.AsObject() ?? throw new FormatException($"{source}: empty");
-        var model = o["model"]?.AsObject() ?? throw new FormatException($"{source}: no model");
+        var o = JsonNode.Parse(json)?.AsObject() ?? throw new UserInputException($"{source}: empty");
+        var model = o["model"]?.AsObject() ?? throw new UserInputException($"{source}: no model");
         if ((model["type"]?.GetValue<string>() ?? "BPE") != "BPE")
             throw new NotSupportedException($"{source}: tokenizer model type '{model["type"]}' is not supported (BPE only); pass input_ids instead.");
         _vocab = model["vocab"]!.AsObject().ToDictionary(kv => kv.Key, kv => kv.Value!.GetValue<int>());
@@ -135,7 +136,20 @@ public sealed class HfTokenizer
             : Directory.Exists(modelDirOrFile) ? Path.Combine(modelDirOrFile, "tokenizer.json") : modelDirOrFile;
         if (path is null || !File.Exists(path))
             throw new FileNotFoundException($"text needs the model's tokenizer.json{(path is null ? "" : $" ({path} not found)")}; pass token ids instead (--inputs FILE.safetensors, or JSONL lines with \"input_ids\")");
-        return new HfTokenizer(File.ReadAllText(path), path);
+        var json = File.ReadAllText(path);
+        try
+        {
+            return new HfTokenizer(json, path);
+        }
+        catch (Exception e) when (e is System.Text.Json.JsonException or InvalidOperationException or NullReferenceException
+            or KeyNotFoundException or FormatException or IndexOutOfRangeException or ArgumentException)
+        {
+            // The file is the user's; a field of the wrong kind or a missing one surfaces as one of these from
+            // System.Text.Json.Nodes. Say which file, in one line.
+            throw new InvalidDataException(e is System.Text.Json.JsonException je
+                ? $"{path} is not valid JSON: {Core.Util.UserJson.Describe(je)}"
+                : $"{path} is not a tokenizer.json MoeLora can read ({e.Message.Split('\n')[0]})");
+        }
     }
 
     static (string, string) Split2(string m) { int i = m.IndexOf(' ', 1); return (m[..i], m[(i + 1)..]); }

@@ -1,5 +1,6 @@
 using TorchSharp;
 using static TorchSharp.torch;
+using MoeLora.Core;
 
 namespace MoeLora.Torch.Training;
 
@@ -21,7 +22,7 @@ public sealed class AdamW
     public AdamW(IEnumerable<(string Name, Parameter Param)> parameters, double beta1 = 0.9, double beta2 = 0.999, double eps = 1e-8, double weightDecay = 0.0)
     {
         Parameters = parameters.ToList();
-        if (Parameters.Count == 0) throw new InvalidOperationException("nothing to train: no parameter requires a gradient.");
+        if (Parameters.Count == 0) throw new UserInputException("nothing to train: no parameter requires a gradient.");
         Beta1 = beta1; Beta2 = beta2; Eps = eps; WeightDecay = weightDecay;
         foreach (var (n, p) in Parameters)
         {
@@ -73,6 +74,8 @@ public sealed class AdamW
         {
             if (!tensors.TryGetValue("exp_avg." + n, out var m) || !tensors.TryGetValue("exp_avg_sq." + n, out var v))
                 throw new InvalidDataException($"checkpoint optimizer state has no entry for {n}: it was written for a different adapter.");
+            if (!m.shape.SequenceEqual(_state[n].M.shape) || !v.shape.SequenceEqual(_state[n].V.shape))
+                throw new InvalidDataException($"checkpoint optimizer state for {n} is [{string.Join(",", m.shape)}], the adapter's [{string.Join(",", _state[n].M.shape)}]: it was written for a different adapter.");
             _state[n].M.copy_(m); _state[n].V.copy_(v);
         }
         StepCount = stepCount;
@@ -109,9 +112,9 @@ public sealed record LrSchedule(string Kind, double PeakLr, int TotalSteps, int 
 
     public static LrSchedule Create(string kind, double lr, int totalSteps, int warmup)
     {
-        if (!Kinds.Contains(kind)) throw new ArgumentException($"--lr-schedule '{kind}' is unknown: use {string.Join(", ", Kinds)}.");
-        if (!(lr > 0)) throw new ArgumentException("--lr must be positive.");
-        if (warmup < 0 || warmup > totalSteps) throw new ArgumentException("--warmup-steps must be between 0 and --total-steps.");
+        if (!Kinds.Contains(kind)) throw new UserInputException($"--lr-schedule '{kind}' is unknown: use {string.Join(", ", Kinds)}.");
+        if (!(lr > 0)) throw new UserInputException("--lr must be positive.");
+        if (warmup < 0 || warmup > totalSteps) throw new UserInputException("--warmup-steps must be between 0 and --total-steps.");
         return new LrSchedule(kind, lr, totalSteps, warmup);
     }
 

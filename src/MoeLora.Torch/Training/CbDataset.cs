@@ -3,6 +3,7 @@ using System.Text.Json;
 using System.Text.Json.Nodes;
 using TorchSharp;
 using static TorchSharp.torch;
+using MoeLora.Core;
 
 namespace MoeLora.Torch.Training;
 
@@ -29,13 +30,13 @@ public sealed class CbDataset : ICbBatchSource
 
     public CbDataset(IReadOnlyList<Tokenised> cb, IReadOnlyList<Tokenised> retain, int batchSize, long seed)
     {
-        if (cb.Count == 0) throw new ArgumentException("the circuit-breaker set is empty.");
-        if (retain.Count == 0) throw new ArgumentException("the retain set is empty.");
-        if (batchSize < 1) throw new ArgumentException("--batch-size must be at least 1.");
+        if (cb.Count == 0) throw new UserInputException("the circuit-breaker set is empty.");
+        if (retain.Count == 0) throw new UserInputException("the retain set is empty.");
+        if (batchSize < 1) throw new UserInputException("--batch-size must be at least 1.");
         var rng = new Random((int)(seed & 0x7fffffff));
         Cb = Shuffle(cb, rng); Retain = Shuffle(retain, rng);
         BatchSize = batchSize; _seed = seed;
-        if (Length < batchSize) throw new ArgumentException($"--batch-size {batchSize} is larger than the data set ({Length} pairs = min(|cb| {cb.Count}, |retain| {retain.Count})).");
+        if (Length < batchSize) throw new UserInputException($"--batch-size {batchSize} is larger than the data set ({Length} pairs = min(|cb| {cb.Count}, |retain| {retain.Count})).");
     }
 
     public int Length => Math.Min(Cb.Count, Retain.Count);
@@ -112,8 +113,8 @@ public sealed class CbDataLoader(HfTokenizer tokenizer, ChatTemplate template, C
             n++;
             if (string.IsNullOrWhiteSpace(line)) continue;
             JsonObject row;
-            try { row = JsonNode.Parse(line)?.AsObject() ?? throw new JsonException("not an object"); }
-            catch (Exception e) when (e is JsonException or InvalidOperationException) { throw new InvalidDataException($"{path}:{n}: not a JSON object ({e.Message})."); }
+            try { row = JsonNode.Parse(line) as JsonObject ?? throw new InvalidDataException($"{path}:{n}: not a JSON object."); }
+            catch (JsonException e) { throw new InvalidDataException($"{path}:{n}: not valid JSON: {Core.Util.UserJson.Describe(e)}."); }
             yield return (n, row);
         }
     }

@@ -3,6 +3,7 @@ using MoeLora.Torch.Lora;
 using MoeLora.Torch.Models;
 using TorchSharp;
 using static TorchSharp.torch;
+using MoeLora.Core;
 
 namespace MoeLora.Torch.Training;
 
@@ -14,7 +15,7 @@ public static class CbModels
     {
         int max = targets.Max();
         if (targets.Any(t => t < 0 || t > modelLayers))
-            throw new ArgumentException($"--cb-target-layers must be hidden_states indices 0..{modelLayers} (0 = embeddings, {modelLayers} = final norm).");
+            throw new UserInputException($"--cb-target-layers must be hidden_states indices 0..{modelLayers} (0 = embeddings, {modelLayers} = final norm).");
         return fullLayers ? modelLayers : Math.Min(modelLayers, max + 1);
     }
 
@@ -62,7 +63,7 @@ public static class CbModels
         var list = model.NamedParameters()
             .Where(p => p.Param.dim() == 2 && System.Text.RegularExpressions.Regex.IsMatch(p.Name, @"\.(mlp|feed_forward|block_sparse_moe)\.(gate|router)\.weight$"))
             .ToList();
-        if (list.Count == 0) throw new InvalidOperationException("--train-router: this model has no router weights (mlp.gate / mlp.router).");
+        if (list.Count == 0) throw new UserInputException("--train-router: this model has no router weights (mlp.gate / mlp.router).");
         foreach (var (_, p) in list) p.requires_grad = true;
         return list;
     }
@@ -75,6 +76,6 @@ public static class CbModels
         if (allow) return;
         var hit = adapter.Wrappers.Select(w => w.Module).FirstOrDefault(m => System.Text.RegularExpressions.Regex.IsMatch(m, @"\.(gate|router|shared_expert_gate)$"));
         if (hit is not null)
-            throw new ArgumentException($"the LoRA targets adapt the router {hit}; routing stays frozen by default (pass --train-router to allow it).");
+            throw new UserInputException($"the LoRA targets adapt the router {hit}; routing stays frozen by default (pass --train-router to allow it).");
     }
 }

@@ -1,3 +1,5 @@
+using MoeLora.Core;
+
 namespace MoeLora.Torch.Training;
 
 /// <summary>
@@ -20,7 +22,7 @@ public sealed record ChatTemplate(string Name, string UserTag, string AssistantT
         "mistral" => new(name, "[INST] ", " [/INST]", " ",
             (role, c) => role == "user" ? $"[INST] {c} [/INST]" : role == "assistant" ? $" {c}</s>" : $"{c}\n\n"),
         "plain" => new(name, "User: ", "\nAssistant:", " ", (role, c) => $"{char.ToUpperInvariant(role[0])}{role[1..]}: {c}\n"),
-        _ => throw new ArgumentException($"--chat-template '{name}' is unknown: use {string.Join(", ", Names)}."),
+        _ => throw new UserInputException($"--chat-template '{name}' is unknown: use {string.Join(", ", Names)}."),
     };
 
     /// <summary>The template a model family uses (config.json model_type).</summary>

@@ -8,7 +8,9 @@ using static TorchSharp.torch;
 
 namespace MoeLora.Torch.Training;
 
-public sealed record CheckpointState(int Step, int TotalSteps, long Seed, long OptimizerSteps);
+/// <param name="Settings">What the run was started with that a resume must not change (written by the CLI; null in
+/// checkpoints from before it was recorded).</param>
+public sealed record CheckpointState(int Step, int TotalSteps, long Seed, long OptimizerSteps, JsonObject? Settings = null);
 
 /// <summary>
 /// A checkpoint is a directory: the PEFT adapter (adapter_config.json, adapter_model.safetensors), optional
@@ -38,6 +40,7 @@ public static class Checkpoints
             ["step"] = state.Step, ["total_steps"] = state.TotalSteps, ["seed"] = state.Seed,
             ["optimizer_steps"] = state.OptimizerSteps, ["format"] = "moelora-cb-checkpoint-1",
         };
+        if (state.Settings is not null) json["settings"] = state.Settings.DeepClone();
         File.WriteAllText(Path.Combine(tmp, "trainer_state.json"), json.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
         ReplaceDirectory(tmp, full);
     }
@@ -60,18 +63,48 @@ public static class Checkpoints
         return File.Exists(Path.Combine(old, "trainer_state.json")) ? old : null;
     }
 
+    /// <summary>
+    /// Reads <c>trainer_state.json</c> of a checkpoint folder; a file that is not what <see cref="Save"/> writes is
+    /// reported as bad data naming the file and the field.
+    /// </summary>
+    public static CheckpointState ReadState(string dir)
+    {
+        var path = Path.Combine(dir, "trainer_state.json");
+        JsonObject json;
+        try
+        {
+            json = JsonNode.Parse(File.ReadAllText(path)) as JsonObject
+                ?? throw new InvalidDataException($"{path} is not a JSON object (a damaged checkpoint).");
+        }
+        catch (JsonException e)
+        {
+            throw new InvalidDataException($"{path} is not valid JSON ({e.Message.Split('\n')[0]}); the checkpoint is damaged.");
+        }
+        long Field(string key, long min)
+        {
+            try
+            {
+                if (json[key] is JsonValue v && v.TryGetValue(out long x) && x >= min) return x;
+            }
+            catch (FormatException) { }
+            throw new InvalidDataException($"{path}: \"{key}\" is missing or not an integer ≥ {min}; the checkpoint is damaged.");
+        }
+        int step = (int)Math.Min(Field("step", 0), int.MaxValue), total = (int)Math.Min(Field("total_steps", 1), int.MaxValue);
+        if (step > total) throw new InvalidDataException($"{path}: step {step} is past total_steps {total}; the checkpoint is damaged.");
+        return new CheckpointState(step, total, Field("seed", long.MinValue), Field("optimizer_steps", 0), json["settings"] as JsonObject);
+    }
+
     public static CheckpointState Load(string dir, CausalLm model, AdamW optimizer, IReadOnlyList<(string Name, Parameter Param)> extra)
     {
-        var json = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "trainer_state.json")))!.AsObject();
-        var state = new CheckpointState(json["step"]!.GetValue<int>(), json["total_steps"]!.GetValue<int>(),
-            json["seed"]!.GetValue<long>(), json["optimizer_steps"]!.GetValue<long>());
+        var state = ReadState(dir);
         CopyAdapterWeights(model, dir);
         LoadExtra(dir, extra);
         var t = Safetensors.Load(Path.Combine(dir, "trainer_state.safetensors"));
         try
         {
             optimizer.LoadState(t, state.OptimizerSteps);
-            torch.set_rng_state(t["rng_state"]);
+            torch.set_rng_state(t.TryGetValue("rng_state", out var rng) ? rng
+                : throw new InvalidDataException($"{dir}: trainer_state.safetensors has no rng_state; the checkpoint is damaged."));
         }
         finally { foreach (var x in t.Values) x.Dispose(); }
         return state;
@@ -93,6 +126,8 @@ public static class Checkpoints
                     if (name.Contains(".lora_")) throw new InvalidDataException($"{dir}: adapter_model.safetensors has no {key}.");
                     continue;
                 }
+                if (!src.shape.SequenceEqual(p.shape))
+                    throw new InvalidDataException($"{dir}: adapter_model.safetensors holds {key} as [{string.Join(",", src.shape)}] but this adapter's is [{string.Join(",", p.shape)}] (another rank or target).");
                 p.copy_(src); copied++;
             }
             int inModel = tensors.Keys.Count(k => !LoraInjector.BeyondDepth(k, model.NumLayers)); // untrained blocks past the truncation
@@ -107,7 +142,16 @@ public static class Checkpoints
         var path = Path.Combine(dir, RouterFile);
         if (!File.Exists(path)) throw new InvalidDataException($"{dir} has no {RouterFile} but the run trains the router.");
         var t = Safetensors.Load(path);
-        try { using var _ = no_grad(); foreach (var (n, p) in extra) p.copy_(t[n]); }
+        try
+        {
+            using var _ = no_grad();
+            foreach (var (n, p) in extra)
+            {
+                if (!t.TryGetValue(n, out var src) || !src.shape.SequenceEqual(p.shape))
+                    throw new InvalidDataException($"{path} has no {n} [{string.Join(",", p.shape)}]; it was written for another model.");
+                p.copy_(src);
+            }
+        }
         finally { foreach (var x in t.Values) x.Dispose(); }
     }
 

@@ -2,6 +2,7 @@ using MoeLora.Torch.Lora;
 using MoeLora.Torch.Models;
 using TorchSharp;
 using static TorchSharp.torch;
+using MoeLora.Core;
 
 namespace MoeLora.Torch.Training;
 
@@ -117,6 +118,6 @@ public static class CircuitBreakerLoss
     {
         foreach (var l in targets)
             if (l < 0 || l >= count)
-                throw new ArgumentException($"target layer {l} is out of range: hidden_states has {count} entries (0 = embeddings, {count - 1} = final norm).");
+                throw new UserInputException($"target layer {l} is out of range: hidden_states has {count} entries (0 = embeddings, {count - 1} = final norm).");
     }
 }

@@ -1,3 +1,5 @@
+using MoeLora.Core;
+
 namespace MoeLora.Torch.Training;
 
 /// <summary>
@@ -12,9 +14,9 @@ public sealed record CoefficientSchedule(string Kind, double Alpha, int TotalSte
 
     public static CoefficientSchedule Create(string kind, double alpha, int totalSteps)
     {
-        if (!Kinds.Contains(kind)) throw new ArgumentException($"--loss-weighting '{kind}' is unknown: use {string.Join(", ", Kinds)}.");
-        if (totalSteps < 1) throw new ArgumentException("--total-steps must be at least 1.");
-        if (alpha <= 0 || double.IsNaN(alpha)) throw new ArgumentException("--cb-alpha must be positive.");
+        if (!Kinds.Contains(kind)) throw new UserInputException($"--loss-weighting '{kind}' is unknown: use {string.Join(", ", Kinds)}.");
+        if (totalSteps < 1) throw new UserInputException("--total-steps must be at least 1.");
+        if (alpha <= 0 || double.IsNaN(alpha)) throw new UserInputException("--cb-alpha must be positive.");
         return new CoefficientSchedule(kind, alpha, totalSteps);
     }
 

@@ -10,11 +10,19 @@ public static class MetricsPlot
     static readonly (string Key, string Label)[] Series =
         [("retain_loss", "retain loss"), ("cb_loss", "RR loss"), ("cb_cosine", "CB cosine"), ("retain_coeff", "c_retain / a"), ("cb_coeff", "c_cb / a")];
 
+    // metrics.jsonl is this trainer's own file; a torn last line (the process was killed mid-write) is skipped.
+    static JsonObject? Row(string line)
+    {
+        if (line.Length == 0) return null;
+        try { return JsonNode.Parse(line) is JsonObject o && o["step"] is JsonValue ? o : null; }
+        catch (System.Text.Json.JsonException) { return null; }
+    }
+
     /// <summary>Writes <c>{basePath}.png</c> (or <c>.svg</c>); returns the file written.</summary>
     public static string Write(string metricsJsonl, string basePath)
     {
         var rows = File.Exists(metricsJsonl)
-            ? File.ReadAllLines(metricsJsonl).Where(l => l.Length > 0).Select(l => JsonNode.Parse(l)!.AsObject()).ToList() : [];
+            ? File.ReadAllLines(metricsJsonl).Select(Row).OfType<JsonObject>().ToList() : [];
         double alpha = rows.Select(r => (r["retain_coeff"]?.GetValue<double>() ?? 0) + (r["cb_coeff"]?.GetValue<double>() ?? 0)).DefaultIfEmpty(1).Max();
         var data = Series.Select(s => (s.Label, Points: rows.Where(r => r[s.Key] is JsonValue)
             .Select(r => (X: r["step"]!.GetValue<double>(), Y: r[s.Key]!.GetValue<double>() / (s.Key.EndsWith("coeff", StringComparison.Ordinal) ? alpha : 1))).ToList())).ToList();

@@ -1,5 +1,6 @@
 using MoeLora.Torch.Text;
 using System.Text.Json.Nodes;
+using MoeLora.Core;
 
 namespace MoeLora.Torch.Training;
 
@@ -28,7 +29,7 @@ public sealed record TrainPreset(string Name, string? ModelId, int[] TargetLayer
     };
 
     public static TrainPreset Get(string name) => All.TryGetValue(name, out var p) ? p
-        : throw new ArgumentException($"--preset '{name}' is unknown: use {string.Join(", ", All.Keys)}.");
+        : throw new UserInputException($"--preset '{name}' is unknown: use {string.Join(", ", All.Keys)}.");
 
     public static readonly string[] TinySpecials = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>", "<|pad|>"];
 

@@ -4,6 +4,7 @@ using MoeLora.Torch.Lora;
 using MoeLora.Torch.Models;
 using TorchSharp;
 using static TorchSharp.torch;
+using MoeLora.Core;
 
 namespace MoeLora.Torch.Training;
 
@@ -30,6 +31,8 @@ public sealed record TrainOptions
     /// <summary>Save a checkpoint every N optimizer steps (0: only at the end, on Ctrl-C and on divergence).</summary>
     public int CheckpointEvery { get; init; } = 50;
     public required string OutputDir { get; init; }
+    /// <summary>Settings a resume must not change, stored in every checkpoint (see <see cref="CheckpointState.Settings"/>).</summary>
+    public JsonObject? Settings { get; init; }
 }
 
 /// <summary>What one optimizer step did (the values also written to metrics.jsonl).</summary>
@@ -46,8 +49,11 @@ public sealed record StepMetrics(int Step, int TotalSteps, double Loss, double R
 
 public enum TrainOutcome { Completed, Interrupted }
 
-/// <summary>Training stopped because a loss or gradient was NaN/inf. The last good state was saved as a checkpoint.</summary>
-public sealed class TrainingDivergedException(string message) : InvalidOperationException(message);
+/// <summary>
+/// Training stopped because a loss or gradient was NaN/inf. The last good state was saved as a checkpoint; the user
+/// acts on it (lower --lr, clipping, float32), so it is reported as input to fix (exit 1), not as a bug.
+/// </summary>
+public sealed class TrainingDivergedException(string message) : UserInputException(message);
 
 /// <summary>
 /// Circuit-breaker LoRA training: per optimizer step, <see cref="TrainOptions.GradientAccumulation"/> micro-batches of
@@ -74,11 +80,11 @@ public sealed class CircuitBreakerTrainer
         IReadOnlyList<(string Name, Parameter Param)>? extraParameters = null)
     {
         _model = model; _adapter = adapter; _data = data; _o = options;
-        if (options.GradientAccumulation < 1) throw new ArgumentException("--gradient-accumulation must be at least 1.");
-        if (options.TargetLayers.Count == 0) throw new ArgumentException("--cb-target-layers is empty.");
+        if (options.GradientAccumulation < 1) throw new UserInputException("--gradient-accumulation must be at least 1.");
+        if (options.TargetLayers.Count == 0) throw new UserInputException("--cb-target-layers is empty.");
         foreach (var l in options.TargetLayers)
             if (l < 0 || l > model.NumLayers)
-                throw new ArgumentException($"--cb-target-layers: {l} is not a hidden_states index of this model (0..{model.NumLayers}).");
+                throw new UserInputException($"--cb-target-layers: {l} is not a hidden_states index of this model (0..{model.NumLayers}).");
         _coeffs = CoefficientSchedule.Create(options.LossWeighting, options.Alpha, options.TotalSteps);
         _lr = Training.LrSchedule.Create(options.LrSchedule, options.LearningRate, options.TotalSteps, options.WarmupSteps);
         ExtraParameters = extraParameters ?? [];
@@ -106,13 +112,20 @@ public sealed class CircuitBreakerTrainer
             ?? throw new IOException($"no checkpoint to resume from in {checkpointDir ?? CheckpointDir}.");
         var state = Checkpoints.Load(dir, _model, _optimizer, ExtraParameters);
         if (state.TotalSteps != _o.TotalSteps || state.Seed != _o.Seed)
-            throw new ArgumentException($"the checkpoint in {dir} was written with --total-steps {state.TotalSteps} --seed {state.Seed}; resume with the same settings.");
+            throw new UserInputException($"the checkpoint in {dir} was written with --total-steps {state.TotalSteps} --seed {state.Seed}; resume with the same settings.");
         Step = state.Step;
         if (File.Exists(MetricsPath))
         {
-            var keep = File.ReadAllLines(MetricsPath).Where(l => l.Length > 0 && (JsonNode.Parse(l)?["step"]?.GetValue<int>() ?? 0) <= Step);
+            var keep = File.ReadAllLines(MetricsPath).Where(l => l.Length > 0 && MetricsStep(l) is { } s && s <= Step);
             File.WriteAllLines(MetricsPath, keep);
         }
+    }
+
+    // A line of metrics.jsonl that is not one this trainer wrote (a torn last line after a kill) is dropped.
+    static int? MetricsStep(string line)
+    {
+        try { return JsonNode.Parse(line)?["step"] is JsonValue v && v.TryGetValue(out int step) ? step : null; }
+        catch (JsonException) { return null; }
     }
 
     /// <summary>Runs optimizer steps until TotalSteps (or Ctrl-C: the current step finishes and a checkpoint is saved).</summary>
@@ -164,7 +177,7 @@ public sealed class CircuitBreakerTrainer
 
     public void SaveCheckpoint() =>
         Checkpoints.Save(CheckpointDir, _model, _adapter, _optimizer, ExtraParameters,
-            new CheckpointState(Step, _o.TotalSteps, _o.Seed, _optimizer.StepCount));
+            new CheckpointState(Step, _o.TotalSteps, _o.Seed, _optimizer.StepCount, _o.Settings));
 
     /// <summary>Writes the trained adapter in PEFT's format (adapter_config.json + adapter_model.safetensors) atomically.</summary>
     public void SaveAdapter(string dir) => Checkpoints.SaveAdapterAtomically(dir, _model, _adapter, ExtraParameters);
