@@ -40,6 +40,7 @@ public sealed class HiddenStatesCommand : Command<HiddenStatesCommand.Settings>
         if (!Directory.Exists(outDir)) throw new IOException($"cannot write {s.Output}: folder {outDir} does not exist");
         var outType = RuntimeSettings.ParseDType(s.DType, "--dtype");
         Tensor? ids = null, mask = null;
+        Infrastructure.RuntimeDevice.Select(s.Device); // first: a CUDA request decides which libtorch loads
         if (s.Inputs is not null) (ids, mask) = ReadInputs(s.Inputs);
         var (model, resolved) = s.LoadModel();
         using var _ = model;
