@@ -33,10 +33,11 @@ public class LibTorchLocatorTests
     }
 
     [Fact]
-    public void ACudaRunPrefersPythonsCudaTorchOverTheBundledCpuOneAndPreloadsInDependencyOrder()
+    public void ACudaRunUsesPythonsCudaTorchInABuildWithoutLibTorchAndPreloadsInDependencyOrder()
     {
         using var t = new TempDir();
-        var native = Path.Combine(Lib(t.Path, "app", cuda: false), "lib");
+        var native = Path.Combine(t.Path, "app-without-libtorch");
+        Directory.CreateDirectory(native);
         var py = Lib(t.Path, "site-packages", cuda: true, version: "2.11.0+cu130");
         var s = LibTorchLocator.Locate(true, [native], null, Python(py));
         Assert.Equal(LibTorchSource.Python, s.Choice!.Source);
@@ -47,6 +48,20 @@ public class LibTorchLocatorTests
         Assert.Null(s.CudaUnavailableReason);
         Assert.Contains("python3's PyTorch", s.Choice.Describe());
         Assert.Contains("torch 2.11.0+cu130", s.Choice.Describe());
+    }
+
+    [Fact]
+    public void ABuildBundlingTheCpuLibTorchNeverLoadsASecondOneAndSaysHowToGetCuda()
+    {
+        using var t = new TempDir();
+        var native = Path.Combine(Lib(t.Path, "app", cuda: false), "lib");
+        var py = Lib(t.Path, "site-packages", cuda: true);
+        var s = LibTorchLocator.Locate(true, [native], null, Python(py));
+        Assert.Equal(LibTorchSource.Bundled, s.Choice!.Source);
+        Assert.Empty(s.Choice.Preload);
+        Assert.Contains("-p:MoeLoraCuda=true", s.CudaUnavailableReason);
+        var e = Assert.Throws<LibTorchException>(() => LibTorchLocator.Locate(false, [native], py, NotAsked));
+        Assert.Contains("bundles the CPU libtorch", e.Message);
     }
 
     [Fact]
@@ -63,7 +78,8 @@ public class LibTorchLocatorTests
     public void TheEnvironmentVariableWinsAndAcceptsTheTorchPackageOrItsLibFolder()
     {
         using var t = new TempDir();
-        var native = Path.Combine(Lib(t.Path, "app", cuda: true), "lib");
+        var native = Path.Combine(t.Path, "app-without-libtorch");
+        Directory.CreateDirectory(native);
         var pkg = Lib(t.Path, "custom", cuda: true);
         foreach (var value in new[] { pkg, Path.Combine(pkg, "lib") })
         {

@@ -124,7 +124,7 @@ public sealed class TrainSettings : CbCommonSettings
     [CommandOption("--checkpoint-every <N>")] public int CheckpointEvery { get; init; } = 50;
     [CommandOption("--resume")] [Description("Continue from OUTPUT/checkpoint (same settings)")]
     public bool Resume { get; init; }
-    [CommandOption("--max-memory-gb <GB>")] [Description("Memory available to the run (default: this machine's RAM on cpu; required on cuda)")]
+    [CommandOption("--max-memory-gb <GB>")] [Description("Memory available to the run (default: the device's free memory: RAM on cpu, the GPU's own figure on cuda)")]
     public double? MaxMemoryGb { get; init; }
     [CommandOption("--threads <N>")] [Description("CPU threads for torch (default 1 for tiny, where more threads only contend; else torch's choice)")]
     public int? Threads { get; init; }

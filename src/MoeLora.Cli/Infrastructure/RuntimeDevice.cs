@@ -12,6 +12,8 @@ namespace MoeLora.Cli.Infrastructure;
 /// </summary>
 internal static class RuntimeDevice
 {
+    const long QuietBelowBytes = 64L << 20;
+
     /// <summary>The TorchSharp device for --device; a CUDA run names its libtorch on stderr (one line).</summary>
     public static Device Select(string device)
     {
@@ -24,7 +26,7 @@ internal static class RuntimeDevice
 
     /// <summary>
     /// Runs a checkpoint load with a progress bar on stderr when it is a terminal, else a plain line per 10% of the
-    /// bytes (logs stay readable; stdout stays clean for JSON).
+    /// bytes of checkpoints from 64 MiB up (logs stay readable; stdout stays clean for JSON).
     /// </summary>
     public static T Load<T>(string what, Func<Action<LoadProgress>, T> load)
     {
@@ -49,6 +51,7 @@ internal static class RuntimeDevice
         int lastTenth = -1;
         return load(p =>
         {
+            if (p.TotalBytes < QuietBelowBytes) return; // a small checkpoint loads in a blink: no log lines
             int tenth = p.TotalBytes == 0 ? 10 : (int)(10 * p.Bytes / p.TotalBytes);
             if (tenth == lastTenth) return;
             lastTenth = tenth;

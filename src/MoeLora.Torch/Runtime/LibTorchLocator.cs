@@ -60,6 +60,8 @@ public static class LibTorchLocator
         {
             var dir = LibDir(environment.Trim()) ?? throw new LibTorchException(
                 $"{EnvironmentVariable}={environment}: no {CpuMarker} there or in its lib/ folder (point it at a PyTorch install's torch/lib)");
+            if (bundled is not null && !SameDir(bundled, dir))
+                throw new LibTorchException($"{EnvironmentVariable}={environment}: {BundledConflict(bundled)}");
             var choice = External(LibTorchSource.Environment, dir);
             return new LibTorchSearch(choice, wantCuda && !choice.HasCuda
                 ? $"{EnvironmentVariable} points at {dir}, a libtorch without CUDA (no {CudaMarker})" : null);
@@ -75,7 +77,12 @@ public static class LibTorchLocator
             py = python();
             if (py.PackageDir is not null && LibDir(py.PackageDir) is { } lib) pythonChoice = External(LibTorchSource.Python, lib);
         }
-        if (wantCuda && pythonChoice is { HasCuda: true }) return new LibTorchSearch(pythonChoice, null);
+        if (wantCuda && pythonChoice is { HasCuda: true })
+        {
+            if (bundled is null) return new LibTorchSearch(pythonChoice, null);
+            return new LibTorchSearch(new LibTorchChoice(LibTorchSource.Bundled, bundled, false, null, []),
+                $"python3's CUDA torch at {pythonChoice.Directory} cannot be used: {BundledConflict(bundled)}");
+        }
 
         string? reason = null;
         if (wantCuda)
@@ -92,6 +99,16 @@ public static class LibTorchLocator
             $"no libtorch found: none is bundled with the application, {EnvironmentVariable} is unset, and python3 {py!.Note}; " +
             $"install PyTorch for python3, set {EnvironmentVariable} to a torch/lib folder, or build with the libtorch package");
     }
+
+    /// <summary>
+    /// TorchSharp probes for libtorch_cpu.so next to the application on its own (in its static constructor), so an
+    /// installed libtorch can only be used by a build that does not bundle one: two libtorch copies in one process abort.
+    /// </summary>
+    static string BundledConflict(string bundled) =>
+        $"this build bundles the CPU libtorch ({bundled}), which TorchSharp loads by itself; build with -p:MoeLoraCuda=true " +
+        "(no bundled libtorch) or use a publish without it (tools/gpu_smoke/pack.sh)";
+
+    static bool SameDir(string a, string b) => string.Equals(Path.GetFullPath(a).TrimEnd('/'), Path.GetFullPath(b).TrimEnd('/'), StringComparison.Ordinal);
 
     /// <summary>The folder holding libtorch_cpu.so: <paramref name="path"/> itself (torch/lib) or its lib/ (the torch package).</summary>
     public static string? LibDir(string path)

@@ -86,8 +86,9 @@ public static class TorchRuntime
     /// Loads an installed libtorch by absolute path in dependency order, then TorchSharp's LibTorchSharp, whose
     /// <c>DT_NEEDED</c> entries (libtorch.so, libc10.so, libtorch_cpu.so) the dynamic loader then matches by soname
     /// to the objects already loaded, so <c>LD_LIBRARY_PATH</c> is not needed. Each libtorch file finds its own
-    /// dependencies (libgomp, CUDA's pip libraries) through its RUNPATH. TorchSharp's own probing is switched off
-    /// afterwards: it would otherwise load a bundled libtorch_cpu.so by path, a second copy in the same process.
+    /// dependencies (libgomp, CUDA's pip libraries) through its RUNPATH. TorchSharp's own probing (its static
+    /// constructor, before any flag could be set) then finds no libtorch_cpu.so next to the application: the locator
+    /// never picks an installed libtorch while one is bundled (two copies in one process abort in c10's dispatcher).
     /// </summary>
     static void LoadExternal(LibTorchChoice choice)
     {
@@ -107,21 +108,6 @@ public static class TorchRuntime
             throw new LibTorchException($"TorchSharp's {LibraryFile} does not load against {choice.Describe()}: {OneLine(e.Message)}");
         }
         SetResolver();
-        MarkBackendLoaded(choice.HasCuda);
-    }
-
-    /// <summary>TorchSharp's private "backend loaded" flags (TorchSharp 0.107's <c>torch.LoadNativeBackend</c>); absent flags are tolerated.</summary>
-    static void MarkBackendLoaded(bool cuda)
-    {
-        const System.Reflection.BindingFlags flags = System.Reflection.BindingFlags.Static | System.Reflection.BindingFlags.NonPublic;
-        var notes = new List<string>();
-        foreach (var name in cuda ? new[] { "nativeBackendLoaded", "nativeBackendCudaLoaded" } : ["nativeBackendLoaded"])
-        {
-            var f = typeof(torch).GetField(name, flags);
-            if (f?.FieldType == typeof(bool)) f.SetValue(null, true);
-            else notes.Add(name);
-        }
-        if (notes.Count > 0) Status += $"; TorchSharp has no {string.Join("/", notes)} flag: its own probing stays on";
     }
 
     static string OneLine(string s) => string.Join(" ", s.Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries));
