@@ -40,8 +40,7 @@ public sealed class EvalCommand : Command<EvalSettings>
         int layers = CbModels.TruncatedLayers(targets, CbModels.ModelLayers(modelDir), s.FullLayers);
         var lengths = s.Lengths(preset);
         if (s.Format is not ("text" or "json")) throw new UserInputException($"--format {s.Format}: use text or json.");
-        TorchRuntime.EnsureInitialized();
-        var device = DeviceSelector.Select(s.Device);
+        var device = RuntimeDevice.Select(s.Device);
         using var model = CbModels.Load(modelDir, layers, s.Bf16 ? ScalarType.BFloat16 : ScalarType.Float32, device);
         var loader = new CbDataLoader(CbModels.Tokenizer(modelDir), Torch.Training.ChatTemplate.Get(s.TemplateName(modelDir)), lengths);
         string Data(string? given, string file, string flag) =>

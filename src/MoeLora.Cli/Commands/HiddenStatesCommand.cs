@@ -41,8 +41,11 @@ public sealed class HiddenStatesCommand : Command<HiddenStatesCommand.Settings>
         if (!Directory.Exists(outDir)) throw new IOException($"cannot write {s.Output}: folder {outDir} does not exist");
         var outType = RuntimeSettings.ParseDType(s.DType, "--dtype");
         Tensor? ids = null, mask = null;
-        if (s.Inputs is not null) (ids, mask) = ReadInputs(s.Inputs);
+        if (s.Inputs is not null && !File.Exists(s.Inputs)) throw new FileNotFoundException($"--inputs {s.Inputs} does not exist");
+        // The model first: it selects the device before anything touches TorchSharp (a CUDA request decides which
+        // libtorch loads), after the cheap checks of the model and its checkpoint headers.
         var (model, resolved) = s.LoadModel();
+        if (s.Inputs is not null) (ids, mask) = ReadInputs(s.Inputs);
         using var _ = model;
         using var scope = NewDisposeScope();
         if (ids is null) (ids, mask) = RuntimeSettings.Batch(s.ReadJsonl(s.Prompts!, resolved.Directory, "--prompts"), model.VocabSize);

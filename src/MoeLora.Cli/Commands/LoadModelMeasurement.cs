@@ -51,7 +51,10 @@ internal static class LoadModelMeasurement
         string? dir = null;
         long checkpointBytes = 0;
         var prediction = MemoryPrediction.Of(report, random ? null : 0L, GradTokens(s));
-        var (available, capacityNote) = Capacity(device);
+        // A GPU is asked for its own free memory, which needs the runtime (and its CUDA libtorch) up first; still
+        // nothing of the model is allocated or read before the check.
+        Device? dev = device == "cpu" || AvailableBytesOverride is not null ? null : RuntimeDevice.Select(device);
+        var (available, capacityNote) = Capacity(device, dev);
         if (prediction.RequiredBytes > available)
             throw new UserInputException(
                 $"{report.Options.ModelId} cannot be loaded on {device}: it needs about {Units.Bytes(prediction.RequiredBytes)} " +
@@ -68,9 +71,7 @@ internal static class LoadModelMeasurement
                     $"{report.Options.ModelId} cannot be loaded on {device}: loading needs about {Units.Bytes(prediction.RequiredBytes)} " +
                     $"({prediction.RequiredSummary}) but {capacityNote} is {Units.Bytes(available)}; nothing was loaded");
         }
-        Device dev;
-        try { dev = DeviceSelector.Select(device); }
-        catch (DeviceUnavailableException e) { throw new UserInputException(e.Message); }
+        dev ??= RuntimeDevice.Select(device);
 
         // 2. Build, inject, measure.
         var measured = Measure(report, resolved, dir, random, dtype, dev, s.Seed, GradTokens(s));
@@ -97,34 +98,12 @@ internal static class LoadModelMeasurement
     static int GradTokens(ReportCommand.Settings s) =>
         s.GradTokens > 0 ? s.GradTokens : throw new UserInputException($"--grad-tokens must be a positive integer, got {s.GradTokens}");
 
-    /// <summary>Bytes available on the device: MemAvailable on the CPU, free GPU memory from nvidia-smi for CUDA.</summary>
-    static (long Bytes, string What) Capacity(string device)
+    /// <summary>Bytes available on the device: MemAvailable on the CPU; on CUDA the GPU's free memory (cudaMemGetInfo, else nvidia-smi).</summary>
+    static (long Bytes, string What) Capacity(string device, Device? dev)
     {
         if (AvailableBytesOverride is { } o) return (o, $"the {device} memory available");
-        if (device == "cpu")
-        {
-            if (OperatingSystem.IsLinux())
-                foreach (var line in File.ReadLines("/proc/meminfo"))
-                    if (line.StartsWith("MemAvailable:", StringComparison.Ordinal))
-                        return (long.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1], CultureInfo.InvariantCulture) * 1024,
-                            "the memory available on this machine (MemAvailable)");
-            return (GC.GetGCMemoryInfo().TotalAvailableMemoryBytes, "the memory available to this process");
-        }
-        try
-        {
-            var psi = new System.Diagnostics.ProcessStartInfo("nvidia-smi", "--query-gpu=memory.free --format=csv,noheader,nounits")
-            { RedirectStandardOutput = true, RedirectStandardError = true };
-            using var p = System.Diagnostics.Process.Start(psi)!;
-            var text = p.StandardOutput.ReadToEnd();
-            p.WaitForExit();
-            int index = device.StartsWith("cuda:", StringComparison.Ordinal) ? int.Parse(device[5..], CultureInfo.InvariantCulture) : 0;
-            var mib = long.Parse(text.Split('\n', StringSplitOptions.RemoveEmptyEntries)[index].Trim(), CultureInfo.InvariantCulture);
-            return (mib * 1024 * 1024, $"the free memory of {device} (nvidia-smi)");
-        }
-        catch (Exception e) when (e is not InvalidOperationException)
-        {
-            throw new UserInputException($"--device {device}: no NVIDIA GPU found (nvidia-smi failed); use --device cpu");
-        }
+        var free = dev is null ? DeviceMemory.Host() : DeviceMemory.Free(dev);
+        return (free.Bytes, free.Source);
     }
 
     static Measured Measure(LoraReport report, ResolvedModel resolved, string? dir, bool random, ScalarType dtype, Device dev, long seed, int gradTokens)
@@ -132,9 +111,10 @@ internal static class LoadModelMeasurement
         TorchRuntime.EnsureInitialized();
         var m = new Measured { RuntimeBaselineBytes = Rss() };
         var plan = report.Plan;
+        // Random weights are drawn on the device itself: a real-size model never passes through host memory.
         using var model = random
-            ? TorchModelFactory.Random(resolved.ConfigJson, seed, dtype, dev)
-            : TorchModelFactory.Load(resolved.ConfigJson, dir!, dtype, dev);
+            ? TorchModelFactory.Random(resolved.ConfigJson, seed, dtype, dev, RandomInit.OnDevice)
+            : RuntimeDevice.Load($"loading {report.Options.ModelId}", p => TorchModelFactory.Load(resolved.ConfigJson, dir!, dtype, dev, p));
         model.Eval();
         var adapter = LoraInjector.Inject(model, plan, seed: seed);
         m.AdapterInstances = adapter.Wrappers.Count;
@@ -361,16 +341,15 @@ internal sealed record MemoryPrediction(IReadOnlyList<(string Name, long Bytes, 
         if (checkpointBytes is null)
         {
             load = weights + largest * (4 + db);
-            loadDetail = "random init: weights + one fp32 temporary";
+            loadDetail = "random init: weights + one fp32 temporary (on a GPU: drawn in place, no temporary)";
         }
         else
         {
-            long experts = spec.Tree.Parameters.Where(p => p.Name.Contains(".experts.", StringComparison.Ordinal)).Sum(p => p.NumElements);
-            double perParam = spec.Tree.NumParameters == 0 ? db : (double)checkpointBytes.Value / spec.Tree.NumParameters;
-            if (checkpointBytes == 0) perParam = db;
-            long transient = (long)((spec.Tree.NumParameters + experts) * perParam);
-            load = weights + transient;
-            loadDetail = "weights + the checkpoint tensors read + stacked expert copies";
+            // The loader reads one stored tensor at a time into a host staging tensor (or straight into a CPU
+            // parameter of the file's dtype); per-expert parts are copied into their fused slice on the device.
+            double perParam = spec.Tree.NumParameters == 0 || checkpointBytes == 0 ? db : (double)checkpointBytes.Value / spec.Tree.NumParameters;
+            load = weights + (long)(largest * perParam);
+            loadDetail = "weights + one stored tensor staged on the host at a time";
         }
         long materialized = r.Plan.Targets.Where(t => t.Kind == AdapterKind.Parameter && t.NumExperts > 1)
             .Sum(t => t.BaseShape.Aggregate(1L, (a, b) => a * b) * db);
@@ -384,11 +363,6 @@ internal sealed record MemoryPrediction(IReadOnlyList<(string Name, long Bytes, 
         };
         long required = weights + adapters;
         var summary = $"{Units.Bytes(weights)} of {r.Options.DType.Name()} weights for {Units.Count(spec.Tree.NumParameters)} parameters + {Units.Bytes(adapters)} of fp32 adapters";
-        if (checkpointBytes is > 0)
-        {
-            required = load;
-            summary += $", and the loader holds the {Units.Bytes(checkpointBytes.Value)} checkpoint while copying";
-        }
         return new MemoryPrediction(phases, required, summary, materialized);
     }
 }

@@ -70,12 +70,10 @@ public class RuntimeSettings : ModelSettings
                 $"no checkpoint for {resolved.Id}: its config came from the {resolved.OriginName} (no weights); pass a local folder or a cached model, or use --init random");
             CheckpointLoader.Precheck(dir, spec);
         }
-        Device dev;
-        try { dev = DeviceSelector.Select(Device); }
-        catch (DeviceUnavailableException e) { throw new UserInputException(e.Message); }
+        var dev = RuntimeDevice.Select(Device);
         var model = dir is null
             ? TorchModelFactory.Random(resolved.ConfigJson, Seed, dtype, dev)
-            : TorchModelFactory.Load(resolved.ConfigJson, dir, dtype, dev);
+            : RuntimeDevice.Load($"loading {resolved.Id}", p => TorchModelFactory.Load(resolved.ConfigJson, dir, dtype, dev, p));
         if (Adapter is not null)
         {
             if (!File.Exists(Path.Combine(Adapter, "adapter_config.json")))

@@ -137,7 +137,7 @@ public sealed class TrainSettings : CbCommonSettings
     public bool Resume { get; init; }
     [CommandOption("--overwrite")] [Description("Start a new run in an OUTPUT that already holds one (its adapter, checkpoint and metrics are replaced) or other files")]
     public bool Overwrite { get; init; }
-    [CommandOption("--max-memory-gb <GB>")] [Description("Memory available to the run (default: this machine's RAM on cpu; required on cuda)")]
+    [CommandOption("--max-memory-gb <GB>")] [Description("Memory available to the run (default: the device's free memory: RAM on cpu, the GPU's own figure on cuda)")]
     public double? MaxMemoryGb { get; init; }
     [CommandOption("--threads <N>")] [Description("CPU threads for torch (default 1 for tiny, where more threads only contend; else torch's choice)")]
     public int? Threads { get; init; }
@@ -205,7 +205,9 @@ public sealed class TrainCommand : Command<TrainSettings>
         Torch.Training.LrSchedule.Create(s.LrSchedule, s.Lr ?? preset.LearningRate, totalSteps, s.WarmupSteps);
         var loraJson = BuildLoraJson(s, preset, modelDir, layers);
         var wholeConfig = modelDir is null ? TrainPreset.TinyConfigJson() : File.ReadAllText(Path.Combine(modelDir, "config.json"));
-        double availableGb = AvailableGb(s);
+        // The device first: a CUDA request decides which libtorch loads, and the fit check asks that GPU for its free memory.
+        var device = RuntimeDevice.Select(s.Device);
+        double availableGb = AvailableGb(s, device);
         // Sized from the config and the planned adapters before any weight is loaded.
         var memory = TrainMemoryPlan.Estimate(wholeConfig, loraJson, batch, Math.Max(lengths.Request + lengths.Response, lengths.Retain),
             targets, s.Bf16, s.FullLayers, availableGb);
@@ -215,11 +217,10 @@ public sealed class TrainCommand : Command<TrainSettings>
         var runSettings = RunSettings(s, loraJson, targets, lengths, batch, totalSteps, weighting.Alpha, preset);
         if (!s.PlanOnly) RunFolder.Check(s.Output, s.Resume, s.Overwrite, runSettings);
 
-        TorchRuntime.EnsureInitialized();
-        var device = DeviceSelector.Select(s.Device);
         var sw = System.Diagnostics.Stopwatch.StartNew();
         if (device.type == DeviceType.CPU && (s.Threads ?? (preset.Name == "tiny" ? 1 : null)) is { } threads) torch.set_num_threads(threads);
-        using var model = CbModels.Load(modelDir, layers, dtype, device);
+        using var model = modelDir is null ? CbModels.Load(modelDir, layers, dtype, device)
+            : RuntimeDevice.Load($"loading {modelDir}", p => CbModels.Load(modelDir, layers, dtype, device, p));
         var adapter = CbModels.InjectAdapter(model, loraJson, s.Seed, modelDir is null ? null : Path.GetFullPath(modelDir), wholeConfig);
         CbModels.CheckRouterFrozen(adapter, s.TrainRouter);
         var routers = s.TrainRouter ? CbModels.UnfreezeRouters(model) : null;
@@ -357,11 +358,19 @@ public sealed class TrainCommand : Command<TrainSettings>
     }
 
     /// <summary>The adapter_config.json to train: --lora-config, else the preset's LoRA with flags on top; layers_to_transform default 0..blocks-1.</summary>
-    /// <summary>The memory to plan against: --max-memory-gb, else the machine's available memory for the CPU.</summary>
-    static double AvailableGb(TrainSettings s) =>
-        s.MaxMemoryGb ?? (s.Device.StartsWith("cuda", StringComparison.OrdinalIgnoreCase)
-            ? throw new UserInputException("--device cuda: pass --max-memory-gb (the GPU memory to plan against).")
-            : GC.GetGCMemoryInfo().TotalAvailableMemoryBytes / (1024.0 * 1024 * 1024));
+    /// <summary>The memory to plan against: --max-memory-gb, else the device's free memory (the GPU's own figure on CUDA).</summary>
+    static double AvailableGb(TrainSettings s, torch.Device device) =>
+        s.MaxMemoryGb ?? (device.type == DeviceType.CPU
+            ? GC.GetGCMemoryInfo().TotalAvailableMemoryBytes / (1024.0 * 1024 * 1024)
+            : DeviceMemory.Free(device).Bytes / (1024.0 * 1024 * 1024));
+
+    /// <summary>--plan-only from the catalog loads nothing, so a CUDA plan needs --max-memory-gb unless the GPU can be asked.</summary>
+    static double PlanOnlyGb(TrainSettings s)
+    {
+        if (s.MaxMemoryGb is { } gb) return gb;
+        try { return AvailableGb(s, RuntimeDevice.Select(s.Device)); }
+        catch (UserInputException e) { throw new UserInputException($"{e.Message} (--max-memory-gb plans without asking the device)"); }
+    }
 
     /// <summary>
     /// --plan-only for a real-model preset without local weights: the preset's model config from the embedded catalog,
@@ -381,7 +390,7 @@ public sealed class TrainCommand : Command<TrainSettings>
         int batch = s.BatchSize ?? preset.BatchSize;
         var loraJson = BuildLoraJson(s, preset, null, layers);
         var (memory, plan) = TrainMemoryPlan.EstimateWithPlan(config, loraJson, batch, Math.Max(lengths.Request + lengths.Response, lengths.Retain),
-            targets, s.Bf16, s.FullLayers, AvailableGb(s));
+            targets, s.Bf16, s.FullLayers, PlanOnlyGb(s));
         var grid = new Grid().AddColumn().AddColumn();
         void Row(string k, string v) => grid.AddRow(new Markup($"[grey]{Markup.Escape(k)}[/]"), new Markup(Markup.Escape(v)));
         Row("model", $"{modelId} (config from the embedded catalog; no weights loaded)");

@@ -75,6 +75,28 @@ public static class Safetensors
         return result;
     }
 
+    /// <summary>
+    /// Reads <paramref name="bytes"/> bytes at <paramref name="offset"/> of an open file straight into the memory of a
+    /// contiguous CPU tensor (positioned reads, no managed buffer), e.g. one stored tensor of a checkpoint shard.
+    /// </summary>
+    public static unsafe void ReadInto(Microsoft.Win32.SafeHandles.SafeFileHandle file, long offset, long bytes, Tensor destination)
+    {
+        if (destination.device_type != DeviceType.CPU || !destination.is_contiguous())
+            throw new ArgumentException("ReadInto needs a contiguous CPU tensor.");
+        if (destination.numel() * destination.ElementSize != bytes)
+            throw new ArgumentException($"ReadInto: {bytes} bytes do not fill a {destination.dtype} tensor of {destination.numel()} elements.");
+        if (bytes == 0) return;
+        var start = (byte*)Models.NativeStorage.DataPointer(destination) + destination.storage_offset() * destination.ElementSize;
+        const int chunk = 1 << 30; // a Span addresses at most 2 GiB; large expert tensors are read in pieces
+        for (long done = 0; done < bytes;)
+        {
+            int n = (int)Math.Min(chunk, bytes - done);
+            int read = RandomAccess.Read(file, new Span<byte>(start + done, n), offset + done);
+            if (read <= 0) throw new EndOfStreamException($"safetensors data ends {bytes - done} bytes early.");
+            done += read;
+        }
+    }
+
     /// <summary>Writes tensors in the given order (sorted by name, as the Python library does, when unordered).</summary>
     public static void Save(string path, IEnumerable<KeyValuePair<string, Tensor>> tensors, IReadOnlyDictionary<string, string>? metadata = null)
     {

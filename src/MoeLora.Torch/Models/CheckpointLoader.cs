@@ -1,5 +1,6 @@
 using System.Text.Json.Nodes;
 using System.Text.RegularExpressions;
+using Microsoft.Win32.SafeHandles;
 using MoeLora.Core.Modules;
 using MoeLora.Torch.IO;
 using TorchSharp;
@@ -49,33 +50,57 @@ public static partial class CheckpointLoader
     }
 
     /// <summary>
-    /// Copies the checkpoint into <paramref name="model"/>'s parameters and buffers (dtype-converting). Every state entry
-    /// must be stored with the right shape and every stored tensor must be used: problems are reported together,
-    /// before anything is copied. <paramref name="skipDeeperLayers"/>: a truncated model ignores the blocks it lacks.
+    /// Copies the checkpoint into <paramref name="model"/>'s parameters and buffers (dtype-converting) straight onto the
+    /// model's device, one stored tensor at a time: headers are checked first (every state entry stored with the right
+    /// shape, every stored tensor used; problems reported together, before anything is read), then each tensor is read
+    /// with positioned reads into either the parameter itself (CPU, same dtype) or one host staging tensor that is
+    /// copied to the device and freed, so host memory is bounded by the largest stored tensor, not the model.
+    /// Per-expert parts are copied into their slice of the fused parameter on the device (no host-side stack).
+    /// <paramref name="skipDeeperLayers"/>: a truncated model ignores the blocks it lacks.
     /// </summary>
-    internal static void LoadInto(CausalLm model, string dir, bool skipDeeperLayers)
+    internal static LoadStats LoadInto(CausalLm model, string dir, bool skipDeeperLayers, Action<LoadProgress>? progress = null)
     {
-        var raw = new Dictionary<string, Tensor>(StringComparer.Ordinal);
+        var stored = new Dictionary<string, (string File, Safetensors.Entry Entry, long DataStart)>(StringComparer.Ordinal);
+        foreach (var f in Files(dir))
+        {
+            var (entries, _, start) = Safetensors.ReadHeader(f);
+            foreach (var e in entries) stored[e.Name] = (f, e, start);
+        }
+        if (skipDeeperLayers)
+        {
+            var deeper = new Regex("^" + Regex.Escape(model.Spec.DecoderLayersPath) + @"\.(\d+)\.");
+            foreach (var k in stored.Keys.ToList())
+                if (deeper.Match(k) is { Success: true } m && int.Parse(m.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture) >= model.NumLayers)
+                    stored.Remove(k);
+        }
+        var copies = Plan(model, stored.ToDictionary(kv => kv.Key, kv => kv.Value.Entry.Shape, StringComparer.Ordinal));
+        var handles = new Dictionary<string, SafeFileHandle>(StringComparer.Ordinal);
+        var stats = new LoadStats();
+        long totalBytes = copies.Sum(c => stored[c.Source].Entry.End - stored[c.Source].Entry.Begin);
         try
         {
-            foreach (var f in Files(dir))
-                foreach (var (k, v) in Safetensors.Load(f)) raw[k] = v;
-            if (skipDeeperLayers)
+            using var _ = no_grad();
+            foreach (var c in copies)
             {
-                var deeper = new Regex("^" + Regex.Escape(model.Spec.DecoderLayersPath) + @"\.(\d+)\.");
-                foreach (var k in raw.Keys.ToList())
-                    if (deeper.Match(k) is { Success: true } m && int.Parse(m.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture) >= model.NumLayers)
-                    {
-                        raw[k].Dispose();
-                        raw.Remove(k);
-                    }
+                var (file, entry, dataStart) = stored[c.Source];
+                if (!handles.TryGetValue(file, out var handle)) handles[file] = handle = File.OpenHandle(file);
+                using var scope = NewDisposeScope();
+                var target = c.Expert is { } e ? c.Target[e].narrow(0, c.RowOffset, entry.Shape[0]) : c.Target;
+                Copy(handle, dataStart, entry, target, stats);
+                stats.Tensors++;
+                stats.BytesRead += entry.End - entry.Begin;
+                progress?.Invoke(new LoadProgress(stats.Tensors, copies.Count, stats.BytesRead, totalBytes, c.Source));
             }
-            Apply(model, raw);
         }
-        finally { foreach (var t in raw.Values) t.Dispose(); }
+        finally { foreach (var h in handles.Values) h.Dispose(); }
+        return stats;
     }
 
-    static void Apply(CausalLm model, Dictionary<string, Tensor> raw)
+    /// <summary>One stored tensor's destination: a whole state entry, or expert <c>Expert</c>'s rows from <c>RowOffset</c>.</summary>
+    sealed record CopyStep(string Source, Tensor Target, int? Expert, long RowOffset);
+
+    /// <summary>Matches state entries to stored tensors by shape (headers only); all problems in one exception.</summary>
+    static List<CopyStep> Plan(CausalLm model, Dictionary<string, long[]> stored)
     {
         var layout = CheckpointLayout.For(model.Spec);
         // A tied weight appears in the state dict under both names but is stored once (save_pretrained drops the
@@ -86,46 +111,70 @@ public static partial class CheckpointLoader
         var tiedNames = all.Select(s => s.Name).Except(state.Select(s => s.Name)).ToHashSet(StringComparer.Ordinal);
         var errors = new List<string>();
         var consumed = new HashSet<string>(StringComparer.Ordinal);
-        var sources = new List<(Tensor Target, Func<Tensor> Value)>();
+        var steps = new List<CopyStep>();
         foreach (var (name, t) in state)
         {
-            if (Stored(name, layout, raw.ContainsKey) is not { } stored)
+            if (Stored(name, layout, stored.ContainsKey) is not { } where)
             {
                 errors.Add($"missing: {name} {Shape(t)}");
                 continue;
             }
-            var (names, alt) = stored;
+            var (names, alt) = where;
             consumed.UnionWith(names);
-            var absent = names.Where(n => !raw.ContainsKey(n)).ToList();
+            var absent = names.Where(n => !stored.ContainsKey(n)).ToList();
             if (absent.Count > 0) { errors.Add($"missing: {absent[0]} (one of the {names.Count} tensors stored for {name})"); continue; }
             if (alt is { IsStack: true })
             {
-                var wrong = alt.Parts.FirstOrDefault(p => !raw[p.Name].shape.SequenceEqual(p.Shape));
-                if (wrong is not null) { errors.Add($"shape mismatch: {wrong.Name} checkpoint {Shape(raw[wrong.Name])} vs model [{string.Join(",", wrong.Shape)}]"); continue; }
-                sources.Add((t, () => Stack(alt, raw)));
+                var wrong = alt.Parts.FirstOrDefault(p => !stored[p.Name].SequenceEqual(p.Shape));
+                if (wrong is not null) { errors.Add($"shape mismatch: {wrong.Name} checkpoint {Fmt(stored[wrong.Name])} vs model [{string.Join(",", wrong.Shape)}]"); continue; }
+                steps.AddRange(alt.Pieces().Select(p => new CopyStep(p.Part.Name, t, p.Expert, p.RowOffset)));
             }
             else
             {
-                var src = raw[names[0]];
-                if (!src.shape.SequenceEqual(t.shape)) { errors.Add($"shape mismatch: {names[0]} checkpoint {Shape(src)} vs model {Shape(t)}"); continue; }
-                sources.Add((t, () => src));
+                var src = stored[names[0]];
+                if (!src.SequenceEqual(t.shape)) { errors.Add($"shape mismatch: {names[0]} checkpoint {Fmt(src)} vs model {Shape(t)}"); continue; }
+                steps.Add(new CopyStep(names[0], t, null, 0));
             }
         }
-        errors.AddRange(raw.Keys.Where(k => !consumed.Contains(k) && !tiedNames.Contains(k)).Select(k => $"unexpected: {k}"));
+        errors.AddRange(stored.Keys.Where(k => !consumed.Contains(k) && !tiedNames.Contains(k)).Select(k => $"unexpected: {k}"));
         if (errors.Count > 0)
             throw new InvalidDataException($"Checkpoint does not match the {model.ModelType} model built from config.json:\n  " + string.Join("\n  ", errors.Take(40)));
-        using (no_grad())
-            foreach (var (target, value) in sources)
-            {
-                using var scope = NewDisposeScope();
-                target.copy_(value());
-            }
+        return steps;
     }
 
-    /// <summary>A fused [E, rows, cols] tensor from its per-expert parts (each expert's parts concatenated on rows).</summary>
-    static Tensor Stack(CheckpointLayout.Alternative alt, IReadOnlyDictionary<string, Tensor> raw) =>
-        stack(alt.Pieces().GroupBy(p => p.Expert).OrderBy(g => g.Key)
-            .Select(g => cat(g.OrderBy(p => p.RowOffset).Select(p => raw[p.Part.Name]).ToArray(), 0)).ToArray(), 0);
+    /// <summary>
+    /// Reads one stored tensor into <paramref name="target"/>: directly into its memory when it is a contiguous CPU
+    /// tensor of the file's dtype, else through a host staging tensor of the file's dtype (copy_ converts dtype and
+    /// moves it to the device).
+    /// </summary>
+    static void Copy(SafeFileHandle handle, long dataStart, Safetensors.Entry entry, Tensor target, LoadStats stats)
+    {
+        long bytes = entry.End - entry.Begin;
+        if (target.device_type == DeviceType.CPU && target.dtype == entry.ScalarType && target.is_contiguous())
+        {
+            Safetensors.ReadInto(handle, dataStart + entry.Begin, bytes, target);
+            return;
+        }
+        using var staging = empty(entry.Shape, entry.ScalarType);
+        Safetensors.ReadInto(handle, dataStart + entry.Begin, bytes, staging);
+        stats.LargestStagingBytes = Math.Max(stats.LargestStagingBytes, bytes);
+        target.copy_(staging);
+        if (target.device_type != DeviceType.CPU) stats.DeviceCopies++;
+    }
 
     static string Shape(Tensor t) => "[" + string.Join(",", t.shape) + "]";
+}
+
+/// <summary>Progress of a checkpoint load: tensors and bytes read so far of the totals, and the tensor just read.</summary>
+public sealed record LoadProgress(int Tensors, int TotalTensors, long Bytes, long TotalBytes, string Current);
+
+/// <summary>What a checkpoint load did; <see cref="LargestStagingBytes"/> is the host memory it needed beyond the model.</summary>
+public sealed class LoadStats
+{
+    public int Tensors { get; internal set; }
+    public long BytesRead { get; internal set; }
+    /// <summary>The largest host staging tensor (0 when every tensor was read straight into a CPU parameter).</summary>
+    public long LargestStagingBytes { get; internal set; }
+    /// <summary>Tensors copied host-to-device.</summary>
+    public int DeviceCopies { get; internal set; }
 }

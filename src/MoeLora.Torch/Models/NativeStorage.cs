@@ -13,7 +13,7 @@ internal static unsafe class NativeStorage
 
     static delegate* unmanaged<IntPtr, IntPtr> Resolve()
     {
-        var lib = NativeLibrary.Load("LibTorchSharp", typeof(TorchSharp.torch).Assembly, null);
+        var lib = Runtime.TorchRuntime.LibTorchSharpHandle();
         return (delegate* unmanaged<IntPtr, IntPtr>)NativeLibrary.GetExport(lib, "THSStorage_data_ptr");
     }
 

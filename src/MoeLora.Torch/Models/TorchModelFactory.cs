@@ -23,17 +23,20 @@ public static class TorchModelFactory
     public static CausalLm Load(string checkpointDir, ScalarType dtype = ScalarType.Float32, Device? device = null) =>
         Load(File.ReadAllText(Path.Combine(checkpointDir, "config.json")), checkpointDir, dtype, device);
 
-    public static CausalLm Load(string configJson, string checkpointDir, ScalarType dtype = ScalarType.Float32, Device? device = null) =>
-        LoadWith(configJson, checkpointDir, dtype, device, truncated: false);
+    /// <param name="progress">Called after each stored tensor is on the device (e.g. for a progress bar).</param>
+    public static CausalLm Load(string configJson, string checkpointDir, ScalarType dtype = ScalarType.Float32, Device? device = null,
+        Action<LoadProgress>? progress = null) =>
+        LoadWith(configJson, checkpointDir, dtype, device, truncated: false, progress);
 
     /// <summary>
     /// Loads only decoder blocks 0..<paramref name="numLayers"/>-1 (config.num_hidden_layers = numLayers), as the
     /// circuit-breaker reference truncates the model to max(target_layers)+1 blocks; the final norm and lm_head are kept.
     /// </summary>
-    public static CausalLm LoadTruncated(string checkpointDir, int numLayers, ScalarType dtype = ScalarType.Float32, Device? device = null) =>
-        LoadWith(TruncateConfig(File.ReadAllText(Path.Combine(checkpointDir, "config.json")), numLayers), checkpointDir, dtype, device, truncated: true);
+    public static CausalLm LoadTruncated(string checkpointDir, int numLayers, ScalarType dtype = ScalarType.Float32, Device? device = null,
+        Action<LoadProgress>? progress = null) =>
+        LoadWith(TruncateConfig(File.ReadAllText(Path.Combine(checkpointDir, "config.json")), numLayers), checkpointDir, dtype, device, truncated: true, progress);
 
-    static CausalLm LoadWith(string configJson, string checkpointDir, ScalarType dtype, Device? device, bool truncated)
+    static CausalLm LoadWith(string configJson, string checkpointDir, ScalarType dtype, Device? device, bool truncated, Action<LoadProgress>? progress)
     {
         TorchRuntime.EnsureInitialized();
         CheckDType(dtype);
@@ -41,7 +44,8 @@ public static class TorchModelFactory
         spec.RequireRuntime();
         CheckpointLoader.Files(checkpointDir); // fail on missing shards before building anything
         var model = ModelBuilder.Build(spec, new Init(dtype, device ?? CPU, spec.Runtime!.InitializerRange, null));
-        CheckpointLoader.LoadInto(model, checkpointDir, skipDeeperLayers: truncated);
+        try { CheckpointLoader.LoadInto(model, checkpointDir, skipDeeperLayers: truncated, progress); }
+        catch { model.Dispose(); throw; }
         return model;
     }
 
@@ -58,14 +62,21 @@ public static class TorchModelFactory
         return o.ToJsonString();
     }
 
-    /// <summary>Seeded random weights: normal(0, initializer_range) for matrices, ones for norms, zeros for biases.</summary>
-    public static CausalLm Random(string configJson, long seed, ScalarType dtype = ScalarType.Float32, Device? device = null)
+    /// <summary>
+    /// Seeded random weights: normal(0, initializer_range) for matrices, ones for norms, zeros for biases.
+    /// <see cref="RandomInit.Portable"/> draws on the CPU (the same weights on every device, one tensor at a time);
+    /// <see cref="RandomInit.OnDevice"/> draws on the target device in the target dtype (fast, nothing staged on the host,
+    /// values depend on the device's generator).
+    /// </summary>
+    public static CausalLm Random(string configJson, long seed, ScalarType dtype = ScalarType.Float32, Device? device = null,
+        RandomInit mode = RandomInit.Portable)
     {
         TorchRuntime.EnsureInitialized();
         CheckDType(dtype);
         var spec = Spec(configJson);
-        var gen = new Generator((ulong)seed);
-        return ModelBuilder.Build(spec, new Init(dtype, device ?? CPU, spec.RequireRuntime().InitializerRange, gen));
+        var target = device ?? CPU;
+        var gen = mode == RandomInit.OnDevice ? new Generator((ulong)seed, target) : new Generator((ulong)seed);
+        return ModelBuilder.Build(spec, new Init(dtype, target, spec.RequireRuntime().InitializerRange, gen) { DrawOnDevice = mode == RandomInit.OnDevice });
     }
 
     static void CheckDType(ScalarType t)
@@ -73,4 +84,13 @@ public static class TorchModelFactory
         if (t is not (ScalarType.Float32 or ScalarType.BFloat16 or ScalarType.Float16 or ScalarType.Float64))
             throw new UserInputException($"Unsupported model dtype {t}; use float32, bfloat16 or float16.");
     }
+}
+
+/// <summary>Where seeded random weights are drawn.</summary>
+public enum RandomInit
+{
+    /// <summary>On the CPU in fp32, then cast and moved: identical weights on every device (tests, the tiny preset).</summary>
+    Portable,
+    /// <summary>On the target device in the target dtype: real-size models build in seconds with no host copy.</summary>
+    OnDevice,
 }

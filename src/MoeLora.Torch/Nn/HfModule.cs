@@ -114,9 +114,24 @@ public sealed class Container : HfModule
 /// <summary>Shared helpers for creating weights with a seeded generator or empty for loading.</summary>
 public sealed record Init(ScalarType DType, Device Device, double Std, Generator? Generator)
 {
-    /// <summary>normal(0, std) like transformers' <c>_init_weights</c> for Linear, Embedding and expert tensors.</summary>
-    public Tensor Normal(params long[] shape) =>
-        Generator is null ? empty(shape, DType, Device) : normal(0, Std, shape, generator: Generator).to(DType).to(Device);
+    /// <summary>
+    /// normal(0, std) like transformers' <c>_init_weights</c> for Linear, Embedding and expert tensors. With
+    /// <see cref="DrawOnDevice"/> the generator (which then lives on the target device) draws in place, in the target
+    /// dtype (no host copy: real-size models on a GPU); otherwise fp32 is drawn on the CPU and cast, so the values are the
+    /// same on every device (temporaries freed at once).
+    /// </summary>
+    public Tensor Normal(params long[] shape)
+    {
+        if (Generator is null) return empty(shape, DType, Device);
+        if (DrawOnDevice) return empty(shape, DType, Device).normal_(0, Std, Generator);
+        using var drawn = normal(0, Std, shape, generator: Generator);
+        if (drawn.dtype == DType && Device.type == DeviceType.CPU) return drawn.alias();
+        using var cast = drawn.to(DType);
+        return cast.to(Device);
+    }
+
+    /// <summary>Draw random weights in place on <see cref="Device"/> with a generator of that device.</summary>
+    public bool DrawOnDevice { get; init; }
 
     public Tensor Ones(params long[] shape) => ones(shape, DType, Device);
     public Tensor Zeros(params long[] shape) => zeros(shape, DType, Device);

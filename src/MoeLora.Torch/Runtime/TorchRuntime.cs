@@ -15,17 +15,42 @@ public static class TorchRuntime
     static readonly Lock Gate = new();
     static bool _initialized;
     static string? _redirectedPath;
+    static IntPtr _libTorchSharp;
+    static bool _resolverSet;
+    static LibTorchSearch? _search;
 
     /// <summary>Where the patched library came from (for diagnostics): in-place, a cached copy, or nothing to do.</summary>
     public static string Status { get; private set; } = "not initialized";
 
-    public static void EnsureInitialized()
+    /// <summary>The libtorch TorchSharp runs against (null before initialisation or off Linux).</summary>
+    public static LibTorchChoice? LibTorch => _search?.Choice;
+
+    /// <summary>One line naming the libtorch in use, e.g. for <c>--device cuda</c> runs.</summary>
+    public static string LibTorchDescription => LibTorch?.Describe() ?? "libtorch found by TorchSharp's own search";
+
+    /// <summary>Initialises for CPU use (a CUDA libtorch found on the way is kept; see <see cref="EnsureInitialized(bool)"/>).</summary>
+    public static void EnsureInitialized() => EnsureInitialized(wantCuda: false);
+
+    /// <summary>
+    /// Picks a libtorch (<see cref="LibTorchLocator"/>) and loads it before TorchSharp initialises. With
+    /// <paramref name="wantCuda"/> a CUDA libtorch is preferred: TorchSharp's CUDA package next to the application, else
+    /// an installed PyTorch's <c>torch/lib</c> (<c>MOELORA_LIBTORCH</c> or <c>python3</c>'s). Only the first call
+    /// chooses: libtorch cannot be swapped once loaded, so select the device before anything else touches TorchSharp.
+    /// </summary>
+    public static void EnsureInitialized(bool wantCuda)
     {
         lock (Gate)
         {
             if (_initialized) return;
-            if (RuntimeInformation.IsOSPlatform(OSPlatform.Linux) && RuntimeInformation.ProcessArchitecture == Architecture.X64)
+            bool linux = RuntimeInformation.IsOSPlatform(OSPlatform.Linux) && RuntimeInformation.ProcessArchitecture == Architecture.X64;
+            if (linux)
+            {
                 PatchLinuxLibrary();
+                _search = LibTorchLocator.Locate(wantCuda, NativeDirectories(),
+                    Environment.GetEnvironmentVariable(LibTorchLocator.EnvironmentVariable), () => LibTorchLocator.ProbePython(PythonTimeout));
+                if (_search.Choice is null) throw new LibTorchException(_search.NoLibTorchReason!);
+                if (_search.Choice.Preload.Count > 0) LoadExternal(_search.Choice);
+            }
             else
                 Status = "no patch needed on this OS";
             // Forces the native load now, so a failure surfaces here with TorchSharp's own trace.
@@ -33,6 +58,71 @@ public static class TorchRuntime
             _initialized = true;
         }
     }
+
+    static readonly TimeSpan PythonTimeout = TimeSpan.FromSeconds(20);
+
+    /// <summary>
+    /// Why <c>--device cuda</c> cannot run, in one line (null when a CUDA libtorch is loaded). When TorchSharp was
+    /// initialised for the CPU first, the search is repeated to say what a CUDA request would have found.
+    /// </summary>
+    public static string? CudaUnavailableReason()
+    {
+        if (LibTorch is { HasCuda: true }) return null;
+        if (_search?.CudaUnavailableReason is { } r) return r;
+        if (!RuntimeInformation.IsOSPlatform(OSPlatform.Linux)) return "MoeLora finds CUDA libtorch only on Linux x64; reference a TorchSharp CUDA package";
+        LibTorchSearch again;
+        try
+        {
+            again = LibTorchLocator.Locate(true, NativeDirectories(), Environment.GetEnvironmentVariable(LibTorchLocator.EnvironmentVariable),
+                () => LibTorchLocator.ProbePython(PythonTimeout));
+        }
+        catch (LibTorchException e) { return e.Message; }
+        return again.CudaUnavailableReason
+            ?? $"TorchSharp was already initialised with the {LibTorchDescription} before CUDA was requested ({again.Choice!.Describe()} would be used); " +
+               "select the device first";
+    }
+
+    /// <summary>
+    /// Loads an installed libtorch by absolute path in dependency order, then TorchSharp's LibTorchSharp, whose
+    /// <c>DT_NEEDED</c> entries (libtorch.so, libc10.so, libtorch_cpu.so) the dynamic loader then matches by soname
+    /// to the objects already loaded, so <c>LD_LIBRARY_PATH</c> is not needed. Each libtorch file finds its own
+    /// dependencies (libgomp, CUDA's pip libraries) through its RUNPATH. TorchSharp's own probing (its static
+    /// constructor, before any flag could be set) then finds no libtorch_cpu.so next to the application: the locator
+    /// never picks an installed libtorch while one is bundled (two copies in one process abort in c10's dispatcher).
+    /// </summary>
+    static void LoadExternal(LibTorchChoice choice)
+    {
+        foreach (var file in choice.Preload)
+        {
+            try { NativeLibrary.Load(file); }
+            catch (DllNotFoundException e)
+            {
+                throw new LibTorchException($"cannot load {file} ({choice.Describe()}): {OneLine(e.Message)}");
+            }
+        }
+        var own = _redirectedPath ?? CandidatePaths().FirstOrDefault(File.Exists)
+            ?? throw new LibTorchException($"{LibraryFile} is not next to the application; TorchSharp's native library is needed with {choice.Describe()}");
+        try { _libTorchSharp = NativeLibrary.Load(own); }
+        catch (DllNotFoundException e)
+        {
+            throw new LibTorchException($"TorchSharp's {LibraryFile} does not load against {choice.Describe()}: {OneLine(e.Message)}");
+        }
+        SetResolver();
+    }
+
+    static string OneLine(string s) => string.Join(" ", s.Split('\n', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries));
+
+    /// <summary>TorchSharp's LibTorchSharp as loaded for this process (for direct exports such as THSStorage_data_ptr).</summary>
+    internal static IntPtr LibTorchSharpHandle()
+    {
+        EnsureInitialized();
+        if (_libTorchSharp == IntPtr.Zero)
+            _libTorchSharp = _redirectedPath is not null ? NativeLibrary.Load(_redirectedPath) : NativeLibrary.Load("LibTorchSharp", typeof(torch).Assembly, null);
+        return _libTorchSharp;
+    }
+
+    static IEnumerable<string> NativeDirectories() =>
+        CandidatePaths().Select(p => Path.GetDirectoryName(p)!).Distinct();
 
     static void PatchLinuxLibrary()
     {
@@ -99,13 +189,24 @@ public static class TorchRuntime
     {
         if (_redirectedPath is not null) return;
         _redirectedPath = patched;
-        // libtorch itself must already be resolvable: load torch_cpu from the app first, then the patched copy.
+        SetResolver();
+    }
+
+    /// <summary>Routes TorchSharp's <c>LibTorchSharp</c> imports to the library loaded here (only one resolver per assembly).</summary>
+    static void SetResolver()
+    {
+        if (_resolverSet) return;
+        _resolverSet = true;
         NativeLibrary.SetDllImportResolver(typeof(torch).Assembly, (name, asm, search) =>
-            name == "LibTorchSharp" ? NativeLibrary.Load(patched) : IntPtr.Zero);
+        {
+            if (name != "LibTorchSharp") return IntPtr.Zero;
+            if (_libTorchSharp == IntPtr.Zero && _redirectedPath is not null) _libTorchSharp = NativeLibrary.Load(_redirectedPath);
+            return _libTorchSharp;
+        });
     }
 
     /// <summary>Version info for reports.</summary>
     public static string Describe() =>
-        $"TorchSharp {typeof(torch).Assembly.GetName().Version}, libtorch {torch.__version__}, CUDA available: {torch.cuda.is_available()}";
+        $"TorchSharp {typeof(torch).Assembly.GetName().Version} (built for libtorch {torch.__version__}), {LibTorchDescription}, CUDA available: {torch.cuda.is_available()}";
 
 }

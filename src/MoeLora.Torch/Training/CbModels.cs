@@ -23,10 +23,11 @@ public static class CbModels
     /// The base model with <paramref name="numLayers"/> blocks: from <paramref name="modelDir"/> (config.json + safetensors) or,
     /// when null, the tiny preset's random model (seed 0).
     /// </summary>
-    public static CausalLm Load(string? modelDir, int numLayers, ScalarType dtype, Device device) =>
+    /// <remarks>The tiny model is drawn on the CPU (<see cref="RandomInit.Portable"/>), so CPU and CUDA runs start from the same weights.</remarks>
+    public static CausalLm Load(string? modelDir, int numLayers, ScalarType dtype, Device device, Action<LoadProgress>? progress = null) =>
         modelDir is null
             ? TorchModelFactory.Random(TorchModelFactory.TruncateConfig(TrainPreset.TinyConfigJson(), numLayers), 0, dtype, device)
-            : TorchModelFactory.LoadTruncated(modelDir, numLayers, dtype, device);
+            : TorchModelFactory.LoadTruncated(modelDir, numLayers, dtype, device, progress);
 
     public static int ModelLayers(string? modelDir) =>
         (int)TorchModelFactory.Spec(modelDir is null ? TrainPreset.TinyConfigJson() : File.ReadAllText(Path.Combine(modelDir, "config.json"))).NumHiddenLayers;
