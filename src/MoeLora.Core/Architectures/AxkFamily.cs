@@ -57,7 +57,7 @@ internal sealed class AxkFamily : IArchitecture
         var firstDense = c.Int("first_k_dense_replace", 1);
         var freq = c.Int("moe_layer_freq", 1);
         var (moeLayers, denseLayers) = k2
-            ? Blocks.SplitByMlpTypes(c, layers, i => i >= firstDense && freq > 0 && i % freq == 0)
+            ? Blocks.SplitByMlpLayerTypes(c, layers, i => i >= firstDense && freq > 0 && i % freq == 0)
             : Blocks.SplitLayers(layers, i => i >= firstDense);
         var moeSet = moeLayers.ToHashSet();
 
@@ -66,7 +66,7 @@ internal sealed class AxkFamily : IArchitecture
         {
             using (b.Scope("self_attn", p + "Attention", ModuleLocation.Attention))
             {
-                Blocks.Mla(b, p + "RMSNorm", hidden, heads, qLoraRank, kvLoraRank, nope, rope, vHead, attnBias, k2
+                Blocks.MlaProjections(b, p + "RMSNorm", hidden, new Blocks.MlaShape(heads, qLoraRank, kvLoraRank, nope, rope, vHead, attnBias), k2
                     ? () => b.Linear(v5 ? "q_gate_proj" : "q_b_proj", 2 * qLoraRank!.Value, heads * (nope + rope + vHead))
                     : null);
                 if (k2) Indexer(b, c, hidden, qLoraRank!.Value);

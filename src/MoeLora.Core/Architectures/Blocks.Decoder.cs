@@ -73,42 +73,4 @@ internal static partial class Blocks
         else b.Linear(name, hidden, experts, location: ModuleLocation.Router);
     }
 
-    /// <summary>
-    /// DeepSeek-style multi-head latent attention (MLA) projections under the current scope: q_proj, or
-    /// q_a_proj → q_a_layernorm → q_b_proj when <paramref name="qLoraRank"/> is set; then kv_a_proj_with_mqa,
-    /// kv_a_layernorm, kv_b_proj and o_proj. <paramref name="queryUp"/> replaces q_b_proj (A.X-K2's q_gate_proj).
-    /// </summary>
-    public static void Mla(TreeBuilder b, string normClass, long hidden, long heads, long? qLoraRank, long kvLoraRank,
-        long nope, long rope, long vHead, bool attnBias, Action? queryUp = null)
-    {
-        var qkHead = nope + rope;
-        if (qLoraRank is null)
-        {
-            b.Linear("q_proj", hidden, heads * qkHead);
-        }
-        else
-        {
-            b.Linear("q_a_proj", hidden, qLoraRank.Value, attnBias);
-            b.RmsNorm("q_a_layernorm", normClass, qLoraRank.Value);
-            if (queryUp is null) b.Linear("q_b_proj", qLoraRank.Value, heads * qkHead);
-            else queryUp();
-        }
-        b.Linear("kv_a_proj_with_mqa", hidden, kvLoraRank + rope, attnBias);
-        b.RmsNorm("kv_a_layernorm", normClass, kvLoraRank);
-        b.Linear("kv_b_proj", kvLoraRank, heads * (nope + vHead));
-        b.Linear("o_proj", heads * vHead, hidden, attnBias);
-    }
-
-    /// <summary>
-    /// Per-layer MLP kinds from a <c>mlp_layer_types</c> list ("sparse" = MoE, anything else dense), checked against
-    /// the layer count; <paramref name="fallback"/> when the config has none.
-    /// </summary>
-    public static (List<int> Moe, List<int> Dense) SplitByMlpTypes(ModelConfig c, long layers, Func<int, bool> fallback,
-        string key = "mlp_layer_types")
-    {
-        var types = c.StringList(key);
-        if (types is not null && types.Count != layers)
-            throw new ConfigException($"config field '{key}' has {types.Count} entries but num_hidden_layers is {layers}");
-        return SplitLayers(layers, i => types is null ? fallback(i) : types[i] == "sparse");
-    }
 }

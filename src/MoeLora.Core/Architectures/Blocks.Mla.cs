@@ -26,9 +26,10 @@ internal static partial class Blocks
 
     /// <summary>
     /// MLA's projections in registration order: q_proj (or q_a_proj, q_a_layernorm, q_b_proj), kv_a_proj_with_mqa,
-    /// kv_a_layernorm, kv_b_proj, o_proj. attention_bias reaches q_a, kv_a and o only.
+    /// kv_a_layernorm, kv_b_proj, o_proj. attention_bias reaches q_a, kv_a and o only. <paramref name="queryUp"/> replaces
+    /// q_b_proj (A.X-K2's gated query up-projection).
     /// </summary>
-    public static void MlaProjections(TreeBuilder b, string normClass, long hidden, MlaShape m)
+    public static void MlaProjections(TreeBuilder b, string normClass, long hidden, MlaShape m, Action? queryUp = null)
     {
         if (m.QLoraRank is not { } qRank)
         {
@@ -38,7 +39,8 @@ internal static partial class Blocks
         {
             b.Linear("q_a_proj", hidden, qRank, m.Bias);
             b.RmsNorm("q_a_layernorm", normClass, qRank);
-            b.Linear("q_b_proj", qRank, m.Heads * m.QkHeadDim);
+            if (queryUp is null) b.Linear("q_b_proj", qRank, m.Heads * m.QkHeadDim);
+            else queryUp();
         }
         b.Linear("kv_a_proj_with_mqa", hidden, m.KvLoraRank + m.RopeDim, m.Bias);
         b.RmsNorm("kv_a_layernorm", normClass, m.KvLoraRank);
@@ -128,12 +130,12 @@ internal static partial class Blocks
 
     /// <summary>Which layers are MoE from <c>mlp_layer_types</c> ("sparse"/"dense"), else the given rule.</summary>
     public static (List<int> Moe, List<int> Dense) SplitByMlpLayerTypes(ModelConfig c, long layers, Func<int, bool> fallbackIsMoe,
-        string sparse = "sparse")
+        string sparse = "sparse", string key = "mlp_layer_types")
     {
-        var types = c.StringList("mlp_layer_types");
+        var types = c.StringList(key);
         if (types is null) return SplitLayers(layers, fallbackIsMoe);
         if (types.Count < layers)
-            throw new ConfigException($"config field 'mlp_layer_types' has {types.Count} entries for {layers} layers");
+            throw new ConfigException($"config field '{key}' has {types.Count} entries for {layers} layers");
         return SplitLayers(layers, i => types[i] == sparse);
     }
 }

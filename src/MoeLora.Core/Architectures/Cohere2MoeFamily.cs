@@ -40,7 +40,7 @@ internal sealed class Cohere2MoeFamily : IArchitecture
         var actClass = Blocks.ActivationClass(act, layout);
         var normClass = c.Has("rms_norm_eps") ? p + "RMSNorm" : p + "LayerNorm";
         var firstDense = c.Int("first_k_dense_replace", 0);
-        var (moeLayers, denseLayers) = Blocks.SplitByMlpTypes(c, layers, i => i >= firstDense);
+        var (moeLayers, denseLayers) = Blocks.SplitByMlpLayerTypes(c, layers, i => i >= firstDense);
         var moeSet = moeLayers.ToHashSet();
 
         var b = new TreeBuilder(p + "ForCausalLM", layout);

@@ -51,23 +51,8 @@ internal sealed class DeepseekFamily : IArchitecture
         var b = new TreeBuilder(p + "ForCausalLM", layout);
         Blocks.CausalLm(b, p, vocab, hidden, layers, tie, i =>
         {
-            using (b.Scope("self_attn", p + "Attention", ModuleLocation.Attention))
-            {
-                if (qLoraRank is null)
-                {
-                    b.Linear("q_proj", hidden, heads * qkHead);
-                }
-                else
-                {
-                    b.Linear("q_a_proj", hidden, qLoraRank.Value, attnBias);
-                    b.RmsNorm("q_a_layernorm", p + "RMSNorm", qLoraRank.Value);
-                    b.Linear("q_b_proj", qLoraRank.Value, heads * qkHead);
-                }
-                b.Linear("kv_a_proj_with_mqa", hidden, kvLoraRank + rope, attnBias);
-                b.RmsNorm("kv_a_layernorm", p + "RMSNorm", kvLoraRank);
-                b.Linear("kv_b_proj", kvLoraRank, heads * (nope + vHead));
-                b.Linear("o_proj", heads * vHead, hidden, attnBias);
-            }
+            Blocks.Mla(b, p + "Attention", p + "RMSNorm", hidden,
+                new Blocks.MlaShape(heads, qLoraRank, kvLoraRank, nope, rope, vHead, attnBias));
             if (moeSet.Contains(i))
             {
                 using (b.Scope("mlp", v3 ? "DeepseekV3MoE" : "DeepseekV2Moe", ModuleLocation.Other))

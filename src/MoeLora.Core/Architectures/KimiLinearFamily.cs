@@ -81,7 +81,7 @@ internal sealed class KimiLinearFamily : IArchitecture
                 using (b.Scope(i.ToString(System.Globalization.CultureInfo.InvariantCulture), P + "DecoderLayer", ModuleLocation.Other, layer: i))
                 {
                     if (layerTypes[i] == "full_attention")
-                        Mla(b, hidden, heads, qLoraRank, kvLoraRank, rope, nope, vHead, bias);
+                        Blocks.Mla(b, P + "Attention", P + "RMSNorm", hidden, new Blocks.MlaShape(heads, qLoraRank, kvLoraRank, nope, rope, vHead, bias));
                     else
                         DeltaAttention(b, layout, hidden, q, kHeadDim, kHeads, convK);
 
@@ -140,29 +140,6 @@ internal sealed class KimiLinearFamily : IArchitecture
     private static int Index(long oneBased, long layers, string field) =>
         oneBased >= 1 && oneBased <= layers ? (int)(oneBased - 1)
         : throw new ConfigException($"linear_attn_config.{field} holds layer {oneBased}, outside 1..{layers}");
-
-    /// <summary>KimiLinearAttention: DeepSeek's multi-head latent attention (no rotary module).</summary>
-    private static void Mla(TreeBuilder b, long hidden, long heads, long? qLoraRank, long kvLoraRank, long rope, long nope,
-        long vHead, bool bias)
-    {
-        using (b.Scope("self_attn", P + "Attention", ModuleLocation.Attention))
-        {
-            if (qLoraRank is null)
-            {
-                b.Linear("q_proj", hidden, heads * (nope + rope));
-            }
-            else
-            {
-                b.Linear("q_a_proj", hidden, qLoraRank.Value, bias);
-                b.RmsNorm("q_a_layernorm", P + "RMSNorm", qLoraRank.Value);
-                b.Linear("q_b_proj", qLoraRank.Value, heads * (nope + rope));
-            }
-            b.Linear("kv_a_proj_with_mqa", hidden, kvLoraRank + rope, bias);
-            b.RmsNorm("kv_a_layernorm", P + "RMSNorm", kvLoraRank);
-            b.Linear("kv_b_proj", kvLoraRank, heads * (nope + vHead));
-            b.Linear("o_proj", heads * vHead, hidden, bias);
-        }
-    }
 
     /// <summary>KimiLinearDeltaAttention (KDA); the depthwise convolutions are ModuleKind.Other (never all-linear).</summary>
     private static void DeltaAttention(TreeBuilder b, Layout layout, long hidden, long q, long headDim, long heads, long convK)

@@ -48,7 +48,7 @@ internal sealed class LagunaFamily : IArchitecture
             throw new ConfigException($"config field 'num_attention_heads_per_layer' has {headsPerLayer.Count} entries but num_hidden_layers is {layers}");
         // LagunaAttention: gate_per_head = gating is True or gating == "per-head" (class default True).
         var gatePerHead = !c.Json.TryGetPropertyValue("gating", out var gating) || gating?.ToJsonString() is "true" or "\"per-head\"";
-        var (moeLayers, denseLayers) = Blocks.SplitByMlpTypes(c, layers, i => !laguna || i > 0);
+        var (moeLayers, denseLayers) = Blocks.SplitByMlpLayerTypes(c, layers, i => !laguna || i > 0);
         var moeSet = moeLayers.ToHashSet();
 
         var b = new TreeBuilder(p + "ForCausalLM", layout);

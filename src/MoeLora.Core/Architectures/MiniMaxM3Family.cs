@@ -40,7 +40,7 @@ internal sealed class MiniMaxM3Family : IArchitecture
         var layerTypes = text.StringList("layer_types")
             ?? sparseCfg?.TruthyList("sparse_attention_freq")?.Select(f => f ? "minimax_m3_sparse" : "full_attention").ToList();
         var moeFreq = text.TruthyList("moe_layer_freq");
-        var (moeLayers, denseLayers) = Blocks.SplitByMlpTypes(text, t.Layers, i => moeFreq is null || (i < moeFreq.Count && moeFreq[i]));
+        var (moeLayers, denseLayers) = Blocks.SplitByMlpLayerTypes(text, t.Layers, i => moeFreq is null || (i < moeFreq.Count && moeFreq[i]));
         if (layerTypes is not null && layerTypes.Count < t.Layers)
             throw new ConfigException($"config field 'layer_types' has {layerTypes.Count} entries but num_hidden_layers is {t.Layers}");
         var moeSet = moeLayers.ToHashSet();
