@@ -132,6 +132,19 @@ public sealed partial class CheckpointLayout
         {
             if (group.Count() != 1 || !otherGroups.TryGetValue(group.Key, out var match) || match.Count != 1) continue;
             _alternatives[group.Single().Name] = new Alternative([match[0]], IsSliceOfFused: false);
+            unpairedOther.Remove(match[0].Name);
+        }
+
+        // Fused expert tensors renamed as a whole (GraniteMoE's ParallelExperts input_linear.weight / output_linear.weight
+        // on disk, experts.gate_up_proj / down_proj at run time): the only experts tensor of its shape in its layer.
+        string ExpertsKey(ModuleTree tree, ParameterNode p) => $"{tree.OwnerOf(p).LayerIndex}|{string.Join(',', p.Shape)}";
+        bool IsExperts(ModuleTree tree, ParameterNode p) => tree.OwnerOf(p) is { Kind: ModuleKind.Experts } && p.Shape.Length == 3;
+        var otherExperts = unpairedOther.Select(n => otherByName[n]).Where(p => IsExperts(other, p))
+            .GroupBy(p => ExpertsKey(other, p)).ToDictionary(g => g.Key, g => g.ToList());
+        foreach (var group in unpairedRuntime.Where(p => !_alternatives.ContainsKey(p.Name) && IsExperts(runtime, p)).GroupBy(p => ExpertsKey(runtime, p)))
+        {
+            if (group.Count() != 1 || !otherExperts.TryGetValue(group.Key, out var match) || match.Count != 1) continue;
+            _alternatives[group.Single().Name] = new Alternative([match[0]], IsSliceOfFused: false);
         }
     }
 

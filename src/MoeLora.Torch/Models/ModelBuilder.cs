@@ -21,6 +21,9 @@ public static class ModelBuilder
         return new CausalLm(spec, runtime, init, i =>
         {
             var l = runtime.Layers[i];
+            if (l.Form is { } form)
+                return new FormDecoderLayer(Attention(hidden, l.Attention, rope, init), l.FeedForwardName, FeedForward(hidden, l.FeedForward, init), form,
+                    form.ExtraFeedForward is { } extra ? FeedForward(hidden, extra, init) : null, hidden, init);
             return new DecoderLayer(Attention(hidden, l.Attention, rope, init), l.FeedForwardName, FeedForward(hidden, l.FeedForward, init),
                 new RmsNorm(hidden, l.InputNorm, init), new RmsNorm(hidden, l.PostAttentionNorm, init));
         });
@@ -37,12 +40,14 @@ public static class ModelBuilder
     static HfModule FeedForward(long hidden, FeedForwardSettings f, Init init) => f switch
     {
         GatedMlpSettings m => new GatedMlp(hidden, m, init),
+        FusedGateUpMlpSettings m => new FusedGateUpMlp(hidden, m, init),
         MoeSettings m => m.Router switch
         {
             SoftmaxTopKRouterSettings => new SoftmaxTopKMoe(hidden, Expect(m, ExpertsLayout.GateUpOutIn), init),
             SigmoidGroupLimitedRouterSettings => new SigmoidGroupLimitedMoe(hidden, Expect(m, ExpertsLayout.GateUpOutIn), init),
             TopKSoftmaxRouterSettings => new GptOssMlp(hidden, Expect(m, ExpertsLayout.GptOssInterleaved), init),
             Llama4RouterSettings => new Llama4Moe(hidden, Expect(m, ExpertsLayout.Llama4InOut), init),
+            TopKLogitsRouterSettings or SigmoidBiasRouterSettings or SparseMixerRouterSettings => new RoutedMoe(hidden, m, init),
             _ => throw new NotSupportedException($"router settings {m.Router.GetType().Name} have no runtime block."),
         },
         _ => throw new NotSupportedException($"feed-forward settings {f.GetType().Name} have no runtime block."),

@@ -8,8 +8,14 @@ public interface IBlock
     Tensor Forward(Tensor x, ForwardContext ctx);
 }
 
+/// <summary>A decoder layer: residual stream in, residual stream out.</summary>
+public interface IDecoderLayer
+{
+    Tensor Forward(Tensor x, ForwardContext ctx);
+}
+
 /// <summary>Pre-norm decoder layer: h = x + attn(norm1(x)); out = h + ff(norm2(h)).</summary>
-public sealed class DecoderLayer : HfModule
+public sealed class DecoderLayer : HfModule, IDecoderLayer
 {
     readonly IBlock _attn, _ff;
     readonly RmsNorm _ln1, _ln2;
@@ -43,13 +49,14 @@ public sealed class StandardAttention : HfModule, IBlock
     public Linear v_proj { get; }
     public Linear o_proj { get; }
     readonly RmsNorm? _qNorm, _kNorm;
+    readonly Linear? _gate;
     readonly Parameter? _sinks;
     readonly StandardAttentionSettings _s;
     readonly Rotary _rope;
 
     public StandardAttention(long hidden, StandardAttentionSettings s, Rotary rope, Init init)
     {
-        _s = s; _rope = rope;
+        _s = s; _rope = s.Options?.LayerRope is { } own ? Rotary.FromSettings(own) : rope;
         if (s.Sinks) _sinks = AddParameter("sinks", init.Normal(s.Heads));
         q_proj = AddChild("q_proj", new Linear(hidden, s.Heads * s.HeadDim, s.QkvBias, init));
         k_proj = AddChild("k_proj", new Linear(hidden, s.KvHeads * s.HeadDim, s.QkvBias, init));
@@ -65,6 +72,7 @@ public sealed class StandardAttention : HfModule, IBlock
             _qNorm = AddChild("q_norm", new RmsNorm(s.Heads * s.HeadDim, s.QkNormEps, init));
             _kNorm = AddChild("k_norm", new RmsNorm(s.KvHeads * s.HeadDim, s.QkNormEps, init));
         }
+        if (s.Options?.Gate is { } g) _gate = AddChild(g.Name, new Linear(hidden, g.PerHead ? s.Heads : s.Heads * s.HeadDim, false, init));
     }
 
     public Tensor Forward(Tensor x, ForwardContext ctx)
@@ -79,10 +87,20 @@ public sealed class StandardAttention : HfModule, IBlock
         if (_s.QkNorm == QkNormKind.PerHead) { q = _qNorm!.Forward(q); k = _kNorm!.Forward(k); }
         q = q.transpose(1, 2); k = k.transpose(1, 2);
         v = v.view(b, s, -1, d).transpose(1, 2);
-        var (cos, sin) = _rope.CosSin(ctx.Positions, ctx.DType);
-        q = Rotate(q, cos, sin);
-        k = Rotate(k, cos, sin);
-        var o = AttentionMath.Eager(q, k, v, ctx.Mask(_s.Mask), Math.Pow(d, -0.5), _sinks);
+        var opt = _s.Options;
+        if (opt is { InterleavedRope: true, UseRope: true })
+        {
+            q = AttentionExtras.ApplyInterleavedPairs(q, _rope, ctx.Positions);
+            k = AttentionExtras.ApplyInterleavedPairs(k, _rope, ctx.Positions);
+        }
+        else if (opt?.UseRope ?? true)
+        {
+            var (cos, sin) = _rope.CosSin(ctx.Positions, ctx.DType);
+            q = Rotate(q, cos, sin);
+            k = Rotate(k, cos, sin);
+        }
+        var o = AttentionMath.Eager(q, k, v, ctx.Mask(_s.Mask), opt?.Scaling ?? Math.Pow(d, -0.5), _sinks);
+        if (_gate is not null) o = AttentionExtras.Gate(o, _gate, opt!.Gate!, x, d);
         return o_proj.Forward(o);
     }
 

@@ -46,7 +46,7 @@ public sealed class Linear : HfModule
 }
 
 /// <summary>RMSNorm as transformers computes it: statistics in fp32, cast back, then scale.</summary>
-public sealed class RmsNorm : HfModule
+public sealed class RmsNorm : HfModule, INorm
 {
     public Parameter weight { get; }
     readonly double _eps;

@@ -35,6 +35,7 @@ public abstract record AttentionSettings;
 /// </summary>
 /// <param name="Sinks">gpt-oss: a per-head <c>sinks</c> parameter, registered before the projections, joins the softmax.</param>
 /// <param name="QkNormEps">Epsilon of q_norm / k_norm.</param>
+/// <param name="Options">Scaling, per-layer rope, interleaved rope and output gate, where the family has them.</param>
 public sealed record StandardAttentionSettings(
     long Heads,
     long KvHeads,
@@ -45,7 +46,8 @@ public sealed record StandardAttentionSettings(
     double QkNormEps,
     bool Sinks,
     MaskSettings Mask,
-    long RotaryDim) : AttentionSettings;
+    long RotaryDim,
+    AttentionOptions? Options = null) : AttentionSettings;
 
 /// <summary>
 /// DeepSeek's multi-head latent attention: q through q_a_proj, q_a_layernorm, q_b_proj (or one q_proj when

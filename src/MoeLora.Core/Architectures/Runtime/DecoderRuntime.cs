@@ -12,6 +12,7 @@ namespace MoeLora.Core.Architectures.Runtime;
 /// <param name="FinalNorm"><c>model.norm</c>.</param>
 /// <param name="Rope">The model's one rotary table (<c>model.rotary_emb</c>).</param>
 /// <param name="Layers">One entry per decoder layer, in order.</param>
+/// <param name="Scaling">Embedding / logits multipliers and an lm_head bias, where the family has them.</param>
 public sealed record DecoderRuntime(
     long VocabSize,
     long HiddenSize,
@@ -19,19 +20,23 @@ public sealed record DecoderRuntime(
     double InitializerRange,
     NormSettings FinalNorm,
     RopeSettings Rope,
-    IReadOnlyList<DecoderLayerRuntime> Layers);
+    IReadOnlyList<DecoderLayerRuntime> Layers,
+    ModelScaling? Scaling = null);
 
 /// <summary>
 /// One pre-norm decoder layer: <c>h = x + attn(input_layernorm(x))</c>, <c>out = h + ff(post_attention_layernorm(h))</c>,
 /// registered as self_attn, <paramref name="FeedForwardName"/>, input_layernorm, post_attention_layernorm.
 /// </summary>
 /// <param name="FeedForwardName">The attribute of the feed-forward block: <c>mlp</c>, or <c>feed_forward</c> (Llama 4).</param>
+/// <param name="Form">Another norm arrangement (post-norm, sandwich, parallel, residual multiplier); when set its norms
+/// replace <paramref name="InputNorm"/> and <paramref name="PostAttentionNorm"/>.</param>
 public sealed record DecoderLayerRuntime(
     AttentionSettings Attention,
     string FeedForwardName,
     FeedForwardSettings FeedForward,
     NormSettings InputNorm,
-    NormSettings PostAttentionNorm);
+    NormSettings PostAttentionNorm,
+    LayerForm? Form = null);
 
 /// <summary>How an RMSNorm applies its weight.</summary>
 public enum NormKind
@@ -41,6 +46,12 @@ public enum NormKind
 
     /// <summary>Statistics in fp32, times the weight still in fp32, then cast back (gpt-oss).</summary>
     RmsWeightInFp32,
+
+    /// <summary>torch's nn.LayerNorm with weight and bias (PhiMoE).</summary>
+    LayerNorm,
+
+    /// <summary>Mean-centred LayerNorm in fp32 with a weight and no bias, cast back last (Cohere's LayerNorm).</summary>
+    LayerNormNoBias,
 }
 
 /// <summary>An RMSNorm: its kind and epsilon.</summary>

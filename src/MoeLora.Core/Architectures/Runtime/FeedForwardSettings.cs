@@ -20,7 +20,8 @@ public enum MoeOrder
 }
 
 /// <summary>A sparse MoE block: router, routed experts and an optional shared expert.</summary>
-public sealed record MoeSettings(RouterSettings Router, ExpertsSettings Experts, SharedExpertSettings? Shared, MoeOrder Order) : FeedForwardSettings;
+public sealed record MoeSettings(RouterSettings Router, ExpertsSettings Experts, SharedExpertSettings? Shared, MoeOrder Order,
+    MoeOptions? Options = null) : FeedForwardSettings;
 
 /// <summary>The router: its attribute name, experts, top-k, and how it turns logits into expert weights.</summary>
 public abstract record RouterSettings(string Name, long NumExperts, long TopK);
@@ -65,10 +66,22 @@ public enum ExpertsLayout
     /// clamped SwiGLU <c>(clamp(up, ±L) + 1) · g·sigmoid(1.702 g)</c>, g = clamp(gate, max = L).
     /// </summary>
     GptOssInterleaved,
+
+    /// <summary>
+    /// Aria: <c>fc1.weight [E, H, 2I]</c> (gate columns then up columns) and <c>fc2.weight [E, I, H]</c>, (in, out), in
+    /// child modules fc1 / fc2.
+    /// </summary>
+    AriaFc,
+
+    /// <summary>
+    /// MiniMax-M3: <see cref="GateUpOutIn"/> tensors with the clamped SwiGLU <c>g·sigmoid(α g)·(clamp(up, ±L) + 1)</c>,
+    /// g = clamp(gate, max = L), α = <see cref="ExpertsSettings.SwigluAlpha"/>.
+    /// </summary>
+    GateUpOutInClamped,
 }
 
 /// <param name="SwigluLimit">gpt-oss' clamp L (<c>swiglu_limit</c>); unused by the other layouts.</param>
-public sealed record ExpertsSettings(ExpertsLayout Layout, long NumExperts, long Intermediate, string Act, double SwigluLimit = 0);
+public sealed record ExpertsSettings(ExpertsLayout Layout, long NumExperts, long Intermediate, string Act, double SwigluLimit = 0, double SwigluAlpha = 1.702);
 
 /// <summary>A shared expert MLP run on every token, registered after the routed experts.</summary>
 /// <param name="Name"><c>shared_expert</c> or <c>shared_experts</c>.</param>
