@@ -82,7 +82,24 @@ public sealed partial class CheckpointLayout
 
         result.PairExperts(runtime, other, unpairedRuntime, unpairedOther);
         result.PairByStructure(runtime, other, unpairedRuntime, unpairedOther, otherByName);
+        result.PairBuffers(runtime, other);
         return result;
+    }
+
+    // Persistent buffers renamed with their module (MiniMax-M2's block_sparse_moe.e_score_correction_bias on disk,
+    // mlp.e_score_correction_bias at run time): the only buffer of its name and shape at that place in its layer.
+    private void PairBuffers(ModuleTree runtime, ModuleTree other)
+    {
+        string Key(ModuleTree tree, ParameterNode p) =>
+            $"{tree.OwnerOf(p).LayerIndex}|{tree.OwnerOf(p).Location}|{p.LocalName}|{string.Join(',', p.Shape)}";
+        var otherNames = other.Buffers.Select(b => b.Name).ToHashSet(StringComparer.Ordinal);
+        var runtimeNames = runtime.Buffers.Select(b => b.Name).ToHashSet(StringComparer.Ordinal);
+        var otherGroups = other.Buffers.Where(b => !runtimeNames.Contains(b.Name)).GroupBy(b => Key(other, b)).ToDictionary(g => g.Key, g => g.ToList());
+        foreach (var group in runtime.Buffers.Where(b => !otherNames.Contains(b.Name)).GroupBy(b => Key(runtime, b)))
+        {
+            if (group.Count() != 1 || !otherGroups.TryGetValue(group.Key, out var match) || match.Count != 1) continue;
+            _alternatives[group.Single().Name] = new Alternative([match[0]], IsSliceOfFused: false);
+        }
     }
 
     // Fused runtime parameters take the other tree's per-expert weights of the same layer; per-expert runtime

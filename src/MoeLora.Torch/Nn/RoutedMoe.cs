@@ -169,7 +169,7 @@ public sealed class RoutedMoe : HfModule, IBlock
             return gates.gather(-1, idx);
         }
         var w1 = Pick(scores, out var i1);
-        var second = scores.scatter(-1, i1, double.NegativeInfinity);
+        var second = scores.scatter(-1, i1, full_like(i1, double.NegativeInfinity, scores.dtype));
         var w2 = Pick(second, out var i2);
         return (cat([w1, w2], -1), cat([i1, i2], -1));
     }
