@@ -143,13 +143,22 @@ public sealed partial class CheckpointLayout
     {
         string Key(ModuleTree tree, ParameterNode p) =>
             $"{tree.OwnerOf(p).LayerIndex}|{tree.OwnerOf(p).Location}|{p.LocalName}|{string.Join(',', p.Shape)}";
+        // Then, for what is still ambiguous or moved: the owner's own attribute joins the key (a renamed shared expert's
+        // gate_proj / up_proj of equal shapes), or the location leaves it (a bias kept on disk under another module:
+        // Laguna's e_score_correction_bias under experts, on the router at run time).
+        static string Attribute(ModuleNode m) => m.Name[(m.Name.LastIndexOf('.') + 1)..];
+        string KeyWithOwner(ModuleTree tree, ParameterNode p) => Key(tree, p) + "|" + Attribute(tree.OwnerOf(p));
+        string KeyAnywhere(ModuleTree tree, ParameterNode p) => $"{tree.OwnerOf(p).LayerIndex}|{p.LocalName}|{string.Join(',', p.Shape)}";
 
-        var otherGroups = unpairedOther.Select(n => otherByName[n]).GroupBy(p => Key(other, p)).ToDictionary(g => g.Key, g => g.ToList());
-        foreach (var group in unpairedRuntime.GroupBy(p => Key(runtime, p)))
+        foreach (var key in new Func<ModuleTree, ParameterNode, string>[] { Key, KeyWithOwner, KeyAnywhere })
         {
-            if (group.Count() != 1 || !otherGroups.TryGetValue(group.Key, out var match) || match.Count != 1) continue;
-            _alternatives[group.Single().Name] = new Alternative([match[0]], IsSliceOfFused: false);
-            unpairedOther.Remove(match[0].Name);
+            var otherGroups = unpairedOther.Select(n => otherByName[n]).GroupBy(p => key(other, p)).ToDictionary(g => g.Key, g => g.ToList());
+            foreach (var group in unpairedRuntime.Where(p => !_alternatives.ContainsKey(p.Name)).GroupBy(p => key(runtime, p)))
+            {
+                if (group.Count() != 1 || !otherGroups.TryGetValue(group.Key, out var match) || match.Count != 1) continue;
+                _alternatives[group.Single().Name] = new Alternative([match[0]], IsSliceOfFused: false);
+                unpairedOther.Remove(match[0].Name);
+            }
         }
 
         // Fused expert tensors renamed as a whole (GraniteMoE's ParallelExperts input_linear.weight / output_linear.weight
