@@ -62,15 +62,16 @@ public sealed class StandardAttention : HfModule, IBlock
         k_proj = AddChild("k_proj", new Linear(hidden, s.KvHeads * s.HeadDim, s.QkvBias, init));
         v_proj = AddChild("v_proj", new Linear(hidden, s.KvHeads * s.HeadDim, s.QkvBias, init));
         o_proj = AddChild("o_proj", new Linear(s.Heads * s.HeadDim, hidden, s.OBias, init));
+        var qk = new NormSettings(s.Options?.QkNormKind ?? NormKind.Rms, s.QkNormEps);
         if (s.QkNorm == QkNormKind.PerHead)
         {
-            _qNorm = AddChild("q_norm", new RmsNorm(s.HeadDim, s.QkNormEps, init));
-            _kNorm = AddChild("k_norm", new RmsNorm(s.HeadDim, s.QkNormEps, init));
+            _qNorm = AddChild("q_norm", new RmsNorm(s.HeadDim, qk, init));
+            _kNorm = AddChild("k_norm", new RmsNorm(s.HeadDim, qk, init));
         }
         else if (s.QkNorm == QkNormKind.Full)
         {
-            _qNorm = AddChild("q_norm", new RmsNorm(s.Heads * s.HeadDim, s.QkNormEps, init));
-            _kNorm = AddChild("k_norm", new RmsNorm(s.KvHeads * s.HeadDim, s.QkNormEps, init));
+            _qNorm = AddChild("q_norm", new RmsNorm(s.Heads * s.HeadDim, qk, init));
+            _kNorm = AddChild("k_norm", new RmsNorm(s.KvHeads * s.HeadDim, qk, init));
         }
         if (s.Options?.Gate is { } g) _gate = AddChild(g.Name, new Linear(hidden, g.PerHead ? s.Heads : s.Heads * s.HeadDim, false, init));
     }

@@ -43,7 +43,7 @@ public static class Norms
     /// <summary>The norm module of <paramref name="s"/> over <paramref name="size"/> features.</summary>
     public static HfModule Create(long size, NormSettings s, Init init) => s.Kind switch
     {
-        NormKind.Rms or NormKind.RmsWeightInFp32 => new RmsNorm(size, s, init),
+        NormKind.Rms or NormKind.RmsWeightInFp32 or NormKind.RmsOnePlusWeight => new RmsNorm(size, s, init),
         NormKind.LayerNorm => new LayerNorm(size, s.Eps, hasBias: true, init),
         NormKind.LayerNormNoBias => new LayerNorm(size, s.Eps, hasBias: false, init),
         _ => throw new NotSupportedException($"norm kind {s.Kind} has no runtime block."),

@@ -52,6 +52,9 @@ public enum NormKind
 
     /// <summary>Mean-centred LayerNorm in fp32 with a weight and no bias, cast back last (Cohere's LayerNorm).</summary>
     LayerNormNoBias,
+
+    /// <summary>RMS statistics in fp32, times (1 + weight) in fp32, cast back last; the weight starts at zero (MiniMax-M3).</summary>
+    RmsOnePlusWeight,
 }
 
 /// <summary>An RMSNorm: its kind and epsilon.</summary>

@@ -68,12 +68,6 @@ public enum ExpertsLayout
     GptOssInterleaved,
 
     /// <summary>
-    /// Aria: <c>fc1.weight [E, H, 2I]</c> (gate columns then up columns) and <c>fc2.weight [E, I, H]</c>, (in, out), in
-    /// child modules fc1 / fc2.
-    /// </summary>
-    AriaFc,
-
-    /// <summary>
     /// MiniMax-M3: <see cref="GateUpOutIn"/> tensors with the clamped SwiGLU <c>g·sigmoid(α g)·(clamp(up, ±L) + 1)</c>,
     /// g = clamp(gate, max = L), α = <see cref="ExpertsSettings.SwigluAlpha"/>.
     /// </summary>

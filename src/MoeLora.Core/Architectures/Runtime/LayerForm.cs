@@ -57,9 +57,11 @@ public sealed record OutputGate(string Name, OutputGateKind Kind, bool PerHead);
 /// Laguna, Mellum; GraniteMoE-SWA's layer_rope_theta).</param>
 /// <param name="InterleavedRope">Rotate adjacent pairs (x[2i], x[2i+1]) with repeat-interleaved angles, in fp32 (Cohere).</param>
 /// <param name="Gate">An output gate before o_proj.</param>
+/// <param name="QkNormKind">How q_norm / k_norm apply their weight (default: <see cref="NormKind.Rms"/>).</param>
 public sealed record AttentionOptions(
     double? Scaling = null,
     bool UseRope = true,
     RopeSettings? LayerRope = null,
     bool InterleavedRope = false,
-    OutputGate? Gate = null);
+    OutputGate? Gate = null,
+    NormKind QkNormKind = NormKind.Rms);
