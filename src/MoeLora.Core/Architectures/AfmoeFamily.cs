@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -72,6 +73,39 @@ internal sealed class AfmoeFamily : IArchitecture
         var routing = $"sigmoid scores + expert_bias (selection only), top-{topK} of {experts}, renormalised, " +
             $"scaled by {c.Double("route_scale", 1.0).ToString(System.Globalization.CultureInfo.InvariantCulture)}";
         var moe = new MoeFacts(experts, topK, shared, moeInter, sharedInter, moeLayers, denseLayers, routing);
-        return Blocks.Spec(c, "afmoe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        var spec = Blocks.Spec(c, "afmoe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+
+        // Sandwich norms (AfmoeRMSNorm multiplies by the weight in fp32); per-head q/k norms; a sigmoid output gate
+        // (gate_proj) before o_proj; rope only on sliding layers (layer_types, default: every
+        // global_attn_every_n_layers-th layer full); muP scales the embeddings by √hidden.
+        var norm = new NormSettings(NormKind.RmsWeightInFp32, c.Double("rms_norm_eps", 1e-5));
+        var every = c.Positive("global_attn_every_n_layers", 4);
+        var layerTypes = c.StringList("layer_types")
+            ?? Enumerable.Range(0, (int)layers).Select(i => (i + 1) % every != 0 ? "sliding_attention" : "full_attention").ToList();
+        if (layerTypes.Count < layers)
+            throw new ConfigException($"config field 'layer_types' has {layerTypes.Count} entries but num_hidden_layers is {layers}");
+        var form = new LayerForm(["self_attn", "input_layernorm", "post_attention_layernorm", "pre_mlp_layernorm", "post_mlp_layernorm", "mlp"],
+            new NamedNorm("input_layernorm", norm), new NamedNorm("post_attention_layernorm", norm),
+            new NamedNorm("pre_mlp_layernorm", norm), new NamedNorm("post_mlp_layernorm", norm));
+        var moeFf = new MoeSettings(
+            new SigmoidBiasRouterSettings("router.gate", experts, topK, new ScoreBias("expert_bias", ScoreBiasOwner.Block, IsParameter: true),
+                NormTopK: true, NormEps: 1e-20, Scale: c.Double("route_scale", 1.0), SoftCap: 0, LinearModule: true),
+            new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act),
+            new SharedExpertSettings("shared_experts", sharedInter, act, null), MoeOrder.RouterFirst, new MoeOptions(SharedFirst: true));
+        var all = new List<DecoderLayerRuntime>();
+        for (int i = 0; i < layers; i++)
+        {
+            var sliding = layerTypes[i] == "sliding_attention";
+            var mask = sliding ? new MaskSettings(MaskKind.Sliding, c.Positive("sliding_window", 1024)) : MaskSettings.Full;
+            var attn = new StandardAttentionSettings(heads, kv, headDim, attnBias, attnBias, QkNormKind.PerHead, norm.Eps, Sinks: false, mask, headDim,
+                new StandardAttentionOptions(Rotary: sliding ? RotaryStyle.Half : RotaryStyle.None, Gate: new OutputGate("gate_proj", OutputGateKind.Sigmoid, PerHead: false)));
+            FeedForwardSettings ff = moeSet.Contains(i) ? moeFf : new GatedMlpSettings(inter, act);
+            all.Add(new DecoderLayerRuntime(attn, "mlp", ff, norm, norm, form));
+        }
+        var scaling = new ModelScaling(EmbeddingMultiplier: c.Bool("mup_enabled", false) ? Math.Sqrt(hidden) : 1.0);
+        return spec with
+        {
+            Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm, RopeSettings.Read(c, 10000.0, headDim), all, Scaling: scaling),
+        };
     }
 }

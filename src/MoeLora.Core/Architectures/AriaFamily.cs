@@ -94,7 +94,12 @@ internal sealed class AriaFamily : IArchitecture
         var moe = new MoeFacts(experts, topK, shared, inter, inter * shared, Enumerable.Range(0, (int)layers).ToList(), [],
             $"top-{topK} of {experts} router logits, softmax over those {topK}, plus {shared} shared experts (one MLP)");
         return Blocks.NestedSpec(c, text, c.ModelType!, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act, textModel,
-            lmHead);
+            lmHead) with
+        {
+            RuntimeUnavailable = multimodal
+                ? "Aria's Idefics3 vision tower and multi-modal projector"
+                : "Aria's grouped-GEMM experts (experts.fc1 / experts.fc2 modules holding [E, in, out] weights, which PEFT targets as module weights)",
+        };
     }
 
     /// <summary>AriaGroupedExpertsGemm: one weight [E, in, out] for all experts (not an nn.Linear).</summary>

@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -70,6 +71,48 @@ internal sealed class Cohere2MoeFamily : IArchitecture
             : $"top-{topK} of {experts} router logits, softmax over the selected";
         if (shared > 0) routing += $", shared experts combined by {c.String("shared_expert_combination_strategy", "average")}";
         var moe = new MoeFacts(experts, topK, shared, inter, shared > 0 ? inter * shared : 0, moeLayers, denseLayers, routing);
-        return Blocks.Spec(c, "cohere2_moe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        var spec = Blocks.Spec(c, "cohere2_moe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        if (selection is not ("softmax" or "sigmoid"))
+            throw new ConfigException($"config field 'expert_selection_fn' must be 'softmax' or 'sigmoid', got '{selection}'");
+        var combine = c.String("shared_expert_combination_strategy", "average");
+        if (shared > 0 && combine is not ("sum" or "average"))
+            throw new ConfigException($"config field 'shared_expert_combination_strategy' must be 'sum' or 'average', got '{combine}'");
+
+        // Cohere's parallel block: out = x + attn(n(x)) + mlp(n(x)) with one input_layernorm (RMSNorm when rms_norm_eps is
+        // set, else a bias-free LayerNorm in fp32); rope (repeat-interleaved pairs, in fp32) only on sliding layers, or on
+        // dense prefix layers when prefix_dense_sliding_window_pattern == 1; logits × logit_scale.
+        var norm = c.Has("rms_norm_eps") && c.Json["rms_norm_eps"] is not null
+            ? new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-6))
+            : new NormSettings(NormKind.LayerNormNoBias, c.Double("layer_norm_eps", 1e-5));
+        var layerTypes = c.StringList("layer_types");
+        var pattern = c.Positive("sliding_window_pattern", 4);
+        var prefixPattern = c.Positive("prefix_dense_sliding_window_pattern", 1);
+        string LayerType(int i) => layerTypes is not null ? layerTypes[i]
+            : i < firstDense ? ((i + 1) % prefixPattern != 0 ? "sliding_attention" : "full_attention")
+            : ((i - firstDense + 1) % pattern != 0 ? "sliding_attention" : "full_attention");
+        if (layerTypes is not null && layerTypes.Count < layers)
+            throw new ConfigException($"config field 'layer_types' has {layerTypes.Count} entries but num_hidden_layers is {layers}");
+        var router = new TopKLogitsRouterSettings("gate", experts, topK, selection == "sigmoid" ? TopKScore.Sigmoid : TopKScore.SoftmaxFp32,
+            c.Bool("norm_topk_prob", true), LogitsInFp32: false);
+        var moeFf = new MoeSettings(router, new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, inter, act),
+            shared > 0 ? new SharedExpertSettings("shared_experts", inter * shared, act, null) : null, MoeOrder.RouterFirst,
+            new MoeOptions(SharedAverage: shared > 0 && combine == "average"));
+        var form = new LayerForm(["self_attn", "mlp", "input_layernorm"], new NamedNorm("input_layernorm", norm), null, null, null, Parallel: true);
+        var all = new List<DecoderLayerRuntime>();
+        for (int i = 0; i < layers; i++)
+        {
+            var sliding = LayerType(i) == "sliding_attention";
+            var forceRope = !moeSet.Contains(i) && prefixPattern == 1;
+            var mask = sliding ? new MaskSettings(MaskKind.Sliding, c.Positive("sliding_window", 4096)) : MaskSettings.Full;
+            var attn = new StandardAttentionSettings(heads, kv, headDim, bias, bias, QkNormKind.None, 0, Sinks: false, mask, headDim,
+                new StandardAttentionOptions(Rotary: sliding || forceRope ? RotaryStyle.InterleavedPairs : RotaryStyle.None));
+            FeedForwardSettings ff = moeSet.Contains(i) ? moeFf : new GatedMlpSettings(denseInter, act);
+            all.Add(new DecoderLayerRuntime(attn, "mlp", ff, norm, norm, form));
+        }
+        return spec with
+        {
+            Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm, RopeSettings.Read(c, 10000.0, headDim), all,
+                Scaling: new ModelScaling(LogitsMultiplier: c.Double("logit_scale", 0.0625))),
+        };
     }
 }

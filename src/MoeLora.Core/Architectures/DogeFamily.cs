@@ -76,6 +76,9 @@ internal sealed class DogeFamily : IArchitecture
                 $"product-key retrieval: top-{keys} of each of 2 key sets of {keys}, top-{topK} of their sums, softmax" +
                 (c.Bool("norm_topk_prob", false) ? ", renormalised" : "") + "; each expert is one neuron (down_embed/up_embed rows), plus a shared gated MLP")
             : MoeFacts.Dense(layers);
-        return Blocks.Spec(c, "doge", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        return Blocks.Spec(c, "doge", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        {
+            RuntimeUnavailable = "Doge's dynamic-mask attention (A, dt_proj), learned residual scales (input_residual, post_attention_residual) and CDMoE retrieval experts",
+        };
     }
 }

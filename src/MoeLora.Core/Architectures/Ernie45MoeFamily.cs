@@ -86,7 +86,7 @@ internal sealed class Ernie45MoeFamily : IArchitecture
         // statics in fp32 and selects on softmax + bias; use_bias reaches every projection, the MLPs and lm_head.
         var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-5));
         var attention = new StandardAttentionSettings(heads, kv, headDim, bias, bias, QkNormKind.None, norm.Eps, Sinks: false,
-            MaskSettings.Full, headDim, new StandardAttentionOptions(Rotary: RotaryStyle.InterleavedPairs));
+            MaskSettings.Full, headDim, new StandardAttentionOptions(Rotary: RotaryStyle.InterleavedPairs, RopeTablesInFp32: true));
         var sparse = new MoeSettings(
             new SoftmaxStaticsTopKRouterSettings("gate", experts, topK, c.Double("moe_norm_min", 1e-12)),
             new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act),

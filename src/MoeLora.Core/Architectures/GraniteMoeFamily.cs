@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 using MoeLora.Core.Util;
@@ -97,10 +98,49 @@ internal sealed class GraniteMoeFamily : IArchitecture
         var all = Enumerable.Range(0, (int)layers).ToList();
         var moe = new MoeFacts(experts, topK, sharedInter > 0 ? 1 : 0, inter, sharedInter, all, [],
             $"top-{topK} of {experts} router logits, softmax over the selected");
-        return Blocks.Spec(c, type, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        var spec = Blocks.Spec(c, type, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        return spec with { Runtime = Runtime(c, swa, hidden, layers, heads, kv, headDim, bias, experts, topK, inter, sharedInter, act, vocab, tie) };
+    }
+
+    /// <summary>
+    /// Mixtral's pre-norm layer with Granite's scalars: embeddings × embedding_multiplier, attention scale
+    /// attention_multiplier (not head_dim^-0.5), both residual branches × residual_multiplier, logits ÷ logits_scaling;
+    /// the router takes top-k of the fp32 logits and softmaxes those k. The shared MLP (input_linear = gate‖up,
+    /// output_linear) is added to the MoE output. SWA: per-layer sliding windows, sinks as a sigmoid(lse − sink)
+    /// output scale (the same as a sink column in the softmax), and each layer's rope theta (0: no rope).
+    /// </summary>
+    private static DecoderRuntime Runtime(ModelConfig c, bool swa, long hidden, long layers, long heads, long kv, long headDim, bool bias,
+        long experts, long topK, long inter, long sharedInter, string act, long vocab, bool tie)
+    {
+        var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-6));
+        var rope = RopeSettings.Read(c, 10000.0, headDim);
+        double residual = c.Double("residual_multiplier", 1.0), attnScale = c.Double("attention_multiplier", 1.0);
+        var layerTypes = swa ? c.StringList("layer_types") ?? Enumerable.Range(0, (int)layers).Select(i => i % 4 == 0 ? "full_attention" : "sliding_attention").ToList() : null;
+        var thetas = swa && c.Json["layer_rope_theta"] is System.Text.Json.Nodes.JsonArray list
+            ? list.Select(x => x is not null && JsonNumbers.TryDouble(x, out var d) ? d : throw new ConfigException("config field 'layer_rope_theta' must be a list of numbers")).ToList()
+            : null;
+        if (layerTypes is not null && layerTypes.Count < layers) throw new ConfigException($"config field 'layer_types' has {layerTypes.Count} entries but num_hidden_layers is {layers}");
+        if (thetas is not null && thetas.Count < layers) throw new ConfigException($"config field 'layer_rope_theta' has {thetas.Count} entries but num_hidden_layers is {layers}");
+        var moe = new MoeSettings(new TopKLogitsRouterSettings("router", experts, topK, TopKScore.SoftmaxFp32, NormTopK: false, LogitsInFp32: true),
+            new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, inter, act), Shared: null, MoeOrder.RouterFirst);
+        var shared = sharedInter > 0 ? new FusedGateUpMlpSettings(sharedInter, act, "input_linear", "output_linear", "activation") : null;
+        List<string> order = ["self_attn", "input_layernorm", "post_attention_layernorm", "block_sparse_moe"];
+        if (shared is not null) order.Add("shared_mlp");
+        var form = new LayerForm(order, new NamedNorm("input_layernorm", norm), null, new NamedNorm("post_attention_layernorm", norm), null,
+            ResidualMultiplier: residual, ExtraFeedForward: shared, ExtraFeedForwardName: shared is null ? null : "shared_mlp");
+        var all = new List<DecoderLayerRuntime>();
+        for (int i = 0; i < layers; i++)
         {
-            RuntimeUnavailable = "Granite's embedding, attention, residual and logits multipliers",
-        };
+            var sliding = layerTypes is not null && layerTypes[i] == "sliding_attention";
+            var theta = thetas?[i];
+            var options = new StandardAttentionOptions(Scaling: attnScale, Rotary: theta is null || theta != 0 ? RotaryStyle.Half : RotaryStyle.None,
+                Rope: theta is { } t && t != 0 && t != rope.Theta ? rope with { Theta = t } : null);
+            var mask = sliding ? new MaskSettings(MaskKind.Sliding, c.Positive("sliding_window", 128)) : MaskSettings.Full;
+            var attn = new StandardAttentionSettings(heads, kv, headDim, bias, bias, QkNormKind.None, 0, Sinks: swa, mask, headDim, options);
+            all.Add(new DecoderLayerRuntime(attn, "block_sparse_moe", moe, norm, norm, form));
+        }
+        var scaling = new ModelScaling(EmbeddingMultiplier: c.Double("embedding_multiplier", 1.0), LogitsMultiplier: 1.0 / c.Double("logits_scaling", 1.0));
+        return new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm, rope, all, Scaling: scaling);
     }
 
     /// <summary>How many distinct non-zero <c>layer_rope_theta</c> values there are (0 marks a NoPE layer).</summary>

@@ -88,10 +88,11 @@ internal sealed class HYV3Family : IArchitecture
         var attention = new StandardAttentionSettings(heads, kv, headDim, attnBias, attnBias, QkNormKind.PerHead, norm.Eps, Sinks: false,
             MaskSettings.Full, headDim);
         var sparse = new MoeSettings(
-            new SigmoidBlockBiasTopKRouterSettings("gate", experts, topK, "e_score_correction_bias", c.Double("router_scaling_factor", 2.826)),
+            new SigmoidBiasRouterSettings("gate", experts, topK, new ScoreBias("e_score_correction_bias", ScoreBiasOwner.Block, IsParameter: false),
+                NormTopK: true, NormEps: 1e-20, Scale: c.Double("router_scaling_factor", 2.826), SoftCap: 0, LinearInFp32: true),
             new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act),
             new SharedExpertSettings("shared_experts", sharedInter, act, SigmoidGateName: null, Bias: mlpBias), MoeOrder.RouterFirst,
-            SumInFp32: c.Bool("enable_moe_fp32_combine", true));
+            new MoeOptions(SumInFp32: c.Bool("enable_moe_fp32_combine", true)));
         var dense = new GatedMlpSettings(inter, act, mlpBias);
         var runtimeLayers = Enumerable.Range(0, (int)layers)
             .Select(i => new DecoderLayerRuntime(attention, "mlp", moeSet.Contains(i) ? sparse : dense, norm, norm)).ToList();

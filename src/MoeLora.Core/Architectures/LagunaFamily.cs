@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -90,6 +91,57 @@ internal sealed class LagunaFamily : IArchitecture
             ? $"sigmoid of {experts} router logits; top-{topK} chosen on sigmoid + e_score_correction_bias, their sigmoids renormalised, plus a shared expert"
             : $"softmax over {experts} experts, top-{topK}" + (c.Bool("norm_topk_prob", true) ? ", renormalised" : "");
         var moe = new MoeFacts(experts, topK, laguna ? 1 : 0, moeInter, sharedInter, moeLayers, denseLayers, routing);
-        return Blocks.Spec(c, type, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        var spec = Blocks.Spec(c, type, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        if (laguna && c.Bool("moe_apply_router_weight_on_input", false))
+            throw new ConfigException("config field 'moe_apply_router_weight_on_input' = true is not supported by transformers' Laguna");
+
+        // Pre-norm; per-head q/k norms; each layer's rope from rope_parameters[layer_type] (its own theta and partial
+        // rotary factor; full layers default to theta 500000, Laguna's at half the head rotated); sliding layers mask
+        // to sliding_window. Laguna: softplus output gate g_proj (per head or per element), a sigmoid router with
+        // optional logit soft-capping and the router's e_score_correction_bias, routed output × moe_routed_scaling_factor,
+        // plus the shared expert. Mellum: Qwen3-MoE's softmax router.
+        var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-6));
+        var layerTypes = c.StringList("layer_types") ?? Enumerable.Repeat("full_attention", (int)layers).ToList();
+        if (layerTypes.Count != layers)
+            throw new ConfigException($"config field 'layer_types' has {layerTypes.Count} entries but num_hidden_layers is {layers}");
+        RopeSettings LayerRope(string layerType)
+        {
+            var o = c.Sub("rope_parameters")?.Sub(layerType);
+            var json = o?.Json.DeepClone().AsObject() ?? new System.Text.Json.Nodes.JsonObject
+            {
+                ["rope_type"] = "default",
+                ["rope_theta"] = layerType == "sliding_attention" ? 10000.0 : 500000.0,
+                ["partial_rotary_factor"] = laguna && layerType != "sliding_attention" ? 0.5 : 1.0,
+            };
+            var wrapped = new ModelConfig(new System.Text.Json.Nodes.JsonObject { ["rope_parameters"] = json });
+            var dim = (long)(headDim * RopeSettings.PartialRotaryFactor(wrapped, 1.0));
+            return RopeSettings.Read(wrapped, 10000.0, dim);
+        }
+        var ropes = layerTypes.Distinct().ToDictionary(t => t, LayerRope);
+        FeedForwardSettings moeFf = laguna
+            ? new MoeSettings(new SigmoidBiasRouterSettings("gate", experts, topK, new ScoreBias("e_score_correction_bias", ScoreBiasOwner.Router, IsParameter: true),
+                    NormTopK: true, NormEps: 0, Scale: 1.0, SoftCap: c.Double("moe_router_logit_softcapping", 0.0)),
+                new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act),
+                new SharedExpertSettings("shared_experts", sharedInter, act, null), MoeOrder.ExpertsFirst,
+                new MoeOptions(RoutedScale: c.Double("moe_routed_scaling_factor", 1.0)))
+            : new MoeSettings(new SoftmaxTopKRouterSettings("gate", experts, topK, c.Bool("norm_topk_prob", true)),
+                new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act), Shared: null, MoeOrder.ExpertsFirst);
+        var all = new List<DecoderLayerRuntime>();
+        for (int i = 0; i < layers; i++)
+        {
+            var h = headsPerLayer?[i] ?? heads;
+            var rope = ropes[layerTypes[i]];
+            var sliding = layerTypes[i] == "sliding_attention";
+            var mask = sliding ? new MaskSettings(MaskKind.Sliding, c.Positive("sliding_window", laguna ? 512 : 1024)) : MaskSettings.Full;
+            var gate = laguna ? new OutputGate("g_proj", OutputGateKind.Softplus, gatePerHead) : null;
+            var attn = new StandardAttentionSettings(h, kv, headDim, bias, bias, QkNormKind.PerHead, norm.Eps, Sinks: false, mask, rope.Dim,
+                new StandardAttentionOptions(Rope: rope, Gate: gate));
+            FeedForwardSettings ff = moeSet.Contains(i) ? moeFf : new GatedMlpSettings(inter, act);
+            all.Add(new DecoderLayerRuntime(attn, "mlp", ff, norm, norm));
+        }
+        return spec with
+        {
+            Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm, ropes[layerTypes[0]], all),
+        };
     }
 }

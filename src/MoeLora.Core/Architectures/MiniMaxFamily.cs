@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -80,6 +81,8 @@ internal sealed class MiniMaxFamily : IArchitecture
             using (b.Scope(v5 ? "mlp" : "block_sparse_moe", p + "SparseMoeBlock", ModuleLocation.Other))
             {
                 if (m2) Blocks.TopKRouter(b, "gate", p + "TopKRouter", experts, hidden);
+                // M2's selection bias: a persistent buffer of the block (in the checkpoint, not a parameter).
+                if (m2) b.Buffer("e_score_correction_bias", experts);
                 else Blocks.Router(b, layout, "gate", p + "TopKRouter", experts, hidden);
                 Blocks.Experts(b, layout, p, experts, hidden, inter, actClass, Blocks.ExpertNames.Mixtral,
                     expertClass: m2 ? null : "MiniMaxBlockSparseTop2MLP");
@@ -92,7 +95,27 @@ internal sealed class MiniMaxFamily : IArchitecture
             ? $"sigmoid of {experts} router logits; top-{topK} chosen on sigmoid + e_score_correction_bias, their sigmoids renormalised"
             : $"softmax over {experts} experts, top-{topK}, renormalised";
         var moe = new MoeFacts(experts, topK, 0, inter, 0, all, [], routing);
-        return Blocks.Spec(c, type, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        var spec = Blocks.Spec(c, type, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        if (!m2)
+            return spec with { RuntimeUnavailable = "MiniMax's lightning-attention (linear attention) layers" };
+
+        // M2: pre-norm; q_norm / k_norm over all heads at once before the head split; partial rotary from
+        // rope_parameters.partial_rotary_factor; sigmoid router, selection on sigmoid + the block's
+        // e_score_correction_bias buffer, weights renormalised (no epsilon, no scale).
+        var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-6));
+        var rotary = (long)(headDim * RopeSettings.PartialRotaryFactor(c, 1.0));
+        var layer = new DecoderLayerRuntime(
+            new StandardAttentionSettings(heads, kv, headDim, false, false, QkNormKind.Full, norm.Eps, Sinks: false, MaskSettings.Full, rotary),
+            "mlp",
+            new MoeSettings(new SigmoidBiasRouterSettings("gate", experts, topK, new ScoreBias("e_score_correction_bias", ScoreBiasOwner.Block, IsParameter: false),
+                    NormTopK: true, NormEps: 0, Scale: 1.0, SoftCap: 0),
+                new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, inter, act), Shared: null, MoeOrder.RouterFirst),
+            norm, norm);
+        return spec with
+        {
+            Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm, RopeSettings.Read(c, 5000000.0, rotary),
+                Enumerable.Repeat(layer, (int)layers).ToList()),
+        };
     }
 
     private static void Norms(TreeBuilder b, string p, long hidden)

@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using System.Text.Json.Nodes;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
@@ -65,7 +66,7 @@ internal sealed class MiniMaxM3Family : IArchitecture
             {
                 using (b.Scope(mlpName, P + "SparseMoeBlock", ModuleLocation.Other))
                 {
-                    Blocks.TopKRouter(b, "gate", P + "TopKRouter", t.Experts, t.Hidden);
+                    Blocks.TopKRouter(b, "gate", P + "TopKRouter", t.Experts, t.Hidden, correctionBias: !disk);
                     if (disk)
                     {
                         Blocks.Experts(b, Layout.V4, P, t.Experts, t.Hidden, t.Inter, "SiLUActivation", Blocks.ExpertNames.Mixtral);
@@ -119,14 +120,47 @@ internal sealed class MiniMaxM3Family : IArchitecture
             $"sigmoids renormalised, scaled by {text.Double("routed_scaling_factor", 2.0)}, plus a shared expert";
         var moe = new MoeFacts(t.Experts, t.TopK, 1, t.Inter, t.SharedInter, moeLayers, denseLayers, routing);
         var spec = Blocks.Spec(c, c.ModelType!, b.Build(), moe, t.Hidden, t.Layers, t.Vocab, t.Heads, t.Kv, tie, "silu");
-        if (!multimodal) return spec;
+        if (!multimodal)
+        {
+            if (layerTypes?.Contains("minimax_m3_sparse") == true)
+                return spec with { RuntimeUnavailable = "MiniMax-M3's sparse attention layers (the Lightning Indexer's block selection)" };
+            return spec with { Runtime = TextRuntime(text, t, moeSet) };
+        }
         return spec with
         {
+            RuntimeUnavailable = "MiniMax-M3-VL's vision tower (MiniMaxM3VLVisionModel) and multi-modal projector",
             TextConfig = text,
             DecoderLayersPath = prefix + "layers",
             InputEmbeddings = prefix + "embed_tokens",
             OutputEmbeddings = disk ? "language_model.lm_head" : "lm_head",
         };
+    }
+
+    /// <summary>
+    /// The text decoder: pre-norm, per-head q/k norms, rope on partial_rotary_factor of the head (rotary_dim is not
+    /// read by transformers' rotary embedding), a sigmoid router whose selection adds the router's
+    /// e_score_correction_bias buffer, renormalised weights, routed output × routed_scaling_factor plus the shared
+    /// expert; experts, shared expert and dense MLPs use the clamped SwiGLU (swiglu_alpha, swiglu_limit), never hidden_act.
+    /// </summary>
+    private static DecoderRuntime TextRuntime(ModelConfig text, TextDims t, HashSet<int> moeSet)
+    {
+        // MiniMaxM3VLRMSNorm: x·rsqrt(mean x² + eps) · (1 + weight), in fp32.
+        var norm = new NormSettings(NormKind.RmsOnePlusWeight, text.Double("rms_norm_eps", 1e-6));
+        var rotary = (long)(t.HeadDim * RopeSettings.PartialRotaryFactor(text, 1.0));
+        double limit = text.Double("swiglu_limit", 7.0), alpha = text.Double("swiglu_alpha", 1.702);
+        var moeFf = new MoeSettings(
+            new SigmoidBiasRouterSettings("gate", t.Experts, t.TopK, new ScoreBias("e_score_correction_bias", ScoreBiasOwner.Router, IsParameter: false),
+                NormTopK: true, NormEps: 0, Scale: 1.0, SoftCap: 0),
+            new ExpertsSettings(ExpertsLayout.GateUpOutInClamped, t.Experts, t.Inter, "silu", limit, alpha),
+            new SharedExpertSettings("shared_experts", t.SharedInter, "silu", null, FusedGateUp: true), MoeOrder.RouterFirst,
+            new MoeOptions(RoutedScale: text.Double("routed_scaling_factor", 2.0)));
+        var dense = new FusedGateUpMlpSettings(t.DenseInter, "silu", "gate_up_proj", "down_proj", null, limit, alpha);
+        var layers = Enumerable.Range(0, (int)t.Layers).Select(i => new DecoderLayerRuntime(
+            new StandardAttentionSettings(t.Heads, t.Kv, t.HeadDim, false, false, QkNormKind.PerHead, norm.Eps, Sinks: false, MaskSettings.Full, rotary,
+                new StandardAttentionOptions(QkNormType: NormKind.RmsOnePlusWeight)),
+            "mlp", moeSet.Contains(i) ? moeFf : dense, norm, norm)).ToList();
+        return new DecoderRuntime(t.Vocab, t.Hidden, t.Tie, text.Double("initializer_range", 0.02), norm,
+            RopeSettings.Read(text, 5000000.0, rotary), layers);
     }
 
     /// <summary>The text config's sizes (MiniMaxM3VLTextConfig defaults; num_experts is an alias).</summary>

@@ -72,21 +72,25 @@ internal sealed class OlmoeFamily : IArchitecture
         var moe = new MoeFacts(experts, topK, 0, inter, 0, all, [], routing);
         var spec = Blocks.Spec(c, c.ModelType!, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
 
-        if (flex)
-            return spec with { RuntimeUnavailable = "FlexOlmo's post-norm decoder layer (post_attention_layernorm and post_feedforward_layernorm after each block)" };
-        if (c.Has("clip_qkv"))
+        if (!flex && c.Has("clip_qkv"))
             return spec with { RuntimeUnavailable = "clip_qkv (OLMoE's clamped q/k/v)" };
-        var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-5));
+        // FlexOlmoRMSNorm multiplies by the weight before casting back; OlmoeRMSNorm casts first.
+        var norm = new NormSettings(flex ? NormKind.RmsWeightInFp32 : NormKind.Rms, c.Double("rms_norm_eps", flex ? 1e-6 : 1e-5));
+        // FlexOlmo (OLMo 2): h = x + post_attention_layernorm(attn(x)); out = h + post_feedforward_layernorm(mlp(h)).
+        var form = flex
+            ? new LayerForm(["self_attn", "mlp", "post_attention_layernorm", "post_feedforward_layernorm"], null,
+                new NamedNorm("post_attention_layernorm", norm), null, new NamedNorm("post_feedforward_layernorm", norm))
+            : null;
         var layer = new DecoderLayerRuntime(
             new StandardAttentionSettings(heads, kv, headDim, bias, bias, QkNormKind.Full, norm.Eps, Sinks: false, MaskSettings.Full, RotaryDim: headDim),
             "mlp",
             new MoeSettings(new SoftmaxTopKRouterSettings("gate", experts, topK, normTopK),
                 new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, inter, act), Shared: null, MoeOrder.RouterFirst),
-            norm, norm);
+            norm, norm, form);
         return spec with
         {
             Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm,
-                RopeSettings.Read(c, 10000.0, headDim), Enumerable.Repeat(layer, (int)layers).ToList()),
+                RopeSettings.Read(c, flex ? 500000.0 : 10000.0, headDim), Enumerable.Repeat(layer, (int)layers).ToList()),
         };
     }
 }

@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -70,9 +71,28 @@ internal sealed class PhimoeFamily : IArchitecture
 
         var all = Enumerable.Range(0, (int)layers).ToList();
         var moe = new MoeFacts(experts, topK, 0, inter, 0, all, [], $"sparsemixer over {experts} experts, top-{topK}");
-        return Blocks.Spec(c, "phimoe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        var spec = Blocks.Spec(c, "phimoe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        var rope = RopeSettings.Read(c, 1000000.0, headDim);
+        if (rope.Type is not ("default" or "linear" or "llama3" or "yarn"))
+            return spec with { RuntimeUnavailable = $"PhiMoE's '{rope.Type}' rope (short/long factors)" };
+        if (topK != 2)
+            return spec with { RuntimeUnavailable = $"sparsemixer with num_experts_per_tok {topK} (transformers' sparsemixer always picks 2)" };
+
+        // nn.LayerNorm (weight and bias, eps = rms_norm_eps) everywhere; the sparsemixer router (an nn.Linear); an
+        // optional lm_head bias; a sliding-window mask on every layer when sliding_window is set.
+        var norm = new NormSettings(NormKind.LayerNorm, c.Double("rms_norm_eps", 1e-5));
+        var window = c.IntOrNull("sliding_window", null);
+        var mask = window is { } w ? new MaskSettings(MaskKind.Sliding, w) : MaskSettings.Full;
+        var layer = new DecoderLayerRuntime(
+            new StandardAttentionSettings(heads, kv, headDim, bias, bias, QkNormKind.None, 0, Sinks: false, mask, headDim),
+            "mlp",
+            new MoeSettings(new SparseMixerRouterSettings("router", experts, c.Double("router_jitter_noise", 0.01)),
+                new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, inter, act), Shared: null, MoeOrder.RouterFirst),
+            norm, norm);
+        return spec with
         {
-            RuntimeUnavailable = "PhiMoE's sparsemixer router and LayerNorm norms",
+            Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm, rope,
+                Enumerable.Repeat(layer, (int)layers).ToList(), LmHeadBias: lmHeadBias),
         };
     }
 }

@@ -126,23 +126,32 @@ public sealed partial class CheckpointLayout
     {
         string Key(ModuleTree tree, ParameterNode p) =>
             $"{tree.OwnerOf(p).LayerIndex}|{tree.OwnerOf(p).Location}|{p.LocalName}|{string.Join(',', p.Shape)}";
-
+        // First the full key, then, for what is still unpaired, looser keys in turn, each pairing only tensors still unique under it
+        // (persistent buffers take part: AllParameters holds them, e.g. MiniMax-M2's block_sparse_moe.e_score_correction_bias
+        // on disk, mlp.e_score_correction_bias at run time, pairs under the first key):
+        // - the owner's own attribute too (a renamed parent: HY V3's shared_mlp.gate_proj / shared_experts.gate_proj, a
+        //   renamed shared expert's gate_proj / up_proj of equal shapes);
+        // - no location (a tensor moved to another module: EXAONE-MoE's correction bias, on the router at run time and on
+        //   the MoE block on disk; Laguna's e_score_correction_bias under experts on disk, on the router at run time);
+        // - fused expert tensors renamed as a whole, the only 3-D experts tensor of its shape in its layer (GraniteMoE's
+        //   ParallelExperts input_linear.weight / output_linear.weight on disk, experts.gate_up_proj / down_proj at run time);
+        // - no tensor name (a renamed tensor: HY V3's expert_bias / e_score_correction_bias).
+        static string Attribute(ModuleNode m) => m.Name[(m.Name.LastIndexOf('.') + 1)..];
+        static bool IsExperts(ModuleTree tree, ParameterNode p) => tree.OwnerOf(p) is { Kind: ModuleKind.Experts } && p.Shape.Length == 3;
         Pair(Key);
-        // Then, for what is still unpaired, looser keys in turn, each pairing only tensors still unique under it:
-        // the owner's own name too (a renamed parent: HY V3's shared_mlp.gate_proj / shared_experts.gate_proj),
-        // no location (a tensor moved to another module: EXAONE-MoE's correction bias, on the router at runtime and on
-        // the MoE block on disk), no tensor name (a renamed tensor: HY V3's expert_bias / e_score_correction_bias).
-        string Leaf(ModuleTree tree, ParameterNode p) => tree.OwnerOf(p).Name[(tree.OwnerOf(p).Name.LastIndexOf('.') + 1)..];
-        Pair((tree, p) => $"{Key(tree, p)}|{Leaf(tree, p)}");
+        Pair((tree, p) => $"{Key(tree, p)}|{Attribute(tree.OwnerOf(p))}");
         Pair((tree, p) => $"{tree.OwnerOf(p).LayerIndex}|{p.LocalName}|{string.Join(',', p.Shape)}");
+        Pair((tree, p) => $"{tree.OwnerOf(p).LayerIndex}|{string.Join(',', p.Shape)}", IsExperts);
         Pair((tree, p) => $"{tree.OwnerOf(p).LayerIndex}|{tree.OwnerOf(p).Location}|{string.Join(',', p.Shape)}");
 
-        void Pair(Func<ModuleTree, ParameterNode, string> key)
+        void Pair(Func<ModuleTree, ParameterNode, string> key, Func<ModuleTree, ParameterNode, bool>? only = null)
         {
             var pairedOther = _alternatives.Values.SelectMany(a => a.Parts).Select(p => p.Name).ToHashSet(StringComparer.Ordinal);
             var otherGroups = unpairedOther.Where(n => !pairedOther.Contains(n)).Select(n => otherByName[n])
+                .Where(p => only is null || only(other, p))
                 .GroupBy(p => key(other, p)).ToDictionary(g => g.Key, g => g.ToList());
-            foreach (var group in unpairedRuntime.Where(p => !_alternatives.ContainsKey(p.Name)).GroupBy(p => key(runtime, p)))
+            foreach (var group in unpairedRuntime.Where(p => !_alternatives.ContainsKey(p.Name) && (only is null || only(runtime, p)))
+                .GroupBy(p => key(runtime, p)))
             {
                 if (group.Count() != 1 || !otherGroups.TryGetValue(group.Key, out var match) || match.Count != 1) continue;
                 _alternatives[group.Single().Name] = new Alternative([match[0]], IsSliceOfFused: false);

@@ -82,7 +82,7 @@ public sealed class ParamLora2D : LoraWrapper, IParamDelta, ILinearAdapter
         {
             case RouterWeight r: r.AttachDelta(this); break;
             case GroupLimitedRouter d: d.AttachDelta(this); break;
-            case StaticsTopKRouter st: st.AttachDelta(this); break;
+            case ScoredRouter s: s.AttachDelta(this); break;
             case Linear l: l.Adapters.Add(this); break;
             default: throw new NotSupportedException($"target_parameters on {owner.GetType().Name}.{parameterName} is not supported by MoeLora.Torch.");
         }

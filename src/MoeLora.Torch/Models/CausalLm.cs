@@ -39,19 +39,19 @@ public sealed class CausalLm : HfModule, IDisposable
     public ScalarType DType { get; }
     public Device Device { get; }
     readonly Embedding _embed;
-    readonly List<DecoderLayer> _layers;
-    readonly RmsNorm _norm;
+    readonly List<IDecoderLayer> _layers;
+    readonly INorm _norm;
     readonly Linear _lmHead;
 
-    internal CausalLm(ModelSpec spec, DecoderRuntime runtime, Init init, Func<int, DecoderLayer> layer)
+    internal CausalLm(ModelSpec spec, DecoderRuntime runtime, Init init, Func<int, HfModule> layer)
     {
         Spec = spec; Runtime = runtime; DType = init.DType; Device = init.Device;
         var model = AddChild("model", new Container());
         _embed = model.Add("embed_tokens", new Embedding(runtime.VocabSize, runtime.HiddenSize, init));
         var layers = model.Add("layers", new Container());
         _layers = [];
-        for (int i = 0; i < runtime.Layers.Count; i++) _layers.Add(layers.Add(i.ToString(System.Globalization.CultureInfo.InvariantCulture), layer(i)));
-        _norm = model.Add("norm", new RmsNorm(runtime.HiddenSize, runtime.FinalNorm, init));
+        for (int i = 0; i < runtime.Layers.Count; i++) _layers.Add((IDecoderLayer)layers.Add(i.ToString(System.Globalization.CultureInfo.InvariantCulture), layer(i)));
+        _norm = (INorm)model.Add("norm", Norms.Create(runtime.HiddenSize, runtime.FinalNorm, init));
         model.Add("rotary_emb", new Container()); // parameter-free, present in named_modules as in transformers
         _lmHead = AddChild("lm_head", new Linear(runtime.HiddenSize, runtime.VocabSize, runtime.LmHeadBias, init));
         if (runtime.TieWordEmbeddings) _lmHead.TieTo(_embed.weight);
@@ -84,6 +84,7 @@ public sealed class CausalLm : HfModule, IDisposable
         var pos = (positionIds ?? arange(s, ScalarType.Int64).unsqueeze(0).expand(b, s)).to(Device);
         var ctx = new ForwardContext { Positions = pos, AttentionMask = mask, DType = DType };
         var h = _embed.Forward(ids);
+        if (Runtime.Scaling is { EmbeddingMultiplier: not 1.0 } es) h = h * es.EmbeddingMultiplier;
         var hidden = new List<Tensor>();
         if (outputHiddenStates) hidden.Add(h);
         foreach (var layer in _layers)
@@ -94,6 +95,7 @@ public sealed class CausalLm : HfModule, IDisposable
         h = _norm.Forward(h);
         if (outputHiddenStates) hidden[^1] = h;
         var logits = _lmHead.Forward(h);
+        if (Runtime.Scaling is { LogitsMultiplier: not 1.0 } ls) logits = logits * ls.LogitsMultiplier;
         return new CausalLmOutput
         {
             Logits = logits.MoveToOuterDisposeScope(),

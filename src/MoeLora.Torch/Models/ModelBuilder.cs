@@ -26,10 +26,19 @@ public static class ModelBuilder
         return new CausalLm(spec, runtime, init, i =>
         {
             var l = runtime.Layers[i];
+            if ((l.Form ?? PreNormForm(l)) is { } form)
+                return new FormDecoderLayer(Attention(hidden, l.Attention, RopeOf(l.Attention), init), l.FeedForwardName, FeedForward(hidden, l.FeedForward, init), form,
+                    form.ExtraFeedForward is { } extra ? FeedForward(hidden, extra, init) : null, hidden, init);
             return new DecoderLayer(Attention(hidden, l.Attention, RopeOf(l.Attention), init), l.FeedForwardName, FeedForward(hidden, l.FeedForward, init),
                 new RmsNorm(hidden, l.InputNorm, init), new RmsNorm(hidden, l.PostAttentionNorm, init));
         });
     }
+
+    // The default pre-norm layer with LayerNorms (PhiMoE) runs as the equivalent form (DecoderLayer holds RMSNorms).
+    static LayerForm? PreNormForm(DecoderLayerRuntime l) =>
+        l.InputNorm.Kind is NormKind.Rms or NormKind.RmsWeightInFp32 && l.PostAttentionNorm.Kind is NormKind.Rms or NormKind.RmsWeightInFp32 ? null
+            : new LayerForm(["self_attn", l.FeedForwardName, "input_layernorm", "post_attention_layernorm"],
+                new NamedNorm("input_layernorm", l.InputNorm), null, new NamedNorm("post_attention_layernorm", l.PostAttentionNorm), null);
 
     static HfModule Attention(long hidden, AttentionSettings a, Rotary rope, Init init) => a switch
     {
@@ -42,14 +51,15 @@ public static class ModelBuilder
     static HfModule FeedForward(long hidden, FeedForwardSettings f, Init init) => f switch
     {
         GatedMlpSettings m => new GatedMlp(hidden, m, init),
+        FusedGateUpMlpSettings m => new FusedGateUpMlp(hidden, m, init),
         MoeSettings m => m.Router switch
         {
             SoftmaxTopKRouterSettings => new SoftmaxTopKMoe(hidden, Expect(m, ExpertsLayout.GateUpOutIn), init),
             SigmoidGroupLimitedRouterSettings => new SigmoidGroupLimitedMoe(hidden, Expect(m, ExpertsLayout.GateUpOutIn), init),
             TopKSoftmaxRouterSettings => new GptOssMlp(hidden, Expect(m, ExpertsLayout.GptOssInterleaved), init),
             Llama4RouterSettings => new Llama4Moe(hidden, Expect(m, ExpertsLayout.Llama4InOut), init),
-            SoftmaxStaticsTopKRouterSettings or LinearSoftmaxTopKRouterSettings or SigmoidBlockBiasTopKRouterSettings
-                => new RoutedMoe(hidden, Expect(m, ExpertsLayout.GateUpOutIn), init),
+            TopKLogitsRouterSettings or SigmoidBiasRouterSettings or SparseMixerRouterSettings
+                or SoftmaxStaticsTopKRouterSettings or LinearSoftmaxTopKRouterSettings => new RoutedMoe(hidden, m, init),
             _ => throw new NotSupportedException($"router settings {m.Router.GetType().Name} have no runtime block."),
         },
         _ => throw new NotSupportedException($"feed-forward settings {f.GetType().Name} have no runtime block."),

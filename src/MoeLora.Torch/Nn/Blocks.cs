@@ -8,8 +8,14 @@ public interface IBlock
     Tensor Forward(Tensor x, ForwardContext ctx);
 }
 
+/// <summary>A decoder layer: residual stream in, residual stream out.</summary>
+public interface IDecoderLayer
+{
+    Tensor Forward(Tensor x, ForwardContext ctx);
+}
+
 /// <summary>Pre-norm decoder layer: h = x + attn(norm1(x)); out = h + ff(norm2(h)).</summary>
-public sealed class DecoderLayer : HfModule
+public sealed class DecoderLayer : HfModule, IDecoderLayer
 {
     readonly IBlock _attn, _ff;
     readonly RmsNorm _ln1, _ln2;
@@ -34,7 +40,9 @@ public sealed class DecoderLayer : HfModule
 /// Standard GQA self-attention (<see cref="StandardAttentionSettings"/>: Llama, Qwen, Mixtral, OLMoE, GLM-4.5, gpt-oss):
 /// q/k/v/o projections, optional q/k RMSNorm (per head or over the whole projection), rotary by rotating halves on
 /// the first RotaryDim dims of each head, causal/sliding mask and optional attention sinks (a direct parameter
-/// registered first).
+/// registered first); <see cref="StandardAttentionOptions"/> add the variants of the other families (interleaved-pair
+/// or no rotation, q/k norms after rope or under other names and kinds, value head size and scale, softmax scale and
+/// dtype, an output gate). The rotary table is the layer's own when the options give one (built by ModelBuilder).
 /// </summary>
 public sealed class StandardAttention : HfModule, IBlock
 {
@@ -43,6 +51,7 @@ public sealed class StandardAttention : HfModule, IBlock
     public Linear v_proj { get; }
     public Linear o_proj { get; }
     readonly RmsNorm? _qNorm, _kNorm;
+    readonly Linear? _gate;
     readonly Parameter? _sinks;
     readonly StandardAttentionSettings _s;
     readonly StandardAttentionOptions _o;
@@ -59,16 +68,18 @@ public sealed class StandardAttention : HfModule, IBlock
         k_proj = AddChild("k_proj", new Linear(hidden, s.KvHeads * s.HeadDim, s.QkvBias, init));
         v_proj = AddChild("v_proj", new Linear(hidden, s.KvHeads * _vDim, s.QkvBias, init));
         o_proj = AddChild("o_proj", new Linear(s.Heads * _vDim, hidden, s.OBias, init));
+        var qk = new NormSettings(_o.QkNormType, s.QkNormEps);
         if (s.QkNorm == QkNormKind.PerHead)
         {
-            _qNorm = AddChild(_o.QNormName, new RmsNorm(s.HeadDim, s.QkNormEps, init));
-            _kNorm = AddChild(_o.KNormName, new RmsNorm(s.HeadDim, s.QkNormEps, init));
+            _qNorm = AddChild(_o.QNormName, new RmsNorm(s.HeadDim, qk, init));
+            _kNorm = AddChild(_o.KNormName, new RmsNorm(s.HeadDim, qk, init));
         }
         else if (s.QkNorm == QkNormKind.Full)
         {
-            _qNorm = AddChild(_o.QNormName, new RmsNorm(s.Heads * s.HeadDim, s.QkNormEps, init));
-            _kNorm = AddChild(_o.KNormName, new RmsNorm(s.KvHeads * s.HeadDim, s.QkNormEps, init));
+            _qNorm = AddChild(_o.QNormName, new RmsNorm(s.Heads * s.HeadDim, qk, init));
+            _kNorm = AddChild(_o.KNormName, new RmsNorm(s.KvHeads * s.HeadDim, qk, init));
         }
+        if (_o.Gate is { } g) _gate = AddChild(g.Name, new Linear(hidden, g.PerHead ? s.Heads : s.Heads * _vDim, false, init));
     }
 
     public Tensor Forward(Tensor x, ForwardContext ctx)
@@ -93,13 +104,29 @@ public sealed class StandardAttention : HfModule, IBlock
         }
         else if (_o.Rotary == RotaryStyle.InterleavedPairs)
         {
-            var (cos, sin) = _rope.CosSin(ctx.Positions, ScalarType.Float32);
+            var (cos, sin) = _rope.CosSin(ctx.Positions, _o.RopeTablesInFp32 ? ScalarType.Float32 : ctx.DType);
             q = Rotary.ApplyInterleavedPairs(q, cos, sin);
             k = Rotary.ApplyInterleavedPairs(k, cos, sin);
         }
         if (normAfterRope) { q = _qNorm!.Forward(q); k = _kNorm!.Forward(k); }
-        var o = AttentionMath.Eager(q, k, v, ctx.Mask(_s.Mask), Math.Pow(d, -0.5), _sinks, _o.SoftmaxInFp32);
+        var o = AttentionMath.Eager(q, k, v, ctx.Mask(_s.Mask), _o.Scaling ?? Math.Pow(d, -0.5), _sinks, _o.SoftmaxInFp32);
+        if (_gate is not null) o = Gate(o, x);
         return o_proj.Forward(o);
+    }
+
+    /// <summary>The attention output [B, S, heads·v] times its gate's weights (per element or per head): AFMoE, Laguna.</summary>
+    Tensor Gate(Tensor o, Tensor x)
+    {
+        var g = _gate!.Forward(x);
+        g = _o.Gate!.Kind switch
+        {
+            OutputGateKind.Sigmoid => nn.functional.sigmoid(g),
+            OutputGateKind.Softplus => nn.functional.softplus(g.to(ScalarType.Float32)).to(o.dtype),
+            _ => throw new NotSupportedException($"output gate {_o.Gate.Kind} has no runtime block."),
+        };
+        if (!_o.Gate.PerHead) return o * g;
+        var sh = o.shape;
+        return (o.view(sh[0], sh[1], -1, _vDim) * g.unsqueeze(-1)).view(sh[0], sh[1], -1);
     }
 
     // Partial rotary (GLM-4.5): rotate the first RotaryDim dims, pass the rest through.

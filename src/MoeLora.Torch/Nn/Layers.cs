@@ -46,7 +46,7 @@ public sealed class Linear : HfModule
 }
 
 /// <summary>RMSNorm as transformers computes it: statistics in fp32, cast back, then scale.</summary>
-public sealed class RmsNorm : HfModule
+public sealed class RmsNorm : HfModule, INorm
 {
     public Parameter weight { get; }
     readonly double _eps;
@@ -60,7 +60,13 @@ public sealed class RmsNorm : HfModule
     }
 
     public RmsNorm(long size, Core.Architectures.Runtime.NormSettings norm, Init init)
-        : this(size, norm.Eps, init, norm.Kind == Core.Architectures.Runtime.NormKind.RmsWeightInFp32) { }
+        : this(size, norm.Eps, init, norm.Kind == Core.Architectures.Runtime.NormKind.RmsWeightInFp32)
+    {
+        // (1 + weight) norms (MiniMax-M3) start from a zero weight and scale in fp32.
+        if (norm.Kind == Core.Architectures.Runtime.NormKind.RmsOnePlusWeight) { _onePlus = true; using (no_grad()) weight.zero_(); }
+    }
+
+    readonly bool _onePlus;
 
 
     public Tensor Forward(Tensor x)
@@ -69,6 +75,7 @@ public sealed class RmsNorm : HfModule
         var h = x.to(ScalarType.Float32);
         var v = h.pow(2).mean([-1], keepdim: true);
         h = h * rsqrt(v + _eps);
+        if (_onePlus) return (h * (weight.to(ScalarType.Float32) + 1.0)).to(dt);
         return _scaleInFp32 ? (weight * h).to(dt) : weight * h.to(dt);
     }
 

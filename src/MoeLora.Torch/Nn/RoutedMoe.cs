@@ -5,129 +5,297 @@ using static TorchSharp.torch;
 namespace MoeLora.Torch.Nn;
 
 /// <summary>
-/// A sparse MoE block whose router is one of <see cref="SoftmaxStaticsTopKRouterSettings"/> (ERNIE 4.5),
-/// <see cref="LinearSoftmaxTopKRouterSettings"/> (HunYuan) or <see cref="SigmoidBlockBiasTopKRouterSettings"/>
-/// (HY V3): the router gives (logits, top-k weights, top-k experts), transformers-v5 fused experts run them, and an
-/// optional ungated shared expert is added (in fp32 when <see cref="MoeSettings.SumInFp32"/>).
+/// A router module holding <c>weight [E, H]</c> and, where the family puts it there, its selection bias: a
+/// Parameter or persistent buffer registered after the weight (Laguna, MiniMax-M3), or a Parameter <c>[1, E]</c> of a
+/// <c>moe_statics</c> submodule (ERNIE 4.5).
+/// </summary>
+public sealed class ScoredRouter : HfModule
+{
+    public Parameter weight { get; }
+    readonly Tensor? _bias;
+    readonly MoeStatics? _statics;
+    readonly List<IParamDelta> _deltas = [];
+
+    /// <summary>The selection bias as <c>[E]</c> (read at forward time: the statics' <c>[1, E]</c> view is not kept).</summary>
+    public Tensor? SelectionBias => _statics is not null ? _statics.Bias.squeeze(0) : _bias;
+
+    public ScoredRouter(long experts, long hidden, ScoreBias? bias, Init init)
+    {
+        weight = AddParameter("weight", init.Normal(experts, hidden));
+        if (bias is { Owner: ScoreBiasOwner.RouterStatics })
+            _statics = AddChild("moe_statics", new MoeStatics(bias.Name, experts, init));
+        else if (bias is not null)
+            _bias = bias.IsParameter ? AddParameter(bias.Name, zeros(experts, ScalarType.Float32, init.Device))
+                : AddBuffer(bias.Name, zeros(experts, ScalarType.Float32, init.Device));
+    }
+
+    /// <summary>Attaches a 2-D ParamWrapper delta to <c>weight</c> (target_parameters on the router).</summary>
+    internal void AttachDelta(IParamDelta d) => _deltas.Add(d);
+    public Tensor Logits(Tensor x) => nn.functional.linear(x, ParamDeltas.Apply(weight, _deltas));
+    public Tensor EffectiveWeight() => ParamDeltas.Apply(weight, _deltas);
+}
+
+/// <summary>ERNIE 4.5's <c>Ernie4_5_MoeStatics</c>: one frozen Parameter <c>[1, E]</c>.</summary>
+public sealed class MoeStatics : HfModule
+{
+    public Parameter Bias { get; }
+    public MoeStatics(string name, long experts, Init init) => Bias = AddParameter(name, init.Zeros(1, experts));
+}
+
+/// <summary>
+/// The MoE block of the routers in RouterKinds.cs: <see cref="TopKLogitsRouterSettings"/> (top-k of the logits, then
+/// softmax or sigmoid of those k: Cohere2-MoE, GraniteMoE), <see cref="SigmoidBiasRouterSettings"/> (sigmoid scores,
+/// bias-corrected selection: AFMoE, Laguna, MiniMax-M2/M3, HY V3), <see cref="SparseMixerRouterSettings"/> (PhiMoE),
+/// <see cref="SoftmaxStaticsTopKRouterSettings"/> (ERNIE 4.5) and <see cref="LinearSoftmaxTopKRouterSettings"/>
+/// (HunYuan). Routed experts are the transformers-5 fused experts (plain or clamped SwiGLU); an ungated shared expert
+/// is summed (averaged, or added in fp32: <see cref="MoeOptions"/>) with the routed output. The router logits recorded
+/// are the router's returned logits ([T, E]).
 /// </summary>
 public sealed class RoutedMoe : HfModule, IBlock
 {
-    readonly HfModule _router;
-    readonly FusedExperts _experts;
-    readonly GatedMlp? _shared;
-    readonly Tensor? _blockBias;
     readonly RouterSettings _r;
-    readonly bool _sumInFp32;
+    readonly MoeOptions _o;
+    readonly HfModule _router;
+    readonly Tensor? _blockBias;
+    readonly ExpertsBase _experts;
+    readonly HfModule? _shared;
 
     public RoutedMoe(long hidden, MoeSettings s, Init init)
     {
         _r = s.Router;
-        _sumInFp32 = s.SumInFp32;
+        _o = s.Options ?? new MoeOptions();
+        var bias = s.Router switch
+        {
+            SigmoidBiasRouterSettings b => b.Bias,
+            SoftmaxStaticsTopKRouterSettings => new ScoreBias("e_score_correction_bias", ScoreBiasOwner.RouterStatics, IsParameter: true),
+            _ => null,
+        };
+        // A block-owned selection bias is registered on the block itself, before its children (AFMoE's expert_bias).
+        if (bias is { Owner: ScoreBiasOwner.Block })
+            _blockBias = bias.IsParameter ? AddParameter(bias.Name, zeros(s.Router.NumExperts, ScalarType.Float32, init.Device))
+                : AddBuffer(bias.Name, zeros(s.Router.NumExperts, ScalarType.Float32, init.Device));
+        bool linear = s.Router switch
+        {
+            TopKLogitsRouterSettings t => t.LinearModule,
+            SigmoidBiasRouterSettings b => b.LinearModule,
+            SparseMixerRouterSettings or LinearSoftmaxTopKRouterSettings => true,
+            SoftmaxStaticsTopKRouterSettings => false,
+            _ => throw new NotSupportedException($"router settings {s.Router.GetType().Name} have no RoutedMoe block."),
+        };
         // Routers transformers keeps in fp32 whatever the model dtype (ERNIE: _keep_in_fp32_modules_strict; HunYuan:
         // its gate Linear is created with dtype=torch.float32).
-        var fp32 = init with { DType = ScalarType.Float32 };
-        HfModule router = _r switch
+        var routerInit = s.Router is SoftmaxStaticsTopKRouterSettings or LinearSoftmaxTopKRouterSettings ? init with { DType = ScalarType.Float32 } : init;
+        _router = linear ? new Linear(hidden, s.Router.NumExperts, false, routerInit)
+            : new ScoredRouter(s.Router.NumExperts, hidden, bias is { Owner: not ScoreBiasOwner.Block } ? bias : null, routerInit);
+        // HunYuan's Linear is nested in its gate module (gate.wg), like AFMoE's router.gate.
+        var routerPath = s.Router is LinearSoftmaxTopKRouterSettings h ? $"{h.Name}.{h.LinearName}" : s.Router.Name;
+        _experts = s.Experts.Layout switch
         {
-            SoftmaxStaticsTopKRouterSettings r => new StaticsTopKRouter(r.NumExperts, hidden, fp32),
-            LinearSoftmaxTopKRouterSettings r => new LinearRouter(r.LinearName, r.NumExperts, hidden, fp32),
-            SigmoidBlockBiasTopKRouterSettings r => new RouterWeight(r.NumExperts, hidden, init),
-            _ => throw new NotSupportedException($"router settings {_r.GetType().Name} have no RoutedMoe router."),
+            ExpertsLayout.GateUpOutIn => new FusedExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, s.Experts.Act, init),
+            ExpertsLayout.GateUpOutInClamped => new ClampedFusedExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, s.Experts.SwigluLimit, s.Experts.SwigluAlpha, init),
+            _ => throw new NotSupportedException($"{s.Router.GetType().Name} with {s.Experts.Layout} experts has no runtime block."),
         };
-        var experts = new FusedExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, s.Experts.Act, init);
-        if (s.Order == MoeOrder.ExpertsFirst) { _experts = AddChild("experts", experts); _router = AddChild(_r.Name, router); }
-        else { _router = AddChild(_r.Name, router); _experts = AddChild("experts", experts); }
-        if (_r is SigmoidBlockBiasTopKRouterSettings b)
-            _blockBias = AddBuffer(b.BiasName, zeros(b.NumExperts, ScalarType.Float32, init.Device));
-        if (s.Shared is { } shared)
+        if (s.Shared?.SigmoidGateName is not null) throw new NotSupportedException($"a gated shared expert with {s.Router.GetType().Name} has no runtime block yet.");
+        if (s.Shared is { FusedGateUp: true, Bias: true }) throw new NotSupportedException("a fused gate/up shared expert with biases has no runtime block.");
+        HfModule? shared = s.Shared is not { } sh ? null
+            : sh.FusedGateUp ? new FusedGateUpMlp(hidden, new FusedGateUpMlpSettings(sh.Intermediate, sh.Act, "gate_up_proj", "down_proj", null,
+                s.Experts.Layout == ExpertsLayout.GateUpOutInClamped ? s.Experts.SwigluLimit : null, s.Experts.SwigluAlpha), init)
+            : new GatedMlp(hidden, sh.Intermediate, sh.Act, init, sh.Bias, sh.ActName);
+        void AddRouter()
         {
-            if (shared.SigmoidGateName is not null) throw new NotSupportedException($"a gated shared expert with {_r.GetType().Name} has no runtime block yet.");
-            _shared = AddChild(shared.Name, new GatedMlp(hidden, shared.Intermediate, shared.Act, init, shared.Bias, shared.ActName));
+            var parts = routerPath.Split('.');
+            HfModule owner = this;
+            for (int i = 0; i < parts.Length - 1; i++) owner = Nest(owner, parts[i]);
+            Attach(owner, parts[^1], _router);
         }
+        if (s.Order == MoeOrder.ExpertsFirst) { AddChild("experts", _experts); AddRouter(); }
+        else
+        {
+            AddRouter();
+            if (_o.SharedFirst && shared is not null) _shared = AddChild(s.Shared!.Name, shared);
+            AddChild("experts", _experts);
+        }
+        if (shared is not null && _shared is null) _shared = AddChild(s.Shared!.Name, shared);
+    }
+
+    static HfModule Nest(HfModule owner, string name) => Attach(owner, name, new Container());
+    static T Attach<T>(HfModule owner, string name, T child) where T : HfModule =>
+        owner is Container c ? c.Add(name, child) : ((RoutedMoe)owner).AddChild(name, child);
+
+    Tensor RouterLogits(Tensor flat)
+    {
+        // fp32 routers read fp32 input (ERNIE, HunYuan: the Linear's dtype decides; HY V3 casts input and weight).
+        if (_r is SigmoidBiasRouterSettings { LinearInFp32: true } && _router is ScoredRouter sr)
+            return nn.functional.linear(flat.to(ScalarType.Float32), sr.EffectiveWeight().to(ScalarType.Float32));
+        if (_router is Linear l) return l.Forward(flat.to(l.weight.dtype));
+        var g = (ScoredRouter)_router;
+        return g.Logits(flat.to(g.weight.dtype));
     }
 
     public Tensor Forward(Tensor x, ForwardContext ctx)
     {
         var shape = x.shape;
         var flat = x.reshape(-1, shape[^1]);
-        var (logits, topW, topIdx) = Route(flat);
-        ctx.RouterLogits.Add(logits);
-        var y = _experts.Forward(flat, topIdx, topW);
-        if (_shared is not null)
+        var logits = RouterLogits(flat);
+        Tensor topIdx, topW;
+        switch (_r)
         {
-            var sh = _shared.Forward(flat);
-            y = _sumInFp32 ? (y.to(ScalarType.Float32) + sh.to(ScalarType.Float32)).to(x.dtype) : y + sh;
-        }
-        return y.view(shape);
-    }
-
-    (Tensor Logits, Tensor Weights, Tensor Experts) Route(Tensor flat)
-    {
-        int k = (int)_r.TopK;
-        switch (_router)
-        {
-            case StaticsTopKRouter g:
+            case TopKLogitsRouterSettings t:
+                if (t.LogitsInFp32) logits = logits.to(ScalarType.Float32);
+                (topW, topIdx) = logits.topk((int)t.TopK, -1);
+                topW = t.Score switch
+                {
+                    TopKScore.SoftmaxFp32 => topW.softmax(-1, ScalarType.Float32),
+                    TopKScore.Softmax => topW.softmax(-1),
+                    _ => nn.functional.sigmoid(topW),
+                };
+                if (t.Score == TopKScore.Sigmoid && t.NormTopK) topW = topW / topW.sum(-1, keepdim: true);
+                topW = topW.to(x.dtype);
+                break;
+            case SigmoidBiasRouterSettings b:
+                var l32 = logits.to(ScalarType.Float32);
+                if (b.SoftCap > 0) l32 = (l32 / b.SoftCap).tanh() * b.SoftCap;
+                if (b.SoftCap > 0) logits = l32;
+                var scores = l32.sigmoid();
+                var sel = _blockBias ?? ((ScoredRouter)_router).SelectionBias!;
+                using (no_grad()) topIdx = (scores + sel.to(ScalarType.Float32)).topk((int)b.TopK, -1).indexes;
+                topW = scores.gather(1, topIdx);
+                if (b.NormTopK) topW = topW / (topW.sum(-1, keepdim: true) + b.NormEps);
+                if (b.Scale != 1.0) topW = topW * b.Scale;
+                break;
+            case SparseMixerRouterSettings m:
+                (topW, topIdx) = SparseMixer(logits, m.JitterEps);
+                break;
+            case SoftmaxStaticsTopKRouterSettings st:
             {
                 // ERNIE: softmax in fp32, selection on softmax + statics bias, renormalised with a clamped sum.
-                var logits = nn.functional.linear(flat.to(ScalarType.Float32), g.EffectiveWeight().to(ScalarType.Float32));
                 var probs = logits.softmax(1, ScalarType.Float32);
-                Tensor idx;
-                using (no_grad()) idx = (probs + g.moe_statics.e_score_correction_bias.squeeze().to(ScalarType.Float32)).topk(k, -1).indexes;
-                var w = probs.gather(-1, idx);
-                w = w / w.sum(-1, keepdim: true).clamp_min(((SoftmaxStaticsTopKRouterSettings)_r).NormMin);
-                return (logits, w.to(flat.dtype), idx);
+                using (no_grad()) topIdx = (probs + ((ScoredRouter)_router).SelectionBias!.to(ScalarType.Float32)).topk((int)st.TopK, -1).indexes;
+                topW = probs.gather(-1, topIdx);
+                topW = (topW / topW.sum(-1, keepdim: true).clamp_min(st.NormMin)).to(x.dtype);
+                break;
             }
-            case LinearRouter g:
-            {
-                // HunYuan: the gate Linear's dtype decides the input dtype (fp32 as built); softmax, top-k, renormalised.
-                var logits = g.wg.Forward(flat.to(g.wg.weight.dtype));
-                var (w, idx) = logits.softmax(1, ScalarType.Float32).topk(k, -1);
-                w = w / w.sum(-1, keepdim: true);
-                return (logits, w.to(logits.dtype), idx);
-            }
-            case RouterWeight g:
-            {
-                // HY V3: sigmoid scores; selection on scores + the block's bias; renormalised (+1e-20), scaled.
-                var r = (SigmoidBlockBiasTopKRouterSettings)_r;
-                var logits = nn.functional.linear(flat.to(ScalarType.Float32), g.EffectiveWeight().to(ScalarType.Float32));
-                var scores = logits.sigmoid();
-                Tensor idx;
-                using (no_grad()) idx = (scores + _blockBias!).topk(k, -1, sorted: false).indexes;
-                var w = scores.gather(1, idx);
-                w = w / (w.sum(-1, keepdim: true) + 1e-20) * r.ScalingFactor;
-                return (logits, w, idx);
-            }
+            case LinearSoftmaxTopKRouterSettings h:
+                // HunYuan: softmax of the fp32 logits, top-k, renormalised, kept in the logits' dtype.
+                (topW, topIdx) = logits.softmax(1, ScalarType.Float32).topk((int)h.TopK, -1);
+                topW = (topW / topW.sum(-1, keepdim: true)).to(logits.dtype);
+                break;
             default:
-                throw new NotSupportedException($"{_router.GetType().Name} is not a RoutedMoe router.");
+                throw new NotSupportedException($"router settings {_r.GetType().Name} have no RoutedMoe block.");
         }
+        ctx.RouterLogits.Add(logits);
+        var routed = _experts switch
+        {
+            FusedExperts f => f.Forward(flat, topIdx, topW),
+            ClampedFusedExperts c => c.Forward(flat, topIdx, topW),
+            _ => throw new InvalidOperationException(),
+        };
+        if (_o.RoutedScale != 1.0) routed = routed * _o.RoutedScale;
+        if (_shared is not null)
+        {
+            var sh = _shared is GatedMlp g ? g.Forward(flat) : ((FusedGateUpMlp)_shared).Forward(flat);
+            routed = _o.SumInFp32 ? (routed.to(ScalarType.Float32) + sh.to(ScalarType.Float32)).to(x.dtype)
+                : _o.SharedAverage ? (routed + sh) / 2 : routed + sh;
+        }
+        return routed.view(shape);
     }
-}
 
-/// <summary>ERNIE 4.5's router module: <c>weight [E, H]</c> and <c>moe_statics.e_score_correction_bias [1, E]</c>, both fp32.</summary>
-public sealed class StaticsTopKRouter : HfModule
-{
-    public Parameter weight { get; }
-    public MoeStatics moe_statics { get; }
-    readonly List<IParamDelta> _deltas = [];
-    internal void AttachDelta(IParamDelta d) => _deltas.Add(d);
-    public Tensor EffectiveWeight() => ParamDeltas.Apply(weight, _deltas);
-
-    public StaticsTopKRouter(long experts, long hidden, Init init)
+    /// <summary>
+    /// PhiMoE's sparsemixer in eval: pick the arg-max; its weight is the softmax over the logits whose relative gap to
+    /// the max, (max − s) / max(|s|, max), is at most 2·eps; then mask the first pick to −inf and repeat for the second.
+    /// </summary>
+    static (Tensor W, Tensor Idx) SparseMixer(Tensor scores, double eps)
     {
-        weight = AddParameter("weight", init.Normal(experts, hidden));
-        moe_statics = AddChild("moe_statics", new MoeStatics(experts, init));
+        Tensor Pick(Tensor masked, out Tensor idx)
+        {
+            Tensor threshold;
+            using (no_grad())
+            {
+                var mx = masked.max(-1, keepdim: true);
+                idx = mx.indexes;
+                var factor = scores.abs().maximum(mx.values);
+                threshold = ((mx.values - scores) / factor).gt(2 * eps);
+            }
+            var gates = masked.masked_fill(threshold, double.NegativeInfinity).softmax(-1);
+            return gates.gather(-1, idx);
+        }
+        var w1 = Pick(scores, out var i1);
+        var second = scores.scatter(-1, i1, full_like(i1, double.NegativeInfinity, scores.dtype));
+        var w2 = Pick(second, out var i2);
+        return (cat([w1, w2], -1), cat([i1, i2], -1));
     }
 }
 
-/// <summary>ERNIE 4.5's <c>Ernie4_5_MoeStatics</c>: a frozen parameter <c>e_score_correction_bias [1, E]</c>.</summary>
-public sealed class MoeStatics : HfModule
+/// <summary>MiniMax-M3's clamped SwiGLU on (gate, up): <c>g·sigmoid(α g)·(clamp(up, ±L) + 1)</c>, g = clamp(gate, max = L).</summary>
+internal static class ClampedSwiglu
 {
-    public Parameter e_score_correction_bias { get; }
-    public MoeStatics(long experts, Init init) => e_score_correction_bias = AddParameter("e_score_correction_bias", init.Zeros(1, experts));
+    public static Tensor Apply(Tensor gateUp, double limit, double alpha)
+    {
+        var gu = gateUp.chunk(2, -1);
+        var gate = gu[0].clamp_max(limit);
+        var up = gu[1].clamp(-limit, limit);
+        return (up + 1.0) * (gate * nn.functional.sigmoid(gate * alpha));
+    }
 }
 
-/// <summary>HunYuan's gate module: an nn.Linear (no bias) router named <paramref name="linearName"/>.</summary>
-public sealed class LinearRouter : HfModule
+/// <summary>A dense MLP with one fused gate/up Linear (<see cref="FusedGateUpMlpSettings"/>: GraniteMoeShared, MiniMax-M3).</summary>
+public sealed class FusedGateUpMlp : HfModule, IBlock
 {
-    public Linear wg { get; }
-    public LinearRouter(string linearName, long experts, long hidden, Init init) => wg = AddChild(linearName, new Linear(hidden, experts, false, init));
+    readonly Linear _gateUp, _down;
+    readonly Activation? _act;
+    readonly FusedGateUpMlpSettings _s;
+
+    public FusedGateUpMlp(long hidden, FusedGateUpMlpSettings s, Init init)
+    {
+        _s = s;
+        if (s.ActName is not null) _act = AddChild(s.ActName, new Activation(s.Act));
+        _gateUp = AddChild(s.GateUpName, new Linear(hidden, 2 * s.Intermediate, false, init));
+        _down = AddChild(s.DownName, new Linear(s.Intermediate, hidden, false, init));
+    }
+
+    public Tensor Forward(Tensor x)
+    {
+        var gu = _gateUp.Forward(x);
+        if (_s.SwigluLimit is { } limit) return _down.Forward(ClampedSwiglu.Apply(gu, limit, _s.SwigluAlpha));
+        var c = gu.chunk(2, -1);
+        return _down.Forward((_act ?? new Activation(_s.Act)).Forward(c[0]) * c[1]);
+    }
+
+    public Tensor Forward(Tensor x, ForwardContext ctx) => Forward(x);
+}
+
+/// <summary>transformers-5 fused experts (<c>gate_up_proj [E, 2I, H]</c>, <c>down_proj [E, H, I]</c>) with the clamped SwiGLU (MiniMax-M3).</summary>
+public sealed class ClampedFusedExperts : ExpertsBase
+{
+    readonly double _limit, _alpha;
+    public override bool IsTransposed => false;
+
+    public ClampedFusedExperts(long experts, long hidden, long intermediate, double limit, double alpha, Init init)
+    {
+        NumExperts = experts; _limit = limit; _alpha = alpha;
+        AddParameter("gate_up_proj", init.Normal(experts, 2 * intermediate, hidden));
+        AddParameter("down_proj", init.Normal(experts, hidden, intermediate));
+    }
+
+    public Tensor Forward(Tensor x, Tensor topIdx, Tensor topW)
+    {
+        if (Dispatching == ExpertDispatch.Loop)
+        {
+            var gateUp = Effective("gate_up_proj");
+            var down = Effective("down_proj");
+            var final = zeros_like(x);
+            foreach (var (e, tok, slot) in Dispatch(topIdx, NumExperts))
+            {
+                var h = nn.functional.linear(ClampedSwiglu.Apply(nn.functional.linear(x.index_select(0, tok), gateUp[e]), _limit, _alpha), down[e]);
+                var w = topW.index(TensorIndex.Tensor(tok), TensorIndex.Tensor(slot)).unsqueeze(-1);
+                final = final.index_add(0, tok, (h * w).to(final.dtype), 1.0);
+            }
+            return final;
+        }
+        var g = Group(topIdx);
+        var y = RunExperts(g, x.index_select(0, g.TokenOf), (ops, xe) =>
+            ops.Mm(ClampedSwiglu.Apply(ops.Mm(xe, "gate_up_proj", transposeWeight: true), _limit, _alpha), "down_proj", transposeWeight: true));
+        var wt = topW.flatten().index_select(0, g.Order).unsqueeze(-1);
+        return zeros_like(x).index_add(0, g.TokenOf, (y * wt).to(x.dtype), 1.0);
+    }
 }

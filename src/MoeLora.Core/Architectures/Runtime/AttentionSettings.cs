@@ -35,7 +35,7 @@ public abstract record AttentionSettings;
 /// </summary>
 /// <param name="Sinks">gpt-oss: a per-head <c>sinks</c> parameter, registered before the projections, joins the softmax.</param>
 /// <param name="QkNormEps">Epsilon of q_norm / k_norm.</param>
-/// <param name="Options">Per-layer rope, rotation style, value head size and scale, ... (null: as Llama).</param>
+/// <param name="Options">Per-layer rope, rotation style, q/k norm order, names and kind, value head size and scale, softmax scale and dtype, output gate (null: as Llama).</param>
 public sealed record StandardAttentionSettings(
     long Heads,
     long KvHeads,

@@ -12,7 +12,8 @@ namespace MoeLora.Core.Architectures.Runtime;
 /// <param name="FinalNorm"><c>model.norm</c>.</param>
 /// <param name="Rope">The model's one rotary table (<c>model.rotary_emb</c>).</param>
 /// <param name="Layers">One entry per decoder layer, in order.</param>
-/// <param name="LmHeadBias">lm_head has a bias (ERNIE's <c>use_bias</c>).</param>
+/// <param name="LmHeadBias">lm_head has a bias (ERNIE's <c>use_bias</c>, PhiMoE's <c>lm_head_bias</c>).</param>
+/// <param name="Scaling">Embedding / logits multipliers, where the family has them.</param>
 public sealed record DecoderRuntime(
     long VocabSize,
     long HiddenSize,
@@ -21,21 +22,25 @@ public sealed record DecoderRuntime(
     NormSettings FinalNorm,
     RopeSettings Rope,
     IReadOnlyList<DecoderLayerRuntime> Layers,
-    bool LmHeadBias = false);
+    bool LmHeadBias = false,
+    ModelScaling? Scaling = null);
 
 /// <summary>
 /// One pre-norm decoder layer: <c>h = x + attn(input_layernorm(x))</c>, <c>out = h + ff(post_attention_layernorm(h))</c>,
 /// registered as self_attn, <paramref name="FeedForwardName"/>, input_layernorm, post_attention_layernorm.
 /// </summary>
 /// <param name="FeedForwardName">The attribute of the feed-forward block: <c>mlp</c>, or <c>feed_forward</c> (Llama 4).</param>
+/// <param name="Form">Another norm arrangement (post-norm, sandwich, parallel, residual multiplier); when set its norms
+/// replace <paramref name="InputNorm"/> and <paramref name="PostAttentionNorm"/>.</param>
 public sealed record DecoderLayerRuntime(
     AttentionSettings Attention,
     string FeedForwardName,
     FeedForwardSettings FeedForward,
     NormSettings InputNorm,
-    NormSettings PostAttentionNorm);
+    NormSettings PostAttentionNorm,
+    LayerForm? Form = null);
 
-/// <summary>How an RMSNorm applies its weight.</summary>
+/// <summary>Which norm a layer uses (RMSNorm or LayerNorm) and how it applies its weight.</summary>
 public enum NormKind
 {
     /// <summary>Statistics in fp32, cast back to the input dtype, then times the weight (Llama and most families).</summary>
@@ -43,6 +48,15 @@ public enum NormKind
 
     /// <summary>Statistics in fp32, times the weight still in fp32, then cast back (gpt-oss).</summary>
     RmsWeightInFp32,
+
+    /// <summary>torch's nn.LayerNorm with weight and bias (PhiMoE).</summary>
+    LayerNorm,
+
+    /// <summary>Mean-centred LayerNorm in fp32 with a weight and no bias, cast back last (Cohere's LayerNorm).</summary>
+    LayerNormNoBias,
+
+    /// <summary>RMS statistics in fp32, times (1 + weight) in fp32, cast back last; the weight starts at zero (MiniMax-M3).</summary>
+    RmsOnePlusWeight,
 }
 
 /// <summary>An RMSNorm: its kind and epsilon.</summary>

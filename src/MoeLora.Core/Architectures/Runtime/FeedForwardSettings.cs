@@ -20,10 +20,9 @@ public enum MoeOrder
 }
 
 /// <summary>A sparse MoE block: router, routed experts and an optional shared expert.</summary>
-/// <param name="SumInFp32">The routed and shared outputs are added in fp32, then cast back (HY V3's
-/// <c>enable_moe_fp32_combine</c>).</param>
+/// <param name="Options">Shared-expert placement and combination, routed scaling, fp32 combine (null: plain sum).</param>
 public sealed record MoeSettings(RouterSettings Router, ExpertsSettings Experts, SharedExpertSettings? Shared, MoeOrder Order,
-    bool SumInFp32 = false) : FeedForwardSettings;
+    MoeOptions? Options = null) : FeedForwardSettings;
 
 /// <summary>The router: its attribute name, experts, top-k, and how it turns logits into expert weights.</summary>
 public abstract record RouterSettings(string Name, long NumExperts, long TopK);
@@ -68,15 +67,24 @@ public enum ExpertsLayout
     /// clamped SwiGLU <c>(clamp(up, ±L) + 1) · g·sigmoid(1.702 g)</c>, g = clamp(gate, max = L).
     /// </summary>
     GptOssInterleaved,
+
+    /// <summary>
+    /// MiniMax-M3: <see cref="GateUpOutIn"/> tensors with the clamped SwiGLU <c>g·sigmoid(α g)·(clamp(up, ±L) + 1)</c>,
+    /// g = clamp(gate, max = L), α = <see cref="ExpertsSettings.SwigluAlpha"/>.
+    /// </summary>
+    GateUpOutInClamped,
 }
 
-/// <param name="SwigluLimit">gpt-oss' clamp L (<c>swiglu_limit</c>); unused by the other layouts.</param>
-public sealed record ExpertsSettings(ExpertsLayout Layout, long NumExperts, long Intermediate, string Act, double SwigluLimit = 0);
+/// <param name="SwigluLimit">The clamp L of the clamped layouts (gpt-oss' and MiniMax-M3's <c>swiglu_limit</c>); unused by the others.</param>
+/// <param name="SwigluAlpha">α of <see cref="ExpertsLayout.GateUpOutInClamped"/> (gpt-oss fixes it at 1.702).</param>
+public sealed record ExpertsSettings(ExpertsLayout Layout, long NumExperts, long Intermediate, string Act, double SwigluLimit = 0, double SwigluAlpha = 1.702);
 
 /// <summary>A shared expert MLP run on every token, registered after the routed experts.</summary>
 /// <param name="Name"><c>shared_expert</c> or <c>shared_experts</c>.</param>
 /// <param name="SigmoidGateName">Qwen2-MoE: the expert is scaled by <c>sigmoid(gate(x))</c>, a Linear(H, 1) of this name
 /// registered after it (<c>shared_expert_gate</c>); null when the shared expert is added ungated.</param>
 /// <param name="Bias">Its projections carry biases (ERNIE's <c>use_bias</c>, HY V3's <c>mlp_bias</c>).</param>
+/// <param name="FusedGateUp">One <c>gate_up_proj</c> Linear plus <c>down_proj</c> instead of gate/up/down (MiniMax-M3);
+/// it uses the routed experts' clamped SwiGLU when they have one.</param>
 public sealed record SharedExpertSettings(string Name, long Intermediate, string Act, string? SigmoidGateName, string ActName = "act_fn",
-    bool Bias = false);
+    bool Bias = false, bool FusedGateUp = false);

@@ -1,0 +1,36 @@
+namespace MoeLora.Core.Architectures.Runtime;
+
+/// <summary>A norm of a decoder layer under its attribute name.</summary>
+public sealed record NamedNorm(string Name, NormSettings Norm);
+
+/// <summary>
+/// Where a decoder layer's norms sit and how its residuals add, for layers that are not the default pre-norm
+/// (<see cref="DecoderLayerRuntime.InputNorm"/> / <see cref="DecoderLayerRuntime.PostAttentionNorm"/>, registered
+/// self_attn, ff, input_layernorm, post_attention_layernorm). Each norm is optional:
+/// <c>h = x + m·AfterAttention(attn(BeforeAttention(x)))</c>, <c>out = h + m·AfterFeedForward(ff(BeforeFeedForward(h)))</c>
+/// with m = <paramref name="ResidualMultiplier"/>; pre-norm uses the Before norms (Granite), post-norm the After norms
+/// (OLMo 2 / FlexOlmo), sandwich all four (AFMoE). <paramref name="Parallel"/>: attention and feed-forward both read
+/// <c>BeforeAttention(x)</c> and <c>out = x + attn + ff</c> (Cohere).
+/// </summary>
+/// <param name="Order">The layer's children in registration order (named_parameters order): "self_attn", the
+/// feed-forward name, the norm names and <see cref="ExtraFeedForwardName"/> where present.</param>
+/// <param name="ExtraFeedForward">A second feed-forward added to the first on the same input (GraniteMoeShared's
+/// <c>shared_mlp</c>), registered as <paramref name="ExtraFeedForwardName"/>.</param>
+public sealed record LayerForm(
+    IReadOnlyList<string> Order,
+    NamedNorm? BeforeAttention,
+    NamedNorm? AfterAttention,
+    NamedNorm? BeforeFeedForward,
+    NamedNorm? AfterFeedForward,
+    bool Parallel = false,
+    double ResidualMultiplier = 1.0,
+    FeedForwardSettings? ExtraFeedForward = null,
+    string? ExtraFeedForwardName = null);
+
+/// <summary>
+/// Model-level scalars around the decoder stack: embeddings times <paramref name="EmbeddingMultiplier"/> before the
+/// first layer (Granite's embedding_multiplier, AFMoE's muP √hidden; hidden_states[0] is the scaled embedding, as
+/// transformers records the first layer's input), logits times <paramref name="LogitsMultiplier"/> (Cohere's
+/// logit_scale, Granite's 1/logits_scaling).
+/// </summary>
+public sealed record ModelScaling(double EmbeddingMultiplier = 1.0, double LogitsMultiplier = 1.0);

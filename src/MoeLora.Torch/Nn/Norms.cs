@@ -1,0 +1,106 @@
+using MoeLora.Core.Architectures.Runtime;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MoeLora.Torch.Nn;
+
+/// <summary>A norm module over the last dimension.</summary>
+public interface INorm
+{
+    Tensor Forward(Tensor x);
+}
+
+/// <summary>
+/// LayerNorm as the families compute it: torch's nn.LayerNorm with weight and bias (PhiMoE), or Cohere's bias-free
+/// LayerNorm (mean and variance in fp32, times the weight in fp32, cast back last).
+/// </summary>
+public sealed class LayerNorm : HfModule, INorm
+{
+    public Parameter weight { get; }
+    public Parameter? bias { get; }
+    readonly double _eps;
+
+    public LayerNorm(long size, double eps, bool hasBias, Init init)
+    {
+        _eps = eps;
+        weight = AddParameter("weight", init.Ones(size));
+        if (hasBias) bias = AddParameter("bias", init.Zeros(size));
+    }
+
+    public Tensor Forward(Tensor x)
+    {
+        if (bias is not null) return nn.functional.layer_norm(x, [x.shape[^1]], weight, bias, _eps);
+        var h = x.to(ScalarType.Float32);
+        var mean = h.mean([-1], keepdim: true);
+        var centred = h - mean;
+        var v = centred.pow(2).mean([-1], keepdim: true);
+        return (weight.to(ScalarType.Float32) * (centred * rsqrt(v + _eps))).to(x.dtype);
+    }
+}
+
+public static class Norms
+{
+    /// <summary>The norm module of <paramref name="s"/> over <paramref name="size"/> features.</summary>
+    public static HfModule Create(long size, NormSettings s, Init init) => s.Kind switch
+    {
+        NormKind.Rms or NormKind.RmsWeightInFp32 or NormKind.RmsOnePlusWeight => new RmsNorm(size, s, init),
+        NormKind.LayerNorm => new LayerNorm(size, s.Eps, hasBias: true, init),
+        NormKind.LayerNormNoBias => new LayerNorm(size, s.Eps, hasBias: false, init),
+        _ => throw new NotSupportedException($"norm kind {s.Kind} has no runtime block."),
+    };
+}
+
+/// <summary>
+/// A decoder layer of a <see cref="LayerForm"/>: optional norms before/after attention and feed-forward, a residual
+/// multiplier, a parallel (attention + feed-forward on one normed input) variant and an optional second feed-forward
+/// summed with the first; children registered in the form's order.
+/// </summary>
+public sealed class FormDecoderLayer : HfModule, IDecoderLayer
+{
+    readonly IBlock _attn, _ff;
+    readonly IBlock? _extra;
+    readonly INorm? _beforeAttn, _afterAttn, _beforeFf, _afterFf;
+    readonly LayerForm _form;
+
+    public FormDecoderLayer(HfModule attn, string ffName, HfModule ff, LayerForm form, HfModule? extraFf, long hidden, Init init)
+    {
+        _form = form;
+        var children = new Dictionary<string, HfModule>(StringComparer.Ordinal) { ["self_attn"] = attn, [ffName] = ff };
+        INorm? Norm(NamedNorm? n)
+        {
+            if (n is null) return null;
+            var m = Norms.Create(hidden, n.Norm, init);
+            children.Add(n.Name, m);
+            return (INorm)m;
+        }
+        _beforeAttn = Norm(form.BeforeAttention);
+        _afterAttn = Norm(form.AfterAttention);
+        _beforeFf = Norm(form.BeforeFeedForward);
+        _afterFf = Norm(form.AfterFeedForward);
+        if (extraFf is not null) children.Add(form.ExtraFeedForwardName ?? throw new InvalidDataException("an extra feed-forward needs a name."), extraFf);
+        if (form.Order.Count != children.Count || !form.Order.All(children.ContainsKey))
+            throw new InvalidDataException($"layer order [{string.Join(", ", form.Order)}] does not name its children [{string.Join(", ", children.Keys)}].");
+        foreach (var name in form.Order) AddChild(name, children[name]);
+        _attn = (IBlock)attn;
+        _ff = (IBlock)ff;
+        _extra = (IBlock?)extraFf;
+    }
+
+    static Tensor Apply(INorm? n, Tensor x) => n is null ? x : n.Forward(x);
+
+    Tensor FeedForward(Tensor x, ForwardContext ctx) => _extra is null ? _ff.Forward(x, ctx) : _ff.Forward(x, ctx) + _extra.Forward(x, ctx);
+
+    public Tensor Forward(Tensor x, ForwardContext ctx)
+    {
+        double m = _form.ResidualMultiplier;
+        if (_form.Parallel)
+        {
+            var normed = Apply(_beforeAttn, x);
+            return x + _attn.Forward(normed, ctx) + FeedForward(normed, ctx);
+        }
+        var a = Apply(_afterAttn, _attn.Forward(Apply(_beforeAttn, x), ctx));
+        var h = x + (m == 1.0 ? a : a * m);
+        var f = Apply(_afterFf, FeedForward(Apply(_beforeFf, h), ctx));
+        return h + (m == 1.0 ? f : f * m);
+    }
+}
