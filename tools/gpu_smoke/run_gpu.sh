@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the GPU host, from the repository root, with the bundle pack.sh made:
-#   tools/gpu_smoke/run_gpu.sh [parity|train|report|all]      (default: all)
+#   tools/gpu_smoke/run_gpu.sh [parity|train|report|peft|all]      (default: all)
 # It unpacks artifacts/gpu_smoke/moelora-linux-x64.tar.xz (or $MOELORA_SMOKE_TARBALL) and, with no LD_LIBRARY_PATH,
 # lets moelora find the host's PyTorch CUDA libtorch by itself (python3's torch/lib, or $MOELORA_LIBTORCH):
 #   parity  every runtime fixture (tests/MoeLora.Torch.Tests/Data/hf-tiny, hf-moe) through
@@ -9,6 +9,9 @@
 #   train   `train --preset tiny --device cuda`, losses compared step by step with the CPU run pack.sh made
 #           (step 1 < 1e-4 relative, steps 1-10 < 1e-3; the whole run's drift is reported)
 #   report  `report Qwen/Qwen3-30B-A3B --load-model --init random --device cuda`, with the process's peak RSS
+#   peft    the PyTorch + PEFT reference steps of the GPU benchmark (bench/gpu/peft_step.py): a LoRA step and a
+#           circuit-breaker step on Qwen3-30B-A3B (random init, bf16), tokens/s and peak GPU memory
+#           (BENCH_BATCH, BENCH_TOKENS, BENCH_MODES override the defaults 1, 1024, "lora cb")
 # Results and logs go to $OUT (the device machine's output folder) or /tmp/moelora-gpu-smoke/results.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -39,7 +42,7 @@ parity() {
   for dir in tests/MoeLora.Torch.Tests/Data/hf-tiny/* tests/MoeLora.Torch.Tests/Data/hf-moe/*; do
     [ -f "$dir/reference.safetensors" ] && [ -d "$dir/model" ] || continue
     local name; name=$(basename "$(dirname "$dir")")/$(basename "$dir")
-    for dtype in fp32 bf16; do
+    for dtype in ${PARITY_DTYPES:-fp32 bf16}; do
       local tol=1e-4; [ "$dtype" = bf16 ] && tol=5e-2
       local out="$results/hs-$(basename "$dir")-$dtype.safetensors" err="$results/hs-$(basename "$dir")-$dtype.err"
       if "$bin" hidden-states "$dir/model" --inputs "$dir/reference.safetensors" --device cuda --model-dtype "$dtype" \
@@ -104,12 +107,24 @@ report() {
   [ "$rc" -eq 0 ] || { log "report: FAIL ($(tail -n 2 "$log_file" | tr '\n' ' '))"; failures=$((failures + 1)); }
 }
 
+bench_config=src/MoeLora.Core/Catalog/configs/Qwen__Qwen3-30B-A3B.json
+
+peft() {
+  for mode in ${BENCH_MODES:-lora cb}; do
+    local name=peft-$mode-b${BENCH_BATCH:-1}
+    timeout 400 python3 bench/gpu/peft_step.py --config "$bench_config" --mode "$mode" --batch "${BENCH_BATCH:-1}" \
+      --tokens "${BENCH_TOKENS:-1024}" --out "$results/$name.json" 2>"$results/$name.log"
+    log "$name: $(python3 tools/gpu_smoke/summarize_step.py "$results/$name.json" 2>&1)"
+  done
+}
+
 case "$stage" in
   parity) parity ;;
   train) train ;;
   report) report ;;
-  all) parity; train; report ;;
-  *) echo "usage: $0 [parity|train|report|all]" >&2; exit 2 ;;
+  peft) peft ;;
+  all) parity; train; report; peft ;;
+  *) echo "usage: $0 [parity|train|report|peft|all]" >&2; exit 2 ;;
 esac
 log "== stage $stage: $failures failing check(s)"
 exit $(( failures > 0 ? 1 : 0 ))

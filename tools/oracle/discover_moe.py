@@ -47,6 +47,10 @@ MM_TYPES = """aria ernie4_5_vl_moe glm4v_moe kimi_k25 mistral4 step3p7 qwen3_omn
 minimax_m3_vl deepseek_ocr2 glm5_next inkling_mm_model""".split()
 
 # Fields the generic shrink cannot guess (read from each type's configuration file), applied after shrink().
+# Extra fixtures: name -> (type, overrides). llama4_text_chunked makes the left-padded row cross chunk boundaries
+# (attention_chunk_size 4 < the 10-token inputs), which the default 32-token chunk never does.
+EXTRA_FIXTURES = {"llama4_text_chunked": ("llama4_text", dict(attention_chunk_size=4))}
+
 OVERRIDES = {
     "dots1": dict(n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1),
     "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"], num_dense_layers=1),
@@ -157,6 +161,14 @@ def shrink(d, kind="oracle", depth=0, orig_layers=None):
     setif("v_head_dim", 16)
     if _is_int(d.get("qk_head_dim")) and "qk_nope_head_dim" in d:
         d["qk_head_dim"] = d["qk_nope_head_dim"] + d.get("qk_rope_head_dim", 0)
+    if _is_int(d.get("kv_lora_rank")) and _is_int(d.get("qk_rope_head_dim")):
+        # MLA: the rotary tables are built for head_dim (= qk_rope_head_dim in these configs) and keys come out with
+        # num_attention_heads heads, so a shrunk kv-head count would make repeat_kv duplicate them.
+        if "head_dim" in d:
+            d["head_dim"] = d["qk_rope_head_dim"]
+        for k in ("num_key_value_heads",):
+            if _is_int(d.get(k)) and _is_int(d.get("num_attention_heads")):
+                d[k] = d["num_attention_heads"]
     # linear attention / state-space mixers
     setif("linear_num_key_heads", 2)
     setif("linear_num_value_heads", 4)
@@ -379,15 +391,23 @@ def job_type(args):
 
 def job_fixture(args):
     """Tiny random float32 checkpoint and reference outputs for one type."""
-    t, rec, fx_root = args
+    name, rec, fx_root = args
+    t, extra = EXTRA_FIXTURES.get(name, (name, {}))
     import torch
     from safetensors.torch import save_file
 
     torch.set_num_threads(1)
-    res = {"type": t}
+    res = {"type": name}
     try:
         cfg = shrink(rec["default_config"], "fixture")
         apply_overrides(cfg, OVERRIDES.get(t, {}))
+        apply_overrides(cfg, extra)
+        # Nested sub-configs without a model type of their own (dbrx's attn_config/ffn_config) reject the generic
+        # PretrainedConfig keys to_dict() wrote into them.
+        for v in cfg.values():
+            if isinstance(v, dict) and v.get("model_type") == "":
+                for k in ("_name_or_path", "output_attentions"):
+                    v.pop(k, None)
         if t == "hunyuan_v1_moe":
             cfg["head_dim"] = 8
         cfg["model_type"] = t
@@ -396,7 +416,7 @@ def job_fixture(args):
         torch.manual_seed(0)
         model, head = build(config, rec["heads"])
         model = model.float().eval()
-        d = os.path.join(fx_root, t)
+        d = os.path.join(fx_root, name)
         os.makedirs(os.path.join(d, "model"), exist_ok=True)
         model.save_pretrained(os.path.join(d, "model"))
         g = torch.Generator().manual_seed(1)
@@ -418,7 +438,7 @@ def job_fixture(args):
         if rl is not None:
             for i, r in enumerate(rl):
                 if isinstance(r, torch.Tensor):
-                    tensors[f"router_logits.{i}"] = r.float().contiguous()
+                    tensors[f"router_logits.{i}"] = r.float().contiguous().clone()  # jetmoe returns views of one tensor
         save_file(tensors, os.path.join(d, "reference.safetensors"))
         res["ok"] = True
         res["head"] = head
@@ -506,7 +526,8 @@ def main():
         tree_types = [t for t in types if not a.tree_types or t in a.tree_types.split(",")]
         tree_jobs = pool.imap_unordered(job_type, [(t, types[t], a.out, not a.no_peft) for t in tree_types])
         fx_types = [t for t, r in types.items() if "default_config" in r and t in TEXT_TYPES and t not in a.no_fixture.split(",")]
-        fx_jobs = pool.imap_unordered(job_fixture, [(t, types[t], fx_root) for t in fx_types] if a.fixtures else [])
+        fx_types += [n for n, (t, _) in EXTRA_FIXTURES.items() if t in fx_types]
+        fx_jobs = pool.imap_unordered(job_fixture, [(t, types[EXTRA_FIXTURES.get(t, (t,))[0]], fx_root) for t in fx_types] if a.fixtures else [])
         for res in tree_jobs:
             results[res["type"]] = res
             n = len(res.get("peft", {}))
