@@ -21,7 +21,7 @@ dotnet publish src/MoeLora.Cli -c Release -r linux-x64 --self-contained true -p:
 if [ "${SKIP_CPU_RUN:-0}" != 1 ] || [ ! -f "$out/cpu-tiny-metrics.jsonl" ]; then
   echo "== CPU reference: train --preset tiny"
   rm -rf "$out/cpu-tiny"
-  "$app/moelora" train --preset tiny --device cpu --output "$out/cpu-tiny"
+  "$app/moelora" train --preset tiny --device cpu --lora-dropout 0 --init-lora-weights false --output "$out/cpu-tiny"
   cp "$out/cpu-tiny/metrics.jsonl" "$out/cpu-tiny-metrics.jsonl"
 fi
 

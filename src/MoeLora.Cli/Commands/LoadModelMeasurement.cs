@@ -155,7 +155,7 @@ internal static class LoadModelMeasurement
         if (OperatingSystem.IsLinux())
             foreach (var line in File.ReadLines("/proc/self/status"))
                 if (line.StartsWith("VmRSS:", StringComparison.Ordinal))
-                    return long.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1], CultureInfo.InvariantCulture) * 1024;
+                    return DeviceMemory.ProcKiBToBytes(line);
         return Environment.WorkingSet;
     }
 

@@ -57,7 +57,7 @@ public static class Measurements
         if (OperatingSystem.IsLinux())
             foreach (var line in File.ReadLines("/proc/self/status"))
                 if (line.StartsWith("VmHWM:", StringComparison.Ordinal))
-                    return long.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) * 1024;
+                    return Runtime.DeviceMemory.ProcKiBToBytes(line);
         return System.Diagnostics.Process.GetCurrentProcess().PeakWorkingSet64;
     }
 

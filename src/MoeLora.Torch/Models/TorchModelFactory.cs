@@ -75,7 +75,10 @@ public static class TorchModelFactory
         CheckDType(dtype);
         var spec = Spec(configJson);
         var target = device ?? CPU;
-        var gen = mode == RandomInit.OnDevice ? new Generator((ulong)seed, target) : new Generator((ulong)seed);
+        // TorchSharp 0.107's Generator(seed, device) still makes a CPU generator, which CUDA kernels reject ("Expected
+        // a 'cuda' device type for generator", seen on the H100), so a CUDA draw seeds the device's default generator.
+        if (mode == RandomInit.OnDevice && target.type == DeviceType.CUDA) torch.cuda.manual_seed(seed);
+        var gen = new Generator((ulong)seed);
         return ModelBuilder.Build(spec, new Init(dtype, target, spec.RequireRuntime().InitializerRange, gen) { DrawOnDevice = mode == RandomInit.OnDevice });
     }
 

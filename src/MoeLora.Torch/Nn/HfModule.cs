@@ -116,14 +116,16 @@ public sealed record Init(ScalarType DType, Device Device, double Std, Generator
 {
     /// <summary>
     /// normal(0, std) like transformers' <c>_init_weights</c> for Linear, Embedding and expert tensors. With
-    /// <see cref="DrawOnDevice"/> the generator (which then lives on the target device) draws in place, in the target
+    /// <see cref="DrawOnDevice"/> the target device's generator draws in place, in the target
     /// dtype (no host copy: real-size models on a GPU); otherwise fp32 is drawn on the CPU and cast, so the values are the
     /// same on every device (temporaries freed at once).
     /// </summary>
     public Tensor Normal(params long[] shape)
     {
         if (Generator is null) return empty(shape, DType, Device);
-        if (DrawOnDevice) return empty(shape, DType, Device).normal_(0, Std, Generator);
+        if (DrawOnDevice)
+            return Device.type == DeviceType.CPU ? empty(shape, DType, Device).normal_(0, Std, Generator)
+                : empty(shape, DType, Device).normal_(0, Std); // the device's default generator, seeded by the factory
         using var drawn = normal(0, Std, shape, generator: Generator);
         if (drawn.dtype == DType && Device.type == DeviceType.CPU) return drawn.alias();
         using var cast = drawn.to(DType);

@@ -31,7 +31,7 @@ public static class DeviceMemory
         if (OperatingSystem.IsLinux())
             foreach (var line in File.ReadLines("/proc/meminfo"))
                 if (line.StartsWith("MemAvailable:", StringComparison.Ordinal))
-                    return new FreeMemory(long.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1], CultureInfo.InvariantCulture) * 1024,
+                    return new FreeMemory(ProcKiBToBytes(line),
                         "the memory available on this machine (MemAvailable)");
         return new FreeMemory(GC.GetGCMemoryInfo().TotalAvailableMemoryBytes, "the memory available to this process");
     }
@@ -42,9 +42,16 @@ public static class DeviceMemory
         if (!OperatingSystem.IsLinux()) return 0;
         foreach (var line in File.ReadLines("/proc/self/status"))
             if (line.StartsWith("VmHWM:", StringComparison.Ordinal))
-                return long.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1], CultureInfo.InvariantCulture) * 1024;
+                return ProcKiBToBytes(line);
         return 0;
     }
+
+    /// <summary>
+    /// The value of a /proc "Key:  1234 kB" line in bytes. The kernel separates key and value with a tab and pads with
+    /// spaces (a space-only split read "kB" as the number on the GPU host), so any whitespace separates.
+    /// </summary>
+    public static long ProcKiBToBytes(string line) =>
+        long.Parse(line.Split([' ', '\t'], StringSplitOptions.RemoveEmptyEntries)[1], CultureInfo.InvariantCulture) * 1024;
 
     /// <summary>The CUDA runtime library mapped into this process (loaded by libtorch_cuda), from /proc/self/maps.</summary>
     internal static string? MappedLibrary(IEnumerable<string> mapsLines, string stem)
