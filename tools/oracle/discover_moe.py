@@ -15,6 +15,9 @@ What it writes under --out (few files, since the device returns at most 8):
   LoRA variant of make_oracle.tiny_variants(); plus ``saved`` (the keys save_pretrained writes).
 * ``moe_fixtures.tar.gz``: per type a tiny random float32 checkpoint (``save_pretrained``, hidden 32) and its
   ``reference.safetensors`` (input_ids [2,10] with row 1 left-padded by 3, logits, hidden_states, router logits).
+  With ``--perturb-constants`` the parameters init leaves constant get seeded noise first (see perturb_constants);
+  ``--only doge --fixtures --perturb-constants --no-peft`` remakes the doge fixture so it checks Doge's A, dt_proj
+  and residual scales (the committed one has A = 0 and residual scales of 1).
 * ``moe_sources.tar.gz``: the configuration/modeling/modular source files of each type, and PEFT's
   transformers weight-conversion module, to read the layouts from.
 """
@@ -391,7 +394,8 @@ def job_type(args):
 
 def job_fixture(args):
     """Tiny random float32 checkpoint and reference outputs for one type."""
-    name, rec, fx_root = args
+    name, rec, fx_root = args[:3]
+    perturb = len(args) > 3 and args[3]
     t, extra = EXTRA_FIXTURES.get(name, (name, {}))
     import torch
     from safetensors.torch import save_file
@@ -416,6 +420,8 @@ def job_fixture(args):
         torch.manual_seed(0)
         model, head = build(config, rec["heads"])
         model = model.float().eval()
+        if perturb:
+            res["perturbed"] = perturb_constants(model, torch)
         d = os.path.join(fx_root, name)
         os.makedirs(os.path.join(d, "model"), exist_ok=True)
         model.save_pretrained(os.path.join(d, "model"))
@@ -447,6 +453,20 @@ def job_fixture(args):
         res["error"] = mo.err_str(e)
         res["error_where"] = mo.tb_tail(6)
     return res
+
+
+def perturb_constants(model, torch):
+    """Adds seeded noise (std 0.1) to every parameter whose values are all equal after init (norm weights of ones,
+    zero-initialised gates and mask parameters such as Doge's A, learned residual scales of ones), so the reference
+    exercises what those tensors do instead of an identity the runtime could get right by leaving them out."""
+    g = torch.Generator().manual_seed(2)
+    names = []
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.numel() > 1 and bool((p == p.flatten()[0]).all()):
+                p.add_(torch.randn(p.shape, generator=g) * 0.1)
+                names.append(name)
+    return names
 
 
 def copy_sources(types, dst):
@@ -496,6 +516,8 @@ def main():
     ap.add_argument("--tree-types", default="", help="record trees and PEFT variants only for these types")
     ap.add_argument("--fixtures", action="store_true")
     ap.add_argument("--no-fixture", default="")
+    ap.add_argument("--perturb-constants", action="store_true",
+                    help="fixtures: add noise to parameters init leaves constant (norms, Doge's A, residual scales)")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     types = discover()
@@ -527,7 +549,7 @@ def main():
         tree_jobs = pool.imap_unordered(job_type, [(t, types[t], a.out, not a.no_peft) for t in tree_types])
         fx_types = [t for t, r in types.items() if "default_config" in r and t in TEXT_TYPES and t not in a.no_fixture.split(",")]
         fx_types += [n for n, (t, _) in EXTRA_FIXTURES.items() if t in fx_types]
-        fx_jobs = pool.imap_unordered(job_fixture, [(t, types[EXTRA_FIXTURES.get(t, (t,))[0]], fx_root) for t in fx_types] if a.fixtures else [])
+        fx_jobs = pool.imap_unordered(job_fixture, [(t, types[EXTRA_FIXTURES.get(t, (t,))[0]], fx_root, a.perturb_constants) for t in fx_types] if a.fixtures else [])
         for res in tree_jobs:
             results[res["type"]] = res
             n = len(res.get("peft", {}))

@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -96,10 +97,31 @@ internal sealed class AriaFamily : IArchitecture
         return Blocks.NestedSpec(c, text, c.ModelType!, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act, textModel,
             lmHead) with
         {
-            RuntimeUnavailable = multimodal
-                ? "Aria's Idefics3 vision tower and multi-modal projector"
-                : "Aria's grouped-GEMM experts (experts.fc1 / experts.fc2 modules holding [E, in, out] weights, which PEFT targets as module weights)",
+            RuntimeUnavailable = multimodal ? "Aria's Idefics3 vision tower and multi-modal projector" : null,
+            Runtime = multimodal ? null : Runtime(text, vocab, hidden, layers, heads, kv, headDim, attnBias, experts, topK, shared, inter,
+                mlpBias, act, tie),
         };
+    }
+
+    /// <summary>
+    /// AriaTextForCausalLM as runtime settings: Llama attention (attention_bias on q/k/v/o), pre-norm RMSNorm layers,
+    /// an nn.Linear router (top-k of the logits, softmax over those k in the logits' dtype), grouped-GEMM experts and
+    /// an ungated shared MLP added to the routed output.
+    /// </summary>
+    private static DecoderRuntime Runtime(ModelConfig c, long vocab, long hidden, long layers, long heads, long kv, long headDim,
+        bool attnBias, long experts, long topK, long shared, long inter, bool mlpBias, string act, bool tie)
+    {
+        var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-6));
+        var moe = new MoeSettings(
+            new TopKLogitsRouterSettings("router", experts, topK, TopKScore.Softmax, NormTopK: false, LogitsInFp32: false, LinearModule: true),
+            new ExpertsSettings(ExpertsLayout.GroupedGemmInOut, experts, inter, "silu"),
+            new SharedExpertSettings("shared_experts", inter * shared, act, null, Bias: mlpBias), MoeOrder.RouterFirst);
+        var layer = new DecoderLayerRuntime(
+            new StandardAttentionSettings(heads, kv, headDim, attnBias, attnBias, QkNormKind.None, norm.Eps, Sinks: false, MaskSettings.Full,
+                RotaryDim: headDim),
+            "mlp", moe, norm, norm);
+        return new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm, RopeSettings.Read(c, 10000.0, headDim),
+            Enumerable.Repeat(layer, (int)layers).ToList());
     }
 
     /// <summary>AriaGroupedExpertsGemm: one weight [E, in, out] for all experts (not an nn.Linear).</summary>

@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -76,9 +77,22 @@ internal sealed class DogeFamily : IArchitecture
                 $"product-key retrieval: top-{keys} of each of 2 key sets of {keys}, top-{topK} of their sums, softmax" +
                 (c.Bool("norm_topk_prob", false) ? ", renormalised" : "") + "; each expert is one neuron (down_embed/up_embed rows), plus a shared gated MLP")
             : MoeFacts.Dense(layers);
-        return Blocks.Spec(c, "doge", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        var spec = Blocks.Spec(c, "doge", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        if (isMoe) return spec with { RuntimeUnavailable = "Doge's CDMoE retrieval experts (product-key routing over down_embed / up_embed)" };
+
+        // Dense Doge: pre-norm layers whose residuals are scaled by learned vectors, dynamic-mask attention, DogeMLP.
+        var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-6));
+        var window = c.IntOrNull("sliding_window", null);
+        var attn = new DynamicMaskAttentionSettings(heads, kv, headDim, attnBias, norm.Eps,
+            window is { } w ? new MaskSettings(MaskKind.Sliding, w) : MaskSettings.Full, c.Positive("keep_window_size", 2048));
+        var form = new LayerForm(["input_layernorm", "self_attn", "post_attention_layernorm", "mlp"],
+            new NamedNorm("input_layernorm", norm), null, new NamedNorm("post_attention_layernorm", norm), null,
+            ResidualScales: ("input_residual", "post_attention_residual"));
+        var layer = new DecoderLayerRuntime(attn, "mlp", new GatedMlpSettings(inter, act, mlpBias), norm, norm, form);
+        return spec with
         {
-            RuntimeUnavailable = "Doge's dynamic-mask attention (A, dt_proj), learned residual scales (input_residual, post_attention_residual) and CDMoE retrieval experts",
+            Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm, RopeSettings.Read(c, 10000.0, headDim),
+                Enumerable.Repeat(layer, (int)layers).ToList()),
         };
     }
 }

@@ -45,6 +45,7 @@ public static class ModelBuilder
         StandardAttentionSettings s => new StandardAttention(hidden, s, rope, init),
         MlaAttentionSettings s => new MlaAttention(hidden, s, rope, init),
         Llama4AttentionSettings s => new Llama4Attention(hidden, s, rope, init),
+        DynamicMaskAttentionSettings s => new DynamicMaskAttention(hidden, s, rope, init),
         _ => throw new NotSupportedException($"attention settings {a.GetType().Name} have no runtime block."),
     };
 

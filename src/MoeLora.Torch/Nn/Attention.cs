@@ -25,7 +25,16 @@ public sealed class ForwardContext
         var k = Positions.unsqueeze(-2);                     // [B, 1, S]
         var allowed = k.le(q) & AttentionMask.to(ScalarType.Bool).unsqueeze(1);
         if (kind == MaskKind.Sliding) allowed &= (q - k).lt(window);
-        if (kind == MaskKind.Chunked) allowed &= k.div(window, rounding_mode: RoundingMode.floor).eq(q.div(window, rounding_mode: RoundingMode.floor));
+        if (kind == MaskKind.Chunked)
+        {
+            // transformers' chunked_overlay: chunks are counted from each row's first real token, on sequence indices
+            // minus that row's left padding (the leading masked positions), not on position ids.
+            var real = AttentionMask.to(ScalarType.Int64);
+            var leftPad = real.cumsum(-1, ScalarType.Int64).eq(0).sum(-1, type: ScalarType.Int64);     // [B]
+            var chunk = (arange(real.shape[1], ScalarType.Int64, real.device).unsqueeze(0) - leftPad.unsqueeze(-1))
+                .div(window, rounding_mode: RoundingMode.floor);                                             // [B, S]
+            allowed &= chunk.unsqueeze(-1).eq(chunk.unsqueeze(-2));
+        }
         double min = DType == ScalarType.Float32 ? float.MinValue : DType == ScalarType.Float64 ? double.MinValue : -3.3895313892515355e38;
         m = where(allowed, 0.0, min).to(DType).unsqueeze(1);
         _masks[(kind, window)] = m;

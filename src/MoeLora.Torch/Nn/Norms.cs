@@ -52,7 +52,7 @@ public static class Norms
 
 /// <summary>
 /// A decoder layer of a <see cref="LayerForm"/>: optional norms before/after attention and feed-forward, a residual
-/// multiplier, a parallel (attention + feed-forward on one normed input) variant and an optional second feed-forward
+/// multiplier or learned per-channel residual scales, a parallel (attention + feed-forward on one normed input) variant and an optional second feed-forward
 /// summed with the first; children registered in the form's order.
 /// </summary>
 public sealed class FormDecoderLayer : HfModule, IDecoderLayer
@@ -61,10 +61,16 @@ public sealed class FormDecoderLayer : HfModule, IDecoderLayer
     readonly IBlock? _extra;
     readonly INorm? _beforeAttn, _afterAttn, _beforeFf, _afterFf;
     readonly LayerForm _form;
+    readonly Parameter? _attnScale, _ffScale;
 
     public FormDecoderLayer(HfModule attn, string ffName, HfModule ff, LayerForm form, HfModule? extraFf, long hidden, Init init)
     {
         _form = form;
+        if (form.ResidualScales is { } rs)
+        {
+            _attnScale = AddParameter(rs.Attention, init.Ones(hidden));
+            _ffScale = AddParameter(rs.FeedForward, init.Ones(hidden));
+        }
         var children = new Dictionary<string, HfModule>(StringComparer.Ordinal) { ["self_attn"] = attn, [ffName] = ff };
         INorm? Norm(NamedNorm? n)
         {
@@ -99,8 +105,8 @@ public sealed class FormDecoderLayer : HfModule, IDecoderLayer
             return x + _attn.Forward(normed, ctx) + FeedForward(normed, ctx);
         }
         var a = Apply(_afterAttn, _attn.Forward(Apply(_beforeAttn, x), ctx));
-        var h = x + (m == 1.0 ? a : a * m);
+        var h = (_attnScale is null ? x : _attnScale * x) + (m == 1.0 ? a : a * m);
         var f = Apply(_afterFf, FeedForward(Apply(_beforeFf, h), ctx));
-        return h + (m == 1.0 ? f : f * m);
+        return (_ffScale is null ? h : _ffScale * h) + (m == 1.0 ? f : f * m);
     }
 }

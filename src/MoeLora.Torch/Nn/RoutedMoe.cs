@@ -47,7 +47,7 @@ public sealed class MoeStatics : HfModule
 /// softmax or sigmoid of those k: Cohere2-MoE, GraniteMoE), <see cref="SigmoidBiasRouterSettings"/> (sigmoid scores,
 /// bias-corrected selection: AFMoE, Laguna, MiniMax-M2/M3, HY V3), <see cref="SparseMixerRouterSettings"/> (PhiMoE),
 /// <see cref="SoftmaxStaticsTopKRouterSettings"/> (ERNIE 4.5) and <see cref="LinearSoftmaxTopKRouterSettings"/>
-/// (HunYuan). Routed experts are the transformers-5 fused experts (plain or clamped SwiGLU); an ungated shared expert
+/// (HunYuan). Routed experts are the transformers-5 fused experts (plain or clamped SwiGLU) or Aria's grouped GEMM; an ungated shared expert
 /// is summed (averaged, or added in fp32: <see cref="MoeOptions"/>) with the routed output. The router logits recorded
 /// are the router's returned logits ([T, E]).
 /// </summary>
@@ -57,7 +57,7 @@ public sealed class RoutedMoe : HfModule, IBlock
     readonly MoeOptions _o;
     readonly HfModule _router;
     readonly Tensor? _blockBias;
-    readonly ExpertsBase _experts;
+    readonly HfModule _experts;
     readonly HfModule? _shared;
 
     public RoutedMoe(long hidden, MoeSettings s, Init init)
@@ -93,6 +93,7 @@ public sealed class RoutedMoe : HfModule, IBlock
         {
             ExpertsLayout.GateUpOutIn => new FusedExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, s.Experts.Act, init),
             ExpertsLayout.GateUpOutInClamped => new ClampedFusedExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, s.Experts.SwigluLimit, s.Experts.SwigluAlpha, init),
+            ExpertsLayout.GroupedGemmInOut => new GroupedGemmExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, init),
             _ => throw new NotSupportedException($"{s.Router.GetType().Name} with {s.Experts.Layout} experts has no runtime block."),
         };
         if (s.Shared?.SigmoidGateName is not null) throw new NotSupportedException($"a gated shared expert with {s.Router.GetType().Name} has no runtime block yet.");
@@ -188,6 +189,7 @@ public sealed class RoutedMoe : HfModule, IBlock
         {
             FusedExperts f => f.Forward(flat, topIdx, topW),
             ClampedFusedExperts c => c.Forward(flat, topIdx, topW),
+            GroupedGemmExperts gg => gg.Forward(flat, topIdx, topW),
             _ => throw new InvalidOperationException(),
         };
         if (_o.RoutedScale != 1.0) routed = routed * _o.RoutedScale;

@@ -50,6 +50,15 @@ public sealed record StandardAttentionSettings(
     StandardAttentionOptions? Options = null) : AttentionSettings;
 
 /// <summary>
+/// Doge's dynamic-mask attention: q, k, v projections, a per-kv-head Parameter <c>A</c> (registered first, so it
+/// enumerates before the projections), <c>dt_proj</c> (kv·head_dim → kv heads), o_proj, then per-head q_norm / k_norm
+/// (before rope). The additive mask is <c>exp(A · softplus(dt_proj(v)))</c> per key and kv head, the minimum where the
+/// causal (or sliding) mask forbids; beyond <paramref name="KeepWindowSize"/> keys only the top ones of each row stay.
+/// </summary>
+public sealed record DynamicMaskAttentionSettings(long Heads, long KvHeads, long HeadDim, bool Bias, double QkNormEps, MaskSettings Mask,
+    long KeepWindowSize) : AttentionSettings;
+
+/// <summary>
 /// DeepSeek's multi-head latent attention: q through q_a_proj, q_a_layernorm, q_b_proj (or one q_proj when
 /// <paramref name="QLoraRank"/> is null), compressed kv through kv_a_proj_with_mqa, kv_a_layernorm and kv_b_proj,
 /// rope on the last <paramref name="QkRopeHeadDim"/> dims only (shared by all heads for k).

@@ -73,6 +73,13 @@ public enum ExpertsLayout
     /// g = clamp(gate, max = L), α = <see cref="ExpertsSettings.SwigluAlpha"/>.
     /// </summary>
     GateUpOutInClamped,
+
+    /// <summary>
+    /// Aria's grouped GEMM: an <c>experts</c> module holding <c>fc1</c> and <c>fc2</c> modules, each with one
+    /// <c>weight</c>, fc1 <c>[E, H, 2I]</c> and fc2 <c>[E, I, H]</c> used as (in, out); per expert
+    /// <c>fc2(silu(a) · b)</c> with (a, b) = chunk(fc1(x), 2) (SiLU fixed, not <c>hidden_act</c>).
+    /// </summary>
+    GroupedGemmInOut,
 }
 
 /// <param name="SwigluLimit">The clamp L of the clamped layouts (gpt-oss' and MiniMax-M3's <c>swiglu_limit</c>); unused by the others.</param>

@@ -14,6 +14,9 @@ public sealed record NamedNorm(string Name, NormSettings Norm);
 /// </summary>
 /// <param name="Order">The layer's children in registration order (named_parameters order): "self_attn", the
 /// feed-forward name, the norm names and <see cref="ExtraFeedForwardName"/> where present.</param>
+/// <param name="ResidualScales">Learned per-channel residual scales, the layer's own Parameters [hidden] (so they
+/// enumerate before its children): <c>h = s₁ ⊙ x + attn</c>, <c>out = s₂ ⊙ h + ff</c> (Doge's input_residual,
+/// post_attention_residual); null: plain residuals.</param>
 /// <param name="ExtraFeedForward">A second feed-forward added to the first on the same input (GraniteMoeShared's
 /// <c>shared_mlp</c>), registered as <paramref name="ExtraFeedForwardName"/>.</param>
 public sealed record LayerForm(
@@ -25,7 +28,8 @@ public sealed record LayerForm(
     bool Parallel = false,
     double ResidualMultiplier = 1.0,
     FeedForwardSettings? ExtraFeedForward = null,
-    string? ExtraFeedForwardName = null);
+    string? ExtraFeedForwardName = null,
+    (string Attention, string FeedForward)? ResidualScales = null);
 
 /// <summary>
 /// Model-level scalars around the decoder stack: embeddings times <paramref name="EmbeddingMultiplier"/> before the
