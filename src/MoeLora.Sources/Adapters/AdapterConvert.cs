@@ -203,7 +203,7 @@ public static class AdapterConvert
         }
         var dup = list.GroupBy(t => t.Name).FirstOrDefault(g => g.Count() > 1);
         if (dup is not null) throw new UserInputException($"converting would write key {dup.Key} twice.");
-        return list;
+        return list.OrderBy(t => t.Name, StringComparer.Ordinal).ToList();
     }
 
     private static AdapterTensor Rows(AdapterTensor t, long start, long count, string name)

@@ -81,8 +81,8 @@ public static partial class LoraPairs
                 parameter = owned[index];
             }
             string patternName = parameter is null ? module : module + "." + parameter;
-            int rank = Match(rankPattern, patternName) is JsonNode rn ? rn.GetValue<int>() : r;
-            double al = Match(alphaPattern, patternName) is JsonNode an ? an.GetValue<double>() : alpha;
+            int rank = Match(rankPattern, patternName) is JsonNode rn ? ToInt(rn, "rank_pattern") : r;
+            double al = Match(alphaPattern, patternName) is JsonNode an ? ToDouble(an, "alpha_pattern") : alpha;
             int experts = 1;
             if (parameter is not null)
             {
@@ -143,10 +143,27 @@ public static partial class LoraPairs
     }
 
     public static int Int(JsonObject cfg, string key, int fallback) =>
-        cfg[key] is JsonValue v && v.GetValueKind() == JsonValueKind.Number ? v.GetValue<int>() : fallback;
+        cfg[key] is JsonNode n ? ToInt(n, key) : fallback;
 
     public static double Double(JsonObject cfg, string key, double fallback) =>
-        cfg[key] is JsonValue v && v.GetValueKind() == JsonValueKind.Number ? v.GetValue<double>() : fallback;
+        cfg[key] is JsonNode n ? ToDouble(n, key) : fallback;
+
+    // A number written by Python (8, 8.0) or created here (int or double) reads the same way.
+    public static double ToDouble(JsonNode n, string key)
+    {
+        if (n is JsonValue v && v.GetValueKind() == JsonValueKind.Number &&
+            double.TryParse(v.ToJsonString(), System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, out double d))
+            return d;
+        throw new UserInputException($"adapter_config.json: {key} is {n.ToJsonString()}, not a number.");
+    }
+
+    public static int ToInt(JsonNode n, string key)
+    {
+        double d = ToDouble(n, key);
+        if (d != Math.Floor(d) || d < 1 || d > int.MaxValue)
+            throw new UserInputException($"adapter_config.json: {key} is {n.ToJsonString()}, not a positive integer.");
+        return (int)d;
+    }
 
     public static bool Bool(JsonObject cfg, string key) =>
         cfg[key] is JsonValue v && v.GetValueKind() == JsonValueKind.True;
