@@ -29,6 +29,12 @@ public static class Program
                 .WithDescription("List the embedded catalog of real configs");
             config.AddCommand<TrainCommand>("train").WithDescription("Circuit-breaker (representation rerouting) LoRA training");
             config.AddCommand<EvalCommand>("eval").WithDescription("Rerouting and retain metrics with and without an adapter");
+            config.AddBranch("adapter", adapter =>
+            {
+                adapter.SetDescription("Inspect a PEFT LoRA adapter (layout, expert coverage, traps) or convert its expert layout");
+                adapter.AddCommand<AdapterInspectCommand>("inspect").WithDescription("What the adapter adapts, its PEFT layout, ranks, scalings and known traps");
+                adapter.AddCommand<AdapterConvertCommand>("convert").WithDescription("Exact re-layout: peft-v5 fused, per-expert or vllm");
+            });
             config.AddCommand<MergeCommand>("merge").WithDescription("Fold a LoRA adapter into the weights (W+ΔW) and write the checkpoint in its Hub layout");
         });
         return Run(app, args);

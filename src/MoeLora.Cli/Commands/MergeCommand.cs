@@ -7,6 +7,7 @@ using MoeLora.Torch.Training;
 using Spectre.Console;
 using Spectre.Console.Cli;
 using ScalarType = TorchSharp.torch.ScalarType;
+using Tensor = TorchSharp.torch.Tensor;
 using MoeLora.Core;
 
 namespace MoeLora.Cli.Commands;
@@ -52,8 +53,42 @@ public sealed class MergeCommand : Command<MergeCommand.Settings>
         TorchRuntime.EnsureInitialized();
         using var model = TorchModelFactory.Load(s.Model, ScalarType.Float32);
         var adapter = LoraInjector.LoadPeftAdapter(model, s.Adapter);
+        // Merges that silently drop the expert deltas are a known failure (unsloth-zoo #647, mergekit #692): refuse to
+        // write when an adapted tensor would come out unchanged, and prove afterwards what was written.
+        var names = new Dictionary<Tensor, string>(ReferenceEqualityComparer.Instance);
+        foreach (var (name, value) in model.StateDict()) names.TryAdd(value, name.Replace(".base_layer", "", StringComparison.Ordinal));
+        var wrappers = model.NamedModules().Select(m => m.Module).OfType<LoraWrapper>().Where(w => w.Enabled).ToList();
+        var expected = new Dictionary<string, Tensor>(StringComparer.Ordinal);
+        var original = new Dictionary<string, Tensor>(StringComparer.Ordinal);
+        using (TorchSharp.torch.no_grad())
+            foreach (var w in wrappers)
+            {
+                string name = names[w.Target];
+                original.TryAdd(name, w.Target.detach());
+                var current = expected.TryGetValue(name, out var t) ? t : w.Target.detach();
+                expected[name] = w.Merge(current);
+            }
+        var unchanged = expected.Where(kv => kv.Value.equal(original[kv.Key]).all().item<bool>()).Select(kv => kv.Key).ToList();
+        if (unchanged.Count > 0)
+            throw new UserInputException($"merging would leave {unchanged.Count} adapted tensor(s) unchanged (first: {unchanged[0]}): the adapter's ΔW is zero or below the weights' precision; nothing written.");
         LoraMerge.SaveHubCheckpoint(model, s.Model, s.Output);
+        double worst = 0; string worstAt = "";
+        using (var written = TorchModelFactory.Load(s.Output, ScalarType.Float32))
+        using (TorchSharp.torch.no_grad())
+        {
+            var state = written.StateDict().ToDictionary(kv => kv.Name, kv => kv.Value, StringComparer.Ordinal);
+            foreach (var (name, want) in expected)
+            {
+                var diff = (state[name] - want).abs();
+                // Per expert for 3-D expert tensors: the largest |W_merged − (W + ΔW)| of each expert.
+                var perExpert = diff.dim() == 3 ? diff.amax([1, 2]) : diff.max().reshape(1);
+                var values = perExpert.to(ScalarType.Float64).data<double>().ToArray();
+                for (int e = 0; e < values.Length; e++)
+                    if (values[e] > worst || worstAt.Length == 0) { worst = values[e]; worstAt = diff.dim() == 3 ? $"{name}[expert {e}]" : name; }
+            }
+        }
         Consoles.Out.MarkupLine($"[green]merged[/] {adapter.Wrappers.Count} adapters into {Markup.Escape(s.Output)} (Hub layout of {Markup.Escape(s.Model)})");
+        Consoles.Out.MarkupLine($"checked: {expected.Count} adapted tensors re-read from {Markup.Escape(s.Output)}; largest per-expert |W_merged − (W + ΔW)| = {worst.ToString("G3", System.Globalization.CultureInfo.InvariantCulture)} ({Markup.Escape(worstAt)})");
         return ExitCodes.Ok;
     }
 }

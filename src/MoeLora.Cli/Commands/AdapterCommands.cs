@@ -1,0 +1,119 @@
+using System.ComponentModel;
+using System.Globalization;
+using MoeLora.Cli.Infrastructure;
+using MoeLora.Sources.Adapters;
+using Spectre.Console;
+using Spectre.Console.Cli;
+
+namespace MoeLora.Cli.Commands;
+
+/// <summary><c>moelora adapter inspect DIR [--model MODEL]</c>: what a PEFT LoRA adapter adapts, its layout and traps.</summary>
+public sealed class AdapterInspectCommand : Command<AdapterInspectCommand.Settings>
+{
+    public sealed class Settings : CommandSettings
+    {
+        [CommandArgument(0, "<DIR>")]
+        [Description("PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")]
+        public string Dir { get; init; } = "";
+
+        [CommandOption("--model <MODEL>")]
+        [Description("Model the adapter is for (Hub id or local folder): flags keys it would not load (transformers v5 layout)")]
+        public string? Model { get; init; }
+
+        [CommandOption("--revision <REV>")]
+        [Description("Hub revision of --model")]
+        public string Revision { get; init; } = "main";
+
+        [CommandOption("--format <FORMAT>")]
+        [Description("Output format: text or json")]
+        public string Format { get; init; } = "text";
+
+        [CommandOption("-o|--output <FILE>")]
+        [Description("Write the output to FILE (atomically) instead of the terminal")]
+        public string? Output { get; init; }
+
+        public override ValidationResult Validate() => OptionChecks.First(OptionChecks.OneOf(Format, "--format", true, "text", "json"));
+    }
+
+    public override int Execute(CommandContext context, Settings s, CancellationToken cancellationToken)
+    {
+        var folder = AdapterFolder.Read(s.Dir);
+        IReadOnlySet<string>? modules = null, parameters = null;
+        if (s.Model is not null)
+        {
+            var (spec, _) = ModelLoader.Load(s.Model, MoeLora.Core.Modules.Layout.V5, s.Revision);
+            modules = spec.Tree.Modules.Select(m => m.Name).ToHashSet(StringComparer.Ordinal);
+            parameters = spec.Tree.Parameters.Select(p => p.Name).ToHashSet(StringComparer.Ordinal);
+        }
+        var inspection = AdapterInspector.Inspect(folder, modules, parameters);
+        bool rslora = LoraPairs.Bool(folder.Config, "use_rslora");
+        if (s.Format.Equals("json", StringComparison.OrdinalIgnoreCase))
+        {
+            Output.Json(inspection.ToJson(rslora), s.Output);
+            return ExitCodes.Ok;
+        }
+        var lines = new List<string>
+        {
+            $"adapter      {s.Dir}",
+            $"layout       {inspection.Layout}",
+            $"peft         {inspection.PeftVersion ?? "(not recorded)"}",
+            $"by location  {string.Join(", ", inspection.ByLocation.Select(kv => $"{kv.Key} {kv.Value}"))}",
+        };
+        var table = new Table().Border(TableBorder.Simple).AddColumn("module").AddColumn("parameter").AddColumn("location")
+            .AddColumn("r").AddColumn("alpha").AddColumn("scaling").AddColumn("experts").AddColumn("lora_A").AddColumn("lora_B");
+        // One row per distinct (module pattern, parameter) with layer indices folded, so big adapters stay readable.
+        foreach (var g in inspection.Pairs.GroupBy(p => (Name: System.Text.RegularExpressions.Regex.Replace(p.Module, @"\.\d+\.", ".*."), p.Parameter, p.Rank, p.Alpha, A: p.A.ShapeText, B: p.B.ShapeText, p.Location, p.Experts)))
+        {
+            var k = g.Key;
+            table.AddRow(Markup.Escape($"{k.Name} ×{g.Count()}"), Markup.Escape(k.Parameter ?? ""), k.Location, k.Rank.ToString(CultureInfo.InvariantCulture),
+                k.Alpha.ToString(CultureInfo.InvariantCulture), g.First().Scaling(rslora).ToString("0.####", CultureInfo.InvariantCulture),
+                k.Experts.ToString(CultureInfo.InvariantCulture), k.A, k.B);
+        }
+        var items = new List<Spectre.Console.Rendering.IRenderable> { new Text(string.Join("\n", lines) + "\n"), table };
+        items.Add(new Text(inspection.Traps.Count == 0 ? "no traps found\n" : "traps:\n" + string.Join("\n", inspection.Traps.Select(t => "! " + t)) + "\n"));
+        Output.Renderables(items, s.Output);
+        return ExitCodes.Ok;
+    }
+}
+
+/// <summary><c>moelora adapter convert DIR --to peft-v5|per-expert|vllm -o OUT</c>: exact re-layouts of expert LoRA.</summary>
+public sealed class AdapterConvertCommand : Command<AdapterConvertCommand.Settings>
+{
+    public sealed class Settings : CommandSettings
+    {
+        [CommandArgument(0, "<DIR>")]
+        [Description("PEFT adapter folder to convert")]
+        public string Dir { get; init; } = "";
+
+        [CommandOption("--to <FORMAT>")]
+        [Description("peft-v5 (fused ParamWrapper), per-expert (PEFT <= 0.18 keys) or vllm (per-expert, one rank)")]
+        public string? To { get; init; }
+
+        [CommandOption("-o|--output <DIR>")]
+        [Description("New or empty folder for the converted adapter (written to a temporary sibling, then renamed)")]
+        public string? Output { get; init; }
+
+        public override ValidationResult Validate() => OptionChecks.First(
+            To is null ? "--to is required: peft-v5, per-expert or vllm" : OptionChecks.OneOf(To, "--to", AdapterConvert.Targets),
+            Output is null ? "--output DIR is required (a new or empty folder)" : null);
+    }
+
+    public override int Execute(CommandContext context, Settings s, CancellationToken cancellationToken)
+    {
+        var input = AdapterFolder.Read(s.Dir);
+        var output = AdapterConvert.Convert(input, s.To!);
+        var before = AdapterDelta.PerExpert(input);
+        var after = AdapterDelta.PerExpert(output);
+        // The conversion only moves bytes; prove it before writing anything.
+        double worst = 0;
+        foreach (var (k, d) in before)
+        {
+            if (!after.TryGetValue(k, out var e)) throw new InvalidOperationException($"conversion lost the delta of {k}");
+            for (int o = 0; o < d.GetLength(0); o++) for (int i = 0; i < d.GetLength(1); i++) worst = Math.Max(worst, Math.Abs(d[o, i] - e[o, i]));
+        }
+        if (worst != 0 || after.Count != before.Count) throw new InvalidOperationException($"conversion changed ΔW (max |diff| {worst})");
+        output.Write(s.Output!);
+        Consoles.Out.MarkupLine($"[green]converted[/] {before.Count} adapted weights to {Markup.Escape(s.To!)} in {Markup.Escape(s.Output!)} (ΔW per expert identical)");
+        return ExitCodes.Ok;
+    }
+}

@@ -1,0 +1,113 @@
+using System.Text.Json.Nodes;
+
+namespace MoeLora.Sources.Adapters;
+
+/// <summary>What an adapter adapts, in which layout it was saved, and the traps it falls into.</summary>
+public sealed record AdapterInspection(
+    string Layout, string? PeftVersion, IReadOnlyList<LoraPair> Pairs, IReadOnlyList<string> OtherKeys,
+    IReadOnlyDictionary<string, int> ByLocation, IReadOnlyList<string> Traps)
+{
+    public JsonObject ToJson(bool rslora) => new()
+    {
+        ["layout"] = Layout,
+        ["peft_version"] = PeftVersion,
+        ["by_location"] = new JsonObject(ByLocation.Select(kv => KeyValuePair.Create(kv.Key, (JsonNode?)kv.Value))),
+        ["adapters"] = new JsonArray(Pairs.Select(p => (JsonNode)new JsonObject
+        {
+            ["module"] = p.Module,
+            ["parameter"] = p.Parameter,
+            ["location"] = p.Location,
+            ["r"] = p.Rank,
+            ["lora_alpha"] = p.Alpha,
+            ["scaling"] = p.Scaling(rslora),
+            ["experts"] = p.Experts,
+            ["lora_A"] = new JsonArray(p.A.Shape.Select(s => (JsonNode)s).ToArray()),
+            ["lora_B"] = new JsonArray(p.B.Shape.Select(s => (JsonNode)s).ToArray()),
+        }).ToArray()),
+        ["other_keys"] = new JsonArray(OtherKeys.Select(k => (JsonNode)k).ToArray()),
+        ["traps"] = new JsonArray(Traps.Select(t => (JsonNode)t).ToArray()),
+    };
+}
+
+public static class AdapterInspector
+{
+    /// <param name="modelModules">named_modules() of the model the adapter is meant for, when known.</param>
+    /// <param name="modelParameters">named_parameters() of that model.</param>
+    public static AdapterInspection Inspect(AdapterFolder folder, IReadOnlySet<string>? modelModules = null, IReadOnlySet<string>? modelParameters = null)
+    {
+        var (pairs, other) = LoraPairs.Read(folder);
+        var cfg = folder.Config;
+        string? version = cfg["peft_version"] is JsonValue v ? v.ToString() : null;
+        var traps = new List<string>();
+        var fused = pairs.Where(p => p.Parameter is not null && p.Experts > 1).ToList();
+        var perExpert = pairs.Where(p => p.ExpertIndex is not null && p.Location == "routed").ToList();
+        bool threeD = folder.Tensors.Any(t => t.Shape.Length == 3 && t.Name.Contains("lora_"));
+        bool swapped = false;
+
+        // PEFT 0.19.0 swapped in/out for (E, out, in) experts (fixed in 0.19.1, PEFT #3165): gate_up's lora_A then reads
+        // the 2·intermediate side and down's lora_B the intermediate side, instead of both reading the hidden size.
+        foreach (var owner in fused.GroupBy(p => p.Module))
+        {
+            var gu = owner.FirstOrDefault(p => p.Parameter == "gate_up_proj");
+            var dn = owner.FirstOrDefault(p => p.Parameter == "down_proj");
+            if (gu is not null && dn is not null && gu.A.Shape[1] != dn.B.Shape[0] && gu.A.Shape[1] == 2 * dn.B.Shape[0])
+                swapped = true;
+        }
+        if (fused.Count > 0 && version == "0.19.0") swapped = true;
+        if (swapped)
+            traps.Add("swapped 3-D orientation: saved by PEFT 0.19.0, which swapped in/out features of 3-D expert parameters (fixed in 0.19.1, PEFT #3165); newer PEFT reads these factors transposed.");
+
+        string layout = threeD ? "sglang-3d (lora_A/lora_B with an expert dimension)"
+            : swapped ? "peft-0.19.0-swapped fused ParamWrapper"
+            : fused.Count > 0 && perExpert.Count > 0 ? "mixed: fused ParamWrapper and per-expert"
+            : fused.Count > 0 ? "peft-v5 fused ParamWrapper (A (r·E, in) expert-major, B (out, r·E) rank-major)"
+            : perExpert.Count > 0 ? "per-expert 2-D (PEFT <= 0.18 / transformers 4.x, vLLM 2-D)"
+            : "no expert LoRA (dense modules only)";
+
+        if (!pairs.Any(p => p.Location == "routed"))
+            traps.Add("no routed-expert adapter: no LoRA reaches the routed experts" +
+                (pairs.Any(p => p.Location == "shared") ? " (only the shared experts are adapted)." : "."));
+
+        foreach (var owner in perExpert.GroupBy(p => p.Module[..p.Module.LastIndexOf(".experts.", StringComparison.Ordinal)]))
+        {
+            var projs = owner.Select(p => p.ExpertProjection!).ToHashSet();
+            foreach (var (x, y) in new[] { ("gate_proj", "up_proj"), ("w1", "w3") })
+                if (projs.Contains(x) != projs.Contains(y))
+                    traps.Add($"one half of a fused pair: {owner.Key}.experts adapts {(projs.Contains(x) ? x : y)} but not {(projs.Contains(x) ? y : x)}; transformers v5 fuses them into gate_up_proj and PEFT 0.19+ raises (PEFT #3127).");
+        }
+        var targets = LoraPairs.StringList(cfg, "target_modules");
+        foreach (var (x, y) in new[] { ("gate_proj", "up_proj"), ("w1", "w3") })
+            if (targets.Contains(x) != targets.Contains(y))
+                traps.Add($"one half of a fused pair: target_modules names {(targets.Contains(x) ? x : y)} without {(targets.Contains(x) ? y : x)}; PEFT 0.19+ raises ValueError on fused-expert models (PEFT #3127).");
+
+        if (modelModules is not null && modelParameters is not null)
+        {
+            foreach (var p in pairs)
+            {
+                bool ok = p.Parameter is not null ? modelParameters.Contains(p.Module + "." + p.Parameter) : modelModules.Contains(p.Module);
+                if (!ok)
+                    traps.Add($"the model would not load {LoraPairs.Prefix}{p.Module}{string.Concat(Enumerable.Repeat(".base_layer", p.Depth))}.lora_A/B: the model has no {(p.Parameter is null ? "module" : "parameter")} {p.PatternName}.");
+            }
+        }
+
+        // vLLM (design notes §5): its 2-D MoE format needs gate, up and down for every expert, its 3-D format is
+        // PEFT's fused one and is read only by model classes with 3-D experts (or with is_3d_lora_weight plus
+        // --enable-mixed-moe-lora-format); LoRA keys outside linear layers and modules_to_save copies are not loaded.
+        foreach (var owner in perExpert.GroupBy(p => p.Module[..p.Module.LastIndexOf(".experts.", StringComparison.Ordinal)]))
+        {
+            var projs = owner.Select(p => p.ExpertProjection!).ToHashSet();
+            int count = owner.Max(p => p.ExpertIndex!.Value) + 1;
+            if (!(projs.SetEquals(["gate_proj", "up_proj", "down_proj"]) && owner.Count() == 3 * count))
+                traps.Add($"vLLM would drop {owner.Key}.experts: its 2-D MoE LoRA format needs gate_proj, up_proj and down_proj for every expert ({owner.Count()} of {3 * count} present).");
+        }
+        if (fused.Count > 0)
+            traps.Add("vLLM reads this fused 3-D format only for model classes with 3-D expert weights, or with is_3d_lora_weight and --enable-mixed-moe-lora-format; `moelora adapter convert --to vllm` writes the per-expert 2-D form.");
+        foreach (var p in pairs.Where(p => p.Location == "router"))
+            traps.Add($"vLLM would drop {p.Module}: LoRA on the router is not applied by vLLM's MoE layers.");
+        foreach (var k in other)
+            traps.Add($"vLLM would drop {k.Name}: not a lora_A/lora_B weight (modules_to_save, embeddings or biases).");
+
+        var byLocation = pairs.GroupBy(p => p.Location).OrderBy(g => g.Key, StringComparer.Ordinal).ToDictionary(g => g.Key, g => g.Count());
+        return new AdapterInspection(layout, version, pairs, other.Select(t => t.Name).ToList(), byLocation, traps);
+    }
+}
