@@ -34,7 +34,8 @@ public class LoraSettings : ModelSettings
     [Description("LoRA rank r (default 16)")]
     public int? Rank { get; init; }
 
-    [CommandOption("--alpha <ALPHA>")]
+    // PEFT's name, as in `train`; --alpha stays accepted for existing scripts.
+    [CommandOption("--lora-alpha|--alpha <ALPHA>")]
     [Description("lora_alpha (default 2r)")]
     public double? Alpha { get; init; }
 
@@ -116,7 +117,7 @@ public class LoraSettings : ModelSettings
 
     public override Spectre.Console.ValidationResult Validate() => base.Validate() is { Successful: false } failed ? failed : OptionChecks.First(
         OptionChecks.AtLeast(Rank, 1, "-r/--rank"),
-        OptionChecks.Positive(Alpha, "--alpha"),
+        OptionChecks.Positive(Alpha, "--lora-alpha"),
         OptionChecks.AtLeast(BatchSize, 1, "--batch-size"),
         OptionChecks.AtLeast(SeqLength, 1, "--seq-length"),
         OptionChecks.AtLeast(Gpus, 1, "--gpus"),
