@@ -30,4 +30,21 @@ public class ToolTests
         }
         finally { Directory.Delete(dir, true); }
     }
+
+    [Fact]
+    public void Train_takes_target_lists_and_lora_config_folders_as_report_does()
+    {
+        var dir = Directory.CreateTempSubdirectory("moelora-lora-").FullName;
+        try
+        {
+            File.WriteAllText(Path.Combine(dir, "adapter_config.json"), """{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}""");
+            // Repeated -t and a comma list mean the same list, as in report.
+            var r = MoeloraProcess.Run("train", "--preset", "tiny", "--plan-only", "--lora-config", dir, "-t", "q_proj", "-t", "v_proj,o_proj",
+                "-o", Path.Combine(dir, "run"));
+            Assert.True(r.ExitCode == 0, r.Stderr);
+            var missing = MoeloraProcess.Run("train", "--preset", "tiny", "--plan-only", "--lora-config", Path.Combine(dir, "none"), "-o", Path.Combine(dir, "run"));
+            MoeloraProcess.AssertCleanError(missing, 1, "--lora-config");
+        }
+        finally { Directory.Delete(dir, true); }
+    }
 }

@@ -102,15 +102,15 @@ public sealed class TrainSettings : CbCommonSettings
     [CommandOption("--cb-drop-prompt <P>")] [Description("Share of CB examples trained without their prompt (upstream Llama-3: 0.5; default 0)")]
     public double CbDropPrompt { get; init; }
 
-    [CommandOption("--lora-config <FILE>")] [Description("A PEFT adapter_config.json to train (overrides the LoRA flags)")]
+    [CommandOption("--lora-config <FILE>")] [Description("A PEFT adapter_config.json (or the adapter folder holding it) to train; LoRA flags override its fields (default: the preset's LoRA)")]
     public string? LoraConfig { get; init; }
     [CommandOption("-r|--rank <R>")] [Description("LoRA rank r (default: the preset's)")] public int? Rank { get; init; }
     [CommandOption("--lora-alpha|--alpha <A>")] [Description("lora_alpha (default: the preset's)")] public double? LoraAlpha { get; init; }
     [CommandOption("--lora-dropout <P>")] [Description("lora_dropout (default: the preset's)")] public double? LoraDropout { get; init; }
-    [CommandOption("-t|--target-modules <NAMES>")] [Description("Comma-separated module names")]
-    public string? TargetModules { get; init; }
-    [CommandOption("--target-parameters <NAMES>")] [Description("Fused expert parameters, e.g. mlp.experts.gate_up_proj,mlp.experts.down_proj ('none' to clear)")]
-    public string? TargetParameters { get; init; }
+    [CommandOption("-t|--target-modules <TARGETS>")] [Description("Names (comma-separated or repeated; exact or dot-suffix), a regex (full match), or all-linear (default: the preset's)")]
+    public string[]? TargetModules { get; init; }
+    [CommandOption("--target-parameters <PARAMS>")] [Description("nn.Parameter names for PEFT's ParamWrapper, e.g. mlp.experts.gate_up_proj (comma-separated or repeated; 'none' to clear; default: the preset's)")]
+    public string[]? TargetParameters { get; init; }
     [CommandOption("--layers-to-transform <LAYERS>")] [Description("Blocks LoRA adapts (default 0..max target)")]
     public string? LayersToTransform { get; init; }
     [CommandOption("--init-lora-weights <MODE>")] [Description("true (B=0, the default), gaussian or false")]
@@ -401,16 +401,17 @@ public sealed class TrainCommand : Command<TrainSettings>
         JsonObject o;
         if (s.LoraConfig is not null)
         {
-            if (!File.Exists(s.LoraConfig)) throw new FileNotFoundException($"--lora-config {s.LoraConfig} does not exist.");
-            o = Core.Util.UserJson.ParseObject(File.ReadAllText(s.LoraConfig), $"--lora-config {s.LoraConfig}");
+            var file = LoraSettings.LoraConfigPath(s.LoraConfig);
+            if (!File.Exists(file)) throw new FileNotFoundException($"--lora-config {file} does not exist.");
+            o = Core.Util.UserJson.ParseObject(File.ReadAllText(file), $"--lora-config {s.LoraConfig}");
         }
         else o = JsonNode.Parse(preset.AdapterConfigJson(modelDir is null ? null : Path.GetFullPath(modelDir), Enumerable.Range(0, layers).ToList()))!.AsObject();
-        static JsonArray Arr(string v) => new(v.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(x => (JsonNode)x).ToArray());
+        static JsonArray Arr(string[] v) => new(LoraSettings.Split(v).Select(x => (JsonNode)x).ToArray());
         if (s.Rank is { } r) { o["r"] = r; if (s.LoraAlpha is null) o["lora_alpha"] = 2 * r; }
         if (s.LoraAlpha is { } a) o["lora_alpha"] = a;
         if (s.LoraDropout is { } d) o["lora_dropout"] = d;
-        if (s.TargetModules is { } tm) o["target_modules"] = Arr(tm);
-        if (s.TargetParameters is { } tp) o["target_parameters"] = tp == "none" ? null : Arr(tp);
+        if (s.TargetModules is { } tm) o["target_modules"] = LoraSettings.TargetModulesJson(tm);
+        if (s.TargetParameters is { } tp) o["target_parameters"] = tp is ["none"] ? null : Arr(tp);
         if (s.LayersToTransform is { } lt) o["layers_to_transform"] = new JsonArray(LoraSettings.ParseInts([lt], "--layers-to-transform").Select(x => (JsonNode)x).ToArray());
         else o["layers_to_transform"] ??= new JsonArray(Enumerable.Range(0, layers).Select(x => (JsonNode)x).ToArray());
         if (s.InitLoraWeights is { } iw) o["init_lora_weights"] = iw switch { "true" => true, "false" => false, "gaussian" => "gaussian", _ => throw new UserInputException("--init-lora-weights: use true, false or gaussian.") };
