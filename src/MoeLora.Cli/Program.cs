@@ -25,7 +25,7 @@ public static class Program
                 .WithExample("report", "mistralai/Mixtral-8x7B-v0.1", "--format", "json");
             config.AddCommand<ModulesCommand>("modules")
                 .WithDescription("named_modules() and named_parameters() as transformers builds the model");
-            config.AddCommand<PlanCommand>("plan").WithDescription("Training-memory verdict plus accelerate, DeepSpeed and PEFT files for the plan (--output DIR)");
+            config.AddCommand<PlanCommand>("plan").WithDescription("Training-memory verdict plus accelerate_config.yaml, deepspeed_config.json, adapter_config.json and moelora_plan.json written to -o DIR");
             config.AddCommand<DiffCommand>("diff").WithDescription("Two models (or two LoraConfigs) side by side: targets, adapters, experts, hidden states, memory, gradient flow");
             config.AddCommand<HiddenStatesCommand>("hidden-states").WithDescription("Run the model and write hidden_states [[layers, batch, seq, hidden]] and logits to a safetensors file");
             config.AddCommand<RoutersCommand>("routers").WithDescription("Router expert selection per layer for harmful vs benign prompts: frequencies, Jensen-Shannon divergence, heatmap PNG and JSON");

@@ -90,7 +90,7 @@ public class CbCommonSettings : CommandSettings
 
 public sealed class TrainSettings : CbCommonSettings
 {
-    [CommandOption("-o|--output <DIR>")] [Description("Write the run here (a new or empty folder): adapter, adapter, metrics.jsonl, loss_curves.png/svg, checkpoint/ (required)")]
+    [CommandOption("-o|--output <DIR>")] [Description("Write the run here (a new or empty folder): adapter, metrics.jsonl, loss_curves.png/svg, checkpoint/ (required)")]
     public string? Output { get; init; }
 
     [CommandOption("--cb-data <FILE>")] [Description("Circuit-breaker JSONL: {\"prompt\", \"output\"} (default for tiny: the tool's embedded copy of data/tiny/cb_train.jsonl)")]
