@@ -9,6 +9,11 @@ public static class Program
 {
     public static int Main(string[] args)
     {
+        if (args is ["--version"] or ["-V"])
+        {
+            Consoles.Out.Profile.Out.Writer.Write(VersionText());
+            return ExitCodes.Ok;
+        }
         var app = new CommandApp();
         app.Configure(config =>
         {
@@ -20,7 +25,7 @@ public static class Program
                 .WithExample("report", "mistralai/Mixtral-8x7B-v0.1", "--format", "json");
             config.AddCommand<ModulesCommand>("modules")
                 .WithDescription("named_modules() and named_parameters() as transformers builds the model");
-            config.AddCommand<PlanCommand>("plan").WithDescription("Training-memory verdict plus accelerate, DeepSpeed and PEFT files for the plan (--output DIR)");
+            config.AddCommand<PlanCommand>("plan").WithDescription("Training-memory verdict plus accelerate_config.yaml, deepspeed_config.json, adapter_config.json and moelora_plan.json written to -o DIR");
             config.AddCommand<DiffCommand>("diff").WithDescription("Two models (or two LoraConfigs) side by side: targets, adapters, experts, hidden states, memory, gradient flow");
             config.AddCommand<HiddenStatesCommand>("hidden-states").WithDescription("Run the model and write hidden_states [[layers, batch, seq, hidden]] and logits to a safetensors file");
             config.AddCommand<RoutersCommand>("routers").WithDescription("Router expert selection per layer for harmful vs benign prompts: frequencies, Jensen-Shannon divergence, heatmap PNG and JSON");
@@ -38,6 +43,26 @@ public static class Program
             config.AddCommand<MergeCommand>("merge").WithDescription("Fold a LoRA adapter into the weights (W+ΔW) and write the checkpoint in its Hub layout");
         });
         return Run(app, args);
+    }
+
+    /// <summary>
+    /// `moelora --version`: the tool, the library versions it reproduces, and the TorchSharp/libtorch it would load.
+    /// TorchSharp is named from its file next to the tool (and libtorch from its package folder name) without loading
+    /// either: --version stays as fast as the analysis commands.
+    /// </summary>
+    internal static string VersionText()
+    {
+        var asm = typeof(Program).Assembly;
+        var tool = asm.GetCustomAttributes(typeof(System.Reflection.AssemblyInformationalVersionAttribute), false)
+            .OfType<System.Reflection.AssemblyInformationalVersionAttribute>().FirstOrDefault()?.InformationalVersion ?? asm.GetName().Version?.ToString() ?? "unknown";
+        var text = new System.Text.StringBuilder();
+        text.Append($"moelora {tool.Split('+')[0]}\n");
+        text.Append($"reproduces transformers {Reproduced.Transformers}, PEFT {Reproduced.Peft}\n");
+        var torchSharp = Path.Combine(AppContext.BaseDirectory, "TorchSharp.dll");
+        var torchVersion = File.Exists(torchSharp) ? System.Diagnostics.FileVersionInfo.GetVersionInfo(torchSharp).ProductVersion?.Split('+')[0] : null;
+        text.Append(torchVersion is null ? "runtime: TorchSharp not found next to the tool (analysis commands only)\n"
+            : $"runtime: TorchSharp {torchVersion} (loaded only by --load-model, train, eval, hidden-states, routers and merge)\n");
+        return text.ToString();
     }
 
     /// <summary>Runs the app and turns every failure into one line on stderr and a non-zero exit code.</summary>

@@ -23,7 +23,7 @@ public sealed class DiffCommand : Command<DiffCommand.Settings>
         public string? ModelB { get; init; }
 
         [CommandOption("--lora-config-b <FILE>")]
-        [Description("LoraConfig for the second side (default: the same LoRA options as the first)")]
+        [Description("LoraConfig for the second side: a file or an adapter folder, as --lora-config (default: the same LoRA options as the first)")]
         public string? LoraConfigB { get; init; }
     }
 
@@ -37,8 +37,9 @@ public sealed class DiffCommand : Command<DiffCommand.Settings>
         if (settings.LoraConfigB is null) loraB = loraA;
         else
         {
-            if (!File.Exists(settings.LoraConfigB)) throw new FileNotFoundException($"--lora-config-b {settings.LoraConfigB} does not exist");
-            loraB = LoraConfig.FromJson(File.ReadAllText(settings.LoraConfigB), settings.LoraConfigB);
+            var fileB = LoraSettings.LoraConfigPath(settings.LoraConfigB);
+            if (!File.Exists(fileB)) throw new FileNotFoundException($"--lora-config-b {fileB} does not exist");
+            loraB = LoraConfig.FromJson(File.ReadAllText(fileB), fileB);
             loraB.Validate();
         }
         var a = Analyse(settings, settings.Model, loraA);

@@ -18,9 +18,9 @@ public sealed class EvalSettings : CbCommonSettings
 {
     [CommandOption("--adapter <DIR>")] [Description("PEFT adapter folder (adapter_config.json + adapter_model.safetensors); without it only the base row")]
     public string? Adapter { get; init; }
-    [CommandOption("--cb-data <FILE>")] [Description("Held-out circuit-breaker JSONL (default for tiny: data/tiny/cb_eval.jsonl)")]
+    [CommandOption("--cb-data <FILE>")] [Description("Held-out circuit-breaker JSONL (default for tiny: the tool's embedded copy of data/tiny/cb_eval.jsonl)")]
     public string? CbData { get; init; }
-    [CommandOption("--retain-data <FILE>")] [Description("Held-out retain JSONL (default for tiny: data/tiny/retain_eval.jsonl)")]
+    [CommandOption("--retain-data <FILE>")] [Description("Held-out retain JSONL (default for tiny: the tool's embedded copy of data/tiny/retain_eval.jsonl)")]
     public string? RetainData { get; init; }
     [CommandOption("--format <FORMAT>")] [Description("text or json")]
     public string Format { get; init; } = "text";

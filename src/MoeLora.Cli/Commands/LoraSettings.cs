@@ -34,7 +34,8 @@ public class LoraSettings : ModelSettings
     [Description("LoRA rank r (default 16)")]
     public int? Rank { get; init; }
 
-    [CommandOption("--alpha <ALPHA>")]
+    // PEFT's name, as in `train`; --alpha stays accepted for existing scripts.
+    [CommandOption("--lora-alpha|--alpha <ALPHA>")]
     [Description("lora_alpha (default 2r)")]
     public double? Alpha { get; init; }
 
@@ -116,7 +117,7 @@ public class LoraSettings : ModelSettings
 
     public override Spectre.Console.ValidationResult Validate() => base.Validate() is { Successful: false } failed ? failed : OptionChecks.First(
         OptionChecks.AtLeast(Rank, 1, "-r/--rank"),
-        OptionChecks.Positive(Alpha, "--alpha"),
+        OptionChecks.Positive(Alpha, "--lora-alpha"),
         OptionChecks.AtLeast(BatchSize, 1, "--batch-size"),
         OptionChecks.AtLeast(SeqLength, 1, "--seq-length"),
         OptionChecks.AtLeast(Gpus, 1, "--gpus"),
@@ -159,7 +160,7 @@ public class LoraSettings : ModelSettings
         if (LoraConfigFile is not null)
         {
             // An adapter folder (as save_pretrained writes it) is as good as its adapter_config.json.
-            var file = Directory.Exists(LoraConfigFile) ? Path.Combine(LoraConfigFile, "adapter_config.json") : LoraConfigFile;
+            var file = LoraConfigPath(LoraConfigFile);
             if (!File.Exists(file)) throw new FileNotFoundException($"--lora-config {file} does not exist");
             // A file named adapter_config.json is loaded as PEFT loads one (unknown keys dropped with a warning);
             // any other JSON is read as LoraConfig keyword arguments unless it holds peft_type.
@@ -196,6 +197,16 @@ public class LoraSettings : ModelSettings
             return ModuleSelector.Regex(values[0]);
         return ModuleSelector.List(Split(values));
     }
+
+    /// <summary>-t as a JSON value for an adapter_config.json: a regex (or all-linear) stays a str, names a list.</summary>
+    internal static System.Text.Json.Nodes.JsonNode TargetModulesJson(string[] values) =>
+        values.Length == 1 && (values[0].Equals("all-linear", StringComparison.OrdinalIgnoreCase) || values[0].IndexOfAny(RegexChars) >= 0)
+            ? System.Text.Json.Nodes.JsonValue.Create(values[0])
+            : new System.Text.Json.Nodes.JsonArray(Split(values).Select(v => (System.Text.Json.Nodes.JsonNode)System.Text.Json.Nodes.JsonValue.Create(v)).ToArray());
+
+    /// <summary>An adapter folder (as save_pretrained writes it) stands for its adapter_config.json.</summary>
+    internal static string LoraConfigPath(string given) =>
+        Directory.Exists(given) ? Path.Combine(given, "adapter_config.json") : given;
 
     internal static List<string> Split(IEnumerable<string> values) =>
         values.SelectMany(v => v.Split([',', ' '], StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries)).ToList();

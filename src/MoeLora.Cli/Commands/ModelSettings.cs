@@ -23,11 +23,11 @@ public class ModelSettings : CommandSettings
     public string Revision { get; init; } = "main";
 
     [CommandOption("--format <FORMAT>")]
-    [Description("Output format: text, json or markdown")]
+    [Description("Output format: text, json or markdown (md); report also html (default text)")]
     public string Format { get; init; } = "text";
 
     [CommandOption("-o|--output <FILE>")]
-    [Description("Write the output to FILE (atomically) instead of the terminal")]
+    [Description("Write the result here instead of the terminal (atomically; for plan, the folder for its launch files)")]
     public string? Output { get; init; }
 
     public Layout ParsedLayout => LayoutNames.Parse(Layout);

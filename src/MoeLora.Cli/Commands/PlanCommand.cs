@@ -14,8 +14,10 @@ public sealed class PlanCommand : Command<PlanCommand.Settings>
 {
     public sealed class Settings : LoraSettings
     {
-        [CommandOption("--output-dir <DIR>")]
-        [Description("Folder for accelerate_config.yaml, deepspeed_config.json, adapter_config.json, moelora_plan.json (also -o)")]
+        // -o/--output is the result's place in every command; for plan the result is a folder. --output-dir is the old
+        // spelling, kept for scripts and hidden from --help.
+        [CommandOption("--output-dir <DIR>", IsHidden = true)]
+        [Description("Old spelling of -o for plan")]
         public string? OutputDir { get; init; }
     }
 

@@ -90,10 +90,10 @@ public class CbCommonSettings : CommandSettings
 
 public sealed class TrainSettings : CbCommonSettings
 {
-    [CommandOption("--output <DIR>")] [Description("Run folder: adapter, metrics.jsonl, loss_curves.png/svg, checkpoint/ (required)")]
+    [CommandOption("-o|--output <DIR>")] [Description("Write the run here (a new or empty folder): adapter, metrics.jsonl, loss_curves.png/svg, checkpoint/ (required)")]
     public string? Output { get; init; }
 
-    [CommandOption("--cb-data <FILE>")] [Description("Circuit-breaker JSONL: {\"prompt\", \"output\"} (default for tiny: data/tiny/cb_train.jsonl)")]
+    [CommandOption("--cb-data <FILE>")] [Description("Circuit-breaker JSONL: {\"prompt\", \"output\"} (default for tiny: the tool's embedded copy of data/tiny/cb_train.jsonl)")]
     public string? CbData { get; init; }
     [CommandOption("--retain-data <FILE>")] [Description("Retain JSONL: {\"messages\"} or {\"prompt\", \"response\"}")]
     public string? RetainData { get; init; }
@@ -102,15 +102,15 @@ public sealed class TrainSettings : CbCommonSettings
     [CommandOption("--cb-drop-prompt <P>")] [Description("Share of CB examples trained without their prompt (upstream Llama-3: 0.5; default 0)")]
     public double CbDropPrompt { get; init; }
 
-    [CommandOption("--lora-config <FILE>")] [Description("A PEFT adapter_config.json to train (overrides the LoRA flags)")]
+    [CommandOption("--lora-config <FILE>")] [Description("A PEFT adapter_config.json (or the adapter folder holding it) to train; LoRA flags override its fields (default: the preset's LoRA)")]
     public string? LoraConfig { get; init; }
-    [CommandOption("-r|--rank <R>")] public int? Rank { get; init; }
-    [CommandOption("--lora-alpha <A>")] public double? LoraAlpha { get; init; }
-    [CommandOption("--lora-dropout <P>")] public double? LoraDropout { get; init; }
-    [CommandOption("-t|--target-modules <NAMES>")] [Description("Comma-separated module names")]
-    public string? TargetModules { get; init; }
-    [CommandOption("--target-parameters <NAMES>")] [Description("Fused expert parameters, e.g. mlp.experts.gate_up_proj,mlp.experts.down_proj ('none' to clear)")]
-    public string? TargetParameters { get; init; }
+    [CommandOption("-r|--rank <R>")] [Description("LoRA rank r (default: the preset's)")] public int? Rank { get; init; }
+    [CommandOption("--lora-alpha|--alpha <A>")] [Description("lora_alpha (default: the preset's)")] public double? LoraAlpha { get; init; }
+    [CommandOption("--lora-dropout <P>")] [Description("lora_dropout (default: the preset's)")] public double? LoraDropout { get; init; }
+    [CommandOption("-t|--target-modules <TARGETS>")] [Description("Names (comma-separated or repeated; exact or dot-suffix), a regex (full match), or all-linear (default: the preset's)")]
+    public string[]? TargetModules { get; init; }
+    [CommandOption("--target-parameters <PARAMS>")] [Description("nn.Parameter names for PEFT's ParamWrapper, e.g. mlp.experts.gate_up_proj (comma-separated or repeated; 'none' to clear; default: the preset's)")]
+    public string[]? TargetParameters { get; init; }
     [CommandOption("--layers-to-transform <LAYERS>")] [Description("Blocks LoRA adapts (default 0..max target)")]
     public string? LayersToTransform { get; init; }
     [CommandOption("--init-lora-weights <MODE>")] [Description("true (B=0, the default), gaussian or false")]
@@ -118,21 +118,21 @@ public sealed class TrainSettings : CbCommonSettings
     [CommandOption("--train-router")] [Description("Also train the router weights fully (saved as router.safetensors); default frozen")]
     public bool TrainRouter { get; init; }
 
-    [CommandOption("--total-steps <N>")] public int? TotalSteps { get; init; }
-    [CommandOption("--gradient-accumulation <N>")] public int GradientAccumulation { get; init; } = 1;
-    [CommandOption("--lr <LR>")] public double? Lr { get; init; }
-    [CommandOption("--lr-schedule <KIND>")] [Description("constant (reference), linear or cosine")]
+    [CommandOption("--total-steps <N>")] [Description("Optimizer steps (default: the preset's; tiny 150)")] public int? TotalSteps { get; init; }
+    [CommandOption("--gradient-accumulation <N>")] [Description("Micro-batches per optimizer step (default 1)")] public int GradientAccumulation { get; init; } = 1;
+    [CommandOption("--lr <LR>")] [Description("AdamW learning rate (default: the preset's)")] public double? Lr { get; init; }
+    [CommandOption("--lr-schedule <KIND>")] [Description("constant (reference; default), linear or cosine")]
     public string LrSchedule { get; init; } = "constant";
-    [CommandOption("--warmup-steps <N>")] public int WarmupSteps { get; init; }
-    [CommandOption("--weight-decay <WD>")] public double WeightDecay { get; init; }
+    [CommandOption("--warmup-steps <N>")] [Description("Linear warm-up steps of the learning rate (default 0)")] public int WarmupSteps { get; init; }
+    [CommandOption("--weight-decay <WD>")] [Description("AdamW weight decay (default 0)")] public double WeightDecay { get; init; }
     [CommandOption("--max-grad-norm <N>")] [Description("Gradient clipping (default 1.0; 0 disables)")]
     public double MaxGradNorm { get; init; } = 1.0;
-    [CommandOption("--loss-weighting <KIND>")] [Description("dual (reference: c_cb=a(1-t/2T), c_retain=a*t/2T), constant or linear")]
+    [CommandOption("--loss-weighting <KIND>")] [Description("dual (reference: c_cb=a(1-t/2T), c_retain=a*t/2T), constant or linear (default dual)")]
     public string LossWeighting { get; init; } = "dual";
     [CommandOption("--cb-alpha <A>")] [Description("Coefficient scale a (lorra_alpha; default: preset)")]
     public double? CbAlpha { get; init; }
-    [CommandOption("--seed <N>")] public long Seed { get; init; } = 42;
-    [CommandOption("--checkpoint-every <N>")] public int CheckpointEvery { get; init; } = 50;
+    [CommandOption("--seed <N>")] [Description("Seed for data order, dropout and prompt dropping (default 42)")] public long Seed { get; init; } = 42;
+    [CommandOption("--checkpoint-every <N>")] [Description("Save OUTPUT/checkpoint every N steps (default 50; 0 only at the end)")] public int CheckpointEvery { get; init; } = 50;
     [CommandOption("--resume")] [Description("Continue from OUTPUT/checkpoint (same settings)")]
     public bool Resume { get; init; }
     [CommandOption("--overwrite")] [Description("Start a new run in an OUTPUT that already holds one (its adapter, checkpoint and metrics are replaced) or other files")]
@@ -141,7 +141,7 @@ public sealed class TrainSettings : CbCommonSettings
     public double? MaxMemoryGb { get; init; }
     [CommandOption("--threads <N>")] [Description("CPU threads for torch (default 1 for tiny, where more threads only contend; else torch's choice)")]
     public int? Threads { get; init; }
-    [CommandOption("--plan-only")] [Description("Print the plan and exit")]
+    [CommandOption("--plan-only")] [Description("Print the plan and exit (default off)")]
     public bool PlanOnly { get; init; }
 
     // Every value is checked before anything is loaded or written; a bad one is a malformed command line (exit 2).
@@ -346,16 +346,8 @@ public sealed class TrainCommand : Command<TrainSettings>
     static string Describe(StepMetrics m) => string.Create(CultureInfo.InvariantCulture,
         $"step {m.Step,4}/{m.TotalSteps}  loss {m.Loss:F4}  retain {m.RetainLoss:F4} (c {m.RetainCoeff:F2})  rr {m.CbLoss:F4} (c {m.CbCoeff:F2})  cos {m.CbCosine:F3}  |g| {m.GradNorm:F3}");
 
-    internal static string FindTinyData(string file)
-    {
-        foreach (var start in new[] { Directory.GetCurrentDirectory(), AppContext.BaseDirectory })
-            for (var d = new DirectoryInfo(start); d is not null; d = d.Parent)
-            {
-                var p = Path.Combine(d.FullName, "data", "tiny", file);
-                if (File.Exists(p)) return p;
-            }
-        throw new FileNotFoundException($"data/tiny/{file} not found (run from the repository or pass the data flags).");
-    }
+    /// <summary>The tiny preset's data file: the copy embedded in the tool, so the preset runs from any folder.</summary>
+    internal static string FindTinyData(string file) => TinyData.PathOf(file);
 
     /// <summary>The adapter_config.json to train: --lora-config, else the preset's LoRA with flags on top; layers_to_transform default 0..blocks-1.</summary>
     /// <summary>The memory to plan against: --max-memory-gb, else the device's free memory (the GPU's own figure on CUDA).</summary>
@@ -409,16 +401,17 @@ public sealed class TrainCommand : Command<TrainSettings>
         JsonObject o;
         if (s.LoraConfig is not null)
         {
-            if (!File.Exists(s.LoraConfig)) throw new FileNotFoundException($"--lora-config {s.LoraConfig} does not exist.");
-            o = Core.Util.UserJson.ParseObject(File.ReadAllText(s.LoraConfig), $"--lora-config {s.LoraConfig}");
+            var file = LoraSettings.LoraConfigPath(s.LoraConfig);
+            if (!File.Exists(file)) throw new FileNotFoundException($"--lora-config {file} does not exist.");
+            o = Core.Util.UserJson.ParseObject(File.ReadAllText(file), $"--lora-config {s.LoraConfig}");
         }
         else o = JsonNode.Parse(preset.AdapterConfigJson(modelDir is null ? null : Path.GetFullPath(modelDir), Enumerable.Range(0, layers).ToList()))!.AsObject();
-        static JsonArray Arr(string v) => new(v.Split(',', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(x => (JsonNode)x).ToArray());
+        static JsonArray Arr(string[] v) => new(LoraSettings.Split(v).Select(x => (JsonNode)x).ToArray());
         if (s.Rank is { } r) { o["r"] = r; if (s.LoraAlpha is null) o["lora_alpha"] = 2 * r; }
         if (s.LoraAlpha is { } a) o["lora_alpha"] = a;
         if (s.LoraDropout is { } d) o["lora_dropout"] = d;
-        if (s.TargetModules is { } tm) o["target_modules"] = Arr(tm);
-        if (s.TargetParameters is { } tp) o["target_parameters"] = tp == "none" ? null : Arr(tp);
+        if (s.TargetModules is { } tm) o["target_modules"] = LoraSettings.TargetModulesJson(tm);
+        if (s.TargetParameters is { } tp) o["target_parameters"] = tp is ["none"] ? null : Arr(tp);
         if (s.LayersToTransform is { } lt) o["layers_to_transform"] = new JsonArray(LoraSettings.ParseInts([lt], "--layers-to-transform").Select(x => (JsonNode)x).ToArray());
         else o["layers_to_transform"] ??= new JsonArray(Enumerable.Range(0, layers).Select(x => (JsonNode)x).ToArray());
         if (s.InitLoraWeights is { } iw) o["init_lora_weights"] = iw switch { "true" => true, "false" => false, "gaussian" => "gaussian", _ => throw new UserInputException("--init-lora-weights: use true, false or gaussian.") };
