@@ -247,11 +247,17 @@ public static class Findings
             .Select(m => m.Name);
     }
 
+    private static bool SameTargets(AdapterPlan a, AdapterPlan b) =>
+        a.Targets.Select(t => (t.Name, t.R, t.Alpha)).ToHashSet().SetEquals(b.Targets.Select(t => (t.Name, t.R, t.Alpha)));
+
     private static void Add(List<Recommendation> recs, AdapterPlan plan, string title, string detail, LoraConfig cfg)
     {
         try
         {
             var suggested = AdapterPlanner.Plan(plan.Spec, cfg, plan.Version);
+            // Re-planned, a suggestion that adapts exactly what the current config adapts changes nothing
+            // (e.g. layers_to_transform when only target_parameters are set): it is not shown.
+            if (suggested.TrainableParameters == plan.TrainableParameters && SameTargets(suggested, plan)) return;
             recs.Add(new Recommendation(title, detail, cfg, suggested.TrainableParameters));
         }
         catch (PeftConfigException)
