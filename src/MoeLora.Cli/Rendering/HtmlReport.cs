@@ -21,7 +21,7 @@ public static class HtmlReport
         sb.AppendLine("<!DOCTYPE html>");
         sb.AppendLine("<html lang=\"en\"><head><meta charset=\"utf-8\">");
         sb.AppendLine(CultureInfo.InvariantCulture, $"<title>MoE LoRA report: {E(report.Options.ModelId)}</title>");
-        sb.AppendLine("<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}" +
+        sb.AppendLine("<style>body{font-family:'DejaVu Sans',system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}" +
                       "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}" +
                       "td.n{text-align:right;font-variant-numeric:tabular-nums}.ok{color:#067d17}.bad{color:#b00020}" +
                       "figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}code{background:#f4f4f4;padding:0 3px}</style>");
@@ -110,10 +110,11 @@ public static class HtmlReport
         return sb.ToString();
     }
 
+    // The chart carries its own title; a caption repeating it would say it twice.
     private static void Figure(StringBuilder sb, string id, string caption, string svg)
     {
         var b64 = Convert.ToBase64String(Encoding.UTF8.GetBytes(svg));
-        sb.AppendLine(CultureInfo.InvariantCulture, $"<figure id=\"{id}\"><img alt=\"{E(caption)}\" src=\"data:image/svg+xml;base64,{b64}\"><figcaption>{E(caption)}</figcaption></figure>");
+        sb.AppendLine(CultureInfo.InvariantCulture, $"<figure id=\"{id}\"><img alt=\"{E(caption)}\" src=\"data:image/svg+xml;base64,{b64}\"></figure>");
     }
 
     private static void Row(StringBuilder sb, string k, string v) => sb.AppendLine(CultureInfo.InvariantCulture, $"<tr><th>{E(k)}</th><td>{E(v)}</td></tr>");
