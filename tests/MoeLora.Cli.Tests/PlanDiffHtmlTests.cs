@@ -121,6 +121,15 @@ public sealed class PlanDiffHtmlTests : IDisposable
     private static long TrainingTermsSum(JsonNode memory) => memory["terms"]!.AsObject().Sum(kv => kv.Value!.GetValue<long>());
 
     [Fact]
+    public void Plan_that_does_not_fit_writes_nothing_and_exits_non_zero()
+    {
+        var outDir = Path.Combine(_dir, "plan-too-big");
+        var (code, _) = Run("plan", "Qwen/Qwen3-30B-A3B", "--gpus", "1", "--sharding", "ddp", "--batch-size", "64", "--seq-length", "8192", "--output", outDir);
+        Assert.NotEqual(0, code);
+        Assert.False(Directory.Exists(outDir) && Directory.EnumerateFiles(outDir).Any(), "launch files were written for a setup that does not fit");
+    }
+
+    [Fact]
     public void Plan_without_output_is_a_usage_error()
     {
         var (code, _) = Run("plan", "Qwen/Qwen3-30B-A3B");
@@ -171,8 +180,8 @@ public sealed class PlanDiffHtmlTests : IDisposable
     [Fact]
     public void Html_report_is_self_contained_with_three_charts_and_every_section()
     {
-        var html = File.ReadAllText(Html("--seq-length", "4096"));
-        foreach (var id in new[] { "model", "adapters", "training-memory", "hidden-states", "recommendations", "chart-memory", "chart-adapters", "chart-layers" })
+        var html = File.ReadAllText(Html("--seq-length", "4096", "-t", "q_proj,w1,w2,w3"));
+        foreach (var id in new[] { "model", "matching", "adapters", "training-memory", "hidden-states", "recommendations", "chart-memory", "chart-adapters", "chart-layers" })
             Assert.Contains($"id=\"{id}\"", html);
         var images = Regex.Matches(html, "src=\"data:image/svg\\+xml;base64,([A-Za-z0-9+/=]+)\"");
         Assert.Equal(3, images.Count);
@@ -185,6 +194,9 @@ public sealed class PlanDiffHtmlTests : IDisposable
         Assert.DoesNotContain("src=\"http", html); // nothing fetched from outside
         Assert.DoesNotContain("<script", html);
         Assert.Contains("does not fit", html);
+        // What the JSON tells a user is in the HTML too: routing, the matching rows' notes, sharing and memory lines.
+        foreach (var fact in new[] { "Routing", "rewritten by PEFT onto", "Sharing:", "Adapter memory:", "Experts with adapters:", "Batch × seq × hidden" })
+            Assert.Contains(System.Net.WebUtility.HtmlEncode(fact), html);
     }
 
     [SkippableFact]

@@ -89,4 +89,41 @@ public class FindingsTests
             Assert.All(r.Recommendations.Where(x => x.Config is not null), x => Assert.NotNull(x.TrainableParameters));
         }
     }
+
+    [Fact]
+    public void A_regex_resolved_to_leaf_names_warns_once_that_its_layer_scope_is_dropped()
+    {
+        var r = Report("Qwen/Qwen3-30B-A3B", new LoraConfig { R = 16, LoraAlpha = 32, TargetModules = ModuleSelector.Regex(@".*layers\.(0|1)\..*(q_proj|v_proj)") });
+        var w = Assert.Single(r.Warnings, x => x.Code == "regex_scope_dropped");
+        Assert.Contains("q_proj, v_proj", w.Message);
+        Assert.Equal(96, r.Plan.Targets.Count); // every layer, not layers 0 and 1
+        var note = Assert.Single(r.Breakdown).Note!;
+        Assert.DoesNotContain("rewrote  onto", note);
+        Assert.DoesNotContain("rewrote onto", note);
+        // A regex that PEFT leaves alone keeps its scope: no warning.
+        Assert.DoesNotContain("regex_scope_dropped", Codes(Report("Qwen/Qwen3-30B-A3B", new LoraConfig { R = 16, LoraAlpha = 32, TargetModules = ModuleSelector.Regex(@".*layers\.(0|1)\..*(q_proj|v_proj)") }, Layout.V4)));
+    }
+
+    [Fact]
+    public void W1_and_w3_rows_say_they_share_the_fused_gate_up_proj()
+    {
+        var r = Report("mistralai/Mixtral-8x7B-v0.1", Targets(["w1", "w2", "w3"]));
+        Assert.Contains("the same adapters as w3", r.Breakdown.Single(x => x.Target == "w1").Note);
+        Assert.Contains("the same adapters as w1", r.Breakdown.Single(x => x.Target == "w3").Note);
+        Assert.DoesNotContain("the same adapters", r.Breakdown.Single(x => x.Target == "w2").Note);
+    }
+
+    [Fact]
+    public void Every_recommendation_changes_what_is_trained()
+    {
+        foreach (var id in new[] { "meta-llama/Llama-4-Scout-17B-16E-Instruct", "mistralai/Mixtral-8x7B-v0.1", "Qwen/Qwen3-30B-A3B", "deepseek-ai/DeepSeek-V3" })
+            foreach (var lora in new[] { LoraConfig.SeedDefault, Targets([], ["feed_forward.experts.gate_up_proj", "feed_forward.experts.down_proj"]) })
+            {
+                LoraReport r;
+                try { r = Report(id, lora); }
+                catch (PeftConfigException) { continue; } // target_parameters that this model lacks
+                Assert.All(r.Recommendations.Where(x => x.TrainableParameters is not null),
+                    x => Assert.NotEqual(r.Plan.TrainableParameters, x.TrainableParameters));
+            }
+    }
 }

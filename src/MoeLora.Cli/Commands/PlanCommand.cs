@@ -37,8 +37,12 @@ public sealed class PlanCommand : Command<PlanCommand.Settings>
             TargetLayers = settings.ParsedTargetLayers,
             Training = training,
         });
-        var paths = LaunchPlan.Write(report, dir);
         foreach (var r in TrainingMemoryView.Render(report.Training)) Consoles.Out.Write(r);
+        // Launch files for a step that runs out of memory are no plan: write nothing and exit non-zero, naming
+        // the re-estimated changes that do fit (or saying that none tried does).
+        if (!report.Training.Fits)
+            throw new UserInputException($"{resolved.Id} does not fit this setup ({report.Training.Verdict}); no launch files were written");
+        var paths = LaunchPlan.Write(report, dir);
         foreach (var p in paths) Consoles.Out.MarkupLine($"wrote [bold]{Markup.Escape(p)}[/]");
         return ExitCodes.Ok;
     }

@@ -37,7 +37,20 @@ public static class HtmlCharts
         plt.XLabel("layer");
         plt.YLabel("parameters (M)");
         plt.Axes.Margins(bottom: 0);
-        return plt.GetSvgXml(Width, Height);
+        // Layers are integers 0..L-1: ticks only there, and the axis ends half a bar past the first and last layer
+        // (ScottPlot's automatic limits ran from -2 to L).
+        var step = Math.Max(1, (int)Math.Ceiling(layers / 16.0));
+        var ticks = Enumerable.Range(0, layers).Where(i => i % step == 0).ToArray();
+        plt.Axes.Bottom.SetTicks(ticks.Select(i => (double)i).ToArray(), ticks.Select(i => i.ToString(System.Globalization.CultureInfo.InvariantCulture)).ToArray());
+        plt.Axes.SetLimitsX(-0.5, Math.Max(0.5, layers - 0.5));
+        return Svg(plt);
+    }
+
+    /// <summary>One font for every chart, the page's sans-serif, so text in the charts matches the report.</summary>
+    private static string Svg(Plot plt, int width = Width, int height = Height)
+    {
+        plt.Font.Set("DejaVu Sans");
+        return plt.GetSvgXml(width, height);
     }
 
     private static string VerticalBars(string title, string yLabel, IReadOnlyList<(string Label, double Value)> rows)
@@ -49,7 +62,7 @@ public static class HtmlCharts
         plt.Title(title);
         plt.YLabel(yLabel);
         plt.Axes.Margins(bottom: 0);
-        return plt.GetSvgXml(Width, Height);
+        return Svg(plt);
     }
 
     private static string HorizontalBars(string title, string xLabel, IReadOnlyList<(string Label, double Value)> rows)
@@ -62,7 +75,7 @@ public static class HtmlCharts
         plt.Title(title);
         plt.XLabel(xLabel);
         plt.Axes.Margins(left: 0);
-        return plt.GetSvgXml(Width, Math.Max(Height, 40 * rows.Count + 120));
+        return Svg(plt, Width, Math.Max(Height, 40 * rows.Count + 120));
     }
 
     private static Color Palette(int i) => new ScottPlot.Palettes.Category10().GetColor(i);

@@ -21,7 +21,7 @@ public static class HtmlReport
         sb.AppendLine("<!DOCTYPE html>");
         sb.AppendLine("<html lang=\"en\"><head><meta charset=\"utf-8\">");
         sb.AppendLine(CultureInfo.InvariantCulture, $"<title>MoE LoRA report: {E(report.Options.ModelId)}</title>");
-        sb.AppendLine("<style>body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}" +
+        sb.AppendLine("<style>body{font-family:'DejaVu Sans',system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}" +
                       "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;text-align:left}" +
                       "td.n{text-align:right;font-variant-numeric:tabular-nums}.ok{color:#067d17}.bad{color:#b00020}" +
                       "figure{margin:1em 0}figure img{max-width:100%;border:1px solid #eee}code{background:#f4f4f4;padding:0 3px}</style>");
@@ -30,7 +30,7 @@ public static class HtmlReport
 
         sb.AppendLine("<section id=\"model\"><h2>Model</h2><table>");
         Row(sb, "Model type", $"{spec.ModelType} ({spec.Architecture})");
-        Row(sb, "Source", report.Options.Source + (report.Options.SourceNote is null ? "" : " — " + report.Options.SourceNote));
+        Row(sb, "Source", ReportText.SourceText(report));
         Row(sb, "Layout / PEFT", $"{spec.Layout.Name()}, PEFT {plan.Version}");
         Row(sb, "Layers / hidden / vocab", $"{spec.NumHiddenLayers} / {spec.HiddenSize} / {Units.Count(spec.VocabSize)}");
         Row(sb, "Parameters", Units.Count(spec.Tree.NumParameters));
@@ -39,12 +39,27 @@ public static class HtmlReport
             Row(sb, "Routed experts", $"{spec.Moe.NumExperts}, top-{spec.Moe.ExpertsPerToken}");
             Row(sb, "Shared experts", spec.Moe.SharedExperts.ToString(CultureInfo.InvariantCulture));
             Row(sb, "MoE / dense layers", $"{spec.Moe.MoeLayers.Count} / {spec.Moe.DenseLayers.Count}");
+            Row(sb, "Routing", spec.Moe.Routing);
+        }
+        sb.AppendLine("</table></section>");
+
+        sb.AppendLine("<section id=\"matching\"><h2>Module matching</h2>");
+        sb.AppendLine(CultureInfo.InvariantCulture, $"<p>LoraConfig: <code>{E(plan.Requested.Describe())}</code></p>");
+        if (ReportText.ConversionText(report) is { } conversion) sb.AppendLine(CultureInfo.InvariantCulture, $"<p>{E(conversion)}</p>");
+        sb.AppendLine("<table><tr><th>target</th><th>names</th><th>adapters</th><th>by location</th><th>unique shapes</th><th>note</th></tr>");
+        foreach (var r in report.Breakdown)
+        {
+            var loc = string.Join(", ", r.ByLocation.Select(kv => $"{kv.Key.Label()} {kv.Value}"));
+            sb.AppendLine(CultureInfo.InvariantCulture,
+                $"<tr><td><code>{E(r.Target)}</code></td><td class=\"n\">{r.NameMatches}</td><td class=\"n\">{r.Adapters}</td><td>{E(loc)}</td><td>{E(string.Join(" ", r.UniqueShapes))}</td><td>{E(r.Note ?? "")}</td></tr>");
         }
         sb.AppendLine("</table></section>");
 
         sb.AppendLine("<section id=\"adapters\"><h2>LoRA adapters</h2>");
-        sb.AppendLine(CultureInfo.InvariantCulture, $"<p>LoraConfig: <code>{E(plan.Requested.Describe())}</code></p>");
         sb.AppendLine(CultureInfo.InvariantCulture, $"<p><code>trainable params: {Units.Count(plan.TrainableParameters)} || all params: {Units.Count(plan.AllParameters)} || trainable%: {Units.Percent(report.TrainablePercent)}</code></p>");
+        sb.AppendLine("<ul>");
+        foreach (var line in ReportMarkdown.AdapterLines(report)) sb.AppendLine(CultureInfo.InvariantCulture, $"<li>{E(line)}</li>");
+        sb.AppendLine("</ul>");
         sb.AppendLine("<table><tr><th>location</th><th>adapters</th><th>LoRA parameters</th></tr>");
         foreach (var (loc, n, p) in report.ByLocation())
             sb.AppendLine(CultureInfo.InvariantCulture, $"<tr><td>{E(loc.Label())}</td><td class=\"n\">{n}</td><td class=\"n\">{Units.Count(p)}</td></tr>");
@@ -72,6 +87,7 @@ public static class HtmlReport
 
         var h = report.HiddenStates;
         sb.AppendLine("<section id=\"hidden-states\"><h2>Hidden states</h2><table>");
+        Row(sb, "Batch × seq × hidden", $"{h.BatchSize} × {h.SeqLength} × {h.HiddenSize} ({h.DType.Name()})");
         Row(sb, "All states", $"{h.NumStates} × {Units.Bytes(h.BytesPerState)} = {Units.Bytes(h.AllLayersBytes)}");
         Row(sb, $"Target layers [{string.Join(", ", h.TargetLayers)}]", $"{Units.Bytes(h.TargetLayersBytes)} ({h.SavingPercent:F1}% less)");
         sb.AppendLine("</table></section>");
@@ -86,6 +102,7 @@ public static class HtmlReport
         foreach (var r in report.Recommendations)
         {
             var config = r.Config is null ? "" : $"<br><code>LoraConfig({E(ReportText.Kwargs(r.Config))})</code>";
+            if (r.TrainableParameters is { } trainable) config += $" → {Units.Count(trainable)} trainable";
             sb.AppendLine(CultureInfo.InvariantCulture, $"<li><strong>{E(r.Title)}</strong>: {E(r.Detail)}{config}</li>");
         }
         sb.AppendLine("</ol></section>");
@@ -93,10 +110,11 @@ public static class HtmlReport
         return sb.ToString();
     }
 
+    // The chart carries its own title; a caption repeating it would say it twice.
     private static void Figure(StringBuilder sb, string id, string caption, string svg)
     {
         var b64 = Convert.ToBase64String(Encoding.UTF8.GetBytes(svg));
-        sb.AppendLine(CultureInfo.InvariantCulture, $"<figure id=\"{id}\"><img alt=\"{E(caption)}\" src=\"data:image/svg+xml;base64,{b64}\"><figcaption>{E(caption)}</figcaption></figure>");
+        sb.AppendLine(CultureInfo.InvariantCulture, $"<figure id=\"{id}\"><img alt=\"{E(caption)}\" src=\"data:image/svg+xml;base64,{b64}\"></figure>");
     }
 
     private static void Row(StringBuilder sb, string k, string v) => sb.AppendLine(CultureInfo.InvariantCulture, $"<tr><th>{E(k)}</th><td>{E(v)}</td></tr>");

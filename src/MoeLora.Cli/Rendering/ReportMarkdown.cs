@@ -18,7 +18,7 @@ public static class ReportMarkdown
         sb.AppendLine();
         sb.AppendLine("| | |").AppendLine("|---|---|");
         Row(sb, "Model type", $"`{spec.ModelType}` ({spec.Architecture})");
-        Row(sb, "Source", report.Options.Source + (report.Options.SourceNote is null ? "" : " — " + report.Options.SourceNote));
+        Row(sb, "Source", ReportText.SourceText(report));
         Row(sb, "Layout", $"{spec.Layout.Name()}, PEFT {plan.Version}");
         Row(sb, "Layers / hidden / vocab", $"{spec.NumHiddenLayers} / {spec.HiddenSize} / {Units.Count(spec.VocabSize)}");
         Row(sb, "Parameters", Units.Count(spec.Tree.NumParameters));
@@ -40,11 +40,7 @@ public static class ReportMarkdown
         }
         sb.AppendLine().AppendLine("## LoRA adapters").AppendLine();
         sb.AppendLine(CultureInfo.InvariantCulture, $"`trainable params: {Units.Count(plan.TrainableParameters)} || all params: {Units.Count(plan.AllParameters)} || trainable%: {Units.Percent(report.TrainablePercent)}`").AppendLine();
-        sb.AppendLine(CultureInfo.InvariantCulture, $"- Adapter instances: {plan.Targets.Count} ({plan.Targets.Sum(t => t.Tensors.Count)} LoRA tensors)");
-        sb.AppendLine(CultureInfo.InvariantCulture, $"- Sharing: {ReportText.SharingText(report)}");
-        sb.AppendLine(CultureInfo.InvariantCulture, $"- Adapter memory: {Units.Bytes(report.AdapterMemoryBytes)} (fp32)");
-        if (spec.Moe.IsMoe)
-            sb.AppendLine(CultureInfo.InvariantCulture, $"- Experts with adapters: {report.Experts.ExpertsWithAdapters} of {report.Experts.ExpertsPerLayer} in {report.Experts.LayersWithExpertAdapters} of {report.Experts.MoeLayers} MoE layers ({report.Experts.Mode})");
+        foreach (var line in AdapterLines(report)) sb.AppendLine(CultureInfo.InvariantCulture, $"- {line}");
         sb.AppendLine().AppendLine("| location | adapters | LoRA parameters |").AppendLine("|---|---:|---:|");
         foreach (var (loc, n, p) in report.ByLocation()) sb.AppendLine(CultureInfo.InvariantCulture, $"| {loc.Label()} | {n} | {Units.Count(p)} |");
         Chart(sb, "Adapters by location", HtmlCharts.AdaptersByLocation(report));
@@ -65,13 +61,25 @@ public static class ReportMarkdown
         foreach (var r in report.Recommendations)
         {
             sb.AppendLine(CultureInfo.InvariantCulture, $"{i++}. **{r.Title}**: {r.Detail}");
-            if (r.Config is not null)
-            {
-                var trained = r.TrainableParameters is null ? "" : $" → {Units.Count(r.TrainableParameters.Value)} trainable";
-                sb.AppendLine(CultureInfo.InvariantCulture, $"   `LoraConfig({ReportText.Kwargs(r.Config)})`{trained}");
-            }
+            var trained = r.TrainableParameters is null ? "" : $" → {Units.Count(r.TrainableParameters.Value)} trainable";
+            if (r.Config is not null) sb.AppendLine(CultureInfo.InvariantCulture, $"   `LoraConfig({ReportText.Kwargs(r.Config)})`{trained}");
+            else if (trained.Length > 0) sb.AppendLine(CultureInfo.InvariantCulture, $"   {trained}");
         }
         return sb.ToString();
+    }
+
+    /// <summary>The adapter facts (instances, sharing, memory, expert coverage) that Markdown and HTML both list.</summary>
+    public static IEnumerable<string> AdapterLines(LoraReport report)
+    {
+        var plan = report.Plan;
+        yield return $"Adapter instances: {plan.Targets.Count} ({plan.Targets.Sum(t => t.Tensors.Count)} LoRA tensors)";
+        yield return $"Sharing: {ReportText.SharingText(report)}";
+        yield return $"Adapter memory: {Units.Bytes(report.AdapterMemoryBytes)} (fp32, as PEFT upcasts)" +
+            (report.ModulesToSaveBytes > 0 ? $" + {Units.Bytes(report.ModulesToSaveBytes)} modules_to_save copies ({report.Options.DType.Name()})" : "");
+        if (report.Spec.Moe.IsMoe)
+            yield return report.Experts.ExpertsWithAdapters == 0
+                ? "Experts with adapters: none"
+                : $"Experts with adapters: {report.Experts.ExpertsWithAdapters} of {report.Experts.ExpertsPerLayer} in {report.Experts.LayersWithExpertAdapters} of {report.Experts.MoeLayers} MoE layers ({report.Experts.Mode})";
     }
 
     /// <summary>A chart embedded as a data-URI SVG, so the Markdown file stays self-contained.</summary>

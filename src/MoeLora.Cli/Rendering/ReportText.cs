@@ -30,7 +30,7 @@ public static class ReportText
         yield return new Rule($"[bold]MoE LoRA report[/]: {Markup.Escape(report.Options.ModelId)}").LeftJustified();
         var model = new Grid().AddColumn().AddColumn();
         model.AddRow("Model type", $"{spec.ModelType} ({spec.Architecture})");
-        model.AddRow("Source", Markup.Escape(report.Options.Source + (report.Options.SourceSummary is null ? "" : " — " + report.Options.SourceSummary)));
+        model.AddRow("Source", Markup.Escape(SourceText(report)));
         model.AddRow("Layout", spec.DerivedLabel is not null
             ? $"[yellow]{Markup.Escape(spec.DerivedLabel)}[/], PEFT {plan.Version}"
             : $"{spec.Layout.Name()} (transformers {(spec.Layout == MoeLora.Core.Modules.Layout.V5 ? "5.x" : "4.57")}), PEFT {plan.Version}");
@@ -107,6 +107,17 @@ public static class ReportText
             var trainable = r.TrainableParameters is null ? "" : $"\n   → trainable params: {Units.Count(r.TrainableParameters.Value)}";
             yield return new Markup($"{i++}. [bold]{Markup.Escape(r.Title)}[/]: {Markup.Escape(r.Detail)}{config}{trainable}\n");
         }
+    }
+
+    /// <summary>
+    /// Where the config came from, with the resolver's notes (e.g. that the Hub was unreachable and the catalog copy
+    /// was used): every view prints this same line.
+    /// </summary>
+    public static string SourceText(LoraReport report)
+    {
+        var o = report.Options;
+        var parts = new[] { o.SourceSummary, o.SourceNote }.Where(x => !string.IsNullOrEmpty(x)).ToList();
+        return o.Source + (parts.Count == 0 ? "" : " — " + string.Join("; ", parts));
     }
 
     /// <summary>What PEFT's transformers-5 MoE rewrite did, in one sentence (null when it did not run).</summary>

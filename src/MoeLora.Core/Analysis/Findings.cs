@@ -42,6 +42,11 @@ public static class Findings
         if (vision > 0)
             list.Add(new("vision_adapted", $"{vision} adapters sit in the vision tower or the multimodal projector (PEFT matches names, not towers)."));
 
+        if (RegexScopeDropped(plan) is { Count: > 0 } outside)
+            list.Add(new("regex_scope_dropped",
+                $"PEFT {plan.Version} resolved the target_modules regex to the leaf names {string.Join(", ", TargetBreakdown.ResolvedLeafNames(plan))} " +
+                $"before its transformers-5 rewrite, so the rest of the regex (layer numbers, module paths) is dropped: {outside.Count} adapted modules " +
+                $"do not match it (e.g. {outside[0]})."));
         var dropped = DroppedByConversion(plan);
         if (dropped.Count > 0)
         {
@@ -107,6 +112,17 @@ public static class Findings
         var rest = name[marker.Length..];
         var dot = rest.IndexOf('.');
         return dot < 0 ? rest : rest[(dot + 1)..];
+    }
+
+    /// <summary>
+    /// Adapted modules the user's regex does not full-match: PEFT's transformers-5 rewrite turns a regex into the
+    /// leaf names it hits, and those names then match in every layer (peft/tuners/lora/model.py, string targets).
+    /// </summary>
+    private static List<string> RegexScopeDropped(AdapterPlan plan)
+    {
+        if (plan.Conversion?.ResolvedFrom is null || plan.Requested.TargetModules?.Pattern is not { } pattern) return [];
+        return plan.Targets.Select(t => t.ModuleName).Distinct(StringComparer.Ordinal)
+            .Where(m => !PyRegex.FullMatch(pattern, m)).ToList();
     }
 
     /// <summary>Modules the requested names match by plain suffix rules that the final plan does not adapt.</summary>
@@ -231,11 +247,17 @@ public static class Findings
             .Select(m => m.Name);
     }
 
+    private static bool SameTargets(AdapterPlan a, AdapterPlan b) =>
+        a.Targets.Select(t => (t.Name, t.R, t.Alpha)).ToHashSet().SetEquals(b.Targets.Select(t => (t.Name, t.R, t.Alpha)));
+
     private static void Add(List<Recommendation> recs, AdapterPlan plan, string title, string detail, LoraConfig cfg)
     {
         try
         {
             var suggested = AdapterPlanner.Plan(plan.Spec, cfg, plan.Version);
+            // Re-planned, a suggestion that adapts exactly what the current config adapts changes nothing
+            // (e.g. layers_to_transform when only target_parameters are set): it is not shown.
+            if (suggested.TrainableParameters == plan.TrainableParameters && SameTargets(suggested, plan)) return;
             recs.Add(new Recommendation(title, detail, cfg, suggested.TrainableParameters));
         }
         catch (PeftConfigException)

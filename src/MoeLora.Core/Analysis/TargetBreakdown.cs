@@ -38,9 +38,9 @@ public sealed record TargetBreakdown
             if (tm.Pattern is not null)
             {
                 var label = tm.IsAllLinear ? "all-linear" : tm.Pattern;
-                var resolvedNote = plan.Conversion?.ResolvedFrom is not null
-                    ? $"PEFT resolved it to names and rewrote {string.Join(", ", moved.Select(m => m.Key).Distinct())} onto fused experts"
-                    : null;
+                var resolvedNote = plan.Conversion?.ResolvedFrom is null ? null
+                    : $"PEFT resolved it to the leaf names {string.Join(", ", ResolvedLeafNames(plan))}" +
+                      (moved.Count > 0 ? $" and rewrote {string.Join(", ", moved.Select(m => m.Key).Distinct())} onto fused experts" : "; nothing was moved onto fused experts");
                 rows.Add(Row(label, tm.IsAllLinear ? "target_modules" : "target_modules (regex)", -1,
                     plan.Targets.Where(t => !t.TiedToEmbedding), resolvedNote));
             }
@@ -57,6 +57,11 @@ public sealed record TargetBreakdown
                         adapters = plan.Targets.Where(t => t.Kind == AdapterKind.Parameter && movedTo.Any(p => Matches(t.Name, p)));
                         note = $"rewritten by PEFT onto target_parameters {string.Join(", ", movedTo)}" +
                                (movedTo.Contains("gate_up_proj") && plan.Conversion!.DoubledGateUp ? " (gate+up fused: r and alpha doubled)" : "");
+                        // Two requested names rewritten onto one fused parameter share its adapters: the rows
+                        // then count the same instances twice, which the note must say.
+                        var sharing = moved.Where(m => m.Key != name && movedTo.Contains(m.Value)).Select(m => m.Key).Distinct().ToList();
+                        if (sharing.Count > 0)
+                            note += $"; the same adapters as {string.Join(", ", sharing)} (one fused parameter, counted in each row)";
                     }
                     else
                     {
@@ -77,6 +82,10 @@ public sealed record TargetBreakdown
         }
         return rows;
     }
+
+    /// <summary>The leaf names PEFT turned a regex into: those still in target_modules plus those it moved.</summary>
+    public static IReadOnlyList<string> ResolvedLeafNames(AdapterPlan plan) =>
+        [.. (plan.Effective.TargetModules?.Names ?? []).Concat(plan.Conversion?.Moved.Select(m => m.Key) ?? []).Distinct(StringComparer.Ordinal).Order(StringComparer.Ordinal)];
 
     private static bool Matches(string key, string target) =>
         key == target || key.EndsWith("." + target, StringComparison.Ordinal);

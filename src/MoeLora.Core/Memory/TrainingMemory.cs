@@ -55,7 +55,7 @@ public sealed class TrainingMemory
             if (Fits) return $"fits: {per} per GPU of {Units.Bytes(Setup.GpuMemoryBytes)} ({Units.Bytes(UsableBytes - PerGpuBytes)} to spare after a {Units.Bytes(ReserveBytes)} reserve)";
             var fixes = Fixes.Where(f => f.Fits).Select(f => $"{f.Change} ({Units.Bytes(f.PerGpuBytes)})").ToList();
             return $"does not fit: {per} per GPU > {Units.Bytes(UsableBytes)} usable of {Units.Bytes(Setup.GpuMemoryBytes)}; " +
-                (fixes.Count > 0 ? "fixes: " + string.Join("; ", fixes) : "no single change tried fits");
+                (fixes.Count > 0 ? "fixes: " + string.Join("; ", fixes) : $"no single change tried fits on {Setup.Gpus} × {Units.Bytes(Setup.GpuMemoryBytes)} (gradient checkpointing, nf4, fewer layers, smaller batch or sequence, up to 64 GPUs sharded)");
         }
     }
 
@@ -235,6 +235,7 @@ public sealed class TrainingMemory
     private static List<MemoryFix> FindFixes(AdapterPlan plan, TrainingSetup setup)
     {
         var fixes = new List<MemoryFix>();
+        var current = Estimate(plan, setup, withFixes: false).PerGpuBytes;
         void Try(string change, AdapterPlan p, TrainingSetup s)
         {
             var m = Estimate(p, s, withFixes: false);
@@ -276,6 +277,9 @@ public sealed class TrainingMemory
             var m = Estimate(plan, setup with { Gpus = g, Sharding = sharding }, false);
             if (m.Fits || g * 2 > 64) { fixes.Add(new MemoryFix($"--gpus {g} --sharding {TrainingSetup.Name(sharding)}", m.PerGpuBytes, m.Fits)); break; }
         }
-        return fixes;
+        // A fix is offered only for what it claims: making the step fit. A row that leaves the peak unchanged (e.g.
+        // layers_to_transform when only target_parameters are adapted) or still does not fit is no fix; when none
+        // is left, the verdict says that no single change tried fits on this hardware.
+        return fixes.Where(f => f.Fits && f.PerGpuBytes < current).ToList();
     }
 }
