@@ -11,14 +11,7 @@ public sealed class AdapterCommandTests : IDisposable
     readonly string _tmp = Directory.CreateTempSubdirectory("moelora-adapter-").FullName;
     public void Dispose() => Directory.Delete(_tmp, recursive: true);
 
-    static (int Code, string Error) Run(params string[] args)
-    {
-        var err = new StringWriter();
-        var old = Consoles.Error;
-        Consoles.Error = err;
-        try { return (Program.Main(args), err.ToString()); }
-        finally { Consoles.Error = old; }
-    }
+    static (int Code, string Error) Run(params string[] args) => InProcessCli.Run(args);
 
     [Fact]
     public void InspectConvertAndInspectAgain()

@@ -14,14 +14,7 @@ public sealed class RuntimeCommandTests : IDisposable
     readonly string _tmp = Directory.CreateTempSubdirectory("moelora-cli-").FullName;
     public void Dispose() => Directory.Delete(_tmp, recursive: true);
 
-    static (int Code, string Error) Run(params string[] args)
-    {
-        var err = new StringWriter();
-        var old = Consoles.Error;
-        Consoles.Error = err;
-        try { return (Program.Main(args), err.ToString()); }
-        finally { Consoles.Error = old; }
-    }
+    static (int Code, string Error) Run(params string[] args) => InProcessCli.Run(args);
 
     [Theory]
     [InlineData("mixtral")]
