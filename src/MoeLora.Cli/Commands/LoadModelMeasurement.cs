@@ -2,15 +2,13 @@ using System.Globalization;
 using System.Text;
 using System.Text.Json.Nodes;
 using MoeLora.Cli.Infrastructure;
-using MoeLora.Cli.Rendering;
+using MoeLora.Cli.Rendering.Document;
 using MoeLora.Core.Analysis;
 using MoeLora.Core.Peft;
 using MoeLora.Sources;
 using MoeLora.Torch.Lora;
 using MoeLora.Torch.Models;
 using MoeLora.Torch.Runtime;
-using Spectre.Console;
-using Spectre.Console.Rendering;
 using TorchSharp;
 using static TorchSharp.torch;
 using MoeLora.Core;
@@ -78,20 +76,9 @@ internal static class LoadModelMeasurement
         measured.Prediction = prediction;
         measured.CheckpointBytes = checkpointBytes;
 
-        switch (format)
-        {
-            case "json":
-                var json = report.ToJson();
-                json["measured"] = measured.ToJson(report);
-                Output.Json(json, s.Output);
-                break;
-            case "markdown":
-                Output.Text(ReportMarkdown.Render(report) + "\n" + measured.ToMarkdown(report), s.Output);
-                break;
-            default:
-                Output.Renderables(ReportText.Render(report).Concat(measured.Render(report)), s.Output);
-                break;
-        }
+        var measuredJson = measured.ToJson(report);
+        ReportCommand.Write(ReportDocumentBuilder.Build(report, extra: measured.Sections(report)), report, format, s.Output,
+            json => json["measured"] = measuredJson);
         return ExitCodes.Ok;
     }
 
@@ -201,27 +188,27 @@ internal static class LoadModelMeasurement
             return rows;
         }
 
-        public IEnumerable<IRenderable> Render(LoraReport r)
+        /// <summary>The measured figures as report sections: predicted against measured, then gradient flow.</summary>
+        public IEnumerable<Section> Sections(LoraReport r)
         {
-            yield return new Rule("[bold]Measured (--load-model)[/]").LeftJustified();
-            var t = new Table().Border(TableBorder.Rounded).AddColumn("figure").AddColumn(new TableColumn("predicted").RightAligned())
-                .AddColumn(new TableColumn("measured").RightAligned()).AddColumn("note");
-            foreach (var (f, p, m, n) in Rows(r)) t.AddRow(Markup.Escape(f), Markup.Escape(p), Markup.Escape(m), Markup.Escape(n));
-            yield return t;
-            yield return new Markup(Markup.Escape(MemoryNote(r)) + "\n");
+            var rows = Rows(r).Select(x => (IReadOnlyList<Text>)[x.Figure, x.Predicted, x.Measured,
+                new Text(x.Note, x.Note.StartsWith("DIFFERENT", StringComparison.Ordinal) ? Tone.Bad : Tone.Plain)]).ToList();
+            Block table = new Table([new("figure"), new("predicted", Right: true), new("measured", Right: true), new("note")], rows);
             if (Flow.Count == 0)
             {
-                yield return new Markup("Gradient flow: no fused-expert adapters (nothing to compare with router selection).\n");
+                yield return new Section("measured", "Measured (--load-model)", "measured",
+                    [table, new Paragraph(MemoryNote(r)), new Paragraph("Gradient flow: no fused-expert adapters (nothing to compare with router selection).")]);
                 yield break;
             }
-            yield return new Rule("[bold]Gradient flow vs router selection[/] (one backward)").LeftJustified();
-            var g = new Table().Border(TableBorder.Rounded).AddColumn("adapter").AddColumn("selected experts")
-                .AddColumn("lora_B grad ≠ 0").AddColumn("lora_A grad ≠ 0").AddColumn("grad only where selected");
-            foreach (var f in Flow)
-                g.AddRow(Markup.Escape($"{f.Module}.{f.Parameter}"), Experts(f.Selected, f.NumExperts), Experts(Where(f.GradB), f.NumExperts),
-                    Experts(Where(f.GradA), f.NumExperts), f.GradientOnlyWhereSelected ? "yes" : "[red]NO[/]");
-            yield return g;
-            yield return new Markup(Markup.Escape(FlowSummary()) + "\n");
+            yield return new Section("measured", "Measured (--load-model)", "measured", [table, new Paragraph(MemoryNote(r))]);
+            var flow = Flow.Select(f => (IReadOnlyList<Text>)[new Text($"{f.Module}.{f.Parameter}", Tone.Code), Experts(f.Selected, f.NumExperts),
+                Experts(Where(f.GradB), f.NumExperts), Experts(Where(f.GradA), f.NumExperts),
+                f.GradientOnlyWhereSelected ? "yes" : new Text("NO", Tone.Bad)]).ToList();
+            yield return new Section("gradient-flow", Text.Of(new Span("Gradient flow vs router selection", Tone.Strong), new Span(" (one backward)")), "measured.gradient_flow",
+            [
+                new Table([new("adapter"), new("selected experts"), new("lora_B grad ≠ 0"), new("lora_A grad ≠ 0"), new("grad only where selected")], flow),
+                new Paragraph(FlowSummary()),
+            ]);
         }
 
         static IEnumerable<long> Where(bool[] b) => Enumerable.Range(0, b.Length).Where(i => b[i]).Select(i => (long)i);
@@ -250,21 +237,6 @@ internal static class LoadModelMeasurement
             sb.Append($" the forward grew the resident set by {Units.Bytes(ForwardRssGrowthBytes)} (hidden states + logits + transients, less memory reused from earlier allocations).");
             if (Prediction.MaterializedExpertBytes > 0)
                 sb.Append($" Fused-expert LoRA materialises W+ΔW for every adapted expert tensor during forward+backward ({Units.Bytes(Prediction.MaterializedExpertBytes)} at batch 1), as PEFT's ParamWrapper does.");
-            return sb.ToString();
-        }
-
-        public string ToMarkdown(LoraReport r)
-        {
-            var sb = new StringBuilder("## Measured (--load-model)\n\n| figure | predicted | measured | note |\n|---|---:|---:|---|\n");
-            foreach (var (f, p, m, n) in Rows(r)) sb.Append($"| {f} | {p} | {m} | {n} |\n");
-            sb.Append('\n').Append(MemoryNote(r)).Append("\n\n");
-            if (Flow.Count > 0)
-            {
-                sb.Append("| adapter | selected experts | lora_B grad ≠ 0 | lora_A grad ≠ 0 | only where selected |\n|---|---|---|---|---|\n");
-                foreach (var f in Flow)
-                    sb.Append($"| {f.Module}.{f.Parameter} | {Experts(f.Selected, f.NumExperts)} | {Experts(Where(f.GradB), f.NumExperts)} | {Experts(Where(f.GradA), f.NumExperts)} | {(f.GradientOnlyWhereSelected ? "yes" : "NO")} |\n");
-                sb.Append('\n').Append(FlowSummary()).Append('\n');
-            }
             return sb.ToString();
         }
 

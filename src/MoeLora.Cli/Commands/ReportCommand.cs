@@ -1,6 +1,8 @@
 using System.ComponentModel;
 using MoeLora.Cli.Infrastructure;
+using System.Text.Json.Nodes;
 using MoeLora.Cli.Rendering;
+using MoeLora.Cli.Rendering.Document;
 using MoeLora.Core.Analysis;
 using Spectre.Console.Cli;
 using MoeLora.Core;
@@ -63,18 +65,25 @@ public sealed class ReportCommand : Command<ReportCommand.Settings>
             Training = training,
         });
         if (settings.LoadModel) return LoadModelMeasurement.Run(report, resolved, settings, format);
+        var checkpoint = CheckpointSection.ToJson(loaded);
+        Write(ReportDocumentBuilder.Build(report, loaded), report, format, settings.Output, json => json["checkpoint"] = checkpoint);
+        return ExitCodes.Ok;
+    }
+
+    /// <summary>Renders the one document in the chosen view; <paramref name="addJson"/> adds what only JSON carries raw.</summary>
+    internal static void Write(ReportDocument document, LoraReport report, string format, string? output, Action<JsonObject> addJson)
+    {
         switch (format)
         {
             case "json":
                 var json = report.ToJson();
-                json["checkpoint"] = CheckpointSection.ToJson(loaded);
-                Output.Json(json, settings.Output);
+                addJson(json);
+                Output.Json(JsonView.Render(json, document), output);
                 break;
-            case "markdown": Output.Text(ReportMarkdown.Render(report), settings.Output); break;
-            case "html": Output.Text(HtmlReport.Render(report), settings.Output); break;
-            default: Output.Renderables(ReportText.Render(report).Concat(CheckpointSection.Render(loaded)), settings.Output); break;
+            case "markdown": Output.Text(MarkdownView.Render(document), output); break;
+            case "html": Output.Text(HtmlView.Render(document), output); break;
+            default: Output.Renderables(TextView.Render(document), output); break;
         }
-        return ExitCodes.Ok;
     }
 
     internal static int Positive(int value, string option) =>
