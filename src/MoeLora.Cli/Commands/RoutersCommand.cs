@@ -66,7 +66,9 @@ public sealed class RoutersCommand : Command<RoutersCommand.Settings>
             table.AddRow(Markup.Escape(experts[l].Name), js.ToString("0.0000", System.Globalization.CultureInfo.InvariantCulture), Top(ph), Top(pb));
         }
         var png = s.Heatmap ?? (s.Output is null ? "routers.png" : Path.ChangeExtension(s.Output, ".png"));
-        WriteHeatmap(png, diff, resolved.Id);
+        var full = Path.GetFullPath(png);
+        if (!Directory.Exists(Path.GetDirectoryName(full))) throw new IOException($"cannot write {png}: its folder does not exist");
+        Rendering.RouterHeatmap.Write(full, diff, experts.Select(e => LayerLabel(e.Name)).ToList(), resolved.Id);
         var json = new JsonObject
         {
             ["schema"] = "moelora.routers/1",
@@ -130,17 +132,7 @@ public sealed class RoutersCommand : Command<RoutersCommand.Settings>
     static JsonArray Arr(IEnumerable<long> v) => new(v.Select(x => (JsonNode)JsonValue.Create(x)).ToArray());
     static JsonArray Arr(IEnumerable<double> v) => new(v.Select(x => (JsonNode)JsonValue.Create(Math.Round(x, 6))).ToArray());
 
-    static void WriteHeatmap(string path, double[,] diff, string model)
-    {
-        var full = Path.GetFullPath(path);
-        if (!Directory.Exists(Path.GetDirectoryName(full))) throw new IOException($"cannot write {path}: its folder does not exist");
-        var plot = new ScottPlot.Plot();
-        var hm = plot.Add.Heatmap(diff);
-        hm.Colormap = new ScottPlot.Colormaps.MellowRainbow();
-        plot.Add.ColorBar(hm);
-        plot.Title($"{model}: expert selection, harmful − benign");
-        plot.XLabel("expert");
-        plot.YLabel("MoE layer (row 0 = first)");
-        Infrastructure.AtomicFile.Write(full, temp => plot.SavePng(temp, 800, Math.Max(300, 60 * diff.GetLength(0) + 150)), ".png");
-    }
+    /// <summary>The decoder layer of an experts module (<c>model.layers.3.mlp.experts</c> → 3), else its name.</summary>
+    internal static string LayerLabel(string module) =>
+        System.Text.RegularExpressions.Regex.Match(module, @"layers\.(\d+)\.") is { Success: true } m ? m.Groups[1].Value : module;
 }

@@ -11,6 +11,9 @@ public static class HtmlCharts
     private const int Width = 900;
     private const int Height = 420;
 
+    /// <summary>The one chart font, also the report page's first choice.</summary>
+    public const string FontName = "DejaVu Sans";
+
     /// <summary>Horizontal bars: GiB per memory term at the per-GPU peak.</summary>
     public static string MemoryBreakdown(TrainingMemory m) =>
         HorizontalBars($"Per-GPU peak {Units.Bytes(m.PerGpuBytes)} ({m.Phase})", "GiB",
@@ -49,7 +52,7 @@ public static class HtmlCharts
     /// <summary>One font for every chart, the page's sans-serif, so text in the charts matches the report.</summary>
     private static string Svg(Plot plt, int width = Width, int height = Height)
     {
-        plt.Font.Set("DejaVu Sans");
+        plt.Font.Set(FontName);
         return plt.GetSvgXml(width, height);
     }
 

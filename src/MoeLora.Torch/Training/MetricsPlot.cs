@@ -1,6 +1,7 @@
 using System.Globalization;
 using System.Text;
 using System.Text.Json.Nodes;
+using ScottPlot;
 
 namespace MoeLora.Torch.Training;
 
@@ -18,6 +19,44 @@ public static class MetricsPlot
         catch (System.Text.Json.JsonException) { return null; }
     }
 
+    public const int Width = 1000;
+    public const int Height = 720;
+
+    /// <summary>The panels, top to bottom: retain loss on its own scale, then the 0..1 curves (RR loss, cosine, schedule).</summary>
+    public static readonly string[][] Panels = [["retain loss"], ["RR loss", "CB cosine", "c_retain / a", "c_cb / a"]];
+
+    /// <summary>
+    /// Two panels sharing the step axis: the retain loss (a cross-entropy, often several units) would flatten the
+    /// rerouting curves, which live in 0..1, if they shared its y axis. Legends sit right of each panel, outside
+    /// the data, so they cover no step.
+    /// </summary>
+    public static ScottPlot.Multiplot Build(IReadOnlyList<(string Label, List<(double X, double Y)> Points)> data)
+    {
+        var figure = new ScottPlot.Multiplot();
+        figure.AddPlots(Panels.Length);
+        var plots = figure.GetPlots();
+        for (var p = 0; p < Panels.Length; p++)
+        {
+            var plt = plots[p];
+            plt.Font.Set("DejaVu Sans");
+            foreach (var (label, pts) in data.Where(d => Panels[p].Contains(d.Label)))
+            {
+                if (pts.Count == 0) continue;
+                var sc = plt.Add.Scatter(pts.Select(q => q.X).ToArray(), pts.Select(q => q.Y).ToArray());
+                sc.LegendText = label;
+                sc.MarkerSize = 0;
+                sc.LineWidth = 2;
+            }
+            plt.ShowLegend(ScottPlot.Edge.Right);
+            plt.XLabel("step");
+        }
+        plots[0].Title("circuit-breaker training");
+        plots[0].YLabel("retain loss");
+        plots[1].YLabel("0..1");
+        figure.SharedAxes.ShareX(plots);
+        return figure;
+    }
+
     /// <summary>Writes <c>{basePath}.png</c> (or <c>.svg</c>); returns the file written.</summary>
     public static string Write(string metricsJsonl, string basePath)
     {
@@ -28,15 +67,7 @@ public static class MetricsPlot
             .Select(r => (X: r["step"]!.GetValue<double>(), Y: r[s.Key]!.GetValue<double>() / (s.Key.EndsWith("coeff", StringComparison.Ordinal) ? alpha : 1))).ToList())).ToList();
         try
         {
-            var plt = new ScottPlot.Plot();
-            foreach (var (label, pts) in data)
-            {
-                if (pts.Count == 0) continue;
-                var sc = plt.Add.Scatter(pts.Select(p => p.X).ToArray(), pts.Select(p => p.Y).ToArray());
-                sc.LegendText = label; sc.MarkerSize = 0;
-            }
-            plt.XLabel("step"); plt.Title("circuit-breaker training"); plt.ShowLegend();
-            plt.SavePng(basePath + ".png", 900, 500);
+            Build(data).SavePng(basePath + ".png", Width, Height);
             return basePath + ".png";
         }
         catch (Exception e) when (e is DllNotFoundException or TypeInitializationException or BadImageFormatException)
@@ -46,7 +77,7 @@ public static class MetricsPlot
         }
     }
 
-    static string Svg(List<(string Label, List<(double X, double Y)> Points)> data)
+    internal static string Svg(List<(string Label, List<(double X, double Y)> Points)> data)
     {
         const int w = 900, h = 500, m = 50;
         var all = data.SelectMany(d => d.Points).ToList();
