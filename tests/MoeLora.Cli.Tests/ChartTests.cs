@@ -123,3 +123,43 @@ public sealed class ChartTests
         }
     }
 }
+
+/// <summary>The report's own charts.</summary>
+public sealed class ReportChartTests
+{
+    private static MoeLora.Core.Analysis.LoraReport Report(string id, params string[] targets)
+    {
+        Assert.True(MoeLora.Core.Catalog.ModelCatalog.TryGetConfigJson(id, out var json));
+        var spec = MoeLora.Core.Architectures.ArchitectureRegistry.Build(MoeLora.Core.Config.ModelConfig.Parse(json, id), MoeLora.Core.Modules.Layout.V5);
+        var lora = new MoeLora.Core.Peft.LoraConfig { R = 8, LoraAlpha = 16, TargetModules = MoeLora.Core.Peft.ModuleSelector.List(targets) };
+        return MoeLora.Core.Analysis.LoraReport.Build(spec, lora, null, new MoeLora.Core.Analysis.ReportOptions { ModelId = id });
+    }
+
+    [Fact]
+    public void Per_layer_chart_has_integer_ticks_and_ends_half_a_bar_past_the_layers()
+    {
+        var figure = HtmlCharts.ParametersPerLayer(Report("deepseek-ai/DeepSeek-V3", "o_proj", "down_proj"));
+        figure.Plot.GetImage(figure.Width, figure.Height);
+        var ticks = figure.Plot.Axes.Bottom.TickGenerator.Ticks.Where(t => t.IsMajor).ToList();
+        Assert.All(ticks, t => Assert.Equal(Math.Round(t.Position), t.Position));
+        Assert.All(ticks, t => Assert.InRange(t.Position, 0, 60));
+        Assert.Equal(0, ticks[0].Position);
+        var limits = figure.Plot.Axes.GetLimits();
+        Assert.Equal((-0.5, 60.5), (limits.Left, limits.Right));
+        // DeepSeek-V3's three dense layers get no expert adapters: their bars are lower than the MoE layers'.
+        var bars = figure.Plot.GetPlottables<ScottPlot.Plottables.BarPlot>().Single().Bars.ToList();
+        Assert.Equal(61, bars.Count);
+        Assert.True(bars[0].Value < bars[3].Value);
+    }
+
+    [Fact]
+    public void Every_report_chart_uses_the_page_font()
+    {
+        var report = Report("Qwen/Qwen3-30B-A3B", "q_proj", "down_proj");
+        foreach (var figure in new[] { HtmlCharts.ParametersPerLayer(report), HtmlCharts.AdaptersByLocation(report), HtmlCharts.MemoryBreakdown(report.Training) })
+        {
+            Assert.Equal(HtmlCharts.FontName, figure.Plot.Axes.Title.Label.FontName);
+            Assert.Equal(HtmlCharts.FontName, figure.Plot.Axes.Bottom.TickLabelStyle.FontName);
+        }
+    }
+}

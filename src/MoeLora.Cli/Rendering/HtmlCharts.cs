@@ -5,7 +5,15 @@ using ScottPlot;
 
 namespace MoeLora.Cli.Rendering;
 
-/// <summary>The HTML report's charts, drawn by ScottPlot and returned as SVG text.</summary>
+/// <summary>A chart drawn with ScottPlot at its intended size: SVG for the HTML and Markdown reports, PNG for files.</summary>
+public sealed record ChartFigure(Plot Plot, int Width, int Height)
+{
+    public string Svg() => Plot.GetSvgXml(Width, Height);
+
+    public void SavePng(string path) => Plot.SavePng(path, Width, Height);
+}
+
+/// <summary>The report's charts, drawn by ScottPlot in one font (the page's).</summary>
 public static class HtmlCharts
 {
     private const int Width = 900;
@@ -15,19 +23,19 @@ public static class HtmlCharts
     public const string FontName = "DejaVu Sans";
 
     /// <summary>Horizontal bars: GiB per memory term at the per-GPU peak.</summary>
-    public static string MemoryBreakdown(TrainingMemory m) =>
+    public static ChartFigure MemoryBreakdown(TrainingMemory m) =>
         HorizontalBars($"Per-GPU peak {Units.Bytes(m.PerGpuBytes)} ({m.Phase})", "GiB",
             m.Terms.Select(t => (t.Name, t.Bytes / (double)(1L << 30))).ToList());
 
     /// <summary>Bars: adapters per module location.</summary>
-    public static string AdaptersByLocation(LoraReport report)
+    public static ChartFigure AdaptersByLocation(LoraReport report)
     {
         var rows = report.ByLocation().Select(x => (x.Location.Label(), (double)x.Adapters)).ToList();
         return VerticalBars("Adapters by location", "adapters", rows);
     }
 
     /// <summary>Bars: LoRA parameters per decoder layer (millions).</summary>
-    public static string ParametersPerLayer(LoraReport report)
+    public static ChartFigure ParametersPerLayer(LoraReport report)
     {
         var layers = (int)report.Spec.NumHiddenLayers;
         var perLayer = new double[layers];
@@ -46,17 +54,17 @@ public static class HtmlCharts
         var ticks = Enumerable.Range(0, layers).Where(i => i % step == 0).ToArray();
         plt.Axes.Bottom.SetTicks(ticks.Select(i => (double)i).ToArray(), ticks.Select(i => i.ToString(System.Globalization.CultureInfo.InvariantCulture)).ToArray());
         plt.Axes.SetLimitsX(-0.5, Math.Max(0.5, layers - 0.5));
-        return Svg(plt);
+        return Figure(plt);
     }
 
     /// <summary>One font for every chart, the page's sans-serif, so text in the charts matches the report.</summary>
-    private static string Svg(Plot plt, int width = Width, int height = Height)
+    private static ChartFigure Figure(Plot plt, int width = Width, int height = Height)
     {
         plt.Font.Set(FontName);
-        return plt.GetSvgXml(width, height);
+        return new ChartFigure(plt, width, height);
     }
 
-    private static string VerticalBars(string title, string yLabel, IReadOnlyList<(string Label, double Value)> rows)
+    private static ChartFigure VerticalBars(string title, string yLabel, IReadOnlyList<(string Label, double Value)> rows)
     {
         var plt = new Plot();
         var bars = rows.Select((r, i) => new Bar { Position = i, Value = r.Value, FillColor = Palette(i) }).ToList();
@@ -65,10 +73,10 @@ public static class HtmlCharts
         plt.Title(title);
         plt.YLabel(yLabel);
         plt.Axes.Margins(bottom: 0);
-        return Svg(plt);
+        return Figure(plt);
     }
 
-    private static string HorizontalBars(string title, string xLabel, IReadOnlyList<(string Label, double Value)> rows)
+    private static ChartFigure HorizontalBars(string title, string xLabel, IReadOnlyList<(string Label, double Value)> rows)
     {
         var plt = new Plot();
         var bars = rows.Select((r, i) => new Bar { Position = rows.Count - 1 - i, Value = r.Value, FillColor = Palette(i) }).ToList();
@@ -78,7 +86,7 @@ public static class HtmlCharts
         plt.Title(title);
         plt.XLabel(xLabel);
         plt.Axes.Margins(left: 0);
-        return Svg(plt, Width, Math.Max(Height, 40 * rows.Count + 120));
+        return Figure(plt, Width, Math.Max(Height, 40 * rows.Count + 120));
     }
 
     private static Color Palette(int i) => new ScottPlot.Palettes.Category10().GetColor(i);

@@ -16,7 +16,7 @@ public static class RouterHeatmap
     public const string ColorBarLabel = "harmful − benign selection frequency";
 
     /// <param name="diff">[row, expert] differences; row r is the MoE module labelled <paramref name="rowLabels"/>[r].</param>
-    public static (Plot Plot, int Width, int Height) Build(double[,] diff, IReadOnlyList<string> rowLabels, string model)
+    public static ChartFigure Build(double[,] diff, IReadOnlyList<string> rowLabels, string model)
     {
         int rows = diff.GetLength(0), experts = diff.GetLength(1);
         var plot = new Plot();
@@ -39,7 +39,7 @@ public static class RouterHeatmap
         // Wide enough for the title and labels; one row of cells is never thinner than 14 px.
         var width = Math.Max(900, 24 * experts + 260);
         var height = Math.Max(360, 22 * rows + 200);
-        return (plot, width, height);
+        return new ChartFigure(plot, width, height);
 
         double RowCentre(int r) => rows - 1 - r; // FlipVertically puts row r at y = rows - 1 - r
     }
@@ -54,8 +54,8 @@ public static class RouterHeatmap
 
     public static void Write(string path, double[,] diff, IReadOnlyList<string> rowLabels, string model)
     {
-        var (plot, width, height) = Build(diff, rowLabels, model);
-        Infrastructure.AtomicFile.Write(path, temp => plot.SavePng(temp, width, height), ".png");
+        var figure = Build(diff, rowLabels, model);
+        Infrastructure.AtomicFile.Write(path, figure.SavePng, ".png");
     }
 
     private static int[] Thinned(int n)

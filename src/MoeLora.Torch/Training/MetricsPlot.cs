@@ -49,10 +49,12 @@ public static class MetricsPlot
             }
             plt.ShowLegend(ScottPlot.Edge.Right);
             plt.XLabel("step");
+            // The same margins in both panels, so their step axes line up although their legends differ in width.
+            plt.Layout.Fixed(new PixelPadding(80, 190, 50, p == 0 ? 40 : 20));
         }
         plots[0].Title("circuit-breaker training");
         plots[0].YLabel("retain loss");
-        plots[1].YLabel("0..1");
+        plots[1].YLabel("RR loss, cosine, schedule");
         figure.SharedAxes.ShareX(plots);
         return figure;
     }

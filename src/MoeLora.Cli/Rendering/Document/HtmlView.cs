@@ -74,7 +74,7 @@ public static class HtmlView
                 break;
             case Chart c:
                 // The chart carries its own title; a caption repeating it would say it twice, so the caption is alt text.
-                var b64 = Convert.ToBase64String(Encoding.UTF8.GetBytes(c.Svg()));
+                var b64 = Convert.ToBase64String(Encoding.UTF8.GetBytes(c.Draw().Svg()));
                 sb.AppendLine(CultureInfo.InvariantCulture, $"<figure id=\"{c.Id}\"><img alt=\"{E(c.Caption)}\" src=\"data:image/svg+xml;base64,{b64}\"></figure>");
                 break;
             default:

@@ -50,7 +50,7 @@ public static class MarkdownView
                 break;
             case Chart c:
                 // A data URI keeps the Markdown file self-contained.
-                sb.AppendLine(CultureInfo.InvariantCulture, $"![{c.Caption}](data:image/svg+xml;base64,{Convert.ToBase64String(Encoding.UTF8.GetBytes(c.Svg()))})");
+                sb.AppendLine(CultureInfo.InvariantCulture, $"![{c.Caption}](data:image/svg+xml;base64,{Convert.ToBase64String(Encoding.UTF8.GetBytes(c.Draw().Svg()))})");
                 break;
             default:
                 throw new InvalidOperationException($"no Markdown form for {block.GetType().Name}");

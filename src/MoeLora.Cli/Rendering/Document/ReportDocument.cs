@@ -78,5 +78,5 @@ public sealed record Step(string Title, string Detail, string? Code = null, stri
 
 /// <summary>A chart, drawn only by the views that show pictures (the terminal shows the same numbers as tables).</summary>
 /// <param name="Id">The HTML figure id.</param>
-/// <param name="Svg">Draws the chart as SVG when a view needs it.</param>
-public sealed record Chart(string Id, string Caption, Func<string> Svg) : Block;
+/// <param name="Draw">Draws the chart when a view needs it.</param>
+public sealed record Chart(string Id, string Caption, Func<ChartFigure> Draw) : Block;
