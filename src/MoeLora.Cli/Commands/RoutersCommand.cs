@@ -68,7 +68,9 @@ public sealed class RoutersCommand : Command<RoutersCommand.Settings>
         var png = s.Heatmap ?? (s.Output is null ? "routers.png" : Path.ChangeExtension(s.Output, ".png"));
         var full = Path.GetFullPath(png);
         if (!Directory.Exists(Path.GetDirectoryName(full))) throw new IOException($"cannot write {png}: its folder does not exist");
-        Rendering.RouterHeatmap.Write(full, diff, experts.Select(e => LayerLabel(e.Name)).ToList(), resolved.Id);
+        // A local folder is named by its last part in the picture: the full path says more about the machine than the model.
+        var title = resolved.Origin == Sources.ModelOrigin.Local ? Path.GetFileName(Path.TrimEndingDirectorySeparator(resolved.Id)) : resolved.Id;
+        Rendering.RouterHeatmap.Write(full, diff, experts.Select(e => LayerLabel(e.Name)).ToList(), title);
         var json = new JsonObject
         {
             ["schema"] = "moelora.routers/1",
