@@ -65,7 +65,7 @@ public sealed class ReportCommand : Command<ReportCommand.Settings>
             Training = training,
         });
         if (settings.LoadModel) return LoadModelMeasurement.Run(report, resolved, settings, format);
-        var checkpoint = CheckpointSection.ToJson(loaded);
+        var checkpoint = CheckpointJson.ToJson(loaded);
         Write(ReportDocumentBuilder.Build(report, loaded), report, format, settings.Output, json => json["checkpoint"] = checkpoint);
         return ExitCodes.Ok;
     }

@@ -6,7 +6,7 @@ using MoeLora.Sources.Analysis;
 namespace MoeLora.Cli.Rendering;
 
 /// <summary>The JSON form of the checkpoint check (the other views take it from <see cref="Document.ReportDocumentBuilder"/>).</summary>
-public static class CheckpointSection
+public static class CheckpointJson
 {
     public static JsonObject? ToJson(LoadedModel loaded)
     {
