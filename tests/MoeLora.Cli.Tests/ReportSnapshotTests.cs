@@ -68,6 +68,27 @@ public sealed partial class ReportSnapshotTests : IDisposable
         Golden.Verify($"report-{name}.{extension}", output);
     }
 
+    [Fact]
+    public void A_changed_view_fails_and_says_how_to_accept_it()
+    {
+        if (Golden.Accepting) return; // accepting rewrites golden files on purpose; this check would rewrite one wrongly
+        const string name = "report-llama-3.1-8b-dense.txt";
+        var golden = File.ReadAllText(Path.Combine(Golden.Folder, name));
+        var received = Path.Combine(Golden.Folder, "report-llama-3.1-8b-dense.received.txt");
+        try
+        {
+            var e = Assert.ThrowsAny<Xunit.Sdk.XunitException>(() => Golden.Verify(name, golden.Replace("Is MoE", "Is dense", StringComparison.Ordinal)));
+            Assert.Contains("at line ", e.Message);
+            Assert.Contains("MOELORA_ACCEPT=1", e.Message);
+            Assert.True(File.Exists(received));
+            Assert.Equal(golden, File.ReadAllText(Path.Combine(Golden.Folder, name))); // the golden file is untouched
+        }
+        finally
+        {
+            File.Delete(received);
+        }
+    }
+
     private static string Stable(string s) => ChartImage().Replace(s, "data:image/svg+xml;base64,<chart>");
 
     /// <summary>The per-adapter lists (thousands of entries for DeepSeek-V3) as "N entries, sha256 …": still fails on any change.</summary>
