@@ -46,18 +46,28 @@ public sealed class ChartTests
     [Fact]
     public void Heatmap_ticks_sit_at_cell_centres_and_name_the_right_rows()
     {
-        var (plot, heatmap, _, _) = Heatmap();
+        var (plot, _, width, height) = Heatmap();
         var x = plot.Axes.Bottom.TickGenerator.Ticks.Where(t => t.IsMajor).ToList();
         Assert.Equal([0.0, 1, 2, 3], x.Select(t => t.Position));
         Assert.Equal(["0", "1", "2", "3"], x.Select(t => t.Label));
         var y = plot.Axes.Left.TickGenerator.Ticks.Where(t => t.IsMajor).ToList();
         Assert.Equal(3, y.Count);
         Assert.All(y, t => Assert.Equal(Math.Round(t.Position), t.Position));
+        // Each row tick names the layer whose cells are drawn there: the colour at (expert e, tick) is that of
+        // Diff[row, e]. (Heatmap.GetValue ignores how rows are flipped, so the picture itself is asked.)
+        using var bitmap = SkiaSharp.SKBitmap.Decode(plot.GetImage(width, height).GetImageBytes());
+        var map = new RouterHeatmap.Diverging();
         foreach (var tick in y)
         {
             var row = Array.IndexOf(Layers, tick.Label);
             for (var e = 0; e < 4; e++)
-                Assert.Equal(Diff[row, e], heatmap.GetValue(new Coordinates(e, tick.Position)), 12);
+            {
+                var pixel = plot.GetPixel(new Coordinates(e, tick.Position));
+                var drawn = bitmap.GetPixel((int)pixel.X, (int)pixel.Y);
+                var expected = map.GetColor((Diff[row, e] + 0.3) / 0.6);
+                Assert.True(Math.Abs(drawn.Red - expected.R) + Math.Abs(drawn.Green - expected.G) + Math.Abs(drawn.Blue - expected.B) < 12,
+                    $"layer {tick.Label}, expert {e}: drawn {drawn}, expected {expected} for {Diff[row, e]}");
+            }
         }
         var limits = plot.Axes.GetLimits();
         Assert.Equal((-0.5, 3.5, -0.5, 2.5), (limits.Left, limits.Right, limits.Bottom, limits.Top));

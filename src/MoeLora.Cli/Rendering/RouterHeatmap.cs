@@ -24,8 +24,9 @@ public static class RouterHeatmap
         var heatmap = plot.Add.Heatmap(diff);
         heatmap.Colormap = new Diverging();
         heatmap.ManualRange = SymmetricRange(diff);
-        heatmap.CellAlignment = Alignment.MiddleCenter; // cell (r, e) centred on x = e, y = r
-        heatmap.FlipVertically = true; // row 0 (the first MoE layer) at the top, read like the table
+        // Cells centred on integer coordinates; ScottPlot draws row 0 (the first MoE layer) at the top, like the
+        // table, so row r is centred on y = rows - 1 - r.
+        heatmap.CellAlignment = Alignment.MiddleCenter;
         var bar = plot.Add.ColorBar(heatmap);
         bar.Label = ColorBarLabel;
         plot.Title($"Expert selection, harmful − benign\n{model}");
@@ -41,7 +42,7 @@ public static class RouterHeatmap
         var height = Math.Max(360, 22 * rows + 200);
         return new ChartFigure(plot, width, height);
 
-        double RowCentre(int r) => rows - 1 - r; // FlipVertically puts row r at y = rows - 1 - r
+        double RowCentre(int r) => rows - 1 - r;
     }
 
     /// <summary>±the largest |difference| (±0.01 when all are zero, so the colour bar still has a scale).</summary>
