@@ -213,4 +213,61 @@ public sealed class PlanTrainScriptTests : IDisposable
             Assert.Equal(retain.InputIds.data<long>().ToArray(), got[i]![1]!.AsArray().Select(x => (long)x!));
         }
     }
+    // A stand-in for the tiny preset's tokenizer (byte-level, no merges: a byte's id is its value; specials 256..),
+    // so the script's templates, readers and padding run without the tokenizers package.
+    const string FakeTokenizer =
+        "import re\n" +
+        "class FakeTokenizer:\n" +
+        "    def __init__(self, specials, pad):\n" +
+        "        self.specials, self.pad_token_id = specials, pad\n" +
+        "        self.split = re.compile('(' + '|'.join(re.escape(t) for t in specials) + ')')\n" +
+        "    def __call__(self, text, add_special_tokens):\n" +
+        "        ids = [256] if add_special_tokens else []\n" +
+        "        for part in self.split.split(text):\n" +
+        "            ids += [256 + self.specials.index(part)] if part in self.specials else list(part.encode('utf-8'))\n" +
+        "        return {'input_ids': ids}\n";
+
+    [SkippableTheory]
+    [InlineData("mistralai/Mixtral-8x7B-v0.1")]
+    [InlineData("meta-llama/Meta-Llama-3.1-8B")]
+    public void Script_tokenises_the_data_as_the_CSharp_trainer(string model)
+    {
+        var python = Python();
+        Skip.If(python is null, "python3 is not on PATH");
+        var dir = Plan("t", model, "--mode", "circuit-breaker", "-t", "q_proj,v_proj");
+        var tokenizer = new MoeLora.Torch.Text.HfTokenizer(TrainPreset.TinyTokenizerJson());
+        var settings = Json(dir, TrainScript.SettingsFile);
+        var template = ChatTemplate.Get((string)settings["chat_template"]!["name"]!);
+        var lengths = new CbLengths(80, 64, 96); // the tiny preset's: truncation and both padding sides happen
+        string Data(string file) => Path.Combine(dir, "data", file);
+        var json = RunPython(python!, "-c", Import + FakeTokenizer +
+            "s = json.load(open(sys.argv[2]))\n" +
+            $"tok = train.Tokeniser(FakeTokenizer(json.loads(sys.argv[3]), {tokenizer.PadId}), s['chat_template'], dict(request=80, response=64, retain=96))\n" +
+            "d = s['data']; base = sys.argv[4]\n" +
+            "cb = tok.load_circuit_breaker(base + '/' + d['cb'], 0.5, 42)\n" +
+            "retain = tok.load_retain(base + '/' + d['retain']) + tok.load_retain(base + '/' + d['refusal'])\n" +
+            "print(json.dumps(dict(cb=cb, retain=retain)))",
+            Path.Combine(dir, TrainScript.ScriptFile), Path.Combine(dir, TrainScript.SettingsFile),
+            System.Text.Json.JsonSerializer.Serialize(TrainPreset.TinySpecials), dir);
+        var got = JsonNode.Parse(json)!.AsObject();
+
+        var loader = new CbDataLoader(tokenizer, template, lengths);
+        var cb = loader.LoadCircuitBreaker(Data("cb_train.jsonl"), 0.5, 42);
+        var retain = loader.LoadRetain(Data("retain_train.jsonl"));
+        retain.AddRange(loader.LoadRetain(Data("refusal.jsonl")));
+        void Same(List<Tokenised> want, JsonArray have, string what)
+        {
+            Assert.Equal(want.Count, have.Count);
+            for (int i = 0; i < want.Count; i++)
+            {
+                Assert.True(want[i].Ids.SequenceEqual(have[i]![0]!.AsArray().Select(x => (long)x!)), $"{what} row {i}: input ids differ");
+                Assert.True(want[i].Mask.SequenceEqual(have[i]![1]!.AsArray().Select(x => (long)x!)), $"{what} row {i}: masks differ");
+            }
+        }
+        Same(cb, got["cb"]!.AsArray(), "circuit-breaker");
+        Same(retain, got["retain"]!.AsArray(), "retain");
+        // The comparison covers padding and truncation: requests are left-padded, responses cut at 64 tokens.
+        Assert.Contains(cb, t => t.Mask[0] == 0);
+        Assert.Contains(cb, t => t.Mask[^1] == 1);
+    }
 }
