@@ -388,7 +388,7 @@ def load_initial_adapter(peft_model, path, blocks):
                         f"{(result.unexpected_keys + ['missing ' + k for k in missing])[:4]}")
 
 
-def save_adapter(accelerator, model, s, lora, whole, cls, out):
+def save_adapter(accelerator, model, s, plan_dir, whole, cls, out):
     """save_pretrained of the trained adapter; a truncated run also writes the whole model's untrained LoRA tensors
     (A as PEFT initialises it, B = 0: the identity), so the file loads on the whole model as PEFT wraps it there."""
     from peft import get_peft_model, get_peft_model_state_dict
@@ -402,7 +402,7 @@ def save_adapter(accelerator, model, s, lora, whole, cls, out):
         return
     with torch.device("meta"):
         skeleton = cls(whole) if cls is not AutoModelForCausalLM else cls.from_config(whole)
-        skeleton = get_peft_model(skeleton, copy.deepcopy(lora))
+        skeleton = get_peft_model(skeleton, lora_config(s, plan_dir))  # a fresh LoraConfig: PEFT edits the one it is given
     file = os.path.join(out, "adapter_model.safetensors")
     saved = load_file(file)
     for key, meta in get_peft_model_state_dict(skeleton).items():
@@ -469,13 +469,15 @@ def predicted_peak(base):
 
 def main(argv=None):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedType, set_seed
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType, set_seed
     from peft import get_peft_model
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer
 
     args = parse_args(argv)
     s, base = load_settings(args)
-    accelerator = Accelerator(gradient_accumulation_steps=1)  # accumulation is done by hand below, as the C# trainer
+    # LoRA on a part a text batch never reaches (a vision tower) gets no gradient: DDP must look for such parameters.
+    # Gradient accumulation is done by hand below, as in the C# trainer.
+    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     say = accelerator.print
     if accelerator.distributed_type == DistributedType.DEEPSPEED and s["gradient_accumulation"] != 1:
         # accelerate steps the DeepSpeed engine inside every backward(); accumulation belongs in its JSON config.
@@ -490,9 +492,10 @@ def main(argv=None):
     try:
         tokenizer = AutoTokenizer.from_pretrained(s["model"])
     except (OSError, ValueError, KeyError, TypeError):
-        local = os.path.join(s["model"], "tokenizer.json")
+        local = os.path.join(s["model"], "tokenizer.json")  # a folder with tokenizer.json alone (no tokenizer_config)
         if not os.path.isfile(local):
             raise
+        from transformers import PreTrainedTokenizerFast
         tokenizer = PreTrainedTokenizerFast(tokenizer_file=local)
     tok = Tokeniser(tokenizer, s["chat_template"], s["lengths"])
     retain = tok.load_retain(s["data"]["retain"])
@@ -528,6 +531,7 @@ def main(argv=None):
         torch.cuda.reset_peak_memory_stats()  # the plan predicts a training step's peak, not loading
 
     steps, accum, ranks = s["total_steps"], s["gradient_accumulation"], accelerator.num_processes
+    model.train()  # from_pretrained returns eval mode, where dropout and gradient checkpointing are off
     for step in range(steps):
         t0 = time.perf_counter()
         c_retain, c_cb = coefficients(s["loss_weighting"], s["cb_alpha"], step + 1, steps) if cb_mode else (0.0, 0.0)
@@ -576,13 +580,13 @@ def main(argv=None):
                   processes=ranks, gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu")
     if predicted:
         memory["measured_over_predicted"] = max(memory["per_gpu_peak_allocated_bytes"]) / predicted
-    save_adapter(accelerator, model, s, lora, whole, cls, out)
+    save_adapter(accelerator, model, s, base, whole, cls, out)
     if accelerator.is_main_process:
         with open(os.path.join(out, "metrics.jsonl"), "a") as f:
             f.write(json.dumps({"memory": memory}) + "\n")
         gib = 2**30
-        say(f"peak allocated per GPU: {', '.join(f'{b / gib:.2f}' for b in memory['per_gpu_peak_allocated_bytes'])} GiB; "
-            f"plan: {predicted / gib:.2f} GiB" if predicted else "plan: no moelora_plan.json")
+        peaks = ", ".join(f"{b / gib:.2f}" for b in memory["per_gpu_peak_allocated_bytes"])
+        say(f"peak allocated per GPU: {peaks} GiB; plan: " + (f"{predicted / gib:.2f} GiB" if predicted else "no moelora_plan.json"))
         say(f"done: PEFT adapter and metrics.jsonl in {out}")
     accelerator.end_training()
 
