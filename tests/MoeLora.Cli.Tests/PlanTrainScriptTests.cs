@@ -270,4 +270,61 @@ public sealed class PlanTrainScriptTests : IDisposable
         Assert.Contains(cb, t => t.Mask[0] == 0);
         Assert.Contains(cb, t => t.Mask[^1] == 1);
     }
+    [SkippableFact]
+    public void Script_schedules_equal_the_CSharp_trainer()
+    {
+        var python = Python();
+        Skip.If(python is null, "python3 is not on PATH");
+        var script = Path.Combine(_dir, TrainScript.ScriptFile);
+        File.WriteAllText(script, TrainScript.Script());
+        const int total = 37, warmup = 5;
+        var json = RunPython(python!, "-c", Import +
+            $"c = {{k: [train.coefficients(k, 5.0, t, {total}) for t in range(1, {total} + 1)] for k in ('dual', 'constant', 'linear')}}\n" +
+            $"lr = {{k: [train.learning_rate(dict(lr=1e-3, warmup_steps={warmup}, total_steps={total}, lr_schedule=k), t) for t in range({total})] for k in ('constant', 'linear', 'cosine')}}\n" +
+            "print(json.dumps(dict(c=c, lr=lr)))", script);
+        var got = JsonNode.Parse(json)!.AsObject();
+        foreach (var kind in CoefficientSchedule.Kinds)
+        {
+            var schedule = CoefficientSchedule.Create(kind, 5.0, total);
+            var have = got["c"]![kind]!.AsArray();
+            for (int t = 1; t <= total; t++)
+            {
+                var (r, c) = schedule.At(t);
+                Assert.Equal(r, (double)have[t - 1]![0]!);
+                Assert.Equal(c, (double)have[t - 1]![1]!);
+            }
+        }
+        foreach (var kind in LrSchedule.Kinds)
+        {
+            var schedule = LrSchedule.Create(kind, 1e-3, total, warmup);
+            var have = got["lr"]![kind]!.AsArray();
+            for (int t = 0; t < total; t++) Assert.Equal(schedule.At(t), (double)have[t]!, 15);
+        }
+    }
+
+    [SkippableFact]
+    public void Script_flags_override_the_settings()
+    {
+        var python = Python();
+        Skip.If(python is null, "python3 is not on PATH");
+        var dir = Plan("f", "mistralai/Mixtral-8x7B-v0.1", "--mode", "circuit-breaker", "-t", "q_proj,v_proj");
+        var data = Path.Combine(_dir, "mydata");
+        Directory.CreateDirectory(data);
+        string Load(params string[] flags) => RunPython(python!, ["-c", Import +
+            "s, base = train.load_settings(train.parse_args(sys.argv[2:]))\nprint(json.dumps(s))", Path.Combine(dir, TrainScript.ScriptFile), .. flags]);
+        var plain = JsonNode.Parse(Load())!.AsObject();
+        Assert.Equal(Path.Combine(dir, "data", "cb_train.jsonl"), (string?)plain["data"]!["cb"]);
+        Assert.Equal(Path.Combine(dir, "data", "refusal.jsonl"), (string?)plain["data"]!["refusal"]);
+        Assert.Equal(Path.Combine(dir, "output"), (string?)plain["output"]);
+        Assert.Equal(150, (int)plain["total_steps"]!);
+        // --data: the same file names in another folder, refusal.jsonl only when it is there.
+        var other = JsonNode.Parse(Load("--data", data, "--max-steps", "3", "--seed", "7", "--output", Path.Combine(_dir, "o"), "--model", "/m"))!.AsObject();
+        Assert.Equal(Path.Combine(data, "cb_train.jsonl"), (string?)other["data"]!["cb"]);
+        Assert.Equal(Path.Combine(data, "retain_train.jsonl"), (string?)other["data"]!["retain"]);
+        Assert.Null(other["data"]!["refusal"]);
+        Assert.Equal(3, (int)other["total_steps"]!);
+        Assert.Equal(7, (int)other["seed"]!);
+        Assert.Equal(Path.Combine(_dir, "o"), (string?)other["output"]);
+        Assert.Equal("/m", (string?)other["model"]);
+    }
 }
