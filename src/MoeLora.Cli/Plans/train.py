@@ -566,8 +566,9 @@ def main(argv=None):
             with open(os.path.join(out, "metrics.jsonl"), "a") as f:
                 f.write(json.dumps(row) + "\n")
         if step == 0 or (step + 1) % max(1, steps // 15) == 0 or step + 1 == steps:
-            say(f"step {step + 1:4}/{steps}  loss {row['loss']:.4f}  retain {row['retain_loss']:.4f} (c {c_retain:.2f})  "
-                f"rr {row['cb_loss']:.4f} (c {c_cb:.2f})  |g| {norm:.3f}")
+            parts_text = (f"  retain {row['retain_loss']:.4f} (c {c_retain:.2f})  rr {row['cb_loss']:.4f} (c {c_cb:.2f})"
+                          if cb_mode else "")
+            say(f"step {step + 1:4}/{steps}  loss {row['loss']:.4f}{parts_text}  |g| {norm:.3f}")
 
     # Peak memory of every GPU, next to what the plan predicted for one.
     peaks = torch.tensor([torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()] if torch.cuda.is_available()
