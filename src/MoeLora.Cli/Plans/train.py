@@ -538,23 +538,25 @@ def main(argv=None):
         lr = learning_rate(s, step)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        parts = torch.zeros(4, device=accelerator.device)  # loss, retain, rr, cosine (means over micro-batches)
+        # loss, retain, rr, cosine: means over micro-batches, in float64 as the C# trainer sums them
+        parts = torch.zeros(4, dtype=torch.float64, device=accelerator.device)
         for micro in range(accum):
             # Process r of n takes micro-batch index*n + r: one process sees exactly the C# trainer's batches.
             batches = data.get((step * accum + micro) * ranks + accelerator.process_index, accelerator.device)
             if cb_mode:
                 loss, r, c, cos = circuit_breaker_step(model, peft_model, batches[0], batches[1], targets, c_retain, c_cb)
                 value = c_retain * r + c_cb * c
-                parts += torch.tensor([value, r, c, 0.0 if math.isnan(cos) else cos], device=parts.device) / accum
+                parts += torch.tensor([value, r, c, 0.0 if math.isnan(cos) else cos], dtype=parts.dtype, device=parts.device) / accum
             else:
                 loss = causal_lm_step(model, batches[0])
                 parts[0] += loss.item() / accum
             accelerator.backward(loss / accum)
         max_norm = s["max_grad_norm"] if s["max_grad_norm"] > 0 else float("inf")  # inf: measure, do not clip
         norm = accelerator.clip_grad_norm_(params, max_norm)  # None under DeepSpeed (it clips per its config)
-        norm = float("nan") if norm is None else float(norm)
+        measured = norm is not None
+        norm = float(norm) if measured else float("nan")
         parts = accelerator.reduce(parts, reduction="mean")
-        if not math.isfinite(parts[0].item()) or (s["max_grad_norm"] > 0 and math.isinf(norm)):
+        if not math.isfinite(parts[0].item()) or (measured and not math.isfinite(norm)):
             raise UserError(f"step {step + 1}: loss {parts[0].item()}, gradient norm {norm}: training diverged "
                             "(lower the lr, keep clipping on, or use fp32)")
         optimizer.step()
