@@ -62,6 +62,7 @@ public static class ArchitectureRegistry
         new Qwen3OmniMoeFamily(),
         new HyV4Family(),
         new Glm5NextFamily(),
+        new ZayaFamily(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =
