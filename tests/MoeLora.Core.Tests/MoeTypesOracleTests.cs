@@ -26,7 +26,6 @@ public class MoeTypesOracleTests
     internal static readonly IReadOnlyDictionary<string, string> NotYetCovered = new Dictionary<string, string>(StringComparer.Ordinal)
     {
         ["inkling_mm_model"] = "InklingForConditionalGeneration: the vision tower's layer widths come from plan_out_scales (prime-factor scale ladders assigned to layers with scipy's linear_sum_assignment), not reimplemented yet; its checkpoint layout renames every key (model.llm.*, attn.wq_du, interleaved experts.w13_weight, model.visual.layers.linear_N), which Layout.V4 must mirror. The language model is InklingFamily's inkling_text",
-        ["step3p7"] = "Step3p7ForConditionalGeneration not built yet: Step3p5 text model (per-layer attention geometry from layer_types and num_sliding_attention_heads, head-wise g_proj gate, MoE on mlp_layer_types with a share_expert_dim shared MLP) plus a layer-scaled vision encoder with two Conv2d downsamplers; its checkpoint layout renames the vision tower (vision_model.transformer.resblocks.N, fused attn.in_proj_weight, ls_1.gamma), splits experts into moe.gate_proj/up_proj/down_proj [E, I, H] and stores the router's e_score_correction_bias buffer as moe.router_bias",
     };
 
     /// <summary>Supported types whose entry here is not yet reproduced, with the reason (excluded from the golden tests).</summary>

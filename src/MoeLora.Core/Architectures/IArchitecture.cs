@@ -63,6 +63,7 @@ public static class ArchitectureRegistry
         new HyV4Family(),
         new Glm5NextFamily(),
         new ZayaFamily(),
+        new Step3p7Family(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =
