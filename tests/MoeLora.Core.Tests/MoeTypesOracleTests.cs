@@ -25,7 +25,6 @@ public class MoeTypesOracleTests
     /// </summary>
     internal static readonly IReadOnlyDictionary<string, string> NotYetCovered = new Dictionary<string, string>(StringComparer.Ordinal)
     {
-        ["inkling_mm_model"] = "InklingForConditionalGeneration: the vision tower's layer widths come from plan_out_scales (prime-factor scale ladders assigned to layers with scipy's linear_sum_assignment), not reimplemented yet; its checkpoint layout renames every key (model.llm.*, attn.wq_du, interleaved experts.w13_weight, model.visual.layers.linear_N), which Layout.V4 must mirror. The language model is InklingFamily's inkling_text",
     };
 
     /// <summary>Supported types whose entry here is not yet reproduced, with the reason (excluded from the golden tests).</summary>
