@@ -303,7 +303,9 @@ internal sealed class InklingFamily : IArchitecture
     /// <summary>
     /// <c>plan_out_scales</c>: the (time, height, width, channels) grid after each hMLP projection. Candidates are the raw
     /// pixel (1, 1, 1, C), spatial folds by the prime factors of patch_size (largest first, channels rounded up to a
-    /// multiple of 64), then temporal folds by those of temporal_patch_size (channels h²·C·t·64, transformers' formula).
+    /// multiple of 64), then temporal folds by those of temporal_patch_size (channels h²·C·t·64: transformers 5.17 has no
+    /// "/ 64" in this rounding, so a temporal grid used between two projections, as with the default 24 layers, is 64
+    /// times wider than the reference hMLP's; the released four-layer tower only ends on it).
     /// The n_layers + 1 grids are the candidates closest to log-evenly spaced sizes: each row's nearest when there are
     /// at least as many layers as candidates, else one distinct candidate per row at the least total distance
     /// (scipy's linear_sum_assignment); the first and last are pinned to the raw pixel and the full patch.
