@@ -1,4 +1,5 @@
 using System.Globalization;
+using System.Text.Json.Nodes;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -140,10 +141,13 @@ internal sealed class Step3p7Family : IArchitecture
     /// <summary>The legacy <c>moe_layers_enum</c>: MoE layer indices as a list or a comma-separated string.</summary>
     private static HashSet<int>? MoeLayersEnum(ModelConfig text)
     {
-        if (text.IntList("moe_layers_enum") is { } list) return list.Select(i => (int)i).ToHashSet();
-        if (text.String("moe_layers_enum") is not { } joined) return null;
+        if (!text.Json.TryGetPropertyValue("moe_layers_enum", out var node) || node is null) return null;
+        // Python: int(i) for each non-blank item, whether the list holds numbers or strings.
+        var items = node is JsonArray list
+            ? list.Select(x => x?.ToJsonString().Trim('"') ?? "")
+            : text.String("moe_layers_enum")!.Split(',');
         var set = new HashSet<int>();
-        foreach (var item in joined.Split(',').Select(s => s.Trim()).Where(s => s.Length > 0))
+        foreach (var item in items.Select(s => s.Trim()).Where(s => s.Length > 0))
         {
             if (!int.TryParse(item, NumberStyles.Integer, CultureInfo.InvariantCulture, out var index))
                 throw new ConfigException($"config field 'moe_layers_enum' holds '{item}', not a layer index");
