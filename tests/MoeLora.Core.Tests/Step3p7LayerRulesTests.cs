@@ -12,12 +12,8 @@ namespace MoeLora.Core.Tests;
 /// </summary>
 public class Step3p7LayerRulesTests
 {
-    private static JsonObject TextConfig(Action<JsonObject> edit)
-    {
-        var config = OracleData.ReadGz("oracle-moe/moe_tiny_models.json.gz")["models"]!["step3p7"]!["input_config"]!.DeepClone().AsObject();
-        edit(config["text_config"]!.AsObject());
-        return config;
-    }
+    private static JsonObject TextConfig(Action<JsonObject> edit) =>
+        OracleData.MoeTinyConfig("step3p7", c => edit(c["text_config"]!.AsObject()));
 
     private static ModelSpec Build(JsonObject config) => ArchitectureRegistry.Build(new ModelConfig(config), Layout.V5);
 

@@ -9,12 +9,7 @@ namespace MoeLora.Core.Tests;
 /// <summary>ZayaConfig.validate_architecture's refusals, each a one-line error here too.</summary>
 public class ZayaConfigRulesTests
 {
-    private static ModelConfig Config(Action<JsonObject> edit)
-    {
-        var config = OracleData.ReadGz("oracle-moe/moe_tiny_models.json.gz")["models"]!["zaya"]!["input_config"]!.DeepClone().AsObject();
-        edit(config);
-        return new ModelConfig(config);
-    }
+    private static ModelConfig Config(Action<JsonObject> edit) => new(OracleData.MoeTinyConfig("zaya", edit));
 
     [Theory]
     [InlineData("num_experts_per_tok", 2)]
