@@ -54,26 +54,17 @@ internal sealed class InklingFamily : IArchitecture
             b.Linear("lm_head", t.Hidden, t.Vocab, location: ModuleLocation.LmHead);
             textModel = "model";
         }
-        else if (!disk)
-        {
-            using (b.Scope("model", P + "Model"))
-            {
-                TextModel(b, "language_model", t, disk: false);
-                AudioTower(b, Blocks.SubOrDefaults(c, "audio_config"), t.Hidden, disk: false);
-                VisionTower(b, Blocks.SubOrDefaults(c, "vision_config"), t.Hidden, disk: false);
-            }
-            b.Linear("lm_head", t.Hidden, t.Vocab, location: ModuleLocation.LmHead);
-            textModel = "model.language_model";
-        }
         else
         {
-            using (b.Scope("model", "Module"))
+            // On disk the head is model.llm.unembed, inside the text model.
+            using (b.Scope("model", disk ? "Module" : P + "Model"))
             {
-                TextModel(b, "llm", t, disk: true, lmHead: true);
-                AudioTower(b, Blocks.SubOrDefaults(c, "audio_config"), t.Hidden, disk: true);
-                VisionTower(b, Blocks.SubOrDefaults(c, "vision_config"), t.Hidden, disk: true);
+                TextModel(b, disk ? "llm" : "language_model", t, disk, lmHead: disk);
+                AudioTower(b, Blocks.SubOrDefaults(c, "audio_config"), t.Hidden, disk);
+                VisionTower(b, Blocks.SubOrDefaults(c, "vision_config"), t.Hidden, disk);
             }
-            textModel = "model.llm";
+            if (!disk) b.Linear("lm_head", t.Hidden, t.Vocab, location: ModuleLocation.LmHead);
+            textModel = disk ? "model.llm" : "model.language_model";
         }
 
         var (moeLayers, denseLayers) = Blocks.SplitLayers(t.Layers, i => t.MlpTypes[i] == "sparse");
