@@ -28,16 +28,16 @@ public static class ModelBuilder
             var l = runtime.Layers[i];
             if ((l.Form ?? PreNormForm(l)) is { } form)
                 return new FormDecoderLayer(Attention(hidden, l.Attention, RopeOf(l.Attention), init), l.FeedForwardName, FeedForward(hidden, l.FeedForward, init), form,
-                    form.ExtraFeedForward is { } extra ? FeedForward(hidden, extra, init) : null, hidden, init);
+                    form.ExtraFeedForward is { } extra ? FeedForward(hidden, extra, init) : null, hidden, init, l.Attention.ModuleName);
             return new DecoderLayer(Attention(hidden, l.Attention, RopeOf(l.Attention), init), l.FeedForwardName, FeedForward(hidden, l.FeedForward, init),
-                new RmsNorm(hidden, l.InputNorm, init), new RmsNorm(hidden, l.PostAttentionNorm, init));
+                new RmsNorm(hidden, l.InputNorm, init), new RmsNorm(hidden, l.PostAttentionNorm, init), l.Attention.ModuleName);
         });
     }
 
     // The default pre-norm layer with LayerNorms (PhiMoE) runs as the equivalent form (DecoderLayer holds RMSNorms).
     static LayerForm? PreNormForm(DecoderLayerRuntime l) =>
         l.InputNorm.Kind is NormKind.Rms or NormKind.RmsWeightInFp32 && l.PostAttentionNorm.Kind is NormKind.Rms or NormKind.RmsWeightInFp32 ? null
-            : new LayerForm(["self_attn", l.FeedForwardName, "input_layernorm", "post_attention_layernorm"],
+            : new LayerForm([l.Attention.ModuleName, l.FeedForwardName, "input_layernorm", "post_attention_layernorm"],
                 new NamedNorm("input_layernorm", l.InputNorm), null, new NamedNorm("post_attention_layernorm", l.PostAttentionNorm), null);
 
     static HfModule Attention(long hidden, AttentionSettings a, Rotary rope, Init init) => a switch
@@ -46,6 +46,7 @@ public static class ModelBuilder
         MlaAttentionSettings s => new MlaAttention(hidden, s, rope, init),
         Llama4AttentionSettings s => new Llama4Attention(hidden, s, rope, init),
         DynamicMaskAttentionSettings s => new DynamicMaskAttention(hidden, s, rope, init),
+        GatedDeltaNetSettings s => new GatedDeltaNet(hidden, s, init),
         _ => throw new NotSupportedException($"attention settings {a.GetType().Name} have no runtime block."),
     };
 

@@ -63,7 +63,8 @@ public sealed class FormDecoderLayer : HfModule, IDecoderLayer
     readonly LayerForm _form;
     readonly Parameter? _attnScale, _ffScale;
 
-    public FormDecoderLayer(HfModule attn, string ffName, HfModule ff, LayerForm form, HfModule? extraFf, long hidden, Init init)
+    public FormDecoderLayer(HfModule attn, string ffName, HfModule ff, LayerForm form, HfModule? extraFf, long hidden, Init init,
+        string attnName = "self_attn")
     {
         _form = form;
         if (form.ResidualScales is { } rs)
@@ -71,7 +72,7 @@ public sealed class FormDecoderLayer : HfModule, IDecoderLayer
             _attnScale = AddParameter(rs.Attention, init.Ones(hidden));
             _ffScale = AddParameter(rs.FeedForward, init.Ones(hidden));
         }
-        var children = new Dictionary<string, HfModule>(StringComparer.Ordinal) { ["self_attn"] = attn, [ffName] = ff };
+        var children = new Dictionary<string, HfModule>(StringComparer.Ordinal) { [attnName] = attn, [ffName] = ff };
         INorm? Norm(NamedNorm? n)
         {
             if (n is null) return null;

@@ -52,6 +52,8 @@ public sealed record OutputGate(string Name, OutputGateKind Kind, bool PerHead);
 /// <param name="SoftmaxInFp32">False: the attention softmax runs in the activations' dtype after subtracting the row
 /// maximum (MiMo-V2-Flash's eager attention), not in fp32.</param>
 /// <param name="Gate">An output gate before o_proj (AFMoE, Laguna).</param>
+/// <param name="GateInQuery">q_proj also yields the output gate: per head its 2·head_dim outputs are the query, then
+/// the gate, and the attention output is multiplied by sigmoid(gate) before o_proj (Qwen3-Next, Qwen3.5).</param>
 public sealed record StandardAttentionOptions(
     RopeSettings? Rope = null,
     RotaryStyle Rotary = RotaryStyle.Half,
@@ -64,4 +66,5 @@ public sealed record StandardAttentionOptions(
     double ValueScale = 1.0,
     double? Scaling = null,
     bool SoftmaxInFp32 = true,
-    OutputGate? Gate = null);
+    OutputGate? Gate = null,
+    bool GateInQuery = false);
