@@ -28,7 +28,7 @@ public sealed class GatedDeltaNet : HfModule, IBlock
         long keyDim = s.KeyHeads * s.KeyHeadDim, valueDim = s.ValueHeads * s.ValueHeadDim;
         if (s.ValueHeads % s.KeyHeads != 0)
             throw new InvalidDataException($"linear_num_value_heads ({s.ValueHeads}) must be a multiple of linear_num_key_heads ({s.KeyHeads}).");
-        // transformers' _init_weights: dt_bias ones, A_log = log(uniform(0, 16)).
+        // transformers' _init_weights: dt_bias ones, A_log = log(uniform(0.01, 16)) (the lower bound keeps log finite).
         dt_bias = AddParameter("dt_bias", init.Ones(s.ValueHeads));
         A_log = AddParameter("A_log", LogUniform(s.ValueHeads, init));
         conv1d = AddChild("conv1d", new DepthwiseConv1d(s.ConvDim, s.ConvKernel, init));
@@ -53,7 +53,7 @@ public sealed class GatedDeltaNet : HfModule, IBlock
     {
         if (init.Generator is null) return init.Zeros(n); // overwritten by the checkpoint
         using var u = rand([n], ScalarType.Float32, generator: init.Generator);
-        using var a = (u * 16.0).clamp_min(1e-2).log();
+        using var a = (u * (16.0 - 0.01) + 0.01).log();
         return a.to(init.DType).to(init.Device);
     }
 
