@@ -133,9 +133,9 @@ internal sealed class Qwen3NextFamily : IArchitecture
             new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act),
             new SharedExpertSettings("shared_expert", sharedInter, act, SigmoidGateName: "shared_expert_gate"), MoeOrder.RouterFirst);
         var dense = new GatedMlpSettings(inter, act);
-        var runtimeLayers = Enumerable.Range(0, (int)layers).Select(i => new DecoderLayerRuntime(
-            i < layerTypes.Count && layerTypes[i] == "linear_attention" ? deltaNet : attention,
-            "mlp", moeSet.Contains(i) ? sparse : dense, norm, norm)).ToList();
+        var runtimeLayers = Enumerable.Range(0, (int)layers).Select(i => i < layerTypes.Count && layerTypes[i] == "linear_attention"
+            ? new DecoderLayerRuntime(deltaNet, "mlp", moeSet.Contains(i) ? sparse : dense, norm, norm, GatedDeltaNetSettings.PreNormLayer(norm, norm))
+            : new DecoderLayerRuntime(attention, "mlp", moeSet.Contains(i) ? sparse : dense, norm, norm)).ToList();
         return spec with
         {
             Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm,

@@ -139,8 +139,9 @@ internal sealed class Qwen3_5MoeFamily : IArchitecture
         var sparse = new MoeSettings(new SoftmaxTopKRouterSettings("gate", experts, topK, NormTopK: true),
             new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act),
             new SharedExpertSettings("shared_expert", sharedInter, act, SigmoidGateName: "shared_expert_gate"), MoeOrder.RouterFirst);
-        var runtimeLayers = Enumerable.Range(0, (int)layers).Select(i => new DecoderLayerRuntime(
-            layerTypes[i] == "linear_attention" ? deltaNet : attention, "mlp", sparse, norm, norm)).ToList();
+        var runtimeLayers = Enumerable.Range(0, (int)layers).Select(i => layerTypes[i] == "linear_attention"
+            ? new DecoderLayerRuntime(deltaNet, "mlp", sparse, norm, norm, GatedDeltaNetSettings.PreNormLayer(norm, norm))
+            : new DecoderLayerRuntime(attention, "mlp", sparse, norm, norm)).ToList();
         return new DecoderRuntime(vocab, hidden, tie, text.Double("initializer_range", 0.02), norm,
             RopeSettings.Read(text, 10000.0, rotaryDim), runtimeLayers);
     }

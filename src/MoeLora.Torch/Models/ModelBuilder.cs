@@ -28,16 +28,16 @@ public static class ModelBuilder
             var l = runtime.Layers[i];
             if ((l.Form ?? PreNormForm(l)) is { } form)
                 return new FormDecoderLayer(Attention(hidden, l.Attention, RopeOf(l.Attention), init), l.FeedForwardName, FeedForward(hidden, l.FeedForward, init), form,
-                    form.ExtraFeedForward is { } extra ? FeedForward(hidden, extra, init) : null, hidden, init, l.Attention.ModuleName);
+                    form.ExtraFeedForward is { } extra ? FeedForward(hidden, extra, init) : null, hidden, init);
             return new DecoderLayer(Attention(hidden, l.Attention, RopeOf(l.Attention), init), l.FeedForwardName, FeedForward(hidden, l.FeedForward, init),
-                new RmsNorm(hidden, l.InputNorm, init), new RmsNorm(hidden, l.PostAttentionNorm, init), l.Attention.ModuleName);
+                new RmsNorm(hidden, l.InputNorm, init), new RmsNorm(hidden, l.PostAttentionNorm, init));
         });
     }
 
     // The default pre-norm layer with LayerNorms (PhiMoE) runs as the equivalent form (DecoderLayer holds RMSNorms).
     static LayerForm? PreNormForm(DecoderLayerRuntime l) =>
         l.InputNorm.Kind is NormKind.Rms or NormKind.RmsWeightInFp32 && l.PostAttentionNorm.Kind is NormKind.Rms or NormKind.RmsWeightInFp32 ? null
-            : new LayerForm([l.Attention.ModuleName, l.FeedForwardName, "input_layernorm", "post_attention_layernorm"],
+            : new LayerForm(["self_attn", l.FeedForwardName, "input_layernorm", "post_attention_layernorm"],
                 new NamedNorm("input_layernorm", l.InputNorm), null, new NamedNorm("post_attention_layernorm", l.PostAttentionNorm), null);
 
     static HfModule Attention(long hidden, AttentionSettings a, Rotary rope, Init init) => a switch

@@ -21,10 +21,9 @@ public sealed class DecoderLayer : HfModule, IDecoderLayer
     readonly RmsNorm _ln1, _ln2;
 
     /// <param name="ffName">"mlp" for most families, "feed_forward" for Llama4.</param>
-    /// <param name="attnName">"self_attn", or a token mixer's own name (<see cref="AttentionSettings.ModuleName"/>).</param>
-    public DecoderLayer(HfModule attn, string ffName, HfModule ff, RmsNorm inputNorm, RmsNorm postNorm, string attnName = "self_attn")
+    public DecoderLayer(HfModule attn, string ffName, HfModule ff, RmsNorm inputNorm, RmsNorm postNorm)
     {
-        _attn = (IBlock)AddChild(attnName, attn);
+        _attn = (IBlock)AddChild("self_attn", attn);
         _ff = (IBlock)AddChild(ffName, ff);
         _ln1 = AddChild("input_layernorm", inputNorm);
         _ln2 = AddChild("post_attention_layernorm", postNorm);

@@ -63,8 +63,7 @@ public sealed class FormDecoderLayer : HfModule, IDecoderLayer
     readonly LayerForm _form;
     readonly Parameter? _attnScale, _ffScale;
 
-    public FormDecoderLayer(HfModule attn, string ffName, HfModule ff, LayerForm form, HfModule? extraFf, long hidden, Init init,
-        string attnName = "self_attn")
+    public FormDecoderLayer(HfModule attn, string ffName, HfModule ff, LayerForm form, HfModule? extraFf, long hidden, Init init)
     {
         _form = form;
         if (form.ResidualScales is { } rs)
@@ -72,7 +71,7 @@ public sealed class FormDecoderLayer : HfModule, IDecoderLayer
             _attnScale = AddParameter(rs.Attention, init.Ones(hidden));
             _ffScale = AddParameter(rs.FeedForward, init.Ones(hidden));
         }
-        var children = new Dictionary<string, HfModule>(StringComparer.Ordinal) { [attnName] = attn, [ffName] = ff };
+        var children = new Dictionary<string, HfModule>(StringComparer.Ordinal) { [form.AttentionName] = attn, [ffName] = ff };
         INorm? Norm(NamedNorm? n)
         {
             if (n is null) return null;

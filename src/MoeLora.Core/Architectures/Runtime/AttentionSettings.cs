@@ -26,11 +26,7 @@ public enum QkNormKind
 }
 
 /// <summary>The self-attention of a decoder layer; each kind maps to one runtime block.</summary>
-public abstract record AttentionSettings
-{
-    /// <summary>The decoder layer's attribute holding this block: <c>self_attn</c>, or a token mixer's own name.</summary>
-    public virtual string ModuleName => "self_attn";
-}
+public abstract record AttentionSettings;
 
 /// <summary>
 /// GQA self-attention with q, k, v, o projections (registered in that order), rope by rotating halves on the first

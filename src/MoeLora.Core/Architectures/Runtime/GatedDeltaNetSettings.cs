@@ -19,7 +19,7 @@ public enum DeltaNetProjections
 
 /// <summary>
 /// A Gated DeltaNet token mixer (transformers' <c>Qwen3NextGatedDeltaNet</c> / <c>Qwen3_5MoeGatedDeltaNet</c>, torch
-/// fallback path), held by the decoder layer as <c>linear_attn</c>. Its own parameters <c>dt_bias</c> and <c>A_log</c>
+/// fallback path), held by the decoder layer as <c>linear_attn</c> (<see cref="PreNormLayer"/>). Its own parameters <c>dt_bias</c> and <c>A_log</c>
 /// [value heads] enumerate first, then a depthwise causal <c>conv1d</c> (no bias) over q|k|v followed by
 /// <paramref name="ConvAct"/>, l2-normed q and k (each key head serving value heads / key heads value heads),
 /// β = sigmoid(b), g = −exp(A_log)·softplus(a + dt_bias), the chunked gated delta rule, the gated RMSNorm
@@ -38,9 +38,15 @@ public sealed record GatedDeltaNetSettings(
     double NormEps,
     string ConvAct = "silu") : AttentionSettings
 {
-    /// <inheritdoc/>
-    public override string ModuleName => "linear_attn";
-
     /// <summary>Channels of the convolution: q and k (key heads · key head dim each) and v.</summary>
     public long ConvDim => 2 * KeyHeads * KeyHeadDim + ValueHeads * ValueHeadDim;
+
+    /// <summary>
+    /// The pre-norm layer holding a Gated DeltaNet: linear_attn, <paramref name="feedForwardName"/>, input_layernorm,
+    /// post_attention_layernorm, as Qwen3-Next and Qwen3.5 register them.
+    /// </summary>
+    public static LayerForm PreNormLayer(NormSettings inputNorm, NormSettings postAttentionNorm, string feedForwardName = "mlp") =>
+        new(["linear_attn", feedForwardName, "input_layernorm", "post_attention_layernorm"],
+            new NamedNorm("input_layernorm", inputNorm), null, new NamedNorm("post_attention_layernorm", postAttentionNorm), null,
+            AttentionName: "linear_attn");
 }
