@@ -121,16 +121,16 @@ public sealed partial class ExpertLayout
     /// <summary>The per-expert module that holds <paramref name="role"/> of <paramref name="expert"/> of a fused owner.</summary>
     public string ExpertModule(string owner, int expert, ExpertRole role)
     {
-        var (template, layer) = Split(owner);
+        var (template, layer, prefix) = Split(owner);
         if (_perExpert.TryGetValue(template, out var names))
-            return Fill(names[(int)role], layer, expert);
+            return prefix + Fill(names[(int)role], layer, expert);
         return $"{owner}.{expert}.{role.ToString().ToLowerInvariant()}_proj";
     }
 
     /// <summary>The fused owner, expert and role of a per-expert module, or null when it is not one.</summary>
     public (string Owner, int Expert, ExpertRole Role)? Locate(string module)
     {
-        var (template, layer) = Split(module);
+        var (template, layer, prefix) = Split(module);
         var e = ExpertIndex().Match(template);
         if (e.Success)
         {
@@ -138,7 +138,7 @@ public sealed partial class ExpertLayout
             int expert = int.Parse(e.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture);
             foreach (var (owner, names) in _perExpert)
                 for (int r = 0; r < 3; r++)
-                    if (names[r] == withE) return (Fill(owner, layer, 0), expert, (ExpertRole)r);
+                    if (names[r] == withE) return (prefix + Fill(owner, layer, 0), expert, (ExpertRole)r);
         }
         var g = GenericExpert().Match(module);
         if (!g.Success) return null;
@@ -163,10 +163,13 @@ public sealed partial class ExpertLayout
 
     private static string Template(string name) => Split(name).Template;
 
-    private static (string Template, string? Layer) Split(string name)
+    // A module name as (template from "layers.{L}." on, layer index, what precedes "layers."), so the text tower of a
+    // multimodal model (model.language_model.layers…) and a text-only build (model.layers…) share templates.
+    private static (string Template, string? Layer, string Prefix) Split(string name)
     {
         var m = LayerIndex().Match(name);
-        return m.Success ? (name[..m.Index] + ".layers.{L}." + name[(m.Index + m.Length)..], m.Groups[1].Value) : (name, null);
+        if (!m.Success) return (name, null, "");
+        return ("layers.{L}." + name[(m.Index + m.Length)..], m.Groups[1].Value, name[..(m.Index + 1)]);
     }
 
     private static string Fill(string template, string? layer, int expert) =>
