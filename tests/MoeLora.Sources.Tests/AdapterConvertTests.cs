@@ -327,6 +327,8 @@ public class AdapterConvertTests
         // vLLM reads one r, so it would scale those LoRAs wrongly.
         var per = PerExpert(experts: 2, r: 2, hidden: 4, inter: 3);
         var blockDiagonal = AdapterConvert.Convert(per, "peft-v5", Halves);
+        // PEFT's doubled gate_up rank and alpha keep the scaling: nothing for vLLM to mis-scale.
+        Assert.DoesNotContain(AdapterInspector.Inspect(blockDiagonal).Traps, t => t.StartsWith("vLLM would mis-scale"));
         var cfg = (JsonObject)blockDiagonal.Config.DeepClone();
         cfg["alpha_pattern"] = new JsonObject { ["experts.gate_up_proj"] = 5 };
         Assert.Contains(AdapterInspector.Inspect(new AdapterFolder(cfg, blockDiagonal.Tensors)).Traps, t => t.StartsWith("vLLM would mis-scale"));

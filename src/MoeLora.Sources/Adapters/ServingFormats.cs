@@ -83,8 +83,11 @@ public static class VllmFormat
             yield return "vLLM refuses this adapter: modules_to_save is set (PEFTHelper allows only None).";
         if (LoraPairs.Bool(cfg, "use_dora"))
             yield return "vLLM refuses this adapter: use_dora (PEFTHelper).";
-        if (pairs.Select(p => (p.Rank, p.Alpha)).Distinct().Count() > 1)
-            yield return "vLLM would mis-scale: it reads one r and lora_alpha (PEFTHelper ignores rank_pattern/alpha_pattern), so LoRAs of another rank or alpha get scaling lora_alpha/r; `moelora adapter convert --to vllm` pads them to one rank.";
+        // One scaling lora_alpha/r for all (PEFTHelper ignores rank_pattern/alpha_pattern); ranks may differ when the
+        // scaling is the same (PEFT's doubled gate_up rank and alpha), since the factors' shapes carry the rank.
+        bool rslora = LoraPairs.Bool(cfg, "use_rslora");
+        if (pairs.Select(p => p.Scaling(rslora)).Distinct().Count() > 1)
+            yield return "vLLM would mis-scale: it reads one r and lora_alpha (PEFTHelper ignores rank_pattern/alpha_pattern), so LoRAs with another alpha/r get scaling lora_alpha/r; `moelora adapter convert --to vllm` refuses such adapters too, as no padding keeps their ΔW.";
         foreach (var k in other)
         {
             if (k.Name.EndsWith(".embed_tokens.base_layer.weight", StringComparison.Ordinal) || k.Name.EndsWith(".lm_head.base_layer.weight", StringComparison.Ordinal))
