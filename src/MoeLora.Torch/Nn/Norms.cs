@@ -71,7 +71,7 @@ public sealed class FormDecoderLayer : HfModule, IDecoderLayer
             _attnScale = AddParameter(rs.Attention, init.Ones(hidden));
             _ffScale = AddParameter(rs.FeedForward, init.Ones(hidden));
         }
-        var children = new Dictionary<string, HfModule>(StringComparer.Ordinal) { ["self_attn"] = attn, [ffName] = ff };
+        var children = new Dictionary<string, HfModule>(StringComparer.Ordinal) { [form.AttentionName] = attn, [ffName] = ff };
         INorm? Norm(NamedNorm? n)
         {
             if (n is null) return null;
