@@ -112,15 +112,12 @@ public static class Program
     {
         var message = Unwrap(e).Message;
         if (Unwrap(e) is not CommandRuntimeException { InnerException: var inner }) return message;
+        if (inner is Options.OptionValueException bad)
+            return $"{OptionGiven(args, bad.Value) ?? "a value"} '{bad.Value}': {bad.Expected}";
         var m = System.Text.RegularExpressions.Regex.Match(message, @"^Failed to convert '(?<value>.*)' to (?<type>[^.]+)\.?$", System.Text.RegularExpressions.RegexOptions.Singleline);
         if (!m.Success) return message;
         var value = m.Groups["value"].Value;
-        string? option = null;
-        for (int i = 0; i < args.Count && option is null; i++)
-        {
-            if (args[i] == value && i > 0 && args[i - 1].StartsWith('-')) option = args[i - 1];
-            else if (args[i].StartsWith('-') && args[i].EndsWith("=" + value, StringComparison.Ordinal)) option = args[i][..args[i].IndexOf('=')];
-        }
+        var option = OptionGiven(args, value);
         var wanted = (inner?.Message ?? "") switch
         {
             var t when t.Contains("Int32", StringComparison.Ordinal) || t.Contains("Int64", StringComparison.Ordinal) => "an integer",
@@ -129,6 +126,17 @@ public static class Program
             _ => "a valid value",
         };
         return option is null ? $"'{value}' is not {wanted}" : $"{option} '{value}': not {wanted}";
+    }
+
+    /// <summary>The option as the user typed it before <paramref name="value"/> (--x v or --x=v), or null.</summary>
+    private static string? OptionGiven(IReadOnlyList<string> args, string value)
+    {
+        for (int i = 0; i < args.Count; i++)
+        {
+            if (args[i].Trim() == value.Trim() && i > 0 && args[i - 1].StartsWith('-')) return args[i - 1];
+            if (args[i].StartsWith('-') && args[i].EndsWith("=" + value, StringComparison.Ordinal)) return args[i][..args[i].IndexOf('=')];
+        }
+        return null;
     }
 
     private static string OneLine(string message) =>
