@@ -17,7 +17,7 @@ namespace MoeLora.Cli.Commands;
 
 public sealed class EvalSettings : CbCommonSettings
 {
-    [CommandOption("--adapter <DIR>")] [Description("PEFT adapter folder (adapter_config.json + adapter_model.safetensors); without it only the base row")]
+    [CommandOption("--adapter <DIR>")] [Description("PEFT adapter folder (adapter_config.json + adapter_model.safetensors); without it only the base row (default: none)")]
     public string? Adapter { get; init; }
     [CommandOption("--cb-data <FILE>")] [Description("Held-out circuit-breaker JSONL (default for tiny: the tool's embedded copy of data/tiny/cb_eval.jsonl)")]
     public string? CbData { get; init; }

@@ -21,7 +21,7 @@ namespace MoeLora.Cli.Commands;
 public class CbCommonSettings : CommandSettings
 {
     [CommandOption("--model <DIR>")]
-    [Description("Local model folder (config.json, *.safetensors, tokenizer.json). Omit with --preset tiny")]
+    [Description("Local model folder (config.json, *.safetensors, tokenizer.json). Omit with --preset tiny (default: the tiny preset's built-in model)")]
     public string? Model { get; init; }
 
     [CommandOption("--preset <NAME>")]
@@ -106,9 +106,9 @@ public sealed class TrainSettings : CbCommonSettings
 
     [CommandOption("--cb-data <FILE>")] [Description("Circuit-breaker JSONL: {\"prompt\", \"output\"} (default for tiny: the tool's embedded copy of data/tiny/cb_train.jsonl)")]
     public string? CbData { get; init; }
-    [CommandOption("--retain-data <FILE>")] [Description("Retain JSONL: {\"messages\"} or {\"prompt\", \"response\"}")]
+    [CommandOption("--retain-data <FILE>")] [Description("Retain JSONL: {\"messages\"} or {\"prompt\", \"response\"} (default for tiny: the tool's embedded copy of data/tiny/retain_train.jsonl; required otherwise)")]
     public string? RetainData { get; init; }
-    [CommandOption("--refusal-data <FILE>")] [Description("Optional refusal JSONL {\"prompt\", \"refusal\"}, added to the retain set")]
+    [CommandOption("--refusal-data <FILE>")] [Description("Optional refusal JSONL {\"prompt\", \"refusal\"}, added to the retain set (default for tiny without --retain-data: the embedded data/tiny/refusal.jsonl; none otherwise)")]
     public string? RefusalData { get; init; }
     [CommandOption("--cb-drop-prompt <P>")] [Description("Share of CB examples trained without their prompt (upstream Llama-3: 0.5; default 0)")]
     public double CbDropPrompt { get; init; }
