@@ -46,7 +46,7 @@ public sealed class EvalCommand : Command<EvalSettings>
         int layers = CbModels.TruncatedLayers(targets, CbModels.ModelLayers(modelDir), s.FullLayers);
         var lengths = s.Lengths(preset);
         var device = RuntimeDevice.Select(s.Device.Text);
-        using var model = CbModels.Load(modelDir, layers, s.ModelScalarType, device);
+        using var model = CbModels.Load(modelDir, layers, s.ModelScalarType(), device);
         var loader = new CbDataLoader(CbModels.Tokenizer(modelDir), Torch.Training.ChatTemplate.Get(s.TemplateName(modelDir)), lengths);
         string Data(string? given, string file, string flag) =>
             given ?? (preset.Name == "tiny" ? TrainCommand.FindTinyData(file) : throw new UserInputException($"{flag} FILE is required."));

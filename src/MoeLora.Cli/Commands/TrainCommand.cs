@@ -61,7 +61,9 @@ public class CbCommonSettings : CommandSettings
     /// <summary>The base model's dtype: --model-dtype, or bf16 for the old --bf16 flag.</summary>
     public bool IsBf16 => Bf16 || ModelDType == Core.Analysis.DType.BFloat16;
 
-    public ScalarType ModelScalarType => IsBf16 ? ScalarType.BFloat16 : ScalarType.Float32;
+    // A method, not a property: the command-line parser reflects over every settings property of every command at
+    // start-up, and a TorchSharp-typed property would load TorchSharp for the analysis commands too.
+    public ScalarType ModelScalarType() => IsBf16 ? ScalarType.BFloat16 : ScalarType.Float32;
 
     [CommandOption(SharedOptions.Device)] [Description(SharedOptions.DeviceHelp)]
     public DeviceName Device { get; init; } = DeviceName.Cpu;
@@ -211,7 +213,7 @@ public sealed class TrainCommand : Command<TrainSettings>
         var lengths = s.Lengths(preset);
         int batch = s.BatchSize ?? preset.BatchSize;
         int totalSteps = s.TotalSteps ?? preset.TotalSteps;
-        var dtype = s.ModelScalarType;
+        var dtype = s.ModelScalarType();
         var weighting = CoefficientSchedule.Create(s.LossWeighting, s.CbAlpha ?? preset.Alpha, totalSteps);
         Torch.Training.LrSchedule.Create(s.LrSchedule, s.Lr ?? preset.LearningRate, totalSteps, s.WarmupSteps);
         var loraJson = BuildLoraJson(s, preset, modelDir, layers);
