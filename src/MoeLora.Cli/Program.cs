@@ -7,6 +7,30 @@ namespace MoeLora.Cli;
 
 public static class Program
 {
+    /// <summary>Every command, in the order --help lists them.</summary>
+    private static readonly (string Name, Action<IConfigurator> Add)[] Commands =
+    [
+        ("report", c => c.AddCommand<ReportCommand>("report")
+            .WithDescription("Config-only analysis: what LoRA target_modules/target_parameters match, adapter counts, memory, warnings")
+            .WithExample("report", "mistralai/Mixtral-8x7B-v0.1", "--format", "json")),
+        ("modules", c => c.AddCommand<ModulesCommand>("modules").WithDescription("named_modules() and named_parameters() as transformers builds the model")),
+        ("plan", c => c.AddCommand<PlanCommand>("plan").WithDescription("Training-memory verdict plus accelerate_config.yaml, deepspeed_config.json, adapter_config.json and moelora_plan.json written to -o DIR")),
+        ("diff", c => c.AddCommand<DiffCommand>("diff").WithDescription("Two models (or two LoraConfigs) side by side: targets, adapters, experts, hidden states, memory, gradient flow")),
+        ("hidden-states", c => c.AddCommand<HiddenStatesCommand>("hidden-states").WithDescription("Run the model and write hidden_states [[layers, batch, seq, hidden]] and logits to a safetensors file")),
+        ("routers", c => c.AddCommand<RoutersCommand>("routers").WithDescription("Router expert selection per layer for harmful vs benign prompts: frequencies, Jensen-Shannon divergence, heatmap PNG and JSON")),
+        ("download", c => c.AddCommand<DownloadCommand>("download").WithDescription("Fetch a Hub model's config, tokenizer and safetensors weights into the HF cache (as huggingface_hub stores them)")),
+        ("models", c => c.AddCommand<ModelsCommand>("models").WithDescription("List the embedded catalog of real configs")),
+        ("train", c => c.AddCommand<TrainCommand>("train").WithDescription("Circuit-breaker (representation rerouting) LoRA training")),
+        ("eval", c => c.AddCommand<EvalCommand>("eval").WithDescription("Rerouting and retain metrics with and without an adapter")),
+        ("adapter", c => c.AddBranch("adapter", adapter =>
+        {
+            adapter.SetDescription("Inspect a PEFT LoRA adapter (layout, expert coverage, traps) or convert its expert layout");
+            adapter.AddCommand<AdapterInspectCommand>("inspect").WithDescription("What the adapter adapts, its PEFT layout, ranks, scalings and known traps");
+            adapter.AddCommand<AdapterConvertCommand>("convert").WithDescription("Exact re-layout: peft-v5 fused, per-expert or vllm");
+        })),
+        ("merge", c => c.AddCommand<MergeCommand>("merge").WithDescription("Fold a LoRA adapter into the weights (W+ΔW) and write the checkpoint in its Hub layout")),
+    ];
+
     public static int Main(string[] args)
     {
         if (args is ["--version"] or ["-V"])
@@ -20,27 +44,11 @@ public static class Program
             config.SetApplicationName("moelora");
             config.PropagateExceptions();
             config.UseStrictParsing();
-            config.AddCommand<ReportCommand>("report")
-                .WithDescription("Config-only analysis: what LoRA target_modules/target_parameters match, adapter counts, memory, warnings")
-                .WithExample("report", "mistralai/Mixtral-8x7B-v0.1", "--format", "json");
-            config.AddCommand<ModulesCommand>("modules")
-                .WithDescription("named_modules() and named_parameters() as transformers builds the model");
-            config.AddCommand<PlanCommand>("plan").WithDescription("Training-memory verdict plus accelerate_config.yaml, deepspeed_config.json, adapter_config.json and moelora_plan.json written to -o DIR");
-            config.AddCommand<DiffCommand>("diff").WithDescription("Two models (or two LoraConfigs) side by side: targets, adapters, experts, hidden states, memory, gradient flow");
-            config.AddCommand<HiddenStatesCommand>("hidden-states").WithDescription("Run the model and write hidden_states [[layers, batch, seq, hidden]] and logits to a safetensors file");
-            config.AddCommand<RoutersCommand>("routers").WithDescription("Router expert selection per layer for harmful vs benign prompts: frequencies, Jensen-Shannon divergence, heatmap PNG and JSON");
-            config.AddCommand<DownloadCommand>("download").WithDescription("Fetch a Hub model's config, tokenizer and safetensors weights into the HF cache (as huggingface_hub stores them)");
-            config.AddCommand<ModelsCommand>("models")
-                .WithDescription("List the embedded catalog of real configs");
-            config.AddCommand<TrainCommand>("train").WithDescription("Circuit-breaker (representation rerouting) LoRA training");
-            config.AddCommand<EvalCommand>("eval").WithDescription("Rerouting and retain metrics with and without an adapter");
-            config.AddBranch("adapter", adapter =>
-            {
-                adapter.SetDescription("Inspect a PEFT LoRA adapter (layout, expert coverage, traps) or convert its expert layout");
-                adapter.AddCommand<AdapterInspectCommand>("inspect").WithDescription("What the adapter adapts, its PEFT layout, ranks, scalings and known traps");
-                adapter.AddCommand<AdapterConvertCommand>("convert").WithDescription("Exact re-layout: peft-v5 fused, per-expert or vllm");
-            });
-            config.AddCommand<MergeCommand>("merge").WithDescription("Fold a LoRA adapter into the weights (W+ΔW) and write the checkpoint in its Hub layout");
+            // Spectre builds its model of every registered command (reflection over each settings class) on every
+            // run; a run that names its command registers only that one, which keeps start-up short. Help of the
+            // whole tool (no command, or a misspelt one) registers them all.
+            var named = Commands.Where(c => args.Length > 0 && c.Name == args[0]).ToArray();
+            foreach (var (_, add) in named.Length > 0 ? named : Commands) add(config);
         });
         return Run(app, args);
     }
@@ -112,15 +120,12 @@ public static class Program
     {
         var message = Unwrap(e).Message;
         if (Unwrap(e) is not CommandRuntimeException { InnerException: var inner }) return message;
+        if (inner is Options.OptionValueException bad)
+            return $"{OptionGiven(args, bad.Value) ?? "a value"} '{bad.Value}': {bad.Expected}";
         var m = System.Text.RegularExpressions.Regex.Match(message, @"^Failed to convert '(?<value>.*)' to (?<type>[^.]+)\.?$", System.Text.RegularExpressions.RegexOptions.Singleline);
         if (!m.Success) return message;
         var value = m.Groups["value"].Value;
-        string? option = null;
-        for (int i = 0; i < args.Count && option is null; i++)
-        {
-            if (args[i] == value && i > 0 && args[i - 1].StartsWith('-')) option = args[i - 1];
-            else if (args[i].StartsWith('-') && args[i].EndsWith("=" + value, StringComparison.Ordinal)) option = args[i][..args[i].IndexOf('=')];
-        }
+        var option = OptionGiven(args, value);
         var wanted = (inner?.Message ?? "") switch
         {
             var t when t.Contains("Int32", StringComparison.Ordinal) || t.Contains("Int64", StringComparison.Ordinal) => "an integer",
@@ -129,6 +134,17 @@ public static class Program
             _ => "a valid value",
         };
         return option is null ? $"'{value}' is not {wanted}" : $"{option} '{value}': not {wanted}";
+    }
+
+    /// <summary>The option as the user typed it before <paramref name="value"/> (--x v or --x=v), or null.</summary>
+    private static string? OptionGiven(IReadOnlyList<string> args, string value)
+    {
+        for (int i = 0; i < args.Count; i++)
+        {
+            if (args[i].Trim() == value.Trim() && i > 0 && args[i - 1].StartsWith('-')) return args[i - 1];
+            if (args[i].StartsWith('-') && args[i].EndsWith("=" + value, StringComparison.Ordinal)) return args[i][..args[i].IndexOf('=')];
+        }
+        return null;
     }
 
     private static string OneLine(string message) =>

@@ -13,4 +13,18 @@ internal static class InProcessCli
         try { return (Program.Main(args), err.ToString()); }
         finally { Consoles.Error = old; }
     }
+
+    /// <summary>Runs with stdout captured too, on a plain console of <paramref name="width"/> columns.</summary>
+    public static (int Code, string Stdout, string Error) RunCapturing(int width, params string[] args)
+    {
+        var saved = Consoles.Out;
+        var (console, buffer) = Consoles.Plain(width);
+        Consoles.Out = console;
+        try
+        {
+            var (code, err) = Run(args);
+            return (code, buffer.ToString(), err);
+        }
+        finally { Consoles.Out = saved; }
+    }
 }

@@ -115,8 +115,13 @@ public sealed class RuntimeCommandTests : IDisposable
             var scale = want[key].abs().masked_fill(m.logical_not(), 0).max().item<float>();
             Assert.True(diff <= 1e-4 * scale, $"{model} {key}: max diff {diff} (scale {scale})");
         }
-        (code, err) = Run("hidden-states", Path.Combine(Fixture(model), "model"), "--inputs", reference, "--layers", "0,2", "--dtype", "bf16", "-o", outFile);
-        Assert.True(code == 0, err);
+        var (code2, stdout, err2) = InProcessCli.RunCapturing(100, "hidden-states", Path.Combine(Fixture(model), "model"), "--inputs", reference, "--layers", "0,2",
+            "--dtype", "bf16", "-o", outFile, "--format", "json");
+        Assert.True(code2 == 0, err2);
+        // -o is the tensors file; --format shapes the printed summary.
+        var summary = JsonNode.Parse(stdout)!;
+        Assert.Equal("bf16", summary["dtype"]!.GetValue<string>());
+        Assert.Equal(2, summary["hidden_states"]![0]!.GetValue<long>());
         var two = Safetensors.Load(outFile);
         Assert.Equal(2, two["hidden_states"].shape[0]);
         Assert.Equal(ScalarType.BFloat16, two["logits"].dtype);
@@ -211,6 +216,16 @@ public sealed class RuntimeCommandTests : IDisposable
             var js = layer["js_divergence"]!.GetValue<double>();
             Assert.InRange(js, 0, 1);
         }
+        // The same result in the other formats: markdown into -o (named by --format), JSON on the terminal.
+        var md = Path.Combine(_tmp, "routers.txt");
+        (code, err) = Run("routers", Path.Combine(Fixture("olmoe"), "model"), "--harmful", h, "--benign", b, "-o", md, "--format", "markdown");
+        Assert.True(code == 0, err);
+        Assert.StartsWith("# Router selection:", File.ReadAllText(md));
+        Assert.Contains("| MoE module | JS divergence |", File.ReadAllText(md));
+        var (code2, stdout, err2) = InProcessCli.RunCapturing(100, "routers", Path.Combine(Fixture("olmoe"), "model"), "--harmful", h, "--benign", b,
+            "--format", "json", "--heatmap", Path.Combine(_tmp, "hm.png"));
+        Assert.True(code2 == 0, err2);
+        Assert.Equal(root["layers"]!.AsArray().Count, JsonNode.Parse(stdout)!["layers"]!.AsArray().Count);
         Assert.Equal(0, RoutersCommand.JensenShannon([0.5, 0.5], [0.5, 0.5]), 12);
         Assert.Equal(1, RoutersCommand.JensenShannon([1, 0], [0, 1]), 12);
     }

@@ -10,29 +10,19 @@ namespace MoeLora.Cli.Commands;
 /// <summary><c>moelora adapter inspect DIR [--model MODEL]</c>: what a PEFT LoRA adapter adapts, its layout and traps.</summary>
 public sealed class AdapterInspectCommand : Command<AdapterInspectCommand.Settings>
 {
-    public sealed class Settings : CommandSettings
+    public sealed class Settings : ResultSettings
     {
         [CommandArgument(0, "<DIR>")]
         [Description("PEFT adapter folder (adapter_config.json + adapter_model.safetensors)")]
         public string Dir { get; init; } = "";
 
         [CommandOption("--model <MODEL>")]
-        [Description("Model the adapter is for (Hub id or local folder): flags keys it would not load (transformers v5 layout)")]
+        [Description("Model the adapter is for (Hub id or local folder): flags keys it would not load (transformers v5 layout) (default: none)")]
         public string? Model { get; init; }
 
         [CommandOption("--revision <REV>")]
-        [Description("Hub revision of --model")]
+        [Description("Hub revision of --model (default main)")]
         public string Revision { get; init; } = "main";
-
-        [CommandOption("--format <FORMAT>")]
-        [Description("Output format: text or json")]
-        public string Format { get; init; } = "text";
-
-        [CommandOption("-o|--output <FILE>")]
-        [Description("Write the output to FILE (atomically) instead of the terminal")]
-        public string? Output { get; init; }
-
-        public override ValidationResult Validate() => OptionChecks.First(OptionChecks.OneOf(Format, "--format", true, "text", "json"));
     }
 
     public override int Execute(CommandContext context, Settings s, CancellationToken cancellationToken)
@@ -49,11 +39,6 @@ public sealed class AdapterInspectCommand : Command<AdapterInspectCommand.Settin
         }
         var inspection = AdapterInspector.Inspect(folder, modules, parameters, layout);
         bool rslora = LoraPairs.Bool(folder.Config, "use_rslora");
-        if (s.Format.Equals("json", StringComparison.OrdinalIgnoreCase))
-        {
-            Output.Json(inspection.ToJson(rslora), s.Output);
-            return ExitCodes.Ok;
-        }
         var lines = new List<string>
         {
             $"adapter      {s.Dir}",
@@ -61,19 +46,20 @@ public sealed class AdapterInspectCommand : Command<AdapterInspectCommand.Settin
             $"peft         {inspection.PeftVersion ?? "(not recorded)"}",
             $"by location  {string.Join(", ", inspection.ByLocation.Select(kv => $"{kv.Key} {kv.Value}"))}",
         };
-        var table = new Table().Border(TableBorder.Simple).AddColumn("module").AddColumn("parameter").AddColumn("location")
-            .AddColumn("r").AddColumn("alpha").AddColumn("scaling").AddColumn("experts").AddColumn("lora_A").AddColumn("lora_B");
+        string[] headers = ["module", "parameter", "location", "r", "alpha", "scaling", "experts", "lora_A", "lora_B"];
         // One row per distinct (module pattern, parameter) with layer indices folded, so big adapters stay readable.
-        foreach (var g in inspection.Pairs.GroupBy(p => (Name: System.Text.RegularExpressions.Regex.Replace(p.Module, @"\.\d+\.", ".*."), p.Parameter, p.Rank, p.Alpha, A: p.A.ShapeText, B: p.B.ShapeText, p.Location, p.Experts)))
+        var rows = inspection.Pairs.GroupBy(p => (Name: System.Text.RegularExpressions.Regex.Replace(p.Module, @"\.\d+\.", ".*."), p.Parameter, p.Rank, p.Alpha, A: p.A.ShapeText, B: p.B.ShapeText, p.Location, p.Experts))
+            .Select(g => (IReadOnlyList<string>)[$"{g.Key.Name} ×{g.Count()}", g.Key.Parameter ?? "", g.Key.Location, g.Key.Rank.ToString(CultureInfo.InvariantCulture),
+                g.Key.Alpha.ToString(CultureInfo.InvariantCulture), g.First().Scaling(rslora).ToString("0.####", CultureInfo.InvariantCulture),
+                g.Key.Experts.ToString(CultureInfo.InvariantCulture), g.Key.A, g.Key.B]).ToList();
+        var traps = inspection.Traps.Count == 0 ? "no traps found\n" : "traps:\n" + string.Join("\n", inspection.Traps.Select(t => "! " + t)) + "\n";
+        Output.Result(s.Format, s.Output, () => inspection.ToJson(rslora), () =>
         {
-            var k = g.Key;
-            table.AddRow(Markup.Escape($"{k.Name} ×{g.Count()}"), Markup.Escape(k.Parameter ?? ""), k.Location, k.Rank.ToString(CultureInfo.InvariantCulture),
-                k.Alpha.ToString(CultureInfo.InvariantCulture), g.First().Scaling(rslora).ToString("0.####", CultureInfo.InvariantCulture),
-                k.Experts.ToString(CultureInfo.InvariantCulture), k.A, k.B);
-        }
-        var items = new List<Spectre.Console.Rendering.IRenderable> { new Text(string.Join("\n", lines) + "\n"), table };
-        items.Add(new Text(inspection.Traps.Count == 0 ? "no traps found\n" : "traps:\n" + string.Join("\n", inspection.Traps.Select(t => "! " + t)) + "\n"));
-        Output.Renderables(items, s.Output);
+            var table = new Table().Border(TableBorder.Simple);
+            foreach (var h in headers) table.AddColumn(h);
+            foreach (var r in rows) table.AddRow(r.Select(Markup.Escape).ToArray());
+            return [new Text(string.Join("\n", lines) + "\n"), table, new Text(traps)];
+        }, () => "```text\n" + string.Join("\n", lines) + "\n```\n\n" + Rendering.MarkdownTable.Render(headers, rows) + "\n" + traps);
         return ExitCodes.Ok;
     }
 }
@@ -88,7 +74,7 @@ public sealed class AdapterConvertCommand : Command<AdapterConvertCommand.Settin
         public string Dir { get; init; } = "";
 
         [CommandOption("--to <FORMAT>")]
-        [Description("peft-v5 (fused ParamWrapper), per-expert (PEFT <= 0.18 keys), vllm or sglang (what their loaders read, one rank)")]
+        [Description("peft-v5 (fused ParamWrapper), per-expert (PEFT <= 0.18 keys), vllm or sglang (what their loaders read, one rank) (required)")]
         public string? To { get; init; }
 
         [CommandOption("--model <MODEL>")]
@@ -96,11 +82,11 @@ public sealed class AdapterConvertCommand : Command<AdapterConvertCommand.Settin
         public string? Model { get; init; }
 
         [CommandOption("--revision <REV>")]
-        [Description("Hub revision of --model")]
+        [Description("Hub revision of --model (default main)")]
         public string Revision { get; init; } = "main";
 
         [CommandOption("-o|--output <DIR>")]
-        [Description("New or empty folder for the converted adapter (written to a temporary sibling, then renamed)")]
+        [Description("New or empty folder for the converted adapter (written to a temporary sibling, then renamed) (required)")]
         public string? Output { get; init; }
 
         public override ValidationResult Validate() => OptionChecks.First(

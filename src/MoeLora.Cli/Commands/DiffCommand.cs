@@ -29,7 +29,6 @@ public sealed class DiffCommand : Command<DiffCommand.Settings>
 
     public override int Execute(CommandContext context, Settings settings, CancellationToken cancellationToken)
     {
-        var format = settings.ParsedFormat;
         if (settings.ModelB is null && settings.LoraConfigB is null)
             throw new UserInputException("diff needs MODEL_B or --lora-config-b (two models, or two LoraConfigs on one model)");
         var loraA = settings.BuildLoraConfig();
@@ -44,25 +43,20 @@ public sealed class DiffCommand : Command<DiffCommand.Settings>
         }
         var a = Analyse(settings, settings.Model, loraA);
         var b = Analyse(settings, settings.ModelB ?? settings.Model, loraB);
-        switch (format)
-        {
-            case "json": Output.Json(DiffRows.ToJson(a, b), settings.Output); break;
-            case "markdown": Output.Text(Markdown(a, b), settings.Output); break;
-            default: Output.Renderables(Text(a, b), settings.Output); break;
-        }
+        Output.Result(settings.Format, settings.Output, () => DiffRows.ToJson(a, b), () => Text(a, b), () => Markdown(a, b));
         return ExitCodes.Ok;
     }
 
     private static LoraReport Analyse(Settings settings, string model, LoraConfig lora)
     {
-        var (spec, resolved) = ModelLoader.Load(model, settings.ParsedLayout, settings.Revision);
+        var (spec, resolved) = ModelLoader.Load(model, settings.Layout, settings.Revision);
         return LoraReport.Build(spec, lora, settings.ParsedPeftVersion, new ReportOptions
         {
             ModelId = resolved.Id,
             Source = resolved.Origin.ToString().ToLowerInvariant(),
             BatchSize = ReportCommand.Positive(settings.BatchSize, "--batch-size"),
             SeqLength = ReportCommand.Positive(settings.SeqLength, "--seq-length"),
-            DType = settings.ParsedDType,
+            DType = settings.DType,
             TargetLayers = null, // each model gets its own default [L/4, L/2]
             Training = settings.BuildTrainingSetup() with { TargetLayers = null },
         });

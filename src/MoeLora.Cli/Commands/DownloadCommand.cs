@@ -27,7 +27,7 @@ public sealed class DownloadCommand : AsyncCommand<DownloadCommand.Settings>
         public string Revision { get; init; } = "main";
 
         [CommandOption("--include <PATTERNS>")]
-        [Description("Comma-separated globs (e.g. \"*.json\" or \"model-0000[[1-2]]-*\") that narrow the standard files (config, tokenizer, safetensors weights); names without a wildcard are fetched as well, e.g. README.md")]
+        [Description("Comma-separated globs (e.g. \"*.json\" or \"model-0000[[1-2]]-*\") that narrow the standard files (config, tokenizer, safetensors weights); names without a wildcard are fetched as well, e.g. README.md (default: the standard files only)")]
         public string? Include { get; init; }
     }
 

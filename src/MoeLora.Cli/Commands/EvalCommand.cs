@@ -2,6 +2,7 @@ using System.ComponentModel;
 using System.Globalization;
 using System.Text.Json.Nodes;
 using MoeLora.Cli.Infrastructure;
+using MoeLora.Cli.Options;
 using MoeLora.Torch.Lora;
 using MoeLora.Torch.Runtime;
 using MoeLora.Torch.Training;
@@ -16,17 +17,22 @@ namespace MoeLora.Cli.Commands;
 
 public sealed class EvalSettings : CbCommonSettings
 {
-    [CommandOption("--adapter <DIR>")] [Description("PEFT adapter folder (adapter_config.json + adapter_model.safetensors); without it only the base row")]
+    [CommandOption("--adapter <DIR>")] [Description("PEFT adapter folder (adapter_config.json + adapter_model.safetensors); without it only the base row (default: none)")]
     public string? Adapter { get; init; }
     [CommandOption("--cb-data <FILE>")] [Description("Held-out circuit-breaker JSONL (default for tiny: the tool's embedded copy of data/tiny/cb_eval.jsonl)")]
     public string? CbData { get; init; }
     [CommandOption("--retain-data <FILE>")] [Description("Held-out retain JSONL (default for tiny: the tool's embedded copy of data/tiny/retain_eval.jsonl)")]
     public string? RetainData { get; init; }
-    [CommandOption("--format <FORMAT>")] [Description("text or json")]
-    public string Format { get; init; } = "text";
+    // The same --format and -o as every command that prints a result (ResultSettings); eval's settings already
+    // derive from the train/eval base, so they are declared here with the shared spellings and parser.
+    [CommandOption(SharedOptions.Format)] [Description("Output format: text, json or markdown (md) (default text)")]
+    [TypeConverter(typeof(OutputFormatConverter))]
+    public OutputFormat Format { get; init; } = OutputFormat.Text;
+    [CommandOption(SharedOptions.Output)] [Description("Write the metrics here, atomically, instead of the terminal (default: the terminal)")]
+    public string? Output { get; init; }
 
     public override Spectre.Console.ValidationResult Validate() => base.Validate() is { Successful: false } failed ? failed
-        : OptionChecks.First(OptionChecks.OneOf(Format, "--format", "text", "json"));
+        : OptionChecks.First(Format == OutputFormat.Html ? $"--format 'html': {OutputFormats.Accepted([OutputFormat.Text, OutputFormat.Json, OutputFormat.Markdown])}" : null);
 }
 
 /// <summary><c>moelora eval</c>: rerouting (CB cosine) and retain (distance) metrics for the base model and with an adapter.</summary>
@@ -39,9 +45,8 @@ public sealed class EvalCommand : Command<EvalSettings>
         var targets = s.TargetLayers(preset);
         int layers = CbModels.TruncatedLayers(targets, CbModels.ModelLayers(modelDir), s.FullLayers);
         var lengths = s.Lengths(preset);
-        if (s.Format is not ("text" or "json")) throw new UserInputException($"--format {s.Format}: use text or json.");
-        var device = RuntimeDevice.Select(s.Device);
-        using var model = CbModels.Load(modelDir, layers, s.Bf16 ? ScalarType.BFloat16 : ScalarType.Float32, device);
+        var device = RuntimeDevice.Select(s.Device.Text);
+        using var model = CbModels.Load(modelDir, layers, s.ModelScalarType(), device);
         var loader = new CbDataLoader(CbModels.Tokenizer(modelDir), Torch.Training.ChatTemplate.Get(s.TemplateName(modelDir)), lengths);
         string Data(string? given, string file, string flag) =>
             given ?? (preset.Name == "tiny" ? TrainCommand.FindTinyData(file) : throw new UserInputException($"{flag} FILE is required."));
@@ -57,8 +62,10 @@ public sealed class EvalCommand : Command<EvalSettings>
                 throw new UserInputException($"{s.Adapter} holds router.safetensors (--train-router): eval of trained routers is not supported yet.");
             rows.Add(("adapter", CbEvaluator.Evaluate(model, cb, retain, targets, batch, withAdapter: true)));
         }
-        var console = Consoles.Out;
-        if (s.Format == "json")
+        string[] headers = ["model", "CB cosine (targets " + string.Join(",", targets) + ")", "per layer", "RR loss", "retain ‖Δh‖", "retain ‖Δh‖/‖h‖"];
+        var cells = rows.Select(x => (IReadOnlyList<string>)[x.Name, F(x.R.CbCosine), string.Join(" ", x.R.CbCosinePerLayer.Select(F)), F(x.R.RerouteLoss), F(x.R.RetainDistance), F(x.R.RetainRelativeDistance)]).ToList();
+        var note = $"{cb.Count} held-out circuit-breaker and {retain.Count} retain examples; cosine 1 = unchanged, ≤ 0 = rerouted.";
+        Output.Result(s.Format, s.Output, () =>
         {
             var o = new JsonObject { ["target_layers"] = new JsonArray(targets.Select(t => (JsonNode)t).ToArray()) };
             foreach (var (n, r) in rows)
@@ -68,15 +75,14 @@ public sealed class EvalCommand : Command<EvalSettings>
                     ["rr_loss"] = r.RerouteLoss, ["retain_distance"] = r.RetainDistance, ["retain_relative_distance"] = r.RetainRelativeDistance,
                     ["cb_examples"] = r.CbExamples, ["retain_examples"] = r.RetainExamples,
                 };
-            console.WriteLine(o.ToJsonString(new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));
-            return ExitCodes.Ok;
-        }
-        var table = new Table().AddColumn("model").AddColumn("CB cosine (targets " + string.Join(",", targets) + ")").AddColumn("per layer")
-            .AddColumn("RR loss").AddColumn("retain ‖Δh‖").AddColumn("retain ‖Δh‖/‖h‖");
-        foreach (var (n, r) in rows)
-            table.AddRow(n, F(r.CbCosine), string.Join(" ", r.CbCosinePerLayer.Select(F)), F(r.RerouteLoss), F(r.RetainDistance), F(r.RetainRelativeDistance));
-        console.Write(table);
-        console.MarkupLine($"[grey]{cb.Count} held-out circuit-breaker and {retain.Count} retain examples; cosine 1 = unchanged, ≤ 0 = rerouted.[/]");
+            return o;
+        }, () =>
+        {
+            var table = new Table();
+            foreach (var h in headers) table.AddColumn(Markup.Escape(h));
+            foreach (var c in cells) table.AddRow(c.Select(Markup.Escape).ToArray());
+            return [table, new Markup($"[grey]{Markup.Escape(note)}[/]\n")];
+        }, () => Rendering.MarkdownTable.Render(headers, cells) + "\n" + note + "\n");
         return ExitCodes.Ok;
     }
 

@@ -1,4 +1,5 @@
 using System.ComponentModel;
+using System.Text.Json.Nodes;
 using MoeLora.Torch.IO;
 using Spectre.Console.Cli;
 using TorchSharp;
@@ -16,12 +17,15 @@ public sealed class HiddenStatesCommand : Command<HiddenStatesCommand.Settings>
 {
     public sealed class Settings : RuntimeSettings
     {
+        // -o is the safetensors file: the printed summary's format never comes from its name.
+        protected override string? ResultFile => null;
+
         [CommandOption("--prompts <FILE>")]
-        [Description("JSONL: {\"prompt\": ...}/{\"text\": ...} (tokenised with the model's tokenizer.json) or {\"input_ids\": [[...]]} per line")]
+        [Description("JSONL: {\"prompt\": ...}/{\"text\": ...} (tokenised with the model's tokenizer.json) or {\"input_ids\": [[...]]} per line (one of --prompts or --inputs is required)")]
         public string? Prompts { get; init; }
 
         [CommandOption("--inputs <FILE>")]
-        [Description("safetensors with input_ids [[B,S]] and attention_mask [[B,S]] (as the fixtures' reference files)")]
+        [Description("safetensors with input_ids [[B,S]] and attention_mask [[B,S]] (as the fixtures' reference files) (one of --prompts or --inputs is required)")]
         public string? Inputs { get; init; }
 
         [CommandOption("--layers <LAYERS>")]
@@ -29,8 +33,9 @@ public sealed class HiddenStatesCommand : Command<HiddenStatesCommand.Settings>
         public string[]? Layers { get; init; }
 
         [CommandOption("--dtype <DTYPE>")]
-        [Description("Dtype of the written tensors: fp32 (default), bf16 or fp16")]
-        public string DType { get; init; } = "fp32";
+        [Description("Dtype of the written tensors: fp32, bf16 or fp16 (default fp32)")]
+        [TypeConverter(typeof(Options.DTypeConverter))]
+        public Core.Analysis.DType DType { get; init; } = Core.Analysis.DType.Float32;
     }
 
     public override int Execute(CommandContext context, Settings s, CancellationToken cancellationToken)
@@ -39,7 +44,7 @@ public sealed class HiddenStatesCommand : Command<HiddenStatesCommand.Settings>
         if (s.Output is null) throw new UserInputException("--output OUT.safetensors is required");
         var outDir = Path.GetDirectoryName(Path.GetFullPath(s.Output))!;
         if (!Directory.Exists(outDir)) throw new IOException($"cannot write {s.Output}: folder {outDir} does not exist");
-        var outType = RuntimeSettings.ParseDType(s.DType, "--dtype");
+        var outType = RuntimeSettings.ScalarTypeOf(s.DType);
         Tensor? ids = null, mask = null;
         if (s.Inputs is not null && !File.Exists(s.Inputs)) throw new FileNotFoundException($"--inputs {s.Inputs} does not exist");
         // The model first: it selects the device before anything touches TorchSharp (a CUDA request decides which
@@ -68,9 +73,28 @@ public sealed class HiddenStatesCommand : Command<HiddenStatesCommand.Settings>
             ["layers"] = string.Join(",", layers),
             ["model"] = resolved.Id,
         }));
-        Console.Error.WriteLine($"wrote {s.Output}: hidden_states [{string.Join(",", hs.shape)}] ({s.DType}), logits [{string.Join(",", output.Logits.shape)}], layers {string.Join(",", layers)}");
+        var dtypeName = Core.Analysis.DTypes.Name(s.DType);
+        var line = $"wrote {s.Output}: hidden_states [{string.Join(",", hs.shape)}] ({dtypeName}), logits [{string.Join(",", output.Logits.shape)}], layers {string.Join(",", layers)}";
+        // -o is the safetensors file; the printed result is this summary, in --format.
+        Output.Result(s.Format, null, () => new JsonObject
+        {
+            ["schema"] = "moelora.hidden_states/1",
+            ["model"] = resolved.Id,
+            ["output"] = s.Output,
+            ["hidden_states"] = Shape(hs.shape),
+            ["logits"] = Shape(output.Logits.shape),
+            ["dtype"] = dtypeName,
+            ["layers"] = new JsonArray(layers.Select(l => (JsonNode)JsonValue.Create(l)).ToArray()),
+        }, () => [new Spectre.Console.Text(line + "\n")], () =>
+            Rendering.MarkdownTable.Render(["tensor", "shape", "dtype"],
+            [
+                ["hidden_states", $"[{string.Join(", ", hs.shape)}]", dtypeName],
+                ["logits", $"[{string.Join(", ", output.Logits.shape)}]", dtypeName],
+            ]) + $"\nWritten to `{s.Output}` (layers {string.Join(",", layers)}).\n");
         return 0;
     }
+
+    static JsonArray Shape(long[] shape) => new(shape.Select(d => (JsonNode)JsonValue.Create(d)).ToArray());
 
     static Torch.Models.CausalLmOutput no_grad_forward(Torch.Models.CausalLm model, Tensor ids, Tensor mask)
     {

@@ -26,14 +26,12 @@ internal static class LoadModelMeasurement
     /// <summary>Tests may pretend the device has this many bytes available.</summary>
     internal static long? AvailableBytesOverride { get; set; }
 
-    public static int Run(LoraReport report, ResolvedModel resolved, ReportCommand.Settings s, string format)
+    public static int Run(LoraReport report, ResolvedModel resolved, ReportCommand.Settings s, Options.OutputFormat format)
     {
         if (s.Init is not null && !s.Init.Equals("random", StringComparison.OrdinalIgnoreCase))
             throw new UserInputException($"--init '{s.Init}': only 'random' is supported (omit --init to load the checkpoint)");
         bool random = s.Init is not null;
-        var device = s.Device.Trim().ToLowerInvariant();
-        if (device != "cpu" && device != "cuda" && !device.StartsWith("cuda:", StringComparison.Ordinal))
-            throw new UserInputException($"--device '{s.Device}': use cpu or cuda");
+        var device = s.Device.Text;
         var plan = report.Plan;
         if (report.Spec.Layout != Core.Modules.Layout.V5)
             throw new UserInputException("--load-model runs the transformers-5 runtime (fused experts); use --layout v5");

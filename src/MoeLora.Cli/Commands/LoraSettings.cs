@@ -5,6 +5,8 @@ using MoeLora.Core.Peft;
 using Spectre.Console.Cli;
 using MoeLora.Core;
 using MoeLora.Cli.Infrastructure;
+using MoeLora.Cli.Options;
+using MoeLora.Core.Memory;
 
 namespace MoeLora.Cli.Commands;
 
@@ -15,19 +17,19 @@ namespace MoeLora.Cli.Commands;
 public class LoraSettings : ModelSettings
 {
     [CommandOption("--lora-config <FILE>")]
-    [Description("A PEFT adapter_config.json (or the adapter folder holding it), or a JSON object of LoraConfig keyword arguments (PEFT's names)")]
+    [Description("A PEFT adapter_config.json (or the adapter folder holding it), or a JSON object of LoraConfig keyword arguments (PEFT's names) (default: the seed report's r=16, alpha=32, q/k/v/o/gate/up/down_proj)")]
     public string? LoraConfigFile { get; init; }
 
     [CommandOption("-t|--target-modules <TARGETS>")]
-    [Description("Names (comma-separated or repeated; exact or dot-suffix), a regex (full match), or all-linear")]
+    [Description("Names (comma-separated or repeated; exact or dot-suffix), a regex (full match), or all-linear (default: q,k,v,o,gate,up,down_proj)")]
     public string[]? TargetModules { get; init; }
 
     [CommandOption("--target-parameters <PARAMS>")]
-    [Description("nn.Parameter names for PEFT's ParamWrapper, e.g. mlp.experts.gate_up_proj (comma-separated or repeated)")]
+    [Description("nn.Parameter names for PEFT's ParamWrapper, e.g. mlp.experts.gate_up_proj (comma-separated or repeated) (default none)")]
     public string[]? TargetParameters { get; init; }
 
     [CommandOption("--exclude-modules <NAMES>")]
-    [Description("Names or a regex PEFT must not adapt")]
+    [Description("Names or a regex PEFT must not adapt (default none)")]
     public string[]? ExcludeModules { get; init; }
 
     [CommandOption("-r|--rank <R>")]
@@ -40,11 +42,11 @@ public class LoraSettings : ModelSettings
     public double? Alpha { get; init; }
 
     [CommandOption("--layers-to-transform <LAYERS>")]
-    [Description("Decoder layers PEFT adapts (comma-separated)")]
+    [Description("Decoder layers PEFT adapts (comma-separated) (default all)")]
     public string? LayersToTransform { get; init; }
 
     [CommandOption("--layers-pattern <NAME>")]
-    [Description("The ModuleList name PEFT reads layer indices after (e.g. layers)")]
+    [Description("The ModuleList name PEFT reads layer indices after (e.g. layers) (default: any)")]
     public string? LayersPattern { get; init; }
 
     [CommandOption("--use-dora")]
@@ -56,11 +58,11 @@ public class LoraSettings : ModelSettings
     public bool UseRslora { get; init; }
 
     [CommandOption("--bias <MODE>")]
-    [Description("Base biases to train: none, all or lora_only")]
+    [Description("Base biases to train: none, all or lora_only (default none)")]
     public string? Bias { get; init; }
 
     [CommandOption("--modules-to-save <NAMES>")]
-    [Description("Modules PEFT copies and trains fully (e.g. lm_head)")]
+    [Description("Modules PEFT copies and trains fully (e.g. lm_head) (default none)")]
     public string[]? ModulesToSave { get; init; }
 
     [CommandOption("--peft-version <VERSION>")]
@@ -75,9 +77,11 @@ public class LoraSettings : ModelSettings
     [Description("Sequence length for memory figures (default 512)")]
     public int SeqLength { get; init; } = 512;
 
-    [CommandOption("--dtype <DTYPE>")]
-    [Description("Activation/base dtype: fp32, bf16 or fp16 (default bf16)")]
-    public string DType { get; init; } = "bf16";
+    // The model's dtype, as --model-dtype of the commands that run it (kept as an alias here).
+    [CommandOption("--dtype|--model-dtype <DTYPE>")]
+    [Description("Dtype of the model's weights and activations: fp32, bf16 or fp16 (default bf16)")]
+    [TypeConverter(typeof(DTypeConverter))]
+    public DType DType { get; init; } = DType.BFloat16;
 
     [CommandOption("--cb-target-layers <LAYERS>")]
     [Description("Circuit-breaker target layers as hidden_states indices (default L/4 and L/2)")]
@@ -85,7 +89,8 @@ public class LoraSettings : ModelSettings
 
     [CommandOption("--quantization <Q>")]
     [Description("Base weights: none, int8 (LLM.int8) or nf4 (QLoRA 4-bit, double-quantised) (default none)")]
-    public string Quantization { get; init; } = "none";
+    [TypeConverter(typeof(QuantizationConverter))]
+    public Quantization Quantization { get; init; } = Quantization.None;
 
     [CommandOption("--gradient-checkpointing")]
     [Description("Recompute each decoder layer in backward (keeps only layer inputs)")]
@@ -95,21 +100,25 @@ public class LoraSettings : ModelSettings
     [Description("Data-parallel GPUs (default 1); --batch-size is per GPU")]
     public int Gpus { get; init; } = 1;
 
-    [CommandOption("--gpu-memory <SIZE>")]
-    [Description("Memory of one GPU, e.g. 80GiB, 141GB (default 80GiB)")]
-    public string GpuMemory { get; init; } = "80GiB";
+    [CommandOption(SharedOptions.GpuMemory)]
+    [Description(SharedOptions.GpuMemoryHelp)]
+    [TypeConverter(typeof(MemorySizeConverter))]
+    public MemorySize GpuMemory { get; init; } = new("80GiB", 80L << 30);
 
     [CommandOption("--sharding <S>")]
     [Description("ddp, zero2, zero3, fsdp or ep (expert parallel) (default ddp)")]
-    public string Sharding { get; init; } = "ddp";
+    [TypeConverter(typeof(ShardingConverter))]
+    public Sharding Sharding { get; init; } = Sharding.Ddp;
 
     [CommandOption("--mode <MODE>")]
     [Description("lora (cross-entropy step) or circuit-breaker (the reference RR step) (default lora)")]
-    public string Mode { get; init; } = "lora";
+    [TypeConverter(typeof(TrainingModeConverter))]
+    public TrainingMode Mode { get; init; } = TrainingMode.Lora;
 
     [CommandOption("--attention <IMPL>")]
     [Description("Attention implementation: sdpa (flash/efficient) or eager (default sdpa)")]
-    public string Attention { get; init; } = "sdpa";
+    [TypeConverter(typeof(AttentionConverter))]
+    public AttentionImpl Attention { get; init; } = AttentionImpl.Sdpa;
 
     [CommandOption("--cb-full-layers")]
     [Description("Circuit breaker: keep every block (the reference's --full_layers) instead of truncating to max(target)+1")]
@@ -121,12 +130,7 @@ public class LoraSettings : ModelSettings
         OptionChecks.AtLeast(BatchSize, 1, "--batch-size"),
         OptionChecks.AtLeast(SeqLength, 1, "--seq-length"),
         OptionChecks.AtLeast(Gpus, 1, "--gpus"),
-        OptionChecks.Parses(() => DTypes.Parse(DType), "--dtype"),
-        OptionChecks.Parses(() => Core.Memory.TrainingSetup.ParseQuantization(Quantization), "--quantization"),
-        OptionChecks.Parses(() => Core.Memory.TrainingSetup.ParseBytes(GpuMemory)),
-        OptionChecks.Parses(() => Core.Memory.TrainingSetup.ParseSharding(Sharding), "--sharding"),
-        OptionChecks.Parses(() => Core.Memory.TrainingSetup.ParseMode(Mode), "--mode"),
-        OptionChecks.Parses(() => Core.Memory.TrainingSetup.ParseAttention(Attention), "--attention"),
+        OptionChecks.OneOf(Bias, "--bias", "none", "all", "lora_only"),
         OptionChecks.Parses(() => _ = ParsedPeftVersion, "--peft-version"),
         OptionChecks.Parses(() => _ = ParsedTargetLayers));
 
@@ -135,21 +139,19 @@ public class LoraSettings : ModelSettings
     {
         BatchSize = BatchSize,
         SeqLength = SeqLength,
-        DType = ParsedDType,
-        Quantization = Core.Memory.TrainingSetup.ParseQuantization(Quantization),
+        DType = DType,
+        Quantization = Quantization,
         GradientCheckpointing = GradientCheckpointing,
         Gpus = Gpus > 0 ? Gpus : throw new UserInputException($"--gpus must be a positive integer, got {Gpus}"),
-        GpuMemoryBytes = Core.Memory.TrainingSetup.ParseBytes(GpuMemory),
-        Sharding = Core.Memory.TrainingSetup.ParseSharding(Sharding),
-        Mode = Core.Memory.TrainingSetup.ParseMode(Mode),
-        Attention = Core.Memory.TrainingSetup.ParseAttention(Attention),
+        GpuMemoryBytes = GpuMemory.Bytes,
+        Sharding = Sharding,
+        Mode = Mode,
+        Attention = Attention,
         TargetLayers = ParsedTargetLayers,
         CbFullLayers = CbFullLayers,
     };
 
     public PeftVersion? ParsedPeftVersion => PeftVersion is null ? null : Core.Peft.PeftVersion.Parse(PeftVersion);
-
-    public DType ParsedDType => DTypes.Parse(DType);
 
     public IReadOnlyList<int>? ParsedTargetLayers => CbTargetLayers is null ? null : ParseInts(CbTargetLayers, "--cb-target-layers");
 

@@ -26,11 +26,11 @@ public sealed class MergeCommand : Command<MergeCommand.Settings>
         public string Model { get; init; } = "";
 
         [CommandOption("--adapter <DIR>")]
-        [Description("PEFT adapter folder (adapter_config.json + adapter_model.safetensors), e.g. a moelora train --output")]
+        [Description("PEFT adapter folder (adapter_config.json + adapter_model.safetensors), e.g. a moelora train --output (required)")]
         public string? Adapter { get; init; }
 
         [CommandOption("-o|--output <DIR>")]
-        [Description("New or empty folder for the merged checkpoint (written to a temporary sibling, then renamed into place)")]
+        [Description("New or empty folder for the merged checkpoint (written to a temporary sibling, then renamed into place) (required)")]
         public string? Output { get; init; }
 
         public override ValidationResult Validate() => OptionChecks.First(

@@ -1,6 +1,7 @@
 using System.Globalization;
 using System.Text.Json.Nodes;
 using MoeLora.Cli.Infrastructure;
+using MoeLora.Cli.Rendering;
 using MoeLora.Core.Modules;
 using Spectre.Console;
 using Spectre.Console.Cli;
@@ -14,25 +15,31 @@ public sealed class ModulesCommand : Command<ModulesCommand.Settings>
 
     public override int Execute(CommandContext context, Settings settings, CancellationToken cancellationToken)
     {
-        var format = settings.ParsedFormat;
-        var (spec, _) = ModelLoader.Load(settings.Model, settings.ParsedLayout, settings.Revision);
+        var (spec, _) = ModelLoader.Load(settings.Model, settings.Layout, settings.Revision);
         var tree = spec.Tree;
-        if (format == "json")
-        {
-            Output.Json(ToJson(tree), settings.Output);
-            return ExitCodes.Ok;
-        }
+        Output.Result(settings.Format, settings.Output, () => ToJson(tree), () => Text(tree), () => Markdown(tree));
+        return ExitCodes.Ok;
+    }
+
+    private static string Parameters(ModuleNode m) =>
+        string.Join(", ", m.Parameters.Select(p => $"{p.LocalName} {p.ShapeText}" + (p.IsTied ? $" (tied to {p.TiedTo})" : "")));
+
+    private static string Summary(ModuleTree tree) =>
+        $"{tree.Modules.Count.ToString(CultureInfo.InvariantCulture)} modules, {tree.Parameters.Count.ToString(CultureInfo.InvariantCulture)} parameters, {tree.NumParameters.ToString("N0", CultureInfo.InvariantCulture)} elements";
+
+    private static IEnumerable<Spectre.Console.Rendering.IRenderable> Text(ModuleTree tree)
+    {
         var table = new Table().Border(TableBorder.Simple).AddColumn("module").AddColumn("class").AddColumn("location")
             .AddColumn("parameters");
         foreach (var m in tree.Modules)
-        {
-            var ps = string.Join(", ", m.Parameters.Select(p => $"{p.LocalName} {p.ShapeText}" + (p.IsTied ? $" (tied to {p.TiedTo})" : "")));
-            table.AddRow(Markup.Escape(m.Name.Length == 0 ? "(root)" : m.Name), Markup.Escape(m.ClassName), m.Location.Name(), Markup.Escape(ps));
-        }
-        var summary = new Markup($"{tree.Modules.Count.ToString(CultureInfo.InvariantCulture)} modules, {tree.Parameters.Count.ToString(CultureInfo.InvariantCulture)} parameters, {tree.NumParameters.ToString("N0", CultureInfo.InvariantCulture)} elements\n");
-        Output.Renderables([table, summary], settings.Output);
-        return ExitCodes.Ok;
+            table.AddRow(Markup.Escape(m.Name.Length == 0 ? "(root)" : m.Name), Markup.Escape(m.ClassName), m.Location.Name(), Markup.Escape(Parameters(m)));
+        return [table, new Markup(Markup.Escape(Summary(tree)) + "\n")];
     }
+
+    private static string Markdown(ModuleTree tree) =>
+        MarkdownTable.Render(["module", "class", "location", "parameters"],
+            tree.Modules.Select(m => (IReadOnlyList<string>)[m.Name.Length == 0 ? "(root)" : "`" + m.Name + "`", m.ClassName, m.Location.Name(), Parameters(m)]))
+        + "\n" + Summary(tree) + "\n";
 
     /// <summary>The documented contract: <c>{"modules": [[name, class], ...], "parameters": [[name, shape], ...]}</c>.</summary>
     public static JsonObject ToJson(ModuleTree tree) => new()

@@ -19,6 +19,17 @@ public static class Output
         else AtomicFile.WriteAllText(file, text);
     }
 
+    /// <summary>Writes a command's result in the requested format; each view is built only when asked for.</summary>
+    public static void Result(Options.OutputFormat format, string? file, Func<JsonNode> json, Func<IEnumerable<IRenderable>> text, Func<string> markdown)
+    {
+        switch (format)
+        {
+            case Options.OutputFormat.Json: Json(json(), file); break;
+            case Options.OutputFormat.Markdown: Text(markdown(), file); break;
+            default: Renderables(text(), file); break;
+        }
+    }
+
     public static void Renderables(IEnumerable<IRenderable> items, string? file)
     {
         if (file is null)

@@ -1,6 +1,7 @@
 using System.ComponentModel;
 using MoeLora.Cli.Infrastructure;
 using System.Text.Json.Nodes;
+using MoeLora.Cli.Options;
 using MoeLora.Cli.Rendering;
 using MoeLora.Cli.Rendering.Document;
 using MoeLora.Core.Analysis;
@@ -14,30 +15,29 @@ public sealed class ReportCommand : Command<ReportCommand.Settings>
 {
     public sealed class Settings : LoraSettings
     {
-        protected override string[] Formats => ["text", "json", "markdown", "md", "html"];
+        protected override IReadOnlyCollection<OutputFormat> Formats => [OutputFormat.Text, OutputFormat.Json, OutputFormat.Markdown, OutputFormat.Html];
 
         public override Spectre.Console.ValidationResult Validate() => base.Validate() is { Successful: false } failed ? failed
-            : OptionChecks.First(OptionChecks.AtLeast(GradTokens, 1, "--grad-tokens"),
-                OptionChecks.OneOf(Device.Split(':')[0], "--device", "cpu", "cuda"));
+            : OptionChecks.First(OptionChecks.AtLeast(GradTokens, 1, "--grad-tokens"));
 
         [CommandOption("--checkpoint-headers")]
-        [Description("Also read safetensors headers from the Hub (local and cached checkpoints are always checked)")]
+        [Description("Also read safetensors headers from the Hub (local and cached checkpoints are always checked) (default off)")]
         public bool CheckpointHeaders { get; init; }
 
         [Description("Load the model (TorchSharp), inject the LoRA and show measured figures next to the predicted ones")]
         [CommandOption("--load-model")]
         public bool LoadModel { get; init; }
 
-        [Description("With --load-model: cpu (default) or cuda")]
-        [CommandOption("--device <DEVICE>")]
-        public string Device { get; init; } = "cpu";
+        [Description("With --load-model: " + SharedOptions.DeviceHelp)]
+        [CommandOption(SharedOptions.Device)]
+        public DeviceName Device { get; init; } = DeviceName.Cpu;
 
-        [Description("With --load-model: 'random' builds the model from config.json with seeded random weights instead of loading the checkpoint")]
+        [Description("With --load-model: 'random' builds the model from config.json with seeded random weights instead of loading the checkpoint (default: load the checkpoint)")]
         [CommandOption("--init <INIT>")]
         public string? Init { get; init; }
 
         [Description("With --load-model: seed for random weights, LoRA init and input tokens (default 0)")]
-        [CommandOption("--seed <SEED>")]
+        [CommandOption(SharedOptions.Seed)]
         public long Seed { get; init; }
 
         [Description("With --load-model: tokens of the sequence used for the gradient-flow backward (default 4, so that some experts go unselected)")]
@@ -47,10 +47,10 @@ public sealed class ReportCommand : Command<ReportCommand.Settings>
 
     public override int Execute(CommandContext context, Settings settings, CancellationToken cancellationToken)
     {
-        var format = settings.Format.Equals("html", StringComparison.OrdinalIgnoreCase) ? "html" : settings.ParsedFormat;
+        var format = settings.Format;
         var lora = settings.BuildLoraConfig();
         var training = settings.BuildTrainingSetup();
-        var loaded = ModelLoader.LoadChecked(settings.Model, settings.ParsedLayout, settings.Revision, settings.CheckpointHeaders);
+        var loaded = ModelLoader.LoadChecked(settings.Model, settings.Layout, settings.Revision, settings.CheckpointHeaders);
         var (spec, resolved) = (loaded.Spec, loaded.Resolved);
         var report = LoraReport.Build(spec, lora, settings.ParsedPeftVersion, new ReportOptions
         {
@@ -60,7 +60,7 @@ public sealed class ReportCommand : Command<ReportCommand.Settings>
             SourceSummary = ModelLoader.Summary(resolved),
             BatchSize = Positive(settings.BatchSize, "--batch-size"),
             SeqLength = Positive(settings.SeqLength, "--seq-length"),
-            DType = settings.ParsedDType,
+            DType = settings.DType,
             TargetLayers = settings.ParsedTargetLayers,
             Training = training,
         });
@@ -71,17 +71,17 @@ public sealed class ReportCommand : Command<ReportCommand.Settings>
     }
 
     /// <summary>Renders the one document in the chosen view; <paramref name="addJson"/> adds what only JSON carries raw.</summary>
-    internal static void Write(ReportDocument document, LoraReport report, string format, string? output, Action<JsonObject> addJson)
+    internal static void Write(ReportDocument document, LoraReport report, OutputFormat format, string? output, Action<JsonObject> addJson)
     {
         switch (format)
         {
-            case "json":
+            case OutputFormat.Json:
                 var json = report.ToJson();
                 addJson(json);
                 Output.Json(JsonView.Render(json, document), output);
                 break;
-            case "markdown": Output.Text(MarkdownView.Render(document), output); break;
-            case "html": Output.Text(HtmlView.Render(document), output); break;
+            case OutputFormat.Markdown: Output.Text(MarkdownView.Render(document), output); break;
+            case OutputFormat.Html: Output.Text(HtmlView.Render(document), output); break;
             default: Output.Renderables(TextView.Render(document), output); break;
         }
     }

@@ -18,11 +18,11 @@ public sealed class RoutersCommand : Command<RoutersCommand.Settings>
     public sealed class Settings : RuntimeSettings
     {
         [CommandOption("--harmful <FILE>")]
-        [Description("JSONL prompts of the harmful set ({\"prompt\"|\"text\": ...} or {\"input_ids\": [[...]]} per line)")]
+        [Description("JSONL prompts of the harmful set ({\"prompt\"|\"text\": ...} or {\"input_ids\": [[...]]} per line) (required)")]
         public string? Harmful { get; init; }
 
         [CommandOption("--benign <FILE>")]
-        [Description("JSONL prompts of the benign set")]
+        [Description("JSONL prompts of the benign set (required)")]
         public string? Benign { get; init; }
 
         [CommandOption("--heatmap <FILE>")]
@@ -46,7 +46,7 @@ public sealed class RoutersCommand : Command<RoutersCommand.Settings>
 
         var layers = new JsonArray();
         var diff = new double[experts.Count, experts.Max(e => (int)e.Item2.NumExperts)];
-        var table = new Table().Border(TableBorder.Rounded).AddColumn("MoE module").AddColumn("JS divergence").AddColumn("top harmful").AddColumn("top benign");
+        var rows = new List<string[]>();
         for (int l = 0; l < experts.Count; l++)
         {
             var ph = Normalize(h[l]);
@@ -63,8 +63,9 @@ public sealed class RoutersCommand : Command<RoutersCommand.Settings>
                 ["benign_frequency"] = Arr(pb),
                 ["js_divergence"] = Math.Round(js, 6),
             });
-            table.AddRow(Markup.Escape(experts[l].Name), js.ToString("0.0000", System.Globalization.CultureInfo.InvariantCulture), Top(ph), Top(pb));
+            rows.Add([experts[l].Name, js.ToString("0.0000", System.Globalization.CultureInfo.InvariantCulture), Top(ph), Top(pb)]);
         }
+        // The heatmap sits next to the -o file (same name, .png) unless --heatmap names it.
         var png = s.Heatmap ?? (s.Output is null ? "routers.png" : Path.ChangeExtension(s.Output, ".png"));
         var full = Path.GetFullPath(png);
         if (!Directory.Exists(Path.GetDirectoryName(full))) throw new IOException($"cannot write {png}: its folder does not exist");
@@ -83,12 +84,15 @@ public sealed class RoutersCommand : Command<RoutersCommand.Settings>
             ["heatmap"] = png,
             ["layers"] = layers,
         };
-        if (s.ParsedFormat == "json" || s.Output is not null) Output.Json(json, s.Output);
-        else
+        string[] headers = ["MoE module", "JS divergence", "top harmful", "top benign"];
+        var heatmapLine = $"heatmap (harmful − benign selection frequency): {png}";
+        Output.Result(s.Format, s.Output, () => json, () =>
         {
-            Infrastructure.Consoles.Out.Write(table);
-            Infrastructure.Consoles.Out.WriteLine($"heatmap (harmful − benign selection frequency): {png}");
-        }
+            var table = new Table().Border(TableBorder.Rounded);
+            foreach (var hd in headers) table.AddColumn(hd);
+            foreach (var r in rows) table.AddRow(r.Select(Markup.Escape).ToArray());
+            return [table, new Text(heatmapLine + "\n")];
+        }, () => $"# Router selection: {resolved.Id}\n\n" + Rendering.MarkdownTable.Render(headers, rows) + "\n" + heatmapLine + "\n");
         return 0;
     }
 

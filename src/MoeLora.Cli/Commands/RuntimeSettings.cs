@@ -11,30 +11,32 @@ using Spectre.Console.Cli;
 using TorchSharp;
 using static TorchSharp.torch;
 using MoeLora.Core;
+using MoeLora.Cli.Options;
 
 namespace MoeLora.Cli.Commands;
 
 /// <summary>Options of the commands that run the model (hidden-states, routers).</summary>
 public class RuntimeSettings : ModelSettings
 {
-    [CommandOption("--device <DEVICE>")]
-    [Description("cpu (default) or cuda")]
-    public string Device { get; init; } = "cpu";
+    [CommandOption(SharedOptions.Device)]
+    [Description(SharedOptions.DeviceHelp)]
+    public DeviceName Device { get; init; } = DeviceName.Cpu;
 
     [CommandOption("--init <INIT>")]
-    [Description("'random': build from config.json with seeded random weights instead of loading the checkpoint")]
+    [Description("'random': build from config.json with seeded random weights instead of loading the checkpoint (default: load the checkpoint)")]
     public string? Init { get; init; }
 
-    [CommandOption("--seed <SEED>")]
+    [CommandOption(SharedOptions.Seed)]
     [Description("Seed for --init random (default 0)")]
     public long Seed { get; init; }
 
-    [CommandOption("--model-dtype <DTYPE>")]
-    [Description("Dtype the model runs in: fp32 (default), bf16 or fp16")]
-    public string ModelDType { get; init; } = "fp32";
+    [CommandOption(SharedOptions.ModelDType)]
+    [Description("Dtype the model runs in: fp32, bf16 or fp16 (default fp32)")]
+    [TypeConverter(typeof(DTypeConverter))]
+    public Core.Analysis.DType ModelDType { get; init; } = Core.Analysis.DType.Float32;
 
     [CommandOption("--adapter <DIR>")]
-    [Description("A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) to apply, e.g. one moelora train wrote")]
+    [Description("A PEFT adapter folder (adapter_config.json + adapter_model.safetensors) to apply, e.g. one moelora train wrote (default: none)")]
     public string? Adapter { get; init; }
 
     [CommandOption("--max-length <N>")]
@@ -43,15 +45,13 @@ public class RuntimeSettings : ModelSettings
 
     public override Spectre.Console.ValidationResult Validate() => base.Validate() is { Successful: false } failed ? failed : OptionChecks.First(
         OptionChecks.AtLeast(MaxLength, 1, "--max-length"),
-        OptionChecks.Parses(() => ParseDType(ModelDType, "--model-dtype")),
         Init is not null && !Init.Equals("random", StringComparison.OrdinalIgnoreCase) ? $"--init '{Init}': only 'random' is supported (omit --init to load the checkpoint)" : null);
 
-    internal static ScalarType ParseDType(string text, string option) => text.Trim().ToLowerInvariant() switch
+    internal static ScalarType ScalarTypeOf(Core.Analysis.DType dtype) => dtype switch
     {
-        "fp32" or "float32" or "f32" => ScalarType.Float32,
-        "bf16" or "bfloat16" => ScalarType.BFloat16,
-        "fp16" or "float16" or "f16" or "half" => ScalarType.Float16,
-        _ => throw new UserInputException($"{option}: unknown dtype '{text}': use fp32, bf16 or fp16"),
+        Core.Analysis.DType.Float32 => ScalarType.Float32,
+        Core.Analysis.DType.BFloat16 => ScalarType.BFloat16,
+        _ => ScalarType.Float16,
     };
 
     /// <summary>Resolves MODEL, checks the checkpoint headers, then builds the model (cheap checks first).</summary>
@@ -59,8 +59,8 @@ public class RuntimeSettings : ModelSettings
     {
         if (Init is not null && !Init.Equals("random", StringComparison.OrdinalIgnoreCase))
             throw new UserInputException($"--init '{Init}': only 'random' is supported (omit --init to load the checkpoint)");
-        var dtype = ParseDType(ModelDType, "--model-dtype");
-        var (spec, resolved) = ModelLoader.Load(Model, ParsedLayout, Revision);
+        var dtype = ScalarTypeOf(ModelDType);
+        var (spec, resolved) = ModelLoader.Load(Model, Layout, Revision);
         if (spec.Layout != Core.Modules.Layout.V5) throw new UserInputException("the runtime builds transformers-5 modules; use --layout v5");
         spec.RequireRuntime();
         string? dir = null;
@@ -70,7 +70,7 @@ public class RuntimeSettings : ModelSettings
                 $"no checkpoint for {resolved.Id}: its config came from the {resolved.OriginName} (no weights); pass a local folder or a cached model, or use --init random");
             CheckpointLoader.Precheck(dir, spec);
         }
-        var dev = RuntimeDevice.Select(Device);
+        var dev = RuntimeDevice.Select(Device.Text);
         var model = dir is null
             ? TorchModelFactory.Random(resolved.ConfigJson, Seed, dtype, dev)
             : RuntimeDevice.Load($"loading {resolved.Id}", p => TorchModelFactory.Load(resolved.ConfigJson, dir, dtype, dev, p));

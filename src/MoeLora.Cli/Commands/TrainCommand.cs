@@ -3,6 +3,7 @@ using MoeLora.Core.Architectures;
 using System.Globalization;
 using System.Text.Json.Nodes;
 using MoeLora.Cli.Infrastructure;
+using MoeLora.Cli.Options;
 using MoeLora.Torch.Lora;
 using MoeLora.Torch.Models;
 using MoeLora.Torch.Runtime;
@@ -20,7 +21,7 @@ namespace MoeLora.Cli.Commands;
 public class CbCommonSettings : CommandSettings
 {
     [CommandOption("--model <DIR>")]
-    [Description("Local model folder (config.json, *.safetensors, tokenizer.json). Omit with --preset tiny")]
+    [Description("Local model folder (config.json, *.safetensors, tokenizer.json). Omit with --preset tiny (default: the tiny preset's built-in model)")]
     public string? Model { get; init; }
 
     [CommandOption("--preset <NAME>")]
@@ -49,11 +50,23 @@ public class CbCommonSettings : CommandSettings
     [CommandOption("--batch-size <N>")] [Description("Examples per micro-batch (default: preset)")]
     public int? BatchSize { get; init; }
 
-    [CommandOption("--bf16")] [Description("Base model in bfloat16 (LoRA stays float32; norms in float32)")]
+    [CommandOption(SharedOptions.ModelDType)] [Description("Base model dtype: fp32 or bf16 (LoRA and norms stay float32) (default fp32)")]
+    [TypeConverter(typeof(DTypeConverter))]
+    public Core.Analysis.DType ModelDType { get; init; } = Core.Analysis.DType.Float32;
+
+    // The old spelling of --model-dtype bf16, kept for scripts.
+    [CommandOption("--bf16", IsHidden = true)] [Description("Same as --model-dtype bf16")]
     public bool Bf16 { get; init; }
 
-    [CommandOption("--device <DEVICE>")] [Description("cpu (default) or cuda[[:N]]")]
-    public string Device { get; init; } = "cpu";
+    /// <summary>The base model's dtype: --model-dtype, or bf16 for the old --bf16 flag.</summary>
+    public bool IsBf16 => Bf16 || ModelDType == Core.Analysis.DType.BFloat16;
+
+    // A method, not a property: the command-line parser reflects over every settings property of every command at
+    // start-up, and a TorchSharp-typed property would load TorchSharp for the analysis commands too.
+    public ScalarType ModelScalarType() => IsBf16 ? ScalarType.BFloat16 : ScalarType.Float32;
+
+    [CommandOption(SharedOptions.Device)] [Description(SharedOptions.DeviceHelp)]
+    public DeviceName Device { get; init; } = DeviceName.Cpu;
 
     public override ValidationResult Validate() => OptionChecks.First(
         OptionChecks.Parses(() => ResolvePreset()),
@@ -61,7 +74,7 @@ public class CbCommonSettings : CommandSettings
         OptionChecks.AtLeast(ResponseLength, 1, "--response-length"),
         OptionChecks.AtLeast(RetainLength, 1, "--retain-length"),
         OptionChecks.AtLeast(BatchSize, 1, "--batch-size"),
-        OptionChecks.OneOf(Device.Split(':')[0], "--device", "cpu", "cuda"),
+        ModelDType == Core.Analysis.DType.Float16 ? "--model-dtype 'fp16': training runs in fp32 or bf16" : null,
         OptionChecks.Parses(() => { if (CbTargetLayers is not null) LoraSettings.ParseInts([CbTargetLayers], "--cb-target-layers"); }),
         OptionChecks.Parses(() => { if (ChatTemplate is not null) Torch.Training.ChatTemplate.Get(ChatTemplate); }));
 
@@ -95,9 +108,9 @@ public sealed class TrainSettings : CbCommonSettings
 
     [CommandOption("--cb-data <FILE>")] [Description("Circuit-breaker JSONL: {\"prompt\", \"output\"} (default for tiny: the tool's embedded copy of data/tiny/cb_train.jsonl)")]
     public string? CbData { get; init; }
-    [CommandOption("--retain-data <FILE>")] [Description("Retain JSONL: {\"messages\"} or {\"prompt\", \"response\"}")]
+    [CommandOption("--retain-data <FILE>")] [Description("Retain JSONL: {\"messages\"} or {\"prompt\", \"response\"} (default for tiny: the tool's embedded copy of data/tiny/retain_train.jsonl; required otherwise)")]
     public string? RetainData { get; init; }
-    [CommandOption("--refusal-data <FILE>")] [Description("Optional refusal JSONL {\"prompt\", \"refusal\"}, added to the retain set")]
+    [CommandOption("--refusal-data <FILE>")] [Description("Optional refusal JSONL {\"prompt\", \"refusal\"}, added to the retain set (default for tiny without --retain-data: the embedded data/tiny/refusal.jsonl; none otherwise)")]
     public string? RefusalData { get; init; }
     [CommandOption("--cb-drop-prompt <P>")] [Description("Share of CB examples trained without their prompt (upstream Llama-3: 0.5; default 0)")]
     public double CbDropPrompt { get; init; }
@@ -131,7 +144,7 @@ public sealed class TrainSettings : CbCommonSettings
     public string LossWeighting { get; init; } = "dual";
     [CommandOption("--cb-alpha <A>")] [Description("Coefficient scale a (lorra_alpha; default: preset)")]
     public double? CbAlpha { get; init; }
-    [CommandOption("--seed <N>")] [Description("Seed for data order, dropout and prompt dropping (default 42)")] public long Seed { get; init; } = 42;
+    [CommandOption(SharedOptions.Seed)] [Description("Seed for data order, dropout and prompt dropping (default 42)")] public long Seed { get; init; } = 42;
     [CommandOption("--checkpoint-every <N>")] [Description("Save OUTPUT/checkpoint every N steps (default 50; 0 only at the end)")] public int CheckpointEvery { get; init; } = 50;
     [CommandOption("--resume")] [Description("Continue from OUTPUT/checkpoint (same settings)")]
     public bool Resume { get; init; }
@@ -200,17 +213,17 @@ public sealed class TrainCommand : Command<TrainSettings>
         var lengths = s.Lengths(preset);
         int batch = s.BatchSize ?? preset.BatchSize;
         int totalSteps = s.TotalSteps ?? preset.TotalSteps;
-        var dtype = s.Bf16 ? ScalarType.BFloat16 : ScalarType.Float32;
+        var dtype = s.ModelScalarType();
         var weighting = CoefficientSchedule.Create(s.LossWeighting, s.CbAlpha ?? preset.Alpha, totalSteps);
         Torch.Training.LrSchedule.Create(s.LrSchedule, s.Lr ?? preset.LearningRate, totalSteps, s.WarmupSteps);
         var loraJson = BuildLoraJson(s, preset, modelDir, layers);
         var wholeConfig = modelDir is null ? TrainPreset.TinyConfigJson() : File.ReadAllText(Path.Combine(modelDir, "config.json"));
         // The device first: a CUDA request decides which libtorch loads, and the fit check asks that GPU for its free memory.
-        var device = RuntimeDevice.Select(s.Device);
+        var device = RuntimeDevice.Select(s.Device.Text);
         double availableGb = AvailableGb(s, device);
         // Sized from the config and the planned adapters before any weight is loaded.
         var memory = TrainMemoryPlan.Estimate(wholeConfig, loraJson, batch, Math.Max(lengths.Request + lengths.Response, lengths.Retain),
-            targets, s.Bf16, s.FullLayers, availableGb);
+            targets, s.IsBf16, s.FullLayers, availableGb);
         if (!memory.Fits)
             throw new UserInputException($"refusing to start: {memory.Verdict} (train itself offers --batch-size, the lengths and --bf16; --max-memory-gb plans against another size)");
 
@@ -235,7 +248,7 @@ public sealed class TrainCommand : Command<TrainSettings>
         if (adapter.SavePlan is { } whole && whole.TrainableParameters != counts.Trainable)
             Row("saved adapter", $"{whole.TrainableParameters.ToString("N0", CultureInfo.InvariantCulture)} trainable on the whole model, as PEFT counts it (blocks {layers}..{modelLayers - 1} saved untrained, lora_B = 0)");
         Row("schedule", $"{totalSteps} steps × batch {batch} × accumulation {s.GradientAccumulation}; lr {s.Lr ?? preset.LearningRate} {s.LrSchedule}; loss weighting {s.LossWeighting} (a={weighting.Alpha})");
-        Row("lengths", $"CB {lengths.Request}+{lengths.Response}, retain {lengths.Retain}; dtype {(s.Bf16 ? "bf16" : "fp32")}; device {s.Device}");
+        Row("lengths", $"CB {lengths.Request}+{lengths.Response}, retain {lengths.Retain}; dtype {(s.IsBf16 ? "bf16" : "fp32")}; device {s.Device}");
         Row("memory plan", TrainMemoryPlan.Describe(memory));
         console.Write(grid);
         if (s.PlanOnly) return ExitCodes.Ok;
@@ -360,7 +373,7 @@ public sealed class TrainCommand : Command<TrainSettings>
     static double PlanOnlyGb(TrainSettings s)
     {
         if (s.MaxMemoryGb is { } gb) return gb;
-        try { return AvailableGb(s, RuntimeDevice.Select(s.Device)); }
+        try { return AvailableGb(s, RuntimeDevice.Select(s.Device.Text)); }
         catch (UserInputException e) { throw new UserInputException($"{e.Message} (--max-memory-gb plans without asking the device)"); }
     }
 
@@ -382,13 +395,13 @@ public sealed class TrainCommand : Command<TrainSettings>
         int batch = s.BatchSize ?? preset.BatchSize;
         var loraJson = BuildLoraJson(s, preset, null, layers);
         var (memory, plan) = TrainMemoryPlan.EstimateWithPlan(config, loraJson, batch, Math.Max(lengths.Request + lengths.Response, lengths.Retain),
-            targets, s.Bf16, s.FullLayers, PlanOnlyGb(s));
+            targets, s.IsBf16, s.FullLayers, PlanOnlyGb(s));
         var grid = new Grid().AddColumn().AddColumn();
         void Row(string k, string v) => grid.AddRow(new Markup($"[grey]{Markup.Escape(k)}[/]"), new Markup(Markup.Escape(v)));
         Row("model", $"{modelId} (config from the embedded catalog; no weights loaded)");
         Row("blocks", $"{layers} of {spec.NumHiddenLayers} (targets {string.Join(",", targets)})");
         Row("LoRA", $"{plan.TrainableParameters.ToString("N0", CultureInfo.InvariantCulture)} trainable (PEFT's count)");
-        Row("lengths", $"CB {lengths.Request}+{lengths.Response}, retain {lengths.Retain}; batch {batch}; dtype {(s.Bf16 ? "bf16" : "fp32")}");
+        Row("lengths", $"CB {lengths.Request}+{lengths.Response}, retain {lengths.Retain}; batch {batch}; dtype {(s.IsBf16 ? "bf16" : "fp32")}");
         Row("memory plan", TrainMemoryPlan.Describe(memory));
         Consoles.Out.Write(grid);
         if (!memory.Fits)

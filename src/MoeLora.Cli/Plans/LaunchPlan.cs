@@ -111,6 +111,19 @@ public static class LaunchPlan
         };
     }
 
+    /// <summary>The files <see cref="Write"/> puts in the folder.</summary>
+    public static IReadOnlyList<string> FileNames => [AccelerateFile, DeepSpeedFile, PeftFile, SummaryFile, .. TrainScript.FileNames];
+
+    /// <summary>moelora_plan.json: the model, its trainable count, the memory verdict and the launch line.</summary>
+    public static JsonObject Summary(LoraReport report) => new()
+    {
+        ["schema"] = "moelora.plan/1",
+        ["model"] = report.Options.ModelId,
+        ["trainable_parameters"] = report.Plan.TrainableParameters,
+        ["memory"] = TrainingMemoryJson.ToJson(report.Training),
+        ["launch"] = $"accelerate launch --config_file {AccelerateFile} {TrainScript.ScriptFile}",
+    };
+
     /// <summary>Writes every file atomically into <paramref name="dir"/> (created if missing); returns the paths.</summary>
     public static IReadOnlyList<string> Write(LoraReport report, string dir)
     {
@@ -121,14 +134,7 @@ public static class LaunchPlan
             (AccelerateFile, AccelerateYaml(report)),
             (DeepSpeedFile, DeepSpeedJson(report).ToJsonString(opts) + "\n"),
             (PeftFile, report.Plan.Effective.ToAdapterConfigJson(report.Options.ModelId, inferenceMode: false).ToJsonString(opts) + "\n"),
-            (SummaryFile, new JsonObject
-            {
-                ["schema"] = "moelora.plan/1",
-                ["model"] = report.Options.ModelId,
-                ["trainable_parameters"] = report.Plan.TrainableParameters,
-                ["memory"] = TrainingMemoryJson.ToJson(report.Training),
-                ["launch"] = $"accelerate launch --config_file {AccelerateFile} {TrainScript.ScriptFile}",
-            }.ToJsonString(opts) + "\n"),
+            (SummaryFile, Summary(report).ToJsonString(opts) + "\n"),
         };
         files.AddRange(TrainScript.Files(report));
         var paths = new List<string>();

@@ -95,6 +95,10 @@ public static class TrainScript
         };
     }
 
+    /// <summary>The names <see cref="Files"/> writes, relative to the plan folder (checked before anything is replaced).</summary>
+    public static IEnumerable<string> FileNames =>
+        new[] { ScriptFile, SettingsFile }.Concat(DataFiles.Select(d => $"{DataFolder}/{d.File}"));
+
     /// <summary>The files this adds to a plan folder: (name relative to the folder, text).</summary>
     public static IEnumerable<(string Name, string Text)> Files(LoraReport report)
     {

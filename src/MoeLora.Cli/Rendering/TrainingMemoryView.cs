@@ -10,4 +10,6 @@ public static class TrainingMemoryView
     public static string SetupLine(TrainingMemory m) => ReportDocumentBuilder.SetupLine(m);
 
     public static IEnumerable<IRenderable> Render(TrainingMemory m) => TextView.Render(ReportDocumentBuilder.TrainingMemory(m));
+
+    public static string Markdown(TrainingMemory m) => MarkdownView.Render(ReportDocumentBuilder.TrainingMemory(m));
 }

@@ -28,22 +28,51 @@ public static class Checkpoints
     {
         var full = Path.GetFullPath(dir);
         var tmp = full + $".tmp-{Environment.ProcessId}";
-        if (Directory.Exists(tmp)) Directory.Delete(tmp, true);
-        Directory.CreateDirectory(tmp);
-        WriteAdapterFiles(tmp, model, adapter, extra);
-        var tensors = optimizer.StateTensors().ToList();
-        using var rng = torch.get_rng_state();
-        tensors.Add(new("rng_state", rng));
-        Safetensors.Save(Path.Combine(tmp, "trainer_state.safetensors"), tensors);
-        var json = new JsonObject
+        InTemporaryFolder(tmp, full, () =>
         {
-            ["step"] = state.Step, ["total_steps"] = state.TotalSteps, ["seed"] = state.Seed,
-            ["optimizer_steps"] = state.OptimizerSteps, ["format"] = "moelora-cb-checkpoint-1",
-        };
-        if (state.Settings is not null) json["settings"] = state.Settings.DeepClone();
-        File.WriteAllText(Path.Combine(tmp, "trainer_state.json"), json.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
-        ReplaceDirectory(tmp, full);
+            WriteAdapterFiles(tmp, model, adapter, extra);
+            var tensors = optimizer.StateTensors().ToList();
+            using var rng = torch.get_rng_state();
+            tensors.Add(new("rng_state", rng));
+            Safetensors.Save(Path.Combine(tmp, "trainer_state.safetensors"), tensors);
+            var json = new JsonObject
+            {
+                ["step"] = state.Step, ["total_steps"] = state.TotalSteps, ["seed"] = state.Seed,
+                ["optimizer_steps"] = state.OptimizerSteps, ["format"] = "moelora-cb-checkpoint-1",
+            };
+            if (state.Settings is not null) json["settings"] = state.Settings.DeepClone();
+            File.WriteAllText(Path.Combine(tmp, "trainer_state.json"), json.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+            ReplaceDirectory(tmp, full);
+        });
     }
+
+    /// <summary>
+    /// Runs a write into the temporary folder <paramref name="tmp"/> that stands for <paramref name="target"/>. A
+    /// failure (a full disk, a permission) names the user's folder, never the temporary one, and leaves no
+    /// temporary folder behind.
+    /// </summary>
+    public static void InTemporaryFolder(string tmp, string target, Action write)
+    {
+        try
+        {
+            if (Directory.Exists(tmp)) Directory.Delete(tmp, true);
+            Directory.CreateDirectory(tmp);
+            write();
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new IOException(DescribeWriteFailure(e.Message, tmp, target), e);
+        }
+        finally
+        {
+            try { if (Directory.Exists(tmp)) Directory.Delete(tmp, true); }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException) { }
+        }
+    }
+
+    /// <summary>"cannot write TARGET: reason", with every mention of the temporary folder replaced by the target.</summary>
+    public static string DescribeWriteFailure(string message, string tmp, string target) =>
+        $"cannot write {target}: {message.Replace(tmp, target, StringComparison.Ordinal)}";
 
     /// <summary>Moves <paramref name="source"/> onto <paramref name="target"/>: target → target.old, source → target, delete old.</summary>
     public static void ReplaceDirectory(string source, string target)
@@ -169,10 +198,10 @@ public static class Checkpoints
         var full = Path.GetFullPath(dir);
         Directory.CreateDirectory(full);
         var tmp = Path.Combine(full, $".adapter.tmp-{Environment.ProcessId}");
-        if (Directory.Exists(tmp)) Directory.Delete(tmp, true);
-        Directory.CreateDirectory(tmp);
-        WriteAdapterFiles(tmp, model, adapter, extra);
-        foreach (var f in Directory.GetFiles(tmp)) File.Move(f, Path.Combine(full, Path.GetFileName(f)), overwrite: true);
-        Directory.Delete(tmp, true);
+        InTemporaryFolder(tmp, full, () =>
+        {
+            WriteAdapterFiles(tmp, model, adapter, extra);
+            foreach (var f in Directory.GetFiles(tmp)) File.Move(f, Path.Combine(full, Path.GetFileName(f)), overwrite: true);
+        });
     }
 }

@@ -10,11 +10,16 @@ public static class MarkdownView
     {
         var sb = new StringBuilder();
         sb.Append("# ").AppendLine(document.Title.Plain);
-        foreach (var section in document.Sections)
-        {
-            sb.AppendLine().Append("## ").AppendLine(section.Title.Plain);
-            foreach (var block in section.Blocks) sb.AppendLine().Append(Render(block));
-        }
+        foreach (var section in document.Sections) sb.AppendLine().Append(Render(section));
+        return sb.ToString();
+    }
+
+    /// <summary>One section under a level-2 heading (commands that print a single section, e.g. plan).</summary>
+    public static string Render(Section section)
+    {
+        var sb = new StringBuilder();
+        sb.Append("## ").AppendLine(section.Title.Plain);
+        foreach (var block in section.Blocks) sb.AppendLine().Append(Render(block));
         return sb.ToString();
     }
 
