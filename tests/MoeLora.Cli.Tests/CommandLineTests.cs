@@ -99,7 +99,10 @@ public sealed class CommandLineTests : IDisposable
         Assert.True(code == 0, err);
         var summary = JsonNode.Parse(json)!;
         Assert.Equal("moelora.plan/1", summary["schema"]!.GetValue<string>());
-        Assert.Equal(4, summary["files"]!.AsArray().Count);
+        // The four configs plus train.py, its settings and its stand-in data: every name the overwrite check guards.
+        var written = summary["files"]!.AsArray().Select(f => Path.GetRelativePath(dir, f!.GetValue<string>()).Replace('\\', '/')).ToList();
+        Assert.Equal(MoeLora.Cli.Plans.LaunchPlan.FileNames.Order(StringComparer.Ordinal), written.Order(StringComparer.Ordinal));
+        Assert.Contains("train.py", written);
 
         // The same folder again: refused by name, nothing touched; --overwrite replaces.
         var before = File.ReadAllText(Path.Combine(dir, "deepspeed_config.json"));
