@@ -17,6 +17,9 @@ public sealed record NamedNorm(string Name, NormSettings Norm);
 /// <param name="ResidualScales">Learned per-channel residual scales, the layer's own Parameters [hidden] (so they
 /// enumerate before its children): <c>h = s₁ ⊙ x + attn</c>, <c>out = s₂ ⊙ h + ff</c> (Doge's input_residual,
 /// post_attention_residual); null: plain residuals.</param>
+/// <param name="AttentionName">The attribute of the attention sublayer (LFM2's <c>conv</c>, Nemotron-H's <c>mixer</c>).
+/// A layer whose attention is <see cref="NoAttentionSettings"/> or whose feed-forward is
+/// <see cref="NoFeedForwardSettings"/> registers and runs only the other sublayer.</param>
 /// <param name="ExtraFeedForward">A second feed-forward added to the first on the same input (GraniteMoeShared's
 /// <c>shared_mlp</c>), registered as <paramref name="ExtraFeedForwardName"/>.</param>
 public sealed record LayerForm(
@@ -29,7 +32,8 @@ public sealed record LayerForm(
     double ResidualMultiplier = 1.0,
     FeedForwardSettings? ExtraFeedForward = null,
     string? ExtraFeedForwardName = null,
-    (string Attention, string FeedForward)? ResidualScales = null);
+    (string Attention, string FeedForward)? ResidualScales = null,
+    string AttentionName = "self_attn");
 
 /// <summary>
 /// Model-level scalars around the decoder stack: embeddings times <paramref name="EmbeddingMultiplier"/> before the
