@@ -1,0 +1,103 @@
+using System.Text.Json.Nodes;
+using MoeLora.Torch.IO;
+using MoeLora.Torch.Lora;
+using MoeLora.Torch.Models;
+using MoeLora.Torch.Nn;
+using MoeLora.Torch.Runtime;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MoeLora.Torch.Tests;
+
+/// <summary>
+/// The hybrid mixers beyond what the hf-moe parity fixtures reach: the Mamba-2 SSD scan across several chunks (the
+/// fixture's 10 tokens fit one chunk of 128), and LoRA training through the short convolution and the scan.
+/// </summary>
+[Collection(TorchGlobalRng.Name)]
+public class HybridMixerTests
+{
+    public HybridMixerTests() => TorchRuntime.EnsureInitialized();
+
+    static string Fixture(string type) => Path.Combine(AppContext.BaseDirectory, "Data", "hf-moe", type);
+
+    /// <summary>h_t = exp(a_t) h_{t−1} + x_t ⊗ B_t, y_t = h_t · C_t, one step at a time (the definition the chunks reorder).</summary>
+    static Tensor Sequential(Tensor x, Tensor a, Tensor bm, Tensor cm)
+    {
+        long b = x.shape[0], l = x.shape[1], h = x.shape[2], p = x.shape[3], n = bm.shape[3];
+        var state = zeros([b, h, p, n], x.dtype);
+        var ys = new List<Tensor>();
+        for (long t = 0; t < l; t++)
+        {
+            state = state * a[.., t].exp().view(b, h, 1, 1) + x[.., t].unsqueeze(-1) * bm[.., t].unsqueeze(2);
+            ys.Add(einsum("bhpn,bhn->bhp", state, cm[.., t]));
+        }
+        return stack(ys, 1);
+    }
+
+    [Theory]
+    [InlineData(1)]
+    [InlineData(3)]
+    [InlineData(4)]
+    [InlineData(10)]
+    [InlineData(128)]
+    public void ChunkedScanEqualsTheRecurrence(long chunk)
+    {
+        using var scope = NewDisposeScope();
+        var gen = new Generator(7);
+        var x = randn([2, 10, 3, 4], ScalarType.Float64, generator: gen);
+        var a = -rand([2, 10, 3], ScalarType.Float64, generator: gen);   // A·dt ≤ 0, as A = −exp(A_log) and dt > 0
+        var bm = randn([2, 10, 3, 5], ScalarType.Float64, generator: gen);
+        var cm = randn([2, 10, 3, 5], ScalarType.Float64, generator: gen);
+        var expected = Sequential(x, a, bm, cm);
+        var err = Fixtures.RelError(Mamba2Mixer.Ssd(x, a, bm, cm, chunk), expected);
+        Assert.True(err < 1e-12, $"chunk {chunk}: {err:E2}");
+    }
+
+    [Fact]
+    public void NemotronHWithSmallChunksStillMatchesTransformers()
+    {
+        // The fixture's checkpoint with chunk_size 3: the scan now carries state across four chunks of the 10 tokens.
+        var dir = Path.Combine(Fixture("nemotron_h"), "model");
+        var config = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "config.json")))!.AsObject();
+        config["chunk_size"] = 3;
+        var reference = Safetensors.Load(Path.Combine(Fixture("nemotron_h"), "reference.safetensors"));
+        using var h = new DisposableModel(TorchModelFactory.Load(config.ToJsonString(), dir));
+        using var _ = no_grad();
+        using var o = h.Model.Forward(reference["input_ids"], reference["attention_mask"]);
+        var err = Fixtures.MaskedRelError(o.Logits, reference["logits"], reference["attention_mask"]);
+        Assert.True(err < 1e-5, $"logits {err:E2}");
+    }
+
+    // PEFT refuses out_proj (and conv1d) on Mamba models (Core reproduces its error), so Nemotron-H adapts in_proj only.
+    [Theory]
+    [InlineData("lfm2_moe", "model.layers.0.conv", """{"r": 2, "lora_alpha": 4, "target_modules": ["in_proj", "out_proj", "q_proj", "w1"]}""")]
+    [InlineData("nemotron_h", "model.layers.0.mixer",
+        """{"r": 2, "lora_alpha": 4, "target_modules": ["in_proj", "q_proj"], "target_parameters": ["mixer.experts.up_proj"]}""")]
+    public void LoraTrainsThroughTheMixers(string type, string mixer, string loraConfig)
+    {
+        using var h = new DisposableModel(TorchModelFactory.Load(Path.Combine(Fixture(type), "model")));
+        var reference = Safetensors.Load(Path.Combine(Fixture(type), "reference.safetensors"));
+        var adapter = LoraInjector.Inject(h.Model, LoraInjector.Plan(h.Model, loraConfig));
+        Assert.Contains(adapter.Wrappers, w => w.Module == mixer + ".in_proj");
+        if (loraConfig.Contains("out_proj", StringComparison.Ordinal)) Assert.Contains(adapter.Wrappers, w => w.Module == mixer + ".out_proj");
+        var lora = LoraInjector.PeftNamedParameters(h.Model).Where(p => p.Param.requires_grad).ToList();
+        Assert.NotEmpty(lora);
+        // B starts at zero (PEFT's init), which would leave A without gradient: give B values first.
+        using (no_grad())
+            foreach (var (name, p) in lora)
+                if (name.Contains(".lora_B.", StringComparison.Ordinal)) p.normal_(0, 0.1, generator: new Generator(3));
+
+        using var o = h.Model.Forward(reference["input_ids"], reference["attention_mask"]);
+        var loss = (o.Logits * reference["attention_mask"].unsqueeze(-1)).pow(2).mean();
+        loss.backward();
+        foreach (var (name, p) in lora)
+        {
+            var g = p.grad;
+            Assert.True(g is not null, $"{name}: no gradient");
+            Assert.False(g!.isnan().any().item<bool>(), $"{name}: NaN gradient");
+            Assert.True(g.abs().sum().item<float>() > 0, $"{name}: zero gradient");
+        }
+        // The first layer's mixer input projection gets its gradient only through the scan (or convolution) after it.
+        Assert.Contains(lora, p => p.Name.Contains($"{mixer}.in_proj.lora_A", StringComparison.Ordinal));
+    }
+}
