@@ -100,4 +100,19 @@ public class HybridMixerTests
         // The first layer's mixer input projection gets its gradient only through the scan (or convolution) after it.
         Assert.Contains(lora, p => p.Name.Contains($"{mixer}.in_proj.lora_A", StringComparison.Ordinal));
     }
+
+    // Circuit-breaker training loads only the blocks up to its deepest target layer.
+    [Theory]
+    [InlineData("lfm2_moe")]
+    [InlineData("nemotron_h")]
+    public void TruncatedLoadKeepsTheFirstBlocks(string type)
+    {
+        var reference = Safetensors.Load(Path.Combine(Fixture(type), "reference.safetensors"));
+        using var h = new DisposableModel(TorchModelFactory.LoadTruncated(Path.Combine(Fixture(type), "model"), 2));
+        Assert.Equal(2, h.Model.NumLayers);
+        using var _ = no_grad();
+        using var o = h.Model.Forward(reference["input_ids"], reference["attention_mask"], outputHiddenStates: true);
+        var err = Fixtures.MaskedRelError(o.HiddenStates[1], reference["hidden_states"][1], reference["attention_mask"]);
+        Assert.True(err < 1e-5, $"hidden_states[1] {err:E2}");
+    }
 }
