@@ -115,4 +115,35 @@ public class HybridMixerTests
         var err = Fixtures.MaskedRelError(o.HiddenStates[1], reference["hidden_states"][1], reference["attention_mask"]);
         Assert.True(err < 1e-5, $"hidden_states[1] {err:E2}");
     }
+
+    /// <summary>
+    /// A tiny GraniteMoeHybrid (Mamba, then attention without rope, MoE and shared MLP on both). Its runtime has no
+    /// transformers fixture; its parameter names are checked against transformers' by RuntimeTreeTests.
+    /// </summary>
+    const string GraniteHybrid = """
+        {"model_type": "granitemoehybrid", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 16, "num_hidden_layers": 2,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "num_local_experts": 4, "num_experts_per_tok": 2, "shared_intermediate_size": 24,
+         "layer_types": ["mamba", "attention"], "mamba_n_heads": 4, "mamba_n_groups": 2, "mamba_d_state": 8, "mamba_d_conv": 4,
+         "mamba_expand": 2, "mamba_chunk_size": 4, "embedding_multiplier": 2.0, "residual_multiplier": 0.5, "logits_scaling": 4.0,
+         "attention_multiplier": 0.25, "time_step_limit": [0.0, "inf"], "initializer_range": 0.1}
+        """;
+
+    // Without rope nothing in this model depends on position ids, and the Mamba layer zeroes padded positions before its
+    // convolution and scan, so a left-padded row must give exactly what its tokens give alone. Fails if the padding
+    // leaked into the convolution or the carried state.
+    [Fact]
+    public void GraniteHybridLeftPaddedRowEqualsTheRowAlone()
+    {
+        using var h = new DisposableModel(TorchModelFactory.Random(GraniteHybrid, 5));
+        using var _ = no_grad();
+        var tokens = tensor(new long[] { 5, 9, 13, 2, 40, 7 }).unsqueeze(0);
+        var padded = cat([tensor(new long[] { 0, 0, 0 }).unsqueeze(0), tokens], 1);
+        var ids = cat([tensor(new long[] { 3, 4, 5, 6, 7, 8, 9, 10, 11 }).unsqueeze(0), padded], 0);
+        var mask = tensor(new long[,] { { 1, 1, 1, 1, 1, 1, 1, 1, 1 }, { 0, 0, 0, 1, 1, 1, 1, 1, 1 } });
+        using var batch = h.Model.Forward(ids, mask);
+        using var alone = h.Model.Forward(tokens);
+        var err = Fixtures.RelError(batch.Logits[1, 3..], alone.Logits[0]);
+        Assert.True(err < 1e-5, $"padded row vs alone: {err:E2}");
+        Assert.Equal(2, batch.RouterLogits.Count);
+    }
 }

@@ -143,8 +143,10 @@ internal sealed class NemotronHFamily : IArchitecture
         var norm = new NormSettings(NormKind.Rms, c.Double("layer_norm_epsilon", 1e-5));
         var act = c.String("mlp_hidden_act", "relu2")!;
         var attention = new StandardAttentionSettings(heads, kv, headDim, false, false, QkNormKind.None, 0, Sinks: false, MaskSettings.Full, headDim, new StandardAttentionOptions(Rotary: RotaryStyle.None));
+        var stepMin = c.Double("time_step_min", 0.001);
         var mamba = new Mamba2MixerSettings(d.Heads, d.HeadDim, d.State, d.Groups, d.Kernel, d.ConvBias, d.Bias, c.String("mamba_hidden_act", "silu")!,
-            norm.Eps, c.Double("time_step_min", 0.001), c.Double("time_step_max", 0.1), c.Double("time_step_floor", 1e-4), c.Positive("chunk_size", 128));
+            norm.Eps, NormGroupSize: d.Heads * d.HeadDim / d.Groups, TimeStepClamp: (stepMin, double.PositiveInfinity), MaskBatchedOnly: false,
+            c.Positive("chunk_size", 128), InitialDt: (stepMin, c.Double("time_step_max", 0.1), c.Double("time_step_floor", 1e-4)));
         var mlp = new NonGatedMlpSettings(inter, act, mlpBias);
         var moe = new NonGatedMoeSettings(
             new SigmoidGroupLimitedRouterSettings("gate", experts, topK, c.Int("n_group", 1), c.Int("topk_group", 1), c.Bool("norm_topk_prob", true),

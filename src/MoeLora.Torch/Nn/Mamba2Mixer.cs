@@ -5,14 +5,14 @@ using static TorchSharp.torch;
 namespace MoeLora.Torch.Nn;
 
 /// <summary>
-/// The Mamba-2 mixer (<see cref="Mamba2MixerSettings"/>; NemotronHMamba2Mixer) as transformers' <c>torch_forward</c>
+/// The Mamba-2 mixer (<see cref="Mamba2MixerSettings"/>; NemotronHMamba2Mixer, GraniteMoeHybridMambaLayer) as transformers' <c>torch_forward</c>
 /// computes a whole sequence without a cache:
 /// <code>
 /// (z, xBC, dt) = in_proj(x · mask)
 /// (x, B, C)    = act(conv1d(xBC)) · mask           causal depthwise convolution
-/// dt = max(softplus(dt + dt_bias), time_step_min);  A = −exp(A_log)
+/// dt = clamp(softplus(dt + dt_bias), bounds);     A = −exp(A_log)
 /// h_t = exp(dt_t·A) h_{t−1} + dt_t · x_t ⊗ B_t;    y_t = h_t · C_t + D · x_t     (per head, in fp32)
-/// out = out_proj(norm(y · silu(z)))                 RMSNorm per group of heads·head_dim / n_groups
+/// out = out_proj(norm(y · silu(z)))                 RMSNorm per group of channels
 /// </code>
 /// The recurrence is evaluated as transformers does, chunk by chunk (the SSD form: within a chunk a masked
 /// "attention" C·Bᵀ weighted by the decays, between chunks the carried states), which is the same sum in another
@@ -33,24 +33,24 @@ public sealed class Mamba2Mixer : HfModule, IBlock
     public Mamba2Mixer(long hidden, Mamba2MixerSettings s, Init init)
     {
         _s = s;
-        // transformers' _init_weights: A_log = log(1..heads), D = 1, dt_bias = softplus⁻¹ of a log-uniform dt in
-        // [time_step_min, time_step_max] (floored); a checkpoint overwrites all three.
-        dt_bias = AddParameter("dt_bias", init.Generator is null ? init.Zeros(s.Heads) : InverseSoftplusDt(s, init));
+        // transformers' _init_weights: A_log = log(1..heads), D = 1, dt_bias = softplus⁻¹ of a log-uniform dt
+        // (Nemotron-H) or 1 (GraniteMoeHybrid); a checkpoint overwrites all three.
+        dt_bias = AddParameter("dt_bias", init.Generator is null || s.InitialDt is null ? init.Ones(s.Heads) : InverseSoftplusDt(s.InitialDt.Value, s.Heads, init));
         A_log = AddParameter("A_log", init.Generator is null ? init.Zeros(s.Heads)
             : arange(1, s.Heads + 1, ScalarType.Float32).log().to(init.DType).to(init.Device));
         D = AddParameter("D", init.Ones(s.Heads));
         _act = AddChild("act", new Activation(s.Act));
         conv1d = AddChild("conv1d", new DepthwiseConv1d(s.ConvDim, s.Kernel, s.ConvBias, init));
         in_proj = AddChild("in_proj", new Linear(hidden, s.Inner + s.ConvDim + s.Heads, s.Bias, init));
-        norm = AddChild("norm", new GatedRmsNorm(s.Inner, s.Inner / s.Groups, s.NormEps, init));
+        norm = AddChild("norm", new GatedRmsNorm(s.Inner, s.NormGroupSize, s.NormEps, init));
         out_proj = AddChild("out_proj", new Linear(s.Inner, hidden, s.Bias, init));
     }
 
-    static Tensor InverseSoftplusDt(Mamba2MixerSettings s, Init init)
+    static Tensor InverseSoftplusDt((double Min, double Max, double Floor) range, long heads, Init init)
     {
         using var _ = no_grad();
-        double lo = Math.Log(s.TimeStepMin), hi = Math.Log(s.TimeStepMax);
-        var dt = (rand([s.Heads], generator: init.Generator) * (hi - lo) + lo).exp().clamp_min(s.TimeStepFloor);
+        double lo = Math.Log(range.Min), hi = Math.Log(range.Max);
+        var dt = (rand([heads], generator: init.Generator) * (hi - lo) + lo).exp().clamp_min(range.Floor);
         return (dt + (-dt).expm1().neg().log()).to(init.DType).to(init.Device);
     }
 
@@ -58,16 +58,19 @@ public sealed class Mamba2Mixer : HfModule, IBlock
     {
         long b = input.shape[0], l = input.shape[1];
         var dtype = input.dtype;
+        // Zeroing padded positions is the identity on unpadded rows, so it runs whenever transformers would pass a mask.
+        bool masked = !_s.MaskBatchedOnly || (b > 1 && l > 1);
         var mask = ctx.AttentionMask;
-        var projected = in_proj.Forward(ShortConv.MaskPadding(input, mask));
+        var projected = in_proj.Forward(masked ? ShortConv.MaskPadding(input, mask) : input);
         var parts = projected.split([_s.Inner, _s.ConvDim, _s.Heads], -1);
         var (gate, xbc, dt) = (parts[0], parts[1], parts[2]);
         xbc = _act.Forward(conv1d.Forward(xbc.transpose(1, 2)).transpose(1, 2));
-        xbc = ShortConv.MaskPadding(xbc, mask);
+        if (masked) xbc = ShortConv.MaskPadding(xbc, mask);
         long gn = _s.Groups * _s.StateSize, rep = _s.Heads / _s.Groups;
         var xs = xbc.split([_s.Inner, gn, gn], -1);
         var a = A_log.to(ScalarType.Float32).exp().neg();                                  // [h]
-        dt = nn.functional.softplus(dt + dt_bias).clamp_min(_s.TimeStepMin);              // [b, l, h]
+        dt = nn.functional.softplus(dt + dt_bias);                                        // [b, l, h]
+        dt = double.IsPositiveInfinity(_s.TimeStepClamp.Max) ? dt.clamp_min(_s.TimeStepClamp.Min) : dt.clamp(_s.TimeStepClamp.Min, _s.TimeStepClamp.Max);
         var x = xs[0].reshape(b, l, _s.Heads, _s.HeadDim).to(ScalarType.Float32);
         var bm = xs[1].reshape(b, l, _s.Groups, _s.StateSize).to(ScalarType.Float32).repeat_interleave(rep, 2);
         var cm = xs[2].reshape(b, l, _s.Groups, _s.StateSize).to(ScalarType.Float32).repeat_interleave(rep, 2);

@@ -14,26 +14,31 @@ namespace MoeLora.Core.Architectures.Runtime;
 public sealed record ShortConvSettings(long Kernel, bool Bias) : AttentionSettings;
 
 /// <summary>
-/// The Mamba-2 mixer as transformers' <c>torch_forward</c> computes it without a cache (NemotronHMamba2Mixer):
-/// in_proj to (z, xBC, dt); xBC through a depthwise causal Conv1d and <paramref name="Act"/>; the SSD scan with
-/// <c>A = −exp(A_log)</c>, <c>dt = max(softplus(dt + dt_bias), TimeStepMin)</c> and the D skip; the gated RMSNorm
-/// <c>norm(y · silu(z))</c> over <paramref name="Groups"/> groups; out_proj. Padded positions are zeroed before
-/// in_proj and after the convolution. Registered dt_bias, A_log, D (direct parameters), then act, conv1d, in_proj,
-/// norm, out_proj.
+/// The Mamba-2 mixer as transformers' <c>torch_forward</c> computes it without a cache (NemotronHMamba2Mixer,
+/// GraniteMoeHybridMambaLayer): in_proj to (z, xBC, dt); xBC through a depthwise causal Conv1d and
+/// <paramref name="Act"/>; the SSD scan with <c>A = −exp(A_log)</c>, <c>dt = clamp(softplus(dt + dt_bias),
+/// TimeStepClamp)</c> and the D skip; the gated RMSNorm <c>norm(y · silu(z))</c> over groups of
+/// <paramref name="NormGroupSize"/> channels; out_proj. Padded positions are zeroed before in_proj and after the
+/// convolution. Registered dt_bias, A_log, D (direct parameters), then act, conv1d, in_proj, norm, out_proj.
 /// </summary>
-/// <param name="Heads"><c>mamba_num_heads</c>.</param>
-/// <param name="HeadDim"><c>mamba_head_dim</c>.</param>
-/// <param name="StateSize"><c>ssm_state_size</c>.</param>
-/// <param name="Groups"><c>n_groups</c>: B and C are shared by Heads / Groups heads; the gated norm normalises per group.</param>
-/// <param name="Kernel"><c>conv_kernel</c>.</param>
-/// <param name="ConvBias"><c>use_conv_bias</c>.</param>
-/// <param name="Bias"><c>use_bias</c> (in_proj and out_proj).</param>
-/// <param name="Act"><c>mamba_hidden_act</c>.</param>
-/// <param name="NormEps">Epsilon of the gated RMSNorm (<c>layer_norm_epsilon</c>).</param>
-/// <param name="TimeStepMin"><c>time_step_min</c>: torch_forward's lower clamp of dt (the CUDA kernels use
-/// <c>time_step_limit</c> instead; the runtime follows the torch path).</param>
-/// <param name="TimeStepMax"><c>time_step_max</c>, with <paramref name="TimeStepFloor"/> only for the random init of dt_bias.</param>
-/// <param name="ChunkSize"><c>chunk_size</c> of the chunked scan (the result does not depend on it beyond rounding).</param>
+/// <param name="Heads"><c>mamba_num_heads</c> / <c>mamba_n_heads</c>.</param>
+/// <param name="HeadDim"><c>mamba_head_dim</c> / <c>mamba_d_head</c>.</param>
+/// <param name="StateSize"><c>ssm_state_size</c> / <c>mamba_d_state</c>.</param>
+/// <param name="Groups"><c>n_groups</c>: B and C are shared by Heads / Groups heads.</param>
+/// <param name="Kernel">The convolution's kernel (<c>conv_kernel</c> / <c>mamba_d_conv</c>).</param>
+/// <param name="ConvBias">The Conv1d has a bias.</param>
+/// <param name="Bias">in_proj and out_proj have biases.</param>
+/// <param name="Act">The activation after the convolution.</param>
+/// <param name="NormEps">Epsilon of the gated RMSNorm.</param>
+/// <param name="NormGroupSize">Channels per RMS statistic: inner / n_groups (Nemotron-H's Zamba2RMSNormGated), or
+/// the whole inner width (GraniteMoeHybridRMSNormGated ignores the groups).</param>
+/// <param name="TimeStepClamp">Bounds of dt in torch_forward: Nemotron-H clamps below at <c>time_step_min</c> only,
+/// GraniteMoeHybrid to <c>time_step_limit</c> (the CUDA kernels differ; the runtime follows the torch path).</param>
+/// <param name="MaskBatchedOnly">Padding is zeroed only when the batch has more than one row and position
+/// (GraniteMoeHybrid's <c>apply_mask_to_padding_states</c>); false: whenever a mask is given (Nemotron-H).</param>
+/// <param name="ChunkSize">Chunk length of the scan (the result does not depend on it beyond rounding).</param>
+/// <param name="InitialDt">Random init only: dt_bias = softplus⁻¹ of a log-uniform dt in [Min, Max], floored
+/// (Nemotron-H); null: dt_bias = 1 (GraniteMoeHybrid).</param>
 public sealed record Mamba2MixerSettings(
     long Heads,
     long HeadDim,
@@ -44,10 +49,11 @@ public sealed record Mamba2MixerSettings(
     bool Bias,
     string Act,
     double NormEps,
-    double TimeStepMin,
-    double TimeStepMax,
-    double TimeStepFloor,
-    long ChunkSize) : AttentionSettings
+    long NormGroupSize,
+    (double Min, double Max) TimeStepClamp,
+    bool MaskBatchedOnly,
+    long ChunkSize,
+    (double Min, double Max, double Floor)? InitialDt) : AttentionSettings
 {
     /// <summary>heads · head_dim: the width of x, z and the scan output.</summary>
     public long Inner => Heads * HeadDim;
