@@ -90,6 +90,10 @@ public sealed class FormDecoderLayer : HfModule, IDecoderLayer
         if (extraFf is not null) children.Add(form.ExtraFeedForwardName ?? throw new InvalidDataException("an extra feed-forward needs a name."), extraFf);
         if (form.Order.Count != children.Count || !form.Order.All(children.ContainsKey))
             throw new InvalidDataException($"layer order [{string.Join(", ", form.Order)}] does not name its children [{string.Join(", ", children.Keys)}].");
+        if (attn is null && ff is null) throw new InvalidDataException("a layer needs attention or a feed-forward.");
+        // A one-sublayer block (Nemotron-H) is x + sublayer(norm(x)): no residual multiplier, scales or parallel form.
+        if ((attn is null || ff is null) && (form.ResidualMultiplier != 1.0 || form.ResidualScales is not null || form.Parallel || extraFf is not null))
+            throw new InvalidDataException("a one-sublayer layer takes no residual multiplier, residual scales, parallel form or extra feed-forward.");
         foreach (var name in form.Order) AddChild(name, children[name]);
         _attn = (IBlock?)attn;
         _ff = (IBlock?)ff;
