@@ -4,6 +4,7 @@ using MoeLora.Torch.Lora;
 using MoeLora.Torch.Models;
 using MoeLora.Torch.Nn;
 using MoeLora.Torch.Runtime;
+using MoeLora.Torch.Tests.Training;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -163,5 +164,33 @@ public class HybridMixerTests
         var err = Fixtures.RelError(batch.Logits[1, 3..], alone.Logits[0]);
         Assert.True(err < 1e-5, $"padded row vs alone: {err:E2}");
         Assert.Equal(2, batch.RouterLogits.Count);
+    }
+
+    // merge writes the checkpoint's own layout back: LFM2's per-expert w1/w3/w2, Nemotron-H's backbone.* names and
+    // per-expert up_proj / down_proj of its non-gated experts.
+    [Theory]
+    [InlineData("lfm2_moe", """{"target_modules": ["in_proj", "out_proj"], "target_parameters": ["feed_forward.experts.gate_up_proj"], "r": 2, "lora_alpha": 4, "init_lora_weights": false}""")]
+    [InlineData("nemotron_h", """{"target_modules": ["in_proj"], "target_parameters": ["mixer.experts.up_proj", "mixer.experts.down_proj"], "r": 2, "lora_alpha": 4, "init_lora_weights": false}""")]
+    public void MergedCheckpointGivesTheAdaptedLogits(string type, string loraConfig)
+    {
+        var modelDir = Path.Combine(Fixture(type), "model");
+        var inputs = Safetensors.Load(Path.Combine(Fixture(type), "reference.safetensors"));
+        using var dir = new TempDir();
+        using var adapted = new DisposableModel(TorchModelFactory.Load(modelDir));
+        LoraInjector.Inject(adapted.Model, LoraInjector.Plan(File.ReadAllText(Path.Combine(modelDir, "config.json")), loraConfig), seed: 2);
+        adapted.Model.Eval();
+        using var _ = no_grad();
+        using var want = adapted.Model.Forward(inputs["input_ids"], inputs["attention_mask"]);
+        Assert.True(Fixtures.MaskedRelError(want.Logits, inputs["logits"], inputs["attention_mask"]) > 1e-4, "the adapter changes nothing");
+
+        var outDir = Path.Combine(dir.Path, "merged");
+        LoraMerge.SaveHubCheckpoint(adapted.Model, modelDir, outDir);
+        var (before, _, _) = Safetensors.ReadHeader(Path.Combine(modelDir, "model.safetensors"));
+        var (after, _, _) = Safetensors.ReadHeader(Path.Combine(outDir, "model.safetensors"));
+        Assert.Equal(before.Select(e => (e.Name, string.Join(",", e.Shape))), after.Select(e => (e.Name, string.Join(",", e.Shape))));
+        using var merged = new DisposableModel(TorchModelFactory.Load(outDir));
+        using var got = merged.Model.Forward(inputs["input_ids"], inputs["attention_mask"]);
+        var err = Fixtures.MaskedRelError(got.Logits, want.Logits, inputs["attention_mask"]);
+        Assert.True(err <= 1e-5, $"merged logits differ by {err:E2}");
     }
 }
