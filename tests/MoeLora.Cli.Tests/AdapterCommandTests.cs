@@ -37,7 +37,35 @@ public sealed class AdapterCommandTests : IDisposable
         Assert.Equal(1, code);
         Assert.Contains("not empty", err);
         (code, err) = Run("adapter", "convert", vllm, "--to", "sglang", "-o", Path.Combine(_tmp, "s"));
+        Assert.True(code == 0, err);
+        (code, err) = Run("adapter", "convert", vllm, "--to", "yaml", "-o", Path.Combine(_tmp, "y"));
         Assert.Equal(2, code);
+    }
+
+    [Fact]
+    public void GptOssConvertsWithItsInterleavedGateAndUp_AndUnknownModelsAskForModel()
+    {
+        string src = Path.Combine(Fixture("gpt_oss"), "attn_plus_experts");
+        string per = Path.Combine(_tmp, "per");
+        var (code, err) = Run("adapter", "convert", src, "--to", "per-expert", "-o", per, "--model", Path.Combine(Fixture("gpt_oss"), "model"));
+        Assert.True(code == 0, err);
+        var folder = MoeLora.Sources.Adapters.AdapterFolder.Read(per);
+        Assert.Contains(folder.Tensors, t => t.Name == "base_model.model.model.layers.0.mlp.experts.0.gate_proj.lora_B.weight" && t.Shape[0] == 64);
+
+        // vLLM's gpt-oss class reads PEFT's fused layout (is_3d_moe_weight): back to it, byte for byte.
+        string vllm = Path.Combine(_tmp, "vllm");
+        (code, err) = Run("adapter", "convert", per, "--to", "vllm", "-o", vllm);
+        Assert.True(code == 0, err);
+        Assert.Equal(File.ReadAllBytes(Path.Combine(src, "adapter_model.safetensors")), File.ReadAllBytes(Path.Combine(vllm, "adapter_model.safetensors")));
+
+        // An adapter whose config does not name its model: the gate/up order cannot be guessed.
+        var cfg = JsonNode.Parse(File.ReadAllText(Path.Combine(per, "adapter_config.json")))!.AsObject();
+        cfg.Remove("auto_mapping");
+        File.WriteAllText(Path.Combine(per, "adapter_config.json"), cfg.ToJsonString());
+        (code, err) = Run("adapter", "convert", per, "--to", "peft-v5", "-o", Path.Combine(_tmp, "back"));
+        Assert.Equal(1, code);
+        Assert.Contains("pass --model", err);
+        Assert.DoesNotContain("\n", err.TrimEnd());
     }
 
     [Fact]

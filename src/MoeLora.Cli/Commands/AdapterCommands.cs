@@ -39,13 +39,15 @@ public sealed class AdapterInspectCommand : Command<AdapterInspectCommand.Settin
     {
         var folder = AdapterFolder.Read(s.Dir);
         IReadOnlySet<string>? modules = null, parameters = null;
+        ExpertLayout? layout = null;
         if (s.Model is not null)
         {
             var (spec, _) = ModelLoader.Load(s.Model, MoeLora.Core.Modules.Layout.V5, s.Revision);
             modules = spec.Tree.Modules.Select(m => m.Name).ToHashSet(StringComparer.Ordinal);
             parameters = spec.Tree.Parameters.Select(p => p.Name).ToHashSet(StringComparer.Ordinal);
+            layout = ExpertLayout.FromSpec(spec, $"--model {s.Model}");
         }
-        var inspection = AdapterInspector.Inspect(folder, modules, parameters);
+        var inspection = AdapterInspector.Inspect(folder, modules, parameters, layout);
         bool rslora = LoraPairs.Bool(folder.Config, "use_rslora");
         if (s.Format.Equals("json", StringComparison.OrdinalIgnoreCase))
         {
@@ -76,7 +78,7 @@ public sealed class AdapterInspectCommand : Command<AdapterInspectCommand.Settin
     }
 }
 
-/// <summary><c>moelora adapter convert DIR --to peft-v5|per-expert|vllm -o OUT</c>: exact re-layouts of expert LoRA.</summary>
+/// <summary><c>moelora adapter convert DIR --to peft-v5|per-expert|vllm|sglang -o OUT [--model MODEL]</c>: exact re-layouts of expert LoRA.</summary>
 public sealed class AdapterConvertCommand : Command<AdapterConvertCommand.Settings>
 {
     public sealed class Settings : CommandSettings
@@ -86,24 +88,39 @@ public sealed class AdapterConvertCommand : Command<AdapterConvertCommand.Settin
         public string Dir { get; init; } = "";
 
         [CommandOption("--to <FORMAT>")]
-        [Description("peft-v5 (fused ParamWrapper), per-expert (PEFT <= 0.18 keys) or vllm (per-expert, one rank)")]
+        [Description("peft-v5 (fused ParamWrapper), per-expert (PEFT <= 0.18 keys), vllm or sglang (what their loaders read, one rank)")]
         public string? To { get; init; }
+
+        [CommandOption("--model <MODEL>")]
+        [Description("Model the adapter is for (Hub id or local folder): its gate/up order and per-expert names. Default: the model PEFT recorded in adapter_config.json (auto_mapping)")]
+        public string? Model { get; init; }
+
+        [CommandOption("--revision <REV>")]
+        [Description("Hub revision of --model")]
+        public string Revision { get; init; } = "main";
 
         [CommandOption("-o|--output <DIR>")]
         [Description("New or empty folder for the converted adapter (written to a temporary sibling, then renamed)")]
         public string? Output { get; init; }
 
         public override ValidationResult Validate() => OptionChecks.First(
-            To is null ? "--to is required: peft-v5, per-expert or vllm" : OptionChecks.OneOf(To, "--to", AdapterConvert.Targets),
+            To is null ? "--to is required: " + string.Join(", ", AdapterConvert.Targets) : OptionChecks.OneOf(To, "--to", AdapterConvert.Targets),
             Output is null ? "--output DIR is required (a new or empty folder)" : null);
     }
 
     public override int Execute(CommandContext context, Settings s, CancellationToken cancellationToken)
     {
         var input = AdapterFolder.Read(s.Dir);
-        var output = AdapterConvert.Convert(input, s.To!);
-        var before = AdapterDelta.PerExpert(input);
-        var after = AdapterDelta.PerExpert(output);
+        ExpertLayout? given = null;
+        if (s.Model is not null)
+        {
+            var (spec, _) = ModelLoader.Load(s.Model, MoeLora.Core.Modules.Layout.V5, s.Revision);
+            given = ExpertLayout.FromSpec(spec, $"--model {s.Model}");
+        }
+        var layout = AdapterConvert.Resolve(input, given);
+        var output = AdapterConvert.Convert(input, s.To!, layout);
+        var before = AdapterDelta.PerExpert(input, layout);
+        var after = AdapterDelta.PerExpert(output, layout);
         // The conversion only moves bytes; prove it before writing anything.
         double worst = 0;
         foreach (var (k, d) in before)
@@ -113,7 +130,9 @@ public sealed class AdapterConvertCommand : Command<AdapterConvertCommand.Settin
         }
         if (worst != 0 || after.Count != before.Count) throw new InvalidOperationException($"conversion changed ΔW (max |diff| {worst})");
         output.Write(s.Output!);
-        Consoles.Out.MarkupLine($"[green]converted[/] {before.Count} adapted weights to {Markup.Escape(s.To!)} in {Markup.Escape(s.Output!)} (ΔW per expert identical)");
+        Consoles.Out.MarkupLine($"[green]converted[/] {before.Count} adapted weights to {Markup.Escape(s.To!)} in {Markup.Escape(s.Output!)} (ΔW per expert identical; model from {Markup.Escape(layout.Source)})");
+        if (s.To is "vllm" or "sglang")
+            Consoles.Out.MarkupLine($"serve with --max-lora-rank {LoraPairs.Int(output.Config, "r", 8)} or more (one r for the whole adapter)");
         return ExitCodes.Ok;
     }
 }

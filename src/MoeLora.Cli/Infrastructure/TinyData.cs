@@ -16,13 +16,22 @@ public static class TinyData
         typeof(TinyData).Assembly.GetManifestResourceNames()
             .Where(n => n.StartsWith(Prefix, StringComparison.Ordinal)).Select(n => n[Prefix.Length..]).Order(StringComparer.Ordinal).ToList();
 
-    /// <summary>A readable path holding the embedded copy of <paramref name="file"/>.</summary>
-    public static string PathOf(string file)
+    /// <summary>The embedded copy of <paramref name="file"/> as text (plan folders carry it as stand-in data).</summary>
+    public static string Text(string file) => new System.Text.UTF8Encoding(false).GetString(Bytes(file));
+
+    static byte[] Bytes(string file)
     {
         using var stream = typeof(TinyData).Assembly.GetManifestResourceStream(Prefix + file)
             ?? throw new InvalidOperationException($"the tool carries no {Prefix}{file} (build error: data/tiny is embedded by MoeLora.Cli.csproj)");
         var bytes = new byte[stream.Length];
         stream.ReadExactly(bytes);
+        return bytes;
+    }
+
+    /// <summary>A readable path holding the embedded copy of <paramref name="file"/>.</summary>
+    public static string PathOf(string file)
+    {
+        var bytes = Bytes(file);
         var hash = Convert.ToHexStringLower(SHA256.HashData(bytes))[..16];
         var dir = Path.Combine(Path.GetTempPath(), $"moelora-{Environment.UserName}", "tiny-" + hash);
         var path = Path.Combine(dir, file);

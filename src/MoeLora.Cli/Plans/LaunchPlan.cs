@@ -8,7 +8,9 @@ namespace MoeLora.Cli.Plans;
 
 /// <summary>
 /// The files a user needs to run an analysed plan on existing engines: an accelerate config (YAML), a DeepSpeed
-/// config (JSON) for the chosen ZeRO stage and PEFT's adapter_config.json (the exact LoraConfig the analysis used).
+/// config (JSON) for the chosen ZeRO stage, PEFT's adapter_config.json (the exact LoraConfig the analysis used), and
+/// the PyTorch training script with its settings and stand-in data (<see cref="TrainScript"/>), so that
+/// <c>accelerate launch --config_file accelerate_config.yaml train.py</c> runs in the folder as written.
 /// </summary>
 public static class LaunchPlan
 {
@@ -125,13 +127,15 @@ public static class LaunchPlan
                 ["model"] = report.Options.ModelId,
                 ["trainable_parameters"] = report.Plan.TrainableParameters,
                 ["memory"] = TrainingMemoryJson.ToJson(report.Training),
-                ["launch"] = $"accelerate launch --config_file {AccelerateFile} train.py",
+                ["launch"] = $"accelerate launch --config_file {AccelerateFile} {TrainScript.ScriptFile}",
             }.ToJsonString(opts) + "\n"),
         };
+        files.AddRange(TrainScript.Files(report));
         var paths = new List<string>();
         foreach (var (name, text) in files)
         {
             var path = Path.Combine(dir, name);
+            Directory.CreateDirectory(Path.GetDirectoryName(path)!);
             Infrastructure.AtomicFile.WriteAllText(path, text);
             paths.Add(path);
         }

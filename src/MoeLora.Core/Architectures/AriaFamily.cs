@@ -162,13 +162,7 @@ internal sealed class AriaFamily : IArchitecture
                 {
                     using (b.Scope(j.ToString(System.Globalization.CultureInfo.InvariantCulture), "Idefics3EncoderLayer"))
                     {
-                        using (b.Scope("self_attn", "Idefics3VisionAttention"))
-                        {
-                            b.Linear("k_proj", hv, hv, bias: true);
-                            b.Linear("v_proj", hv, hv, bias: true);
-                            b.Linear("q_proj", hv, hv, bias: true);
-                            b.Linear("out_proj", hv, hv, bias: true);
-                        }
+                        Blocks.VisionSelfAttention(b, "self_attn", "Idefics3VisionAttention", hv);
                         b.LayerNorm("layer_norm1", hv);
                         using (b.Scope("mlp", "Idefics3VisionMLP"))
                         {

@@ -40,6 +40,21 @@ internal static partial class Blocks
     }
 
     /// <summary>
+    /// SigLIP/CLIP-style encoder attention under <paramref name="name"/>: k_proj, v_proj, q_proj, out_proj, each
+    /// width → width with a bias, registered in that order.
+    /// </summary>
+    public static void VisionSelfAttention(TreeBuilder b, string name, string className, long width)
+    {
+        using (b.Scope(name, className))
+        {
+            b.Linear("k_proj", width, width, true);
+            b.Linear("v_proj", width, width, true);
+            b.Linear("q_proj", width, width, true);
+            b.Linear("out_proj", width, width, true);
+        }
+    }
+
+    /// <summary>
     /// Copies the modules of <paramref name="source"/> at and under <paramref name="sourcePrefix"/> (e.g. a causal LM's
     /// <c>model</c>, which is what AutoModel builds for a text_config) under the current scope as
     /// <paramref name="localName"/>, with classes, kinds, locations, parameters and buffers; <paramref name="rename"/>

@@ -14,6 +14,7 @@ internal static partial class Blocks
         "gelu" => "GELUActivation",
         "gelu_pytorch_tanh" => layout == Layout.V5 ? "GELUTanh" : "PytorchGELUTanh",
         "gelu_new" => "NewGELUActivation",
+        "quick_gelu" => "QuickGELUActivation",
         "relu" => "ReLU",
         "relu2" => "ReLUSquaredActivation",
         _ => act,

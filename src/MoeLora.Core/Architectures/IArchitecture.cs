@@ -62,6 +62,8 @@ public static class ArchitectureRegistry
         new Qwen3OmniMoeFamily(),
         new HyV4Family(),
         new Glm5NextFamily(),
+        new ZayaFamily(),
+        new Step3p7Family(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =

@@ -244,13 +244,7 @@ internal sealed class MiniMaxM3Family : IArchitecture
                 {
                     using (b.Scope(j.ToString(System.Globalization.CultureInfo.InvariantCulture), P + "VisionEncoderLayer"))
                     {
-                        using (b.Scope("self_attn", P + "VisionAttention"))
-                        {
-                            b.Linear("k_proj", hv, hv, true);
-                            b.Linear("v_proj", hv, hv, true);
-                            b.Linear("q_proj", hv, hv, true);
-                            b.Linear("out_proj", hv, hv, true);
-                        }
+                        Blocks.VisionSelfAttention(b, "self_attn", P + "VisionAttention", hv);
                         b.LayerNorm("layer_norm1", hv);
                         using (b.Scope(disk ? "block_sparse_moe" : "mlp", P + "VisionMLP"))
                         {

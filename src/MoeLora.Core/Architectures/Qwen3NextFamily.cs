@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -114,12 +115,31 @@ internal sealed class Qwen3NextFamily : IArchitecture
             b.RmsNorm("post_attention_layernorm", "Qwen3NextRMSNorm", hidden, ModuleLocation.Norm);
         });
 
-        var routing = $"softmax over {experts} experts, top-{topK}" + (c.Bool("norm_topk_prob", true) ? ", renormalised" : "") +
+        var normTopK = c.Bool("norm_topk_prob", true);
+        var routing = $"softmax over {experts} experts, top-{topK}" + (normTopK ? ", renormalised" : "") +
             ", plus a sigmoid-gated shared expert";
         var moe = new MoeFacts(experts, topK, 1, moeInter, sharedInter, moeLayers, denseLayers, routing);
-        return Blocks.Spec(c, "qwen3_next", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        var spec = Blocks.Spec(c, "qwen3_next", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+
+        // Every RMSNorm but the gated one is zero-centred: (1 + weight), the weight starting at zero.
+        var eps = c.Double("rms_norm_eps", 1e-6);
+        var norm = new NormSettings(NormKind.RmsOnePlusWeight, eps);
+        var rotaryDim = (long)(headDim * RopeSettings.PartialRotaryFactor(c, 0.25));
+        var attention = new StandardAttentionSettings(heads, kv, headDim, bias, bias, QkNormKind.PerHead, eps, Sinks: false,
+            MaskSettings.Full, rotaryDim, new StandardAttentionOptions(QkNormType: NormKind.RmsOnePlusWeight, GateInQuery: true));
+        // transformers' Qwen3-Next applies F.silu after the convolution whatever hidden_act says.
+        var deltaNet = new GatedDeltaNetSettings(kHeads, vHeads, kHeadDim, vHeadDim, convKernel, DeltaNetProjections.FusedQkvzBa, eps);
+        var sparse = new MoeSettings(new SoftmaxTopKRouterSettings("gate", experts, topK, normTopK),
+            new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act),
+            new SharedExpertSettings("shared_expert", sharedInter, act, SigmoidGateName: "shared_expert_gate"), MoeOrder.RouterFirst);
+        var dense = new GatedMlpSettings(inter, act);
+        var runtimeLayers = Enumerable.Range(0, (int)layers).Select(i => i < layerTypes.Count && layerTypes[i] == "linear_attention"
+            ? new DecoderLayerRuntime(deltaNet, "mlp", moeSet.Contains(i) ? sparse : dense, norm, norm, GatedDeltaNetSettings.PreNormLayer(norm, norm))
+            : new DecoderLayerRuntime(attention, "mlp", moeSet.Contains(i) ? sparse : dense, norm, norm)).ToList();
+        return spec with
         {
-            RuntimeUnavailable = "gated DeltaNet linear attention and gated full attention",
+            Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm,
+                RopeSettings.Read(c, 10000.0, rotaryDim), runtimeLayers),
         };
     }
 }

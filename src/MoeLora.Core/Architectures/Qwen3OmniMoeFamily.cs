@@ -121,13 +121,7 @@ internal sealed class Qwen3OmniMoeFamily : IArchitecture
             {
                 using (b.Scope(i.ToString(System.Globalization.CultureInfo.InvariantCulture), P + "AudioEncoderLayer"))
                 {
-                    using (b.Scope("self_attn", P + "AudioAttention"))
-                    {
-                        b.Linear("k_proj", d, d, true);
-                        b.Linear("v_proj", d, d, true);
-                        b.Linear("q_proj", d, d, true);
-                        b.Linear("out_proj", d, d, true);
-                    }
+                    Blocks.VisionSelfAttention(b, "self_attn", P + "AudioAttention", d);
                     b.LayerNorm("self_attn_layer_norm", d);
                     b.Leaf("activation_fn", actClass);
                     b.Linear("fc1", d, ffn, true);

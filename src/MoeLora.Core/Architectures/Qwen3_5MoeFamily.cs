@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -111,10 +112,38 @@ internal sealed class Qwen3_5MoeFamily : IArchitecture
         var routing = $"softmax over {experts} experts, top-{topK}, renormalised, plus a sigmoid-gated shared expert";
         var moe = new MoeFacts(experts, topK, 1, moeInter, sharedInter, Enumerable.Range(0, (int)layers).ToList(), [], routing);
         var modelType = composite && !multimodal ? text.ModelType ?? "qwen3_5_moe_text" : c.ModelType!;
-        return Blocks.NestedSpec(c, text, modelType, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act, textModel) with
-        {
-            RuntimeUnavailable = "gated DeltaNet linear attention",
-        };
+        var spec = Blocks.NestedSpec(c, text, modelType, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act, textModel);
+        if (multimodal)
+            return spec with { RuntimeUnavailable = "the Qwen3.5 vision tower (Qwen3_5MoeForConditionalGeneration); a text-only Qwen3_5MoeForCausalLM config runs" };
+        return spec with { Runtime = TextRuntime(text, lin, vocab, hidden, layers, heads, kv, headDim, bias, experts, topK, moeInter, sharedInter, act, tie, layerTypes) };
+    }
+
+    /// <summary>
+    /// The text decoder as transformers runs it. Its rope is multimodal (mrope sections over temporal, height and
+    /// width positions), but a text-only forward gives all three the same positions, which is the plain rotation over
+    /// partial_rotary_factor (0.25) of head_dim.
+    /// </summary>
+    private static DecoderRuntime TextRuntime(ModelConfig text, LinearAttentionDims lin, long vocab, long hidden, long layers, long heads,
+        long kv, long headDim, bool bias, long experts, long topK, long moeInter, long sharedInter, string act, bool tie,
+        IReadOnlyList<string> layerTypes)
+    {
+        // Every RMSNorm but the gated one is zero-centred: (1 + weight), the weight starting at zero.
+        var eps = text.Double("rms_norm_eps", 1e-6);
+        var norm = new NormSettings(NormKind.RmsOnePlusWeight, eps);
+        var rotaryDim = (long)(headDim * RopeSettings.PartialRotaryFactor(text, 0.25));
+        var attention = new StandardAttentionSettings(heads, kv, headDim, bias, bias, QkNormKind.PerHead, eps, Sinks: false,
+            MaskSettings.Full, rotaryDim, new StandardAttentionOptions(QkNormType: NormKind.RmsOnePlusWeight, GateInQuery: true));
+        var deltaNet = new GatedDeltaNetSettings(lin.KHeads, lin.VHeads, lin.KHeadDim, lin.VHeadDim, lin.ConvKernel,
+            DeltaNetProjections.Split, eps, ConvAct: act);
+        // The router always renormalises its top-k (no norm_topk_prob field).
+        var sparse = new MoeSettings(new SoftmaxTopKRouterSettings("gate", experts, topK, NormTopK: true),
+            new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act),
+            new SharedExpertSettings("shared_expert", sharedInter, act, SigmoidGateName: "shared_expert_gate"), MoeOrder.RouterFirst);
+        var runtimeLayers = Enumerable.Range(0, (int)layers).Select(i => layerTypes[i] == "linear_attention"
+            ? new DecoderLayerRuntime(deltaNet, "mlp", sparse, norm, norm, GatedDeltaNetSettings.PreNormLayer(norm, norm))
+            : new DecoderLayerRuntime(attention, "mlp", sparse, norm, norm)).ToList();
+        return new DecoderRuntime(vocab, hidden, tie, text.Double("initializer_range", 0.02), norm,
+            RopeSettings.Read(text, 10000.0, rotaryDim), runtimeLayers);
     }
 
     private sealed record LinearAttentionDims(long ConvKernel, long KHeadDim, long VHeadDim, long KHeads, long VHeads);

@@ -4,12 +4,13 @@ using MoeLora.Sources.Safetensors;
 namespace MoeLora.Sources.Adapters;
 
 /// <summary>
-/// ΔW of every adapted weight, per expert, in the per-expert naming (<c>…experts.e.gate_proj</c> etc.) whatever the
-/// saved layout, so two layouts of one adapter can be compared exactly. Fused gate_up ΔW rows are gate then up.
+/// ΔW of every adapted weight, per expert, under one naming whatever the saved layout (<c>owner.e.gate_proj</c>,
+/// <c>owner.e.up_proj</c>, <c>owner.e.down_proj</c> with the transformers-5 fused owner), so two layouts of one adapter
+/// can be compared exactly. A fused gate_up ΔW is split into gate and up features as <paramref name="layout"/> orders them.
 /// </summary>
 public static class AdapterDelta
 {
-    public static SortedDictionary<string, double[,]> PerExpert(AdapterFolder folder)
+    public static SortedDictionary<string, double[,]> PerExpert(AdapterFolder folder, ExpertLayout layout)
     {
         var (pairs, _) = LoraPairs.Read(folder);
         bool rslora = LoraPairs.Bool(folder.Config, "use_rslora");
@@ -35,12 +36,19 @@ public static class AdapterDelta
                         }
                         d[o, i] = sum * s;
                     }
-                if (p.Parameter is null || experts == 1) { Add(result, p.Module, d); continue; }
+                if (p.Parameter is null || experts == 1)
+                {
+                    var at = p.Parameter is null ? layout.Locate(p.Module) : null;
+                    Add(result, at is { } w ? Key(w.Owner, w.Expert, w.Role) : p.Module, d);
+                    continue;
+                }
+                if (layout.PeftDeltaTransposed(p.Module)) d = Transpose(d);
                 if (p.Parameter == "gate_up_proj")
                 {
-                    long half = outF / 2;
-                    Add(result, $"{p.Module}.{e}.gate_proj", Slice(d, 0, half));
-                    Add(result, $"{p.Module}.{e}.up_proj", Slice(d, half, half));
+                    long half = d.GetLength(0) / 2;
+                    bool halves = layout.Order == GateUpOrder.Halves;
+                    Add(result, Key(p.Module, e, ExpertRole.Gate), halves ? Slice(d, 0, half, 1) : Slice(d, 0, half, 2));
+                    Add(result, Key(p.Module, e, ExpertRole.Up), halves ? Slice(d, half, half, 1) : Slice(d, 1, half, 2));
                 }
                 else Add(result, $"{p.Module}.{e}.{p.Parameter}", d);
             }
@@ -53,10 +61,20 @@ public static class AdapterDelta
         if (!r.TryAdd(key, d)) throw new UserInputException($"adapter adapts {key} twice.");
     }
 
-    private static double[,] Slice(double[,] d, long start, long count)
+    private static double[,] Transpose(double[,] d)
+    {
+        var t = new double[d.GetLength(1), d.GetLength(0)];
+        for (int i = 0; i < d.GetLength(0); i++) for (int j = 0; j < d.GetLength(1); j++) t[j, i] = d[i, j];
+        return t;
+    }
+
+    private static string Key(string owner, int expert, ExpertRole role) => $"{owner}.{expert}.{role.ToString().ToLowerInvariant()}_proj";
+
+    // Rows start, start + step, … (count of them).
+    private static double[,] Slice(double[,] d, long start, long count, long step)
     {
         var s = new double[count, d.GetLength(1)];
-        for (long o = 0; o < count; o++) for (int i = 0; i < d.GetLength(1); i++) s[o, i] = d[start + o, i];
+        for (long o = 0; o < count; o++) for (int i = 0; i < d.GetLength(1); i++) s[o, i] = d[start + o * step, i];
         return s;
     }
 

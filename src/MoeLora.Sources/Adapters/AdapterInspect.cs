@@ -33,25 +33,30 @@ public static class AdapterInspector
 {
     /// <param name="modelModules">named_modules() of the model the adapter is meant for, when known.</param>
     /// <param name="modelParameters">named_parameters() of that model.</param>
-    public static AdapterInspection Inspect(AdapterFolder folder, IReadOnlySet<string>? modelModules = null, IReadOnlySet<string>? modelParameters = null)
+    /// <param name="expertLayout">The model's expert layout when known (else read from the adapter's config when PEFT recorded it).</param>
+    public static AdapterInspection Inspect(AdapterFolder folder, IReadOnlySet<string>? modelModules = null, IReadOnlySet<string>? modelParameters = null,
+        ExpertLayout? expertLayout = null)
     {
         var (pairs, other) = LoraPairs.Read(folder);
         var cfg = folder.Config;
         string? version = cfg["peft_version"] is JsonValue v ? v.ToString() : null;
         var traps = new List<string>();
+        var known = expertLayout ?? ExpertLayout.FromAdapterConfig(cfg);
         var fused = pairs.Where(p => p.Parameter is not null && p.Experts > 1).ToList();
         var perExpert = pairs.Where(p => p.ExpertIndex is not null && p.Location == "routed").ToList();
         bool threeD = folder.Tensors.Any(t => t.Shape.Length == 3 && t.Name.Contains("lora_"));
         bool swapped = false;
 
-        // PEFT 0.19.0 swapped in/out for (E, out, in) experts (fixed in 0.19.1, PEFT #3165): gate_up's lora_A then reads
+        // PEFT 0.19.0 inverted 0.19.1+'s rule (fixed by PEFT #3165): for (E, out, in) experts gate_up's lora_A then reads
         // the 2·intermediate side and down's lora_B the intermediate side, instead of both reading the hidden size.
+        // Experts PEFT reads transposed even in 0.21 (Llama 4, see ExpertLayout.PeftDeltaTransposed) are the other way round.
         foreach (var owner in fused.GroupBy(p => p.Module))
         {
             var gu = owner.FirstOrDefault(p => p.Parameter == "gate_up_proj");
             var dn = owner.FirstOrDefault(p => p.Parameter == "down_proj");
-            if (gu is not null && dn is not null && gu.A.Shape[1] != dn.B.Shape[0] && gu.A.Shape[1] == 2 * dn.B.Shape[0])
-                swapped = true;
+            if (gu is null || dn is null || gu.A.Shape[1] == dn.B.Shape[0] && gu.A.Shape[1] == 2 * dn.B.Shape[0]) continue;
+            bool hiddenSided = gu.A.Shape[1] == dn.B.Shape[0], expertSided = gu.A.Shape[1] == 2 * dn.B.Shape[0];
+            if (known?.PeftDeltaTransposed(owner.Key) == true ? hiddenSided : expertSided) swapped = true;
         }
         if (fused.Count > 0 && version == "0.19.0") swapped = true;
         if (swapped)
@@ -90,22 +95,7 @@ public static class AdapterInspector
             }
         }
 
-        // vLLM (design notes §5): its 2-D MoE format needs gate, up and down for every expert, its 3-D format is
-        // PEFT's fused one and is read only by model classes with 3-D experts (or with is_3d_lora_weight plus
-        // --enable-mixed-moe-lora-format); LoRA keys outside linear layers and modules_to_save copies are not loaded.
-        foreach (var owner in perExpert.GroupBy(p => p.Module[..p.Module.LastIndexOf(".experts.", StringComparison.Ordinal)]))
-        {
-            var projs = owner.Select(p => p.ExpertProjection!).ToHashSet();
-            int count = owner.Max(p => p.ExpertIndex!.Value) + 1;
-            if (!(projs.SetEquals(["gate_proj", "up_proj", "down_proj"]) && owner.Count() == 3 * count))
-                traps.Add($"vLLM would drop {owner.Key}.experts: its 2-D MoE LoRA format needs gate_proj, up_proj and down_proj for every expert ({owner.Count()} of {3 * count} present).");
-        }
-        if (fused.Count > 0)
-            traps.Add("vLLM reads this fused 3-D format only for model classes with 3-D expert weights, or with is_3d_lora_weight and --enable-mixed-moe-lora-format; `moelora adapter convert --to vllm` writes the per-expert 2-D form.");
-        foreach (var p in pairs.Where(p => p.Location == "router"))
-            traps.Add($"vLLM would drop {p.Module}: LoRA on the router is not applied by vLLM's MoE layers.");
-        foreach (var k in other)
-            traps.Add($"vLLM would drop {k.Name}: not a lora_A/lora_B weight (modules_to_save, embeddings or biases).");
+        traps.AddRange(VllmFormat.Traps(folder, pairs, other, known));
 
         var byLocation = pairs.GroupBy(p => p.Location).OrderBy(g => g.Key, StringComparer.Ordinal).ToDictionary(g => g.Key, g => g.Count());
         return new AdapterInspection(layout, version, pairs, other.Select(t => t.Name).ToList(), byLocation, traps);

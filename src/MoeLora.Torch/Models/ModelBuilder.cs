@@ -52,6 +52,7 @@ public static class ModelBuilder
         MlaAttentionSettings s => new MlaAttention(hidden, s, rope, init),
         Llama4AttentionSettings s => new Llama4Attention(hidden, s, rope, init),
         DynamicMaskAttentionSettings s => new DynamicMaskAttention(hidden, s, rope, init),
+        GatedDeltaNetSettings s => new GatedDeltaNet(hidden, s, init),
         _ => throw new NotSupportedException($"attention settings {a.GetType().Name} have no runtime block."),
     };
 

@@ -42,7 +42,7 @@ public sealed class DecoderLayer : HfModule, IDecoderLayer
 /// the first RotaryDim dims of each head, causal/sliding mask and optional attention sinks (a direct parameter
 /// registered first); <see cref="StandardAttentionOptions"/> add the variants of the other families (interleaved-pair
 /// or no rotation, q/k norms after rope or under other names and kinds, value head size and scale, softmax scale and
-/// dtype, an output gate). The rotary table is the layer's own when the options give one (built by ModelBuilder).
+/// dtype, an output gate, or one carried by q_proj). The rotary table is the layer's own when the options give one (built by ModelBuilder).
 /// </summary>
 public sealed class StandardAttention : HfModule, IBlock
 {
@@ -64,7 +64,7 @@ public sealed class StandardAttention : HfModule, IBlock
         _o = s.Options ?? new StandardAttentionOptions();
         _vDim = _o.VHeadDim ?? s.HeadDim;
         if (s.Sinks) _sinks = AddParameter("sinks", init.Normal(s.Heads));
-        q_proj = AddChild("q_proj", new Linear(hidden, s.Heads * s.HeadDim, s.QkvBias, init));
+        q_proj = AddChild("q_proj", new Linear(hidden, s.Heads * s.HeadDim * (_o.GateInQuery ? 2 : 1), s.QkvBias, init));
         k_proj = AddChild("k_proj", new Linear(hidden, s.KvHeads * s.HeadDim, s.QkvBias, init));
         v_proj = AddChild("v_proj", new Linear(hidden, s.KvHeads * _vDim, s.QkvBias, init));
         o_proj = AddChild(_o.OName, new Linear(s.Heads * _vDim, hidden, s.OBias, init));
@@ -86,10 +86,18 @@ public sealed class StandardAttention : HfModule, IBlock
     {
         long b = x.shape[0], s = x.shape[1], d = _s.HeadDim;
         var q = q_proj.Forward(x);
+        Tensor? queryGate = null;
+        if (_o.GateInQuery)
+        {
+            // Per head: head_dim query outputs, then head_dim gate outputs.
+            var halves = q.view(b, s, -1, 2 * d).chunk(2, -1);
+            q = halves[0];
+            queryGate = halves[1].reshape(b, s, -1);
+        }
         var k = k_proj.Forward(x);
         var v = v_proj.Forward(x);
         if (_s.QkNorm == QkNormKind.Full) { q = _qNorm!.Forward(q); k = _kNorm!.Forward(k); }
-        q = q.view(b, s, -1, d);
+        q = q.reshape(b, s, -1, d);
         k = k.view(b, s, -1, d);
         bool normAfterRope = _o.QkNormAfterRope && _s.QkNorm == QkNormKind.PerHead;
         if (_s.QkNorm == QkNormKind.PerHead && !normAfterRope) { q = _qNorm!.Forward(q); k = _kNorm!.Forward(k); }
@@ -111,6 +119,7 @@ public sealed class StandardAttention : HfModule, IBlock
         if (normAfterRope) { q = _qNorm!.Forward(q); k = _kNorm!.Forward(k); }
         var o = AttentionMath.Eager(q, k, v, ctx.Mask(_s.Mask), _o.Scaling ?? Math.Pow(d, -0.5), _sinks, _o.SoftmaxInFp32);
         if (_gate is not null) o = Gate(o, x);
+        if (queryGate is not null) o = o * nn.functional.sigmoid(queryGate);
         return o_proj.Forward(o);
     }
 

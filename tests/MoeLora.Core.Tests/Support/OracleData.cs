@@ -21,6 +21,17 @@ internal static class OracleData
             .Select(f => Path.GetFileName(f)[..^".json.gz".Length])
             .Order(StringComparer.Ordinal);
 
+    private static readonly Lazy<JsonObject> MoeTinyModels = new(() => ReadGz("oracle-moe/moe_tiny_models.json.gz")["models"]!.AsObject());
+
+    /// <summary>A fresh copy of the tiny config the MoE oracle built for <paramref name="modelType"/>, edited by
+    /// <paramref name="edit"/> (to derive a second config from it).</summary>
+    public static JsonObject MoeTinyConfig(string modelType, Action<JsonObject> edit)
+    {
+        var config = MoeTinyModels.Value[modelType]!["input_config"]!.DeepClone().AsObject();
+        edit(config);
+        return config;
+    }
+
     public static string HubId(string key) => key.Replace("__", "/", StringComparison.Ordinal);
 
     public static long[] Shape(JsonNode node) => node.AsArray().Select(x => x!.GetValue<long>()).ToArray();

@@ -49,6 +49,8 @@ public sealed record OutputGate(string Name, OutputGateKind Kind, bool PerHead);
 /// <param name="VHeadDim">Head size of v (and of o_proj's input) when it differs from head_dim (MiMo-V2-Flash).</param>
 /// <param name="ValueScale">v is multiplied by this after its projection (MiMo-V2-Flash's attention_value_scale).</param>
 /// <param name="Scaling">Softmax scale instead of head_dim^-0.5 (Granite's attention_multiplier).</param>
+/// <param name="GateInQuery">q_proj also yields the output gate: per head its 2·head_dim outputs are the query, then
+/// the gate, and the attention output is multiplied by sigmoid(gate) before o_proj (Qwen3-Next, Qwen3.5).</param>
 /// <param name="SoftmaxInFp32">False: the attention softmax runs in the activations' dtype after subtracting the row
 /// maximum (MiMo-V2-Flash's eager attention), not in fp32.</param>
 /// <param name="Gate">An output gate before o_proj (AFMoE, Laguna).</param>
@@ -64,6 +66,7 @@ public sealed record StandardAttentionOptions(
     long? VHeadDim = null,
     double ValueScale = 1.0,
     double? Scaling = null,
+    bool GateInQuery = false,
     bool SoftmaxInFp32 = true,
     OutputGate? Gate = null,
     string OName = "o_proj");
