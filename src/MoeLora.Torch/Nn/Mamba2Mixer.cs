@@ -25,7 +25,7 @@ public sealed class Mamba2Mixer : HfModule, IBlock
     public Parameter D { get; }
     public DepthwiseConv1d conv1d { get; }
     public Linear in_proj { get; }
-    public GatedRmsNorm norm { get; }
+    public MambaRmsNormGated norm { get; }
     public Linear out_proj { get; }
     readonly Activation _act;
     readonly Mamba2MixerSettings _s;
@@ -40,9 +40,9 @@ public sealed class Mamba2Mixer : HfModule, IBlock
             : arange(1, s.Heads + 1, ScalarType.Float32).log().to(init.DType).to(init.Device));
         D = AddParameter("D", init.Ones(s.Heads));
         _act = AddChild("act", new Activation(s.Act));
-        conv1d = AddChild("conv1d", new DepthwiseConv1d(s.ConvDim, s.Kernel, s.ConvBias, init));
+        conv1d = AddChild("conv1d", new DepthwiseConv1d(s.ConvDim, s.Kernel, init, s.ConvBias));
         in_proj = AddChild("in_proj", new Linear(hidden, s.Inner + s.ConvDim + s.Heads, s.Bias, init));
-        norm = AddChild("norm", new GatedRmsNorm(s.Inner, s.NormGroupSize, s.NormEps, init));
+        norm = AddChild("norm", new MambaRmsNormGated(s.Inner, s.NormGroupSize, s.NormEps, init));
         out_proj = AddChild("out_proj", new Linear(s.Inner, hidden, s.Bias, init));
     }
 
@@ -64,7 +64,7 @@ public sealed class Mamba2Mixer : HfModule, IBlock
         var projected = in_proj.Forward(masked ? ShortConv.MaskPadding(input, mask) : input);
         var parts = projected.split([_s.Inner, _s.ConvDim, _s.Heads], -1);
         var (gate, xbc, dt) = (parts[0], parts[1], parts[2]);
-        xbc = _act.Forward(conv1d.Forward(xbc.transpose(1, 2)).transpose(1, 2));
+        xbc = _act.Forward(conv1d.Causal(xbc.transpose(1, 2)).transpose(1, 2));
         if (masked) xbc = ShortConv.MaskPadding(xbc, mask);
         long gn = _s.Groups * _s.StateSize, rep = _s.Heads / _s.Groups;
         var xs = xbc.split([_s.Inner, gn, gn], -1);
@@ -126,16 +126,18 @@ public sealed class Mamba2Mixer : HfModule, IBlock
 }
 
 /// <summary>
-/// Zamba2RMSNormGated (Mamba-2's <c>norm</c>): <c>weight · rmsnorm(y · silu(z))</c> in fp32, the RMS taken over
-/// groups of <c>group_size</c> channels (one per n_groups), the result cast to the input's dtype before the weight.
+/// Mamba-2's gated norm (transformers' MambaRMSNormGated family: Zamba2RMSNormGated for Nemotron-H,
+/// GraniteMoeHybridRMSNormGated): <c>weight · rmsnorm(y · silu(z))</c> in fp32, the gate applied before the RMS (unlike
+/// Gated DeltaNet's <see cref="RmsNormGated"/>, which gates after), the RMS taken over groups of <c>group_size</c>
+/// channels, the result cast to the input's dtype before the weight.
 /// </summary>
-public sealed class GatedRmsNorm : HfModule
+public sealed class MambaRmsNormGated : HfModule
 {
     public Parameter weight { get; }
     readonly long _groupSize;
     readonly double _eps;
 
-    public GatedRmsNorm(long size, long groupSize, double eps, Init init)
+    public MambaRmsNormGated(long size, long groupSize, double eps, Init init)
     {
         _groupSize = groupSize; _eps = eps;
         weight = AddParameter("weight", init.Ones(size));
