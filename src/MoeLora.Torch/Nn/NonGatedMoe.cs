@@ -104,29 +104,10 @@ public sealed class NonGatedMoe : HfModule, IBlock
         var flat = x.reshape(-1, shape[^1]);
         var logits = nn.functional.linear(flat.to(ScalarType.Float32), _gate.EffectiveWeight().to(ScalarType.Float32));
         ctx.RouterLogits.Add(logits);
-        var (topIdx, topW) = Route(logits);
+        var (topIdx, topW) = SigmoidGroupLimitedMoe.Route(logits, _gate.e_score_correction_bias, _r);
         var h = _fc1 is null ? flat : _fc1.Forward(flat);
         h = _experts.Forward(h, topIdx, topW);
         if (_fc2 is not null) h = _fc2.Forward(h);
         return h.view(shape) + _shared.Forward(x);
-    }
-
-    (Tensor Idx, Tensor W) Route(Tensor logits)
-    {
-        long e = _r.NumExperts, groups = _r.Groups, per = e / groups;
-        var scores = logits.sigmoid();
-        Tensor topIdx;
-        using (no_grad())
-        {
-            var choice = scores + _gate.e_score_correction_bias.unsqueeze(0);
-            var groupScores = choice.view(-1, groups, per).topk((int)Math.Min(2, per), -1).values.sum(-1);
-            var groupIdx = groupScores.topk((int)_r.TopKGroups, -1, sorted: false).indexes;
-            var groupMask = zeros_like(groupScores).scatter(1, groupIdx, ones_like(groupIdx, groupScores.dtype));
-            var scoreMask = groupMask.unsqueeze(-1).expand(-1, groups, per).reshape(-1, e);
-            topIdx = choice.masked_fill(scoreMask.logical_not(), double.NegativeInfinity).topk((int)_r.TopK, -1, sorted: false).indexes;
-        }
-        var topW = scores.gather(1, topIdx);
-        if (_r.NormTopK) topW = topW / (topW.sum(-1, keepdim: true) + 1e-20);
-        return (topIdx, topW * _r.RoutedScalingFactor);
     }
 }
