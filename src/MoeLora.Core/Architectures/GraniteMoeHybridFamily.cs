@@ -1,4 +1,5 @@
 using System.Text.Json.Nodes;
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -98,10 +99,51 @@ internal sealed class GraniteMoeHybridFamily : IArchitecture
             ? new MoeFacts(experts, topK, 1, inter, sharedInter, all, [],
                 $"top-{topK} of {experts} router logits, softmax over the selected, plus an always-on shared MLP")
             : MoeFacts.Dense(layers);
-        return Blocks.Spec(c, "granitemoehybrid", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        var spec = Blocks.Spec(c, "granitemoehybrid", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        if (Blocks.TimeStepLimit(c) is not { } limit)
+            return spec with { RuntimeUnavailable = "a time_step_limit that is not a pair of numbers (transformers' torch path clamps dt to it)" };
+        var mamba = new Mamba2MixerSettings(mHeads, MambaHeadDim(c, inner, mHeads), dState, groups, dConv, convBias, projBias, act,
+            c.Double("rms_norm_eps", 1e-6), NormGroupSize: inner, limit, MaskBatchedOnly: true, c.Positive("mamba_chunk_size", 256), InitialDt: null);
+        return spec with { Runtime = Runtime(c, layerTypes, layers, hidden, heads, kv, headDim, bias, experts, topK, inter, sharedInter, act, vocab, tie, rope, mamba) };
+    }
+
+    /// <summary>
+    /// GraniteMoeShared's layer (pre-norm, both residual branches × residual_multiplier, the MoE output plus the shared
+    /// MLP, or the shared MLP alone without experts; embeddings × embedding_multiplier, logits ÷ logits_scaling,
+    /// softmax scale attention_multiplier) whose mixer is the Mamba-2 layer (<c>mamba</c>) or attention
+    /// (<c>self_attn</c>, rotated only when position_embedding_type is "rope"). The Mamba-2 math is Nemotron-H's
+    /// (checked on its fixture) with Granite's dt clamp to time_step_limit, one RMS over the whole gated width and
+    /// padding zeroed only for batches of several rows; no transformers reference of this type checks it yet.
+    /// </summary>
+    private static DecoderRuntime Runtime(ModelConfig c, IReadOnlyList<string> layerTypes, long layers, long hidden, long heads, long kv,
+        long headDim, bool bias, long experts, long topK, long inter, long sharedInter, string act, long vocab, bool tie, bool rope,
+        Mamba2MixerSettings mamba)
+    {
+        var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-6));
+        double residual = c.Double("residual_multiplier", 1.0);
+        var attention = new StandardAttentionSettings(heads, kv, headDim, bias, bias, QkNormKind.None, 0, Sinks: false, MaskSettings.Full, headDim,
+            new StandardAttentionOptions(Scaling: c.Double("attention_multiplier", 1.0), Rotary: rope ? RotaryStyle.Half : RotaryStyle.None));
+        var shared = new FusedGateUpMlpSettings(sharedInter, act, "input_linear", "output_linear", "activation");
+        var moe = experts > 0
+            ? new MoeSettings(new TopKLogitsRouterSettings("router", experts, topK, TopKScore.SoftmaxFp32, NormTopK: false, LogitsInFp32: true),
+                new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, inter, act), Shared: null, MoeOrder.RouterFirst)
+            : null;
+        var list = new List<DecoderLayerRuntime>();
+        for (int i = 0; i < layers; i++)
         {
-            RuntimeUnavailable = "Mamba-2 mixers",
-        };
+            var mixer = layerTypes[i] is "linear_attention" or "mamba" ? "mamba" : "self_attn";
+            List<string> order = ["input_layernorm", "post_attention_layernorm"];
+            if (moe is not null) order.Add("block_sparse_moe");
+            order.AddRange(["shared_mlp", mixer]);
+            var form = new LayerForm(order, new NamedNorm("input_layernorm", norm), null, new NamedNorm("post_attention_layernorm", norm), null,
+                ResidualMultiplier: residual, ExtraFeedForward: moe is null ? null : shared, ExtraFeedForwardName: moe is null ? null : "shared_mlp",
+                AttentionName: mixer);
+            list.Add(new DecoderLayerRuntime(mixer == "mamba" ? mamba : attention, moe is null ? "shared_mlp" : "block_sparse_moe",
+                (FeedForwardSettings?)moe ?? shared, norm, norm, form));
+        }
+        var scaling = new ModelScaling(EmbeddingMultiplier: c.Double("embedding_multiplier", 1.0), LogitsMultiplier: 1.0 / c.Double("logits_scaling", 1.0));
+        return new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm, RopeSettings.Read(c, 10000.0, headDim), list,
+            Scaling: scaling, Names: rope ? null : new ModelNames("embed_tokens", "norm", Rotary: null));
     }
 
     private static void MoeBlock(TreeBuilder b, Layout layout, long experts, long hidden, long inter, string actClass)

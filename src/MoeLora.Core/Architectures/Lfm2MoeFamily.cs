@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -125,8 +126,40 @@ internal sealed class Lfm2MoeFamily : IArchitecture
             : new MoeFacts(experts, topK, 0, moeInter, 0, moeLayers, denseLayers, routing);
         return Blocks.Spec(c, "lfm2_moe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, "silu") with
         {
-            RuntimeUnavailable = "LFM2's short-convolution layers",
+            Runtime = Runtime(c, layers, layerTypes, moeSet, hidden, heads, kv, headDim, inter, moeInter, experts, topK, convL, convBias, tie, vocab),
         };
+    }
+
+    /// <summary>
+    /// Pre-norm layers (operator_norm before the mixer, ffn_norm before the feed-forward) whose mixer is the short
+    /// convolution (<c>conv</c>) or attention (<c>self_attn</c>: per-head q_layernorm / k_layernorm before rope,
+    /// out_proj). MoE: experts then gate; sigmoid scores, selection on scores + the block's expert_bias buffer,
+    /// weights renormalised with +1e-6 and times routed_scaling_factor. The activation is SiLU whatever hidden_act says.
+    /// </summary>
+    private static DecoderRuntime Runtime(ModelConfig c, long layers, IReadOnlyList<string> layerTypes, HashSet<int> moeSet, long hidden, long heads,
+        long kv, long headDim, long inter, long moeInter, long experts, long topK, long convL, bool convBias, bool tie, long vocab)
+    {
+        var norm = new NormSettings(NormKind.Rms, c.Double("norm_eps", 1e-5));
+        var attention = new StandardAttentionSettings(heads, kv, headDim, false, false, QkNormKind.PerHead, norm.Eps, Sinks: false,
+            MaskSettings.Full, headDim, new StandardAttentionOptions(QNormName: "q_layernorm", KNormName: "k_layernorm", OName: "out_proj"));
+        var conv = new ShortConvSettings(convL, convBias);
+        var dense = new GatedMlpSettings(inter, "silu", ActName: null, Names: new GatedMlpNames("w1", "w3", "w2"));
+        var bias = c.Bool("use_expert_bias", true) ? new ScoreBias("expert_bias", ScoreBiasOwner.Block, IsParameter: false) : null;
+        var moe = new MoeSettings(
+            new SigmoidBiasRouterSettings("gate", experts, topK, bias, c.Bool("norm_topk_prob", true), NormEps: 1e-6,
+                Scale: c.Double("routed_scaling_factor", 1.0), SoftCap: 0),
+            new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, "silu"), Shared: null, MoeOrder.ExpertsFirst);
+        var list = new List<DecoderLayerRuntime>();
+        for (int i = 0; i < layers; i++)
+        {
+            var isAttention = layerTypes[i] == "full_attention";
+            var mixer = isAttention ? "self_attn" : "conv";
+            var form = new LayerForm([mixer, "feed_forward", "operator_norm", "ffn_norm"], new NamedNorm("operator_norm", norm), null,
+                new NamedNorm("ffn_norm", norm), null, AttentionName: mixer);
+            list.Add(new DecoderLayerRuntime(isAttention ? attention : conv, "feed_forward", moeSet.Contains(i) ? moe : dense, norm, norm, form));
+        }
+        return new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm, RopeSettings.Read(c, 1000000.0, headDim), list,
+            Names: new ModelNames("embed_tokens", "embedding_norm", "pos_emb", RotaryBeforeNorm: true));
     }
 
     /// <summary>Lfm2MoeMLP: w1 (gate), w3 (up), w2 (down), in that order; the activation is F.silu, not a module.</summary>

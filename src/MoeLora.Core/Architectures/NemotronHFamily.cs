@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -127,8 +128,42 @@ internal sealed class NemotronHFamily : IArchitecture
             InputEmbeddings = root + ".embeddings",
         } with
         {
-            RuntimeUnavailable = "Mamba-2 mixers",
+            Runtime = Runtime(c, types, hidden, heads, kv, headDim, inter, mlpBias, experts, topK, moeInter, sharedInter, latent, mamba, vocab),
         };
+    }
+
+    /// <summary>
+    /// Each NemotronHBlock is <c>x + mixer(norm(x))</c>, registered norm, mixer: a one-sublayer form whose mixer is
+    /// the Mamba-2 mixer, attention without rotary (full attention), a relu² MLP or the MoE block. The final norm is
+    /// <c>norm_f</c>, the embeddings <c>embeddings</c>; there is no rotary module.
+    /// </summary>
+    private static DecoderRuntime Runtime(ModelConfig c, IReadOnlyList<string> types, long hidden, long heads, long kv, long headDim,
+        long inter, bool mlpBias, long experts, long topK, long moeInter, long sharedInter, long? latent, MambaDims d, long vocab)
+    {
+        var norm = new NormSettings(NormKind.Rms, c.Double("layer_norm_epsilon", 1e-5));
+        var act = c.String("mlp_hidden_act", "relu2")!;
+        var attention = new StandardAttentionSettings(heads, kv, headDim, false, false, QkNormKind.None, 0, Sinks: false, MaskSettings.Full, headDim, new StandardAttentionOptions(Rotary: RotaryStyle.None));
+        var stepMin = c.Double("time_step_min", 0.001);
+        var mamba = new Mamba2MixerSettings(d.Heads, d.HeadDim, d.State, d.Groups, d.Kernel, d.ConvBias, d.Bias, c.String("mamba_hidden_act", "silu")!,
+            norm.Eps, NormGroupSize: d.Heads * d.HeadDim / d.Groups, TimeStepClamp: (stepMin, double.PositiveInfinity), MaskBatchedOnly: false,
+            c.Positive("chunk_size", 128), InitialDt: (stepMin, c.Double("time_step_max", 0.1), c.Double("time_step_floor", 1e-4)));
+        var mlp = new NonGatedMlpSettings(inter, act, mlpBias);
+        var moe = new NonGatedMoeSettings(
+            new SigmoidGroupLimitedRouterSettings("gate", experts, topK, c.Int("n_group", 1), c.Int("topk_group", 1), c.Bool("norm_topk_prob", true),
+                c.Double("routed_scaling_factor", 1.0)),
+            moeInter, act, new NonGatedMlpSettings(sharedInter, act, mlpBias), latent, mlpBias);
+        var withMixer = new LayerForm(["norm", "mixer"], new NamedNorm("norm", norm), null, null, null, AttentionName: "mixer");
+        var withFeedForward = new LayerForm(["norm", "mixer"], null, null, new NamedNorm("norm", norm), null, AttentionName: "mixer");
+        var layers = types.Select(t => t switch
+        {
+            "linear_attention" => new DecoderLayerRuntime(mamba, "mixer", new NoFeedForwardSettings(), norm, norm, withMixer),
+            "full_attention" => new DecoderLayerRuntime(attention, "mixer", new NoFeedForwardSettings(), norm, norm, withMixer),
+            "mlp" => new DecoderLayerRuntime(new NoAttentionSettings(), "mixer", mlp, norm, norm, withFeedForward),
+            _ => new DecoderLayerRuntime(new NoAttentionSettings(), "mixer", moe, norm, norm, withFeedForward),
+        }).ToList();
+        // No rotary module: the table below is never used (attention runs without rotation).
+        return new DecoderRuntime(vocab, hidden, TieWordEmbeddings: false, c.Double("initializer_range", 0.02), norm,
+            new RopeSettings("default", 10000.0, headDim), layers, Names: new ModelNames("embeddings", "norm_f", Rotary: null));
     }
 
     private sealed record MambaDims(long Heads, long HeadDim, long State, long Groups, long Kernel, bool ConvBias, bool Bias, string ActClass);

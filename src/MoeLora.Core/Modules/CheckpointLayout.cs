@@ -94,7 +94,15 @@ public sealed partial class CheckpointLayout
         {
             ModuleNode owner = runtime.OwnerOf(fused);
             if (owner.Kind != ModuleKind.Experts || owner.IsTransposed) continue;
-            Role[]? roles = fused.LocalName switch { "gate_up_proj" => [Role.Gate, Role.Up], "down_proj" => [Role.Down], _ => null };
+            // A fused up_proj without a gate_proj beside it belongs to non-gated experts (Nemotron-H): up_proj[e] = up_e.
+            bool nonGated = fused.LocalName == "up_proj" && owner.Parameters.All(p => p.LocalName != "gate_proj");
+            Role[]? roles = fused.LocalName switch
+            {
+                "gate_up_proj" => [Role.Gate, Role.Up],
+                "up_proj" when nonGated => [Role.Up],
+                "down_proj" => [Role.Down],
+                _ => null,
+            };
             if (roles is null) continue;
             var candidates = perExpertOther.Where(w => w.Layer == owner.LayerIndex && roles.Contains(w.Role)).ToList();
             var parts = new List<ParameterNode>();

@@ -86,7 +86,8 @@ public static class LoraMerge
                 }
                 Safetensors.Save(Path.Combine(tmp, Path.GetFileName(file)), tensors, metadata.Count > 0 ? metadata : new Dictionary<string, string> { ["format"] = "pt" });
             }
-            var unused = state.Keys.Where(k => !used.Contains(k)).ToList();
+            // A tied lm_head is the embedding's Parameter: transformers does not save it, and it was written as the embedding.
+            var unused = state.Keys.Where(k => !used.Contains(k) && !(model.Runtime.TieWordEmbeddings && k == "lm_head.weight")).ToList();
             if (unused.Count > 0) throw new InvalidDataException($"merged tensors not written to the Hub layout: {string.Join(", ", unused.Take(5))}.");
             foreach (var f in Directory.GetFiles(checkpointDir))
                 if (!f.EndsWith(".safetensors", StringComparison.Ordinal)) File.Copy(f, Path.Combine(tmp, Path.GetFileName(f)), overwrite: true);

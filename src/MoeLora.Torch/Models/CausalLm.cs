@@ -46,13 +46,16 @@ public sealed class CausalLm : HfModule, IDisposable
     internal CausalLm(ModelSpec spec, DecoderRuntime runtime, Init init, Func<int, HfModule> layer)
     {
         Spec = spec; Runtime = runtime; DType = init.DType; Device = init.Device;
+        var names = runtime.Names ?? ModelNames.Llama;
         var model = AddChild("model", new Container());
-        _embed = model.Add("embed_tokens", new Embedding(runtime.VocabSize, runtime.HiddenSize, init));
+        _embed = model.Add(names.Embeddings, new Embedding(runtime.VocabSize, runtime.HiddenSize, init));
         var layers = model.Add("layers", new Container());
         _layers = [];
         for (int i = 0; i < runtime.Layers.Count; i++) _layers.Add((IDecoderLayer)layers.Add(i.ToString(System.Globalization.CultureInfo.InvariantCulture), layer(i)));
-        _norm = (INorm)model.Add("norm", Norms.Create(runtime.HiddenSize, runtime.FinalNorm, init));
-        model.Add("rotary_emb", new Container()); // parameter-free, present in named_modules as in transformers
+        // The rotary module is parameter-free, present in named_modules as in transformers (where the family has one).
+        if (names is { Rotary: { } before, RotaryBeforeNorm: true }) model.Add(before, new Container());
+        _norm = (INorm)model.Add(names.FinalNorm, Norms.Create(runtime.HiddenSize, runtime.FinalNorm, init));
+        if (names is { Rotary: { } after, RotaryBeforeNorm: false }) model.Add(after, new Container());
         _lmHead = AddChild("lm_head", new Linear(runtime.HiddenSize, runtime.VocabSize, runtime.LmHeadBias, init));
         if (runtime.TieWordEmbeddings) _lmHead.TieTo(_embed.weight);
     }

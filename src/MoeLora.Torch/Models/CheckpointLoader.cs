@@ -49,6 +49,13 @@ public static partial class CheckpointLoader
         return (alt.Parts.Select(p => p.Name).ToList(), alt);
     }
 
+    /// <summary>The decoder layers' path in the checkpoint (v4) layout, or null when the config has no such tree.</summary>
+    static string? CheckpointLayersPath(Core.Architectures.ModelSpec spec)
+    {
+        try { return Core.Architectures.ArchitectureRegistry.Build(spec.Config, Layout.V4).DecoderLayersPath; }
+        catch (Core.Config.ConfigException) { return null; }
+    }
+
     /// <summary>
     /// Copies the checkpoint into <paramref name="model"/>'s parameters and buffers (dtype-converting) straight onto the
     /// model's device, one stored tensor at a time: headers are checked first (every state entry stored with the right
@@ -68,9 +75,11 @@ public static partial class CheckpointLoader
         }
         if (skipDeeperLayers)
         {
-            var deeper = new Regex("^" + Regex.Escape(model.Spec.DecoderLayersPath) + @"\.(\d+)\.");
+            // The checkpoint may name the layers as the checkpoint layout does (Nemotron-H's backbone.layers).
+            var paths = new[] { model.Spec.DecoderLayersPath, CheckpointLayersPath(model.Spec) }.OfType<string>().Distinct();
+            var deeper = new Regex("^(" + string.Join("|", paths.Select(Regex.Escape)) + @")\.(\d+)\.");
             foreach (var k in stored.Keys.ToList())
-                if (deeper.Match(k) is { Success: true } m && int.Parse(m.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture) >= model.NumLayers)
+                if (deeper.Match(k) is { Success: true } m && int.Parse(m.Groups[2].Value, System.Globalization.CultureInfo.InvariantCulture) >= model.NumLayers)
                     stored.Remove(k);
         }
         var copies = Plan(model, stored.ToDictionary(kv => kv.Key, kv => kv.Value.Entry.Shape, StringComparer.Ordinal));

@@ -28,9 +28,9 @@ public static class ModelBuilder
             var l = runtime.Layers[i];
             if ((l.Form ?? PreNormForm(l)) is { } form)
                 return new FormDecoderLayer(Attention(hidden, l.Attention, RopeOf(l.Attention), init), l.FeedForwardName, FeedForward(hidden, l.FeedForward, init), form,
-                    form.ExtraFeedForward is { } extra ? FeedForward(hidden, extra, init) : null, hidden, init);
-            return new DecoderLayer(Attention(hidden, l.Attention, RopeOf(l.Attention), init), l.FeedForwardName, FeedForward(hidden, l.FeedForward, init),
-                new RmsNorm(hidden, l.InputNorm, init), new RmsNorm(hidden, l.PostAttentionNorm, init));
+                    form.ExtraFeedForward is { } extra ? FeedForward(hidden, extra, init) ?? throw OneSublayer() : null, hidden, init);
+            return new DecoderLayer(Attention(hidden, l.Attention, RopeOf(l.Attention), init) ?? throw OneSublayer(), l.FeedForwardName,
+                FeedForward(hidden, l.FeedForward, init) ?? throw OneSublayer(), new RmsNorm(hidden, l.InputNorm, init), new RmsNorm(hidden, l.PostAttentionNorm, init));
         });
     }
 
@@ -40,8 +40,14 @@ public static class ModelBuilder
             : new LayerForm(["self_attn", l.FeedForwardName, "input_layernorm", "post_attention_layernorm"],
                 new NamedNorm("input_layernorm", l.InputNorm), null, new NamedNorm("post_attention_layernorm", l.PostAttentionNorm), null);
 
-    static HfModule Attention(long hidden, AttentionSettings a, Rotary rope, Init init) => a switch
+    static NotSupportedException OneSublayer() => new("a layer with only one of attention and feed-forward needs a LayerForm.");
+
+    // Null for a layer without that sublayer (Nemotron-H's one-mixer blocks).
+    static HfModule? Attention(long hidden, AttentionSettings a, Rotary rope, Init init) => a switch
     {
+        NoAttentionSettings => null,
+        ShortConvSettings s => new ShortConv(hidden, s, init),
+        Mamba2MixerSettings s => new Mamba2Mixer(hidden, s, init),
         StandardAttentionSettings s => new StandardAttention(hidden, s, rope, init),
         MlaAttentionSettings s => new MlaAttention(hidden, s, rope, init),
         Llama4AttentionSettings s => new Llama4Attention(hidden, s, rope, init),
@@ -50,8 +56,11 @@ public static class ModelBuilder
         _ => throw new NotSupportedException($"attention settings {a.GetType().Name} have no runtime block."),
     };
 
-    static HfModule FeedForward(long hidden, FeedForwardSettings f, Init init) => f switch
+    static HfModule? FeedForward(long hidden, FeedForwardSettings f, Init init) => f switch
     {
+        NoFeedForwardSettings => null,
+        NonGatedMlpSettings m => new NonGatedMlp(hidden, m, init),
+        NonGatedMoeSettings m => new NonGatedMoe(hidden, m, init),
         GatedMlpSettings m => new GatedMlp(hidden, m, init),
         FusedGateUpMlpSettings m => new FusedGateUpMlp(hidden, m, init),
         MoeSettings m => m.Router switch

@@ -53,12 +53,16 @@ public static class TorchModelFactory
     public static string TruncateConfig(string configJson, int numLayers)
     {
         var o = System.Text.Json.Nodes.JsonNode.Parse(configJson)!.AsObject();
-        long total = (long)o["num_hidden_layers"]!.GetValue<double>();
+        // Nemotron-H has no num_hidden_layers: its layer count is the length of layers_block_type.
+        var blockTypes = o["layers_block_type"] as System.Text.Json.Nodes.JsonArray;
+        long total = o["num_hidden_layers"] is { } n ? (long)n.GetValue<double>()
+            : blockTypes?.Count ?? throw new UserInputException("cannot truncate the model: config.json has no num_hidden_layers.");
         if (numLayers < 1 || numLayers > total)
             throw new UserInputException($"cannot truncate to {numLayers} layers: the model has {total} (num_hidden_layers).");
-        o["num_hidden_layers"] = numLayers;
-        if (o["layer_types"] is System.Text.Json.Nodes.JsonArray lt && lt.Count > numLayers)
-            o["layer_types"] = new System.Text.Json.Nodes.JsonArray(lt.Take(numLayers).Select(x => x!.DeepClone()).ToArray());
+        if (o["num_hidden_layers"] is not null) o["num_hidden_layers"] = numLayers;
+        foreach (var perLayer in new[] { "layer_types", "layers_block_type" })
+            if (o[perLayer] is System.Text.Json.Nodes.JsonArray lt && lt.Count > numLayers)
+                o[perLayer] = new System.Text.Json.Nodes.JsonArray(lt.Take(numLayers).Select(x => x!.DeepClone()).ToArray());
         return o.ToJsonString();
     }
 

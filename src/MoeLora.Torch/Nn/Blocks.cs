@@ -67,7 +67,7 @@ public sealed class StandardAttention : HfModule, IBlock
         q_proj = AddChild("q_proj", new Linear(hidden, s.Heads * s.HeadDim * (_o.GateInQuery ? 2 : 1), s.QkvBias, init));
         k_proj = AddChild("k_proj", new Linear(hidden, s.KvHeads * s.HeadDim, s.QkvBias, init));
         v_proj = AddChild("v_proj", new Linear(hidden, s.KvHeads * _vDim, s.QkvBias, init));
-        o_proj = AddChild("o_proj", new Linear(s.Heads * _vDim, hidden, s.OBias, init));
+        o_proj = AddChild(_o.OName, new Linear(s.Heads * _vDim, hidden, s.OBias, init));
         var qk = new NormSettings(_o.QkNormType, s.QkNormEps);
         if (s.QkNorm == QkNormKind.PerHead)
         {

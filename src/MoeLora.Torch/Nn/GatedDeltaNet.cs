@@ -98,20 +98,27 @@ public sealed class GatedDeltaNet : HfModule, IBlock
 }
 
 /// <summary>
-/// The depthwise <c>nn.Conv1d</c> of a Gated DeltaNet (weight [C, 1, K], no bias), used causally: padded by K − 1 on
-/// both sides and cut to the first S outputs, so position t sees inputs t − K + 1 … t.
+/// A depthwise <c>nn.Conv1d</c> (weight [C, 1, K], a bias [C] where the family has one: LFM2's conv_bias, Mamba-2's
+/// use_conv_bias; Gated DeltaNet has none), used causally: padded by K − 1 on both sides and cut to the first S
+/// outputs, so position t sees inputs t − K + 1 … t. Never a LoRA target here (Core's tree marks it as a module
+/// PEFT does not wrap).
 /// </summary>
 public sealed class DepthwiseConv1d : HfModule
 {
     public Parameter weight { get; }
+    public Parameter? bias { get; }
 
-    public DepthwiseConv1d(long channels, long kernel, Init init) => weight = AddParameter("weight", init.Normal(channels, 1, kernel));
+    public DepthwiseConv1d(long channels, long kernel, Init init, bool hasBias = false)
+    {
+        weight = AddParameter("weight", init.Normal(channels, 1, kernel));
+        if (hasBias) bias = AddParameter("bias", init.Zeros(channels));
+    }
 
     /// <summary>x [B, C, S] → [B, C, S], in the input's dtype.</summary>
     public Tensor Causal(Tensor x)
     {
         long s = x.shape[2], k = weight.shape[2];
-        var y = nn.functional.conv1d(x.to(weight.dtype), weight, null, stride: 1, padding: k - 1, dilation: 1, groups: weight.shape[0]);
+        var y = nn.functional.conv1d(x.to(weight.dtype), weight, bias, stride: 1, padding: k - 1, dilation: 1, groups: weight.shape[0]);
         return y.narrow(2, 0, s).to(x.dtype);
     }
 }

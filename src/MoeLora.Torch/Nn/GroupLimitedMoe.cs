@@ -32,17 +32,13 @@ public sealed class SigmoidGroupLimitedMoe : HfModule, IBlock
     readonly FusedExperts _experts;
     readonly GroupLimitedRouter _gate;
     readonly GatedMlp? _shared;
-    readonly long _experts_n, _topK, _groups, _topKGroups;
-    readonly bool _norm;
-    readonly double _scale;
+    readonly SigmoidGroupLimitedRouterSettings _r;
 
     public SigmoidGroupLimitedMoe(long hidden, MoeSettings s, Init init)
     {
-        var r = (SigmoidGroupLimitedRouterSettings)s.Router;
-        _experts_n = r.NumExperts; _topK = r.TopK; _groups = r.Groups; _topKGroups = r.TopKGroups;
-        _norm = r.NormTopK; _scale = r.RoutedScalingFactor;
+        var r = _r = (SigmoidGroupLimitedRouterSettings)s.Router;
         var experts = new FusedExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, s.Experts.Act, init);
-        var gate = new GroupLimitedRouter(_experts_n, hidden, init);
+        var gate = new GroupLimitedRouter(r.NumExperts, hidden, init);
         if (s.Order == MoeOrder.ExpertsFirst) { _experts = AddChild("experts", experts); _gate = AddChild(r.Name, gate); }
         else { _gate = AddChild(r.Name, gate); _experts = AddChild("experts", experts); }
         if (s.Shared is { } shared)
@@ -58,23 +54,34 @@ public sealed class SigmoidGroupLimitedMoe : HfModule, IBlock
         var flat = x.reshape(-1, shape[^1]);
         var logits = nn.functional.linear(flat.to(ScalarType.Float32), _gate.EffectiveWeight().to(ScalarType.Float32));
         ctx.RouterLogits.Add(logits);
+        var (topIdx, topW) = Route(logits, _gate.e_score_correction_bias, _r);
+        var routed = _experts.Forward(flat, topIdx, topW).to(x.dtype);
+        return (_shared is null ? routed : routed + _shared.Forward(flat)).view(shape);
+    }
+
+    /// <summary>
+    /// DeepSeek-V3's selection on fp32 router logits [T, E]: sigmoid scores; experts chosen (without gradient) on
+    /// scores + <paramref name="correctionBias"/> within the best TopKGroups groups (a group scored by its two best);
+    /// weights gathered from the uncorrected scores, optionally renormalised (+1e-20), times routed_scaling_factor.
+    /// Shared by the blocks of this router (DeepSeek-V3's experts, Nemotron-H's non-gated ones).
+    /// </summary>
+    internal static (Tensor Idx, Tensor W) Route(Tensor logits, Tensor correctionBias, SigmoidGroupLimitedRouterSettings r)
+    {
+        long e = r.NumExperts, groups = r.Groups, per = e / groups;
         var scores = logits.sigmoid();
         Tensor topIdx;
         using (no_grad())
         {
-            var choice = scores.view(-1, _experts_n) + _gate.e_score_correction_bias.unsqueeze(0);
-            long per = _experts_n / _groups;
-            var groupScores = choice.view(-1, _groups, per).topk(Math.Min(2, (int)per), -1).values.sum(-1);
-            var groupIdx = groupScores.topk((int)_topKGroups, -1, sorted: false).indexes;
+            var choice = scores.view(-1, e) + correctionBias.unsqueeze(0);
+            var groupScores = choice.view(-1, groups, per).topk(Math.Min(2, (int)per), -1).values.sum(-1);
+            var groupIdx = groupScores.topk((int)r.TopKGroups, -1, sorted: false).indexes;
             var groupMask = zeros_like(groupScores).scatter(1, groupIdx, ones_like(groupIdx, groupScores.dtype));
-            var scoreMask = groupMask.unsqueeze(-1).expand(-1, _groups, per).reshape(-1, _experts_n);
+            var scoreMask = groupMask.unsqueeze(-1).expand(-1, groups, per).reshape(-1, e);
             choice = choice.masked_fill(scoreMask.logical_not(), double.NegativeInfinity);
-            topIdx = choice.topk((int)_topK, -1, sorted: false).indexes;
+            topIdx = choice.topk((int)r.TopK, -1, sorted: false).indexes;
         }
         var topW = scores.gather(1, topIdx);
-        if (_norm) topW = topW / (topW.sum(-1, keepdim: true) + 1e-20);
-        topW = topW * _scale;
-        var routed = _experts.Forward(flat, topIdx, topW).to(x.dtype);
-        return (_shared is null ? routed : routed + _shared.Forward(flat)).view(shape);
+        if (r.NormTopK) topW = topW / (topW.sum(-1, keepdim: true) + 1e-20);
+        return (topIdx, topW * r.RoutedScalingFactor);
     }
 }

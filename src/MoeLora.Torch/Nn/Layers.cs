@@ -104,11 +104,16 @@ public sealed class Activation(string name) : HfModule
         "silu" or "swish" => nn.functional.silu(x),
         "gelu" => nn.functional.gelu(x),
         "relu" => nn.functional.relu(x),
+        "relu2" => nn.functional.relu(x).square(), // transformers' ReLUSquaredActivation
+
         _ => throw new NotSupportedException($"hidden_act '{Name}' is not supported."),
     };
 }
 
-/// <summary>Gated MLP <c>down(act(gate(x)) * up(x))</c> with HF child names gate_proj, up_proj, down_proj.</summary>
+/// <summary>
+/// Gated MLP <c>down(act(gate(x)) * up(x))</c> with HF child names gate_proj, up_proj, down_proj (or the family's
+/// names, e.g. LFM2's w1, w3, w2), then the activation module unless the family calls it functionally.
+/// </summary>
 public sealed class GatedMlp : HfModule, IBlock
 {
     public Linear gate_proj { get; }
@@ -117,14 +122,15 @@ public sealed class GatedMlp : HfModule, IBlock
     readonly Activation _act;
 
     public GatedMlp(long hidden, Core.Architectures.Runtime.GatedMlpSettings s, Init init)
-        : this(hidden, s.Intermediate, s.Act, init, s.Bias, s.ActName) { }
+        : this(hidden, s.Intermediate, s.Act, init, s.Bias, s.ActName, s.Names) { }
 
-    public GatedMlp(long hidden, long intermediate, string act, Init init, bool bias = false, string actName = "act_fn")
+    public GatedMlp(long hidden, long intermediate, string act, Init init, bool bias = false, string? actName = "act_fn",
+        Core.Architectures.Runtime.GatedMlpNames? names = null)
     {
-        gate_proj = AddChild("gate_proj", new Linear(hidden, intermediate, bias, init));
-        up_proj = AddChild("up_proj", new Linear(hidden, intermediate, bias, init));
-        down_proj = AddChild("down_proj", new Linear(intermediate, hidden, bias, init));
-        _act = AddChild(actName, new Activation(act));
+        gate_proj = AddChild(names?.Gate ?? "gate_proj", new Linear(hidden, intermediate, bias, init));
+        up_proj = AddChild(names?.Up ?? "up_proj", new Linear(hidden, intermediate, bias, init));
+        down_proj = AddChild(names?.Down ?? "down_proj", new Linear(intermediate, hidden, bias, init));
+        _act = actName is null ? new Activation(act) : AddChild(actName, new Activation(act));
     }
 
     public Tensor Forward(Tensor x) => down_proj.Forward(_act.Forward(gate_proj.Forward(x)) * up_proj.Forward(x));

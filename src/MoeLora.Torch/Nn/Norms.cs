@@ -57,13 +57,15 @@ public static class Norms
 /// </summary>
 public sealed class FormDecoderLayer : HfModule, IDecoderLayer
 {
-    readonly IBlock _attn, _ff;
+    readonly IBlock? _attn, _ff;
     readonly IBlock? _extra;
     readonly INorm? _beforeAttn, _afterAttn, _beforeFf, _afterFf;
     readonly LayerForm _form;
     readonly Parameter? _attnScale, _ffScale;
 
-    public FormDecoderLayer(HfModule attn, string ffName, HfModule ff, LayerForm form, HfModule? extraFf, long hidden, Init init)
+    /// <param name="attn">The attention (or other mixer) under <see cref="LayerForm.AttentionName"/>; null: the layer has none.</param>
+    /// <param name="ff">The feed-forward; null: the layer has none (at most one of the two is null).</param>
+    public FormDecoderLayer(HfModule? attn, string ffName, HfModule? ff, LayerForm form, HfModule? extraFf, long hidden, Init init)
     {
         _form = form;
         if (form.ResidualScales is { } rs)
@@ -71,7 +73,9 @@ public sealed class FormDecoderLayer : HfModule, IDecoderLayer
             _attnScale = AddParameter(rs.Attention, init.Ones(hidden));
             _ffScale = AddParameter(rs.FeedForward, init.Ones(hidden));
         }
-        var children = new Dictionary<string, HfModule>(StringComparer.Ordinal) { [form.AttentionName] = attn, [ffName] = ff };
+        var children = new Dictionary<string, HfModule>(StringComparer.Ordinal);
+        if (attn is not null) children.Add(form.AttentionName, attn);
+        if (ff is not null) children.Add(ffName, ff);
         INorm? Norm(NamedNorm? n)
         {
             if (n is null) return null;
@@ -86,18 +90,25 @@ public sealed class FormDecoderLayer : HfModule, IDecoderLayer
         if (extraFf is not null) children.Add(form.ExtraFeedForwardName ?? throw new InvalidDataException("an extra feed-forward needs a name."), extraFf);
         if (form.Order.Count != children.Count || !form.Order.All(children.ContainsKey))
             throw new InvalidDataException($"layer order [{string.Join(", ", form.Order)}] does not name its children [{string.Join(", ", children.Keys)}].");
+        if (attn is null && ff is null) throw new InvalidDataException("a layer needs attention or a feed-forward.");
+        // A one-sublayer block (Nemotron-H) is x + sublayer(norm(x)): no residual multiplier, scales or parallel form.
+        if ((attn is null || ff is null) && (form.ResidualMultiplier != 1.0 || form.ResidualScales is not null || form.Parallel || extraFf is not null))
+            throw new InvalidDataException("a one-sublayer layer takes no residual multiplier, residual scales, parallel form or extra feed-forward.");
         foreach (var name in form.Order) AddChild(name, children[name]);
-        _attn = (IBlock)attn;
-        _ff = (IBlock)ff;
+        _attn = (IBlock?)attn;
+        _ff = (IBlock?)ff;
         _extra = (IBlock?)extraFf;
     }
 
     static Tensor Apply(INorm? n, Tensor x) => n is null ? x : n.Forward(x);
 
-    Tensor FeedForward(Tensor x, ForwardContext ctx) => _extra is null ? _ff.Forward(x, ctx) : _ff.Forward(x, ctx) + _extra.Forward(x, ctx);
+    Tensor FeedForward(Tensor x, ForwardContext ctx) => _extra is null ? _ff!.Forward(x, ctx) : _ff!.Forward(x, ctx) + _extra.Forward(x, ctx);
 
     public Tensor Forward(Tensor x, ForwardContext ctx)
     {
+        // One-sublayer blocks (Nemotron-H): x + mixer(norm(x)).
+        if (_ff is null) return x + Apply(_afterAttn, _attn!.Forward(Apply(_beforeAttn, x), ctx));
+        if (_attn is null) return x + Apply(_afterFf, FeedForward(Apply(_beforeFf, x), ctx));
         double m = _form.ResidualMultiplier;
         if (_form.Parallel)
         {

@@ -158,8 +158,8 @@ public sealed class RoutedMoe : HfModule, IBlock
                 if (b.SoftCap > 0) l32 = (l32 / b.SoftCap).tanh() * b.SoftCap;
                 if (b.SoftCap > 0) logits = l32;
                 var scores = l32.sigmoid();
-                var sel = _blockBias ?? ((ScoredRouter)_router).SelectionBias!;
-                using (no_grad()) topIdx = (scores + sel.to(ScalarType.Float32)).topk((int)b.TopK, -1).indexes;
+                var sel = _blockBias ?? ((ScoredRouter)_router).SelectionBias;
+                using (no_grad()) topIdx = (sel is null ? scores : scores + sel.to(ScalarType.Float32)).topk((int)b.TopK, -1).indexes;
                 topW = scores.gather(1, topIdx);
                 if (b.NormTopK) topW = topW / (topW.sum(-1, keepdim: true) + b.NormEps);
                 if (b.Scale != 1.0) topW = topW * b.Scale;

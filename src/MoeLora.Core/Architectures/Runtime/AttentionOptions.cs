@@ -54,6 +54,7 @@ public sealed record OutputGate(string Name, OutputGateKind Kind, bool PerHead);
 /// <param name="SoftmaxInFp32">False: the attention softmax runs in the activations' dtype after subtracting the row
 /// maximum (MiMo-V2-Flash's eager attention), not in fp32.</param>
 /// <param name="Gate">An output gate before o_proj (AFMoE, Laguna).</param>
+/// <param name="OName">Attribute of the output projection (<c>o_proj</c>; LFM2: <c>out_proj</c>).</param>
 public sealed record StandardAttentionOptions(
     RopeSettings? Rope = null,
     RotaryStyle Rotary = RotaryStyle.Half,
@@ -67,4 +68,5 @@ public sealed record StandardAttentionOptions(
     double? Scaling = null,
     bool GateInQuery = false,
     bool SoftmaxInFp32 = true,
-    OutputGate? Gate = null);
+    OutputGate? Gate = null,
+    string OName = "o_proj");

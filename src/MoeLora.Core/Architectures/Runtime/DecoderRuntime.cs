@@ -14,6 +14,7 @@ namespace MoeLora.Core.Architectures.Runtime;
 /// <param name="Layers">One entry per decoder layer, in order.</param>
 /// <param name="LmHeadBias">lm_head has a bias (ERNIE's <c>use_bias</c>, PhiMoE's <c>lm_head_bias</c>).</param>
 /// <param name="Scaling">Embedding / logits multipliers, where the family has them.</param>
+/// <param name="Names">Embedding, final norm and rotary module names when they are not Llama's (null: Llama's).</param>
 public sealed record DecoderRuntime(
     long VocabSize,
     long HiddenSize,
@@ -23,7 +24,8 @@ public sealed record DecoderRuntime(
     RopeSettings Rope,
     IReadOnlyList<DecoderLayerRuntime> Layers,
     bool LmHeadBias = false,
-    ModelScaling? Scaling = null);
+    ModelScaling? Scaling = null,
+    ModelNames? Names = null);
 
 /// <summary>
 /// One pre-norm decoder layer: <c>h = x + attn(input_layernorm(x))</c>, <c>out = h + ff(post_attention_layernorm(h))</c>,

@@ -5,9 +5,13 @@ public abstract record FeedForwardSettings;
 
 /// <summary>
 /// <c>down_proj(act(gate_proj(x)) * up_proj(x))</c>, registered gate_proj, up_proj, down_proj, then the activation
-/// module <paramref name="ActName"/> (<c>act_fn</c>; Llama 4: <c>activation_fn</c>).
+/// module <paramref name="ActName"/> (<c>act_fn</c>; Llama 4: <c>activation_fn</c>; null: a functional activation, no
+/// module). <paramref name="Names"/> renames the three projections (LFM2's w1, w3, w2).
 /// </summary>
-public sealed record GatedMlpSettings(long Intermediate, string Act, bool Bias = false, string ActName = "act_fn") : FeedForwardSettings;
+public sealed record GatedMlpSettings(long Intermediate, string Act, bool Bias = false, string? ActName = "act_fn", GatedMlpNames? Names = null) : FeedForwardSettings;
+
+/// <summary>The attributes of a gated MLP's gate, up and down projections, in that registration order.</summary>
+public sealed record GatedMlpNames(string Gate, string Up, string Down);
 
 /// <summary>Which child a sparse MoE block registers first (named_parameters order).</summary>
 public enum MoeOrder

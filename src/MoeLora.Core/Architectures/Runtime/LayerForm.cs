@@ -17,8 +17,10 @@ public sealed record NamedNorm(string Name, NormSettings Norm);
 /// <param name="ResidualScales">Learned per-channel residual scales, the layer's own Parameters [hidden] (so they
 /// enumerate before its children): <c>h = s₁ ⊙ x + attn</c>, <c>out = s₂ ⊙ h + ff</c> (Doge's input_residual,
 /// post_attention_residual); null: plain residuals.</param>
-/// <param name="AttentionName">The attribute of the attention sublayer (Qwen3-Next's and Qwen3.5's Gated DeltaNet:
-/// <c>linear_attn</c>).</param>
+/// <param name="AttentionName">The attribute of the attention sublayer or other sequence mixer (Qwen3-Next's and
+/// Qwen3.5's Gated DeltaNet: <c>linear_attn</c>; LFM2's <c>conv</c>; Nemotron-H's <c>mixer</c>; GraniteMoeHybrid's
+/// <c>mamba</c>). A layer whose attention is <see cref="NoAttentionSettings"/> or whose feed-forward is
+/// <see cref="NoFeedForwardSettings"/> registers and runs only the other sublayer.</param>
 /// <param name="ExtraFeedForward">A second feed-forward added to the first on the same input (GraniteMoeShared's
 /// <c>shared_mlp</c>), registered as <paramref name="ExtraFeedForwardName"/>.</param>
 public sealed record LayerForm(

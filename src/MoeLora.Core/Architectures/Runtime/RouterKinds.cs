@@ -50,10 +50,11 @@ public sealed record ScoreBias(string Name, ScoreBiasOwner Owner, bool IsParamet
 /// <paramref name="NormEps"/>), times <paramref name="Scale"/> (AFMoE, Laguna, MiniMax-M2, MiniMax-M3, HY V3).
 /// <paramref name="Name"/> may be dotted (AFMoE's <c>router.gate</c>).
 /// </summary>
+/// <param name="Bias">The selection bias; null: experts are chosen on the scores alone (LFM2 with use_expert_bias=false).</param>
 /// <param name="LinearModule">The router is an nn.Linear (AFMoE's <c>router.gate</c>) rather than a module holding <c>weight</c>.</param>
 /// <param name="LinearInFp32">The logits are computed from fp32 input and weight (HY V3's <c>F.linear(h.float(),
 /// weight.float())</c>) rather than in the model dtype and cast after.</param>
-public sealed record SigmoidBiasRouterSettings(string Name, long NumExperts, long TopK, ScoreBias Bias, bool NormTopK,
+public sealed record SigmoidBiasRouterSettings(string Name, long NumExperts, long TopK, ScoreBias? Bias, bool NormTopK,
     double NormEps, double Scale, double SoftCap, bool LinearModule = false, bool LinearInFp32 = false) : RouterSettings(Name, NumExperts, TopK);
 
 /// <summary>
