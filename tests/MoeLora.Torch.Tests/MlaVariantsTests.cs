@@ -1,8 +1,10 @@
 using MoeLora.Core.Architectures.Runtime;
+using MoeLora.Torch.IO;
 using MoeLora.Torch.Lora;
 using MoeLora.Torch.Models;
 using MoeLora.Torch.Nn;
 using MoeLora.Torch.Runtime;
+using MoeLora.Torch.Tests.Training;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -274,5 +276,47 @@ public class MlaVariantsTests
         using var h = new DisposableModel(TorchModelFactory.Random(config, 0));
         Assert.Equal(spec.Tree.Parameters.Select(p => $"{p.Name} [{string.Join(",", p.Shape)}]"),
             h.Model.NamedParameters().Select(p => $"{p.Name} [{string.Join(",", p.Param.shape)}]"));
+    }
+
+    // The Hub stores DeepSeek-V2 and GLM-4.7-Flash experts one by one (experts.{e}.gate_proj / up_proj / down_proj);
+    // Core's checkpoint layout stacks them into the fused runtime parameters. A checkpoint written that way must load
+    // into the same model.
+    [Theory]
+    [InlineData("deepseek_v2")]
+    [InlineData("glm4_moe_lite")]
+    public void PerExpertCheckpointLoadsIntoTheSameModel(string type)
+    {
+        var config = type == "deepseek_v2" ? V2GroupLimited : GlmLite;
+        using var original = new DisposableModel(TorchModelFactory.Random(config, 9));
+        var tensors = new List<KeyValuePair<string, Tensor>>();
+        foreach (var (name, value) in original.Model.StateDict())
+        {
+            if (name.EndsWith(".experts.gate_up_proj", StringComparison.Ordinal))
+            {
+                var prefix = name[..^"gate_up_proj".Length];
+                var halves = value.chunk(2, 1);
+                for (int e = 0; e < value.shape[0]; e++)
+                {
+                    tensors.Add(new($"{prefix}{e}.gate_proj.weight", halves[0][e].contiguous()));
+                    tensors.Add(new($"{prefix}{e}.up_proj.weight", halves[1][e].contiguous()));
+                }
+            }
+            else if (name.EndsWith(".experts.down_proj", StringComparison.Ordinal))
+            {
+                var prefix = name[..^"down_proj".Length];
+                for (int e = 0; e < value.shape[0]; e++) tensors.Add(new($"{prefix}{e}.down_proj.weight", value[e].contiguous()));
+            }
+            else tensors.Add(new(name, value));
+        }
+        Assert.Contains(tensors, t => t.Key == "model.layers.1.mlp.experts.7.down_proj.weight");
+        using var dir = new TempDir();
+        File.WriteAllText(Path.Combine(dir.Path, "config.json"), config);
+        Safetensors.Save(Path.Combine(dir.Path, "model.safetensors"), tensors, new Dictionary<string, string> { ["format"] = "pt" });
+        using var loaded = new DisposableModel(TorchModelFactory.Load(dir.Path));
+        using var _ = no_grad();
+        var (ids, mask) = LeftPaddedBatch();
+        using var a = original.Model.Forward(ids, mask);
+        using var b = loaded.Model.Forward(ids, mask);
+        Assert.True(a.Logits.bytes.SequenceEqual(b.Logits.bytes));
     }
 }
