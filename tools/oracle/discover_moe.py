@@ -52,7 +52,14 @@ minimax_m3_vl deepseek_ocr2 glm5_next inkling_mm_model""".split()
 # Fields the generic shrink cannot guess (read from each type's configuration file), applied after shrink().
 # Extra fixtures: name -> (type, overrides). llama4_text_chunked makes the left-padded row cross chunk boundaries
 # (attention_chunk_size 4 < the 10-token inputs), which the default 32-token chunk never does.
-EXTRA_FIXTURES = {"llama4_text_chunked": ("llama4_text", dict(attention_chunk_size=4))}
+# deepseek_v2_group_limited routes with topk_method "group_limited_greedy" (2 groups of 2 experts, the best one kept).
+EXTRA_FIXTURES = {
+    "llama4_text_chunked": ("llama4_text", dict(attention_chunk_size=4)),
+    "deepseek_v2_group_limited": ("deepseek_v2", dict(topk_method="group_limited_greedy", n_group=2, topk_group=1)),
+}
+
+# Multimodal-listed types whose default config is a text model AutoModelForCausalLM builds: they get fixtures too.
+MM_TEXT_FIXTURE_TYPES = {"mistral4"}
 
 OVERRIDES = {
     "dots1": dict(n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1),
@@ -60,6 +67,11 @@ OVERRIDES = {
     "hunyuan_v1_moe": dict(head_dim=16, num_experts=4, moe_topk=2),
     "glm5_next": dict(num_key_value_heads=4),
     "granitemoehybrid": dict(mamba_d_head=32),
+    # DeepseekV2Config has no num_experts_per_tok default (None): its router's topk fails ("topk k None").
+    "deepseek_v2": dict(num_experts_per_tok=2),
+    # Mistral 4's yarn rope rotates head_dim * partial_rotary_factor (0.5) dims, which must be qk_rope_head_dim:
+    # equal nope and rope widths with head_dim their sum keep that true at the small sizes.
+    "mistral4": dict(qk_nope_head_dim=8, qk_rope_head_dim=8, head_dim=16),
 }
 
 EXPERT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts", "num_experts_total",
@@ -147,6 +159,9 @@ def shrink(d, kind="oracle", depth=0, orig_layers=None):
     for k in ("num_experts_per_tok", "moe_top_k", "experts_per_token", "top_k", "num_experts_per_token", "moe_k",
               "n_activated_experts"):
         setif(k, s["topk"], lambda v: _is_int(v) and v > s["topk"])
+    # A MoE config class without a top-k default (DeepseekV2Config) writes None; its router cannot run without one.
+    if "num_experts_per_tok" in d and d["num_experts_per_tok"] is None and any(_is_int(d.get(k)) for k in EXPERT_KEYS):
+        d["num_experts_per_tok"] = s["topk"]
     setif("n_shared_experts", 1, lambda v: _is_int(v) and v > 2)
     setif("num_shared_experts", 1, lambda v: _is_int(v) and v > 2)
     setif("first_k_dense_replace", 1, lambda v: _is_int(v) and v > 1)
@@ -414,6 +429,10 @@ def job_fixture(args):
                     v.pop(k, None)
         if t == "hunyuan_v1_moe":
             cfg["head_dim"] = 8
+        # transformers 5.17's DbrxConfig.to_dict() leaves rope_theta out of attn_config (it writes rope_parameters at
+        # the top), but DbrxAttention reads attn_config.rope_theta: "DbrxAttentionConfig has no rope_theta".
+        if isinstance(cfg.get("attn_config"), dict) and "rope_theta" not in cfg["attn_config"]:
+            cfg["attn_config"]["rope_theta"] = (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
         cfg["model_type"] = t
         cfg["initializer_range"] = 0.1
         config = mo.load_config(cfg)
@@ -547,7 +566,8 @@ def main():
     with ctx.Pool(a.workers, maxtasksperchild=1) as pool:
         tree_types = [t for t in types if not a.tree_types or t in a.tree_types.split(",")]
         tree_jobs = pool.imap_unordered(job_type, [(t, types[t], a.out, not a.no_peft) for t in tree_types])
-        fx_types = [t for t, r in types.items() if "default_config" in r and t in TEXT_TYPES and t not in a.no_fixture.split(",")]
+        fx_types = [t for t, r in types.items() if "default_config" in r and (t in TEXT_TYPES or t in MM_TEXT_FIXTURE_TYPES)
+                    and t not in a.no_fixture.split(",")]
         fx_types += [n for n, (t, _) in EXTRA_FIXTURES.items() if t in fx_types]
         fx_jobs = pool.imap_unordered(job_fixture, [(t, types[EXTRA_FIXTURES.get(t, (t,))[0]], fx_root, a.perturb_constants) for t in fx_types] if a.fixtures else [])
         for res in tree_jobs:

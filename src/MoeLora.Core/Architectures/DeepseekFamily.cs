@@ -9,6 +9,11 @@ namespace MoeLora.Core.Architectures;
 /// <c>first_k_dense_replace</c> layers dense, the rest MoE with <c>n_shared_experts</c> shared experts fused into one
 /// MLP of <c>moe_intermediate_size * n_shared_experts</c>. V3's router also holds <c>e_score_correction_bias</c>, a
 /// persistent buffer that is not a parameter.
+/// Runtime: V3 is checked against a transformers fixture. V2 is runtime-unverified (no transformers fixture yet; its
+/// parameter names are checked by RuntimeTreeTests): read from transformers 5.17's modeling_deepseek_v2.py, it is V3's
+/// MLA with <c>apply_rotary_emb</c>'s complex-pair rope and DeepseekV2Attention's plain (nope+rope)^-0.5 scaling (no
+/// yarn mscale), and <c>DeepseekV2Moe.route_tokens_to_experts</c>'s softmax router (see <see cref="V2Router"/>); the
+/// shared experts are always added, and mlp_bias applies to the dense and shared MLPs.
 /// </summary>
 internal sealed class DeepseekFamily : IArchitecture
 {
@@ -83,27 +88,61 @@ internal sealed class DeepseekFamily : IArchitecture
             : $"{c.String("scoring_func", "softmax")} over {experts} experts, {c.String("topk_method", "greedy")} top-{topK}";
         var moe = new MoeFacts(experts, topK, shared ?? 0, moeInter, hasShared ? sharedInter : 0, moeLayers, denseLayers, routing);
         var spec = Blocks.Spec(c, type, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
-        if (!v3) return spec with { RuntimeUnavailable = "DeepSeek-V2's softmax router (greedy / group-limited) and complex-pair rope in MLA" };
 
         var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-6));
         var ropeSettings = RopeSettings.Read(c, 10000.0, rope);
-        // Softmax scale (nope+rope)^-0.5; a scaled rope with mscale_all_dim multiplies it by mscale² (yarn_apply_mscale).
-        var scaling = Math.Pow(qkHead, -0.5);
-        if (ropeSettings.Type != "default" && ropeSettings.MScaleAllDim is { } mad && mad != 0 && ropeSettings.Factor is { } f)
-            scaling *= Math.Pow(RopeSettings.YarnMScale(f, mad), 2);
-        // q_a_layernorm and kv_a_layernorm are built without eps, so they keep DeepseekV3RMSNorm's 1e-6.
-        var attention = new MlaAttentionSettings(heads, qLoraRank, kvLoraRank, nope, rope, vHead, attnBias,
-            c.Bool("rope_interleave", true), scaling, LowRankNormEps: 1e-6);
-        var sparse = new MoeSettings(
-            new SigmoidGroupLimitedRouterSettings("gate", experts, topK, groups, topKGroups, c.Bool("norm_topk_prob", true), scalingFactor),
+        MlaAttentionSettings attention;
+        RouterSettings router;
+        if (v3)
+        {
+            // q_a_layernorm and kv_a_layernorm are built without eps, so they keep DeepseekV3RMSNorm's 1e-6.
+            attention = new MlaAttentionSettings(heads, qLoraRank, kvLoraRank, nope, rope, vHead, attnBias,
+                c.Bool("rope_interleave", true), ropeSettings.MlaSoftmaxScale(qkHead), LowRankNormEps: 1e-6);
+            router = new SigmoidGroupLimitedRouterSettings("gate", experts, topK, groups, topKGroups, c.Bool("norm_topk_prob", true), scalingFactor);
+        }
+        else
+        {
+            var (v2Router, missing) = V2Router(c, experts, topK);
+            if (v2Router is null) return spec with { RuntimeUnavailable = missing };
+            // DeepseekV2Attention: scaling is (nope+rope)^-0.5 with no yarn mscale; apply_rotary_emb rotates complex pairs.
+            attention = new MlaAttentionSettings(heads, qLoraRank, kvLoraRank, nope, rope, vHead, attnBias,
+                RopeInterleave: false, Math.Pow(qkHead, -0.5), LowRankNormEps: 1e-6, RopeComplexPairs: true);
+            router = v2Router;
+        }
+        var sparse = new MoeSettings(router,
             new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act),
-            new SharedExpertSettings("shared_experts", sharedInter, act, SigmoidGateName: null), MoeOrder.ExpertsFirst);
-        var dense = new GatedMlpSettings(inter, act);
+            new SharedExpertSettings("shared_experts", sharedInter, act, SigmoidGateName: null, Bias: mlpBias), MoeOrder.ExpertsFirst);
+        var dense = new GatedMlpSettings(inter, act, mlpBias);
         var runtimeLayers = Enumerable.Range(0, (int)layers)
             .Select(i => new DecoderLayerRuntime(attention, "mlp", moeSet.Contains(i) ? sparse : dense, norm, norm)).ToList();
         return spec with
         {
             Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm, ropeSettings, runtimeLayers),
         };
+    }
+
+    /// <summary>
+    /// DeepseekV2Moe.route_tokens_to_experts (transformers 5.17): softmax of fp32 logits, then "greedy" (plain top-k,
+    /// one group here) or "group_limited_greedy" (groups scored by their best expert, the best topk_group kept, the
+    /// rest zeroed); the top-k values times routed_scaling_factor (DeepseekV2Config's default 1.0), never renormalised
+    /// (norm_topk_prob is unused). Any other topk_method, or groups that do not split the experts, leave transformers
+    /// without routing weights at the first forward: the runtime refuses those configs, naming why.
+    /// </summary>
+    private static (SoftmaxGroupLimitedRouterSettings? Router, string? Missing) V2Router(ModelConfig c, long experts, long topK)
+    {
+        // DeepseekV2Config has no num_experts_per_tok default: transformers' top-k fails without one.
+        if (!c.Has("num_experts_per_tok")) return (null, "DeepSeek-V2 without num_experts_per_tok (transformers' router has no top-k then)");
+        if (topK > experts) return (null, $"DeepSeek-V2 choosing {topK} of {experts} experts");
+        var scale = c.Double("routed_scaling_factor", 1.0);
+        var method = c.String("topk_method", "greedy");
+        if (method == "greedy")
+            return (new SoftmaxGroupLimitedRouterSettings("gate", experts, topK, 1, 1, GroupScore.Max, false, false, scale, true), null);
+        if (method != "group_limited_greedy")
+            return (null, $"DeepSeek-V2's topk_method '{method}' (transformers routes only 'greedy' and 'group_limited_greedy')");
+        var groups = c.IntOrNull("n_group", null);
+        var topKGroups = c.IntOrNull("topk_group", null);
+        if (groups is not > 0 || topKGroups is not > 0 || experts % groups.Value != 0 || topKGroups > groups)
+            return (null, $"DeepSeek-V2's group_limited_greedy needs n_group dividing {experts} experts and 0 < topk_group <= n_group (n_group {groups?.ToString() ?? "null"}, topk_group {topKGroups?.ToString() ?? "null"})");
+        return (new SoftmaxGroupLimitedRouterSettings("gate", experts, topK, groups.Value, topKGroups.Value, GroupScore.Max, false, false, scale, true), null);
     }
 }

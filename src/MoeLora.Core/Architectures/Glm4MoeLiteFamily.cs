@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -12,6 +13,13 @@ namespace MoeLora.Core.Architectures;
 /// <c>indexer_types</c> entry is "full" ("shared" layers reuse the previous layer's selection).
 /// None of the three existed in transformers 4.57: <see cref="Layout.V4"/> here means the on-disk checkpoint layout,
 /// per-expert <c>experts.{e}.gate_proj/up_proj/down_proj</c> (a ModuleList of the type's MLP class).
+/// Runtime: glm4_moe_lite only, runtime-unverified (no transformers fixture yet; parameter names checked by
+/// RuntimeTreeTests). Read from transformers 5.17's modeling_glm4_moe_lite.py, it is DeepSeek-V3's runtime:
+/// Glm4MoeLiteAttention (MLA, <c>apply_rotary_pos_emb_interleave</c> under rope_interleave, scaling from
+/// <c>yarn_apply_mscale</c>), Glm4MoeLiteTopkRouter (fp32 sigmoid, group-limited on scores + e_score_correction_bias,
+/// groups scored by their best two), shared experts always added, dense or sparse per mlp_layer_types. What differs from
+/// V3 is read here: the rope width (head_dim = qk_rope_head_dim times partial_rotary_factor), the rms_norm_eps default.
+/// The two DSA types stay refused.
 /// </summary>
 internal sealed class Glm4MoeLiteFamily : IArchitecture
 {
@@ -77,12 +85,37 @@ internal sealed class Glm4MoeLiteFamily : IArchitecture
             b.RmsNorm("post_attention_layernorm", p + "RMSNorm", hidden, ModuleLocation.Norm);
         });
 
-        var routing = Blocks.GroupedTopKRouting("sigmoid", true, c.Int("n_group", d.Groups), c.Int("topk_group", d.TopkGroup),
-            topK, experts, c.Bool("norm_topk_prob", true), c.Double("routed_scaling_factor", d.Scale));
+        var groups = c.Int("n_group", d.Groups);
+        var topKGroups = c.Int("topk_group", d.TopkGroup);
+        var normTopK = c.Bool("norm_topk_prob", true);
+        var scale = c.Double("routed_scaling_factor", d.Scale);
+        var routing = Blocks.GroupedTopKRouting("sigmoid", true, groups, topKGroups, topK, experts, normTopK, scale);
         var moe = new MoeFacts(experts, topK, shared, moeInter, sharedInter, moeLayers, denseLayers, routing);
-        return Blocks.Spec(c, type, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        var spec = Blocks.Spec(c, type, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        if (dsa) return spec with { RuntimeUnavailable = "the DSA sparse-attention indexer" };
+
+        // Glm4MoeLiteRotaryEmbedding rotates head_dim (= qk_rope_head_dim) · partial_rotary_factor dims; any other
+        // width than the rope dims makes transformers' forward fail, so the runtime refuses it.
+        var ropeDim = (long)(mla.RopeDim * RopeSettings.PartialRotaryFactor(c, 1.0));
+        if (ropeDim != mla.RopeDim)
+            return spec with { RuntimeUnavailable = $"a rotary width ({ropeDim}) other than qk_rope_head_dim ({mla.RopeDim})" };
+        if (experts % groups != 0 || topKGroups > groups)
+            return spec with { RuntimeUnavailable = $"n_group {groups} / topk_group {topKGroups} that do not split {experts} experts" };
+        var ropeSettings = RopeSettings.Read(c, 10000.0, ropeDim);
+        var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-5));
+        // q_a_layernorm and kv_a_layernorm are built without eps: Glm4MoeLiteRMSNorm's 1e-6.
+        var attention = new MlaAttentionSettings(heads, mla.QLoraRank, mla.KvLoraRank, mla.NopeDim, mla.RopeDim, mla.VHeadDim, mla.Bias,
+            c.Bool("rope_interleave", true), ropeSettings.MlaSoftmaxScale(mla.QkHeadDim), LowRankNormEps: 1e-6);
+        var sparse = new MoeSettings(
+            new SigmoidGroupLimitedRouterSettings("gate", experts, topK, groups, topKGroups, normTopK, scale),
+            new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act),
+            new SharedExpertSettings("shared_experts", sharedInter, act, SigmoidGateName: null), MoeOrder.ExpertsFirst);
+        var dense = new GatedMlpSettings(inter, act);
+        var runtimeLayers = Enumerable.Range(0, (int)layers)
+            .Select(i => new DecoderLayerRuntime(attention, "mlp", moeSet.Contains(i) ? sparse : dense, norm, norm)).ToList();
+        return spec with
         {
-            RuntimeUnavailable = "runtime settings not declared yet: no transformers reference for its MLA to check them against (deepseek_v32 and glm_moe_dsa also need the DSA sparse-attention indexer)",
+            Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm, ropeSettings, runtimeLayers),
         };
     }
 

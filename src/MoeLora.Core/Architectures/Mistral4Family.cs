@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -9,6 +10,11 @@ namespace MoeLora.Core.Architectures;
 /// (no correction bias) and <c>n_shared_experts</c> shared experts fused into one MLP. Mistral 4 did not exist in
 /// transformers 4.57 and save_pretrained writes the fused experts as they are (no conversion mapping), so
 /// <see cref="Layout.V4"/>, the on-disk checkpoint layout, is the transformers-5 tree.
+/// Runtime: runtime-unverified (no transformers fixture yet; parameter names checked by RuntimeTreeTests). Read from
+/// transformers 5.17's modeling_mistral4.py: Mistral4Attention is DeepSeek-V3's MLA (rope_interleave, yarn_apply_mscale
+/// scaling) plus get_llama_4_attn_scale on the query; Mistral4TopkRouter is a softmax router in the model's dtype,
+/// groups scored by their best two, other groups zeroed, weights gathered from the scores, renormalised under
+/// norm_topk_prob, times routed_scaling_factor; the shared experts are always added.
 /// </summary>
 internal sealed class Mistral4Family : IArchitecture
 {
@@ -51,12 +57,43 @@ internal sealed class Mistral4Family : IArchitecture
             b.RmsNorm("post_attention_layernorm", "Mistral4RMSNorm", hidden, ModuleLocation.Norm);
         });
 
-        var routing = Blocks.GroupedTopKRouting("softmax", false, c.IntOrNull("n_group", 1) ?? 1, c.IntOrNull("topk_group", 1) ?? 1,
-            topK, experts, c.Bool("norm_topk_prob", true), c.Double("routed_scaling_factor", 1.0));
+        var groups = c.IntOrNull("n_group", 1) ?? 1;
+        var topKGroups = c.IntOrNull("topk_group", 1) ?? 1;
+        var normTopK = c.Bool("norm_topk_prob", true);
+        var scale = c.Double("routed_scaling_factor", 1.0);
+        var routing = Blocks.GroupedTopKRouting("softmax", false, groups, topKGroups, topK, experts, normTopK, scale);
         var moe = new MoeFacts(experts, topK, shared, moeInter, sharedInter, moeLayers, denseLayers, routing);
-        return Blocks.Spec(c, "mistral4", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        var spec = Blocks.Spec(c, "mistral4", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+
+        // Mistral4RotaryEmbedding: the default rope rotates head_dim dims, the others (yarn) head_dim ·
+        // partial_rotary_factor; transformers' forward fails unless that is qk_rope_head_dim, so the runtime refuses.
+        var ropeType = RopeSettings.Read(c, 10000.0, mla.RopeDim).Type;
+        var headDim = c.IntOrNull("head_dim", mla.QkHeadDim) ?? mla.QkHeadDim;
+        var ropeDim = ropeType == "default" ? headDim : (long)(headDim * RopeSettings.PartialRotaryFactor(c, 1.0));
+        if (ropeDim != mla.RopeDim)
+            return spec with { RuntimeUnavailable = $"a rotary width ({ropeDim}) other than qk_rope_head_dim ({mla.RopeDim})" };
+        var rope = RopeSettings.Read(c, 10000.0, ropeDim);
+        var ropeParams = c.Sub("rope_parameters") ?? c.Sub("rope_scaling");
+        if (ropeParams is null || !ropeParams.Has("llama_4_scaling_beta") || !ropeParams.Has("original_max_position_embeddings"))
+            return spec with { RuntimeUnavailable = "rope_parameters without llama_4_scaling_beta and original_max_position_embeddings (Mistral4Attention's query scale needs both)" };
+        if (groups <= 0 || experts % groups != 0 || topKGroups <= 0 || topKGroups > groups || experts / groups < 2)
+            return spec with { RuntimeUnavailable = $"n_group {groups} / topk_group {topKGroups} that do not split {experts} experts into groups of two or more" };
+        var queryScale = new Llama4QueryScale(ropeParams.Double("llama_4_scaling_beta", 0), ropeParams.Double("original_max_position_embeddings", 0));
+        // q_a_layernorm and kv_a_layernorm are built without eps: Mistral4RMSNorm's 1e-6.
+        var attention = new MlaAttentionSettings(heads, mla.QLoraRank, mla.KvLoraRank, mla.NopeDim, mla.RopeDim, mla.VHeadDim, mla.Bias,
+            c.Bool("rope_interleave", true), rope.MlaSoftmaxScale(mla.QkHeadDim), LowRankNormEps: 1e-6, QueryScale: queryScale);
+        var sparse = new MoeSettings(
+            new SoftmaxGroupLimitedRouterSettings("gate", experts, topK, groups, topKGroups, GroupScore.TopTwoSum,
+                WeightsFromScores: true, normTopK, scale, InFp32: false),
+            new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act),
+            new SharedExpertSettings("shared_experts", sharedInter, act, SigmoidGateName: null), MoeOrder.ExpertsFirst);
+        var dense = new GatedMlpSettings(inter, act);
+        var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-6));
+        var runtimeLayers = Enumerable.Range(0, (int)layers)
+            .Select(i => new DecoderLayerRuntime(attention, "mlp", moeSet.Contains(i) ? sparse : dense, norm, norm)).ToList();
+        return spec with
         {
-            RuntimeUnavailable = "runtime settings not declared yet: no transformers reference for its MLA to check them against",
+            Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm, rope, runtimeLayers),
         };
     }
 }

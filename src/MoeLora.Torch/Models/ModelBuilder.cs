@@ -67,6 +67,7 @@ public static class ModelBuilder
         {
             SoftmaxTopKRouterSettings => new SoftmaxTopKMoe(hidden, Expect(m, ExpertsLayout.GateUpOutIn), init),
             SigmoidGroupLimitedRouterSettings => new SigmoidGroupLimitedMoe(hidden, Expect(m, ExpertsLayout.GateUpOutIn), init),
+            SoftmaxGroupLimitedRouterSettings => new SoftmaxGroupLimitedMoe(hidden, Expect(m, ExpertsLayout.GateUpOutIn), init),
             TopKSoftmaxRouterSettings => new GptOssMlp(hidden, Expect(m, ExpertsLayout.GptOssInterleaved), init),
             Llama4RouterSettings => new Llama4Moe(hidden, Expect(m, ExpertsLayout.Llama4InOut), init),
             TopKLogitsRouterSettings or SigmoidBiasRouterSettings or SparseMixerRouterSettings

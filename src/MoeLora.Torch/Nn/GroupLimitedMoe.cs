@@ -85,3 +85,73 @@ public sealed class SigmoidGroupLimitedMoe : HfModule, IBlock
         return (topIdx, topW * r.RoutedScalingFactor);
     }
 }
+
+/// <summary>
+/// The MoE block of <see cref="SoftmaxGroupLimitedRouterSettings"/> (DeepSeek-V2, Mistral 4), registered experts,
+/// gate (<c>weight [E, H]</c>, no correction bias), shared_experts: softmax scores, group-limited top-k with the other
+/// groups' scores zeroed, weights times routed_scaling_factor; the shared experts always added.
+/// </summary>
+public sealed class SoftmaxGroupLimitedMoe : HfModule, IBlock
+{
+    readonly FusedExperts _experts;
+    readonly RouterWeight _gate;
+    readonly GatedMlp? _shared;
+    readonly SoftmaxGroupLimitedRouterSettings _r;
+
+    public SoftmaxGroupLimitedMoe(long hidden, MoeSettings s, Init init)
+    {
+        var r = _r = (SoftmaxGroupLimitedRouterSettings)s.Router;
+        var experts = new FusedExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, s.Experts.Act, init);
+        var gate = new RouterWeight(r.NumExperts, hidden, init);
+        if (s.Order == MoeOrder.ExpertsFirst) { _experts = AddChild("experts", experts); _gate = AddChild(r.Name, gate); }
+        else { _gate = AddChild(r.Name, gate); _experts = AddChild("experts", experts); }
+        if (s.Shared is { } shared)
+        {
+            if (shared.SigmoidGateName is not null) throw new NotSupportedException("a gated shared expert with a softmax group-limited router has no runtime block yet.");
+            _shared = AddChild(shared.Name, new GatedMlp(hidden, shared.Intermediate, shared.Act, init, shared.Bias, shared.ActName));
+        }
+    }
+
+    public Tensor Forward(Tensor x, ForwardContext ctx)
+    {
+        var shape = x.shape;
+        var flat = x.reshape(-1, shape[^1]);
+        // DeepSeek-V2: F.linear on fp32 copies of input and weight; Mistral 4: in the model's dtype.
+        var logits = _r.InFp32 ? nn.functional.linear(flat.to(ScalarType.Float32), _gate.EffectiveWeight().to(ScalarType.Float32))
+            : _gate.Logits(flat);
+        ctx.RouterLogits.Add(logits);
+        var (topIdx, topW) = Route(logits, _r);
+        var routed = _experts.Forward(flat, topIdx, topW).to(x.dtype);
+        return (_shared is null ? routed : routed + _shared.Forward(flat)).view(shape);
+    }
+
+    /// <summary>
+    /// Selection on router logits [T, E] (softmax in fp32 when <see cref="SoftmaxGroupLimitedRouterSettings.InFp32"/>,
+    /// else in the logits' dtype): groups scored by their best score or best two, the best TopKGroups kept, the other
+    /// experts' scores set to 0; the top-k of those. Weights: the top-k values themselves (DeepSeek-V2) or the unmasked
+    /// scores gathered (Mistral 4), optionally renormalised (+1e-20), times routed_scaling_factor.
+    /// </summary>
+    internal static (Tensor Idx, Tensor W) Route(Tensor logits, SoftmaxGroupLimitedRouterSettings r)
+    {
+        long e = r.NumExperts, groups = r.Groups, per = e / groups;
+        var scores = r.InFp32 ? logits.softmax(-1, ScalarType.Float32) : logits.softmax(-1);
+        var masked = scores;
+        if (groups > 1)
+        {
+            Tensor scoreMask;
+            using (no_grad())
+            {
+                var grouped = scores.view(-1, groups, per);
+                var groupScores = r.Score == GroupScore.Max ? grouped.max(-1).values : grouped.topk(2, -1).values.sum(-1);
+                var groupIdx = groupScores.topk((int)r.TopKGroups, -1, sorted: false).indexes;
+                var groupMask = zeros_like(groupScores).scatter(1, groupIdx, ones_like(groupIdx, groupScores.dtype));
+                scoreMask = groupMask.unsqueeze(-1).expand(-1, groups, per).reshape(-1, e);
+            }
+            masked = scores.masked_fill(scoreMask.logical_not(), 0.0);
+        }
+        var (values, topIdx) = masked.topk((int)r.TopK, -1, sorted: false);
+        var topW = r.WeightsFromScores ? scores.gather(1, topIdx) : values;
+        if (r.NormTopK) topW = topW / (topW.sum(-1, keepdim: true) + 1e-20);
+        return (topIdx, topW * r.RoutedScalingFactor);
+    }
+}

@@ -7,7 +7,8 @@ namespace MoeLora.Torch.Nn;
 /// <summary>
 /// DeepSeek's multi-head latent attention (<see cref="MlaAttentionSettings"/>): low-rank q via q_a/q_b with
 /// q_a_layernorm (or one q_proj), compressed kv via kv_a_proj_with_mqa and kv_b_proj, decoupled rope on the last
-/// qk_rope_head_dim dims (optionally de-interleaved first), eager attention with the settings' scaling.
+/// qk_rope_head_dim dims (optionally de-interleaved first, or as complex pairs for DeepSeek-V2), an optional
+/// position-dependent query scale (Mistral 4), eager attention with the settings' scaling.
 /// </summary>
 public sealed class MlaAttention : HfModule, IBlock
 {
@@ -16,8 +17,9 @@ public sealed class MlaAttention : HfModule, IBlock
     readonly Linear _kva, _kvb, _o;
     readonly RmsNorm _kvaNorm;
     readonly long _heads, _nope, _ropeDim, _v, _kvRank;
-    readonly bool _interleave;
+    readonly bool _interleave, _complexPairs;
     readonly double _scaling;
+    readonly Llama4QueryScale? _queryScale;
     readonly Rotary _rope;
 
     public MlaAttention(long hidden, MlaAttentionSettings s, Rotary rope, Init init)
@@ -37,7 +39,9 @@ public sealed class MlaAttention : HfModule, IBlock
         _kvb = AddChild("kv_b_proj", new Linear(_kvRank, _heads * (_nope + _v), false, init));
         _o = AddChild("o_proj", new Linear(_heads * _v, hidden, s.Bias, init));
         _interleave = s.RopeInterleave;
+        _complexPairs = s.RopeComplexPairs;
         _scaling = s.Scaling;
+        _queryScale = s.QueryScale;
     }
 
     public Tensor Forward(Tensor x, ForwardContext ctx)
@@ -51,14 +55,32 @@ public sealed class MlaAttention : HfModule, IBlock
         var kv = _kvb.Forward(_kvaNorm.Forward(kvParts[0])).view(b, s, -1, _nope + _v).transpose(1, 2);
         var kvSplit = kv.split([_nope, _v], -1);
         var kRot = kvParts[1].view(b, 1, s, _ropeDim);
-        var (cos, sin) = _rope.CosSin(ctx.Positions, ctx.DType);
-        Tensor qRot, kRotE;
-        if (_interleave) { qRot = Rotary.ApplyInterleaved(qParts[1], cos, sin); kRotE = Rotary.ApplyInterleaved(kRot, cos, sin); }
-        else { qRot = Rotary.ApplyHalf(qParts[1], cos, sin); kRotE = Rotary.ApplyHalf(kRot, cos, sin); }
+        var (qRot, kRotE) = Rotate(qParts[1], kRot, ctx);
         kRotE = kRotE.expand(b, _heads, s, _ropeDim);
         var query = cat([qParts[0], qRot], -1);
+        if (_queryScale is { } qs)
+        {
+            // get_llama_4_attn_scale: one factor per position, broadcast over heads and dims, in the query's dtype.
+            var factor = 1 + qs.Beta * log(1 + floor(ctx.Positions.to(ScalarType.Float32) / qs.OriginalMaxPositionEmbeddings));
+            query = query * factor.unsqueeze(1).unsqueeze(-1).to(query.dtype);
+        }
         var key = cat([kvSplit[0], kRotE], -1);
         var o = AttentionMath.Eager(query, key, kvSplit[1], ctx.Mask(MaskKind.Full), _scaling);
         return _o.Forward(o);
+    }
+
+    // q [B, heads, S, r] and k [B, 1, S, r]: DeepSeek-V2 rotates complex pairs (its helper wants heads after S),
+    // the others rotate halves, de-interleaved first under rope_interleave.
+    (Tensor Q, Tensor K) Rotate(Tensor q, Tensor k, ForwardContext ctx)
+    {
+        if (_complexPairs)
+        {
+            var freqs = _rope.Freqs(ctx.Positions);
+            return (Rotary.ApplyComplexPairs(q.transpose(1, 2), freqs, _rope.AttentionScaling).transpose(1, 2),
+                Rotary.ApplyComplexPairs(k.transpose(1, 2), freqs, _rope.AttentionScaling).transpose(1, 2));
+        }
+        var (cos, sin) = _rope.CosSin(ctx.Positions, ctx.DType);
+        return _interleave ? (Rotary.ApplyInterleaved(q, cos, sin), Rotary.ApplyInterleaved(k, cos, sin))
+            : (Rotary.ApplyHalf(q, cos, sin), Rotary.ApplyHalf(k, cos, sin));
     }
 }

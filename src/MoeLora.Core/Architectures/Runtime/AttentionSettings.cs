@@ -66,6 +66,10 @@ public sealed record DynamicMaskAttentionSettings(long Heads, long KvHeads, long
 /// <param name="RopeInterleave">De-interleave the rope dims before rotating halves (<c>rope_interleave</c>).</param>
 /// <param name="Scaling">Softmax scale: (nope+rope)^-0.5, times yarn's mscale² when the rope says so.</param>
 /// <param name="LowRankNormEps">Epsilon of q_a_layernorm / kv_a_layernorm.</param>
+/// <param name="RopeComplexPairs">DeepSeek-V2's <c>apply_rotary_emb</c>: the rope dims are complex numbers
+/// (x[2i] + i·x[2i+1], <c>view_as_complex</c>) multiplied by the scaled <c>freqs_cis</c> in fp32, the result left
+/// interleaved; overrides <paramref name="RopeInterleave"/>.</param>
+/// <param name="QueryScale">Mistral 4's position-dependent query scale (null: none).</param>
 public sealed record MlaAttentionSettings(
     long Heads,
     long? QLoraRank,
@@ -76,7 +80,16 @@ public sealed record MlaAttentionSettings(
     bool Bias,
     bool RopeInterleave,
     double Scaling,
-    double LowRankNormEps) : AttentionSettings;
+    double LowRankNormEps,
+    bool RopeComplexPairs = false,
+    Llama4QueryScale? QueryScale = null) : AttentionSettings;
+
+/// <summary>
+/// Mistral 4's <c>get_llama_4_attn_scale</c>: after rope, the whole query is multiplied by
+/// <c>1 + Beta·log(1 + floor(position / OriginalMaxPositionEmbeddings))</c> (rope_parameters'
+/// <c>llama_4_scaling_beta</c> and <c>original_max_position_embeddings</c>).
+/// </summary>
+public sealed record Llama4QueryScale(double Beta, double OriginalMaxPositionEmbeddings);
 
 /// <summary>
 /// Llama 4's text attention: q, k, v, o; on rope layers the complex rotation of adjacent pairs, then (optionally) a

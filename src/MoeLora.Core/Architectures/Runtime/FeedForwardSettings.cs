@@ -47,6 +47,33 @@ public sealed record SoftmaxTopKRouterSettings(string Name, long NumExperts, lon
 public sealed record SigmoidGroupLimitedRouterSettings(string Name, long NumExperts, long TopK, long Groups, long TopKGroups,
     bool NormTopK, double RoutedScalingFactor) : RouterSettings(Name, NumExperts, TopK);
 
+/// <summary>How a softmax group-limited router scores a group of experts.</summary>
+public enum GroupScore
+{
+    /// <summary>The group's best score (DeepSeek-V2's <c>group_limited_greedy</c>).</summary>
+    Max,
+
+    /// <summary>The sum of the group's two best scores (Mistral 4).</summary>
+    TopTwoSum,
+}
+
+/// <summary>
+/// Softmax router with group-limited top-k (DeepSeek-V2's <c>DeepseekV2Moe.route_tokens_to_experts</c>, Mistral 4's
+/// <c>Mistral4TopkRouter</c>): softmax of the logits; the best <paramref name="TopKGroups"/> of <paramref name="Groups"/>
+/// groups kept, the other experts' scores set to 0 (not -inf); top-k of those; weights times
+/// <paramref name="RoutedScalingFactor"/>. One group (DeepSeek-V2's <c>greedy</c>) is plain top-k. No correction bias.
+/// </summary>
+/// <param name="Score">How a group is scored.</param>
+/// <param name="WeightsFromScores">The weights are gathered from the unmasked scores (Mistral 4); false: they are the
+/// top-k values of the masked scores (DeepSeek-V2).</param>
+/// <param name="NormTopK">The weights are renormalised (sum + 1e-20) before scaling (Mistral 4's norm_topk_prob;
+/// DeepSeek-V2 never renormalises).</param>
+/// <param name="InFp32">Logits from fp32 input and weight, softmax in fp32 (DeepSeek-V2); false: both in the model's
+/// dtype (Mistral 4).</param>
+public sealed record SoftmaxGroupLimitedRouterSettings(string Name, long NumExperts, long TopK, long Groups, long TopKGroups,
+    GroupScore Score, bool WeightsFromScores, bool NormTopK, double RoutedScalingFactor, bool InFp32)
+    : RouterSettings(Name, NumExperts, TopK);
+
 /// <summary>gpt-oss: logits (with a bias), top-k of the logits, softmax over the selected ones.</summary>
 public sealed record TopKSoftmaxRouterSettings(string Name, long NumExperts, long TopK, bool Bias)
     : RouterSettings(Name, NumExperts, TopK);

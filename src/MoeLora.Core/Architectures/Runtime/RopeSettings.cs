@@ -49,6 +49,18 @@ public sealed record RopeSettings(
             : c.Double("partial_rotary_factor", classDefault);
     }
 
+    /// <summary>
+    /// The softmax scale of DeepSeek-V3-style MLA (<c>yarn_apply_mscale</c>): <paramref name="qkHeadDim"/>^-0.5, times
+    /// mscale² when this rope is not the default one and gives a non-zero <c>mscale_all_dim</c>.
+    /// </summary>
+    public double MlaSoftmaxScale(long qkHeadDim)
+    {
+        var scaling = Math.Pow(qkHeadDim, -0.5);
+        if (Type != "default" && MScaleAllDim is { } mad && mad != 0 && Factor is { } f)
+            scaling *= Math.Pow(YarnMScale(f, mad), 2);
+        return scaling;
+    }
+
     /// <summary>yarn's mscale: 1 for scale ≤ 1, else 0.1·m·ln(scale) + 1.</summary>
     public static double YarnMScale(double scale, double m = 1) => scale <= 1 ? 1.0 : 0.1 * m * Math.Log(scale) + 1.0;
 }
