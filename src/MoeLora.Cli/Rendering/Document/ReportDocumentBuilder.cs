@@ -160,11 +160,11 @@ public static class ReportDocumentBuilder
         [new Items(report.Warnings.Select(w => new Item(w.Message, w.Code)).ToList())], Tone.Warn);
 
     private static Section Recommendations(LoraReport report) => new("recommendations", "Recommendations", "recommendations",
-    [
-        new Steps(report.Recommendations.Select(r => new Step(r.Title, r.Detail,
-            r.Config is null ? null : $"LoraConfig({Kwargs(r.Config)})",
-            r.TrainableParameters is { } n ? $"trainable params: {Units.Count(n)}" : null)).ToList()),
-    ]);
+        () => [
+            new Steps(report.Recommendations.Select(r => new Step(r.Title, r.Detail,
+                r.Config is null ? null : $"LoraConfig({Kwargs(r.Config)})",
+                r.TrainableParameters is { } n ? $"trainable params: {Units.Count(n)}" : null)).ToList()),
+        ]);
 
     private const int Shown = 8;
 
