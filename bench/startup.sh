@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Cold start of the analysis path against the .NET floor, same machine, same run (issue 12; BENCHMARKS.md).
 #   bash bench/startup.sh [RUNS]
-# Publishes moelora with the project's default `dotnet publish` (ReadyToRun, framework-dependent) and a Native-AOT
+# Publishes moelora with the project's default `dotnet publish` (Native AOT) and a Native-AOT
 # hello world (bench/AotHello), then times RUNS alternating cold processes of each:
 #   moelora report deepseek-ai/DeepSeek-V3 --format json   (HF_HUB_OFFLINE=1: embedded catalog config)
 #   AotHello

@@ -8,7 +8,7 @@ using MoeLora.Core.Modules;
 using MoeLora.Core.Peft;
 
 // Usage: dotnet run -c Release --project bench/MoeLora.Bench -- [--moelora PATH] [--runs N]
-// PATH is a published moelora (bench/run.sh publishes a ReadyToRun build); without it only the in-process sweep runs.
+// PATH is a published moelora (bench/run.sh publishes it as a user installs it); without it only the in-process sweep runs.
 var moelora = Arg("--moelora");
 var runs = int.Parse(Arg("--runs") ?? "7", CultureInfo.InvariantCulture);
 

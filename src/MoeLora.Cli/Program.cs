@@ -31,6 +31,10 @@ public static class Program
         ("merge", c => c.AddCommand<MergeCommand>("merge").WithDescription("Fold a LoRA adapter into the weights (W+ΔW) and write the checkpoint in its Hub layout")),
     ];
 
+    // Spectre.Console.Cli builds commands and their settings by reflection. The Native-AOT publish keeps this assembly and
+    // Spectre.Console.Cli whole (TrimmerRootAssembly in the project file), so every type it reflects over is there; the
+    // AOT build's output is checked against the JIT build's for the analysis and the runtime commands (BENCHMARKS.md).
+    [System.Diagnostics.CodeAnalysis.UnconditionalSuppressMessage("AOT", "IL3050", Justification = "Command and settings types are rooted for Native AOT; see above.")]
     public static int Main(string[] args)
     {
         if (args is ["--version"] or ["-V"])
@@ -66,12 +70,28 @@ public static class Program
         var text = new System.Text.StringBuilder();
         text.Append($"moelora {tool.Split('+')[0]}\n");
         text.Append($"reproduces transformers {Reproduced.Transformers}, PEFT {Reproduced.Peft}\n");
-        var torchSharp = Path.Combine(AppContext.BaseDirectory, "TorchSharp.dll");
-        var torchVersion = File.Exists(torchSharp) ? System.Diagnostics.FileVersionInfo.GetVersionInfo(torchSharp).ProductVersion?.Split('+')[0] : null;
+        var torchVersion = TorchSharpVersion()?.Split('+')[0];
         text.Append(torchVersion is null ? "runtime: TorchSharp not found next to the tool (analysis commands only)\n"
             : $"runtime: TorchSharp {torchVersion} (loaded only by --load-model, train, eval, hidden-states, routers and merge)\n");
         return text.ToString();
     }
+
+    /// <summary>
+    /// The TorchSharp version: compiled into the tool in a Native-AOT build (no dynamic code), else the TorchSharp.dll
+    /// next to the tool, read from its file so the JIT build does not load it; null when it is not there.
+    /// </summary>
+    private static string? TorchSharpVersion()
+    {
+        if (!System.Runtime.CompilerServices.RuntimeFeature.IsDynamicCodeSupported) return CompiledInTorchSharpVersion();
+        var torchSharp = Path.Combine(AppContext.BaseDirectory, "TorchSharp.dll");
+        return File.Exists(torchSharp) ? System.Diagnostics.FileVersionInfo.GetVersionInfo(torchSharp).ProductVersion : null;
+    }
+
+    // A method of its own: the JIT resolves the TorchSharp type (and loads its assembly) only if this one is compiled.
+    [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.NoInlining)]
+    private static string? CompiledInTorchSharpVersion() =>
+        typeof(TorchSharp.torch).Assembly.GetCustomAttributes(typeof(System.Reflection.AssemblyInformationalVersionAttribute), false)
+            .OfType<System.Reflection.AssemblyInformationalVersionAttribute>().FirstOrDefault()?.InformationalVersion;
 
     /// <summary>Runs the app and turns every failure into one line on stderr and a non-zero exit code.</summary>
     public static int Run(ICommandApp app, string[] args)

@@ -53,7 +53,8 @@ public sealed class RoutersCommand : Command<RoutersCommand.Settings>
             var pb = Normalize(b[l]);
             var js = JensenShannon(ph, pb);
             for (int e = 0; e < ph.Length; e++) diff[l, e] = ph[e] - pb[e];
-            layers.Add(new JsonObject
+            // The JsonNode overload: Add<T> would go through reflection serialization (not AOT-safe).
+            layers.Add((JsonNode)new JsonObject
             {
                 ["module"] = experts[l].Name,
                 ["num_experts"] = ph.Length,

@@ -296,7 +296,8 @@ public sealed class HfTokenizer
         for (int b = 0; b < 256; b++) vocab[map[b]] = b;
         var added = new JsonArray();
         for (int i = 0; i < specials.Count; i++)
-            added.Add(new JsonObject { ["id"] = 256 + i, ["content"] = specials[i], ["special"] = true });
+            // The JsonNode overload: Add<T> would go through reflection serialization (not AOT-safe).
+            added.Add((JsonNode)new JsonObject { ["id"] = 256 + i, ["content"] = specials[i], ["special"] = true });
         var o = new JsonObject
         {
             ["version"] = "1.0",

@@ -62,7 +62,9 @@ public static class ReportDocumentBuilder
         return new Section("model", "Model", "model", [new Facts(rows)]);
     }
 
-    private static Section Matching(LoraReport report)
+    private static Section Matching(LoraReport report) => new("matching", "Module matching", "lora.matching", () => MatchingBlocks(report));
+
+    private static List<Block> MatchingBlocks(LoraReport report)
     {
         var blocks = new List<Block> { new Paragraph(Text.Of(new Span("LoraConfig: "), new Span(report.Plan.Requested.Describe(), Tone.Code))) };
         if (ConversionText(report) is { } conversion) blocks.Add(new Paragraph(conversion));
@@ -80,10 +82,12 @@ public static class ReportDocumentBuilder
             return (IReadOnlyList<Text>)cells;
         }).ToList();
         blocks.Add(new Table(columns, rows));
-        return new Section("matching", "Module matching", "lora.matching", blocks);
+        return blocks;
     }
 
-    private static Section Adapters(LoraReport report)
+    private static Section Adapters(LoraReport report) => new("adapters", "LoRA adapters", "lora", () => AdaptersBlocks(report));
+
+    private static List<Block> AdaptersBlocks(LoraReport report)
     {
         var plan = report.Plan;
         var facts = new List<(string, Text)>
@@ -105,14 +109,14 @@ public static class ReportDocumentBuilder
             x.Location.Label(), Number(x.Adapters), Units.Count(x.Parameters),
             plan.LoraParameters == 0 ? "-" : (100.0 * x.Parameters / plan.LoraParameters).ToString("0.0", CultureInfo.InvariantCulture) + "%",
         ]).ToList();
-        return new Section("adapters", "LoRA adapters", "lora",
+        return
         [
             new Paragraph(new Text($"trainable params: {Units.Count(plan.TrainableParameters)} || all params: {Units.Count(plan.AllParameters)} || trainable%: {Units.Percent(report.TrainablePercent)}", Tone.Code)),
             new Facts(facts),
             new Table([new("location"), new("adapters", Right: true), new("LoRA parameters", Right: true), new("share", Right: true)], byLocation),
             new Chart("chart-adapters", "Adapters by location", () => HtmlCharts.AdaptersByLocation(report)),
             new Chart("chart-layers", "LoRA parameters per layer", () => HtmlCharts.ParametersPerLayer(report)),
-        ]);
+        ];
     }
 
     private static Section HiddenStates(HiddenStatesMemory h) => new("hidden-states", "Hidden states memory", "memory.hidden_states",
@@ -128,7 +132,10 @@ public static class ReportDocumentBuilder
     ]);
 
     /// <summary>The training-memory section (also what <c>plan</c> prints).</summary>
-    public static Section TrainingMemory(TrainingMemory m)
+    public static Section TrainingMemory(TrainingMemory m) =>
+        new("training-memory", "Training memory (per GPU)", "memory.training", () => TrainingMemoryBlocks(m));
+
+    private static List<Block> TrainingMemoryBlocks(TrainingMemory m)
     {
         var total = Math.Max(1, m.PerGpuBytes);
         var terms = m.Terms.Select(t => (IReadOnlyList<Text>)
@@ -146,18 +153,18 @@ public static class ReportDocumentBuilder
             blocks.Add(new Table([new("change"), new("per GPU", Right: true), new("fits")],
                 m.Fixes.Select(f => (IReadOnlyList<Text>)[new Text(f.Change, Tone.Code), Units.Bytes(f.PerGpuBytes), f.Fits ? new Text("yes", Tone.Good) : new Text("no", Tone.Bad)]).ToList()));
         blocks.Add(new Chart("chart-memory", "Memory breakdown", () => HtmlCharts.MemoryBreakdown(m)));
-        return new Section("training-memory", "Training memory (per GPU)", "memory.training", blocks);
+        return blocks;
     }
 
     private static Section Warnings(LoraReport report) => new("warnings", "Warnings", "warnings",
         [new Items(report.Warnings.Select(w => new Item(w.Message, w.Code)).ToList())], Tone.Warn);
 
     private static Section Recommendations(LoraReport report) => new("recommendations", "Recommendations", "recommendations",
-    [
-        new Steps(report.Recommendations.Select(r => new Step(r.Title, r.Detail,
-            r.Config is null ? null : $"LoraConfig({Kwargs(r.Config)})",
-            r.TrainableParameters is { } n ? $"trainable params: {Units.Count(n)}" : null)).ToList()),
-    ]);
+        () => [
+            new Steps(report.Recommendations.Select(r => new Step(r.Title, r.Detail,
+                r.Config is null ? null : $"LoraConfig({Kwargs(r.Config)})",
+                r.TrainableParameters is { } n ? $"trainable params: {Units.Count(n)}" : null)).ToList()),
+        ]);
 
     private const int Shown = 8;
 
