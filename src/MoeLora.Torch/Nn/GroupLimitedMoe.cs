@@ -23,41 +23,61 @@ public sealed class GroupLimitedRouter : HfModule
 }
 
 /// <summary>
-/// The MoE block of <see cref="SigmoidGroupLimitedRouterSettings"/>: fp32 logits, sigmoid scores, group-limited
-/// top-k on scores + e_score_correction_bias, weights from the uncorrected scores, optional renormalisation (+1e-20),
-/// times routed_scaling_factor; fused experts, then the shared experts always added.
+/// What the group-limited MoE blocks share: fused experts and the router module registered in the family's order, then
+/// the shared experts; forward = router logits (recorded) → the block's selection → fused experts, plus the shared
+/// experts always added. Subclasses say how the logits are computed and how experts are selected.
 /// </summary>
-public sealed class SigmoidGroupLimitedMoe : HfModule, IBlock
+public abstract class GroupLimitedMoeBlock<TGate> : HfModule, IBlock where TGate : HfModule
 {
     readonly FusedExperts _experts;
-    readonly GroupLimitedRouter _gate;
     readonly GatedMlp? _shared;
-    readonly SigmoidGroupLimitedRouterSettings _r;
+    protected TGate Gate { get; }
 
-    public SigmoidGroupLimitedMoe(long hidden, MoeSettings s, Init init)
+    /// <param name="routerKind">Names the router in the refusal of a gated shared expert.</param>
+    protected GroupLimitedMoeBlock(long hidden, MoeSettings s, Init init, TGate gate, string routerKind)
     {
-        var r = _r = (SigmoidGroupLimitedRouterSettings)s.Router;
         var experts = new FusedExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, s.Experts.Act, init);
-        var gate = new GroupLimitedRouter(r.NumExperts, hidden, init);
-        if (s.Order == MoeOrder.ExpertsFirst) { _experts = AddChild("experts", experts); _gate = AddChild(r.Name, gate); }
-        else { _gate = AddChild(r.Name, gate); _experts = AddChild("experts", experts); }
+        if (s.Order == MoeOrder.ExpertsFirst) { _experts = AddChild("experts", experts); Gate = AddChild(s.Router.Name, gate); }
+        else { Gate = AddChild(s.Router.Name, gate); _experts = AddChild("experts", experts); }
         if (s.Shared is { } shared)
         {
-            if (shared.SigmoidGateName is not null) throw new NotSupportedException("a gated shared expert with a group-limited router has no runtime block yet.");
+            if (shared.SigmoidGateName is not null) throw new NotSupportedException($"a gated shared expert with a {routerKind} router has no runtime block yet.");
             _shared = AddChild(shared.Name, new GatedMlp(hidden, shared.Intermediate, shared.Act, init, shared.Bias, shared.ActName));
         }
     }
+
+    /// <summary>Router logits [T, E] of the flattened tokens.</summary>
+    protected abstract Tensor Logits(Tensor flat);
+
+    /// <summary>The chosen experts [T, k] and their weights [T, k].</summary>
+    protected abstract (Tensor Idx, Tensor W) Select(Tensor logits);
 
     public Tensor Forward(Tensor x, ForwardContext ctx)
     {
         var shape = x.shape;
         var flat = x.reshape(-1, shape[^1]);
-        var logits = nn.functional.linear(flat.to(ScalarType.Float32), _gate.EffectiveWeight().to(ScalarType.Float32));
+        var logits = Logits(flat);
         ctx.RouterLogits.Add(logits);
-        var (topIdx, topW) = Route(logits, _gate.e_score_correction_bias, _r);
+        var (topIdx, topW) = Select(logits);
         var routed = _experts.Forward(flat, topIdx, topW).to(x.dtype);
         return (_shared is null ? routed : routed + _shared.Forward(flat)).view(shape);
     }
+}
+
+/// <summary>
+/// The MoE block of <see cref="SigmoidGroupLimitedRouterSettings"/>: fp32 logits, sigmoid scores, group-limited
+/// top-k on scores + e_score_correction_bias, weights from the uncorrected scores, optional renormalisation (+1e-20),
+/// times routed_scaling_factor; fused experts, then the shared experts always added.
+/// </summary>
+public sealed class SigmoidGroupLimitedMoe(long hidden, MoeSettings s, Init init)
+    : GroupLimitedMoeBlock<GroupLimitedRouter>(hidden, s, init, new GroupLimitedRouter(s.Router.NumExperts, hidden, init), "group-limited")
+{
+    readonly SigmoidGroupLimitedRouterSettings _r = (SigmoidGroupLimitedRouterSettings)s.Router;
+
+    protected override Tensor Logits(Tensor flat) =>
+        nn.functional.linear(flat.to(ScalarType.Float32), Gate.EffectiveWeight().to(ScalarType.Float32));
+
+    protected override (Tensor Idx, Tensor W) Select(Tensor logits) => Route(logits, Gate.e_score_correction_bias, _r);
 
     /// <summary>
     /// DeepSeek-V3's selection on fp32 router logits [T, E]: sigmoid scores; experts chosen (without gradient) on
@@ -91,39 +111,17 @@ public sealed class SigmoidGroupLimitedMoe : HfModule, IBlock
 /// gate (<c>weight [E, H]</c>, no correction bias), shared_experts: softmax scores, group-limited top-k with the other
 /// groups' scores zeroed, weights times routed_scaling_factor; the shared experts always added.
 /// </summary>
-public sealed class SoftmaxGroupLimitedMoe : HfModule, IBlock
+public sealed class SoftmaxGroupLimitedMoe(long hidden, MoeSettings s, Init init)
+    : GroupLimitedMoeBlock<RouterWeight>(hidden, s, init, new RouterWeight(s.Router.NumExperts, hidden, init), "softmax group-limited")
 {
-    readonly FusedExperts _experts;
-    readonly RouterWeight _gate;
-    readonly GatedMlp? _shared;
-    readonly SoftmaxGroupLimitedRouterSettings _r;
+    readonly SoftmaxGroupLimitedRouterSettings _r = (SoftmaxGroupLimitedRouterSettings)s.Router;
 
-    public SoftmaxGroupLimitedMoe(long hidden, MoeSettings s, Init init)
-    {
-        var r = _r = (SoftmaxGroupLimitedRouterSettings)s.Router;
-        var experts = new FusedExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, s.Experts.Act, init);
-        var gate = new RouterWeight(r.NumExperts, hidden, init);
-        if (s.Order == MoeOrder.ExpertsFirst) { _experts = AddChild("experts", experts); _gate = AddChild(r.Name, gate); }
-        else { _gate = AddChild(r.Name, gate); _experts = AddChild("experts", experts); }
-        if (s.Shared is { } shared)
-        {
-            if (shared.SigmoidGateName is not null) throw new NotSupportedException("a gated shared expert with a softmax group-limited router has no runtime block yet.");
-            _shared = AddChild(shared.Name, new GatedMlp(hidden, shared.Intermediate, shared.Act, init, shared.Bias, shared.ActName));
-        }
-    }
+    // DeepSeek-V2: F.linear on fp32 copies of input and weight; Mistral 4: in the model's dtype.
+    protected override Tensor Logits(Tensor flat) => _r.InFp32
+        ? nn.functional.linear(flat.to(ScalarType.Float32), Gate.EffectiveWeight().to(ScalarType.Float32))
+        : Gate.Logits(flat);
 
-    public Tensor Forward(Tensor x, ForwardContext ctx)
-    {
-        var shape = x.shape;
-        var flat = x.reshape(-1, shape[^1]);
-        // DeepSeek-V2: F.linear on fp32 copies of input and weight; Mistral 4: in the model's dtype.
-        var logits = _r.InFp32 ? nn.functional.linear(flat.to(ScalarType.Float32), _gate.EffectiveWeight().to(ScalarType.Float32))
-            : _gate.Logits(flat);
-        ctx.RouterLogits.Add(logits);
-        var (topIdx, topW) = Route(logits, _r);
-        var routed = _experts.Forward(flat, topIdx, topW).to(x.dtype);
-        return (_shared is null ? routed : routed + _shared.Forward(flat)).view(shape);
-    }
+    protected override (Tensor Idx, Tensor W) Select(Tensor logits) => Route(logits, _r);
 
     /// <summary>
     /// Selection on router logits [T, E] (softmax in fp32 when <see cref="SoftmaxGroupLimitedRouterSettings.InFp32"/>,
