@@ -14,7 +14,7 @@ public static class Program
             .WithDescription("Config-only analysis: what LoRA target_modules/target_parameters match, adapter counts, memory, warnings")
             .WithExample("report", "mistralai/Mixtral-8x7B-v0.1", "--format", "json")),
         ("modules", c => c.AddCommand<ModulesCommand>("modules").WithDescription("named_modules() and named_parameters() as transformers builds the model")),
-        ("plan", c => c.AddCommand<PlanCommand>("plan").WithDescription("Training-memory verdict plus accelerate_config.yaml, deepspeed_config.json, adapter_config.json and moelora_plan.json written to -o DIR")),
+        ("plan", c => c.AddCommand<PlanCommand>("plan").WithDescription("Training-memory verdict plus accelerate_config.yaml, deepspeed_config.json, adapter_config.json, moelora_plan.json and a runnable train.py written to -o DIR")),
         ("diff", c => c.AddCommand<DiffCommand>("diff").WithDescription("Two models (or two LoraConfigs) side by side: targets, adapters, experts, hidden states, memory, gradient flow")),
         ("hidden-states", c => c.AddCommand<HiddenStatesCommand>("hidden-states").WithDescription("Run the model and write hidden_states [[layers, batch, seq, hidden]] and logits to a safetensors file")),
         ("routers", c => c.AddCommand<RoutersCommand>("routers").WithDescription("Router expert selection per layer for harmful vs benign prompts: frequencies, Jensen-Shannon divergence, heatmap PNG and JSON")),
@@ -26,7 +26,7 @@ public static class Program
         {
             adapter.SetDescription("Inspect a PEFT LoRA adapter (layout, expert coverage, traps) or convert its expert layout");
             adapter.AddCommand<AdapterInspectCommand>("inspect").WithDescription("What the adapter adapts, its PEFT layout, ranks, scalings and known traps");
-            adapter.AddCommand<AdapterConvertCommand>("convert").WithDescription("Exact re-layout: peft-v5 fused, per-expert or vllm");
+            adapter.AddCommand<AdapterConvertCommand>("convert").WithDescription("Exact re-layout: peft-v5 fused, per-expert, vllm or sglang");
         })),
         ("merge", c => c.AddCommand<MergeCommand>("merge").WithDescription("Fold a LoRA adapter into the weights (W+ΔW) and write the checkpoint in its Hub layout")),
     ];
