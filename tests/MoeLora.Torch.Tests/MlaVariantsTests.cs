@@ -11,8 +11,8 @@ using static TorchSharp.torch;
 namespace MoeLora.Torch.Tests;
 
 /// <summary>
-/// DeepSeek-V2, GLM-4.7-Flash (glm4_moe_lite) and Mistral 4 have no transformers fixture yet, so their runtimes are
-/// checked without one: against the fixture-checked DeepSeek-V3 runtime on the same weights where the math coincides,
+/// DeepSeek-V2, GLM-4.7-Flash (glm4_moe_lite) and Mistral 4 beyond their transformers fixtures (MoeTypesParityTests):
+/// against the fixture-checked DeepSeek-V3 runtime on the same weights where the math coincides,
 /// their routers against a plain per-token reimplementation of transformers' code, left padding, and LoRA gradients.
 /// </summary>
 public class MlaVariantsTests

@@ -66,7 +66,11 @@ OVERRIDES = {
     "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"], num_dense_layers=1),
     "hunyuan_v1_moe": dict(head_dim=16, num_experts=4, moe_topk=2),
     "glm5_next": dict(num_key_value_heads=4),
-    "granitemoehybrid": dict(mamba_d_head=32),
+    # mamba_n_heads * mamba_d_head must be mamba_expand * hidden_size (2 * 32) or the config refuses to build.
+    "granitemoehybrid": dict(mamba_n_heads=2, mamba_d_head=32),
+    # Jamba's default puts attention at layer 4 of every 8: four layers would hold none, and then the cache has no
+    # attention layer to take the sequence length from. Attention at odd layers, experts at odd layers.
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
     # DeepseekV2Config has no num_experts_per_tok default (None): its router's topk fails ("topk k None").
     "deepseek_v2": dict(num_experts_per_tok=2),
     # Mistral 4's yarn rope rotates head_dim * partial_rotary_factor (0.5) dims, which must be qk_rope_head_dim:
@@ -433,6 +437,10 @@ def job_fixture(args):
         # the top), but DbrxAttention reads attn_config.rope_theta: "DbrxAttentionConfig has no rope_theta".
         if isinstance(cfg.get("attn_config"), dict) and "rope_theta" not in cfg["attn_config"]:
             cfg["attn_config"]["rope_theta"] = (cfg.get("rope_parameters") or {}).get("rope_theta", 10000.0)
+        # transformers 5.17's DbrxAttention clamps with min=max=None when clip_qkv is None (its default), which torch
+        # refuses; DBRX checkpoints set clip_qkv 8.
+        if t == "dbrx" and isinstance(cfg.get("attn_config"), dict) and cfg["attn_config"].get("clip_qkv") is None:
+            cfg["attn_config"]["clip_qkv"] = 8.0
         cfg["model_type"] = t
         cfg["initializer_range"] = 0.1
         config = mo.load_config(cfg)
@@ -458,7 +466,11 @@ def job_fixture(args):
         tensors = {"input_ids": ids, "attention_mask": mask, "logits": out.logits.float().contiguous()}
         hs = getattr(out, "hidden_states", None)
         if hs is not None:
-            tensors["hidden_states"] = torch.stack([h.float() for h in hs]).contiguous()
+            if len({tuple(h.shape) for h in hs}) == 1:
+                tensors["hidden_states"] = torch.stack([h.float() for h in hs]).contiguous()
+            else:  # hyper-connection models (deepseek_v4, hy_v4) return [B, S, streams, H] inside the stack
+                for i, h in enumerate(hs):
+                    tensors[f"hidden_states.{i}"] = h.float().contiguous()
         rl = getattr(out, "router_logits", None)
         if rl is not None:
             for i, r in enumerate(rl):

@@ -9,8 +9,7 @@ namespace MoeLora.Core.Architectures;
 /// <c>first_k_dense_replace</c> layers dense, the rest MoE with <c>n_shared_experts</c> shared experts fused into one
 /// MLP of <c>moe_intermediate_size * n_shared_experts</c>. V3's router also holds <c>e_score_correction_bias</c>, a
 /// persistent buffer that is not a parameter.
-/// Runtime: V3 is checked against a transformers fixture. V2 is runtime-unverified (no transformers fixture yet; its
-/// parameter names are checked by RuntimeTreeTests): read from transformers 5.17's modeling_deepseek_v2.py, it is V3's
+/// Runtime: V3 and V2 (greedy and group-limited routing) are checked against transformers fixtures. V2, read from transformers 5.17's modeling_deepseek_v2.py, it is V3's
 /// MLA with <c>apply_rotary_emb</c>'s complex-pair rope and DeepseekV2Attention's plain (nope+rope)^-0.5 scaling (no
 /// yarn mscale), and <c>DeepseekV2Moe.route_tokens_to_experts</c>'s softmax router (see <see cref="V2Router"/>); the
 /// shared experts are always added, and mlp_bias applies to the dense and shared MLPs.

@@ -13,8 +13,7 @@ namespace MoeLora.Core.Architectures;
 /// <c>indexer_types</c> entry is "full" ("shared" layers reuse the previous layer's selection).
 /// None of the three existed in transformers 4.57: <see cref="Layout.V4"/> here means the on-disk checkpoint layout,
 /// per-expert <c>experts.{e}.gate_proj/up_proj/down_proj</c> (a ModuleList of the type's MLP class).
-/// Runtime: glm4_moe_lite only, runtime-unverified (no transformers fixture yet; parameter names checked by
-/// RuntimeTreeTests). Read from transformers 5.17's modeling_glm4_moe_lite.py, it is DeepSeek-V3's runtime:
+/// Runtime: glm4_moe_lite only, checked against a transformers fixture (tests' Data/hf-moe/glm4_moe_lite). Read from transformers 5.17's modeling_glm4_moe_lite.py, it is DeepSeek-V3's runtime:
 /// Glm4MoeLiteAttention (MLA, <c>apply_rotary_pos_emb_interleave</c> under rope_interleave, scaling from
 /// <c>yarn_apply_mscale</c>), Glm4MoeLiteTopkRouter (fp32 sigmoid, group-limited on scores + e_score_correction_bias,
 /// groups scored by their best two), shared experts always added, dense or sparse per mlp_layer_types. What differs from

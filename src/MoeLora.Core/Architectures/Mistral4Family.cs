@@ -10,7 +10,7 @@ namespace MoeLora.Core.Architectures;
 /// (no correction bias) and <c>n_shared_experts</c> shared experts fused into one MLP. Mistral 4 did not exist in
 /// transformers 4.57 and save_pretrained writes the fused experts as they are (no conversion mapping), so
 /// <see cref="Layout.V4"/>, the on-disk checkpoint layout, is the transformers-5 tree.
-/// Runtime: runtime-unverified (no transformers fixture yet; parameter names checked by RuntimeTreeTests). Read from
+/// Runtime: checked against a transformers fixture (tests' Data/hf-moe/mistral4). Read from
 /// transformers 5.17's modeling_mistral4.py: Mistral4Attention is DeepSeek-V3's MLA (rope_interleave, yarn_apply_mscale
 /// scaling) plus get_llama_4_attn_scale on the query; Mistral4TopkRouter is a softmax router in the model's dtype,
 /// groups scored by their best two, other groups zeroed, weights gathered from the scores, renormalised under
