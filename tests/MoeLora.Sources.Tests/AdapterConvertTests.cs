@@ -96,6 +96,26 @@ public class AdapterConvertTests
         Assert.DoesNotContain(inspection.Traps, t => t.StartsWith("vLLM"));
     }
 
+    /// <summary>
+    /// PEFT 0.21 on the device loaded every per-expert conversion with the original ΔW except qwen2_moe's: its type has
+    /// no entry in PEFT's MoE conversion table, so the per-expert keys came back unexpected. Inspect flags exactly the
+    /// types without a rule (from Core's copy of PEFT's table, not from this list).
+    /// </summary>
+    [Theory, MemberData(nameof(Fused))]
+    public void InspectFlagsPerExpertAdaptersPeftDoesNotConvert(string model)
+    {
+        var layout = Layout(model);
+        if (model is "gpt_oss" or "llama4_text") return; // experts stored fused: no per-expert form exists
+        var perExpert = AdapterConvert.Convert(Fixture(model), "per-expert", layout);
+        var trap = AdapterInspector.Inspect(perExpert, expertLayout: layout).Traps.Where(t => t.StartsWith("per-expert adapter that PEFT")).ToList();
+        bool converts = MoeLora.Core.Peft.PeftModelTables.ConversionRules(model) is not null;
+        Assert.Equal(converts, layout.PeftConvertsPerExpert);
+        Assert.Equal(converts ? 0 : 1, trap.Count);
+        if (model == "qwen2_moe") Assert.Contains("qwen2_moe", trap[0]);
+        // The fused form never gets the trap.
+        Assert.DoesNotContain(AdapterInspector.Inspect(Fixture(model), expertLayout: layout).Traps, t => t.StartsWith("per-expert adapter that PEFT"));
+    }
+
     [Theory, MemberData(nameof(Fused))]
     public void SglangFormatIsPerExpertWithOneRank_OrRefusedForExpertsStoredFused(string model)
     {

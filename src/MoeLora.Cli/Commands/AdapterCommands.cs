@@ -117,6 +117,8 @@ public sealed class AdapterConvertCommand : Command<AdapterConvertCommand.Settin
         if (worst != 0 || after.Count != before.Count) throw new InvalidOperationException($"conversion changed ΔW (max |diff| {worst})");
         output.Write(s.Output!);
         Consoles.Out.MarkupLine($"[green]converted[/] {before.Count} adapted weights to {Markup.Escape(s.To!)} in {Markup.Escape(s.Output!)} (ΔW per expert identical; model from {Markup.Escape(layout.Source)})");
+        if (s.To is "per-expert" && layout.PeftConvertsPerExpert == false)
+            Consoles.Out.MarkupLine($"[yellow]note[/] PEFT 0.19+ does not read per-expert adapters of {Markup.Escape(layout.ModelType!)} (no entry in its MoE conversion table): this folder is for PEFT <= 0.18 and 2-D serving loaders");
         if (s.To is "vllm" or "sglang")
             Consoles.Out.MarkupLine($"serve with --max-lora-rank {LoraPairs.Int(output.Config, "r", 8)} or more (one r for the whole adapter)");
         return ExitCodes.Ok;

@@ -80,6 +80,11 @@ public static class AdapterInspector
                 if (projs.Contains(x) != projs.Contains(y))
                     traps.Add($"one half of a fused pair: {owner.Key}.experts adapts {(projs.Contains(x) ? x : y)} but not {(projs.Contains(x) ? y : x)}; transformers v5 fuses them into gate_up_proj and PEFT 0.19+ raises (PEFT #3127).");
         }
+        if (perExpert.Count > 0 && known?.PeftConvertsPerExpert == false)
+            traps.Add($"per-expert adapter that PEFT 0.19+ does not convert on load: {known.ModelType} has no entry in PEFT's MoE conversion table, " +
+                "so PEFT (0.21 checked) reports the per-expert keys as unexpected, the fused experts get no LoRA, and target_modules such as " +
+                "gate_proj still match dense or shared-expert modules of that name, which get new untrained LoRA; load it with PEFT <= 0.18 " +
+                "or convert it with `moelora adapter convert --to peft-v5`.");
         var targets = LoraPairs.StringList(cfg, "target_modules");
         foreach (var (x, y) in new[] { ("gate_proj", "up_proj"), ("w1", "w3") })
             if (targets.Contains(x) != targets.Contains(y))

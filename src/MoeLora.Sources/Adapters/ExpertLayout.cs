@@ -5,6 +5,7 @@ using MoeLora.Core.Architectures;
 using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
+using MoeLora.Core.Peft;
 
 namespace MoeLora.Sources.Adapters;
 
@@ -38,8 +39,9 @@ public sealed partial class ExpertLayout
     private readonly IReadOnlySet<string> _deltaTransposed;
 
     private ExpertLayout(GateUpOrder order, string source, Dictionary<string, string[]> perExpert, IReadOnlySet<string> storedFused,
-        IReadOnlySet<string> deltaTransposed)
+        IReadOnlySet<string> deltaTransposed, string? modelType = null)
     {
+        ModelType = modelType;
         Order = order;
         Source = source;
         _perExpert = perExpert;
@@ -48,6 +50,18 @@ public sealed partial class ExpertLayout
     }
 
     public GateUpOrder Order { get; }
+
+    /// <summary>The model type the layout was read from (null when only generic names are known).</summary>
+    public string? ModelType { get; }
+
+    /// <summary>
+    /// Whether PEFT ≥ 0.19 reads this model's per-expert (transformers-4) adapters: only when transformers 5 fuses its
+    /// experts and PEFT's MoE conversion table has a rule for the type. qwen2_moe, phimoe, granitemoe and others fuse
+    /// without a rule, so PEFT (0.21 checked on the device) reports their per-expert keys as unexpected and the fused
+    /// experts stay without LoRA. Null when the model type is unknown.
+    /// </summary>
+    public bool? PeftConvertsPerExpert => ModelType is null ? null
+        : !PeftModelTables.HasCheckpointConversion(ModelType) || PeftModelTables.ConversionRules(ModelType) is not null;
 
     /// <summary>Where the knowledge came from, for messages (e.g. "--model …", "adapter_config.json auto_mapping (gpt_oss)").</summary>
     public string Source { get; }
@@ -91,7 +105,7 @@ public sealed partial class ExpertLayout
             }
             else storedFused.Add(template);
         }
-        return new ExpertLayout(interleaved ? GateUpOrder.Interleaved : GateUpOrder.Halves, source, perExpert, storedFused, deltaTransposed);
+        return new ExpertLayout(interleaved ? GateUpOrder.Interleaved : GateUpOrder.Halves, source, perExpert, storedFused, deltaTransposed, spec.ModelType);
     }
 
     /// <summary>
