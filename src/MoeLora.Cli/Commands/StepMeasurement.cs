@@ -39,6 +39,13 @@ internal sealed class DevicePeakMeter
             using (zeros(1, device: device)) { } // creates the CUDA context (and maps libcudart) before the baseline
             cuda.synchronize(device);
         }
+        else
+        {
+            // Managed garbage freed later would lower the resident set below the baseline: collect it first.
+            GC.Collect();
+            GC.WaitForPendingFinalizers();
+            GC.Collect();
+        }
         return new DevicePeakMeter(device, DeviceMemory.Used(device));
     }
 
@@ -227,9 +234,11 @@ internal static class StepMeasurement
         {
             new Table([new("step"), new("blocks", Right: true), new("step s (median)", Right: true), new("tokens/s", Right: true), new("loss", Right: true),
                 new("after build", Right: true), new("peak", Right: true), new("predicted", Right: true), new("measured / predicted", Right: true)], rows),
-            new Paragraph($"One warm-up step, then {(first.Run?.Seconds.Count ?? 1) - 1} timed steps on random token ids (seeded), batch {first.Batch} × {first.Tokens} tokens " +
-                "(a circuit-breaker step runs a retain and a CB batch of that size each). lora: causal-LM cross-entropy, backward, AdamW on the adapters. " +
-                $"cb: frozen passes with adapters disabled, adapted passes, retain loss over all hidden states + RR loss at the targets, coefficients {TrainingStep.MidScheduleCoefficients.Retain} / {TrainingStep.MidScheduleCoefficients.Cb} (mid-schedule, every pass runs), clipping, AdamW."),
+            new Paragraph($"One warm-up step, then {(first.Run?.Seconds.Count ?? 1) - 1} timed steps on random token ids (seeded), batch {first.Batch} × {first.Tokens} tokens" +
+                string.Concat(steps.Select(m => m.Mode == "lora"
+                    ? ". LoRA step: causal-LM cross-entropy, backward, AdamW on the adapters"
+                    : ". Circuit-breaker step: a retain and a CB batch of that size; frozen passes with adapters disabled, adapted passes, retain loss over all hidden states + RR loss at the targets, " +
+                      $"coefficients {TrainingStep.MidScheduleCoefficients.Retain} / {TrainingStep.MidScheduleCoefficients.Cb} (mid-schedule, every pass runs), clipping, AdamW")) + "."),
             new Paragraph($"Peak: {first.PeakSource}. 'after build' is the same difference right after the model and adapters were built. " +
                 "Predicted: Core's per-GPU step model for MoeLora's runtime (grouped low-rank expert LoRA, no W+ΔW; eager attention), what max_memory_allocated would show" +
                 (cuda ? "; the caching allocator's rounding and fragmentation come on top." : "; on the CPU the process peak includes allocator and runtime overheads the model does not describe, so the ratio is only indicative.")),
