@@ -120,8 +120,9 @@ internal static class LoadModelMeasurement
         if (modes.Contains("lora"))
         {
             var lora = StepMeasurement.Lora(report, model, seed, s, meter!, meter!.UsedAboveBaseline());
-            if (m.Steps.FirstOrDefault(x => x.Mode == "cb") is { Error: null } cb && meter.IsCuda && lora.PeakBytes <= cb.PeakBytes)
-                lora.Note = $"the device reading is bounded below by the earlier circuit-breaker step's reservation ({Units.Bytes(cb.PeakBytes)}), so this step's own peak may be lower";
+            if (meter.IsCuda && m.Steps.FirstOrDefault(x => x.Mode == "cb") is { } cb)
+                lora.Note = $"its 'after build' reading includes blocks the allocator kept from the circuit-breaker step (which reserved {Units.Bytes(cb.PeakBytes)})" +
+                    (lora.PeakBytes <= cb.PeakBytes ? "; its peak is no higher than that reservation, so it is bounded below by it and this step's own peak may be lower" : "");
             m.Steps.Add(lora);
         }
 

@@ -34,7 +34,8 @@ public static class DeviceMemory
         if (device.type == DeviceType.CPU) return ResidentBytes();
         int index = Math.Max(0, (int)device.index);
         if (CudaRuntimeInfo(index) is { } info) return info.Total - info.Free;
-        throw new MoeLora.Core.UserInputException($"cannot read the memory in use on cuda:{index} (no libcudart in the process)");
+        if (NvidiaSmiQuery(index, "memory.used") is { } used) return used;
+        throw new MoeLora.Core.UserInputException($"cannot read the memory in use on cuda:{index} (no libcudart in the process, nvidia-smi failed)");
     }
 
     /// <summary>VmRSS of this process (the working set where /proc is absent).</summary>
@@ -127,9 +128,12 @@ public static class DeviceMemory
         }
     }
 
-    static long? NvidiaSmiFree(int index)
+    static long? NvidiaSmiFree(int index) => NvidiaSmiQuery(index, "memory.free");
+
+    /// <summary>A memory field of nvidia-smi (MiB) in bytes.</summary>
+    static long? NvidiaSmiQuery(int index, string field)
     {
-        var text = Run("nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits");
+        var text = Run("nvidia-smi", $"--query-gpu={field}", "--format=csv,noheader,nounits");
         if (text is null) return null;
         var lines = text.Split('\n', StringSplitOptions.RemoveEmptyEntries);
         return index < lines.Length && long.TryParse(lines[index].Trim(), NumberStyles.Integer, CultureInfo.InvariantCulture, out var mib) ? mib * 1024 * 1024 : null;
