@@ -38,7 +38,7 @@ def main(argv):
         peft[d.get("mode")] = d
     gpu = next((d.get("gpu") for d in peft.values() if d.get("gpu")), "unknown GPU")
     rows = ["| step | ours tokens/s | PEFT tokens/s | speed ours/PEFT | ours peak GiB | PEFT peak GiB (used / allocated) "
-            "| memory ours/PEFT | ours predicted GiB | goal | met |",
+            "| memory ours/PEFT | predicted GiB ours / PEFT (Core) | goal | met |",
             "|---|---:|---:|---:|---:|---:|---:|---:|---|---|"]
     verdicts = []
     for mode in ("lora", "cb"):
@@ -72,7 +72,7 @@ def main(argv):
         mark = "-" if met is None else ("yes" if met else "NO")
         verdicts.append((mode, mark))
         rows.append(f"| {mode} | {'-' if o_tps is None else f'{o_tps:.0f}'} | {p_text} | {speed} | {gib(o_peak)} | {p_mem} | {mem} "
-                    f"| {gib(o.get('predicted_bytes')) if o else '-'} | {goal} | {mark} |")
+                    f"| {gib(o.get('predicted_bytes')) if o else '-'} / {gib(o.get('predicted_peft_bytes')) if o else '-'} | {goal} | {mark} |")
     print(f"GPU: {gpu}; PEFT side: torch {next((d.get('torch') for d in peft.values()), '?')}, "
           f"transformers {next((d.get('transformers') for d in peft.values()), '?')}, peft {next((d.get('peft') for d in peft.values()), '?')}")
     print()

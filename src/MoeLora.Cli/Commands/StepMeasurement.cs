@@ -98,6 +98,9 @@ internal sealed class MeasuredStep
     public string? Note { get; set; }
 
     public long PredictedBytes => Prediction.PerGpuBytes;
+
+    /// <summary>The same step predicted for PyTorch + PEFT (ParamWrapper's W+ΔW, sdpa), for context.</summary>
+    public required TrainingMemory PeftPrediction { get; init; }
     public double Ratio => PredictedBytes == 0 ? 0 : (double)PeakBytes / PredictedBytes;
 
     public string Title => Mode == "lora" ? "LoRA step" : "circuit-breaker step";
@@ -107,7 +110,7 @@ internal sealed class MeasuredStep
     /// measured step's batch, tokens and dtype; cb as the trainer runs it (truncated to max(target)+1 blocks).
     /// </summary>
     /// <param name="cuda">false on the CPU: no cuBLAS handles, so no workspaces.</param>
-    public static TrainingMemory Predict(LoraReport r, string mode, int batch, int tokens, bool cuda) =>
+    public static TrainingMemory Predict(LoraReport r, string mode, int batch, int tokens, bool cuda, LoraRuntime runtime = LoraRuntime.MoeLora) =>
         TrainingMemory.Estimate(r.Plan, new TrainingSetup
         {
             Mode = mode == "lora" ? TrainingMode.Lora : TrainingMode.CircuitBreaker,
@@ -116,8 +119,9 @@ internal sealed class MeasuredStep
             DType = r.Options.DType,
             TargetLayers = r.HiddenStates.TargetLayers,
             CbFullLayers = false,
-            Runtime = LoraRuntime.MoeLora,
-            Attention = AttentionImpl.Eager,
+            Runtime = runtime,
+            // MoeLora's runtime has eager attention only; transformers 5 picks sdpa for PEFT's step.
+            Attention = runtime == LoraRuntime.MoeLora ? AttentionImpl.Eager : AttentionImpl.Sdpa,
             GpuMemoryBytes = long.MaxValue / 4,
             CublasWorkspaceBytes = cuda ? new TrainingSetup().CublasWorkspaceBytes : 0,
         }, withFixes: false);
@@ -142,6 +146,7 @@ internal sealed class MeasuredStep
         ["used_after_build_bytes"] = UsedAfterBuildBytes,
         ["peak_source"] = PeakSource,
         ["predicted_phase"] = Prediction.Phase,
+        ["predicted_peft_bytes"] = PeftPrediction.PerGpuBytes,
         ["predicted_terms"] = new JsonObject(Prediction.Terms.Select(t => KeyValuePair.Create(t.Name, (JsonNode?)JsonValue.Create(t.Bytes)))),
         ["note"] = Note,
     };
@@ -163,6 +168,7 @@ internal static class StepMeasurement
         {
             Mode = "cb", Batch = s.StepBatch, Tokens = s.StepTokens, Layers = layers,
             Prediction = MeasuredStep.Predict(r, "cb", s.StepBatch, s.StepTokens, meter.IsCuda), PeakSource = meter.Source,
+            PeftPrediction = MeasuredStep.Predict(r, "cb", s.StepBatch, s.StepTokens, meter.IsCuda, LoraRuntime.Peft),
             Note = $"on the model truncated to blocks 0..{layers - 1} (max target {targets.Max()} + 1), built for this step as the trainer does (a loaded model is not cut in place), then freed",
         };
         CausalLm? model = null;
@@ -189,6 +195,7 @@ internal static class StepMeasurement
         {
             Mode = "lora", Batch = s.StepBatch, Tokens = s.StepTokens, Layers = model.NumLayers,
             Prediction = MeasuredStep.Predict(r, "lora", s.StepBatch, s.StepTokens, meter.IsCuda), PeakSource = meter.Source,
+            PeftPrediction = MeasuredStep.Predict(r, "lora", s.StepBatch, s.StepTokens, meter.IsCuda, LoraRuntime.Peft),
             UsedAfterBuildBytes = usedAfterBuild,
         };
         meter.StartWindow();
@@ -227,13 +234,15 @@ internal static class StepMeasurement
             Units.Bytes(m.UsedAfterBuildBytes),
             m.Error is null ? Units.Bytes(m.PeakBytes) : new Text("failed", Tone.Bad),
             Units.Bytes(m.PredictedBytes),
-            m.Error is null ? new Text($"{m.Ratio:0.00}x", Math.Abs(m.Ratio - 1) <= 0.10 ? Tone.Plain : Tone.Bad) : new Text(m.Error, Tone.Bad),
+            m.Error is null ? new Text($"{m.Ratio:0.00}x", !cuda || Math.Abs(m.Ratio - 1) <= 0.10 ? Tone.Plain : Tone.Bad) : new Text(m.Error, Tone.Bad),
+            Units.Bytes(m.PeftPrediction.PerGpuBytes),
         ]).ToList();
         var first = steps[0];
         var blocks = new List<Block>
         {
             new Table([new("step"), new("blocks", Right: true), new("step s (median)", Right: true), new("tokens/s", Right: true), new("loss", Right: true),
-                new("after build", Right: true), new("peak", Right: true), new("predicted", Right: true), new("measured / predicted", Right: true)], rows),
+                new("after build", Right: true), new("peak", Right: true), new("predicted", Right: true), new("measured / predicted", Right: true),
+                new("PEFT predicted", Right: true)], rows),
             new Paragraph($"One warm-up step, then {(first.Run?.Seconds.Count ?? 1) - 1} timed steps on random token ids (seeded), batch {first.Batch} × {first.Tokens} tokens" +
                 string.Concat(steps.Select(m => m.Mode == "lora"
                     ? ". LoRA step: causal-LM cross-entropy, backward, AdamW on the adapters"
@@ -241,7 +250,8 @@ internal static class StepMeasurement
                       $"coefficients {TrainingStep.MidScheduleCoefficients.Retain} / {TrainingStep.MidScheduleCoefficients.Cb} (mid-schedule, every pass runs), clipping, AdamW")) + "."),
             new Paragraph($"Peak: {first.PeakSource}. 'after build' is the same difference right after the model and adapters were built. " +
                 "Predicted: Core's per-GPU step model for MoeLora's runtime (grouped low-rank expert LoRA, no W+ΔW; eager attention), what max_memory_allocated would show" +
-                (cuda ? "; the caching allocator's rounding and fragmentation come on top." : "; on the CPU the process peak includes allocator and runtime overheads the model does not describe, so the ratio is only indicative.")),
+                (cuda ? "; the caching allocator's rounding and fragmentation come on top." : "; on the CPU the process peak includes allocator and runtime overheads the model does not describe, so the ratio is only indicative.") +
+                " 'PEFT predicted': the same step under PyTorch + PEFT (ParamWrapper keeps W+ΔW of every adapted expert tensor for backward; sdpa attention), for context."),
         };
         foreach (var m in steps.Where(m => m.Note is not null)) blocks.Add(new Paragraph($"{m.Title}: {m.Note}."));
         return new Section("measured-steps", Text.Of(new Span("Measured training steps", Tone.Strong), new Span(" (--measure-steps)")), "measured.steps", blocks);
