@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""The PyTorch + PEFT reference for bench/MoeLora.Bench.Gpu: one LoRA or circuit-breaker training step on a
-random-initialised model built on the GPU, timed and with its peak GPU memory.
+"""The PyTorch + PEFT reference of the GPU step benchmark: one LoRA or circuit-breaker training step on a
+random-initialised model built on the GPU, timed and with its peak GPU memory. Our side is bench/gpu/run_ours.sh
+(`moelora report --load-model --measure-steps lora,cb`); bench/gpu/compare.py puts the two side by side.
 
 Runs on the GPU host (torch 2.11, transformers 5.17, peft 0.21, no network):
     python3 bench/gpu/peft_step.py --config src/MoeLora.Core/Catalog/configs/Qwen__Qwen3-30B-A3B.json \

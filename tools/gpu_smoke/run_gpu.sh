@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs on the GPU host, from the repository root, with the bundle pack.sh made:
-#   tools/gpu_smoke/run_gpu.sh [parity|train|report|peft|all]      (default: all)
+#   tools/gpu_smoke/run_gpu.sh [parity|train|report|peft|ours|bench|all]      (default: all)
 # It unpacks artifacts/gpu_smoke/moelora-linux-x64.tar.xz (or $MOELORA_SMOKE_TARBALL) and, with no LD_LIBRARY_PATH,
 # lets moelora find the host's PyTorch CUDA libtorch by itself (python3's torch/lib, or $MOELORA_LIBTORCH):
 #   parity  every runtime fixture (tests/MoeLora.Torch.Tests/Data/hf-tiny, hf-moe) through
@@ -12,6 +12,8 @@
 #   peft    the PyTorch + PEFT reference steps of the GPU benchmark (bench/gpu/peft_step.py): a LoRA step and a
 #           circuit-breaker step on Qwen3-30B-A3B (random init, bf16), tokens/s and peak GPU memory
 #           (BENCH_BATCH, BENCH_TOKENS, BENCH_MODES override the defaults 1, 1024, "lora cb")
+#   ours    our side of those steps (bench/gpu/run_ours.sh: report --load-model --measure-steps)
+#   bench   ours, peft, then bench/gpu/compare.py's side-by-side table ($OUT/compare.md)
 # Results and logs go to $OUT (the device machine's output folder) or /tmp/moelora-gpu-smoke/results.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -121,13 +123,26 @@ peft() {
   done
 }
 
+# Our side of the same steps (report --load-model --measure-steps), then the side-by-side table.
+ours() {
+  bench/gpu/run_ours.sh || failures=$((failures + 1))
+}
+
+compare() {
+  local peft_files=()
+  for mode in ${BENCH_MODES:-lora cb}; do peft_files+=("$results/peft-$mode-b${BENCH_BATCH:-1}.json"); done
+  python3 bench/gpu/compare.py "$results/ours-qwen3-30b.json" "${peft_files[@]}" | tee "$results/compare.md" | tee -a "$summary"
+}
+
 case "$stage" in
   parity) parity ;;
   train) train ;;
   report) report ;;
   peft) peft ;;
-  all) parity; train; report; peft ;;
-  *) echo "usage: $0 [parity|train|report|peft|all]" >&2; exit 2 ;;
+  ours) ours ;;
+  bench) ours; peft; compare ;;
+  all) parity; train; report; ours; peft; compare ;;
+  *) echo "usage: $0 [parity|train|report|peft|ours|bench|all]" >&2; exit 2 ;;
 esac
 log "== stage $stage: $failures failing check(s)"
 exit $(( failures > 0 ? 1 : 0 ))

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""One line from a step-benchmark result JSON (bench/gpu/peft_step.py or MoeLora.Bench.Gpu): time, tokens/s, memory."""
+"""One line from a step-benchmark result JSON (bench/gpu/peft_step.py): time, tokens/s, memory."""
 import json
 import sys
 

@@ -19,7 +19,8 @@ namespace MoeLora.Cli.Commands;
 /// <c>moelora report MODEL --load-model</c>: predicts memory from Core's ModelSpec and refuses before allocating when
 /// the model cannot fit, then builds the model (checkpoint or <c>--init random</c>), injects Core's AdapterPlan, and
 /// measures what the config-only report predicts: adapter instances, storage sharing, trainable parameters,
-/// hidden-state memory, process peak and per-expert gradient flow against router selection.
+/// hidden-state memory, process peak and per-expert gradient flow against router selection. With
+/// <c>--measure-steps</c> it also runs whole LoRA and circuit-breaker training steps (see <see cref="StepMeasurement"/>).
 /// </summary>
 internal static class LoadModelMeasurement
 {
@@ -70,7 +71,7 @@ internal static class LoadModelMeasurement
         dev ??= RuntimeDevice.Select(device);
 
         // 2. Build, inject, measure.
-        var measured = Measure(report, resolved, dir, random, dtype, dev, s.Seed, GradTokens(s));
+        var measured = Measure(report, resolved, dir, random, dtype, dev, s.Seed, GradTokens(s), s);
         measured.Prediction = prediction;
         measured.CheckpointBytes = checkpointBytes;
 
@@ -91,11 +92,17 @@ internal static class LoadModelMeasurement
         return (free.Bytes, free.Source);
     }
 
-    static Measured Measure(LoraReport report, ResolvedModel resolved, string? dir, bool random, ScalarType dtype, Device dev, long seed, int gradTokens)
+    static Measured Measure(LoraReport report, ResolvedModel resolved, string? dir, bool random, ScalarType dtype, Device dev, long seed, int gradTokens,
+        ReportCommand.Settings s)
     {
         TorchRuntime.EnsureInitialized();
-        var m = new Measured { RuntimeBaselineBytes = Rss() };
+        var m = new Measured { RuntimeBaselineBytes = Rss(), IsCuda = dev.type == DeviceType.CUDA };
         var plan = report.Plan;
+        var modes = DevicePeakMeter.Order(s.ParsedMeasureSteps);
+        // The baseline is read before any model exists; cb runs first on its own truncated model (see Order).
+        var meter = modes.Count > 0 ? DevicePeakMeter.Start(dev) : null;
+        if (modes.Contains("cb"))
+            m.Steps.Add(StepMeasurement.CircuitBreaker(report, resolved, dir, random, dtype, dev, seed, s, meter!));
         // Random weights are drawn on the device itself: a real-size model never passes through host memory.
         using var model = random
             ? TorchModelFactory.Random(resolved.ConfigJson, seed, dtype, dev, RandomInit.OnDevice)
@@ -110,6 +117,14 @@ internal static class LoadModelMeasurement
         m.Counts = Measurements.CountParameters(model);
         m.Shared = Measurements.FindSharedStorage(Measurements.AdapterTensors(model));
         m.DistinctAdapterStorages = trainable.Select(t => Measurements.DataPointer(t.Param)).Distinct().Count();
+        if (modes.Contains("lora"))
+        {
+            var lora = StepMeasurement.Lora(report, model, seed, s, meter!, meter!.UsedAboveBaseline());
+            if (meter.IsCuda && m.Steps.FirstOrDefault(x => x.Mode == "cb") is { } cb)
+                lora.Note = $"its 'after build' reading includes blocks the allocator kept from the circuit-breaker step (which reserved {Units.Bytes(cb.PeakBytes)})" +
+                    (lora.PeakBytes <= cb.PeakBytes ? "; its peak is no higher than that reservation, so it is bounded below by it and this step's own peak may be lower" : "");
+            m.Steps.Add(lora);
+        }
 
         // Forward with all hidden states (no grad), then keep only the target layers.
         var hs = report.HiddenStates;
@@ -155,6 +170,8 @@ internal static class LoadModelMeasurement
         public IReadOnlyList<SharedStorage> Shared = [];
         public IReadOnlyList<ExpertGradientFlow> Flow = [];
         public MemoryPrediction Prediction = null!;
+        public bool IsCuda;
+        public List<MeasuredStep> Steps = [];
 
         public long PredictedPeak => RuntimeBaselineBytes + Prediction.PeakBytes;
 
@@ -183,6 +200,7 @@ internal static class LoadModelMeasurement
             rows.Add(("process peak (VmHWM)", Units.Bytes(PredictedPeak), Units.Bytes(PeakBytes),
                 $"{ratio:0.00}x of predicted; rough by nature: predicted = runtime at start ({Units.Bytes(RuntimeBaselineBytes)}, measured) + " +
                 $"the largest phase ({Prediction.PeakPhase}); allocator caching, libtorch workspaces and GC heaps are not modelled"));
+            rows.AddRange(StepMeasurement.Rows(Steps, IsCuda));
             return rows;
         }
 
@@ -196,9 +214,11 @@ internal static class LoadModelMeasurement
             {
                 yield return new Section("measured", "Measured (--load-model)", "measured",
                     [table, new Paragraph(MemoryNote(r)), new Paragraph("Gradient flow: no fused-expert adapters (nothing to compare with router selection).")]);
+                if (Steps.Count > 0) yield return StepMeasurement.Section(Steps, IsCuda);
                 yield break;
             }
             yield return new Section("measured", "Measured (--load-model)", "measured", [table, new Paragraph(MemoryNote(r))]);
+            if (Steps.Count > 0) yield return StepMeasurement.Section(Steps, IsCuda);
             var flow = Flow.Select(f => (IReadOnlyList<Text>)[new Text($"{f.Module}.{f.Parameter}", Tone.Code), Experts(f.Selected, f.NumExperts),
                 Experts(Where(f.GradB), f.NumExperts), Experts(Where(f.GradA), f.NumExperts),
                 f.GradientOnlyWhereSelected ? "yes" : new Text("NO", Tone.Bad)]).ToList();
@@ -268,6 +288,7 @@ internal static class LoadModelMeasurement
                 ["checkpoint_bytes"] = CheckpointBytes,
                 ["phases"] = new JsonArray(Prediction.Phases.Select(p => (JsonNode)new JsonObject { ["name"] = p.Name, ["bytes"] = p.Bytes, ["detail"] = p.Detail }).ToArray()),
             },
+            ["steps"] = new JsonObject(Steps.Select(x => KeyValuePair.Create(x.Mode, (JsonNode?)x.ToJson()))),
             ["gradient_flow"] = new JsonArray(Flow.Select(f => (JsonNode)new JsonObject
             {
                 ["module"] = f.Module,

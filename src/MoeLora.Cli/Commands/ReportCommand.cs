@@ -18,7 +18,15 @@ public sealed class ReportCommand : Command<ReportCommand.Settings>
         protected override IReadOnlyCollection<OutputFormat> Formats => [OutputFormat.Text, OutputFormat.Json, OutputFormat.Markdown, OutputFormat.Html];
 
         public override Spectre.Console.ValidationResult Validate() => base.Validate() is { Successful: false } failed ? failed
-            : OptionChecks.First(OptionChecks.AtLeast(GradTokens, 1, "--grad-tokens"));
+            : OptionChecks.First(OptionChecks.AtLeast(GradTokens, 1, "--grad-tokens"),
+                OptionChecks.Parses(() => _ = ParsedMeasureSteps, "--measure-steps"),
+                MeasureSteps is not null && !LoadModel ? "--measure-steps needs --load-model (the steps run on the loaded model)" : null,
+                OptionChecks.AtLeast(StepTokens, 2, "--step-tokens"),
+                OptionChecks.AtLeast(StepBatch, 1, "--step-batch"),
+                OptionChecks.AtLeast(StepRepeats, 1, "--step-repeats"));
+
+        /// <summary>The step words --measure-steps accepts, in the order they are measured.</summary>
+        internal static readonly string[] StepModes = ["lora", "cb"];
 
         [CommandOption("--checkpoint-headers")]
         [Description("Also read safetensors headers from the Hub (local and cached checkpoints are always checked) (default off)")]
@@ -43,6 +51,36 @@ public sealed class ReportCommand : Command<ReportCommand.Settings>
         [Description("With --load-model: tokens of the sequence used for the gradient-flow backward (default 4, so that some experts go unselected)")]
         [CommandOption("--grad-tokens <N>")]
         public int GradTokens { get; init; } = 4;
+
+        [Description("With --load-model: training steps to run and measure (speed, loss, peak device memory against Core's prediction): lora, cb or lora,cb (default none)")]
+        [CommandOption("--measure-steps <MODES>")]
+        public string? MeasureSteps { get; init; }
+
+        [Description("With --measure-steps: tokens per sequence of every step batch (default 1024)")]
+        [CommandOption("--step-tokens <N>")]
+        public int StepTokens { get; init; } = 1024;
+
+        [Description("With --measure-steps: sequences per batch; a cb step runs a retain and a CB batch of this size (default 1)")]
+        [CommandOption("--step-batch <N>")]
+        public int StepBatch { get; init; } = 1;
+
+        [Description("With --measure-steps: timed steps after one warm-up step; the median is reported (default 3)")]
+        [CommandOption("--step-repeats <N>")]
+        public int StepRepeats { get; init; } = 3;
+
+        /// <summary>--measure-steps as distinct modes in measuring order; empty when not asked.</summary>
+        public IReadOnlyList<string> ParsedMeasureSteps
+        {
+            get
+            {
+                if (MeasureSteps is null) return [];
+                var words = MeasureSteps.Split(',', StringSplitOptions.TrimEntries).Select(w => w.ToLowerInvariant()).ToList();
+                foreach (var w in words)
+                    if (!StepModes.Contains(w))
+                        throw new UserInputException($"--measure-steps '{MeasureSteps}': '{w}' is not a step; use lora, cb or lora,cb");
+                return StepModes.Where(words.Contains).ToList();
+            }
+        }
     }
 
     public override int Execute(CommandContext context, Settings settings, CancellationToken cancellationToken)

@@ -9,7 +9,8 @@ namespace MoeLora.Cli.Commands;
 /// <summary>
 /// One circuit-breaker step as <c>moelora train</c> will run it, sized by Core's training-memory model (the one checked
 /// against measured H200 steps) from the config and the planned adapters alone, so a run that cannot fit is refused
-/// before any weight is loaded.
+/// before any weight is loaded. It models MoeLora's own runtime, which train runs: grouped low-rank expert LoRA (no
+/// W+ΔW) and eager attention (the runtime has no sdpa kernel).
 /// </summary>
 internal static class TrainMemoryPlan
 {
@@ -31,6 +32,8 @@ internal static class TrainMemoryPlan
             TargetLayers = targets,
             CbFullLayers = fullLayers,
             Gpus = 1,
+            Runtime = LoraRuntime.MoeLora,
+            Attention = AttentionImpl.Eager,
             GpuMemoryBytes = (long)(availableGb * (1L << 30)),
         }), plan);
     }

@@ -26,6 +26,11 @@ namespace MoeLora.Core.Memory;
 /// <c>B@A</c> is materialised as an E × in × out weight on every forward and the merged weight (a B per element) is
 /// kept for backward, plus the grouped-matmul input (a B × in per routed token) for the weight gradient. The fp32
 /// delta (4 B per element) is a transient on top.</item>
+/// <item>LoRA on fused experts in MoeLora's runtime (<see cref="LoraRuntime.MoeLora"/>): no ΔW and no merged weight;
+/// <c>bmm(x, Rᵀ)</c> keeps the expert input x (a B × in per routed pair, the same tensor PEFT's path keeps) and
+/// <c>bmm(x·Rᵀ, Lᵀ)</c> keeps the r-wide product (a B × r per routed pair, <see cref="LowRankPerTokenBytes"/>).
+/// The factors L, R themselves (E·(in+out)·r) are negligible. Rows padded for the batched bmm (at most
+/// <c>MaxPaddingFactor</c> = 1.5× the routed pairs) are not counted: with balanced routing they are a few percent.</item>
 /// </list>
 /// </summary>
 public sealed record LayerActivations
@@ -38,6 +43,9 @@ public sealed record LayerActivations
     /// <summary>Saved bytes per token per key position (eager attention scores; multiply by tokens × S).</summary>
     public required long PerTokenPerKeyBytes { get; init; }
 
+    /// <summary>Saved bytes per token of MoeLora's low-rank expert LoRA (the r-wide x·Rᵀ per routed pair); 0 under PEFT.</summary>
+    public long LowRankPerTokenBytes { get; init; }
+
     /// <summary>Saved bytes independent of tokens (materialised fused-expert LoRA weights).</summary>
     public required long ConstantBytes { get; init; }
 
@@ -48,19 +56,20 @@ public sealed record LayerActivations
     public required bool NeedsGrad { get; init; }
 
     public long Bytes(int batch, int seq) => NeedsGrad
-        ? PerTokenBytes * batch * seq + PerTokenPerKeyBytes * batch * (long)seq * seq + ConstantBytes
+        ? (PerTokenBytes + LowRankPerTokenBytes) * batch * seq + PerTokenPerKeyBytes * batch * (long)seq * seq + ConstantBytes
         : 0;
 
     // The planner's "what would fit" search re-estimates one plan many times with other batch/seq/GPU settings;
     // per-layer activations do not depend on those, so they are computed once per plan and setting.
     private static readonly System.Runtime.CompilerServices.ConditionalWeakTable<AdapterPlan,
-        System.Collections.Concurrent.ConcurrentDictionary<(int, AttentionImpl, long), IReadOnlyList<LayerActivations>>> Cache = new();
+        System.Collections.Concurrent.ConcurrentDictionary<(int, AttentionImpl, long, LoraRuntime), IReadOnlyList<LayerActivations>>> Cache = new();
 
     /// <summary>Per decoder layer, in order, for the first <paramref name="layers"/> blocks.</summary>
-    public static IReadOnlyList<LayerActivations> Build(AdapterPlan plan, int actBytes, AttentionImpl attention, long layers) =>
-        Cache.GetOrCreateValue(plan).GetOrAdd((actBytes, attention, layers), k => Compute(plan, k.Item1, k.Item2, k.Item3));
+    public static IReadOnlyList<LayerActivations> Build(AdapterPlan plan, int actBytes, AttentionImpl attention, long layers,
+        LoraRuntime runtime = LoraRuntime.Peft) =>
+        Cache.GetOrCreateValue(plan).GetOrAdd((actBytes, attention, layers, runtime), k => Compute(plan, k.Item1, k.Item2, k.Item3, k.Item4));
 
-    private static IReadOnlyList<LayerActivations> Compute(AdapterPlan plan, int actBytes, AttentionImpl attention, long layers)
+    private static IReadOnlyList<LayerActivations> Compute(AdapterPlan plan, int actBytes, AttentionImpl attention, long layers, LoraRuntime runtime)
     {
         var spec = plan.Spec;
         var moe = spec.Moe;
@@ -81,7 +90,7 @@ public sealed record LayerActivations
         {
             var ms = modules.GetValueOrDefault(i) ?? [];
             long a = actBytes;
-            long perToken = 0, perKey = 0, constant = 0, transient = 0;
+            long perToken = 0, perKey = 0, constant = 0, transient = 0, lowRank = 0;
             ModuleNode? Leaf(string name, ModuleLocation? loc = null) =>
                 ms.FirstOrDefault(m => m.LeafName == name && m.Kind == ModuleKind.Linear && (loc is null || m.Location == loc));
 
@@ -152,10 +161,17 @@ public sealed record LayerActivations
                     case AdapterKind.Parameter:
                     {
                         var elems = t.BaseShape.Aggregate(1L, (x, y) => x * y);
-                        constant += a * elems;
-                        transient = Math.Max(transient, 4 * elems);
                         var routed = t.NumExperts > 1 && moe.NumExperts > 0 ? moe.ExpertsPerToken : 1;
                         perToken += routed * a * t.InFeatures;
+                        if (runtime == LoraRuntime.MoeLora && t.NumExperts > 1)
+                        {
+                            // Grouped low-rank: no W+ΔW; the r-wide product per routed pair instead.
+                            lowRank += routed * a * t.R;
+                            break;
+                        }
+                        // PEFT's ParamWrapper (and MoeLora's own 2-D ParamWrapper deltas, e.g. a router): W+ΔW kept.
+                        constant += a * elems;
+                        transient = Math.Max(transient, 4 * elems);
                         break;
                     }
                 }
@@ -166,6 +182,7 @@ public sealed record LayerActivations
                 Layer = i,
                 PerTokenBytes = perToken,
                 PerTokenPerKeyBytes = perKey,
+                LowRankPerTokenBytes = lowRank,
                 ConstantBytes = constant,
                 TransientBytes = transient,
                 NeedsGrad = i >= firstTrained,

@@ -14,6 +14,9 @@ public sealed record MemoryFix(string Change, long PerGpuBytes, bool Fits);
 /// Peak GPU memory of one training step (what <c>torch.cuda.max_memory_allocated</c> reports), per GPU. The peak is
 /// persistent state (weights, adapters, gradients, AdamW states, cuBLAS workspaces) plus the larger of the step's
 /// activation peak and the optimizer's temporaries. Every term carries its formula and source.
+/// <see cref="TrainingSetup.Runtime"/> picks the fused-expert LoRA whose step is modelled: PEFT's ParamWrapper
+/// (<c>fused_expert_lora_weights</c>: W+ΔW kept for backward, and an fp32 ΔW transient) or MoeLora's grouped
+/// low-rank path (<c>expert_lora_low_rank</c>: the r-wide product per routed pair; no ΔW at all).
 /// </summary>
 public sealed class TrainingMemory
 {
@@ -135,8 +138,9 @@ public sealed class TrainingMemory
             "PyTorch allocates the cuBLAS/cuBLASLt workspace through the caching allocator, one per handle (32 MiB default on Hopper)");
 
         // ---- activations
-        var acts = LayerActivations.Build(plan, (int)a, setup.Attention, run);
+        var acts = LayerActivations.Build(plan, (int)a, setup.Attention, run, setup.Runtime);
         long actTokens = acts.Sum(x => x.NeedsGrad ? x.PerTokenBytes * tokens + x.PerTokenPerKeyBytes * tokens * s : 0);
+        long actLowRank = acts.Sum(x => x.NeedsGrad ? x.LowRankPerTokenBytes * tokens : 0);
         long actDeltas = acts.Sum(x => x.NeedsGrad ? x.ConstantBytes : 0);
         long maxLayer = acts.Select(x => x.Bytes((int)b, (int)s)).DefaultIfEmpty(0).Max();
         long deltaTransient = acts.Select(x => x.TransientBytes).DefaultIfEmpty(0).Max();
@@ -155,6 +159,9 @@ public sealed class TrainingMemory
             if (actDeltas > 0)
                 stepTerms.Add(new("fused_expert_lora_weights", passes * actDeltas, "Σ fused-expert targets a·E·in·out: the merged weight W + B@A built on every forward and kept for backward",
                     "PEFT ParamWrapper (target_parameters) materialises the per-expert delta weight; PEFT docs: 'merge before serving'"));
+            if (actLowRank > 0)
+                stepTerms.Add(new("expert_lora_low_rank", passes * actLowRank, (cb ? "2 adapted passes × " : "") + "Σ fused-expert targets tokens × k × a·r: the r-wide x·Rᵀ kept per routed pair (no ΔW is formed)",
+                    "MoeLora grouped expert LoRA (ExpertsBase.Mm: bmm(bmm(x, Rᵀ), Lᵀ) saves x and x·Rᵀ)"));
             phase = "backward start";
         }
         else
@@ -216,8 +223,8 @@ public sealed class TrainingMemory
             Terms = terms,
             Phase = phase,
             LayersRun = run,
-            ActivationBytesNoCheckpointing = actTokens + actDeltas,
-            ActivationBytes = setup.GradientCheckpointing ? checkpoints + maxLayer : actTokens + actDeltas,
+            ActivationBytesNoCheckpointing = actTokens + actDeltas + actLowRank,
+            ActivationBytes = setup.GradientCheckpointing ? checkpoints + maxLayer : actTokens + actDeltas + actLowRank,
             Fixes = [],
         };
         if (!withFixes || result.Fits) return result;

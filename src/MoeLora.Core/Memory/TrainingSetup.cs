@@ -37,6 +37,21 @@ public enum TrainingMode
     CircuitBreaker,
 }
 
+/// <summary>Which LoRA runtime computes the fused-expert adapters (the only place the two differ in memory).</summary>
+public enum LoraRuntime
+{
+    /// <summary>
+    /// PyTorch + PEFT 0.21: <c>ParamWrapper</c> materialises W + ΔW for every adapted fused-expert tensor on every
+    /// forward and autograd keeps it for backward (plus an fp32 ΔW transient).
+    /// </summary>
+    Peft,
+    /// <summary>
+    /// MoeLora's TorchSharp runtime: grouped low-rank expert LoRA (<c>x·Rᵀ·Lᵀ</c> per expert group), never forming
+    /// ΔW; backward keeps the expert input (as PEFT does) and the r-wide intermediate <c>x·Rᵀ</c> per routed pair.
+    /// </summary>
+    MoeLora,
+}
+
 /// <summary>The attention implementation (<c>attn_implementation</c>).</summary>
 public enum AttentionImpl
 {
@@ -73,6 +88,9 @@ public sealed record TrainingSetup
     public TrainingMode Mode { get; init; } = TrainingMode.Lora;
 
     public AttentionImpl Attention { get; init; } = AttentionImpl.Sdpa;
+
+    /// <summary>The runtime whose step is modelled: PEFT (what <c>plan</c>'s train.py runs) or MoeLora's own (<c>train</c>).</summary>
+    public LoraRuntime Runtime { get; init; } = LoraRuntime.Peft;
 
     /// <summary>Circuit-breaker targets as hidden_states indices; null means [L/4, L/2].</summary>
     public IReadOnlyList<int>? TargetLayers { get; init; }
@@ -151,6 +169,8 @@ public sealed record TrainingSetup
     public static string Name(TrainingMode m) => m == TrainingMode.Lora ? "lora" : "circuit-breaker";
 
     public static string Name(Quantization q) => q switch { Quantization.None => "none", Quantization.Int8 => "int8", _ => "nf4" };
+
+    public static string Name(LoraRuntime r) => r == LoraRuntime.Peft ? "peft" : "moelora";
 
     public static string Name(AttentionImpl a) => a == AttentionImpl.Sdpa ? "sdpa" : "eager";
 }

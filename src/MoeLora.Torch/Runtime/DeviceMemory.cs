@@ -25,6 +25,40 @@ public static class DeviceMemory
         throw new MoeLora.Core.UserInputException($"cannot read the free memory of cuda:{index} (no libcudart in the process, nvidia-smi failed); pass the size explicitly");
     }
 
+    /// <summary>
+    /// Bytes in use on a GPU (total − free, cudaMemGetInfo; every process on the device and the CUDA context count),
+    /// or this process's resident set on the CPU. Differences of two readings are what this process took in between.
+    /// </summary>
+    public static long Used(torch.Device device)
+    {
+        if (device.type == DeviceType.CPU) return ResidentBytes();
+        int index = Math.Max(0, (int)device.index);
+        if (CudaRuntimeInfo(index) is { } info) return info.Total - info.Free;
+        if (NvidiaSmiQuery(index, "memory.used") is { } used) return used;
+        throw new MoeLora.Core.UserInputException($"cannot read the memory in use on cuda:{index} (no libcudart in the process, nvidia-smi failed)");
+    }
+
+    /// <summary>VmRSS of this process (the working set where /proc is absent).</summary>
+    public static long ResidentBytes()
+    {
+        if (OperatingSystem.IsLinux())
+            foreach (var line in File.ReadLines("/proc/self/status"))
+                if (line.StartsWith("VmRSS:", StringComparison.Ordinal))
+                    return ProcKiBToBytes(line);
+        return Environment.WorkingSet;
+    }
+
+    /// <summary>
+    /// Resets VmHWM to the current resident set (writing 5 to /proc/self/clear_refs, Linux ≥ 4.0), so a later
+    /// <see cref="PeakHostBytes"/> is the peak of what ran since. False where the kernel does not allow it.
+    /// </summary>
+    public static bool ResetPeakHost()
+    {
+        if (!OperatingSystem.IsLinux()) return false;
+        try { File.WriteAllText("/proc/self/clear_refs", "5"); return true; }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { return false; }
+    }
+
     /// <summary>MemAvailable of /proc/meminfo on Linux, else what the GC sees as available.</summary>
     public static FreeMemory Host()
     {
@@ -67,7 +101,9 @@ public static class DeviceMemory
         return null;
     }
 
-    static unsafe long? CudaRuntimeFree(int index)
+    static long? CudaRuntimeFree(int index) => CudaRuntimeInfo(index)?.Free;
+
+    static unsafe (long Free, long Total)? CudaRuntimeInfo(int index)
     {
         if (!OperatingSystem.IsLinux()) return null;
         try
@@ -84,7 +120,7 @@ public static class DeviceMemory
             nuint free = 0, total = 0;
             int rc = memGetInfo(&free, &total);
             setDevice(previous);
-            return rc == 0 ? (long)free : null;
+            return rc == 0 ? ((long)free, (long)total) : null;
         }
         catch (Exception e) when (e is DllNotFoundException or EntryPointNotFoundException or IOException)
         {
@@ -92,9 +128,12 @@ public static class DeviceMemory
         }
     }
 
-    static long? NvidiaSmiFree(int index)
+    static long? NvidiaSmiFree(int index) => NvidiaSmiQuery(index, "memory.free");
+
+    /// <summary>A memory field of nvidia-smi (MiB) in bytes.</summary>
+    static long? NvidiaSmiQuery(int index, string field)
     {
-        var text = Run("nvidia-smi", "--query-gpu=memory.free", "--format=csv,noheader,nounits");
+        var text = Run("nvidia-smi", $"--query-gpu={field}", "--format=csv,noheader,nounits");
         if (text is null) return null;
         var lines = text.Split('\n', StringSplitOptions.RemoveEmptyEntries);
         return index < lines.Length && long.TryParse(lines[index].Trim(), NumberStyles.Integer, CultureInfo.InvariantCulture, out var mib) ? mib * 1024 * 1024 : null;

@@ -9,7 +9,7 @@ namespace MoeLora.Torch.Training;
 /// checkpoints save and restore exactly: p ← p·(1−lr·wd); m ← lerp(m, g, 1−β1); v ← β2·v + (1−β2)·g²;
 /// p ← p − lr/(1−β1^t) · m / (√v/√(1−β2^t) + ε).
 /// </summary>
-public sealed class AdamW
+public sealed class AdamW : IDisposable
 {
     public IReadOnlyList<(string Name, Parameter Param)> Parameters { get; }
     public double Beta1 { get; }
@@ -50,6 +50,13 @@ public sealed class AdamW
             var denom = (v.sqrt() / bc2Sqrt).add_(Eps);
             p.addcdiv_(m, denom, -stepSize);
         }
+    }
+
+    /// <summary>Frees the moments (they live outside any dispose scope), e.g. before another model is built on the device.</summary>
+    public void Dispose()
+    {
+        foreach (var (m, v) in _state.Values) { m.Dispose(); v.Dispose(); }
+        _state.Clear();
     }
 
     public void ZeroGrad()

@@ -1,0 +1,84 @@
+using MoeLora.Core.Analysis;
+using MoeLora.Core.Memory;
+using MoeLora.Core.Peft;
+using CsCheck;
+
+namespace MoeLora.Core.Tests.Memory;
+
+/// <summary>
+/// The MoeLora-runtime variant of the step estimate (grouped low-rank expert LoRA) against the PEFT variant
+/// (ParamWrapper's materialised W+ΔW), on Qwen3-30B-A3B with the seed targets, which PEFT rewrites onto the fused
+/// experts' gate_up_proj (rank doubled) and down_proj.
+/// </summary>
+public class RuntimeVariantTests
+{
+    private static readonly Lazy<AdapterPlan> Qwen = new(() => AdapterPlanner.Plan(MeasuredMemoryTests.Spec("Qwen__Qwen3-30B-A3B"), LoraConfig.SeedDefault, null));
+
+    private static TrainingMemory Estimate(LoraRuntime runtime, TrainingSetup setup) =>
+        TrainingMemory.Estimate(Qwen.Value, setup with { Runtime = runtime }, withFixes: false);
+
+    private static readonly Gen<TrainingSetup> Setups =
+        Gen.Select(Gen.Int[1, 4], Gen.Int[1, 4096], Gen.Bool, Gen.Int[0, 1], Gen.Bool)
+            .Select(t => new TrainingSetup
+            {
+                BatchSize = t.Item1, SeqLength = t.Item2, GradientCheckpointing = t.Item3, Attention = (AttentionImpl)t.Item4,
+                Mode = t.Item5 ? TrainingMode.CircuitBreaker : TrainingMode.Lora,
+            });
+
+    [Fact]
+    public void The_plan_adapts_fused_experts() =>
+        Assert.Contains(Qwen.Value.Targets, t => t.Kind == AdapterKind.Parameter && t.NumExperts > 1);
+
+    [Fact]
+    public void MoeLora_has_no_materialised_delta_weight_in_any_setup() =>
+        Setups.Sample(setup =>
+        {
+            var ours = Estimate(LoraRuntime.MoeLora, setup);
+            var layers = LayerActivations.Build(Qwen.Value, setup.DType.Bytes(), setup.Attention, ours.LayersRun, LoraRuntime.MoeLora);
+            return layers.All(l => l.ConstantBytes == 0 && l.TransientBytes == 0)
+                && ours.Terms.All(t => t.Name is not ("fused_expert_lora_weights" or "fused_expert_delta_fp32"));
+        }, iter: 100);
+
+    [Fact]
+    public void Peft_keeps_the_merged_expert_weights_for_backward()
+    {
+        var peft = Estimate(LoraRuntime.Peft, new TrainingSetup { SeqLength = 1024 });
+        // 48 layers × 128 experts × (gate_up 1536×2048 + down 2048×768) × 2 B (bf16).
+        Assert.Equal(48L * 128 * (1536 * 2048 + 2048 * 768) * 2, peft["fused_expert_lora_weights"]);
+        Assert.Equal(0, peft["expert_lora_low_rank"]);
+    }
+
+    [Fact]
+    public void Low_rank_term_is_the_r_wide_product_per_routed_pair()
+    {
+        var ours = Estimate(LoraRuntime.MoeLora, new TrainingSetup { BatchSize = 2, SeqLength = 1000 });
+        // 2000 tokens × top-8 × 2 B × (gate_up r 32 + down_proj r 16) × 48 layers.
+        Assert.Equal(2000L * 8 * 2 * (32 + 16) * 48, ours["expert_lora_low_rank"]);
+    }
+
+    [Fact]
+    public void Both_variants_are_monotone_in_tokens() =>
+        Gen.Select(Setups, Gen.Int[1, 2048], Gen.Bool).Sample(t =>
+        {
+            var (setup, more, ours) = t;
+            var runtime = ours ? LoraRuntime.MoeLora : LoraRuntime.Peft;
+            var shorter = Estimate(runtime, setup);
+            var longer = Estimate(runtime, setup with { SeqLength = setup.SeqLength + more });
+            return longer.PerGpuBytes >= shorter.PerGpuBytes && longer.ActivationBytes >= shorter.ActivationBytes;
+        }, iter: 200);
+
+    [Fact]
+    public void MoeLora_equals_peft_without_the_materialised_term_when_nothing_else_differs() =>
+        // Long enough sequences that the loss buffers (not PEFT's fp32 ΔW transient) are the step's transient, and
+        // no checkpointing (the largest recomputed layer would differ by the merged weight itself).
+        Gen.Select(Gen.Int[1, 4], Gen.Int[8192, 16384], Gen.Bool).Sample(t =>
+        {
+            var setup = new TrainingSetup { BatchSize = t.Item1, SeqLength = t.Item2, Mode = t.Item3 ? TrainingMode.CircuitBreaker : TrainingMode.Lora };
+            var peft = Estimate(LoraRuntime.Peft, setup);
+            var ours = Estimate(LoraRuntime.MoeLora, setup);
+            var materialised = peft["fused_expert_lora_weights"];
+            return materialised > 0 && peft["fused_expert_delta_fp32"] == 0
+                && ours.PerGpuBytes - ours["expert_lora_low_rank"] == peft.PerGpuBytes - materialised
+                && ours.PerGpuBytes < peft.PerGpuBytes;
+        }, iter: 60);
+}
