@@ -58,6 +58,9 @@ internal sealed class AxkFamily : IArchitecture
         var act = c.String("hidden_act", "silu")!;
         var actClass = Blocks.ActivationClass(act, layout);
         var sharedInter = moeInter * shared;
+        // AXK2Indexer (DeepseekV32Indexer): A.X-K2 only.
+        var indexHeads = k2 ? c.Positive("index_n_heads", 16) : 0;
+        var indexHeadDim = k2 ? c.Positive("index_head_dim", 128) : 0;
 
         var firstDense = c.Int("first_k_dense_replace", 1);
         var freq = c.Int("moe_layer_freq", 1);
@@ -74,7 +77,7 @@ internal sealed class AxkFamily : IArchitecture
                 Blocks.MlaProjections(b, p + "RMSNorm", hidden, new Blocks.MlaShape(heads, qLoraRank, kvLoraRank, nope, rope, vHead, attnBias), k2
                     ? () => b.Linear(v5 ? "q_gate_proj" : "q_b_proj", 2 * qLoraRank!.Value, heads * (nope + rope + vHead))
                     : null);
-                if (k2) Indexer(b, c, hidden, qLoraRank!.Value);
+                if (k2) Blocks.DsaIndexer(b, "AXK2Indexer", hidden, qLoraRank, indexHeads, indexHeadDim);
             }
             var moeLayer = moeSet.Contains(i);
             if (moeLayer)
@@ -130,8 +133,7 @@ internal sealed class AxkFamily : IArchitecture
         DsaIndexerSettings? indexer = null;
         if (k2)
         {
-            indexer = new DsaIndexerSettings(c.Positive("index_n_heads", 16), c.Positive("index_head_dim", 128), c.Positive("index_topk", 2048),
-                InterleavedRope: false);
+            indexer = new DsaIndexerSettings(indexHeads, indexHeadDim, c.Positive("index_topk", 2048), InterleavedRope: false);
             if (indexer.HeadDim < rope)
                 return spec with { RuntimeUnavailable = $"an index_head_dim ({indexer.HeadDim}) below qk_rope_head_dim ({rope})" };
         }
@@ -159,20 +161,6 @@ internal sealed class AxkFamily : IArchitecture
         {
             Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm, ropeSettings, runtimeLayers),
         };
-    }
-
-    /// <summary>AXK2Indexer: the DeepSeek sparse-attention token selector (no value path, no output of its own).</summary>
-    private static void Indexer(TreeBuilder b, ModelConfig c, long hidden, long qLoraRank)
-    {
-        var indexHeads = c.Positive("index_n_heads", 16);
-        var indexHeadDim = c.Positive("index_head_dim", 128);
-        using (b.Scope("indexer", "AXK2Indexer"))
-        {
-            b.Linear("wq_b", qLoraRank, indexHeads * indexHeadDim);
-            b.Linear("wk", hidden, indexHeadDim);
-            b.LayerNorm("k_norm", indexHeadDim);
-            b.Linear("weights_proj", hidden, indexHeads);
-        }
     }
 
     /// <summary>AXK2GatedRMSNorm: RMSNorm, then y · sigmoid(fc2(SiLU(fc1(y)))); on disk fc1/fc2 are W_down/W_up.</summary>
