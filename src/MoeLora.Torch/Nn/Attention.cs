@@ -11,7 +11,7 @@ public sealed class ForwardContext
     public required ScalarType DType { get; init; }
     public List<Tensor> RouterLogits { get; } = [];
 
-    /// <summary>The last DSA indexer's top-k keys [B, S, k], which GLM-5's "shared" layers reuse (null before any).</summary>
+    /// <summary>The last DSA indexer's top-k keys [B, S, k], which GLM-5's "shared" layers reuse (null: it kept every key).</summary>
     public Tensor? IndexerTopK { get; set; }
     readonly Dictionary<(MaskKind, long), Tensor> _masks = [];
 

@@ -27,6 +27,9 @@ public sealed class DsaIndexer : HfModule
         _weights = AddChild("weights_proj", new Linear(hidden, s.Heads, false, init));
     }
 
+    /// <summary>True when index_topk is at least the <paramref name="keys"/>: every key is selected.</summary>
+    public bool KeepsEveryKey(long keys) => _s.TopK >= keys;
+
     /// <summary>
     /// The selected keys [B, S, min(index_topk, T)] (int64) for attention input <paramref name="x"/> [B, S, H], the
     /// query latent <paramref name="qResid"/> = q_a_layernorm(q_a_proj(x)) [B, S, q_lora_rank] and the additive

@@ -92,13 +92,15 @@ public sealed class MlaAttention : HfModule, IBlock
         var mask = ctx.Mask(MaskKind.Full);
         if (_indexer is not null)
         {
-            ctx.IndexerTopK = _indexer.TopK(x, qResid, mask, _rope, ctx);
-            mask = DsaIndexer.Restrict(mask, ctx.IndexerTopK);
+            // When index_topk covers every key the selection keeps them all and leaves the mask as it is: skip the
+            // scores (heads × S × T floats per layer) for the same result.
+            ctx.IndexerTopK = _indexer.KeepsEveryKey(key.shape[2]) ? null : _indexer.TopK(x, qResid, mask, _rope, ctx);
+            if (ctx.IndexerTopK is not null) mask = DsaIndexer.Restrict(mask, ctx.IndexerTopK);
         }
-        else if (_reusesTopK)
+        else if (_reusesTopK && ctx.IndexerTopK is not null)
         {
-            mask = DsaIndexer.Restrict(mask, ctx.IndexerTopK
-                ?? throw new InvalidOperationException("a layer that reuses the DSA top-k needs an indexer layer before it."));
+            // A reusing layer always follows an indexer layer (Core refuses a "shared" first layer); null: it kept all keys.
+            mask = DsaIndexer.Restrict(mask, ctx.IndexerTopK);
         }
         var o = AttentionMath.Eager(query, key, kvSplit[1], mask, _scaling);
         // AXK2Attention: the output times sigmoid(gate) in fp32, cast back, before o_proj.
