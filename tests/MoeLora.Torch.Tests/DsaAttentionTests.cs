@@ -1,5 +1,4 @@
 using MoeLora.Core.Architectures.Runtime;
-using MoeLora.Torch.Lora;
 using MoeLora.Torch.Models;
 using MoeLora.Torch.Nn;
 using MoeLora.Torch.Runtime;
@@ -43,13 +42,6 @@ public class DsaAttentionTests
         """;
 
     public static TheoryData<string> SparseConfigs() => new() { Axk2, DeepseekV32, GlmMoeDsa };
-
-    static (Tensor Ids, Tensor Mask) LeftPaddedBatch()
-    {
-        var ids = tensor(new long[,] { { 3, 4, 5, 6, 7, 8, 9, 10, 11 }, { 0, 0, 0, 5, 9, 13, 2, 40, 7 } });
-        var mask = tensor(new long[,] { { 1, 1, 1, 1, 1, 1, 1, 1, 1 }, { 0, 0, 0, 1, 1, 1, 1, 1, 1 } });
-        return (ids, mask);
-    }
 
     static float[] Floats(Tensor t) => t.detach().to(ScalarType.Float32).contiguous().data<float>().ToArray();
 
@@ -171,7 +163,7 @@ public class DsaAttentionTests
     {
         using var h = new DisposableModel(TorchModelFactory.Random(config, 5));
         using var _ = no_grad();
-        var (ids, mask) = LeftPaddedBatch();
+        var (ids, mask) = MlaVariantsTests.LeftPaddedBatch();
         using var batch = h.Model.Forward(ids, mask, outputHiddenStates: true);
         using var alone = h.Model.Forward(ids[1, 3..].unsqueeze(0), outputHiddenStates: true);
         for (int i = 0; i < batch.HiddenStates.Count; i++)
@@ -190,7 +182,7 @@ public class DsaAttentionTests
         using var sparse = new DisposableModel(TorchModelFactory.Random(config, 5));
         using var dense = new DisposableModel(TorchModelFactory.Random(config.Replace("\"index_topk\": 3", "\"index_topk\": 2048", StringComparison.Ordinal), 5));
         using var _ = no_grad();
-        var (ids, _) = LeftPaddedBatch();
+        var (ids, _) = MlaVariantsTests.LeftPaddedBatch();
         using var a = sparse.Model.Forward(ids[0].unsqueeze(0));
         using var b = dense.Model.Forward(ids[0].unsqueeze(0));
         Assert.True(Fixtures.RelError(a.Logits[0, ..3], b.Logits[0, ..3]) < 1e-6);
@@ -258,41 +250,9 @@ public class DsaAttentionTests
     // torch.no_grad() (its output is integer indices), so they get no gradient there or here.
     [Theory]
     [MemberData(nameof(LoraConfigs))]
-    public void LoraGradientsReachEveryAdapterOutsideTheIndexer(string config)
-    {
-        using var h = new DisposableModel(TorchModelFactory.Random(config, 3));
-        LoraInjector.Inject(h.Model, LoraInjector.Plan(h.Model, """
-            {"r": 2, "lora_alpha": 4, "target_modules": "all-linear", "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
-            """));
-        var lora = LoraInjector.PeftNamedParameters(h.Model).Where(p => p.Param.requires_grad).ToList();
-        Assert.Contains(lora, p => p.Name.Contains("kv_b_proj.lora_A", StringComparison.Ordinal));
-        Assert.Contains(lora, p => p.Name.Contains("mlp.experts.lora_A", StringComparison.Ordinal));
-        if (config == Axk2)
-        {
-            Assert.Contains(lora, p => p.Name.Contains("q_gate_proj.lora_A", StringComparison.Ordinal));
-            Assert.Contains(lora, p => p.Name.Contains("input_layernorm.mlp.fc1.lora_A", StringComparison.Ordinal));
-        }
-        using (no_grad())
-            foreach (var (name, p) in lora)
-                if (name.Contains(".lora_B.", StringComparison.Ordinal)) p.normal_(0, 0.1, generator: new Generator(3));
-        h.Model.Train();
-        var (ids, mask) = LeftPaddedBatch();
-        using var o = h.Model.Forward(ids, mask);
-        var loss = (o.Logits * mask.unsqueeze(-1)).pow(2).mean();
-        loss.backward();
-        foreach (var (name, p) in lora)
-        {
-            var g = p.grad;
-            if (name.Contains(".indexer.", StringComparison.Ordinal))
-            {
-                Assert.True(g is null || g.abs().sum().item<float>() == 0, $"{name}: the indexer has no gradient in transformers");
-                continue;
-            }
-            Assert.True(g is not null, $"{name}: no gradient");
-            Assert.False(g!.isnan().any().item<bool>() || g.isinf().any().item<bool>(), $"{name}: non-finite gradient");
-            Assert.True(g.abs().sum().item<float>() > 0, $"{name}: zero gradient");
-        }
-    }
+    public void LoraGradientsReachEveryAdapterOutsideTheIndexer(string config) =>
+        MlaVariantsTests.AssertLoraGradients(config, name => name.Contains(".indexer.", StringComparison.Ordinal),
+            config == Axk2 ? ["q_gate_proj.lora_A", "input_layernorm.mlp.fc1.lora_A", "self_attn.indexer.wq_b.lora_A"] : []);
 
     // transformers raises for a "shared" first layer (no earlier selection to reuse); the runtime refuses it in one line.
     [Fact]
