@@ -78,7 +78,7 @@ public class MlaVariantsTests
         foreach (var (name, p) in target) p.copy_(source[name]);
     }
 
-    static (Tensor Ids, Tensor Mask) LeftPaddedBatch()
+    internal static (Tensor Ids, Tensor Mask) LeftPaddedBatch()
     {
         var ids = tensor(new long[,] { { 3, 4, 5, 6, 7, 8, 9, 10, 11 }, { 0, 0, 0, 5, 9, 13, 2, 40, 7 } });
         var mask = tensor(new long[,] { { 1, 1, 1, 1, 1, 1, 1, 1, 1 }, { 0, 0, 0, 1, 1, 1, 1, 1, 1 } });
@@ -218,15 +218,22 @@ public class MlaVariantsTests
 
     [Theory]
     [MemberData(nameof(Configs))]
-    public void LoraGradientsReachEveryAdapter(string config)
+    public void LoraGradientsReachEveryAdapter(string config) => AssertLoraGradients(config);
+
+    /// <summary>
+    /// All linear layers and the experts get LoRA adapters (kv_b_proj's and the experts' among them, and every name in
+    /// <paramref name="adapted"/>); one backward pass of a left-padded batch must give each a finite non-zero gradient,
+    /// except those <paramref name="noGradient"/> names, which must get none.
+    /// </summary>
+    internal static void AssertLoraGradients(string config, Func<string, bool>? noGradient = null, params string[] adapted)
     {
         using var h = new DisposableModel(TorchModelFactory.Random(config, 3));
         LoraInjector.Inject(h.Model, LoraInjector.Plan(h.Model, """
             {"r": 2, "lora_alpha": 4, "target_modules": "all-linear", "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
             """));
         var lora = LoraInjector.PeftNamedParameters(h.Model).Where(p => p.Param.requires_grad).ToList();
-        Assert.Contains(lora, p => p.Name.Contains("kv_b_proj.lora_A", StringComparison.Ordinal));
-        Assert.Contains(lora, p => p.Name.Contains("mlp.experts.lora_A", StringComparison.Ordinal));
+        foreach (var name in adapted.Append("kv_b_proj.lora_A").Append("mlp.experts.lora_A"))
+            Assert.Contains(lora, p => p.Name.Contains(name, StringComparison.Ordinal));
         // B starts at zero (PEFT's init), which would leave A without gradient: give B values first.
         using (no_grad())
             foreach (var (name, p) in lora)
@@ -239,6 +246,11 @@ public class MlaVariantsTests
         foreach (var (name, p) in lora)
         {
             var g = p.grad;
+            if (noGradient?.Invoke(name) == true)
+            {
+                Assert.True(g is null || g.abs().sum().item<float>() == 0, $"{name}: should get no gradient");
+                continue;
+            }
             Assert.True(g is not null, $"{name}: no gradient");
             Assert.False(g!.isnan().any().item<bool>() || g.isinf().any().item<bool>(), $"{name}: non-finite gradient");
             Assert.True(g.abs().sum().item<float>() > 0, $"{name}: zero gradient");

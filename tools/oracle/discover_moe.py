@@ -53,10 +53,20 @@ minimax_m3_vl deepseek_ocr2 glm5_next inkling_mm_model""".split()
 # Extra fixtures: name -> (type, overrides). llama4_text_chunked makes the left-padded row cross chunk boundaries
 # (attention_chunk_size 4 < the 10-token inputs), which the default 32-token chunk never does.
 # deepseek_v2_group_limited routes with topk_method "group_limited_greedy" (2 groups of 2 experts, the best one kept).
+# The *_sparse fixtures keep 4 keys per query in the DSA indexer (index_topk 4 < the 10-token inputs; the default 2048
+# keeps every key, so the plain fixtures never exercise the selection); glm_moe_dsa_sparse also has "shared" layers
+# that reuse the previous layer's selection. 8 indexer heads of 16 dims keep them small.
+_DSA = dict(index_topk=4, index_n_heads=8, index_head_dim=16)
 EXTRA_FIXTURES = {
     "llama4_text_chunked": ("llama4_text", dict(attention_chunk_size=4)),
     "deepseek_v2_group_limited": ("deepseek_v2", dict(topk_method="group_limited_greedy", n_group=2, topk_group=1)),
+    "axk2_sparse": ("axk2", _DSA),
+    "deepseek_v32_sparse": ("deepseek_v32", _DSA),
+    "glm_moe_dsa_sparse": ("glm_moe_dsa", dict(_DSA, indexer_types=["full", "shared", "full", "shared"])),
 }
+
+# Types outside TEXT_TYPES that get a fixture anyway (deepseek_v32 is DeepSeek-V3 with the DSA indexer).
+MORE_FIXTURE_TYPES = {"deepseek_v32"}
 
 # Multimodal-listed types whose default config is a text model AutoModelForCausalLM builds: they get fixtures too.
 MM_TEXT_FIXTURE_TYPES = {"mistral4"}
@@ -578,7 +588,7 @@ def main():
     with ctx.Pool(a.workers, maxtasksperchild=1) as pool:
         tree_types = [t for t in types if not a.tree_types or t in a.tree_types.split(",")]
         tree_jobs = pool.imap_unordered(job_type, [(t, types[t], a.out, not a.no_peft) for t in tree_types])
-        fx_types = [t for t, r in types.items() if "default_config" in r and (t in TEXT_TYPES or t in MM_TEXT_FIXTURE_TYPES)
+        fx_types = [t for t, r in types.items() if "default_config" in r and (t in TEXT_TYPES or t in MM_TEXT_FIXTURE_TYPES or t in MORE_FIXTURE_TYPES)
                     and t not in a.no_fixture.split(",")]
         fx_types += [n for n, (t, _) in EXTRA_FIXTURES.items() if t in fx_types]
         fx_jobs = pool.imap_unordered(job_fixture, [(t, types[EXTRA_FIXTURES.get(t, (t,))[0]], fx_root, a.perturb_constants) for t in fx_types] if a.fixtures else [])

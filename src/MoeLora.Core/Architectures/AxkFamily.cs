@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -19,6 +20,10 @@ namespace MoeLora.Core.Architectures;
 /// post_attention_layernorm of MoE layers, are gated RMSNorms (norm, then a low-rank gate MLP fc1/fc2 of
 /// <c>gated_norm_rank</c>, stored as W_down/W_up).</item>
 /// </list>
+/// Runtime: both types, checked against transformers fixtures (tests' Data/hf-moe/axk1, axk2). A.X-K1 is DeepSeek-V3's
+/// runtime with the block's output norm; A.X-K2 adds the gated query (q_gate_proj, output times sigmoid(gate)), the
+/// DSA indexer's top-k key selection (the fixture's index_topk keeps every key; the selection itself is unit-tested),
+/// the gated RMSNorms, and its router (no groups by default; with groups, the others score 0, not -inf).
 /// </summary>
 internal sealed class AxkFamily : IArchitecture
 {
@@ -53,6 +58,9 @@ internal sealed class AxkFamily : IArchitecture
         var act = c.String("hidden_act", "silu")!;
         var actClass = Blocks.ActivationClass(act, layout);
         var sharedInter = moeInter * shared;
+        // AXK2Indexer (DeepseekV32Indexer): A.X-K2 only.
+        var indexHeads = k2 ? c.Positive("index_n_heads", 16) : 0;
+        var indexHeadDim = k2 ? c.Positive("index_head_dim", 128) : 0;
 
         var firstDense = c.Int("first_k_dense_replace", 1);
         var freq = c.Int("moe_layer_freq", 1);
@@ -69,7 +77,7 @@ internal sealed class AxkFamily : IArchitecture
                 Blocks.MlaProjections(b, p + "RMSNorm", hidden, new Blocks.MlaShape(heads, qLoraRank, kvLoraRank, nope, rope, vHead, attnBias), k2
                     ? () => b.Linear(v5 ? "q_gate_proj" : "q_b_proj", 2 * qLoraRank!.Value, heads * (nope + rope + vHead))
                     : null);
-                if (k2) Indexer(b, c, hidden, qLoraRank!.Value);
+                if (k2) Blocks.DsaIndexer(b, "AXK2Indexer", hidden, qLoraRank, indexHeads, indexHeadDim);
             }
             var moeLayer = moeSet.Contains(i);
             if (moeLayer)
@@ -108,24 +116,51 @@ internal sealed class AxkFamily : IArchitecture
             $", scaled by {c.Double("routed_scaling_factor", 2.5)}, plus {shared} shared expert(s)" +
             (k2 ? "" : "; the block's output passes post_mlp_layernorm");
         var moe = new MoeFacts(experts, topK, shared, moeInter, sharedInter, moeLayers, denseLayers, routing);
-        return Blocks.Spec(c, type, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
-        {
-            RuntimeUnavailable = "A.X-K's MLA variant (q_gate_proj, attention indexer, gated RMSNorms)",
-        };
-    }
+        var spec = Blocks.Spec(c, type, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
 
-    /// <summary>AXK2Indexer: the DeepSeek sparse-attention token selector (no value path, no output of its own).</summary>
-    private static void Indexer(TreeBuilder b, ModelConfig c, long hidden, long qLoraRank)
-    {
-        var indexHeads = c.Positive("index_n_heads", 16);
-        var indexHeadDim = c.Positive("index_head_dim", 128);
-        using (b.Scope("indexer", "AXK2Indexer"))
+        // Runtime: DeepSeek-V3's pieces (MLA with rope_interleave, yarn_apply_mscale scaling, the sigmoid grouped router,
+        // fused experts then shared experts) plus each type's delta, read from transformers 5.17's modeling_axk1/2.py.
+        var mla = new Blocks.MlaShape(heads, qLoraRank, kvLoraRank, nope, rope, vHead, attnBias);
+        var topKGroups = c.IntOrNull("topk_group", k2 ? null : 4);
+        if (k2 && (group is null) != (topKGroups is null))
+            return spec with { RuntimeUnavailable = "A.X-K2 with only one of n_group and topk_group (AXK2Config rejects it)" };
+        long groups = group ?? 1, keptGroups = topKGroups ?? 1;
+        if (groups <= 0 || experts % groups != 0 || keptGroups <= 0 || keptGroups > groups)
+            return spec with { RuntimeUnavailable = $"n_group {groups} / topk_group {keptGroups} that do not split {experts} experts" };
+        var ropeSettings = RopeSettings.Read(c, 10000.0, rope);
+        var eps = c.Double("rms_norm_eps", 1e-6);
+        var norm = new NormSettings(NormKind.Rms, eps);
+        DsaIndexerSettings? indexer = null;
+        if (k2)
         {
-            b.Linear("wq_b", qLoraRank, indexHeads * indexHeadDim);
-            b.Linear("wk", hidden, indexHeadDim);
-            b.LayerNorm("k_norm", indexHeadDim);
-            b.Linear("weights_proj", hidden, indexHeads);
+            indexer = new DsaIndexerSettings(indexHeads, indexHeadDim, c.Positive("index_topk", 2048), InterleavedRope: false);
+            if (indexer.HeadDim < rope)
+                return spec with { RuntimeUnavailable = $"an index_head_dim ({indexer.HeadDim}) below qk_rope_head_dim ({rope})" };
         }
+        // q_a_layernorm / kv_a_layernorm are built without eps: the RMSNorm's 1e-6. AXK1Attention is DeepseekV3Attention
+        // (rope_interleave, default true); AXK2Attention always uses apply_rotary_pos_emb_interleave.
+        var attention = new MlaAttentionSettings(heads, qLoraRank, kvLoraRank, nope, rope, vHead, attnBias,
+            k2 || c.Bool("rope_interleave", true), ropeSettings.MlaSoftmaxScale(mla.QkHeadDim), LowRankNormEps: 1e-6,
+            QueryGate: k2, Indexer: indexer);
+        // AXK2TopkRouter.apply_group_scoring fills the other groups with 0.0, DeepseekV3TopkRouter (A.X-K1) with -inf.
+        var router = new SigmoidGroupLimitedRouterSettings("gate", experts, topK, groups, keptGroups, c.Bool("norm_topk_prob", true),
+            c.Double("routed_scaling_factor", 2.5), k2 ? 0.0 : double.NegativeInfinity);
+        // AXK1MoE: the routed plus shared output passes post_mlp_layernorm.
+        var sparse = new MoeSettings(router, new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act),
+            new SharedExpertSettings("shared_experts", sharedInter, act, SigmoidGateName: null), MoeOrder.ExpertsFirst,
+            k2 ? null : new MoeOptions(OutputNorm: new NamedNorm("post_mlp_layernorm", norm)));
+        var dense = new GatedMlpSettings(inter, act);
+        // AXK2DecoderLayer: input_layernorm always gated, post_attention_layernorm gated on MoE layers only.
+        var gated = new NormSettings(NormKind.GatedRms, eps, c.Positive("gated_norm_rank", 16));
+        var runtimeLayers = Enumerable.Range(0, (int)layers).Select(i =>
+        {
+            var moeLayer = moeSet.Contains(i);
+            return new DecoderLayerRuntime(attention, "mlp", moeLayer ? sparse : dense, k2 ? gated : norm, k2 && moeLayer ? gated : norm);
+        }).ToList();
+        return spec with
+        {
+            Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm, ropeSettings, runtimeLayers),
+        };
     }
 
     /// <summary>AXK2GatedRMSNorm: RMSNorm, then y · sigmoid(fc2(SiLU(fc1(y)))); on disk fc1/fc2 are W_down/W_up.</summary>

@@ -18,7 +18,9 @@ namespace MoeLora.Core.Architectures;
 /// <c>yarn_apply_mscale</c>), Glm4MoeLiteTopkRouter (fp32 sigmoid, group-limited on scores + e_score_correction_bias,
 /// groups scored by their best two), shared experts always added, dense or sparse per mlp_layer_types. What differs from
 /// V3 is read here: the rope width (head_dim = qk_rope_head_dim times partial_rotary_factor), the rms_norm_eps default.
-/// The two DSA types stay refused.
+/// The two DSA types run the same blocks plus the DSA lightning indexer (<see cref="DsaIndexerSettings"/>), which
+/// restricts each query to its top index_topk keys; GLM-5's fixture (Data/hf-moe/glm_moe_dsa) matches transformers, but
+/// its index_topk keeps every key, so the selection itself is checked by unit tests only; deepseek_v32 has no fixture.
 /// </summary>
 internal sealed class Glm4MoeLiteFamily : IArchitecture
 {
@@ -91,27 +93,38 @@ internal sealed class Glm4MoeLiteFamily : IArchitecture
         var routing = Blocks.GroupedTopKRouting("sigmoid", true, groups, topKGroups, topK, experts, normTopK, scale);
         var moe = new MoeFacts(experts, topK, shared, moeInter, sharedInter, moeLayers, denseLayers, routing);
         var spec = Blocks.Spec(c, type, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
-        if (dsa) return spec with { RuntimeUnavailable = "the DSA sparse-attention indexer" };
 
         // Glm4MoeLiteRotaryEmbedding rotates head_dim (= qk_rope_head_dim) · partial_rotary_factor dims; any other
-        // width than the rope dims makes transformers' forward fail, so the runtime refuses it.
-        var ropeDim = (long)(mla.RopeDim * RopeSettings.PartialRotaryFactor(c, 1.0));
+        // width than the rope dims makes transformers' forward fail, so the runtime refuses it. The DSA configs set
+        // head_dim = qk_rope_head_dim and their rotary embedding reads no partial factor.
+        var ropeDim = dsa ? mla.RopeDim : (long)(mla.RopeDim * RopeSettings.PartialRotaryFactor(c, 1.0));
         if (ropeDim != mla.RopeDim)
             return spec with { RuntimeUnavailable = $"a rotary width ({ropeDim}) other than qk_rope_head_dim ({mla.RopeDim})" };
+        if (dsa && indexHeadDim < mla.RopeDim)
+            return spec with { RuntimeUnavailable = $"an index_head_dim ({indexHeadDim}) below qk_rope_head_dim ({mla.RopeDim})" };
+        // A "shared" GLM-5 layer reuses the previous full layer's selection; transformers raises without one.
+        if (fullIndexer is { Length: > 0 } && !fullIndexer[0])
+            return spec with { RuntimeUnavailable = "a first layer whose indexer_types entry is \"shared\" (no earlier indexer to reuse)" };
         if (experts % groups != 0 || topKGroups > groups)
             return spec with { RuntimeUnavailable = $"n_group {groups} / topk_group {topKGroups} that do not split {experts} experts" };
         var ropeSettings = RopeSettings.Read(c, 10000.0, ropeDim);
-        var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-5));
-        // q_a_layernorm and kv_a_layernorm are built without eps: Glm4MoeLiteRMSNorm's 1e-6.
+        var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", type == "deepseek_v32" ? 1e-6 : 1e-5));
+        // q_a_layernorm and kv_a_layernorm are built without eps: the RMSNorm's 1e-6. The DSA attentions always use
+        // apply_rotary_pos_emb_interleave; their indexer rotates halves (DeepseekV32Indexer) or interleaved pairs
+        // (GlmMoeDsaIndexer).
         var attention = new MlaAttentionSettings(heads, mla.QLoraRank, mla.KvLoraRank, mla.NopeDim, mla.RopeDim, mla.VHeadDim, mla.Bias,
-            c.Bool("rope_interleave", true), ropeSettings.MlaSoftmaxScale(mla.QkHeadDim), LowRankNormEps: 1e-6);
+            dsa || c.Bool("rope_interleave", true), ropeSettings.MlaSoftmaxScale(mla.QkHeadDim), LowRankNormEps: 1e-6,
+            Indexer: dsa ? new DsaIndexerSettings(indexHeads, indexHeadDim, c.Positive("index_topk", 2048), InterleavedRope: type == "glm_moe_dsa") : null);
+        // GLM-5's "shared" layers: no indexer, the previous layer's top-k.
+        var sharedTopK = attention with { Indexer = null, ReusesTopK = true };
         var sparse = new MoeSettings(
             new SigmoidGroupLimitedRouterSettings("gate", experts, topK, groups, topKGroups, normTopK, scale),
             new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act),
             new SharedExpertSettings("shared_experts", sharedInter, act, SigmoidGateName: null), MoeOrder.ExpertsFirst);
         var dense = new GatedMlpSettings(inter, act);
         var runtimeLayers = Enumerable.Range(0, (int)layers)
-            .Select(i => new DecoderLayerRuntime(attention, "mlp", moeSet.Contains(i) ? sparse : dense, norm, norm)).ToList();
+            .Select(i => new DecoderLayerRuntime(fullIndexer is null || fullIndexer[i] ? attention : sharedTopK, "mlp",
+                moeSet.Contains(i) ? sparse : dense, norm, norm)).ToList();
         return spec with
         {
             Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm, ropeSettings, runtimeLayers),

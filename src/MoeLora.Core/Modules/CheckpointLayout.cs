@@ -143,7 +143,9 @@ public sealed partial class CheckpointLayout
         //   the MoE block on disk; Laguna's e_score_correction_bias under experts on disk, on the router at run time);
         // - fused expert tensors renamed as a whole, the only 3-D experts tensor of its shape in its layer (GraniteMoE's
         //   ParallelExperts input_linear.weight / output_linear.weight on disk, experts.gate_up_proj / down_proj at run time);
-        // - no tensor name (a renamed tensor: HY V3's expert_bias / e_score_correction_bias).
+        // - no tensor name (a renamed tensor: HY V3's expert_bias / e_score_correction_bias);
+        // - last, no tensor name but the layer's child that holds it (A.X-K2's gated norms: input_layernorm.W_down on
+        //   disk, input_layernorm.mlp.fc1 at run time, with post_attention_layernorm's of the same shapes beside).
         static string Attribute(ModuleNode m) => m.Name[(m.Name.LastIndexOf('.') + 1)..];
         static bool IsExperts(ModuleTree tree, ParameterNode p) => tree.OwnerOf(p) is { Kind: ModuleKind.Experts } && p.Shape.Length == 3;
         Pair(Key);
@@ -151,6 +153,7 @@ public sealed partial class CheckpointLayout
         Pair((tree, p) => $"{tree.OwnerOf(p).LayerIndex}|{p.LocalName}|{string.Join(',', p.Shape)}");
         Pair((tree, p) => $"{tree.OwnerOf(p).LayerIndex}|{string.Join(',', p.Shape)}", IsExperts);
         Pair((tree, p) => $"{tree.OwnerOf(p).LayerIndex}|{tree.OwnerOf(p).Location}|{string.Join(',', p.Shape)}");
+        Pair((tree, p) => $"{tree.OwnerOf(p).LayerIndex}|{LayerChild(tree.OwnerOf(p))}|{tree.OwnerOf(p).Location}|{string.Join(',', p.Shape)}");
 
         void Pair(Func<ModuleTree, ParameterNode, string> key, Func<ModuleTree, ParameterNode, bool>? only = null)
         {
@@ -165,6 +168,19 @@ public sealed partial class CheckpointLayout
                 _alternatives[group.Single().Name] = new Alternative([match[0]], IsSliceOfFused: false);
             }
         }
+    }
+
+    // The decoder layer's child a module sits in ("input_layernorm" for model.layers.3.input_layernorm.mlp.fc1): the
+    // name segment after the first ".{layer}." (layers come before any expert index in a name); "" outside the layers.
+    private static string LayerChild(ModuleNode m)
+    {
+        if (m.LayerIndex is not { } layer) return "";
+        var marker = "." + layer.ToString(System.Globalization.CultureInfo.InvariantCulture) + ".";
+        int at = m.Name.IndexOf(marker, StringComparison.Ordinal);
+        if (at < 0) return "";
+        var rest = m.Name[(at + marker.Length)..];
+        int dot = rest.IndexOf('.');
+        return dot < 0 ? rest : rest[..dot];
     }
 
     private sealed record ExpertWeight(ParameterNode Parameter, int? Layer, int Expert, Role Role);

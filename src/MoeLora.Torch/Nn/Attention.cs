@@ -10,6 +10,9 @@ public sealed class ForwardContext
     public required Tensor AttentionMask { get; init; }      // [B, S] int64/bool, 1 = real token
     public required ScalarType DType { get; init; }
     public List<Tensor> RouterLogits { get; } = [];
+
+    /// <summary>The last DSA indexer's top-k keys [B, S, k], which GLM-5's "shared" layers reuse (null: it kept every key).</summary>
+    public Tensor? IndexerTopK { get; set; }
     readonly Dictionary<(MaskKind, long), Tensor> _masks = [];
 
     /// <summary>
@@ -35,11 +38,14 @@ public sealed class ForwardContext
                 .div(window, rounding_mode: RoundingMode.floor);                                             // [B, S]
             allowed &= chunk.unsqueeze(-1).eq(chunk.unsqueeze(-2));
         }
-        double min = DType == ScalarType.Float32 ? float.MinValue : DType == ScalarType.Float64 ? double.MinValue : -3.3895313892515355e38;
-        m = where(allowed, 0.0, min).to(DType).unsqueeze(1);
+        m = where(allowed, 0.0, MaskMinimum(DType)).to(DType).unsqueeze(1);
         _masks[(kind, window)] = m;
         return m;
     }
+
+    /// <summary>The value a masked key gets in <paramref name="dtype"/> (torch.finfo(dtype).min).</summary>
+    public static double MaskMinimum(ScalarType dtype) =>
+        dtype == ScalarType.Float32 ? float.MinValue : dtype == ScalarType.Float64 ? double.MinValue : -3.3895313892515355e38;
 }
 
 public static class AttentionMath

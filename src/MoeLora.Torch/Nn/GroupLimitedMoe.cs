@@ -31,6 +31,7 @@ public abstract class GroupLimitedMoeBlock<TGate> : HfModule, IBlock where TGate
 {
     readonly FusedExperts _experts;
     readonly GatedMlp? _shared;
+    readonly INorm? _outputNorm;
     protected TGate Gate { get; }
 
     /// <param name="routerKind">Names the router in the refusal of a gated shared expert.</param>
@@ -43,6 +44,13 @@ public abstract class GroupLimitedMoeBlock<TGate> : HfModule, IBlock where TGate
         {
             if (shared.SigmoidGateName is not null) throw new NotSupportedException($"a gated shared expert with a {routerKind} router has no runtime block yet.");
             _shared = AddChild(shared.Name, new GatedMlp(hidden, shared.Intermediate, shared.Act, init, shared.Bias, shared.ActName));
+        }
+        // The only option these blocks take: A.X-K1's output norm, registered after the shared experts.
+        if (s.Options is { } o)
+        {
+            if (o with { OutputNorm = null } != new MoeOptions())
+                throw new NotSupportedException($"a {routerKind} MoE block takes no option but an output norm.");
+            if (o.OutputNorm is { } n) _outputNorm = (INorm)AddChild(n.Name, Norms.Create(hidden, n.Norm, init));
         }
     }
 
@@ -60,7 +68,8 @@ public abstract class GroupLimitedMoeBlock<TGate> : HfModule, IBlock where TGate
         ctx.RouterLogits.Add(logits);
         var (topIdx, topW) = Select(logits);
         var routed = _experts.Forward(flat, topIdx, topW).to(x.dtype);
-        return (_shared is null ? routed : routed + _shared.Forward(flat)).view(shape);
+        var y = (_shared is null ? routed : routed + _shared.Forward(flat)).view(shape);
+        return _outputNorm is null ? y : _outputNorm.Forward(y);
     }
 }
 
@@ -81,7 +90,8 @@ public sealed class SigmoidGroupLimitedMoe(long hidden, MoeSettings s, Init init
 
     /// <summary>
     /// DeepSeek-V3's selection on fp32 router logits [T, E]: sigmoid scores; experts chosen (without gradient) on
-    /// scores + <paramref name="correctionBias"/> within the best TopKGroups groups (a group scored by its two best);
+    /// scores + <paramref name="correctionBias"/> within the best TopKGroups groups (a group scored by its two best; the
+    /// other groups' experts score OtherGroupsScore, -inf or A.X-K2's 0);
     /// weights gathered from the uncorrected scores, optionally renormalised (+1e-20), times routed_scaling_factor.
     /// Shared by the blocks of this router (DeepSeek-V3's experts, Nemotron-H's non-gated ones).
     /// </summary>
@@ -97,7 +107,7 @@ public sealed class SigmoidGroupLimitedMoe(long hidden, MoeSettings s, Init init
             var groupIdx = groupScores.topk((int)r.TopKGroups, -1, sorted: false).indexes;
             var groupMask = zeros_like(groupScores).scatter(1, groupIdx, ones_like(groupIdx, groupScores.dtype));
             var scoreMask = groupMask.unsqueeze(-1).expand(-1, groups, per).reshape(-1, e);
-            choice = choice.masked_fill(scoreMask.logical_not(), double.NegativeInfinity);
+            choice = choice.masked_fill(scoreMask.logical_not(), r.OtherGroupsScore);
             topIdx = choice.topk((int)r.TopK, -1, sorted: false).indexes;
         }
         var topW = scores.gather(1, topIdx);

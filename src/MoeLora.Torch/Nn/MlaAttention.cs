@@ -8,16 +8,18 @@ namespace MoeLora.Torch.Nn;
 /// DeepSeek's multi-head latent attention (<see cref="MlaAttentionSettings"/>): low-rank q via q_a/q_b with
 /// q_a_layernorm (or one q_proj), compressed kv via kv_a_proj_with_mqa and kv_b_proj, decoupled rope on the last
 /// qk_rope_head_dim dims (optionally de-interleaved first, or as complex pairs for DeepSeek-V2), an optional
-/// position-dependent query scale (Mistral 4), eager attention with the settings' scaling.
+/// position-dependent query scale (Mistral 4), eager attention with the settings' scaling; A.X-K2's gated query
+/// (q_gate_proj) and the DSA indexer's top-k key selection (DeepSeek-V3.2, GLM-5, A.X-K2), own or reused.
 /// </summary>
 public sealed class MlaAttention : HfModule, IBlock
 {
     readonly Linear? _q, _qa, _qb;
+    readonly DsaIndexer? _indexer;
     readonly RmsNorm? _qaNorm;
     readonly Linear _kva, _kvb, _o;
     readonly RmsNorm _kvaNorm;
     readonly long _heads, _nope, _ropeDim, _v, _kvRank;
-    readonly bool _interleave, _complexPairs;
+    readonly bool _interleave, _complexPairs, _queryGate, _reusesTopK;
     readonly double _scaling;
     readonly Llama4QueryScale? _queryScale;
     readonly Rotary _rope;
@@ -32,12 +34,19 @@ public sealed class MlaAttention : HfModule, IBlock
         {
             _qa = AddChild("q_a_proj", new Linear(hidden, qRank, s.Bias, init));
             _qaNorm = AddChild("q_a_layernorm", new RmsNorm(qRank, s.LowRankNormEps, init));
-            _qb = AddChild("q_b_proj", new Linear(qRank, _heads * qk, false, init));
+            // A.X-K2: one projection of cat(normed latent, raw latent) to each head's query then its output gate.
+            _qb = s.QueryGate ? AddChild("q_gate_proj", new Linear(2 * qRank, _heads * (qk + _v), false, init))
+                : AddChild("q_b_proj", new Linear(qRank, _heads * qk, false, init));
         }
+        if ((s.QueryGate || s.Indexer is not null) && s.QLoraRank is null)
+            throw new InvalidDataException("a gated query or a DSA indexer needs q_lora_rank.");
         _kva = AddChild("kv_a_proj_with_mqa", new Linear(hidden, _kvRank + _ropeDim, s.Bias, init));
         _kvaNorm = AddChild("kv_a_layernorm", new RmsNorm(_kvRank, s.LowRankNormEps, init));
         _kvb = AddChild("kv_b_proj", new Linear(_kvRank, _heads * (_nope + _v), false, init));
         _o = AddChild("o_proj", new Linear(_heads * _v, hidden, s.Bias, init));
+        if (s.Indexer is { } ix) _indexer = AddChild("indexer", new DsaIndexer(hidden, s.QLoraRank!.Value, _ropeDim, ix, init));
+        _queryGate = s.QueryGate;
+        _reusesTopK = s.ReusesTopK;
         _interleave = s.RopeInterleave;
         _complexPairs = s.RopeComplexPairs;
         _scaling = s.Scaling;
@@ -47,7 +56,22 @@ public sealed class MlaAttention : HfModule, IBlock
     public Tensor Forward(Tensor x, ForwardContext ctx)
     {
         long b = x.shape[0], s = x.shape[1];
-        var q = _q is not null ? _q.Forward(x) : _qb!.Forward(_qaNorm!.Forward(_qa!.Forward(x)));
+        Tensor q, qResid = empty(0);
+        Tensor? gate = null;
+        if (_q is not null) q = _q.Forward(x);
+        else
+        {
+            var qa = _qa!.Forward(x);
+            qResid = _qaNorm!.Forward(qa);
+            q = _qb!.Forward(_queryGate ? cat([qResid, qa], -1) : qResid);
+        }
+        if (_queryGate)
+        {
+            // AXK2Attention: per head qk_head_dim query dims, then v_head_dim gate dims.
+            var qg = q.view(b, s, -1, _nope + _ropeDim + _v).split([_nope + _ropeDim, _v], -1);
+            q = qg[0];
+            gate = qg[1].reshape(b, s, -1);
+        }
         q = q.view(b, s, -1, _nope + _ropeDim).transpose(1, 2);
         var qParts = q.split([_nope, _ropeDim], -1);
         var ckv = _kva.Forward(x);
@@ -65,7 +89,22 @@ public sealed class MlaAttention : HfModule, IBlock
             query = query * factor.unsqueeze(1).unsqueeze(-1).to(query.dtype);
         }
         var key = cat([kvSplit[0], kRotE], -1);
-        var o = AttentionMath.Eager(query, key, kvSplit[1], ctx.Mask(MaskKind.Full), _scaling);
+        var mask = ctx.Mask(MaskKind.Full);
+        if (_indexer is not null)
+        {
+            // When index_topk covers every key the selection keeps them all and leaves the mask as it is: skip the
+            // scores (heads × S × T floats per layer) for the same result.
+            ctx.IndexerTopK = _indexer.KeepsEveryKey(key.shape[2]) ? null : _indexer.TopK(x, qResid, mask, _rope, ctx);
+            if (ctx.IndexerTopK is not null) mask = DsaIndexer.Restrict(mask, ctx.IndexerTopK);
+        }
+        else if (_reusesTopK && ctx.IndexerTopK is not null)
+        {
+            // A reusing layer always follows an indexer layer (Core refuses a "shared" first layer); null: it kept all keys.
+            mask = DsaIndexer.Restrict(mask, ctx.IndexerTopK);
+        }
+        var o = AttentionMath.Eager(query, key, kvSplit[1], mask, _scaling);
+        // AXK2Attention: the output times sigmoid(gate) in fp32, cast back, before o_proj.
+        if (gate is not null) o = (o * nn.functional.sigmoid(gate.to(ScalarType.Float32))).to(o.dtype);
         return _o.Forward(o);
     }
 

@@ -38,6 +38,45 @@ public sealed class LayerNorm : HfModule, INorm
     }
 }
 
+/// <summary>
+/// A.X-K2's AXK2GatedRMSNorm: <c>y = norm(x)</c>, then <c>y · sigmoid(mlp(y))</c> with the sigmoid taken in fp32 and the
+/// product cast back to y's dtype; mlp is AXK2GateMLP, <c>fc2(SiLU(fc1(y)))</c> through a low rank, no biases.
+/// </summary>
+public sealed class GatedRmsNorm : HfModule, INorm
+{
+    readonly RmsNorm _norm;
+    readonly GateMlp _mlp;
+
+    public GatedRmsNorm(long size, NormSettings s, Init init)
+    {
+        if (s.GateRank <= 0) throw new InvalidDataException("a gated RMSNorm needs a positive gate rank.");
+        _norm = AddChild("norm", new RmsNorm(size, s.Eps, init));
+        _mlp = AddChild("mlp", new GateMlp(size, s.GateRank, init));
+    }
+
+    public Tensor Forward(Tensor x)
+    {
+        var y = _norm.Forward(x);
+        return (y * nn.functional.sigmoid(_mlp.Forward(y).to(ScalarType.Float32))).to(y.dtype);
+    }
+
+    /// <summary>AXK2GateMLP (a CLIPMLP): activation_fn (SiLU), fc1 [rank, H], fc2 [H, rank], registered in that order.</summary>
+    sealed class GateMlp : HfModule
+    {
+        readonly Activation _act;
+        readonly Linear _fc1, _fc2;
+
+        public GateMlp(long size, long rank, Init init)
+        {
+            _act = AddChild("activation_fn", new Activation("silu"));
+            _fc1 = AddChild("fc1", new Linear(size, rank, false, init));
+            _fc2 = AddChild("fc2", new Linear(rank, size, false, init));
+        }
+
+        public Tensor Forward(Tensor y) => _fc2.Forward(_act.Forward(_fc1.Forward(y)));
+    }
+}
+
 public static class Norms
 {
     /// <summary>The norm module of <paramref name="s"/> over <paramref name="size"/> features.</summary>
@@ -46,6 +85,7 @@ public static class Norms
         NormKind.Rms or NormKind.RmsWeightInFp32 or NormKind.RmsOnePlusWeight => new RmsNorm(size, s, init),
         NormKind.LayerNorm => new LayerNorm(size, s.Eps, hasBias: true, init),
         NormKind.LayerNormNoBias => new LayerNorm(size, s.Eps, hasBias: false, init),
+        NormKind.GatedRms => new GatedRmsNorm(size, s, init),
         _ => throw new NotSupportedException($"norm kind {s.Kind} has no runtime block."),
     };
 }

@@ -64,6 +64,7 @@ public sealed class RoutedMoe : HfModule, IBlock
     {
         _r = s.Router;
         _o = s.Options ?? new MoeOptions();
+        if (_o.OutputNorm is not null) throw new NotSupportedException("a MoE output norm has a runtime block only with the group-limited routers.");
         var bias = s.Router switch
         {
             SigmoidBiasRouterSettings b => b.Bias,

@@ -70,6 +70,12 @@ public sealed record DynamicMaskAttentionSettings(long Heads, long KvHeads, long
 /// (x[2i] + i·x[2i+1], <c>view_as_complex</c>) multiplied by the scaled <c>freqs_cis</c> in fp32, the result left
 /// interleaved; overrides <paramref name="RopeInterleave"/>.</param>
 /// <param name="QueryScale">Mistral 4's position-dependent query scale (null: none).</param>
+/// <param name="QueryGate">A.X-K2's <c>q_gate_proj</c> replaces q_b_proj: it maps cat(q_a_layernorm(q_a), q_a)
+/// [2·q_lora_rank] to per head qk_head_dim query dims then v_head_dim gate dims, and the attention output is
+/// multiplied by sigmoid(gate) in fp32 before o_proj (AXK2Attention.forward).</param>
+/// <param name="Indexer">The DSA lightning indexer of this layer (registered last, as <c>indexer</c>); null: none.</param>
+/// <param name="ReusesTopK">GLM-5's "shared" indexer layers: no indexer of their own, the previous layer's top-k
+/// selection restricts the keys (GlmMoeDsaAttention with <c>skip_topk</c>).</param>
 public sealed record MlaAttentionSettings(
     long Heads,
     long? QLoraRank,
@@ -82,7 +88,22 @@ public sealed record MlaAttentionSettings(
     double Scaling,
     double LowRankNormEps,
     bool RopeComplexPairs = false,
-    Llama4QueryScale? QueryScale = null) : AttentionSettings;
+    Llama4QueryScale? QueryScale = null,
+    bool QueryGate = false,
+    DsaIndexerSettings? Indexer = null,
+    bool ReusesTopK = false) : AttentionSettings;
+
+/// <summary>
+/// The DeepSeek sparse attention (DSA) lightning indexer (transformers' DeepseekV32Indexer, AXK2Indexer,
+/// GlmMoeDsaIndexer): wq_b (q LoRA latent → heads·head_dim), wk (hidden → head_dim), k_norm (LayerNorm, eps 1e-6,
+/// with bias), weights_proj (hidden → heads). Rope on the first qk_rope_head_dim dims of each indexer head; the
+/// scores relu(q·k·head_dim^-0.5) summed over heads with weights_proj(x)·heads^-0.5, plus the causal/padding mask;
+/// each query keeps its top <paramref name="TopK"/> keys (at most all) and the attention mask is the dtype's minimum
+/// at the others. No gradient flows through it (<c>@torch.no_grad()</c>).
+/// </summary>
+/// <param name="InterleavedRope">GLM-5 rotates interleaved pairs (<c>apply_rotary_pos_emb_interleave</c>);
+/// DeepSeek-V3.2 and A.X-K2 rotate halves (<c>apply_rotary_pos_emb</c>).</param>
+public sealed record DsaIndexerSettings(long Heads, long HeadDim, long TopK, bool InterleavedRope);
 
 /// <summary>
 /// Mistral 4's <c>get_llama_4_attn_scale</c>: after rope, the whole query is multiplied by

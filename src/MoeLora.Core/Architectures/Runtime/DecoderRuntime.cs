@@ -59,7 +59,14 @@ public enum NormKind
 
     /// <summary>RMS statistics in fp32, times (1 + weight) in fp32, cast back last; the weight starts at zero (MiniMax-M3).</summary>
     RmsOnePlusWeight,
+
+    /// <summary>
+    /// A.X-K2's AXK2GatedRMSNorm: <c>y = norm(x)</c> (an <see cref="Rms"/> norm), then <c>y · sigmoid(fc2(SiLU(fc1(y))))</c>
+    /// with the sigmoid in fp32, cast back; registered <c>norm</c>, then <c>mlp</c> (activation_fn, fc1 [rank, H],
+    /// fc2 [H, rank], no biases), rank <see cref="NormSettings.GateRank"/>.
+    /// </summary>
+    GatedRms,
 }
 
-/// <summary>An RMSNorm: its kind and epsilon.</summary>
-public sealed record NormSettings(NormKind Kind, double Eps);
+/// <summary>A norm: its kind and epsilon (and the gate's rank for <see cref="NormKind.GatedRms"/>).</summary>
+public sealed record NormSettings(NormKind Kind, double Eps, long GateRank = 0);

@@ -44,8 +44,11 @@ public sealed record SoftmaxTopKRouterSettings(string Name, long NumExperts, lon
 /// <paramref name="Groups"/> groups; weights are the uncorrected scores, optionally renormalised (+1e-20), times
 /// <paramref name="RoutedScalingFactor"/>.
 /// </summary>
+/// <param name="OtherGroupsScore">What the experts of the groups not kept score in the selection: -inf (DeepSeek-V3's
+/// <c>masked_fill(..., -inf)</c>) or 0 (A.X-K2's <c>apply_group_scoring</c>, so a kept expert whose corrected score
+/// is negative can lose to them).</param>
 public sealed record SigmoidGroupLimitedRouterSettings(string Name, long NumExperts, long TopK, long Groups, long TopKGroups,
-    bool NormTopK, double RoutedScalingFactor) : RouterSettings(Name, NumExperts, TopK);
+    bool NormTopK, double RoutedScalingFactor, double OtherGroupsScore = double.NegativeInfinity) : RouterSettings(Name, NumExperts, TopK);
 
 /// <summary>How a softmax group-limited router scores a group of experts.</summary>
 public enum GroupScore

@@ -88,7 +88,10 @@ public sealed record SparseMixerRouterSettings(string Name, long NumExperts, dou
 /// <param name="RoutedScale">The routed output is multiplied by this before the shared expert is added (Laguna, MiniMax-M3).</param>
 /// <param name="SumInFp32">The routed and shared outputs are added in fp32, then cast back (HY V3's
 /// <c>enable_moe_fp32_combine</c>).</param>
-public sealed record MoeOptions(bool SharedFirst = false, bool SharedAverage = false, double RoutedScale = 1.0, bool SumInFp32 = false);
+/// <param name="OutputNorm">A norm the block registers last and applies to its output, routed plus shared (A.X-K1's
+/// <c>post_mlp_layernorm</c>); only the group-limited blocks take one.</param>
+public sealed record MoeOptions(bool SharedFirst = false, bool SharedAverage = false, double RoutedScale = 1.0, bool SumInFp32 = false,
+    NamedNorm? OutputNorm = null);
 
 /// <summary>
 /// A dense MLP with one fused gate/up Linear: <c>Down(act(gate) · up)</c> with (gate, up) = chunk(GateUp(x), 2)
