@@ -26,6 +26,10 @@ public static class ModelBuilder
         return new CausalLm(spec, runtime, init, i =>
         {
             var l = runtime.Layers[i];
+            if (l.Shortcut is { } sc)
+                return new ShortcutMoeDecoderLayer(l.FeedForwardName, FeedForward(hidden, l.FeedForward, init) ?? throw OneSublayer(),
+                    () => Attention(hidden, l.Attention, RopeOf(l.Attention), init) ?? throw OneSublayer(),
+                    () => FeedForward(hidden, sc.DenseMlp, init) ?? throw OneSublayer(), sc, l.InputNorm, l.PostAttentionNorm, hidden, init);
             if ((l.Form ?? PreNormForm(l)) is { } form)
                 return new FormDecoderLayer(Attention(hidden, l.Attention, RopeOf(l.Attention), init), l.FeedForwardName, FeedForward(hidden, l.FeedForward, init), form,
                     form.ExtraFeedForward is { } extra ? FeedForward(hidden, extra, init) ?? throw OneSublayer() : null, hidden, init);
@@ -71,7 +75,7 @@ public static class ModelBuilder
             TopKSoftmaxRouterSettings => new GptOssMlp(hidden, Expect(m, ExpertsLayout.GptOssInterleaved), init),
             Llama4RouterSettings => new Llama4Moe(hidden, Expect(m, ExpertsLayout.Llama4InOut), init),
             TopKLogitsRouterSettings or SigmoidBiasRouterSettings or SparseMixerRouterSettings
-                or SoftmaxStaticsTopKRouterSettings or LinearSoftmaxTopKRouterSettings => new RoutedMoe(hidden, m, init),
+                or SoftmaxStaticsTopKRouterSettings or LinearSoftmaxTopKRouterSettings or SoftmaxBiasRouterSettings => new RoutedMoe(hidden, m, init),
             _ => throw new NotSupportedException($"router settings {m.Router.GetType().Name} have no runtime block."),
         },
         _ => throw new NotSupportedException($"feed-forward settings {f.GetType().Name} have no runtime block."),

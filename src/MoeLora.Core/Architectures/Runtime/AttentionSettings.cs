@@ -70,6 +70,7 @@ public sealed record DynamicMaskAttentionSettings(long Heads, long KvHeads, long
 /// (x[2i] + i·x[2i+1], <c>view_as_complex</c>) multiplied by the scaled <c>freqs_cis</c> in fp32, the result left
 /// interleaved; overrides <paramref name="RopeInterleave"/>.</param>
 /// <param name="QueryScale">Mistral 4's position-dependent query scale (null: none).</param>
+/// <param name="LatentScale">LongCat-Flash's constant scales of the query and of the normed kv latent (null: none).</param>
 public sealed record MlaAttentionSettings(
     long Heads,
     long? QLoraRank,
@@ -82,7 +83,15 @@ public sealed record MlaAttentionSettings(
     double Scaling,
     double LowRankNormEps,
     bool RopeComplexPairs = false,
-    Llama4QueryScale? QueryScale = null) : AttentionSettings;
+    Llama4QueryScale? QueryScale = null,
+    MlaLatentScale? LatentScale = null) : AttentionSettings;
+
+/// <summary>
+/// LongCat-Flash's "LoRA scaling" of MLA (<c>LongcatFlashMLA.forward</c>): the whole query (nope and rope parts) times
+/// <paramref name="Query"/> = √(hidden / q_lora_rank), the normed kv latent (so keys' nope part and values, not the
+/// shared rope key) times <paramref name="KeyValue"/> = √(hidden / kv_lora_rank).
+/// </summary>
+public sealed record MlaLatentScale(double Query, double KeyValue);
 
 /// <summary>
 /// Mistral 4's <c>get_llama_4_attn_scale</c>: after rope, the whole query is multiplied by

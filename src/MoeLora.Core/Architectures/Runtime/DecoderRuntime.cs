@@ -34,13 +34,15 @@ public sealed record DecoderRuntime(
 /// <param name="FeedForwardName">The attribute of the feed-forward block: <c>mlp</c>, or <c>feed_forward</c> (Llama 4).</param>
 /// <param name="Form">Another norm arrangement (post-norm, sandwich, parallel, residual multiplier); when set its norms
 /// replace <paramref name="InputNorm"/> and <paramref name="PostAttentionNorm"/>.</param>
+/// <param name="Shortcut">LongCat-Flash's two-sublayer layer around a shortcut MoE (the feed-forward); excludes <paramref name="Form"/>.</param>
 public sealed record DecoderLayerRuntime(
     AttentionSettings Attention,
     string FeedForwardName,
     FeedForwardSettings FeedForward,
     NormSettings InputNorm,
     NormSettings PostAttentionNorm,
-    LayerForm? Form = null);
+    LayerForm? Form = null,
+    ShortcutMoeForm? Shortcut = null);
 
 /// <summary>Which norm a layer uses (RMSNorm or LayerNorm) and how it applies its weight.</summary>
 public enum NormKind

@@ -37,6 +37,19 @@ public sealed record LayerForm(
     string AttentionName = "self_attn");
 
 /// <summary>
+/// LongCat-Flash's layer (<c>LongcatFlashDecoderLayer</c>): two pre-norm sublayer pairs, each an attention and a dense
+/// MLP with weights of their own (<c>self_attn.{0,1}</c>, <c>mlps.{0,1}</c>, <c>input_layernorm.{0,1}</c>,
+/// <c>post_attention_layernorm.{0,1}</c>, all of <see cref="DecoderLayerRuntime.Attention"/>'s and the layer's norms'
+/// settings), and the layer's feed-forward (the shortcut MoE) reading the first pair's post-attention norm output and
+/// added to the residual after the second MLP:
+/// <c>h₁ = x + attn₀(n₀(x))</c>, <c>m = moe(p₀(h₁))</c>, <c>h₂ = h₁ + mlp₀(p₀(h₁))</c>, <c>h₃ = h₂ + attn₁(n₁(h₂))</c>,
+/// <c>out = h₃ + mlp₁(p₁(h₃)) + m</c>. Registered: the MoE, self_attn, mlps, input_layernorm, post_attention_layernorm.
+/// </summary>
+/// <param name="DenseMlp">Both <c>mlps</c>.</param>
+/// <param name="DenseName">The attribute of the dense MLP list (<c>mlps</c>).</param>
+public sealed record ShortcutMoeForm(FeedForwardSettings DenseMlp, string DenseName = "mlps");
+
+/// <summary>
 /// Model-level scalars around the decoder stack: embeddings times <paramref name="EmbeddingMultiplier"/> before the
 /// first layer (Granite's embedding_multiplier, AFMoE's muP √hidden; hidden_states[0] is the scaled embedding, as
 /// transformers records the first layer's input), logits times <paramref name="LogitsMultiplier"/> (Cohere's

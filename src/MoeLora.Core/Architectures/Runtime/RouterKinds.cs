@@ -58,6 +58,17 @@ public sealed record SigmoidBiasRouterSettings(string Name, long NumExperts, lon
     double NormEps, double Scale, double SoftCap, bool LinearModule = false, bool LinearInFp32 = false) : RouterSettings(Name, NumExperts, TopK);
 
 /// <summary>
+/// LongCat-Flash's router (<c>LongcatFlashTopkRouter</c>): a module <paramref name="Name"/> holding the persistent buffer
+/// <c>e_score_correction_bias [E]</c> and an nn.Linear <paramref name="LinearName"/> [E, H] (E counts the zero experts
+/// too). In fp32: logits = <c>F.linear(x.float(), weight.float())</c> (its bias, with <c>router_bias</c>, is never
+/// applied, nor any adapter on the Linear), softmax, top-k of softmax + bias, weights gathered from the softmax, not
+/// renormalised, times <paramref name="Scale"/> (<c>routed_scaling_factor</c>), kept in fp32.
+/// </summary>
+/// <param name="LinearBias">The Linear has a (unused) bias Parameter.</param>
+public sealed record SoftmaxBiasRouterSettings(string Name, string LinearName, long NumExperts, long TopK, double Scale, bool LinearBias)
+    : RouterSettings(Name, NumExperts, TopK);
+
+/// <summary>
 /// ERNIE 4.5's TopK router: a module holding <c>weight [E, H]</c> and a <c>moe_statics</c> submodule whose frozen
 /// parameter <c>e_score_correction_bias [1, E]</c> biases selection only. In fp32: softmax of the logits, top-k of
 /// softmax + bias, weights gathered from the softmax, divided by <c>clamp(sum, min = NormMin)</c>, cast to the
