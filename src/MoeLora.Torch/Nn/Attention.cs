@@ -10,6 +10,9 @@ public sealed class ForwardContext
     public required Tensor AttentionMask { get; init; }      // [B, S] int64/bool, 1 = real token
     public required ScalarType DType { get; init; }
     public List<Tensor> RouterLogits { get; } = [];
+
+    /// <summary>What one layer's router hands to the next (ZAYA's router_hidden_states); null before the first.</summary>
+    public Tensor? RouterState { get; set; }
     readonly Dictionary<(MaskKind, long), Tensor> _masks = [];
 
     /// <summary>

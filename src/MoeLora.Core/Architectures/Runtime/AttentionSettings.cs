@@ -94,6 +94,19 @@ public sealed record MlaAttentionSettings(
 public sealed record MlaLatentScale(double Query, double KeyValue);
 
 /// <summary>
+/// ZAYA's compressed convolutional attention (<c>ZayaAttention</c> with <c>ZayaCCAProjection</c> and <c>ZayaQKNorm</c>),
+/// registered o_proj, qkv_proj (q_proj, k_proj, v_proj_current, v_proj_delayed, conv_qk_depthwise, conv_qk_grouped),
+/// qk_norm (temp). Padded positions are zeroed first. The q|k channels run through two causal Conv1d (depthwise of
+/// kernel <paramref name="DepthwiseKernel"/>, then grouped by heads + kv heads of kernel <paramref name="GroupedKernel"/>,
+/// left-padded by both kernels − 1) and get residuals: q + (q + k per head) / 2, k + that averaged over each kv group.
+/// Values are half this token's projection, half the previous token's (the first token's previous one is the
+/// projection of zeros). q and k are L2-normalised to √head_dim, k times the per-kv-head <c>temp</c>; rotate_half rope on
+/// the first <paramref name="RotaryDim"/> dims with this layer's <paramref name="Rope"/>; eager softmax, head_dim^-0.5.
+/// </summary>
+public sealed record CcaAttentionSettings(long Heads, long KvHeads, long HeadDim, bool Bias, long DepthwiseKernel, long GroupedKernel,
+    long RotaryDim, RopeSettings Rope, MaskSettings Mask) : AttentionSettings;
+
+/// <summary>
 /// Mistral 4's <c>get_llama_4_attn_scale</c>: after rope, the whole query is multiplied by
 /// <c>1 + Beta·log(1 + floor(position / OriginalMaxPositionEmbeddings))</c> (rope_parameters'
 /// <c>llama_4_scaling_beta</c> and <c>original_max_position_embeddings</c>).

@@ -15,6 +15,9 @@ namespace MoeLora.Core.Architectures.Runtime;
 /// <param name="LmHeadBias">lm_head has a bias (ERNIE's <c>use_bias</c>, PhiMoE's <c>lm_head_bias</c>).</param>
 /// <param name="Scaling">Embedding / logits multipliers, where the family has them.</param>
 /// <param name="Names">Embedding, final norm and rotary module names when they are not Llama's (null: Llama's).</param>
+/// <param name="EmbeddingAffine">Per-channel Parameters of the model itself (named_parameters lists them before its
+/// children) that shift and scale the embeddings, <c>(e + bias) · scale</c> (ZAYA's input_hidden_states_scale /
+/// input_hidden_states_bias, in that order); null: none.</param>
 public sealed record DecoderRuntime(
     long VocabSize,
     long HiddenSize,
@@ -25,7 +28,8 @@ public sealed record DecoderRuntime(
     IReadOnlyList<DecoderLayerRuntime> Layers,
     bool LmHeadBias = false,
     ModelScaling? Scaling = null,
-    ModelNames? Names = null);
+    ModelNames? Names = null,
+    (string Scale, string Bias)? EmbeddingAffine = null);
 
 /// <summary>
 /// One pre-norm decoder layer: <c>h = x + attn(input_layernorm(x))</c>, <c>out = h + ff(post_attention_layernorm(h))</c>,
