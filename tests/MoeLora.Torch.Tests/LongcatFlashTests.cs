@@ -1,5 +1,4 @@
 using MoeLora.Core.Architectures.Runtime;
-using MoeLora.Torch.Lora;
 using MoeLora.Torch.Models;
 using MoeLora.Torch.Nn;
 using MoeLora.Torch.Runtime;
@@ -26,10 +25,6 @@ public class LongcatFlashTests
          "qk_rope_head_dim": 8, "head_dim": 8, "v_head_dim": 8, "routed_scaling_factor": 2.0, "initializer_range": 0.1,
          "rope_parameters": {"rope_type": "default", "rope_theta": 10000000.0}}
         """;
-
-    static (Tensor Ids, Tensor Mask) LeftPaddedBatch() =>
-        (tensor(new long[,] { { 3, 4, 5, 6, 7, 8, 9, 10, 11 }, { 0, 0, 0, 5, 9, 13, 2, 40, 7 } }),
-         tensor(new long[,] { { 1, 1, 1, 1, 1, 1, 1, 1, 1 }, { 0, 0, 0, 1, 1, 1, 1, 1, 1 } }));
 
     static ForwardContext Context(long tokens) => new()
     {
@@ -138,10 +133,8 @@ public class LongcatFlashTests
     [Fact]
     public void ParametersEqualCoresTree()
     {
-        var spec = TorchModelFactory.Spec(Config);
+        RuntimeChecks.ParametersEqualCoresTree(Config);
         using var h = new DisposableModel(TorchModelFactory.Random(Config, 0));
-        Assert.Equal(spec.Tree.Parameters.Select(p => $"{p.Name} [{string.Join(",", p.Shape)}]"),
-            h.Model.NamedParameters().Select(p => $"{p.Name} [{string.Join(",", p.Param.shape)}]"));
         Assert.Contains(h.Model.NamedModules(), m => m.Name == "model.layers.1.mlp.experts.identity_expert");
         Assert.Contains(h.Model.StateDict(), s => s.Name == "model.layers.0.mlp.router.e_score_correction_bias");
     }
@@ -152,32 +145,17 @@ public class LongcatFlashTests
     public void LeftPaddedRowEqualsTheRowAlone()
     {
         using var h = new DisposableModel(TorchModelFactory.Random(Config, 5));
-        using var _ = no_grad();
-        var (ids, mask) = LeftPaddedBatch();
-        using var batch = h.Model.Forward(ids, mask);
-        using var alone = h.Model.Forward(ids[1, 3..].unsqueeze(0));
-        var err = Fixtures.RelError(batch.Logits[1, 3..], alone.Logits[0]);
-        Assert.True(err < 1e-5, $"padded row vs alone: {err:E2}");
+        RuntimeChecks.LeftPaddedRowEqualsTheRowAlone(h.Model);
     }
 
     static (Tensor Logits, Dictionary<string, Tensor> Grads) TrainStep(ExpertDispatch dispatch, double maxPaddingFactor)
     {
         var model = TorchModelFactory.Random(Config, 3);
-        LoraInjector.Inject(model, LoraInjector.Plan(model, """
-            {"r": 2, "lora_alpha": 4, "target_modules": "all-linear", "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
-            """));
         model.SetExpertDispatch(dispatch);
         foreach (var e in model.NamedModules().Select(m => m.Module).OfType<ExpertsBase>()) e.MaxPaddingFactor = maxPaddingFactor;
-        var lora = LoraInjector.PeftNamedParameters(model).Where(p => p.Param.requires_grad).ToList();
-        // B starts at zero (PEFT's init), which would leave A without gradient: give B values first.
-        using (no_grad())
-            foreach (var (name, p) in lora)
-                if (name.Contains(".lora_B.", StringComparison.Ordinal)) p.normal_(0, 0.1, generator: new Generator((ulong)name.Length));
-        model.Train();
-        var (ids, mask) = LeftPaddedBatch();
-        var o = model.Forward(ids, mask);
-        (o.Logits * mask.unsqueeze(-1)).pow(2).mean().backward();
-        return (o.Logits.detach(), lora.ToDictionary(p => p.Name, p => p.Param.grad is { } g ? g.detach().clone() : zeros_like(p.Param)));
+        return RuntimeChecks.LoraStep(model, """
+            {"r": 2, "lora_alpha": 4, "target_modules": "all-linear", "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
+            """);
     }
 
     // Every adapter gets a finite non-zero gradient except the router's classifier: LongcatFlashTopkRouter reads
@@ -191,13 +169,8 @@ public class LongcatFlashTests
         var (logits, grads) = TrainStep(ExpertDispatch.Loop, 1.5);
         Assert.Contains(grads.Keys, n => n.Contains("self_attn.1.kv_b_proj.lora_A", StringComparison.Ordinal));
         Assert.Contains(grads.Keys, n => n.Contains("mlp.experts.lora_A", StringComparison.Ordinal));
-        foreach (var (name, g) in grads)
-        {
-            Assert.False(g.isnan().any().item<bool>() || g.isinf().any().item<bool>(), $"{name}: non-finite gradient");
-            bool classifier = name.Contains("router.classifier.", StringComparison.Ordinal);
-            Assert.True(classifier ? g.abs().sum().item<float>() == 0 : g.abs().sum().item<float>() > 0,
-                classifier ? $"{name}: the classifier's LoRA must not act" : $"{name}: zero gradient");
-        }
+        Assert.Contains(grads.Keys, n => n.Contains("router.classifier.lora_A", StringComparison.Ordinal));
+        RuntimeChecks.AssertGradients(grads, unused: n => n.Contains("router.classifier.", StringComparison.Ordinal));
         foreach (var factor in new[] { 100.0, 0.0 })
         {
             var (gl, gg) = TrainStep(ExpertDispatch.Grouped, factor);

@@ -1,5 +1,4 @@
 using MoeLora.Core.Architectures.Runtime;
-using MoeLora.Torch.Lora;
 using MoeLora.Torch.Models;
 using MoeLora.Torch.Nn;
 using MoeLora.Torch.Runtime;
@@ -29,10 +28,6 @@ public class ZayaTests
     const string HybridRope = """ "hybrid": {"rope_type": "default", "rope_theta": 5000000.0, "partial_rotary_factor": 0.5} """;
     const string SlidingRope = """ "hybrid_sliding": {"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5} """;
     static readonly string Config = ConfigWith(HybridRope + "," + SlidingRope);
-
-    static (Tensor Ids, Tensor Mask) LeftPaddedBatch() =>
-        (tensor(new long[,] { { 3, 4, 5, 6, 7, 8, 9, 10, 11 }, { 0, 0, 0, 5, 9, 13, 2, 40, 7 } }),
-         tensor(new long[,] { { 1, 1, 1, 1, 1, 1, 1, 1, 1 }, { 0, 0, 0, 1, 1, 1, 1, 1, 1 } }));
 
     // Every parameter transformers initialises to a constant (temp 0, scales 1, biases 0, norm weights 1) gets noise.
     static void PerturbConstants(HfModule m, ulong seed)
@@ -139,13 +134,11 @@ public class ZayaTests
     {
         using var h = new DisposableModel(TorchModelFactory.Random(Config, 5));
         PerturbConstants(h.Model, 6);
-        using var _ = no_grad();
-        var (ids, mask) = LeftPaddedBatch();
-        using var batch = h.Model.Forward(ids, mask);
-        using var alone = h.Model.Forward(ids[1, 3..].unsqueeze(0));
-        var err = Fixtures.RelError(batch.Logits[1, 3..], alone.Logits[0]);
-        Assert.True(err < 1e-5, $"padded row vs alone: {err:E2}");
+        RuntimeChecks.LeftPaddedRowEqualsTheRowAlone(h.Model);
         // Not a vacuous match: the padding tokens would change the row if they leaked into it.
+        using var _ = no_grad();
+        var (ids, _) = RuntimeChecks.LeftPaddedBatch();
+        using var alone = h.Model.Forward(ids[1, 3..].unsqueeze(0));
         using var unmasked = h.Model.Forward(ids[1].unsqueeze(0));
         Assert.True(Fixtures.RelError(unmasked.Logits[0, 3..], alone.Logits[0]) > 1e-3);
     }
@@ -153,10 +146,8 @@ public class ZayaTests
     [Fact]
     public void ParametersEqualCoresTree()
     {
-        var spec = TorchModelFactory.Spec(Config);
+        RuntimeChecks.ParametersEqualCoresTree(Config);
         using var h = new DisposableModel(TorchModelFactory.Random(Config, 0));
-        Assert.Equal(spec.Tree.Parameters.Select(p => $"{p.Name} [{string.Join(",", p.Shape)}]"),
-            h.Model.NamedParameters().Select(p => $"{p.Name} [{string.Join(",", p.Param.shape)}]"));
         var balancing = h.Model.StateDict().Single(s => s.Name == "model.layers.2.mlp.gate.balancing_biases").Value;
         Assert.Equal(new float[] { 0, 0, 0, 0, -1 }, balancing.data<float>().ToArray());
     }
@@ -166,27 +157,14 @@ public class ZayaTests
     {
         using var h = new DisposableModel(TorchModelFactory.Random(Config, 3));
         PerturbConstants(h.Model, 4); // temp 0 would leave q/k (and their adapters) without effect
-        LoraInjector.Inject(h.Model, LoraInjector.Plan(h.Model, """
+        var (_, grads) = RuntimeChecks.LoraStep(h.Model, """
             {"r": 2, "lora_alpha": 4, "target_modules": "all-linear", "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
-            """));
-        var lora = LoraInjector.PeftNamedParameters(h.Model).Where(p => p.Param.requires_grad).ToList();
-        Assert.Contains(lora, p => p.Name.Contains("qkv_proj.k_proj.lora_A", StringComparison.Ordinal));
-        Assert.Contains(lora, p => p.Name.Contains("qkv_proj.v_proj_delayed.lora_B", StringComparison.Ordinal));
-        Assert.Contains(lora, p => p.Name.Contains("mlp.experts.lora_A", StringComparison.Ordinal));
-        using (no_grad())
-            foreach (var (name, p) in lora)
-                if (name.Contains(".lora_B.", StringComparison.Ordinal)) p.normal_(0, 0.1, generator: new Generator(3));
-        h.Model.Train();
-        var (ids, mask) = LeftPaddedBatch();
-        using var o = h.Model.Forward(ids, mask);
-        (o.Logits * mask.unsqueeze(-1)).pow(2).mean().backward();
-        foreach (var (name, p) in lora)
-        {
-            var gr = p.grad;
-            Assert.True(gr is not null, $"{name}: no gradient");
-            Assert.False(gr!.isnan().any().item<bool>() || gr.isinf().any().item<bool>(), $"{name}: non-finite gradient");
-            Assert.True(gr.abs().sum().item<float>() > 0, $"{name}: zero gradient");
-        }
+            """);
+        Assert.Contains(grads.Keys, n => n.Contains("qkv_proj.k_proj.lora_A", StringComparison.Ordinal));
+        Assert.Contains(grads.Keys, n => n.Contains("qkv_proj.v_proj_delayed.lora_B", StringComparison.Ordinal));
+        Assert.Contains(grads.Keys, n => n.Contains("mlp.experts.lora_A", StringComparison.Ordinal));
+        Assert.Contains(grads.Keys, n => n.Contains("mlp.gate.router_mlp.fc1.lora_A", StringComparison.Ordinal));
+        RuntimeChecks.AssertGradients(grads);
     }
 
     // A rope_parameters dict without the sliding layers' entry: transformers' rotary module cannot build that table.
