@@ -143,6 +143,27 @@ public class ZayaTests
         Assert.True(Fixtures.RelError(unmasked.Logits[0, 3..], alone.Logits[0]) > 1e-3);
     }
 
+    // ZayaModel keeps the residual stream in fp32 in a bf16 model: the hidden states it records are fp32 (the last,
+    // after the final norm, in bf16), and the result stays close to the fp32 model's on the same weights.
+    [Fact]
+    public void Bf16ModelKeepsAnFp32ResidualStream()
+    {
+        using var full = new DisposableModel(TorchModelFactory.Random(Config, 8));
+        PerturbConstants(full.Model, 9);
+        using var half = new DisposableModel(TorchModelFactory.Random(Config, 8, ScalarType.BFloat16));
+        var source = full.Model.StateDict().ToDictionary(s => s.Name, s => s.Value);
+        using (no_grad())
+            foreach (var (name, t) in half.Model.StateDict()) t.copy_(source[name]);
+        using var _ = no_grad();
+        var (ids, mask) = RuntimeChecks.LeftPaddedBatch();
+        using var a = full.Model.Forward(ids, mask, outputHiddenStates: true);
+        using var b = half.Model.Forward(ids, mask, outputHiddenStates: true);
+        Assert.All(b.HiddenStates.SkipLast(1), h => Assert.Equal(ScalarType.Float32, h.dtype));
+        Assert.Equal(ScalarType.BFloat16, b.HiddenStates[^1].dtype);
+        var err = Fixtures.MaskedRelError(b.Logits, a.Logits, mask);
+        Assert.True(err < 5e-2, $"bf16 vs fp32 logits: {err:E2}");
+    }
+
     [Fact]
     public void ParametersEqualCoresTree()
     {

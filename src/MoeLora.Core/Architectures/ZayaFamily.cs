@@ -23,8 +23,8 @@ namespace MoeLora.Core.Architectures;
 /// <para>
 /// Runtime (checked against a transformers fixture, router logits included): <see cref="CcaAttentionSettings"/> with
 /// each layer type's rope, <see cref="MlpRouterSettings"/> handing its state from layer to layer, fused experts, the
-/// layer's <see cref="LayerForm.AffineResiduals"/> and the model's <see cref="DecoderRuntime.EmbeddingAffine"/>. The
-/// residual stream is not forced to fp32 as ZayaModel does (it runs in the model's dtype), so only fp32 matches it exactly.
+/// layer's <see cref="LayerForm.AffineResiduals"/>, the model's <see cref="DecoderRuntime.EmbeddingAffine"/> and its
+/// fp32 residual stream (<see cref="DecoderRuntime.ResidualInFp32"/>).
 /// </para>
 /// </summary>
 internal sealed class ZayaFamily : IArchitecture
@@ -124,7 +124,8 @@ internal sealed class ZayaFamily : IArchitecture
         return spec with
         {
             Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm, ropes[types[0]].Rope, runtimeLayers,
-                LmHeadBias: c.Bool("lm_head_bias", false), EmbeddingAffine: ("input_hidden_states_scale", "input_hidden_states_bias")),
+                LmHeadBias: c.Bool("lm_head_bias", false), EmbeddingAffine: ("input_hidden_states_scale", "input_hidden_states_bias"),
+                ResidualInFp32: true),
         };
     }
 

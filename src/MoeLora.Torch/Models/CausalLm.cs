@@ -91,6 +91,7 @@ public sealed class CausalLm : HfModule, IDisposable
         var h = _embed.Forward(ids);
         if (Runtime.Scaling is { EmbeddingMultiplier: not 1.0 } es) h = h * es.EmbeddingMultiplier;
         if (_model.Affine is { } affine) h = (h + affine.Bias) * affine.Scale;
+        if (Runtime.ResidualInFp32) h = h.to(ScalarType.Float32);
         var hidden = new List<Tensor>();
         if (outputHiddenStates) hidden.Add(h);
         foreach (var layer in _layers)
@@ -98,7 +99,7 @@ public sealed class CausalLm : HfModule, IDisposable
             h = layer.Forward(h, ctx);
             if (outputHiddenStates) hidden.Add(h);
         }
-        h = _norm.Forward(h);
+        h = _norm.Forward(h.dtype == DType ? h : h.to(DType));
         if (outputHiddenStates) hidden[^1] = h;
         var logits = _lmHead.Forward(h);
         if (Runtime.Scaling is { LogitsMultiplier: not 1.0 } ls) logits = logits * ls.LogitsMultiplier;

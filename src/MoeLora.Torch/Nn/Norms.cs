@@ -107,25 +107,27 @@ public sealed class FormDecoderLayer : HfModule, IDecoderLayer
         _extra = (IBlock?)extraFf;
     }
 
+    // A norm reads the residual in the model's dtype (ZAYA keeps its residual stream in fp32 and casts it for each norm).
     static Tensor Apply(INorm? n, Tensor x) => n is null ? x : n.Forward(x);
+    static Tensor Apply(INorm? n, Tensor x, ForwardContext ctx) => n is null ? x : n.Forward(x.dtype == ctx.DType ? x : x.to(ctx.DType));
 
     Tensor FeedForward(Tensor x, ForwardContext ctx) => _extra is null ? _ff!.Forward(x, ctx) : _ff!.Forward(x, ctx) + _extra.Forward(x, ctx);
 
     public Tensor Forward(Tensor x, ForwardContext ctx)
     {
         // One-sublayer blocks (Nemotron-H): x + mixer(norm(x)).
-        if (_ff is null) return x + Apply(_afterAttn, _attn!.Forward(Apply(_beforeAttn, x), ctx));
-        if (_attn is null) return x + Apply(_afterFf, FeedForward(Apply(_beforeFf, x), ctx));
+        if (_ff is null) return x + Apply(_afterAttn, _attn!.Forward(Apply(_beforeAttn, x, ctx), ctx));
+        if (_attn is null) return x + Apply(_afterFf, FeedForward(Apply(_beforeFf, x, ctx), ctx));
         double m = _form.ResidualMultiplier;
         if (_form.Parallel)
         {
-            var normed = Apply(_beforeAttn, x);
+            var normed = Apply(_beforeAttn, x, ctx);
             return x + _attn.Forward(normed, ctx) + FeedForward(normed, ctx);
         }
-        var a = Apply(_afterAttn, _attn.Forward(Apply(_beforeAttn, x), ctx));
+        var a = Apply(_afterAttn, _attn.Forward(Apply(_beforeAttn, x, ctx), ctx));
         if (m != 1.0) a = a * m;
         var h = _attnAffine is not null ? _attnAffine.Forward(a, x) : (_attnScale is null ? x : _attnScale * x) + a;
-        var f = Apply(_afterFf, FeedForward(Apply(_beforeFf, h), ctx));
+        var f = Apply(_afterFf, FeedForward(Apply(_beforeFf, h, ctx), ctx));
         if (m != 1.0) f = f * m;
         return _ffAffine is not null ? _ffAffine.Forward(f, h) : (_ffScale is null ? h : _ffScale * h) + f;
     }

@@ -18,6 +18,9 @@ namespace MoeLora.Core.Architectures.Runtime;
 /// <param name="EmbeddingAffine">Per-channel Parameters of the model itself (named_parameters lists them before its
 /// children) that shift and scale the embeddings, <c>(e + bias) · scale</c> (ZAYA's input_hidden_states_scale /
 /// input_hidden_states_bias, in that order); null: none.</param>
+/// <param name="ResidualInFp32">The residual stream is fp32 whatever the model's dtype (ZayaModel casts the embeddings
+/// to fp32; each norm reads the residual cast to the model's dtype, the residual additions promote back to fp32, the
+/// final norm reads it cast back): the recorded hidden states are fp32.</param>
 public sealed record DecoderRuntime(
     long VocabSize,
     long HiddenSize,
@@ -29,7 +32,8 @@ public sealed record DecoderRuntime(
     bool LmHeadBias = false,
     ModelScaling? Scaling = null,
     ModelNames? Names = null,
-    (string Scale, string Bias)? EmbeddingAffine = null);
+    (string Scale, string Bias)? EmbeddingAffine = null,
+    bool ResidualInFp32 = false);
 
 /// <summary>
 /// One pre-norm decoder layer: <c>h = x + attn(input_layernorm(x))</c>, <c>out = h + ff(post_attention_layernorm(h))</c>,
