@@ -66,7 +66,8 @@ public sealed class MoeStatics : HfModule
 /// softmax or sigmoid of those k: Cohere2-MoE, GraniteMoE), <see cref="SigmoidBiasRouterSettings"/> (sigmoid scores,
 /// bias-corrected selection: AFMoE, Laguna, MiniMax-M2/M3, HY V3), <see cref="SparseMixerRouterSettings"/> (PhiMoE),
 /// <see cref="SoftmaxStaticsTopKRouterSettings"/> (ERNIE 4.5), <see cref="LinearSoftmaxTopKRouterSettings"/>
-/// (HunYuan) and <see cref="SoftmaxBiasRouterSettings"/> (LongCat-Flash, whose experts include identity ones). Routed experts are the transformers-5 fused experts (plain or clamped SwiGLU) or Aria's grouped GEMM; an ungated shared expert
+/// (HunYuan) and <see cref="SoftmaxBiasRouterSettings"/> (LongCat-Flash, whose experts include identity ones). Routed
+/// experts are the transformers-5 fused experts (plain or clamped SwiGLU) or Aria's grouped GEMM; an ungated shared expert
 /// is summed (averaged, or added in fp32: <see cref="MoeOptions"/>) with the routed output. The router logits recorded
 /// are the router's returned logits ([T, E]).
 /// </summary>
