@@ -1,8 +1,10 @@
 using MoeLora.Core.Architectures.Runtime;
+using MoeLora.Torch.IO;
 using MoeLora.Torch.Lora;
 using MoeLora.Torch.Models;
 using MoeLora.Torch.Nn;
 using MoeLora.Torch.Runtime;
+using MoeLora.Torch.Tests.Training;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -204,6 +206,36 @@ public class LongcatFlashTests
             Assert.NotEmpty(f.WithGradient);
             Assert.All(f.WithGradient, e => Assert.True(e < 4));
         }
+    }
+
+    // merge_and_unload into the checkpoint layout: gate/up parts for all E + Z experts (the identity ones' slices merged
+    // too, though never used), down parts for the E real ones; the merged checkpoint gives the adapted logits.
+    [Fact]
+    public void MergedCheckpointGivesTheAdaptedLogits()
+    {
+        var modelDir = Path.Combine(AppContext.BaseDirectory, "Data", "hf-moe", "longcat_flash", "model");
+        var reference = Safetensors.Load(Path.Combine(modelDir, "..", "reference.safetensors"));
+        var (ids, mask) = (reference["input_ids"], reference["attention_mask"]);
+        using var dir = new TempDir();
+        using var adapted = new DisposableModel(TorchModelFactory.Load(modelDir));
+        LoraInjector.Inject(adapted.Model, LoraInjector.Plan(File.ReadAllText(Path.Combine(modelDir, "config.json")), """
+            {"target_modules": ["q_b_proj", "kv_b_proj"], "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"],
+             "r": 2, "lora_alpha": 4, "init_lora_weights": false}
+            """), seed: 2);
+        adapted.Model.Eval();
+        using var _ = no_grad();
+        using var want = adapted.Model.Forward(ids, mask);
+        using (var plain = TorchModelFactory.Load(modelDir).Forward(ids, mask))
+            Assert.True(Fixtures.MaskedRelError(plain.Logits, want.Logits, mask) > 1e-4, "the adapter changes nothing: the test would prove nothing");
+        var outDir = Path.Combine(dir.Path, "merged");
+        LoraMerge.SaveHubCheckpoint(adapted.Model, modelDir, outDir);
+        var (before, _, _) = Safetensors.ReadHeader(Path.Combine(modelDir, "model.safetensors"));
+        var (after, _, _) = Safetensors.ReadHeader(Path.Combine(outDir, "model.safetensors"));
+        Assert.Equal(before.Select(e => (e.Name, string.Join(",", e.Shape))), after.Select(e => (e.Name, string.Join(",", e.Shape))));
+        using var merged = new DisposableModel(TorchModelFactory.Load(outDir));
+        using var got = merged.Model.Forward(ids, mask);
+        var err = Fixtures.MaskedRelError(got.Logits, want.Logits, mask);
+        Assert.True(err < 1e-5, $"merged vs adapted logits: {err:E2}");
     }
 
     // transformers' forward fails on these (apply_rotary_pos_emb_interleave cannot broadcast another rotary width,
