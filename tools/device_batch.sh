@@ -5,7 +5,7 @@
 #   tools/device_batch.sh STAGE...
 # Stages:
 #   fixtures     tools/oracle/discover_moe.py --fixtures for every MoE text type, or FIXTURE_TYPES (a,b) [CPU, background]
-#   doge         the doge fixture again with --perturb-constants                                      [CPU, background]
+#   doge         PERTURB_TYPES (default doge) fixtures with --perturb-constants                                     [CPU, background]
 #   adapter      tools/adapter_check/check_peft_convert.py (PEFT 0.21 reads our converted adapters)     [CPU, background]
 #   parity train report peft ours bench   tools/gpu_smoke/run_gpu.sh stages (needs artifacts/gpu_smoke, carried) [GPU]
 #   plan-tiny plan-mid           tools/plan_check/run_plan_gpu.sh stages (needs artifacts/plan_check)    [GPU]
@@ -36,7 +36,7 @@ for stage in "$@"; do
       bg+=($!) ;;
     doge)
       stamp "doge: start (background)"
-      ( timeout 300 python3 tools/oracle/discover_moe.py --out "$work/disc_doge" --workers 2 --deadline 200 --only doge \
+      ( timeout 300 python3 tools/oracle/discover_moe.py --out "$work/disc_doge" --workers 4 --deadline 200 --only "${PERTURB_TYPES:-doge}" \
           --fixtures --perturb-constants --no-peft --no-sources --tree-types none >"$work/results/doge.log" 2>&1 ) &
       bg+=($!) ;;
     adapter)

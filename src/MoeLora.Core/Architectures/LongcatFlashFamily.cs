@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -12,6 +13,13 @@ namespace MoeLora.Core.Architectures;
 /// down_proj for E. LongCat did not exist in transformers 4.57: <see cref="Layout.V4"/> means the on-disk checkpoint
 /// layout as save_pretrained writes it: <c>experts.{e}.gate_proj/up_proj</c> for every e &lt; E + Z, down_proj only for
 /// e &lt; E (a ModuleList of LongcatFlashMLP).
+/// <para>
+/// Runtime (checked against a transformers fixture): <see cref="ShortcutMoeForm"/> for the layer, MLA with
+/// <c>apply_rotary_pos_emb_interleave</c> and the constant query / kv-latent scales (<see cref="MlaLatentScale"/>),
+/// <see cref="SoftmaxBiasRouterSettings"/> and fused experts with <see cref="ExpertsSettings.ZeroExperts"/>. Configs
+/// transformers' forward cannot run (a rotary width other than qk_rope_head_dim, qk_head_dim other than nope + rope,
+/// fewer kv heads than heads, no routed experts, top-k beyond E + Z) are refused, naming why.
+/// </para>
 /// </summary>
 internal sealed class LongcatFlashFamily : IArchitecture
 {
@@ -78,9 +86,35 @@ internal sealed class LongcatFlashFamily : IArchitecture
             $"e_score_correction_bias, not renormalised, scaled by " +
             c.Double("routed_scaling_factor", 6.0).ToString(System.Globalization.CultureInfo.InvariantCulture);
         var moe = new MoeFacts(experts, topK, 0, expertInter, 0, Enumerable.Range(0, (int)layers).ToList(), [], routing);
-        return Blocks.Spec(c, "longcat_flash", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        var spec = Blocks.Spec(c, "longcat_flash", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+
+        // LongcatFlashRotaryEmbedding rotates head_dim dims (head_dim or hidden / heads); apply_rotary_pos_emb_interleave
+        // needs them to be the qk_rope_head_dim dims it rotates.
+        var ropeDim = c.IntOrNull("head_dim", 64) ?? hidden / heads;
+        var unavailable =
+            ropeDim != mla.RopeDim ? $"a rotary width (head_dim {ropeDim}) other than qk_rope_head_dim ({mla.RopeDim})"
+            : mla.QkHeadDim != mla.NopeDim + mla.RopeDim ? $"qk_head_dim {mla.QkHeadDim} other than qk_nope_head_dim + qk_rope_head_dim ({mla.NopeDim + mla.RopeDim})"
+            : kv != heads ? $"num_key_value_heads {kv} other than num_attention_heads {heads} (LongcatFlashMLA repeats its per-head keys)"
+            : experts == 0 ? "LongCat-Flash without routed experts"
+            : topK > total ? $"LongCat-Flash choosing {topK} of {total} experts"
+            : null;
+        if (unavailable is not null) return spec with { RuntimeUnavailable = unavailable };
+
+        var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-5));
+        var rope = RopeSettings.Read(c, 1e7, ropeDim);
+        // q_a_layernorm / kv_a_layernorm are built without eps: LongcatFlashRMSNorm's 1e-6.
+        var attention = new MlaAttentionSettings(heads, mla.QLoraRank, mla.KvLoraRank, mla.NopeDim, mla.RopeDim, mla.VHeadDim, mla.Bias,
+            RopeInterleave: true, rope.MlaSoftmaxScale(mla.QkHeadDim), LowRankNormEps: 1e-6,
+            LatentScale: new MlaLatentScale(Math.Sqrt((double)hidden / mla.QLoraRank!.Value), Math.Sqrt((double)hidden / mla.KvLoraRank)));
+        var router = new SoftmaxBiasRouterSettings("router", "classifier", total, topK, c.Double("routed_scaling_factor", 6.0), routerBias);
+        var shortcutMoe = new MoeSettings(router, new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, expertInter, act, ZeroExperts: zero),
+            Shared: null, MoeOrder.ExpertsFirst);
+        var form = new ShortcutMoeForm(new GatedMlpSettings(ffn, act));
+        var runtimeLayers = Enumerable.Range(0, (int)layers)
+            .Select(_ => new DecoderLayerRuntime(attention, "mlp", shortcutMoe, norm, norm, Shortcut: form)).ToList();
+        return spec with
         {
-            RuntimeUnavailable = "LongCat-Flash's two-sublayer blocks and zero-computation experts",
+            Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm, rope, runtimeLayers),
         };
     }
 

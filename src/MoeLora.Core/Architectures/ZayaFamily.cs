@@ -1,3 +1,5 @@
+using System.Text.Json.Nodes;
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -17,6 +19,12 @@ namespace MoeLora.Core.Architectures;
 /// Not in transformers 4.57 and without a conversion mapping: <see cref="Layout.V4"/>, the checkpoint layout, has the
 /// v5 names. The Conv1d are grouped convolutions, declared as <see cref="ModuleKind.Other"/> as in the other families
 /// (all-linear never selects them; PEFT's LoRA for grouped convs is not reproduced).
+/// </para>
+/// <para>
+/// Runtime (checked against a transformers fixture, router logits included): <see cref="CcaAttentionSettings"/> with
+/// each layer type's rope, <see cref="MlpRouterSettings"/> handing its state from layer to layer, fused experts, the
+/// layer's <see cref="LayerForm.AffineResiduals"/>, the model's <see cref="DecoderRuntime.EmbeddingAffine"/> and its
+/// fp32 residual stream (<see cref="DecoderRuntime.ResidualInFp32"/>).
 /// </para>
 /// </summary>
 internal sealed class ZayaFamily : IArchitecture
@@ -84,9 +92,40 @@ internal sealed class ZayaFamily : IArchitecture
         var routing = $"MLP router: softmax over {experts} experts + 1 skip expert, top-{topK} after adding the balancing " +
             "biases (a chosen skip expert contributes nothing); from layer 1 on the router also reads the previous layer's router state";
         var moe = new MoeFacts(experts, topK, 0, moeInter, 0, all, [], routing);
-        return Blocks.Spec(c, "zaya", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        var spec = Blocks.Spec(c, "zaya", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+
+        // ZayaConfig's default rope_parameters (used only when the config gives none), per layer type.
+        var ropes = new Dictionary<string, (RopeSettings Rope, long RotaryDim)>(StringComparer.Ordinal);
+        foreach (var type in types.Take((int)layers).Distinct())
         {
-            RuntimeUnavailable = "ZAYA's CCA attention (q/k convolutions, delayed values), MLP router and residual scaling",
+            var given = c.Sub("rope_parameters");
+            var sub = given?.Sub(type);
+            if (given is not null && sub is null) return spec with { RuntimeUnavailable = $"rope_parameters without an entry for layer type '{type}'" };
+            double theta = type == "hybrid" ? 5_000_000.0 : 10_000.0;
+            long dim = (long)(headDim * (sub?.Double("partial_rotary_factor", 1.0) ?? 0.5));
+            var rope = sub is null ? new RopeSettings("default", theta, dim)
+                : RopeSettings.Read(new ModelConfig(new JsonObject { ["rope_parameters"] = sub.Json.DeepClone() }), theta, dim);
+            ropes[type] = (rope, 2 * ((dim + 1) / 2));
+        }
+        var eps = c.Double("rms_norm_eps", 1e-5);
+        var norm = new NormSettings(NormKind.Rms, eps);
+        var form = new LayerForm(["self_attn", "mlp", "input_layernorm", "post_attention_layernorm", "post_attention_residual_scale", "post_mlp_residual_scale"],
+            new NamedNorm("input_layernorm", norm), null, new NamedNorm("post_attention_layernorm", norm), null,
+            AffineResiduals: ("post_attention_residual_scale", "post_mlp_residual_scale"));
+        var runtimeLayers = Enumerable.Range(0, (int)layers).Select(i =>
+        {
+            var (rope, rotaryDim) = ropes[types[i]];
+            var mask = types[i] == "hybrid_sliding" ? new MaskSettings(MaskKind.Sliding, c.Int("sliding_window", 0)) : MaskSettings.Full;
+            var attention = new CcaAttentionSettings(heads, kv, headDim, bias, depthwiseKernel, groupedKernel, rotaryDim, rope, mask);
+            var sparse = new MoeSettings(new MlpRouterSettings("gate", experts, topK, routerHidden, UsesPreviousState: i != 0, eps),
+                new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act), null, MoeOrder.RouterFirst);
+            return new DecoderLayerRuntime(attention, "mlp", sparse, norm, norm, form);
+        }).ToList();
+        return spec with
+        {
+            Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm, ropes[types[0]].Rope, runtimeLayers,
+                LmHeadBias: c.Bool("lm_head_bias", false), EmbeddingAffine: ("input_hidden_states_scale", "input_hidden_states_bias"),
+                ResidualInFp32: true),
         };
     }
 

@@ -106,11 +106,13 @@ public sealed partial class CheckpointLayout
             if (roles is null) continue;
             var candidates = perExpertOther.Where(w => w.Layer == owner.LayerIndex && roles.Contains(w.Role)).ToList();
             var parts = new List<ParameterNode>();
-            for (int expert = 0; expert < owner.NumExperts; expert++)
+            // The parameter's own expert rows: LongCat's gate_up_proj also holds its identity experts' (unused) slices.
+            long experts = fused.Shape.Length == 3 ? fused.Shape[0] : owner.NumExperts;
+            for (int expert = 0; expert < experts; expert++)
                 foreach (Role role in roles)
                     if (candidates.FirstOrDefault(w => w.Expert == expert && w.Role == role) is { } part) parts.Add(part.Parameter);
-            if (parts.Count != owner.NumExperts * roles.Length) continue;
-            _alternatives[fused.Name] = new Alternative(parts, IsSliceOfFused: false, (int)owner.NumExperts);
+            if (parts.Count != experts * roles.Length) continue;
+            _alternatives[fused.Name] = new Alternative(parts, IsSliceOfFused: false, (int)experts);
             unpairedRuntime.Remove(fused);
             foreach (ParameterNode part in parts) unpairedOther.Remove(part.Name);
         }

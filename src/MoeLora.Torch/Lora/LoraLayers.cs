@@ -83,7 +83,8 @@ public sealed class ParamLora : LoraWrapper, ILowRankExpertDelta
         : base(baseLayer, adapter, a, b, scaling, rank)
     {
         ParameterName = parameterName;
-        NumExperts = owner.NumExperts;
+        // The parameter's own expert count: LongCat's gate_up_proj also has rows for its identity experts.
+        NumExperts = owner.Param(parameterName).shape[0];
         _transposed = owner.IsTransposed;
         _target = owner.Param(parameterName);
         owner.AttachDelta(parameterName, this);

@@ -39,6 +39,7 @@ public sealed class CausalLm : HfModule, IDisposable
     public ScalarType DType { get; }
     public Device Device { get; }
     readonly Embedding _embed;
+    readonly ModelRoot _model;
     readonly List<IDecoderLayer> _layers;
     readonly INorm _norm;
     readonly Linear _lmHead;
@@ -47,7 +48,8 @@ public sealed class CausalLm : HfModule, IDisposable
     {
         Spec = spec; Runtime = runtime; DType = init.DType; Device = init.Device;
         var names = runtime.Names ?? ModelNames.Llama;
-        var model = AddChild("model", new Container());
+        var model = AddChild("model", new ModelRoot(runtime.EmbeddingAffine, runtime.HiddenSize, init));
+        _model = model;
         _embed = model.Add(names.Embeddings, new Embedding(runtime.VocabSize, runtime.HiddenSize, init));
         var layers = model.Add("layers", new Container());
         _layers = [];
@@ -88,6 +90,8 @@ public sealed class CausalLm : HfModule, IDisposable
         var ctx = new ForwardContext { Positions = pos, AttentionMask = mask, DType = DType };
         var h = _embed.Forward(ids);
         if (Runtime.Scaling is { EmbeddingMultiplier: not 1.0 } es) h = h * es.EmbeddingMultiplier;
+        if (_model.Affine is { } affine) h = (h + affine.Bias) * affine.Scale;
+        if (Runtime.ResidualInFp32) h = h.to(ScalarType.Float32);
         var hidden = new List<Tensor>();
         if (outputHiddenStates) hidden.Add(h);
         foreach (var layer in _layers)
@@ -95,7 +99,7 @@ public sealed class CausalLm : HfModule, IDisposable
             h = layer.Forward(h, ctx);
             if (outputHiddenStates) hidden.Add(h);
         }
-        h = _norm.Forward(h);
+        h = _norm.Forward(h.dtype == DType ? h : h.to(DType));
         if (outputHiddenStates) hidden[^1] = h;
         var logits = _lmHead.Forward(h);
         if (Runtime.Scaling is { LogitsMultiplier: not 1.0 } ls) logits = logits * ls.LogitsMultiplier;
@@ -106,4 +110,20 @@ public sealed class CausalLm : HfModule, IDisposable
             RouterLogits = ctx.RouterLogits.Select(t => t.MoveToOuterDisposeScope()).ToList(),
         };
     }
+}
+
+/// <summary>
+/// <c>model</c>: the decoder's children, and, where the family has them (<see cref="DecoderRuntime.EmbeddingAffine"/>),
+/// its own per-channel embedding scale and bias Parameters (ones and zeros at init), listed before the children.
+/// </summary>
+internal sealed class ModelRoot : HfModule
+{
+    public (Parameter Scale, Parameter Bias)? Affine { get; }
+
+    public ModelRoot((string Scale, string Bias)? affine, long hidden, Init init)
+    {
+        if (affine is { } a) Affine = (AddParameter(a.Scale, init.Ones(hidden)), AddParameter(a.Bias, init.Zeros(hidden)));
+    }
+
+    public T Add<T>(string name, T m) where T : HfModule => AddChild(name, m);
 }

@@ -46,7 +46,8 @@ public static class GradientFlow
             var moduleName = name;
             while (moduleName.EndsWith(".base_layer", StringComparison.Ordinal)) moduleName = moduleName[..^".base_layer".Length];
             result.Add(new ExpertGradientFlow(moduleName, w.ParameterName, w.NumExperts,
-                owner.LastSelectedCounts ?? new long[w.NumExperts],
+                // Identity experts (LongCat's extra gate_up_proj rows) never compute: counted as not selected.
+                [.. (owner.LastSelectedCounts ?? []).Concat(new long[w.NumExperts]).Take((int)w.NumExperts)],
                 PerExpert(w.A.weight.grad, w.NumExperts, rowsExpertMajor: true),
                 PerExpert(w.B.weight.grad, w.NumExperts, rowsExpertMajor: false)));
         }

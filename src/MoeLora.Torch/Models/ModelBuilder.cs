@@ -19,13 +19,17 @@ public static class ModelBuilder
         var rope = Rotary.FromSettings(runtime.Rope);
         // Layers with a rope of their own (per-layer-type tables) share one table per distinct setting.
         var layerRopes = new Dictionary<RopeSettings, Rotary>();
-        Rotary RopeOf(AttentionSettings a) => a is StandardAttentionSettings { Options.Rope: { } own }
+        Rotary RopeOf(AttentionSettings a) => (a switch { StandardAttentionSettings { Options.Rope: { } o } => o, CcaAttentionSettings c => c.Rope, _ => null }) is { } own
             ? layerRopes.TryGetValue(own, out var r) ? r : layerRopes[own] = Rotary.FromSettings(own)
             : rope;
         long hidden = runtime.HiddenSize;
         return new CausalLm(spec, runtime, init, i =>
         {
             var l = runtime.Layers[i];
+            if (l.Shortcut is { } sc)
+                return new ShortcutMoeDecoderLayer(l.FeedForwardName, FeedForward(hidden, l.FeedForward, init) ?? throw OneSublayer(),
+                    () => Attention(hidden, l.Attention, RopeOf(l.Attention), init) ?? throw OneSublayer(),
+                    () => FeedForward(hidden, sc.DenseMlp, init) ?? throw OneSublayer(), sc, l.InputNorm, l.PostAttentionNorm, hidden, init);
             if ((l.Form ?? PreNormForm(l)) is { } form)
                 return new FormDecoderLayer(Attention(hidden, l.Attention, RopeOf(l.Attention), init), l.FeedForwardName, FeedForward(hidden, l.FeedForward, init), form,
                     form.ExtraFeedForward is { } extra ? FeedForward(hidden, extra, init) ?? throw OneSublayer() : null, hidden, init);
@@ -52,6 +56,7 @@ public static class ModelBuilder
         MlaAttentionSettings s => new MlaAttention(hidden, s, rope, init),
         Llama4AttentionSettings s => new Llama4Attention(hidden, s, rope, init),
         DynamicMaskAttentionSettings s => new DynamicMaskAttention(hidden, s, rope, init),
+        CcaAttentionSettings s => new CcaAttention(hidden, s, rope, init),
         GatedDeltaNetSettings s => new GatedDeltaNet(hidden, s, init),
         _ => throw new NotSupportedException($"attention settings {a.GetType().Name} have no runtime block."),
     };
@@ -70,8 +75,9 @@ public static class ModelBuilder
             SoftmaxGroupLimitedRouterSettings => new SoftmaxGroupLimitedMoe(hidden, Expect(m, ExpertsLayout.GateUpOutIn), init),
             TopKSoftmaxRouterSettings => new GptOssMlp(hidden, Expect(m, ExpertsLayout.GptOssInterleaved), init),
             Llama4RouterSettings => new Llama4Moe(hidden, Expect(m, ExpertsLayout.Llama4InOut), init),
+            MlpRouterSettings => new MlpRouterMoe(hidden, Expect(m, ExpertsLayout.GateUpOutIn), init),
             TopKLogitsRouterSettings or SigmoidBiasRouterSettings or SparseMixerRouterSettings
-                or SoftmaxStaticsTopKRouterSettings or LinearSoftmaxTopKRouterSettings => new RoutedMoe(hidden, m, init),
+                or SoftmaxStaticsTopKRouterSettings or LinearSoftmaxTopKRouterSettings or SoftmaxBiasRouterSettings => new RoutedMoe(hidden, m, init),
             _ => throw new NotSupportedException($"router settings {m.Router.GetType().Name} have no runtime block."),
         },
         _ => throw new NotSupportedException($"feed-forward settings {f.GetType().Name} have no runtime block."),

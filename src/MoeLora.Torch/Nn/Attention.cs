@@ -13,6 +13,8 @@ public sealed class ForwardContext
 
     /// <summary>The last DSA indexer's top-k keys [B, S, k], which GLM-5's "shared" layers reuse (null: it kept every key).</summary>
     public Tensor? IndexerTopK { get; set; }
+    /// <summary>What one layer's router hands to the next (ZAYA's router_hidden_states); null before the first.</summary>
+    public Tensor? RouterState { get; set; }
     readonly Dictionary<(MaskKind, long), Tensor> _masks = [];
 
     /// <summary>

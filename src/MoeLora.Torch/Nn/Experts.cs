@@ -37,6 +37,16 @@ public abstract class ExpertsBase : HfModule
     public abstract bool IsTransposed { get; }
     public long NumExperts { get; protected init; }
 
+    /// <summary>
+    /// Identity experts numbered after the <see cref="NumExperts"/> computed ones (LongCat-Flash's zero-computation
+    /// experts): the grouping leaves their (token, slot) pairs to the owner, and a parameter with rows for them too
+    /// (LongCat's gate_up_proj) is used by its first <see cref="NumExperts"/> rows.
+    /// </summary>
+    protected long IdentityExperts { get; init; }
+
+    /// <summary>The rows of an expert tensor that belong to computed experts.</summary>
+    Tensor Computed(Tensor t) => t.shape[0] == NumExperts ? t : t.narrow(0, 0, NumExperts);
+
     public Parameter Param(string name) =>
         DirectParameters.FirstOrDefault(kv => kv.Key == name).Value ?? throw new KeyNotFoundException($"experts has no parameter '{name}'.");
 
@@ -81,17 +91,28 @@ public abstract class ExpertsBase : HfModule
     /// </summary>
     protected sealed record Grouping(Tensor Order, Tensor TokenOf, long[] Counts, Tensor? PaddedRow, long Capacity);
 
-    /// <summary>Sorts the pairs by expert (stable: token-major within an expert, as the loop).</summary>
+    /// <summary>
+    /// Sorts the pairs by expert (stable: token-major within an expert, as the loop); pairs of identity experts are left
+    /// out (<see cref="Grouping.Order"/> still indexes the flattened [T·k] pairs).
+    /// </summary>
     protected Grouping Group(Tensor topIdx)
     {
-        long k = topIdx.shape[1], n = topIdx.shape[0] * k;
+        long k = topIdx.shape[1];
         using var _ = no_grad();
         var flat = topIdx.flatten();
+        Tensor? kept = null;
+        if (IdentityExperts > 0)
+        {
+            kept = flat.lt(NumExperts).nonzero().flatten();
+            flat = flat.index_select(0, kept);
+        }
+        long n = flat.shape[0];
         var counts = flat.bincount(null, NumExperts);
         var c = counts.data<long>().ToArray();
         LastSelectedCounts = c;
         long cap = Math.Max(1, c.Max());
         var (sorted, order) = flat.sort(0, false, true);
+        if (kept is not null) order = kept.index_select(0, order);
         Tensor? row = null;
         if (NumExperts * cap <= MaxPaddingFactor * n)
         {
@@ -121,13 +142,16 @@ public abstract class ExpertsBase : HfModule
     {
         public override Tensor Mm(Tensor x, string name, bool transposeWeight)
         {
-            var w = owner.Param(name);
+            var w = owner.Computed(owner.Param(name));
             var y = bmm(x, transposeWeight ? w.transpose(1, 2) : w);
-            foreach (var (l, r) in owner.Factors(name, dtype))
+            foreach (var (fl, fr) in owner.Factors(name, dtype))
+            {
+                var (l, r) = (owner.Computed(fl), owner.Computed(fr));
                 y = y + (transposeWeight ? bmm(bmm(x, r.transpose(1, 2)), l.transpose(1, 2)) : bmm(bmm(x, l), r));
+            }
             return y;
         }
-        public override Tensor Bias(string name) => owner.Effective(name).unsqueeze(1);
+        public override Tensor Bias(string name) => owner.Computed(owner.Effective(name)).unsqueeze(1);
     }
 
     sealed class SingleExpertOps(ExpertsBase owner, ScalarType dtype) : ExpertOps
@@ -198,7 +222,7 @@ public abstract class ExpertsBase : HfModule
     {
         Tensor hits;
         using (no_grad()) hits = topIdx.flatten().bincount(null, numExperts);
-        var counts = hits.data<long>().ToArray();
+        var counts = hits.data<long>().Take((int)numExperts).ToArray(); // identity experts' pairs are not dispatched
         LastSelectedCounts = counts;
         for (long e = 0; e < numExperts; e++)
         {
@@ -212,26 +236,39 @@ public abstract class ExpertsBase : HfModule
 /// <summary>
 /// transformers-v5 fused experts (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3): <c>gate_up_proj [E, 2I, H]</c>
 /// (rows [0,I) gate, [I,2I) up) and <c>down_proj [E, H, I]</c>, per expert <c>down(act(gate) * up) * w</c>,
-/// accumulated with index_add in expert order.
+/// accumulated with index_add in expert order. With Z identity experts (LongCat-Flash's <c>LongcatFlashExperts</c>)
+/// gate_up_proj has E + Z rows, an <c>identity_expert</c> module follows act_fn, and a token routed to expert e ≥ E
+/// adds <c>x · w</c>.
 /// </summary>
 public sealed class FusedExperts : ExpertsBase
 {
     readonly Activation _act;
     public override bool IsTransposed => false;
 
-    public FusedExperts(long experts, long hidden, long intermediate, string act, Init init)
+    public FusedExperts(long experts, long hidden, long intermediate, string act, Init init, long identityExperts = 0)
     {
         NumExperts = experts;
-        AddParameter("gate_up_proj", init.Normal(experts, 2 * intermediate, hidden));
+        IdentityExperts = identityExperts;
+        AddParameter("gate_up_proj", init.Normal(experts + identityExperts, 2 * intermediate, hidden));
         AddParameter("down_proj", init.Normal(experts, hidden, intermediate));
         _act = AddChild("act_fn", new Activation(act));
+        if (identityExperts > 0) AddChild("identity_expert", new Container());
     }
 
     /// <param name="x">[T, H]</param><param name="topIdx">[T, k] int64</param><param name="topW">[T, k]</param>
     public Tensor Forward(Tensor x, Tensor topIdx, Tensor topW)
     {
-        if (Dispatching == ExpertDispatch.Loop) return ForwardLoop(x, topIdx, topW);
+        var routed = Dispatching == ExpertDispatch.Loop ? ForwardLoop(x, topIdx, topW) : ForwardGrouped(x, topIdx, topW);
+        if (IdentityExperts == 0) return routed;
+        // The identity experts' share: each token times the summed weights of its slots routed to them.
+        var identityW = topW.masked_fill(topIdx.lt(NumExperts), 0).sum(-1, keepdim: true);
+        return routed + (x * identityW).to(x.dtype);
+    }
+
+    Tensor ForwardGrouped(Tensor x, Tensor topIdx, Tensor topW)
+    {
         var g = Group(topIdx);
+        if (g.TokenOf.shape[0] == 0) return zeros_like(x); // every pair went to an identity expert
         var h = RunExperts(g, x.index_select(0, g.TokenOf), (ops, xe) =>
         {
             var gu = ops.Mm(xe, "gate_up_proj", transposeWeight: true).chunk(2, -1);

@@ -99,26 +99,34 @@ public sealed class GatedDeltaNet : HfModule, IBlock
 
 /// <summary>
 /// A depthwise <c>nn.Conv1d</c> (weight [C, 1, K], a bias [C] where the family has one: LFM2's conv_bias, Mamba-2's
-/// use_conv_bias; Gated DeltaNet has none), used causally: padded by K − 1 on both sides and cut to the first S
-/// outputs, so position t sees inputs t − K + 1 … t. Never a LoRA target here (Core's tree marks it as a module
-/// PEFT does not wrap).
+/// use_conv_bias; Gated DeltaNet has none), or a grouped one (weight [C, C / groups, K]: ZAYA's conv_qk_grouped), used
+/// causally: padded by K − 1 on both sides and cut to the first S outputs, so position t sees inputs t − K + 1 … t;
+/// or without padding (<see cref="Valid"/>). Never a LoRA target here (Core's tree marks it as a module PEFT does not wrap).
 /// </summary>
 public sealed class DepthwiseConv1d : HfModule
 {
     public Parameter weight { get; }
     public Parameter? bias { get; }
 
-    public DepthwiseConv1d(long channels, long kernel, Init init, bool hasBias = false)
+    /// <param name="groups">The convolution's groups; 0: one per channel (depthwise).</param>
+    public DepthwiseConv1d(long channels, long kernel, Init init, bool hasBias = false, long groups = 0)
     {
-        weight = AddParameter("weight", init.Normal(channels, 1, kernel));
+        weight = AddParameter("weight", init.Normal(channels, groups == 0 ? 1 : channels / groups, kernel));
         if (hasBias) bias = AddParameter("bias", init.Zeros(channels));
+        _groups = groups == 0 ? channels : groups;
     }
+
+    readonly long _groups;
+
+    /// <summary>x [B, C, S] → [B, C, S − K + 1] (<c>padding=0</c>), in the input's dtype.</summary>
+    public Tensor Valid(Tensor x) =>
+        nn.functional.conv1d(x.to(weight.dtype), weight, bias, stride: 1, padding: 0, dilation: 1, groups: _groups).to(x.dtype);
 
     /// <summary>x [B, C, S] → [B, C, S], in the input's dtype.</summary>
     public Tensor Causal(Tensor x)
     {
         long s = x.shape[2], k = weight.shape[2];
-        var y = nn.functional.conv1d(x.to(weight.dtype), weight, bias, stride: 1, padding: k - 1, dilation: 1, groups: weight.shape[0]);
+        var y = nn.functional.conv1d(x.to(weight.dtype), weight, bias, stride: 1, padding: k - 1, dilation: 1, groups: _groups);
         return y.narrow(2, 0, s).to(x.dtype);
     }
 }

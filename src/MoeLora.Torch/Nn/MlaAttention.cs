@@ -8,8 +8,9 @@ namespace MoeLora.Torch.Nn;
 /// DeepSeek's multi-head latent attention (<see cref="MlaAttentionSettings"/>): low-rank q via q_a/q_b with
 /// q_a_layernorm (or one q_proj), compressed kv via kv_a_proj_with_mqa and kv_b_proj, decoupled rope on the last
 /// qk_rope_head_dim dims (optionally de-interleaved first, or as complex pairs for DeepSeek-V2), an optional
-/// position-dependent query scale (Mistral 4), eager attention with the settings' scaling; A.X-K2's gated query
-/// (q_gate_proj) and the DSA indexer's top-k key selection (DeepSeek-V3.2, GLM-5, A.X-K2), own or reused.
+/// position-dependent query scale (Mistral 4) or constant query / kv-latent scales (LongCat-Flash), eager attention
+/// with the settings' scaling; A.X-K2's gated query (q_gate_proj) and the DSA indexer's top-k key selection
+/// (DeepSeek-V3.2, GLM-5, A.X-K2), own or reused.
 /// </summary>
 public sealed class MlaAttention : HfModule, IBlock
 {
@@ -22,6 +23,7 @@ public sealed class MlaAttention : HfModule, IBlock
     readonly bool _interleave, _complexPairs, _queryGate, _reusesTopK;
     readonly double _scaling;
     readonly Llama4QueryScale? _queryScale;
+    readonly MlaLatentScale? _latentScale;
     readonly Rotary _rope;
 
     public MlaAttention(long hidden, MlaAttentionSettings s, Rotary rope, Init init)
@@ -51,6 +53,7 @@ public sealed class MlaAttention : HfModule, IBlock
         _complexPairs = s.RopeComplexPairs;
         _scaling = s.Scaling;
         _queryScale = s.QueryScale;
+        _latentScale = s.LatentScale;
     }
 
     public Tensor Forward(Tensor x, ForwardContext ctx)
@@ -72,11 +75,16 @@ public sealed class MlaAttention : HfModule, IBlock
             q = qg[0];
             gate = qg[1].reshape(b, s, -1);
         }
+        // LongcatFlashMLA scales q_pass and q_rot alike (rope is linear, so before it is the same) and the normed latent
+        // before kv_b_proj, so keys' nope part and values, not the shared rope key.
+        if (_latentScale is { } ls) q = q * ls.Query;
         q = q.view(b, s, -1, _nope + _ropeDim).transpose(1, 2);
         var qParts = q.split([_nope, _ropeDim], -1);
         var ckv = _kva.Forward(x);
         var kvParts = ckv.split([_kvRank, _ropeDim], -1);
-        var kv = _kvb.Forward(_kvaNorm.Forward(kvParts[0])).view(b, s, -1, _nope + _v).transpose(1, 2);
+        var latent = _kvaNorm.Forward(kvParts[0]);
+        if (_latentScale is { } lk) latent = latent * lk.KeyValue;
+        var kv = _kvb.Forward(latent).view(b, s, -1, _nope + _v).transpose(1, 2);
         var kvSplit = kv.split([_nope, _v], -1);
         var kRot = kvParts[1].view(b, 1, s, _ropeDim);
         var (qRot, kRotE) = Rotate(qParts[1], kRot, ctx);

@@ -102,6 +102,7 @@ public sealed class FormDecoderLayer : HfModule, IDecoderLayer
     readonly INorm? _beforeAttn, _afterAttn, _beforeFf, _afterFf;
     readonly LayerForm _form;
     readonly Parameter? _attnScale, _ffScale;
+    readonly AffineResidual? _attnAffine, _ffAffine;
 
     /// <param name="attn">The attention (or other mixer) under <see cref="LayerForm.AttentionName"/>; null: the layer has none.</param>
     /// <param name="ff">The feed-forward; null: the layer has none (at most one of the two is null).</param>
@@ -127,12 +128,18 @@ public sealed class FormDecoderLayer : HfModule, IDecoderLayer
         _afterAttn = Norm(form.AfterAttention);
         _beforeFf = Norm(form.BeforeFeedForward);
         _afterFf = Norm(form.AfterFeedForward);
+        if (form.AffineResiduals is { } ar)
+        {
+            children.Add(ar.Attention, _attnAffine = new AffineResidual(hidden, init));
+            children.Add(ar.FeedForward, _ffAffine = new AffineResidual(hidden, init));
+        }
         if (extraFf is not null) children.Add(form.ExtraFeedForwardName ?? throw new InvalidDataException("an extra feed-forward needs a name."), extraFf);
         if (form.Order.Count != children.Count || !form.Order.All(children.ContainsKey))
             throw new InvalidDataException($"layer order [{string.Join(", ", form.Order)}] does not name its children [{string.Join(", ", children.Keys)}].");
         if (attn is null && ff is null) throw new InvalidDataException("a layer needs attention or a feed-forward.");
         // A one-sublayer block (Nemotron-H) is x + sublayer(norm(x)): no residual multiplier, scales or parallel form.
-        if ((attn is null || ff is null) && (form.ResidualMultiplier != 1.0 || form.ResidualScales is not null || form.Parallel || extraFf is not null))
+        if ((attn is null || ff is null) && (form.ResidualMultiplier != 1.0 || form.ResidualScales is not null || form.AffineResiduals is not null
+                || form.Parallel || extraFf is not null))
             throw new InvalidDataException("a one-sublayer layer takes no residual multiplier, residual scales, parallel form or extra feed-forward.");
         foreach (var name in form.Order) AddChild(name, children[name]);
         _attn = (IBlock?)attn;
@@ -140,24 +147,47 @@ public sealed class FormDecoderLayer : HfModule, IDecoderLayer
         _extra = (IBlock?)extraFf;
     }
 
+    // A norm reads the residual in the model's dtype (ZAYA keeps its residual stream in fp32 and casts it for each norm).
     static Tensor Apply(INorm? n, Tensor x) => n is null ? x : n.Forward(x);
+    static Tensor Apply(INorm? n, Tensor x, ForwardContext ctx) => n is null ? x : n.Forward(x.dtype == ctx.DType ? x : x.to(ctx.DType));
 
     Tensor FeedForward(Tensor x, ForwardContext ctx) => _extra is null ? _ff!.Forward(x, ctx) : _ff!.Forward(x, ctx) + _extra.Forward(x, ctx);
 
     public Tensor Forward(Tensor x, ForwardContext ctx)
     {
         // One-sublayer blocks (Nemotron-H): x + mixer(norm(x)).
-        if (_ff is null) return x + Apply(_afterAttn, _attn!.Forward(Apply(_beforeAttn, x), ctx));
-        if (_attn is null) return x + Apply(_afterFf, FeedForward(Apply(_beforeFf, x), ctx));
+        if (_ff is null) return x + Apply(_afterAttn, _attn!.Forward(Apply(_beforeAttn, x, ctx), ctx));
+        if (_attn is null) return x + Apply(_afterFf, FeedForward(Apply(_beforeFf, x, ctx), ctx));
         double m = _form.ResidualMultiplier;
         if (_form.Parallel)
         {
-            var normed = Apply(_beforeAttn, x);
+            var normed = Apply(_beforeAttn, x, ctx);
             return x + _attn.Forward(normed, ctx) + FeedForward(normed, ctx);
         }
-        var a = Apply(_afterAttn, _attn.Forward(Apply(_beforeAttn, x), ctx));
-        var h = (_attnScale is null ? x : _attnScale * x) + (m == 1.0 ? a : a * m);
-        var f = Apply(_afterFf, FeedForward(Apply(_beforeFf, h), ctx));
-        return (_ffScale is null ? h : _ffScale * h) + (m == 1.0 ? f : f * m);
+        var a = Apply(_afterAttn, _attn.Forward(Apply(_beforeAttn, x, ctx), ctx));
+        if (m != 1.0) a = a * m;
+        var h = _attnAffine is not null ? _attnAffine.Forward(a, x) : (_attnScale is null ? x : _attnScale * x) + a;
+        var f = Apply(_afterFf, FeedForward(Apply(_beforeFf, h, ctx), ctx));
+        if (m != 1.0) f = f * m;
+        return _ffAffine is not null ? _ffAffine.Forward(f, h) : (_ffScale is null ? h : _ffScale * h) + f;
     }
+}
+
+/// <summary>
+/// ZAYA's <c>ZayaResidualScaling</c>: <c>(h + hidden_states_bias) · hidden_states_scale + (r + residual_bias) ·
+/// residual_scale</c> for a sublayer output h and its residual r (scales start at one, biases at zero).
+/// </summary>
+public sealed class AffineResidual : HfModule
+{
+    readonly Parameter _hScale, _hBias, _rScale, _rBias;
+
+    public AffineResidual(long hidden, Init init)
+    {
+        _hScale = AddParameter("hidden_states_scale", init.Ones(hidden));
+        _hBias = AddParameter("hidden_states_bias", init.Zeros(hidden));
+        _rScale = AddParameter("residual_scale", init.Ones(hidden));
+        _rBias = AddParameter("residual_bias", init.Zeros(hidden));
+    }
+
+    public Tensor Forward(Tensor h, Tensor residual) => (h + _hBias) * _hScale + (residual + _rBias) * _rScale;
 }

@@ -35,6 +35,25 @@ public sealed class ScoredRouter : HfModule
     public Tensor EffectiveWeight() => ParamDeltas.Apply(weight, _deltas);
 }
 
+/// <summary>
+/// LongCat-Flash's router module: the persistent buffer <c>e_score_correction_bias [E]</c> and an nn.Linear child
+/// (<c>classifier</c>). Its logits read the Linear's weight directly, in fp32, as <c>F.linear(x.float(),
+/// classifier.weight.float())</c> does: the Linear's bias and any LoRA wrapped around it take no part.
+/// </summary>
+public sealed class BiasedLinearRouter : HfModule
+{
+    public Tensor SelectionBias { get; }
+    public Linear Classifier { get; }
+
+    public BiasedLinearRouter(SoftmaxBiasRouterSettings s, long hidden, Init init)
+    {
+        SelectionBias = AddBuffer("e_score_correction_bias", zeros(s.NumExperts, ScalarType.Float32, init.Device));
+        Classifier = AddChild(s.LinearName, new Linear(hidden, s.NumExperts, s.LinearBias, init));
+    }
+
+    public Tensor Logits(Tensor x) => nn.functional.linear(x.to(ScalarType.Float32), Classifier.weight.to(ScalarType.Float32));
+}
+
 /// <summary>ERNIE 4.5's <c>Ernie4_5_MoeStatics</c>: one frozen Parameter <c>[1, E]</c>.</summary>
 public sealed class MoeStatics : HfModule
 {
@@ -46,8 +65,9 @@ public sealed class MoeStatics : HfModule
 /// The MoE block of the routers in RouterKinds.cs: <see cref="TopKLogitsRouterSettings"/> (top-k of the logits, then
 /// softmax or sigmoid of those k: Cohere2-MoE, GraniteMoE), <see cref="SigmoidBiasRouterSettings"/> (sigmoid scores,
 /// bias-corrected selection: AFMoE, Laguna, MiniMax-M2/M3, HY V3), <see cref="SparseMixerRouterSettings"/> (PhiMoE),
-/// <see cref="SoftmaxStaticsTopKRouterSettings"/> (ERNIE 4.5) and <see cref="LinearSoftmaxTopKRouterSettings"/>
-/// (HunYuan). Routed experts are the transformers-5 fused experts (plain or clamped SwiGLU) or Aria's grouped GEMM; an ungated shared expert
+/// <see cref="SoftmaxStaticsTopKRouterSettings"/> (ERNIE 4.5), <see cref="LinearSoftmaxTopKRouterSettings"/>
+/// (HunYuan) and <see cref="SoftmaxBiasRouterSettings"/> (LongCat-Flash, whose experts include identity ones). Routed
+/// experts are the transformers-5 fused experts (plain or clamped SwiGLU) or Aria's grouped GEMM; an ungated shared expert
 /// is summed (averaged, or added in fp32: <see cref="MoeOptions"/>) with the routed output. The router logits recorded
 /// are the router's returned logits ([T, E]).
 /// </summary>
@@ -80,19 +100,20 @@ public sealed class RoutedMoe : HfModule, IBlock
             TopKLogitsRouterSettings t => t.LinearModule,
             SigmoidBiasRouterSettings b => b.LinearModule,
             SparseMixerRouterSettings or LinearSoftmaxTopKRouterSettings => true,
-            SoftmaxStaticsTopKRouterSettings => false,
+            SoftmaxStaticsTopKRouterSettings or SoftmaxBiasRouterSettings => false,
             _ => throw new NotSupportedException($"router settings {s.Router.GetType().Name} have no RoutedMoe block."),
         };
         // Routers transformers keeps in fp32 whatever the model dtype (ERNIE: _keep_in_fp32_modules_strict; HunYuan:
         // its gate Linear is created with dtype=torch.float32).
         var routerInit = s.Router is SoftmaxStaticsTopKRouterSettings or LinearSoftmaxTopKRouterSettings ? init with { DType = ScalarType.Float32 } : init;
-        _router = linear ? new Linear(hidden, s.Router.NumExperts, false, routerInit)
+        _router = s.Router is SoftmaxBiasRouterSettings sb ? new BiasedLinearRouter(sb, hidden, init)
+            : linear ? new Linear(hidden, s.Router.NumExperts, false, routerInit)
             : new ScoredRouter(s.Router.NumExperts, hidden, bias is { Owner: not ScoreBiasOwner.Block } ? bias : null, routerInit);
         // HunYuan's Linear is nested in its gate module (gate.wg), like AFMoE's router.gate.
         var routerPath = s.Router is LinearSoftmaxTopKRouterSettings h ? $"{h.Name}.{h.LinearName}" : s.Router.Name;
         _experts = s.Experts.Layout switch
         {
-            ExpertsLayout.GateUpOutIn => new FusedExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, s.Experts.Act, init),
+            ExpertsLayout.GateUpOutIn => new FusedExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, s.Experts.Act, init, s.Experts.ZeroExperts),
             ExpertsLayout.GateUpOutInClamped => new ClampedFusedExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, s.Experts.SwigluLimit, s.Experts.SwigluAlpha, init),
             ExpertsLayout.GroupedGemmInOut => new GroupedGemmExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, init),
             _ => throw new NotSupportedException($"{s.Router.GetType().Name} with {s.Experts.Layout} experts has no runtime block."),
@@ -130,6 +151,7 @@ public sealed class RoutedMoe : HfModule, IBlock
         if (_r is SigmoidBiasRouterSettings { LinearInFp32: true } && _router is ScoredRouter sr)
             return nn.functional.linear(flat.to(ScalarType.Float32), sr.EffectiveWeight().to(ScalarType.Float32));
         if (_router is Linear l) return l.Forward(flat.to(l.weight.dtype));
+        if (_router is BiasedLinearRouter br) return br.Logits(flat);
         var g = (ScoredRouter)_router;
         return g.Logits(flat.to(g.weight.dtype));
     }
@@ -175,6 +197,15 @@ public sealed class RoutedMoe : HfModule, IBlock
                 using (no_grad()) topIdx = (probs + ((ScoredRouter)_router).SelectionBias!.to(ScalarType.Float32)).topk((int)st.TopK, -1).indexes;
                 topW = probs.gather(-1, topIdx);
                 topW = (topW / topW.sum(-1, keepdim: true).clamp_min(st.NormMin)).to(x.dtype);
+                break;
+            }
+            case SoftmaxBiasRouterSettings sb:
+            {
+                // LongcatFlashTopkRouter: softmax of the fp32 logits, selection on softmax + bias, weights from the softmax
+                // times routed_scaling_factor, neither renormalised nor cast back (they stay fp32).
+                var probs = logits.softmax(-1);
+                using (no_grad()) topIdx = (probs + ((BiasedLinearRouter)_router).SelectionBias).topk((int)sb.TopK, -1).indexes;
+                topW = probs.gather(1, topIdx) * sb.Scale;
                 break;
             }
             case LinearSoftmaxTopKRouterSettings h:

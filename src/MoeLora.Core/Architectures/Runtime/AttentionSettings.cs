@@ -76,6 +76,7 @@ public sealed record DynamicMaskAttentionSettings(long Heads, long KvHeads, long
 /// <param name="Indexer">The DSA lightning indexer of this layer (registered last, as <c>indexer</c>); null: none.</param>
 /// <param name="ReusesTopK">GLM-5's "shared" indexer layers: no indexer of their own, the previous layer's top-k
 /// selection restricts the keys (GlmMoeDsaAttention with <c>skip_topk</c>).</param>
+/// <param name="LatentScale">LongCat-Flash's constant scales of the query and of the normed kv latent (null: none).</param>
 public sealed record MlaAttentionSettings(
     long Heads,
     long? QLoraRank,
@@ -91,7 +92,8 @@ public sealed record MlaAttentionSettings(
     Llama4QueryScale? QueryScale = null,
     bool QueryGate = false,
     DsaIndexerSettings? Indexer = null,
-    bool ReusesTopK = false) : AttentionSettings;
+    bool ReusesTopK = false,
+    MlaLatentScale? LatentScale = null) : AttentionSettings;
 
 /// <summary>
 /// The DeepSeek sparse attention (DSA) lightning indexer (transformers' DeepseekV32Indexer, AXK2Indexer,
@@ -104,6 +106,26 @@ public sealed record MlaAttentionSettings(
 /// <param name="InterleavedRope">GLM-5 rotates interleaved pairs (<c>apply_rotary_pos_emb_interleave</c>);
 /// DeepSeek-V3.2 and A.X-K2 rotate halves (<c>apply_rotary_pos_emb</c>).</param>
 public sealed record DsaIndexerSettings(long Heads, long HeadDim, long TopK, bool InterleavedRope);
+
+/// <summary>
+/// LongCat-Flash's "LoRA scaling" of MLA (<c>LongcatFlashMLA.forward</c>): the whole query (nope and rope parts) times
+/// <paramref name="Query"/> = √(hidden / q_lora_rank), the normed kv latent (so keys' nope part and values, not the
+/// shared rope key) times <paramref name="KeyValue"/> = √(hidden / kv_lora_rank).
+/// </summary>
+public sealed record MlaLatentScale(double Query, double KeyValue);
+
+/// <summary>
+/// ZAYA's compressed convolutional attention (<c>ZayaAttention</c> with <c>ZayaCCAProjection</c> and <c>ZayaQKNorm</c>),
+/// registered o_proj, qkv_proj (q_proj, k_proj, v_proj_current, v_proj_delayed, conv_qk_depthwise, conv_qk_grouped),
+/// qk_norm (temp). Padded positions are zeroed first. The q|k channels run through two causal Conv1d (depthwise of
+/// kernel <paramref name="DepthwiseKernel"/>, then grouped by heads + kv heads of kernel <paramref name="GroupedKernel"/>,
+/// left-padded by both kernels − 1) and get residuals: q + (q + k per head) / 2, k + that averaged over each kv group.
+/// Values are half this token's projection, half the previous token's (the first token's previous one is the
+/// projection of zeros). q and k are L2-normalised to √head_dim, k times the per-kv-head <c>temp</c>; rotate_half rope on
+/// the first <paramref name="RotaryDim"/> dims with this layer's <paramref name="Rope"/>; eager softmax, head_dim^-0.5.
+/// </summary>
+public sealed record CcaAttentionSettings(long Heads, long KvHeads, long HeadDim, bool Bias, long DepthwiseKernel, long GroupedKernel,
+    long RotaryDim, RopeSettings Rope, MaskSettings Mask) : AttentionSettings;
 
 /// <summary>
 /// Mistral 4's <c>get_llama_4_attn_scale</c>: after rope, the whole query is multiplied by

@@ -15,6 +15,12 @@ namespace MoeLora.Core.Architectures.Runtime;
 /// <param name="LmHeadBias">lm_head has a bias (ERNIE's <c>use_bias</c>, PhiMoE's <c>lm_head_bias</c>).</param>
 /// <param name="Scaling">Embedding / logits multipliers, where the family has them.</param>
 /// <param name="Names">Embedding, final norm and rotary module names when they are not Llama's (null: Llama's).</param>
+/// <param name="EmbeddingAffine">Per-channel Parameters of the model itself (named_parameters lists them before its
+/// children) that shift and scale the embeddings, <c>(e + bias) · scale</c> (ZAYA's input_hidden_states_scale /
+/// input_hidden_states_bias, in that order); null: none.</param>
+/// <param name="ResidualInFp32">The residual stream is fp32 whatever the model's dtype (ZayaModel casts the embeddings
+/// to fp32; each norm reads the residual cast to the model's dtype, the residual additions promote back to fp32, the
+/// final norm reads it cast back): the recorded hidden states are fp32.</param>
 public sealed record DecoderRuntime(
     long VocabSize,
     long HiddenSize,
@@ -25,7 +31,9 @@ public sealed record DecoderRuntime(
     IReadOnlyList<DecoderLayerRuntime> Layers,
     bool LmHeadBias = false,
     ModelScaling? Scaling = null,
-    ModelNames? Names = null);
+    ModelNames? Names = null,
+    (string Scale, string Bias)? EmbeddingAffine = null,
+    bool ResidualInFp32 = false);
 
 /// <summary>
 /// One pre-norm decoder layer: <c>h = x + attn(input_layernorm(x))</c>, <c>out = h + ff(post_attention_layernorm(h))</c>,
@@ -34,13 +42,15 @@ public sealed record DecoderRuntime(
 /// <param name="FeedForwardName">The attribute of the feed-forward block: <c>mlp</c>, or <c>feed_forward</c> (Llama 4).</param>
 /// <param name="Form">Another norm arrangement (post-norm, sandwich, parallel, residual multiplier); when set its norms
 /// replace <paramref name="InputNorm"/> and <paramref name="PostAttentionNorm"/>.</param>
+/// <param name="Shortcut">LongCat-Flash's two-sublayer layer around a shortcut MoE (the feed-forward); excludes <paramref name="Form"/>.</param>
 public sealed record DecoderLayerRuntime(
     AttentionSettings Attention,
     string FeedForwardName,
     FeedForwardSettings FeedForward,
     NormSettings InputNorm,
     NormSettings PostAttentionNorm,
-    LayerForm? Form = null);
+    LayerForm? Form = null,
+    ShortcutMoeForm? Shortcut = null);
 
 /// <summary>Which norm a layer uses (RMSNorm or LayerNorm) and how it applies its weight.</summary>
 public enum NormKind

@@ -118,7 +118,11 @@ public enum ExpertsLayout
 
 /// <param name="SwigluLimit">The clamp L of the clamped layouts (gpt-oss' and MiniMax-M3's <c>swiglu_limit</c>); unused by the others.</param>
 /// <param name="SwigluAlpha">α of <see cref="ExpertsLayout.GateUpOutInClamped"/> (gpt-oss fixes it at 1.702).</param>
-public sealed record ExpertsSettings(ExpertsLayout Layout, long NumExperts, long Intermediate, string Act, double SwigluLimit = 0, double SwigluAlpha = 1.702);
+/// <param name="ZeroExperts">Identity ("zero computation") experts numbered after the <paramref name="NumExperts"/> real
+/// ones (LongCat-Flash's <c>zero_expert_num</c>, <see cref="ExpertsLayout.GateUpOutIn"/> only): a token routed to one
+/// adds its input times the weight; <c>gate_up_proj</c> still has a (never used) slice for each, <c>down_proj</c> not.</param>
+public sealed record ExpertsSettings(ExpertsLayout Layout, long NumExperts, long Intermediate, string Act, double SwigluLimit = 0, double SwigluAlpha = 1.702,
+    long ZeroExperts = 0);
 
 /// <summary>A shared expert MLP run on every token, registered after the routed experts.</summary>
 /// <param name="Name"><c>shared_expert</c> or <c>shared_experts</c>.</param>

@@ -21,6 +21,9 @@ public sealed record NamedNorm(string Name, NormSettings Norm);
 /// Qwen3.5's Gated DeltaNet: <c>linear_attn</c>; LFM2's <c>conv</c>; Nemotron-H's <c>mixer</c>; GraniteMoeHybrid's
 /// <c>mamba</c>). A layer whose attention is <see cref="NoAttentionSettings"/> or whose feed-forward is
 /// <see cref="NoFeedForwardSettings"/> registers and runs only the other sublayer.</param>
+/// <param name="AffineResiduals">ZAYA's <c>ZayaResidualScaling</c> modules (attribute names after attention and
+/// after the feed-forward, in <paramref name="Order"/>), each holding hidden_states_scale, hidden_states_bias,
+/// residual_scale, residual_bias: <c>h = (attn + hb) · hs + (x + rb) · rs</c>, likewise for the feed-forward; null: plain residuals.</param>
 /// <param name="ExtraFeedForward">A second feed-forward added to the first on the same input (GraniteMoeShared's
 /// <c>shared_mlp</c>), registered as <paramref name="ExtraFeedForwardName"/>.</param>
 public sealed record LayerForm(
@@ -34,7 +37,21 @@ public sealed record LayerForm(
     FeedForwardSettings? ExtraFeedForward = null,
     string? ExtraFeedForwardName = null,
     (string Attention, string FeedForward)? ResidualScales = null,
-    string AttentionName = "self_attn");
+    string AttentionName = "self_attn",
+    (string Attention, string FeedForward)? AffineResiduals = null);
+
+/// <summary>
+/// LongCat-Flash's layer (<c>LongcatFlashDecoderLayer</c>): two pre-norm sublayer pairs, each an attention and a dense
+/// MLP with weights of their own (<c>self_attn.{0,1}</c>, <c>mlps.{0,1}</c>, <c>input_layernorm.{0,1}</c>,
+/// <c>post_attention_layernorm.{0,1}</c>, all of <see cref="DecoderLayerRuntime.Attention"/>'s and the layer's norms'
+/// settings), and the layer's feed-forward (the shortcut MoE) reading the first pair's post-attention norm output and
+/// added to the residual after the second MLP:
+/// <c>h₁ = x + attn₀(n₀(x))</c>, <c>m = moe(p₀(h₁))</c>, <c>h₂ = h₁ + mlp₀(p₀(h₁))</c>, <c>h₃ = h₂ + attn₁(n₁(h₂))</c>,
+/// <c>out = h₃ + mlp₁(p₁(h₃)) + m</c>. Registered: the MoE, self_attn, mlps, input_layernorm, post_attention_layernorm.
+/// </summary>
+/// <param name="DenseMlp">Both <c>mlps</c>.</param>
+/// <param name="DenseName">The attribute of the dense MLP list (<c>mlps</c>).</param>
+public sealed record ShortcutMoeForm(FeedForwardSettings DenseMlp, string DenseName = "mlps");
 
 /// <summary>
 /// Model-level scalars around the decoder stack: embeddings times <paramref name="EmbeddingMultiplier"/> before the

@@ -58,6 +58,32 @@ public sealed record SigmoidBiasRouterSettings(string Name, long NumExperts, lon
     double NormEps, double Scale, double SoftCap, bool LinearModule = false, bool LinearInFp32 = false) : RouterSettings(Name, NumExperts, TopK);
 
 /// <summary>
+/// ZAYA's router (<c>ZayaRouter</c>), registered router_states_scale (not on the first layer), down_proj (H → R, with
+/// bias), router_mlp (RMSNorm, fc1, fc2 with biases and exact GELU, out_proj R → E + 1), the persistent buffer
+/// balancing_biases [E + 1] (zeros, the skip expert's −1). r = down_proj(x) (+ the previous layer's r ·
+/// router_states_scale from the second layer on; r is handed to the next layer); logits = router_mlp(r) over E experts
+/// plus one skip expert; softmax; top-k of the detached fp32 softmax + balancing_biases; weights gathered from the
+/// softmax; a chosen skip expert gets weight 0 and index 0. The recorded router logits are [T, E + 1].
+/// </summary>
+/// <param name="NumExperts">The real experts E (the logits have E + 1 columns).</param>
+/// <param name="RouterHidden">R, <c>router_hidden_size</c>.</param>
+/// <param name="UsesPreviousState">The router adds the previous layer's state (every layer but the first).</param>
+/// <param name="NormEps">Epsilon of router_mlp.norm (<c>rms_norm_eps</c>).</param>
+public sealed record MlpRouterSettings(string Name, long NumExperts, long TopK, long RouterHidden, bool UsesPreviousState, double NormEps)
+    : RouterSettings(Name, NumExperts, TopK);
+
+/// <summary>
+/// LongCat-Flash's router (<c>LongcatFlashTopkRouter</c>): a module <paramref name="Name"/> holding the persistent buffer
+/// <c>e_score_correction_bias [E]</c> and an nn.Linear <paramref name="LinearName"/> [E, H] (E counts the zero experts
+/// too). In fp32: logits = <c>F.linear(x.float(), weight.float())</c> (its bias, with <c>router_bias</c>, is never
+/// applied, nor any adapter on the Linear), softmax, top-k of softmax + bias, weights gathered from the softmax, not
+/// renormalised, times <paramref name="Scale"/> (<c>routed_scaling_factor</c>), kept in fp32.
+/// </summary>
+/// <param name="LinearBias">The Linear has a (unused) bias Parameter.</param>
+public sealed record SoftmaxBiasRouterSettings(string Name, string LinearName, long NumExperts, long TopK, double Scale, bool LinearBias)
+    : RouterSettings(Name, NumExperts, TopK);
+
+/// <summary>
 /// ERNIE 4.5's TopK router: a module holding <c>weight [E, H]</c> and a <c>moe_statics</c> submodule whose frozen
 /// parameter <c>e_score_correction_bias [1, E]</c> biases selection only. In fp32: softmax of the logits, top-k of
 /// softmax + bias, weights gathered from the softmax, divided by <c>clamp(sum, min = NormMin)</c>, cast to the

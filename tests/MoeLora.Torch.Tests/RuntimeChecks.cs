@@ -1,0 +1,66 @@
+using MoeLora.Torch.Lora;
+using MoeLora.Torch.Models;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MoeLora.Torch.Tests;
+
+/// <summary>Checks the per-family runtime tests share: a left-padded batch, the tree against Core's, LoRA gradients.</summary>
+internal static class RuntimeChecks
+{
+    /// <summary>Two rows of 9 tokens; the second left-padded by 3.</summary>
+    public static (Tensor Ids, Tensor Mask) LeftPaddedBatch() =>
+        (tensor(new long[,] { { 3, 4, 5, 6, 7, 8, 9, 10, 11 }, { 0, 0, 0, 5, 9, 13, 2, 40, 7 } }),
+         tensor(new long[,] { { 1, 1, 1, 1, 1, 1, 1, 1, 1 }, { 0, 0, 0, 1, 1, 1, 1, 1, 1 } }));
+
+    /// <summary>The padded row of <see cref="LeftPaddedBatch"/> gives the logits its real tokens give alone.</summary>
+    public static void LeftPaddedRowEqualsTheRowAlone(CausalLm model)
+    {
+        using var _ = no_grad();
+        var (ids, mask) = LeftPaddedBatch();
+        using var batch = model.Forward(ids, mask);
+        using var alone = model.Forward(ids[1, 3..].unsqueeze(0));
+        var err = Fixtures.RelError(batch.Logits[1, 3..], alone.Logits[0]);
+        Assert.True(err < 1e-5, $"padded row vs alone: {err:E2}");
+    }
+
+    /// <summary>named_parameters() of a random model of <paramref name="config"/>: Core's tree, names, shapes and order.</summary>
+    public static void ParametersEqualCoresTree(string config)
+    {
+        var spec = TorchModelFactory.Spec(config);
+        using var h = new DisposableModel(TorchModelFactory.Random(config, 0));
+        Assert.Equal(spec.Tree.Parameters.Select(p => $"{p.Name} [{string.Join(",", p.Shape)}]"),
+            h.Model.NamedParameters().Select(p => $"{p.Name} [{string.Join(",", p.Param.shape)}]"));
+    }
+
+    /// <summary>
+    /// Injects <paramref name="loraConfig"/>, gives every lora_B values (PEFT's zero init would leave A without
+    /// gradient), runs the left-padded batch in train mode with a squared-logits loss and returns the logits and
+    /// every adapter tensor's gradient (zeros where none arrived).
+    /// </summary>
+    public static (Tensor Logits, Dictionary<string, Tensor> Grads) LoraStep(CausalLm model, string loraConfig)
+    {
+        LoraInjector.Inject(model, LoraInjector.Plan(model, loraConfig));
+        var lora = LoraInjector.PeftNamedParameters(model).Where(p => p.Param.requires_grad).ToList();
+        using (no_grad())
+            foreach (var (name, p) in lora)
+                if (name.Contains(".lora_B.", StringComparison.Ordinal)) p.normal_(0, 0.1, generator: new Generator((ulong)name.Length));
+        model.Train();
+        var (ids, mask) = LeftPaddedBatch();
+        var o = model.Forward(ids, mask);
+        (o.Logits * mask.unsqueeze(-1)).pow(2).mean().backward();
+        return (o.Logits.detach(), lora.ToDictionary(p => p.Name, p => p.Param.grad is { } g ? g.detach().clone() : zeros_like(p.Param)));
+    }
+
+    /// <summary>Every gradient finite; non-zero except where <paramref name="unused"/> says the adapter never acts (then zero).</summary>
+    public static void AssertGradients(Dictionary<string, Tensor> grads, Func<string, bool>? unused = null)
+    {
+        foreach (var (name, g) in grads)
+        {
+            Assert.False(g.isnan().any().item<bool>() || g.isinf().any().item<bool>(), $"{name}: non-finite gradient");
+            bool none = unused?.Invoke(name) ?? false;
+            var sum = g.abs().sum().item<float>();
+            Assert.True(none ? sum == 0 : sum > 0, none ? $"{name}: an adapter transformers never applies got a gradient" : $"{name}: zero gradient");
+        }
+    }
+}
