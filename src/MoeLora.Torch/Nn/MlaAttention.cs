@@ -8,7 +8,7 @@ namespace MoeLora.Torch.Nn;
 /// DeepSeek's multi-head latent attention (<see cref="MlaAttentionSettings"/>): low-rank q via q_a/q_b with
 /// q_a_layernorm (or one q_proj), compressed kv via kv_a_proj_with_mqa and kv_b_proj, decoupled rope on the last
 /// qk_rope_head_dim dims (optionally de-interleaved first, or as complex pairs for DeepSeek-V2), an optional
-/// position-dependent query scale (Mistral 4), eager attention with the settings' scaling.
+/// position-dependent query scale (Mistral 4), attention (SDPA or eager) with the settings' scaling.
 /// </summary>
 public sealed class MlaAttention : HfModule, IBlock
 {
@@ -65,7 +65,7 @@ public sealed class MlaAttention : HfModule, IBlock
             query = query * factor.unsqueeze(1).unsqueeze(-1).to(query.dtype);
         }
         var key = cat([kvSplit[0], kRotE], -1);
-        var o = AttentionMath.Eager(query, key, kvSplit[1], ctx.Mask(MaskKind.Full), _scaling);
+        var o = AttentionMath.Attend(query, key, kvSplit[1], ctx, new MaskSettings(MaskKind.Full), _scaling);
         return _o.Forward(o);
     }
 
