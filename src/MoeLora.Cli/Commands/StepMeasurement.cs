@@ -120,8 +120,9 @@ internal sealed class MeasuredStep
             TargetLayers = r.HiddenStates.TargetLayers,
             CbFullLayers = false,
             Runtime = runtime,
-            // MoeLora's runtime has eager attention only; transformers 5 picks sdpa for PEFT's step.
-            Attention = runtime == LoraRuntime.MoeLora ? AttentionImpl.Eager : AttentionImpl.Sdpa,
+            // MoeLora's runtime runs SDPA unless MOELORA_ATTN_IMPLEMENTATION=eager; transformers 5 picks sdpa for PEFT's
+            // step (Core prices the layers either runtime runs eagerly, e.g. gpt-oss's sinks, as eager).
+            Attention = runtime == LoraRuntime.MoeLora ? TrainMemoryPlan.RuntimeAttention() : AttentionImpl.Sdpa,
             GpuMemoryBytes = long.MaxValue / 4,
             CublasWorkspaceBytes = cuda ? new TrainingSetup().CublasWorkspaceBytes : 0,
         }, withFixes: false);

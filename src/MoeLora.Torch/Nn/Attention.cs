@@ -1,3 +1,4 @@
+using MoeLora.Core;
 using MoeLora.Core.Architectures.Runtime;
 using static TorchSharp.torch;
 
@@ -24,7 +25,7 @@ public static class AttentionImplementations
     {
         "sdpa" => AttentionImplementation.Sdpa,
         "eager" => AttentionImplementation.Eager,
-        _ => throw new ArgumentException($"unknown attention implementation '{s}': use sdpa or eager"),
+        _ => throw new UserInputException($"unknown attention implementation '{s}': use sdpa or eager"),
     };
 
     /// <summary><see cref="EnvironmentVariable"/> when set, else <see cref="AttentionImplementation.Sdpa"/>.</summary>
@@ -33,7 +34,7 @@ public static class AttentionImplementations
         var v = Environment.GetEnvironmentVariable(EnvironmentVariable);
         if (string.IsNullOrWhiteSpace(v)) return AttentionImplementation.Sdpa;
         try { return Parse(v); }
-        catch (ArgumentException e) { throw new ArgumentException($"{EnvironmentVariable}: {e.Message}"); }
+        catch (UserInputException e) { throw new UserInputException($"{EnvironmentVariable}: {e.Message}"); }
     }
 }
 
