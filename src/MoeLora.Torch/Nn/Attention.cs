@@ -129,9 +129,14 @@ public static class AttentionMath
         v = RepeatKv(v, groups);
         double factor = scaling * Math.Sqrt(q.shape[^1]);
         if (Math.Abs(factor - 1.0) > 1e-12) q = q * factor;
-        var o = mask.Kind == MaskKind.Full && ctx.PlainCausal
-            ? nn.functional.scaled_dot_product_attention(q, k, v, is_casual: true)
-            : nn.functional.scaled_dot_product_attention(q, k, v, ctx.Mask(mask));
+        Tensor o;
+        if (mask.Kind == MaskKind.Full && ctx.PlainCausal) o = nn.functional.scaled_dot_product_attention(q, k, v, is_casual: true);
+        else
+        {
+            // SDPA wants a float mask in the query's dtype (eager's addition would promote instead).
+            var m = ctx.Mask(mask);
+            o = nn.functional.scaled_dot_product_attention(q, k, v, m.dtype == q.dtype ? m : m.to(q.dtype));
+        }
         o = o.transpose(1, 2).contiguous();
         return o.reshape(o.shape[0], o.shape[1], -1);
     }
