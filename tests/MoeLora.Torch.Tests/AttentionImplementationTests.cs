@@ -130,6 +130,39 @@ public class AttentionImplementationTests(ITestOutputHelper log)
         Assert.True(errSdpa <= 1e-2 && errSdpa <= 2 * errEager, $"bf16 SDPA {errSdpa:E2} from fp32 (eager bf16 {errEager:E2})");
     }
 
+    /// <summary>
+    /// A mask the layer builds itself (here the causal mask with random keys dropped, as a top-k key selection does):
+    /// SDPA under it equals eager in fp32, and the context's own full mask on an unpadded batch (is_causal) too.
+    /// </summary>
+    [Fact]
+    public void SdpaUnderALayersOwnMaskMatchesEager()
+    {
+        TorchRuntime.EnsureInitialized();
+        using var _ = no_grad();
+        var gen = new TorchSharp.torch.Generator(9);
+        var q = randn([2, 4, S, 16], generator: gen);
+        var k = randn([2, 2, S, 16], generator: gen);
+        var v = randn([2, 2, S, 16], generator: gen);
+        var pos = arange(S, ScalarType.Int64).unsqueeze(0).expand(2, S);
+        var attn = ones(2, S, ScalarType.Int64);
+        attn[1, ..Pad] = tensor(0L);
+        foreach (var padded in new[] { true, false })
+        {
+            var ctx = new ForwardContext { Positions = pos, AttentionMask = padded ? attn : ones(2, S, ScalarType.Int64), DType = ScalarType.Float32 };
+            var full = ctx.Mask(MaskKind.Full);
+            var dropped = rand([2, 1, S, S], generator: gen).lt(0.3);
+            var restricted = full.masked_fill(dropped, float.MinValue);
+            foreach (var (name, mask) in new[] { ("full", full), ("restricted", restricted) })
+            {
+                var eager = AttentionMath.Eager(q, k, v, mask, 0.3);
+                var sdpa = AttentionMath.Attend(q, k, v, ctx, mask, 0.3);
+                var err = Fixtures.MaskedRelError(sdpa, eager, ctx.AttentionMask);
+                log.WriteLine($"{name} mask, padded {padded}: {err:E2}");
+                Assert.True(err <= 1e-5, $"{name} mask, padded {padded}: {err:E2}");
+            }
+        }
+    }
+
     sealed record Result(Tensor Logits, Tensor Loss, Dictionary<string, Tensor> Grads);
 
     static Result Run(CausalLm model, AttentionImplementation impl, Tensor ids, Tensor mask)

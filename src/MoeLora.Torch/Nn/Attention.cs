@@ -115,6 +115,18 @@ public static class AttentionMath
     }
 
     /// <summary>
+    /// <see cref="Attend(Tensor, Tensor, Tensor, ForwardContext, MaskSettings, double, Tensor?, bool)"/> under a mask the
+    /// layer built itself (an additive [B, 1 or heads, S, S] mask in eager's convention, e.g. one restricted to selected
+    /// keys); the context's own full mask on an unpadded batch still takes SDPA's is_causal path.
+    /// </summary>
+    public static Tensor Attend(Tensor q, Tensor k, Tensor v, ForwardContext ctx, Tensor additiveMask, double scaling)
+    {
+        if (ctx.Attention == AttentionImplementation.Eager) return Eager(q, k, v, additiveMask, scaling);
+        if (ReferenceEquals(additiveMask, ctx.Mask(MaskKind.Full))) return Sdpa(q, k, v, ctx, new MaskSettings(MaskKind.Full), scaling);
+        return SdpaCore(q, k, v, additiveMask, causal: false, scaling);
+    }
+
+    /// <summary>
     /// torch's scaled_dot_product_attention. TorchSharp 0.107 exposes neither <c>scale</c> nor <c>enable_gqa</c>:
     /// kv heads are repeated (as transformers' sdpa path does without enable_gqa) and q is multiplied by
     /// scaling·√d so that SDPA's 1/√d gives the layer's scaling. With padding, sliding windows or chunks the mask is
@@ -122,21 +134,21 @@ public static class AttentionMath
     /// eager's finite uniform softmax instead of NaN, and real tokens see exactly eager's probabilities.
     /// SDPA computes its softmax in fp32 on CUDA whatever <c>SoftmaxInFp32</c> asks (transformers' sdpa path too).
     /// </summary>
-    public static Tensor Sdpa(Tensor q, Tensor k, Tensor v, ForwardContext ctx, MaskSettings mask, double scaling)
+    public static Tensor Sdpa(Tensor q, Tensor k, Tensor v, ForwardContext ctx, MaskSettings mask, double scaling) =>
+        mask.Kind == MaskKind.Full && ctx.PlainCausal
+            ? SdpaCore(q, k, v, null, causal: true, scaling)
+            : SdpaCore(q, k, v, ctx.Mask(mask), causal: false, scaling);
+
+    static Tensor SdpaCore(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, double scaling)
     {
         long groups = q.shape[1] / k.shape[1];
         k = RepeatKv(k, groups);
         v = RepeatKv(v, groups);
         double factor = scaling * Math.Sqrt(q.shape[^1]);
         if (Math.Abs(factor - 1.0) > 1e-12) q = q * factor;
-        Tensor o;
-        if (mask.Kind == MaskKind.Full && ctx.PlainCausal) o = nn.functional.scaled_dot_product_attention(q, k, v, is_casual: true);
-        else
-        {
-            // SDPA wants a float mask in the query's dtype (eager's addition would promote instead).
-            var m = ctx.Mask(mask);
-            o = nn.functional.scaled_dot_product_attention(q, k, v, m.dtype == q.dtype ? m : m.to(q.dtype));
-        }
+        // SDPA wants a float mask in the query's dtype (eager's addition would promote instead).
+        if (mask is not null && mask.dtype != q.dtype) mask = mask.to(q.dtype);
+        var o = nn.functional.scaled_dot_product_attention(q, k, v, mask, is_casual: causal);
         o = o.transpose(1, 2).contiguous();
         return o.reshape(o.shape[0], o.shape[1], -1);
     }
