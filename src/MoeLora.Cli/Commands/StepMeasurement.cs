@@ -106,7 +106,7 @@ internal sealed class MeasuredStep
     public string Title => Mode == "lora" ? "LoRA step" : "circuit-breaker step";
 
     /// <summary>
-    /// Core's per-GPU step prediction for MoeLora's runtime (grouped low-rank expert LoRA, eager attention) with the
+    /// Core's per-GPU step prediction for MoeLora's runtime (grouped low-rank expert LoRA, SDPA attention) with the
     /// measured step's batch, tokens and dtype; cb as the trainer runs it (truncated to max(target)+1 blocks).
     /// </summary>
     /// <param name="cuda">false on the CPU: no cuBLAS handles, so no workspaces.</param>
@@ -120,8 +120,9 @@ internal sealed class MeasuredStep
             TargetLayers = r.HiddenStates.TargetLayers,
             CbFullLayers = false,
             Runtime = runtime,
-            // MoeLora's runtime has eager attention only; transformers 5 picks sdpa for PEFT's step.
-            Attention = runtime == LoraRuntime.MoeLora ? AttentionImpl.Eager : AttentionImpl.Sdpa,
+            // MoeLora's runtime runs SDPA unless MOELORA_ATTN_IMPLEMENTATION=eager; transformers 5 picks sdpa for PEFT's
+            // step (Core prices the layers either runtime runs eagerly, e.g. gpt-oss's sinks, as eager).
+            Attention = runtime == LoraRuntime.MoeLora ? TrainMemoryPlan.RuntimeAttention() : AttentionImpl.Sdpa,
             GpuMemoryBytes = long.MaxValue / 4,
             CublasWorkspaceBytes = cuda ? new TrainingSetup().CublasWorkspaceBytes : 0,
         }, withFixes: false);
@@ -249,7 +250,7 @@ internal static class StepMeasurement
                     : ". Circuit-breaker step: a retain and a CB batch of that size; frozen passes with adapters disabled, adapted passes, retain loss over all hidden states + RR loss at the targets, " +
                       $"coefficients {TrainingStep.MidScheduleCoefficients.Retain} / {TrainingStep.MidScheduleCoefficients.Cb} (mid-schedule, every pass runs), clipping, AdamW")) + "."),
             new Paragraph($"Peak: {first.PeakSource}. 'after build' is the same difference right after the model and adapters were built. " +
-                "Predicted: Core's per-GPU step model for MoeLora's runtime (grouped low-rank expert LoRA, no W+ΔW; eager attention), what max_memory_allocated would show" +
+                "Predicted: Core's per-GPU step model for MoeLora's runtime (grouped low-rank expert LoRA, no W+ΔW; SDPA attention, eager where MOELORA_ATTN_IMPLEMENTATION=eager or the layer has sinks), what max_memory_allocated would show" +
                 (cuda ? "; the caching allocator's rounding and fragmentation come on top." : "; on the CPU the process peak includes allocator and runtime overheads the model does not describe, so the ratio is only indicative.") +
                 " 'PEFT predicted': the same step under PyTorch + PEFT (ParamWrapper keeps W+ΔW of every adapted expert tensor for backward; sdpa attention), for context."),
         };

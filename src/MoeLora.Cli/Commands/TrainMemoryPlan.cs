@@ -10,10 +10,14 @@ namespace MoeLora.Cli.Commands;
 /// One circuit-breaker step as <c>moelora train</c> will run it, sized by Core's training-memory model (the one checked
 /// against measured H200 steps) from the config and the planned adapters alone, so a run that cannot fit is refused
 /// before any weight is loaded. It models MoeLora's own runtime, which train runs: grouped low-rank expert LoRA (no
-/// W+ΔW) and eager attention (the runtime has no sdpa kernel).
+/// W+ΔW) and SDPA attention (no S × S scores kept) except where the runtime runs eagerly.
 /// </summary>
 internal static class TrainMemoryPlan
 {
+    /// <summary>The attention MoeLora's runtime will run (SDPA unless MOELORA_ATTN_IMPLEMENTATION=eager), as Core's setting.</summary>
+    public static AttentionImpl RuntimeAttention() =>
+        MoeLora.Torch.Nn.AttentionImplementations.Default() == MoeLora.Torch.Nn.AttentionImplementation.Eager ? AttentionImpl.Eager : AttentionImpl.Sdpa;
+
     public static TrainingMemory Estimate(string configJson, string loraJson, int batch, int seqLength,
         IReadOnlyList<int> targets, bool bf16, bool fullLayers, double availableGb) =>
         EstimateWithPlan(configJson, loraJson, batch, seqLength, targets, bf16, fullLayers, availableGb).Memory;
@@ -33,7 +37,7 @@ internal static class TrainMemoryPlan
             CbFullLayers = fullLayers,
             Gpus = 1,
             Runtime = LoraRuntime.MoeLora,
-            Attention = AttentionImpl.Eager,
+            Attention = TrainMemoryPlan.RuntimeAttention(),
             GpuMemoryBytes = (long)(availableGb * (1L << 30)),
         }), plan);
     }

@@ -1,4 +1,5 @@
 using MoeLora.Core.Architectures;
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Modules;
 using MoeLora.Core.Peft;
 
@@ -12,8 +13,10 @@ namespace MoeLora.Core.Memory;
 /// <list type="bullet">
 /// <item>RMSNorm: <c>hidden.to(float32)</c> is kept by <c>pow</c>/<c>mul</c>: 4 B × width (q_norm/k_norm: × q/k width).</item>
 /// <item>Attention, sdpa/flash: q (after RoPE), k, v and the output, a B each (GQA: k/v are not repeated).
-/// Eager: q, k and v repeated to all heads, plus the scores: the fp32 softmax output and its cast (4 + a B per
-/// score; gpt-oss keeps its sink softmax in the compute dtype: a B per score), heads × S scores per token.</item>
+/// MoeLora's runtime calls SDPA with k/v repeated to all heads (TorchSharp has no enable_gqa), so k and v are as wide as
+/// q and o's input, plus the fp32 log-sum-exp (4 B per head). Eager: q, k and v repeated to all heads, plus the
+/// scores: the fp32 softmax output and its cast (4 + a B per score; gpt-oss keeps its sink softmax in the compute
+/// dtype: a B per score), heads × S scores per token. Which one a layer runs: <see cref="EffectiveAttention"/>.</item>
 /// <item>Gated MLP: gate output (SiLU input), SiLU output and up output, a B × I each (3·a·I).</item>
 /// <item>Routed experts (per routed token, T·k of them): the gate_up output (2I, gate/up are views of it), the
 /// activation output (I) and the expert output that the routing weight multiplies (H): a·(3I + H). gpt-oss's
@@ -69,6 +72,20 @@ public sealed record LayerActivations
         LoraRuntime runtime = LoraRuntime.Peft) =>
         Cache.GetOrCreateValue(plan).GetOrAdd((actBytes, attention, layers, runtime), k => Compute(plan, k.Item1, k.Item2, k.Item3, k.Item4));
 
+    /// <summary>
+    /// The attention layer <paramref name="layer"/> really runs when <paramref name="requested"/> is asked for:
+    /// sdpa falls back to eager where the runtime cannot use it. transformers: gpt-oss declares
+    /// <c>_supports_sdpa = False</c> (its sinks), so it loads eager. MoeLora's runtime: layers with sinks (gpt-oss) and
+    /// Doge's dynamic-mask attention run eagerly (MoeLora.Torch's AttentionMath.Attend).
+    /// </summary>
+    public static AttentionImpl EffectiveAttention(ModelSpec spec, int layer, AttentionImpl requested, LoraRuntime runtime)
+    {
+        if (requested == AttentionImpl.Eager) return AttentionImpl.Eager;
+        if (runtime == LoraRuntime.Peft) return spec.ModelType == "gpt_oss" ? AttentionImpl.Eager : AttentionImpl.Sdpa;
+        var settings = spec.Runtime is { } r && layer < r.Layers.Count ? r.Layers[layer].Attention : null;
+        return settings is StandardAttentionSettings { Sinks: true } or DynamicMaskAttentionSettings ? AttentionImpl.Eager : AttentionImpl.Sdpa;
+    }
+
     private static IReadOnlyList<LayerActivations> Compute(AdapterPlan plan, int actBytes, AttentionImpl attention, long layers, LoraRuntime runtime)
     {
         var spec = plan.Spec;
@@ -116,7 +133,12 @@ public sealed record LayerActivations
                 perToken += 4 * width;
             }
 
-            if (attention == AttentionImpl.Sdpa)
+            var layerAttention = EffectiveAttention(spec, i, attention, runtime);
+            if (layerAttention == AttentionImpl.Sdpa && runtime == LoraRuntime.MoeLora)
+            {
+                perToken += a * (qw + Math.Max(kw, qw) + Math.Max(vw, ow) + ow) + 4 * heads;
+            }
+            else if (layerAttention == AttentionImpl.Sdpa)
             {
                 perToken += a * (qw + kw + vw + ow);
             }

@@ -146,7 +146,13 @@ public sealed class TrainingMemory
         long deltaTransient = acts.Select(x => x.TransientBytes).DefaultIfEmpty(0).Max();
         long checkpoints = setup.GradientCheckpointing ? run * a * h * tokens : 0;
         var passes = cb ? 2 : 1;
-        var actFormula = "Σ layers tokens × (4·norm widths + attention " + (setup.Attention == AttentionImpl.Sdpa ? "a·(q+k+v+o)" : "a·(q+2·heads·head_dim) + heads·S·(4+a)") +
+        var eagerLayers = Enumerable.Range(0, (int)run).Count(i => LayerActivations.EffectiveAttention(plan.Spec, i, setup.Attention, setup.Runtime) == AttentionImpl.Eager);
+        var sdpaText = setup.Runtime == LoraRuntime.MoeLora ? "a·(q+2·heads·head_dim+o) + 4·heads" : "a·(q+k+v+o)";
+        const string eagerText = "a·(q+2·heads·head_dim) + heads·S·(4+a)";
+        var attnText = eagerLayers == 0 ? sdpaText
+            : eagerLayers == run ? eagerText
+            : $"{sdpaText} (sdpa layers), {eagerText} ({eagerLayers} eager layers)";
+        var actFormula = "Σ layers tokens × (4·norm widths + attention " + attnText +
                          " + 3a·I (gated MLP) + k·a·(3I+H) (routed experts) + 4·in per LoRA Linear (fp32 input copy))";
         const string actSource = "transformers 5.17 modeling code + PEFT 0.21 lora.Linear.forward (_cast_input_dtype); autograd saves an input only when another input's gradient needs it";
         long stepTransient;

@@ -64,6 +64,12 @@ public sealed class CausalLm : HfModule, IDisposable
 
     public int NumLayers => _layers.Count;
 
+    /// <summary>
+    /// How attention runs: SDPA unless <c>MOELORA_ATTN_IMPLEMENTATION=eager</c> (read when the model is built) or set
+    /// here; eager materialises the S × S scores, for parity checks against transformers' eager path.
+    /// </summary>
+    public AttentionImplementation Attention { get; set; } = AttentionImplementations.Default();
+
     /// <summary>Sets how every fused-expert module runs (grouped batched matmuls by default; the per-expert loop for reference).</summary>
     public void SetExpertDispatch(Nn.ExpertDispatch dispatch)
     {
@@ -87,7 +93,7 @@ public sealed class CausalLm : HfModule, IDisposable
         var ids = inputIds.to(Device);
         var mask = (attentionMask ?? ones(b, s, ScalarType.Int64)).to(Device);
         var pos = (positionIds ?? arange(s, ScalarType.Int64).unsqueeze(0).expand(b, s)).to(Device);
-        var ctx = new ForwardContext { Positions = pos, AttentionMask = mask, DType = DType };
+        var ctx = new ForwardContext { Positions = pos, AttentionMask = mask, DType = DType, Attention = Attention };
         var h = _embed.Forward(ids);
         if (Runtime.Scaling is { EmbeddingMultiplier: not 1.0 } es) h = h * es.EmbeddingMultiplier;
         if (_model.Affine is { } affine) h = (h + affine.Bias) * affine.Scale;

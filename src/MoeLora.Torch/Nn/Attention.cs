@@ -1,7 +1,42 @@
+using MoeLora.Core;
 using MoeLora.Core.Architectures.Runtime;
 using static TorchSharp.torch;
 
 namespace MoeLora.Torch.Nn;
+
+/// <summary>
+/// How attention is computed (transformers' <c>attn_implementation</c>). <see cref="Sdpa"/> (the default) calls
+/// torch's scaled_dot_product_attention, which on CUDA runs the flash / memory-efficient kernels and keeps no
+/// S × S scores for backward; <see cref="Eager"/> materialises them (matmul + mask + fp32 softmax), as transformers'
+/// eager path. Variants SDPA cannot express (gpt-oss's sinks, Doge's dynamic mask) run eagerly under either.
+/// </summary>
+public enum AttentionImplementation
+{
+    Sdpa,
+    Eager,
+}
+
+public static class AttentionImplementations
+{
+    /// <summary>Environment variable that overrides the default (<c>sdpa</c> or <c>eager</c>), for parity checks.</summary>
+    public const string EnvironmentVariable = "MOELORA_ATTN_IMPLEMENTATION";
+
+    public static AttentionImplementation Parse(string s) => s.Trim().ToLowerInvariant() switch
+    {
+        "sdpa" => AttentionImplementation.Sdpa,
+        "eager" => AttentionImplementation.Eager,
+        _ => throw new UserInputException($"unknown attention implementation '{s}': use sdpa or eager"),
+    };
+
+    /// <summary><see cref="EnvironmentVariable"/> when set, else <see cref="AttentionImplementation.Sdpa"/>.</summary>
+    public static AttentionImplementation Default()
+    {
+        var v = Environment.GetEnvironmentVariable(EnvironmentVariable);
+        if (string.IsNullOrWhiteSpace(v)) return AttentionImplementation.Sdpa;
+        try { return Parse(v); }
+        catch (UserInputException e) { throw new UserInputException($"{EnvironmentVariable}: {e.Message}"); }
+    }
+}
 
 /// <summary>Per-forward state shared by the layers: positions, masks, rotary tables, collected router logits.</summary>
 public sealed class ForwardContext
@@ -9,6 +44,7 @@ public sealed class ForwardContext
     public required Tensor Positions { get; init; }          // [B, S] int64 (0..S-1 when none are given, as HF)
     public required Tensor AttentionMask { get; init; }      // [B, S] int64/bool, 1 = real token
     public required ScalarType DType { get; init; }
+    public AttentionImplementation Attention { get; init; } = AttentionImplementation.Sdpa;
     public List<Tensor> RouterLogits { get; } = [];
 
     /// <summary>The last DSA indexer's top-k keys [B, S, k], which GLM-5's "shared" layers reuse (null: it kept every key).</summary>
@@ -16,6 +52,20 @@ public sealed class ForwardContext
     /// <summary>What one layer's router hands to the next (ZAYA's router_hidden_states); null before the first.</summary>
     public Tensor? RouterState { get; set; }
     readonly Dictionary<(MaskKind, long), Tensor> _masks = [];
+    bool? _plainCausal;
+
+    /// <summary>
+    /// No padding and positions 0..S-1 in every row: the full mask is then plain causal, and SDPA can take
+    /// <c>is_causal</c> without a mask (on CUDA the flash kernel). Checked once per forward (one host sync).
+    /// </summary>
+    public bool PlainCausal => _plainCausal ??= ComputePlainCausal();
+
+    bool ComputePlainCausal()
+    {
+        long s = Positions.shape[1];
+        var arangeRow = arange(s, ScalarType.Int64, Positions.device).unsqueeze(0);
+        return AttentionMask.to(ScalarType.Bool).all().item<bool>() && Positions.eq(arangeRow).all().item<bool>();
+    }
 
     /// <summary>
     /// Additive float mask [B, 1, S, S]: 0 where allowed, the dtype's minimum elsewhere (as transformers' eager path).
@@ -58,6 +108,57 @@ public static class AttentionMath
         if (nRep == 1) return x;
         var s = x.shape;
         return x.unsqueeze(2).expand(s[0], s[1], nRep, s[2], s[3]).reshape(s[0], s[1] * nRep, s[2], s[3]);
+    }
+
+    /// <summary>
+    /// Attention of q [B, heads, S, d] over k, v [B, kvHeads, S, d·] under the context's mask and implementation:
+    /// SDPA unless <see cref="ForwardContext.Attention"/> is eager or the layer has sinks (SDPA has no extra softmax
+    /// column). Returns [B, S, heads*dv].
+    /// </summary>
+    public static Tensor Attend(Tensor q, Tensor k, Tensor v, ForwardContext ctx, MaskSettings mask, double scaling, Tensor? sinks = null, bool softmaxInFp32 = true)
+    {
+        if (ctx.Attention == AttentionImplementation.Eager || sinks is not null)
+            return Eager(q, k, v, ctx.Mask(mask), scaling, sinks, softmaxInFp32);
+        return Sdpa(q, k, v, ctx, mask, scaling);
+    }
+
+    /// <summary>
+    /// <see cref="Attend(Tensor, Tensor, Tensor, ForwardContext, MaskSettings, double, Tensor?, bool)"/> under a mask the
+    /// layer built itself (an additive [B, 1 or heads, S, S] mask in eager's convention, e.g. one restricted to selected
+    /// keys); the context's own full mask on an unpadded batch still takes SDPA's is_causal path.
+    /// </summary>
+    public static Tensor Attend(Tensor q, Tensor k, Tensor v, ForwardContext ctx, Tensor additiveMask, double scaling)
+    {
+        if (ctx.Attention == AttentionImplementation.Eager) return Eager(q, k, v, additiveMask, scaling);
+        if (ReferenceEquals(additiveMask, ctx.Mask(MaskKind.Full))) return Sdpa(q, k, v, ctx, new MaskSettings(MaskKind.Full), scaling);
+        return SdpaCore(q, k, v, additiveMask, causal: false, scaling);
+    }
+
+    /// <summary>
+    /// torch's scaled_dot_product_attention. TorchSharp 0.107 exposes neither <c>scale</c> nor <c>enable_gqa</c>:
+    /// kv heads are repeated (as transformers' sdpa path does without enable_gqa) and q is multiplied by
+    /// scaling·√d so that SDPA's 1/√d gives the layer's scaling. With padding, sliding windows or chunks the mask is
+    /// the same additive one as eager's (the dtype minimum, not −inf), so fully masked query rows (left padding) get
+    /// eager's finite uniform softmax instead of NaN, and real tokens see exactly eager's probabilities.
+    /// SDPA computes its softmax in fp32 on CUDA whatever <c>SoftmaxInFp32</c> asks (transformers' sdpa path too).
+    /// </summary>
+    public static Tensor Sdpa(Tensor q, Tensor k, Tensor v, ForwardContext ctx, MaskSettings mask, double scaling) =>
+        mask.Kind == MaskKind.Full && ctx.PlainCausal
+            ? SdpaCore(q, k, v, null, causal: true, scaling)
+            : SdpaCore(q, k, v, ctx.Mask(mask), causal: false, scaling);
+
+    static Tensor SdpaCore(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, double scaling)
+    {
+        long groups = q.shape[1] / k.shape[1];
+        k = RepeatKv(k, groups);
+        v = RepeatKv(v, groups);
+        double factor = scaling * Math.Sqrt(q.shape[^1]);
+        if (Math.Abs(factor - 1.0) > 1e-12) q = q * factor;
+        // SDPA wants a float mask in the query's dtype (eager's addition would promote instead).
+        if (mask is not null && mask.dtype != q.dtype) mask = mask.to(q.dtype);
+        var o = nn.functional.scaled_dot_product_attention(q, k, v, mask, is_casual: causal);
+        o = o.transpose(1, 2).contiguous();
+        return o.reshape(o.shape[0], o.shape[1], -1);
     }
 
     /// <summary>

@@ -117,7 +117,7 @@ public sealed class StandardAttention : HfModule, IBlock
             k = Rotary.ApplyInterleavedPairs(k, cos, sin);
         }
         if (normAfterRope) { q = _qNorm!.Forward(q); k = _kNorm!.Forward(k); }
-        var o = AttentionMath.Eager(q, k, v, ctx.Mask(_s.Mask), _o.Scaling ?? Math.Pow(d, -0.5), _sinks, _o.SoftmaxInFp32);
+        var o = AttentionMath.Attend(q, k, v, ctx, _s.Mask, _o.Scaling ?? Math.Pow(d, -0.5), _sinks, _o.SoftmaxInFp32);
         if (_gate is not null) o = Gate(o, x);
         if (queryGate is not null) o = o * nn.functional.sigmoid(queryGate);
         return o_proj.Forward(o);

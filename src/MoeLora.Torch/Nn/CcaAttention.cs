@@ -59,7 +59,7 @@ public sealed class CcaAttention : HfModule, IBlock
         var (cos, sin) = _rope.CosSin(ctx.Positions, ctx.DType);
         query = Rotate(query, cos, sin);
         key = Rotate(key, cos, sin);
-        var o = AttentionMath.Eager(query, key, value, ctx.Mask(_s.Mask), Math.Pow(d, -0.5));
+        var o = AttentionMath.Attend(query, key, value, ctx, _s.Mask, Math.Pow(d, -0.5));
         return _o.Forward(o);
     }
 

@@ -59,6 +59,8 @@ public sealed class DynamicMaskAttention : HfModule, IBlock
             mask = mask.masked_fill(active.eq(0), min);
         }
         mask = AttentionMath.RepeatKv(mask, _s.Heads / _s.KvHeads);
+        // Eager under either implementation: the dynamic mask is itself a [B, heads, S, S] tensor that needs grad,
+        // so SDPA would not avoid keeping S × S values per head.
         var o = AttentionMath.Eager(q, k, v, mask, Math.Pow(d, -0.5));
         return o_proj.Forward(o);
     }

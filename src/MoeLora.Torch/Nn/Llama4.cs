@@ -51,7 +51,7 @@ public sealed class Llama4Attention : HfModule, IBlock
             var scales = log1p(floor((pos + 1.0) / _floorScale)) * _attnScale + 1.0;
             q = (q * scales.view(1, s, 1, 1)).to(q.dtype);
         }
-        var o = AttentionMath.Eager(q.transpose(1, 2), k.transpose(1, 2), v, ctx.Mask(_mask), Math.Pow(_headDim, -0.5));
+        var o = AttentionMath.Attend(q.transpose(1, 2), k.transpose(1, 2), v, ctx, _mask, Math.Pow(_headDim, -0.5));
         return _o.Forward(o);
     }
 }

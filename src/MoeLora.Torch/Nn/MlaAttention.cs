@@ -8,7 +8,7 @@ namespace MoeLora.Torch.Nn;
 /// DeepSeek's multi-head latent attention (<see cref="MlaAttentionSettings"/>): low-rank q via q_a/q_b with
 /// q_a_layernorm (or one q_proj), compressed kv via kv_a_proj_with_mqa and kv_b_proj, decoupled rope on the last
 /// qk_rope_head_dim dims (optionally de-interleaved first, or as complex pairs for DeepSeek-V2), an optional
-/// position-dependent query scale (Mistral 4) or constant query / kv-latent scales (LongCat-Flash), eager attention
+/// position-dependent query scale (Mistral 4) or constant query / kv-latent scales (LongCat-Flash), attention (SDPA or eager)
 /// with the settings' scaling; A.X-K2's gated query (q_gate_proj) and the DSA indexer's top-k key selection
 /// (DeepSeek-V3.2, GLM-5, A.X-K2), own or reused.
 /// </summary>
@@ -110,7 +110,7 @@ public sealed class MlaAttention : HfModule, IBlock
             // A reusing layer always follows an indexer layer (Core refuses a "shared" first layer); null: it kept all keys.
             mask = DsaIndexer.Restrict(mask, ctx.IndexerTopK);
         }
-        var o = AttentionMath.Eager(query, key, kvSplit[1], mask, _scaling);
+        var o = AttentionMath.Attend(query, key, kvSplit[1], ctx, mask, _scaling);
         // AXK2Attention: the output times sigmoid(gate) in fp32, cast back, before o_proj.
         if (gate is not null) o = (o * nn.functional.sigmoid(gate.to(ScalarType.Float32))).to(o.dtype);
         return _o.Forward(o);

@@ -297,10 +297,18 @@ public sealed class HfTokenizer
         var added = new JsonArray();
         for (int i = 0; i < specials.Count; i++)
             // The JsonNode overload: Add<T> would go through reflection serialization (not AOT-safe).
-            added.Add((JsonNode)new JsonObject { ["id"] = 256 + i, ["content"] = specials[i], ["special"] = true });
+            // Every field of the tokenizers library's AddedToken: it refuses an entry without them ("missing field
+            // `single_word`"), so transformers could not load the tiny preset's tokenizer otherwise.
+            added.Add((JsonNode)new JsonObject
+            {
+                ["id"] = 256 + i, ["content"] = specials[i], ["single_word"] = false, ["lstrip"] = false, ["rstrip"] = false,
+                ["normalized"] = false, ["special"] = true,
+            });
         var o = new JsonObject
         {
             ["version"] = "1.0",
+            ["truncation"] = null,
+            ["padding"] = null,
             ["added_tokens"] = added,
             ["normalizer"] = null,
             ["pre_tokenizer"] = new JsonObject { ["type"] = "ByteLevel", ["add_prefix_space"] = false, ["trim_offsets"] = true, ["use_regex"] = true },
@@ -312,8 +320,12 @@ public sealed class HfTokenizer
                 ["pair"] = new JsonArray(),
                 ["special_tokens"] = new JsonObject { [bos] = new JsonObject { ["id"] = bos, ["ids"] = new JsonArray(256 + specials.ToList().IndexOf(bos)), ["tokens"] = new JsonArray(bos) } },
             },
-            ["decoder"] = new JsonObject { ["type"] = "ByteLevel" },
-            ["model"] = new JsonObject { ["type"] = "BPE", ["dropout"] = null, ["unk_token"] = null, ["byte_fallback"] = false, ["vocab"] = vocab, ["merges"] = new JsonArray() },
+            ["decoder"] = new JsonObject { ["type"] = "ByteLevel", ["add_prefix_space"] = false, ["trim_offsets"] = true, ["use_regex"] = true },
+            ["model"] = new JsonObject
+            {
+                ["type"] = "BPE", ["dropout"] = null, ["unk_token"] = null, ["continuing_subword_prefix"] = null, ["end_of_word_suffix"] = null,
+                ["fuse_unk"] = false, ["byte_fallback"] = false, ["ignore_merges"] = false, ["vocab"] = vocab, ["merges"] = new JsonArray(),
+            },
         };
         return o.ToJsonString();
     }

@@ -70,15 +70,37 @@ public class RuntimeVariantTests
     [Fact]
     public void MoeLora_equals_peft_without_the_materialised_term_when_nothing_else_differs() =>
         // Long enough sequences that the loss buffers (not PEFT's fp32 ΔW transient) are the step's transient, and
-        // no checkpointing (the largest recomputed layer would differ by the merged weight itself).
+        // no checkpointing (the largest recomputed layer would differ by the merged weight itself). Besides the expert
+        // LoRA, MoeLora's SDPA call repeats k/v to all 32 heads (4 kv heads, head_dim 128; TorchSharp has no
+        // enable_gqa) and keeps the fp32 log-sum-exp: 2 B × 2 × (32 − 4) × 128 + 4 B × 32 per token and layer.
         Gen.Select(Gen.Int[1, 4], Gen.Int[8192, 16384], Gen.Bool).Sample(t =>
         {
             var setup = new TrainingSetup { BatchSize = t.Item1, SeqLength = t.Item2, Mode = t.Item3 ? TrainingMode.CircuitBreaker : TrainingMode.Lora };
             var peft = Estimate(LoraRuntime.Peft, setup);
             var ours = Estimate(LoraRuntime.MoeLora, setup);
             var materialised = peft["fused_expert_lora_weights"];
+            var passes = setup.Mode == TrainingMode.CircuitBreaker ? 2L : 1L;
+            var trained = LayerActivations.Build(Qwen.Value, 2, AttentionImpl.Sdpa, ours.LayersRun, LoraRuntime.MoeLora).Count(l => l.NeedsGrad);
+            var repeatedKv = passes * trained * (long)setup.BatchSize * setup.SeqLength * (2L * 2 * (32 - 4) * 128 + 4 * 32);
             return materialised > 0 && peft["fused_expert_delta_fp32"] == 0
-                && ours.PerGpuBytes - ours["expert_lora_low_rank"] == peft.PerGpuBytes - materialised
+                && ours.PerGpuBytes - ours["expert_lora_low_rank"] - repeatedKv == peft.PerGpuBytes - materialised
                 && ours.PerGpuBytes < peft.PerGpuBytes;
         }, iter: 60);
+
+    [Fact]
+    public void MoeLora_sdpa_keeps_no_scores_and_eager_keeps_heads_times_S_per_token()
+    {
+        var setup = new TrainingSetup { SeqLength = 1024 };
+        var sdpa = LayerActivations.Build(Qwen.Value, 2, AttentionImpl.Sdpa, 48, LoraRuntime.MoeLora);
+        var eager = LayerActivations.Build(Qwen.Value, 2, AttentionImpl.Eager, 48, LoraRuntime.MoeLora);
+        Assert.All(sdpa, l => Assert.Equal(0, l.PerTokenPerKeyBytes));
+        Assert.All(eager, l => Assert.Equal(32 * (4 + 2), l.PerTokenPerKeyBytes)); // fp32 softmax + its bf16 cast, 32 heads
+        // At 1024 tokens the scores alone are 48 layers × 1024² × 32 heads × 6 B = 9 GiB; SDPA's estimate is that much lower
+        // less the per-token difference (repeated q-wide k/v in both, the eager path keeps no log-sum-exp).
+        var s = Estimate(LoraRuntime.MoeLora, setup with { Attention = AttentionImpl.Sdpa });
+        var e = Estimate(LoraRuntime.MoeLora, setup with { Attention = AttentionImpl.Eager });
+        var scores = 48L * 1024 * 1024 * 32 * 6;
+        var perToken = 48L * 1024 * (sdpa[0].PerTokenBytes - eager[0].PerTokenBytes);
+        Assert.Equal(scores - perToken, e["activations"] - s["activations"]);
+    }
 }
