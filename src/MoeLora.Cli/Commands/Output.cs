@@ -15,7 +15,7 @@ public static class Output
 
     public static void Text(string text, string? file)
     {
-        if (file is null) Consoles.Out.Profile.Out.Writer.Write(text);
+        if (file is null) Consoles.Verbatim(Consoles.Out).Write(text);
         else AtomicFile.WriteAllText(file, text);
     }
 
