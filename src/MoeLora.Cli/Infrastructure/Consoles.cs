@@ -10,24 +10,42 @@ public static class Consoles
     /// <summary>Piped output has no width: give tables room rather than wrapping every cell at 80 columns.</summary>
     public const int PipeWidth = 140;
 
-    /// <summary>The console commands write to; tests replace it to capture output.</summary>
-    public static IAnsiConsole Out { get; set; } = CreateStdout();
+    private static IAnsiConsole? _out;
+    private static TextWriter? _stdout;
+
+    /// <summary>
+    /// The console commands write to; tests replace it to capture output. Made on first use: a run that prints only
+    /// JSON or Markdown never builds it (<see cref="VerbatimOut"/>).
+    /// </summary>
+    public static IAnsiConsole Out
+    {
+        get => _out ??= CreateStdout();
+        set => _out = value;
+    }
 
     public static TextWriter Error { get; set; } = Console.Error;
 
-    /// <summary>The writer under <paramref name="console"/>, without the trimming of trailing spaces (for JSON and Markdown).</summary>
+    /// <summary>Where text written verbatim (JSON, Markdown) goes: under <see cref="Out"/>, without trimming.</summary>
+    public static TextWriter VerbatimOut => _out is null ? Stdout : Verbatim(_out);
+
+    /// <summary>The writer under <paramref name="console"/>, without the trimming of trailing spaces.</summary>
     public static TextWriter Verbatim(IAnsiConsole console) =>
         console.Profile.Out.Writer is TrailingSpaceTrimmer t ? t.Inner : console.Profile.Out.Writer;
+
+    /// <summary>
+    /// Standard output. Redirected, one write to the pipe per call (Console.Out's own writer flushes every 256
+    /// characters).
+    /// </summary>
+    private static TextWriter Stdout => _stdout ??= Console.IsOutputRedirected
+        ? new StreamWriter(Console.OpenStandardOutput(), new UTF8Encoding(false), 1 << 16) { AutoFlush = true }
+        : Console.Out;
 
     private static IAnsiConsole CreateStdout()
     {
         var redirected = Console.IsOutputRedirected;
         var noColor = !string.IsNullOrEmpty(Environment.GetEnvironmentVariable("NO_COLOR"));
-        // Redirected: one write to the pipe per call (Console.Out's own writer flushes every 256 characters), and no
-        // trailing padding.
-        TextWriter writer = redirected
-            ? new TrailingSpaceTrimmer(new StreamWriter(Console.OpenStandardOutput(), new UTF8Encoding(false), 1 << 16) { AutoFlush = true })
-            : Console.Out;
+        // Piped: no trailing padding either.
+        var writer = redirected ? new TrailingSpaceTrimmer(Stdout) : Stdout;
         var console = AnsiConsole.Create(new AnsiConsoleSettings
         {
             Ansi = redirected || noColor ? AnsiSupport.No : AnsiSupport.Detect,
