@@ -37,9 +37,10 @@ public static class Program
     [System.Diagnostics.CodeAnalysis.UnconditionalSuppressMessage("AOT", "IL3050", Justification = "Command and settings types are rooted for Native AOT; see above.")]
     public static int Main(string[] args)
     {
+        StartupTrace.Mark("main");
         if (args is ["--version"] or ["-V"])
         {
-            Consoles.Out.Profile.Out.Writer.Write(VersionText());
+            Consoles.VerbatimOut.Write(VersionText());
             return ExitCodes.Ok;
         }
         var app = new CommandApp();

@@ -44,6 +44,7 @@ internal static class MoeloraProcess
         psi.Environment.Remove("HF_HUB_CACHE");
         psi.Environment.Remove("HF_TOKEN");
         psi.Environment["NO_COLOR"] = "1";
+        psi.Environment.Remove("COLUMNS"); // piped output is 140 columns unless a test sets COLUMNS
         foreach (var (name, value) in environment ?? new Dictionary<string, string?>())
         {
             if (value is null) psi.Environment.Remove(name);

@@ -55,10 +55,7 @@ public sealed class AdapterInspectCommand : Command<AdapterInspectCommand.Settin
         var traps = inspection.Traps.Count == 0 ? "no traps found\n" : "traps:\n" + string.Join("\n", inspection.Traps.Select(t => "! " + t)) + "\n";
         Output.Result(s.Format, s.Output, () => inspection.ToJson(rslora), () =>
         {
-            var table = new Table().Border(TableBorder.Simple);
-            foreach (var h in headers) table.AddColumn(h);
-            foreach (var r in rows) table.AddRow(r.Select(Markup.Escape).ToArray());
-            return [new Text(string.Join("\n", lines) + "\n"), table, new Text(traps)];
+            return [new Text(string.Join("\n", lines) + "\n"), Rendering.FitTable.Plain(headers, rows, TableBorder.Simple), new Text(traps)];
         }, () => "```text\n" + string.Join("\n", lines) + "\n```\n\n" + Rendering.MarkdownTable.Render(headers, rows) + "\n" + traps);
         return ExitCodes.Ok;
     }

@@ -68,9 +68,7 @@ public sealed class DiffCommand : Command<DiffCommand.Settings>
     {
         yield return new Rule($"[bold]MoeLora diff[/]: {Markup.Escape(a.Options.ModelId)} vs {Markup.Escape(b.Options.ModelId)}").LeftJustified();
         yield return new Markup(Markup.Escape(TrainingMemoryView.SetupLine(a.Training)) + "\n");
-        var t = new Table().Border(TableBorder.Rounded).AddColumn("aspect").AddColumn(Markup.Escape(Label(a, "A"))).AddColumn(Markup.Escape(Label(b, "B")));
-        foreach (var r in DiffRows.Build(a, b)) t.AddRow(Markup.Escape(r.Aspect), Markup.Escape(r.A), Markup.Escape(r.B));
-        yield return t;
+        yield return FitTable.Plain(["aspect", Label(a, "A"), Label(b, "B")], DiffRows.Build(a, b).Select(r => (IReadOnlyList<string>)[r.Aspect, r.A, r.B]));
     }
 
     private static string Markdown(LoraReport a, LoraReport b)

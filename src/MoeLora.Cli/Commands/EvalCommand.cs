@@ -78,10 +78,7 @@ public sealed class EvalCommand : Command<EvalSettings>
             return o;
         }, () =>
         {
-            var table = new Table();
-            foreach (var h in headers) table.AddColumn(Markup.Escape(h));
-            foreach (var c in cells) table.AddRow(c.Select(Markup.Escape).ToArray());
-            return [table, new Markup($"[grey]{Markup.Escape(note)}[/]\n")];
+            return [Rendering.FitTable.Plain(headers, cells, TableBorder.Square), new Markup($"[grey]{Markup.Escape(note)}[/]\n")];
         }, () => Rendering.MarkdownTable.Render(headers, cells) + "\n" + note + "\n");
         return ExitCodes.Ok;
     }

@@ -61,21 +61,10 @@ public sealed class ModelsCommand : Command<ModelsCommand.Settings>
             ? [r.Entry.Id, "unsupported", "", "", ""]
             : [r.Entry.Id, s.ModelType, $"{s.Tree.NumParameters / 1e9:0.00} B", Experts(s), r.Entry.Partial ? "partial: " + r.Entry.Note : ""])));
 
-    private static Table Table(IEnumerable<(CatalogEntry Entry, ModelSpec? Spec)> rows)
-    {
-        var table = new Table().Border(TableBorder.Rounded).AddColumn("id").AddColumn("model_type").AddColumn(new TableColumn("parameters").RightAligned())
-            .AddColumn("experts").AddColumn("note");
-        foreach (var (e, s) in rows)
-        {
-            if (s is null)
-            {
-                table.AddRow(Markup.Escape(e.Id), "[red]unsupported[/]", "", "", "");
-                continue;
-            }
-            table.AddRow(Markup.Escape(e.Id), s.ModelType, $"{s.Tree.NumParameters / 1e9:0.00} B",
-                Experts(s),
-                e.Partial ? $"[yellow]partial:[/] {Markup.Escape(e.Note ?? "")}" : "");
-        }
-        return table;
-    }
+    private static FitTable Table(IEnumerable<(CatalogEntry Entry, ModelSpec? Spec)> rows) =>
+        new([new("id"), new("model_type"), new("parameters", Right: true), new("experts"), new("note")],
+            rows.Select(r => (IReadOnlyList<string>)(r.Spec is not { } s
+                ? [Markup.Escape(r.Entry.Id), "[red]unsupported[/]", "", "", ""]
+                : [Markup.Escape(r.Entry.Id), Markup.Escape(s.ModelType), $"{s.Tree.NumParameters / 1e9:0.00} B", Experts(s),
+                    r.Entry.Partial ? $"[yellow]partial:[/] {Markup.Escape(r.Entry.Note ?? "")}" : ""])));
 }

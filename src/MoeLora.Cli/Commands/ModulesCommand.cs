@@ -29,10 +29,9 @@ public sealed class ModulesCommand : Command<ModulesCommand.Settings>
 
     private static IEnumerable<Spectre.Console.Rendering.IRenderable> Text(ModuleTree tree)
     {
-        var table = new Table().Border(TableBorder.Simple).AddColumn("module").AddColumn("class").AddColumn("location")
-            .AddColumn("parameters");
-        foreach (var m in tree.Modules)
-            table.AddRow(Markup.Escape(m.Name.Length == 0 ? "(root)" : m.Name), Markup.Escape(m.ClassName), m.Location.Name(), Markup.Escape(Parameters(m)));
+        var table = FitTable.Plain(["module", "class", "location", "parameters"],
+            tree.Modules.Select(m => (IReadOnlyList<string>)[m.Name.Length == 0 ? "(root)" : m.Name, m.ClassName, m.Location.Name(), Parameters(m)]),
+            TableBorder.Simple);
         return [table, new Markup(Markup.Escape(Summary(tree)) + "\n")];
     }
 

@@ -85,11 +85,13 @@ public sealed class ReportCommand : Command<ReportCommand.Settings>
 
     public override int Execute(CommandContext context, Settings settings, CancellationToken cancellationToken)
     {
+        StartupTrace.Mark("report: options parsed");
         var format = settings.Format;
         var lora = settings.BuildLoraConfig();
         var training = settings.BuildTrainingSetup();
         var loaded = ModelLoader.LoadChecked(settings.Model, settings.Layout, settings.Revision, settings.CheckpointHeaders);
         var (spec, resolved) = (loaded.Spec, loaded.Resolved);
+        StartupTrace.Mark("report: model loaded");
         var report = LoraReport.Build(spec, lora, settings.ParsedPeftVersion, new ReportOptions
         {
             ModelId = resolved.Id,
@@ -102,9 +104,11 @@ public sealed class ReportCommand : Command<ReportCommand.Settings>
             TargetLayers = settings.ParsedTargetLayers,
             Training = training,
         });
+        StartupTrace.Mark("report: analysis built");
         if (settings.LoadModel) return LoadModelMeasurement.Run(report, resolved, settings, format);
         var checkpoint = CheckpointJson.ToJson(loaded);
         Write(ReportDocumentBuilder.Build(report, loaded), report, format, settings.Output, json => json["checkpoint"] = checkpoint);
+        StartupTrace.Mark("report: written");
         return ExitCodes.Ok;
     }
 

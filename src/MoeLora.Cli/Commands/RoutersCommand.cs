@@ -89,10 +89,7 @@ public sealed class RoutersCommand : Command<RoutersCommand.Settings>
         var heatmapLine = $"heatmap (harmful − benign selection frequency): {png}";
         Output.Result(s.Format, s.Output, () => json, () =>
         {
-            var table = new Table().Border(TableBorder.Rounded);
-            foreach (var hd in headers) table.AddColumn(hd);
-            foreach (var r in rows) table.AddRow(r.Select(Markup.Escape).ToArray());
-            return [table, new Text(heatmapLine + "\n")];
+            return [Rendering.FitTable.Plain(headers, rows), new Text(heatmapLine + "\n")];
         }, () => $"# Router selection: {resolved.Id}\n\n" + Rendering.MarkdownTable.Render(headers, rows) + "\n" + heatmapLine + "\n");
         return 0;
     }

@@ -37,6 +37,9 @@ public sealed record ExpertCoverage
                 // A fused tensor may hold slices that are no routed expert (LongCat sizes gate_up_proj for its identity
                 // experts too): count only the experts the model routes to.
                 if (plan.Spec.Moe.NumExperts > 0) covered = Math.Min(covered, plan.Spec.Moe.NumExperts);
+                // Sized once: grown one expert at a time, the sets of a 256-expert, 58-layer model (DeepSeek-V3) took
+                // about a tenth of the time a cold `report` of it spends getting fresh memory (perf).
+                set.EnsureCapacity((int)Math.Min(covered, int.MaxValue));
                 for (long e = 0; e < covered; e++) set.Add(e);
             }
             else

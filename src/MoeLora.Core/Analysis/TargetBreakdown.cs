@@ -48,7 +48,8 @@ public sealed record TargetBreakdown
             {
                 foreach (var name in tm.Names!)
                 {
-                    var nameMatches = tree.Modules.Count(m => m.Name.Length > 0 && (m.Name == name || m.Name.EndsWith("." + name, StringComparison.Ordinal)));
+                    var dotted = "." + name; // once per name, not once per module
+                    var nameMatches = tree.Modules.Count(m => m.Name.Length > 0 && (m.Name == name || m.Name.EndsWith(dotted, StringComparison.Ordinal)));
                     var movedTo = moved.Where(m => m.Key == name).Select(m => m.Value).Distinct().ToList();
                     IEnumerable<AdapterTarget> adapters;
                     string? note = null;
@@ -87,8 +88,9 @@ public sealed record TargetBreakdown
     public static IReadOnlyList<string> ResolvedLeafNames(AdapterPlan plan) =>
         [.. (plan.Effective.TargetModules?.Names ?? []).Concat(plan.Conversion?.Moved.Select(m => m.Key) ?? []).Distinct(StringComparer.Ordinal).Order(StringComparer.Ordinal)];
 
+    // key == target or key ends with "." + target, without building that string for every pair.
     private static bool Matches(string key, string target) =>
-        key == target || key.EndsWith("." + target, StringComparison.Ordinal);
+        key == target || (key.Length > target.Length && key[key.Length - target.Length - 1] == '.' && key.EndsWith(target, StringComparison.Ordinal));
 
     private static TargetBreakdown Row(string target, string source, int nameMatches, IEnumerable<AdapterTarget> adapters, string? note)
     {

@@ -91,8 +91,28 @@ public sealed class TargetMatcher(LoraConfig config, PeftVersion version)
     {
         foreach (var kv in patterns)
         {
-            if (PyRegex.MatchesAnchoredAtEnd("(.*\\.)?(" + kv.Key + ")$", key)) return kv.Value;
+            var hit = IsPlainPattern(kv.Key) && !key.Contains('\n')
+                ? PlainPatternMatches(kv.Key, key)
+                : PyRegex.MatchesAnchoredAtEnd("(.*\\.)?(" + kv.Key + ")$", key);
+            if (hit) return kv.Value;
         }
         return null;
+    }
+
+    // Most rank/alpha keys are module paths such as "experts.gate_up_proj": letters, digits, '_' and '.' only. Such
+    // a regex has a fixed length and '.' is its only wildcard, so "(.*\.)?(key)$" reduces to a comparison of the
+    // key's last characters, without the regex engine (this runs for every module, in every re-plan of a report).
+    private static bool IsPlainPattern(string pattern) =>
+        pattern.Length > 0 && pattern.All(c => char.IsAsciiLetterOrDigit(c) || c is '_' or '.');
+
+    /// <summary>The same answer as the regex for a plain pattern and a key without line breaks: the key is the
+    /// pattern, or ends with "." and the pattern.</summary>
+    private static bool PlainPatternMatches(string pattern, string key)
+    {
+        var start = key.Length - pattern.Length;
+        if (start < 0 || (start > 0 && key[start - 1] != '.')) return false;
+        for (int i = 0; i < pattern.Length; i++)
+            if (pattern[i] != '.' && pattern[i] != key[start + i]) return false;
+        return true;
     }
 }

@@ -73,7 +73,11 @@ public sealed record Paragraph(Text Content) : Block;
 /// A column of explanation (e.g. the source a memory term follows) that the terminal view leaves out to keep its
 /// tables within the window; every other view shows it.
 /// </param>
-public sealed record Column(string Header, bool Right = false, bool Wide = false);
+/// <param name="Sparse">
+/// A column that is often empty (a module location no target reaches): the terminal view leaves it out when no row has
+/// a value in it ("·" counts as none); every other view shows it.
+/// </param>
+public sealed record Column(string Header, bool Right = false, bool Wide = false, bool Sparse = false);
 
 public sealed record Table(IReadOnlyList<Column> Columns, IReadOnlyList<IReadOnlyList<Text>> Rows) : Block;
 

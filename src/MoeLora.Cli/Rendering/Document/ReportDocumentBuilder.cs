@@ -69,9 +69,9 @@ public static class ReportDocumentBuilder
         var blocks = new List<Block> { new Paragraph(Text.Of(new Span("LoraConfig: "), new Span(report.Plan.Requested.Describe(), Tone.Code))) };
         if (ConversionText(report) is { } conversion) blocks.Add(new Paragraph(conversion));
         var columns = new List<Column> { new("target"), new("names", Right: true), new("adapters", Right: true) };
-        columns.AddRange(LocationColumns.Select(c => new Column(Short(c), Right: true)));
+        columns.AddRange(LocationColumns.Select(c => new Column(Short(c), Right: true, Sparse: true)));
         columns.Add(new Column("unique shapes"));
-        columns.Add(new Column("note"));
+        columns.Add(new Column("note", Sparse: true));
         var rows = report.Breakdown.Select(row =>
         {
             var cells = new List<Text> { new(row.Target, Tone.Code), Number(row.NameMatches), Number(row.Adapters) };

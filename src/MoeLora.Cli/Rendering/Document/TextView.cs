@@ -1,12 +1,13 @@
+using MoeLora.Cli.Rendering;
 using Spectre.Console;
 using Spectre.Console.Rendering;
-using SpectreTable = Spectre.Console.Table;
 
 namespace MoeLora.Cli.Rendering.Document;
 
 /// <summary>
 /// The terminal view: a rule per section, facts as a two-column grid, rounded tables. Charts are left out (their
-/// numbers are in the tables next to them), and so are <see cref="Column.Wide"/> columns.
+/// numbers are in the tables next to them), and so are <see cref="Column.Wide"/> columns. Tables fit the width without
+/// splitting words (<see cref="FitTable"/>).
 /// </summary>
 public static class TextView
 {
@@ -37,9 +38,9 @@ public static class TextView
         Table t => Table(t),
         Items items => new Markup(string.Concat(items.Entries.Select(i =>
             (i.Marker.Length > 0 ? $"{Markup(new Text(i.Marker, i.Tone))} " : "") + Markup(i.Content) + "\n"))),
-        Steps steps => new Markup(string.Concat(steps.Entries.Select((s, n) =>
+        Steps steps => new WidthMarkup(width => string.Concat(steps.Entries.Select((s, n) =>
             $"{n + 1}. [bold]{Escape(s.Title)}[/]: {Escape(s.Detail)}" +
-            (s.Code is null ? "" : $"\n   {Escape(s.Code)}") +
+            (s.Code is null ? "" : "\n" + Escape(CodeWrap.Wrap(s.Code, "   ", width))) +
             (s.Outcome is null ? "" : $"\n   → {Escape(s.Outcome)}") + "\n"))),
         Chart => null,
         _ => throw new InvalidOperationException($"no terminal form for {block.GetType().Name}"),
@@ -52,17 +53,11 @@ public static class TextView
         return grid;
     }
 
-    private static SpectreTable Table(Table t)
+    private static FitTable Table(Table t)
     {
         var shown = t.Columns.Select((c, i) => (c, i)).Where(x => !x.c.Wide).ToList();
-        var table = new SpectreTable().Border(TableBorder.Rounded);
-        foreach (var (c, _) in shown)
-        {
-            var column = new TableColumn(Escape(c.Header));
-            table.AddColumn(c.Right ? column.RightAligned() : column);
-        }
-        foreach (var row in t.Rows) table.AddRow(shown.Select(x => Markup(row[x.i])).ToArray());
-        return table;
+        return new FitTable(shown.Select(x => new FitColumn(x.c.Header, x.c.Right, x.c.Sparse)).ToList(),
+            t.Rows.Select(row => (IReadOnlyList<string>)shown.Select(x => Markup(row[x.i])).ToList()));
     }
 
     /// <summary>Spectre markup for text: colour for good/bad/warn, bold for strong; code is plain in a terminal.</summary>
