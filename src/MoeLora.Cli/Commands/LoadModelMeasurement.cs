@@ -117,14 +117,6 @@ internal static class LoadModelMeasurement
         m.Counts = Measurements.CountParameters(model);
         m.Shared = Measurements.FindSharedStorage(Measurements.AdapterTensors(model));
         m.DistinctAdapterStorages = trainable.Select(t => Measurements.DataPointer(t.Param)).Distinct().Count();
-        if (modes.Contains("lora"))
-        {
-            var lora = StepMeasurement.Lora(report, model, seed, s, meter!, meter!.UsedAboveBaseline());
-            if (meter.IsCuda && m.Steps.FirstOrDefault(x => x.Mode == "cb") is { } cb)
-                lora.Note = $"its 'after build' reading includes blocks the allocator kept from the circuit-breaker step (which reserved {Units.Bytes(cb.PeakBytes)})" +
-                    (lora.PeakBytes <= cb.PeakBytes ? "; its peak is no higher than that reservation, so it is bounded below by it and this step's own peak may be lower" : "");
-            m.Steps.Add(lora);
-        }
 
         // Forward with all hidden states (no grad), then keep only the target layers.
         var hs = report.HiddenStates;
@@ -146,6 +138,18 @@ internal static class LoadModelMeasurement
         using (var ids = randint(0, report.Spec.VocabSize, [1, gradTokens], generator: gen, dtype: ScalarType.Int64))
         using (var mask = ones_like(ids))
             m.Flow = GradientFlow.Measure(model, ids, mask);
+
+        // The LoRA step comes last: a real-size step that does not fit ends in a recorded out-of-memory result, and
+        // every figure above is already measured (its window still starts after their small forward and backward).
+        if (modes.Contains("lora"))
+        {
+            var lora = StepMeasurement.Lora(report, model, seed, s, meter!, meter!.UsedAboveBaseline());
+            if (meter.IsCuda && m.Steps.FirstOrDefault(x => x.Mode == "cb") is { } cb)
+                lora.Note = $"its 'after build' reading includes blocks the allocator kept from the circuit-breaker step (which reserved {Units.Bytes(cb.PeakBytes)})" +
+                    (lora.PeakBytes <= cb.PeakBytes ? "; its peak is no higher than that reservation, so it is bounded below by it and this step's own peak may be lower" : "");
+            m.Steps.Add(lora);
+        }
+
         m.PeakBytes = Measurements.ProcessPeakBytes();
         return m;
     }

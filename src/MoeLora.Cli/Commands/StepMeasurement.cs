@@ -185,7 +185,13 @@ internal static class StepMeasurement
             Guard(step, () => step.Run = TrainingStep.CircuitBreaker(model, targets, s.StepBatch, s.StepTokens, s.StepRepeats, seed));
             step.PeakBytes = meter.PeakAboveBaseline();
         }
-        finally { model?.Dispose(); }
+        finally
+        {
+            model?.Dispose();
+            // The optimizer's moments and the last graph go with the managed objects that hold them: collect now so
+            // the whole model the report builds next does not share the device with them.
+            for (int i = 0; i < 2; i++) { GC.Collect(); GC.WaitForPendingFinalizers(); }
+        }
         return step;
     }
 
@@ -211,7 +217,12 @@ internal static class StepMeasurement
         try { run(); }
         catch (Exception e) when (e.Message.Contains("out of memory", StringComparison.OrdinalIgnoreCase))
         {
-            step.Error = "out of memory: " + e.Message.Split('\n')[0].Trim();
+            var first = e.Message.Split('\n')[0].Trim();
+            int cut = first.IndexOf(" If reserved but unallocated", StringComparison.Ordinal);
+            step.Error = "out of memory: " + (cut > 0 ? first[..cut] : first);
+            // The failed step's activations and graph are only reachable from finalizers now: free them before the
+            // report goes on to build and run the whole model.
+            for (int i = 0; i < 2; i++) { GC.Collect(); GC.WaitForPendingFinalizers(); }
         }
     }
 

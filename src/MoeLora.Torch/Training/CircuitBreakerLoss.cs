@@ -3,6 +3,7 @@ using MoeLora.Torch.Models;
 using TorchSharp;
 using static TorchSharp.torch;
 using MoeLora.Core;
+using MoeLora.Torch.Runtime;
 
 namespace MoeLora.Torch.Training;
 
@@ -91,6 +92,7 @@ public static class CircuitBreakerLoss
                 }
             }
         }
+        MemTrace.Mark("cb frozen passes", model.Device);
         model.Train(train);
         Tensor total = zeros(1, device: model.Device).squeeze();
         double retainLoss = 0, cbLoss = 0, cosine = double.NaN;
@@ -101,6 +103,7 @@ public static class CircuitBreakerLoss
             var l = Retain(lora, origRetain!);
             retainLoss = l.item<float>();
             total = total + retainCoeff * l;
+            MemTrace.Mark("cb adapted retain pass", model.Device);
         }
         if (cbCoeff > 0)
         {

@@ -3,6 +3,7 @@ using MoeLora.Torch.Models;
 using TorchSharp;
 using static TorchSharp.torch;
 using MoeLora.Core;
+using MoeLora.Torch.Runtime;
 
 namespace MoeLora.Torch.Training;
 
@@ -66,12 +67,16 @@ public static class TrainingStep
             return Run("lora", repeats, (long)batch * tokens, model.Device, () =>
             {
                 var ids = RandomIds(model, batch, tokens, gen);
+                MemTrace.Mark("lora step start", model.Device);
                 using var output = model.Forward(ids, ones_like(ids));
                 var loss = CausalLmLoss.Compute(output.Logits, ids);
+                MemTrace.Mark("lora forward + loss", model.Device);
                 loss.backward();
+                MemTrace.Mark("lora backward", model.Device);
                 double value = loss.item<float>();
                 optimizer.Step(LearningRate);
                 optimizer.ZeroGrad();
+                MemTrace.Mark("lora optimizer step", model.Device);
                 return value;
             });
         }
@@ -97,12 +102,16 @@ public static class TrainingStep
             {
                 var retainIds = RandomIds(model, batch, tokens, gen);
                 var cbIds = RandomIds(model, batch, tokens, gen);
+                MemTrace.Mark("cb step start", model.Device);
                 var r = CircuitBreakerLoss.Compute(model, new TokenBatch(cbIds, ones_like(cbIds)), new TokenBatch(retainIds, ones_like(retainIds)),
                     targetLayers, retainCoeff, cbCoeff);
+                MemTrace.Mark("cb forward passes + loss", model.Device);
                 r.Total.backward();
+                MemTrace.Mark("cb backward", model.Device);
                 GradClip.ClipGradNorm(trainable.Select(p => p.Param), 1.0);
                 optimizer.Step(LearningRate);
                 optimizer.ZeroGrad();
+                MemTrace.Mark("cb optimizer step", model.Device);
                 return r.TotalValue;
             });
         }
