@@ -53,6 +53,7 @@ public static class ModelBuilder
         Llama4AttentionSettings s => new Llama4Attention(hidden, s, rope, init),
         DynamicMaskAttentionSettings s => new DynamicMaskAttention(hidden, s, rope, init),
         GatedDeltaNetSettings s => new GatedDeltaNet(hidden, s, init),
+        MixtureOfAttentionHeadsSettings s => new JetMoeAttention(hidden, s, rope, init),
         _ => throw new NotSupportedException($"attention settings {a.GetType().Name} have no runtime block."),
     };
 
@@ -63,6 +64,7 @@ public static class ModelBuilder
         NonGatedMoeSettings m => new NonGatedMoe(hidden, m, init),
         GatedMlpSettings m => new GatedMlp(hidden, m, init),
         FusedGateUpMlpSettings m => new FusedGateUpMlp(hidden, m, init),
+        ParallelExpertsMoeSettings m => new JetMoeMoe(hidden, m, init),
         MoeSettings m => m.Router switch
         {
             SoftmaxTopKRouterSettings => new SoftmaxTopKMoe(hidden, Expect(m, ExpertsLayout.GateUpOutIn), init),

@@ -73,16 +73,16 @@ public abstract class ExpertsBase : HfModule
     /// How many (token, slot) pairs the router sent to each expert in the last forward: the experts actually
     /// dispatched (after any bias/group selection), for gradient-flow checks.
     /// </summary>
-    public long[]? LastSelectedCounts { get; private set; }
+    public long[]? LastSelectedCounts { get; protected set; }
 
     /// <summary>
     /// The T·k (token, slot) pairs sorted by expert: <see cref="Order"/> (pair index per sorted row), its token,
     /// the per-expert counts, and — when padding is cheap — each row's place in a padded [E·cap] buffer.
     /// </summary>
-    protected sealed record Grouping(Tensor Order, Tensor TokenOf, long[] Counts, Tensor? PaddedRow, long Capacity);
+    protected internal sealed record Grouping(Tensor Order, Tensor TokenOf, long[] Counts, Tensor? PaddedRow, long Capacity);
 
     /// <summary>Sorts the pairs by expert (stable: token-major within an expert, as the loop).</summary>
-    protected Grouping Group(Tensor topIdx)
+    protected internal Grouping Group(Tensor topIdx)
     {
         long k = topIdx.shape[1], n = topIdx.shape[0] * k;
         using var _ = no_grad();

@@ -126,3 +126,11 @@ public sealed record ExpertsSettings(ExpertsLayout Layout, long NumExperts, long
 /// it uses the routed experts' clamped SwiGLU when they have one.</param>
 public sealed record SharedExpertSettings(string Name, long Intermediate, string Act, string? SigmoidGateName, string ActName = "act_fn",
     bool Bias = false, bool FusedGateUp = false);
+
+/// <summary>
+/// JetMoE's MoE (<c>JetMoeMoE</c>), registered bias, activation, input_linear, output_linear, router: experts as
+/// two JetMoeParallelExperts modules holding one weight each, <c>input_linear [E, 2·I, H]</c> (gate | up) and
+/// <c>output_linear [E, H, I]</c>, the top-k gating <paramref name="Router"/> (an nn.Linear <c>router.layer</c>), and an
+/// output bias [H] added to the routed sum.
+/// </summary>
+public sealed record ParallelExpertsMoeSettings(TopKLogitsRouterSettings Router, long Intermediate, string Act) : FeedForwardSettings;
