@@ -118,3 +118,11 @@ public sealed record Llama4AttentionSettings(
 /// group's output goes through its expert's output projection, weighted by the gate, summed, plus the bias.
 /// </summary>
 public sealed record MixtureOfAttentionHeadsSettings(TopKLogitsRouterSettings Router, long KvHeads, long HeadDim) : AttentionSettings;
+
+/// <summary>
+/// DBRX's attention (<c>DbrxAttention</c>): one fused <c>Wqkv</c> (H → heads·d + 2·kv·d, no bias) whose output is
+/// clamped to ±<paramref name="ClipQkv"/> and split into q, k, v; rope by rotating halves; eager GQA with scale
+/// d^-0.5; <c>out_proj</c>. A null clip leaves qkv unclamped (transformers 5.17's forward fails on it; earlier
+/// versions skipped the clamp).
+/// </summary>
+public sealed record FusedQkvAttentionSettings(long Heads, long KvHeads, long HeadDim, double? ClipQkv) : AttentionSettings;
