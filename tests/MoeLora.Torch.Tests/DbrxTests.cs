@@ -173,6 +173,8 @@ public class DbrxTests
         SaveModel(baseDir, original.Model.StateDict().Select(t => new KeyValuePair<string, Tensor>(t.Name, t.Value)));
         Assert.Contains(original.Model.StateDict(), t => t.Name == "transformer.blocks.1.ffn.experts.mlp.w2");
         using var loaded = new DisposableModel(TorchModelFactory.Load(baseDir));
+        using (var truncated = new DisposableModel(TorchModelFactory.LoadTruncated(baseDir, 1)))
+            Assert.Equal(1, truncated.Model.NumLayers);
         using (no_grad())
         {
             using var a = original.Model.Forward(ids, mask);
