@@ -25,13 +25,6 @@ public class DbrxTests
          "ffn_config": {"ffn_hidden_size": 24, "moe_num_experts": 4, "moe_top_k": 2}}
         """;
 
-    static (Tensor Ids, Tensor Mask) LeftPaddedBatch()
-    {
-        var ids = tensor(new long[,] { { 3, 4, 5, 6, 7, 8, 9, 10, 11 }, { 0, 0, 0, 5, 9, 13, 2, 40, 7 } });
-        var mask = tensor(new long[,] { { 1, 1, 1, 1, 1, 1, 1, 1, 1 }, { 0, 0, 0, 1, 1, 1, 1, 1, 1 } });
-        return (ids, mask);
-    }
-
     // Per token: softmax over all experts, top-k, divided by the p-norm of the k; expert e uses rows [e·I, (e+1)·I)
     // of w1, v1 (as Linear weights) and w2 (as an (in, out) matrix).
     [Theory]
@@ -75,7 +68,7 @@ public class DbrxTests
         using var loose = new DisposableModel(TorchModelFactory.Random(With("\"clip_qkv\": 1000.0"), 5));
         using var tight = new DisposableModel(TorchModelFactory.Random(With("\"clip_qkv\": 0.05"), 5));
         using var _ = no_grad();
-        var (ids, mask) = LeftPaddedBatch();
+        var (ids, mask) = RuntimeChecks.LeftPaddedBatch();
         using var a = none.Model.Forward(ids, mask);
         using var b = loose.Model.Forward(ids, mask);
         using var c = tight.Model.Forward(ids, mask);
@@ -86,28 +79,11 @@ public class DbrxTests
     // Rope is relative and the routing per token, so a left-padded row must give what its tokens give alone.
     [Fact]
     public void LeftPaddedRowEqualsTheRowAlone()
-    {
-        using var h = new DisposableModel(TorchModelFactory.Random(Config, 5));
-        using var _ = no_grad();
-        var (ids, mask) = LeftPaddedBatch();
-        using var batch = h.Model.Forward(ids, mask);
-        using var alone = h.Model.Forward(ids[1, 3..].unsqueeze(0));
-        var err = Fixtures.RelError(batch.Logits[1, 3..], alone.Logits[0]);
-        Assert.True(err < 1e-5, $"padded row vs alone: {err:E2}");
-    }
+        => RuntimeChecks.PaddedRowEqualsTheRowAlone(Config);
 
-    static List<(string Name, TorchSharp.Modules.Parameter Param)> InjectAllLinearAndExperts(CausalLm model)
-    {
-        LoraInjector.Inject(model, LoraInjector.Plan(model, """
-            {"r": 2, "lora_alpha": 4, "target_modules": "all-linear", "target_parameters": ["experts.mlp.w1", "experts.mlp.v1", "experts.mlp.w2"]}
-            """));
-        var lora = LoraInjector.PeftNamedParameters(model).Where(p => p.Param.requires_grad).ToList();
-        // B starts at zero (PEFT's init), which would leave A without gradient and the adapters without effect.
-        using (no_grad())
-            foreach (var (name, p) in lora)
-                if (name.Contains(".lora_B.", StringComparison.Ordinal)) p.normal_(0, 0.1, generator: new Generator(3));
-        return lora;
-    }
+    static List<(string Name, TorchSharp.Modules.Parameter Param)> InjectAllLinearAndExperts(CausalLm model) => RuntimeChecks.InjectWithNonZeroB(model, """
+        {"r": 2, "lora_alpha": 4, "target_modules": "all-linear", "target_parameters": ["experts.mlp.w1", "experts.mlp.v1", "experts.mlp.w2"]}
+        """);
 
     [Fact]
     public void LoraGradientsReachEveryAdapter()
@@ -117,18 +93,7 @@ public class DbrxTests
         foreach (var module in new[] { "norm_attn_norm.attn.Wqkv", "norm_attn_norm.attn.out_proj", "ffn.router.layer", "ffn.experts.mlp" })
             Assert.Contains(lora, p => p.Name.Contains($".transformer.blocks.1.{module}.", StringComparison.Ordinal) && p.Name.Contains("lora_A", StringComparison.Ordinal));
         Assert.Equal(3, lora.Count(p => p.Name.Contains(".transformer.blocks.1.ffn.experts.mlp.", StringComparison.Ordinal) && p.Name.Contains("lora_A", StringComparison.Ordinal)));
-        h.Model.Train();
-        var (ids, mask) = LeftPaddedBatch();
-        using var o = h.Model.Forward(ids, mask);
-        var loss = (o.Logits * mask.unsqueeze(-1)).pow(2).mean();
-        loss.backward();
-        foreach (var (name, p) in lora)
-        {
-            var g = p.grad;
-            Assert.True(g is not null, $"{name}: no gradient");
-            Assert.False(g!.isnan().any().item<bool>() || g.isinf().any().item<bool>(), $"{name}: non-finite gradient");
-            Assert.True(g.abs().sum().item<float>() > 0, $"{name}: zero gradient");
-        }
+        RuntimeChecks.EveryAdapterGetsGradient(h.Model, lora);
     }
 
     // The expert adapters run as low-rank products on each expert's rows; PEFT's parametrization is W + s·B·A on the
@@ -139,7 +104,7 @@ public class DbrxTests
         using var h = new DisposableModel(TorchModelFactory.Random(Config, 4));
         InjectAllLinearAndExperts(h.Model);
         using var _ = no_grad();
-        var (ids, mask) = LeftPaddedBatch();
+        var (ids, mask) = RuntimeChecks.LeftPaddedBatch();
         using var adapted = h.Model.Forward(ids, mask);
         var wrappers = h.Model.NamedModules().Select(m => m.Module).OfType<LoraWrapper>().ToList();
         Assert.Equal(6, wrappers.OfType<ParamLora2D>().Count(w => w.ParameterName is "w1" or "v1" or "w2"));
@@ -167,7 +132,7 @@ public class DbrxTests
             File.WriteAllText(Path.Combine(at, "config.json"), Config);
             Safetensors.Save(Path.Combine(at, "model.safetensors"), tensors.ToList(), new Dictionary<string, string> { ["format"] = "pt" });
         }
-        var (ids, mask) = LeftPaddedBatch();
+        var (ids, mask) = RuntimeChecks.LeftPaddedBatch();
         using var original = new DisposableModel(TorchModelFactory.Random(Config, 6));
         var baseDir = Sub("base");
         SaveModel(baseDir, original.Model.StateDict().Select(t => new KeyValuePair<string, Tensor>(t.Name, t.Value)));

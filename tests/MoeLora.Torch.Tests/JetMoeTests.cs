@@ -23,13 +23,6 @@ public class JetMoeTests
          "initializer_range": 0.1, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
         """;
 
-    static (Tensor Ids, Tensor Mask) LeftPaddedBatch()
-    {
-        var ids = tensor(new long[,] { { 3, 4, 5, 6, 7, 8, 9, 10, 11 }, { 0, 0, 0, 5, 9, 13, 2, 40, 7 } });
-        var mask = tensor(new long[,] { { 1, 1, 1, 1, 1, 1, 1, 1, 1 }, { 0, 0, 0, 1, 1, 1, 1, 1, 1 } });
-        return (ids, mask);
-    }
-
     // Per token t, its k experts each give kv query heads; slot j's head h attends over keys and values of kv head h
     // at tokens ≤ t (rope by rotating halves); each slot's output goes through the same expert's output projection,
     // weighted by the gate; then the bias.
@@ -89,28 +82,11 @@ public class JetMoeTests
     // Rope is relative and the routing per token, so a left-padded row must give what its tokens give alone.
     [Fact]
     public void LeftPaddedRowEqualsTheRowAlone()
-    {
-        using var h = new DisposableModel(TorchModelFactory.Random(Config, 5));
-        using var _ = no_grad();
-        var (ids, mask) = LeftPaddedBatch();
-        using var batch = h.Model.Forward(ids, mask);
-        using var alone = h.Model.Forward(ids[1, 3..].unsqueeze(0));
-        var err = Fixtures.RelError(batch.Logits[1, 3..], alone.Logits[0]);
-        Assert.True(err < 1e-5, $"padded row vs alone: {err:E2}");
-    }
+        => RuntimeChecks.PaddedRowEqualsTheRowAlone(Config);
 
-    static List<(string Name, TorchSharp.Modules.Parameter Param)> InjectAllLinearAndExperts(CausalLm model)
-    {
-        LoraInjector.Inject(model, LoraInjector.Plan(model, """
-            {"r": 2, "lora_alpha": 4, "target_modules": "all-linear", "target_parameters": ["input_linear.weight", "output_linear.weight"]}
-            """));
-        var lora = LoraInjector.PeftNamedParameters(model).Where(p => p.Param.requires_grad).ToList();
-        // B starts at zero (PEFT's init), which would leave A without gradient and the adapters without effect.
-        using (no_grad())
-            foreach (var (name, p) in lora)
-                if (name.Contains(".lora_B.", StringComparison.Ordinal)) p.normal_(0, 0.1, generator: new Generator(3));
-        return lora;
-    }
+    static List<(string Name, TorchSharp.Modules.Parameter Param)> InjectAllLinearAndExperts(CausalLm model) => RuntimeChecks.InjectWithNonZeroB(model, """
+        {"r": 2, "lora_alpha": 4, "target_modules": "all-linear", "target_parameters": ["input_linear.weight", "output_linear.weight"]}
+        """);
 
     [Fact]
     public void LoraGradientsReachEveryAdapter()
@@ -121,18 +97,7 @@ public class JetMoeTests
                      "self_attention.experts.input_linear", "self_attention.experts.output_linear", "mlp.input_linear", "mlp.output_linear" })
             Assert.Contains(lora, p => p.Name.Contains($"layers.1.{module}.lora_A", StringComparison.Ordinal)
                 || p.Name.Contains($"layers.1.{module}.base_layer.lora_A", StringComparison.Ordinal));
-        h.Model.Train();
-        var (ids, mask) = LeftPaddedBatch();
-        using var o = h.Model.Forward(ids, mask);
-        var loss = (o.Logits * mask.unsqueeze(-1)).pow(2).mean();
-        loss.backward();
-        foreach (var (name, p) in lora)
-        {
-            var g = p.grad;
-            Assert.True(g is not null, $"{name}: no gradient");
-            Assert.False(g!.isnan().any().item<bool>() || g.isinf().any().item<bool>(), $"{name}: non-finite gradient");
-            Assert.True(g.abs().sum().item<float>() > 0, $"{name}: zero gradient");
-        }
+        RuntimeChecks.EveryAdapterGetsGradient(h.Model, lora);
     }
 
     // The grouped dispatch applies the expert adapters as low-rank products; the loop uses W + ΔW (PEFT's parametrization).
@@ -142,7 +107,7 @@ public class JetMoeTests
         using var h = new DisposableModel(TorchModelFactory.Random(Config, 4));
         InjectAllLinearAndExperts(h.Model);
         using var _ = no_grad();
-        var (ids, mask) = LeftPaddedBatch();
+        var (ids, mask) = RuntimeChecks.LeftPaddedBatch();
         using var grouped = h.Model.Forward(ids, mask);
         h.Model.SetExpertDispatch(ExpertDispatch.Loop);
         using var loop = h.Model.Forward(ids, mask);
