@@ -173,4 +173,16 @@ public class DbrxTests
             }
         }
     }
+
+    [Fact]
+    public void ExpertsReportTheirCountsPerBlock()
+    {
+        using var h = new DisposableModel(TorchModelFactory.Random(Config, 6));
+        using var _ = no_grad();
+        var (ids, mask) = RuntimeChecks.LeftPaddedBatch();
+        using var o = h.Model.Forward(ids, mask);
+        var rows = h.Model.NamedModules().Where(m => m.Module is IRoutedExperts).ToList();
+        Assert.Equal(["transformer.blocks.0.ffn.experts.mlp", "transformer.blocks.1.ffn.experts.mlp"], rows.Select(r => r.Name));
+        Assert.All(rows, r => Assert.Equal(ids.numel() * 2, ((IRoutedExperts)r.Module).LastSelectedCounts!.Sum()));
+    }
 }

@@ -115,4 +115,20 @@ public class JetMoeTests
         Assert.True(err < 1e-5, $"grouped vs loop: {err:E2}");
         Assert.True(Fixtures.MaskedRelError(grouped.Logits, loop.Logits * 1.01, mask) > 1e-4);
     }
+
+    // One routing per gating: the MoE's and the attention experts' input_linear report what their routers chose
+    // (k pairs per real or padded token); each output_linear runs on that same routing and is not listed again.
+    [Fact]
+    public void EachGatingReportsItsExpertCountsOnce()
+    {
+        using var h = new DisposableModel(TorchModelFactory.Random(Config, 6));
+        using var _ = no_grad();
+        var (ids, mask) = RuntimeChecks.LeftPaddedBatch();
+        using var o = h.Model.Forward(ids, mask);
+        var rows = h.Model.NamedModules().Where(m => m.Module is IRoutedExperts { SharesRouting: false }).ToList();
+        Assert.Equal(["model.layers.0.mlp.input_linear", "model.layers.0.self_attention.experts.input_linear",
+            "model.layers.1.mlp.input_linear", "model.layers.1.self_attention.experts.input_linear"], rows.Select(r => r.Name));
+        Assert.All(rows, r => Assert.Equal(ids.numel() * 2, ((IRoutedExperts)r.Module).LastSelectedCounts!.Sum()));
+        Assert.Equal(4, h.Model.NamedModules().Count(m => m.Module is IRoutedExperts { SharesRouting: true }));
+    }
 }

@@ -74,12 +74,16 @@ public sealed class StackedExpertsMoe : HfModule, IBlock
 /// ParamWrapper on one of them is a rank-r update of the whole stacked matrix; it is applied as low-rank products on
 /// each expert's rows of B (never forming W + ΔW).
 /// </summary>
-public sealed class StackedGluExperts : HfModule, IParamDeltaOwner
+public sealed class StackedGluExperts : HfModule, IParamDeltaOwner, IRoutedExperts
 {
     readonly Parameter _w1, _v1, _w2;
     readonly Activation _act;
     readonly long _experts, _inter;
     readonly Dictionary<string, List<IParamDelta>> _deltas = [];
+
+    public long NumExperts => _experts;
+    public long[]? LastSelectedCounts { get; private set; }
+    public bool SharesRouting => false;
 
     public StackedGluExperts(long hidden, StackedExpertsMoeSettings s, Init init)
     {
@@ -106,6 +110,7 @@ public sealed class StackedGluExperts : HfModule, IParamDeltaOwner
             factors[name] = list.Where(d => d.Enabled).Select(d => ((ILowRankDelta)d).Factors()).Select(f => (f.L.to(x.dtype), f.R.to(x.dtype))).ToList();
         long[] counts;
         using (no_grad()) counts = topIdx.flatten().bincount(null, _experts).data<long>().ToArray();
+        LastSelectedCounts = counts;
         var final = zeros_like(x);
         for (long e = 0; e < _experts; e++)
         {

@@ -18,6 +18,19 @@ public interface ILowRankExpertDelta : IParamDelta
     (Tensor L, Tensor R) Factors();
 }
 
+/// <summary>
+/// A module that runs routed experts and knows how many (token, slot) pairs the router sent to each expert in the
+/// last forward (the <c>routers</c> command's rows).
+/// </summary>
+public interface IRoutedExperts
+{
+    long NumExperts { get; }
+    long[]? LastSelectedCounts { get; }
+
+    /// <summary>True for a module run on another's routing (JetMoE's output_linear after its input_linear): its counts repeat that row.</summary>
+    bool SharesRouting { get; }
+}
+
 /// <summary>How fused experts are computed (see <see cref="ExpertsBase.Dispatching"/>).</summary>
 public enum ExpertDispatch { Grouped, Loop }
 
@@ -26,7 +39,7 @@ public enum ExpertDispatch { Grouped, Loop }
 /// of PEFT's parametrization <c>W_eff = W + ΔW</c>: grouped (low-rank, see <see cref="Dispatching"/>) or, in the
 /// reference loop, literally.
 /// </summary>
-public abstract class ExpertsBase : HfModule
+public abstract class ExpertsBase : HfModule, IRoutedExperts
 {
     readonly Dictionary<string, List<IParamDelta>> _deltas = [];
 
@@ -36,6 +49,7 @@ public abstract class ExpertsBase : HfModule
     /// </summary>
     public abstract bool IsTransposed { get; }
     public long NumExperts { get; protected init; }
+    public virtual bool SharesRouting => false;
 
     public Parameter Param(string name) =>
         DirectParameters.FirstOrDefault(kv => kv.Key == name).Value ?? throw new KeyNotFoundException($"experts has no parameter '{name}'.");

@@ -11,11 +11,14 @@ namespace MoeLora.Torch.Nn;
 /// </summary>
 public sealed class ParallelExperts : ExpertsBase
 {
+    readonly bool _sharesRouting;
     public override bool IsTransposed => false;
+    public override bool SharesRouting => _sharesRouting;
 
-    public ParallelExperts(long experts, long inFeatures, long outFeatures, Init init)
+    /// <param name="sharesRouting">output_linear: run on the routing its input_linear made.</param>
+    public ParallelExperts(long experts, long inFeatures, long outFeatures, Init init, bool sharesRouting = false)
     {
-        NumExperts = experts;
+        NumExperts = experts; _sharesRouting = sharesRouting;
         AddParameter("weight", init.Normal(experts, outFeatures, inFeatures));
     }
 
@@ -64,7 +67,7 @@ public sealed class JetMoeMoe : HfModule, IBlock
         _bias = AddParameter("bias", init.Zeros(hidden));
         _act = AddChild("activation", new Activation(s.Act));
         _in = AddChild("input_linear", new ParallelExperts(s.Router.NumExperts, hidden, 2 * s.Intermediate, init));
-        _out = AddChild("output_linear", new ParallelExperts(s.Router.NumExperts, s.Intermediate, hidden, init));
+        _out = AddChild("output_linear", new ParallelExperts(s.Router.NumExperts, s.Intermediate, hidden, init, sharesRouting: true));
         _router = AddChild("router", new TopKGating(hidden, s.Router, init));
     }
 
@@ -103,7 +106,7 @@ public sealed class JetMoeMoA : HfModule
         _width = s.KvHeads * s.HeadDim;
         _bias = AddParameter("bias", init.Zeros(hidden));
         _in = AddChild("input_linear", new ParallelExperts(s.Router.NumExperts, hidden, _width, init));
-        _out = AddChild("output_linear", new ParallelExperts(s.Router.NumExperts, _width, hidden, init));
+        _out = AddChild("output_linear", new ParallelExperts(s.Router.NumExperts, _width, hidden, init, sharesRouting: true));
         _router = AddChild("router", new TopKGating(hidden, s.Router, init));
     }
 
