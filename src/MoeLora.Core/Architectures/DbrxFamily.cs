@@ -15,7 +15,9 @@ namespace MoeLora.Core.Architectures;
 /// loop over the stacked matrices) and tested against the analysis tree, left padding and LoRA gradients; it is
 /// runtime-unverified: no transformers fixture checks it yet (5.17 cannot run a config without <c>clip_qkv</c>).
 /// The rope theta is the top-level <c>rope_parameters</c> / <c>rope_theta</c> (default 10000) as 5.17's
-/// DbrxRotaryEmbedding reads it; <c>attn_config.rope_theta</c> is not read there.
+/// DbrxRotaryEmbedding reads it; <c>attn_config.rope_theta</c> is not read there. The router always works as in
+/// eval: DbrxRouter's training-time input jitter (<c>moe_jitter_eps</c>) is not reproduced, nor are the
+/// attn_pdrop / resid_pdrop dropouts.
 /// </para>
 /// </summary>
 internal sealed class DbrxFamily : IArchitecture
