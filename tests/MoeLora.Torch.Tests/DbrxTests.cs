@@ -11,9 +11,10 @@ using static TorchSharp.torch;
 namespace MoeLora.Torch.Tests;
 
 /// <summary>
-/// DBRX without a transformers fixture yet: its FFN against a token-by-token reading of transformers' DbrxFFN /
-/// DbrxExperts, the qkv clamp, left padding, LoRA gradients on every adapter (the stacked expert matrices included)
-/// and the low-rank expert adapters against the same adapters merged into the weights.
+/// DBRX beyond its transformers fixture (MoeTypesParityTests, which routes top-1): its FFN against a token-by-token
+/// reading of transformers' DbrxFFN / DbrxExperts with top-2 and each p-norm, the qkv clamp, left padding, LoRA
+/// gradients on every adapter (the stacked expert matrices included), the low-rank expert adapters against the same
+/// adapters merged into the weights, and checkpoint / adapter / merged-state round trips.
 /// </summary>
 public class DbrxTests
 {

@@ -10,11 +10,11 @@ namespace MoeLora.Core.Architectures;
 /// 2-D parameters <c>ffn.experts.mlp.{w1,v1,w2}</c> of shape [E·F, H] (w2 used as (in, out)). Because they are 2-D,
 /// a PEFT <c>target_parameters</c> LoRA on them is one rank-r update of the stacked matrix, not one per expert.
 /// <para>
-/// Runtime: built from transformers 5.17's source (DbrxAttention's clamped fused Wqkv, bias-free nn.LayerNorm
-/// around it in DbrxNormAttentionNorm, DbrxFFN's softmax router with p-norm renormalisation and DbrxExperts' per-expert
-/// loop over the stacked matrices) and tested against the analysis tree, left padding and LoRA gradients; it is
-/// runtime-unverified: no transformers fixture checks it yet (5.17 cannot run a config without <c>clip_qkv</c>).
-/// The rope theta is the top-level <c>rope_parameters</c> / <c>rope_theta</c> (default 10000) as 5.17's
+/// Runtime: DbrxAttention's clamped fused Wqkv, bias-free nn.LayerNorm around it in DbrxNormAttentionNorm, DbrxFFN's
+/// softmax router with p-norm renormalisation and DbrxExperts' per-expert loop over the stacked matrices; checked
+/// against transformers 5.17 on a fixture with <c>clip_qkv</c> 8 (logits and hidden states with a left-padded row;
+/// transformers returns no router logits for DBRX). A null <c>clip_qkv</c> runs unclamped, where 5.17's forward
+/// fails (earlier versions skipped the clamp). The rope theta is the top-level <c>rope_parameters</c> / <c>rope_theta</c> (default 10000) as 5.17's
 /// DbrxRotaryEmbedding reads it; <c>attn_config.rope_theta</c> is not read there. The router always works as in
 /// eval: DbrxRouter's training-time input jitter (<c>moe_jitter_eps</c>) is not reproduced, nor are the
 /// attn_pdrop / resid_pdrop dropouts.
