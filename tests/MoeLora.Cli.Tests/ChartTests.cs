@@ -91,6 +91,8 @@ public sealed class ChartTests
     {
         Assert.Equal("12", RoutersCommand.LayerLabel("model.layers.12.mlp.experts"));
         Assert.Equal("experts", RoutersCommand.LayerLabel("experts"));
+        Assert.Equal("3", RoutersCommand.LayerLabel("transformer.blocks.3.ffn.experts.mlp"));
+        Assert.Equal("1 attn", RoutersCommand.LayerLabel("model.layers.1.self_attention.experts.input_linear"));
     }
 
     private static List<(string Label, List<(double X, double Y)> Points)> Curves()

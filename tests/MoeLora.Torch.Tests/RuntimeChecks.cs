@@ -1,17 +1,68 @@
 using MoeLora.Torch.Lora;
 using MoeLora.Torch.Models;
 using TorchSharp;
+using TorchSharp.Modules;
 using static TorchSharp.torch;
 
 namespace MoeLora.Torch.Tests;
 
-/// <summary>Checks the per-family runtime tests share: a left-padded batch, the tree against Core's, LoRA gradients.</summary>
-internal static class RuntimeChecks
+/// <summary>Checks the per-family runtime tests share: a left-padded batch, padded row vs the row alone, the tree against
+/// Core's, LoRA gradients.</summary>
+public static class RuntimeChecks
 {
-    /// <summary>Two rows of 9 tokens; the second left-padded by 3.</summary>
-    public static (Tensor Ids, Tensor Mask) LeftPaddedBatch() =>
-        (tensor(new long[,] { { 3, 4, 5, 6, 7, 8, 9, 10, 11 }, { 0, 0, 0, 5, 9, 13, 2, 40, 7 } }),
-         tensor(new long[,] { { 1, 1, 1, 1, 1, 1, 1, 1, 1 }, { 0, 0, 0, 1, 1, 1, 1, 1, 1 } }));
+    /// <summary>Two rows of 9 tokens; the second is left-padded by 3.</summary>
+    public static (Tensor Ids, Tensor Mask) LeftPaddedBatch()
+    {
+        var ids = tensor(new long[,] { { 3, 4, 5, 6, 7, 8, 9, 10, 11 }, { 0, 0, 0, 5, 9, 13, 2, 40, 7 } });
+        var mask = tensor(new long[,] { { 1, 1, 1, 1, 1, 1, 1, 1, 1 }, { 0, 0, 0, 1, 1, 1, 1, 1, 1 } });
+        return (ids, mask);
+    }
+
+    /// <summary>
+    /// Where rope is relative and nothing else reads absolute positions, the left-padded row's logits at its real
+    /// tokens equal those of its tokens run alone.
+    /// </summary>
+    public static void PaddedRowEqualsTheRowAlone(string config, double tolerance = 1e-5)
+    {
+        using var h = new DisposableModel(TorchModelFactory.Random(config, 5));
+        using var _ = no_grad();
+        var (ids, mask) = LeftPaddedBatch();
+        using var batch = h.Model.Forward(ids, mask);
+        using var alone = h.Model.Forward(ids[1, 3..].unsqueeze(0));
+        var err = Fixtures.RelError(batch.Logits[1, 3..], alone.Logits[0]);
+        Assert.True(err < tolerance, $"padded row vs alone: {err:E2}");
+    }
+
+    /// <summary>
+    /// Injects <paramref name="loraConfig"/> and gives every lora_B values: PEFT initialises B to zero, which would
+    /// leave A without gradient and the adapters without effect. Returns the trainable tensors under PEFT's names.
+    /// </summary>
+    public static List<(string Name, Parameter Param)> InjectWithNonZeroB(CausalLm model, string loraConfig)
+    {
+        LoraInjector.Inject(model, LoraInjector.Plan(model, loraConfig));
+        var lora = LoraInjector.PeftNamedParameters(model).Where(p => p.Param.requires_grad).ToList();
+        using (no_grad())
+            foreach (var (name, p) in lora)
+                if (name.Contains(".lora_B.", StringComparison.Ordinal)) p.normal_(0, 0.1, generator: new Generator(3));
+        return lora;
+    }
+
+    /// <summary>One backward on the left-padded batch: every adapter tensor gets a finite, non-zero gradient.</summary>
+    public static void EveryAdapterGetsGradient(CausalLm model, IEnumerable<(string Name, Parameter Param)> lora)
+    {
+        model.Train();
+        var (ids, mask) = LeftPaddedBatch();
+        using var o = model.Forward(ids, mask);
+        var loss = (o.Logits * mask.unsqueeze(-1)).pow(2).mean();
+        loss.backward();
+        foreach (var (name, p) in lora)
+        {
+            var g = p.grad;
+            Assert.True(g is not null, $"{name}: no gradient");
+            Assert.False(g!.isnan().any().item<bool>() || g.isinf().any().item<bool>(), $"{name}: non-finite gradient");
+            Assert.True(g.abs().sum().item<float>() > 0, $"{name}: zero gradient");
+        }
+    }
 
     /// <summary>The padded row of <see cref="LeftPaddedBatch"/> gives the logits its real tokens give alone.</summary>
     public static void LeftPaddedRowEqualsTheRowAlone(CausalLm model)

@@ -39,7 +39,7 @@ public sealed class RoutersCommand : Command<RoutersCommand.Settings>
         using var _ = model;
         var harmful = s.ReadJsonl(s.Harmful, resolved.Directory, "--harmful");
         var benign = s.ReadJsonl(s.Benign, resolved.Directory, "--benign");
-        var experts = model.NamedModules().Where(m => m.Module is ExpertsBase).Select(m => (m.Name, (ExpertsBase)m.Module)).ToList();
+        var experts = model.NamedModules().Where(m => m.Module is IRoutedExperts { SharesRouting: false }).Select(m => (m.Name, (IRoutedExperts)m.Module)).ToList();
         if (experts.Count == 0) throw new UserInputException($"{resolved.Id} ({model.ModelType}) has no routed experts");
         var h = Count(model, experts, harmful);
         var b = Count(model, experts, benign);
@@ -94,7 +94,7 @@ public sealed class RoutersCommand : Command<RoutersCommand.Settings>
         return 0;
     }
 
-    static List<long[]> Count(Torch.Models.CausalLm model, List<(string, ExpertsBase)> experts, List<long[]> prompts)
+    static List<long[]> Count(Torch.Models.CausalLm model, List<(string, IRoutedExperts)> experts, List<long[]> prompts)
     {
         var totals = experts.Select(e => new long[e.Item2.NumExperts]).ToList();
         foreach (var p in prompts)
@@ -137,6 +137,8 @@ public sealed class RoutersCommand : Command<RoutersCommand.Settings>
     static JsonArray Arr(IEnumerable<double> v) => new(v.Select(x => (JsonNode)JsonValue.Create(Math.Round(x, 6))).ToArray());
 
     /// <summary>The decoder layer of an experts module (<c>model.layers.3.mlp.experts</c> → 3), else its name.</summary>
+    // DBRX's layers are transformer.blocks.{i}; JetMoE routes attention experts too (self_attention.experts).
     internal static string LayerLabel(string module) =>
-        System.Text.RegularExpressions.Regex.Match(module, @"layers\.(\d+)\.") is { Success: true } m ? m.Groups[1].Value : module;
+        System.Text.RegularExpressions.Regex.Match(module, @"(?:layers|blocks)\.(\d+)\.") is { Success: true } m
+            ? m.Groups[1].Value + (module.Contains(".self_attention.", StringComparison.Ordinal) ? " attn" : "") : module;
 }

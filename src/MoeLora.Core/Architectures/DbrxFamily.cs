@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -8,6 +9,16 @@ namespace MoeLora.Core.Architectures;
 /// <c>Wqkv</c>, every layer is MoE, the router is an nn.Linear (<c>ffn.router.layer</c>) and the experts are three
 /// 2-D parameters <c>ffn.experts.mlp.{w1,v1,w2}</c> of shape [E·F, H] (w2 used as (in, out)). Because they are 2-D,
 /// a PEFT <c>target_parameters</c> LoRA on them is one rank-r update of the stacked matrix, not one per expert.
+/// <para>
+/// Runtime: DbrxAttention's clamped fused Wqkv, bias-free nn.LayerNorm around it in DbrxNormAttentionNorm, DbrxFFN's
+/// softmax router with p-norm renormalisation and DbrxExperts' per-expert loop over the stacked matrices; checked
+/// against transformers 5.17 on a fixture with <c>clip_qkv</c> 8 (logits and hidden states with a left-padded row;
+/// transformers returns no router logits for DBRX). A null <c>clip_qkv</c> runs unclamped, where 5.17's forward
+/// fails (earlier versions skipped the clamp). The rope theta is the top-level <c>rope_parameters</c> / <c>rope_theta</c> (default 10000) as 5.17's
+/// DbrxRotaryEmbedding reads it; <c>attn_config.rope_theta</c> is not read there. The router always works as in
+/// eval: DbrxRouter's training-time input jitter (<c>moe_jitter_eps</c>) is not reproduced, nor are the
+/// attn_pdrop / resid_pdrop dropouts.
+/// </para>
 /// </summary>
 internal sealed class DbrxFamily : IArchitecture
 {
@@ -79,7 +90,27 @@ internal sealed class DbrxFamily : IArchitecture
         {
             DecoderLayersPath = "transformer.blocks",
             InputEmbeddings = "transformer.wte",
-            RuntimeUnavailable = "DBRX's fused Wqkv attention, LayerNorm blocks and 2-D stacked experts",
+            Runtime = Runtime(c, attn, ffn, vocab, hidden, layers, heads, kv, headDim, experts, topK, inter, actName),
         };
+    }
+
+    /// <summary>
+    /// Pre-norm blocks with bias-free LayerNorms (torch's default eps 1e-5): norm_1, attention and norm_2 nest in
+    /// <c>norm_attn_norm</c>, the MoE is <c>ffn</c>; the model is <c>transformer.{rotary_emb, wte, blocks, norm_f}</c>.
+    /// </summary>
+    private static DecoderRuntime Runtime(ModelConfig c, ModelConfig attn, ModelConfig ffn, long vocab, long hidden, long layers,
+        long heads, long kv, long headDim, long experts, long topK, long inter, string act)
+    {
+        var norm = new NormSettings(NormKind.LayerNormNoBias, 1e-5);
+        double? clip = attn.Has("clip_qkv") ? attn.Double("clip_qkv", 0) : null;
+        double? normalize = ffn.IsExplicitNull("moe_normalize_expert_weights") ? null : ffn.Double("moe_normalize_expert_weights", 1.0);
+        var attention = new FusedQkvAttentionSettings(heads, kv, headDim, clip);
+        var moe = new StackedExpertsMoeSettings(experts, topK, inter, act, normalize);
+        const string group = "norm_attn_norm";
+        var form = new LayerForm([$"{group}.norm_1", $"{group}.attn", $"{group}.norm_2", "ffn"],
+            new NamedNorm($"{group}.norm_1", norm), null, new NamedNorm($"{group}.norm_2", norm), null, AttentionName: $"{group}.attn");
+        var all = Enumerable.Range(0, (int)layers).Select(_ => new DecoderLayerRuntime(attention, "ffn", moe, norm, norm, form)).ToList();
+        return new DecoderRuntime(vocab, hidden, false, c.Double("initializer_range", 0.02), norm, RopeSettings.Read(c, 10000.0, headDim), all,
+            Names: new ModelNames("wte", "norm_f", "rotary_emb", Root: "transformer", Layers: "blocks", RotaryFirst: true));
     }
 }

@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -21,6 +22,11 @@ namespace MoeLora.Core.Architectures;
 /// transformers 5.17 registers mlp, the two norms, then self_attention. Checkpoints of 4.57 and 5.17 have the same
 /// names (no conversion mapping), so Layout.V4 is that on-disk layout and builds the v5 tree; 4.57's module order
 /// (JetMoeBlock) is not modelled.
+/// </para>
+/// <para>
+/// Runtime: checked against transformers 5.17 (logits, hidden states, router logits with a left-padded row). Its
+/// router logits are three per layer, as transformers records them: the attention gating's, the same tensor again as
+/// JetMoeAttention's third output, then the MoE gating's.
 /// </para>
 /// </summary>
 internal sealed class JetMoeFamily : IArchitecture
@@ -80,8 +86,30 @@ internal sealed class JetMoeFamily : IArchitecture
             $"by their own router; one shared kv_proj)");
         return Blocks.Spec(c, "jetmoe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
         {
-            RuntimeUnavailable = "JetMoE's mixture-of-attention experts",
+            Runtime = Runtime(c, vocab, hidden, layers, kv, kvChannels, experts, topK, inter, act, tie),
         };
+    }
+
+    /// <summary>
+    /// Pre-norm layers registered mlp, input_layernorm, post_attention_layernorm, self_attention. The layer norms are
+    /// built as <c>JetMoeRMSNorm(hidden_size)</c>, so they keep the class default eps 1e-6; only the final norm reads
+    /// <c>rms_norm_eps</c>. Both gatings take top-k of the fp32 logits and softmax those k (JetMoeTopKGating).
+    /// </summary>
+    private static DecoderRuntime Runtime(ModelConfig c, long vocab, long hidden, long layers, long kv, long kvChannels,
+        long experts, long topK, long inter, string act, bool tie)
+    {
+        var layerNorm = new NormSettings(NormKind.Rms, 1e-6);
+        var router = new TopKLogitsRouterSettings("router.layer", experts, topK, TopKScore.SoftmaxFp32, NormTopK: false,
+            LogitsInFp32: true, LinearModule: true);
+        var attn = new MixtureOfAttentionHeadsSettings(router, kv, kvChannels);
+        var moe = new ParallelExpertsMoeSettings(router, inter, act);
+        var form = new LayerForm(["mlp", "input_layernorm", "post_attention_layernorm", "self_attention"],
+            new NamedNorm("input_layernorm", layerNorm), null, new NamedNorm("post_attention_layernorm", layerNorm), null,
+            AttentionName: "self_attention");
+        var all = Enumerable.Range(0, (int)layers).Select(_ => new DecoderLayerRuntime(attn, "mlp", moe, layerNorm, layerNorm, form)).ToList();
+        // The rotary table spans head_dim, an alias of kv_channels.
+        return new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.01),
+            new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-6)), RopeSettings.Read(c, 10000.0, kvChannels), all);
     }
 
     /// <summary>JetMoeParallelExperts: one weight [E, out, in], applied per expert as F.linear.</summary>

@@ -66,7 +66,7 @@ public sealed class DoraLinear : LoraWrapper, ILinearAdapter
 /// A is (r, in), B is (out, r), and the parameter is used as <c>W + s·BA</c> while the owner runs.
 /// On an nn.Linear owner the delta is applied as an extra <c>x·ΔWᵀ</c> term (same result as W + ΔW).
 /// </summary>
-public sealed class ParamLora2D : LoraWrapper, IParamDelta, ILinearAdapter
+public sealed class ParamLora2D : LoraWrapper, ILowRankDelta, ILinearAdapter
 {
     public string ParameterName { get; }
 
@@ -76,6 +76,11 @@ public sealed class ParamLora2D : LoraWrapper, IParamDelta, ILinearAdapter
         ParameterName = parameterName;
         _target = owner.DirectParameters.FirstOrDefault(kv => kv.Key == parameterName).Value
             ?? throw new NotSupportedException($"{owner.GetType().Name} has no parameter '{parameterName}'.");
+        if (owner is IParamDeltaOwner any)
+        {
+            any.AttachDelta(parameterName, this);
+            return;
+        }
         if (parameterName != "weight")
             throw new NotSupportedException($"target_parameters on '{parameterName}' of {owner.GetType().Name} is not supported (2-D 'weight' only).");
         switch (owner)
@@ -93,6 +98,9 @@ public sealed class ParamLora2D : LoraWrapper, IParamDelta, ILinearAdapter
     public override Tensor Merge(Tensor weight) => weight + Delta().to(weight.dtype);
 
     public Tensor Delta() => matmul(B.weight, A.weight) * Scaling;
+
+    /// <summary>ΔW = (s·B) · A: B (out, r), A (r, in).</summary>
+    public (Tensor L, Tensor R) Factors() => (B.weight * Scaling, A.weight);
 
     public Tensor Apply(Tensor x, Tensor baseOutput, Linear layer) =>
         Enabled ? baseOutput + nn.functional.linear(x, Delta().to(x.dtype)) : baseOutput;

@@ -23,8 +23,8 @@ public sealed class CausalLmOutput : IDisposable
 }
 
 /// <summary>
-/// <c>XForCausalLM</c>: <c>model.embed_tokens</c>, <c>model.layers.{i}</c>, <c>model.norm</c>, <c>model.rotary_emb</c>,
-/// then <c>lm_head</c>, built by <see cref="ModelBuilder"/> from Core's <see cref="ModelSpec.Runtime"/>; this class
+/// <c>XForCausalLM</c>: <c>model.embed_tokens</c>, <c>model.layers.{i}</c>, <c>model.norm</c>, <c>model.rotary_emb</c>
+/// (or the family's <see cref="ModelNames"/>), then <c>lm_head</c>, built by <see cref="ModelBuilder"/> from Core's <see cref="ModelSpec.Runtime"/>; this class
 /// runs the shared forward.
 /// </summary>
 public sealed class CausalLm : HfModule, IDisposable
@@ -48,16 +48,17 @@ public sealed class CausalLm : HfModule, IDisposable
     {
         Spec = spec; Runtime = runtime; DType = init.DType; Device = init.Device;
         var names = runtime.Names ?? ModelNames.Llama;
-        var model = AddChild("model", new ModelRoot(runtime.EmbeddingAffine, runtime.HiddenSize, init));
+        var model = AddChild(names.Root, new ModelRoot(runtime.EmbeddingAffine, runtime.HiddenSize, init));
         _model = model;
+        // The rotary module is parameter-free, present in named_modules as in transformers (where the family has one).
+        if (names is { Rotary: { } first, RotaryFirst: true }) model.Add(first, new Container());
         _embed = model.Add(names.Embeddings, new Embedding(runtime.VocabSize, runtime.HiddenSize, init));
-        var layers = model.Add("layers", new Container());
+        var layers = model.Add(names.Layers, new Container());
         _layers = [];
         for (int i = 0; i < runtime.Layers.Count; i++) _layers.Add((IDecoderLayer)layers.Add(i.ToString(System.Globalization.CultureInfo.InvariantCulture), layer(i)));
-        // The rotary module is parameter-free, present in named_modules as in transformers (where the family has one).
-        if (names is { Rotary: { } before, RotaryBeforeNorm: true }) model.Add(before, new Container());
+        if (names is { Rotary: { } before, RotaryBeforeNorm: true, RotaryFirst: false }) model.Add(before, new Container());
         _norm = (INorm)model.Add(names.FinalNorm, Norms.Create(runtime.HiddenSize, runtime.FinalNorm, init));
-        if (names is { Rotary: { } after, RotaryBeforeNorm: false }) model.Add(after, new Container());
+        if (names is { Rotary: { } after, RotaryBeforeNorm: false, RotaryFirst: false }) model.Add(after, new Container());
         _lmHead = AddChild("lm_head", new Linear(runtime.HiddenSize, runtime.VocabSize, runtime.LmHeadBias, init));
         if (runtime.TieWordEmbeddings) _lmHead.TieTo(_embed.weight);
     }

@@ -58,6 +58,8 @@ public static class ModelBuilder
         DynamicMaskAttentionSettings s => new DynamicMaskAttention(hidden, s, rope, init),
         CcaAttentionSettings s => new CcaAttention(hidden, s, rope, init),
         GatedDeltaNetSettings s => new GatedDeltaNet(hidden, s, init),
+        MixtureOfAttentionHeadsSettings s => new JetMoeAttention(hidden, s, rope, init),
+        FusedQkvAttentionSettings s => new FusedQkvAttention(hidden, s, rope, init),
         _ => throw new NotSupportedException($"attention settings {a.GetType().Name} have no runtime block."),
     };
 
@@ -68,6 +70,8 @@ public static class ModelBuilder
         NonGatedMoeSettings m => new NonGatedMoe(hidden, m, init),
         GatedMlpSettings m => new GatedMlp(hidden, m, init),
         FusedGateUpMlpSettings m => new FusedGateUpMlp(hidden, m, init),
+        ParallelExpertsMoeSettings m => new JetMoeMoe(hidden, m, init),
+        StackedExpertsMoeSettings m => new StackedExpertsMoe(hidden, m, init),
         MoeSettings m => m.Router switch
         {
             SoftmaxTopKRouterSettings => new SoftmaxTopKMoe(hidden, Expect(m, ExpertsLayout.GateUpOutIn), init),

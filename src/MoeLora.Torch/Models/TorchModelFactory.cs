@@ -55,11 +55,13 @@ public static class TorchModelFactory
         var o = System.Text.Json.Nodes.JsonNode.Parse(configJson)!.AsObject();
         // Nemotron-H has no num_hidden_layers: its layer count is the length of layers_block_type.
         var blockTypes = o["layers_block_type"] as System.Text.Json.Nodes.JsonArray;
-        long total = o["num_hidden_layers"] is { } n ? (long)n.GetValue<double>()
+        // DBRX names the count n_layers.
+        var key = o["num_hidden_layers"] is null && o["n_layers"] is not null ? "n_layers" : "num_hidden_layers";
+        long total = o[key] is { } n ? (long)n.GetValue<double>()
             : blockTypes?.Count ?? throw new UserInputException("cannot truncate the model: config.json has no num_hidden_layers.");
         if (numLayers < 1 || numLayers > total)
-            throw new UserInputException($"cannot truncate to {numLayers} layers: the model has {total} (num_hidden_layers).");
-        if (o["num_hidden_layers"] is not null) o["num_hidden_layers"] = numLayers;
+            throw new UserInputException($"cannot truncate to {numLayers} layers: the model has {total} ({key}).");
+        if (o[key] is not null) o[key] = numLayers;
         foreach (var perLayer in new[] { "layer_types", "layers_block_type" })
             if (o[perLayer] is System.Text.Json.Nodes.JsonArray lt && lt.Count > numLayers)
                 o[perLayer] = new System.Text.Json.Nodes.JsonArray(lt.Take(numLayers).Select(x => x!.DeepClone()).ToArray());

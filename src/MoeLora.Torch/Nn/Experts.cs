@@ -18,6 +18,19 @@ public interface ILowRankExpertDelta : IParamDelta
     (Tensor L, Tensor R) Factors();
 }
 
+/// <summary>
+/// A module that runs routed experts and knows how many (token, slot) pairs the router sent to each expert in the
+/// last forward (the <c>routers</c> command's rows).
+/// </summary>
+public interface IRoutedExperts
+{
+    long NumExperts { get; }
+    long[]? LastSelectedCounts { get; }
+
+    /// <summary>True for a module run on another's routing (JetMoE's output_linear after its input_linear): its counts repeat that row.</summary>
+    bool SharesRouting { get; }
+}
+
 /// <summary>How fused experts are computed (see <see cref="ExpertsBase.Dispatching"/>).</summary>
 public enum ExpertDispatch { Grouped, Loop }
 
@@ -26,7 +39,7 @@ public enum ExpertDispatch { Grouped, Loop }
 /// of PEFT's parametrization <c>W_eff = W + ΔW</c>: grouped (low-rank, see <see cref="Dispatching"/>) or, in the
 /// reference loop, literally.
 /// </summary>
-public abstract class ExpertsBase : HfModule
+public abstract class ExpertsBase : HfModule, IRoutedExperts
 {
     readonly Dictionary<string, List<IParamDelta>> _deltas = [];
 
@@ -36,6 +49,7 @@ public abstract class ExpertsBase : HfModule
     /// </summary>
     public abstract bool IsTransposed { get; }
     public long NumExperts { get; protected init; }
+    public virtual bool SharesRouting => false;
 
     /// <summary>
     /// Identity experts numbered after the <see cref="NumExperts"/> computed ones (LongCat-Flash's zero-computation
@@ -83,19 +97,19 @@ public abstract class ExpertsBase : HfModule
     /// How many (token, slot) pairs the router sent to each expert in the last forward: the experts actually
     /// dispatched (after any bias/group selection), for gradient-flow checks.
     /// </summary>
-    public long[]? LastSelectedCounts { get; private set; }
+    public long[]? LastSelectedCounts { get; protected set; }
 
     /// <summary>
     /// The T·k (token, slot) pairs sorted by expert: <see cref="Order"/> (pair index per sorted row), its token,
     /// the per-expert counts, and — when padding is cheap — each row's place in a padded [E·cap] buffer.
     /// </summary>
-    protected sealed record Grouping(Tensor Order, Tensor TokenOf, long[] Counts, Tensor? PaddedRow, long Capacity);
+    protected internal sealed record Grouping(Tensor Order, Tensor TokenOf, long[] Counts, Tensor? PaddedRow, long Capacity);
 
     /// <summary>
     /// Sorts the pairs by expert (stable: token-major within an expert, as the loop); pairs of identity experts are left
     /// out (<see cref="Grouping.Order"/> still indexes the flattened [T·k] pairs).
     /// </summary>
-    protected Grouping Group(Tensor topIdx)
+    protected internal Grouping Group(Tensor topIdx)
     {
         long k = topIdx.shape[1];
         using var _ = no_grad();

@@ -141,7 +141,15 @@ public sealed class FormDecoderLayer : HfModule, IDecoderLayer
         if ((attn is null || ff is null) && (form.ResidualMultiplier != 1.0 || form.ResidualScales is not null || form.AffineResiduals is not null
                 || form.Parallel || extraFf is not null))
             throw new InvalidDataException("a one-sublayer layer takes no residual multiplier, residual scales, parallel form or extra feed-forward.");
-        foreach (var name in form.Order) AddChild(name, children[name]);
+        // A dotted name nests its child in a parameter-free container (DBRX's norm_attn_norm.{norm_1, attn, norm_2}).
+        var groups = new Dictionary<string, Container>(StringComparer.Ordinal);
+        foreach (var name in form.Order)
+        {
+            var dot = name.IndexOf('.', StringComparison.Ordinal);
+            if (dot < 0) { AddChild(name, children[name]); continue; }
+            if (!groups.TryGetValue(name[..dot], out var group)) groups[name[..dot]] = group = AddChild(name[..dot], new Container());
+            group.Add(name[(dot + 1)..], children[name]);
+        }
         _attn = (IBlock?)attn;
         _ff = (IBlock?)ff;
         _extra = (IBlock?)extraFf;

@@ -15,3 +15,18 @@ internal static class ParamDeltas
         return w;
     }
 }
+
+/// <summary>A 2-D delta in low-rank form: ΔW = L · R, L (out, r) with the scaling folded in, R (r, in).</summary>
+public interface ILowRankDelta : IParamDelta
+{
+    (Tensor L, Tensor R) Factors();
+}
+
+/// <summary>
+/// A module whose own 2-D parameters (other than a Linear's <c>weight</c>) take ParamWrapper deltas, applied where it
+/// uses them (DBRX's stacked expert matrices w1, v1, w2).
+/// </summary>
+internal interface IParamDeltaOwner
+{
+    void AttachDelta(string parameterName, IParamDelta delta);
+}

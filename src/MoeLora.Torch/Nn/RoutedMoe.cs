@@ -165,16 +165,7 @@ public sealed class RoutedMoe : HfModule, IBlock
         switch (_r)
         {
             case TopKLogitsRouterSettings t:
-                if (t.LogitsInFp32) logits = logits.to(ScalarType.Float32);
-                (topW, topIdx) = logits.topk((int)t.TopK, -1);
-                topW = t.Score switch
-                {
-                    TopKScore.SoftmaxFp32 => topW.softmax(-1, ScalarType.Float32),
-                    TopKScore.Softmax => topW.softmax(-1),
-                    _ => nn.functional.sigmoid(topW),
-                };
-                if (t.Score == TopKScore.Sigmoid && t.NormTopK) topW = topW / topW.sum(-1, keepdim: true);
-                topW = topW.to(x.dtype);
+                (logits, topIdx, topW) = TopKOfLogits(t, logits, x.dtype);
                 break;
             case SigmoidBiasRouterSettings b:
                 var l32 = logits.to(ScalarType.Float32);
@@ -232,6 +223,24 @@ public sealed class RoutedMoe : HfModule, IBlock
                 : _o.SharedAverage ? (routed + sh) / 2 : routed + sh;
         }
         return routed.view(shape);
+    }
+
+    /// <summary>
+    /// <see cref="TopKLogitsRouterSettings"/>: top-k of the (optionally fp32) logits, then softmax or sigmoid of those
+    /// k, cast to <paramref name="dtype"/>. Returns the logits as the router returns them (fp32 where cast).
+    /// </summary>
+    internal static (Tensor Logits, Tensor TopIdx, Tensor TopW) TopKOfLogits(TopKLogitsRouterSettings t, Tensor logits, ScalarType dtype)
+    {
+        if (t.LogitsInFp32) logits = logits.to(ScalarType.Float32);
+        var (topW, topIdx) = logits.topk((int)t.TopK, -1);
+        topW = t.Score switch
+        {
+            TopKScore.SoftmaxFp32 => topW.softmax(-1, ScalarType.Float32),
+            TopKScore.Softmax => topW.softmax(-1),
+            _ => nn.functional.sigmoid(topW),
+        };
+        if (t.Score == TopKScore.Sigmoid && t.NormTopK) topW = topW / topW.sum(-1, keepdim: true);
+        return (logits, topIdx, topW.to(dtype));
     }
 
     /// <summary>

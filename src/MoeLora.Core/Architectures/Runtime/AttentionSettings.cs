@@ -151,3 +151,21 @@ public sealed record Llama4AttentionSettings(
     double AttnScale,
     double FloorScale,
     MaskSettings Mask) : AttentionSettings;
+
+/// <summary>
+/// JetMoE's mixture of attention heads (<c>JetMoeAttention</c>): registered <c>experts</c> (JetMoeMoA: an output
+/// bias, per-expert query projections <c>input_linear [E, kv·d, H]</c> and output projections
+/// <c>output_linear [E, H, kv·d]</c>, and its own top-k gating <paramref name="Router"/>), then one shared
+/// <c>kv_proj</c> (H → 2·kv·d). Each token's k selected experts give k groups of kv query heads; keys and values are
+/// tiled k times (<c>repeat</c>, not GQA's interleave), so query head <c>j</c> reads kv head <c>j mod kv</c>. Each
+/// group's output goes through its expert's output projection, weighted by the gate, summed, plus the bias.
+/// </summary>
+public sealed record MixtureOfAttentionHeadsSettings(TopKLogitsRouterSettings Router, long KvHeads, long HeadDim) : AttentionSettings;
+
+/// <summary>
+/// DBRX's attention (<c>DbrxAttention</c>): one fused <c>Wqkv</c> (H → heads·d + 2·kv·d, no bias) whose output is
+/// clamped to ±<paramref name="ClipQkv"/> and split into q, k, v; rope by rotating halves; eager GQA with scale
+/// d^-0.5; <c>out_proj</c>. A null clip leaves qkv unclamped (transformers 5.17's forward fails on it; earlier
+/// versions skipped the clamp).
+/// </summary>
+public sealed record FusedQkvAttentionSettings(long Heads, long KvHeads, long HeadDim, double? ClipQkv) : AttentionSettings;

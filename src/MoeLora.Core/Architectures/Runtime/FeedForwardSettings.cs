@@ -133,3 +133,19 @@ public sealed record ExpertsSettings(ExpertsLayout Layout, long NumExperts, long
 /// it uses the routed experts' clamped SwiGLU when they have one.</param>
 public sealed record SharedExpertSettings(string Name, long Intermediate, string Act, string? SigmoidGateName, string ActName = "act_fn",
     bool Bias = false, bool FusedGateUp = false);
+
+/// <summary>
+/// JetMoE's MoE (<c>JetMoeMoE</c>), registered bias, activation, input_linear, output_linear, router: experts as
+/// two JetMoeParallelExperts modules holding one weight each, <c>input_linear [E, 2·I, H]</c> (gate | up) and
+/// <c>output_linear [E, H, I]</c>, the top-k gating <paramref name="Router"/> (an nn.Linear <c>router.layer</c>), and an
+/// output bias [H] added to the routed sum.
+/// </summary>
+public sealed record ParallelExpertsMoeSettings(TopKLogitsRouterSettings Router, long Intermediate, string Act) : FeedForwardSettings;
+
+/// <summary>
+/// DBRX's FFN (<c>DbrxFFN</c>), registered <c>router.layer</c> (an nn.Linear) then <c>experts.mlp</c> (DbrxExpertGLU:
+/// Parameters <c>w1</c>, <c>v1</c>, <c>w2</c> of [E·I, H], then its activation module <c>activation_fn</c>). Softmax
+/// of the logits in their own dtype over all experts, top-k, divided by the <paramref name="NormalizeP"/>-norm of the
+/// k (null: not normalised); expert e uses rows [e·I, (e+1)·I) of each matrix: <c>(act(x·w1ᵀ) · x·v1ᵀ) · w2</c>.
+/// </summary>
+public sealed record StackedExpertsMoeSettings(long NumExperts, long TopK, long Intermediate, string Act, double? NormalizeP) : FeedForwardSettings;

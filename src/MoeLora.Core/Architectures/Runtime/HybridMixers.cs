@@ -90,11 +90,15 @@ public sealed record NonGatedMoeSettings(
 
 /// <summary>
 /// Module names of the model around the decoder stack when they are not Llama's: <c>{Root}.{Embeddings}</c>,
-/// <c>{Root}.layers</c>, then <c>{Root}.{FinalNorm}</c> and the parameter-free rotary module (null: none), in
+/// <c>{Root}.{Layers}</c>, then <c>{Root}.{FinalNorm}</c> and the parameter-free rotary module (null: none), in
 /// transformers' registration order.
 /// </summary>
 /// <param name="RotaryBeforeNorm">The rotary module is registered before the final norm (LFM2's pos_emb, embedding_norm).</param>
-public sealed record ModelNames(string Embeddings, string FinalNorm, string? Rotary, bool RotaryBeforeNorm = false)
+/// <param name="Root">The base model's attribute (<c>model</c>; DBRX: <c>transformer</c>).</param>
+/// <param name="Layers">The decoder layers' ModuleList (<c>layers</c>; DBRX: <c>blocks</c>).</param>
+/// <param name="RotaryFirst">The rotary module is registered before the embeddings (DBRX).</param>
+public sealed record ModelNames(string Embeddings, string FinalNorm, string? Rotary, bool RotaryBeforeNorm = false,
+    string Root = "model", string Layers = "layers", bool RotaryFirst = false)
 {
     /// <summary>Llama's: embed_tokens, layers, norm, rotary_emb.</summary>
     public static ModelNames Llama { get; } = new("embed_tokens", "norm", "rotary_emb");

@@ -13,7 +13,8 @@ public sealed record NamedNorm(string Name, NormSettings Norm);
 /// <c>BeforeAttention(x)</c> and <c>out = x + attn + ff</c> (Cohere).
 /// </summary>
 /// <param name="Order">The layer's children in registration order (named_parameters order): "self_attn", the
-/// feed-forward name, the norm names and <see cref="ExtraFeedForwardName"/> where present.</param>
+/// feed-forward name, the norm names and <see cref="ExtraFeedForwardName"/> where present. A dotted name
+/// (<c>norm_attn_norm.attn</c>) nests that child one level down in a module without parameters (DBRX).</param>
 /// <param name="ResidualScales">Learned per-channel residual scales, the layer's own Parameters [hidden] (so they
 /// enumerate before its children): <c>h = s₁ ⊙ x + attn</c>, <c>out = s₂ ⊙ h + ff</c> (Doge's input_residual,
 /// post_attention_residual); null: plain residuals.</param>
