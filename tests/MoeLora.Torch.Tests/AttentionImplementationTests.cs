@@ -65,7 +65,8 @@ public class AttentionImplementationTests(ITestOutputHelper log)
     /// <summary>
     /// Every runnable family in bf16 (the dtype training uses): SDPA runs (the mask in the query's dtype), nothing is
     /// NaN (padded rows included), and the logits stay near fp32's. The bound is loose: bf16 rounding flips near-tied
-    /// expert choices in these tiny random models, under eager as under SDPA; the attention itself is checked
+    /// expert choices in these tiny random models, under eager as under SDPA (transformers' own bf16 logits on the GPU
+    /// host were 0.32 from its fp32 ones on the hf-tiny mixtral fixture, 0.19 on gpt_oss); the attention itself is checked
     /// tightly in bf16 by <see cref="SdpaKernelIsAsCloseToFp32AsEagerInBf16"/>.
     /// </summary>
     [Theory]
@@ -96,7 +97,7 @@ public class AttentionImplementationTests(ITestOutputHelper log)
         var errSdpa = Fixtures.MaskedRelError(sdpa.Logits.to(ScalarType.Float32), fp32, mask);
         var errEager = Fixtures.MaskedRelError(eager.Logits.to(ScalarType.Float32), fp32, mask);
         log.WriteLine($"{type} bf16 logits vs fp32: sdpa {errSdpa:E2}, eager {errEager:E2}");
-        Assert.True(errSdpa <= Math.Max(3 * errEager, 0.1), $"{type}: bf16 SDPA is {errSdpa:E2} from fp32, eager bf16 {errEager:E2}");
+        Assert.True(errSdpa <= Math.Max(3 * errEager, 0.5), $"{type}: bf16 SDPA is {errSdpa:E2} from fp32, eager bf16 {errEager:E2}");
     }
 
     /// <summary>
