@@ -59,14 +59,20 @@ internal sealed class DevicePeakMeter
     /// <summary>Starts a step window (CPU: VmHWM back to the current resident set).</summary>
     public void StartWindow()
     {
-        if (!IsCuda) DeviceMemory.ResetPeakHost();
+        if (IsCuda) return;
+        DeviceMemory.ResetPeakHost();
+        _windowStart = DeviceMemory.Used(Device);
     }
+
+    long? _windowStart;
 
     /// <summary>The peak above the baseline since <see cref="StartWindow"/> (CUDA: since the baseline, see the class note).</summary>
     public long PeakAboveBaseline()
     {
         if (IsCuda) { cuda.synchronize(Device); return DeviceMemory.Used(Device) - BaselineBytes; }
-        return Math.Max(0, Measurements.ProcessPeakBytes() - BaselineBytes);
+        // Garbage collected since the baseline (an earlier step's, or another in-process caller's) can leave the
+        // resident set below it: measure from whichever is lower.
+        return Math.Max(0, Measurements.ProcessPeakBytes() - Math.Min(BaselineBytes, _windowStart ?? BaselineBytes));
     }
 
     public string Source => IsCuda
