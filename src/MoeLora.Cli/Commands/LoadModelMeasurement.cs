@@ -100,7 +100,8 @@ internal static class LoadModelMeasurement
         var plan = report.Plan;
         var modes = DevicePeakMeter.Order(s.ParsedMeasureSteps);
         // The baseline is read before any model exists; cb runs first on its own truncated model (see Order).
-        var meter = modes.Count > 0 ? DevicePeakMeter.Start(dev) : null;
+        // On a GPU the meter always runs: the device memory after the build is compared with the prediction.
+        var meter = modes.Count > 0 || dev.type == DeviceType.CUDA ? DevicePeakMeter.Start(dev) : null;
         if (modes.Contains("cb"))
             m.Steps.Add(StepMeasurement.CircuitBreaker(report, resolved, dir, random, dtype, dev, seed, s, meter!));
         // Random weights are drawn on the device itself: a real-size model never passes through host memory.
@@ -114,6 +115,7 @@ internal static class LoadModelMeasurement
         m.ExpertSlices = adapter.Wrappers.Where(w => w.Wrapper is ParamLora p && p.NumExperts > 1).Sum(w => ((ParamLora)w.Wrapper).NumExperts);
         var trainable = LoraInjector.PeftNamedParameters(model).ToList();
         m.LoraTensors = trainable.Count;
+        if (m.IsCuda) m.DeviceAfterBuildBytes = meter!.UsedAboveBaseline();
         m.Counts = Measurements.CountParameters(model);
         m.Shared = Measurements.FindSharedStorage(Measurements.AdapterTensors(model));
         m.DistinctAdapterStorages = trainable.Select(t => Measurements.DataPointer(t.Param)).Distinct().Count();
@@ -169,6 +171,8 @@ internal static class LoadModelMeasurement
         public long RuntimeBaselineBytes;
         public int AdapterInstances, LoraTensors, PerExpertSliceAdapters, DistinctAdapterStorages, HiddenStates;
         public long ExpertSlices, AllStatesBytes, TargetStatesBytes, ForwardRssGrowthBytes, PeakBytes, CheckpointBytes;
+        /// <summary>CUDA: device memory in use after the build and LoRA injection, above the pre-build baseline.</summary>
+        public long? DeviceAfterBuildBytes;
         public string HiddenStateDType = "";
         public ParameterCounts Counts = null!;
         public IReadOnlyList<SharedStorage> Shared = [];
@@ -200,10 +204,28 @@ internal static class LoadModelMeasurement
             Exact("base weights", r.Spec.Tree.NumParameters * r.Options.DType.Bytes(), Counts.TotalBytes - Counts.TrainableBytes, Units.Bytes);
             Exact($"hidden states, all {r.HiddenStates.NumStates}", r.HiddenStates.AllLayersBytes, AllStatesBytes, Units.Bytes);
             Exact($"hidden states, targets [{string.Join(",", r.HiddenStates.TargetLayers)}]", r.HiddenStates.TargetLayersBytes, TargetStatesBytes, Units.Bytes);
-            var ratio = PredictedPeak == 0 ? 0 : (double)PeakBytes / PredictedPeak;
-            rows.Add(("process peak (VmHWM)", Units.Bytes(PredictedPeak), Units.Bytes(PeakBytes),
-                $"{ratio:0.00}x of predicted; rough by nature: predicted = runtime at start ({Units.Bytes(RuntimeBaselineBytes)}, measured) + " +
-                $"the largest phase ({Prediction.PeakPhase}); allocator caching, libtorch workspaces and GC heaps are not modelled"));
+            if (IsCuda)
+            {
+                // On a GPU the model lives on the device: the host holds the runtime and CUDA libraries only, so the
+                // host-side phase model does not apply; the device is compared with weights + adapters instead.
+                long predicted = r.Spec.Tree.NumParameters * r.Options.DType.Bytes() + r.AdapterMemoryBytes;
+                if (DeviceAfterBuildBytes is { } dev)
+                {
+                    var devRatio = predicted == 0 ? 0 : (double)dev / predicted;
+                    rows.Add(("device memory after build", Units.Bytes(predicted), Units.Bytes(dev),
+                        $"{devRatio:0.00}x of predicted ({(Math.Abs(devRatio - 1) <= 0.10 ? "within" : "outside")} 10%): weights + fp32 adapters; " +
+                        "measured = in use on the device (cudaMemGetInfo) above the reading before the build, allocator reservations and workspaces included"));
+                }
+                rows.Add(("host peak (VmHWM)", "bounded", Units.Bytes(PeakBytes),
+                    "weights are drawn or loaded straight to the device; the host holds the runtime, CUDA libraries and one staged tensor at a time"));
+            }
+            else
+            {
+                var ratio = PredictedPeak == 0 ? 0 : (double)PeakBytes / PredictedPeak;
+                rows.Add(("process peak (VmHWM)", Units.Bytes(PredictedPeak), Units.Bytes(PeakBytes),
+                    $"{ratio:0.00}x of predicted; rough by nature: predicted = runtime at start ({Units.Bytes(RuntimeBaselineBytes)}, measured) + " +
+                    $"the largest phase ({Prediction.PeakPhase}); allocator caching, libtorch workspaces and GC heaps are not modelled"));
+            }
             rows.AddRange(StepMeasurement.Rows(Steps, IsCuda));
             return rows;
         }
@@ -289,6 +311,7 @@ internal static class LoadModelMeasurement
                 ["runtime_baseline_bytes"] = RuntimeBaselineBytes,
                 ["predicted_peak_bytes"] = PredictedPeak,
                 ["process_peak_bytes"] = PeakBytes,
+                ["device_after_build_bytes"] = DeviceAfterBuildBytes,
                 ["checkpoint_bytes"] = CheckpointBytes,
                 ["phases"] = new JsonArray(Prediction.Phases.Select(p => (JsonNode)new JsonObject { ["name"] = p.Name, ["bytes"] = p.Bytes, ["detail"] = p.Detail }).ToArray()),
             },
