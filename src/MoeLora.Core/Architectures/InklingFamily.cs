@@ -1,4 +1,5 @@
 using System.Globalization;
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -74,12 +75,39 @@ internal sealed class InklingFamily : IArchitecture
         var spec = Blocks.NestedSpec(c, textConfig, c.ModelType!, b.Build(), moe, t.Hidden, t.Layers, t.Vocab, t.Global.Heads,
             t.Global.KvHeads, tie: false, t.Act, textModel, lmHead: disk ? "model.llm.unembed" : "lm_head",
             embedName: disk ? "embed" : "embed_tokens");
-        return spec with
+        if (multimodal) return spec with { RuntimeUnavailable = "Inkling's audio and vision towers (only inkling_text runs)" };
+        // The head of a checkpoint whose vocabulary is padded is sliced to unpadded_vocab_size; the runtime keeps every row.
+        if (c.IntOrNull("unpadded_vocab_size", null) is { } unpadded && unpadded < t.Vocab)
+            return spec with { RuntimeUnavailable = "Inkling's logits sliced to unpadded_vocab_size" };
+        return spec with { Runtime = Runtime(c, t) };
+    }
+
+    /// <summary>
+    /// InklingForCausalLM: embed_norm on the embeddings, per layer the sliding or global attention geometry (no rotary
+    /// embedding) and a sparse or dense MLP, each sublayer's output through its residual short convolution, and logits
+    /// of the final hidden states divided by logits_mup_width_multiplier.
+    /// </summary>
+    private static DecoderRuntime Runtime(ModelConfig c, Text t)
+    {
+        var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-6));
+        var window = c.FirstInt("sliding_window_size", "sliding_window") ?? 512;
+        var logScaling = c.IntOrNull("log_scaling_n_floor", null) is { } floor
+            ? new InklingLogScaling(floor, c.Double("log_scaling_alpha", 0.1)) : null;
+        var sparse = new InklingMoeSettings(t.Experts, t.Shared, t.TopK, t.MoeInter, t.Act, c.Double("route_scale", 8.0));
+        var dense = new GatedMlpSettings(t.Inter, t.Act, GlobalScale: "global_scale");
+        var convs = new SublayerConvs(t.Kernel);
+        var layers = Enumerable.Range(0, (int)t.Layers).Select(i =>
         {
-            RuntimeUnavailable = multimodal
-                ? "Inkling's per-layer attention geometry and expert layout, and its audio and vision towers"
-                : "Inkling's per-layer attention geometry and expert layout",
-        };
+            var sliding = t.LayerTypes[i] == "hybrid_sliding";
+            var g = sliding ? t.Local : t.Global;
+            var attention = new InklingAttentionSettings(g.Heads, g.KvHeads, g.HeadDim, t.DRel, g.RelExtent, t.Kernel, norm.Eps,
+                sliding ? new MaskSettings(MaskKind.Sliding, window) : MaskSettings.Full, sliding ? null : logScaling);
+            return new DecoderLayerRuntime(attention, "mlp", t.MlpTypes[i] == "sparse" ? sparse : dense, norm, norm, Convs: convs);
+        }).ToList();
+        return new DecoderRuntime(t.Vocab, t.Hidden, TieWordEmbeddings: false, c.Double("initializer_range", 0.02), norm,
+            new RopeSettings("default", 10000.0, t.Global.HeadDim), layers,
+            Scaling: new ModelScaling(LogitsMultiplier: 1.0 / c.Double("logits_mup_width_multiplier", 24.0)),
+            Names: new ModelNames("embed_tokens", "norm", Rotary: null), EmbeddingNorm: new NamedNorm("embed_norm", norm));
     }
 
     private sealed record Geometry(long Heads, long KvHeads, long HeadDim, long RelExtent);

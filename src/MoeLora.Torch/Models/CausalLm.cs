@@ -42,6 +42,7 @@ public sealed class CausalLm : HfModule, IDisposable
     readonly ModelRoot _model;
     readonly List<IDecoderLayer> _layers;
     readonly INorm _norm;
+    readonly INorm? _embedNorm;
     readonly Linear _lmHead;
 
     internal CausalLm(ModelSpec spec, DecoderRuntime runtime, Init init, Func<int, HfModule> layer)
@@ -58,6 +59,7 @@ public sealed class CausalLm : HfModule, IDisposable
         for (int i = 0; i < runtime.Layers.Count; i++) _layers.Add((IDecoderLayer)layers.Add(i.ToString(System.Globalization.CultureInfo.InvariantCulture), layer(i)));
         if (names is { Rotary: { } before, RotaryBeforeNorm: true, RotaryFirst: false }) model.Add(before, new Container());
         _norm = (INorm)model.Add(names.FinalNorm, Norms.Create(runtime.HiddenSize, runtime.FinalNorm, init));
+        if (runtime.EmbeddingNorm is { } en) _embedNorm = (INorm)model.Add(en.Name, Norms.Create(runtime.HiddenSize, en.Norm, init));
         if (names is { Rotary: { } after, RotaryBeforeNorm: false, RotaryFirst: false }) model.Add(after, new Container());
         _lmHead = AddChild("lm_head", new Linear(runtime.HiddenSize, runtime.VocabSize, runtime.LmHeadBias, init));
         if (runtime.TieWordEmbeddings) _lmHead.TieTo(_embed.weight);
@@ -98,6 +100,7 @@ public sealed class CausalLm : HfModule, IDisposable
         var h = _embed.Forward(ids);
         if (Runtime.Scaling is { EmbeddingMultiplier: not 1.0 } es) h = h * es.EmbeddingMultiplier;
         if (_model.Affine is { } affine) h = (h + affine.Bias) * affine.Scale;
+        if (_embedNorm is not null) h = _embedNorm.Forward(h);
         if (Runtime.ResidualInFp32) h = h.to(ScalarType.Float32);
         var hidden = new List<Tensor>();
         if (outputHiddenStates) hidden.Add(h);

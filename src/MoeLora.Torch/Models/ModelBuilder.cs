@@ -30,6 +30,10 @@ public static class ModelBuilder
                 return new ShortcutMoeDecoderLayer(l.FeedForwardName, FeedForward(hidden, l.FeedForward, init) ?? throw OneSublayer(),
                     () => Attention(hidden, l.Attention, RopeOf(l.Attention), init) ?? throw OneSublayer(),
                     () => FeedForward(hidden, sc.DenseMlp, init) ?? throw OneSublayer(), sc, l.InputNorm, l.PostAttentionNorm, hidden, init);
+            if (l.Convs is { } convs)
+                return new InklingDecoderLayer(Attention(hidden, l.Attention, RopeOf(l.Attention), init) ?? throw OneSublayer(), l.FeedForwardName,
+                    FeedForward(hidden, l.FeedForward, init) ?? throw OneSublayer(), new RmsNorm(hidden, l.InputNorm, init),
+                    new RmsNorm(hidden, l.PostAttentionNorm, init), convs, hidden, init);
             if ((l.Form ?? PreNormForm(l)) is { } form)
                 return new FormDecoderLayer(Attention(hidden, l.Attention, RopeOf(l.Attention), init), l.FeedForwardName, FeedForward(hidden, l.FeedForward, init), form,
                     form.ExtraFeedForward is { } extra ? FeedForward(hidden, extra, init) ?? throw OneSublayer() : null, hidden, init);
@@ -60,6 +64,7 @@ public static class ModelBuilder
         GatedDeltaNetSettings s => new GatedDeltaNet(hidden, s, init),
         MixtureOfAttentionHeadsSettings s => new JetMoeAttention(hidden, s, rope, init),
         FusedQkvAttentionSettings s => new FusedQkvAttention(hidden, s, rope, init),
+        InklingAttentionSettings s => new InklingAttention(hidden, s, init),
         _ => throw new NotSupportedException($"attention settings {a.GetType().Name} have no runtime block."),
     };
 
@@ -72,6 +77,7 @@ public static class ModelBuilder
         FusedGateUpMlpSettings m => new FusedGateUpMlp(hidden, m, init),
         ParallelExpertsMoeSettings m => new JetMoeMoe(hidden, m, init),
         StackedExpertsMoeSettings m => new StackedExpertsMoe(hidden, m, init),
+        InklingMoeSettings m => new InklingMoe(hidden, m, init),
         MoeSettings m => m.Router switch
         {
             SoftmaxTopKRouterSettings => new SoftmaxTopKMoe(hidden, Expect(m, ExpertsLayout.GateUpOutIn), init),

@@ -120,9 +120,14 @@ public sealed class GatedMlp : HfModule, IBlock
     public Linear up_proj { get; }
     public Linear down_proj { get; }
     readonly Activation _act;
+    readonly Parameter? _globalScale;
 
     public GatedMlp(long hidden, Core.Architectures.Runtime.GatedMlpSettings s, Init init)
-        : this(hidden, s.Intermediate, s.Act, init, s.Bias, s.ActName, s.Names) { }
+        : this(hidden, s.Intermediate, s.Act, init, s.Bias, s.ActName, s.Names)
+    {
+        // A direct Parameter: named_parameters lists it before the projections whatever the registration order.
+        if (s.GlobalScale is { } name) _globalScale = AddParameter(name, init.Ones(1));
+    }
 
     public GatedMlp(long hidden, long intermediate, string act, Init init, bool bias = false, string? actName = "act_fn",
         Core.Architectures.Runtime.GatedMlpNames? names = null)
@@ -133,7 +138,11 @@ public sealed class GatedMlp : HfModule, IBlock
         _act = actName is null ? new Activation(act) : AddChild(actName, new Activation(act));
     }
 
-    public Tensor Forward(Tensor x) => down_proj.Forward(_act.Forward(gate_proj.Forward(x)) * up_proj.Forward(x));
+    public Tensor Forward(Tensor x)
+    {
+        var y = down_proj.Forward(_act.Forward(gate_proj.Forward(x)) * up_proj.Forward(x));
+        return _globalScale is null ? y : y * _globalScale;
+    }
 
     public Tensor Forward(Tensor x, ForwardContext ctx) => Forward(x);
 }

@@ -21,6 +21,8 @@ namespace MoeLora.Core.Architectures.Runtime;
 /// <param name="ResidualInFp32">The residual stream is fp32 whatever the model's dtype (ZayaModel casts the embeddings
 /// to fp32; each norm reads the residual cast to the model's dtype, the residual additions promote back to fp32, the
 /// final norm reads it cast back): the recorded hidden states are fp32.</param>
+/// <param name="EmbeddingNorm">A norm of the model applied to the embeddings before the first layer, registered after the
+/// final norm (Inkling's <c>embed_norm</c>); hidden_states[0] is its output. Null: none.</param>
 public sealed record DecoderRuntime(
     long VocabSize,
     long HiddenSize,
@@ -33,7 +35,8 @@ public sealed record DecoderRuntime(
     ModelScaling? Scaling = null,
     ModelNames? Names = null,
     (string Scale, string Bias)? EmbeddingAffine = null,
-    bool ResidualInFp32 = false);
+    bool ResidualInFp32 = false,
+    NamedNorm? EmbeddingNorm = null);
 
 /// <summary>
 /// One pre-norm decoder layer: <c>h = x + attn(input_layernorm(x))</c>, <c>out = h + ff(post_attention_layernorm(h))</c>,
@@ -43,6 +46,8 @@ public sealed record DecoderRuntime(
 /// <param name="Form">Another norm arrangement (post-norm, sandwich, parallel, residual multiplier); when set its norms
 /// replace <paramref name="InputNorm"/> and <paramref name="PostAttentionNorm"/>.</param>
 /// <param name="Shortcut">LongCat-Flash's two-sublayer layer around a shortcut MoE (the feed-forward); excludes <paramref name="Form"/>.</param>
+/// <param name="Convs">Inkling's residual short convolutions on each sublayer's output, before its residual (pre-norm
+/// layer only).</param>
 public sealed record DecoderLayerRuntime(
     AttentionSettings Attention,
     string FeedForwardName,
@@ -50,7 +55,8 @@ public sealed record DecoderLayerRuntime(
     NormSettings InputNorm,
     NormSettings PostAttentionNorm,
     LayerForm? Form = null,
-    ShortcutMoeForm? Shortcut = null);
+    ShortcutMoeForm? Shortcut = null,
+    SublayerConvs? Convs = null);
 
 /// <summary>Which norm a layer uses (RMSNorm or LayerNorm) and how it applies its weight.</summary>
 public enum NormKind

@@ -6,9 +6,12 @@ public abstract record FeedForwardSettings;
 /// <summary>
 /// <c>down_proj(act(gate_proj(x)) * up_proj(x))</c>, registered gate_proj, up_proj, down_proj, then the activation
 /// module <paramref name="ActName"/> (<c>act_fn</c>; Llama 4: <c>activation_fn</c>; null: a functional activation, no
-/// module). <paramref name="Names"/> renames the three projections (LFM2's w1, w3, w2).
+/// module). <paramref name="Names"/> renames the three projections (LFM2's w1, w3, w2). <paramref name="GlobalScale"/>:
+/// the output times a learned scalar Parameter [1] of this name (Inkling's dense <c>global_scale</c>, a direct parameter,
+/// so it enumerates before the projections); null: none.
 /// </summary>
-public sealed record GatedMlpSettings(long Intermediate, string Act, bool Bias = false, string? ActName = "act_fn", GatedMlpNames? Names = null) : FeedForwardSettings;
+public sealed record GatedMlpSettings(long Intermediate, string Act, bool Bias = false, string? ActName = "act_fn", GatedMlpNames? Names = null,
+    string? GlobalScale = null) : FeedForwardSettings;
 
 /// <summary>The attributes of a gated MLP's gate, up and down projections, in that registration order.</summary>
 public sealed record GatedMlpNames(string Gate, string Up, string Down);
