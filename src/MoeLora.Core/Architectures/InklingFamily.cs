@@ -20,6 +20,12 @@ namespace MoeLora.Core.Architectures;
 /// and MLP. The LM head is never tied.
 /// </para>
 /// <para>
+/// Runtime: inkling_text runs (transformers 5.17 parity on a left-padded batch), attention through the SDPA/eager
+/// switch with the relative-position bias added to the mask, the short convolutions in fp32 (their weights stay in the
+/// model's dtype, where transformers keeps them in fp32), log scaling on global layers when log_scaling_n_floor is set.
+/// Refused: inkling_mm_model (audio and vision towers) and a head sliced to unpadded_vocab_size.
+/// </para>
+/// <para>
 /// Multimodal: the audio tower is one embedding of n_mel_bins · mel_vocab_size rows plus a norm; the vision tower is an
 /// hMLP of <c>n_layers</c> projections whose widths follow <see cref="VisionScales"/> (every projection but the last,
 /// which maps to the text width, is followed by an RMSNorm), then a final norm.

@@ -1,0 +1,133 @@
+using MoeLora.Core.Architectures.Runtime;
+using MoeLora.Torch.Models;
+using MoeLora.Torch.Nn;
+using MoeLora.Torch.Runtime;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MoeLora.Torch.Tests;
+
+/// <summary>
+/// inkling_text beyond its transformers fixture (MoeTypesParityTests, whose layers are all sparse, whose window and
+/// bias banks are longer than its 10 tokens and which has no log scaling): a dense layer, a sliding window and bias
+/// banks shorter than the batch, the relative-position bias and the router against direct formulas, left padding, LoRA.
+/// </summary>
+public class InklingTests
+{
+    public InklingTests() => TorchRuntime.EnsureInitialized();
+
+    static string ConfigWith(string extra) => """
+        {"model_type": "inkling_text", "vocab_size": 64, "hidden_size": 32, "num_hidden_layers": 3,
+         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "rel_extent": 6,
+         "swa_num_attention_heads": 2, "swa_num_key_value_heads": 1, "swa_head_dim": 16, "sliding_window_size": 4,
+         "d_rel": 3, "conv_kernel_size": 3, "intermediate_size": 24, "moe_intermediate_size": 16,
+         "n_routed_experts": 4, "n_shared_experts": 2, "num_experts_per_tok": 2, "route_scale": 2.5,
+         "layer_types": ["hybrid_sliding", "hybrid", "hybrid_sliding"], "mlp_layer_types": ["dense", "sparse", "sparse"],
+         "initializer_range": 0.1 EXTRA}
+        """.Replace("EXTRA", extra, StringComparison.Ordinal);
+
+    static readonly string Config = ConfigWith("");
+
+    [Fact]
+    public void ParametersEqualCoresTree() => RuntimeChecks.ParametersEqualCoresTree(Config);
+
+    /// <summary>The bias depends on distances only and the convolutions see zeros at padding, as causal padding would be.</summary>
+    [Fact]
+    public void LeftPaddedRowEqualsTheRowAlone() => RuntimeChecks.PaddedRowEqualsTheRowAlone(Config);
+
+    /// <summary>bias[b, h, i, j] = Σ_r rel[b, i, h, r] · proj[r, i − j] for 0 ≤ i − j &lt; extent, else 0.</summary>
+    [Fact]
+    public void RelativeBiasReadsTheBankAtEachBackwardDistance()
+    {
+        const long b = 2, s = 7, heads = 3, dRel = 2, extent = 4;
+        var init = new Init(ScalarType.Float64, CPU, 0.5, new Generator(11));
+        var module = new InklingRelativeLogits(dRel, extent, init);
+        var rel = randn(new long[] { b, s, heads, dRel }, ScalarType.Float64, generator: new Generator(12));
+        var got = module.Forward(rel);
+        Assert.Equal(new[] { b, heads, s, s }, got.shape);
+        var want = zeros(new long[] { b, heads, s, s }, ScalarType.Float64);
+        for (long n = 0; n < b; n++)
+            for (long h = 0; h < heads; h++)
+                for (long i = 0; i < s; i++)
+                    for (long j = Math.Max(0, i - extent + 1); j <= i; j++)
+                        want[n, h, i, j] = (rel[n, i, h] * module.proj[.., i - j]).sum();
+        Assert.True(Fixtures.RelError(got, want) < 1e-12, "bias differs from the bank read at each distance");
+    }
+
+    /// <summary>
+    /// The softmax of log-sigmoids is sigmoid over its sum: each chosen routed and each shared expert weighs
+    /// sigmoid(logit) / Σ sigmoid · route_scale · global_scale. The selection bias changes the choice, not the weights.
+    /// </summary>
+    [Fact]
+    public void RouterWeightsAreNormalisedSigmoidsOfTheChosenAndSharedExperts()
+    {
+        var s = new InklingMoeSettings(NumExperts: 4, SharedExperts: 2, TopK: 2, Intermediate: 8, Act: "silu", RouteScale: 2.5);
+        var moe = new InklingMoe(6, s, new Init(ScalarType.Float64, CPU, 0.5, new Generator(5)));
+        using (no_grad())
+        {
+            moe.gate.weight.copy_(eye(6, dtype: ScalarType.Float64));         // logits = the input itself
+            moe.gate.global_scale.fill_(0.5);
+            // Expert 0 has the lowest score but a bias that makes it chosen.
+            moe.gate.SelectionBias.copy_(tensor(new float[] { 1f, 0f, 0f, 0f }));
+        }
+        var logits = tensor(new double[,] { { -2.0, 0.5, 1.5, 0.25, -0.3, 0.8 } });
+        var (topW, topIdx, gammas) = moe.Route(logits);
+        Assert.Equal(new long[] { 0, 2 }, topIdx[0].data<long>().ToArray().Order().ToArray());
+        var chosen = new[] { -2.0, 1.5, -0.3, 0.8 }.Select(x => 1 / (1 + Math.Exp(-x))).ToArray();
+        var scale = 2.5 * 0.5 / chosen.Sum();
+        var byExpert = topIdx[0].data<long>().ToArray().Zip(topW[0].data<double>().ToArray()).ToDictionary(p => p.First, p => p.Second);
+        Assert.Equal(chosen[0] * scale, byExpert[0], 12);
+        Assert.Equal(chosen[1] * scale, byExpert[2], 12);
+        Assert.Equal(chosen[2] * scale, gammas[0, 0].item<double>(), 12);
+        Assert.Equal(chosen[3] * scale, gammas[0, 1].item<double>(), 12);
+    }
+
+    /// <summary>
+    /// log_scaling_n_floor at or beyond the batch length leaves every tau at 1 (the unscaled model); a smaller floor
+    /// scales the global layer's later queries and bias rows and so its outputs from position n_floor on.
+    /// </summary>
+    [Fact]
+    public void LogScalingActsFromTheFloorOn()
+    {
+        var (ids, mask) = RuntimeChecks.LeftPaddedBatch();
+        Tensor Logits(string extra)
+        {
+            using var h = new DisposableModel(TorchModelFactory.Random(ConfigWith(extra), 7));
+            using var _ = no_grad();
+            using var o = h.Model.Forward(ids[..1], mask[..1]);
+            return o.Logits.clone();
+        }
+        var plain = Logits("");
+        Assert.True(Fixtures.RelError(Logits(""", "log_scaling_n_floor": 9"""), plain) < 1e-6);
+        var scaled = Logits(""", "log_scaling_n_floor": 4, "log_scaling_alpha": 0.5""");
+        Assert.True(Fixtures.RelError(scaled[0, ..4], plain[0, ..4]) < 1e-6, "positions before the floor changed");
+        Assert.True(Fixtures.RelError(scaled[0, 4..], plain[0, 4..]) > 1e-4, "positions from the floor on did not change");
+    }
+
+    [Fact]
+    public void LoraGradientsReachEveryAdapter()
+    {
+        using var h = new DisposableModel(TorchModelFactory.Random(Config, 3));
+        var (_, grads) = RuntimeChecks.LoraStep(h.Model, """
+            {"r": 2, "lora_alpha": 4, "target_modules": "all-linear",
+             "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.shared_experts.gate_proj",
+                                   "mlp.shared_experts.up_proj", "mlp.shared_experts.down_proj", "mlp.gate.weight"]}
+            """);
+        foreach (var name in new[] { "self_attn.r_proj.lora_A", "layers.1.self_attn.q_proj.lora_B", "layers.0.mlp.gate_proj.lora_A",
+                     "mlp.experts.lora_A", "mlp.shared_experts.lora_A", "mlp.gate.lora_A" })
+            Assert.Contains(grads.Keys, n => n.Contains(name, StringComparison.Ordinal));
+        RuntimeChecks.AssertGradients(grads);
+    }
+
+    /// <summary>The default seed targets (attention projections and the dense MLP's gate/up/down) train.</summary>
+    [Fact]
+    public void SeedTargetsTrain()
+    {
+        using var h = new DisposableModel(TorchModelFactory.Random(Config, 3));
+        var targets = string.Join(", ", Core.Peft.LoraConfig.SeedTargets.Select(t => $"\"{t}\""));
+        var (_, grads) = RuntimeChecks.LoraStep(h.Model, $$"""{"r": 2, "lora_alpha": 4, "target_modules": [{{targets}}]}""");
+        Assert.Contains(grads.Keys, n => n.Contains("layers.2.self_attn.o_proj.lora_A", StringComparison.Ordinal));
+        Assert.Contains(grads.Keys, n => n.Contains("layers.0.mlp.down_proj.lora_B", StringComparison.Ordinal));
+        RuntimeChecks.AssertGradients(grads);
+    }
+}
