@@ -104,6 +104,22 @@ public class InklingTests
         Assert.True(Fixtures.RelError(scaled[0, 4..], plain[0, 4..]) > 1e-4, "positions from the floor on did not change");
     }
 
+    /// <summary>In bf16 the short convolutions keep fp32 weights (as transformers does) and the logits stay near the fp32 reference.</summary>
+    [Fact]
+    public void LoadsInBFloat16WithFp32Convolutions()
+    {
+        var dir = Path.Combine(AppContext.BaseDirectory, "Data", "hf-moe", "inkling_text");
+        using var m = new DisposableModel(TorchModelFactory.Load(Path.Combine(dir, "model"), ScalarType.BFloat16));
+        var parameters = m.Model.NamedParameters().ToList();
+        Assert.All(parameters.Where(p => p.Name.Contains("sconv.", StringComparison.Ordinal)), p => Assert.Equal(ScalarType.Float32, p.Param.dtype));
+        Assert.Equal(ScalarType.BFloat16, parameters.Single(p => p.Name == "model.layers.0.self_attn.q_proj.weight").Param.dtype);
+        var reference = IO.Safetensors.Load(Path.Combine(dir, "reference.safetensors"));
+        using var _ = no_grad();
+        using var o = m.Model.Forward(reference["input_ids"], reference["attention_mask"]);
+        Assert.Equal(ScalarType.BFloat16, o.Logits.dtype);
+        Assert.True(Fixtures.MaskedRelError(o.Logits, reference["logits"], reference["attention_mask"]) < 5e-2);
+    }
+
     [Fact]
     public void LoraGradientsReachEveryAdapter()
     {

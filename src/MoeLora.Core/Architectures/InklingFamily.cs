@@ -21,8 +21,8 @@ namespace MoeLora.Core.Architectures;
 /// </para>
 /// <para>
 /// Runtime: inkling_text runs (transformers 5.17 parity on a left-padded batch), attention through the SDPA/eager
-/// switch with the relative-position bias added to the mask, the short convolutions in fp32 (their weights stay in the
-/// model's dtype, where transformers keeps them in fp32), log scaling on global layers when log_scaling_n_floor is set.
+/// switch with the relative-position bias added to the mask, the short convolutions in fp32 with fp32 weights (as
+/// transformers' _keep_in_fp32_modules_strict), log scaling on global layers when log_scaling_n_floor is set.
 /// Refused: inkling_mm_model (audio and vision towers) and a head sliced to unpadded_vocab_size.
 /// </para>
 /// <para>

@@ -7,14 +7,15 @@ namespace MoeLora.Torch.Nn;
 /// <summary>
 /// <c>InklingShortConvolution</c> without a cache (<c>causal_conv1d_fn</c>'s torch path): in fp32, padded positions
 /// zeroed (<c>apply_mask_to_padding_states</c> with the 2-D padding mask of <c>create_recurrent_attention_mask</c>), a
-/// causal depthwise Conv1d without bias, plus the unmasked input; cast back to the input's dtype.
+/// causal depthwise Conv1d without bias, plus the unmasked input; cast back to the input's dtype. Its weight is fp32
+/// whatever the model's dtype (transformers' <c>_keep_in_fp32_modules_strict</c>).
 /// </summary>
 public sealed class InklingShortConvolution : HfModule
 {
     public DepthwiseConv1d conv1d { get; }
 
     public InklingShortConvolution(long channels, long kernel, Init init) =>
-        conv1d = AddChild("conv1d", new DepthwiseConv1d(channels, kernel, init));
+        conv1d = AddChild("conv1d", new DepthwiseConv1d(channels, kernel, init with { DType = ScalarType.Float32 }));
 
     /// <param name="x">[B, S, C]</param><param name="attentionMask">[B, S], 1 = real token</param>
     public Tensor Forward(Tensor x, Tensor attentionMask)
@@ -22,7 +23,7 @@ public sealed class InklingShortConvolution : HfModule
         var residual = x.to(ScalarType.Float32);
         // Multiplying by an all-ones mask is exact, so the unpadded case (where transformers passes no mask) agrees.
         var h = residual * attentionMask.to(ScalarType.Float32).unsqueeze(-1);
-        var w = conv1d.weight.to(ScalarType.Float32);
+        var w = conv1d.weight;
         long s = x.shape[1], k = w.shape[2];
         var y = nn.functional.conv1d(h.transpose(1, 2), w, null, stride: 1, padding: k - 1, dilation: 1, groups: w.shape[0])
             .narrow(2, 0, s).transpose(1, 2);
