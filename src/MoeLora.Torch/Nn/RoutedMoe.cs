@@ -339,6 +339,8 @@ public sealed class ClampedFusedExperts : ExpertsBase
         var y = RunExperts(g, x.index_select(0, g.TokenOf), (ops, xe) =>
             ops.Mm(ClampedSwiglu.Apply(ops.Mm(xe, "gate_up_proj", transposeWeight: true), _limit, _alpha), "down_proj", transposeWeight: true));
         var wt = topW.flatten().index_select(0, g.Order).unsqueeze(-1);
-        return zeros_like(x).index_add(0, g.TokenOf, (y * wt).to(x.dtype), 1.0);
+        // Summed in the weighted outputs' dtype, then cast: see FusedExperts.ForwardGrouped.
+        var yw = y * wt;
+        return zeros(x.shape, yw.dtype, x.device).index_add(0, g.TokenOf, yw, 1.0).to(x.dtype);
     }
 }
