@@ -168,7 +168,8 @@ public sealed class RoutedMoe : HfModule, IBlock
                 (logits, topIdx, topW) = TopKOfLogits(t, logits, x.dtype);
                 break;
             case SigmoidBiasRouterSettings b:
-                var l32 = logits.to(ScalarType.Float32);
+                // LFM2 scores in the logits' dtype (bf16 in training); the others in fp32.
+                var l32 = b.ScoresInModelDtype ? logits : logits.to(ScalarType.Float32);
                 if (b.SoftCap > 0) l32 = (l32 / b.SoftCap).tanh() * b.SoftCap;
                 if (b.SoftCap > 0) logits = l32;
                 var scores = l32.sigmoid();
@@ -177,6 +178,7 @@ public sealed class RoutedMoe : HfModule, IBlock
                 topW = scores.gather(1, topIdx);
                 if (b.NormTopK) topW = topW / (topW.sum(-1, keepdim: true) + b.NormEps);
                 if (b.Scale != 1.0) topW = topW * b.Scale;
+                if (b.WeightsToModelDtype) topW = topW.to(x.dtype);
                 break;
             case SparseMixerRouterSettings m:
                 (topW, topIdx) = SparseMixer(logits, m.JitterEps);
