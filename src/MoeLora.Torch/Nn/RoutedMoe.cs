@@ -328,14 +328,15 @@ public sealed class ClampedFusedExperts : ExpertsBase
         {
             var gateUp = Effective("gate_up_proj");
             var down = Effective("down_proj");
-            var final = zeros_like(x);
+            Tensor? final = null;
             foreach (var (e, tok, slot) in Dispatch(topIdx, NumExperts))
             {
                 var h = nn.functional.linear(ClampedSwiglu.Apply(nn.functional.linear(x.index_select(0, tok), gateUp[e]), _limit, _alpha), down[e]);
                 var w = topW.index(TensorIndex.Tensor(tok), TensorIndex.Tensor(slot)).unsqueeze(-1);
-                final = final.index_add(0, tok, (h * w).to(final.dtype), 1.0);
+                var hw = h * w;
+                final = (final ?? zeros(x.shape, hw.dtype, x.device)).index_add(0, tok, hw, 1.0);
             }
-            return final;
+            return final is null ? zeros_like(x) : final.to(x.dtype);
         }
         var g = Group(topIdx);
         var y = RunExperts(g, x.index_select(0, g.TokenOf), (ops, xe) =>
