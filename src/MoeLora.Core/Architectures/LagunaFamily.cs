@@ -120,7 +120,8 @@ internal sealed class LagunaFamily : IArchitecture
         var ropes = layerTypes.Distinct().ToDictionary(t => t, LayerRope);
         FeedForwardSettings moeFf = laguna
             ? new MoeSettings(new SigmoidBiasRouterSettings("gate", experts, topK, new ScoreBias("e_score_correction_bias", ScoreBiasOwner.Router, IsParameter: true),
-                    NormTopK: true, NormEps: 0, Scale: 1.0, SoftCap: c.Double("moe_router_logit_softcapping", 0.0)),
+                    NormTopK: true, NormEps: 0, Scale: 1.0, SoftCap: c.Double("moe_router_logit_softcapping", 0.0),
+                    WeightsToModelDtype: true),
                 new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act),
                 new SharedExpertSettings("shared_experts", sharedInter, act, null), MoeOrder.ExpertsFirst,
                 new MoeOptions(RoutedScale: c.Double("moe_routed_scaling_factor", 1.0)))

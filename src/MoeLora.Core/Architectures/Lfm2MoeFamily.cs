@@ -147,7 +147,7 @@ internal sealed class Lfm2MoeFamily : IArchitecture
         var bias = c.Bool("use_expert_bias", true) ? new ScoreBias("expert_bias", ScoreBiasOwner.Block, IsParameter: false) : null;
         var moe = new MoeSettings(
             new SigmoidBiasRouterSettings("gate", experts, topK, bias, c.Bool("norm_topk_prob", true), NormEps: 1e-6,
-                Scale: c.Double("routed_scaling_factor", 1.0), SoftCap: 0),
+                Scale: c.Double("routed_scaling_factor", 1.0), SoftCap: 0, ScoresInModelDtype: true),
             new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, "silu"), Shared: null, MoeOrder.ExpertsFirst);
         var list = new List<DecoderLayerRuntime>();
         for (int i = 0; i < layers; i++)

@@ -250,7 +250,8 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
 /// <summary>
 /// transformers-v5 fused experts (Mixtral, Qwen2/3-MoE, OLMoE, DeepSeek-V3): <c>gate_up_proj [E, 2I, H]</c>
 /// (rows [0,I) gate, [I,2I) up) and <c>down_proj [E, H, I]</c>, per expert <c>down(act(gate) * up) * w</c>,
-/// accumulated with index_add in expert order. With Z identity experts (LongCat-Flash's <c>LongcatFlashExperts</c>)
+/// summed per token in the weighted outputs' dtype and cast once, as transformers' default grouped_mm does (its eager loop
+/// instead adds each expert's share in the model dtype). With Z identity experts (LongCat-Flash's <c>LongcatFlashExperts</c>)
 /// gate_up_proj has E + Z rows, an <c>identity_expert</c> module follows act_fn, and a token routed to expert e ≥ E
 /// adds <c>x · w</c>.
 /// </summary>
@@ -289,23 +290,30 @@ public sealed class FusedExperts : ExpertsBase
             return ops.Mm(_act.Forward(gu[0]) * gu[1], "down_proj", transposeWeight: true);
         });
         var w = topW.flatten().index_select(0, g.Order).unsqueeze(-1);
-        return zeros_like(x).index_add(0, g.TokenOf, (h * w).to(x.dtype), 1.0);
+        // transformers' default experts implementation (grouped_mm) sums each token's k weighted outputs in their
+        // own dtype and casts once: fp32 where the routing weights are fp32 (DeepSeek-V3's router and its kin keep
+        // them so), not k bf16 roundings as its eager loop's index_add. Summing these in bf16 put dots1's bf16 logits
+        // 0.16 from fp32 where transformers' are 0.012.
+        var hw = h * w;
+        return zeros(x.shape, hw.dtype, x.device).index_add(0, g.TokenOf, hw, 1.0).to(x.dtype);
     }
 
     Tensor ForwardLoop(Tensor x, Tensor topIdx, Tensor topW)
     {
         var gateUp = Effective("gate_up_proj");
         var down = Effective("down_proj");
-        var final = zeros_like(x);
+        // Summed in the weighted outputs' dtype like the grouped path (transformers runs grouped_mm by default).
+        Tensor? final = null;
         foreach (var (e, tok, slot) in Dispatch(topIdx, NumExperts))
         {
             var cur = x.index_select(0, tok);
             var gu = nn.functional.linear(cur, gateUp[e]).chunk(2, -1);
             var h = nn.functional.linear(_act.Forward(gu[0]) * gu[1], down[e]);
             var w = topW.index(TensorIndex.Tensor(tok), TensorIndex.Tensor(slot)).unsqueeze(-1);
-            final = final.index_add(0, tok, (h * w).to(final.dtype), 1.0);
+            var hw = h * w;
+            final = (final ?? zeros(x.shape, hw.dtype, x.device)).index_add(0, tok, hw, 1.0);
         }
-        return final;
+        return final is null ? zeros_like(x) : final.to(x.dtype);
     }
 }
 

@@ -168,7 +168,8 @@ public sealed class RoutedMoe : HfModule, IBlock
                 (logits, topIdx, topW) = TopKOfLogits(t, logits, x.dtype);
                 break;
             case SigmoidBiasRouterSettings b:
-                var l32 = logits.to(ScalarType.Float32);
+                // LFM2 scores in the logits' dtype (bf16 in training); the others in fp32.
+                var l32 = b.ScoresInModelDtype ? logits : logits.to(ScalarType.Float32);
                 if (b.SoftCap > 0) l32 = (l32 / b.SoftCap).tanh() * b.SoftCap;
                 if (b.SoftCap > 0) logits = l32;
                 var scores = l32.sigmoid();
@@ -177,6 +178,7 @@ public sealed class RoutedMoe : HfModule, IBlock
                 topW = scores.gather(1, topIdx);
                 if (b.NormTopK) topW = topW / (topW.sum(-1, keepdim: true) + b.NormEps);
                 if (b.Scale != 1.0) topW = topW * b.Scale;
+                if (b.WeightsToModelDtype) topW = topW.to(x.dtype);
                 break;
             case SparseMixerRouterSettings m:
                 (topW, topIdx) = SparseMixer(logits, m.JitterEps);
@@ -326,19 +328,22 @@ public sealed class ClampedFusedExperts : ExpertsBase
         {
             var gateUp = Effective("gate_up_proj");
             var down = Effective("down_proj");
-            var final = zeros_like(x);
+            Tensor? final = null;
             foreach (var (e, tok, slot) in Dispatch(topIdx, NumExperts))
             {
                 var h = nn.functional.linear(ClampedSwiglu.Apply(nn.functional.linear(x.index_select(0, tok), gateUp[e]), _limit, _alpha), down[e]);
                 var w = topW.index(TensorIndex.Tensor(tok), TensorIndex.Tensor(slot)).unsqueeze(-1);
-                final = final.index_add(0, tok, (h * w).to(final.dtype), 1.0);
+                var hw = h * w;
+                final = (final ?? zeros(x.shape, hw.dtype, x.device)).index_add(0, tok, hw, 1.0);
             }
-            return final;
+            return final is null ? zeros_like(x) : final.to(x.dtype);
         }
         var g = Group(topIdx);
         var y = RunExperts(g, x.index_select(0, g.TokenOf), (ops, xe) =>
             ops.Mm(ClampedSwiglu.Apply(ops.Mm(xe, "gate_up_proj", transposeWeight: true), _limit, _alpha), "down_proj", transposeWeight: true));
         var wt = topW.flatten().index_select(0, g.Order).unsqueeze(-1);
-        return zeros_like(x).index_add(0, g.TokenOf, (y * wt).to(x.dtype), 1.0);
+        // Summed in the weighted outputs' dtype, then cast: see FusedExperts.ForwardGrouped.
+        var yw = y * wt;
+        return zeros(x.shape, yw.dtype, x.device).index_add(0, g.TokenOf, yw, 1.0).to(x.dtype);
     }
 }

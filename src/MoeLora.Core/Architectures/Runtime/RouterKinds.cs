@@ -54,8 +54,13 @@ public sealed record ScoreBias(string Name, ScoreBiasOwner Owner, bool IsParamet
 /// <param name="LinearModule">The router is an nn.Linear (AFMoE's <c>router.gate</c>) rather than a module holding <c>weight</c>.</param>
 /// <param name="LinearInFp32">The logits are computed from fp32 input and weight (HY V3's <c>F.linear(h.float(),
 /// weight.float())</c>) rather than in the model dtype and cast after.</param>
+/// <param name="ScoresInModelDtype">The sigmoid, the top-k weights, their renormalisation and scale stay in the logits'
+/// dtype (LFM2's router takes no fp32 cast) rather than in fp32.</param>
+/// <param name="WeightsToModelDtype">The fp32 top-k weights are cast to the hidden states' dtype before the experts
+/// (Laguna), so the experts' weighted outputs are in the model dtype.</param>
 public sealed record SigmoidBiasRouterSettings(string Name, long NumExperts, long TopK, ScoreBias? Bias, bool NormTopK,
-    double NormEps, double Scale, double SoftCap, bool LinearModule = false, bool LinearInFp32 = false) : RouterSettings(Name, NumExperts, TopK);
+    double NormEps, double Scale, double SoftCap, bool LinearModule = false, bool LinearInFp32 = false,
+    bool ScoresInModelDtype = false, bool WeightsToModelDtype = false) : RouterSettings(Name, NumExperts, TopK);
 
 /// <summary>
 /// ZAYA's router (<c>ZayaRouter</c>), registered router_states_scale (not on the first layer), down_proj (H → R, with
