@@ -7,7 +7,8 @@ namespace MoeLora.Torch.Nn;
 /// <summary>
 /// The DeepSeek sparse attention (DSA) lightning indexer (<see cref="DsaIndexerSettings"/>), as transformers 5.17's
 /// eager path computes it (DeepseekV32Indexer.forward, shared by AXK2Indexer; GlmMoeDsaIndexer differs only in rotating
-/// interleaved pairs): per query, a score for every key, its top-k kept. Registered wq_b, wk, k_norm, weights_proj.
+/// interleaved pairs, HYV4Indexer in rotating the last dims, its k_norm eps and applying d^-0.5 to the head weights
+/// instead of the scores, the same value since relu commutes with a positive scale): per query, a score for every key, its top-k kept. Registered wq_b, wk, k_norm, weights_proj.
 /// Its output is integer indices, so, as in transformers (<c>@torch.no_grad()</c>), nothing is differentiated through it.
 /// </summary>
 public sealed class DsaIndexer : HfModule
@@ -23,7 +24,7 @@ public sealed class DsaIndexer : HfModule
         _s = s; _ropeDim = ropeDim;
         _wqb = AddChild("wq_b", new Linear(qLoraRank, s.Heads * s.HeadDim, false, init));
         _wk = AddChild("wk", new Linear(hidden, s.HeadDim, false, init));
-        _kNorm = AddChild("k_norm", new LayerNorm(s.HeadDim, 1e-6, hasBias: true, init));
+        _kNorm = AddChild("k_norm", new LayerNorm(s.HeadDim, s.KNormEps, hasBias: true, init));
         _weights = AddChild("weights_proj", new Linear(hidden, s.Heads, false, init));
     }
 
@@ -68,12 +69,15 @@ public sealed class DsaIndexer : HfModule
         return mask.masked_fill(notSelected, ForwardContext.MaskMinimum(mask.dtype));
     }
 
-    // Rope on the first qk_rope_head_dim dims of each indexer head (transformers splits rot, then pass).
+    // Rope on the first qk_rope_head_dim dims of each indexer head (transformers splits rot, then pass), or on the last
+    // ones (HYV4Indexer splits pass, then rot).
     Tensor RotateFirst(Tensor x, Rotary rope, ForwardContext ctx)
     {
-        var parts = x.split([_ropeDim, x.shape[^1] - _ropeDim], -1);
+        long pass = x.shape[^1] - _ropeDim;
+        var parts = _s.RopeOnLast ? x.split([pass, _ropeDim], -1) : x.split([_ropeDim, pass], -1);
+        var rot = parts[_s.RopeOnLast ? 1 : 0];
         var (cos, sin) = rope.CosSin(ctx.Positions, ctx.DType);
-        var rotated = _s.InterleavedRope ? Rotary.ApplyInterleaved(parts[0], cos, sin) : Rotary.ApplyHalf(parts[0], cos, sin);
-        return cat([rotated, parts[1]], -1);
+        var rotated = _s.InterleavedRope ? Rotary.ApplyInterleaved(rot, cos, sin) : Rotary.ApplyHalf(rot, cos, sin);
+        return _s.RopeOnLast ? cat([parts[0], rotated], -1) : cat([rotated, parts[1]], -1);
     }
 }

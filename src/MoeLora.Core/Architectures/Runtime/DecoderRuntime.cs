@@ -21,6 +21,8 @@ namespace MoeLora.Core.Architectures.Runtime;
 /// <param name="ResidualInFp32">The residual stream is fp32 whatever the model's dtype (ZayaModel casts the embeddings
 /// to fp32; each norm reads the residual cast to the model's dtype, the residual additions promote back to fp32, the
 /// final norm reads it cast back): the recorded hidden states are fp32.</param>
+/// <param name="HyperConnections">The residual stream is several parallel streams mixed around each sublayer (HY-V4);
+/// null: one stream.</param>
 public sealed record DecoderRuntime(
     long VocabSize,
     long HiddenSize,
@@ -33,7 +35,8 @@ public sealed record DecoderRuntime(
     ModelScaling? Scaling = null,
     ModelNames? Names = null,
     (string Scale, string Bias)? EmbeddingAffine = null,
-    bool ResidualInFp32 = false);
+    bool ResidualInFp32 = false,
+    HyperConnectionSettings? HyperConnections = null);
 
 /// <summary>
 /// One pre-norm decoder layer: <c>h = x + attn(input_layernorm(x))</c>, <c>out = h + ff(post_attention_layernorm(h))</c>,
