@@ -18,6 +18,7 @@ public sealed class HyperConnection : HfModule
     {
         _s = s;
         long n = s.Streams;
+        init = HyperInit.Fp32(init);
         _fn = AddParameter("fn", init.Normal(2 * n, n * hidden));
         _base = AddParameter("base", HyperInit.Base(n, 2 * n, init));
         _scale = AddParameter("scale", init.Ones(2) * 0.01);
@@ -51,6 +52,7 @@ public sealed class HyperHead : HfModule
     {
         _s = s;
         long n = s.Streams;
+        init = HyperInit.Fp32(init);
         _fn = AddParameter("hc_fn", init.Normal(n, n * hidden));
         _base = AddParameter("hc_base", HyperInit.Base(n, n, init));
         _scale = AddParameter("hc_scale", init.Ones(1) * 0.01);
@@ -67,6 +69,9 @@ public sealed class HyperHead : HfModule
 
 internal static class HyperInit
 {
+    /// <summary>transformers keeps fn, base, scale and the hc_ ones in fp32 whatever the model's dtype (_keep_in_fp32_modules_strict).</summary>
+    public static Init Fp32(Init init) => init with { DType = ScalarType.Float32 };
+
     /// <summary>
     /// transformers' init of base / hc_base: the first <paramref name="streams"/> entries (the pre weights)
     /// −log(max(n − 1, 1)), the others 0.
