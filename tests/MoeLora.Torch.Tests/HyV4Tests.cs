@@ -1,4 +1,5 @@
 using MoeLora.Core.Architectures.Runtime;
+using MoeLora.Torch.IO;
 using MoeLora.Torch.Models;
 using MoeLora.Torch.Nn;
 using MoeLora.Torch.Runtime;
@@ -101,6 +102,39 @@ public class HyV4Tests
         var pre = Math.Round(-Math.Log(Streams - 1), 6);
         Assert.Equal(new[] { pre, pre, pre, 0, 0, 0 }, Doubles(p["base"]).Select(v => Math.Round(v, 6)));
         Assert.Equal(new[] { 0.01, 0.01 }, Doubles(p["scale"]).Select(v => Math.Round(v, 6)));
+    }
+
+    // transformers keeps the hyper-connections, sinks and the indexer's weights_proj / k_norm in fp32 in a bf16 model
+    // (_keep_in_fp32_modules_strict); the runtime too. Up to the first MoE layer a bf16 forward of the fixture stays near
+    // its fp32 reference (after it, bf16 flips near-tied expert choices of this random router, as transformers' would).
+    [Fact]
+    public void Bf16KeepsTransformersFp32ParametersAndStaysNearTheReference()
+    {
+        var dir = Path.Combine(AppContext.BaseDirectory, "Data", "hf-moe", "hy_v4");
+        var reference = Safetensors.Load(Path.Combine(dir, "reference.safetensors"));
+        using var h = new DisposableModel(TorchModelFactory.Load(Path.Combine(dir, "model"), ScalarType.BFloat16));
+        var dtypes = h.Model.NamedParameters().ToDictionary(p => p.Name, p => p.Param.dtype);
+        foreach (var name in new[] { "model.layers.0.attn_hc.fn", "model.layers.0.ffn_hc.scale", "model.hc_head.hc_base", "model.layers.0.self_attn.sinks",
+            "model.layers.0.self_attn.indexer.weights_proj.weight", "model.layers.0.self_attn.indexer.k_norm.weight" })
+            Assert.Equal(ScalarType.Float32, dtypes[name]);
+        Assert.Equal(ScalarType.BFloat16, dtypes["model.layers.0.self_attn.q_a_proj.weight"]);
+        using var _ = no_grad();
+        var mask = reference["attention_mask"];
+        using var o = h.Model.Forward(reference["input_ids"], mask, outputHiddenStates: true);
+        var hs = Fixtures.HiddenStates(reference);
+        for (int i = 0; i < 2; i++)
+        {
+            var err = Fixtures.MaskedRelErrorPerToken(o.HiddenStates[i].to(ScalarType.Float32), hs[i], mask);
+            Assert.True(err < 2e-2, $"bf16 hidden_states[{i}] vs fp32 reference: {err:E2}");
+        }
+        Assert.False(o.Logits.isnan().any().item<bool>());
+
+        // The indexer's selection (the fixture keeps every key) also runs on mixed dtypes, and gives finite logits.
+        using var sparse = new DisposableModel(TorchModelFactory.Random(Tiny.Replace("\"hc_mult\": 2", "\"hc_mult\": 2, \"index_topk\": 3", StringComparison.Ordinal), 1, ScalarType.BFloat16));
+        var (ids, padMask) = MlaVariantsTests.LeftPaddedBatch();
+        using var so = sparse.Model.Forward(ids, padMask);
+        Assert.Equal(ScalarType.BFloat16, so.Logits.dtype);
+        Assert.False(so.Logits.isnan().any().item<bool>() || so.Logits.isinf().any().item<bool>());
     }
 
     const string Tiny = """

@@ -176,7 +176,8 @@ internal sealed class HyV4Family : IArchitecture
         // q_a_layernorm / kv_a_layernorm are built without eps (the RMSNorm's 1e-6); the indexer's k_norm uses rms_norm_eps.
         var attention = new MlaAttentionSettings(heads, qLoraRank, kvLoraRank, nope, rope, vHead, bias, RopeInterleave: false,
             ropeSettings.MlaSoftmaxScale(nope + rope), LowRankNormEps: 1e-6,
-            Indexer: new DsaIndexerSettings(indexHeads, indexHeadDim, c.Positive("index_topk", 2048), InterleavedRope: false, RopeOnLast: true, KNormEps: eps),
+            Indexer: new DsaIndexerSettings(indexHeads, indexHeadDim, c.Positive("index_topk", 2048), InterleavedRope: false, RopeOnLast: true, KNormEps: eps,
+                KeepInFp32: true),
             Sinks: true, Gate: new OutputGate("gate_proj", OutputGateKind.Sigmoid, PerHead: false));
         var sharedTopK = attention with { Indexer = null, ReusesTopK = true };
         // HYV4Experts: silu(clamp(gate, max = L)) · clamp(up, ±L), no act_fn child.

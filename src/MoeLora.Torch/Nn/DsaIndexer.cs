@@ -24,8 +24,9 @@ public sealed class DsaIndexer : HfModule
         _s = s; _ropeDim = ropeDim;
         _wqb = AddChild("wq_b", new Linear(qLoraRank, s.Heads * s.HeadDim, false, init));
         _wk = AddChild("wk", new Linear(hidden, s.HeadDim, false, init));
-        _kNorm = AddChild("k_norm", new LayerNorm(s.HeadDim, s.KNormEps, hasBias: true, init));
-        _weights = AddChild("weights_proj", new Linear(hidden, s.Heads, false, init));
+        var fp32 = s.KeepInFp32 ? init with { DType = ScalarType.Float32 } : init;
+        _kNorm = AddChild("k_norm", new LayerNorm(s.HeadDim, s.KNormEps, hasBias: true, fp32));
+        _weights = AddChild("weights_proj", new Linear(hidden, s.Heads, false, fp32));
     }
 
     /// <summary>True when index_topk is at least the <paramref name="keys"/>: every key is selected.</summary>
@@ -42,14 +43,15 @@ public sealed class DsaIndexer : HfModule
         long b = x.shape[0], s = x.shape[1], h = _s.Heads, d = _s.HeadDim;
         // q [B, h, S, d] and k [B, 1, S, d]: heads before positions for the shared rope helpers.
         var q = _wqb.Forward(qResid).view(b, s, h, d).transpose(1, 2);
-        var k = _kNorm.Forward(_wk.Forward(x)).view(b, 1, s, d);
+        // HYV4Indexer runs k_norm on wk(x) cast to k_norm's dtype, the result cast back (a no-op for the others).
+        var k = _kNorm.Forward(_wk.Forward(x).to(_kNorm.weight.dtype)).to(x.dtype).view(b, 1, s, d);
         q = RotateFirst(q, rope, ctx);
         k = RotateFirst(k, rope, ctx).squeeze(1);                                       // [B, T, d]
         // scores[b, s, h, t] = relu(q·k · d^-0.5), in fp32.
         var scores = matmul(q.transpose(1, 2).to(ScalarType.Float32), k.transpose(-1, -2).to(ScalarType.Float32).unsqueeze(1)) * Math.Pow(d, -0.5);
         scores = nn.functional.relu(scores);
         // Weighted sum over heads: [B, S, 1, h] @ [B, S, h, T] → [B, S, T].
-        var weights = _weights.Forward(x).to(ScalarType.Float32) * Math.Pow(h, -0.5);
+        var weights = _weights.Forward(x.to(_weights.weight.dtype)).to(ScalarType.Float32) * Math.Pow(h, -0.5);
         var index = matmul(weights.unsqueeze(-2), scores).squeeze(-2);
         // The float mask is added, not filled: masked keys score the minimum (plus a vanishing score), as in transformers.
         index = index + mask.select(1, 0).to(ScalarType.Float32);

@@ -31,8 +31,9 @@ public sealed class MlaAttention : HfModule, IBlock
     public MlaAttention(long hidden, MlaAttentionSettings s, Rotary rope, Init init)
     {
         _rope = rope;
-        // HYV4Attention's sinks: a direct Parameter, so named_parameters lists it before the children (init: learnable_sink_init 0).
-        if (s.Sinks) _sinks = AddParameter("sinks", init.Zeros(s.Heads));
+        // HYV4Attention's sinks: a direct Parameter, so named_parameters lists it before the children (init: learnable_sink_init 0),
+        // kept in fp32 whatever the model's dtype (_keep_in_fp32_modules_strict).
+        if (s.Sinks) _sinks = AddParameter("sinks", zeros(s.Heads, ScalarType.Float32, init.Device));
         _heads = s.Heads; _nope = s.QkNopeHeadDim; _ropeDim = s.QkRopeHeadDim; _v = s.VHeadDim; _kvRank = s.KvLoraRank;
         long qk = _nope + _ropeDim;
         if (s.QLoraRank is not long qRank) _q = AddChild("q_proj", new Linear(hidden, _heads * qk, false, init));

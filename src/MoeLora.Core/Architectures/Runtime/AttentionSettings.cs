@@ -114,7 +114,10 @@ public sealed record MlaAttentionSettings(
 /// <param name="RopeOnLast">HY-V4's indexer rotates the last qk_rope_head_dim dims of each head, not the first
 /// (HYV4Indexer's "flipped RoPE position").</param>
 /// <param name="KNormEps">Epsilon of k_norm (HY-V4: rms_norm_eps; the others 1e-6).</param>
-public sealed record DsaIndexerSettings(long Heads, long HeadDim, long TopK, bool InterleavedRope, bool RopeOnLast = false, double KNormEps = 1e-6);
+/// <param name="KeepInFp32">weights_proj and k_norm are stored and run in fp32 whatever the model's dtype (HY-V4's
+/// <c>_keep_in_fp32_modules_strict</c>).</param>
+public sealed record DsaIndexerSettings(long Heads, long HeadDim, long TopK, bool InterleavedRope, bool RopeOnLast = false, double KNormEps = 1e-6,
+    bool KeepInFp32 = false);
 
 /// <summary>
 /// LongCat-Flash's "LoRA scaling" of MLA (<c>LongcatFlashMLA.forward</c>): the whole query (nope and rope parts) times
