@@ -127,6 +127,36 @@ public sealed class RuntimeCommandTests : IDisposable
         Assert.Equal(ScalarType.BFloat16, two["logits"].dtype);
     }
 
+    /// <summary>
+    /// HY-V4's hidden states are hyper-connection streams [B, S, n, H] before the normed [B, S, H]: they cannot stack, so
+    /// each is written under hidden_states.{index}, as transformers' reference stores them, and equals it.
+    /// </summary>
+    [Fact]
+    public void HiddenStates_of_different_shapes_are_written_one_key_per_state()
+    {
+        var dir = Path.Combine(AppContext.BaseDirectory, "Data", "hf-moe", "hy_v4");
+        var reference = Path.Combine(dir, "reference.safetensors");
+        var outFile = Path.Combine(_tmp, "hs.safetensors");
+        var (code, stdout, err) = InProcessCli.RunCapturing(100, "hidden-states", Path.Combine(dir, "model"), "--inputs", reference, "--layers", "all",
+            "-o", outFile, "--format", "json");
+        Assert.True(code == 0, err);
+        var summary = JsonNode.Parse(stdout)!;
+        Assert.Equal(new long[] { 2, 10, 4, 32 }, summary["hidden_states"]!["0"]!.AsArray().Select(d => d!.GetValue<long>()));
+        var got = Safetensors.Load(outFile);
+        var want = Safetensors.Load(reference);
+        Assert.False(got.ContainsKey("hidden_states"));
+        var mask = want["attention_mask"].to(ScalarType.Bool);
+        for (int i = 0; i <= 4; i++)
+        {
+            var key = $"hidden_states.{i}";
+            Assert.Equal(want[key].shape, got[key].shape);
+            var m = mask.reshape(2, 10, 1).expand(2, 10, want[key].flatten(2).shape[2]);
+            var diff = (got[key].flatten(2) - want[key].flatten(2)).abs().masked_fill(m.logical_not(), 0).max().item<float>();
+            var scale = want[key].flatten(2).abs().masked_fill(m.logical_not(), 0).max().item<float>();
+            Assert.True(diff <= 1e-4 * scale, $"{key}: max diff {diff} (scale {scale})");
+        }
+    }
+
     /// <summary>With a PEFT adapter applied, hidden states and logits equal transformers + PEFT's for that adapter.</summary>
     [Theory]
     [InlineData("mixtral", "attn_plus_experts")]

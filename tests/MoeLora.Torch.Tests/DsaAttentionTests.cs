@@ -8,9 +8,9 @@ using static TorchSharp.torch;
 namespace MoeLora.Torch.Tests;
 
 /// <summary>
-/// The MLA variants with DeepSeek sparse attention (A.X-K2, DeepSeek-V3.2, GLM-5) and A.X-K's other pieces, beyond
+/// The MLA variants with DeepSeek sparse attention (A.X-K2, DeepSeek-V3.2, GLM-5, HY-V4) and A.X-K's other pieces, beyond
 /// their transformers fixtures (MoeTypesParityTests), whose index_topk keeps every key: the indexer's selection
-/// against a plain per-token reimplementation of transformers' DeepseekV32Indexer / GlmMoeDsaIndexer, the selection
+/// against a plain per-token reimplementation of transformers' DeepseekV32Indexer / GlmMoeDsaIndexer / HYV4Indexer, the selection
 /// under left padding, A.X-K2's router and gated RMSNorm, and LoRA gradients.
 /// </summary>
 public class DsaAttentionTests
@@ -33,6 +33,10 @@ public class DsaAttentionTests
 
     static string GlmMoeDsa => "{" + Shape + """, "model_type": "glm_moe_dsa", "indexer_types": ["full", "shared", "full"]}""";
 
+    // HY-V4: the same MLA shape plus sinks, the output gate, clamped experts and 4 hyper-connection streams; its indexer
+    // rotates the last rope dims of each head.
+    static string HyV4 => "{" + Shape + """, "model_type": "hy_v4", "indexer_types": ["full", "shared", "full"], "swiglu_limit": 0.5}""";
+
     static string Axk1 => """
         {"model_type": "axk1", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "moe_intermediate_size": 16,
          "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4, "n_shared_experts": 1,
@@ -41,20 +45,24 @@ public class DsaAttentionTests
          "topk_group": 1, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
         """;
 
-    public static TheoryData<string> SparseConfigs() => new() { Axk2, DeepseekV32, GlmMoeDsa };
+    public static TheoryData<string> SparseConfigs() => new() { Axk2, DeepseekV32, GlmMoeDsa, HyV4 };
 
     static float[] Floats(Tensor t) => t.detach().to(ScalarType.Float32).contiguous().data<float>().ToArray();
 
     // transformers' indexer written out per query, key and head: k = LayerNorm(wk·x), q = wq_b·q_latent per head,
     // rope on the first rope dims of both (halves, or GLM-5's interleaved pairs), score = Σ_h w_h·h^-0.5·relu(q_h·k·d^-0.5)
     // with w = weights_proj·x. Every real query must keep the best min(top-k, visible) of the keys it may see.
+    // HYV4Indexer rotates the last rope dims instead (pass, then rot) and its k_norm uses rms_norm_eps.
     [Theory]
-    [InlineData(false)]
-    [InlineData(true)]
-    public void IndexerKeepsTheBestScoringVisibleKeys(bool interleaved)
+    [InlineData(false, false)]
+    [InlineData(true, false)]
+    [InlineData(false, true)]
+    public void IndexerKeepsTheBestScoringVisibleKeys(bool interleaved, bool ropeOnLast)
     {
         const int hidden = 16, qRank = 8, heads = 3, d = 8, rope = 4, topK = 3, batch = 2, seq = 7, pad = 2;
-        var settings = new DsaIndexerSettings(heads, d, topK, interleaved);
+        double kNormEps = ropeOnLast ? 1e-5 : 1e-6;
+        int at0 = ropeOnLast ? d - rope : 0;
+        var settings = new DsaIndexerSettings(heads, d, topK, interleaved, ropeOnLast, kNormEps);
         var indexer = new DsaIndexer(hidden, qRank, rope, settings, new Init(ScalarType.Float32, CPU, 0.5, new Generator(11)));
         var p = indexer.NamedParameters().ToDictionary(x => x.Name, x => x.Param);
         using (no_grad())
@@ -93,13 +101,13 @@ public class DsaAttentionTests
                 if (interleaved)
                 {
                     // apply_rotary_pos_emb_interleave: pairs (2i, 2i+1), the results laid out as halves.
-                    o[i] = v[2 * i] * c - v[2 * i + 1] * s;
-                    o[rope / 2 + i] = v[2 * i + 1] * c + v[2 * i] * s;
+                    o[at0 + i] = v[at0 + 2 * i] * c - v[at0 + 2 * i + 1] * s;
+                    o[at0 + rope / 2 + i] = v[at0 + 2 * i + 1] * c + v[at0 + 2 * i] * s;
                 }
                 else
                 {
-                    o[i] = v[i] * c - v[i + rope / 2] * s;
-                    o[i + rope / 2] = v[i + rope / 2] * c + v[i] * s;
+                    o[at0 + i] = v[at0 + i] * c - v[at0 + i + rope / 2] * s;
+                    o[at0 + i + rope / 2] = v[at0 + i + rope / 2] * c + v[at0 + i] * s;
                 }
             }
             return o;
@@ -110,7 +118,7 @@ public class DsaAttentionTests
             for (int j = 0; j < d; j++)
                 for (int i = 0; i < hidden; i++) k[j] += wk[j * hidden + i] * xs[(b * seq + t) * hidden + i];
             double mean = k.Average(), variance = k.Select(v => (v - mean) * (v - mean)).Average();
-            return Rotate(k.Select((v, j) => (v - mean) / Math.Sqrt(variance + 1e-6) * lnW[j] + lnB[j]).ToArray(), t);
+            return Rotate(k.Select((v, j) => (v - mean) / Math.Sqrt(variance + kNormEps) * lnW[j] + lnB[j]).ToArray(), t);
         }
         double Score(int b, int s, int t)
         {
@@ -244,7 +252,7 @@ public class DsaAttentionTests
         Assert.True(Fixtures.RelError(norm.Forward(x), y) > 1e-2);
     }
 
-    public static TheoryData<string> LoraConfigs() => new() { Axk1, Axk2, GlmMoeDsa };
+    public static TheoryData<string> LoraConfigs() => new() { Axk1, Axk2, GlmMoeDsa, HyV4 };
 
     // All linear layers and the experts: every adapter learns, except the indexer's, which transformers runs under
     // torch.no_grad() (its output is integer indices), so they get no gradient there or here.
@@ -252,7 +260,8 @@ public class DsaAttentionTests
     [MemberData(nameof(LoraConfigs))]
     public void LoraGradientsReachEveryAdapterOutsideTheIndexer(string config) =>
         MlaVariantsTests.AssertLoraGradients(config, name => name.Contains(".indexer.", StringComparison.Ordinal),
-            config == Axk2 ? ["q_gate_proj.lora_A", "input_layernorm.mlp.fc1.lora_A", "self_attn.indexer.wq_b.lora_A"] : []);
+            config == Axk2 ? ["q_gate_proj.lora_A", "input_layernorm.mlp.fc1.lora_A", "self_attn.indexer.wq_b.lora_A"]
+            : config == HyV4 ? ["self_attn.gate_proj.lora_A", "shared_experts.gate_proj.lora_A", "self_attn.indexer.wq_b.lora_A"] : []);
 
     // transformers raises for a "shared" first layer (no earlier selection to reuse); the runtime refuses it in one line.
     [Fact]

@@ -21,6 +21,31 @@ public static class Fixtures
     }
 
     /// <summary>
+    /// The reference's hidden states in order: one stacked <c>hidden_states</c> [L+1, B, S, H], or one key per state
+    /// (<c>hidden_states.0</c>, <c>hidden_states.1</c>, ...) where they differ in shape (hyper-connection streams
+    /// [B, S, n, H] before the last, normed [B, S, H]).
+    /// </summary>
+    public static IReadOnlyList<Tensor> HiddenStates(Dictionary<string, Tensor> reference)
+    {
+        if (reference.TryGetValue("hidden_states", out var stacked)) return Enumerable.Range(0, (int)stacked.shape[0]).Select(i => stacked[i]).ToList();
+        var keyed = reference.Keys.Where(k => k.StartsWith("hidden_states.", StringComparison.Ordinal))
+            .Select(k => (Index: int.Parse(k["hidden_states.".Length..], System.Globalization.CultureInfo.InvariantCulture), Key: k))
+            .OrderBy(e => e.Index).ToList();
+        if (keyed.Count == 0 || keyed[^1].Index != keyed.Count - 1) throw new InvalidDataException("reference has no hidden_states, or gaps in hidden_states.N");
+        return keyed.Select(e => reference[e.Key]).ToList();
+    }
+
+    /// <summary>
+    /// <see cref="MaskedRelError"/> of one state [B, S, ...] (any trailing dims, e.g. hyper-connection streams
+    /// [B, S, n, H]) against mask [B, S]; the shapes must be equal.
+    /// </summary>
+    public static double MaskedRelErrorPerToken(Tensor a, Tensor b, Tensor mask)
+    {
+        if (!a.shape.SequenceEqual(b.shape)) throw new InvalidDataException($"shape [{string.Join(",", a.shape)}] != reference [{string.Join(",", b.shape)}]");
+        return MaskedRelError(a.flatten(2), b.flatten(2), mask);
+    }
+
+    /// <summary>
     /// Max |a-b| over positions where mask==1, relative to max |b| there. <paramref name="a"/>, <paramref name="b"/>
     /// are [..., B, S, F] with mask [B, S].
     /// </summary>

@@ -12,7 +12,8 @@ namespace MoeLora.Torch.Tests;
 /// <summary>
 /// Runtime parity with transformers 5.17 on Data/hf-moe: one tiny random checkpoint per MoE type (made on the GPU host
 /// by tools/oracle/discover_moe.py), loaded from its checkpoint layout, on a batch whose second row is left-padded.
-/// Logits, every hidden state and the router logits must agree within 1e-4 (fp32) at the real tokens. Types whose
+/// Logits, every hidden state and the router logits must agree within 1e-4 (fp32) at the real tokens. Hidden states
+/// come stacked, or one key per state where their shapes differ (hyper-connection streams, see <see cref="Fixtures.HiddenStates"/>). Types whose
 /// family has no runtime are listed with their one-line reason by <see cref="RuntimeTreeTests"/>.
 /// </summary>
 public class MoeTypesParityTests(ITestOutputHelper log)
@@ -59,10 +60,10 @@ public class MoeTypesParityTests(ITestOutputHelper log)
         void Check(string what, double err) { log.WriteLine($"{type} {what}: {err:E2}"); if (!(err <= Tolerance)) errors.Add($"{what} {err:E2}"); }
 
         Check("logits", Fixtures.MaskedRelError(output.Logits, reference["logits"], mask));
-        var hs = reference["hidden_states"];
-        Assert.Equal(hs.shape[0], output.HiddenStates.Count);
+        var hs = Fixtures.HiddenStates(reference);
+        Assert.Equal(hs.Count, output.HiddenStates.Count);
         for (int i = 0; i < output.HiddenStates.Count; i++)
-            Check($"hidden_states[{i}]", Fixtures.MaskedRelError(output.HiddenStates[i], hs[i], mask));
+            Check($"hidden_states[{i}]", Fixtures.MaskedRelErrorPerToken(output.HiddenStates[i], hs[i], mask));
         var routerKeys = reference.Keys.Where(k => k.StartsWith("router_logits.", StringComparison.Ordinal))
             .OrderBy(k => int.Parse(k.Split('.')[1], System.Globalization.CultureInfo.InvariantCulture)).ToList();
         if (routerKeys.Count > 0)

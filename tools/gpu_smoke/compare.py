@@ -58,12 +58,23 @@ def main():
     out, ref, tol = load(sys.argv[1]), load(sys.argv[2]), float(sys.argv[3])
     mask = ref["attention_mask"][1]
     worst = []
-    for name in ("logits", "hidden_states"):
+    # Hidden states come stacked, or one key per state (hidden_states.N) where their shapes differ (hyper-connection
+    # streams [B, S, n, H] before the normed [B, S, H]): each such state's per-token features are all its trailing dims.
+    per_key = sorted((k for k in ref if k.startswith("hidden_states.")), key=lambda k: int(k.split(".")[1]))
+    for name in ["logits"] + (per_key if "hidden_states" not in ref else ["hidden_states"]):
+        if name not in out:
+            print(f"FAIL {name}: missing from the output")
+            sys.exit(1)
         (oshape, o), (rshape, r) = out[name], ref[name]
         if oshape != rshape:
             print(f"FAIL {name}: shape {oshape} vs reference {rshape}")
             sys.exit(1)
-        worst.append((masked_rel_error(o, r, mask, rshape[-1]), name))
+        features = rshape[-1]
+        if name.startswith("hidden_states."):
+            features = 1
+            for d in rshape[2:]:
+                features *= d
+        worst.append((masked_rel_error(o, r, mask, features), name))
     err, name = max(worst)
     status = "ok  " if err < tol else "FAIL"
     print(f"{status} max masked relative error {err:.2e} ({name}; tolerance {tol:g}): " +

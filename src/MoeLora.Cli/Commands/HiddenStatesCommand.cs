@@ -11,7 +11,8 @@ namespace MoeLora.Cli.Commands;
 /// <summary>
 /// <c>moelora hidden-states MODEL (--prompts F.jsonl | --inputs F.safetensors) --layers all|N... -o OUT.safetensors</c>:
 /// runs the model and writes <c>hidden_states [layers, batch, seq, hidden]</c> (HF indexing, 0 = embeddings),
-/// <c>logits</c>, <c>input_ids</c> and <c>attention_mask</c>.
+/// <c>logits</c>, <c>input_ids</c> and <c>attention_mask</c>. States that differ in shape (hyper-connection streams
+/// before the normed output) are written one key per state, <c>hidden_states.{index}</c>.
 /// </summary>
 public sealed class HiddenStatesCommand : Command<HiddenStatesCommand.Settings>
 {
@@ -59,14 +60,23 @@ public sealed class HiddenStatesCommand : Command<HiddenStatesCommand.Settings>
         int states = model.NumLayers + 1;
         var layers = ParseLayers(s.Layers, states);
         using var output = no_grad_forward(model, ids, mask!);
-        var hs = stack(layers.Select(i => output.HiddenStates[i]).ToArray(), 0).to(outType);
-        var tensors = new List<KeyValuePair<string, Tensor>>
-        {
-            new("hidden_states", hs.contiguous()),
+        var selected = layers.Select(i => output.HiddenStates[i]).ToList();
+        // States of different shapes (hyper-connection streams [B, S, n, H] before the normed [B, S, H]) cannot stack:
+        // one key per state then, hidden_states.{index}, as transformers' references for such models store them.
+        bool stacked = selected.All(t => t.shape.SequenceEqual(selected[0].shape));
+        var tensors = stacked
+            ? new List<KeyValuePair<string, Tensor>> { new("hidden_states", stack(selected.ToArray(), 0).to(outType).contiguous()) }
+            : layers.Select((l, k) => new KeyValuePair<string, Tensor>(
+                "hidden_states." + l.ToString(System.Globalization.CultureInfo.InvariantCulture), selected[k].to(outType).contiguous())).ToList();
+        tensors.AddRange(
+        [
             new("logits", output.Logits.to(outType).contiguous()),
             new("input_ids", ids.contiguous()),
             new("attention_mask", mask!.to(ScalarType.Int64).contiguous()),
-        };
+        ]);
+        var hsShape = stacked ? tensors[0].Value.shape : null;
+        var hsText = hsShape is not null ? $"[{string.Join(",", hsShape)}]"
+            : string.Join(" ", layers.Select((l, k) => $"{l}:[{string.Join(",", selected[k].shape)}]"));
         Infrastructure.AtomicFile.Write(s.Output, temp => Safetensors.Save(temp, tensors, new Dictionary<string, string>
         {
             ["format"] = "pt",
@@ -74,21 +84,22 @@ public sealed class HiddenStatesCommand : Command<HiddenStatesCommand.Settings>
             ["model"] = resolved.Id,
         }));
         var dtypeName = Core.Analysis.DTypes.Name(s.DType);
-        var line = $"wrote {s.Output}: hidden_states [{string.Join(",", hs.shape)}] ({dtypeName}), logits [{string.Join(",", output.Logits.shape)}], layers {string.Join(",", layers)}";
+        var line = $"wrote {s.Output}: hidden_states {hsText} ({dtypeName}), logits [{string.Join(",", output.Logits.shape)}], layers {string.Join(",", layers)}";
         // -o is the safetensors file; the printed result is this summary, in --format.
         Output.Result(s.Format, null, () => new JsonObject
         {
             ["schema"] = "moelora.hidden_states/1",
             ["model"] = resolved.Id,
             ["output"] = s.Output,
-            ["hidden_states"] = Shape(hs.shape),
+            ["hidden_states"] = hsShape is not null ? Shape(hsShape)
+                : new JsonObject(layers.Select((l, k) => KeyValuePair.Create(l.ToString(System.Globalization.CultureInfo.InvariantCulture), (JsonNode?)Shape(selected[k].shape)))),
             ["logits"] = Shape(output.Logits.shape),
             ["dtype"] = dtypeName,
             ["layers"] = new JsonArray(layers.Select(l => (JsonNode)JsonValue.Create(l)).ToArray()),
         }, () => [new Spectre.Console.Text(line + "\n")], () =>
             Rendering.MarkdownTable.Render(["tensor", "shape", "dtype"],
             [
-                ["hidden_states", $"[{string.Join(", ", hs.shape)}]", dtypeName],
+                ["hidden_states", hsShape is not null ? $"[{string.Join(", ", hsShape)}]" : hsText, dtypeName],
                 ["logits", $"[{string.Join(", ", output.Logits.shape)}]", dtypeName],
             ]) + $"\nWritten to `{s.Output}` (layers {string.Join(",", layers)}).\n");
         return 0;

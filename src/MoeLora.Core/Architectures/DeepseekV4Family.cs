@@ -83,7 +83,7 @@ internal sealed class DeepseekV4Family : IArchitecture
         var moe = new MoeFacts(s.Experts, s.TopK, 1, s.MoeInter, s.MoeInter, moeLayers, [], routing);
         return Blocks.Spec(c, "deepseek_v4", b.Build(), moe, s.Hidden, layers, s.Vocab, s.Heads, c.Int("num_key_value_heads", 1), tie, act) with
         {
-            RuntimeUnavailable = "DeepSeek-V4's compressed attention and hash-routed expert layers",
+            RuntimeUnavailable = "DeepSeek-V4's compressed (CSA/HCA) sliding attention, hash-routed expert layers and Sinkhorn-mixed hyper-connections",
         };
     }
 

@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -15,6 +16,11 @@ namespace MoeLora.Core.Architectures;
 /// Only layers whose <c>indexer_types</c> entry is "full" (default: layer 0 and every 4th from layer 1) own an
 /// indexer (wq_b from q_lora_rank, wk, a LayerNorm k_norm, weights_proj); "shared" layers reuse a previous top-k.
 /// HYV4Config forces num_key_value_heads = num_attention_heads.
+/// </para>
+/// <para>
+/// Runtime: <see cref="HyperConnectionSettings"/> streams around pre-norm layers of MLA (<see cref="MlaAttentionSettings"/>
+/// with the indexer, sinks and output gate) and the group-limited MoE with clamped SwiGLU experts; refused for a null
+/// q_lora_rank, a "shared" first layer, an index_head_dim below the rope dims or groups that do not split the experts.
 /// </para>
 /// <para>
 /// v4 means the on-disk checkpoint layout (hy_v4 is not in transformers 4.57; module classes reuse the v5 names):
@@ -133,10 +139,61 @@ internal sealed class HyV4Family : IArchitecture
             $", scaled by {c.Double("routed_scaling_factor", 2.827)}, plus {shared} shared expert(s)";
         var moe = moeLayers.Count == 0 ? MoeFacts.Dense(layers)
             : new MoeFacts(experts, topK, shared, moeInter, sharedInter, moeLayers, denseLayers, routing);
-        return Blocks.Spec(c, "hy_v4", b.Build(), moe, hidden, layers, vocab, heads, heads, tie, act) with
+        var spec = Blocks.Spec(c, "hy_v4", b.Build(), moe, hidden, layers, vocab, heads, heads, tie, act);
+
+        // HYV4Attention.forward runs q_a_proj whatever q_lora_rank says, and a "shared" layer needs an earlier indexer.
+        if (qLoraRank is null)
+            return spec with { RuntimeUnavailable = "a null q_lora_rank (HYV4Attention always projects through q_a_proj)" };
+        if (indexerTypes[0] == "shared")
+            return spec with { RuntimeUnavailable = "a first layer whose indexer_types entry is \"shared\" (no earlier indexer to reuse)" };
+        if (indexHeadDim < rope)
+            return spec with { RuntimeUnavailable = $"an index_head_dim ({indexHeadDim}) below qk_rope_head_dim ({rope})" };
+        var groups = c.Int("n_group", 1);
+        var topKGroups = c.Int("topk_group", 1);
+        if (groups <= 0 || experts % groups != 0 || topKGroups > groups)
+            return spec with { RuntimeUnavailable = $"n_group {groups} / topk_group {topKGroups} that do not split {experts} experts" };
+        return spec with
         {
-            RuntimeUnavailable = "HY-V4's MLA with sparse indexer, attention sinks and hyper-connections",
+            Runtime = Runtime(c, vocab, hidden, tie, heads, qLoraRank.Value, kvLoraRank, nope, rope, vHead, bias, indexHeads, indexHeadDim,
+                hcMult, act, inter, moeInter, sharedInter, experts, topK, groups, topKGroups, mlpTypes, indexerTypes, layers),
         };
+    }
+
+    /// <summary>
+    /// What HYV4ForCausalLM computes: DeepSeek-V3.2's MLA (rotating halves, not interleaved) with the indexer on "full"
+    /// layers, the per-element sigmoid output gate and sinks (eager attention, the only one HY-V4 supports); DeepSeek-V3's
+    /// sigmoid group-limited MoE with clamped SwiGLU experts; hyper-connections around both sublayers.
+    /// </summary>
+    private static DecoderRuntime Runtime(ModelConfig c, long vocab, long hidden, bool tie, long heads, long qLoraRank, long kvLoraRank,
+        long nope, long rope, long vHead, bool bias, long indexHeads, long indexHeadDim, long hcMult, string act, long inter, long moeInter,
+        long sharedInter, long experts, long topK, long groups, long topKGroups, IReadOnlyList<string> mlpTypes,
+        IReadOnlyList<string> indexerTypes, long layers)
+    {
+        var eps = c.Double("rms_norm_eps", 1e-5);
+        var norm = new NormSettings(NormKind.Rms, eps);
+        // HYV4RotaryEmbedding rotates head_dim, which HYV4Config sets to qk_rope_head_dim.
+        var ropeSettings = RopeSettings.Read(c, 10000.0, rope);
+        // q_a_layernorm / kv_a_layernorm are built without eps (the RMSNorm's 1e-6); the indexer's k_norm uses rms_norm_eps.
+        var attention = new MlaAttentionSettings(heads, qLoraRank, kvLoraRank, nope, rope, vHead, bias, RopeInterleave: false,
+            ropeSettings.MlaSoftmaxScale(nope + rope), LowRankNormEps: 1e-6,
+            Indexer: new DsaIndexerSettings(indexHeads, indexHeadDim, c.Positive("index_topk", 2048), InterleavedRope: false, RopeOnLast: true, KNormEps: eps,
+                KeepInFp32: true),
+            Sinks: true, Gate: new OutputGate("gate_proj", OutputGateKind.Sigmoid, PerHead: false));
+        var sharedTopK = attention with { Indexer = null, ReusesTopK = true };
+        // HYV4Experts: silu(clamp(gate, max = L)) · clamp(up, ±L), no act_fn child.
+        var sparse = new MoeSettings(
+            new SigmoidGroupLimitedRouterSettings("gate", experts, topK, groups, topKGroups, c.Bool("norm_topk_prob", true),
+                c.Double("routed_scaling_factor", 2.827)),
+            new ExpertsSettings(ExpertsLayout.GateUpOutInClamped, experts, moeInter, act, SwigluLimit: c.Double("swiglu_limit", 10.0),
+                SwigluAlpha: 1.0, SwigluUpShift: 0.0),
+            new SharedExpertSettings("shared_experts", sharedInter, act, SigmoidGateName: null), MoeOrder.ExpertsFirst);
+        var dense = new GatedMlpSettings(inter, act);
+        var runtimeLayers = Enumerable.Range(0, (int)layers)
+            .Select(i => new DecoderLayerRuntime(indexerTypes[i] == "shared" ? sharedTopK : attention, "mlp",
+                mlpTypes[i] == "sparse" ? sparse : dense, norm, norm)).ToList();
+        var hc = new HyperConnectionSettings(hcMult, c.Double("hc_eps", 1e-6), eps, c.Double("hc_magnitude", 2.0));
+        return new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.006), norm, ropeSettings, runtimeLayers,
+            HyperConnections: hc);
     }
 
     /// <summary>HYV4Attention: MLA, the optional DSA indexer, the output gate and the per-head sinks.</summary>

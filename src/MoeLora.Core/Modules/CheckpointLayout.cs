@@ -156,6 +156,11 @@ public sealed partial class CheckpointLayout
         Pair((tree, p) => $"{tree.OwnerOf(p).LayerIndex}|{string.Join(',', p.Shape)}", IsExperts);
         Pair((tree, p) => $"{tree.OwnerOf(p).LayerIndex}|{tree.OwnerOf(p).Location}|{string.Join(',', p.Shape)}");
         Pair((tree, p) => $"{tree.OwnerOf(p).LayerIndex}|{LayerChild(tree.OwnerOf(p))}|{tree.OwnerOf(p).Location}|{string.Join(',', p.Shape)}");
+        // - very last, twins renamed together: as many tensors of one shape under modules of one class in a layer on both
+        //   sides, paired in registration order (HY-V4's hyper-connections: attn_hc.fn / ffn_hc.fn at run time,
+        //   hc_pre.hc_attn_layer.hc_fn / hc_pre.hc_mlp_layer.hc_fn on disk, all [2n, n·H]).
+        PairInOrder(unpairedRuntime, unpairedOther, otherByName, runtime, other,
+            (tree, p) => $"{tree.OwnerOf(p).LayerIndex}|{tree.OwnerOf(p).ClassName}|{string.Join(',', p.Shape)}");
 
         void Pair(Func<ModuleTree, ParameterNode, string> key, Func<ModuleTree, ParameterNode, bool>? only = null)
         {
@@ -169,6 +174,22 @@ public sealed partial class CheckpointLayout
                 if (group.Count() != 1 || !otherGroups.TryGetValue(group.Key, out var match) || match.Count != 1) continue;
                 _alternatives[group.Single().Name] = new Alternative([match[0]], IsSliceOfFused: false);
             }
+        }
+    }
+
+    // Pairs each group of still-unpaired tensors sharing a key with the other tree's group of the same key and size, in order.
+    private void PairInOrder(List<ParameterNode> unpairedRuntime, HashSet<string> unpairedOther, Dictionary<string, ParameterNode> otherByName,
+        ModuleTree runtime, ModuleTree other, Func<ModuleTree, ParameterNode, string> key)
+    {
+        var pairedOther = _alternatives.Values.SelectMany(a => a.Parts).Select(p => p.Name).ToHashSet(StringComparer.Ordinal);
+        var order = AllParameters(other).Select((p, i) => (p.Name, i)).ToDictionary(e => e.Name, e => e.i, StringComparer.Ordinal);
+        var otherGroups = unpairedOther.Where(n => !pairedOther.Contains(n)).Select(n => otherByName[n])
+            .GroupBy(p => key(other, p)).ToDictionary(g => g.Key, g => g.OrderBy(p => order[p.Name]).ToList());
+        foreach (var group in unpairedRuntime.Where(p => !_alternatives.ContainsKey(p.Name)).GroupBy(p => key(runtime, p)))
+        {
+            var mine = group.ToList();
+            if (!otherGroups.TryGetValue(group.Key, out var match) || match.Count != mine.Count) continue;
+            for (int i = 0; i < mine.Count; i++) _alternatives[mine[i].Name] = new Alternative([match[i]], IsSliceOfFused: false);
         }
     }
 

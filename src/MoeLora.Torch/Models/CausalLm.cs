@@ -6,7 +6,11 @@ using static TorchSharp.torch;
 
 namespace MoeLora.Torch.Models;
 
-/// <summary>Outputs of one forward. Hidden states use HF indexing: [0] embeddings, [i] block i-1, last normed.</summary>
+/// <summary>
+/// Outputs of one forward. Hidden states use HF indexing: [0] embeddings, [i] block i-1, last normed; with
+/// hyper-connections the layers' states are the streams [B, S, n, H] (the first the repeated embeddings), as
+/// transformers' output_hidden_states records them, and the last the normed [B, S, H].
+/// </summary>
 public sealed class CausalLmOutput : IDisposable
 {
     public required Tensor Logits { get; init; }
@@ -44,6 +48,7 @@ public sealed class CausalLm : HfModule, IDisposable
     readonly INorm _norm;
     readonly INorm? _embedNorm;
     readonly Linear _lmHead;
+    readonly HyperHead? _hcHead;
 
     internal CausalLm(ModelSpec spec, DecoderRuntime runtime, Init init, Func<int, HfModule> layer)
     {
@@ -61,6 +66,7 @@ public sealed class CausalLm : HfModule, IDisposable
         _norm = (INorm)model.Add(names.FinalNorm, Norms.Create(runtime.HiddenSize, runtime.FinalNorm, init));
         if (runtime.EmbeddingNorm is { } en) _embedNorm = (INorm)model.Add(en.Name, Norms.Create(runtime.HiddenSize, en.Norm, init));
         if (names is { Rotary: { } after, RotaryBeforeNorm: false, RotaryFirst: false }) model.Add(after, new Container());
+        if (runtime.HyperConnections is { } hc) _hcHead = model.Add(hc.HeadName, new HyperHead(runtime.HiddenSize, hc, init));
         _lmHead = AddChild("lm_head", new Linear(runtime.HiddenSize, runtime.VocabSize, runtime.LmHeadBias, init));
         if (runtime.TieWordEmbeddings) _lmHead.TieTo(_embed.weight);
     }
@@ -102,6 +108,8 @@ public sealed class CausalLm : HfModule, IDisposable
         if (_model.Affine is { } affine) h = (h + affine.Bias) * affine.Scale;
         if (_embedNorm is not null) h = _embedNorm.Forward(h);
         if (Runtime.ResidualInFp32) h = h.to(ScalarType.Float32);
+        // Hyper-connections: the embeddings repeated into every stream [B, S, n, H] (recorded as hidden_states[0]).
+        if (Runtime.HyperConnections is { } hc) h = h.unsqueeze(2).expand(-1, -1, hc.Streams, -1).contiguous();
         var hidden = new List<Tensor>();
         if (outputHiddenStates) hidden.Add(h);
         foreach (var layer in _layers)
@@ -109,6 +117,7 @@ public sealed class CausalLm : HfModule, IDisposable
             h = layer.Forward(h, ctx);
             if (outputHiddenStates) hidden.Add(h);
         }
+        if (_hcHead is not null) h = _hcHead.Forward(h);
         h = _norm.Forward(h.dtype == DType ? h : h.to(DType));
         if (outputHiddenStates) hidden[^1] = h;
         var logits = _lmHead.Forward(h);

@@ -26,6 +26,13 @@ public static class ModelBuilder
         return new CausalLm(spec, runtime, init, i =>
         {
             var l = runtime.Layers[i];
+            if (runtime.HyperConnections is { } hc)
+            {
+                if (l.Form is not null || l.Shortcut is not null) throw new NotSupportedException("hyper-connections run only pre-norm layers.");
+                return new HyperConnectionDecoderLayer(Attention(hidden, l.Attention, RopeOf(l.Attention), init) ?? throw OneSublayer(), l.FeedForwardName,
+                    FeedForward(hidden, l.FeedForward, init) ?? throw OneSublayer(), new RmsNorm(hidden, l.InputNorm, init),
+                    new RmsNorm(hidden, l.PostAttentionNorm, init), hc, hidden, init);
+            }
             if (l.Shortcut is { } sc)
                 return new ShortcutMoeDecoderLayer(l.FeedForwardName, FeedForward(hidden, l.FeedForward, init) ?? throw OneSublayer(),
                     () => Attention(hidden, l.Attention, RopeOf(l.Attention), init) ?? throw OneSublayer(),
@@ -81,7 +88,8 @@ public static class ModelBuilder
         MoeSettings m => m.Router switch
         {
             SoftmaxTopKRouterSettings => new SoftmaxTopKMoe(hidden, Expect(m, ExpertsLayout.GateUpOutIn), init),
-            SigmoidGroupLimitedRouterSettings => new SigmoidGroupLimitedMoe(hidden, Expect(m, ExpertsLayout.GateUpOutIn), init),
+            SigmoidGroupLimitedRouterSettings => new SigmoidGroupLimitedMoe(hidden,
+                m.Experts.Layout == ExpertsLayout.GateUpOutInClamped ? m : Expect(m, ExpertsLayout.GateUpOutIn), init),
             SoftmaxGroupLimitedRouterSettings => new SoftmaxGroupLimitedMoe(hidden, Expect(m, ExpertsLayout.GateUpOutIn), init),
             TopKSoftmaxRouterSettings => new GptOssMlp(hidden, Expect(m, ExpertsLayout.GptOssInterleaved), init),
             Llama4RouterSettings => new Llama4Moe(hidden, Expect(m, ExpertsLayout.Llama4InOut), init),

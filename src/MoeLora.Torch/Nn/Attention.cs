@@ -178,10 +178,12 @@ public static class AttentionMath
         }
         else
         {
-            var s = sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[2], 1).to(w.dtype);
-            var combined = cat([w, s], -1);
+            // Sinks kept in fp32 (HY-V4) promote the scores to fp32 as torch.cat does; the probabilities go back to v's dtype.
+            var dt = sinks.dtype == ScalarType.Float32 ? ScalarType.Float32 : w.dtype;
+            var s = sinks.reshape(1, -1, 1, 1).expand(q.shape[0], -1, q.shape[2], 1).to(dt);
+            var combined = cat([w.to(dt), s], -1);
             combined = combined - combined.max(-1, keepdim: true).values;
-            probs = combined.softmax(-1, combined.dtype)[.., .., .., ..^1];
+            probs = combined.softmax(-1, combined.dtype)[.., .., .., ..^1].to(v.dtype);
         }
         var o = matmul(probs, v).transpose(1, 2).contiguous();
         return o.reshape(o.shape[0], o.shape[1], -1);

@@ -29,7 +29,7 @@ public sealed class GroupLimitedRouter : HfModule
 /// </summary>
 public abstract class GroupLimitedMoeBlock<TGate> : HfModule, IBlock where TGate : HfModule
 {
-    readonly FusedExperts _experts;
+    readonly ExpertsBase _experts;
     readonly GatedMlp? _shared;
     readonly INorm? _outputNorm;
     protected TGate Gate { get; }
@@ -37,7 +37,10 @@ public abstract class GroupLimitedMoeBlock<TGate> : HfModule, IBlock where TGate
     /// <param name="routerKind">Names the router in the refusal of a gated shared expert.</param>
     protected GroupLimitedMoeBlock(long hidden, MoeSettings s, Init init, TGate gate, string routerKind)
     {
-        var experts = new FusedExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, s.Experts.Act, init);
+        // Plain fused experts, or HY-V4's clamped SwiGLU ones.
+        ExpertsBase experts = s.Experts.Layout == ExpertsLayout.GateUpOutInClamped
+            ? new ClampedFusedExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, s.Experts.SwigluLimit, s.Experts.SwigluAlpha, init, s.Experts.SwigluUpShift)
+            : new FusedExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, s.Experts.Act, init);
         if (s.Order == MoeOrder.ExpertsFirst) { _experts = AddChild("experts", experts); Gate = AddChild(s.Router.Name, gate); }
         else { Gate = AddChild(s.Router.Name, gate); _experts = AddChild("experts", experts); }
         if (s.Shared is { } shared)
@@ -67,7 +70,7 @@ public abstract class GroupLimitedMoeBlock<TGate> : HfModule, IBlock where TGate
         var logits = Logits(flat);
         ctx.RouterLogits.Add(logits);
         var (topIdx, topW) = Select(logits);
-        var routed = _experts.Forward(flat, topIdx, topW).to(x.dtype);
+        var routed = (_experts is ClampedFusedExperts c ? c.Forward(flat, topIdx, topW) : ((FusedExperts)_experts).Forward(flat, topIdx, topW)).to(x.dtype);
         var y = (_shared is null ? routed : routed + _shared.Forward(flat)).view(shape);
         return _outputNorm is null ? y : _outputNorm.Forward(y);
     }

@@ -10,7 +10,7 @@ namespace MoeLora.Torch.Nn;
 /// qk_rope_head_dim dims (optionally de-interleaved first, or as complex pairs for DeepSeek-V2), an optional
 /// position-dependent query scale (Mistral 4) or constant query / kv-latent scales (LongCat-Flash), attention (SDPA or eager)
 /// with the settings' scaling; A.X-K2's gated query (q_gate_proj) and the DSA indexer's top-k key selection
-/// (DeepSeek-V3.2, GLM-5, A.X-K2), own or reused.
+/// (DeepSeek-V3.2, GLM-5, A.X-K2, HY-V4), own or reused; HY-V4's sinks and per-element output gate.
 /// </summary>
 public sealed class MlaAttention : HfModule, IBlock
 {
@@ -25,10 +25,15 @@ public sealed class MlaAttention : HfModule, IBlock
     readonly Llama4QueryScale? _queryScale;
     readonly MlaLatentScale? _latentScale;
     readonly Rotary _rope;
+    readonly Parameter? _sinks;
+    readonly Linear? _gate;
 
     public MlaAttention(long hidden, MlaAttentionSettings s, Rotary rope, Init init)
     {
         _rope = rope;
+        // HYV4Attention's sinks: a direct Parameter, so named_parameters lists it before the children (init: learnable_sink_init 0),
+        // kept in fp32 whatever the model's dtype (_keep_in_fp32_modules_strict).
+        if (s.Sinks) _sinks = AddParameter("sinks", zeros(s.Heads, ScalarType.Float32, init.Device));
         _heads = s.Heads; _nope = s.QkNopeHeadDim; _ropeDim = s.QkRopeHeadDim; _v = s.VHeadDim; _kvRank = s.KvLoraRank;
         long qk = _nope + _ropeDim;
         if (s.QLoraRank is not long qRank) _q = AddChild("q_proj", new Linear(hidden, _heads * qk, false, init));
@@ -47,6 +52,11 @@ public sealed class MlaAttention : HfModule, IBlock
         _kvb = AddChild("kv_b_proj", new Linear(_kvRank, _heads * (_nope + _v), false, init));
         _o = AddChild("o_proj", new Linear(_heads * _v, hidden, s.Bias, init));
         if (s.Indexer is { } ix) _indexer = AddChild("indexer", new DsaIndexer(hidden, s.QLoraRank!.Value, _ropeDim, ix, init));
+        if (s.Gate is { } g)
+        {
+            if (g.Kind != OutputGateKind.Sigmoid || g.PerHead) throw new NotSupportedException("MLA takes only a per-element sigmoid output gate.");
+            _gate = AddChild(g.Name, new Linear(hidden, _heads * _v, false, init));
+        }
         _queryGate = s.QueryGate;
         _reusesTopK = s.ReusesTopK;
         _interleave = s.RopeInterleave;
@@ -110,7 +120,11 @@ public sealed class MlaAttention : HfModule, IBlock
             // A reusing layer always follows an indexer layer (Core refuses a "shared" first layer); null: it kept all keys.
             mask = DsaIndexer.Restrict(mask, ctx.IndexerTopK);
         }
-        var o = AttentionMath.Attend(query, key, kvSplit[1], ctx, mask, _scaling);
+        // Sinks join an eager softmax (HY-V4 supports only eager attention, as gpt-oss' sinks).
+        var o = _sinks is null ? AttentionMath.Attend(query, key, kvSplit[1], ctx, mask, _scaling)
+            : AttentionMath.Eager(query, key, kvSplit[1], mask, _scaling, _sinks);
+        // HYV4Attention: the output times sigmoid(gate_proj(x)) per element, in the activations' dtype.
+        if (_gate is not null) o = o * nn.functional.sigmoid(_gate.Forward(x));
         // AXK2Attention: the output times sigmoid(gate) in fp32, cast back, before o_proj.
         if (gate is not null) o = (o * nn.functional.sigmoid(gate.to(ScalarType.Float32))).to(o.dtype);
         return _o.Forward(o);

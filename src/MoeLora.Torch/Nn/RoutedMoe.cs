@@ -114,7 +114,7 @@ public sealed class RoutedMoe : HfModule, IBlock
         _experts = s.Experts.Layout switch
         {
             ExpertsLayout.GateUpOutIn => new FusedExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, s.Experts.Act, init, s.Experts.ZeroExperts),
-            ExpertsLayout.GateUpOutInClamped => new ClampedFusedExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, s.Experts.SwigluLimit, s.Experts.SwigluAlpha, init),
+            ExpertsLayout.GateUpOutInClamped => new ClampedFusedExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, s.Experts.SwigluLimit, s.Experts.SwigluAlpha, init, s.Experts.SwigluUpShift),
             ExpertsLayout.GroupedGemmInOut => new GroupedGemmExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, init),
             _ => throw new NotSupportedException($"{s.Router.GetType().Name} with {s.Experts.Layout} experts has no runtime block."),
         };
@@ -271,15 +271,19 @@ public sealed class RoutedMoe : HfModule, IBlock
     }
 }
 
-/// <summary>MiniMax-M3's clamped SwiGLU on (gate, up): <c>g·sigmoid(α g)·(clamp(up, ±L) + 1)</c>, g = clamp(gate, max = L).</summary>
+/// <summary>
+/// The clamped SwiGLU on (gate, up): <c>g·sigmoid(α g)·(clamp(up, ±L) + shift)</c>, g = clamp(gate, max = L): MiniMax-M3's
+/// with shift 1, HY-V4's <c>HYV4Experts._apply_gate</c> (silu(g) · clamp(up)) with α 1 and shift 0.
+/// </summary>
 internal static class ClampedSwiglu
 {
-    public static Tensor Apply(Tensor gateUp, double limit, double alpha)
+    public static Tensor Apply(Tensor gateUp, double limit, double alpha, double upShift = 1.0)
     {
         var gu = gateUp.chunk(2, -1);
         var gate = gu[0].clamp_max(limit);
         var up = gu[1].clamp(-limit, limit);
-        return (up + 1.0) * (gate * nn.functional.sigmoid(gate * alpha));
+        if (upShift != 0.0) up = up + upShift;
+        return up * (gate * nn.functional.sigmoid(gate * alpha));
     }
 }
 
@@ -309,15 +313,15 @@ public sealed class FusedGateUpMlp : HfModule, IBlock
     public Tensor Forward(Tensor x, ForwardContext ctx) => Forward(x);
 }
 
-/// <summary>transformers-5 fused experts (<c>gate_up_proj [E, 2I, H]</c>, <c>down_proj [E, H, I]</c>) with the clamped SwiGLU (MiniMax-M3).</summary>
+/// <summary>transformers-5 fused experts (<c>gate_up_proj [E, 2I, H]</c>, <c>down_proj [E, H, I]</c>) with the clamped SwiGLU (MiniMax-M3, HY-V4).</summary>
 public sealed class ClampedFusedExperts : ExpertsBase
 {
-    readonly double _limit, _alpha;
+    readonly double _limit, _alpha, _upShift;
     public override bool IsTransposed => false;
 
-    public ClampedFusedExperts(long experts, long hidden, long intermediate, double limit, double alpha, Init init)
+    public ClampedFusedExperts(long experts, long hidden, long intermediate, double limit, double alpha, Init init, double upShift = 1.0)
     {
-        NumExperts = experts; _limit = limit; _alpha = alpha;
+        NumExperts = experts; _limit = limit; _alpha = alpha; _upShift = upShift;
         AddParameter("gate_up_proj", init.Normal(experts, 2 * intermediate, hidden));
         AddParameter("down_proj", init.Normal(experts, hidden, intermediate));
     }
@@ -331,7 +335,7 @@ public sealed class ClampedFusedExperts : ExpertsBase
             Tensor? final = null;
             foreach (var (e, tok, slot) in Dispatch(topIdx, NumExperts))
             {
-                var h = nn.functional.linear(ClampedSwiglu.Apply(nn.functional.linear(x.index_select(0, tok), gateUp[e]), _limit, _alpha), down[e]);
+                var h = nn.functional.linear(ClampedSwiglu.Apply(nn.functional.linear(x.index_select(0, tok), gateUp[e]), _limit, _alpha, _upShift), down[e]);
                 var w = topW.index(TensorIndex.Tensor(tok), TensorIndex.Tensor(slot)).unsqueeze(-1);
                 var hw = h * w;
                 final = (final ?? zeros(x.shape, hw.dtype, x.device)).index_add(0, tok, hw, 1.0);
@@ -340,7 +344,7 @@ public sealed class ClampedFusedExperts : ExpertsBase
         }
         var g = Group(topIdx);
         var y = RunExperts(g, x.index_select(0, g.TokenOf), (ops, xe) =>
-            ops.Mm(ClampedSwiglu.Apply(ops.Mm(xe, "gate_up_proj", transposeWeight: true), _limit, _alpha), "down_proj", transposeWeight: true));
+            ops.Mm(ClampedSwiglu.Apply(ops.Mm(xe, "gate_up_proj", transposeWeight: true), _limit, _alpha, _upShift), "down_proj", transposeWeight: true));
         var wt = topW.flatten().index_select(0, g.Order).unsqueeze(-1);
         // Summed in the weighted outputs' dtype, then cast: see FusedExperts.ForwardGrouped.
         var yw = y * wt;

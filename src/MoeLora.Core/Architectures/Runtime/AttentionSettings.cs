@@ -77,6 +77,10 @@ public sealed record DynamicMaskAttentionSettings(long Heads, long KvHeads, long
 /// <param name="ReusesTopK">GLM-5's "shared" indexer layers: no indexer of their own, the previous layer's top-k
 /// selection restricts the keys (GlmMoeDsaAttention with <c>skip_topk</c>).</param>
 /// <param name="LatentScale">LongCat-Flash's constant scales of the query and of the normed kv latent (null: none).</param>
+/// <param name="Sinks">HY-V4: a per-head <c>sinks</c> Parameter (a direct parameter, so it enumerates before the
+/// projections) joins the softmax as gpt-oss' does (eager attention with sinks).</param>
+/// <param name="Gate">HY-V4's output gate: a bias-free Linear (hidden → heads·v_head_dim, registered after the indexer)
+/// whose sigmoid multiplies the attention output per element before o_proj; null: none.</param>
 public sealed record MlaAttentionSettings(
     long Heads,
     long? QLoraRank,
@@ -93,7 +97,9 @@ public sealed record MlaAttentionSettings(
     bool QueryGate = false,
     DsaIndexerSettings? Indexer = null,
     bool ReusesTopK = false,
-    MlaLatentScale? LatentScale = null) : AttentionSettings;
+    MlaLatentScale? LatentScale = null,
+    bool Sinks = false,
+    OutputGate? Gate = null) : AttentionSettings;
 
 /// <summary>
 /// The DeepSeek sparse attention (DSA) lightning indexer (transformers' DeepseekV32Indexer, AXK2Indexer,
@@ -105,7 +111,13 @@ public sealed record MlaAttentionSettings(
 /// </summary>
 /// <param name="InterleavedRope">GLM-5 rotates interleaved pairs (<c>apply_rotary_pos_emb_interleave</c>);
 /// DeepSeek-V3.2 and A.X-K2 rotate halves (<c>apply_rotary_pos_emb</c>).</param>
-public sealed record DsaIndexerSettings(long Heads, long HeadDim, long TopK, bool InterleavedRope);
+/// <param name="RopeOnLast">HY-V4's indexer rotates the last qk_rope_head_dim dims of each head, not the first
+/// (HYV4Indexer's "flipped RoPE position").</param>
+/// <param name="KNormEps">Epsilon of k_norm (HY-V4: rms_norm_eps; the others 1e-6).</param>
+/// <param name="KeepInFp32">weights_proj and k_norm are stored and run in fp32 whatever the model's dtype (HY-V4's
+/// <c>_keep_in_fp32_modules_strict</c>).</param>
+public sealed record DsaIndexerSettings(long Heads, long HeadDim, long TopK, bool InterleavedRope, bool RopeOnLast = false, double KNormEps = 1e-6,
+    bool KeepInFp32 = false);
 
 /// <summary>
 /// LongCat-Flash's "LoRA scaling" of MLA (<c>LongcatFlashMLA.forward</c>): the whole query (nope and rope parts) times

@@ -23,6 +23,8 @@ namespace MoeLora.Core.Architectures.Runtime;
 /// final norm reads it cast back): the recorded hidden states are fp32.</param>
 /// <param name="EmbeddingNorm">A norm of the model applied to the embeddings before the first layer, registered after the
 /// final norm (Inkling's <c>embed_norm</c>); hidden_states[0] is its output. Null: none.</param>
+/// <param name="HyperConnections">The residual stream is several parallel streams mixed around each sublayer (HY-V4);
+/// null: one stream.</param>
 public sealed record DecoderRuntime(
     long VocabSize,
     long HiddenSize,
@@ -36,7 +38,8 @@ public sealed record DecoderRuntime(
     ModelNames? Names = null,
     (string Scale, string Bias)? EmbeddingAffine = null,
     bool ResidualInFp32 = false,
-    NamedNorm? EmbeddingNorm = null);
+    NamedNorm? EmbeddingNorm = null,
+    HyperConnectionSettings? HyperConnections = null);
 
 /// <summary>
 /// One pre-norm decoder layer: <c>h = x + attn(input_layernorm(x))</c>, <c>out = h + ff(post_attention_layernorm(h))</c>,

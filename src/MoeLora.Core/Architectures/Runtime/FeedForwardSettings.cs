@@ -107,7 +107,8 @@ public enum ExpertsLayout
 
     /// <summary>
     /// MiniMax-M3: <see cref="GateUpOutIn"/> tensors with the clamped SwiGLU <c>g·sigmoid(α g)·(clamp(up, ±L) + 1)</c>,
-    /// g = clamp(gate, max = L), α = <see cref="ExpertsSettings.SwigluAlpha"/>.
+    /// g = clamp(gate, max = L), α = <see cref="ExpertsSettings.SwigluAlpha"/>; HY-V4 uses it with α 1 and no +1
+    /// (<see cref="ExpertsSettings.SwigluUpShift"/>). No act_fn child.
     /// </summary>
     GateUpOutInClamped,
 
@@ -121,11 +122,13 @@ public enum ExpertsLayout
 
 /// <param name="SwigluLimit">The clamp L of the clamped layouts (gpt-oss' and MiniMax-M3's <c>swiglu_limit</c>); unused by the others.</param>
 /// <param name="SwigluAlpha">α of <see cref="ExpertsLayout.GateUpOutInClamped"/> (gpt-oss fixes it at 1.702).</param>
+/// <param name="SwigluUpShift">What <see cref="ExpertsLayout.GateUpOutInClamped"/> adds to the clamped up half: 1 for
+/// MiniMax-M3's <c>(clamp(up, ±L) + 1)</c>, 0 for HY-V4's plain <c>silu(g) · clamp(up, ±L)</c> (α 1).</param>
 /// <param name="ZeroExperts">Identity ("zero computation") experts numbered after the <paramref name="NumExperts"/> real
 /// ones (LongCat-Flash's <c>zero_expert_num</c>, <see cref="ExpertsLayout.GateUpOutIn"/> only): a token routed to one
 /// adds its input times the weight; <c>gate_up_proj</c> still has a (never used) slice for each, <c>down_proj</c> not.</param>
 public sealed record ExpertsSettings(ExpertsLayout Layout, long NumExperts, long Intermediate, string Act, double SwigluLimit = 0, double SwigluAlpha = 1.702,
-    long ZeroExperts = 0);
+    long ZeroExperts = 0, double SwigluUpShift = 1.0);
 
 /// <summary>A shared expert MLP run on every token, registered after the routed experts.</summary>
 /// <param name="Name"><c>shared_expert</c> or <c>shared_experts</c>.</param>
