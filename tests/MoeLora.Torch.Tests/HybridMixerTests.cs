@@ -103,11 +103,12 @@ public class HybridMixerTests
     }
 
     // bfloat16 runs the same code with the scan in fp32 (as transformers casts x, B, C up); only rounding differs. The
-    // first layer is a mixer layer in both fixtures; deeper, a MoE may send a token to another expert in bf16 (one
+    // first layer is a mixer layer in these fixtures; deeper, a MoE may send a token to another expert in bf16 (one
     // token in lfm2_moe's fixture), which moves the logits far more than rounding, so only layer 0 is compared.
     [Theory]
     [InlineData("lfm2_moe")]
     [InlineData("nemotron_h")]
+    [InlineData("jamba")]
     public void BFloat16MixerLayerStaysCloseToTheFp32Reference(string type)
     {
         var reference = Safetensors.Load(Path.Combine(Fixture(type), "reference.safetensors"));
@@ -124,6 +125,7 @@ public class HybridMixerTests
     [Theory]
     [InlineData("lfm2_moe")]
     [InlineData("nemotron_h")]
+    [InlineData("jamba")]
     public void TruncatedLoadKeepsTheFirstBlocks(string type)
     {
         var reference = Safetensors.Load(Path.Combine(Fixture(type), "reference.safetensors"));
@@ -167,10 +169,11 @@ public class HybridMixerTests
     }
 
     // merge writes the checkpoint's own layout back: LFM2's per-expert w1/w3/w2, Nemotron-H's backbone.* names and
-    // per-expert up_proj / down_proj of its non-gated experts.
+    // per-expert up_proj / down_proj of its non-gated experts, Jamba's per-expert JambaMLPs.
     [Theory]
     [InlineData("lfm2_moe", """{"target_modules": ["in_proj", "out_proj"], "target_parameters": ["feed_forward.experts.gate_up_proj"], "r": 2, "lora_alpha": 4, "init_lora_weights": false}""")]
     [InlineData("nemotron_h", """{"target_modules": ["in_proj"], "target_parameters": ["mixer.experts.up_proj", "mixer.experts.down_proj"], "r": 2, "lora_alpha": 4, "init_lora_weights": false}""")]
+    [InlineData("jamba", """{"target_modules": ["in_proj", "x_proj", "out_proj", "router"], "target_parameters": ["feed_forward.experts.gate_up_proj"], "r": 2, "lora_alpha": 4, "init_lora_weights": false}""")]
     public void MergedCheckpointGivesTheAdaptedLogits(string type, string loraConfig)
     {
         var modelDir = Path.Combine(Fixture(type), "model");

@@ -1,4 +1,5 @@
 using System.Text.Json.Nodes;
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -16,7 +17,9 @@ namespace MoeLora.Core.Architectures;
 /// </para>
 /// <para>
 /// The Mamba mixer registers its own A_log [Di, N] and D [Di] (first in named_parameters), then a depthwise Conv1d,
-/// in/x/dt/out projections and RMSNorms over dt, B and C (Di = mamba_expand·H, N = mamba_d_state).
+/// in/x/dt/out projections and RMSNorms over dt, B and C (Di = mamba_expand·H, N = mamba_d_state). The runtime
+/// follows transformers' torch path (a sequential selective scan); like it, the mixer reads <c>dt_proj.weight</c>
+/// directly, so a LoRA adapter on dt_proj does not change the output.
 /// </para>
 /// </summary>
 internal sealed class JambaFamily : IArchitecture
@@ -98,10 +101,40 @@ internal sealed class JambaFamily : IArchitecture
 
         // Jamba takes the top-k of the softmax without renormalising.
         var moe = new MoeFacts(experts, topK, 0, inter, 0, moeLayers, denseLayers, $"softmax over {experts} experts, top-{topK}");
+        var mamba = new MambaMixerSettings(inner, dState, dConv, dtRank, convBias, projBias, act, c.Double("rms_norm_eps", 1e-6));
         return Blocks.Spec(c, "jamba", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
         {
-            RuntimeUnavailable = "Mamba mixers",
+            Runtime = Runtime(c, layers, attnPeriod, attnOffset, moeSet, hidden, heads, kv, headDim, experts, topK, inter, act, vocab, tie, mamba),
         };
+    }
+
+    /// <summary>
+    /// Each layer is pre-norm <c>h = x + mixer(input_layernorm(x))</c>, <c>out = h + feed_forward(pre_ff_layernorm(h))</c>
+    /// (JambaAttentionDecoderLayer / JambaMambaDecoderLayer), the mixer attention without rotary or the Mamba-1 mixer,
+    /// the feed-forward the sparse MoE block (an nn.Linear router: softmax over all experts in fp32, top-k, not
+    /// renormalised) or a dense JambaMLP. The final norm is <c>final_layernorm</c>; there is no rotary module.
+    /// </summary>
+    private static DecoderRuntime Runtime(ModelConfig c, long layers, long attnPeriod, long attnOffset, HashSet<int> moeSet, long hidden,
+        long heads, long kv, long headDim, long experts, long topK, long inter, string act, long vocab, bool tie, MambaMixerSettings mamba)
+    {
+        var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-6));
+        var attention = new StandardAttentionSettings(heads, kv, headDim, false, false, QkNormKind.None, 0, Sinks: false, MaskSettings.Full, headDim,
+            new StandardAttentionOptions(Rotary: RotaryStyle.None));
+        var moe = new MoeSettings(new SoftmaxTopKRouterSettings("router", experts, topK, NormTopK: false, LinearModule: true),
+            new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, inter, act), Shared: null, MoeOrder.RouterFirst);
+        var mlp = new GatedMlpSettings(inter, act);
+        var list = new List<DecoderLayerRuntime>();
+        for (int i = 0; i < layers; i++)
+        {
+            var mixer = i % attnPeriod == attnOffset ? "self_attn" : "mamba";
+            var form = new LayerForm([mixer, "feed_forward", "input_layernorm", "pre_ff_layernorm"], new NamedNorm("input_layernorm", norm), null,
+                new NamedNorm("pre_ff_layernorm", norm), null, AttentionName: mixer);
+            list.Add(new DecoderLayerRuntime(mixer == "mamba" ? mamba : attention, "feed_forward",
+                moeSet.Contains(i) ? moe : mlp, norm, norm, form));
+        }
+        // No rotary module: the table below is never used (attention runs without rotation).
+        return new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm, new RopeSettings("default", 10000.0, headDim), list,
+            Names: new ModelNames("embed_tokens", "final_layernorm", Rotary: null));
     }
 
     /// <summary>

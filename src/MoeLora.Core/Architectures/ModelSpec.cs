@@ -82,7 +82,7 @@ public sealed record ModelSpec
     /// </summary>
     public DecoderRuntime? Runtime { get; init; }
 
-    /// <summary>Why <see cref="Runtime"/> is null, in a few words naming what is missing (e.g. "Mamba mixers").</summary>
+    /// <summary>Why <see cref="Runtime"/> is null, in a few words naming what is missing (e.g. MiniMax's lightning-attention layers).</summary>
     public string? RuntimeUnavailable { get; init; }
 
     /// <summary>The runtime description, or a one-line refusal naming what the runtime lacks.</summary>

@@ -63,6 +63,7 @@ public static class ModelBuilder
         NoAttentionSettings => null,
         ShortConvSettings s => new ShortConv(hidden, s, init),
         Mamba2MixerSettings s => new Mamba2Mixer(hidden, s, init),
+        MambaMixerSettings s => new MambaMixer(hidden, s, init),
         StandardAttentionSettings s => new StandardAttention(hidden, s, rope, init),
         MlaAttentionSettings s => new MlaAttention(hidden, s, rope, init),
         Llama4AttentionSettings s => new Llama4Attention(hidden, s, rope, init),
@@ -87,6 +88,7 @@ public static class ModelBuilder
         InklingMoeSettings m => new InklingMoe(hidden, m, init),
         MoeSettings m => m.Router switch
         {
+            SoftmaxTopKRouterSettings { LinearModule: true } => new RoutedMoe(hidden, Expect(m, ExpertsLayout.GateUpOutIn), init),
             SoftmaxTopKRouterSettings => new SoftmaxTopKMoe(hidden, Expect(m, ExpertsLayout.GateUpOutIn), init),
             SigmoidGroupLimitedRouterSettings => new SigmoidGroupLimitedMoe(hidden,
                 m.Experts.Layout == ExpertsLayout.GateUpOutInClamped ? m : Expect(m, ExpertsLayout.GateUpOutIn), init),

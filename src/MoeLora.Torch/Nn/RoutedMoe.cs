@@ -66,7 +66,8 @@ public sealed class MoeStatics : HfModule
 /// softmax or sigmoid of those k: Cohere2-MoE, GraniteMoE), <see cref="SigmoidBiasRouterSettings"/> (sigmoid scores,
 /// bias-corrected selection: AFMoE, Laguna, MiniMax-M2/M3, HY V3), <see cref="SparseMixerRouterSettings"/> (PhiMoE),
 /// <see cref="SoftmaxStaticsTopKRouterSettings"/> (ERNIE 4.5), <see cref="LinearSoftmaxTopKRouterSettings"/>
-/// (HunYuan) and <see cref="SoftmaxBiasRouterSettings"/> (LongCat-Flash, whose experts include identity ones). Routed
+/// (HunYuan), <see cref="SoftmaxBiasRouterSettings"/> (LongCat-Flash, whose experts include identity ones) and
+/// <see cref="SoftmaxTopKRouterSettings"/> whose router is an nn.Linear (Jamba). Routed
 /// experts are the transformers-5 fused experts (plain or clamped SwiGLU) or Aria's grouped GEMM; an ungated shared expert
 /// is summed (averaged, or added in fp32: <see cref="MoeOptions"/>) with the routed output. The router logits recorded
 /// are the router's returned logits ([T, E]).
@@ -98,6 +99,7 @@ public sealed class RoutedMoe : HfModule, IBlock
         bool linear = s.Router switch
         {
             TopKLogitsRouterSettings t => t.LinearModule,
+            SoftmaxTopKRouterSettings st => st.LinearModule ? true : throw new NotSupportedException("a TopKRouter module runs in SoftmaxTopKMoe."),
             SigmoidBiasRouterSettings b => b.LinearModule,
             SparseMixerRouterSettings or LinearSoftmaxTopKRouterSettings => true,
             SoftmaxStaticsTopKRouterSettings or SoftmaxBiasRouterSettings => false,
@@ -201,6 +203,13 @@ public sealed class RoutedMoe : HfModule, IBlock
                 topW = probs.gather(1, topIdx) * sb.Scale;
                 break;
             }
+            case SoftmaxTopKRouterSettings st:
+                // JambaSparseMoeBlock.route_tokens_to_experts: softmax over all experts in fp32, top-k, cast to the
+                // hidden dtype (optionally renormalised first, as the TopKRouter form does).
+                (topW, topIdx) = logits.softmax(-1, ScalarType.Float32).topk((int)st.TopK, -1);
+                if (st.NormTopK) topW = topW / topW.sum(-1, keepdim: true);
+                topW = topW.to(x.dtype);
+                break;
             case LinearSoftmaxTopKRouterSettings h:
                 // HunYuan: softmax of the fp32 logits, top-k, renormalised, kept in the logits' dtype.
                 (topW, topIdx) = logits.softmax(1, ScalarType.Float32).topk((int)h.TopK, -1);

@@ -38,7 +38,8 @@ public abstract record RouterSettings(string Name, long NumExperts, long TopK);
 /// transformers-5 TopKRouter (a module holding <c>weight [E, H]</c>): softmax of the logits in fp32, top-k, optionally
 /// renormalised (<c>norm_topk_prob</c>), cast to the hidden dtype (Mixtral, Qwen-MoE, OLMoE).
 /// </summary>
-public sealed record SoftmaxTopKRouterSettings(string Name, long NumExperts, long TopK, bool NormTopK)
+/// <param name="LinearModule">The router is a plain nn.Linear that LoRA can wrap (Jamba's <c>router</c>).</param>
+public sealed record SoftmaxTopKRouterSettings(string Name, long NumExperts, long TopK, bool NormTopK, bool LinearModule = false)
     : RouterSettings(Name, NumExperts, TopK);
 
 /// <summary>

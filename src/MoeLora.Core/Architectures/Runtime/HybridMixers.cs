@@ -1,6 +1,6 @@
 namespace MoeLora.Core.Architectures.Runtime;
 
-// Sequence mixers of the hybrid families that are not attention (LFM2's short convolution, Mamba-2), and the pieces of
+// Sequence mixers of the hybrid families that are not attention (LFM2's short convolution, Mamba-1, Mamba-2), and the pieces of
 // Nemotron-H's one-mixer blocks. A mixer takes the attention slot of a layer (it reads the layer's normed input and
 // its output is added to the residual), so these settings derive from AttentionSettings.
 
@@ -61,6 +61,26 @@ public sealed record Mamba2MixerSettings(
     /// <summary>The convolved channels x | B | C.</summary>
     public long ConvDim => Inner + 2 * Groups * StateSize;
 }
+
+/// <summary>
+/// The Mamba-1 mixer as transformers' torch path computes it without a cache (JambaMambaMixer with the
+/// <c>causal_conv1d_fn</c> and <c>mamba_selective_scan</c> fallbacks): (x, z) = chunk(in_proj(x · mask), 2); x through
+/// a depthwise causal Conv1d and <paramref name="Act"/>, times the mask; (dt, B, C) = split(x_proj(x)) each through its
+/// RMSNorm; <c>dt = softplus(dt_proj.weight · dt + dt_proj.bias)</c>; the selective scan
+/// <c>h_t = exp(dt_t·A) h_{t−1} + dt_t · x_t ⊗ B_t</c>, <c>y_t = h_t · C_t + D · x_t</c> with <c>A = −exp(A_log)</c>
+/// [inner, state] per channel; <c>out_proj(y · silu(z))</c>. Registered A_log, D (direct parameters), then conv1d,
+/// act, in_proj, x_proj, dt_proj, out_proj, dt_layernorm, b_layernorm, c_layernorm.
+/// </summary>
+/// <param name="Inner"><c>mamba_expand · hidden_size</c>.</param>
+/// <param name="StateSize"><c>mamba_d_state</c>.</param>
+/// <param name="Kernel"><c>mamba_d_conv</c>.</param>
+/// <param name="DtRank"><c>mamba_dt_rank</c> (after "auto").</param>
+/// <param name="ConvBias"><c>mamba_conv_bias</c>.</param>
+/// <param name="Bias"><c>mamba_proj_bias</c>: in_proj and out_proj have biases.</param>
+/// <param name="Act">The activation after the convolution (Jamba reuses <c>hidden_act</c>).</param>
+/// <param name="NormEps">Epsilon of the dt, B and C RMSNorms (<c>rms_norm_eps</c>).</param>
+public sealed record MambaMixerSettings(long Inner, long StateSize, long Kernel, long DtRank, bool ConvBias, bool Bias, string Act,
+    double NormEps) : AttentionSettings;
 
 /// <summary>A layer without an attention sublayer (Nemotron-H's MLP and MoE blocks): its form registers only the feed-forward.</summary>
 public sealed record NoAttentionSettings : AttentionSettings;
