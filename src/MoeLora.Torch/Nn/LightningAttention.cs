@@ -110,22 +110,4 @@ public sealed class LightningAttention : HfModule, IBlock
         }
         return outputs.Count == 1 ? outputs[0] : cat(outputs, -2);
     }
-
-    /// <summary>
-    /// The token-by-token recurrence the block form computes (transformers' cached decoding path):
-    /// <c>S_t = exp(−slope) · S_{t−1} + k_tᵀ v_t</c>, <c>o_t = q_t S_t</c>.
-    /// </summary>
-    internal static Tensor Recurrent(Tensor q, Tensor k, Tensor v, Tensor slopeRate)
-    {
-        long b = q.shape[0], h = q.shape[1], s = q.shape[2], d = q.shape[3];
-        var ratio = (-slopeRate).exp();
-        var state = zeros([b, h, d, v.shape[3]], v.dtype, v.device);
-        var outputs = new List<Tensor>();
-        for (long t = 0; t < s; t++)
-        {
-            state = ratio * state + matmul(k.narrow(2, t, 1).transpose(-1, -2), v.narrow(2, t, 1));
-            outputs.Add(matmul(q.narrow(2, t, 1), state));
-        }
-        return cat(outputs, -2);
-    }
 }
