@@ -86,6 +86,36 @@ public class MiniMaxTests(ITestOutputHelper log)
         }
     }
 
+    // The decay tables are derived from the config: a checkpoint without them loads (transformers' _init_weights
+    // recomputes them) and gives the fixture's logits; a checkpoint missing a weight is still refused.
+    [Fact]
+    public void CheckpointWithoutTheDecayBuffersLoads()
+    {
+        TorchRuntime.EnsureInitialized();
+        using var dir = new Training.TempDir();
+        var model = Directory.CreateDirectory(Path.Combine(dir.Path, "model")).FullName;
+        File.Copy(Data("model", "config.json"), Path.Combine(model, "config.json"));
+        var stored = IO.Safetensors.Load(Data("model", "model.safetensors"));
+        var decays = new[] { "slope_rate", "query_decay", "key_decay", "diagonal_decay" };
+        var kept = stored.Where(kv => !decays.Any(d => kv.Key.EndsWith("." + d, StringComparison.Ordinal))).ToList();
+        Assert.Equal(stored.Count - 8, kept.Count);
+        IO.Safetensors.Save(Path.Combine(model, "model.safetensors"), kept);
+
+        var reference = IO.Safetensors.Load(Data("reference.safetensors"));
+        var mask = reference["attention_mask"];
+        using (var h = new DisposableModel(TorchModelFactory.Load(model)))
+        using (no_grad())
+        {
+            using var o = h.Model.Forward(reference["input_ids"], mask);
+            var err = Fixtures.MaskedRelError(o.Logits, reference["logits"], mask);
+            Assert.True(err < 1e-5, $"logits without stored decay tables: {err:E2}");
+        }
+
+        IO.Safetensors.Save(Path.Combine(model, "model.safetensors"), kept.Where(kv => kv.Key != "model.layers.1.self_attn.qkv_proj.weight"));
+        var e = Assert.ThrowsAny<Exception>(() => TorchModelFactory.Load(model));
+        Assert.Contains("qkv_proj", e.Message, StringComparison.Ordinal);
+    }
+
     // With every beta 0 a layer is its norms and alphas alone: out = α₂ · norm(α₁ · norm(x)) (unit norm weights), so
     // the residual is the norm's output, not the layer's input.
     [Fact]

@@ -29,13 +29,13 @@ public sealed class LightningAttention : HfModule, IBlock
         qkv_proj = AddChild("qkv_proj", new Linear(hidden, 3 * s.Inner, false, init));
         out_proj = AddChild("out_proj", new Linear(s.Inner, hidden, false, init));
         output_gate = AddChild("output_gate", new Linear(hidden, s.Inner, false, init));
-        // Persistent buffers, as transformers registers them (a checkpoint stores them; a random model computes them).
+        // Persistent buffers, as transformers registers them: a checkpoint stores them (and may not: they are derived).
         using var slope = SlopeRate(s.Heads, s.LayerIndex, s.NumLayers);
         var (q, k, d) = DecayFactors(slope, s.BlockSize);
-        _slopeRate = AddBuffer("slope_rate", slope.to(init.DType).to(init.Device));
-        _queryDecay = AddBuffer("query_decay", q.to(init.DType).to(init.Device));
-        _keyDecay = AddBuffer("key_decay", k.to(init.DType).to(init.Device));
-        _diagonalDecay = AddBuffer("diagonal_decay", d.to(init.DType).to(init.Device));
+        _slopeRate = AddBuffer("slope_rate", slope.to(init.DType).to(init.Device), derived: true);
+        _queryDecay = AddBuffer("query_decay", q.to(init.DType).to(init.Device), derived: true);
+        _keyDecay = AddBuffer("key_decay", k.to(init.DType).to(init.Device), derived: true);
+        _diagonalDecay = AddBuffer("diagonal_decay", d.to(init.DType).to(init.Device), derived: true);
         q.Dispose(); k.Dispose(); d.Dispose();
     }
 
