@@ -13,7 +13,9 @@ namespace MoeLora.Core.Architectures;
 /// <c>linear_attention</c>) picks softmax attention or MiniMaxLightningAttention (act_fn, an RMSNorm over
 /// heads·head_dim, qkv_proj, out_proj, output_gate; its decay tables are persistent buffers, not parameters). The
 /// decoder layer registers self_attn, the norms, then mlp. Layout.V4 is 4.57's tree (Mixtral's order: self_attn,
-/// block_sparse_moe with an nn.Linear gate, then the norms); the Torch runtime does not implement lightning attention.
+/// block_sparse_moe with an nn.Linear gate, then the norms). The Torch runtime runs both attentions (lightning
+/// attention block by block, as MiniMaxLightningAttention's forward without cache) and MiniMax's residuals taken after
+/// the norms with their alpha / beta factors.
 /// </para>
 /// <para>
 /// minimax_m2 is new in transformers 5: Layout.V4 means the on-disk checkpoint layout (v5 module classes, the
@@ -50,6 +52,7 @@ internal sealed class MiniMaxFamily : IArchitecture
         if (layerTypes is not null && layerTypes.Count < layers)
             throw new ConfigException($"config field 'layer_types' has {layerTypes.Count} entries but num_hidden_layers is {layers}");
         var v5 = layout == Layout.V5;
+        var blockSize = m2 ? 0 : c.Positive("block_size", 256);
 
         var b = new TreeBuilder(p + "ForCausalLM", layout);
         Blocks.CausalLm(b, p, vocab, hidden, layers, tie, i =>
@@ -63,6 +66,11 @@ internal sealed class MiniMaxFamily : IArchitecture
                     b.Linear("qkv_proj", hidden, 3 * heads * headDim);
                     b.Linear("out_proj", heads * headDim, hidden);
                     b.Linear("output_gate", hidden, heads * headDim);
+                    // Persistent buffers (saved with the checkpoint): per-head slope rates and the decay tables of one block.
+                    b.Buffer("slope_rate", heads, 1, 1);
+                    b.Buffer("query_decay", heads, blockSize, 1);
+                    b.Buffer("key_decay", heads, blockSize, 1);
+                    b.Buffer("diagonal_decay", 1, heads, blockSize, blockSize);
                 }
             }
             else
@@ -96,8 +104,7 @@ internal sealed class MiniMaxFamily : IArchitecture
             : $"softmax over {experts} experts, top-{topK}, renormalised";
         var moe = new MoeFacts(experts, topK, 0, inter, 0, all, [], routing);
         var spec = Blocks.Spec(c, type, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
-        if (!m2)
-            return spec with { RuntimeUnavailable = "MiniMax's lightning-attention (linear attention) layers" };
+        if (!m2) return spec with { Runtime = TextRuntime(c, vocab, hidden, layers, heads, kv, headDim, tie, act, experts, topK, inter, blockSize, layerTypes!) };
 
         // M2: pre-norm; q_norm / k_norm over all heads at once before the head split; partial rotary from
         // rope_parameters.partial_rotary_factor; sigmoid router, selection on sigmoid + the block's
@@ -116,6 +123,32 @@ internal sealed class MiniMaxFamily : IArchitecture
             Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm, RopeSettings.Read(c, 5000000.0, rotary),
                 Enumerable.Repeat(layer, (int)layers).ToList()),
         };
+    }
+
+    // MiniMax-Text-01 (MiniMaxDecoderLayer): the residual of each sublayer is its norm's output, weighted by the
+    // config's alpha (residual) and beta (sublayer) factors; softmax attention (Mixtral's, sliding when the config
+    // says so) or lightning attention per layer_types; Mixtral's softmax top-k router, renormalised.
+    private static DecoderRuntime TextRuntime(ModelConfig c, long vocab, long hidden, long layers, long heads, long kv, long headDim, bool tie,
+        string act, long experts, long topK, long inter, long blockSize, IReadOnlyList<string> layerTypes)
+    {
+        var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-5));
+        var window = c.IntOrNull("sliding_window", null) ?? 0;
+        var full = new StandardAttentionSettings(heads, kv, headDim, false, false, QkNormKind.None, norm.Eps, Sinks: false,
+            window > 0 ? new MaskSettings(MaskKind.Sliding, window) : MaskSettings.Full, RotaryDim: headDim);
+        var moe = new MoeSettings(new SoftmaxTopKRouterSettings("gate", experts, topK, NormTopK: true),
+            new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, inter, act), Shared: null, MoeOrder.RouterFirst);
+        var mlp = new NormedResiduals(1, 1, c.Double("mlp_alpha_factor", 1), c.Double("mlp_beta_factor", 1));
+        var runtimeLayers = Enumerable.Range(0, (int)layers).Select(i =>
+        {
+            var linear = layerTypes[i] == "linear_attention";
+            AttentionSettings attention = linear ? new LightningAttentionSettings(heads, headDim, blockSize, act, i, layers) : full;
+            var prefix = linear ? "linear_attn" : "full_attn";
+            var residuals = mlp with { AttentionAlpha = c.Double(prefix + "_alpha_factor", 1), AttentionBeta = c.Double(prefix + "_beta_factor", 1) };
+            var form = new LayerForm(["self_attn", "input_layernorm", "post_attention_layernorm", "mlp"],
+                new NamedNorm("input_layernorm", norm), null, new NamedNorm("post_attention_layernorm", norm), null, NormedResiduals: residuals);
+            return new DecoderLayerRuntime(attention, "mlp", moe, norm, norm, form);
+        }).ToList();
+        return new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm, RopeSettings.Read(c, 1000000.0, headDim), runtimeLayers);
     }
 
     private static void Norms(TreeBuilder b, string p, long hidden)

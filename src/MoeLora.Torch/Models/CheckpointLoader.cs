@@ -121,11 +121,13 @@ public static partial class CheckpointLoader
         var errors = new List<string>();
         var consumed = new HashSet<string>(StringComparer.Ordinal);
         var steps = new List<CopyStep>();
+        var derived = model.DerivedBuffers().ToHashSet(StringComparer.Ordinal);
         foreach (var (name, t) in state)
         {
             if (Stored(name, layout, stored.ContainsKey) is not { } where)
             {
-                errors.Add($"missing: {name} {Shape(t)}");
+                // A buffer the model computed from the config keeps that value when the checkpoint lacks it.
+                if (!derived.Contains(name)) errors.Add($"missing: {name} {Shape(t)}");
                 continue;
             }
             var (names, alt) = where;

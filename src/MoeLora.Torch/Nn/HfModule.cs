@@ -37,12 +37,21 @@ public abstract class HfModule
     }
 
     /// <summary>A persistent buffer (in the state dict, not a parameter), e.g. DeepSeek's e_score_correction_bias.</summary>
-    protected Tensor AddBuffer(string name, Tensor value)
+    /// <param name="derived">The module computes the value itself from the config (MiniMax's decay tables): a checkpoint
+    /// that lacks it still loads, as transformers' <c>_init_weights</c> recomputes such buffers.</param>
+    protected Tensor AddBuffer(string name, Tensor value, bool derived = false)
     {
         value.DetachFromDisposeScope();
         _buffers.Add(new(name, value));
+        if (derived) _derived.Add(name);
         return value;
     }
+
+    readonly HashSet<string> _derived = new(StringComparer.Ordinal);
+
+    /// <summary>State-dict names of the derived buffers (see <see cref="AddBuffer"/>).</summary>
+    public IEnumerable<string> DerivedBuffers(string prefix = "") =>
+        NamedModules(prefix).SelectMany(m => m.Module._derived.Select(b => m.Name.Length == 0 ? b : $"{m.Name}.{b}"));
 
     protected T AddChild<T>(string name, T module) where T : HfModule
     {

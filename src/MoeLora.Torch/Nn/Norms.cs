@@ -92,7 +92,7 @@ public static class Norms
 
 /// <summary>
 /// A decoder layer of a <see cref="LayerForm"/>: optional norms before/after attention and feed-forward, a residual
-/// multiplier or learned per-channel residual scales, a parallel (attention + feed-forward on one normed input) variant and an optional second feed-forward
+/// multiplier, learned per-channel residual scales or MiniMax's normed residuals, a parallel (attention + feed-forward on one normed input) variant and an optional second feed-forward
 /// summed with the first; children registered in the form's order.
 /// </summary>
 public sealed class FormDecoderLayer : HfModule, IDecoderLayer
@@ -141,6 +141,9 @@ public sealed class FormDecoderLayer : HfModule, IDecoderLayer
         if ((attn is null || ff is null) && (form.ResidualMultiplier != 1.0 || form.ResidualScales is not null || form.AffineResiduals is not null
                 || form.Parallel || extraFf is not null))
             throw new InvalidDataException("a one-sublayer layer takes no residual multiplier, residual scales, parallel form or extra feed-forward.");
+        if (form.NormedResiduals is not null && (form.ResidualMultiplier != 1.0 || form.ResidualScales is not null || form.AffineResiduals is not null
+                || form.Parallel || extraFf is not null || form.AfterAttention is not null || form.AfterFeedForward is not null))
+            throw new InvalidDataException("normed residuals take only the norms before attention and feed-forward.");
         // A dotted name nests its child in a parameter-free container (DBRX's norm_attn_norm.{norm_1, attn, norm_2}).
         var groups = new Dictionary<string, Container>(StringComparer.Ordinal);
         foreach (var name in form.Order)
@@ -166,6 +169,14 @@ public sealed class FormDecoderLayer : HfModule, IDecoderLayer
         // One-sublayer blocks (Nemotron-H): x + mixer(norm(x)).
         if (_ff is null) return x + Apply(_afterAttn, _attn!.Forward(Apply(_beforeAttn, x, ctx), ctx));
         if (_attn is null) return x + Apply(_afterFf, FeedForward(Apply(_beforeFf, x, ctx), ctx));
+        if (_form.NormedResiduals is { } nr)
+        {
+            // MiniMaxDecoderLayer: the residual is the norm's output, each term weighted by the config's factors.
+            var n = Apply(_beforeAttn, x, ctx);
+            var hn = n * nr.AttentionAlpha + _attn.Forward(n, ctx) * nr.AttentionBeta;
+            var fn = Apply(_beforeFf, hn, ctx);
+            return fn * nr.FeedForwardAlpha + FeedForward(fn, ctx) * nr.FeedForwardBeta;
+        }
         double m = _form.ResidualMultiplier;
         if (_form.Parallel)
         {

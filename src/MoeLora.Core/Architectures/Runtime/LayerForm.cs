@@ -25,6 +25,10 @@ public sealed record NamedNorm(string Name, NormSettings Norm);
 /// <param name="AffineResiduals">ZAYA's <c>ZayaResidualScaling</c> modules (attribute names after attention and
 /// after the feed-forward, in <paramref name="Order"/>), each holding hidden_states_scale, hidden_states_bias,
 /// residual_scale, residual_bias: <c>h = (attn + hb) · hs + (x + rb) · rs</c>, likewise for the feed-forward; null: plain residuals.</param>
+/// <param name="NormedResiduals">MiniMax's residual weighting (MiniMaxDecoderLayer): the residual is the norm's
+/// output, <c>n = BeforeAttention(x)</c>, <c>h = n · α₁ + attn(n) · β₁</c>, <c>m = BeforeFeedForward(h)</c>,
+/// <c>out = m · α₂ + ff(m) · β₂</c> (the config's <c>*_alpha_factor</c> / <c>*_beta_factor</c>); null: the residual is
+/// the layer's input.</param>
 /// <param name="ExtraFeedForward">A second feed-forward added to the first on the same input (GraniteMoeShared's
 /// <c>shared_mlp</c>), registered as <paramref name="ExtraFeedForwardName"/>.</param>
 public sealed record LayerForm(
@@ -39,7 +43,11 @@ public sealed record LayerForm(
     string? ExtraFeedForwardName = null,
     (string Attention, string FeedForward)? ResidualScales = null,
     string AttentionName = "self_attn",
-    (string Attention, string FeedForward)? AffineResiduals = null);
+    (string Attention, string FeedForward)? AffineResiduals = null,
+    NormedResiduals? NormedResiduals = null);
+
+/// <summary>The weights of <see cref="LayerForm.NormedResiduals"/>: residual (α) and sublayer (β) after attention and after the feed-forward.</summary>
+public sealed record NormedResiduals(double AttentionAlpha, double AttentionBeta, double FeedForwardAlpha, double FeedForwardBeta);
 
 /// <summary>
 /// LongCat-Flash's layer (<c>LongcatFlashDecoderLayer</c>): two pre-norm sublayer pairs, each an attention and a dense
