@@ -157,3 +157,28 @@ public class HyV4Tests
         Assert.DoesNotContain('\n', e.Message);
     }
 }
+
+/// <summary>Core's hidden-state memory for a hyper-connection model equals what the runtime's states hold.</summary>
+public class HyperConnectionHiddenStateMemoryTests
+{
+    [Fact]
+    public void Core_counts_every_stream_of_every_state_but_the_last()
+    {
+        TorchRuntime.EnsureInitialized();
+        var dir = Path.Combine(AppContext.BaseDirectory, "Data", "hf-moe", "hy_v4", "model");
+        var config = File.ReadAllText(Path.Combine(dir, "config.json"));
+        var spec = TorchModelFactory.Spec(config);
+        long streams = spec.Runtime!.HyperConnections!.Streams;
+        Assert.True(streams > 1);
+        var report = MoeLora.Core.Analysis.LoraReport.Build(spec, new MoeLora.Core.Peft.LoraConfig { R = 4, LoraAlpha = 8, TargetModules = MoeLora.Core.Peft.ModuleSelector.List(["q_a_proj"]) },
+            null, new MoeLora.Core.Analysis.ReportOptions { ModelId = "hy_v4", BatchSize = 2, SeqLength = 7, DType = MoeLora.Core.Analysis.DType.Float32 });
+        using var model = new DisposableModel(TorchModelFactory.Load(dir));
+        using var _ = no_grad();
+        var ids = randint(0, spec.VocabSize, [2, 7], generator: new Generator(5), dtype: ScalarType.Int64);
+        using var output = model.Model.Forward(ids, ones_like(ids), outputHiddenStates: true);
+        Assert.Equal(report.HiddenStates.NumStates, output.HiddenStates.Count);
+        Assert.Equal(report.HiddenStates.AllLayersBytes, Measurements.RetainedBytes(output.HiddenStates));
+        var targets = report.HiddenStates.TargetLayers.Distinct().Select(i => output.HiddenStates[i]);
+        Assert.Equal(report.HiddenStates.TargetLayersBytes, Measurements.RetainedBytes(targets));
+    }
+}

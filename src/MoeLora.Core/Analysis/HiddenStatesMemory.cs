@@ -3,7 +3,9 @@ namespace MoeLora.Core.Analysis;
 /// <summary>
 /// What <c>output_hidden_states=True</c> keeps alive versus only the circuit-breaker target layers.
 /// Indices follow Hugging Face: <c>hidden_states[0]</c> is the embedding output, <c>hidden_states[i]</c> the output of
-/// block i-1, so a model with L layers returns L+1 states of [batch, seq, hidden] each.
+/// block i-1, so a model with L layers returns L+1 states of [batch, seq, hidden] each. Models with hyper-connections
+/// (HY-V4, DeepSeek-V4) carry <see cref="Streams"/> parallel residual streams: every state but the last (the final
+/// norm's output) is [batch, seq, streams, hidden].
 /// </summary>
 public sealed record HiddenStatesMemory
 {
@@ -19,13 +21,20 @@ public sealed record HiddenStatesMemory
 
     public required IReadOnlyList<int> TargetLayers { get; init; }
 
+    /// <summary>Parallel residual streams (hyper-connections); 1 for an ordinary residual stream.</summary>
+    public long Streams { get; init; } = 1;
+
+    /// <summary>Bytes of one [batch, seq, hidden] state (a single stream).</summary>
     public long BytesPerState => BatchSize * (long)SeqLength * HiddenSize * DType.Bytes();
+
+    /// <summary>Bytes of hidden_states[i] of a model with <paramref name="layers"/> blocks: all streams, except the last state.</summary>
+    long StateBytes(long i, long layers) => (i == layers ? 1 : Streams) * BytesPerState;
 
     public long NumStates => NumLayers + 1;
 
-    public long AllLayersBytes => NumStates * BytesPerState;
+    public long AllLayersBytes => (NumLayers * Streams + 1) * BytesPerState;
 
-    public long TargetLayersBytes => TargetLayers.Distinct().Count() * BytesPerState;
+    public long TargetLayersBytes => TargetLayers.Distinct().Sum(t => StateBytes(t, NumLayers));
 
     public double SavingPercent => AllLayersBytes == 0 ? 0 : 100.0 * (1 - (double)TargetLayersBytes / AllLayersBytes);
 
@@ -36,7 +45,7 @@ public sealed record HiddenStatesMemory
     public long TruncatedLayers => TargetLayers.Count == 0 ? NumLayers : Math.Min(NumLayers, TargetLayers.Max() + 1L);
 
     /// <summary>All hidden states of the truncated model (what the retain loss stacks).</summary>
-    public long TruncatedStatesBytes => (TruncatedLayers + 1) * BytesPerState;
+    public long TruncatedStatesBytes => (TruncatedLayers * Streams + 1) * BytesPerState;
 
     /// <summary>The default circuit-breaker targets: hidden_states[L/4] and hidden_states[L/2].</summary>
     public static IReadOnlyList<int> DefaultTargetLayers(long layers) =>

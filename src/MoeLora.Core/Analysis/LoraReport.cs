@@ -74,6 +74,7 @@ public sealed class LoraReport
             HiddenSize = spec.HiddenSize,
             NumLayers = spec.NumHiddenLayers,
             TargetLayers = targets,
+            Streams = spec.Runtime?.HyperConnections?.Streams ?? 1,
         };
         var setup = (options.Training ?? new Memory.TrainingSetup()) with
         {
@@ -202,6 +203,7 @@ public sealed class LoraReport
                     ["dtype"] = HiddenStates.DType.Name(),
                     ["num_states"] = HiddenStates.NumStates,
                     ["bytes_per_state"] = HiddenStates.BytesPerState,
+                    ["streams"] = HiddenStates.Streams,
                     ["all_layers_bytes"] = HiddenStates.AllLayersBytes,
                     ["target_layers"] = Ints(HiddenStates.TargetLayers),
                     ["target_layers_bytes"] = HiddenStates.TargetLayersBytes,

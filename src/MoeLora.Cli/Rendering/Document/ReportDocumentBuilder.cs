@@ -124,7 +124,9 @@ public static class ReportDocumentBuilder
         new Facts(
         [
             ("Batch × seq × hidden", $"{h.BatchSize} × {h.SeqLength} × {h.HiddenSize} ({h.DType.Name()})"),
-            ("output_hidden_states", $"{h.NumStates} states × {Units.Bytes(h.BytesPerState)} = {Units.Bytes(h.AllLayersBytes)}"),
+            ("output_hidden_states", h.Streams == 1
+                ? $"{h.NumStates} states × {Units.Bytes(h.BytesPerState)} = {Units.Bytes(h.AllLayersBytes)}"
+                : $"{h.NumStates - 1} states × {h.Streams} hyper-connection streams × {Units.Bytes(h.BytesPerState)} + the normed last one = {Units.Bytes(h.AllLayersBytes)}"),
             ($"Target layers [{string.Join(", ", h.TargetLayers)}]",
                 Text.Of(new Span($"{Units.Bytes(h.TargetLayersBytes)} ("), new Span($"{h.SavingPercent:F1}% less", Tone.Good), new Span(")"))),
             ("Truncated model", $"{h.TruncatedLayers} blocks; all its states {Units.Bytes(h.TruncatedStatesBytes)}"),
