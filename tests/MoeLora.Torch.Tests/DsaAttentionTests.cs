@@ -171,7 +171,7 @@ public class DsaAttentionTests
     {
         using var h = new DisposableModel(TorchModelFactory.Random(config, 5));
         using var _ = no_grad();
-        var (ids, mask) = MlaVariantsTests.LeftPaddedBatch();
+        var (ids, mask) = RuntimeChecks.LeftPaddedBatch();
         using var batch = h.Model.Forward(ids, mask, outputHiddenStates: true);
         using var alone = h.Model.Forward(ids[1, 3..].unsqueeze(0), outputHiddenStates: true);
         for (int i = 0; i < batch.HiddenStates.Count; i++)
@@ -190,7 +190,7 @@ public class DsaAttentionTests
         using var sparse = new DisposableModel(TorchModelFactory.Random(config, 5));
         using var dense = new DisposableModel(TorchModelFactory.Random(config.Replace("\"index_topk\": 3", "\"index_topk\": 2048", StringComparison.Ordinal), 5));
         using var _ = no_grad();
-        var (ids, _) = MlaVariantsTests.LeftPaddedBatch();
+        var (ids, _) = RuntimeChecks.LeftPaddedBatch();
         using var a = sparse.Model.Forward(ids[0].unsqueeze(0));
         using var b = dense.Model.Forward(ids[0].unsqueeze(0));
         Assert.True(Fixtures.RelError(a.Logits[0, ..3], b.Logits[0, ..3]) < 1e-6);

@@ -131,7 +131,7 @@ public class HyV4Tests
 
         // The indexer's selection (the fixture keeps every key) also runs on mixed dtypes, and gives finite logits.
         using var sparse = new DisposableModel(TorchModelFactory.Random(Tiny.Replace("\"hc_mult\": 2", "\"hc_mult\": 2, \"index_topk\": 3", StringComparison.Ordinal), 1, ScalarType.BFloat16));
-        var (ids, padMask) = MlaVariantsTests.LeftPaddedBatch();
+        var (ids, padMask) = RuntimeChecks.LeftPaddedBatch();
         using var so = sparse.Model.Forward(ids, padMask);
         Assert.Equal(ScalarType.BFloat16, so.Logits.dtype);
         Assert.False(so.Logits.isnan().any().item<bool>() || so.Logits.isinf().any().item<bool>());

@@ -77,7 +77,7 @@ public class JambaTests
                 m.D.copy_(randn(m.D.shape, generator: gen));
             }
         }
-        RuntimeChecks.LeftPaddedRowEqualsTheRowAlone(h.Model);
+        RuntimeChecks.PaddedRowEqualsTheRowAlone(h.Model);
     }
 
     // The mixer multiplies by dt_proj.weight itself (as transformers does), so dt_proj's adapter, which all-linear

@@ -148,7 +148,7 @@ public class LongcatFlashTests
     public void LeftPaddedRowEqualsTheRowAlone()
     {
         using var h = new DisposableModel(TorchModelFactory.Random(Config, 5));
-        RuntimeChecks.LeftPaddedRowEqualsTheRowAlone(h.Model);
+        RuntimeChecks.PaddedRowEqualsTheRowAlone(h.Model);
     }
 
     static (Tensor Logits, Dictionary<string, Tensor> Grads) TrainStep(ExpertDispatch dispatch, double maxPaddingFactor)

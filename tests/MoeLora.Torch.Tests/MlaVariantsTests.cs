@@ -78,20 +78,13 @@ public class MlaVariantsTests
         foreach (var (name, p) in target) p.copy_(source[name]);
     }
 
-    internal static (Tensor Ids, Tensor Mask) LeftPaddedBatch()
-    {
-        var ids = tensor(new long[,] { { 3, 4, 5, 6, 7, 8, 9, 10, 11 }, { 0, 0, 0, 5, 9, 13, 2, 40, 7 } });
-        var mask = tensor(new long[,] { { 1, 1, 1, 1, 1, 1, 1, 1, 1 }, { 0, 0, 0, 1, 1, 1, 1, 1, 1 } });
-        return (ids, mask);
-    }
-
     static void AssertSameOutputs(string wantConfig, string gotConfig, double tolerance)
     {
         using var want = new DisposableModel(TorchModelFactory.Random(wantConfig, 7));
         using var got = new DisposableModel(TorchModelFactory.Random(gotConfig, 8));
         CopyWeights(want.Model, got.Model);
         using var _ = no_grad();
-        var (ids, mask) = LeftPaddedBatch();
+        var (ids, mask) = RuntimeChecks.LeftPaddedBatch();
         using var a = want.Model.Forward(ids, mask, outputHiddenStates: true);
         using var b = got.Model.Forward(ids, mask, outputHiddenStates: true);
         Assert.Equal(a.HiddenStates.Count, b.HiddenStates.Count);
@@ -121,7 +114,7 @@ public class MlaVariantsTests
         using var v2 = new DisposableModel(TorchModelFactory.Random(V2OneExpert, 8));
         CopyWeights(v3.Model, v2.Model);
         using var _ = no_grad();
-        var (ids, mask) = LeftPaddedBatch();
+        var (ids, mask) = RuntimeChecks.LeftPaddedBatch();
         using var a = v3.Model.Forward(ids, mask);
         using var b = v2.Model.Forward(ids, mask);
         Assert.True(Fixtures.MaskedRelError(b.Logits, a.Logits, mask) > 1e-4);
@@ -190,16 +183,7 @@ public class MlaVariantsTests
     // original_max_position_embeddings), so a left-padded row must give what its tokens give alone.
     [Theory]
     [MemberData(nameof(Configs))]
-    public void LeftPaddedRowEqualsTheRowAlone(string config)
-    {
-        using var h = new DisposableModel(TorchModelFactory.Random(config, 5));
-        using var _ = no_grad();
-        var (ids, mask) = LeftPaddedBatch();
-        using var batch = h.Model.Forward(ids, mask);
-        using var alone = h.Model.Forward(ids[1, 3..].unsqueeze(0));
-        var err = Fixtures.RelError(batch.Logits[1, 3..], alone.Logits[0]);
-        Assert.True(err < 1e-5, $"padded row vs alone: {err:E2}");
-    }
+    public void LeftPaddedRowEqualsTheRowAlone(string config) => RuntimeChecks.PaddedRowEqualsTheRowAlone(config);
 
     // Mistral 4 multiplies the query by 1 + β·log(1 + floor(pos / original_max_position_embeddings)): with original_max 4
     // from position 4 on, and not at all with β = 0 (yarn's tables depend on original_max, so β is what varies here).
@@ -228,33 +212,12 @@ public class MlaVariantsTests
     internal static void AssertLoraGradients(string config, Func<string, bool>? noGradient = null, params string[] adapted)
     {
         using var h = new DisposableModel(TorchModelFactory.Random(config, 3));
-        LoraInjector.Inject(h.Model, LoraInjector.Plan(h.Model, """
+        var lora = RuntimeChecks.InjectWithNonZeroB(h.Model, """
             {"r": 2, "lora_alpha": 4, "target_modules": "all-linear", "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}
-            """));
-        var lora = LoraInjector.PeftNamedParameters(h.Model).Where(p => p.Param.requires_grad).ToList();
+            """);
         foreach (var name in adapted.Append("kv_b_proj.lora_A").Append("mlp.experts.lora_A"))
             Assert.Contains(lora, p => p.Name.Contains(name, StringComparison.Ordinal));
-        // B starts at zero (PEFT's init), which would leave A without gradient: give B values first.
-        using (no_grad())
-            foreach (var (name, p) in lora)
-                if (name.Contains(".lora_B.", StringComparison.Ordinal)) p.normal_(0, 0.1, generator: new Generator(3));
-        h.Model.Train();
-        var (ids, mask) = LeftPaddedBatch();
-        using var o = h.Model.Forward(ids, mask);
-        var loss = (o.Logits * mask.unsqueeze(-1)).pow(2).mean();
-        loss.backward();
-        foreach (var (name, p) in lora)
-        {
-            var g = p.grad;
-            if (noGradient?.Invoke(name) == true)
-            {
-                Assert.True(g is null || g.abs().sum().item<float>() == 0, $"{name}: should get no gradient");
-                continue;
-            }
-            Assert.True(g is not null, $"{name}: no gradient");
-            Assert.False(g!.isnan().any().item<bool>() || g.isinf().any().item<bool>(), $"{name}: non-finite gradient");
-            Assert.True(g.abs().sum().item<float>() > 0, $"{name}: zero gradient");
-        }
+        RuntimeChecks.AssertGradients(RuntimeChecks.Backward(h.Model, lora).Grads, noGradient);
     }
 
     [Theory]
@@ -326,7 +289,7 @@ public class MlaVariantsTests
         Safetensors.Save(Path.Combine(dir.Path, "model.safetensors"), tensors, new Dictionary<string, string> { ["format"] = "pt" });
         using var loaded = new DisposableModel(TorchModelFactory.Load(dir.Path));
         using var _ = no_grad();
-        var (ids, mask) = LeftPaddedBatch();
+        var (ids, mask) = RuntimeChecks.LeftPaddedBatch();
         using var a = original.Model.Forward(ids, mask);
         using var b = loaded.Model.Forward(ids, mask);
         Assert.True(a.Logits.bytes.SequenceEqual(b.Logits.bytes));

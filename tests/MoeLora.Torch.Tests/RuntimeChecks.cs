@@ -20,60 +20,56 @@ public static class RuntimeChecks
 
     /// <summary>
     /// Where rope is relative and nothing else reads absolute positions, the left-padded row's logits at its real
-    /// tokens equal those of its tokens run alone.
+    /// tokens equal those of its tokens run alone (a random model of <paramref name="config"/>).
     /// </summary>
     public static void PaddedRowEqualsTheRowAlone(string config, double tolerance = 1e-5)
     {
         using var h = new DisposableModel(TorchModelFactory.Random(config, 5));
-        using var _ = no_grad();
-        var (ids, mask) = LeftPaddedBatch();
-        using var batch = h.Model.Forward(ids, mask);
-        using var alone = h.Model.Forward(ids[1, 3..].unsqueeze(0));
-        var err = Fixtures.RelError(batch.Logits[1, 3..], alone.Logits[0]);
-        Assert.True(err < tolerance, $"padded row vs alone: {err:E2}");
-    }
-
-    /// <summary>
-    /// Injects <paramref name="loraConfig"/> and gives every lora_B values: PEFT initialises B to zero, which would
-    /// leave A without gradient and the adapters without effect. Returns the trainable tensors under PEFT's names.
-    /// </summary>
-    public static List<(string Name, Parameter Param)> InjectWithNonZeroB(CausalLm model, string loraConfig)
-    {
-        LoraInjector.Inject(model, LoraInjector.Plan(model, loraConfig));
-        var lora = LoraInjector.PeftNamedParameters(model).Where(p => p.Param.requires_grad).ToList();
-        using (no_grad())
-            foreach (var (name, p) in lora)
-                if (name.Contains(".lora_B.", StringComparison.Ordinal)) p.normal_(0, 0.1, generator: new Generator(3));
-        return lora;
-    }
-
-    /// <summary>One backward on the left-padded batch: every adapter tensor gets a finite, non-zero gradient.</summary>
-    public static void EveryAdapterGetsGradient(CausalLm model, IEnumerable<(string Name, Parameter Param)> lora)
-    {
-        model.Train();
-        var (ids, mask) = LeftPaddedBatch();
-        using var o = model.Forward(ids, mask);
-        var loss = (o.Logits * mask.unsqueeze(-1)).pow(2).mean();
-        loss.backward();
-        foreach (var (name, p) in lora)
-        {
-            var g = p.grad;
-            Assert.True(g is not null, $"{name}: no gradient");
-            Assert.False(g!.isnan().any().item<bool>() || g.isinf().any().item<bool>(), $"{name}: non-finite gradient");
-            Assert.True(g.abs().sum().item<float>() > 0, $"{name}: zero gradient");
-        }
+        PaddedRowEqualsTheRowAlone(h.Model, tolerance);
     }
 
     /// <summary>The padded row of <see cref="LeftPaddedBatch"/> gives the logits its real tokens give alone.</summary>
-    public static void LeftPaddedRowEqualsTheRowAlone(CausalLm model)
+    public static void PaddedRowEqualsTheRowAlone(CausalLm model, double tolerance = 1e-5)
     {
         using var _ = no_grad();
         var (ids, mask) = LeftPaddedBatch();
         using var batch = model.Forward(ids, mask);
         using var alone = model.Forward(ids[1, 3..].unsqueeze(0));
         var err = Fixtures.RelError(batch.Logits[1, 3..], alone.Logits[0]);
-        Assert.True(err < 1e-5, $"padded row vs alone: {err:E2}");
+        Assert.True(err < tolerance, $"padded row vs alone: {err:E2}");
     }
+
+    /// <summary>
+    /// Injects <paramref name="loraConfig"/> and gives every lora_B values: PEFT initialises B to zero, which would
+    /// leave A without gradient and the adapters without effect. Each B is drawn from a generator seeded by
+    /// <paramref name="seed"/> of its name (default 3 for all). Returns the trainable tensors under PEFT's names.
+    /// </summary>
+    public static List<(string Name, Parameter Param)> InjectWithNonZeroB(CausalLm model, string loraConfig, Func<string, ulong>? seed = null)
+    {
+        LoraInjector.Inject(model, LoraInjector.Plan(model, loraConfig));
+        var lora = LoraInjector.PeftNamedParameters(model).Where(p => p.Param.requires_grad).ToList();
+        using (no_grad())
+            foreach (var (name, p) in lora)
+                if (name.Contains(".lora_B.", StringComparison.Ordinal)) p.normal_(0, 0.1, generator: new Generator(seed?.Invoke(name) ?? 3));
+        return lora;
+    }
+
+    /// <summary>
+    /// One backward of a squared-logits loss on the left-padded batch in train mode: the logits and every adapter
+    /// tensor's gradient (zeros where none arrived).
+    /// </summary>
+    public static (Tensor Logits, Dictionary<string, Tensor> Grads) Backward(CausalLm model, IEnumerable<(string Name, Parameter Param)> lora)
+    {
+        model.Train();
+        var (ids, mask) = LeftPaddedBatch();
+        var o = model.Forward(ids, mask);
+        (o.Logits * mask.unsqueeze(-1)).pow(2).mean().backward();
+        return (o.Logits.detach(), lora.ToDictionary(p => p.Name, p => p.Param.grad is { } g ? g.detach().clone() : zeros_like(p.Param)));
+    }
+
+    /// <summary>One backward on the left-padded batch: every adapter tensor gets a finite, non-zero gradient.</summary>
+    public static void EveryAdapterGetsGradient(CausalLm model, IEnumerable<(string Name, Parameter Param)> lora) =>
+        AssertGradients(Backward(model, lora).Grads);
 
     /// <summary>named_parameters() of a random model of <paramref name="config"/>: Core's tree, names, shapes and order.</summary>
     public static void ParametersEqualCoresTree(string config)
@@ -85,23 +81,11 @@ public static class RuntimeChecks
     }
 
     /// <summary>
-    /// Injects <paramref name="loraConfig"/>, gives every lora_B values (PEFT's zero init would leave A without
-    /// gradient), runs the left-padded batch in train mode with a squared-logits loss and returns the logits and
-    /// every adapter tensor's gradient (zeros where none arrived).
+    /// <see cref="InjectWithNonZeroB"/> (each B seeded by its name's length) then <see cref="Backward"/>: the logits and
+    /// every adapter tensor's gradient.
     /// </summary>
-    public static (Tensor Logits, Dictionary<string, Tensor> Grads) LoraStep(CausalLm model, string loraConfig)
-    {
-        LoraInjector.Inject(model, LoraInjector.Plan(model, loraConfig));
-        var lora = LoraInjector.PeftNamedParameters(model).Where(p => p.Param.requires_grad).ToList();
-        using (no_grad())
-            foreach (var (name, p) in lora)
-                if (name.Contains(".lora_B.", StringComparison.Ordinal)) p.normal_(0, 0.1, generator: new Generator((ulong)name.Length));
-        model.Train();
-        var (ids, mask) = LeftPaddedBatch();
-        var o = model.Forward(ids, mask);
-        (o.Logits * mask.unsqueeze(-1)).pow(2).mean().backward();
-        return (o.Logits.detach(), lora.ToDictionary(p => p.Name, p => p.Param.grad is { } g ? g.detach().clone() : zeros_like(p.Param)));
-    }
+    public static (Tensor Logits, Dictionary<string, Tensor> Grads) LoraStep(CausalLm model, string loraConfig) =>
+        Backward(model, InjectWithNonZeroB(model, loraConfig, name => (ulong)name.Length));
 
     /// <summary>Every gradient finite; non-zero except where <paramref name="unused"/> says the adapter never acts (then zero).</summary>
     public static void AssertGradients(Dictionary<string, Tensor> grads, Func<string, bool>? unused = null)

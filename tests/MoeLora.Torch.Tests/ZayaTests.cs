@@ -134,7 +134,7 @@ public class ZayaTests
     {
         using var h = new DisposableModel(TorchModelFactory.Random(Config, 5));
         PerturbConstants(h.Model, 6);
-        RuntimeChecks.LeftPaddedRowEqualsTheRowAlone(h.Model);
+        RuntimeChecks.PaddedRowEqualsTheRowAlone(h.Model);
         // Not a vacuous match: the padding tokens would change the row if they leaked into it.
         using var _ = no_grad();
         var (ids, _) = RuntimeChecks.LeftPaddedBatch();
