@@ -101,13 +101,9 @@ public static class Program
         {
             return app.Run(args);
         }
-        catch (Exception e) when (IsOutOfMemory(Unwrap(e)))
+        catch (Exception e) when (OutOfMemory.Is(Unwrap(e)))
         {
-            // The device ran out of memory: a resource limit, not a bug. libtorch's message is a page of C++ frames;
-            // keep its first sentence (what was asked for and what was free).
-            var first = Unwrap(e).Message.Split('\n')[0];
-            int cut = first.IndexOf(" If reserved but unallocated", StringComparison.Ordinal);
-            Consoles.Error.WriteLine($"moelora: error: out of device memory: {OneLine(cut > 0 ? first[..cut] : first)} " +
+            Consoles.Error.WriteLine($"moelora: error: out of device memory: {OneLine(OutOfMemory.Summary(Unwrap(e)))} " +
                 "(try a smaller batch or sequence, fewer layers, or a GPU with more memory; `moelora plan` predicts the peak)");
             return ExitCodes.Error;
         }
@@ -126,11 +122,6 @@ public static class Program
             return ExitCodes.Internal;
         }
     }
-
-    /// <summary>libtorch's allocator failure ("CUDA out of memory", "DefaultCPUAllocator: not enough memory").</summary>
-    internal static bool IsOutOfMemory(Exception e) =>
-        e is System.Runtime.InteropServices.ExternalException or OutOfMemoryException &&
-        (e.Message.Contains("out of memory", StringComparison.OrdinalIgnoreCase) || e.Message.Contains("not enough memory", StringComparison.OrdinalIgnoreCase));
 
     private static Exception Unwrap(Exception e) =>
         e is AggregateException { InnerExceptions.Count: 1 } a ? Unwrap(a.InnerExceptions[0])

@@ -29,6 +29,22 @@ public class ProgramRunTests
         }
     }
 
+    /// <summary>libtorch's CUDA out-of-memory error (a sentence, its allocator advice, then C++ frames) is one line.</summary>
+    [Fact]
+    public void Device_out_of_memory_is_exit_1_and_one_line()
+    {
+        var e = new System.Runtime.InteropServices.ExternalException(
+            "CUDA out of memory. Tried to allocate 20.00 MiB. GPU 0 has a total capacity of 79.18 GiB of which 12.19 MiB is free. " +
+            "If reserved but unallocated memory is large try setting PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True\n" +
+            "Exception raised from malloc at CUDACachingAllocator.cpp:1574 (most recent call first):\nframe #0: c10::Error::Error");
+        var (code, err) = Run(e);
+        Assert.Equal(ExitCodes.Error, code);
+        Assert.Single(err.Trim().Split('\n'));
+        Assert.StartsWith("moelora: error: out of device memory: CUDA out of memory. Tried to allocate 20.00 MiB.", err);
+        Assert.DoesNotContain("frame #0", err);
+        Assert.DoesNotContain("If reserved", err);
+    }
+
     [Fact]
     public void Bad_input_is_exit_1_and_one_line()
     {

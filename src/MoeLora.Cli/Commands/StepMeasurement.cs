@@ -42,9 +42,7 @@ internal sealed class DevicePeakMeter
         else
         {
             // Managed garbage freed later would lower the resident set below the baseline: collect it first.
-            GC.Collect();
-            GC.WaitForPendingFinalizers();
-            GC.Collect();
+            StepMeasurement.CollectGarbage();
         }
         return new DevicePeakMeter(device, DeviceMemory.Used(device));
     }
@@ -196,7 +194,7 @@ internal static class StepMeasurement
             model?.Dispose();
             // The optimizer's moments and the last graph go with the managed objects that hold them: collect now so
             // the whole model the report builds next does not share the device with them.
-            for (int i = 0; i < 2; i++) { GC.Collect(); GC.WaitForPendingFinalizers(); }
+            CollectGarbage();
         }
         return step;
     }
@@ -221,15 +219,22 @@ internal static class StepMeasurement
     static void Guard(MeasuredStep step, Action run)
     {
         try { run(); }
-        catch (Exception e) when (e.Message.Contains("out of memory", StringComparison.OrdinalIgnoreCase))
+        catch (Exception e) when (OutOfMemory.Is(e))
         {
-            var first = e.Message.Split('\n')[0].Trim();
-            int cut = first.IndexOf(" If reserved but unallocated", StringComparison.Ordinal);
-            step.Error = "out of memory: " + (cut > 0 ? first[..cut] : first);
+            step.Error = "out of memory: " + OutOfMemory.Summary(e);
             // The failed step's activations and graph are only reachable from finalizers now: free them before the
             // report goes on to build and run the whole model.
-            for (int i = 0; i < 2; i++) { GC.Collect(); GC.WaitForPendingFinalizers(); }
+            CollectGarbage();
         }
+    }
+
+    /// <summary>
+    /// Frees tensors only finalizers still reach (TorchSharp releases native memory when a tensor is disposed or
+    /// finalized): two collect-and-finalize rounds, since finalizing one object can release the last reference to another.
+    /// </summary>
+    internal static void CollectGarbage()
+    {
+        for (int i = 0; i < 2; i++) { GC.Collect(); GC.WaitForPendingFinalizers(); }
     }
 
     /// <summary>Predicted-vs-measured rows (figure, predicted, measured, note) for the report's main table.</summary>
