@@ -56,13 +56,12 @@ for stage in "$@"; do
       stamp "$stage: exit $?" ;;
     hfcheck)
       stamp "hfcheck: start (limit $(limit hfcheck) s)"
-      smoke=/tmp/moelora-gpu-smoke
-      [ -x $smoke/moelora/moelora ] || { mkdir -p $smoke && tar -xJf artifacts/gpu_smoke/moelora-linux-x64.tar.xz -C $smoke; }
+      bin=$( (OUT="$work/results/smoke" . tools/gpu_smoke/bundle.sh; echo "$bin") )
       fx=$(for d in tests/MoeLora.Torch.Tests/Data/hf-tiny/* tests/MoeLora.Torch.Tests/Data/hf-moe/*; do
         [ -f "$d/reference.safetensors" ] || continue
         [ -z "${HFCHECK_FIXTURES:-}" ] || [[ ",$HFCHECK_FIXTURES," == *",$(basename "$(dirname "$d")")/$(basename "$d"),"* ]] && echo "$d"
       done)
-      ( unset LD_LIBRARY_PATH; timeout "$(limit hfcheck)" python3 tools/gpu_smoke/hf_cuda_check.py $smoke/moelora/moelora \
+      ( unset LD_LIBRARY_PATH; timeout "$(limit hfcheck)" python3 tools/gpu_smoke/hf_cuda_check.py "$bin" \
           "$work/results/hf_cuda_check.json" $fx >"$work/results/hf_cuda_check.log" 2>&1 )
       stamp "hfcheck: exit $?" ;;
     *) stamp "unknown stage $stage" ;;

@@ -16,20 +16,7 @@
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 cd "$root"
-tarball=${MOELORA_SMOKE_TARBALL:-$root/artifacts/gpu_smoke/moelora-linux-x64.tar.xz}
-work=${TMPDIR:-/tmp}/moelora-gpu-smoke
-results=${OUT:-$work/results}
-mkdir -p "$work" "$results"
-summary=$results/summary.txt
-log() { echo "$*" | tee -a "$summary"; }
-unset LD_LIBRARY_PATH
-export HF_HUB_OFFLINE=1 DOTNET_NOLOGO=1
-
-if [ ! -x "$work/moelora/moelora" ]; then
-  [ -f "$tarball" ] || { echo "no bundle at $tarball (run tools/gpu_smoke/pack.sh on the development machine)" >&2; exit 2; }
-  tar -xJf "$tarball" -C "$work"
-fi
-bin=$work/moelora/moelora
+. tools/gpu_smoke/bundle.sh
 json=$results/ours-qwen3-30b.json
 
 start=$(date +%s)
