@@ -96,7 +96,7 @@ internal static class LoadModelMeasurement
         ReportCommand.Settings s)
     {
         TorchRuntime.EnsureInitialized();
-        var m = new Measured { RuntimeBaselineBytes = Rss(), IsCuda = dev.type == DeviceType.CUDA };
+        var m = new Measured { RuntimeBaselineBytes = DeviceMemory.ResidentBytes(), IsCuda = dev.type == DeviceType.CUDA };
         var plan = report.Plan;
         var modes = DevicePeakMeter.Order(s.ParsedMeasureSteps);
         // The baseline is read before any model exists; cb runs first on its own truncated model (see Order).
@@ -127,12 +127,12 @@ internal static class LoadModelMeasurement
         using (var mask = ones_like(ids))
         using (no_grad())
         {
-            long before = Rss();
+            long before = DeviceMemory.ResidentBytes();
             using var output = model.Forward(ids, mask, outputHiddenStates: true);
             m.HiddenStates = output.HiddenStates.Count;
             m.AllStatesBytes = Measurements.RetainedBytes(output.HiddenStates);
             m.TargetStatesBytes = Measurements.RetainedBytes(hs.TargetLayers.Distinct().Select(i => output.HiddenStates[i]));
-            m.ForwardRssGrowthBytes = Math.Max(0, Rss() - before);
+            m.ForwardRssGrowthBytes = Math.Max(0, DeviceMemory.ResidentBytes() - before);
             m.HiddenStateDType = output.HiddenStates[0].dtype.ToString();
         }
 
@@ -154,15 +154,6 @@ internal static class LoadModelMeasurement
 
         m.PeakBytes = Measurements.ProcessPeakBytes();
         return m;
-    }
-
-    static long Rss()
-    {
-        if (OperatingSystem.IsLinux())
-            foreach (var line in File.ReadLines("/proc/self/status"))
-                if (line.StartsWith("VmRSS:", StringComparison.Ordinal))
-                    return DeviceMemory.ProcKiBToBytes(line);
-        return Environment.WorkingSet;
     }
 
     /// <summary>Everything measured on the loaded model.</summary>
@@ -201,14 +192,15 @@ internal static class LoadModelMeasurement
             Exact("trainable parameters", plan.TrainableParameters, Counts.Trainable, Units.Count);
             Exact("all parameters", plan.AllParameters, Counts.Total, Units.Count);
             Exact("adapter memory (fp32)", r.AdapterMemoryBytes, Counts.TrainableBytes, Units.Bytes);
-            Exact("base weights", r.Spec.Tree.NumParameters * r.Options.DType.Bytes(), Counts.TotalBytes - Counts.TrainableBytes, Units.Bytes);
+            long baseWeights = r.Spec.Tree.NumParameters * r.Options.DType.Bytes();
+            Exact("base weights", baseWeights, Counts.TotalBytes - Counts.TrainableBytes, Units.Bytes);
             Exact($"hidden states, all {r.HiddenStates.NumStates}", r.HiddenStates.AllLayersBytes, AllStatesBytes, Units.Bytes);
             Exact($"hidden states, targets [{string.Join(",", r.HiddenStates.TargetLayers)}]", r.HiddenStates.TargetLayersBytes, TargetStatesBytes, Units.Bytes);
             if (IsCuda)
             {
                 // On a GPU the model lives on the device: the host holds the runtime and CUDA libraries only, so the
                 // host-side phase model does not apply; the device is compared with weights + adapters instead.
-                long predicted = r.Spec.Tree.NumParameters * r.Options.DType.Bytes() + r.AdapterMemoryBytes;
+                long predicted = baseWeights + r.AdapterMemoryBytes;
                 if (DeviceAfterBuildBytes is { } dev)
                 {
                     var devRatio = predicted == 0 ? 0 : (double)dev / predicted;

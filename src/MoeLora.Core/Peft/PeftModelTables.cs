@@ -26,6 +26,14 @@ public static class PeftModelTables
         : null;
 
     /// <summary>
+    /// Whether PEFT ≥ 0.19 reads a per-expert (transformers-4 layout) adapter of this type: types whose experts are not
+    /// fused at runtime keep their per-expert modules; fused types need a <see cref="ConversionRules"/> entry, without
+    /// which PEFT (0.21 checked) reports the per-expert keys as unexpected.
+    /// </summary>
+    public static bool ReadsPerExpertAdapters(string modelType) =>
+        !HasCheckpointConversion(modelType) || ConversionRules(modelType) is not null;
+
+    /// <summary>
     /// Whether transformers 5 has a checkpoint conversion mapping (<c>get_checkpoint_conversion_mapping</c> is not None:
     /// per-expert tensors on disk, fused at runtime). Used for the transformers patch that orients expert LoRA under
     /// peft ≤ 0.18.

@@ -60,8 +60,7 @@ public sealed partial class ExpertLayout
     /// without a rule, so PEFT (0.21 checked on the device) reports their per-expert keys as unexpected and the fused
     /// experts stay without LoRA. Null when the model type is unknown.
     /// </summary>
-    public bool? PeftConvertsPerExpert => ModelType is null ? null
-        : !PeftModelTables.HasCheckpointConversion(ModelType) || PeftModelTables.ConversionRules(ModelType) is not null;
+    public bool? PeftConvertsPerExpert => ModelType is null ? null : PeftModelTables.ReadsPerExpertAdapters(ModelType);
 
     /// <summary>Where the knowledge came from, for messages (e.g. "--model …", "adapter_config.json auto_mapping (gpt_oss)").</summary>
     public string Source { get; }
