@@ -63,10 +63,13 @@ EXTRA_FIXTURES = {
     "axk2_sparse": ("axk2", _DSA),
     "deepseek_v32_sparse": ("deepseek_v32", _DSA),
     "glm_moe_dsa_sparse": ("glm_moe_dsa", dict(_DSA, indexer_types=["full", "shared", "full", "shared"])),
+    # Doge with its CDMoE feed-forward (is_moe): 16 experts on a 4 x 4 product-key grid, 4 kept per token.
+    "doge_moe": ("doge", dict(is_moe=True, num_experts=16, num_experts_per_tok=4)),
 }
 
-# Types outside TEXT_TYPES that get a fixture anyway (deepseek_v32 is DeepSeek-V3 with the DSA indexer).
-MORE_FIXTURE_TYPES = {"deepseek_v32"}
+# Types outside TEXT_TYPES that get a fixture anyway (deepseek_v32 is DeepSeek-V3 with the DSA indexer; inkling_mm_model
+# is run on text alone, as the llama4 fixture is).
+MORE_FIXTURE_TYPES = {"deepseek_v32", "inkling_mm_model"}
 
 # Multimodal-listed types whose default config is a text model AutoModelForCausalLM builds: they get fixtures too.
 MM_TEXT_FIXTURE_TYPES = {"mistral4"}
@@ -86,6 +89,21 @@ OVERRIDES = {
     # Mistral 4's yarn rope rotates head_dim * partial_rotary_factor (0.5) dims, which must be qk_rope_head_dim:
     # equal nope and rope widths with head_dim their sum keep that true at the small sizes.
     "mistral4": dict(qk_nope_head_dim=8, qk_rope_head_dim=8, head_dim=16),
+    # Fields the generic shrink does not know, left at full size they make fixtures of 7-20 MB: inkling's sliding-window
+    # attention widths, longcat's zero experts, kimi_linear's delta-attention heads, deepseek_v4's grouped output
+    # projection and indexer. Smaller windows, compression rates and index_topk also make 10-token inputs reach the
+    # code paths (a window of 512 or a compression rate of 128 never bites on 10 tokens).
+    "inkling_text": dict(swa_head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2, sliding_window_size=6),
+    "longcat_flash": dict(zero_expert_num=4, moe_topk=3),
+    # Four layers of the default pattern hold no full-attention layer; alternate them, experts after the first.
+    "kimi_linear": dict(linear_head_dim=16, linear_num_heads=4,
+                        layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
+                        mlp_layer_types=["dense", "sparse", "sparse", "sparse"]),
+    "deepseek_v4": dict(o_lora_rank=16, o_groups=2, index_n_heads=4, index_head_dim=16, index_topk=2, sliding_window=4,
+                        compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 4},
+                        layer_types=["heavily_compressed_attention", "compressed_sparse_attention",
+                                     "heavily_compressed_attention", "compressed_sparse_attention"],
+                        mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"]),
 }
 
 EXPERT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts", "num_experts_total",
