@@ -23,6 +23,8 @@ mkdir -p "$work" "$results"
 summary=$results/summary.txt
 log() { echo "$*" | tee -a "$summary"; }
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+# train.py prints allocated and peak-so-far memory after each phase (the logs show which phase sets the peak).
+export MOELORA_MEMTRACE=${MOELORA_MEMTRACE:-1}
 failures=0
 [ -d "$art/tiny_plan" ] || { echo "no $art (run tools/plan_check/prepare_plan_gpu.sh on the development machine and carry it)" >&2; exit 2; }
 launch() { if command -v accelerate >/dev/null; then accelerate launch "$@"; else python3 -m accelerate.commands.launch "$@"; fi; }

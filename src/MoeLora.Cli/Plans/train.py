@@ -279,7 +279,19 @@ def learning_rate(s, step):
 
 
 def hidden(model, batch):
-    return model(input_ids=batch[0], attention_mask=batch[1], output_hidden_states=True).hidden_states
+    # use_cache=False: FSDP's activation checkpointing (unlike gradient_checkpointing_enable) leaves transformers'
+    # use_cache on, and the recompute then appends its keys to the first pass's cache (keys twice the queries).
+    return model(input_ids=batch[0], attention_mask=batch[1], output_hidden_states=True, use_cache=False).hidden_states
+
+
+def memtrace(label):
+    """MOELORA_MEMTRACE=1: this GPU's allocated and peak-so-far memory after a phase (rank 0 only), to see which phase
+    sets the peak that the plan predicts."""
+    if os.environ.get("MOELORA_MEMTRACE") != "1" or not torch.cuda.is_available() or os.environ.get("RANK", "0") != "0":
+        return
+    gib = 2**30
+    print(f"memtrace {label}: allocated {torch.cuda.memory_allocated() / gib:.2f} GiB, "
+          f"peak so far {torch.cuda.max_memory_allocated() / gib:.2f} GiB", flush=True)
 
 
 def circuit_breaker_step(model, peft_model, cb, retain, targets, c_retain, c_cb):
@@ -297,6 +309,7 @@ def circuit_breaker_step(model, peft_model, cb, retain, targets, c_retain, c_cb)
                     raise UserError(f"target layer {max(targets)} is out of range: hidden_states has {len(hs)} entries")
                 orig_cb = torch.stack([hs[layer] for layer in targets]).detach()
                 del hs
+    memtrace("frozen passes")
     model.train()
     total = torch.zeros((), device=cb[0].device)
     r_value = c_value = 0.0
@@ -306,6 +319,7 @@ def circuit_breaker_step(model, peft_model, cb, retain, targets, c_retain, c_cb)
         loss = retain_loss(torch.stack(hs) * layer_mask(retain[1], len(hs)), orig_retain)
         r_value = loss.item()
         total = total + c_retain * loss
+        memtrace("adapted retain pass")
     if c_cb > 0:
         hs = hidden(model, cb)
         lora = torch.stack([hs[layer] for layer in targets])
@@ -314,12 +328,13 @@ def circuit_breaker_step(model, peft_model, cb, retain, targets, c_retain, c_cb)
         with torch.no_grad():
             cosine = mean_cosine(lora, orig_cb, cb[1]).item()
         total = total + c_cb * loss
+        memtrace("adapted cb pass")
     return total, r_value, c_value, cosine
 
 
 def causal_lm_step(model, batch):
     ids, mask = batch
-    return model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss
+    return model(input_ids=ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100), use_cache=False).loss
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -550,7 +565,9 @@ def main(argv=None):
             else:
                 loss = causal_lm_step(model, batches[0])
                 parts[0] += loss.item() / accum
+            memtrace("forward")
             accelerator.backward(loss / accum)
+            memtrace("backward")
         max_norm = s["max_grad_norm"] if s["max_grad_norm"] > 0 else float("inf")  # inf: measure, do not clip
         norm = accelerator.clip_grad_norm_(params, max_norm)  # None under DeepSpeed (it clips per its config)
         measured = norm is not None
@@ -561,6 +578,7 @@ def main(argv=None):
                             "(lower the lr, keep clipping on, or use fp32)")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        memtrace(f"step {step + 1} optimizer")
         row = dict(step=step + 1, loss=parts[0].item(), retain_loss=parts[1].item(), cb_loss=parts[2].item(),
                    retain_coeff=c_retain, cb_coeff=c_cb, cb_cosine=parts[3].item() if c_cb > 0 else None,
                    grad_norm=norm if math.isfinite(norm) else None, lr=lr, seconds=round(time.perf_counter() - t0, 4))
