@@ -49,7 +49,7 @@ public class HyV4Tests
         var p = Randomized(hc, 2);
         Assert.Equal(["fn", "base", "scale"], p.Keys);
         var x = randn(new long[] { Batch, Seq, Streams, Hidden }, generator: new Generator(9));
-        var (post, input) = hc.Forward(x);
+        var (post, input, _) = hc.Forward(x);
         Assert.Equal(new long[] { Batch, Seq, Streams }, post.shape);
         Assert.Equal(new long[] { Batch, Seq, Hidden }, input.shape);
 

@@ -1,4 +1,5 @@
 using System.Globalization;
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -16,6 +17,14 @@ namespace MoeLora.Core.Architectures;
 /// 4.57: <see cref="Layout.V4"/> means the on-disk checkpoint layout, the reference implementation's names
 /// (<c>attn.wq_a</c>, <c>ffn.experts.{e}.w1/w2/w3</c>, <c>hc_attn_fn</c>, <c>head</c>, ...), as save_pretrained
 /// writes them.
+/// <para>
+/// Runtime: <see cref="DeepseekV4AttentionSettings"/> (sliding-window MQA with the HCA/CSA compressors and the lightning
+/// indexer, grouped output projection, sinks), <see cref="ScoreFunctionRouterSettings"/> (hash and top-k routers) with
+/// clamped SwiGLU experts and shared expert, inside <see cref="HyperConnectionSettings"/> with the Sinkhorn stream mix;
+/// refused for a rope width beyond head_dim or index_head_dim, o_groups that do not split the heads, another hidden_act than silu, or a
+/// scoring_func other than sqrtsoftplus and sigmoid. LoRA cannot target o_a_proj (PEFT's LoRA output does not fit its
+/// per-group shape).
+/// </para>
 /// </summary>
 internal sealed class DeepseekV4Family : IArchitecture
 {
@@ -81,10 +90,80 @@ internal sealed class DeepseekV4Family : IArchitecture
             $"top-{s.TopK} of {s.Experts} on scores + e_score_correction_bias (selection only); renormalised, scaled by " +
             c.Double("routed_scaling_factor", 1.5).ToString(CultureInfo.InvariantCulture);
         var moe = new MoeFacts(s.Experts, s.TopK, 1, s.MoeInter, s.MoeInter, moeLayers, [], routing);
-        return Blocks.Spec(c, "deepseek_v4", b.Build(), moe, s.Hidden, layers, s.Vocab, s.Heads, c.Int("num_key_value_heads", 1), tie, act) with
+        var spec = Blocks.Spec(c, "deepseek_v4", b.Build(), moe, s.Hidden, layers, s.Vocab, s.Heads, c.Int("num_key_value_heads", 1), tie, act);
+        // int(head_dim · partial_rotary_factor) frequencies' dims: the rotation covers one pair per frequency (odd widths round up).
+        var ropeDim = (long)(s.HeadDim * PartialRotaryFactor(c, s.HeadDim));
+        var rotated = 2 * ((ropeDim + 1) / 2);
+        if (ropeDim <= 0 || rotated > s.HeadDim || rotated > s.IndexHeadDim)
+            return spec with { RuntimeUnavailable = $"a rope width of {rotated} (it must fit head_dim {s.HeadDim} and index_head_dim {s.IndexHeadDim})" };
+        if (s.Heads * s.HeadDim % s.OGroups != 0)
+            return spec with { RuntimeUnavailable = $"o_groups {s.OGroups} that do not split {s.Heads} heads of {s.HeadDim}" };
+        if (act != "silu")
+            return spec with { RuntimeUnavailable = $"hidden_act '{act}' (DeepseekV4Experts' clamped SwiGLU is run for silu only)" };
+        RouterScoreFunction? score = scoring switch { "sqrtsoftplus" => RouterScoreFunction.SqrtSoftplus, "sigmoid" => RouterScoreFunction.Sigmoid, _ => null };
+        if (score is null)
+            return spec with { RuntimeUnavailable = $"scoring_func '{scoring}' (sqrtsoftplus and sigmoid run)" };
+        return spec with { Runtime = Runtime(c, s, layerTypes, hashLayers, tie, ropeDim, score.Value, layers) };
+    }
+
+    /// <summary>
+    /// What DeepseekV4ForCausalLM computes (eager attention, the only one it supports): per layer the sliding-window
+    /// attention with its HCA/CSA compressor (<see cref="DeepseekV4AttentionSettings"/>), the MoE block (router, fused
+    /// experts with the clamped SwiGLU, a clamped shared expert), both inside Sinkhorn-mixed hyper-connections.
+    /// </summary>
+    private static DecoderRuntime Runtime(ModelConfig c, Shape s, List<string> layerTypes, List<bool> hashLayers, bool tie, long ropeDim,
+        RouterScoreFunction score, long layers)
+    {
+        var eps = c.Double("rms_norm_eps", 1e-6);
+        var norm = new NormSettings(NormKind.Rms, eps);
+        var (main, compress) = Ropes(c, ropeDim);
+        var window = c.Positive("sliding_window", 128);
+        var limit = c.Double("swiglu_limit", 10.0);
+        var scale = c.Double("routed_scaling_factor", 1.5);
+        var indexer = new LightningIndexerSettings(s.IndexHeads, s.IndexHeadDim, c.Positive("index_topk", 512));
+        var experts = new ExpertsSettings(ExpertsLayout.GateUpOutInClamped, s.Experts, s.MoeInter, "silu", SwigluLimit: limit, SwigluAlpha: 1.0,
+            SwigluUpShift: 0.0);
+        var shared = new SharedExpertSettings("shared_experts", s.MoeInter, "silu", SigmoidGateName: null, ClampLimit: limit);
+        var runtimeLayers = Enumerable.Range(0, (int)layers).Select(i =>
         {
-            RuntimeUnavailable = "DeepSeek-V4's compressed (CSA/HCA) sliding attention, hash-routed expert layers and Sinkhorn-mixed hyper-connections",
-        };
+            var type = layerTypes[i];
+            KvCompressorSettings? compressor = type switch
+            {
+                "heavily_compressed_attention" => new KvCompressorSettings(s.HcaRate, null),
+                "compressed_sparse_attention" => new KvCompressorSettings(s.CsaRate, indexer),
+                _ => null,
+            };
+            var attention = new DeepseekV4AttentionSettings(s.Heads, s.HeadDim, s.QLoraRank, s.OGroups, s.OLoraRank, ropeDim,
+                compressor is null ? main : compress, window, eps, compressor);
+            var router = new ScoreFunctionRouterSettings("gate", s.Experts, s.TopK, score, scale, hashLayers[i] ? s.Vocab : null);
+            return new DecoderLayerRuntime(attention, "mlp", new MoeSettings(router, experts, shared, MoeOrder.RouterFirst), norm, norm);
+        }).ToList();
+        var hc = new HyperConnectionSettings(s.HcMult, c.Double("hc_eps", 1e-6), eps, PostMagnitude: 2.0,
+            SinkhornIterations: c.Positive("hc_sinkhorn_iters", 20));
+        return new DecoderRuntime(s.Vocab, s.Hidden, tie, c.Double("initializer_range", 0.02), norm, main, runtimeLayers, HyperConnections: hc);
+    }
+
+    /// <summary>partial_rotary_factor: the field, else the legacy qk_rope_head_dim / head_dim, else 64 / 512.</summary>
+    private static double PartialRotaryFactor(ModelConfig c, long headDim) =>
+        c.Has("partial_rotary_factor") ? c.Double("partial_rotary_factor", 0.125)
+            : c.Has("qk_rope_head_dim") ? c.Double("qk_rope_head_dim", 64) / headDim : 64.0 / 512.0;
+
+    /// <summary>
+    /// The "main" (sliding layers) and "compress" (compressed layers, their compressors and indexers) ropes: the nested
+    /// <c>rope_parameters.main</c> / <c>.compress</c> a saved config holds, else as DeepseekV4Config.__post_init__ builds
+    /// them: main the default rope of rope_theta, compress the given scaling (yarn with attention_factor 1 unless set)
+    /// at compress_rope_theta.
+    /// </summary>
+    private static (RopeSettings Main, RopeSettings Compress) Ropes(ModelConfig c, long dim)
+    {
+        var theta = c.Double("rope_theta", 10000.0);
+        var compressTheta = c.Double("compress_rope_theta", 160000.0);
+        var rp = c.Sub("rope_parameters") ?? c.Sub("rope_scaling");
+        if (rp?.Sub("main") is { } m && rp.Sub("compress") is { } k)
+            return (RopeSettings.Of(m, m.Double("rope_theta", theta), dim), RopeSettings.Of(k, k.Double("rope_theta", compressTheta), dim));
+        var compress = RopeSettings.Of(rp, compressTheta, dim);
+        if (compress.Type == "yarn") compress = compress with { AttentionFactor = compress.AttentionFactor ?? 1.0 };
+        return (new RopeSettings("default", theta, dim), compress);
     }
 
     /// <summary>layer_types: given, else the legacy per-layer compress_ratios (0/4/128), else 2 HCA then CSA/HCA alternating.</summary>

@@ -74,16 +74,17 @@ public sealed record LayerActivations
 
     /// <summary>
     /// The attention layer <paramref name="layer"/> really runs when <paramref name="requested"/> is asked for:
-    /// sdpa falls back to eager where the runtime cannot use it. transformers: gpt-oss declares
-    /// <c>_supports_sdpa = False</c> (its sinks), so it loads eager. MoeLora's runtime: layers with sinks (gpt-oss) and
-    /// Doge's dynamic-mask attention run eagerly (MoeLora.Torch's AttentionMath.Attend).
+    /// sdpa falls back to eager where the runtime cannot use it. transformers: gpt-oss and DeepSeek-V4 declare
+    /// <c>_supports_sdpa = False</c> (their sinks), so they load eager. MoeLora's runtime: layers with sinks (gpt-oss,
+    /// DeepSeek-V4) and Doge's dynamic-mask attention run eagerly (MoeLora.Torch's AttentionMath.Attend).
     /// </summary>
     public static AttentionImpl EffectiveAttention(ModelSpec spec, int layer, AttentionImpl requested, LoraRuntime runtime)
     {
         if (requested == AttentionImpl.Eager) return AttentionImpl.Eager;
-        if (runtime == LoraRuntime.Peft) return spec.ModelType == "gpt_oss" ? AttentionImpl.Eager : AttentionImpl.Sdpa;
+        if (runtime == LoraRuntime.Peft) return spec.ModelType is "gpt_oss" or "deepseek_v4" ? AttentionImpl.Eager : AttentionImpl.Sdpa;
         var settings = spec.Runtime is { } r && layer < r.Layers.Count ? r.Layers[layer].Attention : null;
-        return settings is StandardAttentionSettings { Sinks: true } or DynamicMaskAttentionSettings ? AttentionImpl.Eager : AttentionImpl.Sdpa;
+        return settings is StandardAttentionSettings { Sinks: true } or DynamicMaskAttentionSettings or DeepseekV4AttentionSettings
+            ? AttentionImpl.Eager : AttentionImpl.Sdpa;
     }
 
     private static IReadOnlyList<LayerActivations> Compute(AdapterPlan plan, int actBytes, AttentionImpl attention, long layers, LoraRuntime runtime)

@@ -161,6 +161,10 @@ public sealed partial class CheckpointLayout
         //   hc_pre.hc_attn_layer.hc_fn / hc_pre.hc_mlp_layer.hc_fn on disk, all [2n, n·H]).
         PairInOrder(unpairedRuntime, unpairedOther, otherByName, runtime, other,
             (tree, p) => $"{tree.OwnerOf(p).LayerIndex}|{tree.OwnerOf(p).ClassName}|{string.Join(',', p.Shape)}");
+        // - and, after that, such twins whose owners differ too (DeepSeek-V4's hyper-connections: attn_hc.fn / ffn_hc.fn
+        //   at run time, the layer's own hc_attn_fn / hc_ffn_fn on disk).
+        PairInOrder(unpairedRuntime, unpairedOther, otherByName, runtime, other,
+            (tree, p) => $"{tree.OwnerOf(p).LayerIndex}|{string.Join(',', p.Shape)}");
 
         void Pair(Func<ModuleTree, ParameterNode, string> key, Func<ModuleTree, ParameterNode, bool>? only = null)
         {

@@ -63,6 +63,7 @@ public static partial class LoraInjector
         {
             if (t.Kind == AdapterKind.Linear)
             {
+                if (Module(t.ModuleName) is INotAdaptable refused) throw new MoeLora.Core.UserInputException($"{t.ModuleName}: {refused.Reason}.");
                 if (Module(t.ModuleName) is not Linear linear)
                     throw new InvalidOperationException($"plan target {t.ModuleName} is a Linear but the runtime module is {Module(t.ModuleName).GetType().Name}.");
                 if (linear.InFeatures != t.InFeatures || linear.OutFeatures != t.OutFeatures)

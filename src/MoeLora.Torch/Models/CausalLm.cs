@@ -102,7 +102,7 @@ public sealed class CausalLm : HfModule, IDisposable
         var ids = inputIds.to(Device);
         var mask = (attentionMask ?? ones(b, s, ScalarType.Int64)).to(Device);
         var pos = (positionIds ?? arange(s, ScalarType.Int64).unsqueeze(0).expand(b, s)).to(Device);
-        var ctx = new ForwardContext { Positions = pos, AttentionMask = mask, DType = DType, Attention = Attention };
+        var ctx = new ForwardContext { Positions = pos, AttentionMask = mask, DType = DType, Attention = Attention, InputIds = ids };
         var h = _embed.Forward(ids);
         if (Runtime.Scaling is { EmbeddingMultiplier: not 1.0 } es) h = h * es.EmbeddingMultiplier;
         if (_model.Affine is { } affine) h = (h + affine.Bias) * affine.Scale;

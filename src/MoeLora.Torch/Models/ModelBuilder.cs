@@ -19,7 +19,8 @@ public static class ModelBuilder
         var rope = Rotary.FromSettings(runtime.Rope);
         // Layers with a rope of their own (per-layer-type tables) share one table per distinct setting.
         var layerRopes = new Dictionary<RopeSettings, Rotary>();
-        Rotary RopeOf(AttentionSettings a) => (a switch { StandardAttentionSettings { Options.Rope: { } o } => o, CcaAttentionSettings c => c.Rope, _ => null }) is { } own
+        Rotary RopeOf(AttentionSettings a) => (a switch { StandardAttentionSettings { Options.Rope: { } o } => o, CcaAttentionSettings c => c.Rope,
+            DeepseekV4AttentionSettings d => d.Rope, _ => null }) is { } own
             ? layerRopes.TryGetValue(own, out var r) ? r : layerRopes[own] = Rotary.FromSettings(own)
             : rope;
         long hidden = runtime.HiddenSize;
@@ -74,6 +75,7 @@ public static class ModelBuilder
         MixtureOfAttentionHeadsSettings s => new JetMoeAttention(hidden, s, rope, init),
         FusedQkvAttentionSettings s => new FusedQkvAttention(hidden, s, rope, init),
         InklingAttentionSettings s => new InklingAttention(hidden, s, init),
+        DeepseekV4AttentionSettings s => new DeepseekV4Attention(hidden, s, rope, init),
         _ => throw new NotSupportedException($"attention settings {a.GetType().Name} have no runtime block."),
     };
 
@@ -97,6 +99,7 @@ public static class ModelBuilder
             TopKSoftmaxRouterSettings => new GptOssMlp(hidden, Expect(m, ExpertsLayout.GptOssInterleaved), init),
             Llama4RouterSettings => new Llama4Moe(hidden, Expect(m, ExpertsLayout.Llama4InOut), init),
             MlpRouterSettings => new MlpRouterMoe(hidden, Expect(m, ExpertsLayout.GateUpOutIn), init),
+            ScoreFunctionRouterSettings => new RoutedMoe(hidden, Expect(m, ExpertsLayout.GateUpOutInClamped), init),
             TopKLogitsRouterSettings or SigmoidBiasRouterSettings or SparseMixerRouterSettings
                 or SoftmaxStaticsTopKRouterSettings or LinearSoftmaxTopKRouterSettings or SoftmaxBiasRouterSettings => new RoutedMoe(hidden, m, init),
             _ => throw new NotSupportedException($"router settings {m.Router.GetType().Name} have no runtime block."),

@@ -44,6 +44,8 @@ public sealed class ForwardContext
     public required Tensor Positions { get; init; }          // [B, S] int64 (0..S-1 when none are given, as HF)
     public required Tensor AttentionMask { get; init; }      // [B, S] int64/bool, 1 = real token
     public required ScalarType DType { get; init; }
+    /// <summary>The token ids [B, S] (DeepSeek-V4's hash routers read them); null where the caller gives none.</summary>
+    public Tensor? InputIds { get; init; }
     public AttentionImplementation Attention { get; init; } = AttentionImplementation.Sdpa;
     public List<Tensor> RouterLogits { get; } = [];
 

@@ -5,9 +5,10 @@ using static TorchSharp.torch;
 namespace MoeLora.Torch.Nn;
 
 /// <summary>
-/// One hyper-connection (<see cref="HyperConnectionSettings"/>; transformers' <c>HYV4HyperConnection</c>): Parameters fn,
-/// base, scale and the parameter-free <c>input_norm</c>. From the streams [B, S, n, H] it returns the post weights
-/// [B, S, n] and the sublayer input Σ pre·x [B, S, H], all computed in fp32.
+/// One hyper-connection (<see cref="HyperConnectionSettings"/>; transformers' <c>HYV4HyperConnection</c>, or
+/// <c>DeepseekV4HyperConnection</c> when it mixes the streams): Parameters fn, base, scale and the parameter-free
+/// <c>input_norm</c>. From the streams [B, S, n, H] it returns the post weights [B, S, n], the sublayer input Σ pre·x
+/// [B, S, H] and, for DeepSeek-V4, the Sinkhorn-projected stream mix comb [B, S, n, n] (else null), computed in fp32.
 /// </summary>
 public sealed class HyperConnection : HfModule
 {
@@ -19,23 +20,42 @@ public sealed class HyperConnection : HfModule
         _s = s;
         long n = s.Streams;
         init = HyperInit.Fp32(init);
-        _fn = AddParameter("fn", init.Normal(2 * n, n * hidden));
-        _base = AddParameter("base", HyperInit.Base(n, 2 * n, init));
-        _scale = AddParameter("scale", init.Ones(2) * 0.01);
+        long mixes = s.MixesStreams ? (2 + n) * n : 2 * n;
+        _fn = AddParameter("fn", init.Normal(mixes, n * hidden));
+        // DeepseekV4PreTrainedModel._init_weights: base 0, scale 1; HY-V4's: see HyperInit.Base, scale 0.01.
+        _base = AddParameter("base", s.MixesStreams ? init.Zeros(mixes) : HyperInit.Base(n, mixes, init));
+        _scale = AddParameter("scale", s.MixesStreams ? init.Ones(3) : init.Ones(2) * 0.01);
         AddChild("input_norm", new Container());
     }
 
-    public (Tensor Post, Tensor Input) Forward(Tensor streams)
+    public (Tensor Post, Tensor Input, Tensor? Comb) Forward(Tensor streams)
     {
         long n = _s.Streams;
         var mixes = HyperInit.Mixes(streams, _fn, _s.NormEps);
-        var b = _base.to(ScalarType.Float32).split([n, n], -1);
+        long[] sizes = _s.MixesStreams ? [n, n, n * n] : [n, n];
+        var b = _base.to(ScalarType.Float32).split(sizes, -1);
         var sc = _scale.to(ScalarType.Float32);
-        var m = mixes.split([n, n], -1);
+        var m = mixes.split(sizes, -1);
         var pre = nn.functional.sigmoid(m[0] * sc[0] + b[0]) + _s.Eps;
-        var post = nn.functional.sigmoid(m[1] * sc[1] + b[1]) * _s.PostMagnitude + _s.Eps;
-        var input = (pre.unsqueeze(-1) * streams).sum(2);
-        return (post, input.to(streams.dtype));
+        var post = nn.functional.sigmoid(m[1] * sc[1] + b[1]) * _s.PostMagnitude;
+        var input = (pre.unsqueeze(-1) * streams).sum(2).to(streams.dtype);
+        if (!_s.MixesStreams) return (post + _s.Eps, input, null);
+        return (post, input, Sinkhorn(m[2].view([.. m[2].shape[..^1], n, n]) * sc[2] + b[2].view(n, n)));
+    }
+
+    // DeepseekV4HyperConnection.forward: softmax over the last axis + eps, one column normalisation, then
+    // hc_sinkhorn_iters − 1 rounds of row and column normalisation (each sum + eps).
+    Tensor Sinkhorn(Tensor logits)
+    {
+        double eps = _s.Eps;
+        var comb = logits.softmax(-1) + eps;
+        comb = comb / (comb.sum(-2, keepdim: true) + eps);
+        for (long i = 0; i < _s.SinkhornIterations - 1; i++)
+        {
+            comb = comb / (comb.sum(-1, keepdim: true) + eps);
+            comb = comb / (comb.sum(-2, keepdim: true) + eps);
+        }
+        return comb;
     }
 }
 
@@ -54,8 +74,8 @@ public sealed class HyperHead : HfModule
         long n = s.Streams;
         init = HyperInit.Fp32(init);
         _fn = AddParameter("hc_fn", init.Normal(n, n * hidden));
-        _base = AddParameter("hc_base", HyperInit.Base(n, n, init));
-        _scale = AddParameter("hc_scale", init.Ones(1) * 0.01);
+        _base = AddParameter("hc_base", s.MixesStreams ? init.Zeros(n) : HyperInit.Base(n, n, init));
+        _scale = AddParameter("hc_scale", s.MixesStreams ? init.Ones(1) : init.Ones(1) * 0.01);
         AddChild("input_norm", new Container());
     }
 
@@ -93,10 +113,11 @@ internal static class HyperInit
 }
 
 /// <summary>
-/// A pre-norm decoder layer on hyper-connected streams (<c>HYV4DecoderLayer</c>), registered self_attn, the
-/// feed-forward, input_layernorm, post_attention_layernorm, then the two hyper-connections: for each sublayer
-/// <c>(post, h) = hc(x)</c>, <c>x = post·sublayer(norm(h)) + x</c> (each stream gets the output times its post weight,
-/// in fp32, cast back).
+/// A pre-norm decoder layer on hyper-connected streams (<c>HYV4DecoderLayer</c>, <c>DeepseekV4DecoderLayer</c>),
+/// registered self_attn, the feed-forward, input_layernorm, post_attention_layernorm, then the two hyper-connections:
+/// for each sublayer <c>(post, h) = hc(x)</c>, <c>x = post·sublayer(norm(h)) + x</c> (each stream gets the output times
+/// its post weight, in fp32, cast back); DeepSeek-V4 replaces the residual by the streams mixed with comb,
+/// <c>x = post·sublayer(norm(h)) + combᵀ·x</c>, in the streams' dtype.
 /// </summary>
 public sealed class HyperConnectionDecoderLayer : HfModule, IDecoderLayer
 {
@@ -117,13 +138,21 @@ public sealed class HyperConnectionDecoderLayer : HfModule, IDecoderLayer
 
     public Tensor Forward(Tensor x, ForwardContext ctx)
     {
-        var (post, h) = _attnHc.Forward(x);
-        x = Mix(post, _attn.Forward(_ln1.Forward(h), ctx), x);
-        (post, h) = _ffHc.Forward(x);
-        return Mix(post, _ff.Forward(_ln2.Forward(h), ctx), x);
+        var (post, h, comb) = _attnHc.Forward(x);
+        x = Mix(post, comb, _attn.Forward(_ln1.Forward(h), ctx), x);
+        (post, h, comb) = _ffHc.Forward(x);
+        return Mix(post, comb, _ff.Forward(_ln2.Forward(h), ctx), x);
     }
 
-    // post [B, S, n] · out [B, S, H] per stream, plus the streams, in fp32, cast back.
-    static Tensor Mix(Tensor post, Tensor output, Tensor streams) =>
-        (post.to(ScalarType.Float32).unsqueeze(-1) * output.to(ScalarType.Float32).unsqueeze(-2) + streams.to(ScalarType.Float32)).to(streams.dtype);
+    // post [B, S, n] · out [B, S, H] per stream, plus the streams (in fp32, cast back) or, with comb [B, S, n, n],
+    // plus combᵀ @ streams in the streams' dtype (DeepseekV4DecoderLayer casts post and comb to it first).
+    static Tensor Mix(Tensor post, Tensor? comb, Tensor output, Tensor streams)
+    {
+        if (comb is not null)
+        {
+            var dt = streams.dtype;
+            return post.to(dt).unsqueeze(-1) * output.to(dt).unsqueeze(-2) + matmul(comb.to(dt).transpose(-1, -2), streams);
+        }
+        return (post.to(ScalarType.Float32).unsqueeze(-1) * output.to(ScalarType.Float32).unsqueeze(-2) + streams.to(ScalarType.Float32)).to(streams.dtype);
+    }
 }

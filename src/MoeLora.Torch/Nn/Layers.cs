@@ -129,18 +129,25 @@ public sealed class GatedMlp : HfModule, IBlock
         if (s.GlobalScale is { } name) _globalScale = AddParameter(name, init.Ones(1));
     }
 
+    /// <param name="clampLimit">DeepSeek-V4's shared expert: gate clamped to at most L, up to ±L, before the activation.</param>
     public GatedMlp(long hidden, long intermediate, string act, Init init, bool bias = false, string? actName = "act_fn",
-        Core.Architectures.Runtime.GatedMlpNames? names = null)
+        Core.Architectures.Runtime.GatedMlpNames? names = null, double? clampLimit = null)
     {
+        _clamp = clampLimit;
         gate_proj = AddChild(names?.Gate ?? "gate_proj", new Linear(hidden, intermediate, bias, init));
         up_proj = AddChild(names?.Up ?? "up_proj", new Linear(hidden, intermediate, bias, init));
         down_proj = AddChild(names?.Down ?? "down_proj", new Linear(intermediate, hidden, bias, init));
         _act = actName is null ? new Activation(act) : AddChild(actName, new Activation(act));
     }
 
+    readonly double? _clamp;
+
     public Tensor Forward(Tensor x)
     {
-        var y = down_proj.Forward(_act.Forward(gate_proj.Forward(x)) * up_proj.Forward(x));
+        var gate = gate_proj.Forward(x);
+        var up = up_proj.Forward(x);
+        if (_clamp is { } l) { gate = gate.clamp_max(l); up = up.clamp(-l, l); }
+        var y = down_proj.Forward(_act.Forward(gate) * up);
         return _globalScale is null ? y : y * _globalScale;
     }
 

@@ -19,9 +19,14 @@ public sealed class ScoredRouter : HfModule
     /// <summary>The selection bias as <c>[E]</c> (read at forward time: the statics' <c>[1, E]</c> view is not kept).</summary>
     public Tensor? SelectionBias => _statics is not null ? _statics.Bias.squeeze(0) : _bias;
 
-    public ScoredRouter(long experts, long hidden, ScoreBias? bias, Init init)
+    /// <summary>DeepSeek-V4's hash routing table <c>tid2eid [vocab, k]</c> (int64): each token id's experts; null: learned routing.</summary>
+    public Tensor? HashTable { get; }
+
+    /// <param name="hash">A persistent <c>tid2eid</c> buffer of (vocab, k) (DeepseekV4HashRouter), registered after the weight.</param>
+    public ScoredRouter(long experts, long hidden, ScoreBias? bias, Init init, (long Vocab, long TopK)? hash = null)
     {
         weight = AddParameter("weight", init.Normal(experts, hidden));
+        if (hash is { } h) HashTable = AddBuffer("tid2eid", zeros(h.Vocab, h.TopK, ScalarType.Int64, init.Device));
         if (bias is { Owner: ScoreBiasOwner.RouterStatics })
             _statics = AddChild("moe_statics", new MoeStatics(bias.Name, experts, init));
         else if (bias is not null)
@@ -67,7 +72,8 @@ public sealed class MoeStatics : HfModule
 /// bias-corrected selection: AFMoE, Laguna, MiniMax-M2/M3, HY V3), <see cref="SparseMixerRouterSettings"/> (PhiMoE),
 /// <see cref="SoftmaxStaticsTopKRouterSettings"/> (ERNIE 4.5), <see cref="LinearSoftmaxTopKRouterSettings"/>
 /// (HunYuan), <see cref="SoftmaxBiasRouterSettings"/> (LongCat-Flash, whose experts include identity ones) and
-/// <see cref="SoftmaxTopKRouterSettings"/> whose router is an nn.Linear (Jamba). Routed
+/// <see cref="SoftmaxTopKRouterSettings"/> whose router is an nn.Linear (Jamba), <see cref="ScoreFunctionRouterSettings"/>
+/// (DeepSeek-V4's top-k and hash routers). Routed
 /// experts are the transformers-5 fused experts (plain or clamped SwiGLU) or Aria's grouped GEMM; an ungated shared expert
 /// is summed (averaged, or added in fp32: <see cref="MoeOptions"/>) with the routed output. The router logits recorded
 /// are the router's returned logits ([T, E]).
@@ -90,6 +96,7 @@ public sealed class RoutedMoe : HfModule, IBlock
         {
             SigmoidBiasRouterSettings b => b.Bias,
             SoftmaxStaticsTopKRouterSettings => new ScoreBias("e_score_correction_bias", ScoreBiasOwner.RouterStatics, IsParameter: true),
+            ScoreFunctionRouterSettings { HashVocab: null } => new ScoreBias("e_score_correction_bias", ScoreBiasOwner.Router, IsParameter: false),
             _ => null,
         };
         // A block-owned selection bias is registered on the block itself, before its children (AFMoE's expert_bias).
@@ -102,7 +109,7 @@ public sealed class RoutedMoe : HfModule, IBlock
             SoftmaxTopKRouterSettings st => st.LinearModule ? true : throw new NotSupportedException("a TopKRouter module runs in SoftmaxTopKMoe."),
             SigmoidBiasRouterSettings b => b.LinearModule,
             SparseMixerRouterSettings or LinearSoftmaxTopKRouterSettings => true,
-            SoftmaxStaticsTopKRouterSettings or SoftmaxBiasRouterSettings => false,
+            SoftmaxStaticsTopKRouterSettings or SoftmaxBiasRouterSettings or ScoreFunctionRouterSettings => false,
             _ => throw new NotSupportedException($"router settings {s.Router.GetType().Name} have no RoutedMoe block."),
         };
         // Routers transformers keeps in fp32 whatever the model dtype (ERNIE: _keep_in_fp32_modules_strict; HunYuan:
@@ -110,7 +117,8 @@ public sealed class RoutedMoe : HfModule, IBlock
         var routerInit = s.Router is SoftmaxStaticsTopKRouterSettings or LinearSoftmaxTopKRouterSettings ? init with { DType = ScalarType.Float32 } : init;
         _router = s.Router is SoftmaxBiasRouterSettings sb ? new BiasedLinearRouter(sb, hidden, init)
             : linear ? new Linear(hidden, s.Router.NumExperts, false, routerInit)
-            : new ScoredRouter(s.Router.NumExperts, hidden, bias is { Owner: not ScoreBiasOwner.Block } ? bias : null, routerInit);
+            : new ScoredRouter(s.Router.NumExperts, hidden, bias is { Owner: not ScoreBiasOwner.Block } ? bias : null, routerInit,
+                s.Router is ScoreFunctionRouterSettings { HashVocab: { } vocab } ? (vocab, s.Router.TopK) : null);
         // HunYuan's Linear is nested in its gate module (gate.wg), like AFMoE's router.gate.
         var routerPath = s.Router is LinearSoftmaxTopKRouterSettings h ? $"{h.Name}.{h.LinearName}" : s.Router.Name;
         _experts = s.Experts.Layout switch
@@ -125,7 +133,7 @@ public sealed class RoutedMoe : HfModule, IBlock
         HfModule? shared = s.Shared is not { } sh ? null
             : sh.FusedGateUp ? new FusedGateUpMlp(hidden, new FusedGateUpMlpSettings(sh.Intermediate, sh.Act, "gate_up_proj", "down_proj", null,
                 s.Experts.Layout == ExpertsLayout.GateUpOutInClamped ? s.Experts.SwigluLimit : null, s.Experts.SwigluAlpha), init)
-            : new GatedMlp(hidden, sh.Intermediate, sh.Act, init, sh.Bias, sh.ActName);
+            : new GatedMlp(hidden, sh.Intermediate, sh.Act, init, sh.Bias, sh.ActName, clampLimit: sh.ClampLimit);
         void AddRouter()
         {
             var parts = routerPath.Split('.');
@@ -164,6 +172,7 @@ public sealed class RoutedMoe : HfModule, IBlock
         var flat = x.reshape(-1, shape[^1]);
         var logits = RouterLogits(flat);
         Tensor topIdx, topW;
+        bool record = true;
         switch (_r)
         {
             case TopKLogitsRouterSettings t:
@@ -215,10 +224,31 @@ public sealed class RoutedMoe : HfModule, IBlock
                 (topW, topIdx) = logits.softmax(1, ScalarType.Float32).topk((int)h.TopK, -1);
                 topW = (topW / topW.sum(-1, keepdim: true)).to(logits.dtype);
                 break;
+            case ScoreFunctionRouterSettings f:
+            {
+                // DeepseekV4TopKRouter / DeepseekV4HashRouter: scores in the logits' dtype; the hash table or the top-k of
+                // scores + fp32 bias picks the experts; weights renormalised (+1e-20) and scaled. transformers records
+                // only the top-k routers' logits.
+                var fScores = f.Score == RouterScoreFunction.SqrtSoftplus ? nn.functional.softplus(logits).sqrt() : nn.functional.sigmoid(logits);
+                var router = (ScoredRouter)_router;
+                if (router.HashTable is { } table)
+                {
+                    var ids = ctx.InputIds ?? throw new InvalidOperationException("a hash-routed MoE layer needs the input ids.");
+                    topIdx = table.index_select(0, ids.flatten());
+                    record = false;
+                }
+                else
+                {
+                    using (no_grad()) topIdx = (fScores + router.SelectionBias!).topk((int)f.TopK, -1).indexes;
+                }
+                topW = fScores.gather(1, topIdx);
+                topW = topW / (topW.sum(-1, keepdim: true) + 1e-20) * f.Scale;
+                break;
+            }
             default:
                 throw new NotSupportedException($"router settings {_r.GetType().Name} have no RoutedMoe block.");
         }
-        ctx.RouterLogits.Add(logits);
+        if (record) ctx.RouterLogits.Add(logits);
         var routed = _experts switch
         {
             FusedExperts f => f.Forward(flat, topIdx, topW),

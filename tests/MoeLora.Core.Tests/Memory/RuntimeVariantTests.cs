@@ -103,4 +103,21 @@ public class RuntimeVariantTests
         var perToken = 48L * 1024 * (sdpa[0].PerTokenBytes - eager[0].PerTokenBytes);
         Assert.Equal(scores - perToken, e["activations"] - s["activations"]);
     }
+
+    // DeepSeek-V4's attention has sinks: transformers declares _supports_sdpa = False and MoeLora's runtime runs it eagerly,
+    // so a requested sdpa is priced as eager under both runtimes (a Llama layer stays sdpa).
+    [Theory]
+    [InlineData(LoraRuntime.Peft)]
+    [InlineData(LoraRuntime.MoeLora)]
+    public void DeepseekV4_attention_is_priced_eager_whatever_is_requested(LoraRuntime runtime)
+    {
+        var v4 = MoeLora.Core.Architectures.ArchitectureRegistry.Build(MoeLora.Core.Config.ModelConfig.Parse("""
+            {"model_type": "deepseek_v4", "vocab_size": 64, "hidden_size": 16, "moe_intermediate_size": 8, "num_hidden_layers": 2,
+             "num_attention_heads": 2, "head_dim": 8, "q_lora_rank": 8, "n_routed_experts": 4, "num_experts_per_tok": 2,
+             "o_groups": 2, "o_lora_rank": 4, "index_n_heads": 2, "index_head_dim": 8, "partial_rotary_factor": 0.5}
+            """, "v4"), MoeLora.Core.Modules.Layout.V5);
+        Assert.NotNull(v4.Runtime);
+        Assert.All(Enumerable.Range(0, 2), i => Assert.Equal(AttentionImpl.Eager, LayerActivations.EffectiveAttention(v4, i, AttentionImpl.Sdpa, runtime)));
+        Assert.Equal(AttentionImpl.Sdpa, LayerActivations.EffectiveAttention(Qwen.Value.Spec, 0, AttentionImpl.Sdpa, runtime));
+    }
 }

@@ -138,8 +138,10 @@ public sealed record ExpertsSettings(ExpertsLayout Layout, long NumExperts, long
 /// <param name="Bias">Its projections carry biases (ERNIE's <c>use_bias</c>, HY V3's <c>mlp_bias</c>).</param>
 /// <param name="FusedGateUp">One <c>gate_up_proj</c> Linear plus <c>down_proj</c> instead of gate/up/down (MiniMax-M3);
 /// it uses the routed experts' clamped SwiGLU when they have one.</param>
+/// <param name="ClampLimit">DeepSeek-V4's shared expert (<c>DeepseekV4MLP</c>): <c>act(clamp(gate, max = L)) · clamp(up, ±L)</c>
+/// with L = swiglu_limit, on the separate gate/up projections; null: unclamped.</param>
 public sealed record SharedExpertSettings(string Name, long Intermediate, string Act, string? SigmoidGateName, string ActName = "act_fn",
-    bool Bias = false, bool FusedGateUp = false);
+    bool Bias = false, bool FusedGateUp = false, double? ClampLimit = null);
 
 /// <summary>
 /// JetMoE's MoE (<c>JetMoeMoE</c>), registered bias, activation, input_linear, output_linear, router: experts as

@@ -29,7 +29,15 @@ public sealed record RopeSettings(
     public static RopeSettings Read(ModelConfig c, double defaultTheta, long dim)
     {
         var o = c.Sub("rope_parameters") ?? c.Sub("rope_scaling");
-        double theta = o?.Double("rope_theta", c.Double("rope_theta", defaultTheta)) ?? c.Double("rope_theta", defaultTheta);
+        return Of(o, o?.Double("rope_theta", c.Double("rope_theta", defaultTheta)) ?? c.Double("rope_theta", defaultTheta), dim);
+    }
+
+    /// <summary>
+    /// The rope one <c>rope_parameters</c> object describes (its type, default "default", and scaling fields), with base
+    /// <paramref name="theta"/>; null <paramref name="o"/>: the default rope.
+    /// </summary>
+    public static RopeSettings Of(ModelConfig? o, double theta, long dim)
+    {
         string type = o?.String("rope_type") ?? o?.String("type") ?? "default";
         double? D(string k) => o is not null && o.Has(k) ? o.Double(k, 0) : null;
         long? L(string k) => o is not null && o.Has(k) ? (long)o.Double(k, 0) : null;
