@@ -158,20 +158,27 @@ public sealed class RmsNormGated : HfModule
 
 /// <summary>
 /// The gated delta rule over a whole sequence from a zero state, in fp32, as transformers'
-/// <c>torch_chunk_gated_delta_rule</c> computes it (chunks of 64). Per value head, with l2-normed q and k and
-/// q scaled by dk^-½, the recurrence is S_t = exp(g_t)·S_{t−1} + k_t (β_t (v_t − (exp(g_t)·S_{t−1})ᵀ k_t))ᵀ and
-/// o_t = S_tᵀ q_t. Inside a chunk the updates are solved at once through the unit lower-triangular system
-/// (I + L) with L the strictly lower part of (β k kᵀ) ⊙ decay; chunks are then scanned in order.
+/// <c>torch_chunk_gated_delta_rule</c> (Gated DeltaNet: one decay per head and token) and
+/// <c>chunk_kimi_delta_attention</c> (Kimi delta attention: one decay per key channel) compute it, in chunks of 64.
+/// Per value head, with l2-normed q and k and q scaled by dk^-½, the recurrence is S_t = D_t·S_{t−1} +
+/// k_t (β_t (v_t − (D_t·S_{t−1})ᵀ k_t))ᵀ and o_t = S_tᵀ q_t, D_t = diag(exp(g_t)) over the key dims (a scalar for
+/// Gated DeltaNet). Inside a chunk the updates are solved at once through the unit lower-triangular system (I + L)
+/// with L the strictly lower part of β k kᵀ weighted by the decay between the two positions; chunks are then scanned
+/// in order.
 /// </summary>
 public static class GatedDeltaRule
 {
     const long ChunkSize = 64;
 
-    /// <summary>q, k [B, S, Hk, dk], v [B, S, Hv, dv], g and β [B, S, Hv] → [B, S, Hv, dv] in q's dtype.</summary>
+    /// <summary>
+    /// q, k [B, S, Hk, dk], v [B, S, Hv, dv], β [B, S, Hv], g [B, S, Hv] (per head) or [B, S, Hv, dk] (per key channel)
+    /// → [B, S, Hv, dv] in q's dtype.
+    /// </summary>
     public static Tensor Chunked(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta)
     {
         var dtype = q.dtype;
         long b = v.shape[0], s = v.shape[1], heads = v.shape[2], dv = v.shape[3], dk = k.shape[3];
+        bool perChannel = g.dim() == 4;
         // Each key head serves heads / Hk consecutive value heads.
         if (k.shape[2] != heads)
         {
@@ -183,7 +190,7 @@ public static class GatedDeltaRule
         k = L2Norm(HeadsFirst(k));
         v = HeadsFirst(v);
         beta = HeadsFirst(beta);
-        g = HeadsFirst(g);
+        g = HeadsFirst(perChannel ? g : g.unsqueeze(-1));                                      // [B, H, S, 1 or dk]
 
         long pad = (ChunkSize - s % ChunkSize) % ChunkSize, n = (s + pad) / ChunkSize;
         if (pad > 0)
@@ -193,27 +200,39 @@ public static class GatedDeltaRule
             k = nn.functional.pad(k, [0, 0, 0, pad]);
             v = nn.functional.pad(v, [0, 0, 0, pad]);
             beta = nn.functional.pad(beta, [0, pad]);
-            g = nn.functional.pad(g, [0, pad]);
+            g = nn.functional.pad(g, [0, 0, 0, pad]);
         }
         Tensor Chunks(Tensor t) => t.reshape(b, heads, n, ChunkSize, t.shape[^1]);
         var vBeta = Chunks(v * beta.unsqueeze(-1));
         var kBeta = Chunks(k * beta.unsqueeze(-1));
         q = Chunks(q);
         k = Chunks(k);
-        var cum = g.reshape(b, heads, n, ChunkSize).cumsum(-1);                               // log decay since chunk start
+        var cum = Chunks(g).cumsum(-2);                                                         // log decay since chunk start
 
-        // decay[i, j] = exp(cum_i − cum_j) for j ≤ i, 0 above the diagonal.
+        // The pairwise weights of position i on j ≤ i inside a chunk, Σ_d a_i,d b_j,d exp(cum_i,d − cum_j,d) (0 above
+        // the diagonal); with one decay per head the exponential factors out of the sum and this is a matmul.
         var above = ones(ChunkSize, ChunkSize, ScalarType.Bool, q.device).triu(1);
-        var decay = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(above, double.NegativeInfinity).exp();
-        var system = matmul(kBeta, k.transpose(-1, -2)) * decay;                                // its diagonal is taken as 1
-        var intra = matmul(q, k.transpose(-1, -2)) * decay;
+        Tensor Decayed(Tensor a, Tensor bt)
+        {
+            if (!perChannel)
+            {
+                var c = cum.squeeze(-1);
+                return matmul(a, bt.transpose(-1, -2)) * (c.unsqueeze(-1) - c.unsqueeze(-2)).masked_fill(above, double.NegativeInfinity).exp();
+            }
+            // chunk_kimi_delta_attention's decay_mask [.., i, j, d]: exp(cum_i − cum_j) per channel, kept explicit (the
+            // factored form exp(cum_i)·exp(−cum_j) overflows for strong decays).
+            var decay = (cum.unsqueeze(-2) - cum.unsqueeze(-3)).masked_fill(above.unsqueeze(-1), double.NegativeInfinity).exp();
+            return (a.unsqueeze(-2) * bt.unsqueeze(-3) * decay).sum(-1);
+        }
+        var system = Decayed(kBeta, k);                                                          // its diagonal is taken as 1
+        var intra = Decayed(q, k);
         var newValues = linalg.solve_triangular(system, vBeta, upper: false, unitriangular: true);
-        var kCumDecay = linalg.solve_triangular(system, kBeta * cum.exp().unsqueeze(-1), upper: false, unitriangular: true);
+        var kCumDecay = linalg.solve_triangular(system, kBeta * cum.exp(), upper: false, unitriangular: true);
 
-        var qDecayed = q * cum.exp().unsqueeze(-1);
-        var last = cum.narrow(-1, ChunkSize - 1, 1);                                           // [B, H, N, 1]
-        var kToEnd = k * (last - cum).exp().unsqueeze(-1);
-        var chunkDecay = last.exp().unsqueeze(-1);                                              // [B, H, N, 1, 1]
+        var qDecayed = q * cum.exp();
+        var last = cum.narrow(-2, ChunkSize - 1, 1);                                           // [B, H, N, 1, 1 or dk]
+        var kToEnd = k * (last - cum).exp();
+        var chunkDecay = last.exp().transpose(-1, -2);                                          // [B, H, N, 1 or dk, 1]
 
         var state = zeros([b, heads, dk, dv], ScalarType.Float32, q.device);
         var outs = new Tensor[n];
