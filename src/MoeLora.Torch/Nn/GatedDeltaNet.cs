@@ -132,17 +132,20 @@ public sealed class DepthwiseConv1d : HfModule
 }
 
 /// <summary>
-/// transformers' gated RMSNorm (<c>Qwen3NextRMSNormGated</c>): RMS statistics in fp32, cast back, times the weight,
-/// then times silu(gate) computed in fp32, cast back last. The weight starts at one.
+/// transformers' gated RMSNorms. <c>Qwen3NextRMSNormGated</c>: RMS statistics in fp32, cast back, times the weight,
+/// then times silu(gate) computed in fp32, cast back last. <c>KimiLinearRMSNormGated</c>
+/// (<paramref name="sigmoidInFp32"/>): the statistics, the weight and sigmoid(gate) all in fp32, cast back last. The
+/// weight starts at one.
 /// </summary>
 public sealed class RmsNormGated : HfModule
 {
     public Parameter weight { get; }
     readonly double _eps;
+    readonly bool _sigmoidInFp32;
 
-    public RmsNormGated(long size, double eps, Init init)
+    public RmsNormGated(long size, double eps, Init init, bool sigmoidInFp32 = false)
     {
-        _eps = eps;
+        _eps = eps; _sigmoidInFp32 = sigmoidInFp32;
         weight = AddParameter("weight", init.Ones(size));
     }
 
@@ -151,6 +154,7 @@ public sealed class RmsNormGated : HfModule
         var dt = x.dtype;
         var h = x.to(ScalarType.Float32);
         h = h * rsqrt(h.pow(2).mean([-1], keepdim: true) + _eps);
+        if (_sigmoidInFp32) return (weight.to(ScalarType.Float32) * h * nn.functional.sigmoid(gate.to(ScalarType.Float32))).to(dt);
         var scaled = weight * h.to(dt);
         return (scaled * nn.functional.silu(gate.to(ScalarType.Float32))).to(dt);
     }
