@@ -9,9 +9,7 @@ namespace MoeLora.Core.Architectures;
 /// residual scales on each decoder layer. With <c>is_moe</c> (default false: a dense DogeMLP) the feed-forward is
 /// DogeCDMoE: a gated MLP that acts as the shared expert, an nn.Linear <c>router_gate</c> producing
 /// 2·⌊√num_experts⌋ product keys, and <c>num_experts</c> single-neuron experts stored as two nn.Embedding tables
-/// (<c>down_embed</c>, <c>up_embed</c> [E, H]), which PEFT would adapt as embeddings. Both run in the TorchSharp runtime
-/// (the CDMoE as DogeCdMoe, including transformers' [2, T, K] view of the router logits); LoRA on the expert embeddings
-/// is refused there.
+/// (<c>down_embed</c>, <c>up_embed</c> [E, H]), which PEFT would adapt as embeddings.
 /// <para>Not in transformers 4.57: <see cref="Layout.V4"/> means the on-disk checkpoint layout, identical to v5.</para>
 /// </summary>
 internal sealed class DogeFamily : IArchitecture
@@ -80,8 +78,9 @@ internal sealed class DogeFamily : IArchitecture
                 (c.Bool("norm_topk_prob", false) ? ", renormalised" : "") + "; each expert is one neuron (down_embed/up_embed rows), plus a shared gated MLP")
             : MoeFacts.Dense(layers);
         var spec = Blocks.Spec(c, "doge", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+        if (isMoe) return spec with { RuntimeUnavailable = "Doge's CDMoE retrieval experts (product-key routing over down_embed / up_embed)" };
 
-        // Pre-norm layers whose residuals are scaled by learned vectors, dynamic-mask attention, DogeMLP or DogeCDMoE.
+        // Dense Doge: pre-norm layers whose residuals are scaled by learned vectors, dynamic-mask attention, DogeMLP.
         var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-6));
         var window = c.IntOrNull("sliding_window", null);
         var attn = new DynamicMaskAttentionSettings(heads, kv, headDim, attnBias, norm.Eps,
@@ -89,10 +88,7 @@ internal sealed class DogeFamily : IArchitecture
         var form = new LayerForm(["input_layernorm", "self_attn", "post_attention_layernorm", "mlp"],
             new NamedNorm("input_layernorm", norm), null, new NamedNorm("post_attention_layernorm", norm), null,
             ResidualScales: ("input_residual", "post_attention_residual"));
-        FeedForwardSettings ff = isMoe
-            ? new ProductKeyMoeSettings(experts, topK, c.Bool("norm_topk_prob", false), inter, act, mlpBias)
-            : new GatedMlpSettings(inter, act, mlpBias);
-        var layer = new DecoderLayerRuntime(attn, "mlp", ff, norm, norm, form);
+        var layer = new DecoderLayerRuntime(attn, "mlp", new GatedMlpSettings(inter, act, mlpBias), norm, norm, form);
         return spec with
         {
             Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm, RopeSettings.Read(c, 10000.0, headDim),

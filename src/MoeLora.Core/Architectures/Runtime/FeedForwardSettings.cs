@@ -156,16 +156,3 @@ public sealed record ParallelExpertsMoeSettings(TopKLogitsRouterSettings Router,
 /// k (null: not normalised); expert e uses rows [e·I, (e+1)·I) of each matrix: <c>(act(x·w1ᵀ) · x·v1ᵀ) · w2</c>.
 /// </summary>
 public sealed record StackedExpertsMoeSettings(long NumExperts, long TopK, long Intermediate, string Act, double? NormalizeP) : FeedForwardSettings;
-
-/// <summary>
-/// Doge's CDMoE (<c>DogeCDMoE</c>), registered act_fn, gate_proj, up_proj, down_proj (a gated MLP every token runs, the
-/// shared expert), <c>router_gate</c> (nn.Linear H → 2·K without bias, K = ⌊√E⌋ product keys), <c>down_embed</c> and
-/// <c>up_embed</c> (nn.Embedding [E, H], one row per single-neuron expert). The router scores the K² pairs of one key
-/// from each half by the sum of their logits, keeps the top-k pairs (expert i·K + j), softmax over them (renormalised
-/// with <paramref name="NormTopK"/>); expert e adds <c>act(down_embed[e] · x) · w · up_embed[e]</c>.
-/// </summary>
-public sealed record ProductKeyMoeSettings(long NumExperts, long TopK, bool NormTopK, long Intermediate, string Act, bool Bias) : FeedForwardSettings
-{
-    /// <summary>K, the keys of each half: <c>math.floor(math.sqrt(num_experts))</c>.</summary>
-    public long NumKeys => (long)Math.Floor(Math.Sqrt(NumExperts));
-}
