@@ -26,6 +26,12 @@ namespace MoeLora.Core.Architectures;
 /// feed-forward block is <c>block_sparse_moe</c>, the forget gate's tensors sit directly on self_attn, the conv is
 /// split into q_conv1d / k_conv1d / v_conv1d [Q, 1, K], and routed experts are <c>experts.{e}.w1/w3/w2</c>.
 /// </para>
+/// <para>
+/// Runtime: KDA as transformers' torch fallback computes it (the chunked delta rule with one decay per key channel,
+/// checked against the token-by-token recurrence), MLA with the rope dims left unrotated, DeepSeek-V3's sigmoid
+/// group-limited router with shared experts. Checkpoints load from the saved layout (the three convolutions
+/// concatenated into conv1d, as transformers' conversion mapping does).
+/// </para>
 /// </summary>
 internal sealed class KimiLinearFamily : IArchitecture
 {
