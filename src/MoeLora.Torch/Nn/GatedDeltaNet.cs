@@ -167,8 +167,8 @@ public sealed class RmsNormGated : HfModule
 /// Per value head, with l2-normed q and k and q scaled by dk^-½, the recurrence is S_t = D_t·S_{t−1} +
 /// k_t (β_t (v_t − (D_t·S_{t−1})ᵀ k_t))ᵀ and o_t = S_tᵀ q_t, D_t = diag(exp(g_t)) over the key dims (a scalar for
 /// Gated DeltaNet). Inside a chunk the updates are solved at once through the unit lower-triangular system (I + L)
-/// with L the strictly lower part of β k kᵀ weighted by the decay between the two positions; chunks are then scanned
-/// in order.
+/// with L the strictly lower part of β k kᵀ weighted by the decay between the two positions (per channel: see
+/// <see cref="DecayedPerChannel"/>); chunks are then scanned in order.
 /// </summary>
 public static class GatedDeltaRule
 {
@@ -223,10 +223,7 @@ public static class GatedDeltaRule
                 var c = cum.squeeze(-1);
                 return matmul(a, bt.transpose(-1, -2)) * (c.unsqueeze(-1) - c.unsqueeze(-2)).masked_fill(above, double.NegativeInfinity).exp();
             }
-            // chunk_kimi_delta_attention's decay_mask [.., i, j, d]: exp(cum_i − cum_j) per channel, kept explicit (the
-            // factored form exp(cum_i)·exp(−cum_j) overflows for strong decays).
-            var decay = (cum.unsqueeze(-2) - cum.unsqueeze(-3)).masked_fill(above.unsqueeze(-1), double.NegativeInfinity).exp();
-            return (a.unsqueeze(-2) * bt.unsqueeze(-3) * decay).sum(-1);
+            return DecayedPerChannel(a, bt, cum);
         }
         var system = Decayed(kBeta, k);                                                          // its diagonal is taken as 1
         var intra = Decayed(q, k);
@@ -248,6 +245,42 @@ public static class GatedDeltaRule
         }
         var o = stack(outs, 2).reshape(b, heads, -1, dv).narrow(2, 0, s);
         return o.transpose(1, 2).contiguous().to(dtype);
+    }
+
+    const long SubChunk = 16;
+
+    /// <summary>
+    /// Σ_d a_i,d b_j,d exp(cum_i,d − cum_j,d) for j ≤ i (0 above the diagonal) with one decay per channel: a, b, cum
+    /// [.., C, dk] → [.., C, C]. transformers' chunk_kimi_delta_attention forms the whole [C, C, dk] decay tensor; the
+    /// factored form exp(cum_i)·exp(−cum_j) would overflow for strong decays. Here, as the FLA kernels do, rows come in
+    /// sub-chunks of 16: pairs inside one use the explicit [16, 16, dk] decays; an earlier column j meets row i through
+    /// the sub-chunk's first position r, exp(cum_i − cum_r)·exp(cum_r − cum_j), both exponents ≤ 0 (cum never rises),
+    /// so it is one matmul and nothing overflows. The decay tensors kept for backward shrink by C / 16.
+    /// </summary>
+    static Tensor DecayedPerChannel(Tensor a, Tensor bt, Tensor cum)
+    {
+        long c = a.shape[^2], sub = Math.Min(SubChunk, c), blocks = c / sub;
+        var above = ones(sub, sub, ScalarType.Bool, a.device).triu(1).unsqueeze(-1);
+        var rows = new Tensor[blocks];
+        for (long s = 0; s < blocks; s++)
+        {
+            long start = s * sub;
+            var ai = a.narrow(-2, start, sub);
+            var ci = cum.narrow(-2, start, sub);
+            var decay = (ci.unsqueeze(-2) - ci.unsqueeze(-3)).masked_fill(above, double.NegativeInfinity).exp();
+            var diagonal = (ai.unsqueeze(-2) * bt.narrow(-2, start, sub).unsqueeze(-3) * decay).sum(-1);     // [.., sub, sub]
+            var parts = new List<Tensor>();
+            if (start > 0)
+            {
+                var reference = cum.narrow(-2, start, 1);                                                    // [.., 1, dk]
+                var earlier = bt.narrow(-2, 0, start) * (reference - cum.narrow(-2, 0, start)).exp();
+                parts.Add(matmul(ai * (ci - reference).exp(), earlier.transpose(-1, -2)));                    // [.., sub, start]
+            }
+            parts.Add(diagonal);
+            if (start + sub < c) parts.Add(zeros([.. diagonal.shape[..^1], c - start - sub], diagonal.dtype, diagonal.device));
+            rows[s] = parts.Count == 1 ? parts[0] : cat(parts, -1);
+        }
+        return cat(rows, -2);
     }
 
     /// <summary>x / sqrt(Σx² + 1e-6) over the last dimension (the FLA library's l2norm, as transformers uses it).</summary>
