@@ -1,6 +1,7 @@
 using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Modules;
 using MoeLora.Torch.IO;
+using MoeLora.Torch.Lora;
 using MoeLora.Torch.Models;
 using MoeLora.Torch.Nn;
 using MoeLora.Torch.Runtime;
@@ -151,5 +152,40 @@ public class KimiLinearTests
         using var a = original.Model.Forward(ids, mask);
         using var b = loaded.Model.Forward(ids, mask);
         Assert.True(a.Logits.bytes.SequenceEqual(b.Logits.bytes));
+    }
+
+    // Merging into the transformers fixture's own checkpoint writes its keys back (the convolutions split again, experts
+    // per expert), and the merged checkpoint gives the adapted logits.
+    [Fact]
+    public void MergesBackIntoTheSavedLayout()
+    {
+        var modelDir = Path.Combine(AppContext.BaseDirectory, "Data", "hf-moe", "kimi_linear", "model");
+        using var dir = new TempDir();
+        using var h = new DisposableModel(TorchModelFactory.Load(modelDir));
+        RuntimeChecks.InjectWithNonZeroB(h.Model, """
+            {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "f_b_proj", "kv_b_proj", "down_proj"], "target_parameters": ["mlp.experts.gate_up_proj"]}
+            """);
+        h.Model.Eval();
+        var (ids, mask) = RuntimeChecks.LeftPaddedBatch();
+        using var _ = no_grad();
+        using var want = h.Model.Forward(ids, mask);
+        var outDir = Path.Combine(dir.Path, "merged");
+        LoraMerge.SaveHubCheckpoint(h.Model, modelDir, outDir);
+        var (inKeys, _, _) = Safetensors.ReadHeader(Path.Combine(modelDir, "model.safetensors"));
+        var (outKeys, _, _) = Safetensors.ReadHeader(Path.Combine(outDir, "model.safetensors"));
+        Assert.Equal(inKeys.Select(k => (k.Name, string.Join(",", k.Shape))), outKeys.Select(k => (k.Name, string.Join(",", k.Shape))));
+        Assert.Contains(outKeys, k => k.Name == "model.layers.0.self_attn.k_conv1d.weight");
+        using var merged = new DisposableModel(TorchModelFactory.Load(outDir));
+        using var got = merged.Model.Forward(ids, mask);
+        Assert.True(Fixtures.MaskedRelError(got.Logits, want.Logits, mask) < 1e-5);
+        using var plain = new DisposableModel(TorchModelFactory.Load(modelDir));
+        using var before = plain.Model.Forward(ids, mask);
+        Assert.True(Fixtures.MaskedRelError(before.Logits, want.Logits, mask) > 1e-4);
+        // The untouched convolutions come back as they were stored.
+        var stored = Safetensors.Load(Path.Combine(modelDir, "model.safetensors"));
+        var written = Safetensors.Load(Path.Combine(outDir, "model.safetensors"));
+        foreach (var name in new[] { "q_conv1d", "k_conv1d", "v_conv1d" })
+            Assert.True(stored[$"model.layers.2.self_attn.{name}.weight"].eq(written[$"model.layers.2.self_attn.{name}.weight"]).all().item<bool>(), name);
+        foreach (var t in stored.Values.Concat(written.Values)) t.Dispose();
     }
 }
