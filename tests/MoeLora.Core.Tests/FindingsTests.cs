@@ -76,6 +76,28 @@ public class FindingsTests
         Assert.Equal(2 * 3 * 16 * (192 + 64), r.Plan.Targets.Where(t => t.Location == ModuleLocation.RoutedExpert).Sum(t => t.NumParameters));
     }
 
+    // transformers 5.17 builds Doge with is_moe but its forward fails: the report says so, the dense Doge does not warn,
+    // and the runtime refuses the MoE one in one line naming the cause.
+    [Fact]
+    public void Doge_with_is_moe_warns_that_transformers_cannot_run_it()
+    {
+        ModelSpec Doge(bool moe) => ArchitectureRegistry.Build(new ModelConfig(new System.Text.Json.Nodes.JsonObject
+        {
+            ["model_type"] = "doge", ["hidden_size"] = 32, ["intermediate_size"] = 48, ["num_hidden_layers"] = 2, ["num_attention_heads"] = 4,
+            ["vocab_size"] = 64, ["is_moe"] = moe, ["num_experts"] = 16, ["num_experts_per_tok"] = 4,
+        }), Layout.V5);
+        var moe = LoraReport.Build(Doge(true), LoraConfig.SeedDefault, null, new ReportOptions());
+        var w = Assert.Single(moe.Warnings, x => x.Code == "transformers_forward_fails");
+        Assert.Contains("F.dropout", w.Message);
+        Assert.Null(moe.Plan.Spec.Runtime);
+        var refusal = Assert.Throws<NotSupportedException>(() => moe.Plan.Spec.RequireRuntime());
+        Assert.Contains("passes the CDMoE's (states, router logits) tuple to dropout", refusal.Message);
+        Assert.DoesNotContain('\n', refusal.Message);
+        var dense = LoraReport.Build(Doge(false), LoraConfig.SeedDefault, null, new ReportOptions());
+        Assert.DoesNotContain("transformers_forward_fails", Codes(dense));
+        Assert.NotNull(dense.Plan.Spec.Runtime);
+    }
+
     [Fact]
     public void Dense_models_get_no_moe_advice() =>
         Assert.DoesNotContain(Report("meta-llama/Meta-Llama-3.1-8B").Recommendations, r => r.Title.Contains("router", StringComparison.OrdinalIgnoreCase));

@@ -19,7 +19,8 @@ public class GatedDeltaNetTests(ITestOutputHelper log)
 
     /// <summary>
     /// The recurrence transformers' torch_recurrent_gated_delta_rule runs, written out: per value head, with l2-normed
-    /// q and k and q scaled by dk^-½, S ← exp(g)·S; S ← S + k (β (v − Sᵀk))ᵀ; o = Sᵀq.
+    /// q and k and q scaled by dk^-½, S ← exp(g)·S; S ← S + k (β (v − Sᵀk))ᵀ; o = Sᵀq. With g [B, S, H, dk] (Kimi delta
+    /// attention's recurrent_kimi_delta_attention) each key row of S decays by its own exp(g).
     /// </summary>
     static Tensor Recurrent(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta)
     {
@@ -33,7 +34,8 @@ public class GatedDeltaNetTests(ITestOutputHelper log)
         for (long t = 0; t < s; t++)
         {
             var kt = k.select(1, t).to(ScalarType.Float64);                                  // [B, H, dk]
-            state = state * g.select(1, t).to(ScalarType.Float64).exp().unsqueeze(-1).unsqueeze(-1);
+            var decay = g.select(1, t).to(ScalarType.Float64).exp().unsqueeze(-1);           // [B, H, dk or 1, 1]
+            state = state * (g.dim() == 4 ? decay : decay.unsqueeze(-1));
             var memory = (state * kt.unsqueeze(-1)).sum(-2);                                  // Sᵀk [B, H, dv]
             var delta = (v.select(1, t).to(ScalarType.Float64) - memory) * beta.select(1, t).to(ScalarType.Float64).unsqueeze(-1);
             state = state + kt.unsqueeze(-1) * delta.unsqueeze(-2);
@@ -63,6 +65,34 @@ public class GatedDeltaNetTests(ITestOutputHelper log)
         log.WriteLine($"S={seq} Hk={keyHeads} Hv={valueHeads}: {err:E2}");
         Assert.Equal(new long[] { 2, seq, valueHeads, 6 }, chunked.shape);
         Assert.True(err < 1e-5, $"chunked vs recurrent {err:E2}");
+    }
+
+    // Kimi delta attention: one decay per key channel (g [B, S, H, dk]), as many key as value heads.
+    [Theory]
+    [InlineData(150, 2)]  // three chunks, the last padded
+    [InlineData(64, 3)]   // exactly one chunk
+    [InlineData(7, 1)]
+    public void ChunkedRuleWithPerChannelDecayEqualsTheTokenByTokenRecurrence(int seq, int heads)
+    {
+        TorchRuntime.EnsureInitialized();
+        var gen = new TorchSharp.torch.Generator(11);
+        var q = randn([2, seq, heads, 8], generator: gen);
+        var k = randn([2, seq, heads, 8], generator: gen);
+        var v = randn([2, seq, heads, 6], generator: gen);
+        // −exp(A_log)·softplus(·) per channel, A_log up to log 16 as KimiLinearForgetGate's init draws it: strong decays.
+        var aLog = rand([1, 1, heads, 1], generator: gen) * Math.Log(16);
+        var g = -aLog.exp() * nn.functional.softplus(randn([2, seq, heads, 8], generator: gen) - 2);
+        var beta = randn([2, seq, heads], generator: gen).sigmoid();
+
+        var chunked = GatedDeltaRule.Chunked(q, k, v, g, beta);
+        var reference = Recurrent(q, k, v, g, beta);
+        var err = Fixtures.RelError(chunked.to(ScalarType.Float64), reference);
+        log.WriteLine($"per-channel S={seq} H={heads}: {err:E2}");
+        Assert.Equal(new long[] { 2, seq, heads, 6 }, chunked.shape);
+        Assert.True(err < 1e-5, $"chunked vs recurrent {err:E2}");
+        // The per-channel decays matter: the same rule with each head's mean decay differs.
+        var meanDecay = GatedDeltaRule.Chunked(q, k, v, g.mean([-1]), beta);
+        Assert.True(Fixtures.RelError(meanDecay.to(ScalarType.Float64), reference) > 1e-3);
     }
 
     [Theory]

@@ -63,8 +63,8 @@ public class ModelLoadingTests
             var mismatch = Assert.Throws<InvalidDataException>(() => TorchModelFactory.Load(dir));
             Assert.Contains("q_norm", mismatch.Message);
             Assert.Throws<MoeLora.Core.Config.ConfigException>(() => TorchModelFactory.Random("""{"model_type": "bert"}""", 0));
-            var refusal = Assert.Throws<NotSupportedException>(() => TorchModelFactory.Random("""{"model_type": "kimi_linear", "num_hidden_layers": 2}""", 0));
-            Assert.Contains("Kimi delta attention", refusal.Message);
+            var refusal = Assert.Throws<NotSupportedException>(() => TorchModelFactory.Random("""{"model_type": "doge", "is_moe": true, "num_hidden_layers": 2}""", 0));
+            Assert.Contains("Doge with is_moe does not run", refusal.Message);
             Assert.Throws<MoeLora.Core.UserInputException>(() => TorchModelFactory.Random(Config("llama"), 0, ScalarType.Int32));
         }
         finally { Directory.Delete(dir, true); }

@@ -18,6 +18,7 @@ public static class Findings
     {
         var spec = plan.Spec;
         var list = new List<Finding>();
+        if (spec.TransformersForwardFails is { } fails) list.Add(new("transformers_forward_fails", fails));
         var byLoc = plan.Targets.GroupBy(t => t.Location).ToDictionary(g => g.Key, g => g.Count());
 
         if (spec.Moe.IsMoe && !byLoc.ContainsKey(ModuleLocation.RoutedExpert))

@@ -9,7 +9,9 @@ namespace MoeLora.Core.Architectures;
 /// residual scales on each decoder layer. With <c>is_moe</c> (default false: a dense DogeMLP) the feed-forward is
 /// DogeCDMoE: a gated MLP that acts as the shared expert, an nn.Linear <c>router_gate</c> producing
 /// 2·⌊√num_experts⌋ product keys, and <c>num_experts</c> single-neuron experts stored as two nn.Embedding tables
-/// (<c>down_embed</c>, <c>up_embed</c> [E, H]), which PEFT would adapt as embeddings.
+/// (<c>down_embed</c>, <c>up_embed</c> [E, H]), which PEFT would adapt as embeddings. transformers 5.17 builds that
+/// model but cannot run it (DogeDecoderLayer passes the CDMoE's (states, router logits) tuple to dropout), so only the
+/// dense Doge has a runtime here; the analysis of is_moe stands (the model builds) and the report warns.
 /// <para>Not in transformers 4.57: <see cref="Layout.V4"/> means the on-disk checkpoint layout, identical to v5.</para>
 /// </summary>
 internal sealed class DogeFamily : IArchitecture
@@ -78,7 +80,15 @@ internal sealed class DogeFamily : IArchitecture
                 (c.Bool("norm_topk_prob", false) ? ", renormalised" : "") + "; each expert is one neuron (down_embed/up_embed rows), plus a shared gated MLP")
             : MoeFacts.Dense(layers);
         var spec = Blocks.Spec(c, "doge", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
-        if (isMoe) return spec with { RuntimeUnavailable = "Doge's CDMoE retrieval experts (product-key routing over down_embed / up_embed)" };
+        if (isMoe)
+        {
+            return spec with
+            {
+                RuntimeUnavailable = "transformers 5.17's Doge with is_moe does not run: its decoder layer passes the CDMoE's (states, router logits) tuple to dropout",
+                TransformersForwardFails = "transformers 5.17 builds Doge with is_moe but cannot run it: DogeDecoderLayer passes DogeCDMoE's " +
+                    "(hidden_states, router_logits) tuple to F.dropout (a TypeError). The counts here are those of the model it builds.",
+            };
+        }
 
         // Dense Doge: pre-norm layers whose residuals are scaled by learned vectors, dynamic-mask attention, DogeMLP.
         var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-6));

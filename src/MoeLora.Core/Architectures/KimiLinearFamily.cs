@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -24,6 +25,12 @@ namespace MoeLora.Core.Architectures;
 /// v4 means the on-disk checkpoint layout (what save_pretrained writes; module classes reuse the v5 names): every
 /// feed-forward block is <c>block_sparse_moe</c>, the forget gate's tensors sit directly on self_attn, the conv is
 /// split into q_conv1d / k_conv1d / v_conv1d [Q, 1, K], and routed experts are <c>experts.{e}.w1/w3/w2</c>.
+/// </para>
+/// <para>
+/// Runtime: KDA as transformers' torch fallback computes it (the chunked delta rule with one decay per key channel,
+/// checked against the token-by-token recurrence), MLA with the rope dims left unrotated, DeepSeek-V3's sigmoid
+/// group-limited router with shared experts. Checkpoints load from the saved layout (the three convolutions
+/// concatenated into conv1d, as transformers' conversion mapping does).
 /// </para>
 /// </summary>
 internal sealed class KimiLinearFamily : IArchitecture
@@ -91,7 +98,7 @@ internal sealed class KimiLinearFamily : IArchitecture
                         {
                             if (layout == Layout.V5) Blocks.FusedExperts(b, P + "Experts", experts, hidden, moeInter, actClass);
                             else Blocks.PerExpertMlps(b, "ModuleList", P + "MLP", experts, hidden, moeInter, actClass, "w1", "w3", "w2");
-                            Blocks.TopKRouter(b, "gate", P + "TopkRouter", experts, hidden);
+                            Blocks.TopKRouter(b, "gate", P + "TopkRouter", experts, hidden, correctionBias: true);
                             Blocks.GatedMlp(b, "shared_experts", P + "MLP", hidden, sharedInter, false, actClass, ModuleLocation.SharedExpert);
                         }
                     }
@@ -107,15 +114,38 @@ internal sealed class KimiLinearFamily : IArchitecture
         }
         b.Linear("lm_head", hidden, vocab, location: ModuleLocation.LmHead, tiedWeightTo: tie ? "model.embed_tokens.weight" : null);
 
-        var routing = $"sigmoid scores + e_score_correction_bias, group-limited ({c.FirstInt("num_expert_group", "n_group") ?? 1} groups, top " +
-            $"{c.IntOrNull("topk_group", 1) ?? 1}), top-{topK} of {experts}" +
-            ((c.Has("moe_renormalize") ? c.Bool("moe_renormalize", true) : c.Bool("norm_topk_prob", true)) ? ", renormalised" : "") +
-            $", scaled by {c.Double("routed_scaling_factor", 2.446)}, plus {shared} shared expert(s)";
+        var groups = c.FirstInt("num_expert_group", "n_group") ?? 1;
+        var topKGroups = c.IntOrNull("topk_group", 1) ?? 1;
+        var normTopK = c.Has("moe_renormalize") ? c.Bool("moe_renormalize", true) : c.Bool("norm_topk_prob", true);
+        var scalingFactor = c.Double("routed_scaling_factor", 2.446);
+        var routing = $"sigmoid scores + e_score_correction_bias, group-limited ({groups} groups, top {topKGroups}), top-{topK} of {experts}" +
+            (normTopK ? ", renormalised" : "") + $", scaled by {scalingFactor}, plus {shared} shared expert(s)";
         var moe = moeLayers.Count == 0 ? MoeFacts.Dense(layers)
             : new MoeFacts(experts, topK, shared, moeInter, sharedInter, moeLayers, denseLayers, routing);
-        return Blocks.Spec(c, "kimi_linear", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        var spec = Blocks.Spec(c, "kimi_linear", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+
+        // KimiLinearModel.forward picks each layer's mask by its layer type, so a layer listed in neither list fails there.
+        if (layerTypes.Take((int)layers).Any(t => t is not ("full_attention" or "linear_attention")))
+            return spec with { RuntimeUnavailable = "a layer listed in neither full_attn_layers nor kda_layers (transformers cannot run it either)" };
+        if (moeLayers.Count > 0 && (groups < 1 || experts % groups != 0 || topKGroups > groups))
+            return spec with { RuntimeUnavailable = $"n_group {groups} / topk_group {topKGroups} that do not split {experts} experts" };
+
+        // Pre-norm layers (KimiLinearRMSNorm, rms_norm_eps); MLA without rotary embedding (no rotary module at all), its
+        // q_a / kv_a norms built without eps (1e-6), softmax scale qk_head_dim^-0.5; KDA on the "linear_attention" layers.
+        var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-5));
+        var mla = new MlaAttentionSettings(heads, qLoraRank, kvLoraRank, nope, rope, vHead, bias, RopeInterleave: false,
+            Math.Pow(nope + rope, -0.5), LowRankNormEps: 1e-6, NoRope: true);
+        var kda = new KimiDeltaAttentionSettings(kHeads, kHeadDim, convK, norm.Eps, act);
+        var sparse = new MoeSettings(new SigmoidGroupLimitedRouterSettings("gate", experts, topK, groups, topKGroups, normTopK, scalingFactor),
+            new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act),
+            new SharedExpertSettings("shared_experts", sharedInter, act, SigmoidGateName: null), MoeOrder.ExpertsFirst);
+        var dense = new GatedMlpSettings(inter, act);
+        var runtimeLayers = Enumerable.Range(0, (int)layers).Select(i => new DecoderLayerRuntime(
+            layerTypes[i] == "full_attention" ? mla : kda, "mlp", moeSet.Contains(i) ? sparse : dense, norm, norm)).ToList();
+        return spec with
         {
-            RuntimeUnavailable = "Kimi delta attention (linear attention)",
+            Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm, RopeSettings.Read(c, 10000.0, rope),
+                runtimeLayers, Names: new ModelNames("embed_tokens", "norm", Rotary: null)),
         };
     }
 

@@ -85,6 +85,12 @@ public sealed record ModelSpec
     /// <summary>Why <see cref="Runtime"/> is null, in a few words naming what is missing (e.g. MiniMax's lightning-attention layers).</summary>
     public string? RuntimeUnavailable { get; init; }
 
+    /// <summary>
+    /// Set when transformers builds this config but its forward fails (what fails, in a sentence or two): the analysis
+    /// still describes the model it builds, and reports warn (Doge with is_moe in transformers 5.17).
+    /// </summary>
+    public string? TransformersForwardFails { get; init; }
+
     /// <summary>The runtime description, or a one-line refusal naming what the runtime lacks.</summary>
     public DecoderRuntime RequireRuntime() => Runtime
         ?? throw new NotSupportedException($"model_type '{ModelType}' cannot run in MoeLora's runtime: {RuntimeUnavailable ?? "no runtime description"}.");

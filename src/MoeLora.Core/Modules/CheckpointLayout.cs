@@ -27,17 +27,30 @@ public sealed partial class CheckpointLayout
     /// <param name="Parts">Parameters of the other layout, in stacking order (expert by expert, gate before up).</param>
     /// <param name="IsSliceOfFused">True when this parameter is one expert's slice of a single fused parameter.</param>
     /// <param name="NumExperts">For a fused parameter stored as per-expert parts: the experts (0 for a plain rename).</param>
-    public sealed record Alternative(IReadOnlyList<ParameterNode> Parts, bool IsSliceOfFused, int NumExperts = 0)
+    /// <param name="Concatenated">This parameter is its parts concatenated along dimension 0 (Kimi Linear's
+    /// <c>conv1d.weight</c> = cat(q_conv1d, k_conv1d, v_conv1d), transformers' <c>Concatenate(dim=0)</c>).</param>
+    public sealed record Alternative(IReadOnlyList<ParameterNode> Parts, bool IsSliceOfFused, int NumExperts = 0, bool Concatenated = false)
     {
         /// <summary>True when this fused [E, rows, cols] parameter is stored as per-expert 2-D parts.</summary>
         public bool IsStack => NumExperts > 0;
 
         /// <summary>
         /// For a stack: each part with its expert and its first row in that expert's slice
-        /// (<c>fused[expert][RowOffset : RowOffset + rows(part)] = part</c>).
+        /// (<c>fused[expert][RowOffset : RowOffset + rows(part)] = part</c>); for a concatenation: each part with expert
+        /// −1 and its first row in the whole parameter (<c>param[RowOffset : RowOffset + rows(part)] = part</c>).
         /// </summary>
         public IEnumerable<(ParameterNode Part, int Expert, long RowOffset)> Pieces()
         {
+            if (Concatenated)
+            {
+                long at = 0;
+                foreach (var part in Parts)
+                {
+                    yield return (part, -1, at);
+                    at += part.Shape[0];
+                }
+                yield break;
+            }
             if (!IsStack) yield break;
             int perExpert = Parts.Count / NumExperts;
             for (int e = 0; e < NumExperts; e++)
@@ -81,6 +94,7 @@ public sealed partial class CheckpointLayout
         var unpairedOther = otherByName.Keys.Where(n => !runtimeNames.Contains(n)).ToHashSet(StringComparer.Ordinal);
 
         result.PairExperts(runtime, other, unpairedRuntime, unpairedOther);
+        result.PairConcatenated(runtime, other, unpairedRuntime, unpairedOther, otherByName);
         result.PairByStructure(runtime, other, unpairedRuntime, unpairedOther, otherByName);
         return result;
     }
@@ -126,6 +140,33 @@ public sealed partial class CheckpointLayout
             _alternatives[weight.Parameter.Name] = new Alternative([fused], IsSliceOfFused: true);
             unpairedRuntime.Remove(weight.Parameter);
             unpairedOther.Remove(fused.Name);
+        }
+    }
+
+    // A runtime tensor stored as several tensors concatenated along dimension 0: siblings of its module whose attributes
+    // end in "_" + its module's attribute (self_attn.conv1d ↔ self_attn.q_conv1d, k_conv1d, v_conv1d), with the same
+    // tensor name and trailing dims, whose rows add up to its rows; concatenated in the other tree's registration order.
+    private void PairConcatenated(ModuleTree runtime, ModuleTree other, List<ParameterNode> unpairedRuntime, HashSet<string> unpairedOther,
+        Dictionary<string, ParameterNode> otherByName)
+    {
+        static (string Parent, string Attribute) Split(string module)
+        {
+            int dot = module.LastIndexOf('.');
+            return dot < 0 ? ("", module) : (module[..dot], module[(dot + 1)..]);
+        }
+        var order = AllParameters(other).Select((p, i) => (p.Name, i)).ToDictionary(e => e.Name, e => e.i, StringComparer.Ordinal);
+        foreach (ParameterNode whole in unpairedRuntime.ToList())
+        {
+            if (whole.Shape.Length == 0) continue;
+            var (parent, attribute) = Split(runtime.OwnerOf(whole).Name);
+            var parts = unpairedOther.Select(n => otherByName[n])
+                .Where(p => p.LocalName == whole.LocalName && p.Shape.Length == whole.Shape.Length && p.Shape.Skip(1).SequenceEqual(whole.Shape.Skip(1)))
+                .Where(p => Split(other.OwnerOf(p).Name) is var (pp, pa) && pp == parent && pa.EndsWith("_" + attribute, StringComparison.Ordinal))
+                .OrderBy(p => order[p.Name]).ToList();
+            if (parts.Count < 2 || parts.Sum(p => p.Shape[0]) != whole.Shape[0]) continue;
+            _alternatives[whole.Name] = new Alternative(parts, IsSliceOfFused: false, Concatenated: true);
+            unpairedRuntime.Remove(whole);
+            foreach (ParameterNode part in parts) unpairedOther.Remove(part.Name);
         }
     }
 

@@ -52,7 +52,7 @@ public static class LoraMerge
         foreach (var (runtime, alt) in CheckpointLayout.For(model.Spec)?.Alternatives ?? new Dictionary<string, CheckpointLayout.Alternative>())
         {
             if (alt.IsSliceOfFused) continue;
-            if (alt.IsStack) foreach (var (part, expert, offset) in alt.Pieces()) storedAs[part.Name] = (runtime, expert, offset, part.Shape[0]);
+            if (alt.IsStack || alt.Concatenated) foreach (var (part, expert, offset) in alt.Pieces()) storedAs[part.Name] = (runtime, expert, offset, part.Shape[0]);
             else storedAs[alt.Parts[0].Name] = (runtime, -1, 0, 0);
         }
         var state = MergedState(model);
@@ -78,7 +78,8 @@ public static class LoraMerge
                     Tensor value;
                     if (state.ContainsKey(e.Name)) value = Get(e.Name);
                     else if (storedAs.TryGetValue(e.Name, out var at))
-                        value = at.Expert < 0 ? Get(at.Runtime) : Get(at.Runtime)[at.Expert].narrow(0, at.RowOffset, at.Rows);
+                        value = at.Expert >= 0 ? Get(at.Runtime)[at.Expert].narrow(0, at.RowOffset, at.Rows)
+                            : at.Rows > 0 ? Get(at.Runtime).narrow(0, at.RowOffset, at.Rows) : Get(at.Runtime);
                     else throw new InvalidDataException($"the checkpoint's {e.Name} has no counterpart in the merged model.");
                     if (!value.shape.SequenceEqual(e.Shape))
                         throw new InvalidDataException($"{e.Name}: merged shape [{string.Join(",", value.shape)}] differs from the checkpoint's [{string.Join(",", e.Shape)}].");

@@ -94,7 +94,8 @@ public static partial class CheckpointLoader
                 var (file, entry, dataStart) = stored[c.Source];
                 if (!handles.TryGetValue(file, out var handle)) handles[file] = handle = File.OpenHandle(file);
                 using var scope = NewDisposeScope();
-                var target = c.Expert is { } e ? c.Target[e].narrow(0, c.RowOffset, entry.Shape[0]) : c.Target;
+                var target = c.Expert is { } e ? c.Target[e].narrow(0, c.RowOffset, entry.Shape[0])
+                    : c.Rows ? c.Target.narrow(0, c.RowOffset, entry.Shape[0]) : c.Target;
                 Copy(handle, dataStart, entry, target, stats);
                 stats.Tensors++;
                 stats.BytesRead += entry.End - entry.Begin;
@@ -105,8 +106,11 @@ public static partial class CheckpointLoader
         return stats;
     }
 
-    /// <summary>One stored tensor's destination: a whole state entry, or expert <c>Expert</c>'s rows from <c>RowOffset</c>.</summary>
-    sealed record CopyStep(string Source, Tensor Target, int? Expert, long RowOffset);
+    /// <summary>
+    /// One stored tensor's destination: a whole state entry, or (<c>Rows</c>) its rows from <c>RowOffset</c>, of expert
+    /// <c>Expert</c>'s slice when that is set (per-expert parts) or of the whole entry (concatenated parts).
+    /// </summary>
+    sealed record CopyStep(string Source, Tensor Target, int? Expert, long RowOffset, bool Rows);
 
     /// <summary>Matches state entries to stored tensors by shape (headers only); all problems in one exception.</summary>
     static List<CopyStep> Plan(CausalLm model, Dictionary<string, long[]> stored)
@@ -134,17 +138,17 @@ public static partial class CheckpointLoader
             consumed.UnionWith(names);
             var absent = names.Where(n => !stored.ContainsKey(n)).ToList();
             if (absent.Count > 0) { errors.Add($"missing: {absent[0]} (one of the {names.Count} tensors stored for {name})"); continue; }
-            if (alt is { IsStack: true })
+            if (alt is { IsStack: true } or { Concatenated: true })
             {
                 var wrong = alt.Parts.FirstOrDefault(p => !stored[p.Name].SequenceEqual(p.Shape));
                 if (wrong is not null) { errors.Add($"shape mismatch: {wrong.Name} checkpoint {Fmt(stored[wrong.Name])} vs model [{string.Join(",", wrong.Shape)}]"); continue; }
-                steps.AddRange(alt.Pieces().Select(p => new CopyStep(p.Part.Name, t, p.Expert, p.RowOffset)));
+                steps.AddRange(alt.Pieces().Select(p => new CopyStep(p.Part.Name, t, p.Expert < 0 ? null : p.Expert, p.RowOffset, Rows: true)));
             }
             else
             {
                 var src = stored[names[0]];
                 if (!src.SequenceEqual(t.shape)) { errors.Add($"shape mismatch: {names[0]} checkpoint {Fmt(src)} vs model {Shape(t)}"); continue; }
-                steps.Add(new CopyStep(names[0], t, null, 0));
+                steps.Add(new CopyStep(names[0], t, null, 0, Rows: false));
             }
         }
         errors.AddRange(stored.Keys.Where(k => !consumed.Contains(k) && !tiedNames.Contains(k)).Select(k => $"unexpected: {k}"));

@@ -71,6 +71,7 @@ public static class ModelBuilder
         DynamicMaskAttentionSettings s => new DynamicMaskAttention(hidden, s, rope, init),
         CcaAttentionSettings s => new CcaAttention(hidden, s, rope, init),
         GatedDeltaNetSettings s => new GatedDeltaNet(hidden, s, init),
+        KimiDeltaAttentionSettings s => new KimiDeltaAttention(hidden, s, init),
         LightningAttentionSettings s => new LightningAttention(hidden, s, init),
         MixtureOfAttentionHeadsSettings s => new JetMoeAttention(hidden, s, rope, init),
         FusedQkvAttentionSettings s => new FusedQkvAttention(hidden, s, rope, init),

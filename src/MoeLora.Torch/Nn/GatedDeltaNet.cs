@@ -132,17 +132,20 @@ public sealed class DepthwiseConv1d : HfModule
 }
 
 /// <summary>
-/// transformers' gated RMSNorm (<c>Qwen3NextRMSNormGated</c>): RMS statistics in fp32, cast back, times the weight,
-/// then times silu(gate) computed in fp32, cast back last. The weight starts at one.
+/// transformers' gated RMSNorms. <c>Qwen3NextRMSNormGated</c>: RMS statistics in fp32, cast back, times the weight,
+/// then times silu(gate) computed in fp32, cast back last. <c>KimiLinearRMSNormGated</c>
+/// (<paramref name="sigmoidInFp32"/>): the statistics, the weight and sigmoid(gate) all in fp32, cast back last. The
+/// weight starts at one.
 /// </summary>
 public sealed class RmsNormGated : HfModule
 {
     public Parameter weight { get; }
     readonly double _eps;
+    readonly bool _sigmoidInFp32;
 
-    public RmsNormGated(long size, double eps, Init init)
+    public RmsNormGated(long size, double eps, Init init, bool sigmoidInFp32 = false)
     {
-        _eps = eps;
+        _eps = eps; _sigmoidInFp32 = sigmoidInFp32;
         weight = AddParameter("weight", init.Ones(size));
     }
 
@@ -151,6 +154,7 @@ public sealed class RmsNormGated : HfModule
         var dt = x.dtype;
         var h = x.to(ScalarType.Float32);
         h = h * rsqrt(h.pow(2).mean([-1], keepdim: true) + _eps);
+        if (_sigmoidInFp32) return (weight.to(ScalarType.Float32) * h * nn.functional.sigmoid(gate.to(ScalarType.Float32))).to(dt);
         var scaled = weight * h.to(dt);
         return (scaled * nn.functional.silu(gate.to(ScalarType.Float32))).to(dt);
     }
@@ -158,20 +162,27 @@ public sealed class RmsNormGated : HfModule
 
 /// <summary>
 /// The gated delta rule over a whole sequence from a zero state, in fp32, as transformers'
-/// <c>torch_chunk_gated_delta_rule</c> computes it (chunks of 64). Per value head, with l2-normed q and k and
-/// q scaled by dk^-½, the recurrence is S_t = exp(g_t)·S_{t−1} + k_t (β_t (v_t − (exp(g_t)·S_{t−1})ᵀ k_t))ᵀ and
-/// o_t = S_tᵀ q_t. Inside a chunk the updates are solved at once through the unit lower-triangular system
-/// (I + L) with L the strictly lower part of (β k kᵀ) ⊙ decay; chunks are then scanned in order.
+/// <c>torch_chunk_gated_delta_rule</c> (Gated DeltaNet: one decay per head and token) and
+/// <c>chunk_kimi_delta_attention</c> (Kimi delta attention: one decay per key channel) compute it, in chunks of 64.
+/// Per value head, with l2-normed q and k and q scaled by dk^-½, the recurrence is S_t = D_t·S_{t−1} +
+/// k_t (β_t (v_t − (D_t·S_{t−1})ᵀ k_t))ᵀ and o_t = S_tᵀ q_t, D_t = diag(exp(g_t)) over the key dims (a scalar for
+/// Gated DeltaNet). Inside a chunk the updates are solved at once through the unit lower-triangular system (I + L)
+/// with L the strictly lower part of β k kᵀ weighted by the decay between the two positions (per channel: see
+/// <see cref="DecayedPerChannel"/>); chunks are then scanned in order.
 /// </summary>
 public static class GatedDeltaRule
 {
     const long ChunkSize = 64;
 
-    /// <summary>q, k [B, S, Hk, dk], v [B, S, Hv, dv], g and β [B, S, Hv] → [B, S, Hv, dv] in q's dtype.</summary>
+    /// <summary>
+    /// q, k [B, S, Hk, dk], v [B, S, Hv, dv], β [B, S, Hv], g [B, S, Hv] (per head) or [B, S, Hv, dk] (per key channel)
+    /// → [B, S, Hv, dv] in q's dtype.
+    /// </summary>
     public static Tensor Chunked(Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta)
     {
         var dtype = q.dtype;
         long b = v.shape[0], s = v.shape[1], heads = v.shape[2], dv = v.shape[3], dk = k.shape[3];
+        bool perChannel = g.dim() == 4;
         // Each key head serves heads / Hk consecutive value heads.
         if (k.shape[2] != heads)
         {
@@ -183,7 +194,7 @@ public static class GatedDeltaRule
         k = L2Norm(HeadsFirst(k));
         v = HeadsFirst(v);
         beta = HeadsFirst(beta);
-        g = HeadsFirst(g);
+        g = HeadsFirst(perChannel ? g : g.unsqueeze(-1));                                      // [B, H, S, 1 or dk]
 
         long pad = (ChunkSize - s % ChunkSize) % ChunkSize, n = (s + pad) / ChunkSize;
         if (pad > 0)
@@ -193,27 +204,36 @@ public static class GatedDeltaRule
             k = nn.functional.pad(k, [0, 0, 0, pad]);
             v = nn.functional.pad(v, [0, 0, 0, pad]);
             beta = nn.functional.pad(beta, [0, pad]);
-            g = nn.functional.pad(g, [0, pad]);
+            g = nn.functional.pad(g, [0, 0, 0, pad]);
         }
         Tensor Chunks(Tensor t) => t.reshape(b, heads, n, ChunkSize, t.shape[^1]);
         var vBeta = Chunks(v * beta.unsqueeze(-1));
         var kBeta = Chunks(k * beta.unsqueeze(-1));
         q = Chunks(q);
         k = Chunks(k);
-        var cum = g.reshape(b, heads, n, ChunkSize).cumsum(-1);                               // log decay since chunk start
+        var cum = Chunks(g).cumsum(-2);                                                         // log decay since chunk start
 
-        // decay[i, j] = exp(cum_i − cum_j) for j ≤ i, 0 above the diagonal.
+        // The pairwise weights of position i on j ≤ i inside a chunk, Σ_d a_i,d b_j,d exp(cum_i,d − cum_j,d) (0 above
+        // the diagonal); with one decay per head the exponential factors out of the sum and this is a matmul.
         var above = ones(ChunkSize, ChunkSize, ScalarType.Bool, q.device).triu(1);
-        var decay = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).masked_fill(above, double.NegativeInfinity).exp();
-        var system = matmul(kBeta, k.transpose(-1, -2)) * decay;                                // its diagonal is taken as 1
-        var intra = matmul(q, k.transpose(-1, -2)) * decay;
+        Tensor Decayed(Tensor a, Tensor bt)
+        {
+            if (!perChannel)
+            {
+                var c = cum.squeeze(-1);
+                return matmul(a, bt.transpose(-1, -2)) * (c.unsqueeze(-1) - c.unsqueeze(-2)).masked_fill(above, double.NegativeInfinity).exp();
+            }
+            return DecayedPerChannel(a, bt, cum);
+        }
+        var system = Decayed(kBeta, k);                                                          // its diagonal is taken as 1
+        var intra = Decayed(q, k);
         var newValues = linalg.solve_triangular(system, vBeta, upper: false, unitriangular: true);
-        var kCumDecay = linalg.solve_triangular(system, kBeta * cum.exp().unsqueeze(-1), upper: false, unitriangular: true);
+        var kCumDecay = linalg.solve_triangular(system, kBeta * cum.exp(), upper: false, unitriangular: true);
 
-        var qDecayed = q * cum.exp().unsqueeze(-1);
-        var last = cum.narrow(-1, ChunkSize - 1, 1);                                           // [B, H, N, 1]
-        var kToEnd = k * (last - cum).exp().unsqueeze(-1);
-        var chunkDecay = last.exp().unsqueeze(-1);                                              // [B, H, N, 1, 1]
+        var qDecayed = q * cum.exp();
+        var last = cum.narrow(-2, ChunkSize - 1, 1);                                           // [B, H, N, 1, 1 or dk]
+        var kToEnd = k * (last - cum).exp();
+        var chunkDecay = last.exp().transpose(-1, -2);                                          // [B, H, N, 1 or dk, 1]
 
         var state = zeros([b, heads, dk, dv], ScalarType.Float32, q.device);
         var outs = new Tensor[n];
@@ -225,6 +245,42 @@ public static class GatedDeltaRule
         }
         var o = stack(outs, 2).reshape(b, heads, -1, dv).narrow(2, 0, s);
         return o.transpose(1, 2).contiguous().to(dtype);
+    }
+
+    const long SubChunk = 16;
+
+    /// <summary>
+    /// Σ_d a_i,d b_j,d exp(cum_i,d − cum_j,d) for j ≤ i (0 above the diagonal) with one decay per channel: a, b, cum
+    /// [.., C, dk] → [.., C, C]. transformers' chunk_kimi_delta_attention forms the whole [C, C, dk] decay tensor; the
+    /// factored form exp(cum_i)·exp(−cum_j) would overflow for strong decays. Here, as the FLA kernels do, rows come in
+    /// sub-chunks of 16: pairs inside one use the explicit [16, 16, dk] decays; an earlier column j meets row i through
+    /// the sub-chunk's first position r, exp(cum_i − cum_r)·exp(cum_r − cum_j), both exponents ≤ 0 (cum never rises),
+    /// so it is one matmul and nothing overflows. The decay tensors kept for backward shrink by C / 16.
+    /// </summary>
+    static Tensor DecayedPerChannel(Tensor a, Tensor bt, Tensor cum)
+    {
+        long c = a.shape[^2], sub = Math.Min(SubChunk, c), blocks = c / sub;
+        var above = ones(sub, sub, ScalarType.Bool, a.device).triu(1).unsqueeze(-1);
+        var rows = new Tensor[blocks];
+        for (long s = 0; s < blocks; s++)
+        {
+            long start = s * sub;
+            var ai = a.narrow(-2, start, sub);
+            var ci = cum.narrow(-2, start, sub);
+            var decay = (ci.unsqueeze(-2) - ci.unsqueeze(-3)).masked_fill(above, double.NegativeInfinity).exp();
+            var diagonal = (ai.unsqueeze(-2) * bt.narrow(-2, start, sub).unsqueeze(-3) * decay).sum(-1);     // [.., sub, sub]
+            var parts = new List<Tensor>();
+            if (start > 0)
+            {
+                var reference = cum.narrow(-2, start, 1);                                                    // [.., 1, dk]
+                var earlier = bt.narrow(-2, 0, start) * (reference - cum.narrow(-2, 0, start)).exp();
+                parts.Add(matmul(ai * (ci - reference).exp(), earlier.transpose(-1, -2)));                    // [.., sub, start]
+            }
+            parts.Add(diagonal);
+            if (start + sub < c) parts.Add(zeros([.. diagonal.shape[..^1], c - start - sub], diagonal.dtype, diagonal.device));
+            rows[s] = parts.Count == 1 ? parts[0] : cat(parts, -1);
+        }
+        return cat(rows, -2);
     }
 
     /// <summary>x / sqrt(Σx² + 1e-6) over the last dimension (the FLA library's l2norm, as transformers uses it).</summary>

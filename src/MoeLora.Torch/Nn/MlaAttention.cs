@@ -7,7 +7,7 @@ namespace MoeLora.Torch.Nn;
 /// <summary>
 /// DeepSeek's multi-head latent attention (<see cref="MlaAttentionSettings"/>): low-rank q via q_a/q_b with
 /// q_a_layernorm (or one q_proj), compressed kv via kv_a_proj_with_mqa and kv_b_proj, decoupled rope on the last
-/// qk_rope_head_dim dims (optionally de-interleaved first, or as complex pairs for DeepSeek-V2), an optional
+/// qk_rope_head_dim dims (optionally de-interleaved first, or as complex pairs for DeepSeek-V2, or none: Kimi Linear), an optional
 /// position-dependent query scale (Mistral 4) or constant query / kv-latent scales (LongCat-Flash), attention (SDPA or eager)
 /// with the settings' scaling; A.X-K2's gated query (q_gate_proj) and the DSA indexer's top-k key selection
 /// (DeepSeek-V3.2, GLM-5, A.X-K2, HY-V4), own or reused; HY-V4's sinks and per-element output gate.
@@ -20,7 +20,7 @@ public sealed class MlaAttention : HfModule, IBlock
     readonly Linear _kva, _kvb, _o;
     readonly RmsNorm _kvaNorm;
     readonly long _heads, _nope, _ropeDim, _v, _kvRank;
-    readonly bool _interleave, _complexPairs, _queryGate, _reusesTopK;
+    readonly bool _interleave, _complexPairs, _queryGate, _reusesTopK, _noRope;
     readonly double _scaling;
     readonly Llama4QueryScale? _queryScale;
     readonly MlaLatentScale? _latentScale;
@@ -61,6 +61,7 @@ public sealed class MlaAttention : HfModule, IBlock
         _reusesTopK = s.ReusesTopK;
         _interleave = s.RopeInterleave;
         _complexPairs = s.RopeComplexPairs;
+        _noRope = s.NoRope;
         _scaling = s.Scaling;
         _queryScale = s.QueryScale;
         _latentScale = s.LatentScale;
@@ -97,7 +98,7 @@ public sealed class MlaAttention : HfModule, IBlock
         var kv = _kvb.Forward(latent).view(b, s, -1, _nope + _v).transpose(1, 2);
         var kvSplit = kv.split([_nope, _v], -1);
         var kRot = kvParts[1].view(b, 1, s, _ropeDim);
-        var (qRot, kRotE) = Rotate(qParts[1], kRot, ctx);
+        var (qRot, kRotE) = _noRope ? (qParts[1], kRot) : Rotate(qParts[1], kRot, ctx);
         kRotE = kRotE.expand(b, _heads, s, _ropeDim);
         var query = cat([qParts[0], qRot], -1);
         if (_queryScale is { } qs)

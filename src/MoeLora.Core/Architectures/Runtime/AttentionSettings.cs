@@ -79,6 +79,8 @@ public sealed record DynamicMaskAttentionSettings(long Heads, long KvHeads, long
 /// <param name="LatentScale">LongCat-Flash's constant scales of the query and of the normed kv latent (null: none).</param>
 /// <param name="Sinks">HY-V4: a per-head <c>sinks</c> Parameter (a direct parameter, so it enumerates before the
 /// projections) joins the softmax as gpt-oss' does (eager attention with sinks).</param>
+/// <param name="NoRope">Kimi Linear's MLA ("with NoPE"): the last <paramref name="QkRopeHeadDim"/> dims are not rotated
+/// (the key's part stays shared by all heads) and the model has no rotary module.</param>
 /// <param name="Gate">HY-V4's output gate: a bias-free Linear (hidden → heads·v_head_dim, registered after the indexer)
 /// whose sigmoid multiplies the attention output per element before o_proj; null: none.</param>
 public sealed record MlaAttentionSettings(
@@ -99,7 +101,8 @@ public sealed record MlaAttentionSettings(
     bool ReusesTopK = false,
     MlaLatentScale? LatentScale = null,
     bool Sinks = false,
-    OutputGate? Gate = null) : AttentionSettings;
+    OutputGate? Gate = null,
+    bool NoRope = false) : AttentionSettings;
 
 /// <summary>
 /// The DeepSeek sparse attention (DSA) lightning indexer (transformers' DeepseekV32Indexer, AXK2Indexer,

@@ -50,3 +50,21 @@ public sealed record GatedDeltaNetSettings(
             new NamedNorm("input_layernorm", inputNorm), null, new NamedNorm("post_attention_layernorm", postAttentionNorm), null,
             AttentionName: "linear_attn");
 }
+
+/// <summary>
+/// Kimi delta attention (transformers' <c>KimiLinearDeltaAttention</c>, torch fallback path, a full forward without
+/// cache), held as <c>self_attn</c>: q_proj, k_proj, v_proj (hidden → heads·head_dim each, no bias), a depthwise causal
+/// <c>conv1d</c> over q|k|v (no bias) followed by <paramref name="ConvAct"/>, <c>forget_gate</c> (its own
+/// <c>dt_bias</c> [heads·head_dim] and <c>A_log</c> [1, 1, heads, 1], then f_a_proj hidden → head_dim and f_b_proj
+/// head_dim → heads·head_dim) giving g = −exp(A_log)·softplus(f_b(f_a(x)) + dt_bias) per key channel, β =
+/// sigmoid(b_proj(x)), the chunked delta rule with l2-normed q and k (one decay per key channel), <c>o_norm</c> (a gated
+/// RMSNorm over head_dim: weight in fp32, gate sigmoid(g_b_proj(g_a_proj(x)))) and o_proj. Padded positions are zeroed
+/// on the way in, as transformers does with its 2-D recurrent mask.
+/// </summary>
+/// <param name="NormEps">Epsilon of o_norm (<c>rms_norm_eps</c>).</param>
+/// <param name="ConvAct">Activation after the convolution (<c>hidden_act</c>).</param>
+public sealed record KimiDeltaAttentionSettings(long Heads, long HeadDim, long ConvKernel, double NormEps, string ConvAct) : AttentionSettings
+{
+    /// <summary>The width of each of q, k and v: heads · head_dim.</summary>
+    public long Width => Heads * HeadDim;
+}
