@@ -7,7 +7,7 @@
 #         model, starting from the C# trainer's initial LoRA: losses compared step by step with the C# CPU run
 #         (bounds as tools/gpu_smoke: step 1 < 1e-4 relative, steps 1-10 < 1e-3; the whole run is reported), and the
 #         saved adapter loaded by PEFT on the whole model with exactly the C# adapter's keys and shapes
-#   mid   a random-weight Qwen/Qwen1.5-MoE-A2.7B-Chat checkpoint (bf16, written to local disk), then three plan
+#   mid   (MID_PLANS picks some of the three) a random-weight Qwen/Qwen1.5-MoE-A2.7B-Chat checkpoint (bf16, written to local disk), then three plan
 #         folders with `accelerate launch` for 3 steps each (circuit breaker: ddp and FSDP with one process; LoRA:
 #         ddp): every GPU's peak torch.cuda.max_memory_allocated() against the plan's prediction (goal: within 5%)
 # Results go to $OUT (the device machine's output folder) or /tmp/moelora-plan-gpu/results: summary.txt, the logs,
@@ -61,7 +61,7 @@ mid() {
       "$ckpt" "$art/tiny_base/tokenizer.json" >"$results/checkpoint.log" 2>&1 \
       || { log "mid: FAIL making the checkpoint ($(tail -n 1 "$results/checkpoint.log"))"; failures=$((failures + 1)); return; }
   fi
-  for name in qwen15_cb_ddp qwen15_cb_fsdp qwen15_lora_ddp; do
+  for name in ${MID_PLANS:-qwen15_cb_ddp qwen15_cb_fsdp qwen15_lora_ddp}; do
     if run_plan "$name" --model "$ckpt" --max-steps 3; then
       python3 tools/plan_check/compare_runs.py --memory "$name" "$work/$name-out" "$results/plan_gpu.json" | tee -a "$summary" \
         || failures=$((failures + 1))

@@ -287,7 +287,7 @@ def hidden(model, batch):
 def memtrace(label):
     """MOELORA_MEMTRACE=1: this GPU's allocated and peak-so-far memory after a phase (rank 0 only), to see which phase
     sets the peak that the plan predicts."""
-    if os.environ.get("MOELORA_MEMTRACE") != "1" or not torch.cuda.is_available() or os.environ.get("RANK", "0") != "0":
+    if os.environ.get("MOELORA_MEMTRACE") not in ("1", "2") or not torch.cuda.is_available() or os.environ.get("RANK", "0") != "0":
         return
     gib = 2**30
     print(f"memtrace {label}: allocated {torch.cuda.memory_allocated() / gib:.2f} GiB, "
@@ -474,6 +474,45 @@ def load_settings(args):
     return s, base
 
 
+def fsdp_plugin(s):
+    """FSDP2 (the plan's accelerate config, fsdp_version 2): gradients reduced in fp32. PEFT keeps LoRA weights in fp32
+    (autocast_adapter_dtype) while accelerate's bf16 policy would reduce their gradients in bf16, which torch refuses to
+    assign to an fp32 parameter. Compute stays in the plan's dtype. None (accelerate's own choice) for every other launch."""
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or os.environ.get("FSDP_VERSION", "1") != "2":
+        return None
+    from accelerate import FullyShardedDataParallelPlugin
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    dtype = getattr(torch, DTYPES[s["dtype"]])
+    return FullyShardedDataParallelPlugin(fsdp_version=2, mixed_precision_policy=MixedPrecisionPolicy(
+        param_dtype=dtype, reduce_dtype=torch.float32))
+
+
+def memory_peak_report(top=12):
+    """MOELORA_MEMTRACE=2: replays the allocator's recorded history of the first step and prints the blocks alive at
+    its peak, largest first, with the Python line that allocated each (to see what a plan's memory terms miss)."""
+    snap = torch.cuda.memory._snapshot()
+    torch.cuda.memory._record_memory_history(enabled=None)
+    live, used, best, best_live = {}, 0, -1, {}
+    for event in (e for trace in snap.get("device_traces", []) for e in trace):
+        if event["action"] == "alloc":
+            live[event["addr"]] = event
+            used += event["size"]
+            if used > best:
+                best, best_live = used, dict(live)
+        elif event["action"] == "free_completed" and event["addr"] in live:
+            used -= live.pop(event["addr"])["size"]
+
+    def where(event):
+        frames = [f for f in event.get("frames", []) if f.get("filename", "").endswith(".py")]
+        return "; ".join(f"{os.path.basename(f['filename'])}:{f['line']} {f['name']}" for f in frames[:3]) or "?"
+
+    gib = 2**30
+    print(f"memtrace peak of recorded allocations: {best / gib:.2f} GiB above the recording's start", flush=True)
+    for event in sorted(best_live.values(), key=lambda e: -e["size"])[:top]:
+        print(f"memtrace   {event['size'] / gib:7.3f} GiB  {where(event)}", flush=True)
+
+
 def predicted_peak(base):
     path = os.path.join(base, "moelora_plan.json")
     if not os.path.isfile(path):
@@ -492,7 +531,8 @@ def main(argv=None):
     s, base = load_settings(args)
     # LoRA on a part a text batch never reaches (a vision tower) gets no gradient: DDP must look for such parameters.
     # Gradient accumulation is done by hand below, as in the C# trainer.
-    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+                              fsdp_plugin=fsdp_plugin(s))
     say = accelerator.print
     if accelerator.distributed_type == DistributedType.DEEPSPEED and s["gradient_accumulation"] != 1:
         # accelerate steps the DeepSpeed engine inside every backward(); accumulation belongs in its JSON config.
@@ -544,6 +584,8 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # the plan predicts a training step's peak, not loading
+        if os.environ.get("MOELORA_MEMTRACE") == "2" and accelerator.is_main_process:
+            torch.cuda.memory._record_memory_history(max_entries=1_000_000)
 
     steps, accum, ranks = s["total_steps"], s["gradient_accumulation"], accelerator.num_processes
     model.train()  # from_pretrained returns eval mode, where dropout and gradient checkpointing are off
@@ -579,6 +621,8 @@ def main(argv=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         memtrace(f"step {step + 1} optimizer")
+        if step == 0 and os.environ.get("MOELORA_MEMTRACE") == "2" and accelerator.is_main_process and torch.cuda.is_available():
+            memory_peak_report()
         row = dict(step=step + 1, loss=parts[0].item(), retain_loss=parts[1].item(), cb_loss=parts[2].item(),
                    retain_coeff=c_retain, cb_coeff=c_cb, cb_cosine=parts[3].item() if c_cb > 0 else None,
                    grad_norm=norm if math.isfinite(norm) else None, lr=lr, seconds=round(time.perf_counter() - t0, 4))
