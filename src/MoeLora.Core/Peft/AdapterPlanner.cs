@@ -290,9 +290,12 @@ public static class AdapterPlanner
         var result = new List<AdapterTarget>();
         foreach (var module in spec.Tree.Modules)
         {
-            if (module.Parameters.Count == 0) continue;
-            var matched = module.Parameters.Where(Matches).ToList();
-            if (matched.Count == 0) continue;
+            // A list only for the few modules with a matching parameter (one per module allocated about as much as
+            // the targets themselves).
+            List<ParameterNode>? matched = null;
+            foreach (var p in module.Parameters)
+                if (Matches(p)) (matched ??= []).Add(p);
+            if (matched is null) continue;
             if (module.Name.Length == 0 && version.RejectsRootParameters)
                 throw new PeftInjectionException("ValueError", $"Targeting the parameter '{matched[0].Name}' of the root module is not supported.");
             if (wrappedModules.Contains(module.Name))

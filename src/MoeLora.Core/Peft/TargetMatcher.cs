@@ -50,6 +50,10 @@ public sealed class TargetMatcher(LoraConfig config, PeftVersion version)
         return index is not null && config.LayersToTransform!.Contains(index.Value);
     }
 
+    // PEFT's default layer-index regexes (any ModuleList name), one string each instead of one per module.
+    private const string AnyLayer = ".*\\.[^.]*\\.(\\d+)\\.";
+    private const string AnyLayerLazy = ".*?\\.[^.]*\\.(\\d+)\\.";
+
     /// <summary>
     /// The index PEFT reads from a key: the first (≥ 0.20) or last (≤ 0.19) <c>.name.N.</c> group, or after one of the
     /// <c>layers_pattern</c> entries (first entry that matches wins).
@@ -60,7 +64,7 @@ public sealed class TargetMatcher(LoraConfig config, PeftVersion version)
         System.Text.RegularExpressions.Match? m = null;
         if (layersPattern is null || layersPattern.Count == 0 || layersPattern.All(string.IsNullOrEmpty))
         {
-            m = PyRegex.Match(lead + "\\.[^.]*\\.(\\d+)\\.", key);
+            m = PyRegex.Match(version.LazyLayerIndex ? AnyLayerLazy : AnyLayer, key);
         }
         else
         {
@@ -89,11 +93,13 @@ public sealed class TargetMatcher(LoraConfig config, PeftVersion version)
     /// </summary>
     public static T? PatternValue<T>(IReadOnlyList<KeyValuePair<string, T>> patterns, string key) where T : struct
     {
-        foreach (var kv in patterns)
+        // By index: foreach over the interface would allocate an enumerator for every module of every plan.
+        for (var i = 0; i < patterns.Count; i++)
         {
+            var kv = patterns[i];
             var hit = IsPlainPattern(kv.Key) && !key.Contains('\n')
                 ? PlainPatternMatches(kv.Key, key)
-                : PyRegex.MatchesAnchoredAtEnd("(.*\\.)?(" + kv.Key + ")$", key);
+                : PyRegex.MatchesPatternKey(kv.Key, key);
             if (hit) return kv.Value;
         }
         return null;
@@ -102,8 +108,13 @@ public sealed class TargetMatcher(LoraConfig config, PeftVersion version)
     // Most rank/alpha keys are module paths such as "experts.gate_up_proj": letters, digits, '_' and '.' only. Such
     // a regex has a fixed length and '.' is its only wildcard, so "(.*\.)?(key)$" reduces to a comparison of the
     // key's last characters, without the regex engine (this runs for every module, in every re-plan of a report).
-    private static bool IsPlainPattern(string pattern) =>
-        pattern.Length > 0 && pattern.All(c => char.IsAsciiLetterOrDigit(c) || c is '_' or '.');
+    private static bool IsPlainPattern(string pattern)
+    {
+        if (pattern.Length == 0) return false;
+        foreach (var c in pattern)
+            if (!(char.IsAsciiLetterOrDigit(c) || c is '_' or '.')) return false;
+        return true;
+    }
 
     /// <summary>The same answer as the regex for a plain pattern and a key without line breaks: the key is the
     /// pattern, or ends with "." and the pattern.</summary>
