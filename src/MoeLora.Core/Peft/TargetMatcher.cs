@@ -97,33 +97,58 @@ public sealed class TargetMatcher(LoraConfig config, PeftVersion version)
         for (var i = 0; i < patterns.Count; i++)
         {
             var kv = patterns[i];
-            var hit = IsPlainPattern(kv.Key) && !key.Contains('\n')
-                ? PlainPatternMatches(kv.Key, key)
+            var hit = IsSimplePattern(kv.Key, out var anyPrefix) && !key.Contains('\n')
+                ? SimplePatternMatches(kv.Key, anyPrefix, key)
                 : PyRegex.MatchesPatternKey(kv.Key, key);
             if (hit) return kv.Value;
         }
         return null;
     }
 
-    // Most rank/alpha keys are module paths such as "experts.gate_up_proj": letters, digits, '_' and '.' only. Such
-    // a regex has a fixed length and '.' is its only wildcard, so "(.*\.)?(key)$" reduces to a comparison of the
-    // key's last characters, without the regex engine (this runs for every module, in every re-plan of a report).
-    private static bool IsPlainPattern(string pattern)
+    // Most rank/alpha keys are module paths such as "experts.gate_up_proj", or, as PEFT's MoE conversion writes them,
+    // ".*\.gate_up_proj": an optional leading ".*", then letters, digits, '_', '.' (any character) and "\." (a dot)
+    // only. Such a regex has a fixed length after the ".*", so "(.*\.)?(key)$" reduces to a comparison of the key's
+    // last characters, without the regex engine (this runs for every module, in every re-plan of a report).
+    private static bool IsSimplePattern(string pattern, out bool anyPrefix)
     {
-        if (pattern.Length == 0) return false;
-        foreach (var c in pattern)
-            if (!(char.IsAsciiLetterOrDigit(c) || c is '_' or '.')) return false;
+        anyPrefix = pattern.StartsWith(".*", StringComparison.Ordinal);
+        var i = anyPrefix ? 2 : 0;
+        if (i == pattern.Length) return false;
+        for (; i < pattern.Length; i++)
+        {
+            var c = pattern[i];
+            if (char.IsAsciiLetterOrDigit(c) || c is '_' or '.') continue;
+            if (c == '\\' && i + 1 < pattern.Length && pattern[i + 1] == '.')
+            {
+                i++;
+                continue;
+            }
+            return false;
+        }
         return true;
     }
 
-    /// <summary>The same answer as the regex for a plain pattern and a key without line breaks: the key is the
-    /// pattern, or ends with "." and the pattern.</summary>
-    private static bool PlainPatternMatches(string pattern, string key)
+    /// <summary>The same answer as the regex for a simple pattern and a key without line breaks: the key's last
+    /// characters match the pattern (after its ".*"), and without a ".*" they are the whole key or follow a ".".</summary>
+    private static bool SimplePatternMatches(string pattern, bool anyPrefix, string key)
     {
-        var start = key.Length - pattern.Length;
-        if (start < 0 || (start > 0 && key[start - 1] != '.')) return false;
-        for (int i = 0; i < pattern.Length; i++)
-            if (pattern[i] != '.' && pattern[i] != key[start + i]) return false;
-        return true;
+        var stop = anyPrefix ? 2 : 0;
+        var k = key.Length;
+        for (var p = pattern.Length - 1; p >= stop; p--)
+        {
+            if (--k < 0) return false;
+            var c = pattern[p];
+            // A backslash only ever escapes the dot after it (IsSimplePattern), so "\." read backwards is a literal dot.
+            if (c == '.' && p > stop && pattern[p - 1] == '\\')
+            {
+                if (key[k] != '.') return false;
+                p--;
+            }
+            else if (c != '.' && c != key[k])
+            {
+                return false;
+            }
+        }
+        return anyPrefix || k == 0 || key[k - 1] == '.';
     }
 }
