@@ -40,7 +40,9 @@ public static class Output
 
     private static void WriteUtf8(JsonNode node, Stream stream)
     {
-        using (var json = new Utf8JsonWriter(stream, IndentedWriter)) node.WriteTo(json);
+        var chunks = new ChunkedStreamWriter(stream);
+        using (var json = new Utf8JsonWriter(chunks, IndentedWriter)) node.WriteTo(json);
+        chunks.Flush();
         stream.Write("\n"u8);
         stream.Flush();
     }

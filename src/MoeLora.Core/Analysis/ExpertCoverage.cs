@@ -25,11 +25,14 @@ public sealed record ExpertCoverage
     public static ExpertCoverage Build(AdapterPlan plan)
     {
         var experts = plan.Targets.Where(t => t.Location == ModuleLocation.RoutedExpert).ToList();
-        var perLayer = new Dictionary<int, HashSet<long>>();
+        // Per layer: the experts 0..Range-1 that fused-tensor adapters cover (a range, not a set: DeepSeek-V3's 256
+        // experts in 58 layers made sets a notable share of a cold `report`'s fresh memory), plus the indices of
+        // per-expert modules.
+        var perLayer = new Dictionary<int, (long Range, HashSet<long>? Indices)>();
         foreach (var t in experts)
         {
             var layer = t.Layer ?? -1;
-            if (!perLayer.TryGetValue(layer, out var set)) perLayer[layer] = set = [];
+            var entry = perLayer.GetValueOrDefault(layer);
             if (t.Kind == AdapterKind.Parameter)
             {
                 // A 2-D parameter stacking all experts' rows (DBRX) is adapted as one matrix: it still covers them all.
@@ -37,17 +40,16 @@ public sealed record ExpertCoverage
                 // A fused tensor may hold slices that are no routed expert (LongCat sizes gate_up_proj for its identity
                 // experts too): count only the experts the model routes to.
                 if (plan.Spec.Moe.NumExperts > 0) covered = Math.Min(covered, plan.Spec.Moe.NumExperts);
-                // Sized once: grown one expert at a time, the sets of a 256-expert, 58-layer model (DeepSeek-V3) took
-                // about a tenth of the time a cold `report` of it spends getting fresh memory (perf).
-                set.EnsureCapacity((int)Math.Min(covered, int.MaxValue));
-                for (long e = 0; e < covered; e++) set.Add(e);
+                entry.Range = Math.Max(entry.Range, covered);
             }
             else
             {
                 var m = ExpertIndex.Match(t.ModuleName + ".");
-                if (m.Success) set.Add(long.Parse(m.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture));
+                if (m.Success) (entry.Indices ??= []).Add(long.Parse(m.Groups[1].Value, System.Globalization.CultureInfo.InvariantCulture));
             }
+            perLayer[layer] = entry;
         }
+        static long Covered((long Range, HashSet<long>? Indices) e) => e.Range + (e.Indices?.Count(i => i >= e.Range) ?? 0);
         var stacked = experts.Where(t => t.Kind == AdapterKind.Parameter && t.NumExperts == 1).ToList();
         var mode = experts.Count == 0 ? "none"
             : stacked.Count == experts.Count ? "one LoRA over the stacked experts' rows (shared by all experts, not r per expert)"
@@ -59,7 +61,7 @@ public sealed record ExpertCoverage
             ExpertsPerLayer = plan.Spec.Moe.NumExperts,
             MoeLayers = plan.Spec.Moe.MoeLayers.Count,
             LayersWithExpertAdapters = perLayer.Count,
-            ExpertsWithAdapters = perLayer.Count == 0 ? 0 : perLayer.Values.Max(s => s.Count),
+            ExpertsWithAdapters = perLayer.Count == 0 ? 0 : perLayer.Values.Max(Covered),
             Mode = mode,
         };
     }

@@ -131,10 +131,12 @@ public static class Findings
     {
         if (plan.Conversion is null || plan.Requested.TargetModules?.Names is not { } names) return [];
         var movedNames = plan.Conversion.Moved.Select(m => m.Key).ToHashSet(StringComparer.Ordinal);
+        // "." + name once, not once per module and name.
+        var movedSuffixes = movedNames.Select(n => "." + n).ToArray();
         var adapted = plan.Targets.Select(t => t.ModuleName).ToHashSet(StringComparer.Ordinal);
         return plan.Spec.Tree.Modules
             .Where(m => m.Kind == ModuleKind.Linear && !adapted.Contains(m.Name)
-                        && movedNames.Any(n => m.Name == n || m.Name.EndsWith("." + n, StringComparison.Ordinal))
+                        && (movedNames.Contains(m.Name) || movedSuffixes.Any(suffix => m.Name.EndsWith(suffix, StringComparison.Ordinal)))
                         && m.Location is not ModuleLocation.Router)
             .ToList();
     }

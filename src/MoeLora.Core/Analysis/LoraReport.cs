@@ -80,10 +80,10 @@ public sealed class LoraReport
         {
             BatchSize = options.BatchSize, SeqLength = options.SeqLength, DType = options.DType, TargetLayers = targets,
         };
-        // The training-memory estimate (with its search for fixes, which re-plans) and the recommendations (each
-        // re-planned) only read the plan: side by side, on two cores, a cold `report` of DeepSeek-V3 is 1-2 ms shorter.
-        // The caches they share are concurrent; GetResult rethrows the estimate's own exception.
-        var training = Task.Run(() => Memory.TrainingMemory.Estimate(plan, setup));
+        // One thread: since the analysis allocates less, running the training-memory estimate on a pool thread beside
+        // the recommendations costs a cold `report` of DeepSeek-V3 more (thread-pool start, a second core that a busy
+        // machine may not have) than it saves; measured 1-2 ms slower (BENCHMARKS.md).
+        var training = Memory.TrainingMemory.Estimate(plan, setup);
         var breakdown = TargetBreakdown.Build(plan);
         var warnings = Findings.Warnings(plan, breakdown);
         return new LoraReport
@@ -96,7 +96,7 @@ public sealed class LoraReport
             HiddenStates = hidden,
             Warnings = warnings,
             Recommendations = Findings.Recommend(plan, hidden, warnings),
-            Training = training.GetAwaiter().GetResult(),
+            Training = training,
         };
     }
 

@@ -183,7 +183,7 @@ public sealed record LayerActivations
                     }
                     case AdapterKind.Parameter:
                     {
-                        var elems = t.BaseShape.Aggregate(1L, (x, y) => x * y);
+                        var elems = Util.Shapes.Product(t.BaseShape);
                         var routed = t.NumExperts > 1 && moe.NumExperts > 0 ? moe.ExpertsPerToken : 1;
                         perToken += routed * a * t.InFeatures;
                         if (runtime == LoraRuntime.MoeLora && t.NumExperts > 1)

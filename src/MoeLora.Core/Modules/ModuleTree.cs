@@ -7,7 +7,7 @@ namespace MoeLora.Core.Modules;
 /// <param name="TiedTo">For a tied weight: the name of the parameter it is (then absent from named_parameters).</param>
 public sealed record ParameterNode(string Name, string LocalName, long[] Shape, string? TiedTo)
 {
-    public long NumElements => Shape.Aggregate(1L, (a, b) => a * b);
+    public long NumElements => Util.Shapes.Product(Shape);
 
     public bool IsTied => TiedTo is not null;
 
@@ -64,7 +64,10 @@ public sealed class ModuleNode
     public long NumExperts { get; init; }
 
     /// <summary>The last dotted segment (<c>q_proj</c>), or "" for the root.</summary>
-    public string LeafName => Name.Length == 0 ? "" : Name[(Name.LastIndexOf('.') + 1)..];
+    // Made once per module: the memory model and the findings compare leaf names of every module many times.
+    public string LeafName => _leafName ??= Name.Length == 0 ? "" : Name[(Name.LastIndexOf('.') + 1)..];
+
+    private string? _leafName;
 
     public ParameterNode? Parameter(string localName) => Parameters.FirstOrDefault(p => p.LocalName == localName);
 

@@ -22,7 +22,7 @@ public enum AdapterKind
 /// <param name="Trainable">False for an adapter tensor a LoRA variant keeps frozen (MiCA's lora_B): counted and saved, not trained.</param>
 public sealed record AdapterTensor(string RuntimeName, string? SavedKey, long[] Shape, bool Trainable = true)
 {
-    public long NumElements => Shape.Aggregate(1L, (a, b) => a * b);
+    public long NumElements => Util.Shapes.Product(Shape);
 }
 
 /// <summary>One adapter PEFT creates: a wrapped module, or a wrapped parameter of a module.</summary>
@@ -71,10 +71,27 @@ public sealed record AdapterTarget
 
     public required IReadOnlyList<AdapterTensor> Tensors { get; init; }
 
-    public long NumParameters => Tensors.Sum(t => t.NumElements);
+    // Plain loops: the analysis sums these over every target several times per run (LINQ allocated each time).
+    public long NumParameters
+    {
+        get
+        {
+            long n = 0;
+            for (var i = 0; i < Tensors.Count; i++) n += Tensors[i].NumElements;
+            return n;
+        }
+    }
 
     /// <summary>The part of <see cref="NumParameters"/> that trains (all of it unless a variant freezes a factor).</summary>
-    public long NumTrainableParameters => Tensors.Where(t => t.Trainable).Sum(t => t.NumElements);
+    public long NumTrainableParameters
+    {
+        get
+        {
+            long n = 0;
+            for (var i = 0; i < Tensors.Count; i++) if (Tensors[i].Trainable) n += Tensors[i].NumElements;
+            return n;
+        }
+    }
 
     /// <summary>Whether one adapter covers several experts as per-expert slices of fused A/B tensors.</summary>
     public bool IsPerExpertSlices => Kind == AdapterKind.Parameter && NumExperts > 1;
@@ -83,7 +100,7 @@ public sealed record AdapterTarget
 /// <summary>A base tensor made trainable besides the LoRA weights (bias modes, modules_to_save copies).</summary>
 public sealed record TrainableExtra(string RuntimeName, string? SavedKey, long[] Shape, string Reason, bool CountsInTotal)
 {
-    public long NumElements => Shape.Aggregate(1L, (a, b) => a * b);
+    public long NumElements => Util.Shapes.Product(Shape);
 }
 
 /// <summary>
@@ -112,12 +129,28 @@ public sealed class AdapterPlan
     public required IReadOnlyList<string> PeftWarnings { get; init; }
 
     /// <summary>Every LoRA tensor's elements, frozen ones included (they are allocated and saved).</summary>
-    public long LoraParameters => Targets.Sum(t => t.NumParameters);
+    public long LoraParameters
+    {
+        get
+        {
+            long n = 0;
+            for (var i = 0; i < Targets.Count; i++) n += Targets[i].NumParameters;
+            return n;
+        }
+    }
 
     public long ExtraTrainableParameters => Extras.Sum(e => e.NumElements);
 
     /// <summary><c>get_nb_trainable_parameters()[0]</c>.</summary>
-    public long TrainableParameters => Targets.Sum(t => t.NumTrainableParameters) + ExtraTrainableParameters;
+    public long TrainableParameters
+    {
+        get
+        {
+            long n = ExtraTrainableParameters;
+            for (var i = 0; i < Targets.Count; i++) n += Targets[i].NumTrainableParameters;
+            return n;
+        }
+    }
 
     /// <summary><c>get_nb_trainable_parameters()[1]</c>: base parameters + adapters + modules_to_save copies.</summary>
     public long AllParameters => Spec.Tree.NumParameters + LoraParameters + Extras.Where(e => e.CountsInTotal).Sum(e => e.NumElements);

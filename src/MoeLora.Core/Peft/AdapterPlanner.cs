@@ -290,9 +290,12 @@ public static class AdapterPlanner
         var result = new List<AdapterTarget>();
         foreach (var module in spec.Tree.Modules)
         {
-            if (module.Parameters.Count == 0) continue;
-            var matched = module.Parameters.Where(Matches).ToList();
-            if (matched.Count == 0) continue;
+            // A list only for the few modules with a matching parameter (one per module allocated about as much as
+            // the targets themselves).
+            List<ParameterNode>? matched = null;
+            foreach (var p in module.Parameters)
+                if (Matches(p)) (matched ??= []).Add(p);
+            if (matched is null) continue;
             if (module.Name.Length == 0 && version.RejectsRootParameters)
                 throw new PeftInjectionException("ValueError", $"Targeting the parameter '{matched[0].Name}' of the root module is not supported.");
             if (wrappedModules.Contains(module.Name))
@@ -430,8 +433,12 @@ public static class AdapterPlanner
     }
 
     /// <summary>How many <c>.base_layer</c> levels sit between each wrapped module and its original parameters.</summary>
-    private static Dictionary<string, int> WrapDepths(IEnumerable<AdapterTarget> targets) =>
-        targets.GroupBy(t => t.ModuleName).ToDictionary(g => g.Key, g => g.Count(), StringComparer.Ordinal);
+    private static Dictionary<string, int> WrapDepths(IEnumerable<AdapterTarget> targets)
+    {
+        var depth = new Dictionary<string, int>(StringComparer.Ordinal);
+        foreach (var t in targets) depth[t.ModuleName] = depth.GetValueOrDefault(t.ModuleName) + 1;
+        return depth;
+    }
 
     /// <summary>The runtime name of a base parameter once its module is wrapped <paramref name="depth"/> times.</summary>
     private static string WrappedName(ParameterNode p, string owner, int depth)
@@ -522,8 +529,13 @@ public static class AdapterPlanner
     /// <summary>Trainable tensors in PeftModel.named_parameters() order: module by module, inner wrappers first.</summary>
     private static List<AdapterTensor> OrderTrainable(ModuleTree tree, List<AdapterTarget> targets, List<TrainableExtra> extras)
     {
-        var byModule = targets.GroupBy(t => t.ModuleName).ToDictionary(
-            g => g.Key, g => g.OrderByDescending(t => t.WrapperPath.Length).SelectMany(t => t.Tensors).ToList(), StringComparer.Ordinal);
+        // Grouped by hand: LINQ's GroupBy/ToDictionary was a notable part of each plan, and a report plans three times.
+        var byModule = new Dictionary<string, List<AdapterTarget>>(StringComparer.Ordinal);
+        foreach (var t in targets)
+        {
+            if (!byModule.TryGetValue(t.ModuleName, out var group)) byModule[t.ModuleName] = group = [];
+            group.Add(t);
+        }
         var extraByModule = new Dictionary<string, List<AdapterTensor>>(StringComparer.Ordinal);
         foreach (var e in extras)
         {
@@ -535,7 +547,10 @@ public static class AdapterPlanner
         foreach (var m in tree.Modules)
         {
             if (extraByModule.TryGetValue(m.Name, out var ex)) ordered.AddRange(ex);
-            if (byModule.TryGetValue(m.Name, out var ts)) ordered.AddRange(ts);
+            if (!byModule.TryGetValue(m.Name, out var group)) continue;
+            // Outermost wrapper first (a stable order: nested ParamWrappers of one module).
+            foreach (var t in group.Count == 1 ? (IEnumerable<AdapterTarget>)group : group.OrderByDescending(t => t.WrapperPath.Length))
+                ordered.AddRange(t.Tensors);
         }
         return ordered;
     }

@@ -50,6 +50,10 @@ public sealed class TargetMatcher(LoraConfig config, PeftVersion version)
         return index is not null && config.LayersToTransform!.Contains(index.Value);
     }
 
+    // PEFT's default layer-index regexes (any ModuleList name), one string each instead of one per module.
+    private const string AnyLayer = ".*\\.[^.]*\\.(\\d+)\\.";
+    private const string AnyLayerLazy = ".*?\\.[^.]*\\.(\\d+)\\.";
+
     /// <summary>
     /// The index PEFT reads from a key: the first (≥ 0.20) or last (≤ 0.19) <c>.name.N.</c> group, or after one of the
     /// <c>layers_pattern</c> entries (first entry that matches wins).
@@ -60,7 +64,7 @@ public sealed class TargetMatcher(LoraConfig config, PeftVersion version)
         System.Text.RegularExpressions.Match? m = null;
         if (layersPattern is null || layersPattern.Count == 0 || layersPattern.All(string.IsNullOrEmpty))
         {
-            m = PyRegex.Match(lead + "\\.[^.]*\\.(\\d+)\\.", key);
+            m = PyRegex.Match(version.LazyLayerIndex ? AnyLayerLazy : AnyLayer, key);
         }
         else
         {
@@ -89,30 +93,62 @@ public sealed class TargetMatcher(LoraConfig config, PeftVersion version)
     /// </summary>
     public static T? PatternValue<T>(IReadOnlyList<KeyValuePair<string, T>> patterns, string key) where T : struct
     {
-        foreach (var kv in patterns)
+        // By index: foreach over the interface would allocate an enumerator for every module of every plan.
+        for (var i = 0; i < patterns.Count; i++)
         {
-            var hit = IsPlainPattern(kv.Key) && !key.Contains('\n')
-                ? PlainPatternMatches(kv.Key, key)
-                : PyRegex.MatchesAnchoredAtEnd("(.*\\.)?(" + kv.Key + ")$", key);
+            var kv = patterns[i];
+            var hit = IsSimplePattern(kv.Key, out var anyPrefix) && !key.Contains('\n')
+                ? SimplePatternMatches(kv.Key, anyPrefix, key)
+                : PyRegex.MatchesPatternKey(kv.Key, key);
             if (hit) return kv.Value;
         }
         return null;
     }
 
-    // Most rank/alpha keys are module paths such as "experts.gate_up_proj": letters, digits, '_' and '.' only. Such
-    // a regex has a fixed length and '.' is its only wildcard, so "(.*\.)?(key)$" reduces to a comparison of the
-    // key's last characters, without the regex engine (this runs for every module, in every re-plan of a report).
-    private static bool IsPlainPattern(string pattern) =>
-        pattern.Length > 0 && pattern.All(c => char.IsAsciiLetterOrDigit(c) || c is '_' or '.');
-
-    /// <summary>The same answer as the regex for a plain pattern and a key without line breaks: the key is the
-    /// pattern, or ends with "." and the pattern.</summary>
-    private static bool PlainPatternMatches(string pattern, string key)
+    // Most rank/alpha keys are module paths such as "experts.gate_up_proj", or, as PEFT's MoE conversion writes them,
+    // ".*\.gate_up_proj": an optional leading ".*", then letters, digits, '_', '.' (any character) and "\." (a dot)
+    // only. Such a regex has a fixed length after the ".*", so "(.*\.)?(key)$" reduces to a comparison of the key's
+    // last characters, without the regex engine (this runs for every module, in every re-plan of a report).
+    private static bool IsSimplePattern(string pattern, out bool anyPrefix)
     {
-        var start = key.Length - pattern.Length;
-        if (start < 0 || (start > 0 && key[start - 1] != '.')) return false;
-        for (int i = 0; i < pattern.Length; i++)
-            if (pattern[i] != '.' && pattern[i] != key[start + i]) return false;
+        anyPrefix = pattern.StartsWith(".*", StringComparison.Ordinal);
+        var i = anyPrefix ? 2 : 0;
+        if (i == pattern.Length) return false;
+        for (; i < pattern.Length; i++)
+        {
+            var c = pattern[i];
+            if (char.IsAsciiLetterOrDigit(c) || c is '_' or '.') continue;
+            if (c == '\\' && i + 1 < pattern.Length && pattern[i + 1] == '.')
+            {
+                i++;
+                continue;
+            }
+            return false;
+        }
         return true;
+    }
+
+    /// <summary>The same answer as the regex for a simple pattern and a key without line breaks: the key's last
+    /// characters match the pattern (after its ".*"), and without a ".*" they are the whole key or follow a ".".</summary>
+    private static bool SimplePatternMatches(string pattern, bool anyPrefix, string key)
+    {
+        var stop = anyPrefix ? 2 : 0;
+        var k = key.Length;
+        for (var p = pattern.Length - 1; p >= stop; p--)
+        {
+            if (--k < 0) return false;
+            var c = pattern[p];
+            // A backslash only ever escapes the dot after it (IsSimplePattern), so "\." read backwards is a literal dot.
+            if (c == '.' && p > stop && pattern[p - 1] == '\\')
+            {
+                if (key[k] != '.') return false;
+                p--;
+            }
+            else if (c != '.' && c != key[k])
+            {
+                return false;
+            }
+        }
+        return anyPrefix || k == 0 || key[k - 1] == '.';
     }
 }
