@@ -474,20 +474,6 @@ def load_settings(args):
     return s, base
 
 
-def fsdp_plugin(s):
-    """FSDP2 (the plan's accelerate config, fsdp_version 2): gradients reduced in fp32. PEFT keeps LoRA weights in fp32
-    (autocast_adapter_dtype) while accelerate's bf16 policy would reduce their gradients in bf16, which torch refuses to
-    assign to an fp32 parameter. Compute stays in the plan's dtype. None (accelerate's own choice) for every other launch."""
-    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() != "true" or os.environ.get("FSDP_VERSION", "1") != "2":
-        return None
-    from accelerate import FullyShardedDataParallelPlugin
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    dtype = getattr(torch, DTYPES[s["dtype"]])
-    return FullyShardedDataParallelPlugin(fsdp_version=2, mixed_precision_policy=MixedPrecisionPolicy(
-        param_dtype=dtype, reduce_dtype=torch.float32))
-
-
 def memory_peak_report(top=12):
     """MOELORA_MEMTRACE=2: replays the allocator's recorded history of the first step and prints the blocks alive at
     its peak, largest first, with the Python line that allocated each (to see what a plan's memory terms miss)."""
@@ -531,8 +517,7 @@ def main(argv=None):
     s, base = load_settings(args)
     # LoRA on a part a text batch never reaches (a vision tower) gets no gradient: DDP must look for such parameters.
     # Gradient accumulation is done by hand below, as in the C# trainer.
-    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-                              fsdp_plugin=fsdp_plugin(s))
+    accelerator = Accelerator(kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     say = accelerator.print
     if accelerator.distributed_type == DistributedType.DEEPSPEED and s["gradient_accumulation"] != 1:
         # accelerate steps the DeepSpeed engine inside every backward(); accumulation belongs in its JSON config.
@@ -576,7 +561,11 @@ def main(argv=None):
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=s["lr"],
                                   weight_decay=s["weight_decay"])  # betas (0.9, 0.999), eps 1e-8: as the C# AdamW
     model, optimizer = accelerator.prepare(model, optimizer)
-    peft_model = accelerator.unwrap_model(model)
+    # With mixed_precision bf16/fp16 accelerate wraps forward in autocast and converts every output to fp32: a second,
+    # fp32 copy of the logits and of each hidden state (measured on an H100: 3 GiB over the plan's prediction for a
+    # Qwen1.5-MoE circuit-breaker step). The weights are already in the plan's dtype and PEFT casts around its fp32
+    # adapters itself, as the C# trainer does: drop that wrapper (FSDP's own mixed-precision policy stays).
+    peft_model = accelerator.unwrap_model(model, keep_fp32_wrapper=False)
     params = [p for p in model.parameters() if p.requires_grad]
     if accelerator.is_main_process:
         os.makedirs(out, exist_ok=True)
