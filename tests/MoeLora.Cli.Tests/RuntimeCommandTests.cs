@@ -51,6 +51,22 @@ public sealed class RuntimeCommandTests : IDisposable
     }
 
     [Fact]
+    public void LoadModel_memory_phases_leave_out_the_W_plus_delta_W_PEFT_would_build()
+    {
+        // MoeLora's experts run fused-expert LoRA as low-rank products: the predicted backward phase is weights,
+        // adapters, their gradients and activations, with PEFT's materialised W+ΔW only reported beside it.
+        var json = Path.Combine(_tmp, "r.json");
+        var (code, err) = Run("report", Path.Combine(Fixture("qwen3_moe"), "model"), "--load-model", "--init", "random",
+            "--target-parameters", "mlp.experts.gate_up_proj,mlp.experts.down_proj", "--seq-length", "8", "--format", "json", "-o", json);
+        Assert.True(code == 0, err);
+        var root = JsonNode.Parse(File.ReadAllText(json))!;
+        var memory = root["measured"]!["memory"]!;
+        long materialized = memory["peft_materialized_expert_bytes"]!.GetValue<long>();
+        Assert.True(materialized > 0);
+        Assert.All(memory["phases"]!.AsArray(), p => Assert.DoesNotContain("W+ΔW", p!["detail"]!.GetValue<string>()));
+    }
+
+    [Fact]
     public void LoadModel_refuses_a_model_that_does_not_fit_before_loading()
     {
         LoadModelMeasurement.AvailableBytesOverride = 1024;

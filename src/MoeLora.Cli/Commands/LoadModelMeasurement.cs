@@ -272,7 +272,7 @@ internal static class LoadModelMeasurement
             sb.Append(". Hidden-state and adapter figures are exact by construction of the runtime (same shapes and dtypes as transformers + PEFT);");
             sb.Append($" the forward grew the resident set by {Units.Bytes(ForwardRssGrowthBytes)} (hidden states + logits + transients, less memory reused from earlier allocations).");
             if (Prediction.MaterializedExpertBytes > 0)
-                sb.Append($" Fused-expert LoRA materialises W+ΔW for every adapted expert tensor during forward+backward ({Units.Bytes(Prediction.MaterializedExpertBytes)} at batch 1), as PEFT's ParamWrapper does.");
+                sb.Append($" MoeLora applies fused-expert LoRA as low-rank products and never builds W+ΔW; PEFT's ParamWrapper builds it for every adapted expert tensor during forward+backward ({Units.Bytes(Prediction.MaterializedExpertBytes)} at batch 1), which this prediction leaves out.");
             return sb.ToString();
         }
 
@@ -306,6 +306,8 @@ internal static class LoadModelMeasurement
                 ["device_after_build_bytes"] = DeviceAfterBuildBytes,
                 ["checkpoint_bytes"] = CheckpointBytes,
                 ["phases"] = new JsonArray(Prediction.Phases.Select(p => (JsonNode)new JsonObject { ["name"] = p.Name, ["bytes"] = p.Bytes, ["detail"] = p.Detail }).ToArray()),
+                // What PEFT's ParamWrapper would build (W+ΔW of every adapted fused-expert tensor); not part of MoeLora's phases.
+                ["peft_materialized_expert_bytes"] = Prediction.MaterializedExpertBytes,
             },
             ["steps"] = new JsonObject(Steps.Select(x => KeyValuePair.Create(x.Mode, (JsonNode?)x.ToJson()))),
             ["gradient_flow"] = new JsonArray(Flow.Select(f => (JsonNode)new JsonObject
@@ -369,7 +371,9 @@ internal sealed record MemoryPrediction(IReadOnlyList<(string Name, long Bytes, 
         {
             ("load", load, loadDetail),
             ("forward", weights + adapters + forward, $"weights + adapters + all hidden states, logits, one layer's attention scores at batch {hs.BatchSize} x {hs.SeqLength}"),
-            ("backward", weights + 2 * adapters + materialized + gradAct, $"weights + adapters and their gradients + materialised expert W+ΔW + activations of {gradTokens} tokens"),
+            // MoeLora's experts apply fused-expert LoRA as low-rank products (Experts: x·Aᵀ·Bᵀ per expert segment) and never
+            // build W+ΔW, unlike PEFT's ParamWrapper: `materialized` is reported beside the phases, not added to them.
+            ("backward", weights + 2 * adapters + gradAct, $"weights + adapters and their gradients + activations of {gradTokens} tokens"),
         };
         long required = weights + adapters;
         var summary = $"{Units.Bytes(weights)} of {r.Options.DType.Name()} weights for {Units.Count(spec.Tree.NumParameters)} parameters + {Units.Bytes(adapters)} of fp32 adapters";
