@@ -76,6 +76,22 @@ public class FindingsTests
         Assert.Equal(2 * 3 * 16 * (192 + 64), r.Plan.Targets.Where(t => t.Location == ModuleLocation.RoutedExpert).Sum(t => t.NumParameters));
     }
 
+    // DeepSeek-V4's o_a_proj is an nn.Linear subclass used block-diagonally: PEFT wraps it (all-linear reaches it) and
+    // saves the adapter, but the forward fails. all-linear warns; the attention targets without it do not.
+    [Fact]
+    public void Lora_on_deepseek_v4_grouped_o_a_proj_warns_that_the_forward_fails()
+    {
+        var spec = ArchitectureRegistry.Build(new ModelConfig(new System.Text.Json.Nodes.JsonObject { ["model_type"] = "deepseek_v4" }), Layout.V5);
+        var all = LoraReport.Build(spec, new LoraConfig { R = 8, LoraAlpha = 16, TargetModules = ModuleSelector.Regex("all-linear") }, null, new ReportOptions());
+        var w = Assert.Single(all.Warnings, x => x.Code == "peft_forward_fails");
+        int layers = (int)spec.NumHiddenLayers;
+        Assert.StartsWith($"{layers} adapters sit on DeepseekV4GroupedLinear modules", w.Message);
+        Assert.Contains("o_a_proj", w.Message);
+        var without = LoraReport.Build(spec, Targets(["q_b_proj", "kv_proj", "o_b_proj"]), null, new ReportOptions());
+        Assert.DoesNotContain("peft_forward_fails", Codes(without));
+        Assert.True(without.Plan.Targets.Count > 0);
+    }
+
     // transformers 5.17 builds Doge with is_moe but its forward fails: the report says so, the dense Doge does not warn,
     // and the runtime refuses the MoE one in one line naming the cause.
     [Fact]

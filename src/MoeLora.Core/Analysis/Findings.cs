@@ -20,6 +20,14 @@ public static class Findings
         var list = new List<Finding>();
         if (spec.TransformersForwardFails is { } fails) list.Add(new("transformers_forward_fails", fails));
         var byLoc = plan.Targets.GroupBy(t => t.Location).ToDictionary(g => g.Key, g => g.Count());
+        var brokenForward = plan.Targets.Where(t => t.Kind == AdapterKind.Linear)
+            .Select(t => spec.Tree.Find(t.ModuleName)).OfType<ModuleNode>()
+            .Select(m => (m, Why: PeftModelTables.LoraForwardFails(m.ClassName))).Where(x => x.Why is not null).ToList();
+        if (brokenForward.Count > 0)
+            list.Add(new("peft_forward_fails",
+                $"{brokenForward.Count} adapters sit on {brokenForward[0].m.ClassName} modules (e.g. {brokenForward[0].m.Name}): PEFT {plan.Version} " +
+                $"creates and saves them, but the model's forward then fails ({brokenForward[0].Why}). Leave {brokenForward[0].m.Name.Split('.')[^1]} " +
+                "out of target_modules (or exclude_modules it)."));
 
         if (spec.Moe.IsMoe && !byLoc.ContainsKey(ModuleLocation.RoutedExpert))
         {

@@ -47,6 +47,20 @@ public static class PeftModelTables
     public static bool RejectsMambaTargets(string modelType, string leafName) =>
         MambaModelTypes.Contains(modelType) && leafName is "out_proj" or "conv1d";
 
+    /// <summary>
+    /// nn.Linear subclasses whose own forward reshapes the weight, so PEFT 0.21 wraps them as a plain
+    /// <c>lora.Linear</c> (they count as adapters and are saved) but the LoRA term it adds has the wrong shape and the
+    /// forward fails: why, per transformers class name; null for every other class.
+    /// </summary>
+    public static string? LoraForwardFails(string className) => className switch
+    {
+        // transformers 5.17: the weight [groups·rank, in] is used block-diagonally, the output is [..., groups, rank],
+        // while lora_B(lora_A(x)) gives [..., groups, groups·rank].
+        "DeepseekV4GroupedLinear" => "a block-diagonal grouped projection: its output is [..., groups, rank] per group, " +
+            "while the LoRA term PEFT adds is [..., groups, groups·rank]",
+        _ => null,
+    };
+
     private static readonly HashSet<string> MambaModelTypes = new(StringComparer.Ordinal)
     {
         "falcon_h1", "mamba", "mamba2", "falcon_mamba", "nemotron_h"
