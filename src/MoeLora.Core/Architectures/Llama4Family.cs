@@ -101,9 +101,13 @@ internal sealed class Llama4Family : IArchitecture
             DecoderLayersPath = prefix + "model.layers",
             InputEmbeddings = prefix + "model.embed_tokens",
             OutputEmbeddings = prefix + "lm_head",
-            Runtime = multimodal ? null : TextRuntime(text, vocab, hidden, inter, interMlp, layers, heads, kv, headDim, experts, topK,
-                useQkNorm, attnBias, tie, act, moeSet, noRope),
-            RuntimeUnavailable = multimodal ? "the vision tower and multimodal projector (llama4); a llama4_text config runs" : null,
+            // The multimodal class runs text only (transformers never calls the vision tower without pixel_values): its
+            // tower and projector are built inert, the text model under language_model.
+            Runtime = TextRuntime(text, vocab, hidden, inter, interMlp, layers, heads, kv, headDim, experts, topK,
+                useQkNorm, attnBias, tie, act, moeSet, noRope) with
+            {
+                Towers = multimodal ? new InertTowers(["vision_model", "multi_modal_projector"], "language_model", []) : null,
+            },
         };
     }
 

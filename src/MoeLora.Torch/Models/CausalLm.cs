@@ -29,7 +29,8 @@ public sealed class CausalLmOutput : IDisposable
 /// <summary>
 /// <c>XForCausalLM</c>: <c>model.embed_tokens</c>, <c>model.layers.{i}</c>, <c>model.norm</c>, <c>model.rotary_emb</c>
 /// (or the family's <see cref="ModelNames"/>), then <c>lm_head</c>, built by <see cref="ModelBuilder"/> from Core's <see cref="ModelSpec.Runtime"/>; this class
-/// runs the shared forward.
+/// runs the shared forward. A multimodal model (<see cref="DecoderRuntime.Towers"/>) holds these under its text prefix,
+/// beside inert towers: its forward is transformers' text-only forward (input_ids, no pixel or audio inputs).
 /// </summary>
 public sealed class CausalLm : HfModule, IDisposable
 {
@@ -54,7 +55,15 @@ public sealed class CausalLm : HfModule, IDisposable
     {
         Spec = spec; Runtime = runtime; DType = init.DType; Device = init.Device;
         var names = runtime.Names ?? ModelNames.Llama;
-        var model = AddChild(names.Root, new ModelRoot(runtime.EmbeddingAffine, runtime.HiddenSize, init));
+        // A multimodal model: its towers (built, never run) around the text model, whose children sit under the prefix.
+        Func<string, HfModule, HfModule> add = (n, m) => AddChild(n, m);
+        if (runtime.Towers is { } towers)
+        {
+            foreach (var t in towers.Before) Towers.Add(AddChild(t, InertTower.Build(spec.Tree, t, init)));
+            var text = AddChild(towers.TextPrefix, new Container());
+            add = (n, m) => text.Add(n, m);
+        }
+        var model = (ModelRoot)add(names.Root, new ModelRoot(runtime.EmbeddingAffine, runtime.HiddenSize, init));
         _model = model;
         // The rotary module is parameter-free, present in named_modules as in transformers (where the family has one).
         if (names is { Rotary: { } first, RotaryFirst: true }) model.Add(first, new Container());
@@ -67,9 +76,14 @@ public sealed class CausalLm : HfModule, IDisposable
         if (runtime.EmbeddingNorm is { } en) _embedNorm = (INorm)model.Add(en.Name, Norms.Create(runtime.HiddenSize, en.Norm, init));
         if (names is { Rotary: { } after, RotaryBeforeNorm: false, RotaryFirst: false }) model.Add(after, new Container());
         if (runtime.HyperConnections is { } hc) _hcHead = model.Add(hc.HeadName, new HyperHead(runtime.HiddenSize, hc, init));
-        _lmHead = AddChild("lm_head", new Linear(runtime.HiddenSize, runtime.VocabSize, runtime.LmHeadBias, init));
+        _lmHead = (Linear)add("lm_head", new Linear(runtime.HiddenSize, runtime.VocabSize, runtime.LmHeadBias, init));
         if (runtime.TieWordEmbeddings) _lmHead.TieTo(_embed.weight);
+        if (runtime.Towers is { } closing)
+            foreach (var t in closing.After) Towers.Add(AddChild(t, InertTower.Build(spec.Tree, t, init)));
     }
+
+    /// <summary>A multimodal model's vision/audio towers and projectors: built with their parameters, never run.</summary>
+    public List<InertTower> Towers { get; } = [];
 
     public int NumLayers => _layers.Count;
 

@@ -25,6 +25,8 @@ namespace MoeLora.Core.Architectures.Runtime;
 /// final norm (Inkling's <c>embed_norm</c>); hidden_states[0] is its output. Null: none.</param>
 /// <param name="HyperConnections">The residual stream is several parallel streams mixed around each sublayer (HY-V4);
 /// null: one stream.</param>
+/// <param name="Towers">A multimodal model's vision/audio towers, registered around the text model but never run (a
+/// text-only forward of transformers' multimodal class is its text decoder's forward); null: a text-only model.</param>
 public sealed record DecoderRuntime(
     long VocabSize,
     long HiddenSize,
@@ -39,7 +41,19 @@ public sealed record DecoderRuntime(
     (string Scale, string Bias)? EmbeddingAffine = null,
     bool ResidualInFp32 = false,
     NamedNorm? EmbeddingNorm = null,
-    HyperConnectionSettings? HyperConnections = null);
+    HyperConnectionSettings? HyperConnections = null,
+    InertTowers? Towers = null);
+
+/// <summary>
+/// A multimodal model run on text only, as transformers runs it when given only input_ids: the towers' subtrees
+/// (top-level modules of Core's tree, e.g. <c>vision_model</c> and <c>multi_modal_projector</c>) are built with exactly
+/// Core's parameters (so PEFT targets in them are injected, counted, saved and loaded), but have no forward; the text
+/// model's <c>model</c> and <c>lm_head</c> sit under <paramref name="TextPrefix"/>.
+/// </summary>
+/// <param name="Before">Tower modules registered before the text model, in tree order.</param>
+/// <param name="TextPrefix">The module holding the text model's children (Llama 4: <c>language_model</c>).</param>
+/// <param name="After">Tower modules registered after it (e.g. an audio tower), in tree order.</param>
+public sealed record InertTowers(IReadOnlyList<string> Before, string TextPrefix, IReadOnlyList<string> After);
 
 /// <summary>
 /// One pre-norm decoder layer: <c>h = x + attn(input_layernorm(x))</c>, <c>out = h + ff(post_attention_layernorm(h))</c>,
