@@ -1,0 +1,145 @@
+using System.IO.Compression;
+using System.Text.Json.Nodes;
+using MoeLora.Torch.IO;
+using MoeLora.Torch.Lora;
+using MoeLora.Torch.Models;
+using MoeLora.Torch.Nn;
+using MoeLora.Torch.Runtime;
+using TorchSharp;
+using static TorchSharp.torch;
+
+namespace MoeLora.Torch.Tests;
+
+/// <summary>
+/// A multimodal model runs text only, as transformers does given only input_ids: its towers are built from Core's tree
+/// (the tiny Llama4ForConditionalGeneration config transformers 5.17 built for the Core oracle) but never run.
+/// </summary>
+public sealed class MultimodalTowerTests : IDisposable
+{
+    public MultimodalTowerTests() => TorchRuntime.EnsureInitialized();
+
+    readonly string _tmp = Directory.CreateTempSubdirectory("moelora-towers-").FullName;
+    public void Dispose() => Directory.Delete(_tmp, recursive: true);
+
+    static JsonObject Config()
+    {
+        using var gz = new GZipStream(File.OpenRead(Path.Combine(AppContext.BaseDirectory, "Data", "oracle", "tiny_models.json.gz")), CompressionMode.Decompress);
+        var config = JsonNode.Parse(gz)!["models"]!["llama4"]!["input_config"]!.AsObject();
+        Assert.Equal("Llama4ForConditionalGeneration", config["architectures"]![0]!.GetValue<string>());
+        return config;
+    }
+
+    static readonly long[][] Ids = [[3, 17, 64, 5, 99, 2, 41, 8], [0, 0, 7, 120, 33, 6, 90, 12]];
+
+    static string Names(CausalLm m, string prefix) =>
+        string.Join(",", m.NamedParameters().Where(p => p.Name.StartsWith(prefix, StringComparison.Ordinal)).Select(p => p.Name));
+
+    [Fact]
+    public void TowersHoldCoresParametersAndTheTextModelSitsUnderLanguageModel()
+    {
+        var config = Config();
+        using var h = new DisposableModel(TorchModelFactory.Random(config.ToJsonString(), 0));
+        Assert.Equal(["vision_model", "multi_modal_projector"], h.Model.Towers.Select(t => t.Prefix));
+        var tree = h.Model.Spec.Tree;
+        // Every Linear node of the towers is a real Linear (a LoRA target), every other tensor a plain parameter.
+        var modules = h.Model.NamedModules().ToDictionary(m => m.Name, m => m.Module);
+        foreach (var node in tree.Modules.Where(n => n.Name.StartsWith("vision_model.", StringComparison.Ordinal) || n.Name.StartsWith("multi_modal_projector.", StringComparison.Ordinal)))
+            Assert.True(node.Kind == Core.Modules.ModuleKind.Linear ? modules[node.Name] is Linear : modules[node.Name] is InertModule, node.Name);
+        Assert.Contains(modules.Keys, n => n == "language_model.model.layers.3.self_attn.q_proj");
+        Assert.NotEmpty(Names(h.Model, "vision_model.model.layers.1.mlp.fc2."));
+    }
+
+    [Fact]
+    public void TextOnlyLogitsEqualTheTextModelsOnTheSameWeights()
+    {
+        var config = Config();
+        using var mm = new DisposableModel(TorchModelFactory.Random(config.ToJsonString(), 0));
+        // What AutoModelForCausalLM builds from the text config alone, with other random weights, then the multimodal
+        // model's text weights copied across.
+        using var text = new DisposableModel(TorchModelFactory.Random(config["text_config"]!.ToJsonString(), 1));
+        var mmState = mm.Model.StateDict().ToDictionary(s => s.Name, s => s.Value);
+        using var ids = tensor(Ids.SelectMany(r => r).ToArray(), [2, 8]);
+        using var mask = tensor(new long[] { 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1 }, [2, 8]);
+        using var _ = no_grad();
+        using (var before = text.Model.Forward(ids, mask))
+        using (var ref0 = mm.Model.Forward(ids, mask))
+            Assert.False(before.Logits.allclose(ref0.Logits, 1e-3, 1e-3), "different weights should give different logits");
+        var copied = 0;
+        foreach (var (name, t) in text.Model.StateDict()) { t.copy_(mmState["language_model." + name]); copied++; }
+        Assert.Equal(mmState.Count - mm.Model.Towers.Sum(tw => tw.StateDict().Count()), copied);
+        using var a = mm.Model.Forward(ids, mask, outputHiddenStates: true);
+        using var b = text.Model.Forward(ids, mask, outputHiddenStates: true);
+        Assert.True(a.Logits.bytes.SequenceEqual(b.Logits.bytes));
+        Assert.Equal(b.HiddenStates.Count, a.HiddenStates.Count);
+    }
+
+    [Fact]
+    public void AdaptersLandInTheTowerAsPlannedAndGetNoGradientFromText()
+    {
+        using var h = new DisposableModel(TorchModelFactory.Random(Config().ToJsonString(), 0));
+        // init_lora_weights=false: both factors random, so every adapter the text reaches has nonzero gradients.
+        var plan = LoraInjector.Plan(h.Model, """{"r": 2, "lora_alpha": 4, "init_lora_weights": false, "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj"]}""");
+        var adapter = LoraInjector.Inject(h.Model, plan); // checks the trainable tensors against Core's plan
+        var vision = adapter.Wrappers.Where(w => w.Module.StartsWith("vision_model.", StringComparison.Ordinal)).ToList();
+        Assert.Equal(2 * 4, vision.Count); // 2 vision encoder layers × q/k/v/o
+        Assert.Equal(4 * 4, adapter.Wrappers.Count(w => w.Module.StartsWith("language_model.", StringComparison.Ordinal)));
+        Assert.Contains(LoraInjector.PeftNamedParameters(h.Model), p => p.Name == "base_model.model.vision_model.model.layers.1.self_attn.o_proj.lora_B.default.weight");
+
+        h.Model.Train();
+        using var ids = tensor(Ids[0], [1, 8]);
+        using (var o = h.Model.Forward(ids))
+        using (var loss = o.Logits.pow(2).mean())
+            loss.backward();
+        foreach (var (name, p) in LoraInjector.PeftNamedParameters(h.Model))
+        {
+            var inTower = name.StartsWith("base_model.model.vision_model.", StringComparison.Ordinal);
+            // As in transformers: a module the forward never runs gets no gradient at all.
+            if (inTower) Assert.True(p.grad is null || p.grad.count_nonzero().item<long>() == 0, name);
+            else Assert.True(p.grad is { } g && g.count_nonzero().item<long>() > 0, name);
+        }
+
+        // Saved and loaded like any other adapter: tower adapters included, values kept.
+        var dir = Path.Combine(_tmp, "adapter");
+        LoraInjector.SavePeftAdapter(h.Model, adapter, dir);
+        using var fresh = new DisposableModel(TorchModelFactory.Random(Config().ToJsonString(), 0));
+        LoraInjector.LoadPeftAdapter(fresh.Model, dir);
+        var saved = LoraInjector.PeftNamedParameters(h.Model).ToDictionary(p => p.Name, p => p.Param);
+        var loaded = LoraInjector.PeftNamedParameters(fresh.Model).ToList();
+        Assert.Equal(saved.Keys, loaded.Select(p => p.Name));
+        Assert.All(loaded, p => Assert.True(p.Param.bytes.SequenceEqual(saved[p.Name].bytes), p.Name));
+    }
+
+    [Fact]
+    public void CheckpointsFillTheTowers()
+    {
+        var config = Config().ToJsonString();
+        var dir = Path.Combine(_tmp, "ckpt");
+        Directory.CreateDirectory(dir);
+        File.WriteAllText(Path.Combine(dir, "config.json"), config);
+        using var source = new DisposableModel(TorchModelFactory.Random(config, 3));
+        Safetensors.Save(Path.Combine(dir, "model.safetensors"), source.Model.StateDict().Select(s => new KeyValuePair<string, Tensor>(s.Name, s.Value)));
+        using var loaded = new DisposableModel(TorchModelFactory.Load(dir));
+        var expected = source.Model.StateDict().ToDictionary(s => s.Name, s => s.Value);
+        var towerNames = loaded.Model.StateDict().Where(s => s.Name.StartsWith("vision_model.", StringComparison.Ordinal) || s.Name.StartsWith("multi_modal_projector.", StringComparison.Ordinal)).ToList();
+        Assert.NotEmpty(towerNames);
+        Assert.All(loaded.Model.StateDict(), s => Assert.True(s.Value.bytes.SequenceEqual(expected[s.Name].bytes), s.Name));
+        // A checkpoint missing a tower tensor is refused like any other missing tensor.
+        Safetensors.Save(Path.Combine(dir, "model.safetensors"), source.Model.StateDict().Where(s => s.Name != "vision_model.class_embedding")
+            .Select(s => new KeyValuePair<string, Tensor>(s.Name, s.Value)));
+        var e = Assert.Throws<InvalidDataException>(() => TorchModelFactory.Load(dir));
+        Assert.Contains("missing: vision_model.class_embedding", e.Message);
+    }
+
+    [Fact]
+    public void RunningATowerIsRefusedInOneLine()
+    {
+        using var h = new DisposableModel(TorchModelFactory.Random(Config().ToJsonString(), 0));
+        using var pixels = zeros(1, 3, 28, 28);
+        foreach (var tower in h.Model.Towers)
+        {
+            var e = Assert.Throws<NotSupportedException>(() => tower.Forward(pixels));
+            Assert.StartsWith("MoeLora's runtime runs text only: pixel/audio inputs are not supported", e.Message);
+            Assert.DoesNotContain('\n', e.Message);
+        }
+    }
+}
