@@ -50,6 +50,36 @@ public sealed class RuntimeCommandTests : IDisposable
         Assert.Equal(root["lora"]!["trainable_parameters"]!.GetValue<long>(), root["measured"]!["trainable_parameters"]!.GetValue<long>());
     }
 
+    // A tiny Llama4ForConditionalGeneration (the project's default model's class): vision tower, projector, text model.
+    const string TinyLlama4Multimodal = """
+        {"model_type": "llama4", "architectures": ["Llama4ForConditionalGeneration"],
+         "vision_config": {"model_type": "llama4_vision_model", "hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+           "intermediate_size": 48, "vision_output_dim": 64, "image_size": 28, "patch_size": 14, "projector_input_dim": 64, "projector_output_dim": 64},
+         "text_config": {"model_type": "llama4_text", "vocab_size": 128, "hidden_size": 64, "intermediate_size": 96, "intermediate_size_mlp": 96,
+           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "num_local_experts": 4,
+           "num_experts_per_tok": 1, "interleave_moe_layer_step": 2, "attention_chunk_size": 32}}
+        """;
+
+    [Fact]
+    public void LoadModel_random_init_on_a_multimodal_llama4_builds_its_tower_inert_and_counts_its_adapters()
+    {
+        var dir = Path.Combine(_tmp, "llama4");
+        Directory.CreateDirectory(dir);
+        File.WriteAllText(Path.Combine(dir, "config.json"), TinyLlama4Multimodal);
+        var json = Path.Combine(_tmp, "r.json");
+        var (code, err) = Run("report", dir, "--load-model", "--init", "random", "--target-modules", "q_proj,k_proj,v_proj,o_proj",
+            "--seq-length", "8", "--format", "json", "-o", json);
+        Assert.True(code == 0, err);
+        var root = JsonNode.Parse(File.ReadAllText(json))!;
+        var m = root["measured"]!;
+        foreach (var row in m["rows"]!.AsArray())
+            if (row!["figure"]!.GetValue<string>() != "process peak (VmHWM)")
+                Assert.True(row["note"]!.GetValue<string>() == "equal", $"{row["figure"]}: {row["predicted"]} vs {row["measured"]}");
+        // 2 vision encoder layers and 2 text layers, q/k/v/o each: the tower's adapters are built and counted too.
+        Assert.Equal(16, m["adapter_instances"]!.GetValue<int>());
+        Assert.Equal(root["lora"]!["trainable_parameters"]!.GetValue<long>(), m["trainable_parameters"]!.GetValue<long>());
+    }
+
     [Fact]
     public void LoadModel_memory_phases_leave_out_the_W_plus_delta_W_PEFT_would_build()
     {
