@@ -11,7 +11,7 @@ namespace MoeLora.Core.Architectures;
 /// [E, H, 2I], fc2 weight [E, I, H], stored (E, in, out) without is_transposed, so PEFT swaps in and out), and one
 /// shared MLP of <c>moe_num_shared_experts · intermediate_size</c>. The multimodal model nests an Idefics3 vision
 /// tower, the Aria projector (learned queries, cross-attention with an nn.MultiheadAttention, an MLP to the text
-/// width) and <c>model.language_model</c>.
+/// width) and <c>model.language_model</c>; the runtime runs it on text, the tower and projector built but never run.
 /// <para>
 /// <see cref="Layout.V4"/> is the on-disk layout: the same modules, but the multimodal checkpoint keeps the Llava
 /// names transformers 5 converts from (<c>vision_tower.*</c>, <c>multi_modal_projector.*</c>,
@@ -92,14 +92,21 @@ internal sealed class AriaFamily : IArchitecture
             }
         }
 
+        // The towers sit beside the text model: model.vision_tower in transformers 5, vision_tower on disk.
+        var towerRoot = layout == Layout.V5 ? "model." : "";
         var moe = new MoeFacts(experts, topK, shared, inter, inter * shared, Enumerable.Range(0, (int)layers).ToList(), [],
             $"top-{topK} of {experts} router logits, softmax over those {topK}, plus {shared} shared experts (one MLP)");
         return Blocks.NestedSpec(c, text, c.ModelType!, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act, textModel,
             lmHead) with
         {
-            RuntimeUnavailable = multimodal ? "Aria's Idefics3 vision tower and multi-modal projector" : null,
-            Runtime = multimodal ? null : Runtime(text, vocab, hidden, layers, heads, kv, headDim, attnBias, experts, topK, shared, inter,
-                mlpBias, act, tie),
+            // The multimodal class runs text only (no pixel_values: transformers never calls the vision tower): its tower
+            // and projector are built inert, the text model at its path.
+            Runtime = Runtime(text, vocab, hidden, layers, heads, kv, headDim, attnBias, experts, topK, shared, inter,
+                mlpBias, act, tie) with
+            {
+                Towers = multimodal ? InertTowers.Before([towerRoot + "vision_tower", towerRoot + "multi_modal_projector"],
+                    textModel, lmHead) : null,
+            },
         };
     }
 

@@ -106,7 +106,7 @@ internal sealed class Llama4Family : IArchitecture
             Runtime = TextRuntime(text, vocab, hidden, inter, interMlp, layers, heads, kv, headDim, experts, topK,
                 useQkNorm, attnBias, tie, act, moeSet, noRope) with
             {
-                Towers = multimodal ? new InertTowers(["vision_model", "multi_modal_projector"], "language_model", []) : null,
+                Towers = multimodal ? InertTowers.Before(["vision_model", "multi_modal_projector"], "language_model.model", "language_model.lm_head") : null,
             },
         };
     }

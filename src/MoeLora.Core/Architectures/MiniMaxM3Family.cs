@@ -14,7 +14,7 @@ namespace MoeLora.Core.Architectures;
 /// <c>encoder.layers</c> and <c>patch_embedding</c>, the projector's merge MLP as <c>patch_merge_mlp</c>,
 /// <c>mlp</c> → <c>block_sparse_moe</c> everywhere, per-expert <c>w1/w2/w3</c>, gate_up_proj split into
 /// gate_proj/up_proj, the indexer's modules as <c>self_attn.index_*</c>); containers that exist only on disk are
-/// plain Modules.
+/// plain Modules. The runtime runs the multimodal class on text, its tower and projector built but never run.
 /// <para>
 /// Text layers: attention with per-head Gemma-style q/k norms, plus a lightning indexer (q_proj, k_proj, q/k norms)
 /// on <c>minimax_m3_sparse</c> layers of <c>layer_types</c>; <c>mlp_layer_types</c> picks the MoE block (TopK
@@ -120,15 +120,21 @@ internal sealed class MiniMaxM3Family : IArchitecture
             $"sigmoids renormalised, scaled by {text.Double("routed_scaling_factor", 2.0)}, plus a shared expert";
         var moe = new MoeFacts(t.Experts, t.TopK, 1, t.Inter, t.SharedInter, moeLayers, denseLayers, routing);
         var spec = Blocks.Spec(c, c.ModelType!, b.Build(), moe, t.Hidden, t.Layers, t.Vocab, t.Heads, t.Kv, tie, "silu");
+        var sparse = layerTypes?.Contains("minimax_m3_sparse") == true;
         if (!multimodal)
         {
-            if (layerTypes?.Contains("minimax_m3_sparse") == true)
+            if (sparse)
                 return spec with { RuntimeUnavailable = "MiniMax-M3's sparse attention layers (the Lightning Indexer's block selection)" };
             return spec with { Runtime = TextRuntime(text, t, moeSet) };
         }
+        // The multimodal class runs text only (no pixel_values: transformers never calls the vision tower): its tower and
+        // projector (and the on-disk patch_merge_mlp) are built inert, the text decoder at its path.
+        var towers = disk ? InertTowers.Before(["vision_tower", "multi_modal_projector", "patch_merge_mlp"], "language_model.model", "language_model.lm_head")
+            : InertTowers.Before(["model.vision_tower", "model.multi_modal_projector"], "model.language_model", "lm_head");
         return spec with
         {
-            RuntimeUnavailable = "MiniMax-M3-VL's vision tower (MiniMaxM3VLVisionModel) and multi-modal projector",
+            RuntimeUnavailable = sparse ? "MiniMax-M3's sparse attention layers (the Lightning Indexer's block selection)" : null,
+            Runtime = sparse ? null : TextRuntime(text, t, moeSet) with { TieWordEmbeddings = tie, Towers = towers },
             TextConfig = text,
             DecoderLayersPath = prefix + "layers",
             InputEmbeddings = prefix + "embed_tokens",

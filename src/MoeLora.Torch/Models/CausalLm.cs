@@ -55,15 +55,7 @@ public sealed class CausalLm : HfModule, IDisposable
     {
         Spec = spec; Runtime = runtime; DType = init.DType; Device = init.Device;
         var names = runtime.Names ?? ModelNames.Llama;
-        // A multimodal model: its towers (built, never run) around the text model, whose children sit under the prefix.
-        Func<string, HfModule, HfModule> add = (n, m) => AddChild(n, m);
-        if (runtime.Towers is { } towers)
-        {
-            foreach (var t in towers.Before) Towers.Add(AddChild(t, InertTower.Build(spec.Tree, t, init)));
-            var text = AddChild(towers.TextPrefix, new Container());
-            add = (n, m) => text.Add(n, m);
-        }
-        var model = (ModelRoot)add(names.Root, new ModelRoot(runtime.EmbeddingAffine, runtime.HiddenSize, init));
+        var model = new ModelRoot(runtime.EmbeddingAffine, runtime.HiddenSize, init);
         _model = model;
         // The rotary module is parameter-free, present in named_modules as in transformers (where the family has one).
         if (names is { Rotary: { } first, RotaryFirst: true }) model.Add(first, new Container());
@@ -76,14 +68,38 @@ public sealed class CausalLm : HfModule, IDisposable
         if (runtime.EmbeddingNorm is { } en) _embedNorm = (INorm)model.Add(en.Name, Norms.Create(runtime.HiddenSize, en.Norm, init));
         if (names is { Rotary: { } after, RotaryBeforeNorm: false, RotaryFirst: false }) model.Add(after, new Container());
         if (runtime.HyperConnections is { } hc) _hcHead = model.Add(hc.HeadName, new HyperHead(runtime.HiddenSize, hc, init));
-        _lmHead = (Linear)add("lm_head", new Linear(runtime.HiddenSize, runtime.VocabSize, runtime.LmHeadBias, init));
+        _lmHead = new Linear(runtime.HiddenSize, runtime.VocabSize, runtime.LmHeadBias, init);
         if (runtime.TieWordEmbeddings) _lmHead.TieTo(_embed.weight);
-        if (runtime.Towers is { } closing)
-            foreach (var t in closing.After) Towers.Add(AddChild(t, InertTower.Build(spec.Tree, t, init)));
+        if (runtime.Towers is not { } towers)
+        {
+            AddChild(names.Root, model);
+            AddChild("lm_head", _lmHead);
+            return;
+        }
+        // A multimodal model: the text model, its head and the towers (built after them, never run) at their paths.
+        foreach (var path in towers.Order)
+        {
+            if (path == towers.TextModel) Place(path, model);
+            else if (path == towers.LmHead) Place(path, _lmHead);
+            else Towers.Add(Place(path, InertTower.Build(spec.Tree, path, init)));
+        }
     }
 
     /// <summary>A multimodal model's vision/audio towers and projectors: built with their parameters, never run.</summary>
     public List<InertTower> Towers { get; } = [];
+
+    /// <summary>Registers <paramref name="module"/> at a dotted path, its missing parents as parameter-less containers.</summary>
+    T Place<T>(string path, T module) where T : HfModule
+    {
+        var parts = path.Split('.');
+        HfModule parent = this;
+        foreach (var part in parts[..^1])
+            parent = parent.Children.FirstOrDefault(x => x.Name == part).Module
+                ?? (parent == this ? AddChild(part, new Container()) : parent is Container pc ? pc.Add(part, new Container())
+                    : throw new NotSupportedException($"{path}: a tower or head inside the text model is not supported."));
+        return parent == this ? AddChild(parts[^1], module) : parent is Container c ? c.Add(parts[^1], module)
+            : throw new NotSupportedException($"{path}: a tower or head inside the text model is not supported.");
+    }
 
     public int NumLayers => _layers.Count;
 

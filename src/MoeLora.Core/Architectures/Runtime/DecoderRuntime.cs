@@ -46,14 +46,23 @@ public sealed record DecoderRuntime(
 
 /// <summary>
 /// A multimodal model run on text only, as transformers runs it when given only input_ids: the towers' subtrees
-/// (top-level modules of Core's tree, e.g. <c>vision_model</c> and <c>multi_modal_projector</c>) are built with exactly
-/// Core's parameters (so PEFT targets in them are injected, counted, saved and loaded), but have no forward; the text
-/// model's <c>model</c> and <c>lm_head</c> sit under <paramref name="TextPrefix"/>.
+/// (modules of Core's tree, e.g. <c>vision_model</c> and <c>multi_modal_projector</c>) are built with exactly Core's
+/// parameters (so PEFT targets in them are injected, counted, saved and loaded), but have no forward; the text model
+/// and the LM head sit at their own dotted paths. A path's missing parents are parameter-less containers.
 /// </summary>
-/// <param name="Before">Tower modules registered before the text model, in tree order.</param>
-/// <param name="TextPrefix">The module holding the text model's children (Llama 4: <c>language_model</c>).</param>
-/// <param name="After">Tower modules registered after it (e.g. an audio tower), in tree order.</param>
-public sealed record InertTowers(IReadOnlyList<string> Before, string TextPrefix, IReadOnlyList<string> After);
+/// <param name="Order">Every placed module as a dotted path, in registration order: the towers, with
+/// <paramref name="TextModel"/> and <paramref name="LmHead"/> among them.</param>
+/// <param name="TextModel">The text model's path (Llama 4: <c>language_model.model</c>; Aria: <c>model.language_model</c>).</param>
+/// <param name="LmHead">The LM head's path (Llama 4: <c>language_model.lm_head</c>; Aria: <c>lm_head</c>).</param>
+public sealed record InertTowers(IReadOnlyList<string> Order, string TextModel, string LmHead)
+{
+    /// <summary>The tower paths (every entry of <see cref="Order"/> but the text model and the LM head).</summary>
+    public IEnumerable<string> Towers => Order.Where(p => p != TextModel && p != LmHead);
+
+    /// <summary>Towers, then the text model, then the LM head: the usual order.</summary>
+    public static InertTowers Before(IReadOnlyList<string> towers, string textModel, string lmHead) =>
+        new([.. towers, textModel, lmHead], textModel, lmHead);
+}
 
 /// <summary>
 /// One pre-norm decoder layer: <c>h = x + attn(input_layernorm(x))</c>, <c>out = h + ff(post_attention_layernorm(h))</c>,
