@@ -12,7 +12,7 @@ namespace MoeLora.Torch.Tests;
 
 /// <summary>
 /// A multimodal model runs text only, as transformers does given only input_ids: its towers are built from Core's tree
-/// (the tiny Llama4ForConditionalGeneration config transformers 5.17 built for the Core oracle) but never run.
+/// (the tiny multimodal configs transformers 5.17 built for the Core oracle) but never run.
 /// </summary>
 public sealed class MultimodalTowerTests : IDisposable
 {
@@ -21,11 +21,11 @@ public sealed class MultimodalTowerTests : IDisposable
     readonly string _tmp = Directory.CreateTempSubdirectory("moelora-towers-").FullName;
     public void Dispose() => Directory.Delete(_tmp, recursive: true);
 
-    static JsonObject Config()
+    static JsonObject Config(string name = "llama4", string file = "tiny_models.json.gz")
     {
-        using var gz = new GZipStream(File.OpenRead(Path.Combine(AppContext.BaseDirectory, "Data", "oracle", "tiny_models.json.gz")), CompressionMode.Decompress);
-        var config = JsonNode.Parse(gz)!["models"]!["llama4"]!["input_config"]!.AsObject();
-        Assert.Equal("Llama4ForConditionalGeneration", config["architectures"]![0]!.GetValue<string>());
+        using var gz = new GZipStream(File.OpenRead(Path.Combine(AppContext.BaseDirectory, "Data", "oracle", file)), CompressionMode.Decompress);
+        var config = JsonNode.Parse(gz)!["models"]![name]!["input_config"]!.AsObject();
+        if (name == "llama4") Assert.Equal("Llama4ForConditionalGeneration", config["architectures"]![0]!.GetValue<string>());
         return config;
     }
 
@@ -49,23 +49,31 @@ public sealed class MultimodalTowerTests : IDisposable
         Assert.NotEmpty(Names(h.Model, "vision_model.model.layers.1.mlp.fc2."));
     }
 
-    [Fact]
-    public void TextOnlyLogitsEqualTheTextModelsOnTheSameWeights()
+    [Theory]
+    [InlineData("llama4", "tiny_models.json.gz")]
+    [InlineData("aria", "moe_tiny_models.json.gz")]
+    [InlineData("minimax_m3_vl", "moe_tiny_models.json.gz")]
+    public void TextOnlyLogitsEqualTheTextModelsOnTheSameWeights(string name, string file)
     {
-        var config = Config();
+        var config = Config(name, file);
         using var mm = new DisposableModel(TorchModelFactory.Random(config.ToJsonString(), 0));
-        // What AutoModelForCausalLM builds from the text config alone, with other random weights, then the multimodal
-        // model's text weights copied across.
+        var towers = mm.Model.Runtime.Towers!;
+        Assert.NotEmpty(mm.Model.Towers);
+        // What the text config alone builds (the text decoder's causal LM), with other random weights, then the
+        // multimodal model's text weights copied across: model.* is the text model, lm_head the head.
         using var text = new DisposableModel(TorchModelFactory.Random(config["text_config"]!.ToJsonString(), 1));
         var mmState = mm.Model.StateDict().ToDictionary(s => s.Name, s => s.Value);
-        using var ids = tensor(Ids.SelectMany(r => r).ToArray(), [2, 8]);
+        string MultimodalName(string textName) => textName.StartsWith("model.", StringComparison.Ordinal)
+            ? towers.TextModel + textName["model".Length..] : towers.LmHead + textName["lm_head".Length..];
+        var vocab = text.Model.VocabSize;
+        using var ids = tensor(Ids.SelectMany(r => r).Select(x => x % vocab).ToArray(), [2, 8]);
         using var mask = tensor(new long[] { 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 1, 1, 1, 1, 1, 1 }, [2, 8]);
         using var _ = no_grad();
         using (var before = text.Model.Forward(ids, mask))
         using (var ref0 = mm.Model.Forward(ids, mask))
             Assert.False(before.Logits.allclose(ref0.Logits, 1e-3, 1e-3), "different weights should give different logits");
         var copied = 0;
-        foreach (var (name, t) in text.Model.StateDict()) { t.copy_(mmState["language_model." + name]); copied++; }
+        foreach (var (n, t) in text.Model.StateDict()) { t.copy_(mmState[MultimodalName(n)]); copied++; }
         Assert.Equal(mmState.Count - mm.Model.Towers.Sum(tw => tw.StateDict().Count()), copied);
         using var a = mm.Model.Forward(ids, mask, outputHiddenStates: true);
         using var b = text.Model.Forward(ids, mask, outputHiddenStates: true);
