@@ -139,6 +139,22 @@ public sealed class MultimodalTowerTests : IDisposable
     }
 
     [Fact]
+    public void ATruncatedLoadCutsTheTextModelAndKeepsTheTowers()
+    {
+        var config = Config().ToJsonString();
+        var dir = Path.Combine(_tmp, "ckpt");
+        Directory.CreateDirectory(dir);
+        File.WriteAllText(Path.Combine(dir, "config.json"), config);
+        using var source = new DisposableModel(TorchModelFactory.Random(config, 3));
+        Safetensors.Save(Path.Combine(dir, "model.safetensors"), source.Model.StateDict().Select(s => new KeyValuePair<string, Tensor>(s.Name, s.Value)));
+        using var cut = new DisposableModel(TorchModelFactory.LoadTruncated(dir, 2));
+        Assert.Equal(2, cut.Model.NumLayers);
+        var expected = source.Model.StateDict().ToDictionary(s => s.Name, s => s.Value);
+        Assert.Contains(cut.Model.StateDict(), s => s.Name == "vision_model.model.layers.1.mlp.fc2.weight");
+        Assert.All(cut.Model.StateDict(), s => Assert.True(s.Value.bytes.SequenceEqual(expected[s.Name].bytes), s.Name));
+    }
+
+    [Fact]
     public void RunningATowerIsRefusedInOneLine()
     {
         using var h = new DisposableModel(TorchModelFactory.Random(Config().ToJsonString(), 0));

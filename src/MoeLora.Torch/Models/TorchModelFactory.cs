@@ -49,10 +49,15 @@ public static class TorchModelFactory
         return model;
     }
 
-    /// <summary>config.json with num_hidden_layers set to <paramref name="numLayers"/> (per-layer lists cut to match).</summary>
+    /// <summary>
+    /// config.json with num_hidden_layers set to <paramref name="numLayers"/> (per-layer lists cut to match). A multimodal
+    /// config without a top-level count (Llama 4, Aria, MiniMax-M3-VL) is cut in its text_config: the towers keep theirs.
+    /// </summary>
     public static string TruncateConfig(string configJson, int numLayers)
     {
-        var o = System.Text.Json.Nodes.JsonNode.Parse(configJson)!.AsObject();
+        var root = System.Text.Json.Nodes.JsonNode.Parse(configJson)!.AsObject();
+        var o = root["num_hidden_layers"] is null && root["n_layers"] is null && root["layers_block_type"] is null
+            && root["text_config"] is System.Text.Json.Nodes.JsonObject text ? text : root;
         // Nemotron-H has no num_hidden_layers: its layer count is the length of layers_block_type.
         var blockTypes = o["layers_block_type"] as System.Text.Json.Nodes.JsonArray;
         // DBRX names the count n_layers.
@@ -65,7 +70,7 @@ public static class TorchModelFactory
         foreach (var perLayer in new[] { "layer_types", "layers_block_type" })
             if (o[perLayer] is System.Text.Json.Nodes.JsonArray lt && lt.Count > numLayers)
                 o[perLayer] = new System.Text.Json.Nodes.JsonArray(lt.Take(numLayers).Select(x => x!.DeepClone()).ToArray());
-        return o.ToJsonString();
+        return root.ToJsonString();
     }
 
     /// <summary>
