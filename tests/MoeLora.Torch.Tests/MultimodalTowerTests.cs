@@ -53,9 +53,12 @@ public sealed class MultimodalTowerTests : IDisposable
     [InlineData("llama4", "tiny_models.json.gz")]
     [InlineData("aria", "moe_tiny_models.json.gz")]
     [InlineData("minimax_m3_vl", "moe_tiny_models.json.gz")]
+    [InlineData("qwen3_5_moe", "moe_tiny_models.json.gz")]
     public void TextOnlyLogitsEqualTheTextModelsOnTheSameWeights(string name, string file)
     {
         var config = Config(name, file);
+        // The oracle's qwen3_5_moe config names no class (AutoModelForCausalLM's text model): name the multimodal one.
+        if (name == "qwen3_5_moe") config["architectures"] = new JsonArray("Qwen3_5MoeForConditionalGeneration");
         using var mm = new DisposableModel(TorchModelFactory.Random(config.ToJsonString(), 0));
         var towers = mm.Model.Runtime.Towers!;
         Assert.NotEmpty(mm.Model.Towers);
@@ -79,6 +82,28 @@ public sealed class MultimodalTowerTests : IDisposable
         using var b = text.Model.Forward(ids, mask, outputHiddenStates: true);
         Assert.True(a.Logits.bytes.SequenceEqual(b.Logits.bytes));
         Assert.Equal(b.HiddenStates.Count, a.HiddenStates.Count);
+    }
+
+    [Fact]
+    public void Qwen3_5MultimodalPositionsFromTheMaskLeaveRealTokensUnchanged()
+    {
+        // Qwen3_5MoeModel's text-only positions are cumsum(mask) - 1 (1 at padding), not 0..S-1: a left-padded row's
+        // real tokens shift by one constant, which rope (relative) and the delta rule (position-free) do not see.
+        var config = Config("qwen3_5_moe", "moe_tiny_models.json.gz");
+        config["architectures"] = new JsonArray("Qwen3_5MoeForConditionalGeneration");
+        using var h = new DisposableModel(TorchModelFactory.Random(config.ToJsonString(), 0));
+        using var ids = tensor(Ids.SelectMany(r => r).Select(x => x % h.Model.VocabSize).ToArray(), [2, 8]);
+        using var mask = tensor(new long[] { 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 1, 1, 1, 1, 1 }, [2, 8]);
+        using var positions = (mask.cumsum(1, ScalarType.Int64) - 1).masked_fill(mask.eq(0), 1);
+        using var _ = no_grad();
+        using var plain = h.Model.Forward(ids, mask);
+        using var shifted = h.Model.Forward(ids, mask, positionIds: positions);
+        Assert.False(positions[1].equal(arange(8, ScalarType.Int64)).all().item<bool>());
+        using var real = mask.to(ScalarType.Bool).unsqueeze(-1).expand_as(plain.Logits);
+        Assert.True(plain.Logits.masked_select(real).allclose(shifted.Logits.masked_select(real), 1e-4, 1e-5));
+        // Positions do act: swapping two tokens' positions changes the row's logits.
+        using var scrambled = h.Model.Forward(ids, mask, positionIds: tensor(new long[] { 0, 2, 1, 3, 4, 5, 6, 7, 0, 0, 0, 0, 1, 2, 3, 4 }, [2, 8]));
+        Assert.False(plain.Logits[0].allclose(scrambled.Logits[0], 1e-4, 1e-5));
     }
 
     [Fact]

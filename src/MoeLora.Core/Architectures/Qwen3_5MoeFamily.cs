@@ -13,7 +13,8 @@ namespace MoeLora.Core.Architectures;
 /// A <c>qwen3_5_moe</c> config builds the class its <c>architectures</c> names; without one,
 /// <c>AutoModelForCausalLM</c> builds the text-only <c>Qwen3_5MoeForCausalLM</c> over <c>text_config</c> (its
 /// config.model_type, which PEFT reads, is then <c>qwen3_5_moe_text</c>). <c>Qwen3_5MoeForConditionalGeneration</c>
-/// nests <c>model.visual</c> (the Qwen3-VL vision tower without deepstack mergers) and <c>model.language_model</c>.
+/// nests <c>model.visual</c> (the Qwen3-VL vision tower without deepstack mergers) and <c>model.language_model</c>;
+/// the runtime runs it on text, the vision tower built but never run.
 /// </para>
 /// <para>
 /// PEFT 0.21 has no MoE rewrite for these types, so <c>gate_proj</c>/<c>up_proj</c>/<c>down_proj</c> reach only the
@@ -113,9 +114,15 @@ internal sealed class Qwen3_5MoeFamily : IArchitecture
         var moe = new MoeFacts(experts, topK, 1, moeInter, sharedInter, Enumerable.Range(0, (int)layers).ToList(), [], routing);
         var modelType = composite && !multimodal ? text.ModelType ?? "qwen3_5_moe_text" : c.ModelType!;
         var spec = Blocks.NestedSpec(c, text, modelType, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act, textModel);
-        if (multimodal)
-            return spec with { RuntimeUnavailable = "the Qwen3.5 vision tower (Qwen3_5MoeForConditionalGeneration); a text-only Qwen3_5MoeForCausalLM config runs" };
-        return spec with { Runtime = TextRuntime(text, lin, vocab, hidden, layers, heads, kv, headDim, bias, experts, topK, moeInter, sharedInter, act, tie, layerTypes) };
+        var runtime = TextRuntime(text, lin, vocab, hidden, layers, heads, kv, headDim, bias, experts, topK, moeInter, sharedInter, act, tie, layerTypes);
+        // The multimodal class runs text only (no pixel_values: transformers never calls model.visual): the tower is built
+        // inert. Its text-only positions are cumsum(attention_mask) - 1 rather than 0..S-1, which shifts a left-padded row's
+        // real tokens by one constant: rope depends on position differences only and the delta rule on none, so their
+        // outputs are the text decoder's (up to rounding); only padded positions, which no loss reads, differ.
+        return spec with
+        {
+            Runtime = multimodal ? runtime with { Towers = InertTowers.Before(["model.visual"], "model.language_model", "lm_head") } : runtime,
+        };
     }
 
     /// <summary>
