@@ -14,6 +14,7 @@ namespace MoeLora.Torch.Tests;
 /// A multimodal model runs text only, as transformers does given only input_ids: its towers are built from Core's tree
 /// (the tiny multimodal configs transformers 5.17 built for the Core oracle) but never run.
 /// </summary>
+[Collection(TorchGlobalRng.Name)] // a train-mode forward (dropout) may draw from torch's global RNG
 public sealed class MultimodalTowerTests : IDisposable
 {
     public MultimodalTowerTests() => TorchRuntime.EnsureInitialized();
