@@ -42,6 +42,9 @@ except ImportError:  # only the data-order helpers work without torch (MoeLora's
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
+# MOELORA_MEMTRACE: 1 prints each phase's memory (memtrace), 2 also the blocks alive at the first step's peak
+# (memory_peak_report).
+MEMTRACE = {"1": 1, "2": 2}.get(os.environ.get("MOELORA_MEMTRACE", ""), 0)
 
 
 class UserError(Exception):
@@ -285,9 +288,9 @@ def hidden(model, batch):
 
 
 def memtrace(label):
-    """MOELORA_MEMTRACE=1: this GPU's allocated and peak-so-far memory after a phase (rank 0 only), to see which phase
+    """MOELORA_MEMTRACE >= 1: this GPU's allocated and peak-so-far memory after a phase (rank 0 only), to see which phase
     sets the peak that the plan predicts."""
-    if os.environ.get("MOELORA_MEMTRACE") not in ("1", "2") or not torch.cuda.is_available() or os.environ.get("RANK", "0") != "0":
+    if MEMTRACE < 1 or not torch.cuda.is_available() or os.environ.get("RANK", "0") != "0":
         return
     gib = 2**30
     print(f"memtrace {label}: allocated {torch.cuda.memory_allocated() / gib:.2f} GiB, "
@@ -573,7 +576,7 @@ def main(argv=None):
     accelerator.wait_for_everyone()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # the plan predicts a training step's peak, not loading
-        if os.environ.get("MOELORA_MEMTRACE") == "2" and accelerator.is_main_process:
+        if MEMTRACE >= 2 and accelerator.is_main_process:
             torch.cuda.memory._record_memory_history(max_entries=1_000_000)
 
     steps, accum, ranks = s["total_steps"], s["gradient_accumulation"], accelerator.num_processes
@@ -610,7 +613,7 @@ def main(argv=None):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         memtrace(f"step {step + 1} optimizer")
-        if step == 0 and os.environ.get("MOELORA_MEMTRACE") == "2" and accelerator.is_main_process and torch.cuda.is_available():
+        if step == 0 and MEMTRACE >= 2 and accelerator.is_main_process and torch.cuda.is_available():
             memory_peak_report()
         row = dict(step=step + 1, loss=parts[0].item(), retain_loss=parts[1].item(), cb_loss=parts[2].item(),
                    retain_coeff=c_retain, cb_coeff=c_cb, cb_cosine=parts[3].item() if c_cb > 0 else None,
