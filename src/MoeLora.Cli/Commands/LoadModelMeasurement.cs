@@ -115,7 +115,10 @@ internal static class LoadModelMeasurement
         m.ExpertSlices = adapter.Wrappers.Where(w => w.Wrapper is ParamLora p && p.NumExperts > 1).Sum(w => ((ParamLora)w.Wrapper).NumExperts);
         var trainable = LoraInjector.PeftNamedParameters(model).ToList();
         m.LoraTensors = trainable.Count;
-        if (m.IsCuda) m.DeviceAfterBuildBytes = meter!.UsedAboveBaseline();
+        // Read once, right after the build and LoRA injection: the report's device row and the LoRA step's "after build"
+        // figure (the forward and gradient-flow measurements below would otherwise count in the latter).
+        long? afterBuild = meter?.UsedAboveBaseline();
+        if (m.IsCuda) m.DeviceAfterBuildBytes = afterBuild;
         m.Counts = Measurements.CountParameters(model);
         m.Shared = Measurements.FindSharedStorage(Measurements.AdapterTensors(model));
         m.DistinctAdapterStorages = trainable.Select(t => Measurements.DataPointer(t.Param)).Distinct().Count();
@@ -145,8 +148,8 @@ internal static class LoadModelMeasurement
         // every figure above is already measured (its window still starts after their small forward and backward).
         if (modes.Contains("lora"))
         {
-            var lora = StepMeasurement.Lora(report, model, seed, s, meter!, meter!.UsedAboveBaseline());
-            if (meter.IsCuda && m.Steps.FirstOrDefault(x => x.Mode == "cb") is { } cb)
+            var lora = StepMeasurement.Lora(report, model, seed, s, meter!, afterBuild!.Value);
+            if (m.IsCuda && m.Steps.FirstOrDefault(x => x.Mode == "cb") is { } cb)
                 lora.Note = $"its 'after build' reading includes blocks the allocator kept from the circuit-breaker step (which reserved {Units.Bytes(cb.PeakBytes)})" +
                     (lora.PeakBytes <= cb.PeakBytes ? "; its peak is no higher than that reservation, so it is bounded below by it and this step's own peak may be lower" : "");
             m.Steps.Add(lora);
