@@ -38,7 +38,7 @@ public sealed class HyperConnection : HfModule
         var m = mixes.split(sizes, -1);
         var pre = nn.functional.sigmoid(m[0] * sc[0] + b[0]) + _s.Eps;
         var post = nn.functional.sigmoid(m[1] * sc[1] + b[1]) * _s.PostMagnitude;
-        var input = (pre.unsqueeze(-1) * streams).sum(2).to(streams.dtype);
+        var input = HyperInit.Collapse(pre, streams);
         if (!_s.MixesStreams) return (post + _s.Eps, input, null);
         return (post, input, Sinkhorn(m[2].view([.. m[2].shape[..^1], n, n]) * sc[2] + b[2].view(n, n)));
     }
@@ -83,7 +83,7 @@ public sealed class HyperHead : HfModule
     {
         var mixes = HyperInit.Mixes(streams, _fn, _s.NormEps);
         var pre = nn.functional.sigmoid(mixes * _scale.to(ScalarType.Float32) + _base.to(ScalarType.Float32)) + _s.Eps;
-        return (pre.unsqueeze(-1) * streams).sum(2).to(streams.dtype);
+        return HyperInit.Collapse(pre, streams);
     }
 }
 
@@ -102,6 +102,9 @@ internal static class HyperInit
         using (no_grad()) t[TensorIndex.Slice(0, streams)].fill_(-Math.Log(Math.Max(streams - 1, 1)));
         return t;
     }
+
+    /// <summary>Σ pre·x over the streams: pre [B, S, n] (fp32) weighs streams [B, S, n, H]; the sum comes back in their dtype.</summary>
+    public static Tensor Collapse(Tensor pre, Tensor streams) => (pre.unsqueeze(-1) * streams).sum(2).to(streams.dtype);
 
     /// <summary>fp32 <c>linear(flat, fn) · rsqrt(mean(flat²) + eps)</c> of the flattened streams [B, S, n·H] (HYV4UnweightedRMSNorm).</summary>
     public static Tensor Mixes(Tensor streams, Tensor fn, double eps)
