@@ -63,7 +63,10 @@ public static partial class LoraInjector
         {
             if (t.Kind == AdapterKind.Linear)
             {
-                if (Module(t.ModuleName) is INotAdaptable refused) throw new MoeLora.Core.UserInputException($"{t.ModuleName}: {refused.Reason}.");
+                // The one table of modules PEFT's lora.Linear breaks (Core's peft_forward_fails warning reads it too).
+                if (plan.Spec.Tree.Find(t.ModuleName) is { } node && PeftModelTables.LoraForwardFails(node.ClassName) is { } why)
+                    throw new MoeLora.Core.UserInputException($"{t.ModuleName}: LoRA cannot wrap {node.ClassName}, {why} " +
+                        $"(PEFT {plan.Version} fails on it too); leave it out of target_modules.");
                 if (Module(t.ModuleName) is not Linear linear)
                     throw new InvalidOperationException($"plan target {t.ModuleName} is a Linear but the runtime module is {Module(t.ModuleName).GetType().Name}.");
                 if (linear.InFeatures != t.InFeatures || linear.OutFeatures != t.OutFeatures)

@@ -66,9 +66,10 @@ public sealed class DeepseekV4Attention : HfModule, IBlock
 /// <summary>
 /// <c>DeepseekV4GroupedLinear</c> (<c>o_a_proj</c>): an nn.Linear whose weight [groups·rank, in] is used block-diagonally,
 /// group g's input [.., in] times rows [g·rank, (g+1)·rank); x [.., groups, in] → [.., groups, rank].
-/// PEFT's LoRA on it adds a [.., groups, groups·rank] update to that output and fails, so LoRA may not target it.
+/// PEFT's LoRA on it adds a [.., groups, groups·rank] update to that output and fails, so LoRA may not target it
+/// (PeftModelTables.LoraForwardFails: the injector refuses it, the report warns).
 /// </summary>
-public sealed class DeepseekV4GroupedLinear : HfModule, INotAdaptable
+public sealed class DeepseekV4GroupedLinear : HfModule
 {
     public Parameter weight { get; }
     readonly long _groups;
@@ -79,8 +80,6 @@ public sealed class DeepseekV4GroupedLinear : HfModule, INotAdaptable
         weight = AddParameter("weight", init.Normal(outFeatures, inPerGroup));
     }
 
-    public string Reason => "DeepSeek-V4's o_a_proj is a grouped projection that LoRA cannot wrap (PEFT 0.21 fails on it too); leave it out of target_modules";
-
     public Tensor Forward(Tensor x)
     {
         var shape = x.shape;
@@ -89,12 +88,6 @@ public sealed class DeepseekV4GroupedLinear : HfModule, INotAdaptable
         var y = bmm(x.reshape(-1, _groups, inF).transpose(0, 1), w).transpose(0, 1);  // [N, g, rank]
         return y.reshape([.. shape[..^1], -1]);
     }
-}
-
-/// <summary>A module that LoRA may not wrap, with the one-line reason the injection reports.</summary>
-public interface INotAdaptable
-{
-    string Reason { get; }
 }
 
 /// <summary>
