@@ -45,7 +45,10 @@ public static class LaunchPlan
         sb.AppendLine("downcast_bf16: 'no'");
         sb.AppendLine("machine_rank: 0");
         sb.AppendLine("main_training_function: main");
-        sb.AppendLine(CultureInfo.InvariantCulture, $"mixed_precision: '{MixedPrecision(s.DType)}'");
+        // FSDP: 'no'. The weights already load in the plan's dtype and PEFT casts around its fp32 adapters; with
+        // bf16, accelerate's FSDP2 path upcasts the whole model to fp32 and reduces the fp32 adapter gradients in bf16,
+        // which torch 2.11 refuses to assign (grad_dtype). train.py drops the DDP autocast wrapper for the same result.
+        sb.AppendLine(CultureInfo.InvariantCulture, $"mixed_precision: '{(type == "FSDP" ? "no" : MixedPrecision(s.DType))}'");
         sb.AppendLine("num_machines: 1");
         sb.AppendLine(CultureInfo.InvariantCulture, $"num_processes: {s.Gpus}");
         sb.AppendLine("rdzv_backend: static");
