@@ -104,7 +104,7 @@ bench_config=src/MoeLora.Core/Catalog/configs/Qwen__Qwen3-30B-A3B.json
 peft() {
   for mode in ${BENCH_MODES:-lora cb}; do
     local name=peft-$mode-b${BENCH_BATCH:-1}
-    timeout 400 python3 bench/gpu/peft_step.py --config "$bench_config" --mode "$mode" --batch "${BENCH_BATCH:-1}" \
+    PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True} timeout 400 python3 bench/gpu/peft_step.py --config "$bench_config" --mode "$mode" --batch "${BENCH_BATCH:-1}" \
       --tokens "${BENCH_TOKENS:-1024}" --out "$results/$name.json" 2>"$results/$name.log"
     log "$name: $(python3 tools/gpu_smoke/summarize_step.py "$results/$name.json" 2>&1)"
   done

@@ -21,7 +21,8 @@ internal static class RuntimeDevice
         Device dev;
         try { dev = DeviceSelector.Select(device); }
         catch (DeviceUnavailableException e) { throw new UserInputException(e.Message); }
-        if (dev.type == TorchSharp.DeviceType.CUDA) Consoles.Error.WriteLine($"device {device}: {TorchRuntime.LibTorchDescription}");
+        if (dev.type == TorchSharp.DeviceType.CUDA) Consoles.Error.WriteLine(
+            $"device {device}: {TorchRuntime.LibTorchDescription}; {TorchRuntime.CudaAllocatorVariable}={Environment.GetEnvironmentVariable(TorchRuntime.CudaAllocatorVariable) ?? "(unset)"}");
         return dev;
     }
 

@@ -49,6 +49,7 @@ public static class TorchRuntime
                 _search = LibTorchLocator.Locate(wantCuda, NativeDirectories(),
                     Environment.GetEnvironmentVariable(LibTorchLocator.EnvironmentVariable), () => LibTorchLocator.ProbePython(PythonTimeout));
                 if (_search.Choice is null) throw new LibTorchException(_search.NoLibTorchReason!);
+                if (_search.Choice.HasCuda) DefaultCudaAllocator();
                 if (_search.Choice.Preload.Count > 0) LoadExternal(_search.Choice);
             }
             else
@@ -60,6 +61,27 @@ public static class TorchRuntime
     }
 
     static readonly TimeSpan PythonTimeout = TimeSpan.FromSeconds(20);
+
+    /// <summary>The CUDA caching allocator's settings variable, read once by libtorch when it first allocates.</summary>
+    public const string CudaAllocatorVariable = "PYTORCH_CUDA_ALLOC_CONF";
+
+    /// <summary>
+    /// Turns on the CUDA caching allocator's expandable segments unless the user set <c>PYTORCH_CUDA_ALLOC_CONF</c>.
+    /// A real-size run fills the card with a few huge weights and many short-lived activations of changing shapes;
+    /// fixed segments fragment (blocks cached for the report's hidden-state forward cannot serve the step's larger
+    /// ones), and TorchSharp 0.107 has no <c>empty_cache</c> to hand them back. The variable must be in the native
+    /// environment before libtorch loads: .NET's <see cref="Environment.SetEnvironmentVariable(string, string)"/> only
+    /// changes the managed copy on Linux, hence libc's <c>setenv</c>.
+    /// </summary>
+    static void DefaultCudaAllocator()
+    {
+        if (!string.IsNullOrEmpty(Environment.GetEnvironmentVariable(CudaAllocatorVariable))) return;
+        if (setenv(CudaAllocatorVariable, "expandable_segments:True", 0) == 0)
+            Environment.SetEnvironmentVariable(CudaAllocatorVariable, "expandable_segments:True");
+    }
+
+    [DllImport("libc", EntryPoint = "setenv")]
+    static extern int setenv([MarshalAs(UnmanagedType.LPUTF8Str)] string name, [MarshalAs(UnmanagedType.LPUTF8Str)] string value, int overwrite);
 
     /// <summary>
     /// Why <c>--device cuda</c> cannot run, in one line (null when a CUDA libtorch is loaded). When TorchSharp was
