@@ -109,7 +109,9 @@ internal static class LoadModelMeasurement
             ? TorchModelFactory.Random(resolved.ConfigJson, seed, dtype, dev, RandomInit.OnDevice)
             : RuntimeDevice.Load($"loading {report.Options.ModelId}", p => TorchModelFactory.Load(resolved.ConfigJson, dir!, dtype, dev, p));
         model.Eval();
+        MemTrace.Mark("model built", dev);
         var adapter = LoraInjector.Inject(model, plan, seed: seed);
+        MemTrace.Mark("adapters injected", dev);
         m.AdapterInstances = adapter.Wrappers.Count;
         m.PerExpertSliceAdapters = adapter.Wrappers.Count(w => w.Wrapper is ParamLora p && p.NumExperts > 1);
         m.ExpertSlices = adapter.Wrappers.Where(w => w.Wrapper is ParamLora p && p.NumExperts > 1).Sum(w => ((ParamLora)w.Wrapper).NumExperts);
@@ -137,12 +139,14 @@ internal static class LoadModelMeasurement
             m.TargetStatesBytes = Measurements.RetainedBytes(hs.TargetLayers.Distinct().Select(i => output.HiddenStates[i]));
             m.ForwardRssGrowthBytes = Math.Max(0, DeviceMemory.ResidentBytes() - before);
             m.HiddenStateDType = output.HiddenStates[0].dtype.ToString();
+            MemTrace.Mark("hidden-state forward", dev);
         }
 
         // One backward on a short sequence: which experts' adapter slices get gradient vs which the router picked.
         using (var ids = randint(0, report.Spec.VocabSize, [1, gradTokens], generator: gen, dtype: ScalarType.Int64))
         using (var mask = ones_like(ids))
             m.Flow = GradientFlow.Measure(model, ids, mask);
+        MemTrace.Mark("gradient-flow backward", dev);
 
         // The LoRA step comes last: a real-size step that does not fit ends in a recorded out-of-memory result, and
         // every figure above is already measured (its window still starts after their small forward and backward).
