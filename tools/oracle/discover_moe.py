@@ -67,9 +67,9 @@ EXTRA_FIXTURES = {
     "doge_moe": ("doge", dict(is_moe=True, num_experts=16, num_experts_per_tok=4)),
 }
 
-# Types outside TEXT_TYPES that get a fixture anyway (deepseek_v32 is DeepSeek-V3 with the DSA indexer; inkling_mm_model
-# is run on text alone, as the llama4 fixture is).
-MORE_FIXTURE_TYPES = {"deepseek_v32", "inkling_mm_model"}
+# Types outside TEXT_TYPES that get a fixture anyway (deepseek_v32 is DeepSeek-V3 with the DSA indexer; the multimodal
+# types are run on text alone, as the llama4 fixture is: input_ids and attention_mask, no pixels).
+MORE_FIXTURE_TYPES = {"deepseek_v32", "inkling_mm_model", "qwen3_vl_moe", "glm4v_moe", "kimi_k25", "step3p7"}
 
 # Multimodal-listed types whose default config is a text model AutoModelForCausalLM builds: they get fixtures too.
 MM_TEXT_FIXTURE_TYPES = {"mistral4"}
@@ -104,6 +104,29 @@ OVERRIDES = {
                         layer_types=["heavily_compressed_attention", "compressed_sparse_attention",
                                      "heavily_compressed_attention", "compressed_sparse_attention"],
                         mlp_layer_types=["hash_moe", "hash_moe", "moe", "moe"]),
+}
+
+# Overrides for the fixtures only (after OVERRIDES): what a forward needs that a module tree does not, so the oracle
+# trees made before them stay reproducible.
+FIXTURE_OVERRIDES = {
+    # The multimodal Inkling: the same text overrides (they land in text_config), and an audio embedding of
+    # mel_vocab_size x n_mel_bins rows (20,480 at the defaults) cut to 64.
+    "inkling_mm_model": dict(swa_head_dim=16, swa_num_attention_heads=4, swa_num_key_value_heads=2, sliding_window_size=6,
+                             audio_config=dict(mel_vocab_size=16, n_mel_bins=4)),
+    # Its default layer_types are all Mamba ("linear_attention"), whose cache then has no attention layer to take the
+    # sequence length from: alternate them.
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"]),
+    # Step-3.7 builds a sliding-window mask in every forward and fails while sliding_window is null (its default);
+    # alternate sliding and full layers (a window of 4 bites on 10 tokens), each with its own rope, experts after the
+    # first layer.
+    "step3p7": dict(sliding_window=4, num_sliding_attention_heads=4,
+                    layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+                    mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
+                    rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                                     "sliding_attention": {"rope_type": "default", "rope_theta": 5000.0}}),
+    # GLM-4.5V rotates head_dim * partial_rotary_factor = 8 dims: its mrope sections (default 8/12/12) must sum to 4.
+    "glm4v_moe": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                                       "mrope_section": [2, 1, 1]}),
 }
 
 EXPERT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts", "num_experts_total",
@@ -275,9 +298,12 @@ def shrink(d, kind="oracle", depth=0, orig_layers=None):
 
 
 def apply_overrides(cfg, ov):
-    """Set each override where the field lives: the top level, else text_config."""
+    """Set each override where the field lives: the top level, else text_config. A dict given for a sub-config
+    (a key ending in _config) is merged into it."""
     for k, v in ov.items():
-        if k in cfg or not isinstance(cfg.get("text_config"), dict):
+        if k.endswith("_config") and isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            cfg[k].update(v)
+        elif k in cfg or not isinstance(cfg.get("text_config"), dict):
             cfg[k] = v
         else:
             cfg["text_config"][k] = v
@@ -452,6 +478,7 @@ def job_fixture(args):
     try:
         cfg = shrink(rec["default_config"], "fixture")
         apply_overrides(cfg, OVERRIDES.get(t, {}))
+        apply_overrides(cfg, FIXTURE_OVERRIDES.get(t, {}))
         apply_overrides(cfg, extra)
         # Nested sub-configs without a model type of their own (dbrx's attn_config/ffn_config) reject the generic
         # PretrainedConfig keys to_dict() wrote into them.
@@ -483,6 +510,12 @@ def job_fixture(args):
         g = torch.Generator().manual_seed(1)
         vocab = config.get_text_config().vocab_size
         ids = torch.randint(3, vocab, (2, 10), generator=g)
+        # Multimodal placeholders (image/video/audio token ids, which shrink() may have moved inside the small vocab)
+        # would make the model look for pixels: draw them again until the inputs are text only.
+        special = special_token_ids(cfg)
+        while special and any(int(i) in special for i in ids.flatten()):
+            redo = torch.randint(3, vocab, ids.shape, generator=g)
+            ids = torch.where(torch.isin(ids, torch.tensor(sorted(special))), redo, ids)
         mask = torch.ones(2, 10, dtype=torch.long)
         mask[1, :3] = 0
         kw = dict(input_ids=ids, attention_mask=mask, output_hidden_states=True)
@@ -512,6 +545,18 @@ def job_fixture(args):
         res["error"] = mo.err_str(e)
         res["error_where"] = mo.tb_tail(6)
     return res
+
+
+def special_token_ids(cfg):
+    """Token ids a multimodal config reserves for non-text inputs (keys like image_token_id, video_token_index,
+    vision_start_token_id), top level and text_config; bos/eos/pad stay allowed."""
+    out = set()
+    for d in (cfg, cfg.get("text_config") or {}):
+        for k, v in d.items():
+            if (k.endswith("_token_id") or k.endswith("_token_index")) and not k.startswith(("bos", "eos", "pad")) \
+                    and isinstance(v, int) and not isinstance(v, bool):
+                out.add(v)
+    return out
 
 
 def perturb_constants(model, torch):
