@@ -124,9 +124,10 @@ FIXTURE_OVERRIDES = {
                     mlp_layer_types=["dense", "sparse", "sparse", "sparse"],
                     rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 10000.0},
                                      "sliding_attention": {"rope_type": "default", "rope_theta": 5000.0}}),
-    # GLM-4.5V rotates head_dim * partial_rotary_factor = 8 dims: its mrope sections (default 8/12/12) must sum to 4.
+    # GLM-4.5V rotates head_dim * partial_rotary_factor = 4 dims here: its mrope sections (default 8/12/12) split the
+    # 2 inverse frequencies, so they must sum to 2.
     "glm4v_moe": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
-                                       "mrope_section": [2, 1, 1]}),
+                                       "mrope_section": [1, 1, 0]}),
 }
 
 EXPERT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts", "num_experts_total",
