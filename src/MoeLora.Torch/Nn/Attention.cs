@@ -57,6 +57,21 @@ public sealed class ForwardContext
     bool? _plainCausal;
 
     /// <summary>
+    /// Every tensor this context holds for later layers (inputs, cached masks, router logits, the indexer's and the
+    /// router's hand-over): what <see cref="Models.CausalLm.Forward"/> keeps when it frees a layer's intermediates.
+    /// </summary>
+    public IEnumerable<Tensor> Held()
+    {
+        yield return Positions;
+        yield return AttentionMask;
+        if (InputIds is not null) yield return InputIds;
+        foreach (var t in RouterLogits) yield return t;
+        foreach (var t in _masks.Values) yield return t;
+        if (IndexerTopK is not null) yield return IndexerTopK;
+        if (RouterState is not null) yield return RouterState;
+    }
+
+    /// <summary>
     /// No padding and positions 0..S-1 in every row: the full mask is then plain causal, and SDPA can take
     /// <c>is_causal</c> without a mask (on CUDA the flash kernel). Checked once per forward (one host sync).
     /// </summary>
