@@ -10,7 +10,8 @@ namespace MoeLora.Torch.Tests;
 /// <summary>
 /// inkling_text beyond its transformers fixture (MoeTypesParityTests, whose layers are all sparse, whose window and
 /// bias banks are longer than its 10 tokens and which has no log scaling): a dense layer, a sliding window and bias
-/// banks shorter than the batch, the relative-position bias and the router against direct formulas, left padding, LoRA.
+/// banks shorter than the batch, the relative-position bias and the router against direct formulas, left padding, LoRA;
+/// and inkling_mm_model's checkpoint layout with gate and up rows interleaved.
 /// </summary>
 public class InklingTests
 {
@@ -133,6 +134,59 @@ public class InklingTests
                      "mlp.experts.lora_A", "mlp.shared_experts.lora_A", "mlp.gate.lora_A" })
             Assert.Contains(grads.Keys, n => n.Contains(name, StringComparison.Ordinal));
         RuntimeChecks.AssertGradients(grads);
+    }
+
+    /// <summary>
+    /// inkling_mm_model's checkpoints store gate and up as one tensor of alternating rows (routed experts' w13_weight,
+    /// shared experts' shared_w13_weight, a dense MLP's w13_dn): a random multimodal model with a dense layer, written in
+    /// the checkpoint layout with rows 2i = gate[i], 2i + 1 = up[i] (transformers' inverse Interleave), loads back equal.
+    /// </summary>
+    [Fact]
+    public void MultimodalCheckpointWithInterleavedGateUpRowsLoadsBack()
+    {
+        var configPath = Path.Combine(AppContext.BaseDirectory, "Data", "hf-moe", "inkling_mm_model", "model", "config.json");
+        var root = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(configPath))!.AsObject();
+        root["text_config"]!["mlp_layer_types"] = new System.Text.Json.Nodes.JsonArray("dense", "sparse", "sparse", "sparse");
+        var config = root.ToJsonString();
+        using var original = new DisposableModel(TorchModelFactory.Random(config, 7));
+        var spec = original.Model.Spec;
+        var layout = Core.Modules.CheckpointLayout.For(spec)!;
+        var diskNames = Core.Architectures.ArchitectureRegistry.Build(spec.Config, Core.Modules.Layout.V4).Tree.Modules
+            .SelectMany(m => m.Parameters.Concat(m.Buffers)).Select(p => p.Name).ToHashSet();
+
+        static Tensor Interleave(Tensor gate, Tensor up) => stack([gate, up], gate.dim() - 1).flatten(gate.dim() - 2, gate.dim() - 1);
+        var stored = new Dictionary<string, Tensor>();
+        var halves = new Dictionary<string, (Tensor? Gate, Tensor? Up)>();
+        foreach (var (name, t) in original.Model.StateDict())
+        {
+            var alt = layout.For(name);
+            var disk = alt?.Parts.Single().Name ?? name;
+            switch (alt?.Interleaved ?? Core.Modules.CheckpointLayout.InterleavedRows.None)
+            {
+                case Core.Modules.CheckpointLayout.InterleavedRows.EvenThenOdd:
+                    var both = t.chunk(2, t.dim() - 2);
+                    stored[disk] = Interleave(both[0], both[1]);
+                    break;
+                case Core.Modules.CheckpointLayout.InterleavedRows.Even: halves[disk] = (t, halves.GetValueOrDefault(disk).Up); break;
+                case Core.Modules.CheckpointLayout.InterleavedRows.Odd: halves[disk] = (halves.GetValueOrDefault(disk).Gate, t); break;
+                default: stored[disk] = t; break;
+            }
+        }
+        foreach (var (disk, (gate, up)) in halves) stored[disk] = Interleave(gate!, up!);
+        // The three sparse layers' routed and shared experts' w13 and the dense layer's w13_dn.
+        Assert.Equal(7, stored.Keys.Count(k => k.Contains("w13", StringComparison.Ordinal)));
+        Assert.All(stored.Keys, k => Assert.Contains(k, diskNames));
+
+        var dir = Directory.CreateTempSubdirectory("inkling-mm-").FullName;
+        try
+        {
+            File.WriteAllText(Path.Combine(dir, "config.json"), config);
+            IO.Safetensors.Save(Path.Combine(dir, "model.safetensors"), stored.Select(kv => new KeyValuePair<string, Tensor>(kv.Key, kv.Value.contiguous())));
+            using var loaded = new DisposableModel(TorchModelFactory.Load(dir));
+            var loadedState = loaded.Model.StateDict().ToDictionary(x => x.Name, x => x.Value);
+            Assert.All(original.Model.StateDict(), x => Assert.True(x.Value.eq(loadedState[x.Name]).all().item<bool>(), $"{x.Name} differs"));
+        }
+        finally { Directory.Delete(dir, true); }
     }
 
     /// <summary>The default seed targets (attention projections and the dense MLP's gate/up/down) train.</summary>

@@ -23,8 +23,10 @@ namespace MoeLora.Core.Architectures;
 /// Runtime: inkling_text runs (transformers 5.17 parity on a left-padded batch), attention through the SDPA/eager
 /// switch with the relative-position bias added to the mask, the short convolutions in fp32 with fp32 weights (as
 /// transformers' _keep_in_fp32_modules_strict), log scaling on global layers when log_scaling_n_floor is set.
-/// Refused: inkling_mm_model (its text forward is not yet matched to transformers') and a head sliced to
-/// unpadded_vocab_size.
+/// inkling_mm_model runs on text too, its audio and vision towers built but never run: transformers 5.17's InklingModel
+/// applies the text model's embed_norm to the embeddings it hands the text model, which applies it again (its fixture's
+/// first hidden state is the embedding normed twice), and its checkpoints' w13 tensors hold gate and up rows
+/// interleaved (<see cref="ModelSpec.CheckpointGateUpInterleaved"/>). Refused: a head sliced to unpadded_vocab_size.
 /// </para>
 /// <para>
 /// Multimodal: the audio tower is one embedding of n_mel_bins · mel_vocab_size rows plus a norm; the vision tower is an
@@ -81,15 +83,24 @@ internal sealed class InklingFamily : IArchitecture
         var moe = new MoeFacts(t.Experts, t.TopK, t.Shared, t.MoeInter, t.MoeInter, moeLayers, denseLayers, routing);
         var spec = Blocks.NestedSpec(c, textConfig, c.ModelType!, b.Build(), moe, t.Hidden, t.Layers, t.Vocab, t.Global.Heads,
             t.Global.KvHeads, tie: false, t.Act, textModel, lmHead: disk ? "model.llm.unembed" : "lm_head",
-            embedName: disk ? "embed" : "embed_tokens");
-        // Its towers alone would be built inert (as Llama 4's are), but a transformers 5.17 fixture of the multimodal class
-        // differs from this text runtime from the first hidden state on (its embedding norm acts as if eps were ~0), so the
-        // multimodal class stays refused until that is understood.
-        if (multimodal) return spec with { RuntimeUnavailable = "inkling_mm_model's text forward is not yet matched to transformers 5.17 (only inkling_text runs)" };
+            embedName: disk ? "embed" : "embed_tokens") with { CheckpointGateUpInterleaved = multimodal };
         // The head of a checkpoint whose vocabulary is padded is sliced to unpadded_vocab_size; the runtime keeps every row.
-        if (c.IntOrNull("unpadded_vocab_size", null) is { } unpadded && unpadded < t.Vocab)
+        if (textConfig.IntOrNull("unpadded_vocab_size", null) is { } unpadded && unpadded < t.Vocab)
             return spec with { RuntimeUnavailable = "Inkling's logits sliced to unpadded_vocab_size" };
-        return spec with { Runtime = Runtime(c, t) };
+        if (!multimodal) return spec with { Runtime = Runtime(c, t) };
+        // The runtime builds the transformers-5 modules; on disk the head sits inside the text model (model.llm.unembed).
+        if (disk) return spec with { RuntimeUnavailable = "inkling_mm_model's checkpoint layout (the runtime builds the transformers-5 modules)" };
+        // Text only (no audio or pixel inputs, so transformers never calls the towers): the audio and vision towers are
+        // built inert between the text model and the head, as registered. InklingModel.forward norms the embeddings with
+        // language_model.embed_norm and hands them to the text model as inputs_embeds, which norms them again.
+        return spec with
+        {
+            Runtime = Runtime(textConfig, t) with
+            {
+                Towers = new InertTowers(["model.language_model", "model.audio_tower", "model.vision_tower", "lm_head"], "model.language_model", "lm_head"),
+                EmbeddingNormPasses = 2,
+            },
+        };
     }
 
     /// <summary>

@@ -86,6 +86,13 @@ public sealed record ModelSpec
     public string? RuntimeUnavailable { get; init; }
 
     /// <summary>
+    /// The checkpoint layout stores each gate and up projection pair as one tensor whose rows alternate gate, up, gate,
+    /// up (transformers converts it with <c>Interleave</c>: Inkling's multimodal checkpoints' <c>w13</c> tensors), so
+    /// <see cref="Modules.CheckpointLayout"/> maps the runtime's gate / up / gate_up_proj tensors to its even and odd rows.
+    /// </summary>
+    public bool CheckpointGateUpInterleaved { get; init; }
+
+    /// <summary>
     /// Set when transformers builds this config but its forward fails (what fails, in a sentence or two): the analysis
     /// still describes the model it builds, and reports warn (Doge with is_moe in transformers 5.17).
     /// </summary>

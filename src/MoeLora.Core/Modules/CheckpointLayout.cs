@@ -29,7 +29,11 @@ public sealed partial class CheckpointLayout
     /// <param name="NumExperts">For a fused parameter stored as per-expert parts: the experts (0 for a plain rename).</param>
     /// <param name="Concatenated">This parameter is its parts concatenated along dimension 0 (Kimi Linear's
     /// <c>conv1d.weight</c> = cat(q_conv1d, k_conv1d, v_conv1d), transformers' <c>Concatenate(dim=0)</c>).</param>
-    public sealed record Alternative(IReadOnlyList<ParameterNode> Parts, bool IsSliceOfFused, int NumExperts = 0, bool Concatenated = false)
+    /// <param name="Interleaved">This parameter is rows of its one part, whose rows (its last-but-one dimension)
+    /// alternate gate and up (<see cref="ModelSpec.CheckpointGateUpInterleaved"/>); <see cref="InterleavedRows.None"/>
+    /// otherwise.</param>
+    public sealed record Alternative(IReadOnlyList<ParameterNode> Parts, bool IsSliceOfFused, int NumExperts = 0, bool Concatenated = false,
+        InterleavedRows Interleaved = InterleavedRows.None)
     {
         /// <summary>True when this fused [E, rows, cols] parameter is stored as per-expert 2-D parts.</summary>
         public bool IsStack => NumExperts > 0;
@@ -66,6 +70,22 @@ public sealed partial class CheckpointLayout
         }
     }
 
+    /// <summary>Which rows of a stored gate/up-interleaved tensor a parameter holds.</summary>
+    public enum InterleavedRows
+    {
+        /// <summary>Not interleaved.</summary>
+        None,
+
+        /// <summary>The even rows (the gate projection).</summary>
+        Even,
+
+        /// <summary>The odd rows (the up projection).</summary>
+        Odd,
+
+        /// <summary>All of them, the even rows first, then the odd ones (a fused gate_up_proj of the same shape).</summary>
+        EvenThenOdd,
+    }
+
     private enum Role { Gate, Up, Down }
 
     /// <summary>
@@ -77,7 +97,7 @@ public sealed partial class CheckpointLayout
         try
         {
             var other = ArchitectureRegistry.Build(spec.Config, spec.Layout == Layout.V5 ? Layout.V4 : Layout.V5).Tree;
-            return Build(spec.Tree, other);
+            return Build(spec.Tree, other, spec.CheckpointGateUpInterleaved);
         }
         catch (ConfigException)
         {
@@ -85,7 +105,9 @@ public sealed partial class CheckpointLayout
         }
     }
 
-    public static CheckpointLayout Build(ModuleTree runtime, ModuleTree other)
+    /// <param name="gateUpInterleaved">The other tree stores gate and up rows interleaved in one tensor
+    /// (<see cref="ModelSpec.CheckpointGateUpInterleaved"/>).</param>
+    public static CheckpointLayout Build(ModuleTree runtime, ModuleTree other, bool gateUpInterleaved = false)
     {
         var result = new CheckpointLayout();
         var otherByName = AllParameters(other).ToDictionary(p => p.Name, StringComparer.Ordinal);
@@ -93,6 +115,7 @@ public sealed partial class CheckpointLayout
         var unpairedRuntime = AllParameters(runtime).Where(p => !otherByName.ContainsKey(p.Name)).ToList();
         var unpairedOther = otherByName.Keys.Where(n => !runtimeNames.Contains(n)).ToHashSet(StringComparer.Ordinal);
 
+        if (gateUpInterleaved) result.PairInterleaved(runtime, other, unpairedRuntime, unpairedOther, otherByName);
         result.PairExperts(runtime, other, unpairedRuntime, unpairedOther);
         result.PairConcatenated(runtime, other, unpairedRuntime, unpairedOther, otherByName);
         result.PairByStructure(runtime, other, unpairedRuntime, unpairedOther, otherByName);
@@ -141,6 +164,41 @@ public sealed partial class CheckpointLayout
             unpairedRuntime.Remove(weight.Parameter);
             unpairedOther.Remove(fused.Name);
         }
+    }
+
+    // Gate and up stored as one tensor of alternating rows (transformers' Interleave on the row dimension, the last but
+    // one): a runtime gate_up_proj takes the stored tensor of its shape (even rows first, then odd ones); a runtime
+    // gate_proj / up_proj pair (3-D shared-expert parameters, or the weights of a dense MLP's two Linears) takes the
+    // stored tensor with twice its rows, the gate the even rows and up the odd ones. The stored tensor is the only
+    // unpaired one of that shape in the same layer and location.
+    private void PairInterleaved(ModuleTree runtime, ModuleTree other, List<ParameterNode> unpairedRuntime, HashSet<string> unpairedOther,
+        Dictionary<string, ParameterNode> otherByName)
+    {
+        static string Key(ModuleTree tree, ParameterNode p, long[] shape) =>
+            $"{tree.OwnerOf(p).LayerIndex}|{tree.OwnerOf(p).Location}|{string.Join(',', shape)}";
+        var candidates = unpairedOther.Select(n => otherByName[n]).Where(p => p.Shape.Length >= 2)
+            .GroupBy(p => Key(other, p, p.Shape)).ToDictionary(g => g.Key, g => g.ToList());
+        var claimed = new List<string>();
+        foreach (ParameterNode p in unpairedRuntime.ToList())
+        {
+            if (p.Shape.Length < 2) continue;
+            // A dense MLP's projections are Linears (their tensor is "weight"); expert projections are the tensors themselves.
+            var projection = p.LocalName == "weight" ? runtime.OwnerOf(p).Name[(runtime.OwnerOf(p).Name.LastIndexOf('.') + 1)..] : p.LocalName;
+            var rows = (long[])p.Shape.Clone();
+            InterleavedRows half;
+            switch (projection)
+            {
+                case "gate_up_proj": half = InterleavedRows.EvenThenOdd; break;
+                case "gate_proj": half = InterleavedRows.Even; rows[^2] *= 2; break;
+                case "up_proj": half = InterleavedRows.Odd; rows[^2] *= 2; break;
+                default: continue;
+            }
+            if (!candidates.TryGetValue(Key(runtime, p, rows), out var match) || match.Count != 1) continue;
+            _alternatives[p.Name] = new Alternative([match[0]], IsSliceOfFused: false, Interleaved: half);
+            unpairedRuntime.Remove(p);
+            claimed.Add(match[0].Name);
+        }
+        foreach (var name in claimed) unpairedOther.Remove(name);
     }
 
     // A runtime tensor stored as several tensors concatenated along dimension 0: siblings of its module whose attributes

@@ -52,6 +52,9 @@ public static class LoraMerge
         foreach (var (runtime, alt) in CheckpointLayout.For(model.Spec)?.Alternatives ?? new Dictionary<string, CheckpointLayout.Alternative>())
         {
             if (alt.IsSliceOfFused) continue;
+            // Writing a gate/up-interleaved tensor back would need the inverse of the loader's de-interleaving.
+            if (alt.Interleaved != CheckpointLayout.InterleavedRows.None)
+                throw new UserInputException($"merge cannot write {alt.Parts[0].Name}: the checkpoint stores gate and up rows interleaved, which merge does not write back.");
             if (alt.IsStack || alt.Concatenated) foreach (var (part, expert, offset) in alt.Pieces()) storedAs[part.Name] = (runtime, expert, offset, part.Shape[0]);
             else storedAs[alt.Parts[0].Name] = (runtime, -1, 0, 0);
         }

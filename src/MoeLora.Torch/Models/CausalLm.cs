@@ -139,7 +139,7 @@ public sealed class CausalLm : HfModule, IDisposable
         var h = _embed.Forward(ids);
         if (Runtime.Scaling is { EmbeddingMultiplier: not 1.0 } es) h = h * es.EmbeddingMultiplier;
         if (_model.Affine is { } affine) h = (h + affine.Bias) * affine.Scale;
-        if (_embedNorm is not null) h = _embedNorm.Forward(h);
+        if (_embedNorm is not null) for (int i = 0; i < Runtime.EmbeddingNormPasses; i++) h = _embedNorm.Forward(h);
         if (Runtime.ResidualInFp32) h = h.to(ScalarType.Float32);
         // Hyper-connections: the embeddings repeated into every stream [B, S, n, H] (recorded as hidden_states[0]).
         if (Runtime.HyperConnections is { } hc) h = h.unsqueeze(2).expand(-1, -1, hc.Streams, -1).contiguous();

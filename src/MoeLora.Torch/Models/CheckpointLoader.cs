@@ -12,8 +12,8 @@ namespace MoeLora.Torch.Models;
 /// Reads a checkpoint (single <c>model.safetensors</c> or sharded via <c>model.safetensors.index.json</c>) into a
 /// model. Each runtime tensor is taken under its own (transformers-5) name, or as Core's <see cref="CheckpointLayout"/>
 /// says the checkpoint layout stores it: renamed, or as per-expert tensors stacked into a fused parameter
-/// (<c>gate_up_proj[e] = cat(gate_e, up_e)</c>, <c>down_proj[e] = down_e</c>). Either layout, or a mix per tensor,
-/// loads.
+/// (<c>gate_up_proj[e] = cat(gate_e, up_e)</c>, <c>down_proj[e] = down_e</c>), or rows of a tensor whose rows alternate
+/// gate and up (<see cref="CheckpointLayout.InterleavedRows"/>). Either layout, or a mix per tensor, loads.
 /// </summary>
 public static partial class CheckpointLoader
 {
@@ -96,7 +96,7 @@ public static partial class CheckpointLoader
                 using var scope = NewDisposeScope();
                 var target = c.Expert is { } e ? c.Target[e].narrow(0, c.RowOffset, entry.Shape[0])
                     : c.Rows ? c.Target.narrow(0, c.RowOffset, entry.Shape[0]) : c.Target;
-                Copy(handle, dataStart, entry, target, stats);
+                Copy(handle, dataStart, entry, target, stats, c.Interleaved);
                 stats.Tensors++;
                 stats.BytesRead += entry.End - entry.Begin;
                 progress?.Invoke(new LoadProgress(stats.Tensors, copies.Count, stats.BytesRead, totalBytes, c.Source));
@@ -108,9 +108,11 @@ public static partial class CheckpointLoader
 
     /// <summary>
     /// One stored tensor's destination: a whole state entry, or (<c>Rows</c>) its rows from <c>RowOffset</c>, of expert
-    /// <c>Expert</c>'s slice when that is set (per-expert parts) or of the whole entry (concatenated parts).
+    /// <c>Expert</c>'s slice when that is set (per-expert parts) or of the whole entry (concatenated parts); a whole
+    /// entry may take the stored tensor's gate/up-interleaved rows (<c>Interleaved</c>).
     /// </summary>
-    sealed record CopyStep(string Source, Tensor Target, int? Expert, long RowOffset, bool Rows);
+    sealed record CopyStep(string Source, Tensor Target, int? Expert, long RowOffset, bool Rows,
+        CheckpointLayout.InterleavedRows Interleaved = CheckpointLayout.InterleavedRows.None);
 
     /// <summary>Matches state entries to stored tensors by shape (headers only); all problems in one exception.</summary>
     static List<CopyStep> Plan(CausalLm model, Dictionary<string, long[]> stored)
@@ -144,6 +146,13 @@ public static partial class CheckpointLoader
                 if (wrong is not null) { errors.Add($"shape mismatch: {wrong.Name} checkpoint {Fmt(stored[wrong.Name])} vs model [{string.Join(",", wrong.Shape)}]"); continue; }
                 steps.AddRange(alt.Pieces().Select(p => new CopyStep(p.Part.Name, t, p.Expert < 0 ? null : p.Expert, p.RowOffset, Rows: true)));
             }
+            else if (alt is { Interleaved: not CheckpointLayout.InterleavedRows.None })
+            {
+                var src = stored[names[0]];
+                if (!src.SequenceEqual(alt.Parts[0].Shape) || !DeinterleavedShape(src, alt.Interleaved).SequenceEqual(t.shape))
+                { errors.Add($"shape mismatch: {names[0]} checkpoint {Fmt(src)} vs model {Shape(t)} ({alt.Interleaved} rows)"); continue; }
+                steps.Add(new CopyStep(names[0], t, null, 0, Rows: false, alt.Interleaved));
+            }
             else
             {
                 var src = stored[names[0]];
@@ -162,10 +171,12 @@ public static partial class CheckpointLoader
     /// tensor of the file's dtype, else through a host staging tensor of the file's dtype (copy_ converts dtype and
     /// moves it to the device).
     /// </summary>
-    static void Copy(SafeFileHandle handle, long dataStart, Safetensors.Entry entry, Tensor target, LoadStats stats)
+    static void Copy(SafeFileHandle handle, long dataStart, Safetensors.Entry entry, Tensor target, LoadStats stats,
+        CheckpointLayout.InterleavedRows interleaved)
     {
         long bytes = entry.End - entry.Begin;
-        if (target.device_type == DeviceType.CPU && target.dtype == entry.ScalarType && target.is_contiguous())
+        if (interleaved == CheckpointLayout.InterleavedRows.None && target.device_type == DeviceType.CPU
+            && target.dtype == entry.ScalarType && target.is_contiguous())
         {
             Safetensors.ReadInto(handle, dataStart + entry.Begin, bytes, target);
             return;
@@ -173,8 +184,36 @@ public static partial class CheckpointLoader
         using var staging = empty(entry.Shape, entry.ScalarType);
         Safetensors.ReadInto(handle, dataStart + entry.Begin, bytes, staging);
         stats.LargestStagingBytes = Math.Max(stats.LargestStagingBytes, bytes);
-        target.copy_(staging);
+        target.copy_(Deinterleave(staging, interleaved));
         if (target.device_type != DeviceType.CPU) stats.DeviceCopies++;
+    }
+
+    /// <summary>The shape <see cref="Deinterleave"/> gives for a stored shape (empty when its rows cannot pair up).</summary>
+    static long[] DeinterleavedShape(long[] stored, CheckpointLayout.InterleavedRows which)
+    {
+        var shape = (long[])stored.Clone();
+        if (shape.Length < 2 || shape[^2] % 2 != 0) return [];
+        if (which is CheckpointLayout.InterleavedRows.Even or CheckpointLayout.InterleavedRows.Odd) shape[^2] /= 2;
+        return shape;
+    }
+
+    /// <summary>
+    /// The rows <paramref name="which"/> names of a tensor whose rows (its last-but-one dimension) alternate gate and up:
+    /// transformers' <c>Interleave</c> (rows viewed as [n, 2], transposed to [2, n]), then its <c>Chunk</c> for a
+    /// separate gate or up. Views only: the copy into the parameter makes them contiguous.
+    /// </summary>
+    static Tensor Deinterleave(Tensor stored, CheckpointLayout.InterleavedRows which)
+    {
+        if (which == CheckpointLayout.InterleavedRows.None) return stored;
+        int rowsDim = (int)stored.dim() - 2;
+        var shape = stored.shape;
+        var pairs = stored.unflatten(rowsDim, [shape[rowsDim] / 2, 2]);               // [..., n, 2, cols]
+        return which switch
+        {
+            CheckpointLayout.InterleavedRows.Even => pairs.select(rowsDim + 1, 0),
+            CheckpointLayout.InterleavedRows.Odd => pairs.select(rowsDim + 1, 1),
+            _ => pairs.transpose(rowsDim, rowsDim + 1).reshape(shape),
+        };
     }
 
     static string Shape(Tensor t) => "[" + string.Join(",", t.shape) + "]";

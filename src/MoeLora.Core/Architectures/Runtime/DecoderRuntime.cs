@@ -23,6 +23,8 @@ namespace MoeLora.Core.Architectures.Runtime;
 /// final norm reads it cast back): the recorded hidden states are fp32.</param>
 /// <param name="EmbeddingNorm">A norm of the model applied to the embeddings before the first layer, registered after the
 /// final norm (Inkling's <c>embed_norm</c>); hidden_states[0] is its output. Null: none.</param>
+/// <param name="EmbeddingNormPasses">How many times <paramref name="EmbeddingNorm"/> is applied in a row (transformers
+/// 5.17's InklingModel norms the embeddings it passes to its text model, which norms them again: 2).</param>
 /// <param name="HyperConnections">The residual stream is several parallel streams mixed around each sublayer (HY-V4);
 /// null: one stream.</param>
 /// <param name="Towers">A multimodal model's vision/audio towers, registered around the text model but never run (a
@@ -42,7 +44,8 @@ public sealed record DecoderRuntime(
     bool ResidualInFp32 = false,
     NamedNorm? EmbeddingNorm = null,
     HyperConnectionSettings? HyperConnections = null,
-    InertTowers? Towers = null);
+    InertTowers? Towers = null,
+    int EmbeddingNormPasses = 1);
 
 /// <summary>
 /// A multimodal model run on text only, as transformers runs it when given only input_ids: the towers' subtrees
