@@ -98,6 +98,13 @@ public sealed record ModelSpec
     /// </summary>
     public string? TransformersForwardFails { get; init; }
 
+    /// <summary>
+    /// Heads of the rope permutation transformers applies to the q and k rows it chunks out of a stored fused
+    /// <c>in_proj_weight</c> / <c>in_proj_bias</c> when loading (<c>PermuteForRope</c> after <c>Chunk(dim=0)</c>: Step-3.7's
+    /// vision tower); <see cref="CheckpointLayout"/> records it on those chunks. Null: no such permutation.
+    /// </summary>
+    public long? InProjRopeHeads { get; init; }
+
     /// <summary>The runtime description, or a one-line refusal naming what the runtime lacks.</summary>
     public DecoderRuntime RequireRuntime() => Runtime
         ?? throw new NotSupportedException($"model_type '{ModelType}' cannot run in MoeLora's runtime: {RuntimeUnavailable ?? "no runtime description"}.");

@@ -1,7 +1,9 @@
 using System.Globalization;
 using System.Text.Json.Nodes;
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
+using MoeLora.Core.Util;
 
 namespace MoeLora.Core.Architectures;
 
@@ -29,7 +31,13 @@ namespace MoeLora.Core.Architectures;
 /// [E, I, H] and <c>moe.down_proj</c> [E, H, I], <c>share_expert</c>; the vision tower at <c>vision_model.*</c> in
 /// OpenCLIP names (conv1, positional_embedding, ln_pre, transformer.resblocks.N with a fused attn.in_proj_weight,
 /// ln_1/ln_2, ls_1/ls_2.gamma, mlp.c_fc/c_proj, vit_downsampler1/2); the projector as <c>vit_large_projector</c>.
-/// Containers that exist only on disk are plain Modules.
+/// Containers that exist only on disk are plain Modules. Loading converts it as transformers does: the stacked
+/// gate/up weights joined along dimension 1, and in_proj chunked into q, k, v with q and k rope-permuted over the vision
+/// heads (<see cref="ModelSpec.InProjRopeHeads"/>).
+/// </para>
+/// <para>
+/// The runtime runs the v5 model on text only (the vision tower and projector built inert); configs it cannot
+/// reproduce (per-element gating, bidirectional attention, MLP biases) are refused in one line.
 /// </para>
 /// </summary>
 internal sealed class Step3p7Family : IArchitecture
@@ -104,11 +112,134 @@ internal sealed class Step3p7Family : IArchitecture
         var routing = $"sigmoid of {t.Experts} router logits; top-{t.TopK} chosen on sigmoid + e_score_correction_bias, their " +
             $"sigmoids renormalised, scaled by moe_router_scaling_factor ({text.Double("moe_router_scaling_factor", 1.0)}), plus a shared expert";
         var moe = new MoeFacts(t.Experts, t.TopK, 1, t.MoeInter, t.SharedInter, moeLayers, denseLayers, routing);
-        return Blocks.NestedSpec(c, text, "step3p7", b.Build(), moe, t.Hidden, t.Layers, t.Vocab, t.Heads, t.Kv, tie, "silu",
+        var spec = Blocks.NestedSpec(c, text, "step3p7", b.Build(), moe, t.Hidden, t.Layers, t.Vocab, t.Heads, t.Kv, tie, "silu",
             textModel) with
         {
-            RuntimeUnavailable = "Step-3.7's vision tower and its per-layer gated attention",
+            InProjRopeHeads = v.Heads,
         };
+        if (disk) return spec with { RuntimeUnavailable = "the runtime builds the transformers-5 modules, not the checkpoint layout" };
+        if (Unsupported(text, layerTypes) is { } why) return spec with { RuntimeUnavailable = why };
+        // A text-only forward of Step3p7ForConditionalGeneration never calls the vision tower (no pixel_values): the tower
+        // and the projector are built with their parameters but not run.
+        return spec with
+        {
+            Runtime = TextRuntime(text, t, layerTypes, mlpTypes, HeadsOf) with
+            {
+                TieWordEmbeddings = tie,
+                // Step3p7Model registers the text model between the vision tower and the projector.
+                Towers = new InertTowers(["model.vision_model", "model.language_model", "model.multi_modal_projector", "lm_head"], "model.language_model", "lm_head"),
+            },
+        };
+    }
+
+    /// <summary>What the runtime does not reproduce of this config, in one line; null when it runs.</summary>
+    private static string? Unsupported(ModelConfig text, IReadOnlyList<string> layerTypes)
+    {
+        // Step3p7Attention gates per head only when gating is True or "per-head" (the tree's g_proj has one row per head).
+        if (text.Json["gating"] is { } gating && gating.ToJsonString() is not ("true" or "\"per-head\""))
+            return "Step-3.7 attention gated per element (gating is neither true nor \"per-head\")";
+        if (text.Bool("use_bidirectional_attention", false))
+            return "Step-3.7's bidirectional attention (use_bidirectional_attention)";
+        if (text.Bool("mlp_bias", false)) return "Step-3.7 MLPs with biases (mlp_bias)";
+        // transformers' create_sliding_window_causal_mask fails without a window.
+        if (layerTypes.Contains("sliding_attention") && text.IntOrNull("sliding_window", null) is null)
+            return "Step-3.7 sliding_attention layers without a sliding_window";
+        return null;
+    }
+
+    /// <summary>
+    /// Step3p7TextModel: Gemma-style RMSNorms ((1 + weight) in fp32) around each sublayer and per head on q and k (before
+    /// rope); softmax scale query_pre_attn_scalar^-0.5; the attention output times sigmoid(g_proj(x)) per head before
+    /// o_proj; a sliding window on sliding_attention layers, each layer type with its own rope; a dense MLP or the MoE
+    /// block (sigmoid router, selection on sigmoid + e_score_correction_bias, renormalised sigmoids, routed output ×
+    /// moe_router_scaling_factor plus the shared expert). hidden_act is always SiLU (the config forces it); a layer's
+    /// swiglu_limits / swiglu_limits_shared entry clamps SiLU(gate) to at most L and up to ±L (0 or null: no clamp).
+    /// </summary>
+    private static DecoderRuntime TextRuntime(ModelConfig text, TextDims t, IReadOnlyList<string> layerTypes, IReadOnlyList<string> mlpTypes,
+        Func<int, long> headsOf)
+    {
+        var norm = new NormSettings(NormKind.RmsOnePlusWeight, text.Double("rms_norm_eps", 1e-5));
+        var scaling = Math.Pow(text.Double("query_pre_attn_scalar", t.HeadDim), -0.5);
+        var ropes = Ropes(text, layerTypes, t.HeadDim);
+        var window = text.IntOrNull("sliding_window", null) ?? 0;
+        var limits = Limits(text, "swiglu_limits", t.Layers);
+        var sharedLimits = Limits(text, "swiglu_limits_shared", t.Layers);
+        var router = new SigmoidBiasRouterSettings("gate", t.Experts, t.TopK, new ScoreBias("e_score_correction_bias", ScoreBiasOwner.Router, IsParameter: false),
+            NormTopK: true, NormEps: 0, Scale: 1.0, SoftCap: 0);
+        var options = new MoeOptions(RoutedScale: text.Double("moe_router_scaling_factor", 1.0));
+
+        FeedForwardSettings FeedForward(int i)
+        {
+            if (mlpTypes[i] != "sparse")
+                return new GatedMlpSettings(t.Inter, "silu", ClampLimit: sharedLimits[i], ClampAfterActivation: true);
+            var experts = limits[i] is { } l
+                ? new ExpertsSettings(ExpertsLayout.GateUpOutInClamped, t.Experts, t.MoeInter, "silu", l, SwigluAlpha: 1.0, SwigluUpShift: 0,
+                    ClampAfterActivation: true)
+                : new ExpertsSettings(ExpertsLayout.GateUpOutIn, t.Experts, t.MoeInter, "silu");
+            var shared = new SharedExpertSettings("shared_experts", t.SharedInter, "silu", null, ClampLimit: sharedLimits[i], ClampAfterActivation: true);
+            return new MoeSettings(router, experts, shared, MoeOrder.RouterFirst, options);
+        }
+
+        var layers = Enumerable.Range(0, (int)t.Layers).Select(i =>
+        {
+            var sliding = layerTypes[i] == "sliding_attention";
+            var rope = ropes[layerTypes[i]];
+            var attention = new StandardAttentionSettings(headsOf(i), t.Kv, t.HeadDim, t.AttentionBias, t.AttentionBias, QkNormKind.PerHead, norm.Eps,
+                Sinks: false, sliding ? new MaskSettings(MaskKind.Sliding, window) : MaskSettings.Full, rope.Dim,
+                new StandardAttentionOptions(Rope: rope, QkNormType: NormKind.RmsOnePlusWeight, Scaling: scaling,
+                    Gate: new OutputGate("g_proj", OutputGateKind.Sigmoid, PerHead: true)));
+            return new DecoderLayerRuntime(attention, "mlp", FeedForward(i), norm, norm);
+        }).ToList();
+        return new DecoderRuntime(t.Vocab, t.Hidden, t.Tie, text.Double("initializer_range", 0.02), norm, ropes[layerTypes[0]], layers);
+    }
+
+    /// <summary>
+    /// Step3p7TextConfig's rope_parameters, one per layer type: as saved (a sub-dict per type), else built from rope_theta
+    /// (one number, or one per layer: the type's first layer decides), partial_rotary_factors (per layer) and
+    /// rope_scaling (merged into full_attention's). Each rotates int(head_dim · partial_rotary_factor) dims.
+    /// </summary>
+    private static Dictionary<string, RopeSettings> Ropes(ModelConfig text, IReadOnlyList<string> layerTypes, long headDim)
+    {
+        var saved = text.Sub("rope_parameters");
+        var types = layerTypes.Distinct().ToList();
+        var result = new Dictionary<string, RopeSettings>();
+        if (saved is not null && types.All(k => saved.Sub(k) is not null))
+        {
+            foreach (var k in types)
+            {
+                var o = saved.Sub(k)!;
+                result[k] = RopeSettings.Of(o, o.Double("rope_theta", 10000.0), (long)(headDim * o.Double("partial_rotary_factor", 1.0)));
+            }
+            return result;
+        }
+        var thetas = Numbers(text, "rope_theta");
+        var factors = Numbers(text, "partial_rotary_factors");
+        foreach (var k in types)
+        {
+            int first = layerTypes.ToList().IndexOf(k);
+            var theta = thetas is null ? text.Double("rope_theta", 10000.0) : thetas[first];
+            var factor = factors is null ? 1.0 : factors[first];
+            var scaling = k == "full_attention" ? text.Sub("rope_scaling") : null;
+            result[k] = scaling is null ? new RopeSettings("default", theta, (long)(headDim * factor))
+                : RopeSettings.Of(scaling, scaling.Double("rope_theta", theta), (long)(headDim * factor));
+        }
+        return result;
+    }
+
+    /// <summary>A per-layer list of numbers (rope_theta, partial_rotary_factors); null when the field is absent or one number.</summary>
+    private static IReadOnlyList<double>? Numbers(ModelConfig text, string name) =>
+        text.Json[name] is JsonArray list
+            ? list.Select(x => JsonNumbers.TryDouble(x, out var d) ? d : throw new ConfigException($"config field '{name}' must be a list of numbers")).ToList()
+            : null;
+
+    /// <summary>swiglu_limits / swiglu_limits_shared per layer: null (absent, null or 0) means no clamp.</summary>
+    private static double?[] Limits(ModelConfig text, string name, long layers)
+    {
+        var result = new double?[layers];
+        if (text.Json[name] is not JsonArray list) return result;
+        for (int i = 0; i < layers && i < list.Count; i++)
+            result[i] = list[i] is { } x && JsonNumbers.TryDouble(x, out var d) && d != 0 ? d : null;
+        return result;
     }
 
     /// <summary>
@@ -272,7 +403,7 @@ internal sealed class Step3p7Family : IArchitecture
     }
 
     /// <summary>Step3p7VisionConfig's sizes (legacy width/layers aliases; the MLP width from mlp_ratio).</summary>
-    private sealed record VisionDims(long Hidden, long Inter, long Layers, long Channels, long Patch, long Positions, string ActClass)
+    private sealed record VisionDims(long Hidden, long Inter, long Layers, long Channels, long Patch, long Positions, string ActClass, long Heads)
     {
         public static VisionDims Read(ModelConfig v, Layout layout)
         {
@@ -282,7 +413,8 @@ internal sealed class Step3p7Family : IArchitecture
             // __post_init__: intermediate_size = int(hidden_size * mlp_ratio), whatever the config says.
             var inter = (long)(hidden * v.Double("mlp_ratio", 8960.0 / 1536.0));
             return new(hidden, inter, v.FirstInt("num_hidden_layers", "layers") ?? 47, v.Positive("num_channels", 3), patch,
-                (image / patch) * (image / patch), Blocks.ActivationClass(v.String("hidden_act", "quick_gelu")!, layout));
+                (image / patch) * (image / patch), Blocks.ActivationClass(v.String("hidden_act", "quick_gelu")!, layout),
+                v.FirstInt("num_attention_heads", "heads") ?? 16);
         }
     }
 }

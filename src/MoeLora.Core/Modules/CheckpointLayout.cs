@@ -27,13 +27,18 @@ public sealed partial class CheckpointLayout
     /// <param name="Parts">Parameters of the other layout, in stacking order (expert by expert, gate before up).</param>
     /// <param name="IsSliceOfFused">True when this parameter is one expert's slice of a single fused parameter.</param>
     /// <param name="NumExperts">For a fused parameter stored as per-expert parts: the experts (0 for a plain rename).</param>
-    /// <param name="Concatenated">This parameter is its parts concatenated along dimension 0 (Kimi Linear's
-    /// <c>conv1d.weight</c> = cat(q_conv1d, k_conv1d, v_conv1d), transformers' <c>Concatenate(dim=0)</c>).</param>
+    /// <param name="Concatenated">This parameter is its parts concatenated along <paramref name="ConcatDim"/> (Kimi Linear's
+    /// <c>conv1d.weight</c> = cat(q_conv1d, k_conv1d, v_conv1d), transformers' <c>Concatenate(dim=0)</c>; Step-3.7's
+    /// <c>experts.gate_up_proj</c> = cat(moe.gate_proj.weight, moe.up_proj.weight) along dimension 1).</param>
+    /// <param name="ConcatDim">The dimension a concatenation joins its parts along.</param>
+    /// <param name="Chunk">This parameter is rows [Offset, Offset + its rows) of its one part (transformers' <c>Chunk(dim=0)</c>
+    /// of a stored fused <c>in_proj_weight</c> into q, k and v), those rows permuted for rope per
+    /// <see cref="RopeChunk.PermuteHeads"/>; null: not a chunk.</param>
     /// <param name="Interleaved">This parameter is rows of its one part, whose rows (its last-but-one dimension)
     /// alternate gate and up (<see cref="ModelSpec.CheckpointGateUpInterleaved"/>); <see cref="InterleavedRows.None"/>
     /// otherwise.</param>
     public sealed record Alternative(IReadOnlyList<ParameterNode> Parts, bool IsSliceOfFused, int NumExperts = 0, bool Concatenated = false,
-        InterleavedRows Interleaved = InterleavedRows.None)
+        int ConcatDim = 0, RopeChunk? Chunk = null, InterleavedRows Interleaved = InterleavedRows.None)
     {
         /// <summary>True when this fused [E, rows, cols] parameter is stored as per-expert 2-D parts.</summary>
         public bool IsStack => NumExperts > 0;
@@ -51,7 +56,7 @@ public sealed partial class CheckpointLayout
                 foreach (var part in Parts)
                 {
                     yield return (part, -1, at);
-                    at += part.Shape[0];
+                    at += part.Shape[ConcatDim];
                 }
                 yield break;
             }
@@ -86,6 +91,14 @@ public sealed partial class CheckpointLayout
         EvenThenOdd,
     }
 
+    /// <summary>
+    /// A row chunk of a stored tensor: rows [<paramref name="Offset"/>, <paramref name="Offset"/> + rows). With
+    /// <paramref name="PermuteHeads"/> &gt; 0 transformers' <c>PermuteForRope</c> follows on load: within each of that many
+    /// heads, the rows stored as interleaved (half_head, 2) pairs are read as (2, half_head), i.e.
+    /// <c>loaded[h, j, i] = stored[h, i, j]</c>; saving applies the inverse.
+    /// </summary>
+    public sealed record RopeChunk(long Offset, long PermuteHeads);
+
     private enum Role { Gate, Up, Down }
 
     /// <summary>
@@ -97,7 +110,7 @@ public sealed partial class CheckpointLayout
         try
         {
             var other = ArchitectureRegistry.Build(spec.Config, spec.Layout == Layout.V5 ? Layout.V4 : Layout.V5).Tree;
-            return Build(spec.Tree, other, spec.CheckpointGateUpInterleaved);
+            return Build(spec.Tree, other, spec.CheckpointGateUpInterleaved, spec.Layout == Layout.V5 ? spec.InProjRopeHeads : null);
         }
         catch (ConfigException)
         {
@@ -107,7 +120,9 @@ public sealed partial class CheckpointLayout
 
     /// <param name="gateUpInterleaved">The other tree stores gate and up rows interleaved in one tensor
     /// (<see cref="ModelSpec.CheckpointGateUpInterleaved"/>).</param>
-    public static CheckpointLayout Build(ModuleTree runtime, ModuleTree other, bool gateUpInterleaved = false)
+    /// <param name="inProjRopeHeads">Heads of the rope permutation of q and k chunked out of a stored in_proj (see
+    /// <see cref="ModelSpec.InProjRopeHeads"/>); null: none.</param>
+    public static CheckpointLayout Build(ModuleTree runtime, ModuleTree other, bool gateUpInterleaved = false, long? inProjRopeHeads = null)
     {
         var result = new CheckpointLayout();
         var otherByName = AllParameters(other).ToDictionary(p => p.Name, StringComparer.Ordinal);
@@ -118,6 +133,8 @@ public sealed partial class CheckpointLayout
         if (gateUpInterleaved) result.PairInterleaved(runtime, other, unpairedRuntime, unpairedOther, otherByName);
         result.PairExperts(runtime, other, unpairedRuntime, unpairedOther);
         result.PairConcatenated(runtime, other, unpairedRuntime, unpairedOther, otherByName);
+        result.PairStackedGateUp(runtime, other, unpairedRuntime, unpairedOther, otherByName);
+        result.PairInProjChunks(runtime, other, unpairedRuntime, unpairedOther, otherByName, inProjRopeHeads ?? 0);
         result.PairByStructure(runtime, other, unpairedRuntime, unpairedOther, otherByName);
         return result;
     }
@@ -225,6 +242,68 @@ public sealed partial class CheckpointLayout
             _alternatives[whole.Name] = new Alternative(parts, IsSliceOfFused: false, Concatenated: true);
             unpairedRuntime.Remove(whole);
             foreach (ParameterNode part in parts) unpairedOther.Remove(part.Name);
+        }
+    }
+
+    // A fused gate_up_proj [E, 2I, H] stored as two already stacked 3-D weights of the same layer, gate_proj [E, I, H] then
+    // up_proj [E, I, H], concatenated along dimension 1 (Step-3.7's moe.gate_proj.weight / moe.up_proj.weight).
+    private void PairStackedGateUp(ModuleTree runtime, ModuleTree other, List<ParameterNode> unpairedRuntime, HashSet<string> unpairedOther,
+        Dictionary<string, ParameterNode> otherByName)
+    {
+        static string Attribute(ModuleNode m) => m.Name[(m.Name.LastIndexOf('.') + 1)..];
+        foreach (ParameterNode fused in unpairedRuntime.ToList())
+        {
+            ModuleNode owner = runtime.OwnerOf(fused);
+            if (owner.Kind != ModuleKind.Experts || owner.IsTransposed || fused.LocalName != "gate_up_proj" || fused.Shape.Length != 3) continue;
+            ParameterNode? Stacked(Role role) => unpairedOther.Select(n => otherByName[n]).SingleOrDefault(p => other.OwnerOf(p) is { Kind: ModuleKind.Experts } o && o.LayerIndex == owner.LayerIndex && p.Shape.Length == 3
+                    && RoleOf(Attribute(o), out var r) && r == role && p.Shape[0] == fused.Shape[0] && p.Shape[2] == fused.Shape[2]);
+            if (Stacked(Role.Gate) is not { } gate || Stacked(Role.Up) is not { } up || gate.Shape[1] + up.Shape[1] != fused.Shape[1]) continue;
+            _alternatives[fused.Name] = new Alternative([gate, up], IsSliceOfFused: false, Concatenated: true, ConcatDim: 1);
+            unpairedRuntime.Remove(fused);
+            unpairedOther.Remove(gate.Name);
+            unpairedOther.Remove(up.Name);
+        }
+    }
+
+    // q_proj, k_proj and v_proj tensors stored as one torch nn.MultiheadAttention-style in_proj_<tensor>, their rows in that
+    // order (transformers' Chunk(dim=0)); q and k rows take the rope permutation when the family declares one. Attention
+    // modules outside the decoder layers (a vision tower's, no layer index) pair with the in_proj tensors of their layer
+    // index in registration order, as many on each side.
+    private void PairInProjChunks(ModuleTree runtime, ModuleTree other, List<ParameterNode> unpairedRuntime, HashSet<string> unpairedOther,
+        Dictionary<string, ParameterNode> otherByName, long ropeHeads)
+    {
+        static (string Parent, string Attribute) Split(string module)
+        {
+            int dot = module.LastIndexOf('.');
+            return dot < 0 ? ("", module) : (module[..dot], module[(dot + 1)..]);
+        }
+        string[] roles = ["q_proj", "k_proj", "v_proj"];
+        var triples = unpairedRuntime.Where(p => roles.Contains(Split(runtime.OwnerOf(p).Name).Attribute))
+            .GroupBy(p => (Split(runtime.OwnerOf(p).Name).Parent, p.LocalName))
+            .Select(g => roles.Select(r => g.SingleOrDefault(p => Split(runtime.OwnerOf(p).Name).Attribute == r)).ToList())
+            .Where(t => t.All(p => p is not null)).Select(t => t.Select(p => p!).ToList()).ToList();
+        var order = AllParameters(other).Select((p, i) => (p.Name, i)).ToDictionary(e => e.Name, e => e.i, StringComparer.Ordinal);
+        foreach (var group in triples.GroupBy(t => (runtime.OwnerOf(t[0]).LayerIndex, t[0].LocalName)))
+        {
+            var mine = group.ToList();
+            var fused = unpairedOther.Select(n => otherByName[n])
+                .Where(p => p.LocalName == "in_proj_" + group.Key.LocalName && other.OwnerOf(p).LayerIndex == group.Key.LayerIndex)
+                .OrderBy(p => order[p.Name]).ToList();
+            if (fused.Count != mine.Count) continue;
+            for (int i = 0; i < mine.Count; i++)
+            {
+                var parts = mine[i];
+                if (fused[i].Shape[0] != parts.Sum(p => p.Shape[0]) || !fused[i].Shape.Skip(1).SequenceEqual(parts[0].Shape.Skip(1))) continue;
+                long offset = 0;
+                foreach (var part in parts)
+                {
+                    _alternatives[part.Name] = new Alternative([fused[i]], IsSliceOfFused: false,
+                        Chunk: new RopeChunk(offset, Split(runtime.OwnerOf(part).Name).Attribute == "v_proj" ? 0 : ropeHeads));
+                    offset += part.Shape[0];
+                    unpairedRuntime.Remove(part);
+                }
+                unpairedOther.Remove(fused[i].Name);
+            }
         }
     }
 

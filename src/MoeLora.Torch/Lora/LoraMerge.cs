@@ -48,15 +48,23 @@ public static class LoraMerge
         if (layers != model.NumLayers)
             throw new UserInputException($"the model has {model.NumLayers} blocks but {checkpointDir} has {layers}: merge needs the whole model.");
         // Checkpoint tensor → (runtime tensor, expert slice) for tensors stored under the other layout's names.
-        var storedAs = new Dictionary<string, (string Runtime, int Expert, long RowOffset, long Rows)>(StringComparer.Ordinal);
+        var storedAs = new Dictionary<string, (string Runtime, int Expert, long RowOffset, long Rows, int Dim)>(StringComparer.Ordinal);
+        // Checkpoint tensor → the runtime tensors chunked out of it (q, k, v of a fused in_proj), in row order.
+        var chunkedInto = new Dictionary<string, List<(string Runtime, CheckpointLayout.RopeChunk Chunk)>>(StringComparer.Ordinal);
         foreach (var (runtime, alt) in CheckpointLayout.For(model.Spec)?.Alternatives ?? new Dictionary<string, CheckpointLayout.Alternative>())
         {
             if (alt.IsSliceOfFused) continue;
             // Writing a gate/up-interleaved tensor back would need the inverse of the loader's de-interleaving.
             if (alt.Interleaved != CheckpointLayout.InterleavedRows.None)
                 throw new UserInputException($"merge cannot write {alt.Parts[0].Name}: the checkpoint stores gate and up rows interleaved, which merge does not write back.");
-            if (alt.IsStack || alt.Concatenated) foreach (var (part, expert, offset) in alt.Pieces()) storedAs[part.Name] = (runtime, expert, offset, part.Shape[0]);
-            else storedAs[alt.Parts[0].Name] = (runtime, -1, 0, 0);
+            if (alt.IsStack || alt.Concatenated)
+                foreach (var (part, expert, offset) in alt.Pieces()) storedAs[part.Name] = (runtime, expert, offset, part.Shape[alt.ConcatDim], alt.ConcatDim);
+            else if (alt.Chunk is { } chunk)
+            {
+                if (!chunkedInto.TryGetValue(alt.Parts[0].Name, out var list)) chunkedInto[alt.Parts[0].Name] = list = [];
+                list.Add((runtime, chunk));
+            }
+            else storedAs[alt.Parts[0].Name] = (runtime, -1, 0, 0, 0);
         }
         var state = MergedState(model);
         var used = new HashSet<string>(StringComparer.Ordinal);
@@ -82,7 +90,11 @@ public static class LoraMerge
                     if (state.ContainsKey(e.Name)) value = Get(e.Name);
                     else if (storedAs.TryGetValue(e.Name, out var at))
                         value = at.Expert >= 0 ? Get(at.Runtime)[at.Expert].narrow(0, at.RowOffset, at.Rows)
-                            : at.Rows > 0 ? Get(at.Runtime).narrow(0, at.RowOffset, at.Rows) : Get(at.Runtime);
+                            : at.Rows > 0 ? Get(at.Runtime).narrow(at.Dim, at.RowOffset, at.Rows) : Get(at.Runtime);
+                    else if (chunkedInto.TryGetValue(e.Name, out var chunks))
+                        // Saving undoes the load's rope permutation, then concatenates the chunks (transformers' reverse ops).
+                        value = cat(chunks.OrderBy(c => c.Chunk.Offset).Select(c => c.Chunk.PermuteHeads > 0
+                            ? CheckpointLoader.RopePermutation(Get(c.Runtime), c.Chunk.PermuteHeads, inverse: true) : Get(c.Runtime)).ToList(), 0);
                     else throw new InvalidDataException($"the checkpoint's {e.Name} has no counterpart in the merged model.");
                     if (!value.shape.SequenceEqual(e.Shape))
                         throw new InvalidDataException($"{e.Name}: merged shape [{string.Join(",", value.shape)}] differs from the checkpoint's [{string.Join(",", e.Shape)}].");

@@ -95,8 +95,9 @@ public static partial class CheckpointLoader
                 if (!handles.TryGetValue(file, out var handle)) handles[file] = handle = File.OpenHandle(file);
                 using var scope = NewDisposeScope();
                 var target = c.Expert is { } e ? c.Target[e].narrow(0, c.RowOffset, entry.Shape[0])
-                    : c.Rows ? c.Target.narrow(0, c.RowOffset, entry.Shape[0]) : c.Target;
-                Copy(handle, dataStart, entry, target, stats, c.Interleaved);
+                    : c.Rows ? c.Target.narrow(c.Dim, c.RowOffset, entry.Shape[c.Dim]) : c.Target;
+                if (c.Chunk is { } chunk) CopyChunk(handle, dataStart, entry, target, chunk, stats);
+                else Copy(handle, dataStart, entry, target, stats, c.Interleaved);
                 stats.Tensors++;
                 stats.BytesRead += entry.End - entry.Begin;
                 progress?.Invoke(new LoadProgress(stats.Tensors, copies.Count, stats.BytesRead, totalBytes, c.Source));
@@ -107,11 +108,12 @@ public static partial class CheckpointLoader
     }
 
     /// <summary>
-    /// One stored tensor's destination: a whole state entry, or (<c>Rows</c>) its rows from <c>RowOffset</c>, of expert
-    /// <c>Expert</c>'s slice when that is set (per-expert parts) or of the whole entry (concatenated parts); a whole
-    /// entry may take the stored tensor's gate/up-interleaved rows (<c>Interleaved</c>).
+    /// One stored tensor's destination: a whole state entry, or (<c>Rows</c>) its rows from <c>RowOffset</c> along
+    /// <c>Dim</c>, of expert <c>Expert</c>'s slice when that is set (per-expert parts) or of the whole entry (concatenated
+    /// parts); or (<c>Chunk</c>) the whole entry taken from a row chunk of the stored tensor; a whole entry may take the
+    /// stored tensor's gate/up-interleaved rows (<c>Interleaved</c>).
     /// </summary>
-    sealed record CopyStep(string Source, Tensor Target, int? Expert, long RowOffset, bool Rows,
+    sealed record CopyStep(string Source, Tensor Target, int? Expert, long RowOffset, bool Rows, int Dim = 0, CheckpointLayout.RopeChunk? Chunk = null,
         CheckpointLayout.InterleavedRows Interleaved = CheckpointLayout.InterleavedRows.None);
 
     /// <summary>Matches state entries to stored tensors by shape (headers only); all problems in one exception.</summary>
@@ -144,14 +146,21 @@ public static partial class CheckpointLoader
             {
                 var wrong = alt.Parts.FirstOrDefault(p => !stored[p.Name].SequenceEqual(p.Shape));
                 if (wrong is not null) { errors.Add($"shape mismatch: {wrong.Name} checkpoint {Fmt(stored[wrong.Name])} vs model [{string.Join(",", wrong.Shape)}]"); continue; }
-                steps.AddRange(alt.Pieces().Select(p => new CopyStep(p.Part.Name, t, p.Expert < 0 ? null : p.Expert, p.RowOffset, Rows: true)));
+                steps.AddRange(alt.Pieces().Select(p => new CopyStep(p.Part.Name, t, p.Expert < 0 ? null : p.Expert, p.RowOffset, Rows: true, alt.ConcatDim)));
+            }
+            else if (alt?.Chunk is { } chunk)
+            {
+                var src = stored[names[0]];
+                if (!src.Skip(1).SequenceEqual(t.shape.Skip(1)) || chunk.Offset + t.shape[0] > src[0])
+                { errors.Add($"shape mismatch: {names[0]} checkpoint {Fmt(src)} holds no rows [{chunk.Offset}, {chunk.Offset + t.shape[0]}) for {name} {Shape(t)}"); continue; }
+                steps.Add(new CopyStep(names[0], t, null, 0, Rows: false, Chunk: chunk));
             }
             else if (alt is { Interleaved: not CheckpointLayout.InterleavedRows.None })
             {
                 var src = stored[names[0]];
                 if (!src.SequenceEqual(alt.Parts[0].Shape) || !DeinterleavedShape(src, alt.Interleaved).SequenceEqual(t.shape))
                 { errors.Add($"shape mismatch: {names[0]} checkpoint {Fmt(src)} vs model {Shape(t)} ({alt.Interleaved} rows)"); continue; }
-                steps.Add(new CopyStep(names[0], t, null, 0, Rows: false, alt.Interleaved));
+                steps.Add(new CopyStep(names[0], t, null, 0, Rows: false, Interleaved: alt.Interleaved));
             }
             else
             {
@@ -214,6 +223,32 @@ public static partial class CheckpointLoader
             CheckpointLayout.InterleavedRows.Odd => pairs.select(rowsDim + 1, 1),
             _ => pairs.transpose(rowsDim, rowsDim + 1).reshape(shape),
         };
+    }
+
+    /// <summary>
+    /// Reads the whole stored tensor, then copies its rows [Offset, Offset + rows of <paramref name="target"/>) into
+    /// <paramref name="target"/>, rope-permuted as transformers' PermuteForRope does on load when the chunk says so.
+    /// </summary>
+    static void CopyChunk(SafeFileHandle handle, long dataStart, Safetensors.Entry entry, Tensor target, CheckpointLayout.RopeChunk chunk, LoadStats stats)
+    {
+        using var staging = empty(entry.Shape, entry.ScalarType);
+        Safetensors.ReadInto(handle, dataStart + entry.Begin, entry.End - entry.Begin, staging);
+        stats.LargestStagingBytes = Math.Max(stats.LargestStagingBytes, entry.End - entry.Begin);
+        var rows = staging.narrow(0, chunk.Offset, target.shape[0]);
+        target.copy_(chunk.PermuteHeads > 0 ? RopePermutation(rows, chunk.PermuteHeads, inverse: false) : rows);
+        if (target.device_type != DeviceType.CPU) stats.DeviceCopies++;
+    }
+
+    /// <summary>
+    /// transformers' PermuteForRope on a [rows, ...] tensor of <paramref name="heads"/> heads: each head's rows viewed as
+    /// (half, 2) and transposed to (2, half) on load; <paramref name="inverse"/> undoes it (viewed as (2, half)), as saving does.
+    /// </summary>
+    internal static Tensor RopePermutation(Tensor rows, long heads, bool inverse)
+    {
+        long n = rows.shape[0], half = n / heads / 2;
+        var rest = rows.shape.Skip(1).ToArray();
+        var viewed = rows.reshape([heads, inverse ? 2 : half, inverse ? half : 2, .. rest]);
+        return viewed.transpose(1, 2).reshape([n, .. rest]);
     }
 
     static string Shape(Tensor t) => "[" + string.Join(",", t.shape) + "]";

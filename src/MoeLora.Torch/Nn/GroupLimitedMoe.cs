@@ -39,7 +39,8 @@ public abstract class GroupLimitedMoeBlock<TGate> : HfModule, IBlock where TGate
     {
         // Plain fused experts, or HY-V4's clamped SwiGLU ones.
         ExpertsBase experts = s.Experts.Layout == ExpertsLayout.GateUpOutInClamped
-            ? new ClampedFusedExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, s.Experts.SwigluLimit, s.Experts.SwigluAlpha, init, s.Experts.SwigluUpShift)
+            ? new ClampedFusedExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, s.Experts.SwigluLimit, s.Experts.SwigluAlpha, init, s.Experts.SwigluUpShift,
+                s.Experts.ClampAfterActivation)
             : new FusedExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, s.Experts.Act, init);
         if (s.Order == MoeOrder.ExpertsFirst) { _experts = AddChild("experts", experts); Gate = AddChild(s.Router.Name, gate); }
         else { Gate = AddChild(s.Router.Name, gate); _experts = AddChild("experts", experts); }

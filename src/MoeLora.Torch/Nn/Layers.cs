@@ -123,17 +123,19 @@ public sealed class GatedMlp : HfModule, IBlock
     readonly Parameter? _globalScale;
 
     public GatedMlp(long hidden, Core.Architectures.Runtime.GatedMlpSettings s, Init init)
-        : this(hidden, s.Intermediate, s.Act, init, s.Bias, s.ActName, s.Names)
+        : this(hidden, s.Intermediate, s.Act, init, s.Bias, s.ActName, s.Names, s.ClampLimit, s.ClampAfterActivation)
     {
         // A direct Parameter: named_parameters lists it before the projections whatever the registration order.
         if (s.GlobalScale is { } name) _globalScale = AddParameter(name, init.Ones(1));
     }
 
     /// <param name="clampLimit">DeepSeek-V4's shared expert: gate clamped to at most L, up to ±L, before the activation.</param>
+    /// <param name="clampAfterActivation">Step-3.7's MLPs: act(gate) clamped to at most L instead of gate.</param>
     public GatedMlp(long hidden, long intermediate, string act, Init init, bool bias = false, string? actName = "act_fn",
-        Core.Architectures.Runtime.GatedMlpNames? names = null, double? clampLimit = null)
+        Core.Architectures.Runtime.GatedMlpNames? names = null, double? clampLimit = null, bool clampAfterActivation = false)
     {
         _clamp = clampLimit;
+        _clampAfterActivation = clampAfterActivation;
         gate_proj = AddChild(names?.Gate ?? "gate_proj", new Linear(hidden, intermediate, bias, init));
         up_proj = AddChild(names?.Up ?? "up_proj", new Linear(hidden, intermediate, bias, init));
         down_proj = AddChild(names?.Down ?? "down_proj", new Linear(intermediate, hidden, bias, init));
@@ -141,13 +143,16 @@ public sealed class GatedMlp : HfModule, IBlock
     }
 
     readonly double? _clamp;
+    readonly bool _clampAfterActivation;
 
     public Tensor Forward(Tensor x)
     {
         var gate = gate_proj.Forward(x);
         var up = up_proj.Forward(x);
-        if (_clamp is { } l) { gate = gate.clamp_max(l); up = up.clamp(-l, l); }
-        var y = down_proj.Forward(_act.Forward(gate) * up);
+        if (_clamp is { } l) { up = up.clamp(-l, l); if (!_clampAfterActivation) gate = gate.clamp_max(l); }
+        var activated = _act.Forward(gate);
+        if (_clamp is { } after && _clampAfterActivation) activated = activated.clamp_max(after);
+        var y = down_proj.Forward(activated * up);
         return _globalScale is null ? y : y * _globalScale;
     }
 

@@ -124,7 +124,8 @@ public sealed class RoutedMoe : HfModule, IBlock
         _experts = s.Experts.Layout switch
         {
             ExpertsLayout.GateUpOutIn => new FusedExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, s.Experts.Act, init, s.Experts.ZeroExperts),
-            ExpertsLayout.GateUpOutInClamped => new ClampedFusedExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, s.Experts.SwigluLimit, s.Experts.SwigluAlpha, init, s.Experts.SwigluUpShift),
+            ExpertsLayout.GateUpOutInClamped => new ClampedFusedExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, s.Experts.SwigluLimit, s.Experts.SwigluAlpha, init,
+                s.Experts.SwigluUpShift, s.Experts.ClampAfterActivation),
             ExpertsLayout.GroupedGemmInOut => new GroupedGemmExperts(s.Experts.NumExperts, hidden, s.Experts.Intermediate, init),
             _ => throw new NotSupportedException($"{s.Router.GetType().Name} with {s.Experts.Layout} experts has no runtime block."),
         };
@@ -133,7 +134,7 @@ public sealed class RoutedMoe : HfModule, IBlock
         HfModule? shared = s.Shared is not { } sh ? null
             : sh.FusedGateUp ? new FusedGateUpMlp(hidden, new FusedGateUpMlpSettings(sh.Intermediate, sh.Act, "gate_up_proj", "down_proj", null,
                 s.Experts.Layout == ExpertsLayout.GateUpOutInClamped ? s.Experts.SwigluLimit : null, s.Experts.SwigluAlpha), init)
-            : new GatedMlp(hidden, sh.Intermediate, sh.Act, init, sh.Bias, sh.ActName, clampLimit: sh.ClampLimit);
+            : new GatedMlp(hidden, sh.Intermediate, sh.Act, init, sh.Bias, sh.ActName, clampLimit: sh.ClampLimit, clampAfterActivation: sh.ClampAfterActivation);
         void AddRouter()
         {
             var parts = routerPath.Split('.');
@@ -312,17 +313,19 @@ public sealed class RoutedMoe : HfModule, IBlock
 
 /// <summary>
 /// The clamped SwiGLU on (gate, up): <c>g·sigmoid(α g)·(clamp(up, ±L) + shift)</c>, g = clamp(gate, max = L): MiniMax-M3's
-/// with shift 1, HY-V4's <c>HYV4Experts._apply_gate</c> (silu(g) · clamp(up)) with α 1 and shift 0.
+/// with shift 1, HY-V4's <c>HYV4Experts._apply_gate</c> (silu(g) · clamp(up)) with α 1 and shift 0. With
+/// <c>afterActivation</c> the activated gate is clamped instead, <c>clamp(g·sigmoid(α g), max = L)</c> (Step-3.7, α 1, shift 0).
 /// </summary>
 internal static class ClampedSwiglu
 {
-    public static Tensor Apply(Tensor gateUp, double limit, double alpha, double upShift = 1.0)
+    public static Tensor Apply(Tensor gateUp, double limit, double alpha, double upShift = 1.0, bool afterActivation = false)
     {
         var gu = gateUp.chunk(2, -1);
-        var gate = gu[0].clamp_max(limit);
+        var gate = afterActivation ? gu[0] : gu[0].clamp_max(limit);
         var up = gu[1].clamp(-limit, limit);
         if (upShift != 0.0) up = up + upShift;
-        return up * (gate * nn.functional.sigmoid(gate * alpha));
+        var activated = gate * nn.functional.sigmoid(gate * alpha);
+        return up * (afterActivation ? activated.clamp_max(limit) : activated);
     }
 }
 
@@ -356,11 +359,13 @@ public sealed class FusedGateUpMlp : HfModule, IBlock
 public sealed class ClampedFusedExperts : ExpertsBase
 {
     readonly double _limit, _alpha, _upShift;
+    readonly bool _afterActivation;
     public override bool IsTransposed => false;
 
-    public ClampedFusedExperts(long experts, long hidden, long intermediate, double limit, double alpha, Init init, double upShift = 1.0)
+    public ClampedFusedExperts(long experts, long hidden, long intermediate, double limit, double alpha, Init init, double upShift = 1.0,
+        bool afterActivation = false)
     {
-        NumExperts = experts; _limit = limit; _alpha = alpha; _upShift = upShift;
+        NumExperts = experts; _limit = limit; _alpha = alpha; _upShift = upShift; _afterActivation = afterActivation;
         AddParameter("gate_up_proj", init.Normal(experts, 2 * intermediate, hidden));
         AddParameter("down_proj", init.Normal(experts, hidden, intermediate));
     }
@@ -374,7 +379,7 @@ public sealed class ClampedFusedExperts : ExpertsBase
             Tensor? final = null;
             foreach (var (e, tok, slot) in Dispatch(topIdx, NumExperts))
             {
-                var h = nn.functional.linear(ClampedSwiglu.Apply(nn.functional.linear(x.index_select(0, tok), gateUp[e]), _limit, _alpha, _upShift), down[e]);
+                var h = nn.functional.linear(ClampedSwiglu.Apply(nn.functional.linear(x.index_select(0, tok), gateUp[e]), _limit, _alpha, _upShift, _afterActivation), down[e]);
                 var w = topW.index(TensorIndex.Tensor(tok), TensorIndex.Tensor(slot)).unsqueeze(-1);
                 var hw = h * w;
                 final = (final ?? zeros(x.shape, hw.dtype, x.device)).index_add(0, tok, hw, 1.0);
@@ -383,7 +388,7 @@ public sealed class ClampedFusedExperts : ExpertsBase
         }
         var g = Group(topIdx);
         var y = RunExperts(g, x.index_select(0, g.TokenOf), (ops, xe) =>
-            ops.Mm(ClampedSwiglu.Apply(ops.Mm(xe, "gate_up_proj", transposeWeight: true), _limit, _alpha, _upShift), "down_proj", transposeWeight: true));
+            ops.Mm(ClampedSwiglu.Apply(ops.Mm(xe, "gate_up_proj", transposeWeight: true), _limit, _alpha, _upShift, _afterActivation), "down_proj", transposeWeight: true));
         var wt = topW.flatten().index_select(0, g.Order).unsqueeze(-1);
         // Summed in the weighted outputs' dtype, then cast: see FusedExperts.ForwardGrouped.
         var yw = y * wt;

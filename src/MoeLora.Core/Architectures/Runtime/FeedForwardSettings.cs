@@ -8,10 +8,11 @@ public abstract record FeedForwardSettings;
 /// module <paramref name="ActName"/> (<c>act_fn</c>; Llama 4: <c>activation_fn</c>; null: a functional activation, no
 /// module). <paramref name="Names"/> renames the three projections (LFM2's w1, w3, w2). <paramref name="GlobalScale"/>:
 /// the output times a learned scalar Parameter [1] of this name (Inkling's dense <c>global_scale</c>, a direct parameter,
-/// so it enumerates before the projections); null: none.
+/// so it enumerates before the projections); null: none. <paramref name="ClampLimit"/>: the SwiGLU clamp L (see
+/// <see cref="SharedExpertSettings.ClampLimit"/> and <see cref="SharedExpertSettings.ClampAfterActivation"/>); null: unclamped.
 /// </summary>
 public sealed record GatedMlpSettings(long Intermediate, string Act, bool Bias = false, string? ActName = "act_fn", GatedMlpNames? Names = null,
-    string? GlobalScale = null) : FeedForwardSettings;
+    string? GlobalScale = null, double? ClampLimit = null, bool ClampAfterActivation = false) : FeedForwardSettings;
 
 /// <summary>The attributes of a gated MLP's gate, up and down projections, in that registration order.</summary>
 public sealed record GatedMlpNames(string Gate, string Up, string Down);
@@ -128,8 +129,10 @@ public enum ExpertsLayout
 /// <param name="ZeroExperts">Identity ("zero computation") experts numbered after the <paramref name="NumExperts"/> real
 /// ones (LongCat-Flash's <c>zero_expert_num</c>, <see cref="ExpertsLayout.GateUpOutIn"/> only): a token routed to one
 /// adds its input times the weight; <c>gate_up_proj</c> still has a (never used) slice for each, <c>down_proj</c> not.</param>
+/// <param name="ClampAfterActivation"><see cref="ExpertsLayout.GateUpOutInClamped"/> clamps <c>g·sigmoid(α g)</c> to at most
+/// L instead of clamping g before it (Step-3.7's <c>Step3p7Experts._apply_gate</c>: α 1, no +1).</param>
 public sealed record ExpertsSettings(ExpertsLayout Layout, long NumExperts, long Intermediate, string Act, double SwigluLimit = 0, double SwigluAlpha = 1.702,
-    long ZeroExperts = 0, double SwigluUpShift = 1.0);
+    long ZeroExperts = 0, double SwigluUpShift = 1.0, bool ClampAfterActivation = false);
 
 /// <summary>A shared expert MLP run on every token, registered after the routed experts.</summary>
 /// <param name="Name"><c>shared_expert</c> or <c>shared_experts</c>.</param>
@@ -140,8 +143,10 @@ public sealed record ExpertsSettings(ExpertsLayout Layout, long NumExperts, long
 /// it uses the routed experts' clamped SwiGLU when they have one.</param>
 /// <param name="ClampLimit">DeepSeek-V4's shared expert (<c>DeepseekV4MLP</c>): <c>act(clamp(gate, max = L)) · clamp(up, ±L)</c>
 /// with L = swiglu_limit, on the separate gate/up projections; null: unclamped.</param>
+/// <param name="ClampAfterActivation">The gate is clamped after the activation, <c>clamp(act(gate), max = L) · clamp(up, ±L)</c>
+/// (Step-3.7's <c>Step3p7MLP</c>), not before it.</param>
 public sealed record SharedExpertSettings(string Name, long Intermediate, string Act, string? SigmoidGateName, string ActName = "act_fn",
-    bool Bias = false, bool FusedGateUp = false, double? ClampLimit = null);
+    bool Bias = false, bool FusedGateUp = false, double? ClampLimit = null, bool ClampAfterActivation = false);
 
 /// <summary>
 /// JetMoE's MoE (<c>JetMoeMoE</c>), registered bias, activation, input_linear, output_linear, router: experts as
