@@ -29,7 +29,10 @@ public sealed partial class CheckpointLayout
     /// <param name="NumExperts">For a fused parameter stored as per-expert parts: the experts (0 for a plain rename).</param>
     /// <param name="Concatenated">This parameter is its parts concatenated along dimension 0 (Kimi Linear's
     /// <c>conv1d.weight</c> = cat(q_conv1d, k_conv1d, v_conv1d), transformers' <c>Concatenate(dim=0)</c>).</param>
-    public sealed record Alternative(IReadOnlyList<ParameterNode> Parts, bool IsSliceOfFused, int NumExperts = 0, bool Concatenated = false)
+    /// <param name="Chunk">This parameter is rows [Offset, Offset + Rows) of its one part (transformers' <c>Chunk(dim=0)</c>
+    /// splitting a fused tensor on load: Kimi K2.5's vision <c>wqkv</c> into <c>attn.q_proj</c>, <c>k_proj</c>, <c>v_proj</c>).</param>
+    public sealed record Alternative(IReadOnlyList<ParameterNode> Parts, bool IsSliceOfFused, int NumExperts = 0, bool Concatenated = false,
+        (long Offset, long Rows)? Chunk = null)
     {
         /// <summary>True when this fused [E, rows, cols] parameter is stored as per-expert 2-D parts.</summary>
         public bool IsStack => NumExperts > 0;
@@ -95,6 +98,7 @@ public sealed partial class CheckpointLayout
 
         result.PairExperts(runtime, other, unpairedRuntime, unpairedOther);
         result.PairConcatenated(runtime, other, unpairedRuntime, unpairedOther, otherByName);
+        result.PairChunks(runtime, other, unpairedRuntime, unpairedOther, otherByName);
         result.PairByStructure(runtime, other, unpairedRuntime, unpairedOther, otherByName);
         return result;
     }
@@ -167,6 +171,47 @@ public sealed partial class CheckpointLayout
             _alternatives[whole.Name] = new Alternative(parts, IsSliceOfFused: false, Concatenated: true);
             unpairedRuntime.Remove(whole);
             foreach (ParameterNode part in parts) unpairedOther.Remove(part.Name);
+        }
+    }
+
+    // A stored tensor split into equal row chunks on load (transformers' Chunk(dim=0)): a run of sibling runtime tensors
+    // of one shape, registered one after another, with the stored tensor's name, layer and location, whose modules'
+    // initials spell the end of the stored module's attribute (attn.q_proj, k_proj, v_proj ↔ wqkv), their rows adding
+    // up to its rows. Each takes its rows of the stored tensor, in registration order. Only a unique match pairs.
+    private void PairChunks(ModuleTree runtime, ModuleTree other, List<ParameterNode> unpairedRuntime, HashSet<string> unpairedOther,
+        Dictionary<string, ParameterNode> otherByName)
+    {
+        static string Parent(string module) => module.Contains('.', StringComparison.Ordinal) ? module[..module.LastIndexOf('.')] : "";
+        static string Attribute(string module) => module[(module.LastIndexOf('.') + 1)..];
+        foreach (string name in unpairedOther.ToList())
+        {
+            ParameterNode whole = otherByName[name];
+            ModuleNode wholeOwner = other.OwnerOf(whole);
+            if (whole.Shape.Length == 0) continue;
+            var runs = new List<List<ParameterNode>>();
+            var candidates = unpairedRuntime.Where(p => p.LocalName == whole.LocalName && p.Shape.Length == whole.Shape.Length
+                    && p.Shape.Skip(1).SequenceEqual(whole.Shape.Skip(1))
+                    && runtime.OwnerOf(p) is var o && o.LayerIndex == wholeOwner.LayerIndex && o.Location == wholeOwner.Location)
+                .GroupBy(p => Parent(runtime.OwnerOf(p).Name));
+            foreach (var siblings in candidates.Select(g => g.ToList()))
+                for (int first = 0; first < siblings.Count; first++)
+                    for (int count = 2; first + count <= siblings.Count; count++)
+                    {
+                        var run = siblings.GetRange(first, count);
+                        var initials = string.Concat(run.Select(p => Attribute(runtime.OwnerOf(p).Name)[0]));
+                        if (run.All(p => p.Shape[0] == run[0].Shape[0]) && run[0].Shape[0] * count == whole.Shape[0]
+                            && Attribute(wholeOwner.Name).EndsWith(initials, StringComparison.Ordinal))
+                            runs.Add(run);
+                    }
+            if (runs.Count != 1) continue;
+            long offset = 0;
+            foreach (ParameterNode part in runs[0])
+            {
+                _alternatives[part.Name] = new Alternative([whole], IsSliceOfFused: false, Chunk: (offset, part.Shape[0]));
+                offset += part.Shape[0];
+                unpairedRuntime.Remove(part);
+            }
+            unpairedOther.Remove(name);
         }
     }
 

@@ -11,7 +11,7 @@ namespace MoeLora.Torch.Lora;
 /// PEFT's <c>merge_and_unload()</c> for an injected model: every enabled adapter's ΔW is folded into its base weight
 /// (Linear: W + s·BA; DoRA: (m/‖W+s·BA‖)·(W+s·BA); fused experts: W + ΔW per expert; 2-D parameters: W + s·BA),
 /// and the result is written as a checkpoint in the <em>source checkpoint's</em> own layout: the same files (shards
-/// and index), keys and dtypes, per-expert tensors sliced back out of the fused ones as Core's
+/// and index), keys and dtypes, per-expert tensors sliced back out of the fused ones and chunked tensors concatenated as Core's
 /// <see cref="CheckpointLayout"/> maps them, other files copied.
 /// </summary>
 public static class LoraMerge
@@ -49,9 +49,17 @@ public static class LoraMerge
             throw new UserInputException($"the model has {model.NumLayers} blocks but {checkpointDir} has {layers}: merge needs the whole model.");
         // Checkpoint tensor → (runtime tensor, expert slice) for tensors stored under the other layout's names.
         var storedAs = new Dictionary<string, (string Runtime, int Expert, long RowOffset, long Rows)>(StringComparer.Ordinal);
+        // Checkpoint tensor → the runtime tensors that are its row chunks (by first row): it is written as their concatenation.
+        var chunkedAs = new Dictionary<string, SortedList<long, string>>(StringComparer.Ordinal);
         foreach (var (runtime, alt) in CheckpointLayout.For(model.Spec)?.Alternatives ?? new Dictionary<string, CheckpointLayout.Alternative>())
         {
             if (alt.IsSliceOfFused) continue;
+            if (alt.Chunk is { } chunk)
+            {
+                if (!chunkedAs.TryGetValue(alt.Parts[0].Name, out var chunks)) chunkedAs[alt.Parts[0].Name] = chunks = [];
+                chunks.Add(chunk.Offset, runtime);
+                continue;
+            }
             if (alt.IsStack || alt.Concatenated) foreach (var (part, expert, offset) in alt.Pieces()) storedAs[part.Name] = (runtime, expert, offset, part.Shape[0]);
             else storedAs[alt.Parts[0].Name] = (runtime, -1, 0, 0);
         }
@@ -77,6 +85,7 @@ public static class LoraMerge
                 {
                     Tensor value;
                     if (state.ContainsKey(e.Name)) value = Get(e.Name);
+                    else if (chunkedAs.TryGetValue(e.Name, out var chunks)) value = cat(chunks.Values.Select(Get).ToList(), 0);
                     else if (storedAs.TryGetValue(e.Name, out var at))
                         value = at.Expert >= 0 ? Get(at.Runtime)[at.Expert].narrow(0, at.RowOffset, at.Rows)
                             : at.Rows > 0 ? Get(at.Runtime).narrow(0, at.RowOffset, at.Rows) : Get(at.Runtime);

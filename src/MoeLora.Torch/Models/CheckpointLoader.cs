@@ -12,8 +12,8 @@ namespace MoeLora.Torch.Models;
 /// Reads a checkpoint (single <c>model.safetensors</c> or sharded via <c>model.safetensors.index.json</c>) into a
 /// model. Each runtime tensor is taken under its own (transformers-5) name, or as Core's <see cref="CheckpointLayout"/>
 /// says the checkpoint layout stores it: renamed, or as per-expert tensors stacked into a fused parameter
-/// (<c>gate_up_proj[e] = cat(gate_e, up_e)</c>, <c>down_proj[e] = down_e</c>). Either layout, or a mix per tensor,
-/// loads.
+/// (<c>gate_up_proj[e] = cat(gate_e, up_e)</c>, <c>down_proj[e] = down_e</c>), or as its rows of one fused stored
+/// tensor (a chunk). Either layout, or a mix per tensor, loads.
 /// </summary>
 public static partial class CheckpointLoader
 {
@@ -85,13 +85,15 @@ public static partial class CheckpointLoader
         var copies = Plan(model, stored.ToDictionary(kv => kv.Key, kv => kv.Value.Entry.Shape, StringComparer.Ordinal));
         var handles = new Dictionary<string, SafeFileHandle>(StringComparer.Ordinal);
         var stats = new LoadStats();
-        long totalBytes = copies.Sum(c => stored[c.Source].Entry.End - stored[c.Source].Entry.Begin);
+        long totalBytes = copies.Sum(c => c.SourceRows is { } r ? RowsOf(stored[c.Source].Entry, r).End - RowsOf(stored[c.Source].Entry, r).Begin
+            : stored[c.Source].Entry.End - stored[c.Source].Entry.Begin);
         try
         {
             using var _ = no_grad();
             foreach (var c in copies)
             {
                 var (file, entry, dataStart) = stored[c.Source];
+                if (c.SourceRows is { } rows) entry = RowsOf(entry, rows);
                 if (!handles.TryGetValue(file, out var handle)) handles[file] = handle = File.OpenHandle(file);
                 using var scope = NewDisposeScope();
                 var target = c.Expert is { } e ? c.Target[e].narrow(0, c.RowOffset, entry.Shape[0])
@@ -108,9 +110,17 @@ public static partial class CheckpointLoader
 
     /// <summary>
     /// One stored tensor's destination: a whole state entry, or (<c>Rows</c>) its rows from <c>RowOffset</c>, of expert
-    /// <c>Expert</c>'s slice when that is set (per-expert parts) or of the whole entry (concatenated parts).
+    /// <c>Expert</c>'s slice when that is set (per-expert parts) or of the whole entry (concatenated parts);
+    /// <c>SourceRows</c>: only those rows of the stored tensor are read (a chunk of a fused stored tensor).
     /// </summary>
-    sealed record CopyStep(string Source, Tensor Target, int? Expert, long RowOffset, bool Rows);
+    sealed record CopyStep(string Source, Tensor Target, int? Expert, long RowOffset, bool Rows, (long Offset, long Rows)? SourceRows = null);
+
+    /// <summary>Rows [Offset, Offset + Rows) of a stored tensor: one contiguous byte range of its row-major data.</summary>
+    static Safetensors.Entry RowsOf(Safetensors.Entry e, (long Offset, long Rows) rows)
+    {
+        long rowBytes = (e.End - e.Begin) / e.Shape[0];
+        return e with { Shape = [rows.Rows, .. e.Shape[1..]], Begin = e.Begin + rows.Offset * rowBytes, End = e.Begin + (rows.Offset + rows.Rows) * rowBytes };
+    }
 
     /// <summary>Matches state entries to stored tensors by shape (headers only); all problems in one exception.</summary>
     static List<CopyStep> Plan(CausalLm model, Dictionary<string, long[]> stored)
@@ -143,6 +153,14 @@ public static partial class CheckpointLoader
                 var wrong = alt.Parts.FirstOrDefault(p => !stored[p.Name].SequenceEqual(p.Shape));
                 if (wrong is not null) { errors.Add($"shape mismatch: {wrong.Name} checkpoint {Fmt(stored[wrong.Name])} vs model [{string.Join(",", wrong.Shape)}]"); continue; }
                 steps.AddRange(alt.Pieces().Select(p => new CopyStep(p.Part.Name, t, p.Expert < 0 ? null : p.Expert, p.RowOffset, Rows: true)));
+            }
+            else if (alt is { Chunk: { } chunk })
+            {
+                var src = stored[names[0]];
+                long[] expected = [.. alt.Parts[0].Shape];
+                if (!src.SequenceEqual(expected) || !t.shape.SequenceEqual([chunk.Rows, .. expected[1..]]))
+                { errors.Add($"shape mismatch: {names[0]} checkpoint {Fmt(src)} vs model [{string.Join(",", expected)}] (rows {chunk.Offset}.. of it for {name} {Shape(t)})"); continue; }
+                steps.Add(new CopyStep(names[0], t, null, 0, Rows: false, SourceRows: chunk));
             }
             else
             {
