@@ -212,6 +212,27 @@ public sealed class MultimodalTowerTests : IDisposable
     }
 
     [Fact]
+    public void KimiK25EmbedsImageAndVideoPlaceholdersAsIdZero()
+    {
+        // Kimi_K25Model.forward sets input ids equal to image_token_id or video_token_id to 0 before the embedding, with
+        // or without pixel values: a text-only row holding them is the row with zeros there.
+        var config = Config("kimi_k25", "moe_tiny_models.json.gz");
+        config["image_token_id"] = 5;
+        config["video_token_id"] = 9;
+        using var h = new DisposableModel(TorchModelFactory.Random(config.ToJsonString(), 0));
+        using var ids = tensor(new long[] { 3, 5, 64, 9, 99, 2, 5, 8 }, [1, 8]);
+        using var zeroed = tensor(new long[] { 3, 0, 64, 0, 99, 2, 0, 8 }, [1, 8]);
+        using var _ = no_grad();
+        using var a = h.Model.Forward(ids, outputHiddenStates: true);
+        using var b = h.Model.Forward(zeroed, outputHiddenStates: true);
+        Assert.True(a.Logits.bytes.SequenceEqual(b.Logits.bytes));
+        Assert.True(a.HiddenStates[0].bytes.SequenceEqual(b.HiddenStates[0].bytes));
+        // Other ids embed as themselves: 6 is not a placeholder.
+        using var other = h.Model.Forward(tensor(new long[] { 3, 6, 64, 9, 99, 2, 5, 8 }, [1, 8]));
+        Assert.False(other.Logits.allclose(b.Logits, 1e-4, 1e-5));
+    }
+
+    [Fact]
     public void RunningATowerIsRefusedInOneLine()
     {
         using var h = new DisposableModel(TorchModelFactory.Random(Config().ToJsonString(), 0));

@@ -27,6 +27,8 @@ namespace MoeLora.Core.Architectures.Runtime;
 /// null: one stream.</param>
 /// <param name="Towers">A multimodal model's vision/audio towers, registered around the text model but never run (a
 /// text-only forward of transformers' multimodal class is its text decoder's forward); null: a text-only model.</param>
+/// <param name="PlaceholderIds">Input ids embedded as id 0 (Kimi K2.5's image and video placeholders: Kimi_K25Model
+/// zeroes them before the embedding whether or not pixel values come); null: every id embeds as itself.</param>
 public sealed record DecoderRuntime(
     long VocabSize,
     long HiddenSize,
@@ -42,7 +44,8 @@ public sealed record DecoderRuntime(
     bool ResidualInFp32 = false,
     NamedNorm? EmbeddingNorm = null,
     HyperConnectionSettings? HyperConnections = null,
-    InertTowers? Towers = null);
+    InertTowers? Towers = null,
+    IReadOnlyList<long>? PlaceholderIds = null);
 
 /// <summary>
 /// A multimodal model run on text only, as transformers runs it when given only input_ids: the towers' subtrees
