@@ -203,6 +203,13 @@ public sealed class MultimodalTowerTests : IDisposable
                 Assert.True(state[$"model.vision_tower.layers.{i}.attn.proj.{tensor}"].bytes.SequenceEqual(stored[$"vision_tower.encoder.blocks.{i}.wo.{tensor}"].bytes));
             }
 
+        // A truncated load skips the stored language model's deeper blocks (language_model.model.blocks.{i} on disk).
+        using (var cut = new DisposableModel(TorchModelFactory.LoadTruncated(dir, 2)))
+        {
+            Assert.Equal(2, cut.Model.NumLayers);
+            Assert.All(cut.Model.StateDict(), s => Assert.True(s.Value.bytes.SequenceEqual(state[s.Name].bytes), s.Name));
+        }
+
         // With no adapter, merge writes the checkpoint back as it was stored: wqkv as its three chunks concatenated.
         var outDir = Path.Combine(_tmp, "merged");
         LoraMerge.SaveHubCheckpoint(h.Model, dir, outDir);

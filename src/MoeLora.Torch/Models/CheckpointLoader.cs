@@ -57,6 +57,23 @@ public static partial class CheckpointLoader
     }
 
     /// <summary>
+    /// The decoder layers' paths where <see cref="CheckpointLayout"/> stores layer 0's tensors under other names: what
+    /// precedes the first ".0." of each stored name (a layer's index comes before any expert's). A multimodal checkpoint
+    /// may nest its language model differently from its v4 spec's layer path (Kimi K2.5's
+    /// <c>language_model.model.blocks</c> for <c>model.language_model.layers</c>).
+    /// </summary>
+    static IEnumerable<string> StoredLayersPaths(Core.Architectures.ModelSpec spec)
+    {
+        var layer0 = spec.DecoderLayersPath + ".0.";
+        foreach (var (name, alt) in CheckpointLayout.For(spec)?.Alternatives ?? new Dictionary<string, CheckpointLayout.Alternative>())
+        {
+            if (!name.StartsWith(layer0, StringComparison.Ordinal)) continue;
+            foreach (var part in alt.Parts)
+                if (part.Name.IndexOf(".0.", StringComparison.Ordinal) is > 0 and var at) yield return part.Name[..at];
+        }
+    }
+
+    /// <summary>
     /// Copies the checkpoint into <paramref name="model"/>'s parameters and buffers (dtype-converting) straight onto the
     /// model's device, one stored tensor at a time: headers are checked first (every state entry stored with the right
     /// shape, every stored tensor used; problems reported together, before anything is read), then each tensor is read
@@ -76,7 +93,8 @@ public static partial class CheckpointLoader
         if (skipDeeperLayers)
         {
             // The checkpoint may name the layers as the checkpoint layout does (Nemotron-H's backbone.layers).
-            var paths = new[] { model.Spec.DecoderLayersPath, CheckpointLayersPath(model.Spec) }.OfType<string>().Distinct();
+            var paths = new[] { model.Spec.DecoderLayersPath, CheckpointLayersPath(model.Spec) }.OfType<string>()
+                .Concat(StoredLayersPaths(model.Spec)).Distinct().ToList();
             var deeper = new Regex("^(" + string.Join("|", paths.Select(Regex.Escape)) + @")\.(\d+)\.");
             foreach (var k in stored.Keys.ToList())
                 if (deeper.Match(k) is { Success: true } m && int.Parse(m.Groups[2].Value, System.Globalization.CultureInfo.InvariantCulture) >= model.NumLayers)
