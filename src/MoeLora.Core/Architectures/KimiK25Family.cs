@@ -60,6 +60,8 @@ internal sealed class KimiK25Family : IArchitecture
             lm.NumAttentionHeads, lm.NumKeyValueHeads, tie, lm.HiddenAct);
         if (lm.Runtime is not { } textRuntime)
             return spec with { RuntimeUnavailable = $"the Kimi K2.5 language model ({text.ModelType}): {lm.RuntimeUnavailable}" };
+        if (textRuntime.Towers is not null || textRuntime.PlaceholderIds is not null)
+            return spec with { RuntimeUnavailable = $"a Kimi K2.5 language model ({text.ModelType}) that is itself multimodal" };
         return spec with { Runtime = TextOnlyRuntime(textRuntime, tie, [c.Int("image_token_id", 163605), c.Int("video_token_id", 163840)]) };
     }
 
