@@ -55,6 +55,7 @@ public sealed class MultimodalTowerTests : IDisposable
     [InlineData("aria", "moe_tiny_models.json.gz")]
     [InlineData("minimax_m3_vl", "moe_tiny_models.json.gz")]
     [InlineData("qwen3_5_moe", "moe_tiny_models.json.gz")]
+    [InlineData("kimi_k25", "moe_tiny_models.json.gz")]
     public void TextOnlyLogitsEqualTheTextModelsOnTheSameWeights(string name, string file)
     {
         var config = Config(name, file);
@@ -178,6 +179,64 @@ public sealed class MultimodalTowerTests : IDisposable
         var expected = source.Model.StateDict().ToDictionary(s => s.Name, s => s.Value);
         Assert.Contains(cut.Model.StateDict(), s => s.Name == "vision_model.model.layers.1.mlp.fc2.weight");
         Assert.All(cut.Model.StateDict(), s => Assert.True(s.Value.bytes.SequenceEqual(expected[s.Name].bytes), s.Name));
+    }
+
+    [Fact]
+    public void KimiK25VisionQkvLoadsAsChunksOfTheStoredWqkvAndMergesBackWhole()
+    {
+        // The fixture is what save_pretrained writes: the vision attention fused as wqkv (transformers' Chunk(dim=0) splits
+        // it into attn.q_proj, k_proj, v_proj on load) and its output projection as wo (attn.proj).
+        var dir = Path.Combine(AppContext.BaseDirectory, "Data", "hf-moe", "kimi_k25", "model");
+        var stored = Safetensors.Load(Path.Combine(dir, "model.safetensors"));
+        using var h = new DisposableModel(TorchModelFactory.Load(dir));
+        Assert.Equal(["model.vision_tower", "model.mm_projector"], h.Model.Towers.Select(t => t.Prefix));
+        var chunk = Core.Modules.CheckpointLayout.For(h.Model.Spec)!.For("model.vision_tower.layers.1.attn.k_proj.weight");
+        Assert.Equal(["vision_tower.encoder.blocks.1.wqkv.weight"], chunk!.Parts.Select(p => p.Name));
+        var state = h.Model.StateDict().ToDictionary(s => s.Name, s => s.Value);
+        for (int i = 0; i < 2; i++)
+            foreach (var tensor in new[] { "weight", "bias" })
+            {
+                var parts = stored[$"vision_tower.encoder.blocks.{i}.wqkv.{tensor}"].chunk(3, 0);
+                string[] names = ["q_proj", "k_proj", "v_proj"];
+                for (int j = 0; j < 3; j++)
+                    Assert.True(state[$"model.vision_tower.layers.{i}.attn.{names[j]}.{tensor}"].bytes.SequenceEqual(parts[j].contiguous().bytes), $"layer {i} {names[j]}.{tensor}");
+                Assert.True(state[$"model.vision_tower.layers.{i}.attn.proj.{tensor}"].bytes.SequenceEqual(stored[$"vision_tower.encoder.blocks.{i}.wo.{tensor}"].bytes));
+            }
+
+        // A truncated load skips the stored language model's deeper blocks (language_model.model.blocks.{i} on disk).
+        using (var cut = new DisposableModel(TorchModelFactory.LoadTruncated(dir, 2)))
+        {
+            Assert.Equal(2, cut.Model.NumLayers);
+            Assert.All(cut.Model.StateDict(), s => Assert.True(s.Value.bytes.SequenceEqual(state[s.Name].bytes), s.Name));
+        }
+
+        // With no adapter, merge writes the checkpoint back as it was stored: wqkv as its three chunks concatenated.
+        var outDir = Path.Combine(_tmp, "merged");
+        LoraMerge.SaveHubCheckpoint(h.Model, dir, outDir);
+        var written = Safetensors.Load(Path.Combine(outDir, "model.safetensors"));
+        Assert.Equal(stored.Keys.Order(StringComparer.Ordinal), written.Keys.Order(StringComparer.Ordinal));
+        Assert.All(stored, s => Assert.True(s.Value.bytes.SequenceEqual(written[s.Key].bytes), s.Key));
+    }
+
+    [Fact]
+    public void KimiK25EmbedsImageAndVideoPlaceholdersAsIdZero()
+    {
+        // Kimi_K25Model.forward sets input ids equal to image_token_id or video_token_id to 0 before the embedding, with
+        // or without pixel values: a text-only row holding them is the row with zeros there.
+        var config = Config("kimi_k25", "moe_tiny_models.json.gz");
+        config["image_token_id"] = 5;
+        config["video_token_id"] = 9;
+        using var h = new DisposableModel(TorchModelFactory.Random(config.ToJsonString(), 0));
+        using var ids = tensor(new long[] { 3, 5, 64, 9, 99, 2, 5, 8 }, [1, 8]);
+        using var zeroed = tensor(new long[] { 3, 0, 64, 0, 99, 2, 0, 8 }, [1, 8]);
+        using var _ = no_grad();
+        using var a = h.Model.Forward(ids, outputHiddenStates: true);
+        using var b = h.Model.Forward(zeroed, outputHiddenStates: true);
+        Assert.True(a.Logits.bytes.SequenceEqual(b.Logits.bytes));
+        Assert.True(a.HiddenStates[0].bytes.SequenceEqual(b.HiddenStates[0].bytes));
+        // Other ids embed as themselves: 6 is not a placeholder.
+        using var other = h.Model.Forward(tensor(new long[] { 3, 6, 64, 9, 99, 2, 5, 8 }, [1, 8]));
+        Assert.False(other.Logits.allclose(b.Logits, 1e-4, 1e-5));
     }
 
     [Fact]

@@ -1,4 +1,5 @@
 using System.Text.Json.Nodes;
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -55,12 +56,32 @@ internal sealed class KimiK25Family : IArchitecture
             Projector(b, c, vision, lm.HiddenSize, v4: true);
         }
 
-        return Blocks.MultimodalSpec(c, text, "kimi_k25", b.Build(), lm.Moe, lm.HiddenSize, lm.NumHiddenLayers, lm.VocabSize,
-            lm.NumAttentionHeads, lm.NumKeyValueHeads, tie, lm.HiddenAct) with
-        {
-            RuntimeUnavailable = "the Kimi vision tower (its language model is not wired to the runtime yet)",
-        };
+        var spec = Blocks.MultimodalSpec(c, text, "kimi_k25", b.Build(), lm.Moe, lm.HiddenSize, lm.NumHiddenLayers, lm.VocabSize,
+            lm.NumAttentionHeads, lm.NumKeyValueHeads, tie, lm.HiddenAct);
+        if (lm.Runtime is not { } textRuntime)
+            return spec with { RuntimeUnavailable = $"the Kimi K2.5 language model ({text.ModelType}): {lm.RuntimeUnavailable}" };
+        if (textRuntime.Towers is not null || textRuntime.PlaceholderIds is not null)
+            return spec with { RuntimeUnavailable = $"a Kimi K2.5 language model ({text.ModelType}) that is itself multimodal" };
+        return spec with { Runtime = TextOnlyRuntime(textRuntime, tie, [c.Int("image_token_id", 163605), c.Int("video_token_id", 163840)]) };
     }
+
+    /// <summary>
+    /// Kimi_K25ForConditionalGeneration run on text, as transformers runs it without pixel_values: the vision tower and
+    /// the projector are never called, and Kimi_K25Model hands the embeddings to its language model with the caller's
+    /// (here default) position ids, so the text forward is the language model's own (its family's runtime settings).
+    /// The root lm_head ties by Kimi_K25Config's tie_word_embeddings, not the text config's. The projector is registered
+    /// after the language model. Image and video placeholder ids embed as id 0 (Kimi_K25Model.forward zeroes them before
+    /// the embedding, pixel values or not). On load transformers also permutes the vision q_proj/k_proj rows for its rope
+    /// (PermuteForRope after chunking wqkv); the runtime keeps them in stored order, which no text forward reads and
+    /// merge writes back unchanged.
+    /// </summary>
+    private static DecoderRuntime TextOnlyRuntime(DecoderRuntime text, bool tie, IReadOnlyList<long> placeholderIds) => text with
+    {
+        TieWordEmbeddings = tie,
+        PlaceholderIds = placeholderIds,
+        Towers = new InertTowers(["model.vision_tower", "model.language_model", "model.mm_projector", "lm_head"],
+            "model.language_model", "lm_head"),
+    };
 
     private sealed record VisionShape(long Hidden, long Inter, long Layers, long Patch, long PosH, long PosW, long MergedHidden);
 

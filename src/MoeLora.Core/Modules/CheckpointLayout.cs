@@ -32,7 +32,7 @@ public sealed partial class CheckpointLayout
     /// <c>experts.gate_up_proj</c> = cat(moe.gate_proj.weight, moe.up_proj.weight) along dimension 1).</param>
     /// <param name="ConcatDim">The dimension a concatenation joins its parts along.</param>
     /// <param name="Chunk">This parameter is rows [Offset, Offset + its rows) of its one part (transformers' <c>Chunk(dim=0)</c>
-    /// of a stored fused <c>in_proj_weight</c> into q, k and v), those rows permuted for rope per
+    /// of a stored fused tensor into q, k and v: Step-3.7's vision <c>in_proj_weight</c>, Kimi K2.5's vision <c>wqkv</c>), those rows permuted for rope per
     /// <see cref="RopeChunk.PermuteHeads"/>; null: not a chunk.</param>
     /// <param name="Interleaved">This parameter is rows of its one part, whose rows (its last-but-one dimension)
     /// alternate gate and up (<see cref="ModelSpec.CheckpointGateUpInterleaved"/>); <see cref="InterleavedRows.None"/>
@@ -135,6 +135,7 @@ public sealed partial class CheckpointLayout
         result.PairConcatenated(runtime, other, unpairedRuntime, unpairedOther, otherByName);
         result.PairStackedGateUp(runtime, other, unpairedRuntime, unpairedOther, otherByName);
         result.PairInProjChunks(runtime, other, unpairedRuntime, unpairedOther, otherByName, inProjRopeHeads ?? 0);
+        result.PairChunks(runtime, other, unpairedRuntime, unpairedOther, otherByName);
         result.PairByStructure(runtime, other, unpairedRuntime, unpairedOther, otherByName);
         return result;
     }
@@ -304,6 +305,47 @@ public sealed partial class CheckpointLayout
                 }
                 unpairedOther.Remove(fused[i].Name);
             }
+        }
+    }
+
+    // A stored tensor split into equal row chunks on load (transformers' Chunk(dim=0)): a run of sibling runtime tensors
+    // of one shape, registered one after another, with the stored tensor's name, layer and location, whose modules'
+    // initials spell the end of the stored module's attribute (attn.q_proj, k_proj, v_proj ↔ wqkv), their rows adding
+    // up to its rows. Each takes its rows of the stored tensor, in registration order. Only a unique match pairs.
+    private void PairChunks(ModuleTree runtime, ModuleTree other, List<ParameterNode> unpairedRuntime, HashSet<string> unpairedOther,
+        Dictionary<string, ParameterNode> otherByName)
+    {
+        static string Parent(string module) => module.Contains('.', StringComparison.Ordinal) ? module[..module.LastIndexOf('.')] : "";
+        static string Attribute(string module) => module[(module.LastIndexOf('.') + 1)..];
+        foreach (string name in unpairedOther.ToList())
+        {
+            ParameterNode whole = otherByName[name];
+            ModuleNode wholeOwner = other.OwnerOf(whole);
+            if (whole.Shape.Length == 0) continue;
+            var runs = new List<List<ParameterNode>>();
+            var candidates = unpairedRuntime.Where(p => p.LocalName == whole.LocalName && p.Shape.Length == whole.Shape.Length
+                    && p.Shape.Skip(1).SequenceEqual(whole.Shape.Skip(1))
+                    && runtime.OwnerOf(p) is var o && o.LayerIndex == wholeOwner.LayerIndex && o.Location == wholeOwner.Location)
+                .GroupBy(p => Parent(runtime.OwnerOf(p).Name));
+            foreach (var siblings in candidates.Select(g => g.ToList()))
+                for (int first = 0; first < siblings.Count; first++)
+                    for (int count = 2; first + count <= siblings.Count; count++)
+                    {
+                        var run = siblings.GetRange(first, count);
+                        var initials = string.Concat(run.Select(p => Attribute(runtime.OwnerOf(p).Name)[0]));
+                        if (run.All(p => p.Shape[0] == run[0].Shape[0]) && run[0].Shape[0] * count == whole.Shape[0]
+                            && Attribute(wholeOwner.Name).EndsWith(initials, StringComparison.Ordinal))
+                            runs.Add(run);
+                    }
+            if (runs.Count != 1) continue;
+            long offset = 0;
+            foreach (ParameterNode part in runs[0])
+            {
+                _alternatives[part.Name] = new Alternative([whole], IsSliceOfFused: false, Chunk: new RopeChunk(offset, 0));
+                offset += part.Shape[0];
+                unpairedRuntime.Remove(part);
+            }
+            unpairedOther.Remove(name);
         }
     }
 

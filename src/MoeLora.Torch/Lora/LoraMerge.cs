@@ -11,7 +11,7 @@ namespace MoeLora.Torch.Lora;
 /// PEFT's <c>merge_and_unload()</c> for an injected model: every enabled adapter's ΔW is folded into its base weight
 /// (Linear: W + s·BA; DoRA: (m/‖W+s·BA‖)·(W+s·BA); fused experts: W + ΔW per expert; 2-D parameters: W + s·BA),
 /// and the result is written as a checkpoint in the <em>source checkpoint's</em> own layout: the same files (shards
-/// and index), keys and dtypes, per-expert tensors sliced back out of the fused ones as Core's
+/// and index), keys and dtypes, per-expert tensors sliced back out of the fused ones and chunked tensors concatenated as Core's
 /// <see cref="CheckpointLayout"/> maps them, other files copied.
 /// </summary>
 public static class LoraMerge

@@ -136,7 +136,7 @@ public sealed class CausalLm : HfModule, IDisposable
         var mask = (attentionMask ?? ones(b, s, ScalarType.Int64)).to(Device);
         var pos = (positionIds ?? arange(s, ScalarType.Int64).unsqueeze(0).expand(b, s)).to(Device);
         var ctx = new ForwardContext { Positions = pos, AttentionMask = mask, DType = DType, Attention = Attention, InputIds = ids };
-        var h = _embed.Forward(ids);
+        var h = _embed.Forward(Runtime.PlaceholderIds is { Count: > 0 } placeholders ? EmbeddedIds(ids, placeholders) : ids);
         if (Runtime.Scaling is { EmbeddingMultiplier: not 1.0 } es) h = h * es.EmbeddingMultiplier;
         if (_model.Affine is { } affine) h = (h + affine.Bias) * affine.Scale;
         if (_embedNorm is not null) for (int i = 0; i < Runtime.EmbeddingNormPasses; i++) h = _embedNorm.Forward(h);
@@ -167,6 +167,14 @@ public sealed class CausalLm : HfModule, IDisposable
             HiddenStates = hidden.Select(t => t.MoveToOuterDisposeScope()).ToList(),
             RouterLogits = ctx.RouterLogits.Select(t => t.MoveToOuterDisposeScope()).ToList(),
         };
+    }
+
+    /// <summary>The ids the embedding reads: <paramref name="placeholders"/> become id 0 (<see cref="DecoderRuntime.PlaceholderIds"/>).</summary>
+    static Tensor EmbeddedIds(Tensor ids, IReadOnlyList<long> placeholders)
+    {
+        var isPlaceholder = zeros_like(ids, ScalarType.Bool);
+        foreach (var id in placeholders) isPlaceholder = isPlaceholder.logical_or(ids.eq(id));
+        return ids.masked_fill(isPlaceholder, 0);
     }
 }
 

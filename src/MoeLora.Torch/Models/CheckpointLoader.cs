@@ -13,7 +13,8 @@ namespace MoeLora.Torch.Models;
 /// model. Each runtime tensor is taken under its own (transformers-5) name, or as Core's <see cref="CheckpointLayout"/>
 /// says the checkpoint layout stores it: renamed, or as per-expert tensors stacked into a fused parameter
 /// (<c>gate_up_proj[e] = cat(gate_e, up_e)</c>, <c>down_proj[e] = down_e</c>), or rows of a tensor whose rows alternate
-/// gate and up (<see cref="CheckpointLayout.InterleavedRows"/>). Either layout, or a mix per tensor, loads.
+/// gate and up (<see cref="CheckpointLayout.InterleavedRows"/>), or its rows of one fused stored tensor (a chunk).
+/// Either layout, or a mix per tensor, loads.
 /// </summary>
 public static partial class CheckpointLoader
 {
@@ -57,6 +58,23 @@ public static partial class CheckpointLoader
     }
 
     /// <summary>
+    /// The decoder layers' paths where <see cref="CheckpointLayout"/> stores layer 0's tensors under other names: what
+    /// precedes the first ".0." of each stored name (a layer's index comes before any expert's). A multimodal checkpoint
+    /// may nest its language model differently from its v4 spec's layer path (Kimi K2.5's
+    /// <c>language_model.model.blocks</c> for <c>model.language_model.layers</c>).
+    /// </summary>
+    static IEnumerable<string> StoredLayersPaths(Core.Architectures.ModelSpec spec)
+    {
+        var layer0 = spec.DecoderLayersPath + ".0.";
+        foreach (var (name, alt) in CheckpointLayout.For(spec)?.Alternatives ?? new Dictionary<string, CheckpointLayout.Alternative>())
+        {
+            if (!name.StartsWith(layer0, StringComparison.Ordinal)) continue;
+            foreach (var part in alt.Parts)
+                if (part.Name.IndexOf(".0.", StringComparison.Ordinal) is > 0 and var at) yield return part.Name[..at];
+        }
+    }
+
+    /// <summary>
     /// Copies the checkpoint into <paramref name="model"/>'s parameters and buffers (dtype-converting) straight onto the
     /// model's device, one stored tensor at a time: headers are checked first (every state entry stored with the right
     /// shape, every stored tensor used; problems reported together, before anything is read), then each tensor is read
@@ -76,7 +94,8 @@ public static partial class CheckpointLoader
         if (skipDeeperLayers)
         {
             // The checkpoint may name the layers as the checkpoint layout does (Nemotron-H's backbone.layers).
-            var paths = new[] { model.Spec.DecoderLayersPath, CheckpointLayersPath(model.Spec) }.OfType<string>().Distinct();
+            var paths = new[] { model.Spec.DecoderLayersPath, CheckpointLayersPath(model.Spec) }.OfType<string>()
+                .Concat(StoredLayersPaths(model.Spec)).Distinct().ToList();
             var deeper = new Regex("^(" + string.Join("|", paths.Select(Regex.Escape)) + @")\.(\d+)\.");
             foreach (var k in stored.Keys.ToList())
                 if (deeper.Match(k) is { Success: true } m && int.Parse(m.Groups[2].Value, System.Globalization.CultureInfo.InvariantCulture) >= model.NumLayers)
@@ -85,19 +104,19 @@ public static partial class CheckpointLoader
         var copies = Plan(model, stored.ToDictionary(kv => kv.Key, kv => kv.Value.Entry.Shape, StringComparer.Ordinal));
         var handles = new Dictionary<string, SafeFileHandle>(StringComparer.Ordinal);
         var stats = new LoadStats();
-        long totalBytes = copies.Sum(c => stored[c.Source].Entry.End - stored[c.Source].Entry.Begin);
+        long totalBytes = copies.Sum(c => SourceEntry(c, stored[c.Source].Entry) is var e ? e.End - e.Begin : 0);
         try
         {
             using var _ = no_grad();
             foreach (var c in copies)
             {
-                var (file, entry, dataStart) = stored[c.Source];
+                var (file, stored0, dataStart) = stored[c.Source];
+                var entry = SourceEntry(c, stored0);
                 if (!handles.TryGetValue(file, out var handle)) handles[file] = handle = File.OpenHandle(file);
                 using var scope = NewDisposeScope();
                 var target = c.Expert is { } e ? c.Target[e].narrow(0, c.RowOffset, entry.Shape[0])
                     : c.Rows ? c.Target.narrow(c.Dim, c.RowOffset, entry.Shape[c.Dim]) : c.Target;
-                if (c.Chunk is { } chunk) CopyChunk(handle, dataStart, entry, target, chunk, stats);
-                else Copy(handle, dataStart, entry, target, stats, c.Interleaved);
+                Copy(handle, dataStart, entry, target, stats, Transform(c));
                 stats.Tensors++;
                 stats.BytesRead += entry.End - entry.Begin;
                 progress?.Invoke(new LoadProgress(stats.Tensors, copies.Count, stats.BytesRead, totalBytes, c.Source));
@@ -181,10 +200,10 @@ public static partial class CheckpointLoader
     /// moves it to the device).
     /// </summary>
     static void Copy(SafeFileHandle handle, long dataStart, Safetensors.Entry entry, Tensor target, LoadStats stats,
-        CheckpointLayout.InterleavedRows interleaved)
+        Func<Tensor, Tensor>? transform)
     {
         long bytes = entry.End - entry.Begin;
-        if (interleaved == CheckpointLayout.InterleavedRows.None && target.device_type == DeviceType.CPU
+        if (transform is null && target.device_type == DeviceType.CPU
             && target.dtype == entry.ScalarType && target.is_contiguous())
         {
             Safetensors.ReadInto(handle, dataStart + entry.Begin, bytes, target);
@@ -193,9 +212,26 @@ public static partial class CheckpointLoader
         using var staging = empty(entry.Shape, entry.ScalarType);
         Safetensors.ReadInto(handle, dataStart + entry.Begin, bytes, staging);
         stats.LargestStagingBytes = Math.Max(stats.LargestStagingBytes, bytes);
-        target.copy_(Deinterleave(staging, interleaved));
+        target.copy_(transform is null ? staging : transform(staging));
         if (target.device_type != DeviceType.CPU) stats.DeviceCopies++;
     }
+
+    /// <summary>
+    /// The bytes a step reads: the whole stored tensor, or for a chunk only its rows [Offset, Offset + rows of the
+    /// target), one contiguous range of the row-major data.
+    /// </summary>
+    static Safetensors.Entry SourceEntry(CopyStep c, Safetensors.Entry e)
+    {
+        if (c.Chunk is not { } chunk) return e;
+        long rows = c.Target.shape[0], rowBytes = (e.End - e.Begin) / e.Shape[0];
+        return e with { Shape = [rows, .. e.Shape[1..]], Begin = e.Begin + chunk.Offset * rowBytes, End = e.Begin + (chunk.Offset + rows) * rowBytes };
+    }
+
+    /// <summary>What a step does to the stored rows before they land: de-interleave gate/up, or the rope permutation of a chunk.</summary>
+    static Func<Tensor, Tensor>? Transform(CopyStep c) =>
+        c.Interleaved != CheckpointLayout.InterleavedRows.None ? s => Deinterleave(s, c.Interleaved)
+        : c.Chunk is { PermuteHeads: > 0 } chunk ? s => RopePermutation(s, chunk.PermuteHeads, inverse: false)
+        : null;
 
     /// <summary>The shape <see cref="Deinterleave"/> gives for a stored shape (empty when its rows cannot pair up).</summary>
     static long[] DeinterleavedShape(long[] stored, CheckpointLayout.InterleavedRows which)
@@ -223,20 +259,6 @@ public static partial class CheckpointLoader
             CheckpointLayout.InterleavedRows.Odd => pairs.select(rowsDim + 1, 1),
             _ => pairs.transpose(rowsDim, rowsDim + 1).reshape(shape),
         };
-    }
-
-    /// <summary>
-    /// Reads the whole stored tensor, then copies its rows [Offset, Offset + rows of <paramref name="target"/>) into
-    /// <paramref name="target"/>, rope-permuted as transformers' PermuteForRope does on load when the chunk says so.
-    /// </summary>
-    static void CopyChunk(SafeFileHandle handle, long dataStart, Safetensors.Entry entry, Tensor target, CheckpointLayout.RopeChunk chunk, LoadStats stats)
-    {
-        using var staging = empty(entry.Shape, entry.ScalarType);
-        Safetensors.ReadInto(handle, dataStart + entry.Begin, entry.End - entry.Begin, staging);
-        stats.LargestStagingBytes = Math.Max(stats.LargestStagingBytes, entry.End - entry.Begin);
-        var rows = staging.narrow(0, chunk.Offset, target.shape[0]);
-        target.copy_(chunk.PermuteHeads > 0 ? RopePermutation(rows, chunk.PermuteHeads, inverse: false) : rows);
-        if (target.device_type != DeviceType.CPU) stats.DeviceCopies++;
     }
 
     /// <summary>

@@ -29,6 +29,8 @@ namespace MoeLora.Core.Architectures.Runtime;
 /// null: one stream.</param>
 /// <param name="Towers">A multimodal model's vision/audio towers, registered around the text model but never run (a
 /// text-only forward of transformers' multimodal class is its text decoder's forward); null: a text-only model.</param>
+/// <param name="PlaceholderIds">Input ids embedded as id 0 (Kimi K2.5's image and video placeholders: Kimi_K25Model
+/// zeroes them before the embedding whether or not pixel values come); null: every id embeds as itself.</param>
 public sealed record DecoderRuntime(
     long VocabSize,
     long HiddenSize,
@@ -45,7 +47,8 @@ public sealed record DecoderRuntime(
     NamedNorm? EmbeddingNorm = null,
     HyperConnectionSettings? HyperConnections = null,
     InertTowers? Towers = null,
-    int EmbeddingNormPasses = 1);
+    int EmbeddingNormPasses = 1,
+    IReadOnlyList<long>? PlaceholderIds = null);
 
 /// <summary>
 /// A multimodal model run on text only, as transformers runs it when given only input_ids: the towers' subtrees
