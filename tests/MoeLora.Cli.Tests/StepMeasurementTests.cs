@@ -58,6 +58,29 @@ public sealed class StepMeasurementTests : IDisposable
     }
 
     [Fact]
+    public void A_step_predicted_not_to_fit_is_not_run_and_the_report_completes()
+    {
+        var json = Path.Combine(_tmp, "r.json");
+        // 1 kB free: below any step's prediction beyond the model already built.
+        MoeLora.Cli.Commands.StepMeasurement.FreeBytesOverride = 1024;
+        try
+        {
+            var (code, err) = InProcessCli.Run("report", Model("qwen3_moe"), "--load-model", "--init", "random", "--measure-steps", "lora,cb",
+                "--step-tokens", "8", "--step-repeats", "1", "--seq-length", "4", "--dtype", "fp32", "--format", "json", "-o", json);
+            Assert.True(code == 0, err);
+        }
+        finally { MoeLora.Cli.Commands.StepMeasurement.FreeBytesOverride = null; }
+        var steps = JsonNode.Parse(File.ReadAllText(json))!["measured"]!["steps"]!.AsObject();
+        foreach (var mode in new[] { "lora", "cb" })
+        {
+            Assert.False(steps[mode]!["ok"]!.GetValue<bool>());
+            var error = steps[mode]!["error"]!.GetValue<string>();
+            Assert.StartsWith("not run: Core predicts a peak of ", error);
+            Assert.DoesNotContain('\n', error);
+        }
+    }
+
+    [Fact]
     public void Markdown_shows_the_steps_table()
     {
         var md = Path.Combine(_tmp, "r.md");

@@ -176,6 +176,7 @@ internal static class StepMeasurement
             PeftPrediction = MeasuredStep.Predict(r, "cb", s.StepBatch, s.StepTokens, meter.IsCuda, LoraRuntime.Peft),
             Note = $"on the model truncated to blocks 0..{layers - 1} (max target {targets.Max()} + 1), built for this step as the trainer does (a loaded model is not cut in place), then freed",
         };
+        if (!Fits(step, meter, alreadyHeld: 0)) return step;
         CausalLm? model = null;
         try
         {
@@ -209,10 +210,32 @@ internal static class StepMeasurement
             PeftPrediction = MeasuredStep.Predict(r, "lora", s.StepBatch, s.StepTokens, meter.IsCuda, LoraRuntime.Peft),
             UsedAfterBuildBytes = usedAfterBuild,
         };
+        if (!Fits(step, meter, alreadyHeld: usedAfterBuild)) return step;
         meter.StartWindow();
         Guard(step, () => step.Run = TrainingStep.Lora(model, s.StepBatch, s.StepTokens, s.StepRepeats, seed));
         step.PeakBytes = meter.PeakAboveBaseline();
         return step;
+    }
+
+    /// <summary>Tests may pretend the device has this many bytes free when a step is about to run.</summary>
+    internal static long? FreeBytesOverride { get; set; }
+
+    /// <summary>
+    /// Runs a step only where Core's prediction fits what the device has left: the free memory plus what this process's
+    /// allocator already holds beyond <paramref name="alreadyHeld"/> (the model's own bytes, part of the prediction).
+    /// Trying is no way to find out: with a CUDA libtorch from an installed PyTorch, an out-of-memory error inside libtorch
+    /// is not caught by TorchSharp's native layer and ends the process (seen on an H100 with Qwen3-30B-A3B), losing the
+    /// whole report. The refusal is the step's result, with the figures that decided it.
+    /// </summary>
+    static bool Fits(MeasuredStep step, DevicePeakMeter meter, long alreadyHeld)
+    {
+        long free = FreeBytesOverride ?? (meter.IsCuda ? DeviceMemory.Free(meter.Device) : DeviceMemory.Host()).Bytes;
+        long cached = Math.Max(0, meter.UsedAboveBaseline() - alreadyHeld);
+        long need = step.PredictedBytes - alreadyHeld;
+        if (need <= free + cached) return true;
+        step.Error = $"not run: Core predicts a peak of {Units.Bytes(step.PredictedBytes)} ({Units.Bytes(need)} beyond the " +
+            $"{Units.Bytes(alreadyHeld)} already built) but {meter.Device} has {Units.Bytes(free + cached)} left";
+        return false;
     }
 
     /// <summary>An out-of-memory step is a result (it did not fit), recorded rather than ending the report.</summary>
