@@ -68,8 +68,9 @@ public class RuntimeTreeTests
         // mistral4 runs (MlaVariantsTests), but the oracle's tiny config rotates 24 · 0.5 dims for a rope width of 8,
         // which transformers' forward cannot run either. longcat_flash runs (MoeTypesParityTests, LongcatFlashTests),
         // but the oracle's tiny config (head_dim 24 for a rope width of 8, 2 kv heads for 4) is one transformers'
-        // forward cannot run. glm4v_moe runs where its mrope sections split its rotary frequencies, but the oracle's tiny
-        // config keeps the default 8/12/12 for 4 of them, which transformers' Glm4vMoeTextRotaryEmbedding cannot split either.
+        // forward cannot run. glm4v_moe runs (MoeTypesParityTests) where its mrope sections split its rotary frequencies,
+        // but the oracle's tiny config keeps the default 8/12/12 for 4 of them, which transformers' rotary embedding
+        // cannot split either.
         string[] refused = ["mistral4", "longcat_flash", "step3p7", "inkling_mm_model", "glm4v_moe"];
         Assert.All(run, t => Assert.True(byType[t], $"{t} should run"));
         Assert.All(refused, t => Assert.False(byType[t], $"{t} should be refused"));
