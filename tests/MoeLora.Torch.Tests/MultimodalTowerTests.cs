@@ -109,6 +109,25 @@ public sealed class MultimodalTowerTests : IDisposable
     }
 
     [Fact]
+    public void Glm4vMoeRunsWhereItsMropeSectionsSplitItsRotaryFrequencies()
+    {
+        // The oracle's tiny GLM-4.5V rotates head_dim 16 · 0.5 = 8 dims (4 frequencies), which the default mrope sections
+        // 8/12/12 cannot split (torch.split in transformers' rotary embedding fails too): refused, naming the sections.
+        var config = Config("glm4v_moe", "moe_tiny_models.json.gz");
+        var refused = TorchModelFactory.Spec(config.ToJsonString());
+        Assert.Null(refused.Runtime);
+        Assert.Contains("mrope_section [8, 12, 12]", refused.RuntimeUnavailable);
+        // Sections summing to 4 run, with the parameters transformers 5.17 built for this config, towers included.
+        config["text_config"]!["rope_parameters"]!["mrope_section"] = new JsonArray(1, 1, 2);
+        using var h = new DisposableModel(TorchModelFactory.Random(config.ToJsonString(), 0));
+        Assert.Equal(["model.visual"], h.Model.Towers.Select(t => t.Prefix));
+        using var gz = new GZipStream(File.OpenRead(Path.Combine(AppContext.BaseDirectory, "Data", "oracle", "moe_tiny_models.json.gz")), CompressionMode.Decompress);
+        var oracle = JsonNode.Parse(gz)!["models"]!["glm4v_moe"]!["params"]!.AsArray()
+            .Select(p => $"{p![0]!.GetValue<string>()} [{string.Join(",", p[1]!.AsArray().Select(x => x!.GetValue<long>()))}]");
+        Assert.Equal(oracle, h.Model.NamedParameters().Select(p => $"{p.Name} [{string.Join(",", p.Param.shape)}]"));
+    }
+
+    [Fact]
     public void AdaptersLandInTheTowerAsPlannedAndGetNoGradientFromText()
     {
         using var h = new DisposableModel(TorchModelFactory.Random(Config().ToJsonString(), 0));

@@ -71,31 +71,50 @@ internal sealed class Glm4MoeFamily : IArchitecture
             b.RmsNorm("post_attention_layernorm", "Glm4MoeRMSNorm", hidden, ModuleLocation.Norm);
         });
 
-        var groups = c.Int("n_group", 1);
-        var topKGroups = c.Int("topk_group", 1);
-        var normTopK = c.Bool("norm_topk_prob", true);
-        var scalingFactor = c.Double("routed_scaling_factor", 1.0);
-        var routing = $"sigmoid scores + e_score_correction_bias, group-limited ({groups} groups, top {topKGroups}), " +
-            $"top-{topK} of {experts}" + (normTopK ? ", renormalised" : "") +
-            $", scaled by {scalingFactor.ToString(System.Globalization.CultureInfo.InvariantCulture)}";
+        var router = Router(c, experts, topK);
+        var routing = $"sigmoid scores + e_score_correction_bias, group-limited ({router.Groups} groups, top {router.TopKGroups}), " +
+            $"top-{topK} of {experts}" + (router.NormTopK ? ", renormalised" : "") +
+            $", scaled by {router.RoutedScalingFactor.ToString(System.Globalization.CultureInfo.InvariantCulture)}";
         var moe = new MoeFacts(experts, topK, shared, moeInter, sharedInter, moeLayers, denseLayers, routing);
 
-        // Runtime: rope on the first head_dim·partial_rotary_factor dims (0.5 by default), DeepSeek-V3's router.
+        return Blocks.Spec(c, "glm4_moe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
+        {
+            Runtime = Runtime(c, vocab, hidden, inter, layers, heads, kv, headDim, attnBias, qkNorm, router, moeInter, sharedInter,
+                act, tie, moeSet),
+        };
+    }
+
+    /// <summary>
+    /// The GLM-4.5 decoder as transformers runs it, from <paramref name="c"/> (the text config) and the sizes its config
+    /// class read; the norm and rope fields (same names and defaults in Glm4MoeConfig and Glm4vMoeTextConfig) are read
+    /// here. GLM-4.5V's text model is this decoder without q/k norms and runs through here too.
+    /// Rope on the first head_dim·partial_rotary_factor dims (0.5 by default), DeepSeek-V3's router.
+    /// </summary>
+    internal static DecoderRuntime Runtime(ModelConfig c, long vocab, long hidden, long inter, long layers, long heads, long kv,
+        long headDim, bool attnBias, bool qkNorm, SigmoidGroupLimitedRouterSettings router, long moeInter, long sharedInter,
+        string act, bool tie, IReadOnlySet<int> moeSet)
+    {
         var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-5));
-        var rotaryDim = (long)(headDim * RopeSettings.PartialRotaryFactor(c, 0.5));
+        var rotaryDim = RotaryDim(c, headDim);
         var attention = new StandardAttentionSettings(heads, kv, headDim, attnBias, false, qkNorm ? QkNormKind.PerHead : QkNormKind.None,
             norm.Eps, Sinks: false, MaskSettings.Full, rotaryDim);
-        var sparse = new MoeSettings(
-            new SigmoidGroupLimitedRouterSettings("gate", experts, topK, groups, topKGroups, normTopK, scalingFactor),
-            new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act),
+        var sparse = new MoeSettings(router, new ExpertsSettings(ExpertsLayout.GateUpOutIn, router.NumExperts, moeInter, act),
             new SharedExpertSettings("shared_experts", sharedInter, act, SigmoidGateName: null), MoeOrder.ExpertsFirst);
         var dense = new GatedMlpSettings(inter, act);
         var runtimeLayers = Enumerable.Range(0, (int)layers)
             .Select(i => new DecoderLayerRuntime(attention, "mlp", moeSet.Contains(i) ? sparse : dense, norm, norm)).ToList();
-        return Blocks.Spec(c, "glm4_moe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
-        {
-            Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm,
-                RopeSettings.Read(c, 10000.0, rotaryDim), runtimeLayers),
-        };
+        return new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm,
+            RopeSettings.Read(c, 10000.0, rotaryDim), runtimeLayers);
     }
+
+    /// <summary>
+    /// Glm4MoeTopkRouter (DeepSeek-V3's) as <c>mlp.gate</c>: <c>n_group</c>, <c>topk_group</c>, <c>norm_topk_prob</c> and
+    /// <c>routed_scaling_factor</c>, with Glm4MoeConfig's defaults (Glm4vMoeTextConfig's are the same).
+    /// </summary>
+    internal static SigmoidGroupLimitedRouterSettings Router(ModelConfig c, long experts, long topK) =>
+        new("gate", experts, topK, c.Int("n_group", 1), c.Int("topk_group", 1), c.Bool("norm_topk_prob", true),
+            c.Double("routed_scaling_factor", 1.0));
+
+    /// <summary>The rotated dims per head: head_dim·partial_rotary_factor (0.5 unless the config says otherwise).</summary>
+    internal static long RotaryDim(ModelConfig c, long headDim) => (long)(headDim * RopeSettings.PartialRotaryFactor(c, 0.5));
 }

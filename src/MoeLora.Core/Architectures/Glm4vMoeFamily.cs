@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -64,14 +65,36 @@ internal sealed class Glm4vMoeFamily : IArchitecture
         b.Linear("lm_head", hidden, vocab, location: ModuleLocation.LmHead,
             tiedWeightTo: tie ? "model.language_model.embed_tokens.weight" : null);
 
-        var routing = Blocks.GroupedTopKRouting("sigmoid", true, text.Int("n_group", 1), text.Int("topk_group", 1), topK, experts,
-            text.Bool("norm_topk_prob", true), text.Double("routed_scaling_factor", 1.0));
+        var router = Glm4MoeFamily.Router(text, experts, topK);
+        var routing = Blocks.GroupedTopKRouting("sigmoid", true, router.Groups, router.TopKGroups, topK, experts,
+            router.NormTopK, router.RoutedScalingFactor);
         var moe = new MoeFacts(experts, topK, shared, moeInter, sharedInter, moeLayers, denseLayers, routing);
-        return Blocks.MultimodalSpec(c, text, "glm4v_moe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
-        {
-            RuntimeUnavailable = "the GLM-4V vision tower and multimodal rope",
-        };
+        var spec = Blocks.MultimodalSpec(c, text, "glm4v_moe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
+
+        // Runtime: text only, as transformers runs the class given only input_ids: model.visual is never called, and
+        // without image/video grids compute_3d_position_ids returns None, so the text model gives all three mrope
+        // sections (T, H, W) the positions 0..S-1. Recomposing the cos/sin tables section by section then picks every
+        // frequency from identical tables: the plain rope over head_dim·partial_rotary_factor dims, rotate_half over the
+        // first rotated dims with the rest passed through (gpt-neox's apply_rotary_pos_emb), as GLM-4.5's decoder does.
+        var rotaryDim = Glm4MoeFamily.RotaryDim(text, headDim);
+        var sections = MropeSection(text);
+        if (sections.Sum() != rotaryDim / 2)
+            return spec with
+            {
+                RuntimeUnavailable = $"mrope_section [{string.Join(", ", sections)}] does not split the {rotaryDim / 2} rotary " +
+                    "frequencies (head_dim·partial_rotary_factor/2): transformers' Glm4vMoeTextRotaryEmbedding cannot run it either",
+            };
+        var runtime = Glm4MoeFamily.Runtime(text, vocab, hidden, inter, layers, heads, kv, headDim, attnBias, qkNorm: false, router,
+            moeInter, sharedInter, act, tie, moeSet);
+        return spec with { Runtime = runtime with { Towers = InertTowers.Before(["model.visual"], "model.language_model", "lm_head") } };
     }
+
+    /// <summary>
+    /// <c>mrope_section</c> of the text rope (Glm4vMoeTextRotaryEmbedding's default 8/12/12): the sizes that
+    /// <c>torch.split</c> cuts the inverse frequencies into, so they must sum to their count.
+    /// </summary>
+    private static IReadOnlyList<long> MropeSection(ModelConfig text) =>
+        (text.Sub("rope_parameters") ?? text.Sub("rope_scaling"))?.IntList("mrope_section") ?? [8, 12, 12];
 
     /// <summary>Glm4vMoeVisionModel (defaults: Glm4vMoeVisionConfig, 5.17).</summary>
     private static void Vision(TreeBuilder b, ModelConfig v, Layout layout)

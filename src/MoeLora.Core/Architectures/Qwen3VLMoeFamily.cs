@@ -1,3 +1,4 @@
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -77,10 +78,17 @@ internal sealed class Qwen3VLMoeFamily : IArchitecture
 
         var moe = new MoeFacts(experts, topK, 0, moeInter, 0, moeLayers, denseLayers,
             $"softmax over {experts} experts, top-{topK}, renormalised");
+        // Runtime: text only, as transformers runs the class given only input_ids. Without pixel values model.visual is
+        // never called and no deepstack features are added to the first layers' hidden states, and without image/video
+        // grids compute_3d_position_ids returns None, so the text model uses positions 0..S-1 for all three mrope sections
+        // (T, H, W): the interleaved recomposition then picks every frequency from identical tables, which is the plain
+        // rope over head_dim. The decoder is Qwen3-MoE's; its router always renormalises its top-k (no norm_topk_prob).
+        var runtime = QwenMoeFamily.Runtime(text, qwen3: true, vocab, hidden, inter, layers, heads, kv, headDim, bias, bias,
+            experts, topK, normTopK: true, moeInter, sharedInter: 0, act, tie, moeSet, defaultTheta: 500000.0);
         return Blocks.NestedSpec(c, text, "qwen3_vl_moe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act,
             "model.language_model") with
         {
-            RuntimeUnavailable = "the Qwen3-VL vision tower and multimodal rope (mrope)",
+            Runtime = runtime with { Towers = InertTowers.Before(["model.visual"], "model.language_model", "lm_head") },
         };
     }
 }

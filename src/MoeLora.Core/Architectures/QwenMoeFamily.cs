@@ -66,6 +66,23 @@ internal sealed class QwenMoeFamily : IArchitecture
 
         if (c.Bool("use_sliding_window", false))
             return spec with { RuntimeUnavailable = "use_sliding_window=true (Qwen's per-layer sliding windows)" };
+        return spec with
+        {
+            Runtime = Runtime(c, qwen3, vocab, hidden, inter, layers, heads, kv, headDim, qkvBias, oBias, experts, topK, normTopK,
+                moeInter, sharedInter, act, tie, moeSet, defaultTheta: 10000.0),
+        };
+    }
+
+    /// <summary>
+    /// The Qwen2-MoE / Qwen3-MoE decoder as transformers runs it, from <paramref name="c"/> (the text config) and the
+    /// sizes its config class read (each class has its own defaults, <paramref name="defaultTheta"/> its
+    /// <c>default_theta</c>). Qwen3-VL-MoE's text model is a Qwen3-MoE decoder
+    /// and runs through here too.
+    /// </summary>
+    internal static DecoderRuntime Runtime(ModelConfig c, bool qwen3, long vocab, long hidden, long inter, long layers, long heads,
+        long kv, long headDim, bool qkvBias, bool oBias, long experts, long topK, bool normTopK, long moeInter, long sharedInter,
+        string act, bool tie, IReadOnlySet<int> moeSet, double defaultTheta)
+    {
         var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-6));
         var attention = new StandardAttentionSettings(heads, kv, headDim, qkvBias, oBias, qwen3 ? QkNormKind.PerHead : QkNormKind.None,
             norm.Eps, Sinks: false, MaskSettings.Full, RotaryDim: headDim);
@@ -76,11 +93,8 @@ internal sealed class QwenMoeFamily : IArchitecture
         var dense = new GatedMlpSettings(inter, act);
         var runtimeLayers = Enumerable.Range(0, (int)layers)
             .Select(i => new DecoderLayerRuntime(attention, "mlp", moeSet.Contains(i) ? sparse : dense, norm, norm)).ToList();
-        return spec with
-        {
-            Runtime = new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm,
-                RopeSettings.Read(c, 10000.0, headDim), runtimeLayers),
-        };
+        return new DecoderRuntime(vocab, hidden, tie, c.Double("initializer_range", 0.02), norm,
+            RopeSettings.Read(c, defaultTheta, headDim), runtimeLayers);
     }
 
     private static void MoeBlock(TreeBuilder b, string p, bool qwen3, Layout layout, long experts, long hidden,
