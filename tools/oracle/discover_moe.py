@@ -63,13 +63,18 @@ EXTRA_FIXTURES = {
     "axk2_sparse": ("axk2", _DSA),
     "deepseek_v32_sparse": ("deepseek_v32", _DSA),
     "glm_moe_dsa_sparse": ("glm_moe_dsa", dict(_DSA, indexer_types=["full", "shared", "full", "shared"])),
+    # MiniMax-M3's sparse (MSA) layers: the Lightning Indexer scores blocks of 2 keys and keeps the 2 best plus the local
+    # one, so its block selection acts on the 10-token inputs (full and sparse layers alternate).
+    "minimax_m3_vl_text_sparse": ("minimax_m3_vl_text", dict(
+        layer_types=["full_attention", "minimax_m3_sparse", "full_attention", "minimax_m3_sparse"],
+        index_n_heads=2, index_head_dim=8, index_block_size=2, index_topk_blocks=2, index_local_blocks=1)),
     # Doge with its CDMoE feed-forward (is_moe): 16 experts on a 4 x 4 product-key grid, 4 kept per token.
     "doge_moe": ("doge", dict(is_moe=True, num_experts=16, num_experts_per_tok=4)),
 }
 
 # Types outside TEXT_TYPES that get a fixture anyway (deepseek_v32 is DeepSeek-V3 with the DSA indexer; the multimodal
 # types are run on text alone, as the llama4 fixture is: input_ids and attention_mask, no pixels).
-MORE_FIXTURE_TYPES = {"deepseek_v32", "inkling_mm_model", "qwen3_vl_moe", "glm4v_moe", "kimi_k25", "step3p7"}
+MORE_FIXTURE_TYPES = {"deepseek_v32", "inkling_mm_model", "qwen3_vl_moe", "glm4v_moe", "kimi_k25", "step3p7", "qwen3_omni_moe_thinker"}
 
 # Multimodal-listed types whose default config is a text model AutoModelForCausalLM builds: they get fixtures too.
 MM_TEXT_FIXTURE_TYPES = {"mistral4"}
