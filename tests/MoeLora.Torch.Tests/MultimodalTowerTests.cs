@@ -61,6 +61,33 @@ public sealed class MultimodalTowerTests : IDisposable
         var config = Config(name, file);
         // The oracle's qwen3_5_moe config names no class (AutoModelForCausalLM's text model): name the multimodal one.
         if (name == "qwen3_5_moe") config["architectures"] = new JsonArray("Qwen3_5MoeForConditionalGeneration");
+        AssertTextOnlyLogitsEqualTheTextModels(config);
+    }
+
+    [Fact]
+    public void MiniMaxM3SparseLayersRunInTheMultimodalModel()
+    {
+        // The oracle's tiny MiniMax-M3 has full-attention layers only: make every other one sparse, with an indexer whose
+        // block selection acts on 8 tokens (blocks of 2, the best one kept plus the local one).
+        var config = Config("minimax_m3_vl", "moe_tiny_models.json.gz");
+        var text = config["text_config"]!.AsObject();
+        var layers = (int)text["num_hidden_layers"]!.GetValue<long>();
+        text["layer_types"] = new JsonArray(Enumerable.Range(0, layers).Select(i => (JsonNode)(i % 2 == 1 ? "minimax_m3_sparse" : "full_attention")).ToArray());
+        text["index_n_heads"] = 2; text["index_head_dim"] = 8;
+        text["index_block_size"] = 2; text["index_topk_blocks"] = 1; text["index_local_blocks"] = 1;
+        var spec = TorchModelFactory.Spec(config.ToJsonString());
+        Assert.NotNull(spec.Runtime);
+        using (var h = new DisposableModel(TorchModelFactory.Random(config.ToJsonString(), 0)))
+        {
+            Assert.Equal(spec.Tree.Parameters.Select(p => $"{p.Name} [{string.Join(",", p.Shape)}]"),
+                h.Model.NamedParameters().Select(p => $"{p.Name} [{string.Join(",", p.Param.shape)}]"));
+            Assert.NotEmpty(Names(h.Model, "model.language_model.layers.1.self_attn.indexer."));
+        }
+        AssertTextOnlyLogitsEqualTheTextModels(config);
+    }
+
+    void AssertTextOnlyLogitsEqualTheTextModels(JsonObject config)
+    {
         using var mm = new DisposableModel(TorchModelFactory.Random(config.ToJsonString(), 0));
         var towers = mm.Model.Runtime.Towers!;
         Assert.NotEmpty(mm.Model.Towers);

@@ -120,21 +120,19 @@ internal sealed class MiniMaxM3Family : IArchitecture
             $"sigmoids renormalised, scaled by {text.Double("routed_scaling_factor", 2.0)}, plus a shared expert";
         var moe = new MoeFacts(t.Experts, t.TopK, 1, t.Inter, t.SharedInter, moeLayers, denseLayers, routing);
         var spec = Blocks.Spec(c, c.ModelType!, b.Build(), moe, t.Hidden, t.Layers, t.Vocab, t.Heads, t.Kv, tie, "silu");
-        var sparse = layerTypes?.Contains("minimax_m3_sparse") == true;
+        var sparseLayers = Enumerable.Range(0, (int)t.Layers).Where(i => layerTypes?[i] == "minimax_m3_sparse").ToHashSet();
+        var (indexer, refusal) = sparseLayers.Count == 0 ? (null, null) : IndexerRuntime(text, sparseCfg, t, indexHeads, indexDim);
+        var runtime = refusal is null ? TextRuntime(text, t, moeSet, sparseLayers, indexer) : null;
         if (!multimodal)
-        {
-            if (sparse)
-                return spec with { RuntimeUnavailable = "MiniMax-M3's sparse attention layers (the Lightning Indexer's block selection)" };
-            return spec with { Runtime = TextRuntime(text, t, moeSet) };
-        }
+            return spec with { Runtime = runtime, RuntimeUnavailable = refusal };
         // The multimodal class runs text only (no pixel_values: transformers never calls the vision tower): its tower and
         // projector (and the on-disk patch_merge_mlp) are built inert, the text decoder at its path.
         var towers = disk ? InertTowers.Before(["vision_tower", "multi_modal_projector", "patch_merge_mlp"], "language_model.model", "language_model.lm_head")
             : InertTowers.Before(["model.vision_tower", "model.multi_modal_projector"], "model.language_model", "lm_head");
         return spec with
         {
-            RuntimeUnavailable = sparse ? "MiniMax-M3's sparse attention layers (the Lightning Indexer's block selection)" : null,
-            Runtime = sparse ? null : TextRuntime(text, t, moeSet) with { TieWordEmbeddings = tie, Towers = towers },
+            RuntimeUnavailable = refusal,
+            Runtime = runtime is null ? null : runtime with { TieWordEmbeddings = tie, Towers = towers },
             TextConfig = text,
             DecoderLayersPath = prefix + "layers",
             InputEmbeddings = prefix + "embed_tokens",
@@ -147,8 +145,10 @@ internal sealed class MiniMaxM3Family : IArchitecture
     /// read by transformers' rotary embedding), a sigmoid router whose selection adds the router's
     /// e_score_correction_bias buffer, renormalised weights, routed output × routed_scaling_factor plus the shared
     /// expert; experts, shared expert and dense MLPs use the clamped SwiGLU (swiglu_alpha, swiglu_limit), never hidden_act.
+    /// Layers in <paramref name="sparseLayers"/> add the lightning indexer's block selection to their attention.
     /// </summary>
-    private static DecoderRuntime TextRuntime(ModelConfig text, TextDims t, HashSet<int> moeSet)
+    private static DecoderRuntime TextRuntime(ModelConfig text, TextDims t, HashSet<int> moeSet, HashSet<int> sparseLayers,
+        BlockIndexerSettings? indexer)
     {
         // MiniMaxM3VLRMSNorm: x·rsqrt(mean x² + eps) · (1 + weight), in fp32.
         var norm = new NormSettings(NormKind.RmsOnePlusWeight, text.Double("rms_norm_eps", 1e-6));
@@ -163,10 +163,29 @@ internal sealed class MiniMaxM3Family : IArchitecture
         var dense = new FusedGateUpMlpSettings(t.DenseInter, "silu", "gate_up_proj", "down_proj", null, limit, alpha);
         var layers = Enumerable.Range(0, (int)t.Layers).Select(i => new DecoderLayerRuntime(
             new StandardAttentionSettings(t.Heads, t.Kv, t.HeadDim, false, false, QkNormKind.PerHead, norm.Eps, Sinks: false, MaskSettings.Full, rotary,
-                new StandardAttentionOptions(QkNormType: NormKind.RmsOnePlusWeight)),
+                new StandardAttentionOptions(QkNormType: NormKind.RmsOnePlusWeight, BlockIndexer: sparseLayers.Contains(i) ? indexer : null)),
             "mlp", moeSet.Contains(i) ? moeFf : dense, norm, norm)).ToList();
         return new DecoderRuntime(t.Vocab, t.Hidden, t.Tie, text.Double("initializer_range", 0.02), norm,
             RopeSettings.Read(text, 5000000.0, rotary), layers);
+    }
+
+    /// <summary>
+    /// The sparse layers' lightning indexer (index_* fields, or sparse_attention_config's sparse_block_size,
+    /// sparse_topk_blocks, sparse_local_block as transformers reads them), or why it cannot run: MiniMaxM3VLIndexer's
+    /// block mask gives each indexer head's selection to heads / index_n_heads consecutive query heads, so the indexer
+    /// heads must divide the attention heads.
+    /// </summary>
+    private static (BlockIndexerSettings?, string?) IndexerRuntime(ModelConfig text, ModelConfig? sparseCfg, TextDims t, long heads, long dim)
+    {
+        var blockSize = sparseCfg?.IntOrNull("sparse_block_size", null) ?? text.Int("index_block_size", 128);
+        var topK = sparseCfg?.IntOrNull("sparse_topk_blocks", null) ?? text.Int("index_topk_blocks", 16);
+        var local = sparseCfg?.IntOrNull("sparse_local_block", null) ?? text.Int("index_local_blocks", 1);
+        if (blockSize <= 0 || topK <= 0 || local < 0)
+            return (null, $"MiniMax-M3's sparse attention layers with index_block_size {blockSize}, index_topk_blocks {topK}, index_local_blocks {local}");
+        if (t.Heads % heads != 0)
+            return (null, $"MiniMax-M3's sparse attention layers with {heads} indexer heads for {t.Heads} attention heads (they must divide them)");
+        var norm = new NormSettings(NormKind.RmsOnePlusWeight, text.Double("rms_norm_eps", 1e-6));
+        return (new BlockIndexerSettings(heads, dim, blockSize, topK, local, norm), null);
     }
 
     /// <summary>The text config's sizes (MiniMaxM3VLTextConfig defaults; num_experts is an alias).</summary>

@@ -54,6 +54,7 @@ public sealed class ForwardContext
     /// <summary>What one layer's router hands to the next (ZAYA's router_hidden_states); null before the first.</summary>
     public Tensor? RouterState { get; set; }
     readonly Dictionary<(MaskKind, long), Tensor> _masks = [];
+    readonly Dictionary<(MaskKind, long), Tensor> _anyKey = [];
     bool? _plainCausal;
 
     /// <summary>
@@ -67,6 +68,7 @@ public sealed class ForwardContext
         if (InputIds is not null) yield return InputIds;
         foreach (var t in RouterLogits) yield return t;
         foreach (var t in _masks.Values) yield return t;
+        foreach (var t in _anyKey.Values) yield return t;
         if (IndexerTopK is not null) yield return IndexerTopK;
         if (RouterState is not null) yield return RouterState;
     }
@@ -109,6 +111,18 @@ public sealed class ForwardContext
         }
         m = where(allowed, 0.0, MaskMinimum(DType)).to(DType).unsqueeze(1);
         _masks[(kind, window)] = m;
+        return m;
+    }
+
+    /// <summary>
+    /// [B, S, 1] in the activations' dtype: 1 where the query may see at least one key under <paramref name="mask"/>,
+    /// 0 for a query row the mask hides entirely (a left-padded position).
+    /// </summary>
+    public Tensor SeesAnyKey(MaskSettings mask)
+    {
+        if (_anyKey.TryGetValue((mask.Kind, mask.Window), out var m)) return m;
+        m = Mask(mask).eq(0).any(-1).squeeze(1).unsqueeze(-1).to(DType);
+        _anyKey[(mask.Kind, mask.Window)] = m;
         return m;
     }
 
@@ -155,14 +169,17 @@ public static class AttentionMath
     /// torch's scaled_dot_product_attention. TorchSharp 0.107 exposes neither <c>scale</c> nor <c>enable_gqa</c>:
     /// kv heads are repeated (as transformers' sdpa path does without enable_gqa) and q is multiplied by
     /// scaling·√d so that SDPA's 1/√d gives the layer's scaling. With padding, sliding windows or chunks the mask is
-    /// the same additive one as eager's (the dtype minimum, not −inf), so fully masked query rows (left padding) get
-    /// eager's finite uniform softmax instead of NaN, and real tokens see exactly eager's probabilities.
+    /// the same additive one as eager's (the dtype minimum, not −inf), so real tokens see exactly eager's probabilities
+    /// and no row is NaN. A query row the mask hides entirely (left padding) then has its output zeroed: transformers'
+    /// sdpa path hands torch a boolean mask, and torch's SDPA (2.5 and later) gives such a row zeros, where eager's
+    /// finite mask gives the mean of the values. Real tokens never read padded rows through attention, but MiniMax-M3's
+    /// block indexer scores padded keys, so their hidden states reach real tokens there.
     /// SDPA computes its softmax in fp32 on CUDA whatever <c>SoftmaxInFp32</c> asks (transformers' sdpa path too).
     /// </summary>
     public static Tensor Sdpa(Tensor q, Tensor k, Tensor v, ForwardContext ctx, MaskSettings mask, double scaling) =>
         mask.Kind == MaskKind.Full && ctx.PlainCausal
             ? SdpaCore(q, k, v, null, causal: true, scaling)
-            : SdpaCore(q, k, v, ctx.Mask(mask), causal: false, scaling);
+            : SdpaCore(q, k, v, ctx.Mask(mask), causal: false, scaling) * ctx.SeesAnyKey(mask);
 
     static Tensor SdpaCore(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, double scaling)
     {

@@ -42,7 +42,7 @@ public sealed class DecoderLayer : HfModule, IDecoderLayer
 /// the first RotaryDim dims of each head, causal/sliding mask and optional attention sinks (a direct parameter
 /// registered first); <see cref="StandardAttentionOptions"/> add the variants of the other families (interleaved-pair
 /// or no rotation, q/k norms after rope or under other names and kinds, value head size and scale, softmax scale and
-/// dtype, an output gate, or one carried by q_proj). The rotary table is the layer's own when the options give one (built by ModelBuilder).
+/// dtype, an output gate, or one carried by q_proj, MiniMax-M3's block indexer). The rotary table is the layer's own when the options give one (built by ModelBuilder).
 /// </summary>
 public sealed class StandardAttention : HfModule, IBlock
 {
@@ -53,6 +53,7 @@ public sealed class StandardAttention : HfModule, IBlock
     readonly RmsNorm? _qNorm, _kNorm;
     readonly Linear? _gate;
     readonly Parameter? _sinks;
+    readonly BlockIndexer? _indexer;
     readonly StandardAttentionSettings _s;
     readonly StandardAttentionOptions _o;
     readonly long _vDim;
@@ -80,6 +81,12 @@ public sealed class StandardAttention : HfModule, IBlock
             _kNorm = AddChild(_o.KNormName, new RmsNorm(s.KvHeads * s.HeadDim, qk, init));
         }
         if (_o.Gate is { } g) _gate = AddChild(g.Name, new Linear(hidden, g.PerHead ? s.Heads : s.Heads * _vDim, false, init));
+        if (_o.BlockIndexer is { } ix)
+        {
+            // The restricted mask goes through the plain (fp32-softmax, sink-free) attention.
+            if (s.Sinks || !_o.SoftmaxInFp32) throw new NotSupportedException("a block indexer with attention sinks or a non-fp32 softmax has no runtime block.");
+            _indexer = AddChild("indexer", new BlockIndexer(hidden, s.Heads, ix, init));
+        }
     }
 
     public Tensor Forward(Tensor x, ForwardContext ctx)
@@ -117,7 +124,10 @@ public sealed class StandardAttention : HfModule, IBlock
             k = Rotary.ApplyInterleavedPairs(k, cos, sin);
         }
         if (normAfterRope) { q = _qNorm!.Forward(q); k = _kNorm!.Forward(k); }
-        var o = AttentionMath.Attend(q, k, v, ctx, _s.Mask, _o.Scaling ?? Math.Pow(d, -0.5), _sinks, _o.SoftmaxInFp32);
+        var scaling = _o.Scaling ?? Math.Pow(d, -0.5);
+        // MiniMax-M3's sparse layers: the indexer, fed the attention's input, limits each head to its selected key blocks.
+        var o = _indexer is null ? AttentionMath.Attend(q, k, v, ctx, _s.Mask, scaling, _sinks, _o.SoftmaxInFp32)
+            : AttentionMath.Attend(q, k, v, ctx, _indexer.Restrict(x, ctx.Mask(_s.Mask), _rope, ctx), scaling);
         if (_gate is not null) o = Gate(o, x);
         if (queryGate is not null) o = o * nn.functional.sigmoid(queryGate);
         return o_proj.Forward(o);

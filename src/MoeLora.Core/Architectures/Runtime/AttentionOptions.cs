@@ -55,6 +55,8 @@ public sealed record OutputGate(string Name, OutputGateKind Kind, bool PerHead);
 /// maximum (MiMo-V2-Flash's eager attention), not in fp32.</param>
 /// <param name="Gate">An output gate before o_proj (AFMoE, Laguna).</param>
 /// <param name="OName">Attribute of the output projection (<c>o_proj</c>; LFM2: <c>out_proj</c>).</param>
+/// <param name="BlockIndexer">MiniMax-M3's sparse layers: a lightning indexer that restricts each query head to its
+/// selected key blocks (null: every key the causal/padding mask allows).</param>
 public sealed record StandardAttentionOptions(
     RopeSettings? Rope = null,
     RotaryStyle Rotary = RotaryStyle.Half,
@@ -69,4 +71,5 @@ public sealed record StandardAttentionOptions(
     bool GateInQuery = false,
     bool SoftmaxInFp32 = true,
     OutputGate? Gate = null,
-    string OName = "o_proj");
+    string OName = "o_proj",
+    BlockIndexerSettings? BlockIndexer = null);

@@ -123,6 +123,19 @@ public sealed record DsaIndexerSettings(long Heads, long HeadDim, long TopK, boo
     bool KeepInFp32 = false);
 
 /// <summary>
+/// MiniMax-M3's lightning indexer on its <c>minimax_m3_sparse</c> layers (transformers' MiniMaxM3VLIndexer, registered
+/// as <c>indexer</c> after the attention's q/k norms): q_proj (hidden → heads·head_dim), k_proj (hidden → head_dim, one
+/// key shared by the heads), per-head q_norm / k_norm of <paramref name="Norm"/>'s kind, rope on the first
+/// min(head_dim, rotary dim) dims with the leading entries of the attention's own cos/sin tables. Each indexer head
+/// scores every key (q·k in fp32, no scale; keys after the query's position excluded), max-pools the scores over
+/// blocks of <paramref name="BlockSize"/> key slots, forces the query's own block and the
+/// <paramref name="LocalBlocks"/> − 1 before it, and keeps its top <paramref name="TopKBlocks"/> blocks (empty future
+/// blocks never count). Query head j attends only to the blocks of indexer head j / (heads / indexer heads), on top of
+/// the causal/padding mask. Its output is block indices, so nothing is differentiated through it.
+/// </summary>
+public sealed record BlockIndexerSettings(long Heads, long HeadDim, long BlockSize, long TopKBlocks, long LocalBlocks, NormSettings Norm);
+
+/// <summary>
 /// LongCat-Flash's "LoRA scaling" of MLA (<c>LongcatFlashMLA.forward</c>): the whole query (nope and rope parts) times
 /// <paramref name="Query"/> = √(hidden / q_lora_rank), the normed kv latent (so keys' nope part and values, not the
 /// shared rope key) times <paramref name="KeyValue"/> = √(hidden / kv_lora_rank).
