@@ -230,7 +230,9 @@ internal static class StepMeasurement
     static bool Fits(MeasuredStep step, DevicePeakMeter meter, long alreadyHeld)
     {
         long free = FreeBytesOverride ?? (meter.IsCuda ? DeviceMemory.Free(meter.Device) : DeviceMemory.Host()).Bytes;
-        long cached = Math.Max(0, meter.UsedAboveBaseline() - alreadyHeld);
+        // On CUDA, blocks libtorch's caching allocator holds beyond the model are free to this process but not counted as
+        // free by cudaMemGetInfo. On the CPU the resident set's growth is no such reserve (other work in the process).
+        long cached = meter.IsCuda ? Math.Max(0, meter.UsedAboveBaseline() - alreadyHeld) : 0;
         long need = step.PredictedBytes - alreadyHeld;
         if (need <= free + cached) return true;
         step.Error = $"not run: Core predicts a peak of {Units.Bytes(step.PredictedBytes)} ({Units.Bytes(need)} beyond the " +
