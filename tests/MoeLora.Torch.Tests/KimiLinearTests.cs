@@ -165,22 +165,9 @@ public class KimiLinearTests
         RuntimeChecks.InjectWithNonZeroB(h.Model, """
             {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj", "f_b_proj", "kv_b_proj", "down_proj"], "target_parameters": ["mlp.experts.gate_up_proj"]}
             """);
-        h.Model.Eval();
-        var (ids, mask) = RuntimeChecks.LeftPaddedBatch();
-        using var _ = no_grad();
-        using var want = h.Model.Forward(ids, mask);
         var outDir = Path.Combine(dir.Path, "merged");
-        LoraMerge.SaveHubCheckpoint(h.Model, modelDir, outDir);
-        var (inKeys, _, _) = Safetensors.ReadHeader(Path.Combine(modelDir, "model.safetensors"));
-        var (outKeys, _, _) = Safetensors.ReadHeader(Path.Combine(outDir, "model.safetensors"));
-        Assert.Equal(inKeys.Select(k => (k.Name, string.Join(",", k.Shape))), outKeys.Select(k => (k.Name, string.Join(",", k.Shape))));
+        var outKeys = RuntimeChecks.MergesBackIntoTheSavedLayout(h.Model, modelDir, outDir);
         Assert.Contains(outKeys, k => k.Name == "model.layers.0.self_attn.k_conv1d.weight");
-        using var merged = new DisposableModel(TorchModelFactory.Load(outDir));
-        using var got = merged.Model.Forward(ids, mask);
-        Assert.True(Fixtures.MaskedRelError(got.Logits, want.Logits, mask) < 1e-5);
-        using var plain = new DisposableModel(TorchModelFactory.Load(modelDir));
-        using var before = plain.Model.Forward(ids, mask);
-        Assert.True(Fixtures.MaskedRelError(before.Logits, want.Logits, mask) > 1e-4);
         // The untouched convolutions come back as they were stored.
         var stored = Safetensors.Load(Path.Combine(modelDir, "model.safetensors"));
         var written = Safetensors.Load(Path.Combine(outDir, "model.safetensors"));

@@ -1,3 +1,4 @@
+using MoeLora.Torch.IO;
 using MoeLora.Torch.Lora;
 using MoeLora.Torch.Models;
 using TorchSharp;
@@ -65,6 +66,31 @@ public static class RuntimeChecks
         var o = model.Forward(ids, mask);
         (o.Logits * mask.unsqueeze(-1)).pow(2).mean().backward();
         return (o.Logits.detach(), lora.ToDictionary(p => p.Name, p => p.Param.grad is { } g ? g.detach().clone() : zeros_like(p.Param)));
+    }
+
+    /// <summary>
+    /// Merges <paramref name="adapted"/> into <paramref name="modelDir"/>'s checkpoint, written to <paramref name="outDir"/>,
+    /// and checks what a merge into a saved layout promises: the checkpoint's own keys and shapes come back, the merged
+    /// checkpoint gives the adapted logits on <see cref="LeftPaddedBatch"/> (1e-5), and those differ from the plain
+    /// checkpoint's (else the check proves nothing). Returns the merged checkpoint's header entries.
+    /// </summary>
+    public static IReadOnlyList<Safetensors.Entry> MergesBackIntoTheSavedLayout(CausalLm adapted, string modelDir, string outDir)
+    {
+        adapted.Eval();
+        var (ids, mask) = LeftPaddedBatch();
+        using var _ = no_grad();
+        using var want = adapted.Forward(ids, mask);
+        LoraMerge.SaveHubCheckpoint(adapted, modelDir, outDir);
+        var (inKeys, _, _) = Safetensors.ReadHeader(Path.Combine(modelDir, "model.safetensors"));
+        var (outKeys, _, _) = Safetensors.ReadHeader(Path.Combine(outDir, "model.safetensors"));
+        Assert.Equal(inKeys.Select(k => (k.Name, string.Join(",", k.Shape))), outKeys.Select(k => (k.Name, string.Join(",", k.Shape))));
+        using var merged = new DisposableModel(TorchModelFactory.Load(outDir));
+        using var got = merged.Model.Forward(ids, mask);
+        Assert.True(Fixtures.MaskedRelError(got.Logits, want.Logits, mask) < 1e-5);
+        using var plain = new DisposableModel(TorchModelFactory.Load(modelDir));
+        using var before = plain.Model.Forward(ids, mask);
+        Assert.True(Fixtures.MaskedRelError(before.Logits, want.Logits, mask) > 1e-4);
+        return outKeys;
     }
 
     /// <summary>One backward on the left-padded batch: every adapter tensor gets a finite, non-zero gradient.</summary>

@@ -104,21 +104,21 @@ public static partial class CheckpointLoader
         var copies = Plan(model, stored.ToDictionary(kv => kv.Key, kv => kv.Value.Entry.Shape, StringComparer.Ordinal));
         var handles = new Dictionary<string, SafeFileHandle>(StringComparer.Ordinal);
         var stats = new LoadStats();
-        long totalBytes = copies.Sum(c => SourceEntry(c, stored[c.Source].Entry) is var e ? e.End - e.Begin : 0);
+        long totalBytes = copies.Sum(c => Bytes(SourceEntry(c, stored[c.Source].Entry)));
         try
         {
             using var _ = no_grad();
             foreach (var c in copies)
             {
-                var (file, stored0, dataStart) = stored[c.Source];
-                var entry = SourceEntry(c, stored0);
+                var (file, whole, dataStart) = stored[c.Source];
+                var entry = SourceEntry(c, whole);
                 if (!handles.TryGetValue(file, out var handle)) handles[file] = handle = File.OpenHandle(file);
                 using var scope = NewDisposeScope();
                 var target = c.Expert is { } e ? c.Target[e].narrow(0, c.RowOffset, entry.Shape[0])
                     : c.Rows ? c.Target.narrow(c.Dim, c.RowOffset, entry.Shape[c.Dim]) : c.Target;
                 Copy(handle, dataStart, entry, target, stats, Transform(c));
                 stats.Tensors++;
-                stats.BytesRead += entry.End - entry.Begin;
+                stats.BytesRead += Bytes(entry);
                 progress?.Invoke(new LoadProgress(stats.Tensors, copies.Count, stats.BytesRead, totalBytes, c.Source));
             }
         }
@@ -226,6 +226,8 @@ public static partial class CheckpointLoader
         long rows = c.Target.shape[0], rowBytes = (e.End - e.Begin) / e.Shape[0];
         return e with { Shape = [rows, .. e.Shape[1..]], Begin = e.Begin + chunk.Offset * rowBytes, End = e.Begin + (chunk.Offset + rows) * rowBytes };
     }
+
+    static long Bytes(Safetensors.Entry e) => e.End - e.Begin;
 
     /// <summary>What a step does to the stored rows before they land: de-interleave gate/up, or the rope permutation of a chunk.</summary>
     static Func<Tensor, Tensor>? Transform(CopyStep c) =>
