@@ -38,6 +38,8 @@ test -f "$app/libLibTorchSharp.so"
 ! ls "$app" | grep -q '^libtorch_cpu.so$'
 
 echo "== pack"
+# The Native-AOT publish writes the executable's debug symbols next to it (moelora.dbg, 35 MB): not needed to run.
+rm -f "$app"/*.dbg
 cp "$out/cpu-tiny-metrics.jsonl" "$app/cpu-tiny-metrics.jsonl"
 XZ_OPT=-9 tar -cJf "$tarball" -C "$out" moelora
 tar_bytes=$(stat -c %s "$tarball")

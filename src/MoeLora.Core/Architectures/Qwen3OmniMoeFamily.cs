@@ -1,4 +1,5 @@
 using System.Text.Json.Nodes;
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -41,61 +42,40 @@ internal sealed class Qwen3OmniMoeFamily : IArchitecture
         var heads = text.Positive("num_attention_heads", 28);
         var kv = text.Positive("num_key_value_heads", 4);
         var headDim = Blocks.HeadDim(text, hidden, heads);
-        var step = text.Int("decoder_sparse_step", 1);
         var moeInter = text.Positive("moe_intermediate_size", 768);
         var topK = text.Positive("num_experts_per_tok", 8);
         var experts = text.Int("num_experts", 128);
-        var mlpOnly = new HashSet<long>(text.IntList("mlp_only_layers") ?? []);
         var bias = text.Bool("attention_bias", false);
         var act = text.String("hidden_act", "silu")!;
         var actClass = Blocks.ActivationClass(act, layout);
         // Qwen3OmniMoeThinkerConfig declares tie_word_embeddings (default False); the text config does not.
         var tie = c.Bool("tie_word_embeddings", false);
 
-        var (moeLayers, denseLayers) = Blocks.SplitLayers(layers,
-            i => !mlpOnly.Contains(i) && experts > 0 && step > 0 && (i + 1) % step == 0);
+        var (moeLayers, denseLayers) = QwenMoeFamily.MoeLayers(text, layers, experts);
         var moeSet = moeLayers.ToHashSet();
+        var dims = new QwenMoeFamily.LayerDims(hidden, heads, kv, headDim, bias, bias, inter, experts, moeInter, 0, actClass);
 
         var b = new TreeBuilder(P + "ThinkerForConditionalGeneration", layout);
         Audio(b, Sub("audio_config"), layout);
         Vision(b, Sub("vision_config"), layout);
-        Blocks.CausalLm(b, T, vocab, hidden, layers, tie, i =>
-        {
-            Blocks.Attention(b, T + "Attention", hidden, heads, kv, headDim, bias, bias, afterProjections: bb =>
-            {
-                bb.RmsNorm("q_norm", T + "RMSNorm", headDim);
-                bb.RmsNorm("k_norm", T + "RMSNorm", headDim);
-            });
-            if (moeSet.Contains(i))
-            {
-                using (b.Scope("mlp", T + "SparseMoeBlock", ModuleLocation.Other))
-                {
-                    if (layout == Layout.V5)
-                    {
-                        Blocks.FusedExperts(b, T + "Experts", experts, hidden, moeInter, actClass);
-                        Blocks.TopKRouter(b, "gate", T + "TopKRouter", experts, hidden);
-                    }
-                    else
-                    {
-                        b.Linear("gate", hidden, experts, location: ModuleLocation.Router);
-                        Blocks.PerExpertMlps(b, "ModuleList", T + "MLP", experts, hidden, moeInter, actClass);
-                    }
-                }
-            }
-            else
-            {
-                Blocks.GatedMlp(b, "mlp", T + "MLP", hidden, inter, false, actClass, ModuleLocation.Mlp);
-            }
-            b.RmsNorm("input_layernorm", T + "RMSNorm", hidden, ModuleLocation.Norm);
-            b.RmsNorm("post_attention_layernorm", T + "RMSNorm", hidden, ModuleLocation.Norm);
-        }, normClass: "Qwen3OmniMoeTextRMSNorm");
+        Blocks.CausalLm(b, T, vocab, hidden, layers, tie, i => QwenMoeFamily.Layer(b, T, qwen3: true, layout, dims, moeSet.Contains(i), "ModuleList"),
+            normClass: "Qwen3OmniMoeTextRMSNorm");
 
-        var routing = $"softmax over {experts} experts, top-{topK}" + (text.Bool("norm_topk_prob", true) ? ", renormalised" : "");
+        var normTopK = text.Bool("norm_topk_prob", true);
+        var routing = $"softmax over {experts} experts, top-{topK}" + (normTopK ? ", renormalised" : "");
         var moe = moeLayers.Count == 0 ? MoeFacts.Dense(layers)
             : new MoeFacts(experts, topK, 0, moeInter, 0, moeLayers, denseLayers, routing);
+        // Runtime: text only, as transformers runs the thinker given only input_ids. The audio and vision towers are
+        // never called; without image, video or audio grids get_rope_index gives all three mrope sections the positions
+        // cumsum(attention_mask) - 1, which is plain rope over head_dim (the interleaved sections pick every frequency
+        // from identical tables) shifted on a left-padded row by its padding: rope depends on position differences
+        // only, so the real tokens' outputs are the text decoder's (padded positions, which no loss reads, differ).
+        // The decoder is Qwen3-MoE's (experts registered before the router, per-head q/k norms, no sliding window).
+        var runtime = QwenMoeFamily.Runtime(text, qwen3: true, vocab, hidden, inter, layers, heads, kv, headDim, bias, bias,
+            experts, topK, normTopK, moeInter, sharedInter: 0, act, tie, moeSet, defaultTheta: 1_000_000.0);
         return Blocks.Spec(c, "qwen3_omni_moe_thinker", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act) with
         {
-            RuntimeUnavailable = "the audio and vision towers and multimodal rope",
+            Runtime = runtime with { Towers = InertTowers.Before(["audio_tower", "visual"], "model", "lm_head") },
             TextConfig = text,
         };
     }
@@ -140,49 +120,15 @@ internal sealed class Qwen3OmniMoeFamily : IArchitecture
         }
     }
 
-    /// <summary>Qwen3OmniMoeVisionEncoder (defaults: Qwen3OmniMoeVisionEncoderConfig).</summary>
+    /// <summary>Qwen3OmniMoeVisionEncoder: the Qwen3-VL tower, its deepstack mergers registered first as merger_list.</summary>
     private static void Vision(TreeBuilder b, ModelConfig v, Layout layout)
     {
-        var depth = v.Int("depth", 27);
-        var hv = v.Positive("hidden_size", 1152);
-        var iv = v.Positive("intermediate_size", 4304);
-        var channels = v.Positive("in_channels", 3);
-        var patch = v.Positive("patch_size", 16);
-        var temporal = v.Positive("temporal_patch_size", 2);
-        var merge = v.Positive("spatial_merge_size", 2);
-        var outHidden = v.Positive("out_hidden_size", 3584);
-        var positions = v.Positive("num_position_embeddings", 2304);
-        var deepstack = v.IntList("deepstack_visual_indexes")?.Count ?? 3;
-        var actClass = Blocks.ActivationClass(v.String("hidden_act", "gelu_pytorch_tanh")!, layout);
-        var merged = hv * merge * merge;
-
+        var t = Blocks.QwenVisionDims.Read(v, layout);
         using (b.Scope("visual", P + "VisionEncoder", ModuleLocation.Vision))
         {
-            b.ModuleList("merger_list", deepstack, k => Merger(b, k.ToString(System.Globalization.CultureInfo.InvariantCulture), merged, merged, outHidden));
-            using (b.Scope("patch_embed", P + "VisionPatchEmbed"))
-                Conv(b, "proj", "Conv3d", hv, channels, temporal, patch, patch);
-            b.Embedding("pos_embed", positions, hv, ModuleLocation.Vision);
-            b.Leaf("rotary_pos_emb", P + "VisionRotaryEmbedding");
-            b.ModuleList("blocks", depth, j =>
-            {
-                using (b.Scope(j.ToString(System.Globalization.CultureInfo.InvariantCulture), P + "VisionBlock"))
-                {
-                    b.LayerNorm("norm1", hv);
-                    b.LayerNorm("norm2", hv);
-                    using (b.Scope("attn", P + "VisionAttention"))
-                    {
-                        b.Linear("qkv", hv, 3 * hv, true);
-                        b.Linear("proj", hv, hv, true);
-                    }
-                    using (b.Scope("mlp", P + "VisionMLP"))
-                    {
-                        b.Linear("linear_fc1", hv, iv, true);
-                        b.Linear("linear_fc2", iv, hv, true);
-                        b.Leaf("act_fn", actClass);
-                    }
-                }
-            });
-            Merger(b, "merger", hv, merged, outHidden);
+            b.ModuleList("merger_list", t.Deepstack, k => Merger(b, k.ToString(System.Globalization.CultureInfo.InvariantCulture), t.Merged, t.Merged, t.OutHidden));
+            Blocks.QwenVisionBody(b, P, t);
+            Merger(b, "merger", t.Hidden, t.Merged, t.OutHidden);
         }
     }
 

@@ -36,43 +36,23 @@ internal sealed class Qwen3VLMoeFamily : IArchitecture
         var experts = text.FirstInt("num_local_experts", "num_experts") ?? 60;
         var topK = text.Positive("num_experts_per_tok", 4);
         var moeInter = text.Positive("moe_intermediate_size", 1408);
-        var step = text.Int("decoder_sparse_step", 1);
-        var mlpOnly = new HashSet<long>(text.IntList("mlp_only_layers") ?? []);
         var bias = text.Bool("attention_bias", false);
         var act = text.String("hidden_act", "silu")!;
         var actClass = Blocks.ActivationClass(act, layout);
         var tie = c.Bool("tie_word_embeddings", false);
 
-        var (moeLayers, denseLayers) = Blocks.SplitLayers(layers,
-            i => !mlpOnly.Contains(i) && experts > 0 && step > 0 && (i + 1) % step == 0);
+        var (moeLayers, denseLayers) = QwenMoeFamily.MoeLayers(text, layers, experts);
         var moeSet = moeLayers.ToHashSet();
+        var dims = new QwenMoeFamily.LayerDims(hidden, heads, kv, headDim, bias, bias, inter, experts, moeInter, 0, actClass);
 
         var b = new TreeBuilder(P + "ForConditionalGeneration", layout);
         using (b.Scope("model", P + "Model"))
         {
             Blocks.QwenVisionTower(b, "visual", P, Blocks.SubOrDefaults(c, "vision_config"), layout, deepstack: true);
-            Blocks.TextModel(b, "language_model", P + "TextModel", P + "TextDecoderLayer", vocab, hidden, layers, i =>
-            {
-                Blocks.Attention(b, P + "TextAttention", hidden, heads, kv, headDim, bias, bias, afterProjections: bb =>
-                {
-                    bb.RmsNorm("q_norm", P + "TextRMSNorm", headDim);
-                    bb.RmsNorm("k_norm", P + "TextRMSNorm", headDim);
-                });
-                if (moeSet.Contains(i))
-                {
-                    using (b.Scope("mlp", P + "TextSparseMoeBlock", ModuleLocation.Other))
-                    {
-                        Blocks.FusedExperts(b, P + "TextExperts", experts, hidden, moeInter, actClass);
-                        Blocks.TopKRouter(b, "gate", P + "TextTopKRouter", experts, hidden);
-                    }
-                }
-                else
-                {
-                    Blocks.GatedMlp(b, "mlp", P + "TextMLP", hidden, inter, false, actClass, ModuleLocation.Mlp);
-                }
-                b.RmsNorm("input_layernorm", P + "TextRMSNorm", hidden, ModuleLocation.Norm);
-                b.RmsNorm("post_attention_layernorm", P + "TextRMSNorm", hidden, ModuleLocation.Norm);
-            }, P + "TextRMSNorm", P + "TextRotaryEmbedding");
+            // Both layouts hold fused experts (see above).
+            Blocks.TextModel(b, "language_model", P + "TextModel", P + "TextDecoderLayer", vocab, hidden, layers,
+                i => QwenMoeFamily.Layer(b, P + "Text", qwen3: true, Layout.V5, dims, moeSet.Contains(i), "ModuleList"),
+                P + "TextRMSNorm", P + "TextRotaryEmbedding");
         }
         Blocks.LmHead(b, hidden, vocab, tie, "model.language_model.embed_tokens");
 

@@ -29,8 +29,6 @@ internal sealed class QwenMoeFamily : IArchitecture
         var topK = c.Int("num_experts_per_tok", qwen3 ? 8 : 4);
         var moeInter = c.Positive("moe_intermediate_size", qwen3 ? 768 : 1408);
         var sharedInter = qwen3 ? 0 : c.Int("shared_expert_intermediate_size", 5632);
-        var step = c.Int("decoder_sparse_step", 1);
-        var mlpOnly = new HashSet<long>(c.IntList("mlp_only_layers") ?? []);
         var tie = c.Bool("tie_word_embeddings", false);
         var act = c.String("hidden_act", "silu")!;
         var actClass = Blocks.ActivationClass(act, layout);
@@ -38,25 +36,12 @@ internal sealed class QwenMoeFamily : IArchitecture
         var qkvBias = qwen3 ? c.Bool("attention_bias", false) : c.Bool("qkv_bias", true);
         var oBias = qwen3 && c.Bool("attention_bias", false);
 
-        var (moeLayers, denseLayers) = Blocks.SplitLayers(layers,
-            i => !mlpOnly.Contains(i) && experts > 0 && step > 0 && (i + 1) % step == 0);
+        var (moeLayers, denseLayers) = MoeLayers(c, layers, experts);
         var moeSet = moeLayers.ToHashSet();
+        var dims = new LayerDims(hidden, heads, kv, headDim, qkvBias, oBias, inter, experts, moeInter, sharedInter, actClass);
 
         var b = new TreeBuilder(p + "ForCausalLM", layout);
-        Blocks.CausalLm(b, p, vocab, hidden, layers, tie, i =>
-        {
-            Blocks.Attention(b, p + "Attention", hidden, heads, kv, headDim, qkvBias, oBias, afterProjections: qwen3
-                ? bb =>
-                {
-                    bb.RmsNorm("q_norm", p + "RMSNorm", headDim);
-                    bb.RmsNorm("k_norm", p + "RMSNorm", headDim);
-                }
-                : null);
-            if (moeSet.Contains(i)) MoeBlock(b, p, qwen3, layout, experts, hidden, moeInter, sharedInter, actClass);
-            else Blocks.GatedMlp(b, "mlp", p + "MLP", hidden, inter, false, actClass, ModuleLocation.Mlp);
-            b.RmsNorm("input_layernorm", p + "RMSNorm", hidden, ModuleLocation.Norm);
-            b.RmsNorm("post_attention_layernorm", p + "RMSNorm", hidden, ModuleLocation.Norm);
-        });
+        Blocks.CausalLm(b, p, vocab, hidden, layers, tie, i => Layer(b, p, qwen3, layout, dims, moeSet.Contains(i), p + "Experts"));
 
         // norm_topk_prob defaults to False in both config classes (transformers 5.17).
         var normTopK = c.Bool("norm_topk_prob", false);
@@ -97,8 +82,44 @@ internal sealed class QwenMoeFamily : IArchitecture
             RopeSettings.Read(c, defaultTheta, headDim), runtimeLayers);
     }
 
-    private static void MoeBlock(TreeBuilder b, string p, bool qwen3, Layout layout, long experts, long hidden,
-        long moeInter, long sharedInter, string actClass)
+    /// <summary>
+    /// The Qwen-MoE layer rule, shared by every Qwen2/Qwen3-MoE decoder (Qwen3-VL-MoE's and Qwen3-Omni's thinker's
+    /// too): a layer is MoE unless it is in <c>mlp_only_layers</c>, there are no experts, or it is off
+    /// <c>decoder_sparse_step</c> (<c>(i + 1) % step == 0</c>).
+    /// </summary>
+    internal static (List<int> Moe, List<int> Dense) MoeLayers(ModelConfig c, long layers, long experts)
+    {
+        var step = c.Int("decoder_sparse_step", 1);
+        var mlpOnly = new HashSet<long>(c.IntList("mlp_only_layers") ?? []);
+        return Blocks.SplitLayers(layers, i => !mlpOnly.Contains(i) && experts > 0 && step > 0 && (i + 1) % step == 0);
+    }
+
+    /// <summary>The sizes one Qwen-MoE decoder layer is built from (<paramref name="ActClass"/>: the activation's module class).</summary>
+    internal sealed record LayerDims(long Hidden, long Heads, long KvHeads, long HeadDim, bool QkvBias, bool OBias, long Intermediate,
+        long Experts, long MoeIntermediate, long SharedIntermediate, string ActClass);
+
+    /// <summary>
+    /// One Qwen2-MoE / Qwen3-MoE decoder layer's children, every class named from <paramref name="p"/> (Qwen3-VL-MoE's
+    /// text model is <c>Qwen3VLMoeText</c>, Qwen3-Omni's thinker <c>Qwen3OmniMoeThinkerText</c>): self_attn (with
+    /// per-head q/k norms for Qwen3), the MoE block or a dense MLP, and the two norms. <paramref name="v4ExpertList"/> is
+    /// the class of the per-expert ModuleList in the v4 layout.
+    /// </summary>
+    internal static void Layer(TreeBuilder b, string p, bool qwen3, Layout layout, LayerDims d, bool moe, string v4ExpertList)
+    {
+        Blocks.Attention(b, p + "Attention", d.Hidden, d.Heads, d.KvHeads, d.HeadDim, d.QkvBias, d.OBias, afterProjections: qwen3
+            ? bb =>
+            {
+                bb.RmsNorm("q_norm", p + "RMSNorm", d.HeadDim);
+                bb.RmsNorm("k_norm", p + "RMSNorm", d.HeadDim);
+            }
+            : null);
+        if (moe) MoeBlock(b, p, qwen3, layout, d, v4ExpertList);
+        else Blocks.GatedMlp(b, "mlp", p + "MLP", d.Hidden, d.Intermediate, false, d.ActClass, ModuleLocation.Mlp);
+        b.RmsNorm("input_layernorm", p + "RMSNorm", d.Hidden, ModuleLocation.Norm);
+        b.RmsNorm("post_attention_layernorm", p + "RMSNorm", d.Hidden, ModuleLocation.Norm);
+    }
+
+    private static void MoeBlock(TreeBuilder b, string p, bool qwen3, Layout layout, LayerDims d, string v4ExpertList)
     {
         using (b.Scope("mlp", p + "SparseMoeBlock", ModuleLocation.Other))
         {
@@ -107,24 +128,24 @@ internal sealed class QwenMoeFamily : IArchitecture
                 // transformers 5: Qwen3-MoE registers experts before the router; Qwen2-MoE the router first.
                 if (qwen3)
                 {
-                    Blocks.FusedExperts(b, p + "Experts", experts, hidden, moeInter, actClass);
-                    Blocks.TopKRouter(b, "gate", p + "TopKRouter", experts, hidden);
+                    Blocks.FusedExperts(b, p + "Experts", d.Experts, d.Hidden, d.MoeIntermediate, d.ActClass);
+                    Blocks.TopKRouter(b, "gate", p + "TopKRouter", d.Experts, d.Hidden);
                 }
                 else
                 {
-                    Blocks.TopKRouter(b, "gate", p + "TopKRouter", experts, hidden);
-                    Blocks.FusedExperts(b, p + "Experts", experts, hidden, moeInter, actClass);
+                    Blocks.TopKRouter(b, "gate", p + "TopKRouter", d.Experts, d.Hidden);
+                    Blocks.FusedExperts(b, p + "Experts", d.Experts, d.Hidden, d.MoeIntermediate, d.ActClass);
                 }
             }
             else
             {
-                b.Linear("gate", hidden, experts, location: ModuleLocation.Router);
-                Blocks.PerExpertMlps(b, p + "Experts", p + "MLP", experts, hidden, moeInter, actClass);
+                b.Linear("gate", d.Hidden, d.Experts, location: ModuleLocation.Router);
+                Blocks.PerExpertMlps(b, v4ExpertList, p + "MLP", d.Experts, d.Hidden, d.MoeIntermediate, d.ActClass);
             }
             if (!qwen3)
             {
-                Blocks.GatedMlp(b, "shared_expert", p + "MLP", hidden, sharedInter, false, actClass, ModuleLocation.SharedExpert);
-                b.Linear("shared_expert_gate", hidden, 1, location: ModuleLocation.SharedExpert);
+                Blocks.GatedMlp(b, "shared_expert", p + "MLP", d.Hidden, d.SharedIntermediate, false, d.ActClass, ModuleLocation.SharedExpert);
+                b.Linear("shared_expert_gate", d.Hidden, 1, location: ModuleLocation.SharedExpert);
             }
         }
     }
