@@ -2,6 +2,7 @@ using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Torch.Models;
 using MoeLora.Torch.Nn;
 using MoeLora.Torch.Runtime;
+using MoeLora.Torch.Tests.Training;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -154,6 +155,7 @@ public class InklingTests
         var diskNames = Core.Architectures.ArchitectureRegistry.Build(spec.Config, Core.Modules.Layout.V4).Tree.Modules
             .SelectMany(m => m.Parameters.Concat(m.Buffers)).Select(p => p.Name).ToHashSet();
 
+        // Rows 2i = gate[i], 2i + 1 = up[i], written out here rather than with the product's CheckpointLoader.Interleave.
         static Tensor Interleave(Tensor gate, Tensor up) => stack([gate, up], gate.dim() - 1).flatten(gate.dim() - 2, gate.dim() - 1);
         var stored = new Dictionary<string, Tensor>();
         var halves = new Dictionary<string, (Tensor? Gate, Tensor? Up)>();
@@ -187,6 +189,44 @@ public class InklingTests
             Assert.All(original.Model.StateDict(), x => Assert.True(x.Value.eq(loadedState[x.Name]).all().item<bool>(), $"{x.Name} differs"));
         }
         finally { Directory.Delete(dir, true); }
+    }
+
+    /// <summary>
+    /// Merging writes inkling_mm_model's own checkpoint back: the routed experts' fused gate_up_proj (one runtime tensor,
+    /// gate rows then up rows) and the shared experts' separate gate_proj / up_proj each interleaved again into their
+    /// stored w13 tensor, the other tensors under their stored names; the merged checkpoint loads into the adapted
+    /// model's outputs (RuntimeChecks.MergesBackIntoTheSavedLayout).
+    /// </summary>
+    [Fact]
+    public void MergesBackIntoTheInterleavedSavedLayout()
+    {
+        var modelDir = Path.Combine(AppContext.BaseDirectory, "Data", "hf-moe", "inkling_mm_model", "model");
+        using var dir = new TempDir();
+        using var h = new DisposableModel(TorchModelFactory.Load(modelDir));
+        RuntimeChecks.InjectWithNonZeroB(h.Model, """
+            {"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
+             "target_parameters": ["mlp.experts.gate_up_proj", "mlp.shared_experts.up_proj"]}
+            """);
+        var outDir = Path.Combine(dir.Path, "merged");
+        RuntimeChecks.MergesBackIntoTheSavedLayout(h.Model, modelDir, outDir);
+        var stored = IO.Safetensors.Load(Path.Combine(modelDir, "model.safetensors"));
+        var written = IO.Safetensors.Load(Path.Combine(outDir, "model.safetensors"));
+        try
+        {
+            const string layer = "model.llm.layers.1.mlp.";
+            // The shared experts' up rows (odd) took ΔW, their gate rows (even) did not.
+            var before = stored[layer + "shared_experts.shared_w13_weight"].unflatten(1, [24, 2]);
+            var after = written[layer + "shared_experts.shared_w13_weight"].unflatten(1, [24, 2]);
+            Assert.True(before.select(2, 0).Same(after.select(2, 0)));
+            Assert.False(before.select(2, 1).Same(after.select(2, 1)));
+            Assert.False(stored[layer + "experts.w13_weight"].Same(written[layer + "experts.w13_weight"]));
+            // Untargeted tensors are written back unchanged.
+            Assert.True(stored[layer + "experts.w2_weight"].Same(written[layer + "experts.w2_weight"]));
+        }
+        finally
+        {
+            foreach (var t in stored.Values.Concat(written.Values)) t.Dispose();
+        }
     }
 
     /// <summary>The default seed targets (attention projections and the dense MLP's gate/up/down) train.</summary>

@@ -11,7 +11,7 @@ namespace MoeLora.Torch.Lora;
 /// PEFT's <c>merge_and_unload()</c> for an injected model: every enabled adapter's ΔW is folded into its base weight
 /// (Linear: W + s·BA; DoRA: (m/‖W+s·BA‖)·(W+s·BA); fused experts: W + ΔW per expert; 2-D parameters: W + s·BA),
 /// and the result is written as a checkpoint in the <em>source checkpoint's</em> own layout: the same files (shards
-/// and index), keys and dtypes, per-expert tensors sliced back out of the fused ones and chunked tensors concatenated as Core's
+/// and index), keys and dtypes, per-expert tensors sliced back out of the fused ones, chunked tensors concatenated and gate/up rows interleaved again as Core's
 /// <see cref="CheckpointLayout"/> maps them, other files copied.
 /// </summary>
 public static class LoraMerge
@@ -51,13 +51,17 @@ public static class LoraMerge
         var storedAs = new Dictionary<string, (string Runtime, int Expert, long RowOffset, long Rows, int Dim)>(StringComparer.Ordinal);
         // Checkpoint tensor → the runtime tensors chunked out of it (q, k, v of a fused in_proj), in row order.
         var chunkedInto = new Dictionary<string, List<(string Runtime, CheckpointLayout.RopeChunk Chunk)>>(StringComparer.Ordinal);
+        // Checkpoint tensor → the runtime tensors de-interleaved from it (gate and up rows alternating on disk).
+        var interleavedInto = new Dictionary<string, List<(string Runtime, CheckpointLayout.InterleavedRows Which)>>(StringComparer.Ordinal);
         foreach (var (runtime, alt) in CheckpointLayout.For(model.Spec)?.Alternatives ?? new Dictionary<string, CheckpointLayout.Alternative>())
         {
             if (alt.IsSliceOfFused) continue;
-            // Writing a gate/up-interleaved tensor back would need the inverse of the loader's de-interleaving.
             if (alt.Interleaved != CheckpointLayout.InterleavedRows.None)
-                throw new UserInputException($"merge cannot write {alt.Parts[0].Name}: the checkpoint stores gate and up rows interleaved, which merge does not write back.");
-            if (alt.IsStack || alt.Concatenated)
+            {
+                if (!interleavedInto.TryGetValue(alt.Parts[0].Name, out var halves)) interleavedInto[alt.Parts[0].Name] = halves = [];
+                halves.Add((runtime, alt.Interleaved));
+            }
+            else if (alt.IsStack || alt.Concatenated)
                 foreach (var (part, expert, offset) in alt.Pieces()) storedAs[part.Name] = (runtime, expert, offset, part.Shape[alt.ConcatDim], alt.ConcatDim);
             else if (alt.Chunk is { } chunk)
             {
@@ -95,6 +99,8 @@ public static class LoraMerge
                         // Saving undoes the load's rope permutation, then concatenates the chunks (transformers' reverse ops).
                         value = cat(chunks.OrderBy(c => c.Chunk.Offset).Select(c => c.Chunk.PermuteHeads > 0
                             ? CheckpointLoader.RopePermutation(Get(c.Runtime), c.Chunk.PermuteHeads, inverse: true) : Get(c.Runtime)).ToList(), 0);
+                    else if (interleavedInto.TryGetValue(e.Name, out var halves))
+                        value = CheckpointLoader.Interleave(halves.Select(h => (Get(h.Runtime), h.Which)).ToList());
                     else throw new InvalidDataException($"the checkpoint's {e.Name} has no counterpart in the merged model.");
                     if (!value.shape.SequenceEqual(e.Shape))
                         throw new InvalidDataException($"{e.Name}: merged shape [{string.Join(",", value.shape)}] differs from the checkpoint's [{string.Join(",", e.Shape)}].");

@@ -264,6 +264,26 @@ public static partial class CheckpointLoader
     }
 
     /// <summary>
+    /// The inverse of <see cref="Deinterleave"/>, as saving does: the stored tensor whose rows alternate gate and up,
+    /// from either one runtime tensor holding all gate rows then all up rows (<c>EvenThenOdd</c>) or the runtime gate
+    /// (<c>Even</c>) and up (<c>Odd</c>) tensors, in any order.
+    /// </summary>
+    internal static Tensor Interleave(IReadOnlyList<(Tensor Rows, CheckpointLayout.InterleavedRows Which)> parts)
+    {
+        Tensor Pairs(Tensor gate, Tensor up) => stack([gate, up], gate.dim() - 1).flatten(gate.dim() - 2, gate.dim() - 1);
+        if (parts is [{ Which: CheckpointLayout.InterleavedRows.EvenThenOdd } whole])
+        {
+            var halves = whole.Rows.chunk(2, whole.Rows.dim() - 2);
+            return Pairs(halves[0], halves[1]);
+        }
+        var gate = parts.Where(p => p.Which == CheckpointLayout.InterleavedRows.Even).Select(p => p.Rows).ToList();
+        var up = parts.Where(p => p.Which == CheckpointLayout.InterleavedRows.Odd).Select(p => p.Rows).ToList();
+        if (gate.Count != 1 || up.Count != 1 || parts.Count != 2)
+            throw new InvalidDataException($"an interleaved gate/up tensor needs one gate and one up part, got {string.Join(", ", parts.Select(p => p.Which))}.");
+        return Pairs(gate[0], up[0]);
+    }
+
+    /// <summary>
     /// transformers' PermuteForRope on a [rows, ...] tensor of <paramref name="heads"/> heads: each head's rows viewed as
     /// (half, 2) and transposed to (2, half) on load; <paramref name="inverse"/> undoes it (viewed as (2, half)), as saving does.
     /// </summary>
