@@ -149,10 +149,9 @@ public sealed class GatedMlp : HfModule, IBlock
     {
         var gate = gate_proj.Forward(x);
         var up = up_proj.Forward(x);
-        if (_clamp is { } l) { up = up.clamp(-l, l); if (!_clampAfterActivation) gate = gate.clamp_max(l); }
-        var activated = _act.Forward(gate);
-        if (_clamp is { } after && _clampAfterActivation) activated = activated.clamp_max(after);
-        var y = down_proj.Forward(activated * up);
+        var hidden = _clamp is { } limit ? ClampedSwiglu.Apply(gate, up, limit, _act.Forward, afterActivation: _clampAfterActivation)
+            : _act.Forward(gate) * up;
+        var y = down_proj.Forward(hidden);
         return _globalScale is null ? y : y * _globalScale;
     }
 

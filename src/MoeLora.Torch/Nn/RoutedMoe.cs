@@ -318,13 +318,23 @@ public sealed class RoutedMoe : HfModule, IBlock
 /// </summary>
 internal static class ClampedSwiglu
 {
+    /// <summary>On one tensor holding gate then up along its last dimension, with the activation <c>g·sigmoid(α g)</c>.</summary>
     public static Tensor Apply(Tensor gateUp, double limit, double alpha, double upShift = 1.0, bool afterActivation = false)
     {
         var gu = gateUp.chunk(2, -1);
-        var gate = afterActivation ? gu[0] : gu[0].clamp_max(limit);
-        var up = gu[1].clamp(-limit, limit);
+        return Apply(gu[0], gu[1], limit, g => g * nn.functional.sigmoid(g * alpha), upShift, afterActivation);
+    }
+
+    /// <summary>
+    /// On separate gate and up tensors with any activation (a dense MLP's own activation module: DeepSeek-V4's shared
+    /// expert and Step-3.7's MLPs, shift 0).
+    /// </summary>
+    public static Tensor Apply(Tensor gate, Tensor up, double limit, Func<Tensor, Tensor> activation, double upShift = 0.0, bool afterActivation = false)
+    {
+        if (!afterActivation) gate = gate.clamp_max(limit);
+        up = up.clamp(-limit, limit);
         if (upShift != 0.0) up = up + upShift;
-        var activated = gate * nn.functional.sigmoid(gate * alpha);
+        var activated = activation(gate);
         return up * (afterActivation ? activated.clamp_max(limit) : activated);
     }
 }
