@@ -69,6 +69,17 @@ public static class ArchitectureRegistry
     private static readonly Dictionary<string, IArchitecture> ByType =
         Families.SelectMany(f => f.ModelTypes.Select(t => (t, f))).ToDictionary(x => x.t, x => x.f, StringComparer.Ordinal);
 
+    /// <summary>
+    /// MoE model types transformers 5.17 builds only as a class that is neither a causal LM nor an image-text-to-text
+    /// model (the classes PEFT fine-tuning loads), with what to load instead.
+    /// </summary>
+    private static readonly Dictionary<string, string> NoLanguageModelClass = new(StringComparer.Ordinal)
+    {
+        ["qwen3_omni_moe"] = "is Qwen3-Omni's thinker, talker and code2wav together, which transformers 5.17 builds only as "
+            + "Qwen3OmniMoeForConditionalGeneration (no causal-LM or image-text-to-text class); its language model is the "
+            + "thinker: analyse its thinker_config (model_type qwen3_omni_moe_thinker) as the config instead",
+    };
+
     public static IReadOnlyList<string> SupportedModelTypes { get; } = ByType.Keys.Order(StringComparer.Ordinal).ToList();
 
     public static bool IsSupported(string modelType) => ByType.ContainsKey(modelType);
@@ -79,7 +90,8 @@ public static class ArchitectureRegistry
         var type = config.ModelType
             ?? throw new ConfigException("config.json has no 'model_type'; supported model types: " + string.Join(", ", SupportedModelTypes));
         if (!ByType.TryGetValue(type, out var family))
-            throw new ConfigException($"model_type '{type}' is not supported; supported model types: {string.Join(", ", SupportedModelTypes)}");
+            throw new ConfigException(NoLanguageModelClass.TryGetValue(type, out var why) ? $"model_type '{type}' {why}"
+                : $"model_type '{type}' is not supported; supported model types: {string.Join(", ", SupportedModelTypes)}");
         return family.Build(config, layout);
     }
 }
