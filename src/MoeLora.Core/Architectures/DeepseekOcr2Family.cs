@@ -119,7 +119,7 @@ internal sealed class DeepseekOcr2Family : IArchitecture
         var topK = t.TopK ?? 0;
         var method = textConfig.String("topk_method", "greedy");
         var scale = textConfig.Double("routed_scaling_factor", 1.0);
-        var routing = $"softmax over {t.Experts} experts (fp32 nn.Linear-style gate), {method} top-"
+        var routing = $"softmax over {t.Experts} experts in fp32, {method} top-"
             + (t.TopK is null ? "k unset (num_experts_per_tok null: transformers' top-k has no k)" : topK.ToString(CultureInfo.InvariantCulture))
             + $", weights scaled by {scale.ToString(CultureInfo.InvariantCulture)}, not renormalised; plus {t.Shared ?? 0} shared experts (one MLP)";
         var moe = new MoeFacts(t.Experts, topK, t.Shared ?? 0, t.MoeInter, t.SharedInter, moeLayers, denseLayers, routing);
@@ -272,11 +272,11 @@ internal sealed class DeepseekOcr2Family : IArchitecture
             {
                 using (b.Scope("mlp", T + "Moe", ModuleLocation.Other))
                 {
-                    // Registered experts, gate, shared_experts (DeepseekV2Moe). 5.17's DeepseekV2Moe gate is a TopkRouter
-                    // module (weight [E, H]); the checkpoint stores it as mlp.gate.weight.
+                    // Registered experts, gate, shared_experts (DeepseekOcr2TextMoe is DeepseekV2Moe). The stored modeling
+                    // file has an nn.Linear gate, but 5.17's DeepseekV2Moe holds a TopkRouter module (weight [E, H], see the
+                    // deepseek_v2 oracle), which the generated class copies; the checkpoint stores it as mlp.gate.weight.
                     Blocks.Experts(b, layout, T, t.Experts, t.Hidden, t.MoeInter, t.ActClass, Blocks.ExpertNames.Proj, T + "MLP");
-                    if (layout == Layout.V5) Blocks.TopKRouter(b, "gate", T + "TopkRouter", t.Experts, t.Hidden);
-                    else b.Linear("gate", t.Hidden, t.Experts, location: ModuleLocation.Router);
+                    Blocks.Router(b, layout, "gate", T + "TopkRouter", t.Experts, t.Hidden);
                     Blocks.GatedMlp(b, "shared_experts", T + "MLP", t.Hidden, t.SharedInter, t.MlpBias, t.ActClass, ModuleLocation.SharedExpert);
                 }
             }
