@@ -97,8 +97,9 @@ public class MoeTypesOracleTests
         ExtraOracleTests.AssertTree(entry);
     }
 
-    /// <summary>Types whose config class defaults leave a size unset (None), so a config naming only model_type is refused.</summary>
-    private static readonly HashSet<string> DefaultConfigIncomplete = new(StringComparer.Ordinal) { "dots1", "hunyuan_v1_moe", "lfm2_moe" };
+    /// <summary>Types whose config class defaults leave a size unset (None), so a config naming only model_type is refused
+    /// (deepseek_ocr2: text_config.mlp_layer_types, which transformers indexes per layer).</summary>
+    private static readonly HashSet<string> DefaultConfigIncomplete = new(StringComparer.Ordinal) { "deepseek_ocr2", "dots1", "hunyuan_v1_moe", "lfm2_moe" };
 
     /// <summary>
     /// The type's own defaults (a config naming only model_type, as transformers' default config) build in both layouts:

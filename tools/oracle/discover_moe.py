@@ -104,6 +104,23 @@ OVERRIDES = {
     "kimi_linear": dict(linear_head_dim=16, linear_num_heads=4,
                         layer_types=["linear_attention", "full_attention", "linear_attention", "full_attention"],
                         mlp_layer_types=["dense", "sparse", "sparse", "sparse"]),
+    # DeepseekOcr2TextConfig has no mlp_layer_types default (None) and DeepseekOcr2TextDecoderLayer indexes it per layer
+    # (config.mlp_layer_types[layer_idx]): the "'NoneType' object is not subscriptable" at modeling_deepseek_ocr2.py:1259.
+    # First layer dense, the rest sparse, as convert_deepseek_ocr2_weights_to_hf.py derives it from first_k_dense_replace;
+    # both top-level fields land in text_config. num_experts_per_tok has no default either (the router's top-k needs one).
+    # The vision sub-configs are replaced whole (apply_overrides merges one level): shrink leaves the SAM neck and
+    # downsampling convs at full width (output_channels 256, downsample_channels [512, 896], a 4.1M-parameter 3x3 conv)
+    # and mlp_dim at its computed 3072, and its window (14) and global layers (2, 5, 8, 11) never bite on two layers of a
+    # 2x2 grid. A 4x4 grid (56 / 14) with window 2 and layer 1 global gives rel_pos of 3 and 7 rows; the last downsample
+    # width is the encoder's hidden size, since the forward concatenates SAM features with the encoder's queries.
+    "deepseek_ocr2": dict(
+        mlp_layer_types=["dense", "sparse", "sparse", "sparse"], num_experts_per_tok=2,
+        vision_config=dict(
+            sam_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, image_size=56, patch_size=14,
+                            window_size=2, global_attn_indexes=[1], mlp_dim=64, output_channels=24,
+                            downsample_channels=[48, 64]),
+            encoder_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                                num_key_value_heads=2))),
     "deepseek_v4": dict(o_lora_rank=16, o_groups=2, index_n_heads=4, index_head_dim=16, index_topk=2, sliding_window=4,
                         compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 4},
                         layer_types=["heavily_compressed_attention", "compressed_sparse_attention",

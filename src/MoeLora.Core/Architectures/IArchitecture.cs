@@ -64,6 +64,7 @@ public static class ArchitectureRegistry
         new Glm5NextFamily(),
         new ZayaFamily(),
         new Step3p7Family(),
+        new DeepseekOcr2Family(),
     ];
 
     private static readonly Dictionary<string, IArchitecture> ByType =
