@@ -72,6 +72,26 @@ public class Ernie45VLMoeDefaultTests
             && m.Name.Count(ch => ch == '.') == 5));
     }
 
+    /// <summary>
+    /// transformers' ErnieFuseAndSplitTextVisionExperts splits the checkpoint's one per-expert list in halves: experts
+    /// 0..63 stack into text_moe's fused tensors, 64..127 into vision_moe's.
+    /// </summary>
+    [Fact]
+    public void Text_experts_come_first_in_the_checkpoint_list()
+    {
+        var layout = CheckpointLayout.For(Build(Layout.V5))!;
+        const string L = "model.language_model.layers.5.mlp.";
+        var text = layout.For(L + "text_moe.experts.gate_up_proj")!;
+        var vision = layout.For(L + "vision_moe.experts.gate_up_proj")!;
+        Assert.Equal(64, vision.NumExperts);
+        Assert.Equal("model.layers.5.mlp.experts.0.gate_proj.weight", text.Parts[0].Name);
+        Assert.Equal("model.layers.5.mlp.experts.63.up_proj.weight", text.Parts[^1].Name);
+        Assert.Equal("model.layers.5.mlp.experts.64.gate_proj.weight", vision.Parts[0].Name);
+        Assert.Equal("model.layers.5.mlp.experts.127.up_proj.weight", vision.Parts[^1].Name);
+        Assert.All(vision.Parts, p => Assert.Equal([512, 2560], p.Shape));
+        Assert.Equal("model.layers.5.mlp.experts.64.down_proj.weight", layout.For(L + "vision_moe.experts.down_proj")!.Parts[0].Name);
+    }
+
     [Fact]
     public void Moe_intermediate_size_must_list_both_widths() =>
         Assert.Throws<ConfigException>(() => Build(Layout.V5, c => c["moe_intermediate_size"] = 1536));
