@@ -121,6 +121,18 @@ OVERRIDES = {
                             downsample_channels=[48, 64]),
             encoder_config=dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                                 num_key_value_heads=2))),
+    # ERNIE 4.5 VL's text rope pre-rotates its inverse frequencies by mrope_section (h, w, t), default [22, 22, 20] from
+    # the code (the default rope_parameters hold none) for head_dim 128; here head_dim is hidden / heads = 16, i.e. 8
+    # frequencies, so inv_freq[:-20] is empty and __init__ fails ("expanded size ... (8) ... existing size (0)"). The
+    # sections must sum to head_dim / 2 with t > 0, and h == w (the forward stacks the h and w tables): [3, 3, 2], the
+    # default's proportions. moe_intermediate_size is a [text, vision] list the shrink leaves at [1536, 512]: make it
+    # small and keep the two widths different. The image/video start/end ids (101304-101307) sit outside the 128-token
+    # vocabulary and image_token_id == video_token_id == 127 after the shrink: give each its own id inside it.
+    "ernie4_5_vl_moe": dict(text_config=dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0,
+                                                              "mrope_section": [3, 3, 2]},
+                                             moe_intermediate_size=[48, 32]),
+                            image_start_token_id=120, image_end_token_id=121, image_token_id=122,
+                            video_start_token_id=123, video_end_token_id=124, video_token_id=125),
     "deepseek_v4": dict(o_lora_rank=16, o_groups=2, index_n_heads=4, index_head_dim=16, index_topk=2, sliding_window=4,
                         compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 4},
                         layer_types=["heavily_compressed_attention", "compressed_sparse_attention",
@@ -150,6 +162,10 @@ FIXTURE_OVERRIDES = {
     # 2 inverse frequencies, so they must sum to 2.
     "glm4v_moe": dict(rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
                                        "mrope_section": [1, 1, 0]}),
+    # ERNIE 4.5 VL at the fixture's sizes: head_dim 32 / 4 = 8, i.e. 4 frequencies, so its sections (see OVERRIDES) are
+    # [1, 1, 2] (h == w, t > 0).
+    "ernie4_5_vl_moe": dict(text_config=dict(rope_parameters={"rope_type": "default", "rope_theta": 500000.0,
+                                                              "mrope_section": [1, 1, 2]})),
 }
 
 EXPERT_KEYS = ("num_experts", "n_routed_experts", "num_local_experts", "moe_num_experts", "num_experts_total",

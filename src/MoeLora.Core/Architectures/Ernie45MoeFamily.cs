@@ -59,11 +59,7 @@ internal sealed class Ernie45MoeFamily : IArchitecture
                 {
                     if (layout == Layout.V5)
                     {
-                        using (b.Scope("gate", "Ernie4_5_MoeTopKRouter", ModuleLocation.Router, kind: ModuleKind.Router))
-                        {
-                            b.Param("weight", experts, hidden);
-                            Statics(b, experts);
-                        }
+                        Router(b, "Ernie4_5_MoeTopKRouter", "Ernie4_5_MoeStatics", experts, hidden);
                         Blocks.FusedExperts(b, "Ernie4_5_MoeExperts", experts, hidden, moeInter, actClass);
                     }
                     else
@@ -73,7 +69,7 @@ internal sealed class Ernie45MoeFamily : IArchitecture
                     }
                     if (shared > 0)
                         Blocks.GatedMlp(b, "shared_experts", "Ernie4_5_MoeMLP", hidden, sharedInter, bias, actClass, ModuleLocation.SharedExpert);
-                    if (layout == Layout.V4) Statics(b, experts);
+                    if (layout == Layout.V4) Statics(b, "Ernie4_5_MoeStatics", experts);
                 }
             }
             b.RmsNorm("input_layernorm", "Ernie4_5_MoeRMSNorm", hidden, ModuleLocation.Norm);
@@ -102,9 +98,26 @@ internal sealed class Ernie45MoeFamily : IArchitecture
         };
     }
 
-    private static void Statics(TreeBuilder b, long experts)
+    /// <summary>
+    /// ERNIE's transformers-5 router as <c>gate</c>: weight [E, H] (not an nn.Linear), then its <c>moe_statics</c>
+    /// (see <see cref="Statics"/>). Ernie 4.5 VL's text and vision MoE blocks hold one each.
+    /// </summary>
+    internal static void Router(TreeBuilder b, string routerClass, string staticsClass, long experts, long hidden)
     {
-        using (b.Scope("moe_statics", "Ernie4_5_MoeStatics", ModuleLocation.Router, kind: ModuleKind.Other))
-            b.Param("e_score_correction_bias", 1, experts);
+        using (b.Scope("gate", routerClass, ModuleLocation.Router, kind: ModuleKind.Router))
+        {
+            b.Param("weight", experts, hidden);
+            Statics(b, staticsClass, experts);
+        }
+    }
+
+    /// <summary>
+    /// <c>moe_statics</c>: the frozen parameter <c>e_score_correction_bias</c> [groups, E] that biases expert selection
+    /// only (one group at run time; a checkpoint of Ernie 4.5 VL stores its text and vision rows as two groups).
+    /// </summary>
+    internal static void Statics(TreeBuilder b, string className, long experts, long groups = 1)
+    {
+        using (b.Scope("moe_statics", className, ModuleLocation.Router, kind: ModuleKind.Other))
+            b.Param("e_score_correction_bias", groups, experts);
     }
 }

@@ -36,6 +36,7 @@ public static class ArchitectureRegistry
         new ExaoneMoeFamily(),
         new AfmoeFamily(),
         new Ernie45MoeFamily(),
+        new Ernie45VLMoeFamily(),
         new HYV3Family(),
         new MiMoV2FlashFamily(),
         new LongcatFlashFamily(),

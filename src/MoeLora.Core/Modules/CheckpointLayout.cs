@@ -141,10 +141,13 @@ public sealed partial class CheckpointLayout
     }
 
     // Fused runtime parameters take the other tree's per-expert weights of the same layer; per-expert runtime
-    // weights point at their slice of the other tree's fused parameter.
+    // weights point at their slice of the other tree's fused parameter. Several fused modules of one layer (ERNIE 4.5
+    // VL's text_moe and vision_moe experts, transformers' ErnieFuseAndSplitTextVisionExperts) share one per-expert list
+    // and take its experts in registration order: the first module experts 0..E1-1, the next E1..E1+E2-1.
     private void PairExperts(ModuleTree runtime, ModuleTree other, List<ParameterNode> unpairedRuntime, HashSet<string> unpairedOther)
     {
         var perExpertOther = PerExpertWeights(other, unpairedOther).ToList();
+        var firstExpert = new Dictionary<(int?, string), int>();
         foreach (ParameterNode fused in unpairedRuntime.ToList())
         {
             ModuleNode owner = runtime.OwnerOf(fused);
@@ -163,10 +166,13 @@ public sealed partial class CheckpointLayout
             var parts = new List<ParameterNode>();
             // The parameter's own expert rows: LongCat's gate_up_proj also holds its identity experts' (unused) slices.
             long experts = fused.Shape.Length == 3 ? fused.Shape[0] : owner.NumExperts;
+            var claimedKey = (owner.LayerIndex, fused.LocalName);
+            int first = firstExpert.GetValueOrDefault(claimedKey);
             for (int expert = 0; expert < experts; expert++)
                 foreach (Role role in roles)
-                    if (candidates.FirstOrDefault(w => w.Expert == expert && w.Role == role) is { } part) parts.Add(part.Parameter);
+                    if (candidates.FirstOrDefault(w => w.Expert == first + expert && w.Role == role) is { } part) parts.Add(part.Parameter);
             if (parts.Count != experts * roles.Length) continue;
+            firstExpert[claimedKey] = first + (int)experts;
             _alternatives[fused.Name] = new Alternative(parts, IsSliceOfFused: false, (int)experts);
             unpairedRuntime.Remove(fused);
             foreach (ParameterNode part in parts) unpairedOther.Remove(part.Name);
