@@ -79,6 +79,10 @@ MORE_FIXTURE_TYPES = {"deepseek_v32", "inkling_mm_model", "qwen3_vl_moe", "glm4v
 # Multimodal-listed types whose default config is a text model AutoModelForCausalLM builds: they get fixtures too.
 MM_TEXT_FIXTURE_TYPES = {"mistral4"}
 
+_QWEN4_EXP = dict(indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=32, indexer_budget=4, indexer_compress_ratio=2,
+                  hc_count=3, hc_lowrank=16, ple_layer_ids=[2, 3], ple_embed_dim=40, heads_per_ngram=2,
+                  ngram_vocab_size_base=8, make_ngram_vocab_size_divisible_by=16, split_ngram_parts=4, eos_token_id=1)
+
 OVERRIDES = {
     "dots1": dict(n_routed_experts=4, num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1),
     "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"], num_dense_layers=1),
@@ -133,6 +137,17 @@ OVERRIDES = {
                                              moe_intermediate_size=[48, 32]),
                             image_start_token_id=120, image_end_token_id=121, image_token_id=122,
                             video_start_token_id=123, video_end_token_id=124, video_token_id=125),
+    # Qwen4-Exp builds a QSA indexer in every attention layer, and its five indexer_* fields default to None (the default
+    # config itself does not build: None // None in Qwen4ExpTextQSAIndexer.__init__): 2 query heads and the required single
+    # key head of 32 dims (at least the attention's rotary width, head_dim 24), a budget of 4 tokens in blocks of 2 (a
+    # budget that bites on 10-token inputs). The generic shrink leaves hc_lowrank at 320: 16. 3 hyper-connection streams
+    # tell hc_count apart from the head, kv-head, expert and layer counts. PLE (off by default) on layers 2 and 3 (one-indexed, both
+    # linear_attention, where every source version allows it) with eos_token_id set (PLE requires it): 2 heads per n-gram
+    # order (4 heads of 40 / 4 = 10 dims); a vocabulary base of 8 and a divisor of 16 make the n-gram tables 64 and 128
+    # rows (primes 11+13+17+19 and 23+29+31+37, padded), instead of ~320M, and 4 checkpoint shards divide both.
+    # qwen4_exp takes them in its text_config.
+    "qwen4_exp_text": _QWEN4_EXP,
+    "qwen4_exp": dict(text_config=_QWEN4_EXP),
     "deepseek_v4": dict(o_lora_rank=16, o_groups=2, index_n_heads=4, index_head_dim=16, index_topk=2, sliding_window=4,
                         compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 4},
                         layer_types=["heavily_compressed_attention", "compressed_sparse_attention",

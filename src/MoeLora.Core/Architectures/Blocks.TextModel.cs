@@ -26,10 +26,12 @@ internal static partial class Blocks
     /// <summary>
     /// A decoder-only text model scope: <c>{attr}.embed_tokens</c>, <c>{attr}.layers.{i}</c>, <c>{attr}.norm</c>,
     /// <c>{attr}.rotary_emb</c> (no lm_head, so that multimodal models can register it at their root).
+    /// <paramref name="normClass"/> null: the model has no final norm (Qwen4-Exp); <paramref name="tail"/> registers
+    /// what the model adds after its rotary embedding (Qwen4-Exp's hyper-connection mixer).
     /// </summary>
     public static void TextModel(TreeBuilder b, string attr, string modelClass, string layerClass, long vocab, long hidden,
-        long layers, Action<int> layer, string normClass, string? rotaryClass, string embedName = "embed_tokens",
-        string normName = "norm")
+        long layers, Action<int> layer, string? normClass, string? rotaryClass, string embedName = "embed_tokens",
+        string normName = "norm", Action? tail = null)
     {
         using (b.Scope(attr, modelClass))
         {
@@ -39,8 +41,9 @@ internal static partial class Blocks
                 using (b.Scope(i.ToString(System.Globalization.CultureInfo.InvariantCulture), layerClass, ModuleLocation.Other, layer: i))
                     layer(i);
             });
-            b.RmsNorm(normName, normClass, hidden, ModuleLocation.Norm);
+            if (normClass is not null) b.RmsNorm(normName, normClass, hidden, ModuleLocation.Norm);
             if (rotaryClass is not null) b.Leaf("rotary_emb", rotaryClass);
+            tail?.Invoke();
         }
     }
 

@@ -50,6 +50,7 @@ public static class ArchitectureRegistry
         new JetMoeFamily(),
         new AxkFamily(),
         new Qwen3_5MoeFamily(),
+        new Qwen4ExpFamily(),
         new Qwen3VLMoeFamily(),
         new AriaFamily(),
         new DogeFamily(),

@@ -46,12 +46,7 @@ internal sealed class Qwen3_5MoeFamily : IArchitecture
         var heads = text.Positive("num_attention_heads", 16);
         var kv = text.IntOrNull("num_key_value_heads", 2) ?? heads;
         var headDim = Blocks.HeadDim(text, hidden, heads, classDefault: 256);
-        var lin = new LinearAttentionDims(
-            text.Positive("linear_conv_kernel_dim", 4),
-            text.Positive("linear_key_head_dim", 128),
-            text.Positive("linear_value_head_dim", 128),
-            text.Positive("linear_num_key_heads", 16),
-            text.Positive("linear_num_value_heads", 32));
+        var lin = Blocks.QwenLinearAttentionDims.Read(text);
         var experts = text.Positive("num_experts", 256);
         var topK = text.Positive("num_experts_per_tok", 8);
         var moeInter = text.Positive("moe_intermediate_size", 512);
@@ -66,28 +61,9 @@ internal sealed class Qwen3_5MoeFamily : IArchitecture
         var b = new TreeBuilder(multimodal ? P + "ForConditionalGeneration" : P + "ForCausalLM", layout);
         void Layer(int i)
         {
-            if (layerTypes[i] == "linear_attention") GatedDeltaNet(b, hidden, lin);
-            else
-            {
-                using (b.Scope("self_attn", P + "Attention", ModuleLocation.Attention))
-                {
-                    // q_proj also produces the per-head output gate, hence 2·heads·head_dim.
-                    b.Linear("q_proj", hidden, heads * headDim * 2, bias);
-                    b.Linear("k_proj", hidden, kv * headDim, bias);
-                    b.Linear("v_proj", hidden, kv * headDim, bias);
-                    b.Linear("o_proj", heads * headDim, hidden, bias);
-                    b.RmsNorm("q_norm", P + "RMSNorm", headDim);
-                    b.RmsNorm("k_norm", P + "RMSNorm", headDim);
-                }
-            }
-            using (b.Scope("mlp", P + "SparseMoeBlock", ModuleLocation.Other))
-            {
-                Blocks.TopKRouter(b, "gate", P + "TopKRouter", experts, hidden);
-                if (layout == Layout.V5) Blocks.FusedExperts(b, P + "Experts", experts, hidden, moeInter, actClass);
-                else Blocks.PerExpertMlps(b, "ModuleList", P + "MLP", experts, hidden, moeInter, actClass);
-                Blocks.GatedMlp(b, "shared_expert", P + "MLP", hidden, sharedInter, false, actClass, ModuleLocation.SharedExpert);
-                b.Linear("shared_expert_gate", hidden, 1, location: ModuleLocation.SharedExpert);
-            }
+            if (layerTypes[i] == "linear_attention") Blocks.QwenGatedDeltaNet(b, P, hidden, lin);
+            else Blocks.QwenGatedAttention(b, P, hidden, heads, kv, headDim, bias);
+            Blocks.QwenSharedExpertMoe(b, layout, P, experts, hidden, moeInter, sharedInter, actClass);
             b.RmsNorm("input_layernorm", P + "RMSNorm", hidden, ModuleLocation.Norm);
             b.RmsNorm("post_attention_layernorm", P + "RMSNorm", hidden, ModuleLocation.Norm);
         }
@@ -130,7 +106,7 @@ internal sealed class Qwen3_5MoeFamily : IArchitecture
     /// width positions), but a text-only forward gives all three the same positions, which is the plain rotation over
     /// partial_rotary_factor (0.25) of head_dim.
     /// </summary>
-    private static DecoderRuntime TextRuntime(ModelConfig text, LinearAttentionDims lin, long vocab, long hidden, long layers, long heads,
+    private static DecoderRuntime TextRuntime(ModelConfig text, Blocks.QwenLinearAttentionDims lin, long vocab, long hidden, long layers, long heads,
         long kv, long headDim, bool bias, long experts, long topK, long moeInter, long sharedInter, string act, bool tie,
         IReadOnlyList<string> layerTypes)
     {
@@ -151,32 +127,6 @@ internal sealed class Qwen3_5MoeFamily : IArchitecture
             : new DecoderLayerRuntime(attention, "mlp", sparse, norm, norm)).ToList();
         return new DecoderRuntime(vocab, hidden, tie, text.Double("initializer_range", 0.02), norm,
             RopeSettings.Read(text, 10000.0, rotaryDim), runtimeLayers);
-    }
-
-    private sealed record LinearAttentionDims(long ConvKernel, long KHeadDim, long VHeadDim, long KHeads, long VHeads);
-
-    /// <summary>
-    /// Qwen3_5MoeGatedDeltaNet: dt_bias and A_log [num_v_heads] first, then a depthwise Conv1d over q|k|v (no bias),
-    /// the gated RMSNorm over head_v_dim, out_proj, and the four input projections.
-    /// </summary>
-    private static void GatedDeltaNet(TreeBuilder b, long hidden, LinearAttentionDims d)
-    {
-        var keyDim = d.KHeadDim * d.KHeads;
-        var valueDim = d.VHeadDim * d.VHeads;
-        using (b.Scope("linear_attn", P + "GatedDeltaNet", ModuleLocation.Attention))
-        {
-            b.Param("dt_bias", d.VHeads);
-            b.Param("A_log", d.VHeads);
-            // A depthwise nn.Conv1d: all-linear never selects it.
-            using (b.Scope("conv1d", "Conv1d", kind: ModuleKind.Other))
-                b.Param("weight", keyDim * 2 + valueDim, 1, d.ConvKernel);
-            b.RmsNorm("norm", P + "RMSNormGated", d.VHeadDim);
-            b.Linear("out_proj", valueDim, hidden);
-            b.Linear("in_proj_qkv", hidden, keyDim * 2 + valueDim);
-            b.Linear("in_proj_z", hidden, valueDim);
-            b.Linear("in_proj_b", hidden, d.VHeads);
-            b.Linear("in_proj_a", hidden, d.VHeads);
-        }
     }
 
     /// <summary><c>layer_types</c> (legacy names remapped), or every <c>full_attention_interval</c>-th (4) layer full attention.</summary>

@@ -226,8 +226,10 @@ public sealed partial class CheckpointLayout
     }
 
     // A runtime tensor stored as several tensors concatenated along dimension 0: siblings of its module whose attributes
-    // end in "_" + its module's attribute (self_attn.conv1d ↔ self_attn.q_conv1d, k_conv1d, v_conv1d), with the same
-    // tensor name and trailing dims, whose rows add up to its rows; concatenated in the other tree's registration order.
+    // end in "_" + its module's attribute (self_attn.conv1d ↔ self_attn.q_conv1d, k_conv1d, v_conv1d), or children of its
+    // module named shard_{i} (Qwen4-Exp's ple_embedding.ngram_embedding.weight ↔ ngram_embedding.shard_{i}.weight), with
+    // the same tensor name and trailing dims, whose rows add up to its rows; concatenated in the other tree's
+    // registration order.
     private void PairConcatenated(ModuleTree runtime, ModuleTree other, List<ParameterNode> unpairedRuntime, HashSet<string> unpairedOther,
         Dictionary<string, ParameterNode> otherByName)
     {
@@ -240,10 +242,12 @@ public sealed partial class CheckpointLayout
         foreach (ParameterNode whole in unpairedRuntime.ToList())
         {
             if (whole.Shape.Length == 0) continue;
-            var (parent, attribute) = Split(runtime.OwnerOf(whole).Name);
+            var owner = runtime.OwnerOf(whole).Name;
+            var (parent, attribute) = Split(owner);
             var parts = unpairedOther.Select(n => otherByName[n])
                 .Where(p => p.LocalName == whole.LocalName && p.Shape.Length == whole.Shape.Length && p.Shape.Skip(1).SequenceEqual(whole.Shape.Skip(1)))
-                .Where(p => Split(other.OwnerOf(p).Name) is var (pp, pa) && pp == parent && pa.EndsWith("_" + attribute, StringComparison.Ordinal))
+                .Where(p => Split(other.OwnerOf(p).Name) is var (pp, pa)
+                            && ((pp == parent && pa.EndsWith("_" + attribute, StringComparison.Ordinal)) || (pp == owner && IsShard(pa))))
                 .OrderBy(p => order[p.Name]).ToList();
             if (parts.Count < 2 || parts.Sum(p => p.Shape[0]) != whole.Shape[0]) continue;
             _alternatives[whole.Name] = new Alternative(parts, IsSliceOfFused: false, Concatenated: true);
@@ -251,6 +255,9 @@ public sealed partial class CheckpointLayout
             foreach (ParameterNode part in parts) unpairedOther.Remove(part.Name);
         }
     }
+
+    private static bool IsShard(string attribute) =>
+        attribute.StartsWith("shard_", StringComparison.Ordinal) && attribute.Length > 6 && attribute[6..].All(char.IsAsciiDigit);
 
     // A fused gate_up_proj [E, 2I, H] stored as two already stacked 3-D weights of the same layer, gate_proj [E, I, H] then
     // up_proj [E, I, H], concatenated along dimension 1 (Step-3.7's moe.gate_proj.weight / moe.up_proj.weight).
