@@ -22,6 +22,10 @@ public class ExtraOracleTests
 
     public static TheoryData<string> TinyModelNames() => new(TinyModels.Value.Select(kv => kv.Key));
 
+    /// <summary>The model types this oracle holds a tiny config of.</summary>
+    public static IEnumerable<string> OracleTypes() =>
+        TinyModels.Value.Select(kv => kv.Value?["input_config"]?["model_type"]?.GetValue<string>()).OfType<string>();
+
     public static TheoryData<string> CatalogTrees() =>
         new(Catalog.Value.Where(kv => kv.Value!["modules"] is not null).Select(kv => kv.Key));
 

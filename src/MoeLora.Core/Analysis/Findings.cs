@@ -19,6 +19,9 @@ public static class Findings
         var spec = plan.Spec;
         var list = new List<Finding>();
         if (spec.TransformersForwardFails is { } fails) list.Add(new("transformers_forward_fails", fails));
+        if (spec.Unchecked is { } source)
+            list.Add(new("tree_unchecked", $"{spec.ModelType}'s module tree {source}; it is not yet checked against what transformers " +
+                $"{Reproduced.Transformers} builds, so names, shapes and the counts below may differ."));
         var byLoc = plan.Targets.GroupBy(t => t.Location).ToDictionary(g => g.Key, g => g.Count());
         var brokenForward = plan.Targets.Where(t => t.Kind == AdapterKind.Linear)
             .Select(t => spec.Tree.Find(t.ModuleName)).OfType<ModuleNode>()

@@ -126,6 +126,7 @@ internal sealed class DeepseekOcr2Family : IArchitecture
         return Blocks.NestedSpec(c, textConfig, "deepseek_ocr2", b.Build(), moe, t.Hidden, t.Layers, t.Vocab, t.Heads, t.KvHeads,
             tie, t.Act, textModel) with
         {
+            Unchecked = "is read from transformers' deepseek_ocr2 modeling source",
             RuntimeUnavailable = "DeepSeek-OCR-2 (Llama attention over DeepSeek-V2 MoE, SAM + Qwen2 vision towers) has no runtime description yet",
         };
     }

@@ -102,6 +102,7 @@ internal sealed class Ernie45VLMoeFamily : IArchitecture
             "scores + moe_statics.e_score_correction_bias, renormalised");
         return Blocks.NestedSpec(c, text, "ernie4_5_vl_moe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act, textModel) with
         {
+            Unchecked = "is read from transformers' ernie4_5_vl_moe modeling source",
             RuntimeUnavailable = "Ernie 4.5 VL's modality-isolated MoE (text_moe and vision_moe experts per layer) and its " +
                 "pre-rotated 3-D rope have no runtime description yet",
         };

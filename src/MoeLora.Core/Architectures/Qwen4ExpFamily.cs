@@ -182,6 +182,7 @@ internal sealed class Qwen4ExpFamily : IArchitecture
         var spec = Blocks.NestedSpec(c, text, modelType, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act, textModel);
         return spec with
         {
+            Unchecked = "is read from transformers' qwen4_exp modeling source",
             RuntimeUnavailable = "Qwen4-Exp's hyper-connection residual streams, QSA token indexer and n-gram per-layer embeddings",
         };
     }
