@@ -21,6 +21,22 @@ internal static partial class Blocks
     }
 
     /// <summary>
+    /// The hybrid layer pattern (<c>__post_init__</c>): <c>layer_types</c> (legacy names remapped), else every
+    /// <c>full_attention_interval</c>-th (4) layer an attention layer named <paramref name="attentionTypes"/>[0] and the
+    /// rest "linear_attention"; every entry must be "linear_attention" or one of <paramref name="attentionTypes"/>.
+    /// </summary>
+    public static IReadOnlyList<string> QwenHybridLayerTypes(ModelConfig text, long layers, IReadOnlyList<string> attentionTypes)
+    {
+        var interval = text.Positive("full_attention_interval", 4);
+        var types = LayerTypes(text)
+            ?? Enumerable.Range(0, (int)layers).Select(i => (i + 1) % interval != 0 ? "linear_attention" : attentionTypes[0]).ToList();
+        if (types.Count < layers)
+            throw new ConfigException($"config field 'layer_types' has {types.Count} entries for {layers} layers");
+        CheckLayerTypes(types, "layer_types", ["linear_attention", .. attentionTypes]);
+        return types;
+    }
+
+    /// <summary>
     /// <c>{P}GatedDeltaNet</c> as <c>linear_attn</c>: dt_bias and A_log [num_v_heads] first, then a depthwise Conv1d over
     /// q|k|v (no bias), the gated RMSNorm over head_v_dim, out_proj, and the four input projections.
     /// </summary>

@@ -54,7 +54,7 @@ internal sealed class Qwen3_5MoeFamily : IArchitecture
         var bias = text.Bool("attention_bias", false);
         var act = text.String("hidden_act", "silu")!;
         var actClass = Blocks.ActivationClass(act, layout);
-        var layerTypes = LayerTypes(text, layers);
+        var layerTypes = Blocks.QwenHybridLayerTypes(text, layers, ["full_attention"]);
         // The multimodal class ties by its own config; the causal LM by the (text) config it runs on.
         var tie = multimodal ? c.Bool("tie_word_embeddings", false) : text.Bool("tie_word_embeddings", false);
 
@@ -127,17 +127,5 @@ internal sealed class Qwen3_5MoeFamily : IArchitecture
             : new DecoderLayerRuntime(attention, "mlp", sparse, norm, norm)).ToList();
         return new DecoderRuntime(vocab, hidden, tie, text.Double("initializer_range", 0.02), norm,
             RopeSettings.Read(text, 10000.0, rotaryDim), runtimeLayers);
-    }
-
-    /// <summary><c>layer_types</c> (legacy names remapped), or every <c>full_attention_interval</c>-th (4) layer full attention.</summary>
-    private static IReadOnlyList<string> LayerTypes(ModelConfig text, long layers)
-    {
-        var interval = text.Positive("full_attention_interval", 4);
-        var types = Blocks.LayerTypes(text)
-            ?? Enumerable.Range(0, (int)layers).Select(i => (i + 1) % interval != 0 ? "linear_attention" : "full_attention").ToList();
-        if (types.Count < layers)
-            throw new ConfigException($"config field 'layer_types' has {types.Count} entries for {layers} layers");
-        Blocks.CheckLayerTypes(types, "layer_types", "linear_attention", "full_attention");
-        return types;
     }
 }

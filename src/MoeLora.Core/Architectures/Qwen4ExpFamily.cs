@@ -47,6 +47,7 @@ internal sealed class Qwen4ExpFamily : IArchitecture
     private const string P = "Qwen4Exp";
     private const string T = "Qwen4ExpText";
 
+    // The attention layer names layer_types may use, the default first; which one a layer carries does not change the tree.
     private static readonly string[] AttentionTypes = ["qwen_sparse_attention", "full_attention", "deepseek_sparse_attention", "hybrid_indexed"];
 
     public IReadOnlyList<string> ModelTypes => ["qwen4_exp", "qwen4_exp_text"];
@@ -78,7 +79,7 @@ internal sealed class Qwen4ExpFamily : IArchitecture
         var streams = text.Positive("hc_count", 4);
         if (streams < 2) throw new ConfigException($"config field 'hc_count' must be > 1 (Qwen4ExpTextConfig), got {streams}");
         var lowRank = text.Positive("hc_lowrank", 320);
-        var layerTypes = LayerTypes(text, layers);
+        var layerTypes = Blocks.QwenHybridLayerTypes(text, layers, AttentionTypes);
         var indexer = layerTypes.Any(t => t != "linear_attention") ? QsaIndexer.Read(text) : null;
         var ple = Ple.Read(text, hidden, layers);
         // The multimodal class ties by its own config; the causal LM by the (text) config it runs on.
@@ -185,21 +186,6 @@ internal sealed class Qwen4ExpFamily : IArchitecture
             Unchecked = "is read from transformers' qwen4_exp modeling source",
             RuntimeUnavailable = "Qwen4-Exp's hyper-connection residual streams, QSA token indexer and n-gram per-layer embeddings",
         };
-    }
-
-    /// <summary>
-    /// <c>layer_types</c> (legacy names remapped), or every <c>full_attention_interval</c>-th (4) layer attention
-    /// (<c>__post_init__</c>); which name an attention layer carries does not change the tree.
-    /// </summary>
-    private static IReadOnlyList<string> LayerTypes(ModelConfig text, long layers)
-    {
-        var interval = text.Positive("full_attention_interval", 4);
-        var types = Blocks.LayerTypes(text)
-            ?? Enumerable.Range(0, (int)layers).Select(i => (i + 1) % interval != 0 ? "linear_attention" : "qwen_sparse_attention").ToList();
-        if (types.Count < layers)
-            throw new ConfigException($"config field 'layer_types' has {types.Count} entries for {layers} layers");
-        Blocks.CheckLayerTypes(types, "layer_types", ["linear_attention", .. AttentionTypes]);
-        return types;
     }
 
     /// <summary>The QSA indexer's sizes: every field is required once an attention layer exists (no defaults).</summary>
