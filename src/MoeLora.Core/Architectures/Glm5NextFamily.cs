@@ -35,7 +35,7 @@ internal sealed class Glm5NextFamily : IArchitecture
     public ModelSpec Build(ModelConfig c, Layout layout)
     {
         var text = c.Sub("text_config") ?? c;
-        var vision = c.Sub("vision_config") ?? new ModelConfig(new JsonObject(), c);
+        var vision = Blocks.SubOrDefaults(c, "vision_config");
 
         // Defaults: Glm5NextTextConfig.
         var vocab = text.Positive("vocab_size", 154880);

@@ -29,7 +29,7 @@ internal sealed class KimiK25Family : IArchitecture
         var text = new ModelConfig(textJson, c);
         if (text.ModelType == "kimi_k25") throw new ConfigException("text_config of a kimi_k25 config cannot itself be kimi_k25");
         var lm = ArchitectureRegistry.Build(text, layout);
-        var vision = c.Sub("vision_config") ?? new ModelConfig(new JsonObject(), c);
+        var vision = Blocks.SubOrDefaults(c, "vision_config");
         var tie = c.Bool("tie_word_embeddings", true);
 
         var b = new TreeBuilder("Kimi_K25ForConditionalGeneration", layout);

@@ -1,5 +1,4 @@
 using MoeLora.Core.Architectures.Runtime;
-using System.Text.Json.Nodes;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -33,7 +32,7 @@ internal sealed class MiniMaxM3Family : IArchitecture
     public ModelSpec Build(ModelConfig c, Layout layout)
     {
         var multimodal = c.ModelType == "minimax_m3_vl";
-        var text = multimodal ? c.Sub("text_config") ?? new ModelConfig(new JsonObject(), c) : c;
+        var text = multimodal ? Blocks.SubOrDefaults(c, "text_config") : c;
         var disk = multimodal && layout == Layout.V4;
         var t = TextDims.Read(text);
 
@@ -241,7 +240,7 @@ internal sealed class MiniMaxM3Family : IArchitecture
     /// <summary>The vision tower and the projector (v5 names under model., or the upstream names at the root).</summary>
     private static void VisionModule(TreeBuilder b, ModelConfig c, long textHidden, bool disk)
     {
-        var v = c.Sub("vision_config") ?? new ModelConfig(new JsonObject(), c);
+        var v = Blocks.SubOrDefaults(c, "vision_config");
         // Defaults: MiniMaxM3VLVisionConfig / MiniMaxM3VLConfig.
         var hv = v.Positive("hidden_size", 1280);
         var iv = v.Positive("intermediate_size", 5120);

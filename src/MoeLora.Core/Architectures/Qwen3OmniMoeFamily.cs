@@ -1,4 +1,3 @@
-using System.Text.Json.Nodes;
 using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
@@ -31,8 +30,7 @@ internal sealed class Qwen3OmniMoeFamily : IArchitecture
 
     public ModelSpec Build(ModelConfig c, Layout layout)
     {
-        ModelConfig Sub(string name) => c.Sub(name) ?? new ModelConfig(new JsonObject(), c);
-        var text = Sub("text_config");
+        var text = Blocks.SubOrDefaults(c, "text_config");
 
         // Defaults: Qwen3OmniMoeTextConfig.
         var vocab = text.Positive("vocab_size", 3584);
@@ -56,8 +54,8 @@ internal sealed class Qwen3OmniMoeFamily : IArchitecture
         var dims = new QwenMoeFamily.LayerDims(hidden, heads, kv, headDim, bias, bias, inter, experts, moeInter, 0, actClass);
 
         var b = new TreeBuilder(P + "ThinkerForConditionalGeneration", layout);
-        Audio(b, Sub("audio_config"), layout);
-        Vision(b, Sub("vision_config"), layout);
+        Audio(b, Blocks.SubOrDefaults(c, "audio_config"), layout);
+        Vision(b, Blocks.SubOrDefaults(c, "vision_config"), layout);
         Blocks.CausalLm(b, T, vocab, hidden, layers, tie, i => QwenMoeFamily.Layer(b, T, qwen3: true, layout, dims, moeSet.Contains(i), "ModuleList"),
             normClass: "Qwen3OmniMoeTextRMSNorm");
 
