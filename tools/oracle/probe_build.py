@@ -15,17 +15,13 @@ import make_oracle as mo  # noqa: E402
 
 
 def build_any(config, heads):
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    """discover_moe.build (the causal-LM class, else image-text-to-text), else the multimodal-LM class."""
     import transformers
 
-    if "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES" in heads:
-        return AutoModelForCausalLM.from_config(config), "causal_lm"
-    if "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES" in heads:
-        return AutoModelForImageTextToText.from_config(config), "image_text_to_text"
     cls = heads.get("MODEL_FOR_MULTIMODAL_LM_MAPPING_NAMES")
-    if cls:
+    if cls and not ({"MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES"} & set(heads)):
         return getattr(transformers, cls)._from_config(config), "multimodal_lm:" + cls
-    raise RuntimeError("no head")
+    return dm.build(config, heads)
 
 
 def context(tb):
