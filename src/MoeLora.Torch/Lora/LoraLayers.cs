@@ -61,9 +61,20 @@ public sealed class LoraLinear : LoraWrapper, ILinearAdapter
     public Tensor Apply(Tensor x, Tensor baseOutput, Linear layer)
     {
         if (!Enabled) return baseOutput;
-        var h = x.to(A.weight.dtype);
-        if (_dropout > 0 && Training) h = nn.functional.dropout(h, _dropout, training: true);
-        var delta = nn.functional.linear(nn.functional.linear(h, A.weight), B.weight) * Scaling;
+        var dropout = _dropout > 0 && Training;
+        Tensor down;
+        if (!dropout && x.dtype != A.weight.dtype && is_grad_enabled() && A.weight.requires_grad)
+        {
+            // PEFT's x.to(fp32) @ Aᵀ, keeping the bf16 x rather than its fp32 copy for backward (same gradients).
+            down = CastLinear.Apply(x, A.weight);
+        }
+        else
+        {
+            var h = x.to(A.weight.dtype);
+            if (dropout) h = nn.functional.dropout(h, _dropout, training: true);
+            down = nn.functional.linear(h, A.weight);
+        }
+        var delta = nn.functional.linear(down, B.weight) * Scaling;
         return baseOutput + delta.to(baseOutput.dtype);
     }
 }
