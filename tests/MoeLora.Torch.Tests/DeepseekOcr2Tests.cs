@@ -1,5 +1,6 @@
 using System.Text.Json.Nodes;
 using MoeLora.Torch.Models;
+using MoeLora.Torch.Tests.Training;
 using MoeLora.Torch.Runtime;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -128,6 +129,42 @@ public class DeepseekOcr2Tests
         Assert.Contains(lora, p => p.Name.Contains("language_model.layers.1.mlp.gate_proj.lora_A", StringComparison.Ordinal));
         Assert.Contains(lora, p => p.Name.Contains("language_model.layers.2.mlp.shared_experts.up_proj.lora_B", StringComparison.Ordinal));
         RuntimeChecks.AssertGradients(RuntimeChecks.Backward(h.Model, lora).Grads, Tower);
+    }
+
+    /// <summary>
+    /// transformers 5.17's save_pretrained writes DeepSeek-OCR-2 in the original checkpoint's names (Core's V4 layout:
+    /// model.sam_model, model.qwen2_model, model.projector, model.view_seperator, the language model at model.* with
+    /// per-expert MLPs), as the coming transformers fixture will be: a random model written that way loads back equal.
+    /// </summary>
+    [Fact]
+    public void ACheckpointInTheOriginalLayoutLoadsBack()
+    {
+        var config = Config().ToJsonString();
+        using var original = new DisposableModel(TorchModelFactory.Random(config, 7));
+        var spec = original.Model.Spec;
+        var layout = Core.Modules.CheckpointLayout.For(spec)!;
+        var diskNames = Core.Architectures.ArchitectureRegistry.Build(spec.Config, Core.Modules.Layout.V4).Tree.Parameters
+            .Select(p => p.Name).ToHashSet();
+        var stored = new Dictionary<string, Tensor>();
+        foreach (var (name, t) in original.Model.StateDict())
+        {
+            var alt = layout.For(name);
+            if (alt is null) stored[name] = t;
+            else if (alt.IsStack)
+                foreach (var (part, expert, row) in alt.Pieces()) stored[part.Name] = t[expert].narrow(0, row, part.Shape[0]).contiguous();
+            else stored[alt.Parts.Single().Name] = t;
+        }
+        Assert.Equal(diskNames.Order(StringComparer.Ordinal), stored.Keys.Order(StringComparer.Ordinal));
+        Assert.Contains("model.view_seperator", stored.Keys);
+        Assert.Contains("model.layers.2.mlp.experts.3.up_proj.weight", stored.Keys);
+        Assert.Contains("model.layers.1.mlp.gate_proj.weight", stored.Keys);
+
+        using var dir = new TempDir();
+        File.WriteAllText(Path.Combine(dir.Path, "config.json"), config);
+        IO.Safetensors.Save(Path.Combine(dir.Path, "model.safetensors"), stored.Select(kv => new KeyValuePair<string, Tensor>(kv.Key, kv.Value)));
+        using var loaded = new DisposableModel(TorchModelFactory.Load(dir.Path));
+        var loadedState = loaded.Model.StateDict().ToDictionary(x => x.Name, x => x.Value);
+        Assert.All(original.Model.StateDict(), x => Assert.True(x.Value.eq(loadedState[x.Name]).all().item<bool>(), $"{x.Name} differs"));
     }
 
     [Theory]
