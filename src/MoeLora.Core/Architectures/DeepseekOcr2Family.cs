@@ -31,6 +31,9 @@ namespace MoeLora.Core.Architectures;
 /// <c>model.sam_model.neck.0-3</c>, <c>model.sam_model.net_2/net_3</c>, <c>model.qwen2_model.model.model.layers/norm</c>,
 /// <c>model.qwen2_model.query_768/query_1024</c>, <c>model.projector.layers</c>, <c>model.view_seperator</c>, the
 /// language model as <c>model.embed_tokens/layers/norm</c> with per-expert <c>experts.{e}.gate_proj/up_proj/down_proj</c>.
+/// Runtime (V5 layout only): text only, as transformers runs the class given only input_ids (see <see cref="Runtime"/>):
+/// the towers, the projector and <c>view_separator</c> are built from this tree and never run. Its tree is checked
+/// against this one on a hand-written tiny config; its numerics not yet against a transformers fixture.
 /// </summary>
 internal sealed class DeepseekOcr2Family : IArchitecture
 {
