@@ -64,7 +64,8 @@ public sealed record DecoderRuntime(
 /// <param name="LmHead">The LM head's path (Llama 4: <c>language_model.lm_head</c>; Aria: <c>lm_head</c>).</param>
 public sealed record InertTowers(IReadOnlyList<string> Order, string TextModel, string LmHead)
 {
-    /// <summary>The tower paths (every entry of <see cref="Order"/> but the text model and the LM head).</summary>
+    /// <summary>The tower paths, bare tower parameters included (every entry of <see cref="Order"/> but the text model
+    /// and the LM head).</summary>
     public IEnumerable<string> Towers => Order.Where(p => p != TextModel && p != LmHead);
 
     /// <summary>Towers, then the text model, then the LM head: the usual order.</summary>
