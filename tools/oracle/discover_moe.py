@@ -73,8 +73,12 @@ EXTRA_FIXTURES = {
 }
 
 # Types outside TEXT_TYPES that get a fixture anyway (deepseek_v32 is DeepSeek-V3 with the DSA indexer; the multimodal
-# types are run on text alone, as the llama4 fixture is: input_ids and attention_mask, no pixels).
-MORE_FIXTURE_TYPES = {"deepseek_v32", "inkling_mm_model", "qwen3_vl_moe", "glm4v_moe", "kimi_k25", "step3p7", "qwen3_omni_moe_thinker"}
+# types are run on text alone, as the llama4 fixture is: input_ids and attention_mask, no pixels). deepseek_ocr2 needs
+# nothing beyond its OVERRIDES (mlp_layer_types, num_experts_per_tok): without pixel_values DeepseekOcr2Model never
+# calls its vision tower and passes the embeddings to its text model, whose positions are its own 0..S-1; its
+# image_token_id (moved to 127 by shrink) is kept out of the inputs by special_token_ids.
+MORE_FIXTURE_TYPES = {"deepseek_v32", "inkling_mm_model", "qwen3_vl_moe", "glm4v_moe", "kimi_k25", "step3p7", "qwen3_omni_moe_thinker",
+                      "deepseek_ocr2"}
 
 # Multimodal-listed types whose default config is a text model AutoModelForCausalLM builds: they get fixtures too.
 MM_TEXT_FIXTURE_TYPES = {"mistral4"}

@@ -127,7 +127,11 @@ internal sealed class DeepseekFamily : IArchitecture
     /// (norm_topk_prob is unused). Any other topk_method, or groups that do not split the experts, leave transformers
     /// without routing weights at the first forward: the runtime refuses those configs, naming why.
     /// </summary>
-    private static (SoftmaxGroupLimitedRouterSettings? Router, string? Missing) V2Router(ModelConfig c, long experts, long topK)
+    /// <remarks>
+    /// DeepSeek-OCR-2's text MoE (DeepseekOcr2TextMoe) is generated from DeepseekV2Moe and its text config from DeepseekV2Config
+    /// (same router fields and defaults), so <see cref="DeepseekOcr2Family"/> reads its router here.
+    /// </remarks>
+    internal static (SoftmaxGroupLimitedRouterSettings? Router, string? Missing) V2Router(ModelConfig c, long experts, long topK)
     {
         // DeepseekV2Config has no num_experts_per_tok default: transformers' top-k fails without one.
         if (!c.Has("num_experts_per_tok")) return (null, "DeepSeek-V2 without num_experts_per_tok (transformers' router has no top-k then)");

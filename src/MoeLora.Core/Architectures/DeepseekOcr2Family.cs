@@ -1,4 +1,5 @@
 using System.Globalization;
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -30,6 +31,9 @@ namespace MoeLora.Core.Architectures;
 /// <c>model.sam_model.neck.0-3</c>, <c>model.sam_model.net_2/net_3</c>, <c>model.qwen2_model.model.model.layers/norm</c>,
 /// <c>model.qwen2_model.query_768/query_1024</c>, <c>model.projector.layers</c>, <c>model.view_seperator</c>, the
 /// language model as <c>model.embed_tokens/layers/norm</c> with per-expert <c>experts.{e}.gate_proj/up_proj/down_proj</c>.
+/// Runtime (V5 layout only): text only, as transformers runs the class given only input_ids (see <see cref="Runtime"/>):
+/// the towers, the projector and <c>view_separator</c> are built from this tree and never run. Its tree is checked
+/// against this one on a hand-written tiny config; its numerics not yet against a transformers fixture.
 /// </summary>
 internal sealed class DeepseekOcr2Family : IArchitecture
 {
@@ -123,11 +127,48 @@ internal sealed class DeepseekOcr2Family : IArchitecture
             + (t.TopK is null ? "k unset (num_experts_per_tok null: transformers' top-k has no k)" : topK.ToString(CultureInfo.InvariantCulture))
             + $", weights scaled by {scale.ToString(CultureInfo.InvariantCulture)}, not renormalised; plus {t.Shared ?? 0} shared experts (one MLP)";
         var moe = new MoeFacts(t.Experts, topK, t.Shared ?? 0, t.MoeInter, t.SharedInter, moeLayers, denseLayers, routing);
-        return Blocks.NestedSpec(c, textConfig, "deepseek_ocr2", b.Build(), moe, t.Hidden, t.Layers, t.Vocab, t.Heads, t.KvHeads,
+        var spec = Blocks.NestedSpec(c, textConfig, "deepseek_ocr2", b.Build(), moe, t.Hidden, t.Layers, t.Vocab, t.Heads, t.KvHeads,
             tie, t.Act, textModel) with
         {
             Unchecked = "is read from transformers' deepseek_ocr2 modeling source",
-            RuntimeUnavailable = "DeepSeek-OCR-2 (Llama attention over DeepSeek-V2 MoE, SAM + Qwen2 vision towers) has no runtime description yet",
+        };
+        // The original layout nests the towers inside the text model (model.sam_model beside model.layers), which no
+        // module tree of transformers 5 has; the runtime is the transformers-5 model, described by the V5 layout.
+        if (layout != Layout.V5)
+            return spec with { RuntimeUnavailable = "DeepSeek-OCR-2's original checkpoint layout is not a runtime tree (the runtime is the transformers-5 one)" };
+
+        var (router, missing) = DeepseekFamily.V2Router(textConfig, t.Experts, topK);
+        if (router is null) return spec with { RuntimeUnavailable = missing };
+        return spec with { Runtime = Runtime(textConfig, t, router, tie) };
+    }
+
+    /// <summary>
+    /// The text-only forward: DeepseekOcr2Model embeds input_ids and, without pixel_values, hands the embeddings to its
+    /// language model unchanged (no image features scattered, view_separator unread, no position ids: the text model's
+    /// own 0..S-1). DeepseekOcr2TextModel is DeepseekV2Model with LlamaRotaryEmbedding: pre-norm layers of Llama
+    /// attention (gpt-neox rotate_half over the whole head_dim, scale head_dim^-0.5, q/k/v/o biases per attention_bias)
+    /// and DeepSeek-V2's dense MLP or MoE (fp32 softmax router, never renormalised, routed_scaling_factor, shared experts
+    /// added), no embedding or logits scaling. The towers and view_separator are built from Core's tree, never run.
+    /// </summary>
+    private static DecoderRuntime Runtime(ModelConfig text, TextShape t, SoftmaxGroupLimitedRouterSettings router, bool tie)
+    {
+        // Every RMSNorm (layers and final) takes rms_norm_eps (DeepseekV2Config's default 1e-6).
+        var norm = new NormSettings(NormKind.Rms, text.Double("rms_norm_eps", 1e-6));
+        var attention = new StandardAttentionSettings(t.Heads, t.KvHeads, t.HeadDim, t.AttnBias, t.AttnBias, QkNormKind.None,
+            norm.Eps, Sinks: false, MaskSettings.Full, RotaryDim: t.HeadDim);
+        var sparse = new MoeSettings(router, new ExpertsSettings(ExpertsLayout.GateUpOutIn, t.Experts, t.MoeInter, t.Act),
+            new SharedExpertSettings("shared_experts", t.SharedInter, t.Act, SigmoidGateName: null, Bias: t.MlpBias), MoeOrder.ExpertsFirst);
+        var dense = new GatedMlpSettings(t.Inter, t.Act, t.MlpBias);
+        var layers = Enumerable.Range(0, (int)t.Layers)
+            .Select(i => new DecoderLayerRuntime(attention, "mlp", t.MoeSet.Contains(i) ? sparse : dense, norm, norm)).ToList();
+        // rope_parameters standardised by PreTrainedConfig (default theta 10000) over head_dim = hidden / heads: the
+        // rotary's default init ignores partial_rotary_factor, and the config class overwrites any head_dim.
+        return new DecoderRuntime(t.Vocab, t.Hidden, tie, text.Double("initializer_range", 0.02), norm,
+            RopeSettings.Read(text, 10000.0, t.HeadDim), layers)
+        {
+            // view_separator is model's own parameter, so named_parameters lists it before every child of model.
+            Towers = InertTowers.Before(["model.view_separator", "model.vision_tower", "model.multi_modal_projector"],
+                "model.language_model", "lm_head"),
         };
     }
 

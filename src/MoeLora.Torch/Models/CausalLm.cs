@@ -81,6 +81,7 @@ public sealed class CausalLm : HfModule, IDisposable
         {
             if (path == towers.TextModel) Place(path, model);
             else if (path == towers.LmHead) Place(path, _lmHead);
+            else if (spec.Tree.Find(path) is null) PlaceParameter(path, InertTower.BareParameter(spec.Tree, path, init));
             else Towers.Add(Place(path, InertTower.Build(spec.Tree, path, init)));
         }
     }
@@ -91,14 +92,34 @@ public sealed class CausalLm : HfModule, IDisposable
     /// <summary>Registers <paramref name="module"/> at a dotted path, its missing parents as parameter-less containers.</summary>
     T Place<T>(string path, T module) where T : HfModule
     {
+        var (parent, name) = ParentOf(path);
+        return parent is Container c ? c.Add(name, module) : AddChild(name, module);
+    }
+
+    /// <summary>
+    /// Registers a bare tower parameter (<see cref="InertTowers"/>: DeepSeek-OCR-2's <c>model.view_separator</c>) at a
+    /// dotted path. Parameters enumerate before children, so it comes first under its parent whatever the order here.
+    /// </summary>
+    void PlaceParameter(string path, Tensor value)
+    {
+        var (parent, name) = ParentOf(path);
+        if (parent is Container c) c.AddInertParameter(name, value);
+        else AddParameter(name, value);
+    }
+
+    /// <summary>The module that holds <paramref name="path"/>'s last part (this model or a container), and that part;
+    /// missing parents are created as containers.</summary>
+    (HfModule Parent, string Name) ParentOf(string path)
+    {
         var parts = path.Split('.');
         HfModule parent = this;
         foreach (var part in parts[..^1])
             parent = parent.Children.FirstOrDefault(x => x.Name == part).Module
                 ?? (parent == this ? AddChild(part, new Container()) : parent is Container pc ? pc.Add(part, new Container())
                     : throw new NotSupportedException($"{path}: a tower or head inside the text model is not supported."));
-        return parent == this ? AddChild(parts[^1], module) : parent is Container c ? c.Add(parts[^1], module)
-            : throw new NotSupportedException($"{path}: a tower or head inside the text model is not supported.");
+        if (parent != this && parent is not Container)
+            throw new NotSupportedException($"{path}: a tower or head inside the text model is not supported.");
+        return (parent, parts[^1]);
     }
 
     public int NumLayers => _layers.Count;

@@ -114,10 +114,17 @@ public abstract class HfModule
     public void Eval() => Train(false);
 }
 
-/// <summary>A parameter-less container node (<c>nn.ModuleList</c>, <c>nn.ModuleDict</c>, activation modules).</summary>
+/// <summary>
+/// A container node (<c>nn.ModuleList</c>, <c>nn.ModuleDict</c>, activation modules): no parameters of its own, except a
+/// multimodal model's bare tower parameters, which the text-only forward never reads (DeepSeek-OCR-2's
+/// <c>model.view_separator</c>, see <see cref="MoeLora.Core.Architectures.Runtime.InertTowers"/>).
+/// </summary>
 public sealed class Container : HfModule
 {
     public T Add<T>(string name, T m) where T : HfModule => AddChild(name, m);
+
+    /// <summary>A frozen parameter nothing runs (a bare tower parameter), filled by name from checkpoints.</summary>
+    internal Parameter AddInertParameter(string name, Tensor value) => AddParameter(name, value);
 }
 
 /// <summary>Shared helpers for creating weights with a seeded generator or empty for loading.</summary>

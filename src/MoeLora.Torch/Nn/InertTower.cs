@@ -38,6 +38,20 @@ public sealed class InertTower : HfModule, IInertNode
         return tower;
     }
 
+    /// <summary>
+    /// The initial value of a bare parameter of <paramref name="tree"/> (a model's own Parameter beside its towers, e.g.
+    /// DeepSeek-OCR-2's <c>model.view_separator</c>, which only image features use), by its full name.
+    /// </summary>
+    public static Tensor BareParameter(ModuleTree tree, string path, Init init)
+    {
+        var p = tree.Parameters.FirstOrDefault(x => x.Name == path)
+            ?? throw new InvalidOperationException($"Core's tree has no module or parameter '{path}' to build a tower from.");
+        var dot = path.LastIndexOf('.');
+        var owner = tree.Find(dot < 0 ? "" : path[..dot])
+            ?? throw new InvalidOperationException($"Core's tree has no module owning '{path}'.");
+        return Initial(owner, p, init);
+    }
+
     /// <summary>Refuses: the runtime has no tower forward (pixel_values / audio inputs are not supported).</summary>
     public Tensor Forward(Tensor inputs) => throw new NotSupportedException(TextOnlyMessage + $" ({Prefix} is built but never run).");
 

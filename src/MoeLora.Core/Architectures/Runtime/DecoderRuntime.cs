@@ -57,12 +57,15 @@ public sealed record DecoderRuntime(
 /// and the LM head sit at their own dotted paths. A path's missing parents are parameter-less containers.
 /// </summary>
 /// <param name="Order">Every placed module as a dotted path, in registration order: the towers, with
-/// <paramref name="TextModel"/> and <paramref name="LmHead"/> among them.</param>
+/// <paramref name="TextModel"/> and <paramref name="LmHead"/> among them. An entry may instead name a bare parameter of
+/// Core's tree (DeepSeek-OCR-2's <c>model.view_separator</c>, a Parameter of <c>model</c> itself that only image features
+/// use): it is registered on its parent, frozen and never read.</param>
 /// <param name="TextModel">The text model's path (Llama 4: <c>language_model.model</c>; Aria: <c>model.language_model</c>).</param>
 /// <param name="LmHead">The LM head's path (Llama 4: <c>language_model.lm_head</c>; Aria: <c>lm_head</c>).</param>
 public sealed record InertTowers(IReadOnlyList<string> Order, string TextModel, string LmHead)
 {
-    /// <summary>The tower paths (every entry of <see cref="Order"/> but the text model and the LM head).</summary>
+    /// <summary>The tower paths, bare tower parameters included (every entry of <see cref="Order"/> but the text model
+    /// and the LM head).</summary>
     public IEnumerable<string> Towers => Order.Where(p => p != TextModel && p != LmHead);
 
     /// <summary>Towers, then the text model, then the LM head: the usual order.</summary>
