@@ -1,5 +1,6 @@
 using System.Text.Json.Nodes;
 using MoeLora.Core.Architectures;
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -43,8 +44,42 @@ public class Ernie45VLMoeDefaultTests
         Assert.Equal([2 * 1536, 2560], Shape(spec, L + "1.mlp.shared_experts.gate_proj.weight"));
         Assert.True(spec.Tree.Find("lm_head")!.Parameters.Single().IsTied);
         Assert.Equal(6, spec.Moe.ExpertsPerToken);
-        Assert.NotNull(spec.RuntimeUnavailable);
+        Assert.Null(spec.RuntimeUnavailable);
+        Assert.NotNull(spec.Runtime);
+    }
+
+    /// <summary>
+    /// Text only: sparse layers run text_moe (then the shared expert) with vision_moe built beside it, dense layers the
+    /// dense MLP; the towers sit around the text model in registration order; the rope is ERNIE 4.5's over head_dim.
+    /// </summary>
+    [Fact]
+    public void Runtime_runs_the_text_experts_with_the_vision_ones_inert()
+    {
+        var runtime = Build(Layout.V5).Runtime!;
+        Assert.IsType<GatedMlpSettings>(runtime.Layers[0].FeedForward);
+        var moe = Assert.IsType<ModalityIsolatedMoeSettings>(runtime.Layers[1].FeedForward);
+        Assert.Equal(("text_moe", "vision_moe"), (moe.TextName, moe.VisionName));
+        Assert.Equal((1536, 512), (moe.Text.Experts.Intermediate, moe.Vision.Experts.Intermediate));
+        Assert.Equal(1e-12, Assert.IsType<SoftmaxStaticsTopKRouterSettings>(moe.Text.Router).NormMin);
+        Assert.Null(moe.Text.Shared);
+        Assert.Equal(2 * 1536, moe.Shared!.Intermediate);
+        Assert.Equal(["model.language_model", "model.vision_tower", "model.resampler_model", "lm_head"], runtime.Towers!.Order);
+        Assert.Equal(("default", 500000.0, 128L), (runtime.Rope.Type, runtime.Rope.Theta, runtime.Rope.Dim));
+        Assert.False(runtime.LmHeadBias);
+    }
+
+    /// <summary>transformers' Ernie4_5_VLMoeTextRotaryEmbedding cannot be built for these: no runtime, the reason named.</summary>
+    [Theory]
+    [InlineData("linear", "[22, 22, 20]", "rope type 'linear'")]
+    [InlineData("default", "[20, 24, 20]", "mrope_section [20, 24, 20]")]
+    [InlineData("default", "[32, 32, 0]", "mrope_section [32, 32, 0]")]
+    [InlineData("default", "[22, 22, 22]", "mrope_section [22, 22, 22]")]
+    [InlineData("default", "[32, 32]", "mrope_section [32, 32]")]
+    public void Runtime_is_refused_where_transformers_cannot_build_the_rope(string type, string sections, string reason)
+    {
+        var spec = Build(Layout.V5, c => c["rope_parameters"] = JsonNode.Parse($$"""{"rope_type": "{{type}}", "factor": 2.0, "mrope_section": {{sections}}}"""));
         Assert.Null(spec.Runtime);
+        Assert.Contains(reason, spec.RuntimeUnavailable);
     }
 
     [Fact]

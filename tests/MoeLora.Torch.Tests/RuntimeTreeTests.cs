@@ -10,7 +10,7 @@ namespace MoeLora.Torch.Tests;
 
 /// <summary>
 /// Keeps analysis and runtime one: for every tiny config the repository holds (the Core oracle inputs, linked into
-/// Data/oracle, and the hf-tiny fixtures), a family with runtime settings builds a model whose
+/// Data/oracle, the hf-tiny fixtures, and Data/hand-written's configs of types the oracle lacks), a family with runtime settings builds a model whose
 /// <c>named_parameters()</c> (names, shapes, order) equal Core's transformers-5 tree and what transformers 5.17 built
 /// for that config; a family without them is refused in one line naming what is missing.
 /// </summary>
@@ -36,6 +36,9 @@ public class RuntimeTreeTests
                     all[$"{tag}/{name}"] = (input.ToJsonString(), ps);
         foreach (var dir in Directory.GetDirectories(Data("hf-tiny")))
             all[$"hf-tiny/{Path.GetFileName(dir)}"] = (File.ReadAllText(Path.Combine(dir, "model", "config.json")), null);
+        // Types the oracle has no tree for yet: checked against Core's tree only.
+        foreach (var file in Directory.GetFiles(Data("hand-written"), "*.json"))
+            all[$"hand-written/{Path.GetFileNameWithoutExtension(file)}"] = (File.ReadAllText(file), null);
         return all;
     });
 
@@ -53,6 +56,7 @@ public class RuntimeTreeTests
         Assert.True(names.Count(n => n.StartsWith("extra/", StringComparison.Ordinal)) >= 28);
         Assert.True(names.Count(n => n.StartsWith("moe/", StringComparison.Ordinal)) >= 15);
         Assert.Equal(Fixtures.AllModels.Length, names.Count(n => n.StartsWith("hf-tiny/", StringComparison.Ordinal)));
+        Assert.Contains("hand-written/ernie4_5_vl_moe", names);
     }
 
     [Fact]
@@ -64,7 +68,7 @@ public class RuntimeTreeTests
             "ernie4_5_moe", "exaone_moe", "solar_open", "dots1", "hy_v3", "mimo_v2_flash", "hunyuan_v1_moe",
             "phimoe", "granitemoe", "granitemoeshared", "granitemoe_swa", "flex_olmo", "cohere2_moe", "afmoe", "laguna", "mellum", "minimax_m2", "minimax_m3_vl_text", "aria_text", "doge",
             "qwen3_next", "qwen3_5_moe_text", "lfm2_moe", "nemotron_h", "granitemoehybrid", "deepseek_v2", "glm4_moe_lite",
-            "axk1", "axk2", "deepseek_v32", "glm_moe_dsa", "zaya", "jetmoe", "dbrx", "inkling_text", "hy_v4", "jamba", "minimax", "deepseek_v4", "kimi_linear", "llama4", "aria", "minimax_m3_vl", "inkling_mm_model", "step3p7", "kimi_k25", "qwen3_vl_moe", "qwen3_omni_moe_thinker"];
+            "axk1", "axk2", "deepseek_v32", "glm_moe_dsa", "zaya", "jetmoe", "dbrx", "inkling_text", "hy_v4", "jamba", "minimax", "deepseek_v4", "kimi_linear", "llama4", "aria", "minimax_m3_vl", "inkling_mm_model", "step3p7", "kimi_k25", "qwen3_vl_moe", "qwen3_omni_moe_thinker", "ernie4_5_vl_moe"];
         // mistral4 runs (MlaVariantsTests), but the oracle's tiny config rotates 24 · 0.5 dims for a rope width of 8,
         // which transformers' forward cannot run either. longcat_flash runs (MoeTypesParityTests, LongcatFlashTests),
         // but the oracle's tiny config (head_dim 24 for a rope width of 8, 2 kv heads for 4) is one transformers'
