@@ -127,6 +127,65 @@ public class Ernie45VLMoeDefaultTests
         Assert.Equal("model.layers.5.mlp.experts.64.down_proj.weight", layout.For(L + "vision_moe.experts.down_proj")!.Parts[0].Name);
     }
 
+    /// <summary>
+    /// transformers' conversion: <c>Transpose(0, 1)</c> of gate.weight into text_moe's router and of gate.weight_1 into
+    /// vision_moe's; <c>Chunk(dim=0)</c> of the [2, E] moe_statics, row 0 to text_moe's, row 1 to vision_moe's.
+    /// </summary>
+    [Fact]
+    public void Routers_pair_transposed_and_the_statics_by_rows()
+    {
+        var layout = CheckpointLayout.For(Build(Layout.V5))!;
+        const string L = "model.language_model.layers.3.mlp.";
+        var text = layout.For(L + "text_moe.gate.weight")!;
+        var vision = layout.For(L + "vision_moe.gate.weight")!;
+        Assert.True(text.Transposed && vision.Transposed);
+        Assert.Equal("model.layers.3.mlp.gate.weight", Assert.Single(text.Parts).Name);
+        Assert.Equal("model.layers.3.mlp.gate.weight_1", Assert.Single(vision.Parts).Name);
+        Assert.Equal([2560, 64], text.Parts[0].Shape);
+        var textStatics = layout.For(L + "text_moe.gate.moe_statics.e_score_correction_bias")!;
+        var visionStatics = layout.For(L + "vision_moe.gate.moe_statics.e_score_correction_bias")!;
+        Assert.Equal("model.layers.3.mlp.moe_statics.e_score_correction_bias", Assert.Single(textStatics.Parts).Name);
+        Assert.Equal(textStatics.Parts, visionStatics.Parts);
+        Assert.Equal((0, 1), (textStatics.Chunk!.Offset, visionStatics.Chunk!.Offset));
+        Assert.Equal(0, textStatics.Chunk.PermuteHeads);
+        Assert.False(textStatics.Transposed || text.IsStack || text.Chunk is not null);
+
+        // The other way round (a v4 analysis): the stored gate is the runtime's transposed, the stored statics the two
+        // runtime rows concatenated.
+        var back = CheckpointLayout.For(Build(Layout.V4))!;
+        var gate1 = back.For("model.layers.3.mlp.gate.weight_1")!;
+        Assert.True(gate1.Transposed);
+        Assert.Equal(L + "vision_moe.gate.weight", Assert.Single(gate1.Parts).Name);
+        var statics = back.For("model.layers.3.mlp.moe_statics.e_score_correction_bias")!;
+        Assert.True(statics.Concatenated);
+        Assert.Equal([L + "text_moe.gate.moe_statics.e_score_correction_bias", L + "vision_moe.gate.moe_statics.e_score_correction_bias"],
+            statics.Parts.Select(p => p.Name));
+    }
+
+    /// <summary>Every runtime tensor is stored under its own name or as the layout maps it, and every stored tensor is used.</summary>
+    [Theory]
+    [InlineData(64)]
+    [InlineData(2560)] // as many experts as the hidden size: the routers are square, told apart only by the declared transpose
+    public void Every_tensor_of_both_layouts_pairs(int experts)
+    {
+        Action<JsonObject> edit = c => { c["moe_num_experts"] = experts; c["num_hidden_layers"] = 3; c["vision_config"] = new JsonObject { ["depth"] = 1 }; };
+        var v5 = Build(Layout.V5, edit);
+        var v4 = Build(Layout.V4, edit);
+        var layout = CheckpointLayout.For(v5)!;
+        var stored = v4.Tree.Modules.SelectMany(m => m.Parameters).Where(p => !p.IsTied).Select(p => p.Name).ToHashSet();
+        var used = new HashSet<string>();
+        foreach (var p in v5.Tree.Parameters.Where(p => !p.IsTied))
+        {
+            if (stored.Contains(p.Name)) { used.Add(p.Name); continue; }
+            var alt = layout.For(p.Name);
+            Assert.True(alt is not null, $"{p.Name} has no stored counterpart");
+            used.UnionWith(alt.Parts.Select(x => x.Name));
+        }
+        Assert.Equal(stored.Order(), used.Order());
+        Assert.True(layout.For("model.language_model.layers.2.mlp.text_moe.gate.weight")!.Transposed);
+        Assert.Equal("model.layers.2.mlp.gate.weight_1", layout.For("model.language_model.layers.2.mlp.vision_moe.gate.weight")!.Parts[0].Name);
+    }
+
     [Fact]
     public void Moe_intermediate_size_must_list_both_widths() =>
         Assert.Throws<ConfigException>(() => Build(Layout.V5, c => c["moe_intermediate_size"] = 1536));

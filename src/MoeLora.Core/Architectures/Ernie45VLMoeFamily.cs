@@ -25,7 +25,8 @@ namespace MoeLora.Core.Architectures;
 /// <c>model.vision_model</c>, the resampler stages as Sequential indices (<c>fc1</c>/<c>fc2</c>/<c>ln</c> →
 /// <c>0</c>/<c>2</c>/<c>3</c>). Each MoE block stores <c>gate.weight</c> (text) and <c>gate.weight_1</c> (vision) transposed to
 /// [H, E], one <c>moe_statics.e_score_correction_bias</c> [2, E] (text row, then vision row) and one per-expert list
-/// <c>experts.{0..2E-1}</c>, the text experts first.
+/// <c>experts.{0..2E-1}</c>, the text experts first. <see cref="CheckpointLayout"/> pairs them with the runtime's
+/// (<see cref="ModelSpec.CheckpointRoutersTransposed"/> for the routers, a row split for the statics).
 /// </para>
 /// <para>
 /// The runtime runs text only, as transformers does given only input_ids and attention_mask: the vision tower and the
@@ -111,6 +112,8 @@ internal sealed class Ernie45VLMoeFamily : IArchitecture
         var spec = Blocks.NestedSpec(c, text, "ernie4_5_vl_moe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act, textModel) with
         {
             Unchecked = "is read from transformers' ernie4_5_vl_moe modeling source",
+            // gate.weight / gate.weight_1 are stored [H, E]; the [2, E] statics split by rows pairs by structure.
+            CheckpointRoutersTransposed = true,
         };
 
         // Runtime: text only, as transformers runs the class given only input_ids and attention_mask. The vision tower
