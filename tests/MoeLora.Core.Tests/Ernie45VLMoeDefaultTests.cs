@@ -1,5 +1,6 @@
 using System.Text.Json.Nodes;
 using MoeLora.Core.Architectures;
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -43,8 +44,42 @@ public class Ernie45VLMoeDefaultTests
         Assert.Equal([2 * 1536, 2560], Shape(spec, L + "1.mlp.shared_experts.gate_proj.weight"));
         Assert.True(spec.Tree.Find("lm_head")!.Parameters.Single().IsTied);
         Assert.Equal(6, spec.Moe.ExpertsPerToken);
-        Assert.NotNull(spec.RuntimeUnavailable);
+        Assert.Null(spec.RuntimeUnavailable);
+        Assert.NotNull(spec.Runtime);
+    }
+
+    /// <summary>
+    /// Text only: sparse layers run text_moe (then the shared expert) with vision_moe built beside it, dense layers the
+    /// dense MLP; the towers sit around the text model in registration order; the rope is ERNIE 4.5's over head_dim.
+    /// </summary>
+    [Fact]
+    public void Runtime_runs_the_text_experts_with_the_vision_ones_inert()
+    {
+        var runtime = Build(Layout.V5).Runtime!;
+        Assert.IsType<GatedMlpSettings>(runtime.Layers[0].FeedForward);
+        var moe = Assert.IsType<ModalityIsolatedMoeSettings>(runtime.Layers[1].FeedForward);
+        Assert.Equal(("text_moe", "vision_moe"), (moe.TextName, moe.VisionName));
+        Assert.Equal((1536, 512), (moe.Text.Experts.Intermediate, moe.Vision.Experts.Intermediate));
+        Assert.Equal(1e-12, Assert.IsType<SoftmaxStaticsTopKRouterSettings>(moe.Text.Router).NormMin);
+        Assert.Null(moe.Text.Shared);
+        Assert.Equal(2 * 1536, moe.Shared!.Intermediate);
+        Assert.Equal(["model.language_model", "model.vision_tower", "model.resampler_model", "lm_head"], runtime.Towers!.Order);
+        Assert.Equal(("default", 500000.0, 128L), (runtime.Rope.Type, runtime.Rope.Theta, runtime.Rope.Dim));
+        Assert.False(runtime.LmHeadBias);
+    }
+
+    /// <summary>transformers' Ernie4_5_VLMoeTextRotaryEmbedding cannot be built for these: no runtime, the reason named.</summary>
+    [Theory]
+    [InlineData("linear", "[22, 22, 20]", "rope type 'linear'")]
+    [InlineData("default", "[20, 24, 20]", "mrope_section [20, 24, 20]")]
+    [InlineData("default", "[32, 32, 0]", "mrope_section [32, 32, 0]")]
+    [InlineData("default", "[22, 22, 22]", "mrope_section [22, 22, 22]")]
+    [InlineData("default", "[32, 32]", "mrope_section [32, 32]")]
+    public void Runtime_is_refused_where_transformers_cannot_build_the_rope(string type, string sections, string reason)
+    {
+        var spec = Build(Layout.V5, c => c["rope_parameters"] = JsonNode.Parse($$"""{"rope_type": "{{type}}", "factor": 2.0, "mrope_section": {{sections}}}"""));
         Assert.Null(spec.Runtime);
+        Assert.Contains(reason, spec.RuntimeUnavailable);
     }
 
     [Fact]
@@ -90,6 +125,65 @@ public class Ernie45VLMoeDefaultTests
         Assert.Equal("model.layers.5.mlp.experts.127.up_proj.weight", vision.Parts[^1].Name);
         Assert.All(vision.Parts, p => Assert.Equal([512, 2560], p.Shape));
         Assert.Equal("model.layers.5.mlp.experts.64.down_proj.weight", layout.For(L + "vision_moe.experts.down_proj")!.Parts[0].Name);
+    }
+
+    /// <summary>
+    /// transformers' conversion: <c>Transpose(0, 1)</c> of gate.weight into text_moe's router and of gate.weight_1 into
+    /// vision_moe's; <c>Chunk(dim=0)</c> of the [2, E] moe_statics, row 0 to text_moe's, row 1 to vision_moe's.
+    /// </summary>
+    [Fact]
+    public void Routers_pair_transposed_and_the_statics_by_rows()
+    {
+        var layout = CheckpointLayout.For(Build(Layout.V5))!;
+        const string L = "model.language_model.layers.3.mlp.";
+        var text = layout.For(L + "text_moe.gate.weight")!;
+        var vision = layout.For(L + "vision_moe.gate.weight")!;
+        Assert.True(text.Transposed && vision.Transposed);
+        Assert.Equal("model.layers.3.mlp.gate.weight", Assert.Single(text.Parts).Name);
+        Assert.Equal("model.layers.3.mlp.gate.weight_1", Assert.Single(vision.Parts).Name);
+        Assert.Equal([2560, 64], text.Parts[0].Shape);
+        var textStatics = layout.For(L + "text_moe.gate.moe_statics.e_score_correction_bias")!;
+        var visionStatics = layout.For(L + "vision_moe.gate.moe_statics.e_score_correction_bias")!;
+        Assert.Equal("model.layers.3.mlp.moe_statics.e_score_correction_bias", Assert.Single(textStatics.Parts).Name);
+        Assert.Equal(textStatics.Parts, visionStatics.Parts);
+        Assert.Equal((0, 1), (textStatics.Chunk!.Offset, visionStatics.Chunk!.Offset));
+        Assert.Equal(0, textStatics.Chunk.PermuteHeads);
+        Assert.False(textStatics.Transposed || text.IsStack || text.Chunk is not null);
+
+        // The other way round (a v4 analysis): the stored gate is the runtime's transposed, the stored statics the two
+        // runtime rows concatenated.
+        var back = CheckpointLayout.For(Build(Layout.V4))!;
+        var gate1 = back.For("model.layers.3.mlp.gate.weight_1")!;
+        Assert.True(gate1.Transposed);
+        Assert.Equal(L + "vision_moe.gate.weight", Assert.Single(gate1.Parts).Name);
+        var statics = back.For("model.layers.3.mlp.moe_statics.e_score_correction_bias")!;
+        Assert.True(statics.Concatenated);
+        Assert.Equal([L + "text_moe.gate.moe_statics.e_score_correction_bias", L + "vision_moe.gate.moe_statics.e_score_correction_bias"],
+            statics.Parts.Select(p => p.Name));
+    }
+
+    /// <summary>Every runtime tensor is stored under its own name or as the layout maps it, and every stored tensor is used.</summary>
+    [Theory]
+    [InlineData(64)]
+    [InlineData(2560)] // as many experts as the hidden size: the routers are square, told apart only by the declared transpose
+    public void Every_tensor_of_both_layouts_pairs(int experts)
+    {
+        Action<JsonObject> edit = c => { c["moe_num_experts"] = experts; c["num_hidden_layers"] = 3; c["vision_config"] = new JsonObject { ["depth"] = 1 }; };
+        var v5 = Build(Layout.V5, edit);
+        var v4 = Build(Layout.V4, edit);
+        var layout = CheckpointLayout.For(v5)!;
+        var stored = v4.Tree.Modules.SelectMany(m => m.Parameters).Where(p => !p.IsTied).Select(p => p.Name).ToHashSet();
+        var used = new HashSet<string>();
+        foreach (var p in v5.Tree.Parameters.Where(p => !p.IsTied))
+        {
+            if (stored.Contains(p.Name)) { used.Add(p.Name); continue; }
+            var alt = layout.For(p.Name);
+            Assert.True(alt is not null, $"{p.Name} has no stored counterpart");
+            used.UnionWith(alt.Parts.Select(x => x.Name));
+        }
+        Assert.Equal(stored.Order(), used.Order());
+        Assert.True(layout.For("model.language_model.layers.2.mlp.text_moe.gate.weight")!.Transposed);
+        Assert.Equal("model.layers.2.mlp.gate.weight_1", layout.For("model.language_model.layers.2.mlp.vision_moe.gate.weight")!.Parts[0].Name);
     }
 
     [Fact]

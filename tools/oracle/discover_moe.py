@@ -76,9 +76,18 @@ EXTRA_FIXTURES = {
 # types are run on text alone, as the llama4 fixture is: input_ids and attention_mask, no pixels). deepseek_ocr2 needs
 # nothing beyond its OVERRIDES (mlp_layer_types, num_experts_per_tok): without pixel_values DeepseekOcr2Model never
 # calls its vision tower and passes the embeddings to its text model, whose positions are its own 0..S-1; its
-# image_token_id (moved to 127 by shrink) is kept out of the inputs by special_token_ids.
+# image_token_id (moved to 127 by shrink) is kept out of the inputs by special_token_ids. ernie4_5_vl_moe needs nothing
+# more either: without image/video grids Ernie4_5_VLMoeModel.compute_3d_position_ids returns None and its text model
+# takes positions 0..S-1 for all three rope rows, and without moe_mm_token_type_ids every token goes to text_moe
+# (vision_moe never runs); output_router_logits=True returns text_moe's [B*S, E] logits per sparse layer.
 MORE_FIXTURE_TYPES = {"deepseek_v32", "inkling_mm_model", "qwen3_vl_moe", "glm4v_moe", "kimi_k25", "step3p7", "qwen3_omni_moe_thinker",
-                      "deepseek_ocr2"}
+                      "deepseek_ocr2", "ernie4_5_vl_moe"}
+
+# Types whose fixture always gets perturb_constants' noise, as --perturb-constants gives every type. ERNIE 4.5 VL's
+# moe_statics.e_score_correction_bias initialises to zeros for both the text and the vision router; the checkpoint stores
+# them as one [2, E] tensor (text row, then vision row) and its routers transposed, so with zeros the reference would
+# check neither the statics-biased top-k nor which row the runtime reads as the text router's.
+PERTURB_FIXTURE_TYPES = {"ernie4_5_vl_moe"}
 
 # Multimodal-listed types whose default config is a text model AutoModelForCausalLM builds: they get fixtures too.
 MM_TEXT_FIXTURE_TYPES = {"mistral4"}
@@ -526,8 +535,8 @@ def job_type(args):
 def job_fixture(args):
     """Tiny random float32 checkpoint and reference outputs for one type."""
     name, rec, fx_root = args[:3]
-    perturb = len(args) > 3 and args[3]
     t, extra = EXTRA_FIXTURES.get(name, (name, {}))
+    perturb = (len(args) > 3 and args[3]) or t in PERTURB_FIXTURE_TYPES
     import torch
     from safetensors.torch import save_file
 

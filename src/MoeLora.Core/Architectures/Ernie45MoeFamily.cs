@@ -81,13 +81,9 @@ internal sealed class Ernie45MoeFamily : IArchitecture
         // Runtime: Llama attention with GLM-style rope on adjacent pairs (in fp32); the router keeps its weight and
         // statics in fp32 and selects on softmax + bias; use_bias reaches every projection, the MLPs and lm_head.
         var norm = new NormSettings(NormKind.Rms, c.Double("rms_norm_eps", 1e-5));
-        var attention = new StandardAttentionSettings(heads, kv, headDim, bias, bias, QkNormKind.None, norm.Eps, Sinks: false,
-            MaskSettings.Full, headDim, new StandardAttentionOptions(Rotary: RotaryStyle.InterleavedPairs, RopeTablesInFp32: true));
-        var sparse = new MoeSettings(
-            new SoftmaxStaticsTopKRouterSettings("gate", experts, topK, c.Double("moe_norm_min", 1e-12)),
-            new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, moeInter, act),
-            shared > 0 ? new SharedExpertSettings("shared_experts", sharedInter, act, SigmoidGateName: null, Bias: bias) : null,
-            MoeOrder.RouterFirst);
+        var attention = AttentionSettings(heads, kv, headDim, bias, norm);
+        var sparse = Sparse(c, experts, topK, moeInter, act,
+            shared > 0 ? new SharedExpertSettings("shared_experts", sharedInter, act, SigmoidGateName: null, Bias: bias) : null);
         var dense = new GatedMlpSettings(inter, act, bias);
         var runtimeLayers = Enumerable.Range(0, (int)layers)
             .Select(i => new DecoderLayerRuntime(attention, "mlp", moeSet.Contains(i) ? sparse : dense, norm, norm)).ToList();
@@ -97,6 +93,23 @@ internal sealed class Ernie45MoeFamily : IArchitecture
                 RopeSettings.Read(c, 500000.0, headDim), runtimeLayers, LmHeadBias: bias),
         };
     }
+
+    /// <summary>
+    /// ERNIE 4.5's attention (Ernie 4.5 VL's text attention too): Llama attention with <c>use_bias</c> on q, k, v and o,
+    /// the rope rotating adjacent pairs with its tables and the rotation in fp32.
+    /// </summary>
+    internal static StandardAttentionSettings AttentionSettings(long heads, long kv, long headDim, bool bias, NormSettings norm) =>
+        new(heads, kv, headDim, bias, bias, QkNormKind.None, norm.Eps, Sinks: false, MaskSettings.Full, headDim,
+            new StandardAttentionOptions(Rotary: RotaryStyle.InterleavedPairs, RopeTablesInFp32: true));
+
+    /// <summary>
+    /// ERNIE's sparse block: the <c>gate</c> router (softmax, top-k on softmax + statics, renormalised with
+    /// <c>moe_norm_min</c>), fused experts of width <paramref name="inter"/>, then <paramref name="shared"/> if any.
+    /// Ernie 4.5 VL's text and vision blocks are two of these without the shared expert.
+    /// </summary>
+    internal static MoeSettings Sparse(ModelConfig c, long experts, long topK, long inter, string act, SharedExpertSettings? shared) =>
+        new(new SoftmaxStaticsTopKRouterSettings("gate", experts, topK, c.Double("moe_norm_min", 1e-12)),
+            new ExpertsSettings(ExpertsLayout.GateUpOutIn, experts, inter, act), shared, MoeOrder.RouterFirst);
 
     /// <summary>
     /// ERNIE's transformers-5 router as <c>gate</c>: weight [E, H] (not an nn.Linear), then its <c>moe_statics</c>

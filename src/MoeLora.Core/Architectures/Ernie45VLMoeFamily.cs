@@ -1,4 +1,5 @@
 using System.Globalization;
+using MoeLora.Core.Architectures.Runtime;
 using MoeLora.Core.Config;
 using MoeLora.Core.Modules;
 
@@ -24,7 +25,15 @@ namespace MoeLora.Core.Architectures;
 /// <c>model.vision_model</c>, the resampler stages as Sequential indices (<c>fc1</c>/<c>fc2</c>/<c>ln</c> →
 /// <c>0</c>/<c>2</c>/<c>3</c>). Each MoE block stores <c>gate.weight</c> (text) and <c>gate.weight_1</c> (vision) transposed to
 /// [H, E], one <c>moe_statics.e_score_correction_bias</c> [2, E] (text row, then vision row) and one per-expert list
-/// <c>experts.{0..2E-1}</c>, the text experts first.
+/// <c>experts.{0..2E-1}</c>, the text experts first. <see cref="CheckpointLayout"/> pairs them with the runtime's
+/// (<see cref="ModelSpec.CheckpointRoutersTransposed"/> for the routers, a row split for the statics).
+/// </para>
+/// <para>
+/// The runtime runs text only, as transformers does given only input_ids and attention_mask: the vision tower and the
+/// resampler are inert parameters, every token goes to <c>text_moe</c> (<c>vision_moe</c> is built, loaded and saved but
+/// never run), and the pre-rotated 3-D rope, all three position rows being 0..S-1, is ERNIE 4.5's adjacent-pair rope.
+/// A config whose rope transformers cannot build (a non-default type, or <c>mrope_section</c> not [h, h, t>0] summing to
+/// head_dim/2) has no runtime.
 /// </para>
 /// </summary>
 internal sealed class Ernie45VLMoeFamily : IArchitecture
@@ -100,12 +109,57 @@ internal sealed class Ernie45VLMoeFamily : IArchitecture
             $"modality-isolated: text tokens go to text_moe ({experts} experts of width {textInter}), image/video tokens to " +
             $"vision_moe ({experts} experts of width {visionInter}); each takes softmax over its experts, top-{topK} picked on " +
             "scores + moe_statics.e_score_correction_bias, renormalised");
-        return Blocks.NestedSpec(c, text, "ernie4_5_vl_moe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act, textModel) with
+        var spec = Blocks.NestedSpec(c, text, "ernie4_5_vl_moe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act, textModel) with
         {
             Unchecked = "is read from transformers' ernie4_5_vl_moe modeling source",
-            RuntimeUnavailable = "Ernie 4.5 VL's modality-isolated MoE (text_moe and vision_moe experts per layer) and its " +
-                "pre-rotated 3-D rope have no runtime description yet",
+            // gate.weight / gate.weight_1 are stored [H, E]; the [2, E] statics split by rows pairs by structure.
+            CheckpointRoutersTransposed = true,
         };
+
+        // Runtime: text only, as transformers runs the class given only input_ids and attention_mask. The vision tower
+        // and the resampler are never called. Without image/video grids compute_3d_position_ids returns None and the
+        // text model gives all three rope rows (T, H, W) the positions 0..S-1 (not the mask's cumsum: a left-padded
+        // row's real tokens start at its padding length, which rope, being relative, does not see). With every row
+        // alike, the pre-rotated rope reduces to ERNIE 4.5's: the "pre-rotation" puts the first h + w inverse
+        // frequencies' even entries first and odd ones after, the recomposition stacks the h and w sections back
+        // pairwise, so each pair j of the head rotates by position · inv_freq[j] of the plain rope over head_dim,
+        // adjacent pairs (rotate_half_text) in fp32. Without moe_mm_token_type_ids every token goes to text_moe and
+        // vision_moe never runs; the router logits returned are text_moe's. The router, statics and experts are
+        // ERNIE 4.5's (same softmax, statics-biased top-k, moe_norm_min renormalisation, fp32 gate and statics).
+        var rope = RopeSettings.Read(text, 500000.0, headDim);
+        if (RopeProblem(text, rope, headDim) is { } problem) return spec with { RuntimeUnavailable = problem };
+        var norm = new NormSettings(NormKind.Rms, text.Double("rms_norm_eps", 1e-5));
+        var attention = Ernie45MoeFamily.AttentionSettings(heads, kv, headDim, bias, norm);
+        var isolated = new ModalityIsolatedMoeSettings(
+            "text_moe", Ernie45MoeFamily.Sparse(text, experts, topK, textInter, act, shared: null),
+            "vision_moe", Ernie45MoeFamily.Sparse(text, experts, topK, visionInter, act, shared: null),
+            shared > 0 ? new SharedExpertSettings("shared_experts", sharedInter, act, SigmoidGateName: null, Bias: bias) : null);
+        var dense = new GatedMlpSettings(inter, act, bias);
+        var runtimeLayers = Enumerable.Range(0, (int)layers)
+            .Select(i => new DecoderLayerRuntime(attention, "mlp", moeSet.Contains(i) ? isolated : dense, norm, norm)).ToList();
+        // lm_head has no bias whatever use_bias says (unlike ERNIE 4.5's causal LM).
+        return spec with
+        {
+            Runtime = new DecoderRuntime(vocab, hidden, tie, text.Double("initializer_range", 0.02), norm, rope, runtimeLayers,
+                Towers: new InertTowers(["model.language_model", "model.vision_tower", "model.resampler_model", "lm_head"],
+                    "model.language_model", "lm_head")),
+        };
+    }
+
+    /// <summary>
+    /// Why transformers' Ernie4_5_VLMoeTextRotaryEmbedding cannot be built for this config (null: it can):
+    /// it accepts only the default rope type, and its <c>mrope_section</c> [h, w, t] (default [22, 22, 20]) must cut
+    /// the head_dim/2 inverse frequencies into three (sum head_dim/2), with h == w (the h and w tables are stacked
+    /// pairwise) and t &gt; 0 (<c>inv_freq[:-t]</c> is empty for t = 0).
+    /// </summary>
+    private static string? RopeProblem(ModelConfig text, RopeSettings rope, long headDim)
+    {
+        if (rope.Type != "default")
+            return $"rope type '{rope.Type}': transformers' Ernie4_5_VLMoeTextRotaryEmbedding accepts only the default rope";
+        var sections = (text.Sub("rope_parameters") ?? text.Sub("rope_scaling"))?.IntList("mrope_section") ?? [22, 22, 20];
+        return sections is [var h, var w, var t] && h == w && h >= 0 && t > 0 && h + w + t == headDim / 2 ? null
+            : $"mrope_section [{string.Join(", ", sections)}] is not [h, h, t] with t > 0 summing to the {headDim / 2} rotary " +
+              "frequencies (head_dim/2): transformers' Ernie4_5_VLMoeTextRotaryEmbedding cannot run it either";
     }
 
     /// <summary>

@@ -93,6 +93,15 @@ public sealed record ModelSpec
     public bool CheckpointGateUpInterleaved { get; init; }
 
     /// <summary>
+    /// The checkpoint layout stores router weights transposed, [H, E] for the runtime's [E, H] (transformers converts
+    /// them with <c>Transpose(0, 1)</c>: ERNIE 4.5 VL's <c>gate.weight</c> and <c>gate.weight_1</c>), so
+    /// <see cref="Modules.CheckpointLayout"/> pairs each runtime router weight with the stored tensor of its layer and
+    /// router class whose shape is its transpose, in registration order. Declared rather than guessed: an [E, H] weight
+    /// with E == H would look like a plain rename.
+    /// </summary>
+    public bool CheckpointRoutersTransposed { get; init; }
+
+    /// <summary>
     /// Set when transformers builds this config but its forward fails (what fails, in a sentence or two): the analysis
     /// still describes the model it builds, and reports warn (Doge with is_moe in transformers 5.17).
     /// </summary>

@@ -37,8 +37,10 @@ public sealed partial class CheckpointLayout
     /// <param name="Interleaved">This parameter is rows of its one part, whose rows (its last-but-one dimension)
     /// alternate gate and up (<see cref="ModelSpec.CheckpointGateUpInterleaved"/>); <see cref="InterleavedRows.None"/>
     /// otherwise.</param>
+    /// <param name="Transposed">This parameter is its one 2-D part transposed (transformers' <c>Transpose(0, 1)</c>:
+    /// ERNIE 4.5 VL's routers, stored [H, E]; <see cref="ModelSpec.CheckpointRoutersTransposed"/>).</param>
     public sealed record Alternative(IReadOnlyList<ParameterNode> Parts, bool IsSliceOfFused, int NumExperts = 0, bool Concatenated = false,
-        int ConcatDim = 0, RopeChunk? Chunk = null, InterleavedRows Interleaved = InterleavedRows.None)
+        int ConcatDim = 0, RopeChunk? Chunk = null, InterleavedRows Interleaved = InterleavedRows.None, bool Transposed = false)
     {
         /// <summary>True when this fused [E, rows, cols] parameter is stored as per-expert 2-D parts.</summary>
         public bool IsStack => NumExperts > 0;
@@ -110,7 +112,8 @@ public sealed partial class CheckpointLayout
         try
         {
             var other = ArchitectureRegistry.Build(spec.Config, spec.Layout == Layout.V5 ? Layout.V4 : Layout.V5).Tree;
-            return Build(spec.Tree, other, spec.CheckpointGateUpInterleaved, spec.Layout == Layout.V5 ? spec.InProjRopeHeads : null);
+            return Build(spec.Tree, other, spec.CheckpointGateUpInterleaved, spec.Layout == Layout.V5 ? spec.InProjRopeHeads : null,
+                spec.CheckpointRoutersTransposed);
         }
         catch (ConfigException)
         {
@@ -122,7 +125,10 @@ public sealed partial class CheckpointLayout
     /// (<see cref="ModelSpec.CheckpointGateUpInterleaved"/>).</param>
     /// <param name="inProjRopeHeads">Heads of the rope permutation of q and k chunked out of a stored in_proj (see
     /// <see cref="ModelSpec.InProjRopeHeads"/>); null: none.</param>
-    public static CheckpointLayout Build(ModuleTree runtime, ModuleTree other, bool gateUpInterleaved = false, long? inProjRopeHeads = null)
+    /// <param name="routersTransposed">The other tree's router weights are the transposes of this one's
+    /// (<see cref="ModelSpec.CheckpointRoutersTransposed"/>).</param>
+    public static CheckpointLayout Build(ModuleTree runtime, ModuleTree other, bool gateUpInterleaved = false, long? inProjRopeHeads = null,
+        bool routersTransposed = false)
     {
         var result = new CheckpointLayout();
         var otherByName = AllParameters(other).ToDictionary(p => p.Name, StringComparer.Ordinal);
@@ -136,6 +142,8 @@ public sealed partial class CheckpointLayout
         result.PairStackedGateUp(runtime, other, unpairedRuntime, unpairedOther, otherByName);
         result.PairInProjChunks(runtime, other, unpairedRuntime, unpairedOther, otherByName, inProjRopeHeads ?? 0);
         result.PairChunks(runtime, other, unpairedRuntime, unpairedOther, otherByName);
+        result.PairRowSplits(runtime, other, unpairedRuntime, unpairedOther, otherByName);
+        if (routersTransposed) result.PairTransposedRouters(runtime, other, unpairedRuntime, unpairedOther, otherByName);
         result.PairByStructure(runtime, other, unpairedRuntime, unpairedOther, otherByName);
         return result;
     }
@@ -359,6 +367,71 @@ public sealed partial class CheckpointLayout
                 unpairedRuntime.Remove(part);
             }
             unpairedOther.Remove(name);
+        }
+    }
+
+    // One stored tensor split by rows among modules of its own class in the same layer (transformers' Chunk(dim=0) with
+    // several targets: ERNIE 4.5 VL's mlp.moe_statics.e_score_correction_bias [2, E], row 0 the text router's statics
+    // [1, E], row 1 the vision router's): as many tensors of its name, layer, owner class and trailing dims as there are
+    // on the other side, their rows adding up to its rows, taken in registration order. Either side may hold the whole:
+    // each runtime piece takes its rows of a stored whole (a chunk), a runtime whole the stored pieces concatenated.
+    private void PairRowSplits(ModuleTree runtime, ModuleTree other, List<ParameterNode> unpairedRuntime, HashSet<string> unpairedOther,
+        Dictionary<string, ParameterNode> otherByName)
+    {
+        static string Key(ModuleTree tree, ParameterNode p) =>
+            $"{tree.OwnerOf(p).LayerIndex}|{tree.OwnerOf(p).ClassName}|{p.LocalName}|{string.Join(',', p.Shape.Skip(1))}|{p.Shape.Length}";
+        var runtimeOrder = AllParameters(runtime).Select((p, i) => (p.Name, i)).ToDictionary(e => e.Name, e => e.i, StringComparer.Ordinal);
+        var otherOrder = AllParameters(other).Select((p, i) => (p.Name, i)).ToDictionary(e => e.Name, e => e.i, StringComparer.Ordinal);
+        var mine = unpairedRuntime.Where(p => p.Shape.Length > 0).GroupBy(p => Key(runtime, p))
+            .ToDictionary(g => g.Key, g => g.OrderBy(p => runtimeOrder[p.Name]).ToList());
+        var theirs = unpairedOther.Select(n => otherByName[n]).Where(p => p.Shape.Length > 0).GroupBy(p => Key(other, p))
+            .ToDictionary(g => g.Key, g => g.OrderBy(p => otherOrder[p.Name]).ToList());
+        foreach (var (key, pieces) in mine)
+        {
+            if (!theirs.TryGetValue(key, out var match)) continue;
+            if (pieces.Count >= 2 && match is [var whole] && pieces.Sum(p => p.Shape[0]) == whole.Shape[0])
+            {
+                long offset = 0;
+                foreach (ParameterNode piece in pieces)
+                {
+                    _alternatives[piece.Name] = new Alternative([whole], IsSliceOfFused: false, Chunk: new RopeChunk(offset, 0));
+                    offset += piece.Shape[0];
+                    unpairedRuntime.Remove(piece);
+                }
+                unpairedOther.Remove(whole.Name);
+            }
+            else if (pieces is [var mineWhole] && match.Count >= 2 && match.Sum(p => p.Shape[0]) == mineWhole.Shape[0])
+            {
+                _alternatives[mineWhole.Name] = new Alternative(match, IsSliceOfFused: false, Concatenated: true);
+                unpairedRuntime.Remove(mineWhole);
+                foreach (ParameterNode part in match) unpairedOther.Remove(part.Name);
+            }
+        }
+    }
+
+    // Router weights stored transposed (ModelSpec.CheckpointRoutersTransposed): each unpaired 2-D tensor of a router
+    // module takes the unpaired 2-D tensor of the other tree's router of the same layer and class whose shape is its
+    // transpose, in registration order, as many on each side (ERNIE 4.5 VL: text_moe.gate.weight and vision_moe.gate.weight
+    // [E, H] at run time, gate.weight and gate.weight_1 [H, E] on disk).
+    private void PairTransposedRouters(ModuleTree runtime, ModuleTree other, List<ParameterNode> unpairedRuntime, HashSet<string> unpairedOther,
+        Dictionary<string, ParameterNode> otherByName)
+    {
+        static string Key(ModuleTree tree, ParameterNode p, bool transpose) =>
+            $"{tree.OwnerOf(p).LayerIndex}|{tree.OwnerOf(p).ClassName}|{string.Join(',', transpose ? p.Shape.Reverse() : p.Shape)}";
+        static bool IsRouterMatrix(ModuleTree tree, ParameterNode p) => p.Shape.Length == 2 && tree.OwnerOf(p).Kind == ModuleKind.Router;
+        var otherOrder = AllParameters(other).Select((p, i) => (p.Name, i)).ToDictionary(e => e.Name, e => e.i, StringComparer.Ordinal);
+        var theirs = unpairedOther.Select(n => otherByName[n]).Where(p => IsRouterMatrix(other, p)).GroupBy(p => Key(other, p, transpose: true))
+            .ToDictionary(g => g.Key, g => g.OrderBy(p => otherOrder[p.Name]).ToList());
+        foreach (var group in unpairedRuntime.Where(p => IsRouterMatrix(runtime, p)).GroupBy(p => Key(runtime, p, transpose: false)).ToList())
+        {
+            var mine = group.ToList();
+            if (!theirs.TryGetValue(group.Key, out var match) || match.Count != mine.Count) continue;
+            for (int i = 0; i < mine.Count; i++)
+            {
+                _alternatives[mine[i].Name] = new Alternative([match[i]], IsSliceOfFused: false, Transposed: true);
+                unpairedRuntime.Remove(mine[i]);
+                unpairedOther.Remove(match[i].Name);
+            }
         }
     }
 

@@ -11,7 +11,8 @@ namespace MoeLora.Torch.Lora;
 /// PEFT's <c>merge_and_unload()</c> for an injected model: every enabled adapter's ΔW is folded into its base weight
 /// (Linear: W + s·BA; DoRA: (m/‖W+s·BA‖)·(W+s·BA); fused experts: W + ΔW per expert; 2-D parameters: W + s·BA),
 /// and the result is written as a checkpoint in the <em>source checkpoint's</em> own layout: the same files (shards
-/// and index), keys and dtypes, per-expert tensors sliced back out of the fused ones, chunked tensors concatenated and gate/up rows interleaved again as Core's
+/// and index), keys and dtypes, per-expert tensors sliced back out of the fused ones, chunked tensors concatenated, transposed
+/// tensors transposed back and gate/up rows interleaved again as Core's
 /// <see cref="CheckpointLayout"/> maps them, other files copied.
 /// </summary>
 public static class LoraMerge
@@ -48,7 +49,7 @@ public static class LoraMerge
         if (layers != model.NumLayers)
             throw new UserInputException($"the model has {model.NumLayers} blocks but {checkpointDir} has {layers}: merge needs the whole model.");
         // Checkpoint tensor → (runtime tensor, expert slice) for tensors stored under the other layout's names.
-        var storedAs = new Dictionary<string, (string Runtime, int Expert, long RowOffset, long Rows, int Dim)>(StringComparer.Ordinal);
+        var storedAs = new Dictionary<string, (string Runtime, int Expert, long RowOffset, long Rows, int Dim, bool Transposed)>(StringComparer.Ordinal);
         // Checkpoint tensor → the runtime tensors chunked out of it (q, k, v of a fused in_proj), in row order.
         var chunkedInto = new Dictionary<string, List<(string Runtime, CheckpointLayout.RopeChunk Chunk)>>(StringComparer.Ordinal);
         // Checkpoint tensor → the runtime tensors de-interleaved from it (gate and up rows alternating on disk).
@@ -62,13 +63,13 @@ public static class LoraMerge
                 halves.Add((runtime, alt.Interleaved));
             }
             else if (alt.IsStack || alt.Concatenated)
-                foreach (var (part, expert, offset) in alt.Pieces()) storedAs[part.Name] = (runtime, expert, offset, part.Shape[alt.ConcatDim], alt.ConcatDim);
+                foreach (var (part, expert, offset) in alt.Pieces()) storedAs[part.Name] = (runtime, expert, offset, part.Shape[alt.ConcatDim], alt.ConcatDim, false);
             else if (alt.Chunk is { } chunk)
             {
                 if (!chunkedInto.TryGetValue(alt.Parts[0].Name, out var list)) chunkedInto[alt.Parts[0].Name] = list = [];
                 list.Add((runtime, chunk));
             }
-            else storedAs[alt.Parts[0].Name] = (runtime, -1, 0, 0, 0);
+            else storedAs[alt.Parts[0].Name] = (runtime, -1, 0, 0, 0, alt.Transposed);
         }
         var state = MergedState(model);
         var used = new HashSet<string>(StringComparer.Ordinal);
@@ -94,7 +95,8 @@ public static class LoraMerge
                     if (state.ContainsKey(e.Name)) value = Get(e.Name);
                     else if (storedAs.TryGetValue(e.Name, out var at))
                         value = at.Expert >= 0 ? Get(at.Runtime)[at.Expert].narrow(0, at.RowOffset, at.Rows)
-                            : at.Rows > 0 ? Get(at.Runtime).narrow(at.Dim, at.RowOffset, at.Rows) : Get(at.Runtime);
+                            : at.Rows > 0 ? Get(at.Runtime).narrow(at.Dim, at.RowOffset, at.Rows)
+                            : at.Transposed ? Get(at.Runtime).t() : Get(at.Runtime);
                     else if (chunkedInto.TryGetValue(e.Name, out var chunks))
                         // Saving undoes the load's rope permutation, then concatenates the chunks (transformers' reverse ops).
                         value = cat(chunks.OrderBy(c => c.Chunk.Offset).Select(c => c.Chunk.PermuteHeads > 0

@@ -13,7 +13,8 @@ namespace MoeLora.Torch.Models;
 /// model. Each runtime tensor is taken under its own (transformers-5) name, or as Core's <see cref="CheckpointLayout"/>
 /// says the checkpoint layout stores it: renamed, or as per-expert tensors stacked into a fused parameter
 /// (<c>gate_up_proj[e] = cat(gate_e, up_e)</c>, <c>down_proj[e] = down_e</c>), or rows of a tensor whose rows alternate
-/// gate and up (<see cref="CheckpointLayout.InterleavedRows"/>), or its rows of one fused stored tensor (a chunk).
+/// gate and up (<see cref="CheckpointLayout.InterleavedRows"/>), or its rows of one fused stored tensor (a chunk), or a
+/// stored tensor transposed (ERNIE 4.5 VL's [H, E] routers).
 /// Either layout, or a mix per tensor, loads.
 /// </summary>
 public static partial class CheckpointLoader
@@ -130,10 +131,10 @@ public static partial class CheckpointLoader
     /// One stored tensor's destination: a whole state entry, or (<c>Rows</c>) its rows from <c>RowOffset</c> along
     /// <c>Dim</c>, of expert <c>Expert</c>'s slice when that is set (per-expert parts) or of the whole entry (concatenated
     /// parts); or (<c>Chunk</c>) the whole entry taken from a row chunk of the stored tensor; a whole entry may take the
-    /// stored tensor's gate/up-interleaved rows (<c>Interleaved</c>).
+    /// stored tensor's gate/up-interleaved rows (<c>Interleaved</c>) or the stored 2-D tensor transposed (<c>Transposed</c>).
     /// </summary>
     sealed record CopyStep(string Source, Tensor Target, int? Expert, long RowOffset, bool Rows, int Dim = 0, CheckpointLayout.RopeChunk? Chunk = null,
-        CheckpointLayout.InterleavedRows Interleaved = CheckpointLayout.InterleavedRows.None);
+        CheckpointLayout.InterleavedRows Interleaved = CheckpointLayout.InterleavedRows.None, bool Transposed = false);
 
     /// <summary>Matches state entries to stored tensors by shape (headers only); all problems in one exception.</summary>
     static List<CopyStep> Plan(CausalLm model, Dictionary<string, long[]> stored)
@@ -180,6 +181,13 @@ public static partial class CheckpointLoader
                 if (!src.SequenceEqual(alt.Parts[0].Shape) || !DeinterleavedShape(src, alt.Interleaved).SequenceEqual(t.shape))
                 { errors.Add($"shape mismatch: {names[0]} checkpoint {Fmt(src)} vs model {Shape(t)} ({alt.Interleaved} rows)"); continue; }
                 steps.Add(new CopyStep(names[0], t, null, 0, Rows: false, Interleaved: alt.Interleaved));
+            }
+            else if (alt is { Transposed: true })
+            {
+                var src = stored[names[0]];
+                if (src.Length != 2 || !src.Reverse().SequenceEqual(t.shape))
+                { errors.Add($"shape mismatch: {names[0]} checkpoint {Fmt(src)} vs model {Shape(t)} (stored transposed)"); continue; }
+                steps.Add(new CopyStep(names[0], t, null, 0, Rows: false, Transposed: true));
             }
             else
             {
@@ -229,9 +237,10 @@ public static partial class CheckpointLoader
 
     static long Bytes(Safetensors.Entry e) => e.End - e.Begin;
 
-    /// <summary>What a step does to the stored rows before they land: de-interleave gate/up, or the rope permutation of a chunk.</summary>
+    /// <summary>What a step does to the stored rows before they land: de-interleave gate/up, transpose, or the rope permutation of a chunk.</summary>
     static Func<Tensor, Tensor>? Transform(CopyStep c) =>
         c.Interleaved != CheckpointLayout.InterleavedRows.None ? s => Deinterleave(s, c.Interleaved)
+        : c.Transposed ? s => s.t()
         : c.Chunk is { PermuteHeads: > 0 } chunk ? s => RopePermutation(s, chunk.PermuteHeads, inverse: false)
         : null;
 

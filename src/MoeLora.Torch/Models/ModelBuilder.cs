@@ -90,6 +90,7 @@ public static class ModelBuilder
         ParallelExpertsMoeSettings m => new JetMoeMoe(hidden, m, init),
         StackedExpertsMoeSettings m => new StackedExpertsMoe(hidden, m, init),
         InklingMoeSettings m => new InklingMoe(hidden, m, init),
+        ModalityIsolatedMoeSettings m => new ModalityIsolatedMoe(hidden, m, init),
         MoeSettings m => m.Router switch
         {
             SoftmaxTopKRouterSettings { LinearModule: true } => new RoutedMoe(hidden, Expect(m, ExpertsLayout.GateUpOutIn), init),

@@ -163,3 +163,14 @@ public sealed record ParallelExpertsMoeSettings(TopKLogitsRouterSettings Router,
 /// k (null: not normalised); expert e uses rows [e·I, (e+1)·I) of each matrix: <c>(act(x·w1ᵀ) · x·v1ᵀ) · w2</c>.
 /// </summary>
 public sealed record StackedExpertsMoeSettings(long NumExperts, long TopK, long Intermediate, string Act, double? NormalizeP) : FeedForwardSettings;
+
+/// <summary>
+/// ERNIE 4.5 VL's modality-isolated MoE block (<c>Ernie4_5_VLMoeMoeBlock</c>), registered <paramref name="TextName"/>,
+/// <paramref name="VisionName"/> (two sparse blocks, each a router and its experts, no shared expert), then the shared
+/// expert. Given text alone (no <c>moe_mm_token_type_ids</c>) transformers sends every token, padding included, through
+/// the text block and never calls the vision one: output = text block(x) + shared(x), and the router logits recorded
+/// for the layer are the text router's [T, E]. The vision block is parameters only (loaded, saved, LoRA targets that
+/// get no gradient).
+/// </summary>
+public sealed record ModalityIsolatedMoeSettings(string TextName, MoeSettings Text, string VisionName, MoeSettings Vision,
+    SharedExpertSettings? Shared) : FeedForwardSettings;
