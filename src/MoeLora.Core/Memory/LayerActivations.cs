@@ -26,7 +26,8 @@ namespace MoeLora.Core.Memory;
 /// <c>lora_A</c>, which keeps it: 4 B × in_features, per adapter (q, k and v each cast their own copy), plus the r-wide
 /// <c>lora_A</c> output (4r); dropout &gt; 0 adds a 1-byte mask per input element. MoeLora's runtime, without dropout,
 /// keeps the bf16 input itself instead (widening is exact, so the gradients are PEFT's): a B × in_features, counted per
-/// adapter although adapters fed the same tensor (q, k, v) share it.</item>
+/// adapter although adapters fed the same tensor (q, k, v) share it, plus 4r for the output buffer TorchSharp's custom
+/// autograd node keeps.</item>
 /// <item>LoRA on fused experts (<c>target_parameters</c>, PEFT's ParamWrapper): the per-expert delta
 /// <c>B@A</c> is materialised as an E × in × out weight on every forward and the merged weight (a B per element) is
 /// kept for backward, plus the grouped-matmul input (a B × in per routed token) for the weight gradient. The fp32
@@ -175,9 +176,10 @@ public sealed record LayerActivations
                 {
                     case AdapterKind.Linear:
                     {
-                        // MoeLora's runtime keeps the input in its own dtype where no dropout mask is drawn (CastLinear).
-                        var inputBytes = runtime == LoraRuntime.MoeLora && dropoutMask == 0 ? Math.Min(a, 4) : 4 + dropoutMask;
-                        var perCall = inputBytes * t.InFeatures + 4L * t.R;
+                        // MoeLora's runtime keeps the input in its own dtype where no dropout mask is drawn (CastLinear,
+                        // whose TorchSharp node also holds an empty_like of its r-wide output until backward).
+                        var narrow = runtime == LoraRuntime.MoeLora && dropoutMask == 0 && a < 4;
+                        var perCall = narrow ? a * t.InFeatures + 8L * t.R : (4 + dropoutMask) * t.InFeatures + 4L * t.R;
                         // A per-expert nn.Linear (transformers 4 layout) sees only the tokens routed to it: k/E of them.
                         if (t.Location == ModuleLocation.RoutedExpert && moe.NumExperts > 0)
                             perToken += perCall * moe.ExpertsPerToken / moe.NumExperts;
