@@ -1,4 +1,5 @@
 using MoeLora.Torch.Lora;
+using MoeLora.Torch.Models;
 using MoeLora.Torch.Runtime;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -40,6 +41,32 @@ public class CastLinearTests
         Assert.True(y1.allclose(y2, rtol: 0, atol: 0), "forward differs");
         Assert.True(gx1.allclose(gx2, rtol: 0, atol: 0), "input gradient differs");
         Assert.True(ga1.allclose(ga2, rtol: 1e-6, atol: 1e-7), $"weight gradient differs by {(ga1 - ga2).abs().max().item<float>()}");
+    }
+
+    [Fact]
+    public void A_bf16_model_gets_PEFTs_adapter_gradients()
+    {
+        // LoraLinear switches to CastLinear only for a narrower input: a bf16 model with fp32 adapters, as PEFT runs one.
+        var config = File.ReadAllText(Path.Combine(Fixtures.Dir("qwen3_moe"), "model", "config.json"));
+        const string lora = """{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "target_parameters": ["mlp.experts.gate_up_proj"]}""";
+        Dictionary<string, Tensor> Grads(bool keepNarrow)
+        {
+            LoraLinear.KeepNarrowInput = keepNarrow;
+            try
+            {
+                using var h = new DisposableModel(TorchModelFactory.Random(config, 5, ScalarType.BFloat16));
+                var (_, grads) = RuntimeChecks.LoraStep(h.Model, lora);
+                return grads.ToDictionary(g => g.Key, g => g.Value.detach().clone());
+            }
+            finally { LoraLinear.KeepNarrowInput = true; }
+        }
+        var reference = Grads(false);
+        var ours = Grads(true);
+        Assert.Equal(reference.Keys.Order(), ours.Keys.Order());
+        Assert.Contains(ours.Keys, k => k.Contains("q_proj.lora_A", StringComparison.Ordinal));
+        RuntimeChecks.AssertGradients(ours);
+        foreach (var (name, g) in reference)
+            Assert.True(ours[name].allclose(g, rtol: 1e-5, atol: 1e-7), $"{name}: differs by {(ours[name] - g).abs().max().item<float>()}");
     }
 
     [Fact]
