@@ -15,6 +15,7 @@ public sealed class DoraLinear : LoraWrapper, ILinearAdapter
 {
     readonly double _dropout;
     public LoraFactor Magnitude { get; }
+    public override double DropoutProbability => _dropout;
 
     public DoraLinear(Linear baseLayer, string adapter, Tensor a, Tensor b, double scaling, int rank, double dropout)
         : base(baseLayer, adapter, a, b, scaling, rank)

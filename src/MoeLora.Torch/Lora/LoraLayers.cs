@@ -20,6 +20,9 @@ public abstract class LoraWrapper : HfModule
     public double Scaling { get; }
     public int Rank { get; }
 
+    /// <summary>lora_dropout's probability (0: none); the dropout acts in training only.</summary>
+    public virtual double DropoutProbability => 0;
+
     /// <summary>False inside PEFT's <c>disable_adapter()</c>: the wrapper computes the base layer only.</summary>
     public bool Enabled { get; set; } = true;
 
@@ -57,6 +60,8 @@ public sealed class LoraLinear : LoraWrapper, ILinearAdapter
     }
 
     public override Parameter Target => _layer.weight;
+
+    public override double DropoutProbability => _dropout;
 
     /// <summary>W + s·B·A (PEFT's <c>get_delta_weight</c>).</summary>
     public override Tensor Merge(Tensor weight) => weight + (matmul(B.weight, A.weight) * Scaling).to(weight.dtype);

@@ -142,6 +142,20 @@ public sealed class CausalLm : HfModule, IDisposable
         foreach (var (_, t) in StateDict()) t.Dispose();
     }
 
+    /// <summary>
+    /// Recompute each decoder layer in backward instead of keeping its intermediates (<see cref="CheckpointedLayer"/>,
+    /// transformers' <c>gradient_checkpointing_enable()</c>): a step then keeps about two hidden states per layer.
+    /// </summary>
+    public bool GradientCheckpointing { get; set; }
+
+    void RefuseDropoutUnderCheckpointing()
+    {
+        if (!Training) return;
+        foreach (var (name, m) in NamedModules())
+            if (m is Lora.LoraWrapper { DropoutProbability: > 0 } w)
+                throw new NotSupportedException($"gradient checkpointing with lora_dropout {w.DropoutProbability} ({name}): a recomputed layer would draw new dropout masks in MoeLora's runtime; use --lora-dropout 0 or leave out --gradient-checkpointing.");
+    }
+
     /// <summary>Called after each decoder layer's intermediates are freed (tests count the tensors still alive).</summary>
     internal Action? AfterLayer { get; set; }
 
@@ -166,9 +180,11 @@ public sealed class CausalLm : HfModule, IDisposable
         if (Runtime.HyperConnections is { } hc) h = h.unsqueeze(2).expand(-1, -1, hc.Streams, -1).contiguous();
         var hidden = new List<Tensor>();
         if (outputHiddenStates) hidden.Add(h);
+        var checkpointed = GradientCheckpointing && is_grad_enabled();
+        if (checkpointed) RefuseDropoutUnderCheckpointing();
         foreach (var layer in _layers)
         {
-            h = layer.Forward(h, ctx);
+            h = checkpointed ? CheckpointedLayer.Run(layer, h, ctx) : layer.Forward(h, ctx);
             if (outputHiddenStates) hidden.Add(h);
             // A TorchSharp tensor lives until its handle is disposed, so without this every layer's intermediates (the
             // expert rows, attention projections, ...) would stay allocated until the forward returns: measured on
