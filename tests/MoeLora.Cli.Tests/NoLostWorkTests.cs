@@ -141,6 +141,7 @@ public sealed class NoLostWorkTests : IDisposable
     [InlineData("--warmup-steps 9 --total-steps 4", "--warmup-steps")]
     [InlineData("--preset giant", "--preset")]
     [InlineData("--resume --overwrite", "--resume")]
+    [InlineData("--gradient-checkpointing --lora-dropout 0.1", "--gradient-checkpointing")]
     public void A_bad_train_flag_is_a_usage_error_naming_it(string flags, string named)
     {
         var output = Path.Combine(_tmp, "run");

@@ -114,7 +114,8 @@ internal sealed class MeasuredStep
     /// measured step's batch, tokens and dtype; cb as the trainer runs it (truncated to max(target)+1 blocks).
     /// </summary>
     /// <param name="cuda">false on the CPU: no cuBLAS handles, so no workspaces.</param>
-    public static TrainingMemory Predict(LoraReport r, string mode, int batch, int tokens, bool cuda, LoraRuntime runtime = LoraRuntime.MoeLora) =>
+    /// <param name="checkpointing">--gradient-checkpointing: each layer recomputed in backward (both runtimes).</param>
+    public static TrainingMemory Predict(LoraReport r, string mode, int batch, int tokens, bool cuda, bool checkpointing, LoraRuntime runtime = LoraRuntime.MoeLora) =>
         TrainingMemory.Estimate(r.Plan, new TrainingSetup
         {
             Mode = mode == "lora" ? TrainingMode.Lora : TrainingMode.CircuitBreaker,
@@ -123,6 +124,7 @@ internal sealed class MeasuredStep
             DType = r.Options.DType,
             TargetLayers = r.HiddenStates.TargetLayers,
             CbFullLayers = false,
+            GradientCheckpointing = checkpointing,
             Runtime = runtime,
             // MoeLora's runtime runs SDPA unless MOELORA_ATTN_IMPLEMENTATION=eager; transformers 5 picks sdpa for PEFT's
             // step (Core prices the layers either runtime runs eagerly, e.g. gpt-oss's sinks, as eager).
@@ -172,11 +174,11 @@ internal static class StepMeasurement
         var step = new MeasuredStep
         {
             Mode = "cb", Batch = s.StepBatch, Tokens = s.StepTokens, Layers = layers,
-            Prediction = MeasuredStep.Predict(r, "cb", s.StepBatch, s.StepTokens, meter.IsCuda), PeakSource = meter.Source,
-            PeftPrediction = MeasuredStep.Predict(r, "cb", s.StepBatch, s.StepTokens, meter.IsCuda, LoraRuntime.Peft),
+            Prediction = MeasuredStep.Predict(r, "cb", s.StepBatch, s.StepTokens, meter.IsCuda, s.GradientCheckpointing), PeakSource = meter.Source,
+            PeftPrediction = MeasuredStep.Predict(r, "cb", s.StepBatch, s.StepTokens, meter.IsCuda, s.GradientCheckpointing, LoraRuntime.Peft),
             Note = $"on the model truncated to blocks 0..{layers - 1} (max target {targets.Max()} + 1), built for this step as the trainer does (a loaded model is not cut in place), then freed",
         };
-        if (!Fits(step, meter, alreadyHeld: 0)) return step;
+        if (!Fits(step, meter, alreadyHeld: 0) || !CheckpointingAllowed(step, r, s)) return step;
         CausalLm? model = null;
         try
         {
@@ -185,6 +187,7 @@ internal static class StepMeasurement
                 : RuntimeDevice.Load($"loading blocks 0..{layers - 1} of {r.Options.ModelId}", p => TorchModelFactory.LoadTruncated(dir!, layers, dtype, dev, p));
             var plan = AdapterPlanner.Plan(model.Spec, r.Plan.Requested, r.Plan.Version);
             LoraInjector.Inject(model, plan, seed: seed);
+            model.GradientCheckpointing = s.GradientCheckpointing;
             step.UsedAfterBuildBytes = meter.UsedAboveBaseline();
             meter.StartWindow();
             Guard(step, () => step.Run = TrainingStep.CircuitBreaker(model, targets, s.StepBatch, s.StepTokens, s.StepRepeats, seed));
@@ -206,15 +209,28 @@ internal static class StepMeasurement
         var step = new MeasuredStep
         {
             Mode = "lora", Batch = s.StepBatch, Tokens = s.StepTokens, Layers = model.NumLayers,
-            Prediction = MeasuredStep.Predict(r, "lora", s.StepBatch, s.StepTokens, meter.IsCuda), PeakSource = meter.Source,
-            PeftPrediction = MeasuredStep.Predict(r, "lora", s.StepBatch, s.StepTokens, meter.IsCuda, LoraRuntime.Peft),
+            Prediction = MeasuredStep.Predict(r, "lora", s.StepBatch, s.StepTokens, meter.IsCuda, s.GradientCheckpointing), PeakSource = meter.Source,
+            PeftPrediction = MeasuredStep.Predict(r, "lora", s.StepBatch, s.StepTokens, meter.IsCuda, s.GradientCheckpointing, LoraRuntime.Peft),
             UsedAfterBuildBytes = usedAfterBuild,
         };
-        if (!Fits(step, meter, alreadyHeld: usedAfterBuild)) return step;
+        if (!Fits(step, meter, alreadyHeld: usedAfterBuild) || !CheckpointingAllowed(step, r, s)) return step;
         meter.StartWindow();
-        Guard(step, () => step.Run = TrainingStep.Lora(model, s.StepBatch, s.StepTokens, s.StepRepeats, seed));
+        model.GradientCheckpointing = s.GradientCheckpointing;
+        try { Guard(step, () => step.Run = TrainingStep.Lora(model, s.StepBatch, s.StepTokens, s.StepRepeats, seed)); }
+        finally { model.GradientCheckpointing = false; }
         step.PeakBytes = meter.PeakAboveBaseline();
         return step;
+    }
+
+    /// <summary>
+    /// With --gradient-checkpointing the runtime recomputes each layer in backward, which would draw new LoRA dropout
+    /// masks: a step with dropout is reported as not run.
+    /// </summary>
+    static bool CheckpointingAllowed(MeasuredStep step, LoraReport r, ReportCommand.Settings s)
+    {
+        if (!s.GradientCheckpointing || r.Plan.Effective.LoraDropout == 0) return true;
+        step.Error = $"not run: --gradient-checkpointing needs lora_dropout 0 (this config's is {r.Plan.Effective.LoraDropout}; a recomputed layer would draw new dropout masks)";
+        return false;
     }
 
     /// <summary>Tests may pretend the device has this many bytes free when a step is about to run.</summary>

@@ -130,6 +130,8 @@ public sealed class TrainSettings : CbCommonSettings
     public string? InitLoraWeights { get; init; }
     [CommandOption("--train-router")] [Description("Also train the router weights fully (saved as router.safetensors); default frozen")]
     public bool TrainRouter { get; init; }
+    [CommandOption("--gradient-checkpointing")] [Description("Recompute each decoder layer in backward, keeping about two hidden states per layer instead of its activations (needs --lora-dropout 0)")]
+    public bool GradientCheckpointing { get; init; }
 
     [CommandOption("--total-steps <N>")] [Description("Optimizer steps (default: the preset's; tiny 150)")] public int? TotalSteps { get; init; }
     [CommandOption("--gradient-accumulation <N>")] [Description("Micro-batches per optimizer step (default 1)")] public int GradientAccumulation { get; init; } = 1;
@@ -165,6 +167,7 @@ public sealed class TrainSettings : CbCommonSettings
         OptionChecks.AtLeast(Rank, 1, "-r/--rank"),
         OptionChecks.Positive(LoraAlpha, "--lora-alpha"),
         OptionChecks.Between(LoraDropout, 0, 1, "--lora-dropout", inclusiveHigh: false),
+        GradientCheckpointing && LoraDropout > 0 ? $"--gradient-checkpointing needs --lora-dropout 0, got {LoraDropout}: a recomputed layer would draw new dropout masks" : null,
         OptionChecks.Between(CbDropPrompt, 0, 1, "--cb-drop-prompt"),
         OptionChecks.AtLeast(TotalSteps, 1, "--total-steps"),
         OptionChecks.AtLeast(GradientAccumulation, 1, "--gradient-accumulation"),
@@ -222,8 +225,10 @@ public sealed class TrainCommand : Command<TrainSettings>
         var device = RuntimeDevice.Select(s.Device.Text);
         double availableGb = AvailableGb(s, device);
         // Sized from the config and the planned adapters before any weight is loaded.
+        if (s.GradientCheckpointing && JsonNode.Parse(loraJson)?["lora_dropout"]?.GetValue<double>() is > 0 and var dropout)
+            throw new UserInputException($"--gradient-checkpointing needs lora_dropout 0 (the run's is {dropout}): a recomputed layer would draw new dropout masks; add --lora-dropout 0.");
         var memory = TrainMemoryPlan.Estimate(wholeConfig, loraJson, batch, Math.Max(lengths.Request + lengths.Response, lengths.Retain),
-            targets, s.IsBf16, s.FullLayers, availableGb);
+            targets, s.IsBf16, s.FullLayers, availableGb, s.GradientCheckpointing);
         if (!memory.Fits)
             throw new UserInputException($"refusing to start: {memory.Verdict} (train itself offers --batch-size, the lengths and --bf16; --max-memory-gb plans against another size)");
 
@@ -234,6 +239,7 @@ public sealed class TrainCommand : Command<TrainSettings>
         if (device.type == DeviceType.CPU && (s.Threads ?? (preset.Name == "tiny" ? 1 : null)) is { } threads) torch.set_num_threads(threads);
         using var model = modelDir is null ? CbModels.Load(modelDir, layers, dtype, device)
             : RuntimeDevice.Load($"loading {modelDir}", p => CbModels.Load(modelDir, layers, dtype, device, p));
+        model.GradientCheckpointing = s.GradientCheckpointing;
         var adapter = CbModels.InjectAdapter(model, loraJson, s.Seed, modelDir is null ? null : Path.GetFullPath(modelDir), wholeConfig);
         CbModels.CheckRouterFrozen(adapter, s.TrainRouter);
         var routers = s.TrainRouter ? CbModels.UnfreezeRouters(model) : null;
@@ -395,7 +401,7 @@ public sealed class TrainCommand : Command<TrainSettings>
         int batch = s.BatchSize ?? preset.BatchSize;
         var loraJson = BuildLoraJson(s, preset, null, layers);
         var (memory, plan) = TrainMemoryPlan.EstimateWithPlan(config, loraJson, batch, Math.Max(lengths.Request + lengths.Response, lengths.Retain),
-            targets, s.IsBf16, s.FullLayers, PlanOnlyGb(s));
+            targets, s.IsBf16, s.FullLayers, PlanOnlyGb(s), s.GradientCheckpointing);
         var grid = new Grid().AddColumn().AddColumn();
         void Row(string k, string v) => grid.AddRow(new Markup($"[grey]{Markup.Escape(k)}[/]"), new Markup(Markup.Escape(v)));
         Row("model", $"{modelId} (config from the embedded catalog; no weights loaded)");

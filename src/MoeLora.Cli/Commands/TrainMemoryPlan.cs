@@ -19,11 +19,11 @@ internal static class TrainMemoryPlan
         MoeLora.Torch.Nn.AttentionImplementations.Default() == MoeLora.Torch.Nn.AttentionImplementation.Eager ? AttentionImpl.Eager : AttentionImpl.Sdpa;
 
     public static TrainingMemory Estimate(string configJson, string loraJson, int batch, int seqLength,
-        IReadOnlyList<int> targets, bool bf16, bool fullLayers, double availableGb) =>
-        EstimateWithPlan(configJson, loraJson, batch, seqLength, targets, bf16, fullLayers, availableGb).Memory;
+        IReadOnlyList<int> targets, bool bf16, bool fullLayers, double availableGb, bool gradientCheckpointing = false) =>
+        EstimateWithPlan(configJson, loraJson, batch, seqLength, targets, bf16, fullLayers, availableGb, gradientCheckpointing).Memory;
 
     public static (TrainingMemory Memory, AdapterPlan Plan) EstimateWithPlan(string configJson, string loraJson, int batch,
-        int seqLength, IReadOnlyList<int> targets, bool bf16, bool fullLayers, double availableGb)
+        int seqLength, IReadOnlyList<int> targets, bool bf16, bool fullLayers, double availableGb, bool gradientCheckpointing = false)
     {
         var spec = ArchitectureRegistry.Build(Core.Config.ModelConfig.Parse(configJson, "config.json"), Layout.V5);
         var plan = AdapterPlanner.Plan(spec, LoraConfig.FromJson(loraJson, "the run's LoRA config"));
@@ -35,6 +35,7 @@ internal static class TrainMemoryPlan
             DType = bf16 ? DType.BFloat16 : DType.Float32,
             TargetLayers = targets,
             CbFullLayers = fullLayers,
+            GradientCheckpointing = gradientCheckpointing,
             Gpus = 1,
             Runtime = LoraRuntime.MoeLora,
             Attention = TrainMemoryPlan.RuntimeAttention(),

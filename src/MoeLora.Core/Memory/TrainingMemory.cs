@@ -144,7 +144,10 @@ public sealed class TrainingMemory
         long actDeltas = acts.Sum(x => x.NeedsGrad ? x.ConstantBytes : 0);
         long maxLayer = acts.Select(x => x.Bytes((int)b, (int)s)).DefaultIfEmpty(0).Max();
         long deltaTransient = acts.Select(x => x.TransientBytes).DefaultIfEmpty(0).Max();
-        long checkpoints = setup.GradientCheckpointing ? run * a * h * tokens : 0;
+        // MoeLora's checkpoint node (a TorchSharp custom autograd function) also holds an uninitialised buffer of its
+        // output's shape until backward: two hidden states per layer where torch.utils.checkpoint keeps one.
+        long perCheckpoint = setup.Runtime == LoraRuntime.MoeLora ? 2 : 1;
+        long checkpoints = setup.GradientCheckpointing ? perCheckpoint * run * a * h * tokens : 0;
         var passes = cb ? 2 : 1;
         var eagerLayers = Enumerable.Range(0, (int)run).Count(i => LayerActivations.EffectiveAttention(plan.Spec, i, setup.Attention, setup.Runtime) == AttentionImpl.Eager);
         var sdpaText = setup.Runtime == LoraRuntime.MoeLora ? "a·(q+2·heads·head_dim+o) + 4·heads" : "a·(q+k+v+o)";
@@ -172,8 +175,11 @@ public sealed class TrainingMemory
         }
         else
         {
-            stepTerms.Add(new("checkpoints", passes * checkpoints, $"{(cb ? "2 passes × " : "")}{run} layers × tokens × H × a (layer inputs kept by torch.utils.checkpoint)",
-                "transformers gradient_checkpointing_enable (one checkpoint per decoder layer)"));
+            stepTerms.Add(setup.Runtime == LoraRuntime.MoeLora
+                ? new("checkpoints", passes * checkpoints, $"{(cb ? "2 passes × " : "")}{run} layers × tokens × 2·H × a (layer input + the checkpoint node's output buffer)",
+                    "MoeLora CheckpointedLayer (one custom autograd node per decoder layer)")
+                : new("checkpoints", passes * checkpoints, $"{(cb ? "2 passes × " : "")}{run} layers × tokens × H × a (layer inputs kept by torch.utils.checkpoint)",
+                    "transformers gradient_checkpointing_enable (one checkpoint per decoder layer)"));
             stepTerms.Add(new("activations", maxLayer + 2 * a * h * tokens, "the largest layer's saved activations (recomputed) + its input and output gradients (2·a·H per token)", actSource));
             phase = "recompute";
         }

@@ -92,6 +92,20 @@ public class RuntimeVariantTests
         }, iter: 60);
 
     [Fact]
+    public void Checkpointing_keeps_two_hidden_states_per_layer_in_MoeLoras_runtime()
+    {
+        // MoeLora's CheckpointedLayer keeps the layer input and TorchSharp's output buffer; torch.utils.checkpoint the input.
+        long Checkpoints(LoraRuntime runtime)
+        {
+            var m = Estimate(runtime, new TrainingSetup { SeqLength = 1024, GradientCheckpointing = true });
+            var largestLayer = LayerActivations.Build(Qwen.Value, 2, AttentionImpl.Sdpa, 48, runtime).Max(l => l.Bytes(1, 1024));
+            return m.ActivationBytes - largestLayer;
+        }
+        Assert.Equal(48L * 1024 * 2048 * 2, Checkpoints(LoraRuntime.Peft));
+        Assert.Equal(2 * 48L * 1024 * 2048 * 2, Checkpoints(LoraRuntime.MoeLora));
+    }
+
+    [Fact]
     public void MoeLora_sdpa_keeps_no_scores_and_eager_keeps_heads_times_S_per_token()
     {
         var setup = new TrainingSetup { SeqLength = 1024 };
