@@ -17,7 +17,8 @@ Both sides do the same work so that the numbers compare:
   blocks only): frozen retain and CB passes with adapters disabled, then the adapted passes, retain loss over all
   hidden states plus RR loss on the target layers, backward, AdamW step. Coefficients 0.5 / 4.5 (step 30 of
   alpha 5), so every pass runs.
-No gradient checkpointing on either side. Peak memory is what the caching allocator reserved and what the device
+No gradient checkpointing on either side unless --gradient-checkpointing (transformers' gradient_checkpointing_enable,
+non-reentrant; ours: report --gradient-checkpointing, BENCH_CHECKPOINTING=1 in tools/gpu_smoke/run_gpu.sh). Peak memory is what the caching allocator reserved and what the device
 reports in use (total - free, CUDA context included), the figure our C# side can also read.
 """
 import argparse
@@ -62,6 +63,8 @@ def build(args):
                       layers_to_transform=list(range(layers)) if args.mode == "cb" else None,
                       task_type="CAUSAL_LM")
     model = get_peft_model(model, lora)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return model, config, dict(build_s=build_s, weight_bytes=weights, trainable_parameters=trainable, layers=layers,
                                experts_implementation=str(getattr(config, "_experts_implementation", None)),
@@ -117,11 +120,13 @@ def main():
     ap.add_argument("--alpha", type=float, default=16)
     ap.add_argument("--target-layers", default="10,20")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--gradient-checkpointing", action="store_true", help="recompute each decoder layer in backward")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     args.target_layers = [int(x) for x in args.target_layers.split(",")]
     res = dict(side="pytorch+peft", torch=torch.__version__, gpu=torch.cuda.get_device_name(0), mode=args.mode,
-               batch=args.batch, tokens=args.tokens, rank=args.rank, config=args.config)
+               batch=args.batch, tokens=args.tokens, rank=args.rank, config=args.config,
+               gradient_checkpointing=args.gradient_checkpointing)
     try:
         import peft
         import transformers

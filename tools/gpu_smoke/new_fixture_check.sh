@@ -10,7 +10,8 @@ cd "$root"
 types=$1 extra=${2:-}
 : "${OUT:=/tmp/moelora-device-out}"
 mkdir -p "$OUT/make" "$OUT/check"
-FIXTURE_TYPES=$types OUT="$OUT/make" tools/device_batch.sh fixtures >/dev/null 2>&1
+# SKIP_MAKE=1: the fixtures are already in $OUT/make (made in the background of the same call).
+[ -n "${SKIP_MAKE:-}" ] || FIXTURE_TYPES=$types OUT="$OUT/make" tools/device_batch.sh fixtures >/dev/null 2>&1
 tmp=$(mktemp -d)
 for t in "$OUT"/make/fixtures_moe_fixtures_*.tar.gz; do [ -f "$t" ] && tar -xzf "$t" -C "$tmp"; done
 made="" missing=0

@@ -11,7 +11,8 @@
 #   report  `report Qwen/Qwen3-30B-A3B --load-model --init random --device cuda`, with the process's peak RSS
 #   peft    the PyTorch + PEFT reference steps of the GPU benchmark (bench/gpu/peft_step.py): a LoRA step and a
 #           circuit-breaker step on Qwen3-30B-A3B (random init, bf16), tokens/s and peak GPU memory
-#           (BENCH_BATCH, BENCH_TOKENS, BENCH_MODES override the defaults 1, 1024, "lora cb")
+#           (BENCH_BATCH, BENCH_TOKENS, BENCH_MODES override the defaults 1, 1024, "lora cb"; BENCH_CHECKPOINTING=1
+#           turns gradient checkpointing on, on both sides)
 #   ours    our side of those steps (bench/gpu/run_ours.sh: report --load-model --measure-steps)
 #   bench   ours, peft, then bench/gpu/compare.py's side-by-side table ($OUT/compare.md)
 # Results and logs go to $OUT (the device machine's output folder) or /tmp/moelora-gpu-smoke/results.
@@ -105,7 +106,7 @@ peft() {
   for mode in ${BENCH_MODES:-lora cb}; do
     local name=peft-$mode-b${BENCH_BATCH:-1}
     PYTORCH_CUDA_ALLOC_CONF=${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:True} timeout 400 python3 bench/gpu/peft_step.py --config "$bench_config" --mode "$mode" --batch "${BENCH_BATCH:-1}" \
-      --tokens "${BENCH_TOKENS:-1024}" --out "$results/$name.json" 2>"$results/$name.log"
+      --tokens "${BENCH_TOKENS:-1024}" ${BENCH_CHECKPOINTING:+--gradient-checkpointing} --out "$results/$name.json" 2>"$results/$name.log"
     log "$name: $(python3 tools/gpu_smoke/summarize_step.py "$results/$name.json" 2>&1)"
   done
 }
