@@ -254,7 +254,8 @@ public sealed class TrainCommand : Command<TrainSettings>
         if (adapter.SavePlan is { } whole && whole.TrainableParameters != counts.Trainable)
             Row("saved adapter", $"{whole.TrainableParameters.ToString("N0", CultureInfo.InvariantCulture)} trainable on the whole model, as PEFT counts it (blocks {layers}..{modelLayers - 1} saved untrained, lora_B = 0)");
         Row("schedule", $"{totalSteps} steps × batch {batch} × accumulation {s.GradientAccumulation}; lr {s.Lr ?? preset.LearningRate} {s.LrSchedule}; loss weighting {s.LossWeighting} (a={weighting.Alpha})");
-        Row("lengths", $"CB {lengths.Request}+{lengths.Response}, retain {lengths.Retain}; dtype {(s.IsBf16 ? "bf16" : "fp32")}; device {s.Device}");
+        Row("lengths", $"CB {lengths.Request}+{lengths.Response}, retain {lengths.Retain}; dtype {(s.IsBf16 ? "bf16" : "fp32")}; device {s.Device}" +
+            (s.GradientCheckpointing ? "; gradient checkpointing" : ""));
         Row("memory plan", TrainMemoryPlan.Describe(memory));
         console.Write(grid);
         if (s.PlanOnly) return ExitCodes.Ok;
