@@ -217,11 +217,16 @@ public sealed class TrainingMemory
             phase = setup.GradientCheckpointing ? "recompute" : "backward start";
         }
         stepTransient = stepTerms.Sum(t => t.Bytes);
-        long optTemp = paramBytes;
+        // torch's foreach AdamW takes the square roots of every moment at once; MoeLora's AdamW one parameter at a time.
+        var ours = setup.Runtime == LoraRuntime.MoeLora;
+        long optTemp = ours ? 4 * plan.TrainableTensors.Select(t => t.NumElements).DefaultIfEmpty(0).Max() : paramBytes;
         if (optTemp > stepTransient)
         {
-            terms.Add(new("optimizer_temp", partitionGrads && n > 1 ? Div(optTemp, n) : optTemp, "one trainable-sized temporary of the foreach AdamW update",
-                "torch.optim.adamw _multi_tensor_adamw (exp_avg_sq.sqrt())"));
+            terms.Add(ours
+                ? new("optimizer_temp", optTemp, "the largest trainable tensor × 4 B: the one square root of AdamW's update alive at a time",
+                    "MoeLora AdamW.Step (per-parameter sqrt, freed before the next parameter)")
+                : new("optimizer_temp", partitionGrads && n > 1 ? Div(optTemp, n) : optTemp, "one trainable-sized temporary of the foreach AdamW update",
+                    "torch.optim.adamw _multi_tensor_adamw (exp_avg_sq.sqrt())"));
             phase = "optimizer step";
         }
         else

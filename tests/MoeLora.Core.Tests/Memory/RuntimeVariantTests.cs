@@ -92,6 +92,19 @@ public class RuntimeVariantTests
         }, iter: 60);
 
     [Fact]
+    public void AdamWs_temporary_is_every_moment_in_torch_and_one_tensor_in_MoeLora()
+    {
+        // Short sequences with checkpointing: the optimizer update is the step's peak in both runtimes.
+        var setup = new TrainingSetup { SeqLength = 8, GradientCheckpointing = true };
+        var peft = Estimate(LoraRuntime.Peft, setup);
+        var ours = Estimate(LoraRuntime.MoeLora, setup);
+        Assert.Equal(4 * Qwen.Value.TrainableParameters, peft["optimizer_temp"]);
+        // The largest trainable tensor: a gate_up_proj lora_A, (r 32 · 128 experts) × hidden 2048.
+        Assert.Equal(4L * 32 * 128 * 2048, ours["optimizer_temp"]);
+        Assert.Equal("optimizer step", ours.Phase);
+    }
+
+    [Fact]
     public void Checkpointing_keeps_two_hidden_states_per_layer_in_MoeLoras_runtime()
     {
         // MoeLora's CheckpointedLayer keeps the layer input and TorchSharp's output buffer; torch.utils.checkpoint the input.
