@@ -119,7 +119,9 @@ public class MoeTypesOracleTests
 
     /// <summary>Types whose config class defaults leave a size unset (None), so a config naming only model_type is refused
     /// (deepseek_ocr2: text_config.mlp_layer_types, which transformers indexes per layer).</summary>
-    private static readonly HashSet<string> DefaultConfigIncomplete = new(StringComparer.Ordinal) { "deepseek_ocr2", "dots1", "hunyuan_v1_moe", "lfm2_moe" };
+    // qwen4_exp: the indexer_* fields default to None and every attention layer builds a QSA indexer from them.
+    private static readonly HashSet<string> DefaultConfigIncomplete = new(StringComparer.Ordinal)
+        { "deepseek_ocr2", "dots1", "hunyuan_v1_moe", "lfm2_moe", "qwen4_exp", "qwen4_exp_text" };
 
     /// <summary>
     /// The type's own defaults (a config naming only model_type, as transformers' default config) build in both layouts:

@@ -71,7 +71,7 @@ public class RuntimeTreeTests
             "phimoe", "granitemoe", "granitemoeshared", "granitemoe_swa", "flex_olmo", "cohere2_moe", "afmoe", "laguna", "mellum", "minimax_m2", "minimax_m3_vl_text", "aria_text", "doge",
             "qwen3_next", "qwen3_5_moe_text", "lfm2_moe", "nemotron_h", "granitemoehybrid", "deepseek_v2", "glm4_moe_lite",
             "axk1", "axk2", "deepseek_v32", "glm_moe_dsa", "zaya", "jetmoe", "dbrx", "inkling_text", "hy_v4", "jamba", "minimax", "deepseek_v4", "kimi_linear", "llama4", "aria", "minimax_m3_vl", "inkling_mm_model", "step3p7", "kimi_k25", "qwen3_vl_moe", "qwen3_omni_moe_thinker",
-            // From Data/handwritten until the oracle holds configs of these types.
+            // Also in Data/handwritten (written before the oracle held them).
             "deepseek_ocr2", "ernie4_5_vl_moe"];
         // mistral4 runs (MlaVariantsTests), but the oracle's tiny config rotates 24 · 0.5 dims for a rope width of 8,
         // which transformers' forward cannot run either. longcat_flash runs (MoeTypesParityTests, LongcatFlashTests),

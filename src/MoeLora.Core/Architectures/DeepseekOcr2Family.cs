@@ -32,8 +32,7 @@ namespace MoeLora.Core.Architectures;
 /// <c>model.qwen2_model.query_768/query_1024</c>, <c>model.projector.layers</c>, <c>model.view_seperator</c>, the
 /// language model as <c>model.embed_tokens/layers/norm</c> with per-expert <c>experts.{e}.gate_proj/up_proj/down_proj</c>.
 /// Runtime (V5 layout only): text only, as transformers runs the class given only input_ids (see <see cref="Runtime"/>):
-/// the towers, the projector and <c>view_separator</c> are built from this tree and never run. Its tree is checked
-/// against this one on a hand-written tiny config; its numerics not yet against a transformers fixture.
+/// the towers, the projector and <c>view_separator</c> are built from this tree and never run.
 /// </summary>
 internal sealed class DeepseekOcr2Family : IArchitecture
 {
@@ -128,10 +127,7 @@ internal sealed class DeepseekOcr2Family : IArchitecture
             + $", weights scaled by {scale.ToString(CultureInfo.InvariantCulture)}, not renormalised; plus {t.Shared ?? 0} shared experts (one MLP)";
         var moe = new MoeFacts(t.Experts, topK, t.Shared ?? 0, t.MoeInter, t.SharedInter, moeLayers, denseLayers, routing);
         var spec = Blocks.NestedSpec(c, textConfig, "deepseek_ocr2", b.Build(), moe, t.Hidden, t.Layers, t.Vocab, t.Heads, t.KvHeads,
-            tie, t.Act, textModel) with
-        {
-            Unchecked = "is read from transformers' deepseek_ocr2 modeling source",
-        };
+            tie, t.Act, textModel);
         // The original layout nests the towers inside the text model (model.sam_model beside model.layers), which no
         // module tree of transformers 5 has; the runtime is the transformers-5 model, described by the V5 layout.
         if (layout != Layout.V5)

@@ -111,7 +111,6 @@ internal sealed class Ernie45VLMoeFamily : IArchitecture
             "scores + moe_statics.e_score_correction_bias, renormalised");
         var spec = Blocks.NestedSpec(c, text, "ernie4_5_vl_moe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act, textModel) with
         {
-            Unchecked = "is read from transformers' ernie4_5_vl_moe modeling source",
             // gate.weight / gate.weight_1 are stored [H, E]; the [2, E] statics split by rows pairs by structure.
             CheckpointRoutersTransposed = true,
         };

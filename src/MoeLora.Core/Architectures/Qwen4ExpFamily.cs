@@ -32,8 +32,8 @@ namespace MoeLora.Core.Architectures;
 /// <see cref="Layout.V4"/> is the on-disk layout transformers 5.17's <c>qwen4_exp_text</c> conversion writes:
 /// per-expert <c>mlp.experts.{e}.gate_proj/up_proj/down_proj</c>, and each PLE n-gram table as
 /// <c>ngram_embedding.shard_{i}.weight</c>, <c>split_ngram_parts</c> row blocks (<c>torch.chunk</c> sizes assumed), under
-/// the v5 module names. Read from the transformers sources, not yet checked against the oracle; for the multimodal
-/// class the same rule is applied under <c>model.language_model</c>, as for Qwen3.5-MoE.
+/// the v5 module names; for the multimodal class the same rule is applied under <c>model.language_model</c>, as for
+/// Qwen3.5-MoE.
 /// </para>
 /// <para>
 /// Layer types: <c>linear_attention</c> builds <c>linear_attn</c>, every other type <c>self_attn</c> with its indexer
@@ -183,7 +183,6 @@ internal sealed class Qwen4ExpFamily : IArchitecture
         var spec = Blocks.NestedSpec(c, text, modelType, b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act, textModel);
         return spec with
         {
-            Unchecked = "is read from transformers' qwen4_exp modeling source",
             RuntimeUnavailable = "Qwen4-Exp's hyper-connection residual streams, QSA token indexer and n-gram per-layer embeddings",
         };
     }
