@@ -324,7 +324,13 @@ public sealed class TrainCommand : Command<TrainSettings>
             }, cancel);
         }
 
-        MetricsPlot.Write(trainer.MetricsPath, Path.Combine(folder.Path, "loss_curves"));
+        // The chart is a convenience: a host without SkiaSharp's native library (the GPU smoke bundle leaves it out when
+        // the device's size limit needs the room) still gets its adapter and metrics.jsonl.
+        try { MetricsPlot.Write(trainer.MetricsPath, Path.Combine(folder.Path, "loss_curves")); }
+        catch (Exception e) when (e is DllNotFoundException or TypeInitializationException)
+        {
+            console.MarkupLine($"[yellow]loss_curves not drawn[/]: {Markup.Escape(e.GetBaseException().Message)} (metrics.jsonl has every value)");
+        }
         if (outcome == TrainOutcome.Interrupted)
         {
             console.MarkupLine($"[yellow]interrupted[/] at step {trainer.Step}: checkpoint saved in {Markup.Escape(trainer.CheckpointDir)}; continue with --resume.");
