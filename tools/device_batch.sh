@@ -18,8 +18,9 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 : "${OUT:=/tmp/moelora-device-out}"
 mkdir -p "$OUT"
-work=/tmp/moelora-batch
-rm -rf "$work"; mkdir -p "$work/results"
+# A folder of its own, so that two batches in one device call (one in the background) do not clear each other's work.
+work=$(mktemp -d /tmp/moelora-batch.XXXXXX)
+mkdir -p "$work/results"
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 start=$(date +%s)
 stamp() { echo "[$(( $(date +%s) - start ))s] $*" | tee -a "$work/results/batch.txt"; }
