@@ -51,14 +51,14 @@ public class CastLinearTests
         const string lora = """{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "target_parameters": ["mlp.experts.gate_up_proj"]}""";
         Dictionary<string, Tensor> Grads(bool keepNarrow)
         {
-            LoraLinear.KeepNarrowInput = keepNarrow;
+            LoraLinear.KeepWideCopy = !keepNarrow;
             try
             {
                 using var h = new DisposableModel(TorchModelFactory.Random(config, 5, ScalarType.BFloat16));
                 var (_, grads) = RuntimeChecks.LoraStep(h.Model, lora);
                 return grads.ToDictionary(g => g.Key, g => g.Value.detach().clone());
             }
-            finally { LoraLinear.KeepNarrowInput = true; }
+            finally { LoraLinear.KeepWideCopy = false; }
         }
         var reference = Grads(false);
         var ours = Grads(true);

@@ -49,8 +49,11 @@ public sealed class LoraLinear : LoraWrapper, ILinearAdapter
 
     readonly Linear _layer;
 
-    /// <summary>False: PEFT's own path (an fp32 copy kept for backward), for tests that compare the two.</summary>
-    internal static bool KeepNarrowInput { get; set; } = true;
+    /// <summary>
+    /// True on this thread: PEFT's own path (an fp32 copy kept for backward), for tests that compare the two. Per thread,
+    /// so a test that switches it cannot change a training run another test has going at the same time.
+    /// </summary>
+    [ThreadStatic] internal static bool KeepWideCopy;
 
     public LoraLinear(Linear baseLayer, string adapter, Tensor a, Tensor b, double scaling, int rank, double dropout)
         : base(baseLayer, adapter, a, b, scaling, rank)
@@ -71,7 +74,7 @@ public sealed class LoraLinear : LoraWrapper, ILinearAdapter
         if (!Enabled) return baseOutput;
         var dropout = _dropout > 0 && Training;
         Tensor down;
-        if (KeepNarrowInput && !dropout && x.dtype != A.weight.dtype && is_grad_enabled() && A.weight.requires_grad)
+        if (!KeepWideCopy && !dropout && x.dtype != A.weight.dtype && is_grad_enabled() && A.weight.requires_grad)
         {
             // PEFT's x.to(fp32) @ Aᵀ, keeping the bf16 x rather than its fp32 copy for backward (same gradients).
             down = CastLinear.Apply(x, A.weight);
