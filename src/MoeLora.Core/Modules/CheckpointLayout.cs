@@ -246,7 +246,7 @@ public sealed partial class CheckpointLayout
             int dot = module.LastIndexOf('.');
             return dot < 0 ? ("", module) : (module[..dot], module[(dot + 1)..]);
         }
-        var order = AllParameters(other).Select((p, i) => (p.Name, i)).ToDictionary(e => e.Name, e => e.i, StringComparer.Ordinal);
+        var order = RegistrationOrder(other);
         foreach (ParameterNode whole in unpairedRuntime.ToList())
         {
             if (whole.Shape.Length == 0) continue;
@@ -304,7 +304,7 @@ public sealed partial class CheckpointLayout
             .GroupBy(p => (Split(runtime.OwnerOf(p).Name).Parent, p.LocalName))
             .Select(g => roles.Select(r => g.SingleOrDefault(p => Split(runtime.OwnerOf(p).Name).Attribute == r)).ToList())
             .Where(t => t.All(p => p is not null)).Select(t => t.Select(p => p!).ToList()).ToList();
-        var order = AllParameters(other).Select((p, i) => (p.Name, i)).ToDictionary(e => e.Name, e => e.i, StringComparer.Ordinal);
+        var order = RegistrationOrder(other);
         foreach (var group in triples.GroupBy(t => (runtime.OwnerOf(t[0]).LayerIndex, t[0].LocalName)))
         {
             var mine = group.ToList();
@@ -380,8 +380,8 @@ public sealed partial class CheckpointLayout
     {
         static string Key(ModuleTree tree, ParameterNode p) =>
             $"{tree.OwnerOf(p).LayerIndex}|{tree.OwnerOf(p).ClassName}|{p.LocalName}|{string.Join(',', p.Shape.Skip(1))}|{p.Shape.Length}";
-        var runtimeOrder = AllParameters(runtime).Select((p, i) => (p.Name, i)).ToDictionary(e => e.Name, e => e.i, StringComparer.Ordinal);
-        var otherOrder = AllParameters(other).Select((p, i) => (p.Name, i)).ToDictionary(e => e.Name, e => e.i, StringComparer.Ordinal);
+        var runtimeOrder = RegistrationOrder(runtime);
+        var otherOrder = RegistrationOrder(other);
         var mine = unpairedRuntime.Where(p => p.Shape.Length > 0).GroupBy(p => Key(runtime, p))
             .ToDictionary(g => g.Key, g => g.OrderBy(p => runtimeOrder[p.Name]).ToList());
         var theirs = unpairedOther.Select(n => otherByName[n]).Where(p => p.Shape.Length > 0).GroupBy(p => Key(other, p))
@@ -418,20 +418,13 @@ public sealed partial class CheckpointLayout
     {
         static string Key(ModuleTree tree, ParameterNode p, bool transpose) =>
             $"{tree.OwnerOf(p).LayerIndex}|{tree.OwnerOf(p).ClassName}|{string.Join(',', transpose ? p.Shape.Reverse() : p.Shape)}";
-        static bool IsRouterMatrix(ModuleTree tree, ParameterNode p) => p.Shape.Length == 2 && tree.OwnerOf(p).Kind == ModuleKind.Router;
-        var otherOrder = AllParameters(other).Select((p, i) => (p.Name, i)).ToDictionary(e => e.Name, e => e.i, StringComparer.Ordinal);
-        var theirs = unpairedOther.Select(n => otherByName[n]).Where(p => IsRouterMatrix(other, p)).GroupBy(p => Key(other, p, transpose: true))
-            .ToDictionary(g => g.Key, g => g.OrderBy(p => otherOrder[p.Name]).ToList());
-        foreach (var group in unpairedRuntime.Where(p => IsRouterMatrix(runtime, p)).GroupBy(p => Key(runtime, p, transpose: false)).ToList())
+        var paired = PairInOrder(unpairedRuntime, unpairedOther, otherByName, runtime, other, (tree, p) => Key(tree, p, transpose: false),
+            otherKey: (tree, p) => Key(tree, p, transpose: true),
+            only: (tree, p) => p.Shape.Length == 2 && tree.OwnerOf(p).Kind == ModuleKind.Router, transposed: true);
+        foreach (var (mine, theirs) in paired)
         {
-            var mine = group.ToList();
-            if (!theirs.TryGetValue(group.Key, out var match) || match.Count != mine.Count) continue;
-            for (int i = 0; i < mine.Count; i++)
-            {
-                _alternatives[mine[i].Name] = new Alternative([match[i]], IsSliceOfFused: false, Transposed: true);
-                unpairedRuntime.Remove(mine[i]);
-                unpairedOther.Remove(match[i].Name);
-            }
+            unpairedRuntime.Remove(mine);
+            unpairedOther.Remove(theirs.Name);
         }
     }
 
@@ -487,21 +480,36 @@ public sealed partial class CheckpointLayout
         }
     }
 
-    // Pairs each group of still-unpaired tensors sharing a key with the other tree's group of the same key and size, in order.
-    private void PairInOrder(List<ParameterNode> unpairedRuntime, HashSet<string> unpairedOther, Dictionary<string, ParameterNode> otherByName,
-        ModuleTree runtime, ModuleTree other, Func<ModuleTree, ParameterNode, string> key)
+    // Pairs each group of still-unpaired tensors sharing a key with the other tree's group of the same key and size, in
+    // registration order; otherKey (default: key) keys the other tree's tensors, only filters both sides, and transposed
+    // marks the pairs as stored transposed. Returns the pairs made.
+    private List<(ParameterNode Mine, ParameterNode Theirs)> PairInOrder(List<ParameterNode> unpairedRuntime, HashSet<string> unpairedOther,
+        Dictionary<string, ParameterNode> otherByName, ModuleTree runtime, ModuleTree other, Func<ModuleTree, ParameterNode, string> key,
+        Func<ModuleTree, ParameterNode, string>? otherKey = null, Func<ModuleTree, ParameterNode, bool>? only = null, bool transposed = false)
     {
         var pairedOther = _alternatives.Values.SelectMany(a => a.Parts).Select(p => p.Name).ToHashSet(StringComparer.Ordinal);
-        var order = AllParameters(other).Select((p, i) => (p.Name, i)).ToDictionary(e => e.Name, e => e.i, StringComparer.Ordinal);
+        var order = RegistrationOrder(other);
         var otherGroups = unpairedOther.Where(n => !pairedOther.Contains(n)).Select(n => otherByName[n])
-            .GroupBy(p => key(other, p)).ToDictionary(g => g.Key, g => g.OrderBy(p => order[p.Name]).ToList());
-        foreach (var group in unpairedRuntime.Where(p => !_alternatives.ContainsKey(p.Name)).GroupBy(p => key(runtime, p)))
+            .Where(p => only is null || only(other, p))
+            .GroupBy(p => (otherKey ?? key)(other, p)).ToDictionary(g => g.Key, g => g.OrderBy(p => order[p.Name]).ToList());
+        var pairs = new List<(ParameterNode, ParameterNode)>();
+        foreach (var group in unpairedRuntime.Where(p => !_alternatives.ContainsKey(p.Name) && (only is null || only(runtime, p)))
+            .GroupBy(p => key(runtime, p)))
         {
             var mine = group.ToList();
             if (!otherGroups.TryGetValue(group.Key, out var match) || match.Count != mine.Count) continue;
-            for (int i = 0; i < mine.Count; i++) _alternatives[mine[i].Name] = new Alternative([match[i]], IsSliceOfFused: false);
+            for (int i = 0; i < mine.Count; i++)
+            {
+                _alternatives[mine[i].Name] = new Alternative([match[i]], IsSliceOfFused: false, Transposed: transposed);
+                pairs.Add((mine[i], match[i]));
+            }
         }
+        return pairs;
     }
+
+    // Each parameter's position in its tree's registration order (named_parameters()), for pairing in that order.
+    private static Dictionary<string, int> RegistrationOrder(ModuleTree tree) =>
+        AllParameters(tree).Select((p, i) => (p.Name, i)).ToDictionary(e => e.Name, e => e.i, StringComparer.Ordinal);
 
     // The decoder layer's child a module sits in ("input_layernorm" for model.layers.3.input_layernorm.mlp.fc1): the
     // name segment after the first ".{layer}." (layers come before any expert index in a name); "" outside the layers.
