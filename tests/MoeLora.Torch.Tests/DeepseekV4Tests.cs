@@ -113,7 +113,7 @@ public class DeepseekV4Tests
         var p = Randomize(compressor, 10);
         Assert.Equal(["position_bias", "kv_proj.weight", "gate_proj.weight", "kv_norm.weight"], p.Keys);
         var x = randn(new long[] { 1, Seq, Hidden }, generator: new Generator(2));
-        var (entries, bias) = compressor.Forward(x, randn(1, Seq, QRank), Context(Seq));
+        var (entries, bias) = compressor.Forward(x, randn(new long[] { 1, Seq, QRank }, generator: new Generator(3)), Context(Seq));
         Assert.Equal(new long[] { 1, 1, Seq / rate, HeadDim }, entries.shape);
         Near(Entries(D(x), p, "", HeadDim, rate, overlap: false).SelectMany(e => e).ToArray(), D(entries), 1e-5, "entries");
         var b = D(bias!);

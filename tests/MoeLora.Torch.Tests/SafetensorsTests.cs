@@ -16,11 +16,12 @@ public class SafetensorsTests
         var path = Path.GetTempFileName();
         try
         {
+            var gen = new Generator(5); // not torch's global RNG, which the trainer tests seed and save
             var src = new Dictionary<string, Tensor>
             {
-                ["f32"] = randn(3, 4),
-                ["bf16"] = randn(2, 5).to(ScalarType.BFloat16),
-                ["f16"] = randn(7).to(ScalarType.Float16),
+                ["f32"] = randn([3, 4], generator: gen),
+                ["bf16"] = randn([2, 5], generator: gen).to(ScalarType.BFloat16),
+                ["f16"] = randn([7], generator: gen).to(ScalarType.Float16),
                 ["i64"] = arange(6, ScalarType.Int64).reshape(2, 3),
                 ["empty"] = zeros(0, 4),
             };
