@@ -161,7 +161,9 @@ public sealed class TrainingMemory
         long stepTransient;
         string phase;
         var stepTerms = new List<MemoryTerm>();
-        long loss = cb ? 0 : 12 * tokens * v;
+        // MoeLora runs a frozen head and the cross-entropy chunk by chunk (ChunkedLmLoss); PEFT's step keeps whole fp32 logits.
+        var chunkedLoss = setup.Runtime == LoraRuntime.MoeLora && ChunkedLmLoss.Applies(plan);
+        long loss = cb ? 0 : chunkedLoss ? ChunkedLmLoss.PeakBytes(tokens, v, h, a) : 12 * tokens * v;
         if (!setup.GradientCheckpointing)
         {
             stepTerms.Add(new("activations", passes * actTokens, (cb ? "2 adapted passes × " : "") + actFormula, actSource));
@@ -193,8 +195,11 @@ public sealed class TrainingMemory
                 stepTerms.RemoveAll(t => t.Name == "activations");
                 phase = "loss backward";
             }
-            stepTerms.Add(new("logits_loss", lossPeak, "12 × tokens × vocab: fp32 log_softmax output (saved) + nll_loss grad + log_softmax grad, 4 B each",
-                "transformers ForCausalLMLoss upcasts logits to fp32 (logits.float()) before F.cross_entropy"));
+            stepTerms.Add(chunkedLoss
+                ? new("logits_loss", lossPeak, $"8 × min(tokens, {ChunkedLmLoss.ChunkTokens(v):N0}) × vocab (the fp32 logits of one chunk and their log-softmax) + a·tokens·H (the head input's gradient)",
+                    "MoeLora LinearCrossEntropy: the frozen LM head and the cross-entropy run per chunk, forward and again in backward; no [tokens, vocab] tensor is kept")
+                : new("logits_loss", lossPeak, "12 × tokens × vocab: fp32 log_softmax output (saved) + nll_loss grad + log_softmax grad, 4 B each",
+                    "transformers ForCausalLMLoss upcasts logits to fp32 (logits.float()) before F.cross_entropy"));
             if (deltaTransient > 0 && (setup.GradientCheckpointing ? loss < layerPeak : deltaTransient > loss))
             {
                 stepTerms.RemoveAll(t => t.Name == "logits_loss");

@@ -165,6 +165,50 @@ public sealed class CausalLm : HfModule, IDisposable
     /// </summary>
     public CausalLmOutput Forward(Tensor inputIds, Tensor? attentionMask = null, bool outputHiddenStates = false, Tensor? positionIds = null)
     {
+        var (logits, hidden, router) = Run(inputIds, attentionMask, outputHiddenStates, positionIds, Logits);
+        return new CausalLmOutput { Logits = logits, HiddenStates = hidden, RouterLogits = router };
+    }
+
+    /// <summary>
+    /// transformers' causal-LM loss of <c>model(input_ids, attention_mask, labels=input_ids)</c> (<see cref="MoeLora.Torch.Training.CausalLmLoss"/>).
+    /// With a frozen LM head it never forms the logits: the head and the cross-entropy run a chunk of tokens at a time
+    /// (<see cref="MoeLora.Torch.Training.LinearCrossEntropy"/>, sized by Core's <see cref="Core.Memory.ChunkedLmLoss"/>), the same
+    /// values per token at a fraction of the memory. An adapted or trained head takes the logits path.
+    /// </summary>
+    public Tensor CausalLmLoss(Tensor inputIds, Tensor? attentionMask = null) =>
+        CausalLmLoss(inputIds, attentionMask, Core.Memory.ChunkedLmLoss.ChunkTokens(VocabSize));
+
+    /// <summary><see cref="CausalLmLoss(Tensor, Tensor?)"/> with chunks of <paramref name="chunkTokens"/> rows (tests use a few).</summary>
+    internal Tensor CausalLmLoss(Tensor inputIds, Tensor? attentionMask, long chunkTokens)
+    {
+        if (!ChunkedLossApplies)
+        {
+            using var output = Forward(inputIds, attentionMask);
+            return MoeLora.Torch.Training.CausalLmLoss.Compute(output.Logits, inputIds, attentionMask);
+        }
+        var labels = MoeLora.Torch.Training.CausalLmLoss.ShiftedLabels(inputIds, attentionMask, Device).reshape(-1);
+        var head = new MoeLora.Torch.Training.LinearCrossEntropy.Head(_lmHead.weight, _lmHead.bias, Runtime.Scaling?.LogitsMultiplier ?? 1.0, chunkTokens);
+        var (loss, _, router) = Run(inputIds, attentionMask, false, null,
+            h => MoeLora.Torch.Training.LinearCrossEntropy.Apply(h.reshape(-1, h.shape[^1]), labels, head));
+        foreach (var r in router) r.Dispose();
+        labels.Dispose();
+        return loss;
+    }
+
+    /// <summary>The LM head has no adapter and nothing of it trains (as Core's <see cref="Core.Memory.ChunkedLmLoss.Applies"/> predicts from the plan).</summary>
+    internal bool ChunkedLossApplies =>
+        _lmHead.Adapters.Count == 0 && !_lmHead.weight.requires_grad && _lmHead.bias is not { requires_grad: true };
+
+    Tensor Logits(Tensor h)
+    {
+        var logits = _lmHead.Forward(h);
+        return Runtime.Scaling is { LogitsMultiplier: not 1.0 } ls ? logits * ls.LogitsMultiplier : logits;
+    }
+
+    /// <summary>The decoder stack, then <paramref name="head"/> on the final normed hidden state.</summary>
+    (Tensor Head, List<Tensor> Hidden, List<Tensor> Router) Run(Tensor inputIds, Tensor? attentionMask, bool outputHiddenStates, Tensor? positionIds,
+        Func<Tensor, Tensor> head)
+    {
         using var scope = NewDisposeScope();
         long b = inputIds.shape[0], s = inputIds.shape[1];
         var ids = inputIds.to(Device);
@@ -196,14 +240,9 @@ public sealed class CausalLm : HfModule, IDisposable
         if (_hcHead is not null) h = _hcHead.Forward(h);
         h = _norm.Forward(h.dtype == DType ? h : h.to(DType));
         if (outputHiddenStates) hidden[^1] = h;
-        var logits = _lmHead.Forward(h);
-        if (Runtime.Scaling is { LogitsMultiplier: not 1.0 } ls) logits = logits * ls.LogitsMultiplier;
-        return new CausalLmOutput
-        {
-            Logits = logits.MoveToOuterDisposeScope(),
-            HiddenStates = hidden.Select(t => t.MoveToOuterDisposeScope()).ToList(),
-            RouterLogits = ctx.RouterLogits.Select(t => t.MoveToOuterDisposeScope()).ToList(),
-        };
+        var output = head(h);
+        return (output.MoveToOuterDisposeScope(), hidden.Select(t => t.MoveToOuterDisposeScope()).ToList(),
+            ctx.RouterLogits.Select(t => t.MoveToOuterDisposeScope()).ToList());
     }
 
     /// <summary>The ids the embedding reads: <paramref name="placeholders"/> become id 0 (<see cref="DecoderRuntime.PlaceholderIds"/>).</summary>

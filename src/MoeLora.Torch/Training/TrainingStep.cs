@@ -13,14 +13,19 @@ namespace MoeLora.Torch.Training;
 /// </summary>
 public static class CausalLmLoss
 {
-    public static Tensor Compute(Tensor logits, Tensor inputIds, Tensor? attentionMask = null)
+    public static Tensor Compute(Tensor logits, Tensor inputIds, Tensor? attentionMask = null) =>
+        nn.functional.cross_entropy(logits.to(ScalarType.Float32).reshape(-1, logits.shape[^1]),
+            ShiftedLabels(inputIds, attentionMask, logits.device).reshape(-1), ignore_index: -100);
+
+    /// <summary>The labels [B, S]: the next token at each position, -100 at the last one and where the mask is 0.</summary>
+    public static Tensor ShiftedLabels(Tensor inputIds, Tensor? attentionMask, Device device)
     {
-        var labels = inputIds.to(logits.device);
-        if (attentionMask is not null) labels = labels.masked_fill(attentionMask.to(logits.device).eq(0), -100);
+        using var scope = NewDisposeScope();
+        var labels = inputIds.to(device);
+        if (attentionMask is not null) labels = labels.masked_fill(attentionMask.to(device).eq(0), -100);
         long b = labels.shape[0], s = labels.shape[1];
-        var pad = full([b, 1], -100L, ScalarType.Int64, logits.device);
-        var shifted = s > 1 ? cat([labels.narrow(1, 1, s - 1), pad], 1) : pad;
-        return nn.functional.cross_entropy(logits.to(ScalarType.Float32).reshape(-1, logits.shape[^1]), shifted.reshape(-1), ignore_index: -100);
+        var pad = full([b, 1], -100L, ScalarType.Int64, device);
+        return (s > 1 ? cat([labels.narrow(1, 1, s - 1), pad], 1) : pad).MoveToOuterDisposeScope();
     }
 }
 
@@ -68,8 +73,7 @@ public static class TrainingStep
             {
                 var ids = RandomIds(model, batch, tokens, gen);
                 MemTrace.Mark("lora step start", model.Device);
-                using var output = model.Forward(ids, ones_like(ids));
-                var loss = CausalLmLoss.Compute(output.Logits, ids);
+                var loss = model.CausalLmLoss(ids, ones_like(ids));
                 MemTrace.Mark("lora forward + loss", model.Device);
                 loss.backward();
                 MemTrace.Mark("lora backward", model.Device);

@@ -74,7 +74,8 @@ public class RuntimeVariantTests
         // LoRA, MoeLora's SDPA call repeats k/v to all 32 heads (4 kv heads, head_dim 128; TorchSharp has no
         // enable_gqa) and keeps the fp32 log-sum-exp: 2 B × 2 × (32 − 4) × 128 + 4 B × 32 per token and layer; and its
         // lora_A keeps the bf16 input of q/k/v (2048 wide) and o (4096) where PEFT keeps an fp32 copy: 2 B less each,
-        // and 4 B × r (16) more for the output buffer of its TorchSharp autograd node.
+        // and 4 B × r (16) more for the output buffer of its TorchSharp autograd node. Its LoRA step's loss runs chunk by
+        // chunk (ChunkedLmLoss) where transformers keeps 12 B per logit.
         Gen.Select(Gen.Int[1, 4], Gen.Int[8192, 16384], Gen.Bool).Sample(t =>
         {
             var setup = new TrainingSetup { BatchSize = t.Item1, SeqLength = t.Item2, Mode = t.Item3 ? TrainingMode.CircuitBreaker : TrainingMode.Lora };
@@ -86,8 +87,10 @@ public class RuntimeVariantTests
             var tokens = passes * trained * (long)setup.BatchSize * setup.SeqLength;
             var repeatedKv = tokens * (2L * 2 * (32 - 4) * 128 + 4 * 32);
             var narrowInputs = tokens * (2L * (3 * 2048 + 4096) - 4 * 4 * 16);
-            return materialised > 0 && peft["fused_expert_delta_fp32"] == 0
-                && ours.PerGpuBytes - ours["expert_lora_low_rank"] - repeatedKv + narrowInputs == peft.PerGpuBytes - materialised
+            var tokensInStep = (long)setup.BatchSize * setup.SeqLength;
+            var loss = setup.Mode == TrainingMode.Lora ? 12 * tokensInStep * 151_936 - ChunkedLmLoss.PeakBytes(tokensInStep, 151_936, 2048, 2) : 0;
+            return materialised > 0 && peft["fused_expert_delta_fp32"] == 0 && peft["logits_loss"] - ours["logits_loss"] == loss
+                && ours.PerGpuBytes - ours["expert_lora_low_rank"] - repeatedKv + narrowInputs + loss == peft.PerGpuBytes - materialised
                 && ours.PerGpuBytes < peft.PerGpuBytes;
         }, iter: 60);
 
@@ -150,5 +153,30 @@ public class RuntimeVariantTests
         Assert.NotNull(v4.Runtime);
         Assert.All(Enumerable.Range(0, 2), i => Assert.Equal(AttentionImpl.Eager, LayerActivations.EffectiveAttention(v4, i, AttentionImpl.Sdpa, runtime)));
         Assert.Equal(AttentionImpl.Sdpa, LayerActivations.EffectiveAttention(Qwen.Value.Spec, 0, AttentionImpl.Sdpa, runtime));
+    }
+
+    [Fact]
+    public void MoeLoras_lora_step_prices_one_chunk_of_logits_unless_the_head_trains()
+    {
+        var setup = new TrainingSetup { SeqLength = 1024 };
+        var ours = Estimate(LoraRuntime.MoeLora, setup);
+        // 110 tokens of 151,936 words, two fp32 tensors at once, and the bf16 gradient of the head's 1024 × 2048 input.
+        Assert.Equal(8L * 110 * 151_936 + 2L * 1024 * 2048, ours["logits_loss"]);
+        Assert.Equal(12L * 1024 * 151_936, Estimate(LoraRuntime.Peft, setup)["logits_loss"]);
+
+        // An adapted head (or a trained copy of it) needs the whole logits' gradient: transformers' path, priced as PEFT's.
+        var spec = MeasuredMemoryTests.Spec("Qwen__Qwen3-30B-A3B");
+        foreach (var config in new[]
+                 {
+                     LoraConfig.SeedDefault with { TargetModules = ModuleSelector.List(["q_proj", "lm_head"]) },
+                     LoraConfig.SeedDefault with { ModulesToSave = ["lm_head"] },
+                 })
+        {
+            var plan = AdapterPlanner.Plan(spec, config, null);
+            Assert.False(ChunkedLmLoss.Applies(plan));
+            var m = TrainingMemory.Estimate(plan, setup with { Runtime = LoraRuntime.MoeLora }, withFixes: false);
+            Assert.Equal(12L * 1024 * 151_936, m["logits_loss"]);
+        }
+        Assert.True(ChunkedLmLoss.Applies(Qwen.Value));
     }
 }
