@@ -41,18 +41,20 @@ echo "== pack"
 # The Native-AOT publish writes the executable's debug symbols next to it (moelora.dbg, 35 MB): not needed to run.
 rm -f "$app"/*.dbg
 cp "$out/cpu-tiny-metrics.jsonl" "$app/cpu-tiny-metrics.jsonl"
-XZ_OPT=-9 tar -cJf "$tarball" -C "$out" moelora
-tar_bytes=$(stat -c %s "$tarball")
+# Packed beside the old tarball and moved over it, so a device call carrying it meanwhile never sees half a file.
+XZ_OPT=-9 tar -cJf "$tarball.part" -C "$out" moelora
+tar_bytes=$(stat -c %s "$tarball.part")
 repo_bytes=$(git ls-files -z | xargs -0 stat -c %s 2>/dev/null | awk '{s+=$1} END {print s}')
 total=$((tar_bytes + repo_bytes))
 if [ "$total" -ge $((64 * 1024 * 1024)) ]; then
   # Over the device's 64 MiB: leave out the chart libraries (3.8 MB packed); train then writes no loss_curves.png.
   echo "over 64 MiB: leaving out libSkiaSharp.so and libHarfBuzzSharp.so (no loss-curve charts on the device)"
   rm -f "$app/libSkiaSharp.so" "$app/libHarfBuzzSharp.so"
-  XZ_OPT=-9 tar -cJf "$tarball" -C "$out" moelora
-  tar_bytes=$(stat -c %s "$tarball")
+  XZ_OPT=-9 tar -cJf "$tarball.part" -C "$out" moelora
+  tar_bytes=$(stat -c %s "$tarball.part")
   total=$((tar_bytes + repo_bytes))
 fi
 printf '%s: %.1f MiB; tracked repository files %.1f MiB; together %.1f MiB (limit 64 MiB)\n' \
   "$tarball" "$(echo "$tar_bytes/1048576" | bc -l)" "$(echo "$repo_bytes/1048576" | bc -l)" "$(echo "$total/1048576" | bc -l)"
-if [ "$total" -ge $((64 * 1024 * 1024)) ]; then echo "too large for the device machine's 64 MiB" >&2; exit 1; fi
+if [ "$total" -ge $((64 * 1024 * 1024)) ]; then rm -f "$tarball.part"; echo "too large for the device machine's 64 MiB" >&2; exit 1; fi
+mv -f "$tarball.part" "$tarball"
