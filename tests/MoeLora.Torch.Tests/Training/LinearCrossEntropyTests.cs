@@ -37,6 +37,13 @@ public class LinearCrossEntropyTests
         return (l.item<float>(), grads);
     }
 
+    /// <summary>transformers' path: the whole logits, then <see cref="CausalLmLoss.Compute"/>.</summary>
+    static Tensor WholeLogitsLoss(CausalLm model, Tensor ids, Tensor mask)
+    {
+        using var output = model.Forward(ids, mask);
+        return CausalLmLoss.Compute(output.Logits, ids, mask);
+    }
+
     /// <summary>Two rows of 9 tokens, the second left-padded by 3 (its first labels are ignored).</summary>
     static (Tensor Ids, Tensor Mask) Batch(long vocab)
     {
@@ -56,11 +63,7 @@ public class LinearCrossEntropyTests
         var model = holder.Model;
         Assert.True(model.ChunkedLossApplies);
         var (ids, mask) = Batch(model.VocabSize);
-        var reference = Step(model, () =>
-        {
-            using var output = model.Forward(ids, mask);
-            return CausalLmLoss.Compute(output.Logits, ids, mask);
-        });
+        var reference = Step(model, () => WholeLogitsLoss(model, ids, mask));
         foreach (var chunk in new long[] { 1, 4, 7, 100 })
         {
             var chunked = Step(model, () => model.CausalLmLoss(ids, mask, chunk));
@@ -110,11 +113,7 @@ public class LinearCrossEntropyTests
         var model = holder.Model;
         Assert.False(model.ChunkedLossApplies);
         var (ids, mask) = Batch(model.VocabSize);
-        var reference = Step(model, () =>
-        {
-            using var output = model.Forward(ids, mask);
-            return CausalLmLoss.Compute(output.Logits, ids, mask);
-        });
+        var reference = Step(model, () => WholeLogitsLoss(model, ids, mask));
         var loss = Step(model, () => model.CausalLmLoss(ids, mask));
         Assert.Equal(reference.Loss, loss.Loss, 6);
         Assert.Contains(loss.Grads.Keys, k => k.Contains("lm_head.lora_A", StringComparison.Ordinal));
