@@ -12,7 +12,8 @@
 #   peft    the PyTorch + PEFT reference steps of the GPU benchmark (bench/gpu/peft_step.py): a LoRA step and a
 #           circuit-breaker step on Qwen3-30B-A3B (random init, bf16), tokens/s and peak GPU memory
 #           (BENCH_BATCH, BENCH_TOKENS, BENCH_MODES override the defaults 1, 1024, "lora cb"; BENCH_CHECKPOINTING=1
-#           turns gradient checkpointing on, on both sides)
+#           turns gradient checkpointing on, on both sides; BENCH_CHECKPOINTING=auto only on a GPU of under 100 GiB,
+#           where PEFT's LoRA step without it, about 137 GiB, cannot run: one command for whichever card comes)
 #   ours    our side of those steps (bench/gpu/run_ours.sh: report --load-model --measure-steps)
 #   bench   ours, peft, then bench/gpu/compare.py's side-by-side table ($OUT/compare.md)
 # Results and logs go to $OUT (the device machine's output folder) or /tmp/moelora-gpu-smoke/results.
@@ -25,6 +26,11 @@ failures=0
 
 log "== $(date -u +%FT%TZ) stage $stage on $(hostname)"
 log "gpu: $(nvidia-smi --query-gpu=name,memory.total,memory.free,driver_version --format=csv,noheader 2>&1 | head -n 1)"
+if [ "${BENCH_CHECKPOINTING:-}" = auto ]; then
+  gpu_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1)
+  if [ "${gpu_mib:-0}" -lt 102400 ]; then export BENCH_CHECKPOINTING=1; else unset BENCH_CHECKPOINTING; fi
+  log "bench: gradient checkpointing ${BENCH_CHECKPOINTING:+on}${BENCH_CHECKPOINTING:-off} (auto, ${gpu_mib:-?} MiB GPU)"
+fi
 log "python3 torch: $(timeout 120 python3 -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())' 2>&1 | tail -n 1)"
 
 parity() {
