@@ -29,7 +29,7 @@ log "gpu: $(nvidia-smi --query-gpu=name,memory.total,memory.free,driver_version 
 if [ "${BENCH_CHECKPOINTING:-}" = auto ]; then
   gpu_mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits 2>/dev/null | head -n 1)
   if [ "${gpu_mib:-0}" -lt 102400 ]; then export BENCH_CHECKPOINTING=1; else unset BENCH_CHECKPOINTING; fi
-  log "bench: gradient checkpointing ${BENCH_CHECKPOINTING:+on}${BENCH_CHECKPOINTING:-off} (auto, ${gpu_mib:-?} MiB GPU)"
+  log "bench: gradient checkpointing $([ -n "${BENCH_CHECKPOINTING:-}" ] && echo on || echo off) (auto, ${gpu_mib:-?} MiB GPU)"
 fi
 log "python3 torch: $(timeout 120 python3 -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())' 2>&1 | tail -n 1)"
 
