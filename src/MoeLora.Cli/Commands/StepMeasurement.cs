@@ -309,7 +309,7 @@ internal static class StepMeasurement
                 new("PEFT predicted", Right: true)], rows),
             new Paragraph($"One warm-up step, then {(first.Run?.Seconds.Count ?? 1) - 1} timed steps on random token ids (seeded), batch {first.Batch} × {first.Tokens} tokens" +
                 string.Concat(steps.Select(m => m.Mode == "lora"
-                    ? ". LoRA step: causal-LM cross-entropy, backward, AdamW on the adapters"
+                    ? ". LoRA step: causal-LM cross-entropy (with a frozen head, computed per chunk of tokens without forming the whole logits), backward, AdamW on the adapters"
                     : ". Circuit-breaker step: a retain and a CB batch of that size; frozen passes with adapters disabled, adapted passes, retain loss over all hidden states + RR loss at the targets, " +
                       $"coefficients {TrainingStep.MidScheduleCoefficients.Retain} / {TrainingStep.MidScheduleCoefficients.Cb} (mid-schedule, every pass runs), clipping, AdamW")) + "."),
             new Paragraph($"Peak: {first.PeakSource}. 'after build' is the same difference right after the model and adapters were built. " +
