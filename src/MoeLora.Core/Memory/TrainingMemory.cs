@@ -73,6 +73,8 @@ public sealed class TrainingMemory
         long h = spec.HiddenSize, v = spec.VocabSize, layers = spec.NumHiddenLayers;
         long n = setup.Gpus;
         var cb = setup.Mode == TrainingMode.CircuitBreaker;
+        // MoeLora's own runtime (grouped low-rank expert LoRA, its checkpoint node, chunked loss, per-tensor AdamW) or PEFT's.
+        var ours = setup.Runtime == LoraRuntime.MoeLora;
         var targets = setup.TargetLayers ?? HiddenStatesMemory.DefaultTargetLayers(layers);
         HiddenStatesMemory.Validate(targets, layers);
         long run = cb && !setup.CbFullLayers && targets.Count > 0 ? Math.Min(layers, targets.Max() + 1L) : layers;
@@ -146,11 +148,11 @@ public sealed class TrainingMemory
         long deltaTransient = acts.Select(x => x.TransientBytes).DefaultIfEmpty(0).Max();
         // MoeLora's checkpoint node (a TorchSharp custom autograd function) also holds an uninitialised buffer of its
         // output's shape until backward: two hidden states per layer where torch.utils.checkpoint keeps one.
-        long perCheckpoint = setup.Runtime == LoraRuntime.MoeLora ? 2 : 1;
+        long perCheckpoint = ours ? 2 : 1;
         long checkpoints = setup.GradientCheckpointing ? perCheckpoint * run * a * h * tokens : 0;
         var passes = cb ? 2 : 1;
         var eagerLayers = Enumerable.Range(0, (int)run).Count(i => LayerActivations.EffectiveAttention(plan.Spec, i, setup.Attention, setup.Runtime) == AttentionImpl.Eager);
-        var sdpaText = setup.Runtime == LoraRuntime.MoeLora ? "a·(q+2·heads·head_dim+o) + 4·heads" : "a·(q+k+v+o)";
+        var sdpaText = ours ? "a·(q+2·heads·head_dim+o) + 4·heads" : "a·(q+k+v+o)";
         const string eagerText = "a·(q+2·heads·head_dim) + heads·S·(4+a)";
         var attnText = eagerLayers == 0 ? sdpaText
             : eagerLayers == run ? eagerText
@@ -162,7 +164,7 @@ public sealed class TrainingMemory
         string phase;
         var stepTerms = new List<MemoryTerm>();
         // MoeLora runs a frozen head and the cross-entropy chunk by chunk (ChunkedLmLoss); PEFT's step keeps whole fp32 logits.
-        var chunkedLoss = setup.Runtime == LoraRuntime.MoeLora && ChunkedLmLoss.Applies(plan);
+        var chunkedLoss = ours && ChunkedLmLoss.Applies(plan);
         long loss = cb ? 0 : chunkedLoss ? ChunkedLmLoss.PeakBytes(tokens, v, h, a) : 12 * tokens * v;
         if (!setup.GradientCheckpointing)
         {
@@ -177,7 +179,7 @@ public sealed class TrainingMemory
         }
         else
         {
-            stepTerms.Add(setup.Runtime == LoraRuntime.MoeLora
+            stepTerms.Add(ours
                 ? new("checkpoints", passes * checkpoints, $"{(cb ? "2 passes × " : "")}{run} layers × tokens × 2·H × a (layer input + the checkpoint node's output buffer)",
                     "MoeLora CheckpointedLayer (one custom autograd node per decoder layer)")
                 : new("checkpoints", passes * checkpoints, $"{(cb ? "2 passes × " : "")}{run} layers × tokens × H × a (layer inputs kept by torch.utils.checkpoint)",
@@ -223,7 +225,6 @@ public sealed class TrainingMemory
         }
         stepTransient = stepTerms.Sum(t => t.Bytes);
         // torch's foreach AdamW takes the square roots of every moment at once; MoeLora's AdamW one parameter at a time.
-        var ours = setup.Runtime == LoraRuntime.MoeLora;
         long optTemp = ours ? 4 * plan.TrainableTensors.Select(t => t.NumElements).DefaultIfEmpty(0).Max() : paramBytes;
         if (optTemp > stepTransient)
         {
