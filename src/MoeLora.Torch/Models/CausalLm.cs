@@ -199,6 +199,10 @@ public sealed class CausalLm : HfModule, IDisposable
     internal bool ChunkedLossApplies =>
         _lmHead.Adapters.Count == 0 && !_lmHead.weight.requires_grad && _lmHead.bias is not { requires_grad: true };
 
+    /// <summary>
+    /// The head's logits. <see cref="MoeLora.Torch.Training.LinearCrossEntropy"/> forms the same logits (linear, then the
+    /// multiplier) chunk by chunk: a change to what the head computes must be made there too.
+    /// </summary>
     Tensor Logits(Tensor h)
     {
         var logits = _lmHead.Forward(h);

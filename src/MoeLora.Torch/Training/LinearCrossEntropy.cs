@@ -34,10 +34,9 @@ internal sealed class LinearCrossEntropy : SingleTensorFunction<LinearCrossEntro
         foreach (var (start, length) in Chunks(h.shape[0], head.ChunkTokens))
         {
             using var chunk = NewDisposeScope();
-            var lc = labels.narrow(0, start, length);
-            var valid = lc.ne(-100);
+            var (valid, index) = Targets(labels.narrow(0, start, length));
             using var logSoftmax = LogSoftmax(h.narrow(0, start, length), head);
-            var picked = logSoftmax.gather(1, lc.masked_fill(valid.logical_not(), 0).unsqueeze(1)).squeeze(1);
+            var picked = logSoftmax.gather(1, index).squeeze(1);
             total.sub_(picked.masked_fill(valid.logical_not(), 0).sum());
         }
         return total.div(labels.ne(-100).sum().to(ScalarType.Float32)).MoveToOuterDisposeScope();
@@ -56,13 +55,13 @@ internal sealed class LinearCrossEntropy : SingleTensorFunction<LinearCrossEntro
         foreach (var (start, length) in Chunks(h.shape[0], head.ChunkTokens))
         {
             using var chunk = NewDisposeScope();
-            var lc = labels.narrow(0, start, length);
-            var rowScale = lc.ne(-100).to(ScalarType.Float32).mul(scale).unsqueeze(1);
+            var (valid, index) = Targets(labels.narrow(0, start, length));
+            var rowScale = valid.to(ScalarType.Float32).mul(scale).unsqueeze(1);
             Tensor grad16;
             using (var p = LogSoftmax(h.narrow(0, start, length), head))
             {
                 p.exp_().mul_(rowScale);
-                p.scatter_add_(1, lc.masked_fill(lc.eq(-100), 0).unsqueeze(1), rowScale.neg());
+                p.scatter_add_(1, index, rowScale.neg());
                 grad16 = p.to(h.dtype);
             }
             if (head.Multiplier != 1.0) grad16 = grad16.mul(head.Multiplier);
@@ -84,6 +83,13 @@ internal sealed class LinearCrossEntropy : SingleTensorFunction<LinearCrossEntro
         using var wide = logits.to(ScalarType.Float32);
         logits.Dispose();
         return wide.log_softmax(-1);
+    }
+
+    /// <summary>Which rows count (label not -100), and each row's target as a [c, 1] gather index (0 on ignored rows).</summary>
+    static (Tensor Valid, Tensor Index) Targets(Tensor labels)
+    {
+        var valid = labels.ne(-100);
+        return (valid, labels.masked_fill(valid.logical_not(), 0).unsqueeze(1));
     }
 
     static IEnumerable<(long Start, long Length)> Chunks(long rows, long chunk)
