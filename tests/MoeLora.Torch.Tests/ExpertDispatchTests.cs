@@ -54,6 +54,29 @@ public class ExpertDispatchTests(ITestOutputHelper log)
 
     [Theory]
     [MemberData(nameof(MoeModels))]
+    public void RecomputedExpertsEqualKeptOnes(string type)
+    {
+        // The grouped experts recompute their intermediates in backward (ExpertRecompute); kept instead, every output
+        // and gradient is the same, and each MoE block was run again exactly once.
+        (Tensor Logits, List<Tensor> Hidden, Dictionary<string, Tensor> Grads, long[][] Counts) kept;
+        ExpertRecompute.Off = true;
+        try { kept = Run(type, ExpertDispatch.Grouped); }
+        finally { ExpertRecompute.Off = false; }
+        var before = Interlocked.Read(ref ExpertRecompute.Recomputes);
+        var recomputed = Run(type, ExpertDispatch.Grouped);
+        var runs = Interlocked.Read(ref ExpertRecompute.Recomputes) - before;
+        Assert.True(runs >= recomputed.Counts.Length, $"{type}: {runs} recomputes for {recomputed.Counts.Length} expert modules");
+        Assert.Equal(0, Fixtures.RelError(recomputed.Logits, kept.Logits));
+        foreach (var (k, g) in kept.Grads)
+        {
+            var err = Fixtures.RelError(recomputed.Grads[k], g);
+            Assert.True(err <= 1e-6, $"{type} {k}: {err:E2}");
+        }
+        Assert.Equal(kept.Counts, recomputed.Counts);
+    }
+
+    [Theory]
+    [MemberData(nameof(MoeModels))]
     public void GroupedDispatchRunsInBf16(string type)
     {
         // bf16 base weights with fp32 LoRA factors (cast to bf16 in the low-rank products, where the loop rounds

@@ -35,8 +35,12 @@ namespace MoeLora.Core.Memory;
 /// <item>LoRA on fused experts in MoeLora's runtime (<see cref="LoraRuntime.MoeLora"/>): no ΔW and no merged weight;
 /// <c>bmm(x, Rᵀ)</c> keeps the expert input x (a B × in per routed pair, the same tensor PEFT's path keeps) and
 /// <c>bmm(x·Rᵀ, Lᵀ)</c> keeps the r-wide product (a B × r per routed pair, <see cref="LowRankPerTokenBytes"/>).
-/// The factors L, R themselves (E·(in+out)·r) are negligible. Rows padded for the batched bmm (at most
-/// <c>MaxPaddingFactor</c> = 1.5× the routed pairs) are not counted: with balanced routing they are a few percent.</item>
+/// The factors L, R themselves (E·(in+out)·r) are negligible.</item>
+/// <item>MoeLora's runtime recomputes fused routed experts in backward (<c>ExpertRecompute</c>, see
+/// <see cref="ExpertsRecomputed"/>): a layer keeps only the experts' input and the output buffer of its custom autograd
+/// node (2·a·H per token); everything above that the experts would keep, LoRA inputs and low-rank products included,
+/// is <see cref="RecomputePerTokenBytes"/>, alive only while backward runs that one layer's experts again. Rows padded
+/// for the batched bmm (up to 4× the routed pairs on CUDA) are not counted: with balanced routing they are few.</item>
 /// </list>
 /// </summary>
 public sealed record LayerActivations
@@ -52,6 +56,12 @@ public sealed record LayerActivations
     /// <summary>Saved bytes per token of MoeLora's low-rank expert LoRA (the r-wide x·Rᵀ per routed pair); 0 under PEFT.</summary>
     public long LowRankPerTokenBytes { get; init; }
 
+    /// <summary>
+    /// Bytes per token of the routed experts' intermediates that MoeLora's runtime recomputes in backward instead of
+    /// keeping: a transient of one layer at a time, not part of <see cref="Bytes"/>.
+    /// </summary>
+    public long RecomputePerTokenBytes { get; init; }
+
     /// <summary>Saved bytes independent of tokens (materialised fused-expert LoRA weights).</summary>
     public required long ConstantBytes { get; init; }
 
@@ -64,6 +74,23 @@ public sealed record LayerActivations
     public long Bytes(int batch, int seq) => NeedsGrad
         ? (PerTokenBytes + LowRankPerTokenBytes) * batch * seq + PerTokenPerKeyBytes * batch * (long)seq * seq + ConstantBytes
         : 0;
+
+    /// <summary>The experts' recomputed intermediates while backward runs this layer (0 where nothing is recomputed).</summary>
+    public long RecomputeBytes(long tokens) => NeedsGrad ? RecomputePerTokenBytes * tokens : 0;
+
+    /// <summary>
+    /// Whether MoeLora's runtime runs layer <paramref name="layer"/>'s routed experts through its recomputing autograd
+    /// node: the fused 3-D experts (transformers-5 layout, Llama 4, gpt-oss, the clamped SwiGLU and the non-gated
+    /// experts), not JetMoE's or DBRX's, not Aria's grouped GEMM.
+    /// </summary>
+    public static bool ExpertsRecomputed(ModelSpec spec, int layer) =>
+        spec.Runtime is { } r && layer < r.Layers.Count && r.Layers[layer].FeedForward switch
+        {
+            MoeSettings m => m.Experts.Layout != ExpertsLayout.GroupedGemmInOut,
+            ModalityIsolatedMoeSettings m => m.Text.Experts.Layout != ExpertsLayout.GroupedGemmInOut,
+            NonGatedMoeSettings => true,
+            _ => false,
+        };
 
     // The planner's "what would fit" search re-estimates one plan many times with other batch/seq/GPU settings;
     // per-layer activations do not depend on those, so they are computed once per plan and setting.
@@ -111,7 +138,8 @@ public sealed record LayerActivations
         {
             var ms = modules.GetValueOrDefault(i) ?? [];
             long a = actBytes;
-            long perToken = 0, perKey = 0, constant = 0, transient = 0, lowRank = 0;
+            long perToken = 0, perKey = 0, constant = 0, transient = 0, lowRank = 0, recompute = 0;
+            var recomputed = runtime == LoraRuntime.MoeLora && moe.IsMoe && moe.MoeLayers.Contains(i) && ExpertsRecomputed(spec, i);
             ModuleNode? Leaf(string name, ModuleLocation? loc = null) =>
                 ms.FirstOrDefault(m => m.LeafName == name && m.Kind == ModuleKind.Linear && (loc is null || m.Location == loc));
 
@@ -166,7 +194,16 @@ public sealed record LayerActivations
                 var kTop = moe.ExpertsPerToken;
                 var inter = moe.ExpertIntermediateSize;
                 var perRouted = spec.ModelType == "gpt_oss" ? a * (6 * inter + hidden) : a * (3 * inter + hidden);
-                perToken += kTop * perRouted + 4 * e + 12 * kTop;
+                perToken += 4 * e + 12 * kTop;
+                if (recomputed)
+                {
+                    perToken += 2 * a * hidden;   // the experts' input and the node's output buffer
+                    recompute += kTop * perRouted;
+                }
+                else
+                {
+                    perToken += kTop * perRouted;
+                }
             }
 
             var dropoutMask = plan.Effective.LoraDropout > 0 ? 1 : 0;
@@ -191,13 +228,16 @@ public sealed record LayerActivations
                     {
                         var elems = Util.Shapes.Product(t.BaseShape);
                         var routed = t.NumExperts > 1 && moe.NumExperts > 0 ? moe.ExpertsPerToken : 1;
-                        perToken += routed * a * t.InFeatures;
                         if (runtime == LoraRuntime.MoeLora && t.NumExperts > 1)
                         {
-                            // Grouped low-rank: no W+ΔW; the r-wide product per routed pair instead.
-                            lowRank += routed * a * t.R;
+                            // Grouped low-rank: no W+ΔW; the expert input and the r-wide product per routed pair,
+                            // recomputed in backward where the layer's experts are.
+                            var bytes = routed * a * (t.InFeatures + t.R);
+                            if (recomputed) recompute += bytes;
+                            else { perToken += routed * a * t.InFeatures; lowRank += routed * a * t.R; }
                             break;
                         }
+                        perToken += routed * a * t.InFeatures;
                         // PEFT's ParamWrapper (and MoeLora's own 2-D ParamWrapper deltas, e.g. a router): W+ΔW kept.
                         constant += a * elems;
                         transient = Math.Max(transient, 4 * elems);
@@ -212,6 +252,7 @@ public sealed record LayerActivations
                 PerTokenBytes = perToken,
                 PerTokenPerKeyBytes = perKey,
                 LowRankPerTokenBytes = lowRank,
+                RecomputePerTokenBytes = recompute,
                 ConstantBytes = constant,
                 TransientBytes = transient,
                 NeedsGrad = i >= firstTrained,

@@ -62,6 +62,10 @@ public sealed class TrainingMemory
         }
     }
 
+    static MemoryTerm RecomputeTerm(long bytes) => new("expert_recompute", bytes,
+        "one layer's routed-expert intermediates, run again in backward: tokens × (k·a·(3I+H) + per expert target k·a·(in+r))",
+        "MoeLora ExpertRecompute (the experts' forward without autograd, recomputed with it in backward)");
+
     /// <summary>Estimates the per-GPU peak for <paramref name="plan"/> under <paramref name="setup"/>.</summary>
     public static TrainingMemory Estimate(AdapterPlan plan, TrainingSetup setup, bool withFixes = true)
     {
@@ -144,7 +148,9 @@ public sealed class TrainingMemory
         long actTokens = acts.Sum(x => x.NeedsGrad ? x.PerTokenBytes * tokens + x.PerTokenPerKeyBytes * tokens * s : 0);
         long actLowRank = acts.Sum(x => x.NeedsGrad ? x.LowRankPerTokenBytes * tokens : 0);
         long actDeltas = acts.Sum(x => x.NeedsGrad ? x.ConstantBytes : 0);
-        long maxLayer = acts.Select(x => x.Bytes((int)b, (int)s)).DefaultIfEmpty(0).Max();
+        // MoeLora's runtime runs each layer's routed experts again in backward (ExpertRecompute): one layer's worth.
+        long recompute = acts.Select(x => x.RecomputeBytes(tokens)).DefaultIfEmpty(0).Max();
+        long maxLayer = acts.Select(x => x.Bytes((int)b, (int)s) + x.RecomputeBytes(tokens)).DefaultIfEmpty(0).Max();
         long deltaTransient = acts.Select(x => x.TransientBytes).DefaultIfEmpty(0).Max();
         // MoeLora's checkpoint node (a TorchSharp custom autograd function) also holds an uninitialised buffer of its
         // output's shape until backward: two hidden states per layer where torch.utils.checkpoint keeps one.
@@ -157,8 +163,10 @@ public sealed class TrainingMemory
         var attnText = eagerLayers == 0 ? sdpaText
             : eagerLayers == run ? eagerText
             : $"{sdpaText} (sdpa layers), {eagerText} ({eagerLayers} eager layers)";
+        var expertsText = recompute > 0 ? "2a·H (routed experts: input and output; their intermediates are recomputed)" : "k·a·(3I+H) (routed experts)";
+        var loraText = ours ? "a·in per LoRA Linear (its input, kept narrow)" : "4·in per LoRA Linear (fp32 input copy)";
         var actFormula = "Σ layers tokens × (4·norm widths + attention " + attnText +
-                         " + 3a·I (gated MLP) + k·a·(3I+H) (routed experts) + 4·in per LoRA Linear (fp32 input copy))";
+                         $" + 3a·I (gated MLP) + {expertsText} + {loraText})";
         const string actSource = "transformers 5.17 modeling code + PEFT 0.21 lora.Linear.forward (_cast_input_dtype); autograd saves an input only when another input's gradient needs it";
         long stepTransient;
         string phase;
@@ -207,6 +215,12 @@ public sealed class TrainingMemory
                 stepTerms.RemoveAll(t => t.Name == "logits_loss");
                 stepTerms.Add(new("fused_expert_delta_fp32", deltaTransient, "largest fused-expert target: E·in·out × 4 B (fp32 B@A before the cast)", "PEFT ParamWrapper get_delta_weight in the adapter dtype"));
             }
+            // Without checkpointing the loss's buffers are gone before backward reaches a layer's experts.
+            if (!setup.GradientCheckpointing && recompute > Math.Max(loss, deltaTransient))
+            {
+                stepTerms.RemoveAll(t => t.Name == "logits_loss");
+                stepTerms.Add(RecomputeTerm(recompute));
+            }
         }
         else
         {
@@ -219,8 +233,10 @@ public sealed class TrainingMemory
                 "retain: ‖h_lora − h_orig‖ keeps the difference (a B per element); RR: fp32 normalised states and their product (12 B per target element)",
                 "compute_loss in lorra_circuit_breaker.py (torch.norm(..., dtype=torch.float))"));
             var tail = Math.Max(a * tokens * v, deltaTransient);
-            stepTerms.Add(new("cb_transient", tail, "max(bf16 logits a·tokens·V of the last adapted pass, fused-expert fp32 delta); torch.norm(dtype=float) casts inside the reduction, no fp32 copy",
-                "the CausalLM output (and its logits) lives until ['hidden_states'] is taken; TensorIterator reductions cast on the fly"));
+            if (!setup.GradientCheckpointing && recompute > tail) stepTerms.Add(RecomputeTerm(recompute));
+            else
+                stepTerms.Add(new("cb_transient", tail, "max(bf16 logits a·tokens·V of the last adapted pass, fused-expert fp32 delta); torch.norm(dtype=float) casts inside the reduction, no fp32 copy",
+                    "the CausalLM output (and its logits) lives until ['hidden_states'] is taken; TensorIterator reductions cast on the fly"));
             phase = setup.GradientCheckpointing ? "recompute" : "backward start";
         }
         stepTransient = stepTerms.Sum(t => t.Bytes);

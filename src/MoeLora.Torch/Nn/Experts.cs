@@ -64,6 +64,16 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
     public Parameter Param(string name) =>
         DirectParameters.FirstOrDefault(kv => kv.Key == name).Value ?? throw new KeyNotFoundException($"experts has no parameter '{name}'.");
 
+    /// <summary>Whether any attached LoRA delta is enabled (the experts then train even where their input needs no gradient).</summary>
+    internal bool HasEnabledDeltas => _deltas.Values.Any(l => l.Any(d => d.Enabled));
+
+    /// <summary>
+    /// The grouped experts <paramref name="run"/>(x, topIdx, topW), recomputed in backward instead of keeping their
+    /// intermediates (<see cref="ExpertRecompute"/>).
+    /// </summary>
+    protected Tensor Recomputed(Tensor x, Tensor topIdx, Tensor topW, Func<Tensor, Tensor, Tensor, Tensor> run) =>
+        ExpertRecompute.Run(this, x, topIdx, topW, run);
+
     internal void AttachDelta(string name, IParamDelta d)
     {
         if (!_deltas.TryGetValue(name, out var l)) _deltas[name] = l = [];
@@ -82,8 +92,17 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
     /// <summary>
     /// Grouped dispatch uses one padded bmm (every expert padded to the busiest) while the padded rows stay within
     /// this factor of the routed pairs; beyond it, one matmul per expert segment (no padding). 0 forces segments.
+    /// Null (default): by device, see <see cref="DefaultMaxPaddingFactor"/>.
     /// </summary>
-    public double MaxPaddingFactor { get; set; } = 1.5;
+    public double? MaxPaddingFactor { get; set; }
+
+    /// <summary>
+    /// The padding allowed by default. CPU: 1.5, since padded rows cost their full FLOPs there. CUDA: 4, since a padded
+    /// bmm is a few kernels per layer where one matmul per expert segment launches hundreds (Qwen3-30B-A3B: 128
+    /// experts, ten or so kernels each, every layer), and launching them, not the FLOPs, bounds a GPU step; the padded
+    /// rows live only while one layer's experts run (<see cref="ExpertRecompute"/>).
+    /// </summary>
+    public static double DefaultMaxPaddingFactor(Device device) => device.type == DeviceType.CUDA ? 4.0 : 1.5;
 
     protected Tensor Effective(string name)
     {
@@ -128,7 +147,9 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
         var (sorted, order) = flat.sort(0, false, true);
         if (kept is not null) order = kept.index_select(0, order);
         Tensor? row = null;
-        if (NumExperts * cap <= MaxPaddingFactor * n)
+        var padded = NumExperts * cap <= (MaxPaddingFactor ?? DefaultMaxPaddingFactor(flat.device)) * n;
+        Runtime.MemTrace.CountDispatch(padded, n, NumExperts * cap);
+        if (padded)
         {
             var starts = counts.cumsum(0) - counts;
             row = sorted * cap + (arange(n, ScalarType.Int64, flat.device) - starts.index_select(0, sorted));
@@ -273,7 +294,7 @@ public sealed class FusedExperts : ExpertsBase
     /// <param name="x">[T, H]</param><param name="topIdx">[T, k] int64</param><param name="topW">[T, k]</param>
     public Tensor Forward(Tensor x, Tensor topIdx, Tensor topW)
     {
-        var routed = Dispatching == ExpertDispatch.Loop ? ForwardLoop(x, topIdx, topW) : ForwardGrouped(x, topIdx, topW);
+        var routed = Dispatching == ExpertDispatch.Loop ? ForwardLoop(x, topIdx, topW) : Recomputed(x, topIdx, topW, ForwardGrouped);
         if (IdentityExperts == 0) return routed;
         // The identity experts' share: each token times the summed weights of its slots routed to them.
         var identityW = topW.masked_fill(topIdx.lt(NumExperts), 0).sum(-1, keepdim: true);

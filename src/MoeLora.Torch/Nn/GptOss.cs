@@ -58,7 +58,11 @@ public sealed class GptOssExperts : ExpertsBase
 
     public Tensor Forward(Tensor x, Tensor topIdx, Tensor topW)
     {
-        if (Dispatching == ExpertDispatch.Loop) return ForwardLoop(x, topIdx, topW);
+        return Dispatching == ExpertDispatch.Loop ? ForwardLoop(x, topIdx, topW) : Recomputed(x, topIdx, topW, ForwardGrouped);
+    }
+
+    Tensor ForwardGrouped(Tensor x, Tensor topIdx, Tensor topW)
+    {
         var g = Group(topIdx);
         var h = RunExperts(g, x.index_select(0, g.TokenOf), (ops, xe) =>
         {

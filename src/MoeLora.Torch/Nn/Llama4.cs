@@ -112,7 +112,11 @@ public sealed class Llama4Experts : ExpertsBase
     /// <summary>The routing score scales the expert's input (not its output), as in transformers.</summary>
     public Tensor Forward(Tensor x, Tensor topIdx, Tensor scores)
     {
-        if (Dispatching == ExpertDispatch.Loop) return ForwardLoop(x, topIdx, scores);
+        return Dispatching == ExpertDispatch.Loop ? ForwardLoop(x, topIdx, scores) : Recomputed(x, topIdx, scores, ForwardGrouped);
+    }
+
+    Tensor ForwardGrouped(Tensor x, Tensor topIdx, Tensor scores)
+    {
         var g = Group(topIdx);
         var w = scores.flatten().index_select(0, g.Order).unsqueeze(-1);
         var h = RunExperts(g, x.index_select(0, g.TokenOf) * w, (ops, xe) =>

@@ -43,9 +43,9 @@ public sealed class UpDownExperts : ExpertsBase
     /// <param name="x">[T, W]</param><param name="topIdx">[T, k] int64</param><param name="topW">[T, k]</param>
     public Tensor Forward(Tensor x, Tensor topIdx, Tensor topW)
     {
-        var sum = zeros([x.shape[0], x.shape[1]], topW.dtype, x.device);
         if (Dispatching == ExpertDispatch.Loop)
         {
+            var sum = zeros([x.shape[0], x.shape[1]], topW.dtype, x.device);
             var up = Effective("up_proj");
             var down = Effective("down_proj");
             foreach (var (e, tok, slot) in Dispatch(topIdx, NumExperts))
@@ -56,10 +56,16 @@ public sealed class UpDownExperts : ExpertsBase
             }
             return sum.to(x.dtype);
         }
+        return Recomputed(x, topIdx, topW, ForwardGrouped);
+    }
+
+    Tensor ForwardGrouped(Tensor x, Tensor topIdx, Tensor topW)
+    {
         var g = Group(topIdx);
         var y = RunExperts(g, x.index_select(0, g.TokenOf), (ops, xe) =>
             ops.Mm(_act.Forward(ops.Mm(xe, "up_proj", transposeWeight: true)), "down_proj", transposeWeight: true));
         var wt = topW.flatten().index_select(0, g.Order).unsqueeze(-1);
+        var sum = zeros([x.shape[0], x.shape[1]], topW.dtype, x.device);
         return sum.index_add(0, g.TokenOf, (y * wt).to(sum.dtype), 1.0).to(x.dtype);
     }
 }

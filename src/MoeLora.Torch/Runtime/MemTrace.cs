@@ -15,6 +15,23 @@ public static class MemTrace
     {
         if (!On) return;
         if (device.type == TorchSharp.DeviceType.CUDA) torch.cuda.synchronize(device);
-        Console.Error.WriteLine($"memtrace {phase}: {DeviceMemory.Used(device) / (double)(1L << 30):0.00} GiB in use on {device}");
+        var experts = "";
+        if (Interlocked.Exchange(ref _padded, 0) is var p && Interlocked.Exchange(ref _segmented, 0) is var q && p + q > 0)
+        {
+            long pairs = Interlocked.Exchange(ref _pairs, 0), rows = Interlocked.Exchange(ref _paddedRows, 0);
+            experts = $"; experts since the last mark: {p} padded bmm, {q} per-expert segments, padded rows {rows / (double)Math.Max(1, pairs):0.00}x the routed pairs";
+        }
+        Console.Error.WriteLine($"memtrace {phase}: {DeviceMemory.Used(device) / (double)(1L << 30):0.00} GiB in use on {device}{experts}");
+    }
+
+    static long _padded, _segmented, _pairs, _paddedRows;
+
+    /// <summary>Counts one grouped expert dispatch (padded batched matmul or per-expert segments) for the next mark.</summary>
+    public static void CountDispatch(bool padded, long pairs, long paddedRows)
+    {
+        if (!On) return;
+        Interlocked.Increment(ref padded ? ref _padded : ref _segmented);
+        Interlocked.Add(ref _pairs, pairs);
+        Interlocked.Add(ref _paddedRows, paddedRows);
     }
 }

@@ -48,12 +48,23 @@ public class RuntimeVariantTests
         Assert.Equal(0, peft["expert_lora_low_rank"]);
     }
 
+    // Per token and MoE layer, the seed targets on Qwen3-30B-A3B (H 2048, I 768, top-8, bf16): the experts' gate_up
+    // output, activation and weighted output, a·(3I+H), and each expert target's input and r-wide product, a·(in+r)
+    // (gate_up_proj: 2048 + 32, down_proj: 768 + 16), per routed pair.
+    private const long RecomputedPerToken = 8L * 2 * (3 * 768 + 2048) + 8L * 2 * (2048 + 32 + 768 + 16);
+
     [Fact]
-    public void Low_rank_term_is_the_r_wide_product_per_routed_pair()
+    public void MoeLoras_experts_keep_their_input_and_output_and_recompute_the_rest()
     {
-        var ours = Estimate(LoraRuntime.MoeLora, new TrainingSetup { BatchSize = 2, SeqLength = 1000 });
-        // 2000 tokens × top-8 × 2 B × (gate_up r 32 + down_proj r 16) × 48 layers.
-        Assert.Equal(2000L * 8 * 2 * (32 + 16) * 48, ours["expert_lora_low_rank"]);
+        var ours = LayerActivations.Build(Qwen.Value, 2, AttentionImpl.Sdpa, 48, LoraRuntime.MoeLora);
+        var peft = LayerActivations.Build(Qwen.Value, 2, AttentionImpl.Sdpa, 48, LoraRuntime.Peft);
+        Assert.All(ours, l => Assert.Equal(RecomputedPerToken, l.RecomputePerTokenBytes));
+        Assert.All(ours, l => Assert.Equal(0, l.LowRankPerTokenBytes));
+        Assert.All(peft, l => Assert.Equal(0, l.RecomputePerTokenBytes));
+        // With 4,000 tokens one layer's recomputed experts outgrow the chunked loss: they are the step's transient.
+        var step = Estimate(LoraRuntime.MoeLora, new TrainingSetup { BatchSize = 2, SeqLength = 2000 });
+        Assert.Equal(4000L * RecomputedPerToken, step["expert_recompute"]);
+        Assert.Equal(0, step["logits_loss"]);
     }
 
     [Fact]
@@ -75,7 +86,9 @@ public class RuntimeVariantTests
         // enable_gqa) and keeps the fp32 log-sum-exp: 2 B × 2 × (32 − 4) × 128 + 4 B × 32 per token and layer; and its
         // lora_A keeps the bf16 input of q/k/v (2048 wide) and o (4096) where PEFT keeps an fp32 copy: 2 B less each,
         // and 4 B × r (16) more for the output buffer of its TorchSharp autograd node. Its LoRA step's loss runs chunk by
-        // chunk (ChunkedLmLoss) where transformers keeps 12 B per logit.
+        // chunk (ChunkedLmLoss) where transformers keeps 12 B per logit. Its routed experts keep their input and output
+        // (2 × 2 B × 2048) where PEFT's keep k·a·(3I+H) and each expert target's input; the rest is recomputed, one layer
+        // at a time, which at these lengths outgrows the loss's chunk.
         Gen.Select(Gen.Int[1, 4], Gen.Int[8192, 16384], Gen.Bool).Sample(t =>
         {
             var setup = new TrainingSetup { BatchSize = t.Item1, SeqLength = t.Item2, Mode = t.Item3 ? TrainingMode.CircuitBreaker : TrainingMode.Lora };
@@ -87,10 +100,13 @@ public class RuntimeVariantTests
             var tokens = passes * trained * (long)setup.BatchSize * setup.SeqLength;
             var repeatedKv = tokens * (2L * 2 * (32 - 4) * 128 + 4 * 32);
             var narrowInputs = tokens * (2L * (3 * 2048 + 4096) - 4 * 4 * 16);
+            var keptExperts = tokens * (8L * 2 * (3 * 768 + 2048) + 8L * 2 * (2048 + 768) - 2L * 2 * 2048);
             var tokensInStep = (long)setup.BatchSize * setup.SeqLength;
-            var loss = setup.Mode == TrainingMode.Lora ? 12 * tokensInStep * 151_936 - ChunkedLmLoss.PeakBytes(tokensInStep, 151_936, 2048, 2) : 0;
-            return materialised > 0 && peft["fused_expert_delta_fp32"] == 0 && peft["logits_loss"] - ours["logits_loss"] == loss
-                && ours.PerGpuBytes - ours["expert_lora_low_rank"] - repeatedKv + narrowInputs + loss == peft.PerGpuBytes - materialised
+            var lora = setup.Mode == TrainingMode.Lora;
+            var recompute = lora ? tokensInStep * RecomputedPerToken : 0;
+            return materialised > 0 && peft["fused_expert_delta_fp32"] == 0 && ours["expert_recompute"] == recompute
+                && ours["logits_loss"] == 0 && peft["logits_loss"] == (lora ? 12 * tokensInStep * 151_936 : 0)
+                && ours.PerGpuBytes - recompute - repeatedKv + narrowInputs + keptExperts == peft.PerGpuBytes - materialised - peft["logits_loss"]
                 && ours.PerGpuBytes < peft.PerGpuBytes;
         }, iter: 60);
 
@@ -114,7 +130,7 @@ public class RuntimeVariantTests
         long Checkpoints(LoraRuntime runtime)
         {
             var m = Estimate(runtime, new TrainingSetup { SeqLength = 1024, GradientCheckpointing = true });
-            var largestLayer = LayerActivations.Build(Qwen.Value, 2, AttentionImpl.Sdpa, 48, runtime).Max(l => l.Bytes(1, 1024));
+            var largestLayer = LayerActivations.Build(Qwen.Value, 2, AttentionImpl.Sdpa, 48, runtime).Max(l => l.Bytes(1, 1024) + l.RecomputeBytes(1024));
             return m.ActivationBytes - largestLayer;
         }
         Assert.Equal(48L * 1024 * 2048 * 2, Checkpoints(LoraRuntime.Peft));

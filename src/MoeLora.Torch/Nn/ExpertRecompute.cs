@@ -1,0 +1,87 @@
+using TorchSharp;
+using static TorchSharp.torch;
+using static TorchSharp.torch.autograd;
+
+namespace MoeLora.Torch.Nn;
+
+/// <summary>
+/// Routed experts whose intermediates are recomputed in backward instead of kept: the forward runs the grouped
+/// experts without autograd and keeps only the block input <c>x</c> [T, H] and the routing weights [T, k]; backward
+/// runs them again with autograd and back-propagates the incoming gradient, which fills the expert adapters'
+/// gradients and returns those of x and of the routing weights.
+/// <para>
+/// Why: kept, the experts' intermediates are per (token, slot) pair (k of them per token) and, in the padded batched
+/// matmul, per padded row: for Qwen3-30B-A3B about 115 KB per token and layer, most of a LoRA step's activations.
+/// Recomputed, a layer keeps 2·H values per token (the input and the output buffer TorchSharp's custom-function node
+/// holds), and the padded rows live only while one layer's experts run. That makes the padded batched matmul (a few
+/// kernels per layer, where one matmul per expert segment launches hundreds) affordable on a GPU at any padding.
+/// Recomputing costs one more expert forward per step. Routed experts carry no dropout (PEFT's ParamWrapper refuses
+/// it), so the recompute draws nothing random and equals the first run.
+/// </para>
+/// </summary>
+internal sealed class ExpertRecompute : SingleTensorFunction<ExpertRecompute>
+{
+    public override string Name => nameof(ExpertRecompute);
+
+    /// <summary>Off: the experts keep their intermediates (tests compare both ways on one thread).</summary>
+    [ThreadStatic] internal static bool Off;
+
+    /// <summary>How many expert blocks backward has run again (tests check that the recompute acted).</summary>
+    internal static long Recomputes;
+
+    /// <summary>The experts' computation <c>(x, topIdx, topW) → [T, H]</c> and the routing it runs on, kept for backward.</summary>
+    sealed class Job(Func<Tensor, Tensor, Tensor, Tensor> run, Tensor topIdx, bool weightsNeedGrad)
+    {
+        public Func<Tensor, Tensor, Tensor, Tensor> Run { get; } = run;
+        // Out of the forward's dispose scope: the graph, not the scope, decides how long the routing lives.
+        public Tensor TopIdx { get; } = topIdx.alias().DetachFromDisposeScope();
+        public bool WeightsNeedGrad { get; } = weightsNeedGrad;
+    }
+
+    /// <summary>
+    /// <paramref name="run"/>(x, topIdx, topW), recomputed in backward when autograd records it; run as it is when
+    /// nothing needs a gradient (inference, a frozen block below every adapter) or while <see cref="Off"/>.
+    /// </summary>
+    public static Tensor Run(ExpertsBase experts, Tensor x, Tensor topIdx, Tensor topW, Func<Tensor, Tensor, Tensor, Tensor> run)
+    {
+        if (Off || !is_grad_enabled() || !(x.requires_grad || topW.requires_grad || HasTrainable(experts))) return run(x, topIdx, topW);
+        // An input without gradient (the first adapted block above frozen layers) still needs a node, or the experts'
+        // own adapters would get none: give it a leaf that wants one.
+        var input = x.requires_grad ? x : x.detach().requires_grad_(true);
+        return apply(input, topW, new Job(run, topIdx, topW.requires_grad));
+    }
+
+    static bool HasTrainable(ExpertsBase experts) => experts.HasEnabledDeltas || experts.NamedParameters().Any(p => p.Param.requires_grad);
+
+    public override Tensor forward(AutogradContext ctx, params object[] vars)
+    {
+        Tensor x = (Tensor)vars[0], topW = (Tensor)vars[1];
+        var job = (Job)vars[2];
+        ctx.save_for_backward([x, topW]);
+        ctx.save_data("job", job);
+        // The padded rows and every other intermediate go as soon as the output exists.
+        using var scope = NewDisposeScope();
+        return job.Run(x, job.TopIdx, topW).MoveToOuterDisposeScope();
+    }
+
+    public override List<Tensor> backward(AutogradContext ctx, Tensor gradOutput)
+    {
+        Interlocked.Increment(ref Recomputes);
+        var job = (Job)ctx.get_data("job");
+        using var scope = NewDisposeScope();
+        var saved = ctx.get_saved_variables();
+        Tensor gradX;
+        Tensor? gradW = null;
+        using (enable_grad())
+        {
+            var x = saved[0].detach().requires_grad_(true);
+            var topW = saved[1].detach().requires_grad_(job.WeightsNeedGrad);
+            var y = job.Run(x, job.TopIdx, topW);
+            if (y.requires_grad) y.backward([gradOutput]); // no routed pair (every one went to an identity expert): no gradient
+            gradX = x.grad ?? zeros_like(x);
+            if (job.WeightsNeedGrad) gradW = topW.grad ?? zeros_like(topW);
+        }
+        // One entry per apply() argument: x, the routing weights (none when they need no gradient), the job.
+        return [gradX.MoveToOuterDisposeScope(), gradW?.MoveToOuterDisposeScope()!, null!];
+    }
+}
