@@ -16,7 +16,7 @@ public class ExpertDispatchTests(ITestOutputHelper log)
     public static TheoryData<string> MoeModels => new(Fixtures.AllModels.Where(m => Directory.Exists(Path.Combine(Fixtures.Dir(m), "attn_plus_experts"))));
 
     static (Tensor Logits, List<Tensor> Hidden, Dictionary<string, Tensor> Grads, long[][] Counts) Run(string type, ExpertDispatch dispatch,
-        double? maxPaddingFactor = null, ScalarType dtype = ScalarType.Float32)
+        double? maxPaddingFactor = null, ScalarType dtype = ScalarType.Float32, long? capacity = null)
     {
         var inputs = Fixtures.Reference(type);
         var model = TorchModelFactory.Load(Path.Combine(Fixtures.Dir(type), "model"), dtype);
@@ -24,6 +24,8 @@ public class ExpertDispatchTests(ITestOutputHelper log)
         model.SetExpertDispatch(dispatch);
         if (maxPaddingFactor is { } f)
             foreach (var e in model.NamedModules().Select(m => m.Module).OfType<ExpertsBase>()) e.MaxPaddingFactor = f;
+        if (capacity is { } c)
+            foreach (var e in model.NamedModules().Select(m => m.Module).OfType<ExpertsBase>()) e.ForcedCapacity = c;
         model.Train();
         var mask = inputs["attention_mask"];
         var output = model.Forward(inputs["input_ids"], mask, outputHiddenStates: true);
@@ -38,10 +40,11 @@ public class ExpertDispatchTests(ITestOutputHelper log)
     public void GroupedDispatchEqualsThePerExpertLoop(string type)
     {
         var loop = Run(type, ExpertDispatch.Loop);
-        // Padded batched matmuls (padding allowed up to 100x) and per-expert segments (no padding allowed).
-        foreach (var (mode, factor) in new[] { ("padded", 100.0), ("segments", 0.0) })
+        // Padded batched matmuls (padding allowed up to 100x), per-expert segments (no padding allowed), and both: two
+        // rows of each expert padded, the rest of the busier experts' rows in their own segments.
+        foreach (var (mode, factor, capacity) in new[] { ("padded", 100.0, (long?)null), ("segments", 0.0, null), ("padded + segments", 100.0, 2) })
         {
-            var grouped = Run(type, ExpertDispatch.Grouped, factor);
+            var grouped = Run(type, ExpertDispatch.Grouped, factor, capacity: capacity);
             var errors = new List<string>();
             void Check(string what, double err, double tol) { log.WriteLine($"{type} {mode} {what}: {err:E2}"); if (err > tol) errors.Add($"{what} {err:E2}"); }
             Check("logits", Fixtures.RelError(grouped.Logits, loop.Logits), 1e-5);

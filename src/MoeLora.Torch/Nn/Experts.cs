@@ -82,27 +82,25 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
 
     /// <summary>
     /// How the experts run. <see cref="ExpertDispatch.Grouped"/> (default): (token, slot) pairs sorted by expert, each
-    /// expert weight applied to its contiguous rows (one padded batched matmul when routing is balanced enough, else
-    /// one matmul per expert segment), LoRA as low-rank products (x·Rᵀ·Lᵀ or x·L·R) without materialising W+ΔW.
+    /// expert weight applied to its contiguous rows (a padded batched matmul for the first <see cref="Grouping.Capacity"/>
+    /// rows of every expert, one matmul per expert for the rows beyond it, see <see cref="ExpertCapacity"/>), LoRA as
+    /// low-rank products (x·Rᵀ·Lᵀ or x·L·R) without materialising W+ΔW.
     /// <see cref="ExpertDispatch.Loop"/>: transformers' per-expert loop over W+ΔW (PEFT's parametrization, kept as
     /// the reference for tests).
     /// </summary>
     public ExpertDispatch Dispatching { get; set; } = ExpertDispatch.Grouped;
 
     /// <summary>
-    /// Grouped dispatch uses one padded bmm (every expert padded to the busiest) while the padded rows stay within
-    /// this factor of the routed pairs; beyond it, one matmul per expert segment (no padding). 0 forces segments.
-    /// Null (default): by device, see <see cref="DefaultMaxPaddingFactor"/>.
+    /// The padded batched matmul takes at most this factor of the routed pairs in rows (E × capacity); 0 runs every
+    /// expert as its own segment. Null (default): by device, see <see cref="ExpertCapacity.Defaults"/>.
     /// </summary>
     public double? MaxPaddingFactor { get; set; }
 
-    /// <summary>
-    /// The padding allowed by default. CPU: 1.5, since padded rows cost their full FLOPs there. CUDA: 4, since a padded
-    /// bmm is a few kernels per layer where one matmul per expert segment launches hundreds (Qwen3-30B-A3B: 128
-    /// experts, ten or so kernels each, every layer), and launching them, not the FLOPs, bounds a GPU step; the padded
-    /// rows live only while one layer's experts run (<see cref="ExpertRecompute"/>).
-    /// </summary>
-    public static double DefaultMaxPaddingFactor(Device device) => device.type == DeviceType.CUDA ? 4.0 : 1.5;
+    /// <summary>What one more per-expert segment costs, in padded rows. Null (default): by device, see <see cref="ExpertCapacity.Defaults"/>.</summary>
+    public double? SegmentCostRows { get; set; }
+
+    /// <summary>Tests: the padded part's capacity, whatever <see cref="ExpertCapacity"/> would choose (capped at the busiest expert).</summary>
+    internal long? ForcedCapacity { get; set; }
 
     protected Tensor Effective(string name)
     {
@@ -119,10 +117,15 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
     public long[]? LastSelectedCounts { get; protected set; }
 
     /// <summary>
-    /// The T·k (token, slot) pairs sorted by expert: <see cref="Order"/> (pair index per sorted row), its token,
-    /// the per-expert counts, and — when padding is cheap — each row's place in a padded [E·cap] buffer.
+    /// The T·k (token, slot) pairs sorted by expert: <see cref="Order"/> (pair index per sorted row), its token, the
+    /// per-expert counts, and how they run. The first <see cref="Capacity"/> rows of each expert go to the padded
+    /// buffer [E·Capacity]: <see cref="PaddedRow"/> is each one's place there and <see cref="PaddedSorted"/> which sorted
+    /// rows they are (null: all of them, in order). The rows beyond it are <see cref="Overflow"/>: per expert, a
+    /// contiguous run of sorted rows. <see cref="Assemble"/> (when both parts are present) is the sorted row of each
+    /// output row once the padded part's rows and then the overflow runs are concatenated.
     /// </summary>
-    protected internal sealed record Grouping(Tensor Order, Tensor TokenOf, long[] Counts, Tensor? PaddedRow, long Capacity);
+    protected internal sealed record Grouping(Tensor Order, Tensor TokenOf, long[] Counts, long Capacity, Tensor? PaddedRow, Tensor? PaddedSorted,
+        IReadOnlyList<(long Expert, long Start, long Length)> Overflow, Tensor? Assemble);
 
     /// <summary>
     /// Sorts the pairs by expert (stable: token-major within an expert, as the loop); pairs of identity experts are left
@@ -143,18 +146,27 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
         var counts = flat.bincount(null, NumExperts);
         var c = counts.data<long>().ToArray();
         LastSelectedCounts = c;
-        long cap = Math.Max(1, c.Max());
         var (sorted, order) = flat.sort(0, false, true);
         if (kept is not null) order = kept.index_select(0, order);
-        Tensor? row = null;
-        var padded = NumExperts * cap <= (MaxPaddingFactor ?? DefaultMaxPaddingFactor(flat.device)) * n;
-        Runtime.MemTrace.CountDispatch(padded, n, NumExperts * cap);
-        if (padded)
-        {
-            var starts = counts.cumsum(0) - counts;
-            row = sorted * cap + (arange(n, ScalarType.Int64, flat.device) - starts.index_select(0, sorted));
-        }
-        return new Grouping(order, order.div(k, rounding_mode: RoundingMode.floor), c, row, cap);
+        var tokenOf = order.div(k, rounding_mode: RoundingMode.floor);
+
+        var (segmentCost, maxPadding) = ExpertCapacity.Defaults(flat.device);
+        long cap = Math.Min(c.Length == 0 ? 0 : c.Max(),
+            ForcedCapacity ?? ExpertCapacity.Choose(c, SegmentCostRows ?? segmentCost, MaxPaddingFactor ?? maxPadding));
+        var overflow = new List<(long, long, long)>();
+        long start = 0;
+        for (int e = 0; e < c.Length; start += c[e], e++)
+            if (c[e] > cap) overflow.Add((e, start + cap, c[e] - cap));
+        Runtime.MemTrace.CountDispatch(NumExperts * cap, overflow.Count, n);
+        if (cap == 0) return new Grouping(order, tokenOf, c, 0, null, null, overflow, null);
+
+        var starts = counts.cumsum(0) - counts;
+        var local = arange(n, ScalarType.Int64, flat.device) - starts.index_select(0, sorted);
+        var row = sorted * cap + local;
+        if (overflow.Count == 0) return new Grouping(order, tokenOf, c, cap, row, null, overflow, null);
+        var padded = local.lt(cap).nonzero().flatten();
+        var overflowRows = cat(overflow.Select(o => arange(o.Item2, o.Item2 + o.Item3, 1, ScalarType.Int64, flat.device)).ToList(), 0);
+        return new Grouping(order, tokenOf, c, cap, row.index_select(0, padded), padded, overflow, cat([padded, overflowRows], 0));
     }
 
     /// <summary>
@@ -213,31 +225,32 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
 
     /// <summary>
     /// Runs <paramref name="body"/> (the expert MLP written once against <see cref="ExpertOps"/>) on the sorted rows
-    /// [n, in] → [n, out]: batched on a padded buffer when <see cref="Grouping.PaddedRow"/> is set, else once per
-    /// expert on its contiguous rows (no padding, no intermediate concatenation).
+    /// [n, in] → [n, out]: batched on the padded buffer for the rows within <see cref="Grouping.Capacity"/>, once per
+    /// expert on its contiguous rows for the <see cref="Grouping.Overflow"/> beyond it.
     /// </summary>
     protected Tensor RunExperts(Grouping g, Tensor rows, Func<ExpertOps, Tensor, Tensor> body)
     {
         _factors.Clear(); // LoRA factors (L, R) are computed once per forward and shared by all experts
         try
         {
+            var parts = new List<Tensor>();
             if (g.PaddedRow is { } row)
             {
-                var xin = zeros([NumExperts * g.Capacity, rows.shape[1]], rows.dtype, rows.device).index_copy(0, row, rows)
+                var src = g.PaddedSorted is { } sel ? rows.index_select(0, sel) : rows;
+                var xin = zeros([NumExperts * g.Capacity, rows.shape[1]], rows.dtype, rows.device).index_copy(0, row, src)
                     .view(NumExperts, g.Capacity, rows.shape[1]);
                 var y = body(new BatchedOps(this, rows.dtype), xin);
-                return y.reshape(-1, y.shape[2]).index_select(0, row);
+                parts.Add(y.reshape(-1, y.shape[2]).index_select(0, row));
             }
-            var parts = rows.split(g.Counts, 0);
             var ops = new SingleExpertOps(this, rows.dtype);
-            var outs = new List<Tensor>();
-            for (int e = 0; e < g.Counts.Length; e++)
+            foreach (var (e, start, length) in g.Overflow)
             {
-                if (g.Counts[e] == 0) continue;
                 ops.Expert = e;
-                outs.Add(body(ops, parts[e]));
+                parts.Add(body(ops, rows.narrow(0, start, length)));
             }
-            return outs.Count == 1 ? outs[0] : cat(outs, 0);
+            var all = parts.Count == 1 ? parts[0] : cat(parts, 0);
+            // Padded rows then overflow runs, back in sorted order (without a padded part the runs already are).
+            return g.Assemble is { } at ? zeros([rows.shape[0], all.shape[1]], all.dtype, all.device).index_copy(0, at, all) : all;
         }
         finally { _factors.Clear(); }
     }

@@ -16,21 +16,22 @@ public static class MemTrace
         if (!On) return;
         if (device.type == TorchSharp.DeviceType.CUDA) torch.cuda.synchronize(device);
         var experts = "";
-        if (Interlocked.Exchange(ref _padded, 0) is var p && Interlocked.Exchange(ref _segmented, 0) is var q && p + q > 0)
+        if (Interlocked.Exchange(ref _dispatches, 0) is var d && d > 0)
         {
-            long pairs = Interlocked.Exchange(ref _pairs, 0), rows = Interlocked.Exchange(ref _paddedRows, 0);
-            experts = $"; experts since the last mark: {p} padded bmm, {q} per-expert segments, padded rows {rows / (double)Math.Max(1, pairs):0.00}x the routed pairs";
+            long segments = Interlocked.Exchange(ref _segments, 0), pairs = Interlocked.Exchange(ref _pairs, 0), rows = Interlocked.Exchange(ref _paddedRows, 0);
+            experts = $"; experts since the last mark: {d} dispatches, padded rows {rows / (double)Math.Max(1, pairs):0.00}x the routed pairs, {segments / (double)d:0.0} per-expert segments each";
         }
         Console.Error.WriteLine($"memtrace {phase}: {DeviceMemory.Used(device) / (double)(1L << 30):0.00} GiB in use on {device}{experts}");
     }
 
-    static long _padded, _segmented, _pairs, _paddedRows;
+    static long _dispatches, _segments, _pairs, _paddedRows;
 
-    /// <summary>Counts one grouped expert dispatch (padded batched matmul or per-expert segments) for the next mark.</summary>
-    public static void CountDispatch(bool padded, long pairs, long paddedRows)
+    /// <summary>Counts one grouped expert dispatch (padded rows, per-expert segments, routed pairs) for the next mark.</summary>
+    public static void CountDispatch(long paddedRows, long segments, long pairs)
     {
         if (!On) return;
-        Interlocked.Increment(ref padded ? ref _padded : ref _segmented);
+        Interlocked.Increment(ref _dispatches);
+        Interlocked.Add(ref _segments, segments);
         Interlocked.Add(ref _pairs, pairs);
         Interlocked.Add(ref _paddedRows, paddedRows);
     }
