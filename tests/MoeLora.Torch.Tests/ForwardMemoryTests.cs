@@ -54,3 +54,44 @@ public class ForwardMemoryTests
         }
     }
 }
+
+/// <summary>
+/// A training step's backward leaves no tensor handle per layer behind: the custom autograd functions (LoRA's
+/// CastLinear, the experts' recompute, checkpointed layers, the chunked loss) dispose the gradient handed to them and
+/// the handles they return (<see cref="Nn.BackwardHandles"/>). Left to .NET's finaliser, those handles kept a step's
+/// layer-sized gradients on the device (an H200 saw device memory grow step after step).
+/// </summary>
+public class BackwardMemoryTests
+{
+    public BackwardMemoryTests() => TorchRuntime.EnsureInitialized();
+
+    static long Leaked(string fixture, int layers, bool checkpointing)
+    {
+        var config = JsonNode.Parse(File.ReadAllText(Path.Combine(Fixtures.Dir(fixture), "model", "config.json")))!.AsObject();
+        config["num_hidden_layers"] = layers;
+        using var holder = new DisposableModel(TorchModelFactory.Random(config.ToJsonString(), 3, ScalarType.BFloat16));
+        var model = holder.Model;
+        RuntimeChecks.InjectWithNonZeroB(model, """{"r": 4, "lora_alpha": 8, "target_modules": "all-linear", "target_parameters": ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]}""");
+        model.Train();
+        model.GradientCheckpointing = checkpointing;
+        var (ids, mask) = RuntimeChecks.LeftPaddedBatch();
+        Nn.BackwardHandles.Release(); // what an earlier test's backward on this thread left pending
+        var before = DisposeScopeManager.Statistics.TensorStatistics.ThreadTotalLiveCount;
+        using (NewDisposeScope())
+        {
+            var loss = model.CausalLmLoss(ids, mask);
+            loss.backward();
+        }
+        Nn.BackwardHandles.Release();
+        return DisposeScopeManager.Statistics.TensorStatistics.ThreadTotalLiveCount - before;
+    }
+
+    [Theory]
+    [InlineData("qwen3_moe", false)]
+    [InlineData("qwen3_moe", true)]
+    public void BackwardLeavesNoHandlePerLayer(string fixture, bool checkpointing)
+    {
+        long shallow = Leaked(fixture, 2, checkpointing), deep = Leaked(fixture, 6, checkpointing);
+        Assert.True(deep == shallow, $"{fixture}: {shallow} handles left after a 2-layer step, {deep} after a 6-layer one");
+    }
+}

@@ -33,12 +33,13 @@ internal sealed class CastLinear : SingleTensorFunction<CastLinear>
 
     public override List<Tensor> backward(AutogradContext ctx, Tensor gradOutput)
     {
+        Nn.BackwardHandles.Release();
         using var scope = NewDisposeScope();
         var saved = ctx.get_saved_variables();
         Tensor x = saved[0], w = saved[1];
         // As autograd's linear: grad_input = g·w (cast back, as .to's backward does), grad_weight = gᵀ·x in w's dtype.
         var gradInput = gradOutput.matmul(w).to(x.dtype);
         var gradWeight = gradOutput.reshape(-1, gradOutput.shape[^1]).t().mm(x.reshape(-1, x.shape[^1]).to(w.dtype));
-        return [gradInput.MoveToOuterDisposeScope(), gradWeight.MoveToOuterDisposeScope()];
+        return Nn.BackwardHandles.Return(gradOutput, gradInput, gradWeight);
     }
 }

@@ -37,6 +37,7 @@ public static class GradientFlow
             var labels = inputIds.roll(-1, 1).to(model.Device).masked_fill(attentionMask.to(model.Device).eq(0), -100);
             var loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[^1]), labels.reshape(-1), ignore_index: -100);
             loss.backward();
+            Nn.BackwardHandles.Release();
         }
         var result = new List<ExpertGradientFlow>();
         foreach (var (name, module) in model.NamedModules())

@@ -24,10 +24,9 @@ internal sealed class CheckpointedLayer : SingleTensorFunction<CheckpointedLayer
     /// <summary>
     /// What backward needs to run the layer again, kept as context data. The forward's own context does not outlive it
     /// (its masks and inputs belong to the forward's dispose scope), so the recompute gets a fresh one over handles of
-    /// the same inputs, taken out of that scope (the garbage collector releases them with the graph), and builds its
-    /// masks again.
+    /// the same inputs, taken out of that scope (disposed when backward is done), and builds its masks again.
     /// </summary>
-    sealed class Job(IDecoderLayer layer, ForwardContext ctx)
+    sealed class Job(IDecoderLayer layer, ForwardContext ctx) : IDisposable
     {
         public IDecoderLayer Layer { get; } = layer;
         readonly Tensor _positions = Keep(ctx.Positions)!, _mask = Keep(ctx.AttentionMask)!;
@@ -43,6 +42,12 @@ internal sealed class CheckpointedLayer : SingleTensorFunction<CheckpointedLayer
             Positions = _positions, AttentionMask = _mask, InputIds = _ids, DType = _dtype, Attention = _attention,
             IndexerTopK = _indexerTopK,
         };
+
+        /// <summary>Backward runs once (no graph is retained): after it the context's handles go.</summary>
+        public void Dispose()
+        {
+            foreach (var t in new[] { _positions, _mask, _ids, _indexerTopK }) t?.Dispose();
+        }
     }
 
     /// <summary>The layer's output; with autograd on, its intermediates are recomputed in backward instead of kept.</summary>
@@ -76,6 +81,7 @@ internal sealed class CheckpointedLayer : SingleTensorFunction<CheckpointedLayer
     public override List<Tensor> backward(AutogradContext ctx, Tensor gradOutput)
     {
         Interlocked.Increment(ref Recomputes);
+        BackwardHandles.Release();
         var job = (Job)ctx.get_data("job");
         using var scope = NewDisposeScope();
         var x = ctx.get_saved_variables()[0];
@@ -87,6 +93,7 @@ internal sealed class CheckpointedLayer : SingleTensorFunction<CheckpointedLayer
             y.backward([gradOutput]);
             grad = input.grad ?? zeros_like(input);
         }
-        return [grad.MoveToOuterDisposeScope(), null!, null!];   // one entry per apply() argument; the others are not tensors
+        job.Dispose();
+        return BackwardHandles.Return(gradOutput, grad, null, null);   // one entry per apply() argument; the others are not tensors
     }
 }

@@ -30,12 +30,15 @@ internal sealed class ExpertRecompute : SingleTensorFunction<ExpertRecompute>
     internal static long Recomputes;
 
     /// <summary>The experts' computation <c>(x, topIdx, topW) → [T, H]</c> and the routing it runs on, kept for backward.</summary>
-    sealed class Job(Func<Tensor, Tensor, Tensor, Tensor> run, Tensor topIdx, bool weightsNeedGrad)
+    sealed class Job(Func<Tensor, Tensor, Tensor, Tensor> run, Tensor topIdx, bool weightsNeedGrad) : IDisposable
     {
         public Func<Tensor, Tensor, Tensor, Tensor> Run { get; } = run;
         // Out of the forward's dispose scope: the graph, not the scope, decides how long the routing lives.
         public Tensor TopIdx { get; } = topIdx.alias().DetachFromDisposeScope();
         public bool WeightsNeedGrad { get; } = weightsNeedGrad;
+
+        /// <summary>Backward runs once (no graph is retained): after it the routing handle goes.</summary>
+        public void Dispose() => TopIdx.Dispose();
     }
 
     /// <summary>
@@ -67,6 +70,7 @@ internal sealed class ExpertRecompute : SingleTensorFunction<ExpertRecompute>
     public override List<Tensor> backward(AutogradContext ctx, Tensor gradOutput)
     {
         Interlocked.Increment(ref Recomputes);
+        BackwardHandles.Release();
         var job = (Job)ctx.get_data("job");
         using var scope = NewDisposeScope();
         var saved = ctx.get_saved_variables();
@@ -82,6 +86,7 @@ internal sealed class ExpertRecompute : SingleTensorFunction<ExpertRecompute>
             if (job.WeightsNeedGrad) gradW = topW.grad ?? zeros_like(topW);
         }
         // One entry per apply() argument: x, the routing weights (none when they need no gradient), the job.
-        return [gradX.MoveToOuterDisposeScope(), gradW?.MoveToOuterDisposeScope()!, null!];
+        job.Dispose();
+        return BackwardHandles.Return(gradOutput, gradX, gradW, null);
     }
 }

@@ -44,6 +44,7 @@ internal sealed class LinearCrossEntropy : SingleTensorFunction<LinearCrossEntro
 
     public override List<Tensor> backward(AutogradContext ctx, Tensor gradOutput)
     {
+        Nn.BackwardHandles.Release();
         var head = (Head)ctx.get_data("head");
         using var scope = NewDisposeScope();
         var saved = ctx.get_saved_variables();
@@ -67,7 +68,7 @@ internal sealed class LinearCrossEntropy : SingleTensorFunction<LinearCrossEntro
             if (head.Multiplier != 1.0) grad16 = grad16.mul(head.Multiplier);
             gradH.narrow(0, start, length).copy_(grad16.mm(head.Weight));
         }
-        return [gradH.MoveToOuterDisposeScope(), null!, null!];   // one entry per apply() argument: labels and the head get none
+        return Nn.BackwardHandles.Return(gradOutput, gradH, null, null);   // one entry per apply() argument: labels and the head get none
     }
 
     /// <summary>log_softmax((h·Wᵀ + b)·m in the model dtype, widened to fp32), freeing each narrower tensor once its wider copy exists.</summary>

@@ -149,6 +149,7 @@ public sealed class CircuitBreakerTrainer
                 var (cbBatch, retainBatch) = _data.Get((long)Step * accum + micro);
                 var r = CircuitBreakerLoss.Compute(_model, cbBatch, retainBatch, _o.TargetLayers, rc, cc);
                 (r.Total / accum).backward();
+                Nn.BackwardHandles.Release();
                 loss += r.TotalValue / accum; retain += r.RetainLoss / accum; cb += r.CbLoss / accum;
                 cos += (double.IsNaN(r.CbCosine) ? 0 : r.CbCosine) / accum;
             }

@@ -76,6 +76,7 @@ public static class TrainingStep
                 var loss = model.CausalLmLoss(ids, ones_like(ids));
                 MemTrace.Mark("lora forward + loss", model.Device);
                 loss.backward();
+                Nn.BackwardHandles.Release();
                 MemTrace.Mark("lora backward", model.Device);
                 double value = loss.item<float>();
                 optimizer.Step(LearningRate);
@@ -111,6 +112,7 @@ public static class TrainingStep
                     targetLayers, retainCoeff, cbCoeff);
                 MemTrace.Mark("cb forward passes + loss", model.Device);
                 r.Total.backward();
+                Nn.BackwardHandles.Release();
                 MemTrace.Mark("cb backward", model.Device);
                 GradClip.ClipGradNorm(trainable.Select(p => p.Param), 1.0);
                 optimizer.Step(LearningRate);
