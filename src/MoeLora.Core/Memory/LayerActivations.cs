@@ -40,7 +40,8 @@ namespace MoeLora.Core.Memory;
 /// <see cref="ExpertsRecomputed"/>): a layer keeps only the experts' input and the output buffer of its custom autograd
 /// node (2·a·H per token); everything above that the experts would keep, LoRA inputs and low-rank products included,
 /// is <see cref="RecomputePerTokenBytes"/>, alive only while backward runs that one layer's experts again. Rows padded
-/// for the batched bmm (up to 4× the routed pairs on CUDA) are not counted: with balanced routing they are few.</item>
+/// for the batched bmm (at most 4× the routed pairs on CUDA, 1.5× on the CPU) are not counted: with balanced routing
+/// they are few.</item>
 /// </list>
 /// </summary>
 public sealed record LayerActivations
