@@ -16,7 +16,8 @@ public sealed record MemoryFix(string Change, long PerGpuBytes, bool Fits);
 /// activation peak and the optimizer's temporaries. Every term carries its formula and source.
 /// <see cref="TrainingSetup.Runtime"/> picks the fused-expert LoRA whose step is modelled: PEFT's ParamWrapper
 /// (<c>fused_expert_lora_weights</c>: W+ΔW kept for backward, and an fp32 ΔW transient) or MoeLora's grouped
-/// low-rank path (<c>expert_lora_low_rank</c>: the r-wide product per routed pair; no ΔW at all).
+/// low-rank path (no ΔW at all; where the runtime recomputes a layer's routed experts in backward, one layer's expert
+/// intermediates as <c>expert_recompute</c>, else the r-wide product per routed pair as <c>expert_lora_low_rank</c>).
 /// </summary>
 public sealed class TrainingMemory
 {
