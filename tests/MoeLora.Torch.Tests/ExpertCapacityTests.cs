@@ -9,20 +9,21 @@ public class ExpertCapacityTests
     static double Cost(long[] counts, long c, double segment) =>
         (double)counts.Length * c + counts.Where(n => n > c).Sum(n => segment + n - c);
 
-    static readonly Gen<(long[] Counts, double Segment, double Factor)> Cases =
-        Gen.Select(Gen.Long[0, 400].Array[1, 40], Gen.Double[0, 5000], Gen.Double[0, 6]);
+    static readonly Gen<(long[] Counts, double Segment, double Factor, long Free)> Cases =
+        Gen.Select(Gen.Long[0, 400].Array[1, 40], Gen.Double[0, 5000], Gen.Double[0, 6], Gen.Long[0, 4000]);
 
     [Fact]
     public void Is_the_cheapest_capacity_within_the_padding_bound() =>
         Cases.Sample(t =>
         {
-            var (counts, segment, factor) = t;
-            var c = ExpertCapacity.Choose(counts, segment, factor);
+            var (counts, segment, factor, free) = t;
+            var c = ExpertCapacity.Choose(counts, segment, factor, free);
             long pairs = counts.Sum();
             if (pairs == 0) return c == 0;
             var cost = Cost(counts, c, segment);
-            return counts.Length * c <= factor * pairs + 1e-9
-                && Enumerable.Range(0, (int)counts.Max() + 1).Where(x => counts.Length * (long)x <= factor * pairs)
+            var bound = Math.Max(factor * pairs, free);
+            return counts.Length * c <= bound + 1e-9
+                && Enumerable.Range(0, (int)counts.Max() + 1).Where(x => counts.Length * (long)x <= bound)
                     .All(x => cost <= Cost(counts, x, segment) + 1e-6);
         }, iter: 300);
 
@@ -36,5 +37,42 @@ public class ExpertCapacityTests
         // Balanced routing pads everything; a zero factor runs every expert as its own segment.
         Assert.Equal(64, ExpertCapacity.Choose(Enumerable.Repeat(64L, 128).ToArray(), segment, factor));
         Assert.Equal(0, ExpertCapacity.Choose(counts, segment, 0));
+    }
+}
+
+/// <summary>
+/// With the GPU's capacity settings, the tensors a MoE layer's forward creates (a proxy for the kernels it launches)
+/// do not grow with the number of experts, whatever the routing: the per-expert segments that made a GPU step
+/// launch-bound are only for the few experts far busier than the rest. Counted, not timed.
+/// </summary>
+public class ExpertLaunchCountTests
+{
+    public ExpertLaunchCountTests() => Runtime.TorchRuntime.EnsureInitialized();
+
+    static long TensorsCreated(int experts, double maxPaddingFactor)
+    {
+        var config = System.Text.Json.Nodes.JsonNode.Parse(File.ReadAllText(Path.Combine(Fixtures.Dir("qwen3_moe"), "model", "config.json")))!.AsObject();
+        config["num_experts"] = experts;
+        using var holder = new DisposableModel(Models.TorchModelFactory.Random(config.ToJsonString(), 5));
+        var model = holder.Model;
+        var (segment, factor, free) = ExpertCapacity.Defaults(new TorchSharp.torch.Device("cuda"));
+        foreach (var e in model.NamedModules().Select(m => m.Module).OfType<ExpertsBase>())
+            (e.SegmentCostRows, e.MaxPaddingFactor, e.FreePaddedRows) = maxPaddingFactor == 0 ? (segment, 0, 0) : (segment, factor, free);
+        var stats = TorchSharp.DisposeScopeManager.Statistics.TensorStatistics;
+        var (ids, mask) = RuntimeChecks.LeftPaddedBatch();
+        using var _ = TorchSharp.torch.no_grad();
+        long before = stats.CreatedInScopeCount + stats.CreatedOutsideScopeCount;
+        using (TorchSharp.torch.NewDisposeScope()) model.Forward(ids, mask);
+        return stats.CreatedInScopeCount + stats.CreatedOutsideScopeCount - before;
+    }
+
+    [Fact]
+    public void A_forward_creates_as_many_tensors_with_64_experts_as_with_8()
+    {
+        long few = TensorsCreated(8, 4), many = TensorsCreated(64, 4);
+        Assert.True(many <= few + few / 10, $"{few} tensors with 8 experts, {many} with 64");
+        // One matmul per expert segment instead: the count grows with the experts the 40 routed pairs reach.
+        long fewSegments = TensorsCreated(8, 0), manySegments = TensorsCreated(64, 0);
+        Assert.True(manySegments > fewSegments + fewSegments / 2, $"segments: {fewSegments} tensors with 8 experts, {manySegments} with 64");
     }
 }

@@ -6,7 +6,8 @@ namespace MoeLora.Torch.Nn;
 /// How many rows of each expert the padded batched matmul takes; a busier expert's rows beyond that run as its own
 /// matmuls (a segment). The capacity c minimises
 /// <c>E·c + Σ over experts with n_e &gt; c of (B + n_e − c)</c>: the padded buffer's rows, plus for each expert over c its
-/// remaining rows and B, the cost of launching its own matmuls counted in rows; E·c stays within f × the routed pairs.
+/// remaining rows and B, the cost of launching its own matmuls counted in rows; E·c stays within f × the routed pairs,
+/// or within a fixed number of rows F where that is more (a short batch's padding costs next to nothing).
 /// <para>
 /// Why: on a GPU a segment's ten or so small kernels cost far more than the FLOPs of a padded row, so one padded matmul
 /// beats one matmul per expert even at several times the rows; but one expert taking most tokens (a randomly
@@ -17,20 +18,21 @@ namespace MoeLora.Torch.Nn;
 internal static class ExpertCapacity
 {
     /// <summary>
-    /// (B, f) by device. CUDA: B 4096 (a segment's kernel launches take about as long as the FLOPs of a few thousand
-    /// rows of a Qwen3-size expert on an H100), f 4 (the padded rows live only while one layer's experts run, see
-    /// <see cref="ExpertRecompute"/>). CPU: B 64, f 1.5, since every padded row costs its full FLOPs there.
+    /// (B, f, F) by device. CUDA: B 4096 (a segment's kernel launches take about as long as the FLOPs of a few thousand
+    /// rows of a Qwen3-size expert on an H100), f 4 and F 16,384 rows (the padded rows live only while one layer's
+    /// experts run, see <see cref="ExpertRecompute"/>). CPU: B 64, f 1.5, F 0, since every padded row costs its full
+    /// FLOPs there.
     /// </summary>
-    public static (double SegmentCostRows, double MaxPaddingFactor) Defaults(Device device) =>
-        device.type == TorchSharp.DeviceType.CUDA ? (4096, 4.0) : (64, 1.5);
+    public static (double SegmentCostRows, double MaxPaddingFactor, long FreePaddedRows) Defaults(Device device) =>
+        device.type == TorchSharp.DeviceType.CUDA ? (4096, 4.0, 16_384) : (64, 1.5, 0);
 
     /// <summary>The capacity for per-expert <paramref name="counts"/> (0: every expert as its own segment).</summary>
-    public static long Choose(IReadOnlyList<long> counts, double segmentCostRows, double maxPaddingFactor)
+    public static long Choose(IReadOnlyList<long> counts, double segmentCostRows, double maxPaddingFactor, long freePaddedRows = 0)
     {
         int experts = counts.Count;
         long pairs = counts.Sum();
         if (experts == 0 || pairs == 0) return 0;
-        long limit = (long)Math.Floor(maxPaddingFactor * pairs / experts);
+        long limit = (long)Math.Floor(Math.Max(maxPaddingFactor * pairs, freePaddedRows) / experts);
         var sorted = counts.Order().ToArray();
         // suffix[i]: the rows of the experts sorted at i and after.
         var suffix = new long[experts + 1];

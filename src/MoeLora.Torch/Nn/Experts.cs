@@ -91,13 +91,17 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
     public ExpertDispatch Dispatching { get; set; } = ExpertDispatch.Grouped;
 
     /// <summary>
-    /// The padded batched matmul takes at most this factor of the routed pairs in rows (E × capacity); 0 runs every
-    /// expert as its own segment. Null (default): by device, see <see cref="ExpertCapacity.Defaults"/>.
+    /// The padded batched matmul takes at most this factor of the routed pairs in rows (E × capacity), or
+    /// <see cref="FreePaddedRows"/> where that is more; 0 (with no free rows) runs every expert as its own segment.
+    /// Null (default): by device, see <see cref="ExpertCapacity.Defaults"/>.
     /// </summary>
     public double? MaxPaddingFactor { get; set; }
 
     /// <summary>What one more per-expert segment costs, in padded rows. Null (default): by device, see <see cref="ExpertCapacity.Defaults"/>.</summary>
     public double? SegmentCostRows { get; set; }
+
+    /// <summary>Padded rows allowed whatever the routed pairs (E × capacity up to this many). Null (default): by device, see <see cref="ExpertCapacity.Defaults"/>.</summary>
+    public long? FreePaddedRows { get; set; }
 
     /// <summary>Tests: the padded part's capacity, whatever <see cref="ExpertCapacity"/> would choose (capped at the busiest expert).</summary>
     internal long? ForcedCapacity { get; set; }
@@ -150,9 +154,9 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
         if (kept is not null) order = kept.index_select(0, order);
         var tokenOf = order.div(k, rounding_mode: RoundingMode.floor);
 
-        var (segmentCost, maxPadding) = ExpertCapacity.Defaults(flat.device);
+        var (segmentCost, maxPadding, freeRows) = ExpertCapacity.Defaults(flat.device);
         long cap = Math.Min(c.Length == 0 ? 0 : c.Max(),
-            ForcedCapacity ?? ExpertCapacity.Choose(c, SegmentCostRows ?? segmentCost, MaxPaddingFactor ?? maxPadding));
+            ForcedCapacity ?? ExpertCapacity.Choose(c, SegmentCostRows ?? segmentCost, MaxPaddingFactor ?? maxPadding, FreePaddedRows ?? freeRows));
         var overflow = new List<(long, long, long)>();
         long start = 0;
         for (int e = 0; e < c.Length; start += c[e], e++)
