@@ -38,7 +38,8 @@ namespace MoeLora.Core.Memory;
 /// The factors L, R themselves (E·(in+out)·r) are negligible.</item>
 /// <item>MoeLora's runtime recomputes fused routed experts in backward (<c>ExpertRecompute</c>, see
 /// <see cref="ExpertsRecomputed"/>): a layer keeps only the experts' input and the output buffer of its custom autograd
-/// node (2·a·H per token); everything above that the experts would keep, LoRA inputs and low-rank products included,
+/// node (2·a·H per token) and the grouping (24 B per routed pair); everything above that the experts would keep, LoRA
+/// inputs and low-rank products included,
 /// is <see cref="RecomputePerTokenBytes"/>, alive only while backward runs that one layer's experts again. Rows padded
 /// for the batched bmm (at most 4× the routed pairs on CUDA, 1.5× on the CPU) are not counted: with balanced routing
 /// they are few.</item>
@@ -198,7 +199,9 @@ public sealed record LayerActivations
                 perToken += 4 * e + 12 * kTop;
                 if (recomputed)
                 {
-                    perToken += 2 * a * hidden;   // the experts' input and the node's output buffer
+                    // The experts' input and the node's output buffer, and the grouping reused by the recompute (the
+                    // sorted pair order, each pair's token and its padded row: three int64 per routed pair).
+                    perToken += 2 * a * hidden + 3 * 8 * kTop;
                     recompute += kTop * perRouted;
                 }
                 else

@@ -6,9 +6,9 @@ namespace MoeLora.Torch.Nn;
 
 /// <summary>
 /// Routed experts whose intermediates are recomputed in backward instead of kept: the forward runs the grouped
-/// experts without autograd and keeps only the block input <c>x</c> [T, H] and the routing weights [T, k]; backward
-/// runs them again with autograd and back-propagates the incoming gradient, which fills the expert adapters'
-/// gradients and returns those of x and of the routing weights.
+/// experts without autograd and keeps only the block input <c>x</c> [T, H], the routing weights [T, k] and the grouping
+/// of the (token, slot) pairs; backward runs them again with autograd on that grouping and back-propagates the incoming
+/// gradient, which fills the expert adapters' gradients and returns those of x and of the routing weights.
 /// <para>
 /// Why: kept, the experts' intermediates are per (token, slot) pair (k of them per token) and, in the padded batched
 /// matmul, per padded row: for Qwen3-30B-A3B about 115 KB per token and layer, most of a LoRA step's activations.
@@ -29,29 +29,30 @@ internal sealed class ExpertRecompute : SingleTensorFunction<ExpertRecompute>
     /// <summary>How many expert blocks backward has run again (tests check that the recompute acted).</summary>
     internal static long Recomputes;
 
-    /// <summary>The experts' computation <c>(x, topIdx, topW) → [T, H]</c> and the routing it runs on, kept for backward.</summary>
-    sealed class Job(Func<Tensor, Tensor, Tensor, Tensor> run, Tensor topIdx, bool weightsNeedGrad) : IDisposable
+    /// <summary>The experts' computation <c>(x, grouping, topW) → [T, H]</c> and the grouping it runs on, kept for backward.</summary>
+    sealed class Job(Func<Tensor, ExpertsBase.Grouping, Tensor, Tensor> run, ExpertsBase.Grouping grouping, bool weightsNeedGrad) : IDisposable
     {
-        public Func<Tensor, Tensor, Tensor, Tensor> Run { get; } = run;
-        // Out of the forward's dispose scope: the graph, not the scope, decides how long the routing lives.
-        public Tensor TopIdx { get; } = topIdx.alias().DetachFromDisposeScope();
+        public Func<Tensor, ExpertsBase.Grouping, Tensor, Tensor> Run { get; } = run;
+        // Out of the forward's dispose scope: the graph, not the scope, decides how long the grouping lives. Reusing it
+        // spares the recompute the sort and the host reads (device syncs) of the grouping.
+        public ExpertsBase.Grouping Grouping { get; } = grouping.Detached();
         public bool WeightsNeedGrad { get; } = weightsNeedGrad;
 
-        /// <summary>Backward runs once (no graph is retained): after it the routing handle goes.</summary>
-        public void Dispose() => TopIdx.Dispose();
+        /// <summary>Backward runs once (no graph is retained): after it the grouping goes.</summary>
+        public void Dispose() => Grouping.Dispose();
     }
 
     /// <summary>
-    /// <paramref name="run"/>(x, topIdx, topW), recomputed in backward when autograd records it; run as it is when
+    /// <paramref name="run"/>(x, grouping, topW), recomputed in backward when autograd records it; run as it is when
     /// nothing needs a gradient (inference, a frozen block below every adapter) or while <see cref="Off"/>.
     /// </summary>
-    public static Tensor Run(ExpertsBase experts, Tensor x, Tensor topIdx, Tensor topW, Func<Tensor, Tensor, Tensor, Tensor> run)
+    public static Tensor Run(ExpertsBase experts, Tensor x, ExpertsBase.Grouping grouping, Tensor topW, Func<Tensor, ExpertsBase.Grouping, Tensor, Tensor> run)
     {
-        if (Off || !is_grad_enabled() || !(x.requires_grad || topW.requires_grad || HasTrainable(experts))) return run(x, topIdx, topW);
+        if (Off || !is_grad_enabled() || !(x.requires_grad || topW.requires_grad || HasTrainable(experts))) return run(x, grouping, topW);
         // An input without gradient (the first adapted block above frozen layers) still needs a node, or the experts'
         // own adapters would get none: give it a leaf that wants one.
         var input = x.requires_grad ? x : x.detach().requires_grad_(true);
-        return apply(input, topW, new Job(run, topIdx, topW.requires_grad));
+        return apply(input, topW, new Job(run, grouping, topW.requires_grad));
     }
 
     static bool HasTrainable(ExpertsBase experts) => experts.HasEnabledDeltas || experts.NamedParameters().Any(p => p.Param.requires_grad);
@@ -64,7 +65,7 @@ internal sealed class ExpertRecompute : SingleTensorFunction<ExpertRecompute>
         ctx.save_data("job", job);
         // The padded rows and every other intermediate go as soon as the output exists.
         using var scope = NewDisposeScope();
-        return job.Run(x, job.TopIdx, topW).MoveToOuterDisposeScope();
+        return job.Run(x, job.Grouping, topW).MoveToOuterDisposeScope();
     }
 
     public override List<Tensor> backward(AutogradContext ctx, Tensor gradOutput)
@@ -80,7 +81,7 @@ internal sealed class ExpertRecompute : SingleTensorFunction<ExpertRecompute>
         {
             var x = saved[0].detach().requires_grad_(true);
             var topW = saved[1].detach().requires_grad_(job.WeightsNeedGrad);
-            var y = job.Run(x, job.TopIdx, topW);
+            var y = job.Run(x, job.Grouping, topW);
             if (y.requires_grad) y.backward([gradOutput]); // no routed pair (every one went to an identity expert): no gradient
             gradX = x.grad ?? zeros_like(x);
             if (job.WeightsNeedGrad) gradW = topW.grad ?? zeros_like(topW);

@@ -68,11 +68,11 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
     internal bool HasEnabledDeltas => _deltas.Values.Any(l => l.Any(d => d.Enabled));
 
     /// <summary>
-    /// The grouped experts <paramref name="run"/>(x, topIdx, topW), recomputed in backward instead of keeping their
-    /// intermediates (<see cref="ExpertRecompute"/>).
+    /// The grouped experts <paramref name="run"/>(x, grouping, topW) on <paramref name="topIdx"/>'s grouping, recomputed
+    /// in backward instead of keeping their intermediates (<see cref="ExpertRecompute"/>, which reuses the grouping).
     /// </summary>
-    protected Tensor Recomputed(Tensor x, Tensor topIdx, Tensor topW, Func<Tensor, Tensor, Tensor, Tensor> run) =>
-        ExpertRecompute.Run(this, x, topIdx, topW, run);
+    protected Tensor Recomputed(Tensor x, Tensor topIdx, Tensor topW, Func<Tensor, Grouping, Tensor, Tensor> run) =>
+        ExpertRecompute.Run(this, x, Group(topIdx), topW, run);
 
     internal void AttachDelta(string name, IParamDelta d)
     {
@@ -129,7 +129,22 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
     /// output row once the padded part's rows and then the overflow runs are concatenated.
     /// </summary>
     protected internal sealed record Grouping(Tensor Order, Tensor TokenOf, long[] Counts, long Capacity, Tensor? PaddedRow, Tensor? PaddedSorted,
-        IReadOnlyList<(long Expert, long Start, long Length)> Overflow, Tensor? Assemble);
+        IReadOnlyList<(long Expert, long Start, long Length)> Overflow, Tensor? Assemble) : IDisposable
+    {
+        IEnumerable<Tensor> Tensors => new[] { Order, TokenOf, PaddedRow, PaddedSorted, Assemble }.OfType<Tensor>();
+
+        /// <summary>Takes the grouping's tensors out of the current dispose scope (kept for a recompute in backward).</summary>
+        public Grouping Detached()
+        {
+            foreach (var t in Tensors) t.DetachFromDisposeScope();
+            return this;
+        }
+
+        public void Dispose()
+        {
+            foreach (var t in Tensors) t.Dispose();
+        }
+    }
 
     /// <summary>
     /// Sorts the pairs by expert (stable: token-major within an expert, as the loop); pairs of identity experts are left
@@ -318,9 +333,8 @@ public sealed class FusedExperts : ExpertsBase
         return routed + (x * identityW).to(x.dtype);
     }
 
-    Tensor ForwardGrouped(Tensor x, Tensor topIdx, Tensor topW)
+    Tensor ForwardGrouped(Tensor x, Grouping g, Tensor topW)
     {
-        var g = Group(topIdx);
         if (g.TokenOf.shape[0] == 0) return zeros_like(x); // every pair went to an identity expert
         var h = RunExperts(g, x.index_select(0, g.TokenOf), (ops, xe) =>
         {

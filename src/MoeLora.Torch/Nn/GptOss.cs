@@ -61,9 +61,8 @@ public sealed class GptOssExperts : ExpertsBase
         return Dispatching == ExpertDispatch.Loop ? ForwardLoop(x, topIdx, topW) : Recomputed(x, topIdx, topW, ForwardGrouped);
     }
 
-    Tensor ForwardGrouped(Tensor x, Tensor topIdx, Tensor topW)
+    Tensor ForwardGrouped(Tensor x, Grouping g, Tensor topW)
     {
-        var g = Group(topIdx);
         var h = RunExperts(g, x.index_select(0, g.TokenOf), (ops, xe) =>
         {
             var gu = ops.Mm(xe, "gate_up_proj", transposeWeight: false) + ops.Bias("gate_up_proj_bias");

@@ -115,9 +115,8 @@ public sealed class Llama4Experts : ExpertsBase
         return Dispatching == ExpertDispatch.Loop ? ForwardLoop(x, topIdx, scores) : Recomputed(x, topIdx, scores, ForwardGrouped);
     }
 
-    Tensor ForwardGrouped(Tensor x, Tensor topIdx, Tensor scores)
+    Tensor ForwardGrouped(Tensor x, Grouping g, Tensor scores)
     {
-        var g = Group(topIdx);
         var w = scores.flatten().index_select(0, g.Order).unsqueeze(-1);
         var h = RunExperts(g, x.index_select(0, g.TokenOf) * w, (ops, xe) =>
         {

@@ -59,9 +59,8 @@ public sealed class UpDownExperts : ExpertsBase
         return Recomputed(x, topIdx, topW, ForwardGrouped);
     }
 
-    Tensor ForwardGrouped(Tensor x, Tensor topIdx, Tensor topW)
+    Tensor ForwardGrouped(Tensor x, Grouping g, Tensor topW)
     {
-        var g = Group(topIdx);
         var y = RunExperts(g, x.index_select(0, g.TokenOf), (ops, xe) =>
             ops.Mm(_act.Forward(ops.Mm(xe, "up_proj", transposeWeight: true)), "down_proj", transposeWeight: true));
         var wt = topW.flatten().index_select(0, g.Order).unsqueeze(-1);

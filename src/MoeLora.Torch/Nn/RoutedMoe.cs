@@ -399,9 +399,8 @@ public sealed class ClampedFusedExperts : ExpertsBase
         return Recomputed(x, topIdx, topW, ForwardGrouped);
     }
 
-    Tensor ForwardGrouped(Tensor x, Tensor topIdx, Tensor topW)
+    Tensor ForwardGrouped(Tensor x, Grouping g, Tensor topW)
     {
-        var g = Group(topIdx);
         var y = RunExperts(g, x.index_select(0, g.TokenOf), (ops, xe) =>
             ops.Mm(ClampedSwiglu.Apply(ops.Mm(xe, "gate_up_proj", transposeWeight: true), _limit, _alpha, _upShift, _afterActivation), "down_proj", transposeWeight: true));
         var wt = topW.flatten().index_select(0, g.Order).unsqueeze(-1);

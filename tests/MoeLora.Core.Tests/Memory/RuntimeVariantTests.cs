@@ -87,7 +87,8 @@ public class RuntimeVariantTests
         // lora_A keeps the bf16 input of q/k/v (2048 wide) and o (4096) where PEFT keeps an fp32 copy: 2 B less each,
         // and 4 B × r (16) more for the output buffer of its TorchSharp autograd node. Its LoRA step's loss runs chunk by
         // chunk (ChunkedLmLoss) where transformers keeps 12 B per logit. Its routed experts keep their input and output
-        // (2 × 2 B × 2048) where PEFT's keep k·a·(3I+H) and each expert target's input; the rest is recomputed, one layer
+        // (2 × 2 B × 2048) and their grouping (3 × 8 B per routed pair) where PEFT's keep k·a·(3I+H) and each expert
+        // target's input; the rest is recomputed, one layer
         // at a time, which at these lengths outgrows the loss's chunk.
         Gen.Select(Gen.Int[1, 4], Gen.Int[8192, 16384], Gen.Bool).Sample(t =>
         {
@@ -100,7 +101,7 @@ public class RuntimeVariantTests
             var tokens = passes * trained * (long)setup.BatchSize * setup.SeqLength;
             var repeatedKv = tokens * (2L * 2 * (32 - 4) * 128 + 4 * 32);
             var narrowInputs = tokens * (2L * (3 * 2048 + 4096) - 4 * 4 * 16);
-            var keptExperts = tokens * (8L * 2 * (3 * 768 + 2048) + 8L * 2 * (2048 + 768) - 2L * 2 * 2048);
+            var keptExperts = tokens * (8L * 2 * (3 * 768 + 2048) + 8L * 2 * (2048 + 768) - 2L * 2 * 2048 - 3L * 8 * 8);
             var tokensInStep = (long)setup.BatchSize * setup.SeqLength;
             var lora = setup.Mode == TrainingMode.Lora;
             var recompute = lora ? tokensInStep * RecomputedPerToken : 0;
