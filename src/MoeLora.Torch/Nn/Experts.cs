@@ -183,9 +183,11 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
         var local = arange(n, ScalarType.Int64, flat.device) - starts.index_select(0, sorted);
         var row = sorted * cap + local;
         if (overflow.Count == 0) return new Grouping(order, tokenOf, c, cap, row, null, overflow, null);
-        var padded = local.lt(cap).nonzero().flatten();
-        var overflowRows = cat(overflow.Select(o => arange(o.Item2, o.Item2 + o.Item3, 1, ScalarType.Int64, flat.device)).ToList(), 0);
-        return new Grouping(order, tokenOf, c, cap, row.index_select(0, padded), padded, overflow, cat([padded, overflowRows], 0));
+        // A stable sort on "beyond the capacity" puts the padded rows first and then the overflow runs, each in sorted
+        // order (so the runs come expert by expert, as Overflow lists them): that order is Assemble, without a host read.
+        var (_, assemble) = local.ge(cap).to(ScalarType.Int64).sort(0, false, true);
+        var padded = assemble.narrow(0, 0, c.Sum(x => Math.Min(x, cap)));
+        return new Grouping(order, tokenOf, c, cap, row.index_select(0, padded), padded, overflow, assemble);
     }
 
     /// <summary>
