@@ -33,7 +33,6 @@ internal sealed class CastLinear : SingleTensorFunction<CastLinear>
 
     public override List<Tensor> backward(AutogradContext ctx, Tensor gradOutput)
     {
-        Nn.BackwardHandles.Release();
         using var scope = NewDisposeScope();
         var saved = ctx.get_saved_variables();
         Tensor x = saved[0], w = saved[1];

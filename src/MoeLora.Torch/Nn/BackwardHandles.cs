@@ -12,7 +12,8 @@ namespace MoeLora.Torch.Nn;
 /// on a Qwen3-30B-A3B LoRA step about a gigabyte of layer-sized gradients by the end of backward, and more as steps
 /// follow (measured on an H200 as device memory growing step after step). So each backward disposes its incoming
 /// gradient when done and hands what it returns to <see cref="Return"/>; those handles are disposed when the next
-/// backward on the same thread starts (the graph holds its own copies by then), and by <see cref="Release"/>.
+/// backward on the same thread returns (the graph copied them as soon as theirs returned, and a backward nested in
+/// another returns before it), and by <see cref="Release"/> once a step's backward is done.
 /// </para>
 /// </summary>
 internal static class BackwardHandles
@@ -24,13 +25,14 @@ internal static class BackwardHandles
     public static List<Tensor> Return(Tensor gradOutput, params Tensor?[] grads)
     {
         gradOutput.Dispose();
+        Release();
         var list = _returned ??= [];
         foreach (var g in grads)
             if (g is not null) list.Add(g.DetachFromDisposeScope());
         return [.. grads.Select(g => g!)];
     }
 
-    /// <summary>Disposes the handles earlier backwards on this thread returned (call at the start of backward, and after a step's backward).</summary>
+    /// <summary>Disposes the handles earlier backwards on this thread returned (call after a step's backward).</summary>
     public static void Release()
     {
         if (_returned is not { Count: > 0 } list) return;

@@ -54,10 +54,7 @@ internal sealed class CheckpointedLayer : SingleTensorFunction<CheckpointedLayer
     public static Tensor Run(IDecoderLayer layer, Tensor x, ForwardContext ctx)
     {
         if (!is_grad_enabled() || !(x.requires_grad || HasTrainable(layer))) return layer.Forward(x, ctx);
-        // An input without gradient (the first adapted layer above frozen embeddings) still needs a node, or the
-        // layer's own adapters would get none: give it a leaf that wants one.
-        var input = x.requires_grad ? x : x.detach().requires_grad_(true);
-        var y = apply(input, new Job(layer, ctx), ctx);
+        var y = apply(Recompute.NodeInput(x), new Job(layer, ctx), ctx);
         // The first run is without autograd, so a state handed to the next layer would carry no gradient.
         if (ctx.RouterState is not null)
             throw new NotSupportedException("gradient checkpointing: this model hands a router state from layer to layer (ZAYA), whose gradient a recomputed layer would lose; run it without --gradient-checkpointing.");
@@ -81,19 +78,10 @@ internal sealed class CheckpointedLayer : SingleTensorFunction<CheckpointedLayer
     public override List<Tensor> backward(AutogradContext ctx, Tensor gradOutput)
     {
         Interlocked.Increment(ref Recomputes);
-        BackwardHandles.Release();
         var job = (Job)ctx.get_data("job");
         using var scope = NewDisposeScope();
-        var x = ctx.get_saved_variables()[0];
-        Tensor grad;
-        using (enable_grad())
-        {
-            var input = x.detach().requires_grad_(true);
-            var y = job.Layer.Forward(input, job.Context());
-            y.backward([gradOutput]);
-            grad = input.grad ?? zeros_like(input);
-        }
+        var grads = Recompute.Gradients(gradOutput, ctx.get_saved_variables(), [true], x => job.Layer.Forward(x[0], job.Context()));
         job.Dispose();
-        return BackwardHandles.Return(gradOutput, grad, null, null);   // one entry per apply() argument; the others are not tensors
+        return BackwardHandles.Return(gradOutput, grads[0], null, null);   // one entry per apply() argument; the others are not tensors
     }
 }

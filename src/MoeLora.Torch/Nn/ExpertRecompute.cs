@@ -49,10 +49,7 @@ internal sealed class ExpertRecompute : SingleTensorFunction<ExpertRecompute>
     public static Tensor Run(ExpertsBase experts, Tensor x, ExpertsBase.Grouping grouping, Tensor topW, Func<Tensor, ExpertsBase.Grouping, Tensor, Tensor> run)
     {
         if (Off || !is_grad_enabled() || !(x.requires_grad || topW.requires_grad || HasTrainable(experts))) return run(x, grouping, topW);
-        // An input without gradient (the first adapted block above frozen layers) still needs a node, or the experts'
-        // own adapters would get none: give it a leaf that wants one.
-        var input = x.requires_grad ? x : x.detach().requires_grad_(true);
-        return apply(input, topW, new Job(run, grouping, topW.requires_grad));
+        return apply(Recompute.NodeInput(x), topW, new Job(run, grouping, topW.requires_grad));
     }
 
     static bool HasTrainable(ExpertsBase experts) => experts.HasEnabledDeltas || experts.NamedParameters().Any(p => p.Param.requires_grad);
@@ -71,23 +68,12 @@ internal sealed class ExpertRecompute : SingleTensorFunction<ExpertRecompute>
     public override List<Tensor> backward(AutogradContext ctx, Tensor gradOutput)
     {
         Interlocked.Increment(ref Recomputes);
-        BackwardHandles.Release();
         var job = (Job)ctx.get_data("job");
         using var scope = NewDisposeScope();
-        var saved = ctx.get_saved_variables();
-        Tensor gradX;
-        Tensor? gradW = null;
-        using (enable_grad())
-        {
-            var x = saved[0].detach().requires_grad_(true);
-            var topW = saved[1].detach().requires_grad_(job.WeightsNeedGrad);
-            var y = job.Run(x, job.Grouping, topW);
-            if (y.requires_grad) y.backward([gradOutput]); // no routed pair (every one went to an identity expert): no gradient
-            gradX = x.grad ?? zeros_like(x);
-            if (job.WeightsNeedGrad) gradW = topW.grad ?? zeros_like(topW);
-        }
-        // One entry per apply() argument: x, the routing weights (none when they need no gradient), the job.
+        var grads = Recompute.Gradients(gradOutput, ctx.get_saved_variables(), [true, job.WeightsNeedGrad],
+            i => job.Run(i[0], job.Grouping, i[1]));
         job.Dispose();
-        return BackwardHandles.Return(gradOutput, gradX, gradW, null);
+        // One entry per apply() argument: x, the routing weights (none when they need no gradient), the job.
+        return BackwardHandles.Return(gradOutput, grads[0], grads[1], null);
     }
 }

@@ -44,7 +44,6 @@ internal sealed class LinearCrossEntropy : SingleTensorFunction<LinearCrossEntro
 
     public override List<Tensor> backward(AutogradContext ctx, Tensor gradOutput)
     {
-        Nn.BackwardHandles.Release();
         var head = (Head)ctx.get_data("head");
         using var scope = NewDisposeScope();
         var saved = ctx.get_saved_variables();
