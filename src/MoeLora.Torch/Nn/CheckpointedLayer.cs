@@ -80,7 +80,14 @@ internal sealed class CheckpointedLayer : SingleTensorFunction<CheckpointedLayer
         Interlocked.Increment(ref Recomputes);
         var job = (Job)ctx.get_data("job");
         using var scope = NewDisposeScope();
-        var grads = Recompute.Gradients(gradOutput, ctx.get_saved_variables(), [true], x => job.Layer.Forward(x[0], job.Context()));
+        // The recompute back-propagates through this one layer at once, so its routed experts keep their intermediates
+        // here instead of running a third time in their own recompute (ExpertRecompute): one layer's worth, the transient
+        // that recompute would have had anyway.
+        bool off = ExpertRecompute.Off;
+        ExpertRecompute.Off = true;
+        Tensor?[] grads;
+        try { grads = Recompute.Gradients(gradOutput, ctx.get_saved_variables(), [true], x => job.Layer.Forward(x[0], job.Context())); }
+        finally { ExpertRecompute.Off = off; }
         job.Dispose();
         return BackwardHandles.Return(gradOutput, grads[0], null, null);   // one entry per apply() argument; the others are not tensors
     }

@@ -23,7 +23,10 @@ internal sealed class ExpertRecompute : SingleTensorFunction<ExpertRecompute>
 {
     public override string Name => nameof(ExpertRecompute);
 
-    /// <summary>Off: the experts keep their intermediates (tests compare both ways on one thread).</summary>
+    /// <summary>
+    /// Off: the experts keep their intermediates, on this thread. A checkpointed layer's recompute turns it off (it
+    /// back-propagates through one layer at once); tests compare both ways.
+    /// </summary>
     [ThreadStatic] internal static bool Off;
 
     /// <summary>How many expert blocks backward has run again (tests check that the recompute acted).</summary>

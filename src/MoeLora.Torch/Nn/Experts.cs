@@ -82,8 +82,9 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
 
     /// <summary>
     /// How the experts run. <see cref="ExpertDispatch.Grouped"/> (default): (token, slot) pairs sorted by expert, each
-    /// expert weight applied to its contiguous rows (a padded batched matmul for the first <see cref="Grouping.Capacity"/>
-    /// rows of every expert, one matmul per expert for the rows beyond it, see <see cref="ExpertCapacity"/>), LoRA as
+    /// expert weight applied to its contiguous rows (padded batched matmuls, the first for the first rows of every expert,
+    /// later ones for the busier experts' rows beyond, and one matmul per expert for what is left, see
+    /// <see cref="ExpertCapacity"/>), LoRA as
     /// low-rank products (x·Rᵀ·Lᵀ or x·L·R) without materialising W+ΔW.
     /// <see cref="ExpertDispatch.Loop"/>: transformers' per-expert loop over W+ΔW (PEFT's parametrization, kept as
     /// the reference for tests).
@@ -103,7 +104,7 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
     /// <summary>Padded rows allowed whatever the routed pairs (E × capacity up to this many). Null (default): by device, see <see cref="ExpertCapacity.Defaults"/>.</summary>
     public long? FreePaddedRows { get; set; }
 
-    /// <summary>Tests: the padded part's capacity, whatever <see cref="ExpertCapacity"/> would choose (capped at the busiest expert).</summary>
+    /// <summary>Tests: every tier's capacity, whatever <see cref="ExpertCapacity"/> would choose (capped at the busiest expert's rows left).</summary>
     internal long? ForcedCapacity { get; set; }
 
     protected Tensor Effective(string name)
@@ -122,16 +123,16 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
 
     /// <summary>
     /// The T·k (token, slot) pairs sorted by expert: <see cref="Order"/> (pair index per sorted row), its token, the
-    /// per-expert counts, and how they run. The first <see cref="Capacity"/> rows of each expert go to the padded
-    /// buffer [E·Capacity]: <see cref="PaddedRow"/> is each one's place there and <see cref="PaddedSorted"/> which sorted
-    /// rows they are (null: all of them, in order). The rows beyond it are <see cref="Overflow"/>: per expert, a
-    /// contiguous run of sorted rows. <see cref="Assemble"/> (when both parts are present) is the sorted row of each
-    /// output row once the padded part's rows and then the overflow runs are concatenated.
+    /// per-expert counts, and how they run (see <see cref="ExpertCapacity"/>): <see cref="Tiers"/>, padded batched
+    /// matmuls each taking some rows of some experts, then <see cref="Overflow"/>, per expert a contiguous run of sorted
+    /// rows in its own matmuls. <see cref="Assemble"/> (when there is more than one part) is the sorted row of each
+    /// output row once the tiers' rows and then the overflow runs are concatenated.
     /// </summary>
-    protected internal sealed record Grouping(Tensor Order, Tensor TokenOf, long[] Counts, long Capacity, Tensor? PaddedRow, Tensor? PaddedSorted,
+    protected internal sealed record Grouping(Tensor Order, Tensor TokenOf, long[] Counts, IReadOnlyList<PaddedTier> Tiers,
         IReadOnlyList<(long Expert, long Start, long Length)> Overflow, Tensor? Assemble) : IDisposable
     {
-        IEnumerable<Tensor> Tensors => new[] { Order, TokenOf, PaddedRow, PaddedSorted, Assemble }.OfType<Tensor>();
+        IEnumerable<Tensor> Tensors => new[] { Order, TokenOf, Assemble }
+            .Concat(Tiers.SelectMany(t => new[] { t.Experts, t.Row, t.Sorted })).OfType<Tensor>();
 
         /// <summary>Takes the grouping's tensors out of the current dispose scope (kept for a recompute in backward).</summary>
         public Grouping Detached()
@@ -145,6 +146,14 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
             foreach (var t in Tensors) t.Dispose();
         }
     }
+
+    /// <summary>
+    /// One padded batched matmul over <see cref="ExpertCount"/> experts of <see cref="Capacity"/> rows each:
+    /// <see cref="Experts"/> are the experts whose weights it gathers (null: every computed expert, in order),
+    /// <see cref="Row"/> each of its rows' place in the buffer [ExpertCount·Capacity], <see cref="Sorted"/> which sorted
+    /// rows they are (null: all of them, in order).
+    /// </summary>
+    protected internal sealed record PaddedTier(long Capacity, long ExpertCount, Tensor? Experts, Tensor Row, Tensor? Sorted);
 
     /// <summary>
     /// Sorts the pairs by expert (stable: token-major within an expert, as the loop); pairs of identity experts are left
@@ -170,24 +179,47 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
         var tokenOf = order.div(k, rounding_mode: RoundingMode.floor);
 
         var (segmentCost, maxPadding, freeRows) = ExpertCapacity.Defaults(flat.device);
-        long cap = Math.Min(c.Length == 0 ? 0 : c.Max(),
-            ForcedCapacity ?? ExpertCapacity.Choose(c, SegmentCostRows ?? segmentCost, MaxPaddingFactor ?? maxPadding, FreePaddedRows ?? freeRows));
-        var overflow = new List<(long, long, long)>();
-        long start = 0;
-        for (int e = 0; e < c.Length; start += c[e], e++)
-            if (c[e] > cap) overflow.Add((e, start + cap, c[e] - cap));
-        Runtime.MemTrace.CountDispatch(NumExperts * cap, overflow.Count, n);
-        if (cap == 0) return new Grouping(order, tokenOf, c, 0, null, null, overflow, null);
+        var (plan, segments) = ExpertCapacity.Plan(c, SegmentCostRows ?? segmentCost, MaxPaddingFactor ?? maxPadding,
+            FreePaddedRows ?? freeRows, ForcedCapacity);
+        var firstRow = new long[c.Length];
+        for (int e = 1; e < c.Length; e++) firstRow[e] = firstRow[e - 1] + c[e - 1];
+        var overflow = segments.Select(s => (s.Expert, firstRow[s.Expert] + s.Start, s.Length)).ToList();
+        Runtime.MemTrace.CountDispatch(plan.Sum(t => t.Experts * t.Capacity), plan.Count, overflow.Count, n);
+        if (plan.Count == 0) return new Grouping(order, tokenOf, c, [], overflow, null);
 
         var starts = counts.cumsum(0) - counts;
-        var local = arange(n, ScalarType.Int64, flat.device) - starts.index_select(0, sorted);
-        var row = sorted * cap + local;
-        if (overflow.Count == 0) return new Grouping(order, tokenOf, c, cap, row, null, overflow, null);
-        // A stable sort on "beyond the capacity" puts the padded rows first and then the overflow runs, each in sorted
-        // order (so the runs come expert by expert, as Overflow lists them): that order is Assemble, without a host read.
-        var (_, assemble) = local.ge(cap).to(ScalarType.Int64).sort(0, false, true);
-        var padded = assemble.narrow(0, 0, c.Sum(x => Math.Min(x, cap)));
-        return new Grouping(order, tokenOf, c, cap, row.index_select(0, padded), padded, overflow, assemble);
+        var local = arange(n, ScalarType.Int64, flat.device) - starts.index_select(0, sorted); // place within its expert
+        if (plan.Count == 1 && overflow.Count == 0)
+            return new Grouping(order, tokenOf, c, [new PaddedTier(plan[0].Capacity, NumExperts, null, sorted * plan[0].Capacity + local, null)], overflow, null);
+
+        // Each sorted row's part: the number of tiers that end at or before its place within its expert (the overflow
+        // runs, after every tier, get the count of tiers). A stable sort on it lists the tiers' rows tier by tier and then
+        // the overflow runs, each in sorted order (so the runs come expert by expert, as Overflow lists them): that order
+        // is Assemble, without a host read.
+        var part = zeros_like(local);
+        foreach (var t in plan) part = part + local.ge(t.Offset + t.Capacity).to(ScalarType.Int64);
+        var (_, assemble) = part.sort(0, false, true);
+        var tiers = new List<PaddedTier>();
+        long before = 0;
+        foreach (var t in plan)
+        {
+            var sel = assemble.narrow(0, before, t.Rows);
+            before += t.Rows;
+            var expert = sorted.index_select(0, sel);
+            var within = local.index_select(0, sel) - t.Offset;
+            if (t.Offset == 0)
+            {
+                tiers.Add(new PaddedTier(t.Capacity, NumExperts, null, expert * t.Capacity + within, sel));
+                continue;
+            }
+            // A later tier holds the experts with more than Offset rows, in order: each one's slot is its rank among them.
+            var member = counts.gt(t.Offset);
+            var slot = member.to(ScalarType.Int64).cumsum(0) - 1;
+            var (_, byMembership) = member.logical_not().to(ScalarType.Int64).sort(0, false, true);
+            tiers.Add(new PaddedTier(t.Capacity, t.Experts, byMembership.narrow(0, 0, t.Experts),
+                slot.index_select(0, expert) * t.Capacity + within, sel));
+        }
+        return new Grouping(order, tokenOf, c, tiers, overflow, assemble);
     }
 
     /// <summary>
@@ -206,20 +238,23 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
         public abstract Tensor Bias(string name);
     }
 
-    sealed class BatchedOps(ExpertsBase owner, ScalarType dtype) : ExpertOps
+    /// <summary>One tier's experts: every computed expert (<paramref name="experts"/> null) or those it gathers.</summary>
+    sealed class BatchedOps(ExpertsBase owner, ScalarType dtype, Tensor? experts) : ExpertOps
     {
+        Tensor Pick(Tensor t) => experts is null ? owner.Computed(t) : t.index_select(0, experts);
+
         public override Tensor Mm(Tensor x, string name, bool transposeWeight)
         {
-            var w = owner.Computed(owner.Param(name));
+            var w = Pick(owner.Param(name));
             var y = bmm(x, transposeWeight ? w.transpose(1, 2) : w);
             foreach (var (fl, fr) in owner.Factors(name, dtype))
             {
-                var (l, r) = (owner.Computed(fl), owner.Computed(fr));
+                var (l, r) = (Pick(fl), Pick(fr));
                 y = y + (transposeWeight ? bmm(bmm(x, r.transpose(1, 2)), l.transpose(1, 2)) : bmm(bmm(x, l), r));
             }
             return y;
         }
-        public override Tensor Bias(string name) => owner.Computed(owner.Effective(name)).unsqueeze(1);
+        public override Tensor Bias(string name) => Pick(owner.Effective(name)).unsqueeze(1);
     }
 
     sealed class SingleExpertOps(ExpertsBase owner, ScalarType dtype) : ExpertOps
@@ -246,8 +281,8 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
 
     /// <summary>
     /// Runs <paramref name="body"/> (the expert MLP written once against <see cref="ExpertOps"/>) on the sorted rows
-    /// [n, in] → [n, out]: batched on the padded buffer for the rows within <see cref="Grouping.Capacity"/>, once per
-    /// expert on its contiguous rows for the <see cref="Grouping.Overflow"/> beyond it.
+    /// [n, in] → [n, out]: batched on each tier's padded buffer for the rows in <see cref="Grouping.Tiers"/>, once per
+    /// expert on its contiguous rows for the <see cref="Grouping.Overflow"/> beyond them.
     /// </summary>
     protected Tensor RunExperts(Grouping g, Tensor rows, Func<ExpertOps, Tensor, Tensor> body)
     {
@@ -255,13 +290,13 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
         try
         {
             var parts = new List<Tensor>();
-            if (g.PaddedRow is { } row)
+            foreach (var tier in g.Tiers)
             {
-                var src = g.PaddedSorted is { } sel ? rows.index_select(0, sel) : rows;
-                var xin = zeros([NumExperts * g.Capacity, rows.shape[1]], rows.dtype, rows.device).index_copy(0, row, src)
-                    .view(NumExperts, g.Capacity, rows.shape[1]);
-                var y = body(new BatchedOps(this, rows.dtype), xin);
-                parts.Add(y.reshape(-1, y.shape[2]).index_select(0, row));
+                var src = tier.Sorted is { } sel ? rows.index_select(0, sel) : rows;
+                var xin = zeros([tier.ExpertCount * tier.Capacity, rows.shape[1]], rows.dtype, rows.device).index_copy(0, tier.Row, src)
+                    .view(tier.ExpertCount, tier.Capacity, rows.shape[1]);
+                var y = body(new BatchedOps(this, rows.dtype, tier.Experts), xin);
+                parts.Add(y.reshape(-1, y.shape[2]).index_select(0, tier.Row));
             }
             var ops = new SingleExpertOps(this, rows.dtype);
             foreach (var (e, start, length) in g.Overflow)
@@ -270,7 +305,7 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
                 parts.Add(body(ops, rows.narrow(0, start, length)));
             }
             var all = parts.Count == 1 ? parts[0] : cat(parts, 0);
-            // Padded rows then overflow runs, back in sorted order (without a padded part the runs already are).
+            // The tiers' rows then the overflow runs, back in sorted order (alone, a tier's rows or the runs already are).
             return g.Assemble is { } at ? zeros([rows.shape[0], all.shape[1]], all.dtype, all.device).index_copy(0, at, all) : all;
         }
         finally { _factors.Clear(); }
