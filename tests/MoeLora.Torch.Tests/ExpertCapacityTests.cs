@@ -99,7 +99,11 @@ public class ExpertLaunchCountTests
         var model = holder.Model;
         var (segment, factor, free) = ExpertCapacity.Defaults(new TorchSharp.torch.Device("cuda"));
         foreach (var e in model.NamedModules().Select(m => m.Module).OfType<ExpertsBase>())
+        {
+            // The padded path, as a GPU without grouped_mm's fast path (or in fp32) runs it.
+            e.Dispatching = ExpertDispatch.Padded;
             (e.SegmentCostRows, e.MaxPaddingFactor, e.FreePaddedRows) = maxPaddingFactor == 0 ? (segment, 0, 0) : (segment, factor, free);
+        }
         var stats = TorchSharp.DisposeScopeManager.Statistics.TensorStatistics;
         var (ids, mask) = RuntimeChecks.LeftPaddedBatch();
         using var _ = TorchSharp.torch.no_grad();

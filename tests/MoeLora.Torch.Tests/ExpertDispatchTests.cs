@@ -40,11 +40,18 @@ public class ExpertDispatchTests(ITestOutputHelper log)
     public void GroupedDispatchEqualsThePerExpertLoop(string type)
     {
         var loop = Run(type, ExpertDispatch.Loop);
-        // Padded batched matmuls (padding allowed up to 100x), per-expert segments (no padding allowed), and both: two
-        // rows of each expert padded, the rest of the busier experts' rows in their own segments.
-        foreach (var (mode, factor, capacity) in new[] { ("padded", 100.0, (long?)null), ("segments", 0.0, null), ("padded + segments", 100.0, 2) })
+        // Grouped matmuls (torch._grouped_mm); padded batched matmuls (padding allowed up to 100x); per-expert segments
+        // (no padding allowed); and tiers of two rows per expert until one expert is left, whose rows run as a segment.
+        Assert.True(GroupedMm.Available, "this libtorch has no torch._grouped_mm");
+        foreach (var (mode, dispatch, factor, capacity) in new[]
         {
-            var grouped = Run(type, ExpertDispatch.Grouped, factor, capacity: capacity);
+            ("grouped_mm", ExpertDispatch.Grouped, (double?)null, (long?)null), ("padded", ExpertDispatch.Padded, 100.0, null),
+            ("segments", ExpertDispatch.Padded, 0.0, null), ("tiers + segments", ExpertDispatch.Padded, 100.0, 2),
+        })
+        {
+            long calls = GroupedMm.Calls;
+            var grouped = Run(type, dispatch, factor, capacity: capacity);
+            Assert.Equal(dispatch == ExpertDispatch.Grouped, GroupedMm.Calls > calls);
             var errors = new List<string>();
             void Check(string what, double err, double tol) { log.WriteLine($"{type} {mode} {what}: {err:E2}"); if (err > tol) errors.Add($"{what} {err:E2}"); }
             Check("logits", Fixtures.RelError(grouped.Logits, loop.Logits), 1e-5);
@@ -86,10 +93,14 @@ public class ExpertDispatchTests(ITestOutputHelper log)
         // W+ΔW instead): against the fp32 result, grouped is as close as the loop, and every LoRA gradient is finite.
         var exact = Run(type, ExpertDispatch.Loop);
         var loop = Run(type, ExpertDispatch.Loop, dtype: ScalarType.BFloat16);
-        var grouped = Run(type, ExpertDispatch.Grouped, dtype: ScalarType.BFloat16);
-        double el = Fixtures.RelError(loop.Logits, exact.Logits), eg = Fixtures.RelError(grouped.Logits, exact.Logits);
-        log.WriteLine($"{type} bf16 logits vs fp32: loop {el:E2}, grouped {eg:E2}");
-        Assert.True(eg <= 2 * el + 1e-2, $"{type}: bf16 grouped {eg:E2} vs loop {el:E2} from fp32");
-        Assert.All(grouped.Grads, kv => Assert.True(kv.Value.isfinite().all().item<bool>(), kv.Key));
+        double el = Fixtures.RelError(loop.Logits, exact.Logits);
+        foreach (var dispatch in new[] { ExpertDispatch.Grouped, ExpertDispatch.Padded })
+        {
+            var grouped = Run(type, dispatch, dtype: ScalarType.BFloat16);
+            double eg = Fixtures.RelError(grouped.Logits, exact.Logits);
+            log.WriteLine($"{type} bf16 logits vs fp32: loop {el:E2}, {dispatch} {eg:E2}");
+            Assert.True(eg <= 2 * el + 1e-2, $"{type}: bf16 {dispatch} {eg:E2} vs loop {el:E2} from fp32");
+            Assert.All(grouped.Grads, kv => Assert.True(kv.Value.isfinite().all().item<bool>(), kv.Key));
+        }
     }
 }

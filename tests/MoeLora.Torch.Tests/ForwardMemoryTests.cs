@@ -47,9 +47,10 @@ public class ForwardMemoryTests
             }
             finally { model.AfterLayer = null; }
             Assert.Equal(6, live.Count);
-            // Per layer: at most its router logits and its hidden state stay, plus a mask the first layers may cache.
+            // Per layer: at most its router logits, the experts' selected counts (kept on the device until asked for,
+            // so a forward reads nothing to the host) and its hidden state stay, plus a mask the first layers may cache.
             var growth = live.Zip(live.Skip(1), (a, b) => b - a).ToList();
-            Assert.True(growth.Skip(1).All(g => g <= (outputHiddenStates ? 2 : 1)),
+            Assert.True(growth.Skip(1).All(g => g <= (outputHiddenStates ? 3 : 2)),
                 $"{fixture}: live tensors after each layer {string.Join(", ", live)}");
         }
     }
@@ -75,14 +76,20 @@ public class BackwardMemoryTests
         model.Train();
         model.GradientCheckpointing = checkpointing;
         var (ids, mask) = RuntimeChecks.LeftPaddedBatch();
-        Nn.BackwardHandles.Release(); // what an earlier test's backward on this thread left pending
-        var before = DisposeScopeManager.Statistics.TensorStatistics.ThreadTotalLiveCount;
-        using (NewDisposeScope())
+        void Step()
         {
-            var loss = model.CausalLmLoss(ids, mask);
-            loss.backward();
+            using (NewDisposeScope())
+            {
+                var loss = model.CausalLmLoss(ids, mask);
+                loss.backward();
+            }
+            Nn.BackwardHandles.Release();
         }
-        Nn.BackwardHandles.Release();
+        // A first step leaves what a model keeps from step to step (each MoE layer's last selected counts, read to the
+        // host only when asked for); the second may leave nothing more.
+        Step();
+        var before = DisposeScopeManager.Statistics.TensorStatistics.ThreadTotalLiveCount;
+        Step();
         return DisposeScopeManager.Statistics.TensorStatistics.ThreadTotalLiveCount - before;
     }
 
@@ -92,6 +99,6 @@ public class BackwardMemoryTests
     public void BackwardLeavesNoHandlePerLayer(string fixture, bool checkpointing)
     {
         long shallow = Leaked(fixture, 2, checkpointing), deep = Leaked(fixture, 6, checkpointing);
-        Assert.True(deep == shallow, $"{fixture}: {shallow} handles left after a 2-layer step, {deep} after a 6-layer one");
+        Assert.True(deep == shallow && deep <= 0, $"{fixture}: {shallow} handles left after a 2-layer step, {deep} after a 6-layer one");
     }
 }

@@ -41,6 +41,7 @@ public class LongcatFlashTests
     // down_e(silu(gate_e x) · up_e x) · w, an identity expert x · w.
     [Theory]
     [InlineData(ExpertDispatch.Grouped)]
+    [InlineData(ExpertDispatch.Padded)]
     [InlineData(ExpertDispatch.Loop)]
     public void ShortcutMoeRoutesAsTransformers(ExpertDispatch dispatch)
     {
@@ -151,7 +152,7 @@ public class LongcatFlashTests
         RuntimeChecks.PaddedRowEqualsTheRowAlone(h.Model);
     }
 
-    static (Tensor Logits, Dictionary<string, Tensor> Grads) TrainStep(ExpertDispatch dispatch, double maxPaddingFactor)
+    static (Tensor Logits, Dictionary<string, Tensor> Grads) TrainStep(ExpertDispatch dispatch, double? maxPaddingFactor = null)
     {
         var model = TorchModelFactory.Random(Config, 3);
         model.SetExpertDispatch(dispatch);
@@ -165,21 +166,22 @@ public class LongcatFlashTests
     // classifier.weight directly (F.linear on the fp32 weight), so under PEFT a LoRA there never enters the forward.
     // (PEFT 0.21's transformers-5 rewrite turns all-linear's gate_proj / up_proj / down_proj into the fused experts, so
     // the dense mlps get none, as Core's plan says.)
-    // The grouped dispatch (padded or per-segment, gate_up_proj's identity rows left out) equals the per-expert loop.
+    // The grouped dispatch (grouped_mm, padded or per-segment, gate_up_proj's identity rows left out) equals the
+    // per-expert loop.
     [Fact]
     public void LoraGradientsReachEveryAdapterThatTransformersUses()
     {
-        var (logits, grads) = TrainStep(ExpertDispatch.Loop, 1.5);
+        var (logits, grads) = TrainStep(ExpertDispatch.Loop);
         Assert.Contains(grads.Keys, n => n.Contains("self_attn.1.kv_b_proj.lora_A", StringComparison.Ordinal));
         Assert.Contains(grads.Keys, n => n.Contains("mlp.experts.lora_A", StringComparison.Ordinal));
         Assert.Contains(grads.Keys, n => n.Contains("router.classifier.lora_A", StringComparison.Ordinal));
         RuntimeChecks.AssertGradients(grads, unused: n => n.Contains("router.classifier.", StringComparison.Ordinal));
-        foreach (var factor in new[] { 100.0, 0.0 })
+        foreach (var (dispatch, factor) in new[] { (ExpertDispatch.Grouped, (double?)null), (ExpertDispatch.Padded, 100.0), (ExpertDispatch.Padded, 0.0) })
         {
-            var (gl, gg) = TrainStep(ExpertDispatch.Grouped, factor);
-            Assert.True(Fixtures.RelError(gl, logits) < 1e-5, $"logits (padding factor {factor})");
+            var (gl, gg) = TrainStep(dispatch, factor);
+            Assert.True(Fixtures.RelError(gl, logits) < 1e-5, $"logits ({dispatch}, padding factor {factor})");
             foreach (var (name, g) in grads)
-                Assert.True(Fixtures.RelError(gg[name], g) < 1e-4, $"{name} (padding factor {factor})");
+                Assert.True(Fixtures.RelError(gg[name], g) < 1e-4, $"{name} ({dispatch}, padding factor {factor})");
         }
     }
 

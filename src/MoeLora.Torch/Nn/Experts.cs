@@ -32,7 +32,15 @@ public interface IRoutedExperts
 }
 
 /// <summary>How fused experts are computed (see <see cref="ExpertsBase.Dispatching"/>).</summary>
-public enum ExpertDispatch { Grouped, Loop }
+public enum ExpertDispatch
+{
+    /// <summary>Sorted by expert: grouped matmuls (<see cref="GroupedMm"/>) where they suit the device, else <see cref="Padded"/>.</summary>
+    Grouped,
+    /// <summary>Sorted by expert, in padded batched matmuls and per-expert segments (<see cref="ExpertCapacity"/>).</summary>
+    Padded,
+    /// <summary>transformers' per-expert loop over W+ΔW.</summary>
+    Loop,
+}
 
 /// <summary>
 /// Base of the fused-expert modules: holds 3-D expert parameters and applies attached LoRA deltas, with the result
@@ -82,10 +90,11 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
 
     /// <summary>
     /// How the experts run. <see cref="ExpertDispatch.Grouped"/> (default): (token, slot) pairs sorted by expert, each
-    /// expert weight applied to its contiguous rows (padded batched matmuls, the first for the first rows of every expert,
-    /// later ones for the busier experts' rows beyond, and one matmul per expert for what is left, see
-    /// <see cref="ExpertCapacity"/>), LoRA as
-    /// low-rank products (x·Rᵀ·Lᵀ or x·L·R) without materialising W+ΔW.
+    /// expert weight applied to its contiguous rows, in one grouped matmul per weight (<see cref="GroupedMm"/>, on the CPU
+    /// and on Hopper/Blackwell GPUs in bf16) or else as <see cref="ExpertDispatch.Padded"/> does: padded batched matmuls
+    /// (the first for the first rows of every expert, later ones for the busier experts' rows beyond) and one matmul per
+    /// expert for what is left (see <see cref="ExpertCapacity"/>). Either way LoRA runs as low-rank products (x·Rᵀ·Lᵀ or
+    /// x·L·R) without materialising W+ΔW.
     /// <see cref="ExpertDispatch.Loop"/>: transformers' per-expert loop over W+ΔW (PEFT's parametrization, kept as
     /// the reference for tests).
     /// </summary>
@@ -119,19 +128,68 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
     /// How many (token, slot) pairs the router sent to each expert in the last forward: the experts actually
     /// dispatched (after any bias/group selection), for gradient-flow checks.
     /// </summary>
-    public long[]? LastSelectedCounts { get; protected set; }
+    public long[]? LastSelectedCounts
+    {
+        get
+        {
+            if (_lastCountsHost is null && _lastCounts is { } t)
+            {
+                _lastCountsHost = t.data<long>().ToArray();
+                t.Dispose();
+                _lastCounts = null;
+            }
+            return _lastCountsHost;
+        }
+        protected set
+        {
+            _lastCounts?.Dispose();
+            _lastCounts = null;
+            _lastCountsHost = value;
+        }
+    }
+
+    long[]? _lastCountsHost;
+    Tensor? _lastCounts;
+
+    /// <summary>
+    /// The counts of grouping <paramref name="g"/> as <see cref="LastSelectedCounts"/>: kept on the device and read to the
+    /// host only when asked for, unless the grouping already read them.
+    /// </summary>
+    protected void SetLastCounts(Grouping g)
+    {
+        LastSelectedCounts = g.Tiers.Count > 0 || g.Overflow.Count > 0 ? g.Counts : null;
+        if (_lastCountsHost is null) _lastCounts = g.CountsTensor.detach().DetachFromDisposeScope();
+    }
+
+    /// <summary>The experts' dtype (that of their first parameter).</summary>
+    ScalarType ExpertsDType => DirectParameters.First().Value.dtype;
+
+    /// <summary>Every K and N the grouped experts multiply: the 3-D parameters' last two sizes (LoRA ranks are padded, see LowRank).</summary>
+    IEnumerable<long> GroupedWidths() =>
+        DirectParameters.Select(kv => kv.Value).Where(p => p.dim() == 3).SelectMany(p => new[] { p.shape[1], p.shape[2] });
 
     /// <summary>
     /// The T·k (token, slot) pairs sorted by expert: <see cref="Order"/> (pair index per sorted row), its token, the
     /// per-expert counts, and how they run (see <see cref="ExpertCapacity"/>): <see cref="Tiers"/>, padded batched
     /// matmuls each taking some rows of some experts, then <see cref="Overflow"/>, per expert a contiguous run of sorted
     /// rows in its own matmuls. <see cref="Assemble"/> (when there is more than one part) is the sorted row of each
-    /// output row once the tiers' rows and then the overflow runs are concatenated.
+    /// output row once the tiers' rows and then the overflow runs are concatenated. With <see cref="Offsets"/> (the
+    /// experts' cumulative row ends, int32) the sorted rows run in grouped matmuls instead (<see cref="GroupedMm"/>):
+    /// no tiers, no overflow, and <see cref="ExpertOf"/> is each sorted row's expert.
     /// </summary>
-    protected internal sealed record Grouping(Tensor Order, Tensor TokenOf, long[] Counts, IReadOnlyList<PaddedTier> Tiers,
-        IReadOnlyList<(long Expert, long Start, long Length)> Overflow, Tensor? Assemble) : IDisposable
+    protected internal sealed record Grouping(Tensor Order, Tensor TokenOf, Tensor CountsTensor, IReadOnlyList<PaddedTier> Tiers,
+        IReadOnlyList<(long Expert, long Start, long Length)> Overflow, Tensor? Assemble, Tensor? Offsets = null, Tensor? ExpertOf = null) : IDisposable
     {
-        IEnumerable<Tensor> Tensors => new[] { Order, TokenOf, Assemble }
+        long[]? _counts;
+
+        /// <summary>The per-expert counts on the host: read from the device (a synchronisation) the first time unless given.</summary>
+        public long[] Counts
+        {
+            get => _counts ??= CountsTensor.data<long>().ToArray();
+            init => _counts = value;
+        }
+
+        IEnumerable<Tensor> Tensors => new[] { Order, TokenOf, CountsTensor, Assemble, Offsets, ExpertOf }
             .Concat(Tiers.SelectMany(t => new[] { t.Experts, t.Row, t.Sorted })).OfType<Tensor>();
 
         /// <summary>Takes the grouping's tensors out of the current dispose scope (kept for a recompute in backward).</summary>
@@ -172,11 +230,18 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
         }
         long n = flat.shape[0];
         var counts = flat.bincount(null, NumExperts);
-        var c = counts.data<long>().ToArray();
-        LastSelectedCounts = c;
         var (sorted, order) = flat.sort(0, false, true);
         if (kept is not null) order = kept.index_select(0, order);
         var tokenOf = order.div(k, rounding_mode: RoundingMode.floor);
+        if (Dispatching == ExpertDispatch.Grouped && n > 0 && GroupedMm.Suits(flat.device, ExpertsDType, GroupedWidths()))
+        {
+            // No host read: the counts are read only if someone asks for them (LastSelectedCounts).
+            var grouped = new Grouping(order, tokenOf, counts, [], [], null, counts.cumsum(0).to(ScalarType.Int32), sorted);
+            SetLastCounts(grouped);
+            Runtime.MemTrace.CountDispatch(0, 0, 0, n, groupedMm: true);
+            return grouped;
+        }
+        var c = counts.data<long>().ToArray();
 
         var (segmentCost, maxPadding, freeRows) = ExpertCapacity.Defaults(flat.device);
         var (plan, segments) = ExpertCapacity.Plan(c, SegmentCostRows ?? segmentCost, MaxPaddingFactor ?? maxPadding,
@@ -184,13 +249,14 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
         var firstRow = new long[c.Length];
         for (int e = 1; e < c.Length; e++) firstRow[e] = firstRow[e - 1] + c[e - 1];
         var overflow = segments.Select(s => (s.Expert, firstRow[s.Expert] + s.Start, s.Length)).ToList();
+        LastSelectedCounts = c;
         Runtime.MemTrace.CountDispatch(plan.Sum(t => t.Experts * t.Capacity), plan.Count, overflow.Count, n);
-        if (plan.Count == 0) return new Grouping(order, tokenOf, c, [], overflow, null);
+        if (plan.Count == 0) return new Grouping(order, tokenOf, counts, [], overflow, null) { Counts = c };
 
         var starts = counts.cumsum(0) - counts;
         var local = arange(n, ScalarType.Int64, flat.device) - starts.index_select(0, sorted); // place within its expert
         if (plan.Count == 1 && overflow.Count == 0)
-            return new Grouping(order, tokenOf, c, [new PaddedTier(plan[0].Capacity, NumExperts, null, sorted * plan[0].Capacity + local, null)], overflow, null);
+            return new Grouping(order, tokenOf, counts, [new PaddedTier(plan[0].Capacity, NumExperts, null, sorted * plan[0].Capacity + local, null)], overflow, null) { Counts = c };
 
         // Each sorted row's part: the number of tiers that end at or before its place within its expert (the overflow
         // runs, after every tier, get the count of tiers). A stable sort on it lists the tiers' rows tier by tier and then
@@ -219,7 +285,7 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
             tiers.Add(new PaddedTier(t.Capacity, t.Experts, byMembership.narrow(0, 0, t.Experts),
                 slot.index_select(0, expert) * t.Capacity + within, sel));
         }
-        return new Grouping(order, tokenOf, c, tiers, overflow, assemble);
+        return new Grouping(order, tokenOf, counts, tiers, overflow, assemble) { Counts = c };
     }
 
     /// <summary>
@@ -257,6 +323,25 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
         public override Tensor Bias(string name) => Pick(owner.Effective(name)).unsqueeze(1);
     }
 
+    /// <summary>Every sorted row at once, each expert's weight applied to its rows by <see cref="GroupedMm"/>.</summary>
+    sealed class GroupedMmOps(ExpertsBase owner, ScalarType dtype, Tensor offsets, Tensor expertOf) : ExpertOps
+    {
+        Tensor Gmm(Tensor x, Tensor w) => GroupedMm.Run(x, w, offsets);
+
+        public override Tensor Mm(Tensor x, string name, bool transposeWeight)
+        {
+            var w = owner.Computed(owner.Param(name));
+            var y = Gmm(x, transposeWeight ? w.transpose(1, 2) : w);
+            foreach (var (fl, fr) in owner.Factors(name, dtype))
+            {
+                var (l, r) = (owner.Computed(fl), owner.Computed(fr));
+                y = y + (transposeWeight ? Gmm(Gmm(x, r.transpose(1, 2)), l.transpose(1, 2)) : Gmm(Gmm(x, l), r));
+            }
+            return y;
+        }
+        public override Tensor Bias(string name) => owner.Computed(owner.Effective(name)).index_select(0, expertOf);
+    }
+
     sealed class SingleExpertOps(ExpertsBase owner, ScalarType dtype) : ExpertOps
     {
         public long Expert;
@@ -289,6 +374,7 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
         _factors.Clear(); // LoRA factors (L, R) are computed once per forward and shared by all experts
         try
         {
+            if (g.Offsets is { } offsets) return body(new GroupedMmOps(this, rows.dtype, offsets, g.ExpertOf!), rows);
             var parts = new List<Tensor>();
             foreach (var tier in g.Tiers)
             {
@@ -318,7 +404,13 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
     {
         if (d is not ILowRankExpertDelta lr) throw new NotSupportedException($"{d.GetType().Name} has no low-rank form; use ExpertDispatch.Loop.");
         var (l, r) = lr.Factors();
-        return (l.to(dtype), r.to(dtype));
+        // Contiguous: grouped_mm takes a weight whose last two dimensions are row- or column-major, which B's permuted
+        // view (expert-minor in PEFT's layout) is not; the factors are small (E·r·(in+out) values). The rank is padded
+        // with zeros to a multiple of 8, as grouped_mm's rows of 16 bytes need: the products gain exact zeros only.
+        l = l.to(dtype).contiguous();
+        r = r.to(dtype).contiguous();
+        long pad = (8 - l.shape[2] % 8) % 8;
+        return pad == 0 ? (l, r) : (nn.functional.pad(l, [0, pad]), nn.functional.pad(r, [0, 0, 0, pad]));
     }
 
     /// <summary>(expert, tokens, top-k slot) for each expert hit, like transformers' <c>torch.where(expert_mask[e])</c>.</summary>

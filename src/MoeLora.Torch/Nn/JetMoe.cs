@@ -25,8 +25,8 @@ public sealed class ParallelExperts : ExpertsBase
     /// <summary>Rows sorted by expert as <paramref name="g"/> sorts them, [n, in] → [n, out] (JetMoeParallelExperts.forward).</summary>
     internal Tensor Forward(Grouping g, Tensor rows)
     {
-        LastSelectedCounts = g.Counts;
-        if (Dispatching == ExpertDispatch.Grouped) return RunExperts(g, rows, (ops, x) => ops.Mm(x, "weight", transposeWeight: true));
+        SetLastCounts(g);
+        if (Dispatching != ExpertDispatch.Loop) return RunExperts(g, rows, (ops, x) => ops.Mm(x, "weight", transposeWeight: true));
         var w = Effective("weight");
         var parts = rows.split(g.Counts, 0);
         return cat(Enumerable.Range(0, g.Counts.Length).Select(e => nn.functional.linear(parts[e], w[e])).ToList(), 0);

@@ -128,6 +128,29 @@ public static class DeviceMemory
         }
     }
 
+    /// <summary>
+    /// The compute capability's major version of cuda:<paramref name="index"/> (9 on Hopper), from the libcudart libtorch
+    /// loaded (<c>cudaDeviceGetAttribute</c>); null where it cannot be read.
+    /// </summary>
+    public static unsafe int? ComputeCapabilityMajor(int index)
+    {
+        if (!OperatingSystem.IsLinux()) return null;
+        try
+        {
+            var path = MappedLibrary(File.ReadLines("/proc/self/maps"), "libcudart");
+            if (path is null) return null;
+            var lib = NativeLibrary.Load(path);
+            var getAttribute = (delegate* unmanaged<int*, int, int, int>)NativeLibrary.GetExport(lib, "cudaDeviceGetAttribute");
+            const int ComputeCapabilityMajorAttribute = 75; // cudaDevAttrComputeCapabilityMajor
+            int major = 0;
+            return getAttribute(&major, ComputeCapabilityMajorAttribute, index) == 0 ? major : null;
+        }
+        catch (Exception e) when (e is DllNotFoundException or EntryPointNotFoundException or IOException)
+        {
+            return null;
+        }
+    }
+
     static long? NvidiaSmiFree(int index) => NvidiaSmiQuery(index, "memory.free");
 
     /// <summary>A memory field of nvidia-smi (MiB) in bytes.</summary>

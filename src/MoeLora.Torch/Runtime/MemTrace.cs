@@ -31,20 +31,21 @@ public static class MemTrace
         if (Interlocked.Exchange(ref _dispatches, 0) is var d && d > 0)
         {
             long segments = Interlocked.Exchange(ref _segments, 0), pairs = Interlocked.Exchange(ref _pairs, 0), rows = Interlocked.Exchange(ref _paddedRows, 0),
-                tiers = Interlocked.Exchange(ref _tiers, 0);
-            experts = $"; experts since the last mark: {d} dispatches, padded rows {rows / (double)Math.Max(1, pairs):0.00}x the routed pairs, " +
+                tiers = Interlocked.Exchange(ref _tiers, 0), grouped = Interlocked.Exchange(ref _groupedMm, 0);
+            experts = $"; experts since the last mark: {d} dispatches ({grouped} as grouped_mm), padded rows {rows / (double)Math.Max(1, pairs):0.00}x the routed pairs, " +
                 $"{tiers / (double)d:0.0} padded tiers and {segments / (double)d:0.0} per-expert segments each";
         }
         Console.Error.WriteLine($"memtrace {phase}: {DeviceMemory.Used(device) / (double)(1L << 30):0.00} GiB in use on {device}{timing}{experts}");
     }
 
-    static long _dispatches, _segments, _pairs, _paddedRows, _tiers, _lastMark, _lastCreated;
+    static long _dispatches, _segments, _pairs, _paddedRows, _tiers, _groupedMm, _lastMark, _lastCreated;
 
     /// <summary>Counts one grouped expert dispatch (padded rows, padded tiers, per-expert segments, routed pairs) for the next mark.</summary>
-    public static void CountDispatch(long paddedRows, long tiers, long segments, long pairs)
+    public static void CountDispatch(long paddedRows, long tiers, long segments, long pairs, bool groupedMm = false)
     {
         if (!On) return;
         Interlocked.Increment(ref _dispatches);
+        if (groupedMm) Interlocked.Increment(ref _groupedMm);
         Interlocked.Add(ref _tiers, tiers);
         Interlocked.Add(ref _segments, segments);
         Interlocked.Add(ref _pairs, pairs);
