@@ -5,9 +5,16 @@ using MoeLora.Core;
 namespace MoeLora.Torch.Training;
 
 /// <summary>
-/// torch.optim.AdamW (single-tensor, non-amsgrad, non-fused path) written out so its state is plain named tensors that
-/// checkpoints save and restore exactly: p ← p·(1−lr·wd); m ← lerp(m, g, 1−β1); v ← β2·v + (1−β2)·g²;
+/// torch.optim.AdamW (non-amsgrad, non-fused) written out so its state is plain named tensors that checkpoints save and
+/// restore exactly: p ← p·(1−lr·wd); m ← lerp(m, g, 1−β1); v ← β2·v + (1−β2)·g²;
 /// p ← p − lr/(1−β1^t) · m / (√v/√(1−β2^t) + ε).
+/// <para>
+/// The step runs those operations on lists of parameters at once (torch's <c>_foreach_*</c> operators, as its foreach
+/// path does, reached through a TorchScript unit since TorchSharp 0.107 binds none): a few multi-tensor kernels per group
+/// instead of seven kernels per parameter (a Qwen3-30B-A3B adapter has 576), with the same arithmetic per element.
+/// Groups hold at most <see cref="GroupBytes"/> of fp32 parameters, which bounds the square-root temporaries alive at
+/// once. Other dtypes, and every parameter without the operators (an older libtorch), go through the per-parameter loop.
+/// </para>
 /// </summary>
 public sealed class AdamW : IDisposable
 {
@@ -32,6 +39,36 @@ public sealed class AdamW : IDisposable
         }
     }
 
+    /// <summary>The most parameter bytes one multi-tensor group updates (its square roots are alive at once).</summary>
+    internal long GroupBytes { get; init; } = 256L << 20;
+
+    /// <summary>False: the per-parameter loop even where the multi-tensor operators exist (tests compare the two).</summary>
+    internal bool MultiTensor { get; set; } = true;
+
+    const string ForeachScript = """
+        def adamw(params: List[Tensor], grads: List[Tensor], m: List[Tensor], v: List[Tensor], decay: float, beta1: float, beta2: float, eps: float, step_size: float, bc2_sqrt: float):
+            if decay != 1.0:
+                torch._foreach_mul_(params, decay)
+            torch._foreach_lerp_(m, grads, 1.0 - beta1)
+            torch._foreach_mul_(v, beta2)
+            torch._foreach_addcmul_(v, grads, grads, 1.0 - beta2)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, bc2_sqrt)
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(params, m, denom, -step_size)
+
+        """;
+
+    static readonly Lazy<torch.jit.CompilationUnit?> Foreach = new(() =>
+    {
+        // TorchScript's parser wants LF line ends and a final newline.
+        try { return torch.jit.compile(ForeachScript.Replace("\r\n", "\n") + "\n"); }
+        catch (System.Runtime.InteropServices.ExternalException) { return null; }
+    });
+
+    /// <summary>Whether this libtorch has the multi-tensor operators.</summary>
+    internal static bool MultiTensorAvailable => Foreach.Value is not null;
+
     public void Step(double lr)
     {
         StepCount++;
@@ -39,7 +76,19 @@ public sealed class AdamW : IDisposable
         using var _ = no_grad();
         double bc1 = 1 - Math.Pow(Beta1, StepCount), bc2 = 1 - Math.Pow(Beta2, StepCount);
         double stepSize = lr / bc1, bc2Sqrt = Math.Sqrt(bc2);
-        foreach (var (n, p) in Parameters)
+        var looped = Parameters;
+        if (MultiTensor && Foreach.Value is { } unit)
+        {
+            foreach (var group in Groups())
+            {
+                using var inner = NewDisposeScope();
+                unit.invoke("adamw", group.Select(x => (Tensor)x.Param).ToArray(), group.Select(x => x.Param.grad!).ToArray(),
+                    group.Select(x => _state[x.Name].M).ToArray(), group.Select(x => _state[x.Name].V).ToArray(),
+                    1 - lr * WeightDecay, Beta1, Beta2, Eps, stepSize, bc2Sqrt);
+            }
+            looped = Parameters.Where(x => x.Param.dtype != ScalarType.Float32).ToList();
+        }
+        foreach (var (n, p) in looped)
         {
             var g = p.grad;
             if (g is null) continue;
@@ -53,6 +102,28 @@ public sealed class AdamW : IDisposable
             using var denom = v.sqrt();
             denom.div_(bc2Sqrt).add_(Eps);
             p.addcdiv_(m, denom, -stepSize);
+        }
+    }
+
+    /// <summary>
+    /// The fp32 parameters with a gradient (the LoRA factors), in groups of one device of at most
+    /// <see cref="GroupBytes"/> each. Others (a bf16 modules_to_save copy) stay in the loop: on them the multi-tensor
+    /// operators round differently.
+    /// </summary>
+    IEnumerable<List<(string Name, Parameter Param)>> Groups()
+    {
+        foreach (var kind in Parameters.Where(x => x.Param.grad is not null && x.Param.dtype == ScalarType.Float32).GroupBy(x => x.Param.device.ToString()))
+        {
+            var group = new List<(string, Parameter)>();
+            long bytes = 0;
+            foreach (var x in kind)
+            {
+                long size = x.Param.numel() * x.Param.element_size();
+                if (group.Count > 0 && bytes + size > GroupBytes) { yield return group; group = []; bytes = 0; }
+                group.Add(x);
+                bytes += size;
+            }
+            if (group.Count > 0) yield return group;
         }
     }
 
