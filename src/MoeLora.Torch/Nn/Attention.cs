@@ -79,6 +79,9 @@ public sealed class ForwardContext
     /// </summary>
     public bool PlainCausal => _plainCausal ??= ComputePlainCausal();
 
+    /// <summary>What <see cref="PlainCausal"/> found, if it was asked (a checkpointed layer's recompute reuses it, sparing the sync).</summary>
+    public bool? KnownPlainCausal { get => _plainCausal; init => _plainCausal = value; }
+
     bool ComputePlainCausal()
     {
         long s = Positions.shape[1];

@@ -33,6 +33,7 @@ internal sealed class CheckpointedLayer : SingleTensorFunction<CheckpointedLayer
         readonly Tensor? _ids = Keep(ctx.InputIds), _indexerTopK = Keep(ctx.IndexerTopK);
         readonly ScalarType _dtype = ctx.DType;
         readonly AttentionImplementation _attention = ctx.Attention;
+        readonly bool? _plainCausal = ctx.KnownPlainCausal;
 
         static Tensor? Keep(Tensor? t) => t?.alias().DetachFromDisposeScope();
 
@@ -40,7 +41,7 @@ internal sealed class CheckpointedLayer : SingleTensorFunction<CheckpointedLayer
         public ForwardContext Context() => new()
         {
             Positions = _positions, AttentionMask = _mask, InputIds = _ids, DType = _dtype, Attention = _attention,
-            IndexerTopK = _indexerTopK,
+            IndexerTopK = _indexerTopK, KnownPlainCausal = _plainCausal,
         };
 
         /// <summary>Backward runs once (no graph is retained): after it the context's handles go.</summary>
