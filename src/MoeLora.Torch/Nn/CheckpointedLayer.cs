@@ -74,7 +74,8 @@ internal sealed class CheckpointedLayer : SingleTensorFunction<CheckpointedLayer
     }
 
     /// <summary>How many layers backward has run again (tests check that checkpointing acted).</summary>
-    internal static long Recomputes;
+    // Per thread: a CPU backward runs on the thread that calls it, so tests running side by side count only their own.
+    [ThreadStatic] internal static long Recomputes;
 
     public override List<Tensor> backward(AutogradContext ctx, Tensor gradOutput)
     {

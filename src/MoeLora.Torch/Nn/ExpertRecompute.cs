@@ -30,7 +30,8 @@ internal sealed class ExpertRecompute : SingleTensorFunction<ExpertRecompute>
     [ThreadStatic] internal static bool Off;
 
     /// <summary>How many expert blocks backward has run again (tests check that the recompute acted).</summary>
-    internal static long Recomputes;
+    // Per thread: a CPU backward runs on the thread that calls it, so tests running side by side count only their own.
+    [ThreadStatic] internal static long Recomputes;
 
     /// <summary>The experts' computation <c>(x, grouping, topW) → [T, H]</c> and the grouping it runs on, kept for backward.</summary>
     sealed class Job(Func<Tensor, ExpertsBase.Grouping, Tensor, Tensor> run, ExpertsBase.Grouping grouping, bool weightsNeedGrad) : IDisposable
