@@ -79,13 +79,19 @@ public sealed class AdamW : IDisposable
         var looped = Parameters;
         if (MultiTensor && Foreach.Value is { } unit)
         {
-            foreach (var group in Groups())
+            // Scalars made and held here: TorchSharp 0.107's invoke turns a double argument into a Scalar it does not
+            // keep alive, which the finaliser could free while libtorch still reads it.
+            var scalars = new[] { 1 - lr * WeightDecay, Beta1, Beta2, Eps, stepSize, bc2Sqrt }.Select(v => v.ToScalar()).ToArray();
+            try
             {
-                using var inner = NewDisposeScope();
-                unit.invoke("adamw", group.Select(x => (Tensor)x.Param).ToArray(), group.Select(x => x.Param.grad!).ToArray(),
-                    group.Select(x => _state[x.Name].M).ToArray(), group.Select(x => _state[x.Name].V).ToArray(),
-                    1 - lr * WeightDecay, Beta1, Beta2, Eps, stepSize, bc2Sqrt);
+                foreach (var group in Groups())
+                {
+                    using var inner = NewDisposeScope();
+                    unit.invoke("adamw", [group.Select(x => (Tensor)x.Param).ToArray(), group.Select(x => x.Param.grad!).ToArray(),
+                        group.Select(x => _state[x.Name].M).ToArray(), group.Select(x => _state[x.Name].V).ToArray(), .. scalars]);
+                }
             }
+            finally { foreach (var x in scalars) x.Dispose(); }
             looped = Parameters.Where(x => x.Param.dtype != ScalarType.Float32).ToList();
         }
         foreach (var (n, p) in looped)
