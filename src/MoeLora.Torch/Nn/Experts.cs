@@ -229,7 +229,9 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
             flat = flat.index_select(0, kept);
         }
         long n = flat.shape[0];
-        var counts = flat.bincount(null, NumExperts);
+        // Not bincount: on CUDA it reads the input's min and max back to the host, two synchronisations per layer that
+        // stall the host until the device has caught up. scatter_add counts without leaving the device.
+        var counts = zeros(NumExperts, ScalarType.Int64, flat.device).scatter_add_(0, flat, ones_like(flat));
         var (sorted, order) = flat.sort(0, false, true);
         if (kept is not null) order = kept.index_select(0, order);
         var tokenOf = order.div(k, rounding_mode: RoundingMode.floor);
