@@ -5,7 +5,8 @@
 # lets moelora find the host's PyTorch CUDA libtorch by itself (python3's torch/lib, or $MOELORA_LIBTORCH):
 #   parity  every runtime fixture (tests/MoeLora.Torch.Tests/Data/hf-tiny, hf-moe) through
 #           `hidden-states --device cuda`, compared with its transformers reference: fp32 < 1e-4, bf16 < 5e-2
-#           (the bf16 bound of the CPU test LoadsInBFloat16); families without a runtime are listed as refused
+#           (the bf16 bound of the CPU test LoadsInBFloat16), or, where bf16 is over that, < 5e-2 against
+#           transformers' own bf16 output on the same GPU; families without a runtime are listed as refused
 #   train   `train --preset tiny --device cuda`, losses compared step by step with the CPU run pack.sh made
 #           (step 1 < 1e-4 relative, steps 1-10 < 1e-3; the whole run's drift is reported)
 #   report  `report Qwen/Qwen3-30B-A3B --load-model --init random --device cuda`, with the process's peak RSS
@@ -33,6 +34,21 @@ if [ "${BENCH_CHECKPOINTING:-}" = auto ]; then
 fi
 log "python3 torch: $(timeout 120 python3 -c 'import torch; print(torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available())' 2>&1 | tail -n 1)"
 
+# Over the bf16 bound against the fp32 reference: the same tolerance against transformers' own bf16 output on this GPU
+# (tools/gpu_smoke/hf_bf16_reference.py). On random tiny models a routing decision that flips in bf16 moves
+# transformers' bf16 output as far from fp32 (BENCHMARKS.md, 2026-12-06); what MoeLora must do is what transformers does.
+# Sets hf_line to compare.py's line.
+bf16_like_transformers() {
+  local dir=$1 out=$2 hf=$results/hf-bf16-$(basename "$1").safetensors
+  hf_line="transformers' bf16 run failed"
+  python3 tools/gpu_smoke/hf_bf16_reference.py "$dir" "$hf" 2>"$hf.err" || return 1
+  hf_line=$(python3 tools/gpu_smoke/compare.py "$out" "$hf" 5e-2)
+  local rc=$?
+  hf_line=${hf_line#ok   }; hf_line=${hf_line#FAIL }
+  rm -f "$hf" "$hf.err"
+  return $rc
+}
+
 parity() {
   local pass=0 fail=0 refused=0
   for dir in tests/MoeLora.Torch.Tests/Data/hf-tiny/* tests/MoeLora.Torch.Tests/Data/hf-moe/*; do
@@ -43,7 +59,10 @@ parity() {
       local out="$results/hs-$(basename "$dir")-$dtype.safetensors" err="$results/hs-$(basename "$dir")-$dtype.err"
       if "$bin" hidden-states "$dir/model" --inputs "$dir/reference.safetensors" --device cuda --model-dtype "$dtype" \
           --dtype fp32 -o "$out" 2>"$err"; then
-        if line=$(python3 tools/gpu_smoke/compare.py "$out" "$dir/reference.safetensors" "$tol"); then pass=$((pass + 1)); else fail=$((fail + 1)); fi
+        if line=$(python3 tools/gpu_smoke/compare.py "$out" "$dir/reference.safetensors" "$tol"); then pass=$((pass + 1))
+        elif [ "$dtype" = bf16 ] && bf16_like_transformers "$dir" "$out"; then
+          pass=$((pass + 1)); line="ok   against transformers' bf16 on this GPU ($hf_line); against the fp32 reference: ${line#FAIL }"
+        else fail=$((fail + 1)); fi
         log "$name $dtype: $line"
       elif grep -q "cannot run in MoeLora's runtime" "$err"; then
         refused=$((refused + 1))
