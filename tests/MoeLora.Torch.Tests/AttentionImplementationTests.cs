@@ -164,6 +164,48 @@ public class AttentionImplementationTests(ITestOutputHelper log)
         }
     }
 
+    /// <summary>
+    /// The causal path through <see cref="CausalSdpa"/> (torch's own scale and grouped-query heads) against repeating the
+    /// kv heads and scaling q first: the same logits, loss and LoRA gradients (fp32), on a GQA model and on MLA, whose
+    /// scaling is not 1/√d. The counter shows that each path ran as asked.
+    /// </summary>
+    [Theory]
+    [InlineData("qwen3_moe")]
+    [InlineData("deepseek_v2")]
+    public void GroupedQuerySdpaMatchesRepeatedKv(string type)
+    {
+        TorchRuntime.EnsureInitialized();
+        Assert.True(CausalSdpa.Available, "this libtorch should take scaled_dot_product_attention's scale and enable_gqa");
+        using var h = new DisposableModel(TorchModelFactory.Load(Model(type)));
+        var model = h.Model;
+        var plan = LoraInjector.Plan(model, """
+            {"r": 4, "lora_alpha": 8, "init_lora_weights": false,
+             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"]}
+            """);
+        LoraInjector.Inject(model, plan, seed: 1);
+        model.Train();
+        var ids = randint(0, model.VocabSize, [2, S], generator: new TorchSharp.torch.Generator(5), dtype: ScalarType.Int64);
+        var mask = ones(2, S, ScalarType.Int64);
+
+        long before = CausalSdpa.Calls;
+        var grouped = Run(model, AttentionImplementation.Sdpa, ids, mask);
+        Assert.Equal(model.NumLayers, CausalSdpa.Calls - before);
+        Result repeated;
+        CausalSdpa.Off = true;
+        try { repeated = Run(model, AttentionImplementation.Sdpa, ids, mask); }
+        finally { CausalSdpa.Off = false; }
+        Assert.Equal(model.NumLayers, CausalSdpa.Calls - before);
+
+        Assert.True(Fixtures.MaskedRelError(grouped.Logits, repeated.Logits, mask) <= 1e-5, $"{type}: logits differ");
+        Assert.True(Fixtures.RelError(grouped.Loss.reshape(1), repeated.Loss.reshape(1)) <= 1e-5, $"{type}: loss differs");
+        foreach (var (name, g) in repeated.Grads)
+        {
+            double err = Fixtures.RelError(grouped.Grads[name], g);
+            log.WriteLine($"{type} {name}: {err:E2}");
+            Assert.True(err <= 1e-4, $"{type}: gradient {name} differs by {err:E2}");
+        }
+    }
+
     sealed record Result(Tensor Logits, Tensor Loss, Dictionary<string, Tensor> Grads);
 
     static Result Run(CausalLm model, AttentionImplementation impl, Tensor ids, Tensor mask)

@@ -169,9 +169,10 @@ public static class AttentionMath
     }
 
     /// <summary>
-    /// torch's scaled_dot_product_attention. TorchSharp 0.107 exposes neither <c>scale</c> nor <c>enable_gqa</c>:
-    /// kv heads are repeated (as transformers' sdpa path does without enable_gqa) and q is multiplied by
-    /// scaling·√d so that SDPA's 1/√d gives the layer's scaling. With padding, sliding windows or chunks the mask is
+    /// torch's scaled_dot_product_attention. TorchSharp 0.107 exposes neither <c>scale</c> nor <c>enable_gqa</c>: the
+    /// causal path without a mask reaches both through <see cref="CausalSdpa"/>; elsewhere kv heads are repeated (as
+    /// transformers' sdpa path does without enable_gqa) and q is multiplied by scaling·√d so that SDPA's 1/√d gives the
+    /// layer's scaling. With padding, sliding windows or chunks the mask is
     /// the same additive one as eager's (the dtype minimum, not −inf), so real tokens see exactly eager's probabilities
     /// and no row is NaN. A query row the mask hides entirely (left padding) then has its output zeroed: transformers'
     /// sdpa path hands torch a boolean mask, and torch's SDPA (2.5 and later) gives such a row zeros, where eager's
@@ -186,6 +187,11 @@ public static class AttentionMath
 
     static Tensor SdpaCore(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, double scaling)
     {
+        if (mask is null && causal && CausalSdpa.Available)
+        {
+            var a = CausalSdpa.Run(q, k, v, scaling).transpose(1, 2).contiguous();
+            return a.reshape(a.shape[0], a.shape[1], -1);
+        }
         long groups = q.shape[1] / k.shape[1];
         k = RepeatKv(k, groups);
         v = RepeatKv(v, groups);
