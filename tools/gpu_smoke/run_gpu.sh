@@ -40,8 +40,9 @@ log "python3 torch: $(timeout 120 python3 -c 'import torch; print(torch.__versio
 # Sets hf_line to compare.py's line.
 bf16_like_transformers() {
   local dir=$1 out=$2 hf=$results/hf-bf16-$(basename "$1").safetensors
-  hf_line="transformers' bf16 run failed"
-  python3 tools/gpu_smoke/hf_bf16_reference.py "$dir" "$hf" 2>"$hf.err" || return 1
+  if ! python3 tools/gpu_smoke/hf_bf16_reference.py "$dir" "$hf" 2>"$hf.err"; then
+    hf_line="transformers' bf16 run failed ($(tail -n 1 "$hf.err"))"; return 1
+  fi
   hf_line=$(python3 tools/gpu_smoke/compare.py "$out" "$hf" 5e-2)
   local rc=$?
   hf_line=${hf_line#ok   }; hf_line=${hf_line#FAIL }
@@ -62,7 +63,10 @@ parity() {
         if line=$(python3 tools/gpu_smoke/compare.py "$out" "$dir/reference.safetensors" "$tol"); then pass=$((pass + 1))
         elif [ "$dtype" = bf16 ] && bf16_like_transformers "$dir" "$out"; then
           pass=$((pass + 1)); line="ok   against transformers' bf16 on this GPU ($hf_line); against the fp32 reference: ${line#FAIL }"
-        else fail=$((fail + 1)); fi
+        else
+          fail=$((fail + 1))
+          [ "$dtype" = bf16 ] && line="$line; against transformers' bf16 on this GPU: $hf_line"
+        fi
         log "$name $dtype: $line"
       elif grep -q "cannot run in MoeLora's runtime" "$err"; then
         refused=$((refused + 1))
