@@ -1,4 +1,3 @@
-using System.Runtime.InteropServices;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -18,17 +17,10 @@ namespace MoeLora.Torch.Nn;
 /// </summary>
 internal static class CausalSdpa
 {
-    const string Script = "def sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:\n" +
-                          "    return torch.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)\n";
-
-    static readonly Lazy<torch.jit.CompilationUnit?> Unit = new(Compile);
-
-    static torch.jit.CompilationUnit? Compile()
-    {
-        if (Environment.GetEnvironmentVariable("MOELORA_GQA_SDPA") == "0") return null;
-        try { return torch.jit.compile(Script); }
-        catch (Exception e) when (e is ExternalException or InvalidOperationException or ArgumentException) { return null; }
-    }
+    static readonly Lazy<torch.jit.CompilationUnit?> Unit = Runtime.TorchScriptUnit.Lazy(
+        "def sdpa(q: Tensor, k: Tensor, v: Tensor, scale: float) -> Tensor:\n" +
+        "    return torch.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)\n",
+        "MOELORA_GQA_SDPA");
 
     /// <summary>Whether this libtorch takes the arguments (and <c>MOELORA_GQA_SDPA=0</c> does not turn it off).</summary>
     public static bool Available => !Off && Unit.Value is not null;

@@ -1,4 +1,3 @@
-using System.Runtime.InteropServices;
 using TorchSharp;
 using static TorchSharp.torch;
 
@@ -18,17 +17,9 @@ namespace MoeLora.Torch.Nn;
 /// </summary>
 internal static class GroupedMm
 {
-    // TorchScript's parser wants the source to end with a newline.
-    const string Script = "def grouped_mm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:\n    return torch._grouped_mm(x, w, offs=offs)\n";
-
-    static readonly Lazy<torch.jit.CompilationUnit?> Unit = new(Compile);
-
-    static torch.jit.CompilationUnit? Compile()
-    {
-        if (Environment.GetEnvironmentVariable("MOELORA_GROUPED_MM") == "0") return null;
-        try { return torch.jit.compile(Script); }
-        catch (Exception e) when (e is ExternalException or InvalidOperationException or ArgumentException) { return null; }
-    }
+    static readonly Lazy<torch.jit.CompilationUnit?> Unit = Runtime.TorchScriptUnit.Lazy(
+        "def grouped_mm(x: Tensor, w: Tensor, offs: Tensor) -> Tensor:\n    return torch._grouped_mm(x, w, offs=offs)\n",
+        "MOELORA_GROUPED_MM");
 
     /// <summary>Whether this libtorch has the operator (and <c>MOELORA_GROUPED_MM=0</c> does not turn it off).</summary>
     public static bool Available => Unit.Value is not null;

@@ -59,12 +59,7 @@ public sealed class AdamW : IDisposable
 
         """;
 
-    static readonly Lazy<torch.jit.CompilationUnit?> Foreach = new(() =>
-    {
-        // TorchScript's parser wants LF line ends and a final newline.
-        try { return torch.jit.compile(ForeachScript.Replace("\r\n", "\n") + "\n"); }
-        catch (System.Runtime.InteropServices.ExternalException) { return null; }
-    });
+    static readonly Lazy<torch.jit.CompilationUnit?> Foreach = Runtime.TorchScriptUnit.Lazy(ForeachScript);
 
     /// <summary>Whether this libtorch has the multi-tensor operators.</summary>
     internal static bool MultiTensorAvailable => Foreach.Value is not null;
