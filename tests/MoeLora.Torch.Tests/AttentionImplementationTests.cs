@@ -31,14 +31,8 @@ public class AttentionImplementationTests(ITestOutputHelper log)
     public void SdpaMatchesEagerWithLora(string type, bool leftPadded)
     {
         TorchRuntime.EnsureInitialized();
-        using var h = new DisposableModel(TorchModelFactory.Load(Model(type)));
+        using var h = WithAttentionLora(type);
         var model = h.Model;
-        var plan = LoraInjector.Plan(model, """
-            {"r": 4, "lora_alpha": 8, "init_lora_weights": false,
-             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"]}
-            """);
-        LoraInjector.Inject(model, plan, seed: 1);
-        model.Train();
         var gen = new TorchSharp.torch.Generator(7);
         var ids = randint(0, model.VocabSize, [2, S], generator: gen, dtype: ScalarType.Int64);
         var mask = ones(2, S, ScalarType.Int64);
@@ -176,14 +170,8 @@ public class AttentionImplementationTests(ITestOutputHelper log)
     {
         TorchRuntime.EnsureInitialized();
         Assert.True(CausalSdpa.Available, "this libtorch should take scaled_dot_product_attention's scale and enable_gqa");
-        using var h = new DisposableModel(TorchModelFactory.Load(Model(type)));
+        using var h = WithAttentionLora(type);
         var model = h.Model;
-        var plan = LoraInjector.Plan(model, """
-            {"r": 4, "lora_alpha": 8, "init_lora_weights": false,
-             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"]}
-            """);
-        LoraInjector.Inject(model, plan, seed: 1);
-        model.Train();
         var ids = randint(0, model.VocabSize, [2, S], generator: new TorchSharp.torch.Generator(5), dtype: ScalarType.Int64);
         var mask = ones(2, S, ScalarType.Int64);
 
@@ -204,6 +192,19 @@ public class AttentionImplementationTests(ITestOutputHelper log)
             log.WriteLine($"{type} {name}: {err:E2}");
             Assert.True(err <= 1e-4, $"{type}: gradient {name} differs by {err:E2}");
         }
+    }
+
+    /// <summary>The fixture with a LoRA (r 4, B ≠ 0) on every attention projection it has, in training mode.</summary>
+    static DisposableModel WithAttentionLora(string type)
+    {
+        var h = new DisposableModel(TorchModelFactory.Load(Model(type)));
+        var plan = LoraInjector.Plan(h.Model, """
+            {"r": 4, "lora_alpha": 8, "init_lora_weights": false,
+             "target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"]}
+            """);
+        LoraInjector.Inject(h.Model, plan, seed: 1);
+        h.Model.Train();
+        return h;
     }
 
     sealed record Result(Tensor Logits, Tensor Loss, Dictionary<string, Tensor> Grads);

@@ -12,11 +12,11 @@ namespace MoeLora.Core.Memory;
 /// (a frozen nn.Linear keeps its weight, not its input):
 /// <list type="bullet">
 /// <item>RMSNorm: <c>hidden.to(float32)</c> is kept by <c>pow</c>/<c>mul</c>: 4 B × width (q_norm/k_norm: × q/k width).</item>
-/// <item>Attention, sdpa/flash: q (after RoPE), k, v and the output, a B each (GQA: k/v are not repeated).
-/// MoeLora's runtime, under a padding mask, calls SDPA with k/v repeated to all heads (CUDA's masked kernel has no
-/// grouped-query support), so k and v are as wide as q and o's input, plus the fp32 log-sum-exp (4 B per head); that
-/// is the figure here. An unpadded batch takes the causal path with enable_gqa and keeps k/v at their own width, so
-/// there the prediction is high by a·(q − k + o − v) bytes per token and layer. Eager: q, k and v repeated to all heads, plus the
+/// <item>Attention, sdpa/flash: q (after RoPE), k, v and the output, a B each (GQA: k/v are not repeated). MoeLora's
+/// runtime, under a padding mask, calls SDPA with k/v repeated to all heads (CUDA's masked kernel has no grouped-query
+/// support), so k and v are as wide as q and o's input, plus the fp32 log-sum-exp (4 B per head); that is the figure
+/// here. An unpadded batch takes the causal path with enable_gqa and keeps k/v at their own width, so there the
+/// prediction is high by a·(q − k + o − v) bytes per token and layer. Eager: q, k and v repeated to all heads, plus the
 /// scores: the fp32 softmax output and its cast (4 + a B per score; gpt-oss keeps its sink softmax in the compute
 /// dtype: a B per score), heads × S scores per token. Which one a layer runs: <see cref="EffectiveAttention"/>.</item>
 /// <item>Gated MLP: gate output (SiLU input), SiLU output and up output, a B × I each (3·a·I).</item>

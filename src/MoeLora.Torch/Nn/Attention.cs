@@ -172,12 +172,12 @@ public static class AttentionMath
     /// torch's scaled_dot_product_attention. TorchSharp 0.107 exposes neither <c>scale</c> nor <c>enable_gqa</c>: the
     /// causal path without a mask reaches both through <see cref="CausalSdpa"/>; elsewhere kv heads are repeated (as
     /// transformers' sdpa path does without enable_gqa) and q is multiplied by scaling·√d so that SDPA's 1/√d gives the
-    /// layer's scaling. With padding, sliding windows or chunks the mask is
-    /// the same additive one as eager's (the dtype minimum, not −inf), so real tokens see exactly eager's probabilities
-    /// and no row is NaN. A query row the mask hides entirely (left padding) then has its output zeroed: transformers'
-    /// sdpa path hands torch a boolean mask, and torch's SDPA (2.5 and later) gives such a row zeros, where eager's
-    /// finite mask gives the mean of the values. Real tokens never read padded rows through attention, but MiniMax-M3's
-    /// block indexer scores padded keys, so their hidden states reach real tokens there.
+    /// layer's scaling. With padding, sliding windows or chunks the mask is the same additive one as eager's (the dtype
+    /// minimum, not −inf), so real tokens see exactly eager's probabilities and no row is NaN. A query row the mask
+    /// hides entirely (left padding) then has its output zeroed: transformers' sdpa path hands torch a boolean mask,
+    /// and torch's SDPA (2.5 and later) gives such a row zeros, where eager's finite mask gives the mean of the values.
+    /// Real tokens never read padded rows through attention, but MiniMax-M3's block indexer scores padded keys, so
+    /// their hidden states reach real tokens there.
     /// SDPA computes its softmax in fp32 on CUDA whatever <c>SoftmaxInFp32</c> asks (transformers' sdpa path too).
     /// </summary>
     public static Tensor Sdpa(Tensor q, Tensor k, Tensor v, ForwardContext ctx, MaskSettings mask, double scaling) =>
@@ -187,11 +187,19 @@ public static class AttentionMath
 
     static Tensor SdpaCore(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, double scaling)
     {
-        if (mask is null && causal && CausalSdpa.Available)
-        {
-            var a = CausalSdpa.Run(q, k, v, scaling).transpose(1, 2).contiguous();
-            return a.reshape(a.shape[0], a.shape[1], -1);
-        }
+        var o = mask is null && causal && CausalSdpa.Available
+            ? CausalSdpa.Run(q, k, v, scaling)
+            : RepeatedKvSdpa(q, k, v, mask, causal, scaling);
+        o = o.transpose(1, 2).contiguous();
+        return o.reshape(o.shape[0], o.shape[1], -1);
+    }
+
+    /// <summary>
+    /// SDPA through TorchSharp's own binding: kv heads repeated to the query heads, q pre-scaled so that SDPA's 1/√d
+    /// gives <paramref name="scaling"/>.
+    /// </summary>
+    static Tensor RepeatedKvSdpa(Tensor q, Tensor k, Tensor v, Tensor? mask, bool causal, double scaling)
+    {
         long groups = q.shape[1] / k.shape[1];
         k = RepeatKv(k, groups);
         v = RepeatKv(v, groups);
@@ -199,9 +207,7 @@ public static class AttentionMath
         if (Math.Abs(factor - 1.0) > 1e-12) q = q * factor;
         // SDPA wants a float mask in the query's dtype (eager's addition would promote instead).
         if (mask is not null && mask.dtype != q.dtype) mask = mask.to(q.dtype);
-        var o = nn.functional.scaled_dot_product_attention(q, k, v, mask, is_casual: causal);
-        o = o.transpose(1, 2).contiguous();
-        return o.reshape(o.shape[0], o.shape[1], -1);
+        return nn.functional.scaled_dot_product_attention(q, k, v, mask, is_casual: causal);
     }
 
     /// <summary>
