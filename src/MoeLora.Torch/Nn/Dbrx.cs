@@ -6,7 +6,8 @@ namespace MoeLora.Torch.Nn;
 
 /// <summary>
 /// <c>DbrxAttention</c> (<see cref="FusedQkvAttentionSettings"/>): <c>Wqkv</c>, clamp to ±clip_qkv, split into q
-/// (hidden), k and v (kv·d each), rope by rotating halves, eager GQA, <c>out_proj</c>.
+/// (hidden), k and v (kv·d each), rope by rotating halves, attention under the context's implementation (SDPA unless
+/// eager is asked for, as transformers 5.17's DbrxAttention goes through its attention interface), <c>out_proj</c>.
 /// </summary>
 public sealed class FusedQkvAttention : HfModule, IBlock
 {
@@ -34,7 +35,7 @@ public sealed class FusedQkvAttention : HfModule, IBlock
         var (cos, sin) = _rope.CosSin(ctx.Positions, ctx.DType);
         q = Rotary.ApplyHalf(q, cos, sin);
         k = Rotary.ApplyHalf(k, cos, sin);
-        return _out.Forward(AttentionMath.Eager(q, k, v, ctx.Mask(MaskSettings.Full), Math.Pow(d, -0.5)));
+        return _out.Forward(AttentionMath.Attend(q, k, v, ctx, MaskSettings.Full, Math.Pow(d, -0.5)));
     }
 }
 

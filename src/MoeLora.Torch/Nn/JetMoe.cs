@@ -169,7 +169,9 @@ public sealed class JetMoeAttention : HfModule, IBlock
         // Query head j (slot j / kv, head j mod kv) reads kv head j mod kv: tiling, not GQA's interleaved repeat.
         key = key.repeat(1, k, 1, 1);
         value = value.repeat(1, k, 1, 1);
-        var o = AttentionMath.Eager(q, key, value, ctx.Mask(MaskSettings.Full), Math.Pow(d, -0.5));
+        // Through the context's implementation, as transformers' JetMoeAttention uses its attention interface (SDPA by
+        // default): in bf16, eager's scores are rounded to bf16 before the softmax and SDPA's are not.
+        var o = AttentionMath.Attend(q, key, value, ctx, MaskSettings.Full, Math.Pow(d, -0.5));
         ctx.RouterLogits.Add(routing.Logits);
         return _experts.Reduce(o.view(b, s, k, -1), routing);
     }
