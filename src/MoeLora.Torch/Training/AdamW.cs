@@ -167,24 +167,24 @@ public sealed class AdamW : IDisposable
 
 /// <summary>
 /// torch.nn.utils.clip_grad_norm_(params, max_norm): total = ‖(‖g_i‖₂)_i‖₂, gradients scaled by
-/// min(1, max_norm/(total+1e-6)). Returns the total norm before clipping (NaN/inf propagate).
+/// min(1, max_norm/(total+1e-6)) (a non-finite total makes them NaN, as torch's). Returns the total norm before
+/// clipping as a 0-d fp32 tensor on the gradients' device, unread: like torch's, clipping never waits for the device.
 /// </summary>
 public static class GradClip
 {
-    public static double ClipGradNorm(IEnumerable<Parameter> parameters, double maxNorm)
+    public static Tensor ClipGradNorm(IEnumerable<Parameter> parameters, double maxNorm)
     {
-        using var scope = NewDisposeScope();
         using var _ = no_grad();
         var grads = parameters.Select(p => p.grad).Where(g => g is not null).Select(g => g!).ToList();
-        if (grads.Count == 0) return 0;
-        var total = stack(grads.Select(g => g.flatten().norm(0, false, 2)).ToArray()).norm(0, false, 2);
-        double t = total.item<float>();
-        if (maxNorm > 0 && double.IsFinite(t))
+        if (grads.Count == 0) return tensor(0f);
+        using var scope = NewDisposeScope();
+        var total = stack(grads.Select(g => g.flatten().norm(0, false, 2).to(ScalarType.Float32)).ToArray()).norm(0, false, 2);
+        if (maxNorm > 0)
         {
             var coef = (maxNorm / (total + 1e-6)).clamp_max(1.0);
-            foreach (var g in grads) g.mul_(coef);
+            foreach (var g in grads) g.mul_(coef.to(g.dtype));
         }
-        return t;
+        return total.MoveToOuterDisposeScope();
     }
 }
 

@@ -10,10 +10,29 @@ namespace MoeLora.Torch.Training;
 /// <summary>One batch: token ids [B,S] and attention mask [B,S] (int64, 1 = real token).</summary>
 public sealed record TokenBatch(Tensor InputIds, Tensor AttentionMask);
 
-/// <summary>The losses of one micro-batch and the coefficients they were weighted with.</summary>
-public sealed record CbLossResult(Tensor Total, double RetainLoss, double CbLoss, double RetainCoeff, double CbCoeff, double CbCosine)
+/// <summary>
+/// The losses of one micro-batch and the coefficients they were weighted with. <paramref name="Parts"/> holds
+/// [retain loss, reroute loss, CB cosine] (fp32, detached; 0, 0 and NaN for a skipped pass) on the model's device and
+/// is read only by <see cref="Read"/>: computing the loss never waits for the device, so on CUDA the host queues the
+/// backward while the forward still runs.
+/// </summary>
+public sealed record CbLossResult(Tensor Total, Tensor Parts, double RetainCoeff, double CbCoeff)
+{
+    /// <summary>The scalar parts on the host (waits for the device).</summary>
+    public CbLossValues Read() => CbLossValues.From(Parts, RetainCoeff, CbCoeff);
+}
+
+/// <summary>The scalar parts of <see cref="CbLossResult"/> on the host.</summary>
+public readonly record struct CbLossValues(double RetainLoss, double CbLoss, double CbCosine, double RetainCoeff, double CbCoeff)
 {
     public double TotalValue => RetainCoeff * RetainLoss + CbCoeff * CbLoss;
+
+    /// <summary>From a [retain, reroute, cosine] tensor, read in one copy.</summary>
+    public static CbLossValues From(Tensor parts, double retainCoeff, double cbCoeff)
+    {
+        var v = parts.to(ScalarType.Float32).cpu().data<float>().ToArray();
+        return new CbLossValues(v[0], v[1], v[2], retainCoeff, cbCoeff);
+    }
 }
 
 /// <summary>
@@ -95,13 +114,14 @@ public static class CircuitBreakerLoss
         MemTrace.Mark("cb frozen passes", model.Device);
         model.Train(train);
         Tensor total = zeros(1, device: model.Device).squeeze();
-        double retainLoss = 0, cbLoss = 0, cosine = double.NaN;
+        Tensor retainLoss = zeros(1, ScalarType.Float32, model.Device).squeeze(), cbLoss = retainLoss;
+        Tensor cosine = full(1, float.NaN, ScalarType.Float32, model.Device).squeeze();
         if (retainCoeff > 0)
         {
             using var o = model.Forward(retain.InputIds, retainMask, outputHiddenStates: true);
             var lora = stack(o.HiddenStates) * LayerMask(retainMask, o.HiddenStates.Count);
             var l = Retain(lora, origRetain!);
-            retainLoss = l.item<float>();
+            retainLoss = l.detach().to(ScalarType.Float32);
             total = total + retainCoeff * l;
             MemTrace.Mark("cb adapted retain pass", model.Device);
         }
@@ -110,11 +130,11 @@ public static class CircuitBreakerLoss
             using var o = model.Forward(cb.InputIds, cbMask, outputHiddenStates: true);
             var lora = stack(targetLayers.Select(i => o.HiddenStates[i]).ToArray());
             var l = Reroute(lora, origCb!, cbMask);
-            cbLoss = l.item<float>();
-            using (no_grad()) cosine = Cosine(lora, origCb!, cbMask).item<float>();
+            cbLoss = l.detach().to(ScalarType.Float32);
+            using (no_grad()) cosine = Cosine(lora, origCb!, cbMask).to(ScalarType.Float32);
             total = total + cbCoeff * l;
         }
-        return new CbLossResult(total, retainLoss, cbLoss, retainCoeff, cbCoeff, cosine);
+        return new CbLossResult(total, stack([retainLoss, cbLoss, cosine]), retainCoeff, cbCoeff);
     }
 
     static void CheckLayers(IReadOnlyList<int> targets, int count)

@@ -141,19 +141,27 @@ public sealed class CircuitBreakerTrainer
             var (rc, cc) = _coeffs.At(step);
             double lr = _lr.At(Step);
             _optimizer.ZeroGrad();
-            double loss = 0, retain = 0, cb = 0, cos = 0;
             int accum = _o.GradientAccumulation;
-            for (int micro = 0; micro < accum; micro++)
+            // The micro-batches' [retain, reroute, cosine] summed on the device, and read together with the gradient
+            // norm: one wait for the device per step, where the divergence check needs both.
+            double retain, cb, cos, gradNorm;
+            using (NewDisposeScope())
             {
-                using var scope = NewDisposeScope();
-                var (cbBatch, retainBatch) = _data.Get((long)Step * accum + micro);
-                var r = CircuitBreakerLoss.Compute(_model, cbBatch, retainBatch, _o.TargetLayers, rc, cc);
-                (r.Total / accum).backward();
-                Nn.BackwardHandles.Release();
-                loss += r.TotalValue / accum; retain += r.RetainLoss / accum; cb += r.CbLoss / accum;
-                cos += (double.IsNaN(r.CbCosine) ? 0 : r.CbCosine) / accum;
+                var parts = zeros(3, ScalarType.Float32, _model.Device);
+                for (int micro = 0; micro < accum; micro++)
+                {
+                    using var scope = NewDisposeScope();
+                    var (cbBatch, retainBatch) = _data.Get((long)Step * accum + micro);
+                    var r = CircuitBreakerLoss.Compute(_model, cbBatch, retainBatch, _o.TargetLayers, rc, cc);
+                    (r.Total / accum).backward();
+                    Nn.BackwardHandles.Release();
+                    parts.add_(r.Parts / accum);
+                }
+                var norm = GradClip.ClipGradNorm(_optimizer.Parameters.Select(p => p.Param), _o.MaxGradNorm);
+                var values = cat([parts, norm.to(_model.Device).reshape(1)]).cpu().data<float>().ToArray();
+                (retain, cb, cos, gradNorm) = (values[0], values[1], values[2], values[3]);
             }
-            double gradNorm = GradClip.ClipGradNorm(_optimizer.Parameters.Select(p => p.Param), _o.MaxGradNorm);
+            double loss = new CbLossValues(retain, cb, cos, rc, cc).TotalValue;
             if (!double.IsFinite(loss) || !double.IsFinite(gradNorm))
             {
                 // Parameters and optimizer are still at the end of the previous step: save that state as the checkpoint.

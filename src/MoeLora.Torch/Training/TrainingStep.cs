@@ -78,11 +78,12 @@ public static class TrainingStep
                 loss.backward();
                 Nn.BackwardHandles.Release();
                 MemTrace.Mark("lora backward", model.Device);
-                double value = loss.item<float>();
                 optimizer.Step(LearningRate);
                 optimizer.ZeroGrad();
                 MemTrace.Mark("lora optimizer step", model.Device);
-                return value;
+                // Read last: reading it before the optimizer would make the host wait for backward's last kernels
+                // before queueing AdamW's.
+                return loss.item<float>();
             });
         }
         finally { model.Eval(); ClearGradients(model); }
@@ -118,7 +119,7 @@ public static class TrainingStep
                 optimizer.Step(LearningRate);
                 optimizer.ZeroGrad();
                 MemTrace.Mark("cb optimizer step", model.Device);
-                return r.TotalValue;
+                return r.Read().TotalValue;
             });
         }
         finally { model.Eval(); ClearGradients(model); }
