@@ -21,39 +21,46 @@ public static class CbEvaluator
     {
         model.Eval();
         using var _ = no_grad();
-        double cosSum = 0, tokSum = 0, rrSum = 0; var perLayer = new double[targetLayers.Count];
+        // Sums kept on the device in float64 and read once at the end: on CUDA the batches' forwards queue back to back.
+        using var sums = NewDisposeScope();
+        var dev = model.Device;
+        var perLayer = zeros(targetLayers.Count, ScalarType.Float64, dev);
+        Tensor tokSum = zeros(1, ScalarType.Float64, dev), rrSum = zeros(1, ScalarType.Float64, dev);
         foreach (var chunk in cb.Chunk(batchSize))
         {
             using var scope = NewDisposeScope();
             var b = CbDataset.Stack(chunk);
-            var mask = b.AttentionMask.to(model.Device);
+            var mask = b.AttentionMask.to(dev);
             Tensor Targets() { using var o = model.Forward(b.InputIds, mask, true); return stack(targetLayers.Select(l => o.HiddenStates[l]).ToArray()); }
             Tensor orig; using (LoraInjector.DisableAdapters(model)) orig = Targets();
             Tensor cur; using (withAdapter ? null : LoraInjector.DisableAdapters(model)) cur = Targets();
             var m = mask.to(ScalarType.Float32);
             var cos = nn.functional.cosine_similarity(cur.to(ScalarType.Float32), orig.to(ScalarType.Float32), -1); // [T,B,S]
-            double n = m.sum().item<float>();
-            for (int t = 0; t < perLayer.Length; t++) perLayer[t] += (cos[t] * m).sum().item<float>();
-            cosSum += (cos * m).sum().item<float>();
-            rrSum += CircuitBreakerLoss.Reroute(cur, orig, mask).item<float>() * n * targetLayers.Count;
-            tokSum += n;
+            var n = m.sum().to(ScalarType.Float64);
+            perLayer.add_((cos * m).sum([1, 2]).to(ScalarType.Float64));
+            rrSum.add_(CircuitBreakerLoss.Reroute(cur, orig, mask).to(ScalarType.Float64) * n * targetLayers.Count);
+            tokSum.add_(n);
         }
-        double distSum = 0, distCount = 0, relNum = 0, relDen = 0;
+        Tensor distSum = zeros(1, ScalarType.Float64, dev), relDen = zeros(1, ScalarType.Float64, dev);
+        long distCount = 0;
         foreach (var chunk in retain.Chunk(batchSize))
         {
             using var scope = NewDisposeScope();
             var b = CbDataset.Stack(chunk);
-            var mask = b.AttentionMask.to(model.Device);
+            var mask = b.AttentionMask.to(dev);
             Tensor All() { using var o = model.Forward(b.InputIds, mask, true); var h = stack(o.HiddenStates); return h * CircuitBreakerLoss.LayerMask(mask, h.shape[0]); }
             Tensor orig; using (LoraInjector.DisableAdapters(model)) orig = All();
             Tensor cur; using (withAdapter ? null : LoraInjector.DisableAdapters(model)) cur = All();
             var d = (cur - orig).to(ScalarType.Float32).norm(-1, false, 2); // [L,B,S]
-            distSum += d.sum().item<float>(); distCount += d.numel();
-            relNum += d.sum().item<float>();
-            relDen += orig.to(ScalarType.Float32).norm(-1, false, 2).sum().item<float>();
+            distSum.add_(d.sum().to(ScalarType.Float64));
+            distCount += d.numel();
+            relDen.add_(orig.to(ScalarType.Float32).norm(-1, false, 2).sum().to(ScalarType.Float64));
         }
-        double cbTokens = Math.Max(tokSum, 1);
-        return new CbEvalResult(cosSum / (cbTokens * targetLayers.Count), perLayer.Select(x => x / cbTokens).ToList(),
-            rrSum / (cbTokens * targetLayers.Count), distSum / Math.Max(distCount, 1), relNum / Math.Max(relDen, 1e-12), cb.Count, retain.Count);
+        var read = cat([perLayer, tokSum, rrSum, distSum, relDen]).cpu().data<double>().ToArray();
+        int layers = targetLayers.Count;
+        double cbTokens = Math.Max(read[layers], 1), rr = read[layers + 1], dist = read[layers + 2], den = read[layers + 3];
+        var perLayerMean = read.Take(layers).Select(x => x / cbTokens).ToList();
+        return new CbEvalResult(read.Take(layers).Sum() / (cbTokens * layers), perLayerMean,
+            rr / (cbTokens * layers), dist / Math.Max(distCount, 1), dist / Math.Max(den, 1e-12), cb.Count, retain.Count);
     }
 }
