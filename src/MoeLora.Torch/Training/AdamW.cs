@@ -135,9 +135,20 @@ public sealed class AdamW : IDisposable
         _state.Clear();
     }
 
+    /// <summary>
+    /// Frees the gradients, as torch's <c>zero_grad()</c> does by default (<c>set_to_none=True</c>). Zeroed gradients
+    /// would stay on the device through the next forward and be held alongside its activations at the start of backward:
+    /// the trainable bytes again (3.7 GiB for Qwen3-30B-A3B with the seed targets). Freed, the next backward allocates
+    /// them as it reaches each layer, and <see cref="Step"/> skips a parameter that got none, as torch's AdamW does.
+    /// </summary>
     public void ZeroGrad()
     {
-        foreach (var (_, p) in Parameters) p.grad?.zero_();
+        foreach (var (_, p) in Parameters)
+        {
+            if (p.grad is not { } g) continue;
+            p.grad = null;
+            g.Dispose();
+        }
     }
 
     /// <summary>Optimizer state as named tensors (exp_avg.NAME, exp_avg_sq.NAME).</summary>

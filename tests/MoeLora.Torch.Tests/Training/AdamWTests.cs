@@ -50,4 +50,24 @@ public class AdamWTests
         for (int i = 0; i < loop.Length; i++)
             Assert.True(loop[i].to(ScalarType.Float32).equal(foreachRun[i].to(ScalarType.Float32)).all().item<bool>(), $"tensor {i} differs");
     }
+
+    [Fact]
+    public void ZeroGrad_frees_the_gradients_and_a_step_then_leaves_the_parameters_alone()
+    {
+        var ps = Parameters(5);
+        using var opt = new AdamW(ps, weightDecay: 0.1);
+        foreach (var (_, p) in ps)
+        {
+            using var _ = no_grad();
+            p.grad = ones_like(p);
+        }
+        opt.Step(1e-2);
+        opt.ZeroGrad();
+        Assert.All(ps, x => Assert.Null(x.Item2.grad));
+        // torch's AdamW skips a parameter without a gradient: no weight decay, no move along the old moments.
+        var before = ps.Select(x => x.Item2.detach().clone()).ToList();
+        opt.Step(1e-2);
+        for (int i = 0; i < ps.Count; i++)
+            Assert.True(before[i].equal(ps[i].Item2).all().item<bool>(), $"{ps[i].Item1} moved without a gradient");
+    }
 }
