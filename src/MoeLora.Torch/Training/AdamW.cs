@@ -141,9 +141,15 @@ public sealed class AdamW : IDisposable
     /// the trainable bytes again (3.7 GiB for Qwen3-30B-A3B with the seed targets). Freed, the next backward allocates
     /// them as it reaches each layer, and <see cref="Step"/> skips a parameter that got none, as torch's AdamW does.
     /// </summary>
-    public void ZeroGrad()
+    public void ZeroGrad() => FreeGradients(Parameters.Select(x => x.Param));
+
+    /// <summary>
+    /// Drops each parameter's gradient and disposes the handle read to reach it, so that the device memory goes now,
+    /// not when .NET's finaliser gets to the handle.
+    /// </summary>
+    public static void FreeGradients(IEnumerable<Parameter> parameters)
     {
-        foreach (var (_, p) in Parameters)
+        foreach (var p in parameters)
         {
             if (p.grad is not { } g) continue;
             p.grad = null;

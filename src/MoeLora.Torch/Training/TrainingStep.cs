@@ -160,11 +160,5 @@ public static class TrainingStep
         if (device.type == DeviceType.CUDA) cuda.synchronize(device);
     }
 
-    static void ClearGradients(CausalLm model)
-    {
-        foreach (var (_, p) in model.NamedParameters())
-        {
-            if (p.grad is { } g) { p.grad = null; g.Dispose(); }
-        }
-    }
+    static void ClearGradients(CausalLm model) => AdamW.FreeGradients(model.NamedParameters().Select(p => p.Param));
 }
