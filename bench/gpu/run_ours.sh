@@ -12,6 +12,7 @@
 # --target-layers 10,20; the report's own default would be L/4, L/2 = 12,24), coefficients 0.5 / 4.5; one warm-up
 # step and BENCH_STEPS (default 4, peft_step.py's --steps) timed ones; batch BENCH_BATCH (1) × BENCH_TOKENS (1024);
 # BENCH_MODES (default "lora cb", as tools/gpu_smoke/run_gpu.sh spells it); BENCH_CHECKPOINTING=1 adds --gradient-checkpointing.
+# BENCH_MODEL (a folder with config.json) replaces Qwen/Qwen3-30B-A3B: tools/gpu_smoke/run_gpu.sh sets it for BENCH_LAYERS.
 # Compare with: python3 bench/gpu/compare.py $OUT/ours-qwen3-30b.json $OUT/peft-lora-b1.json $OUT/peft-cb-b1.json
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -25,7 +26,7 @@ json=$results/ours-qwen3-30b.json
 failed=0
 for mode in ${BENCH_MODES:-lora cb}; do
   start=$(date +%s)
-  timeout "${BENCH_TIMEOUT:-500}" "$bin" report Qwen/Qwen3-30B-A3B --load-model --init random --device cuda --dtype bf16 \
+  timeout "${BENCH_TIMEOUT:-500}" "$bin" report "${BENCH_MODEL:-Qwen/Qwen3-30B-A3B}" --load-model --init random --device cuda --dtype bf16 \
     --rank 16 --alpha 16 --cb-target-layers 10,20 \
     --measure-steps "$mode" --step-tokens "${BENCH_TOKENS:-1024}" --step-batch "${BENCH_BATCH:-1}" \
     --step-repeats "${BENCH_STEPS:-4}" ${BENCH_CHECKPOINTING:+--gradient-checkpointing} --format json -o "$results/ours-qwen3-30b-$mode.json" >"$results/ours-qwen3-30b-$mode.log" 2>&1

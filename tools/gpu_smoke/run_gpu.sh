@@ -14,7 +14,9 @@
 #           circuit-breaker step on Qwen3-30B-A3B (random init, bf16), tokens/s and peak GPU memory
 #           (BENCH_BATCH, BENCH_TOKENS, BENCH_MODES override the defaults 1, 1024, "lora cb"; BENCH_CHECKPOINTING=1
 #           turns gradient checkpointing on, on both sides; BENCH_CHECKPOINTING=auto only on a GPU of under 100 GiB,
-#           where PEFT's LoRA step without it, about 137 GiB, cannot run: one command for whichever card comes)
+#           where PEFT's LoRA step without it, about 137 GiB, cannot run: one command for whichever card comes;
+#           BENCH_LAYERS=N runs both sides on Qwen3-30B-A3B's first N decoder blocks, a config written under $OUT, so
+#           that PEFT's default LoRA step fits an H100 next to ours: a same-card proxy, named as such in its output)
 #   ours    our side of those steps (bench/gpu/run_ours.sh: report --load-model --measure-steps)
 #   bench   ours, peft, then bench/gpu/compare.py's side-by-side table ($OUT/compare.md)
 # Results and logs go to $OUT (the device machine's output folder) or /tmp/moelora-gpu-smoke/results.
@@ -130,6 +132,26 @@ report() {
 }
 
 bench_config=src/MoeLora.Core/Catalog/configs/Qwen__Qwen3-30B-A3B.json
+if [ -n "${BENCH_LAYERS:-}" ]; then
+  # The same model cut to its first N blocks (every per-layer field that counts blocks cut with it); both sides read
+  # this folder: peft_step.py its config.json, run_ours.sh the folder as a local model.
+  mkdir -p "$results/bench-model"
+  python3 - "$bench_config" "$results/bench-model/config.json" "$BENCH_LAYERS" <<'PY'
+import json, sys
+config = json.load(open(sys.argv[1]))
+n = int(sys.argv[3])
+if not 0 < n <= config["num_hidden_layers"]:
+    sys.exit(f"BENCH_LAYERS={n}: the model has {config['num_hidden_layers']} blocks")
+config["num_hidden_layers"] = n
+config["max_window_layers"] = min(config.get("max_window_layers", n), n)
+if isinstance(config.get("layer_types"), list):
+    config["layer_types"] = config["layer_types"][:n]
+json.dump(config, open(sys.argv[2], "w"), indent=1)
+PY
+  bench_config=$results/bench-model/config.json
+  export BENCH_MODEL=$results/bench-model
+  log "bench: Qwen3-30B-A3B cut to its first $BENCH_LAYERS blocks ($BENCH_MODEL), on both sides"
+fi
 
 peft() {
   for mode in ${BENCH_MODES:-lora cb}; do
