@@ -74,7 +74,7 @@ public static class Measurements
         {
             using var scope = NewDisposeScope();
             var idx = l.topk(topK, -1).indexes.index(keep).flatten();
-            result.Add(idx.bincount(null, l.shape[^1]).data<long>().ToArray());
+            result.Add(Nn.ExpertCounts.Read(idx, l.shape[^1]));
         }
         return result;
     }

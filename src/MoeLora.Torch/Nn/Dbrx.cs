@@ -109,8 +109,7 @@ public sealed class StackedGluExperts : HfModule, IParamDeltaOwner, IRoutedExper
         var factors = new Dictionary<string, List<(Tensor L, Tensor R)>>(StringComparer.Ordinal);
         foreach (var (name, list) in _deltas)
             factors[name] = list.Where(d => d.Enabled).Select(d => ((ILowRankDelta)d).Factors()).Select(f => (f.L.to(x.dtype), f.R.to(x.dtype))).ToList();
-        long[] counts;
-        using (no_grad()) counts = topIdx.flatten().bincount(null, _experts).data<long>().ToArray();
+        var counts = ExpertCounts.Read(topIdx, _experts);
         LastSelectedCounts = counts;
         var final = zeros_like(x);
         for (long e = 0; e < _experts; e++)

@@ -229,9 +229,7 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
             flat = flat.index_select(0, kept);
         }
         long n = flat.shape[0];
-        // Not bincount: on CUDA it reads the input's min and max back to the host, two synchronisations per layer that
-        // stall the host until the device has caught up. scatter_add counts without leaving the device.
-        var counts = zeros(NumExperts, ScalarType.Int64, flat.device).scatter_add_(0, flat, ones_like(flat));
+        var counts = ExpertCounts.OnDevice(flat, NumExperts); // no host read here (see ExpertCounts)
         var (sorted, order) = flat.sort(0, false, true);
         if (kept is not null) order = kept.index_select(0, order);
         var tokenOf = order.div(k, rounding_mode: RoundingMode.floor);
@@ -418,9 +416,8 @@ public abstract class ExpertsBase : HfModule, IRoutedExperts
     /// <summary>(expert, tokens, top-k slot) for each expert hit, like transformers' <c>torch.where(expert_mask[e])</c>.</summary>
     protected IEnumerable<(long Expert, Tensor Tokens, Tensor Slots)> Dispatch(Tensor topIdx, long numExperts)
     {
-        Tensor hits;
-        using (no_grad()) hits = topIdx.flatten().bincount(null, numExperts);
-        var counts = hits.data<long>().Take((int)numExperts).ToArray(); // identity experts' pairs are not dispatched
+        // Identity experts (ids numExperts and up) are counted, then dropped: their pairs are not dispatched.
+        var counts = ExpertCounts.Read(topIdx, numExperts + IdentityExperts).Take((int)numExperts).ToArray();
         LastSelectedCounts = counts;
         for (long e = 0; e < numExperts; e++)
         {

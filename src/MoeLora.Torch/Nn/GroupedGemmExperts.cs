@@ -34,9 +34,7 @@ public sealed class GroupedGemmExperts : HfModule
     /// <param name="x">[T, H]</param><param name="topIdx">[T, k] int64</param><param name="topW">[T, k]</param>
     public Tensor Forward(Tensor x, Tensor topIdx, Tensor topW)
     {
-        Tensor hits;
-        using (no_grad()) hits = topIdx.flatten().bincount(null, _experts);
-        var counts = hits.data<long>().ToArray();
+        var counts = ExpertCounts.Read(topIdx, _experts);
         var final = zeros_like(x);
         for (long e = 0; e < _experts; e++)
         {
