@@ -75,6 +75,10 @@ def main(argv):
                     f"| {gib(o.get('predicted_bytes')) if o else '-'} / {gib(o.get('predicted_peft_bytes')) if o else '-'} | {goal} | {mark} |")
     print(f"GPU: {gpu}; PEFT side: torch {next((d.get('torch') for d in peft.values()), '?')}, "
           f"transformers {next((d.get('transformers') for d in peft.values()), '?')}, peft {next((d.get('peft') for d in peft.values()), '?')}")
+    # Decoder blocks each side ran: a cut model (BENCH_LAYERS, or the circuit-breaker truncation) is named, not hidden.
+    blocks = [f"{mode} {ours[mode].get('layers', '?') if mode in ours else '-'} / {peft[mode].get('layers', '?') if mode in peft else '-'}"
+              for mode in ("lora", "cb") if mode in ours or mode in peft]
+    print(f"decoder blocks ours / PEFT: {'; '.join(blocks)}")
     print()
     print("\n".join(rows))
     return 0
