@@ -7,6 +7,8 @@
 #   fixtures     tools/oracle/discover_moe.py --fixtures for every MoE text type, or FIXTURE_TYPES (a,b) [CPU, background]
 #   doge         PERTURB_TYPES (default doge) fixtures with --perturb-constants                                     [CPU, background]
 #   adapter      tools/adapter_check/check_peft_convert.py (PEFT 0.21 reads our converted adapters)     [CPU, background]
+#   rope         tools/rope_check/make_rope_fixtures.py for ROPE_CASES (a,b; default all) and the rope source it
+#                checks against (results/rope_fixtures.tar, results/rope_sources.txt)                 [CPU, background]
 #   parity train report peft ours bench   tools/gpu_smoke/run_gpu.sh stages (needs artifacts/gpu_smoke, carried) [GPU]
 #   plan-tiny plan-mid           tools/plan_check/run_plan_gpu.sh stages (needs artifacts/plan_check)    [GPU]
 #   hfcheck      tools/gpu_smoke/hf_cuda_check.py: transformers and MoeLora on CUDA, fp32 and bf16, every fixture
@@ -44,6 +46,11 @@ for stage in "$@"; do
       stamp "adapter: start (background)"
       ( mkdir -p "$work/results/adapter"; OUT="$work/results/adapter" timeout 300 python3 tools/adapter_check/check_peft_convert.py \
           >"$work/results/adapter/adapter_check.log" 2>&1 ) &
+      bg+=($!) ;;
+    rope)
+      stamp "rope: start (background)"
+      ( timeout 300 python3 tools/rope_check/make_rope_fixtures.py "$work/results/rope_fixtures.tar" "${ROPE_CASES:-}" \
+          "$work/results/rope_sources.txt" >"$work/results/rope.log" 2>&1; echo "rope exit $?" >>"$work/results/rope.log" ) &
       bg+=($!) ;;
     parity|train|report|peft|ours|bench)
       stamp "$stage: start (limit $(limit "$stage") s)"

@@ -3,7 +3,12 @@
     python3 tools/rope_check/make_rope_fixtures.py $OUT/rope_fixtures.tar
 
 Each case folder holds config.json + model.safetensors (save_pretrained) and reference.safetensors with input_ids,
-attention_mask (row 1 left-padded by 3), logits and hidden_states [L+1, B, S, H], fp32, eager attention.
+attention_mask (row 1 left-padded by 3), logits and hidden_states [L+1, B, S, H], fp32, eager attention; then, from
+the same model object, logits_second for the first 20 tokens (a second forward: "dynamic" rope keeps the table of the
+longest sequence it has seen, so this one checks that state). With a third argument SOURCES, the transformers source of
+the rope functions these cases exercise is written there (what the C# rules were checked against).
+
+    python3 tools/rope_check/make_rope_fixtures.py OUT.tar [case,case] [SOURCES.txt]
 """
 import os
 import sys
@@ -12,7 +17,7 @@ import tempfile
 
 import torch
 from safetensors.torch import save_file
-from transformers import LlamaConfig, MistralConfig, Qwen2Config, AutoModelForCausalLM
+from transformers import LlamaConfig, MistralConfig, PhimoeConfig, Qwen2Config, AutoModelForCausalLM
 
 BASE = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=2,
             num_key_value_heads=1, max_position_embeddings=64, initializer_range=0.1, rms_norm_eps=1e-6)
@@ -25,17 +30,54 @@ CASES = {
     "mistral_sliding": MistralConfig(**BASE, sliding_window=8),
 }
 
+# longrope: one factor per rotated frequency (head_dim 16 -> 8). The 24-token input is past an original length of 16
+# (long factors) and within one of 32 (short factors); attention_factor is left to transformers' default, which reads
+# max_position_embeddings / original_max_position_embeddings.
+SHORT = [1.0, 1.05, 1.1, 1.3, 1.6, 2.0, 2.5, 3.0]
+LONG = [1.0, 1.2, 1.6, 2.4, 3.5, 5.0, 7.0, 9.0]
+for name, original in (("llama_rope_longrope_long", 16), ("llama_rope_longrope_short", 32)):
+    CASES[name] = LlamaConfig(**BASE, rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": SHORT,
+                                                       "long_factor": LONG, "original_max_position_embeddings": original})
+# dynamic NTK: max_position_embeddings 16 < 24 tokens, so the base grows with the sequence.
+CASES["llama_rope_dynamic"] = LlamaConfig(**{**BASE, "max_position_embeddings": 16},
+                                          rope_parameters={"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0})
+# Phi-3.5-MoE's own rotary: short_mscale / long_mscale replace the attention factor (different here, so the choice shows).
+for name, original in (("phimoe_longrope_long", 16), ("phimoe_longrope_short", 32)):
+    CASES[name] = PhimoeConfig(**{**BASE, "num_key_value_heads": 1}, num_local_experts=4, num_experts_per_tok=2,
+                               original_max_position_embeddings=original,
+                               rope_parameters={"rope_type": "longrope", "rope_theta": 10000.0, "short_factor": SHORT,
+                                                "long_factor": LONG, "short_mscale": 1.1, "long_mscale": 1.3,
+                                                "original_max_position_embeddings": original})
+
+
+def write_sources(path):
+    import inspect
+    import transformers.modeling_rope_utils as ru
+    from transformers.models.llama import modeling_llama
+    from transformers.models.phimoe import modeling_phimoe
+    parts = [ru._compute_longrope_parameters, ru._compute_dynamic_ntk_parameters, ru.dynamic_rope_update,
+             modeling_llama.LlamaRotaryEmbedding, modeling_phimoe.PhimoeRotaryEmbedding]
+    with open(path, "w") as f:
+        for obj in parts:
+            f.write(f"# ---- {obj.__module__}.{obj.__qualname__}\n{inspect.getsource(obj)}\n")
+
 
 def main():
     out = sys.argv[1]
     root = tempfile.mkdtemp()
-    only = set(sys.argv[2].split(",")) if len(sys.argv) > 2 else None
+    only = set(sys.argv[2].split(",")) if len(sys.argv) > 2 and sys.argv[2] else None
+    if len(sys.argv) > 3:
+        write_sources(sys.argv[3])
     for name, cfg in CASES.items():
         if only and name not in only:
             continue
         cfg._attn_implementation = "eager"
         torch.manual_seed(0)
-        model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
+        try:
+            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
+        except Exception as e:  # one case's failure (a config transformers refuses) leaves the others
+            print(name, "FAILED", type(e).__name__, e)
+            continue
         d = os.path.join(root, name)
         model.save_pretrained(os.path.join(d, "model"))
         g = torch.Generator().manual_seed(1)
@@ -44,8 +86,10 @@ def main():
         mask[1, :3] = 0
         with torch.no_grad():
             o = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+            second = model(input_ids=ids[:, :20], attention_mask=mask[:, :20]).logits
         save_file({"input_ids": ids, "attention_mask": mask, "logits": o.logits.contiguous(),
-                   "hidden_states": torch.stack(o.hidden_states).contiguous()}, os.path.join(d, "reference.safetensors"))
+                   "hidden_states": torch.stack(o.hidden_states).contiguous(), "logits_second": second.contiguous()},
+                  os.path.join(d, "reference.safetensors"))
         print(name, "ok", o.logits.shape, "tied:", model.lm_head.weight is model.model.embed_tokens.weight)
     with tarfile.open(out, "w") as t:
         t.add(root, arcname="rope_fixtures")

@@ -105,6 +105,15 @@ public sealed class ModelConfig
         return arr.Select(x => x is null ? throw new ConfigException($"config field '{name}' holds a null") : ReadInt(name, x)).ToList();
     }
 
+    /// <summary>A list of numbers (longrope's <c>short_factor</c>); null when absent or null.</summary>
+    public IReadOnlyList<double>? DoubleList(string name)
+    {
+        if (!_json.TryGetPropertyValue(name, out var v) || v is null) return null;
+        if (v is not JsonArray arr) throw new ConfigException($"config field '{name}' must be a list of numbers, got {v.ToJsonString()}");
+        return arr.Select(x => x is not null && JsonNumbers.TryDouble(x, out var d) ? d
+            : throw new ConfigException($"config field '{name}' must be a list of numbers")).ToList();
+    }
+
     /// <summary>A list of strings; null when absent or null.</summary>
     public IReadOnlyList<string>? StringList(string name)
     {

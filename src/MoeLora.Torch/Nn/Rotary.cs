@@ -5,17 +5,26 @@ namespace MoeLora.Torch.Nn;
 
 /// <summary>
 /// Rotary position embeddings as transformers computes them: inverse frequencies in fp32 from
-/// <c>rope_parameters</c> (default and yarn), then cos/sin of positions x inv_freq, scaled by the attention factor.
+/// <c>rope_parameters</c>, then cos/sin of positions x inv_freq, scaled by the attention factor. longrope and dynamic
+/// choose their table per forward from the sequence length (the largest position + 1), as transformers'
+/// <c>dynamic_rope_update</c> does; the choice is made on the device, so no layer waits for a host read.
 /// </summary>
 public sealed class Rotary
 {
+    /// <summary>The table of a rule that does not depend on the sequence; for longrope and dynamic, the table of a
+    /// sequence within the original length.</summary>
     public Tensor InvFreq { get; }
+    // longrope / dynamic: the table (and, for PhiMoE, the scale) for this forward's positions; null for the others.
+    readonly Func<Tensor, (Tensor InvFreq, Tensor? Scale)>? _bySequence;
+
+    /// <summary>The attention factor cos/sin are multiplied by (PhiMoE's per-sequence mscale aside).</summary>
     public double AttentionScaling { get; }
 
-    Rotary(Tensor invFreq, double scaling)
+    Rotary(Tensor invFreq, double scaling, Func<Tensor, (Tensor, Tensor?)>? bySequence = null)
     {
         InvFreq = invFreq.DetachFromDisposeScope();
         AttentionScaling = scaling;
+        _bySequence = bySequence;
     }
 
     public static Rotary FromSettings(RopeSettings rope)
@@ -29,7 +38,9 @@ public sealed class Rotary
             "llama3" => new Rotary(Llama3InvFreq(rope, theta, dim), 1.0),
             // linear: positions divided by the factor, i.e. inv_freq / factor.
             "linear" => new Rotary(DefaultInvFreq(theta, dim) / (rope.Factor ?? throw new InvalidDataException("linear rope needs 'factor'.")), 1.0),
-            _ => throw new NotSupportedException($"rope_type '{rope.Type}' is not supported (supported: default, linear, llama3, yarn)."),
+            "longrope" => LongRope(rope, theta, dim),
+            "dynamic" => DynamicNtk(rope, theta, dim),
+            _ => throw new NotSupportedException($"rope_type '{rope.Type}' is not supported (supported: default, linear, llama3, yarn, longrope, dynamic)."),
         };
     }
 
@@ -80,15 +91,91 @@ public sealed class Rotary
         return new Rotary(inv, attention);
     }
 
+    /// <summary>
+    /// longrope (transformers <c>_compute_longrope_parameters</c>): inv_freq = 1 / (ext · base^(2i/dim)), with ext the
+    /// <c>short_factor</c> list while the sequence fits <c>original_max_position_embeddings</c> and <c>long_factor</c>
+    /// past it; attention factor √(1 + ln f / ln original), f = <c>factor</c> or max/original positions. PhiMoE's
+    /// rotary scales by <c>short_mscale</c> / <c>long_mscale</c> instead, where given.
+    /// </summary>
+    static Rotary LongRope(RopeSettings rope, double theta, long dim)
+    {
+        var shortFactor = rope.ShortFactor ?? throw new InvalidDataException("longrope needs 'short_factor'.");
+        var longFactor = rope.LongFactor ?? throw new InvalidDataException("longrope needs 'long_factor'.");
+        if (shortFactor.Count != dim / 2 || longFactor.Count != dim / 2)
+            throw new InvalidDataException($"longrope needs {dim / 2} 'short_factor' and 'long_factor' values (one per rotated pair of dims), got {shortFactor.Count} and {longFactor.Count}.");
+        long original = rope.OriginalMaxPositionEmbeddings ?? rope.MaxPositionEmbeddings
+            ?? throw new InvalidDataException("longrope needs 'original_max_position_embeddings' or 'max_position_embeddings'.");
+        double factor = rope.Factor ?? (rope.MaxPositionEmbeddings ?? original) / (double)original;
+        double attention = rope.AttentionFactor ?? (factor <= 1 ? 1.0 : Math.Sqrt(1 + Math.Log(factor) / Math.Log(original)));
+        Tensor Table(IReadOnlyList<double> ext) =>
+            (1.0 / (tensor(ext.Select(x => (float)x).ToArray()) * pow(theta, arange(0, dim, 2, ScalarType.Int64).to(ScalarType.Float32) / dim)))
+            .DetachFromDisposeScope();
+        var shortInv = Table(shortFactor);
+        var longInv = Table(longFactor);
+        double shortScale = attention, longScale = attention;
+        if (rope.MScaleBySequence)
+        {
+            shortScale = rope.ShortMScale ?? attention;
+            longScale = rope.LongMScale ?? attention;
+        }
+        return new Rotary(shortInv, attention, positions =>
+        {
+            var isLong = SequenceLength(positions).gt(original);
+            var inv = where(isLong, longInv.to(positions.device), shortInv.to(positions.device));
+            Tensor? scale = shortScale == longScale ? null
+                : where(isLong, tensor(longScale, ScalarType.Float32, positions.device), tensor(shortScale, ScalarType.Float32, positions.device));
+            return (inv, scale);
+        });
+    }
+
+    /// <summary>
+    /// Dynamic NTK (transformers <c>_compute_dynamic_ntk_parameters</c> under <c>dynamic_rope_update</c>): past
+    /// <c>max_position_embeddings</c> (M) the base becomes base·(f·L/M − (f − 1))^(dim/(dim−2)) for the longest
+    /// sequence L seen so far; the table stays while later sequences are shorter but still past M, and returns to the
+    /// default one for a sequence under M. That state lives on the device (transformers keeps it in the module too).
+    /// </summary>
+    static Rotary DynamicNtk(RopeSettings rope, double theta, long dim)
+    {
+        double factor = rope.Factor ?? throw new InvalidDataException("dynamic rope needs 'factor'.");
+        long max = rope.MaxPositionEmbeddings ?? throw new InvalidDataException("dynamic rope needs 'max_position_embeddings'.");
+        var defaultInv = DefaultInvFreq(theta, dim).DetachFromDisposeScope();
+        Tensor? cached = null; // the longest sequence the current table was made for (transformers' max_seq_len_cached)
+        return new Rotary(defaultInv, 1.0, positions =>
+        {
+            var device = positions.device;
+            var seq = SequenceLength(positions);
+            var known = cached?.to(device) ?? tensor(max, ScalarType.Int64, device);
+            var grown = where(seq.gt(known), seq, known);
+            var next = where(seq.lt(max).logical_and(grown.gt(max)), tensor(max, ScalarType.Int64, device), grown);
+            var previous = cached;
+            cached = next.DetachFromDisposeScope();
+            if (!ReferenceEquals(previous, cached)) previous?.Dispose();
+            // As transformers computes it from a tensor length: every step in fp32.
+            var scaledBase = next.to(ScalarType.Float32).mul(factor).div(max).sub(factor - 1).pow(dim / (double)(dim - 2)).mul(theta);
+            var inv = 1.0 / scaledBase.pow(arange(0, dim, 2, ScalarType.Int64, device).to(ScalarType.Float32) / dim);
+            return (where(next.gt(max), inv, defaultInv.to(device)), null);
+        });
+    }
+
+    // transformers' seq_len for the rope update: torch.max(position_ids) + 1, a 0-d tensor on the device.
+    static Tensor SequenceLength(Tensor positions) => positions.max().to(ScalarType.Int64).add(1);
+
+    (Tensor InvFreq, Tensor? Scale) Table(Tensor positions) =>
+        _bySequence is null ? (InvFreq.to(positions.device), null) : _bySequence(positions);
+
     /// <summary>Angles [B, S, dim/2] for integer positions [B, S] (fp32).</summary>
-    public Tensor Freqs(Tensor positions) =>
-        positions.to(ScalarType.Float32).unsqueeze(-1) * InvFreq.to(positions.device).view(1, 1, -1);
+    public Tensor Freqs(Tensor positions) => Angles(positions, Table(positions).InvFreq);
+
+    static Tensor Angles(Tensor positions, Tensor invFreq) =>
+        positions.to(ScalarType.Float32).unsqueeze(-1) * invFreq.view(1, 1, -1);
 
     /// <summary>(cos, sin) of cat(freqs, freqs) [B, S, dim], scaled, in <paramref name="dtype"/>.</summary>
     public (Tensor Cos, Tensor Sin) CosSin(Tensor positions, ScalarType dtype, bool duplicate = true)
     {
-        var f = Freqs(positions);
+        var (invFreq, scale) = Table(positions);
+        var f = Angles(positions, invFreq);
         var emb = duplicate ? cat([f, f], -1) : f;
+        if (scale is not null) return ((emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype));
         return ((emb.cos() * AttentionScaling).to(dtype), (emb.sin() * AttentionScaling).to(dtype));
     }
 

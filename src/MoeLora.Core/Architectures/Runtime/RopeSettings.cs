@@ -5,7 +5,10 @@ namespace MoeLora.Core.Architectures.Runtime;
 /// <summary>
 /// The rotary table transformers computes from <c>rope_parameters</c> (5.x) or <c>rope_scaling</c> + <c>rope_theta</c>
 /// (older config.json files): inverse frequencies over <paramref name="Dim"/> dims for <paramref name="Type"/>
-/// default, linear, llama3 or yarn. Optional fields are null when the config does not give them.
+/// default, linear, llama3, yarn, longrope or dynamic. Optional fields are null when the config does not give them.
+/// longrope and dynamic pick their table per forward from the sequence length, so they also need the model's
+/// <paramref name="MaxPositionEmbeddings"/>; <paramref name="MScaleBySequence"/> is PhiMoE's rotary, whose
+/// <c>short_mscale</c> / <c>long_mscale</c> replace the attention factor.
 /// </summary>
 public sealed record RopeSettings(
     string Type,
@@ -20,7 +23,13 @@ public sealed record RopeSettings(
     double? MScaleAllDim = null,
     bool Truncate = true,
     double? LowFreqFactor = null,
-    double? HighFreqFactor = null)
+    double? HighFreqFactor = null,
+    IReadOnlyList<double>? ShortFactor = null,
+    IReadOnlyList<double>? LongFactor = null,
+    double? ShortMScale = null,
+    double? LongMScale = null,
+    long? MaxPositionEmbeddings = null,
+    bool MScaleBySequence = false)
 {
     /// <summary>
     /// Reads the rope of a (text) config. <paramref name="defaultTheta"/> is the config class' <c>default_theta</c>;
@@ -29,7 +38,14 @@ public sealed record RopeSettings(
     public static RopeSettings Read(ModelConfig c, double defaultTheta, long dim)
     {
         var o = c.Sub("rope_parameters") ?? c.Sub("rope_scaling");
-        return Of(o, o?.Double("rope_theta", c.Double("rope_theta", defaultTheta)) ?? c.Double("rope_theta", defaultTheta), dim);
+        var rope = Of(o, o?.Double("rope_theta", c.Double("rope_theta", defaultTheta)) ?? c.Double("rope_theta", defaultTheta), dim);
+        // Phi-3-style configs keep original_max_position_embeddings at the top level; transformers 5 moves it into
+        // rope_parameters when that has none.
+        return rope with
+        {
+            MaxPositionEmbeddings = c.IntOrNull("max_position_embeddings", null),
+            OriginalMaxPositionEmbeddings = rope.OriginalMaxPositionEmbeddings ?? c.IntOrNull("original_max_position_embeddings", null),
+        };
     }
 
     /// <summary>
@@ -43,7 +59,8 @@ public sealed record RopeSettings(
         long? L(string k) => o is not null && o.Has(k) ? (long)o.Double(k, 0) : null;
         return new RopeSettings(type, theta, dim, D("factor"), L("original_max_position_embeddings"), D("attention_factor"),
             D("beta_fast"), D("beta_slow"), D("mscale"), D("mscale_all_dim"), o?.Bool("truncate", true) ?? true,
-            D("low_freq_factor"), D("high_freq_factor"));
+            D("low_freq_factor"), D("high_freq_factor"), o?.DoubleList("short_factor"), o?.DoubleList("long_factor"),
+            D("short_mscale"), D("long_mscale"));
     }
 
     /// <summary>
