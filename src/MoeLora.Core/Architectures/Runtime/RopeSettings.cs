@@ -39,13 +39,14 @@ public sealed record RopeSettings(
     {
         var o = c.Sub("rope_parameters") ?? c.Sub("rope_scaling");
         var rope = Of(o, o?.Double("rope_theta", c.Double("rope_theta", defaultTheta)) ?? c.Double("rope_theta", defaultTheta), dim);
-        // Phi-3-style configs keep original_max_position_embeddings at the top level; transformers 5 moves it into
-        // rope_parameters when that has none.
-        return rope with
-        {
-            MaxPositionEmbeddings = c.IntOrNull("max_position_embeddings", null),
-            OriginalMaxPositionEmbeddings = rope.OriginalMaxPositionEmbeddings ?? c.IntOrNull("original_max_position_embeddings", null),
-        };
+        var max = c.IntOrNull("max_position_embeddings", null);
+        // transformers 5's standardize_rope_params, for the types that read the pretraining length: a top-level
+        // original_max_position_embeddings (Phi-3-style configs) wins over rope_parameters' own; without either, the
+        // length is max_position_embeddings.
+        var original = rope.Type is "llama3" or "yarn" or "longrope"
+            ? c.IntOrNull("original_max_position_embeddings", null) ?? rope.OriginalMaxPositionEmbeddings ?? max
+            : rope.OriginalMaxPositionEmbeddings;
+        return rope with { MaxPositionEmbeddings = max, OriginalMaxPositionEmbeddings = original };
     }
 
     /// <summary>
