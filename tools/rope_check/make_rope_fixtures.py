@@ -62,6 +62,25 @@ def write_sources(path):
             f.write(f"# ---- {obj.__module__}.{obj.__qualname__}\n{inspect.getsource(obj)}\n")
 
 
+def make_case(root, name, cfg):
+    cfg._attn_implementation = "eager"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=g)
+    mask = torch.ones(2, 24, dtype=torch.long)
+    mask[1, :3] = 0
+    with torch.no_grad():
+        o = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        second = model(input_ids=ids[:, :20], attention_mask=mask[:, :20]).logits
+    d = os.path.join(root, name)
+    model.save_pretrained(os.path.join(d, "model"))
+    save_file({"input_ids": ids, "attention_mask": mask, "logits": o.logits.contiguous(),
+               "hidden_states": torch.stack(o.hidden_states).contiguous(), "logits_second": second.contiguous()},
+              os.path.join(d, "reference.safetensors"))
+    print(name, "ok", o.logits.shape, "tied:", model.lm_head.weight is model.model.embed_tokens.weight)
+
+
 def main():
     out = sys.argv[1]
     root = tempfile.mkdtemp()
@@ -71,26 +90,10 @@ def main():
     for name, cfg in CASES.items():
         if only and name not in only:
             continue
-        cfg._attn_implementation = "eager"
-        torch.manual_seed(0)
-        try:
-            model = AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").float().eval()
-        except Exception as e:  # one case's failure (a config transformers refuses) leaves the others
+        try:  # one case's failure (a config or rotary transformers refuses) leaves the others
+            make_case(root, name, cfg)
+        except Exception as e:
             print(name, "FAILED", type(e).__name__, e)
-            continue
-        d = os.path.join(root, name)
-        model.save_pretrained(os.path.join(d, "model"))
-        g = torch.Generator().manual_seed(1)
-        ids = torch.randint(0, cfg.vocab_size, (2, 24), generator=g)
-        mask = torch.ones(2, 24, dtype=torch.long)
-        mask[1, :3] = 0
-        with torch.no_grad():
-            o = model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
-            second = model(input_ids=ids[:, :20], attention_mask=mask[:, :20]).logits
-        save_file({"input_ids": ids, "attention_mask": mask, "logits": o.logits.contiguous(),
-                   "hidden_states": torch.stack(o.hidden_states).contiguous(), "logits_second": second.contiguous()},
-                  os.path.join(d, "reference.safetensors"))
-        print(name, "ok", o.logits.shape, "tied:", model.lm_head.weight is model.model.embed_tokens.weight)
     with tarfile.open(out, "w") as t:
         t.add(root, arcname="rope_fixtures")
 
