@@ -51,15 +51,25 @@ for name, original in (("phimoe_longrope_long", 16), ("phimoe_longrope_short", 3
 
 
 def write_sources(path):
+    import importlib
     import inspect
-    import transformers.modeling_rope_utils as ru
-    from transformers.models.llama import modeling_llama
-    from transformers.models.phimoe import modeling_phimoe
-    parts = [ru._compute_longrope_parameters, ru._compute_dynamic_ntk_parameters, ru.dynamic_rope_update,
-             modeling_llama.LlamaRotaryEmbedding, modeling_phimoe.PhimoeRotaryEmbedding]
+    names = ["transformers.modeling_rope_utils:_compute_longrope_parameters",
+             "transformers.modeling_rope_utils:_compute_dynamic_ntk_parameters",
+             "transformers.modeling_rope_utils:dynamic_rope_update",
+             "transformers.modeling_rope_utils:RotaryEmbeddingConfigMixin.standardize_rope_params",
+             "transformers.models.llama.modeling_llama:LlamaRotaryEmbedding",
+             "transformers.models.phimoe.modeling_phimoe:PhimoeRotaryEmbedding",
+             "transformers.models.phimoe.configuration_phimoe:PhimoeConfig"]
     with open(path, "w") as f:
-        for obj in parts:
-            f.write(f"# ---- {obj.__module__}.{obj.__qualname__}\n{inspect.getsource(obj)}\n")
+        for name in names:
+            module, attr = name.split(":")
+            try:
+                obj = importlib.import_module(module)
+                for part in attr.split("."):
+                    obj = getattr(obj, part)
+                f.write(f"# ---- {name}\n{inspect.getsource(obj)}\n")
+            except Exception as e:
+                f.write(f"# ---- {name}: {type(e).__name__} {e}\n")
 
 
 def make_case(root, name, cfg):
