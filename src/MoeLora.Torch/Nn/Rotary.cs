@@ -1,4 +1,5 @@
 using MoeLora.Core.Architectures.Runtime;
+using TorchSharp;
 using static TorchSharp.torch;
 
 namespace MoeLora.Torch.Nn;
@@ -13,7 +14,8 @@ public sealed class Rotary
 {
     /// <summary>The table of a rule that does not depend on the sequence; for longrope and dynamic, the table of a
     /// sequence within the original length.</summary>
-    public Tensor InvFreq { get; }
+    public Tensor InvFreq => _invFreq.Host;
+    readonly DeviceTable _invFreq;
     // longrope / dynamic: the table (and, for PhiMoE, the scale) for this forward's positions; null for the others.
     readonly Func<Tensor, (Tensor InvFreq, Tensor? Scale)>? _bySequence;
 
@@ -22,7 +24,7 @@ public sealed class Rotary
 
     Rotary(Tensor invFreq, double scaling, Func<Tensor, (Tensor, Tensor?)>? bySequence = null)
     {
-        InvFreq = invFreq.DetachFromDisposeScope();
+        _invFreq = new DeviceTable(invFreq);
         AttentionScaling = scaling;
         _bySequence = bySequence;
     }
@@ -107,9 +109,8 @@ public sealed class Rotary
             ?? throw new InvalidDataException("longrope needs 'original_max_position_embeddings' or 'max_position_embeddings'.");
         double factor = rope.Factor ?? (rope.MaxPositionEmbeddings ?? original) / (double)original;
         double attention = rope.AttentionFactor ?? (factor <= 1 ? 1.0 : Math.Sqrt(1 + Math.Log(factor) / Math.Log(original)));
-        Tensor Table(IReadOnlyList<double> ext) =>
-            (1.0 / (tensor(ext.Select(x => (float)x).ToArray()) * pow(theta, arange(0, dim, 2, ScalarType.Int64).to(ScalarType.Float32) / dim)))
-            .DetachFromDisposeScope();
+        DeviceTable Table(IReadOnlyList<double> ext) =>
+            new(1.0 / (tensor(ext.Select(x => (float)x).ToArray()) * pow(theta, arange(0, dim, 2, ScalarType.Int64).to(ScalarType.Float32) / dim)));
         var shortInv = Table(shortFactor);
         var longInv = Table(longFactor);
         double shortScale = attention, longScale = attention;
@@ -118,12 +119,14 @@ public sealed class Rotary
             shortScale = rope.ShortMScale ?? attention;
             longScale = rope.LongMScale ?? attention;
         }
-        return new Rotary(shortInv, attention, positions =>
+        return new Rotary(shortInv.Host, attention, positions =>
         {
+            var device = positions.device;
             var isLong = SequenceLength(positions).gt(original);
-            var inv = where(isLong, longInv.to(positions.device), shortInv.to(positions.device));
+            var inv = where(isLong, longInv.On(device), shortInv.On(device));
+            // Filled on the device (a tensor made from a host value would be copied, and that copy waits).
             Tensor? scale = shortScale == longScale ? null
-                : where(isLong, tensor(longScale, ScalarType.Float32, positions.device), tensor(shortScale, ScalarType.Float32, positions.device));
+                : full([], shortScale, ScalarType.Float32, device).masked_fill(isLong, longScale);
             return (inv, scale);
         });
     }
@@ -138,22 +141,22 @@ public sealed class Rotary
     {
         double factor = rope.Factor ?? throw new InvalidDataException("dynamic rope needs 'factor'.");
         long max = rope.MaxPositionEmbeddings ?? throw new InvalidDataException("dynamic rope needs 'max_position_embeddings'.");
-        var defaultInv = DefaultInvFreq(theta, dim).DetachFromDisposeScope();
+        var defaultInv = new DeviceTable(DefaultInvFreq(theta, dim));
         Tensor? cached = null; // the longest sequence the current table was made for (transformers' max_seq_len_cached)
-        return new Rotary(defaultInv, 1.0, positions =>
+        return new Rotary(defaultInv.Host, 1.0, positions =>
         {
             var device = positions.device;
             var seq = SequenceLength(positions);
-            var known = cached?.to(device) ?? tensor(max, ScalarType.Int64, device);
+            var known = cached?.to(device) ?? full([], max, ScalarType.Int64, device);
             var grown = where(seq.gt(known), seq, known);
-            var next = where(seq.lt(max).logical_and(grown.gt(max)), tensor(max, ScalarType.Int64, device), grown);
+            var next = grown.masked_fill(seq.lt(max).logical_and(grown.gt(max)), max);
             var previous = cached;
             cached = next.DetachFromDisposeScope();
             if (!ReferenceEquals(previous, cached)) previous?.Dispose();
             // As transformers computes it from a tensor length: every step in fp32.
             var scaledBase = next.to(ScalarType.Float32).mul(factor).div(max).sub(factor - 1).pow(dim / (double)(dim - 2)).mul(theta);
             var inv = 1.0 / scaledBase.pow(arange(0, dim, 2, ScalarType.Int64, device).to(ScalarType.Float32) / dim);
-            return (where(next.gt(max), inv, defaultInv.to(device)), null);
+            return (where(next.gt(max), inv, defaultInv.On(device)), null);
         });
     }
 
@@ -161,7 +164,28 @@ public sealed class Rotary
     static Tensor SequenceLength(Tensor positions) => positions.max().to(ScalarType.Int64).add(1);
 
     (Tensor InvFreq, Tensor? Scale) Table(Tensor positions) =>
-        _bySequence is null ? (InvFreq.to(positions.device), null) : _bySequence(positions);
+        _bySequence is null ? (_invFreq.On(positions.device), null) : _bySequence(positions);
+
+    /// <summary>
+    /// A constant table kept on the host with one copy per device it is used on. Moving it on every call would copy
+    /// it from the host each time, and a host-to-device copy waits for the device: a stall in every attention layer.
+    /// </summary>
+    sealed class DeviceTable(Tensor host)
+    {
+        readonly Dictionary<string, Tensor> _copies = [];
+        public Tensor Host { get; } = host.DetachFromDisposeScope();
+
+        public Tensor On(Device device)
+        {
+            if (device.type == DeviceType.CPU) return Host;
+            lock (_copies)
+            {
+                var key = device.ToString();
+                if (!_copies.TryGetValue(key, out var copy)) _copies[key] = copy = Host.to(device).DetachFromDisposeScope();
+                return copy;
+            }
+        }
+    }
 
     /// <summary>Angles [B, S, dim/2] for integer positions [B, S] (fp32).</summary>
     public Tensor Freqs(Tensor positions) => Angles(positions, Table(positions).InvFreq);
