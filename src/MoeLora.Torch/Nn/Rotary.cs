@@ -22,9 +22,11 @@ public sealed class Rotary
     /// <summary>The attention factor cos/sin are multiplied by (PhiMoE's per-sequence mscale aside).</summary>
     public double AttentionScaling { get; }
 
-    Rotary(Tensor invFreq, double scaling, Func<Tensor, (Tensor, Tensor?)>? bySequence = null)
+    Rotary(Tensor invFreq, double scaling) : this(new DeviceTable(invFreq), scaling, null) { }
+
+    Rotary(DeviceTable invFreq, double scaling, Func<Tensor, (Tensor, Tensor?)>? bySequence)
     {
-        _invFreq = new DeviceTable(invFreq);
+        _invFreq = invFreq;
         AttentionScaling = scaling;
         _bySequence = bySequence;
     }
@@ -119,7 +121,7 @@ public sealed class Rotary
             shortScale = rope.ShortMScale ?? attention;
             longScale = rope.LongMScale ?? attention;
         }
-        return new Rotary(shortInv.Host, attention, positions =>
+        return new Rotary(shortInv, attention, positions =>
         {
             var device = positions.device;
             var isLong = SequenceLength(positions).gt(original);
@@ -142,20 +144,20 @@ public sealed class Rotary
         double factor = rope.Factor ?? throw new InvalidDataException("dynamic rope needs 'factor'.");
         long max = rope.MaxPositionEmbeddings ?? throw new InvalidDataException("dynamic rope needs 'max_position_embeddings'.");
         var defaultInv = new DeviceTable(DefaultInvFreq(theta, dim));
+        var exponents = new DeviceTable(arange(0, dim, 2, ScalarType.Int64).to(ScalarType.Float32) / dim);
         Tensor? cached = null; // the longest sequence the current table was made for (transformers' max_seq_len_cached)
-        return new Rotary(defaultInv.Host, 1.0, positions =>
+        return new Rotary(defaultInv, 1.0, positions =>
         {
             var device = positions.device;
             var seq = SequenceLength(positions);
             var known = cached?.to(device) ?? full([], max, ScalarType.Int64, device);
             var grown = where(seq.gt(known), seq, known);
             var next = grown.masked_fill(seq.lt(max).logical_and(grown.gt(max)), max);
-            var previous = cached;
+            cached?.Dispose();
             cached = next.DetachFromDisposeScope();
-            if (!ReferenceEquals(previous, cached)) previous?.Dispose();
             // As transformers computes it from a tensor length: every step in fp32.
             var scaledBase = next.to(ScalarType.Float32).mul(factor).div(max).sub(factor - 1).pow(dim / (double)(dim - 2)).mul(theta);
-            var inv = 1.0 / scaledBase.pow(arange(0, dim, 2, ScalarType.Int64, device).to(ScalarType.Float32) / dim);
+            var inv = 1.0 / scaledBase.pow(exponents.On(device));
             return (where(next.gt(max), inv, defaultInv.On(device)), null);
         });
     }
