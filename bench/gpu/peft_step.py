@@ -98,7 +98,12 @@ def cb_step(model, vocab, args, gen):
     mask_r = retain["attention_mask"]
     lora_retain = torch.stack(model(**retain)["hidden_states"]) * mask_r.repeat(len(orig_retain), 1, 1).unsqueeze(-1)
     retain_loss = torch.norm(lora_retain - orig_retain, dim=-1, p=2, dtype=torch.float).nanmean()
-    lora_cb = torch.stack([model(**cb)["hidden_states"][l] for l in targets])
+    # One adapted CB pass whose target states are stacked, as the reference's compute_loss does. (Until 2026-12-07 this
+    # line called the model inside the comprehension, once per target layer: an extra adapted pass, with its merged
+    # expert weights kept for backward, in every PEFT circuit-breaker step measured before then.)
+    cb_hidden = model(**cb)["hidden_states"]
+    lora_cb = torch.stack([cb_hidden[l] for l in targets])
+    del cb_hidden
     mask_cb = cb["attention_mask"].repeat(len(targets), 1, 1).unsqueeze(-1)
     n_lora = lora_cb / torch.norm(lora_cb, dim=-1, keepdim=True, dtype=torch.float)
     n_orig = orig_cb / torch.norm(orig_cb, dim=-1, keepdim=True, dtype=torch.float)
