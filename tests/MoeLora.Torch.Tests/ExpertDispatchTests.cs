@@ -98,8 +98,14 @@ public class ExpertDispatchTests(ITestOutputHelper log)
         {
             var grouped = Run(type, dispatch, dtype: ScalarType.BFloat16);
             double eg = Fixtures.RelError(grouped.Logits, exact.Logits);
-            log.WriteLine($"{type} bf16 logits vs fp32: loop {el:E2}, {dispatch} {eg:E2}");
-            Assert.True(eg <= 2 * el + 1e-2, $"{type}: bf16 {dispatch} {eg:E2} vs loop {el:E2} from fp32");
+            long flips = grouped.Counts.Zip(exact.Counts).Sum(p => p.First.Zip(p.Second).Sum(q => Math.Abs(q.First - q.Second)));
+            long loopFlips = loop.Counts.Zip(exact.Counts).Sum(p => p.First.Zip(p.Second).Sum(q => Math.Abs(q.First - q.Second)));
+            log.WriteLine($"{type} bf16 logits vs fp32: loop {el:E2} (routing moved {loopFlips}), {dispatch} {eg:E2} (routing moved {flips})");
+            // Where bf16 rounding moved a (token, slot) pair to another expert than fp32 chose (the per-expert counts
+            // differ), that token's output is another expert's: the error is then a routing flip's, not the arithmetic's,
+            // and only a bound that still catches a broken path (errors near 1) applies.
+            double bound = flips == 0 && loopFlips == 0 ? 2 * el + 1e-2 : 0.1;
+            Assert.True(eg <= bound, $"{type}: bf16 {dispatch} {eg:E2} vs loop {el:E2} from fp32 (routing moved {flips}, loop {loopFlips})");
             Assert.All(grouped.Grads, kv => Assert.True(kv.Value.isfinite().all().item<bool>(), kv.Key));
         }
     }

@@ -58,7 +58,7 @@ public sealed class DoraLinear : LoraWrapper, ILinearAdapter
             ? nn.functional.linear(h, weight)
             : (layer.bias is null ? baseOutput : baseOutput - layer.bias).to(h.dtype);
         var dora = (scale - 1) * basePart + scale * loraResult * Scaling;
-        return baseOutput + dora.to(baseOutput.dtype);
+        return PeftRounding.Sum(baseOutput, dora);
     }
 }
 

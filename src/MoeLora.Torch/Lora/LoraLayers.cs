@@ -86,8 +86,21 @@ public sealed class LoraLinear : LoraWrapper, ILinearAdapter
             down = nn.functional.linear(h, A.weight);
         }
         var delta = nn.functional.linear(down, B.weight) * Scaling;
-        return baseOutput + delta.to(baseOutput.dtype);
+        return PeftRounding.Sum(baseOutput, delta);
     }
+}
+
+/// <summary>How PEFT's <c>lora.Linear.forward</c> adds an adapter's output to the base layer's.</summary>
+internal static class PeftRounding
+{
+    /// <summary>
+    /// <c>(result + delta).to(result.dtype)</c>: PEFT adds the fp32 adapter output to the bf16/fp16 base output with
+    /// torch's type promotion (the sum is fp32) and casts once at the end (<c>result.to(torch_result_dtype)</c>).
+    /// Casting the delta first and adding in the narrow dtype rounds twice and differs by one unit in the last place on
+    /// some elements. The fp32 sum is a transient: neither the add nor the cast keeps anything for backward.
+    /// </summary>
+    public static Tensor Sum(Tensor result, Tensor delta) =>
+        delta.dtype == result.dtype ? result + delta : (result + delta).to(result.dtype);
 }
 
 /// <summary>
