@@ -63,6 +63,25 @@ public class PeftRoundingTests
     }
 
     [Fact]
+    public void A_target_parameter_on_a_Linear_adds_its_delta_to_the_weight()
+    {
+        // target_parameters on a Linear's weight (Llama 4's router): PEFT's parametrization multiplies by
+        // W + ΔW.to(W.dtype), one bf16 product, where an extra x·ΔWᵀ term would add two rounded products.
+        using var _ = no_grad();
+        var layer = BaseLayer();
+        var (a, b) = Factors();
+        var wrapper = new ParamLora2D(layer, layer, "weight", "default", a, b, scaling: 2.0, rank: (int)Rank);
+        var x = Inputs();
+        var delta = (matmul(wrapper.B.weight, wrapper.A.weight) * 2.0).to(ScalarType.BFloat16); // the factors own a and b now
+        var expected = nn.functional.linear(x, layer.weight + delta);
+        var twoProducts = nn.functional.linear(x, layer.weight) + nn.functional.linear(x, delta);
+        Assert.True(expected.ne(twoProducts).sum().item<long>() > 0, "the two formulas agree at this scale: the test could not fail");
+        Assert.True(layer.Forward(x).eq(expected).all().item<bool>(), "differs from linear(x, W + ΔW)");
+        wrapper.Enabled = false;
+        Assert.True(layer.Forward(x).eq(nn.functional.linear(x, layer.weight)).all().item<bool>(), "a disabled adapter changed the output");
+    }
+
+    [Fact]
     public void Rounding_the_delta_first_differs_at_this_scale()
     {
         // The tests above can fail: at these magnitudes the twice-rounded sum differs from the once-rounded one.

@@ -65,9 +65,10 @@ public sealed class DoraLinear : LoraWrapper, ILinearAdapter
 /// <summary>
 /// PEFT <c>ParamWrapper</c> on a 2-D parameter (e.g. a router's <c>gate.weight</c> via target_parameters):
 /// A is (r, in), B is (out, r), and the parameter is used as <c>W + s·BA</c> while the owner runs.
-/// On an nn.Linear owner the delta is applied as an extra <c>x·ΔWᵀ</c> term (same result as W + ΔW).
+/// On an nn.Linear owner too (see <see cref="Linear.WeightDeltas"/>): PEFT casts ΔW to the weight's dtype and adds
+/// it to W, so a bf16 layer rounds as PEFT's, which an extra <c>x·ΔWᵀ</c> term would not.
 /// </summary>
-public sealed class ParamLora2D : LoraWrapper, ILowRankDelta, ILinearAdapter
+public sealed class ParamLora2D : LoraWrapper, ILowRankDelta
 {
     public string ParameterName { get; }
 
@@ -89,7 +90,7 @@ public sealed class ParamLora2D : LoraWrapper, ILowRankDelta, ILinearAdapter
             case RouterWeight r: r.AttachDelta(this); break;
             case GroupLimitedRouter d: d.AttachDelta(this); break;
             case ScoredRouter s: s.AttachDelta(this); break;
-            case Linear l: l.Adapters.Add(this); break;
+            case Linear l: l.WeightDeltas.Add(this); break;
             default: throw new NotSupportedException($"target_parameters on {owner.GetType().Name}.{parameterName} is not supported by MoeLora.Torch.");
         }
     }
@@ -103,6 +104,4 @@ public sealed class ParamLora2D : LoraWrapper, ILowRankDelta, ILinearAdapter
     /// <summary>ΔW = (s·B) · A: B (out, r), A (r, in).</summary>
     public (Tensor L, Tensor R) Factors() => (B.weight * Scaling, A.weight);
 
-    public Tensor Apply(Tensor x, Tensor baseOutput, Linear layer) =>
-        Enabled ? baseOutput + nn.functional.linear(x, Delta().to(x.dtype)) : baseOutput;
 }

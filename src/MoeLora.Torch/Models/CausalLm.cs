@@ -197,7 +197,7 @@ public sealed class CausalLm : HfModule, IDisposable
 
     /// <summary>The LM head has no adapter and nothing of it trains (as Core's <see cref="Core.Memory.ChunkedLmLoss.Applies"/> predicts from the plan).</summary>
     internal bool ChunkedLossApplies =>
-        _lmHead.Adapters.Count == 0 && !_lmHead.weight.requires_grad && _lmHead.bias is not { requires_grad: true };
+        _lmHead.Adapters.Count == 0 && _lmHead.WeightDeltas.Count == 0 && !_lmHead.weight.requires_grad && _lmHead.bias is not { requires_grad: true };
 
     /// <summary>
     /// The head's logits. <see cref="MoeLora.Torch.Training.LinearCrossEntropy"/> forms the same logits (linear, then the

@@ -19,6 +19,12 @@ public sealed class Linear : HfModule
     public long OutFeatures { get; }
     internal List<ILinearAdapter> Adapters { get; } = [];
 
+    /// <summary>
+    /// ParamWrapper deltas on <c>weight</c> (target_parameters naming a Linear's weight, e.g. Llama 4's router): used as
+    /// PEFT's parametrization uses them, <c>linear(x, W + ΔW.to(W.dtype))</c>, before any <see cref="Adapters"/>.
+    /// </summary>
+    internal List<IParamDelta> WeightDeltas { get; } = [];
+
     public Linear(long inFeatures, long outFeatures, bool hasBias, Init init)
     {
         InFeatures = inFeatures; OutFeatures = outFeatures;
@@ -39,7 +45,8 @@ public sealed class Linear : HfModule
 
     public Tensor Forward(Tensor x)
     {
-        var y = nn.functional.linear(x, weight, bias);
+        var w = WeightDeltas.Count == 0 ? weight : ParamDeltas.Apply(weight, WeightDeltas);
+        var y = nn.functional.linear(x, w, bias);
         foreach (var a in Adapters) y = a.Apply(x, y, this);
         return y;
     }
