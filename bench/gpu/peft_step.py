@@ -12,10 +12,10 @@ Both sides do the same work so that the numbers compare:
 - LoRA r=16, lora_alpha=16, lora_dropout=0 (PEFT's ParamWrapper refuses dropout) on the seed report's targets
   (q/k/v/o_proj and gate/up/down_proj; PEFT 0.21 rewrites the expert names onto the fused experts' gate_up_proj and
   down_proj parameters), adapters in float32 (PEFT's default autocast_adapter_dtype);
-- lora: causal-LM cross-entropy on random tokens, backward, AdamW step;
+- lora: causal-LM cross-entropy on random tokens, backward, AdamW step (lr 1e-4, no weight decay);
 - cb: the circuit-breaker step of the reference recipe on the truncated model (blocks 0..max(target), LoRA on those
   blocks only): frozen retain and CB passes with adapters disabled, then the adapted passes, retain loss over all
-  hidden states plus RR loss on the target layers, backward, AdamW step. Coefficients 0.5 / 4.5 (step 30 of
+  hidden states plus RR loss on the target layers, backward, gradient clipping (max norm 1), AdamW step. Coefficients 0.5 / 4.5 (step 30 of
   alpha 5), so every pass runs.
 No gradient checkpointing on either side unless --gradient-checkpointing (transformers' gradient_checkpointing_enable,
 non-reentrant; ours: report --gradient-checkpointing, BENCH_CHECKPOINTING=1 in tools/gpu_smoke/run_gpu.sh). Peak memory is what the caching allocator reserved and what the device
@@ -75,7 +75,7 @@ def lora_step(model, vocab, args, gen):
     ids = torch.randint(0, vocab, (args.batch, args.tokens), generator=gen, device="cpu").cuda()
     out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids)
     out.loss.backward()
-    return out.loss.item()
+    return out.loss.detach()
 
 
 def cb_step(model, vocab, args, gen):
@@ -111,7 +111,7 @@ def cb_step(model, vocab, args, gen):
     cb_loss = torch.relu(inner).sum() / mask_cb.sum()
     loss = retain_coeff * retain_loss + cb_coeff * cb_loss
     loss.backward()
-    return loss.item()
+    return loss.detach()
 
 
 def main():
@@ -141,7 +141,10 @@ def main():
         model, config, info = build(args)
         res.update(info)
         res["after_build_used_bytes"] = used_bytes()
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        # weight_decay 0 as MoeLora's step (and the HF Trainer default the reference trains with); torch's AdamW
+        # default is 0.01, one more multi-tensor multiply per step (until 2026-12-07 this side used it).
+        opt = torch.optim.AdamW(trainable, lr=1e-4, weight_decay=0.0)
         torch.cuda.reset_peak_memory_stats()
         gen = torch.Generator().manual_seed(1)
         step = lora_step if args.mode == "lora" else cb_step
@@ -150,9 +153,16 @@ def main():
             res["phase"] = f"step {i + 1}"
             torch.cuda.synchronize()
             t0 = time.time()
-            losses.append(step(model, config.vocab_size, args, gen))
+            loss = step(model, config.vocab_size, args, gen)
+            if args.mode == "cb":
+                # The circuit-breaker step clips as the trainer does (HF Trainer's max_grad_norm 1.0), as ours does
+                # (added 2026-12-07; earlier PEFT circuit-breaker steps did not clip).
+                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
+            # Read after the optimizer is queued, as MoeLora's step does: reading it first would make the host wait
+            # for backward before queueing AdamW (until 2026-12-07 this side read it first).
+            losses.append(loss.item())
             torch.cuda.synchronize()
             times.append(time.time() - t0)
             log(f"{args.mode} step {i + 1}: {times[-1]:.3f} s, loss {losses[-1]:.4f}")
