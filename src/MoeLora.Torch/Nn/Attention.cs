@@ -55,6 +55,7 @@ public sealed class ForwardContext
     public Tensor? RouterState { get; set; }
     readonly Dictionary<(MaskKind, long), Tensor> _masks = [];
     readonly Dictionary<(MaskKind, long), Tensor> _anyKey = [];
+    readonly List<(Rotary Rope, ScalarType DType, HalfRotation Tables)> _rotations = [];
     bool? _plainCausal;
 
     /// <summary>
@@ -69,6 +70,7 @@ public sealed class ForwardContext
         foreach (var t in RouterLogits) yield return t;
         foreach (var t in _masks.Values) yield return t;
         foreach (var t in _anyKey.Values) yield return t;
+        foreach (var r in _rotations) foreach (var t in r.Tables.Tensors) yield return t;
         if (IndexerTopK is not null) yield return IndexerTopK;
         if (RouterState is not null) yield return RouterState;
     }
@@ -87,6 +89,15 @@ public sealed class ForwardContext
         long s = Positions.shape[1];
         var arangeRow = arange(s, ScalarType.Int64, Positions.device).unsqueeze(0);
         return AttentionMask.to(ScalarType.Bool).all().item<bool>() && Positions.eq(arangeRow).all().item<bool>();
+    }
+
+    /// <summary>The half-rotation tables of <paramref name="rope"/> in <paramref name="dtype"/> for this forward, made by <paramref name="make"/> once.</summary>
+    internal HalfRotation HalfRotation(Rotary rope, ScalarType dtype, Func<HalfRotation> make)
+    {
+        foreach (var r in _rotations) if (ReferenceEquals(r.Rope, rope) && r.DType == dtype) return r.Tables;
+        var tables = make();
+        _rotations.Add((rope, dtype, tables));
+        return tables;
     }
 
     /// <summary>

@@ -113,9 +113,9 @@ public sealed class StandardAttention : HfModule, IBlock
         if (_o.ValueScale != 1.0) v = v * _o.ValueScale;
         if (_o.Rotary == RotaryStyle.Half)
         {
-            var (cos, sin) = _rope.CosSin(ctx.Positions, ctx.DType);
-            q = Rotate(q, cos, sin);
-            k = Rotate(k, cos, sin);
+            var rotation = _rope.Half(ctx, ctx.DType);
+            q = Rotate(q, rotation);
+            k = Rotate(k, rotation);
         }
         else if (_o.Rotary == RotaryStyle.InterleavedPairs)
         {
@@ -149,10 +149,10 @@ public sealed class StandardAttention : HfModule, IBlock
     }
 
     // Partial rotary (GLM-4.5): rotate the first RotaryDim dims, pass the rest through.
-    Tensor Rotate(Tensor x, Tensor cos, Tensor sin)
+    Tensor Rotate(Tensor x, HalfRotation rotation)
     {
-        if (_s.RotaryDim == _s.HeadDim) return Rotary.ApplyHalf(x, cos, sin);
+        if (_s.RotaryDim == _s.HeadDim) return rotation.Apply(x);
         var parts = x.split([_s.RotaryDim, _s.HeadDim - _s.RotaryDim], -1);
-        return cat([Rotary.ApplyHalf(parts[0], cos, sin), parts[1]], -1);
+        return cat([rotation.Apply(parts[0]), parts[1]], -1);
     }
 }

@@ -205,6 +205,17 @@ public sealed class Rotary
         return ((emb.cos() * AttentionScaling).to(dtype), (emb.sin() * AttentionScaling).to(dtype));
     }
 
+    /// <summary>
+    /// The half rotation's tables for this forward's positions, made once per forward and shared by every layer that
+    /// uses this rotary in <paramref name="dtype"/> (transformers too computes cos/sin once, in the model's
+    /// <c>rotary_emb</c>, and hands them to every layer; dynamic rope's state then also advances once per forward).
+    /// </summary>
+    public HalfRotation Half(ForwardContext ctx, ScalarType dtype) => ctx.HalfRotation(this, dtype, () =>
+    {
+        var (cos, sin) = CosSin(ctx.Positions, dtype);
+        return HalfRotation.From(cos, sin);
+    });
+
     static Tensor RotateHalf(Tensor x)
     {
         var halves = x.chunk(2, -1);
@@ -255,4 +266,26 @@ public sealed class Rotary
         var im = a * si + b * c;
         return stack([re, im], -1).flatten(3).to(x.dtype);
     }
+}
+
+/// <summary>
+/// Llama-style rotation <c>x·cos + rotate_half(x)·sin</c> with tables made once per forward: cos as [B, 1, S, d] and
+/// sin with its first half negated, so that <c>rotate_half(x)·sin = roll(x, d/2)·signed_sin</c> (rotate_half is
+/// cat(−x₂, x₁), roll is cat(x₂, x₁), and (−a)·b = a·(−b) exactly): a roll and a product per call where rotate_half takes
+/// a negation, a concatenation and a product. Bit for bit <see cref="Rotary.ApplyHalf"/>.
+/// </summary>
+public sealed record HalfRotation(Tensor Cos, Tensor SignedSin)
+{
+    /// <param name="cos">[B, S, d]</param><param name="sin">[B, S, d]</param>
+    public static HalfRotation From(Tensor cos, Tensor sin)
+    {
+        long half = sin.shape[^1] / 2;
+        var signed = cat([-sin.narrow(-1, 0, half), sin.narrow(-1, half, half)], -1);
+        return new HalfRotation(cos.unsqueeze(1), signed.unsqueeze(1));
+    }
+
+    /// <summary>x [B, heads, S, d] rotated.</summary>
+    public Tensor Apply(Tensor x) => x * Cos + x.roll(Cos.shape[^1] / 2, -1) * SignedSin;
+
+    public IEnumerable<Tensor> Tensors => [Cos, SignedSin];
 }
