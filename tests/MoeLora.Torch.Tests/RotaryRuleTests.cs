@@ -20,7 +20,7 @@ public class RotaryRuleTests
 
     static RopeSettings LongRope(double[] shortFactor, double[] longFactor, bool phimoe = false) =>
         new("longrope", 10000.0, Dim, OriginalMaxPositionEmbeddings: 16, MaxPositionEmbeddings: 64, ShortFactor: shortFactor,
-            LongFactor: longFactor, ShortMScale: 1.1, LongMScale: 1.3, MScaleBySequence: phimoe);
+            LongFactor: longFactor, ShortMScale: 1.1, LongMScale: 1.3, PhimoeRotary: phimoe);
 
     static void Close(Tensor expected, Tensor actual) =>
         Assert.True(allclose(expected, actual, 1e-6, 1e-6), $"max difference {(expected - actual).abs().max().item<float>():E2}");
@@ -47,13 +47,15 @@ public class RotaryRuleTests
     }
 
     [Fact]
-    public void Phimoe_scales_by_short_or_long_mscale()
+    public void Phimoe_keeps_the_short_factors_and_scales_by_short_or_long_mscale()
     {
         using var scope = NewDisposeScope();
         var generic = Rotary.FromSettings(LongRope(Ones, Long));
         var phimoe = Rotary.FromSettings(LongRope(Ones, Long, phimoe: true));
         Close(Cos(generic, 16) / generic.AttentionScaling * 1.1, Cos(phimoe, 16));
-        Close(Cos(generic, 20) / generic.AttentionScaling * 1.3, Cos(phimoe, 20));
+        // Past the original length only the scale changes: transformers 5.17's PhiMoE rotary keeps the short factors.
+        var shortOnly = Rotary.FromSettings(LongRope(Ones, Ones));
+        Close(Cos(shortOnly, 20) / shortOnly.AttentionScaling * 1.3, Cos(phimoe, 20));
     }
 
     [Fact]

@@ -72,8 +72,8 @@ internal sealed class PhimoeFamily : IArchitecture
         var all = Enumerable.Range(0, (int)layers).ToList();
         var moe = new MoeFacts(experts, topK, 0, inter, 0, all, [], $"sparsemixer over {experts} experts, top-{topK}");
         var spec = Blocks.Spec(c, "phimoe", b.Build(), moe, hidden, layers, vocab, heads, kv, tie, act);
-        // PhimoeRotaryEmbedding: longrope's short/long table by sequence length, scaled by short_mscale / long_mscale.
-        var rope = RopeSettings.Read(c, 1000000.0, headDim) with { MScaleBySequence = true };
+        // PhimoeRotaryEmbedding: longrope's short table at every length, scaled by short_mscale / long_mscale by length.
+        var rope = RopeSettings.Read(c, 1000000.0, headDim) with { PhimoeRotary = true };
         if (topK != 2)
             return spec with { RuntimeUnavailable = $"sparsemixer with num_experts_per_tok {topK} (transformers' sparsemixer always picks 2)" };
 

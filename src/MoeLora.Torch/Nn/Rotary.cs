@@ -99,7 +99,9 @@ public sealed class Rotary
     /// longrope (transformers <c>_compute_longrope_parameters</c>): inv_freq = 1 / (ext · base^(2i/dim)), with ext the
     /// <c>short_factor</c> list while the sequence fits <c>original_max_position_embeddings</c> and <c>long_factor</c>
     /// past it; attention factor √(1 + ln f / ln original), f = <c>factor</c> or max/original positions. PhiMoE's
-    /// rotary scales by <c>short_mscale</c> / <c>long_mscale</c> instead, where given.
+    /// rotary (<see cref="RopeSettings.PhimoeRotary"/>) keeps the short factors at every length, as transformers 5.17's
+    /// PhimoeRotaryEmbedding computes them (its forward calls the init without a sequence length), and scales by
+    /// <c>short_mscale</c> / <c>long_mscale</c> by length instead, where given.
     /// </summary>
     static Rotary LongRope(RopeSettings rope, double theta, long dim)
     {
@@ -116,7 +118,7 @@ public sealed class Rotary
         var shortInv = Table(shortFactor);
         var longInv = Table(longFactor);
         double shortScale = attention, longScale = attention;
-        if (rope.MScaleBySequence)
+        if (rope.PhimoeRotary)
         {
             shortScale = rope.ShortMScale ?? attention;
             longScale = rope.LongMScale ?? attention;
@@ -125,7 +127,7 @@ public sealed class Rotary
         {
             var device = positions.device;
             var isLong = SequenceLength(positions).gt(original);
-            var inv = where(isLong, longInv.On(device), shortInv.On(device));
+            var inv = rope.PhimoeRotary ? shortInv.On(device) : where(isLong, longInv.On(device), shortInv.On(device));
             // Filled on the device (a tensor made from a host value would be copied, and that copy waits).
             Tensor? scale = shortScale == longScale ? null
                 : full([], shortScale, ScalarType.Float32, device).masked_fill(isLong, longScale);

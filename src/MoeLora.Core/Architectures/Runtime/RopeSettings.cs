@@ -7,8 +7,11 @@ namespace MoeLora.Core.Architectures.Runtime;
 /// (older config.json files): inverse frequencies over <paramref name="Dim"/> dims for <paramref name="Type"/>
 /// default, linear, llama3, yarn, longrope or dynamic. Optional fields are null when the config does not give them.
 /// longrope and dynamic pick their table per forward from the sequence length, so they also need the model's
-/// <paramref name="MaxPositionEmbeddings"/>; <paramref name="MScaleBySequence"/> is PhiMoE's rotary, whose
-/// <c>short_mscale</c> / <c>long_mscale</c> replace the attention factor.
+/// <paramref name="MaxPositionEmbeddings"/>. <paramref name="PhimoeRotary"/> is transformers 5.17's own
+/// <c>PhimoeRotaryEmbedding</c>: <c>short_mscale</c> / <c>long_mscale</c> (by sequence length) replace the attention
+/// factor, and its forward calls the longrope init without a sequence length, so the table is the short factors' at
+/// every length (Phi-3.5-MoE's original code and transformers 4.x switched to the long factors; 5.17 does not, and
+/// MoeLora follows what transformers runs).
 /// </summary>
 public sealed record RopeSettings(
     string Type,
@@ -29,7 +32,7 @@ public sealed record RopeSettings(
     double? ShortMScale = null,
     double? LongMScale = null,
     long? MaxPositionEmbeddings = null,
-    bool MScaleBySequence = false)
+    bool PhimoeRotary = false)
 {
     /// <summary>
     /// Reads the rope of a (text) config. <paramref name="defaultTheta"/> is the config class' <c>default_theta</c>;
