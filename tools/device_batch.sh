@@ -13,6 +13,8 @@
 #   plan-tiny plan-mid           tools/plan_check/run_plan_gpu.sh stages (needs artifacts/plan_check)    [GPU]
 #   hfcheck      tools/gpu_smoke/hf_cuda_check.py: transformers and MoeLora on CUDA, fp32 and bf16, every fixture
 #                or HFCHECK_FIXTURES (hf-moe/afmoe,hf-tiny/mixtral,...)                                    [GPU]
+# The travelling tree is capped at 64 MiB: stages that do not read the hf-moe fixtures (all but parity and hfcheck) can
+# run with them moved out (tools/device_slim.sh out, then back).
 # Files back: results.tar.gz (every log, summary and JSON), batch.txt, fixtures_moe_fixtures_N.tar.gz (parts of at most
 # 12 MiB), doge_moe_fixtures_0.tar.gz, sources.tar.gz.
 set -uo pipefail

@@ -57,4 +57,7 @@ fi
 printf '%s: %.1f MiB; tracked repository files %.1f MiB; together %.1f MiB (limit 64 MiB)\n' \
   "$tarball" "$(echo "$tar_bytes/1048576" | bc -l)" "$(echo "$repo_bytes/1048576" | bc -l)" "$(echo "$total/1048576" | bc -l)"
 if [ "$total" -ge $((64 * 1024 * 1024)) ]; then rm -f "$tarball.part"; echo "too large for the device machine's 64 MiB" >&2; exit 1; fi
+# The device measures a little more than these bytes (a tree of 63.5 MiB here was refused on 2026-12-07): near the
+# edge, calls that do not read the hf-moe fixtures can leave them behind (tools/device_slim.sh out ... back).
+if [ "$total" -ge $((62 * 1024 * 1024)) ]; then echo "near the device's 64 MiB: for bench/train/rope calls run tools/device_slim.sh out first (and back after)"; fi
 mv -f "$tarball.part" "$tarball"
