@@ -19,13 +19,9 @@ public class PeftRoundingTests
 
     const long In = 64, Out = 512, Rank = 8;
 
-    static Linear BaseLayer()
-    {
-        // Base outputs near ±100 and adapter outputs near ±3 (the scale where one bf16 unit is 0.5): the two roundings
-        // then disagree on a few percent of the elements.
-        var layer = new Linear(In, Out, hasBias: false, new Init(ScalarType.BFloat16, CPU, 12.5, new Generator(11)));
-        return layer;
-    }
+    // Base outputs near ±100 and adapter outputs near ±3 (the scale where one bf16 unit is 0.5): the two roundings then
+    // disagree on a few percent of the elements.
+    static Linear BaseLayer() => new(In, Out, hasBias: false, new Init(ScalarType.BFloat16, CPU, 12.5, new Generator(11)));
 
     static Tensor Inputs() => randn(new long[] { 2, 16, In }, generator: new Generator(12)).to(ScalarType.BFloat16);
 
