@@ -37,7 +37,8 @@ public readonly record struct CbLossValues(double RetainLoss, double CbLoss, dou
 
 /// <summary>
 /// Representation rerouting (circuit-breaker) losses exactly as <c>compute_loss</c> of GraySwanAI/circuit-breakers
-/// (reference: shared/reference/circuit-breakers.md §1–2).
+/// (<c>src/lorra_circuit_breaker.py</c>): frozen passes with the adapters off, one adapted pass per batch (the CB pass's
+/// target states are stacked from that one output), then the two losses.
 /// </summary>
 public static class CircuitBreakerLoss
 {
