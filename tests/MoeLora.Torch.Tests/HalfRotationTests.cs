@@ -39,6 +39,19 @@ public class HalfRotationTests
     }
 
     [Fact]
+    public void A_wider_head_has_its_first_dims_rotated_and_the_rest_passed_through()
+    {
+        using var scope = NewDisposeScope();
+        var rope = Rotary.FromSettings(new RopeSettings("default", 10000.0, 16));   // partial rotary: 16 of 40 dims
+        var ctx = Context(2, 12);
+        var x = randn(new long[] { 2, 12, 3, 40 }, generator: new Generator(6)).to(ScalarType.BFloat16).transpose(1, 2);
+        var (cos, sin) = rope.CosSin(ctx.Positions, ScalarType.BFloat16);
+        var parts = x.split([16, 24], -1);
+        var expected = cat([Rotary.ApplyHalf(parts[0], cos, sin), parts[1]], -1);
+        Assert.True(expected.eq(rope.Half(ctx, ScalarType.BFloat16).Apply(x)).all().item<bool>());
+    }
+
+    [Fact]
     public void A_forward_makes_the_tables_once_per_rotary_and_dtype()
     {
         using var scope = NewDisposeScope();

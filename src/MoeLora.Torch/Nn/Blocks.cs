@@ -114,8 +114,8 @@ public sealed class StandardAttention : HfModule, IBlock
         if (_o.Rotary == RotaryStyle.Half)
         {
             var rotation = _rope.Half(ctx, ctx.DType);
-            q = Rotate(q, rotation);
-            k = Rotate(k, rotation);
+            q = rotation.Apply(q);
+            k = rotation.Apply(k);
         }
         else if (_o.Rotary == RotaryStyle.InterleavedPairs)
         {
@@ -146,13 +146,5 @@ public sealed class StandardAttention : HfModule, IBlock
         if (!_o.Gate.PerHead) return o * g;
         var sh = o.shape;
         return (o.view(sh[0], sh[1], -1, _vDim) * g.unsqueeze(-1)).view(sh[0], sh[1], -1);
-    }
-
-    // Partial rotary (GLM-4.5): rotate the first RotaryDim dims, pass the rest through.
-    Tensor Rotate(Tensor x, HalfRotation rotation)
-    {
-        if (_s.RotaryDim == _s.HeadDim) return rotation.Apply(x);
-        var parts = x.split([_s.RotaryDim, _s.HeadDim - _s.RotaryDim], -1);
-        return cat([rotation.Apply(parts[0]), parts[1]], -1);
     }
 }

@@ -56,19 +56,11 @@ public sealed class CcaAttention : HfModule, IBlock
         var value = cat([_vCurrent.Forward(x), cat([first, delayed.narrow(1, 0, s - 1)], 1)], -1).view(b, s, kvHeads, d);
         (query, key) = _qkNorm.Forward(query, key, d);
         query = query.transpose(1, 2); key = key.transpose(1, 2); value = value.transpose(1, 2);
-        var (cos, sin) = _rope.CosSin(ctx.Positions, ctx.DType);
-        query = Rotate(query, cos, sin);
-        key = Rotate(key, cos, sin);
+        var rotation = _rope.Half(ctx, ctx.DType);
+        query = rotation.Apply(query);
+        key = rotation.Apply(key);
         var o = AttentionMath.Attend(query, key, value, ctx, _s.Mask, Math.Pow(d, -0.5));
         return _o.Forward(o);
-    }
-
-    // apply_rotary_pos_emb: rotate_half on the first RotaryDim dims, the rest passed through.
-    Tensor Rotate(Tensor x, Tensor cos, Tensor sin)
-    {
-        if (_s.RotaryDim == _s.HeadDim) return Rotary.ApplyHalf(x, cos, sin);
-        var parts = x.split([_s.RotaryDim, _s.HeadDim - _s.RotaryDim], -1);
-        return cat([Rotary.ApplyHalf(parts[0], cos, sin), parts[1]], -1);
     }
 }
 

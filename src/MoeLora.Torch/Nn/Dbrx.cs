@@ -32,9 +32,9 @@ public sealed class FusedQkvAttention : HfModule, IBlock
         var q = parts[0].view(b, s, -1, d).transpose(1, 2);
         var k = parts[1].view(b, s, -1, d).transpose(1, 2);
         var v = parts[2].view(b, s, -1, d).transpose(1, 2);
-        var (cos, sin) = _rope.CosSin(ctx.Positions, ctx.DType);
-        q = Rotary.ApplyHalf(q, cos, sin);
-        k = Rotary.ApplyHalf(k, cos, sin);
+        var rotation = _rope.Half(ctx, ctx.DType);
+        q = rotation.Apply(q);
+        k = rotation.Apply(k);
         return _out.Forward(AttentionMath.Attend(q, k, v, ctx, MaskSettings.Full, Math.Pow(d, -0.5)));
     }
 }

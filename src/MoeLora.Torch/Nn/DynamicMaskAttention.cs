@@ -42,9 +42,9 @@ public sealed class DynamicMaskAttention : HfModule, IBlock
         var q = _qNorm.Forward(q_proj.Forward(x).view(b, n, -1, d)).transpose(1, 2);
         var k = _kNorm.Forward(k_proj.Forward(x).view(b, n, -1, d)).transpose(1, 2);
         var v = v_proj.Forward(x).view(b, n, -1, d).transpose(1, 2);
-        var (cos, sin) = _rope.CosSin(ctx.Positions, ctx.DType);
-        q = Rotary.ApplyHalf(q, cos, sin);
-        k = Rotary.ApplyHalf(k, cos, sin);
+        var rotation = _rope.Half(ctx, ctx.DType);
+        q = rotation.Apply(q);
+        k = rotation.Apply(k);
 
         // dt_proj reads v after the head split and re-merge (the same [B, S, kv·d] as v_proj's output).
         var dt = dt_proj.Forward(v.transpose(1, 2).reshape(b, n, -1));

@@ -163,9 +163,9 @@ public sealed class JetMoeAttention : HfModule, IBlock
         var q = queries.view(b, s, -1, d).transpose(1, 2);
         var key = kv[0].view(b, s, -1, d).transpose(1, 2);
         var value = kv[1].view(b, s, -1, d).transpose(1, 2);
-        var (cos, sin) = _rope.CosSin(ctx.Positions, ctx.DType);
-        q = Rotary.ApplyHalf(q, cos, sin);
-        key = Rotary.ApplyHalf(key, cos, sin);
+        var rotation = _rope.Half(ctx, ctx.DType);
+        q = rotation.Apply(q);
+        key = rotation.Apply(key);
         // Query head j (slot j / kv, head j mod kv) reads kv head j mod kv: tiling, not GQA's interleaved repeat.
         key = key.repeat(1, k, 1, 1);
         value = value.repeat(1, k, 1, 1);

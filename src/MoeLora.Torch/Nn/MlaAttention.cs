@@ -141,8 +141,12 @@ public sealed class MlaAttention : HfModule, IBlock
             return (Rotary.ApplyComplexPairs(q.transpose(1, 2), freqs, _rope.AttentionScaling).transpose(1, 2),
                 Rotary.ApplyComplexPairs(k.transpose(1, 2), freqs, _rope.AttentionScaling).transpose(1, 2));
         }
+        if (!_interleave)
+        {
+            var rotation = _rope.Half(ctx, ctx.DType);
+            return (rotation.Apply(q), rotation.Apply(k));
+        }
         var (cos, sin) = _rope.CosSin(ctx.Positions, ctx.DType);
-        return _interleave ? (Rotary.ApplyInterleaved(q, cos, sin), Rotary.ApplyInterleaved(k, cos, sin))
-            : (Rotary.ApplyHalf(q, cos, sin), Rotary.ApplyHalf(k, cos, sin));
+        return (Rotary.ApplyInterleaved(q, cos, sin), Rotary.ApplyInterleaved(k, cos, sin));
     }
 }

@@ -116,7 +116,8 @@ public sealed class Rotary
         DeviceTable Table(IReadOnlyList<double> ext) =>
             new(1.0 / (tensor(ext.Select(x => (float)x).ToArray()) * pow(theta, arange(0, dim, 2, ScalarType.Int64).to(ScalarType.Float32) / dim)));
         var shortInv = Table(shortFactor);
-        var longInv = Table(longFactor);
+        // PhiMoE's rotary never uses the long table (see above).
+        var longInv = rope.PhimoeRotary ? null : Table(longFactor);
         double shortScale = attention, longScale = attention;
         if (rope.PhimoeRotary)
         {
@@ -127,7 +128,7 @@ public sealed class Rotary
         {
             var device = positions.device;
             var isLong = SequenceLength(positions).gt(original);
-            var inv = rope.PhimoeRotary ? shortInv.On(device) : where(isLong, longInv.On(device), shortInv.On(device));
+            var inv = longInv is null ? shortInv.On(device) : where(isLong, longInv.On(device), shortInv.On(device));
             // Filled on the device (a tensor made from a host value would be copied, and that copy waits).
             Tensor? scale = shortScale == longScale ? null
                 : full([], shortScale, ScalarType.Float32, device).masked_fill(isLong, longScale);
@@ -274,7 +275,8 @@ public sealed class Rotary
 /// Llama-style rotation <c>x·cos + rotate_half(x)·sin</c> with tables made once per forward: cos as [B, 1, S, d] and
 /// sin with its first half negated, so that <c>rotate_half(x)·sin = roll(x, d/2)·signed_sin</c> (rotate_half is
 /// cat(−x₂, x₁), roll is cat(x₂, x₁), and (−a)·b = a·(−b) exactly): a roll and a product per call where rotate_half takes
-/// a negation, a concatenation and a product. Bit for bit <see cref="Rotary.ApplyHalf"/>.
+/// a negation, a concatenation and a product. Bit for bit <see cref="Rotary.ApplyHalf"/>. A head wider than the tables
+/// (partial rotary: GLM-4.5, CCA) has its first dims rotated and the rest passed through, as apply_rotary_pos_emb does.
 /// </summary>
 public sealed record HalfRotation(Tensor Cos, Tensor SignedSin)
 {
@@ -286,8 +288,14 @@ public sealed record HalfRotation(Tensor Cos, Tensor SignedSin)
         return new HalfRotation(cos.unsqueeze(1), signed.unsqueeze(1));
     }
 
-    /// <summary>x [B, heads, S, d] rotated.</summary>
-    public Tensor Apply(Tensor x) => x * Cos + x.roll(Cos.shape[^1] / 2, -1) * SignedSin;
+    /// <summary>x [B, heads, S, d] rotated (its first dims only, where d is wider than the tables).</summary>
+    public Tensor Apply(Tensor x)
+    {
+        long rot = Cos.shape[^1], d = x.shape[^1];
+        if (rot == d) return x * Cos + x.roll(rot / 2, -1) * SignedSin;
+        var parts = x.split([rot, d - rot], -1);
+        return cat([Apply(parts[0]), parts[1]], -1);
+    }
 
     public IEnumerable<Tensor> Tensors => [Cos, SignedSin];
 }
