@@ -97,6 +97,11 @@ public static class Program
     /// <summary>Runs the app and turns every failure into one line on stderr and a non-zero exit code.</summary>
     public static int Run(ICommandApp app, string[] args)
     {
+        if (MissingOptionValue.Find(args) is { } missing)
+        {
+            Consoles.Error.WriteLine($"moelora: error: {missing}");
+            return ExitCodes.Usage;
+        }
         try
         {
             return app.Run(args);

@@ -114,4 +114,24 @@ public class BadInputTests
     [Fact]
     public void Output_into_a_missing_folder() =>
         MoeloraProcess.AssertCleanError(MoeloraProcess.Run("report", "--format", "json", "--output", "/nonexistent-dir/x.json"), 1, "does not exist");
+
+    [Fact]
+    public void Output_without_a_value_writes_nothing()
+    {
+        // Spectre.Console.Cli alone would take its internal token "__default_command" as the value and write that file.
+        var dir = Directory.CreateTempSubdirectory().FullName;
+        MoeloraProcess.AssertCleanError(MoeloraProcess.RunIn(dir, "report", "--output"), 2, "--output needs a value");
+        Assert.Empty(Directory.EnumerateFileSystemEntries(dir));
+    }
+
+    [Theory]
+    [InlineData("-t", "report", "-t")]
+    [InlineData("--rank", "report", "--rank", "--lora-alpha", "8")]
+    [InlineData("--target-modules", "train", "--preset", "tiny", "--target-modules")]
+    public void Option_without_a_value_is_a_usage_error(string flag, params string[] args) =>
+        MoeloraProcess.AssertCleanError(MoeloraProcess.Run(args), 2, $"{flag} needs a value");
+
+    [Fact]
+    public void A_negative_number_is_a_value_not_an_option() =>
+        MoeloraProcess.AssertCleanError(MoeloraProcess.Run("report", "--rank", "-3"), 2, "--rank -3: must be at least 1");
 }

@@ -1,0 +1,59 @@
+using System.Globalization;
+using System.Reflection;
+using Spectre.Console.Cli;
+
+namespace MoeLora.Cli.Infrastructure;
+
+/// <summary>
+/// Finds an option that needs a value but was given none: last on the line (<c>report --output</c>) or followed by
+/// another option (<c>--rank --alpha 8</c>). Spectre.Console.Cli 0.57 does not reject these; it hands the option its
+/// internal token "__default_command" as the value, so <c>--output</c> wrote a file of that name and
+/// <c>--target-modules</c> searched the model for it. Checked before Spectre parses, as a usage error.
+/// </summary>
+public static class MissingOptionValue
+{
+    /// <summary>"--flag needs a value" for the first such option in <paramref name="args"/>, or null.</summary>
+    public static string? Find(IReadOnlyList<string> args)
+    {
+        // Most command lines have no option that could lack a value: skip the reflection for them (start-up time).
+        if (!Enumerable.Range(0, args.Count).Any(i => IsOptionToken(args[i]) && (i == args.Count - 1 || IsOptionToken(args[i + 1]))))
+            return null;
+        var valued = ValueTakingOptions();
+        for (int i = 0; i < args.Count; i++)
+        {
+            if (!valued.Contains(args[i])) continue;
+            if (i == args.Count - 1 || IsOptionToken(args[i + 1])) return $"{args[i]} needs a value";
+        }
+        return null;
+    }
+
+    /// <summary>A token that reads as an option name, not a value: starts with '-' and is not a number ("-1", "-0.5").</summary>
+    private static bool IsOptionToken(string token) =>
+        token.Length > 1 && token[0] == '-' && !double.TryParse(token, NumberStyles.Float, CultureInfo.InvariantCulture, out _);
+
+    /// <summary>
+    /// Every "--long" and "-s" name whose option takes a value, across the tool's settings classes. No name is a value
+    /// option in one command and a flag in another (ValueTakingNamesAreNeverFlags checks), so one set serves all commands.
+    /// </summary>
+    internal static HashSet<string> ValueTakingOptions()
+    {
+        var names = new HashSet<string>(StringComparer.Ordinal);
+        foreach (var attribute in OptionAttributes().Where(a => a.ValueName is not null))
+        {
+            foreach (var n in attribute.LongNames) names.Add("--" + n);
+            foreach (var n in attribute.ShortNames) names.Add("-" + n);
+        }
+        return names;
+    }
+
+    /// <summary>The [CommandOption] attribute of every property of every settings class in the tool.</summary>
+    // Native AOT keeps this assembly whole (TrimmerRootAssembly in the project file), so no settings type or property is
+    // trimmed away; Spectre.Console.Cli reflects over the same types for the same reason.
+    [System.Diagnostics.CodeAnalysis.UnconditionalSuppressMessage("Trimming", "IL2026", Justification = "The tool's assembly is a trimmer root.")]
+    [System.Diagnostics.CodeAnalysis.UnconditionalSuppressMessage("Trimming", "IL2070", Justification = "The tool's assembly is a trimmer root.")]
+    internal static IEnumerable<CommandOptionAttribute> OptionAttributes() =>
+        typeof(MissingOptionValue).Assembly.GetTypes()
+            .Where(t => typeof(CommandSettings).IsAssignableFrom(t))
+            .SelectMany(t => t.GetProperties(BindingFlags.Public | BindingFlags.Instance | BindingFlags.DeclaredOnly))
+            .SelectMany(p => p.GetCustomAttributes<CommandOptionAttribute>());
+}
