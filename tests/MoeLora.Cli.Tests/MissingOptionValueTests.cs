@@ -22,6 +22,8 @@ public class MissingOptionValueTests
     [InlineData(null, "train", "--load-model", "--preset", "tiny")]
     [InlineData("--format needs a value", "report", "--format")]
     [InlineData("-o needs a value", "plan", "-o", "--load-model")]
+    [InlineData("--output needs a value", "report", "--output=")]
+    [InlineData(null, "report", "--output=x.json")]
     public void FindsTheFirstOptionLeftWithoutItsValue(string? expected, params string[] args) =>
         Assert.Equal(expected, MissingOptionValue.Find(args));
 }

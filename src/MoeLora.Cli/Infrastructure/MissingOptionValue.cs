@@ -5,10 +5,11 @@ using Spectre.Console.Cli;
 namespace MoeLora.Cli.Infrastructure;
 
 /// <summary>
-/// Finds an option that needs a value but was given none: last on the line (<c>report --output</c>) or followed by
-/// another option (<c>--rank --alpha 8</c>). Spectre.Console.Cli 0.57 does not reject these; it hands the option its
-/// internal token "__default_command" as the value, so <c>--output</c> wrote a file of that name and
-/// <c>--target-modules</c> searched the model for it. Checked before Spectre parses, as a usage error.
+/// Finds an option that needs a value but was given none: last on the line (<c>report --output</c>), followed by
+/// another option (<c>--rank --alpha 8</c>), or with nothing after its '=' (<c>--output=</c>). Spectre.Console.Cli 0.57
+/// does not reject the first two; it hands the option its internal token "__default_command" as the value, so
+/// <c>--output</c> wrote a file of that name and <c>--target-modules</c> searched the model for it. The third it rejects
+/// without naming the option. Checked before Spectre parses, as a usage error.
 /// </summary>
 public static class MissingOptionValue
 {
@@ -16,11 +17,13 @@ public static class MissingOptionValue
     public static string? Find(IReadOnlyList<string> args)
     {
         // Most command lines have no option that could lack a value: skip the reflection for them (start-up time).
-        if (!Enumerable.Range(0, args.Count).Any(i => IsOptionToken(args[i]) && (i == args.Count - 1 || IsOptionToken(args[i + 1]))))
+        if (!Enumerable.Range(0, args.Count).Any(i => IsOptionToken(args[i]) && (i == args.Count - 1 || IsOptionToken(args[i + 1]) || args[i].EndsWith('='))))
             return null;
         var valued = ValueTakingOptions();
         for (int i = 0; i < args.Count; i++)
         {
+            // "--output=" (Spectre says only "Expected an option value", without naming the option).
+            if (args[i].EndsWith('=') && valued.Contains(args[i][..^1])) return $"{args[i][..^1]} needs a value";
             if (!valued.Contains(args[i])) continue;
             if (i == args.Count - 1 || IsOptionToken(args[i + 1])) return $"{args[i]} needs a value";
         }
