@@ -7,7 +7,7 @@
 # Then, if PARITY=1, fp32 parity of every runtime fixture on CUDA (call with `tools/device_slim.sh out step3p7 minimax`
 # so that the tree and the bundle fit the device's 64 MiB; the moved fixtures are not checked).
 # Run on the device machine from the repository root, with the bundle carried (tools/gpu_smoke/pack.sh):
-#   OUT=$OUT tools/gpu_smoke/one_card_full_size.sh
+#   OUT=$OUT tools/gpu_smoke/one_card_full_size.sh       (MODES=lora for the LoRA step alone)
 # Each part writes under $OUT/<part>/ (results.tar.gz, batch.txt); the comparison tables print at the end.
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -15,9 +15,9 @@ cd "$root"
 : "${OUT:=/tmp/moelora-device-out}"
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | sed 's/^/gpu: /'
-BENCH_MODES="lora cb" OUT=$OUT/ours LIMIT_ours=150 tools/device_batch.sh ours >"$OUT/ours.txt" 2>&1
+BENCH_MODES="${MODES:-lora cb}" OUT=$OUT/ours LIMIT_ours=150 tools/device_batch.sh ours >"$OUT/ours.txt" 2>&1
 BENCH_MODES=lora OUT=$OUT/peft LIMIT_peft=200 tools/device_batch.sh peft >"$OUT/peft.txt" 2>&1
-BENCH_CHECKPOINTING=1 BENCH_MODES="lora cb" OUT=$OUT/gc LIMIT_bench=300 tools/device_batch.sh bench >"$OUT/gc.txt" 2>&1
+BENCH_CHECKPOINTING=1 BENCH_MODES="${MODES:-lora cb}" OUT=$OUT/gc LIMIT_bench=300 tools/device_batch.sh bench >"$OUT/gc.txt" 2>&1
 [ "${PARITY:-0}" = 1 ] && PARITY_DTYPES=fp32 OUT=$OUT/parity LIMIT_parity=240 tools/device_batch.sh parity >"$OUT/parity.txt" 2>&1
 for part in ours peft gc parity; do
   [ -f "$OUT/$part.txt" ] || continue
