@@ -16,16 +16,17 @@ public static class MissingOptionValue
     /// <summary>"--flag needs a value" for the first such option in <paramref name="args"/>, or null.</summary>
     public static string? Find(IReadOnlyList<string> args)
     {
-        // Most command lines have no option that could lack a value: skip the reflection for them (start-up time).
-        if (!Enumerable.Range(0, args.Count).Any(i => IsOptionToken(args[i]) && (i == args.Count - 1 || IsOptionToken(args[i + 1]) || args[i].EndsWith('='))))
-            return null;
-        var valued = ValueTakingOptions();
+        // The names come from reflection, made only when a token could be an option left without its value: most
+        // command lines have none (start-up time).
+        HashSet<string>? valued = null;
+        bool TakesValue(string name) => (valued ??= ValueTakingOptions()).Contains(name);
         for (int i = 0; i < args.Count; i++)
         {
+            var token = args[i];
+            if (!IsOptionToken(token)) continue;
             // "--output=" (Spectre says only "Expected an option value", without naming the option).
-            if (args[i].EndsWith('=') && valued.Contains(args[i][..^1])) return $"{args[i][..^1]} needs a value";
-            if (!valued.Contains(args[i])) continue;
-            if (i == args.Count - 1 || IsOptionToken(args[i + 1])) return $"{args[i]} needs a value";
+            if (token.EndsWith('=')) { if (TakesValue(token[..^1])) return $"{token[..^1]} needs a value"; continue; }
+            if ((i == args.Count - 1 || IsOptionToken(args[i + 1])) && TakesValue(token)) return $"{token} needs a value";
         }
         return null;
     }
