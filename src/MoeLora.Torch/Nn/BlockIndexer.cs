@@ -81,19 +81,13 @@ public sealed class BlockIndexer : HfModule
     }
 
     // apply_rotary_pos_emb with the attention's cos/sin cut to the indexer's head_dim: rotate_half pairs the halves of
-    // the first min(head_dim, rotary dim) dims but keeps the tables' leading entries, as transformers slices them.
+    // the first min(head_dim, rotary dim) dims but keeps the tables' leading entries, as transformers slices them. The
+    // cut tables differ from the attention's, so they are made here rather than taken from the per-forward ones.
     static (Tensor Q, Tensor K) Rotate(Tensor q, Tensor k, Rotary rope, ForwardContext ctx)
     {
         var (cos, sin) = rope.CosSin(ctx.Positions, ctx.DType);
-        long d = q.shape[^1], rot = Math.Min(d, cos.shape[^1]);
-        cos = cos[.., .., ..(int)rot];
-        sin = sin[.., .., ..(int)rot];
-        if (rot == d) return (Rotary.ApplyHalf(q, cos, sin), Rotary.ApplyHalf(k, cos, sin));
-        Tensor Part(Tensor x)
-        {
-            var parts = x.split([rot, d - rot], -1);
-            return cat([Rotary.ApplyHalf(parts[0], cos, sin), parts[1]], -1);
-        }
-        return (Part(q), Part(k));
+        long rot = Math.Min(q.shape[^1], cos.shape[^1]);
+        var rotation = HalfRotation.From(cos[.., .., ..(int)rot], sin[.., .., ..(int)rot]);
+        return (rotation.Apply(q), rotation.Apply(k));
     }
 }
